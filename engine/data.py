@@ -1,0 +1,731 @@
+"""Datasets from an image folder, a CSV or a .npz: scanned and verified once, split, and served as tensors."""
+from __future__ import annotations
+
+import csv
+import math
+import os
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional, Sequence
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps, UnidentifiedImageError
+from torch.utils.data import Dataset
+from torchvision.datasets.folder import IMG_EXTENSIONS
+
+from engine.config import TASKS, ProjectConfig
+from engine.transforms import Preprocess, build_transforms
+
+Progress = Optional[Callable[[int, int], None]]
+
+_KIND_BY_SUFFIX = {".csv": "csv", ".npz": "npz"}
+_NOT_TRAINING_CLASS = "label '{}' is not one of the training classes"
+
+
+class DataError(ValueError):
+    """A dataset problem; the message names the file or folder and what is wrong."""
+
+
+@dataclass
+class SkippedFile:
+    path: str
+    reason: str
+
+
+@dataclass
+class DataSource:
+    """What a scan found, before any split."""
+
+    kind: str  # "folder" | "csv" | "npz"
+    path: Path
+    task: str
+    class_names: list[str]  # label vocabulary; for regression the output names
+    targets: list  # per kept sample: int (classification), multi-hot list[float], or list[float] (regression)
+    files: Optional[list[Path]]  # folder/csv: one image per kept sample
+    array: Optional[np.ndarray]  # npz: the kept images, (N,H,W,C) in the stored dtype
+    skipped: list[SkippedFile] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    def class_counts(self) -> list[int]:
+        """Samples per class (classification), positives per label (multilabel); empty for regression."""
+        return _class_counts(self.targets, self.task, len(self.class_names))
+
+
+def _class_counts(targets: Sequence, task: str, num_classes: int) -> list[int]:
+    if task == "classification":
+        return np.bincount(np.asarray(targets, dtype=np.int64), minlength=num_classes).tolist()
+    if task == "multilabel":
+        if not len(targets):
+            return [0] * num_classes
+        return np.asarray(targets, dtype=np.float64).sum(axis=0).round().astype(int).tolist()
+    return []
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading one image
+
+
+_SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+
+
+def load_image(path: str | os.PathLike) -> Image.Image:
+    """An image file fully decoded as PIL RGB, turned upright by its EXIF orientation."""
+    with Image.open(path) as img:
+        # Pillow only warns between one and two times its pixel limit; refusing here makes the scan and
+        # training agree, without the process-wide warning filters (not thread-safe) or a changed limit.
+        limit = Image.MAX_IMAGE_PIXELS
+        if limit and img.width * img.height > limit:
+            raise Image.DecompressionBombError(
+                f"image too large ({img.width}x{img.height} pixels; Pillow's limit is {limit}, "
+                "a guard against decompression bombs)")
+        img.load()
+        upright = ImageOps.exif_transpose(img)
+    return _to_rgb(upright)
+
+
+def _to_rgb(img: Image.Image) -> Image.Image:
+    mode = img.mode
+    if mode == "RGB":
+        return img
+    if mode in _SIXTEEN_BIT_MODES:
+        # Pillow's own conversion clips 16-bit values at 255 (a white image); scale the 16-bit range instead.
+        values = np.asarray(img).astype(np.float32) / 257.0
+        return Image.fromarray(np.clip(np.rint(values), 0, 255).astype(np.uint8)).convert("RGB")
+    if mode == "F":
+        values = np.nan_to_num(np.asarray(img, dtype=np.float32))
+        lo, hi = float(values.min()), float(values.max())
+        if lo < 0.0 or hi > 1.0:  # no fixed range to assume, so stretch what is there
+            values = (values - lo) / (hi - lo) if hi > lo else np.zeros_like(values)
+        return Image.fromarray(np.rint(values * 255).astype(np.uint8)).convert("RGB")
+    if mode in ("P", "PA"):
+        # Going through RGBA applies palette transparency properly (Pillow warns on a direct P -> RGB).
+        img = img.convert("RGBA") if mode == "PA" or "transparency" in img.info else img.convert("RGB")
+    return img.convert("RGB")  # RGBA/LA drop alpha; L, 1, CMYK, YCbCr convert directly
+
+
+def _image_problem(path: Path) -> Optional[str]:
+    """Why an image file cannot be used, or None when it decodes."""
+    try:
+        if path.stat().st_size == 0:
+            return "empty file (0 bytes)"
+        load_image(path)
+    except UnidentifiedImageError:
+        return "cannot identify image file (not an image, or a format Pillow cannot read)"
+    except Exception as exc:  # noqa: BLE001 - any decoder failure means the file is unusable
+        text = str(exc).strip()
+        return text if text else type(exc).__name__
+    return None
+
+
+def _verify(paths: Sequence[Path], progress: Progress) -> list[Optional[str]]:
+    """The problem (or None) of each file, decoded in threads since Pillow's decoders release the GIL."""
+    total = len(paths)
+    step = max(1, total // 100)
+    problems: list[Optional[str]] = []
+    with ThreadPoolExecutor() as pool:
+        for done, problem in enumerate(pool.map(_image_problem, paths), start=1):
+            problems.append(problem)
+            if progress is not None and (done % step == 0 or done == total):
+                progress(done, total)
+    return problems
+
+
+# ---------------------------------------------------------------------------------------------
+# Scanning
+
+
+def scan_source(path: str | os.PathLike, *, kind: str = "auto", task: str = "classification",
+                class_names: Optional[Sequence[str]] = None, progress: Progress = None) -> DataSource:
+    """Find, label and verify every sample of a dataset; unusable files are skipped with a reason.
+
+    class_names: the training vocabulary when scanning a separate validation source; labels outside it
+    are skipped.
+    """
+    if task not in TASKS:
+        raise DataError(f"unknown task {task!r}; allowed: {', '.join(TASKS)}")
+    p = Path(os.path.expanduser(str(path)))
+    if not p.exists():
+        raise DataError(f"{p}: no such file or folder")
+    kind = _detect_kind(p, kind)
+    given = list(class_names) if class_names is not None else None
+    if kind == "folder":
+        source = _scan_folder(p, task, given, progress)
+    elif kind == "csv":
+        source = _scan_csv(p, task, given, progress)
+    else:
+        source = _scan_npz(p, task, given, progress)
+    _check_enough(source, vocabulary_given=given is not None)
+    return source
+
+
+def _detect_kind(p: Path, kind: str) -> str:
+    if kind not in ("auto", "folder", "csv", "npz"):
+        raise DataError(f"unknown data kind {kind!r}; allowed: auto, folder, csv, npz")
+    if kind == "auto":
+        if p.is_dir():
+            return "folder"
+        detected = _KIND_BY_SUFFIX.get(p.suffix.lower())
+        if detected is None:
+            raise DataError(f"{p}: not a dataset; expected an image folder (one sub-folder per class), "
+                            "a .csv file or a .npz file")
+        return detected
+    if kind == "folder" and not p.is_dir():
+        raise DataError(f"{p} is a file, but an image folder (one sub-folder per class) was expected")
+    if kind in ("csv", "npz") and p.is_dir():
+        raise DataError(f"{p} is a folder, but a .{kind} file was expected")
+    return kind
+
+
+def _check_enough(source: DataSource, *, vocabulary_given: bool) -> None:
+    if not source.targets:
+        first = f"; first problem: {source.skipped[0].path}: {source.skipped[0].reason}" if source.skipped else ""
+        if source.kind == "folder":
+            raise DataError(f"no images found in {source.path}, expected one sub-folder per class "
+                            f"(such as {source.path / 'cat' / '001.jpg'}){first}")
+        raise DataError(f"no usable samples in {source.path}{first}")
+    if source.task == "multilabel" and not source.class_names:
+        raise DataError(f"{source.path}: no sample has a label; multilabel needs at least one label")
+    # A validation source may hold only some of the training classes; the training source needs two.
+    if source.task == "classification" and not vocabulary_given:
+        present = [name for name, n in zip(source.class_names, source.class_counts()) if n]
+        if len(present) < 2:
+            found = ", ".join(f"'{name}'" for name in present)
+            raise DataError(f"{source.path}: classification needs at least 2 classes; found {len(present)}: {found}")
+
+
+def _is_hidden(name: str) -> bool:
+    return name.startswith(".")
+
+
+def _class_folder_images(folder: Path) -> list[Path]:
+    """Image files anywhere under a class folder (as ImageFolder finds them), hidden entries left out."""
+    found = []
+    for root, dirs, files in os.walk(folder, followlinks=True):
+        dirs[:] = sorted(d for d in dirs if not _is_hidden(d))
+        for name in sorted(files):
+            if not _is_hidden(name) and name.lower().endswith(IMG_EXTENSIONS):
+                found.append(Path(root) / name)
+    return found
+
+
+def _scan_folder(root: Path, task: str, given: Optional[list[str]], progress: Progress) -> DataSource:
+    if task != "classification":
+        raise DataError(f"{root}: an image folder labels images by sub-folder, so it only suits the task "
+                        f"'classification', not {task!r}; use a CSV or a .npz for {task}")
+    skipped: list[SkippedFile] = []
+    warnings: list[str] = []
+    candidates: list[tuple[Path, str]] = []
+    folders = sorted(d.name for d in root.iterdir() if d.is_dir() and not _is_hidden(d.name))
+    for name in folders:
+        images = _class_folder_images(root / name)
+        if given is not None and name not in given:
+            skipped += [SkippedFile(str(f), _NOT_TRAINING_CLASS.format(name)) for f in images]
+        else:
+            candidates += [(f, name) for f in images]
+
+    problems = _verify([f for f, _ in candidates], progress)
+    kept: list[tuple[Path, str]] = []
+    bad_per_class: dict[str, int] = {}
+    for (f, name), problem in zip(candidates, problems):
+        if problem is None:
+            kept.append((f, name))
+        else:
+            skipped.append(SkippedFile(str(f), problem))
+            bad_per_class[name] = bad_per_class.get(name, 0) + 1
+
+    used = {name for _, name in kept}
+    for name in folders:
+        if name not in used and (given is None or name in given):
+            bad = bad_per_class.get(name, 0)
+            what = f"no usable images ({bad} skipped)" if bad else "no images"
+            warnings.append(f"class folder '{name}' has {what}; left out")
+    vocabulary = given if given is not None else sorted(used)
+    index = {name: i for i, name in enumerate(vocabulary)}
+    return DataSource(kind="folder", path=root, task=task, class_names=list(vocabulary),
+                      targets=[index[name] for _, name in kept], files=[f for f, _ in kept], array=None,
+                      skipped=skipped, warnings=warnings)
+
+
+def _read_csv_rows(file: Path) -> tuple[list[str], list[tuple[int, list[str]]]]:
+    """Header and (line number, cells) of every non-blank row."""
+    try:
+        with open(file, encoding="utf-8-sig", newline="") as fh:
+            reader = csv.reader(fh)
+            header = next(reader, None)
+            rows = [(reader.line_num, row) for row in reader if any(cell.strip() for cell in row)]
+    except UnicodeDecodeError:
+        raise DataError(f"{file} is not UTF-8 text; save the CSV as UTF-8") from None
+    except csv.Error as exc:
+        raise DataError(f"{file}: not valid CSV ({exc})") from None
+    except OSError as exc:
+        raise DataError(f"{file} cannot be read: {exc.strerror or exc}") from None
+    if header is None:
+        raise DataError(f"{file} is empty; expected a header row with the columns path,label")
+    return [h.strip() for h in header], rows
+
+
+def _scan_csv(file: Path, task: str, given: Optional[list[str]], progress: Progress) -> DataSource:
+    header, rows = _read_csv_rows(file)
+    lookup: dict[str, int] = {}
+    for i, name in enumerate(header):
+        lookup.setdefault(name.lower(), i)
+    missing = [c for c in ("path", "label") if c not in lookup]
+    if missing:
+        cols = ", ".join(f"'{c}'" for c in missing)
+        found = ", ".join(f"'{h}'" for h in header) or "none"
+        raise DataError(f"{file} has no {cols} column (columns found: {found}); "
+                        "the header row must name the columns path,label")
+    path_col, label_col = lookup["path"], lookup["label"]
+    base = file.parent
+    known = set(given) if given is not None else None
+    width = len(given) if given is not None and task == "regression" else None
+
+    skipped: list[SkippedFile] = []
+    candidates: list[tuple[Path, Any, int]] = []  # (image, parsed label, line)
+    named: set[str] = set()  # classes some row names, to tell the user which ones ended up empty
+    for line, row in rows:
+        cell = row[path_col].strip() if path_col < len(row) else ""
+        raw = row[label_col] if label_col < len(row) else ""
+        if not cell:
+            skipped.append(SkippedFile(str(file), f"line {line}: empty path"))
+            continue
+        image = Path(os.path.expanduser(cell))
+        image = image if image.is_absolute() else base / image
+        label, problem = _parse_label(raw, task, known)
+        if problem is None and task == "classification":
+            named.add(label)
+        if problem is None and task == "regression":
+            if width is None:
+                width = len(label)
+            elif len(label) != width:
+                problem = f"{len(label)} values, expected {width}"
+        if problem is None and not image.is_file():
+            problem = "no such file"
+        if problem is not None:
+            skipped.append(SkippedFile(str(image), f"line {line}: {problem}"))
+        else:
+            candidates.append((image, label, line))
+
+    problems = _verify([image for image, _, _ in candidates], progress)
+    kept = []
+    for (image, label, line), problem in zip(candidates, problems):
+        if problem is None:
+            kept.append((image, label))
+        else:
+            skipped.append(SkippedFile(str(image), f"line {line}: {problem}"))
+
+    warnings: list[str] = []
+    labels = [label for _, label in kept]
+    if task == "classification":
+        vocabulary = given if given is not None else sorted(set(labels))
+        warnings += [f"class '{name}' has no usable images; left out" for name in sorted(named - set(labels))]
+        index = {name: i for i, name in enumerate(vocabulary)}
+        targets: list = [index[label] for label in labels]
+    elif task == "multilabel":
+        vocabulary = given if given is not None else sorted({name for names in labels for name in names})
+        index = {name: i for i, name in enumerate(vocabulary)}
+        targets = []
+        for names in labels:
+            hot = [0.0] * len(vocabulary)
+            for name in names:
+                hot[index[name]] = 1.0
+            targets.append(hot)
+    else:
+        vocabulary = given if given is not None else _output_names(width or 1)
+        targets = labels
+    return DataSource(kind="csv", path=file, task=task, class_names=list(vocabulary), targets=targets,
+                      files=[image for image, _ in kept], array=None, skipped=skipped, warnings=warnings)
+
+
+def _parse_label(raw: str, task: str, known: Optional[set[str]]) -> tuple[Any, Optional[str]]:
+    """(label, None) or (None, why the label is unusable)."""
+    if task == "classification":
+        label = raw.strip()
+        if not label:
+            return None, "empty label"
+        if known is not None and label not in known:
+            return None, _NOT_TRAINING_CLASS.format(label)
+        return label, None
+    if task == "multilabel":
+        names = sorted({part.strip() for part in raw.split(";") if part.strip()})
+        for name in names:
+            if known is not None and name not in known:
+                return None, _NOT_TRAINING_CLASS.format(name)
+        return names, None
+    values = []
+    for part in raw.split(";"):
+        try:
+            value = float(part)
+        except ValueError:
+            return None, (f"label '{raw.strip()}' is not a number (regression targets are numbers, "
+                          "several separated by ';')")
+        if not math.isfinite(value):
+            return None, f"label '{raw.strip()}' is not a finite number"
+        values.append(value)
+    return values, None
+
+
+def _output_names(width: int) -> list[str]:
+    return ["value"] if width == 1 else [f"y{i}" for i in range(width)]
+
+
+def _npz_array(archive: Any, file: Path, name: str) -> np.ndarray:
+    if name not in archive.files:
+        found = ", ".join(f"'{n}'" for n in archive.files) or "none"
+        raise DataError(f"{file} has no array '{name}' (arrays found: {found}); expected 'X' (images) and 'y' (labels)")
+    try:
+        return archive[name]
+    except ValueError as exc:
+        if "allow_pickle" in str(exc):
+            raise DataError(f"{file}: array '{name}' holds Python objects; refusing to unpickle "
+                            "(save it as a numeric or string array)") from None
+        raise DataError(f"{file}: array '{name}' cannot be read ({exc})") from None
+
+
+def _scan_npz(file: Path, task: str, given: Optional[list[str]], progress: Progress) -> DataSource:
+    try:
+        # Never allow_pickle: unpickling runs arbitrary code from the file.
+        archive = np.load(file, allow_pickle=False)
+    except Exception as exc:  # noqa: BLE001 - zip, format and pickle refusals all mean "not a usable archive"
+        raise DataError(f"{file}: not a readable .npz archive ({exc})") from None
+    if not isinstance(archive, np.lib.npyio.NpzFile):
+        raise DataError(f"{file} holds a single array, not a .npz archive with the arrays 'X' and 'y'")
+    with archive:
+        x = _npz_array(archive, file, "X")
+        y = _npz_array(archive, file, "y")
+        names_arr = _npz_array(archive, file, "class_names") if "class_names" in archive.files else None
+
+    if x.ndim not in (3, 4) or (x.ndim == 4 and x.shape[3] not in (1, 3, 4)):
+        raise DataError(f"{file}: array 'X' has shape {x.shape}; expected (N, H, W) or (N, H, W, C) with C 1, 3 or 4")
+    if x.dtype.kind not in "biuf":
+        raise DataError(f"{file}: array 'X' has dtype {x.dtype}; expected numbers (uint8 0..255 or float 0..1)")
+    n = x.shape[0]
+    if y.ndim == 0 or y.shape[0] != n:
+        raise DataError(f"{file}: array 'X' has {n} rows (shape {x.shape}) but 'y' has shape {y.shape}; "
+                        "they need one label row per image")
+    file_names = None
+    if names_arr is not None:
+        if names_arr.ndim != 1 or names_arr.dtype.kind not in "US":
+            raise DataError(f"{file}: array 'class_names' has shape {names_arr.shape} and dtype {names_arr.dtype}; "
+                            "expected a 1-D array of strings")
+        file_names = [str(v.decode() if isinstance(v, bytes) else v) for v in names_arr.tolist()]
+
+    skipped: list[SkippedFile] = []
+    warnings: list[str] = []
+    keep = np.ones(n, dtype=bool)
+
+    def skip(rows: np.ndarray, reason: str) -> None:
+        for i in np.flatnonzero(rows & keep):
+            skipped.append(SkippedFile(str(file), f"row {i}: {reason.format(i=i)}"))
+        keep[rows] = False
+
+    if x.dtype.kind == "f":
+        skip(~np.isfinite(x.reshape(n, -1)).all(axis=1), "non-finite pixel values (NaN or infinity)")
+        finite_max = float(np.max(x[keep])) if keep.any() else 0.0
+        if finite_max > 1.0:
+            warnings.append(f"array 'X' is float with values up to {finite_max:g}; float images are read as "
+                            "0..1 (store 0..255 images as uint8)")
+
+    if task == "classification":
+        vocabulary, targets = _npz_classes(file, y, file_names, given, keep, skip, warnings)
+    elif task == "multilabel":
+        vocabulary, targets = _npz_multilabel(file, y, file_names, given, keep, skip)
+    else:
+        vocabulary, targets = _npz_regression(file, y, file_names, given, keep, skip)
+
+    if progress is not None:
+        progress(n, n)
+    images = x[..., None] if x.ndim == 3 else x  # a view: one layout for everyone downstream
+    return DataSource(kind="npz", path=file, task=task, class_names=vocabulary, targets=targets, files=None,
+                      array=images if keep.all() else images[keep], skipped=skipped, warnings=warnings)
+
+
+def _npz_classes(file, y, file_names, given, keep, skip, warnings) -> tuple[list[str], list[int]]:
+    if y.ndim != 1:
+        raise DataError(f"{file}: array 'y' has shape {y.shape}; classification needs one class label per row")
+    if y.dtype.kind in "US":
+        raw = [str(v.decode() if isinstance(v, bytes) else v) for v in y.tolist()]
+        order = sorted(set(raw))
+    else:
+        if y.dtype.kind not in "biuf":
+            raise DataError(f"{file}: array 'y' has dtype {y.dtype}; classification needs integer class labels")
+        if y.dtype.kind == "f" and not (np.isfinite(y).all() and (y == np.round(y)).all()):
+            raise DataError(f"{file}: array 'y' holds non-integer values; classification needs integer class labels")
+        ints = y.astype(np.int64)
+        if file_names is not None:
+            bad = ints[(ints < 0) | (ints >= len(file_names))]
+            if bad.size:
+                raise DataError(f"{file}: array 'y' holds the label {bad[0]}, but 'class_names' has only "
+                                f"{len(file_names)} names (labels 0..{len(file_names) - 1})")
+            raw = [file_names[i] for i in ints.tolist()]
+            order = file_names
+        else:
+            raw = [str(i) for i in ints.tolist()]
+            order = [str(i) for i in sorted(set(ints.tolist()))]
+    if given is not None:
+        known = set(given)
+        for name in sorted(set(raw) - known):
+            skip(np.array([r == name for r in raw]), _NOT_TRAINING_CLASS.format(name))
+    used = {r for r, k in zip(raw, keep) if k}
+    if given is None:
+        left_out = [name for name in order if name not in used]
+        warnings += [f"class '{name}' has no usable samples; left out" for name in left_out]
+        vocabulary = [name for name in order if name in used]
+    else:
+        vocabulary = list(given)
+    index = {name: i for i, name in enumerate(vocabulary)}
+    return vocabulary, [index[r] for r, k in zip(raw, keep) if k]
+
+
+def _npz_multilabel(file, y, file_names, given, keep, skip) -> tuple[list[str], list[list[float]]]:
+    if y.ndim != 2:
+        raise DataError(f"{file}: array 'y' has shape {y.shape}; multilabel needs (N, K): one 0/1 column per label")
+    if y.dtype.kind not in "biuf" or not np.isin(y, (0, 1)).all():
+        raise DataError(f"{file}: array 'y' must hold only 0 and 1 for multilabel (1 = the label applies)")
+    k = y.shape[1]
+    if file_names is not None and len(file_names) != k:
+        raise DataError(f"{file}: 'class_names' has {len(file_names)} names but 'y' has {k} columns")
+    columns = file_names if file_names is not None else [str(i) for i in range(k)]
+    hot = y.astype(np.float32)
+    vocabulary = columns
+    if given is not None:
+        if file_names is None and k != len(given):
+            raise DataError(f"{file}: array 'y' has {k} columns but training has {len(given)} labels")
+        index = {name: i for i, name in enumerate(given)}
+        for j, name in enumerate(columns):
+            if name not in index:
+                skip(hot[:, j] > 0, _NOT_TRAINING_CLASS.format(name))
+        if file_names is not None:
+            mapped = np.zeros((y.shape[0], len(given)), dtype=np.float32)
+            for j, name in enumerate(columns):
+                if name in index:
+                    mapped[:, index[name]] = hot[:, j]
+            hot = mapped
+        vocabulary = list(given)
+    return list(vocabulary), hot[keep].tolist()
+
+
+def _npz_regression(file, y, file_names, given, keep, skip) -> tuple[list[str], list[list[float]]]:
+    if y.ndim not in (1, 2) or y.dtype.kind not in "biuf":
+        raise DataError(f"{file}: array 'y' has shape {y.shape} and dtype {y.dtype}; regression needs numbers, "
+                        "shape (N,) or (N, K)")
+    values = y.astype(np.float64).reshape(y.shape[0], -1)
+    k = values.shape[1]
+    if given is not None and k != len(given):
+        raise DataError(f"{file}: array 'y' has {k} output(s) but training has {len(given)}")
+    skip(~np.isfinite(values).all(axis=1), "non-finite target value")
+    if given is not None:
+        names = list(given)
+    elif file_names is not None and len(file_names) == k:
+        names = file_names
+    else:
+        names = _output_names(k)
+    return names, values[keep].tolist()
+
+
+# ---------------------------------------------------------------------------------------------
+# Datasets
+
+
+def _target_tensor(target: Any, task: str) -> torch.Tensor:
+    if task == "classification":
+        return torch.tensor(target, dtype=torch.long)
+    return torch.tensor(target, dtype=torch.float32)
+
+
+class ImageFileDataset(Dataset):
+    """Image files and their targets; each item is (transformed float CHW tensor, target tensor)."""
+
+    def __init__(self, files: Sequence[str | os.PathLike], targets: Sequence, transform: Optional[Callable],
+                 task: str):
+        if len(files) != len(targets):
+            raise ValueError(f"{len(files)} files but {len(targets)} targets")
+        self.files = [Path(f) for f in files]
+        self.targets = list(targets)
+        self.transform = transform
+        self.task = task
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        path = self.files[index]
+        try:
+            image = load_image(path)
+        except Exception as exc:  # noqa: BLE001 - it decoded at scan time, so the file changed on disk
+            raise DataError(f"cannot read image {path} (it changed since the dataset was scanned): {exc}") from exc
+        x = self.transform(image) if self.transform is not None else _pil_to_float(image)
+        return x, _target_tensor(self.targets[index], self.task)
+
+
+def _pil_to_float(image: Image.Image) -> torch.Tensor:
+    return torch.from_numpy(np.array(image, dtype=np.float32) / 255.0).permute(2, 0, 1).contiguous()
+
+
+def array_to_tensor(row: np.ndarray) -> torch.Tensor:
+    """One stored image, (H,W) or (H,W,C), as a float32 RGB CHW tensor in [0, 1]."""
+    if row.dtype == np.uint8:
+        values = row.astype(np.float32) / 255.0
+    elif row.dtype.kind in "iu":
+        values = row.astype(np.float32) / float(np.iinfo(row.dtype).max)
+    else:
+        values = row.astype(np.float32)  # float images are taken to be in [0, 1] already; bool as 0/1
+    t = torch.from_numpy(values)
+    t = t.unsqueeze(0) if t.ndim == 2 else t.permute(2, 0, 1)
+    if t.shape[0] == 1:
+        t = t.expand(3, -1, -1)
+    elif t.shape[0] == 4:
+        t = t[:3]
+    return t.contiguous()
+
+
+class ArrayDataset(Dataset):
+    """Images stored in one array (N,H,W) or (N,H,W,C) and their targets.
+
+    rows: the array positions to serve, one per target; lets train and validation share one array
+    instead of each holding a copy.
+    """
+
+    def __init__(self, array: np.ndarray, targets: Sequence, transform: Optional[Callable], task: str,
+                 rows: Optional[Sequence[int]] = None):
+        self.array = array
+        self.rows = None if rows is None else [int(r) for r in rows]
+        self.targets = list(targets)
+        if len(self.targets) != (len(array) if self.rows is None else len(self.rows)):
+            raise ValueError("one target per served row is needed")
+        self.transform = transform
+        self.task = task
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        row = self.array[index if self.rows is None else self.rows[index]]
+        x = array_to_tensor(row)
+        if self.transform is not None:
+            x = self.transform(x)
+        return x, _target_tensor(self.targets[index], self.task)
+
+
+# ---------------------------------------------------------------------------------------------
+# Splitting and preparing
+
+
+def split_indices(targets: Sequence, task: str, val_fraction: float, seed: int) -> tuple[list[int], list[int]]:
+    """(train positions, validation positions), both sorted; stratified by class for classification."""
+    n = len(targets)
+    if val_fraction <= 0 or n == 0:
+        return list(range(n)), []
+    rng = np.random.default_rng(seed)
+
+    def take(count: int) -> int:
+        # At least one when there are two, and never every sample, so both sides see the group.
+        want = round(val_fraction * count)
+        if count >= 2:
+            want = max(1, want)
+        return min(want, count - 1)
+
+    val: list[int] = []
+    if task == "classification":
+        labels = np.asarray(targets, dtype=np.int64)
+        for c in np.unique(labels):
+            members = rng.permutation(np.flatnonzero(labels == c))
+            val += members[:take(len(members))].tolist()
+    else:
+        val = rng.permutation(n)[:take(n)].tolist()
+    val_set = set(val)
+    return [i for i in range(n) if i not in val_set], sorted(val)
+
+
+def _subset(source: DataSource, positions: Sequence[int], transform: Callable) -> Dataset:
+    targets = [source.targets[i] for i in positions]
+    if source.array is not None:
+        return ArrayDataset(source.array, targets, transform, source.task, rows=positions)
+    return ImageFileDataset([source.files[i] for i in positions], targets, transform, source.task)
+
+
+@dataclass
+class PreparedData:
+    task: str
+    class_names: list[str]
+    num_outputs: int
+    train: Dataset
+    val: Optional[Dataset]
+    train_targets: list
+    val_targets: list
+    train_counts: list[int]
+    val_counts: list[int]
+    skipped: list[SkippedFile]
+    warnings: list[str]
+    source: DataSource
+    val_source: Optional[DataSource]
+
+    def summary(self, max_reasons: int = 5) -> str:
+        """A few lines for a person: sizes, per-class counts, what was skipped and why."""
+        n_val = len(self.val_targets)
+        where = str(self.source.path) + (f" (validation: {self.val_source.path})" if self.val_source else "")
+        lines = [f"{self.task}: {len(self.train_targets)} training and {n_val} validation samples from {where}"]
+        if self.task == "regression":
+            lines.append(f"Outputs: {', '.join(self.class_names)}")
+        else:
+            title = "Classes" if self.task == "classification" else "Labels (positives)"
+            lines.append(f"{title} ({len(self.class_names)}), train / validation:")
+            width = max((len(name) for name in self.class_names), default=0)
+            for name, tr, va in zip(self.class_names, self.train_counts, self.val_counts):
+                lines.append(f"  {name:<{width}}  {tr:>6} / {va}")
+        if self.val is None:
+            lines.append("No validation set.")
+        if self.skipped:
+            lines.append(f"Skipped {len(self.skipped)} sample(s):")
+            lines += [f"  {s.path}: {s.reason}" for s in self.skipped[:max_reasons]]
+            if len(self.skipped) > max_reasons:
+                lines.append(f"  ... and {len(self.skipped) - max_reasons} more")
+        if self.warnings:
+            lines.append("Warnings:")
+            lines += [f"  {w}" for w in self.warnings]
+        return "\n".join(lines)
+
+
+def prepare_data(cfg: ProjectConfig, pre: Preprocess, *, progress: Progress = None) -> PreparedData:
+    """Scan the project's data, split or scan its validation source, and build the two datasets."""
+    d = cfg.data
+    path = cfg.resolve(d.path)
+    if path is None:
+        raise DataError("data.path is empty: give the dataset's path (an image folder, a .csv or a .npz)")
+    source = scan_source(path, kind=d.kind, task=d.task, progress=progress)
+    train_tf = build_transforms(pre, d.augment, train=True, keep_aspect=d.keep_aspect)
+    eval_tf = build_transforms(pre, d.augment, train=False, keep_aspect=d.keep_aspect)
+    warnings = list(source.warnings)
+    skipped = list(source.skipped)
+
+    val_source = None
+    if d.val_path:
+        val_source = scan_source(cfg.resolve(d.val_path), kind=d.kind, task=d.task,
+                                 class_names=source.class_names, progress=progress)
+        train = _subset(source, range(len(source)), train_tf)
+        train_targets = list(source.targets)
+        val = _subset(val_source, range(len(val_source)), eval_tf)
+        val_targets = list(val_source.targets)
+        warnings += [f"validation: {w}" for w in val_source.warnings]
+        skipped += val_source.skipped
+    else:
+        train_idx, val_idx = split_indices(source.targets, d.task, d.val_fraction, d.split_seed)
+        train = _subset(source, train_idx, train_tf)
+        train_targets = [source.targets[i] for i in train_idx]
+        val = _subset(source, val_idx, eval_tf) if val_idx else None
+        val_targets = [source.targets[i] for i in val_idx]
+        if d.val_fraction > 0 and not val_idx:
+            warnings.append(f"data.val_fraction = {d.val_fraction:g} leaves no validation samples "
+                            f"({len(source)} in all); training runs without validation")
+
+    k = len(source.class_names)
+    return PreparedData(
+        task=d.task, class_names=list(source.class_names), num_outputs=k, train=train, val=val,
+        train_targets=train_targets, val_targets=val_targets,
+        train_counts=_class_counts(train_targets, d.task, k), val_counts=_class_counts(val_targets, d.task, k),
+        skipped=skipped, warnings=warnings, source=source, val_source=val_source)
