@@ -1,0 +1,199 @@
+"""Which parameters train: freeze presets and prefixes, frozen BatchNorm, per-part learning rates, the layer tree."""
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from engine.config import ModelConfig
+
+
+@dataclass
+class LayerInfo:
+    name: str  # dotted module name; "" for the whole model
+    type: str  # class name, e.g. Conv2d
+    depth: int  # 0 for the whole model, 1 for its children, ...
+    params: int  # parameter elements, children included
+    trainable: int  # of those, how many have requires_grad
+    output_shape: tuple | None  # from one dry forward of a batch of 1; None when unknown
+
+
+def _numel(params) -> tuple[int, int]:
+    total = trainable = 0
+    for p in params:
+        total += p.numel()
+        if p.requires_grad:
+            trainable += p.numel()
+    return total, trainable
+
+
+def _first_shape(out: Any) -> tuple | None:
+    if isinstance(out, torch.Tensor):
+        return tuple(out.shape)
+    if isinstance(out, (tuple, list)):  # namedtuples too (Inception, MultiheadAttention)
+        for item in out:
+            if isinstance(item, torch.Tensor):
+                return tuple(item.shape)
+    return None
+
+
+def layer_tree(model: nn.Module, input_size: tuple[int, ...] = (3, 224, 224)) -> list[LayerInfo]:
+    """Every module with its parameter counts and output shape, in registration order."""
+    shapes: dict[str, tuple | None] = {}
+    modes = {m: m.training for m in model.modules()}
+    hooks = []
+
+    def hook_for(name: str):
+        def hook(_module, _inputs, output):
+            shapes.setdefault(name, _first_shape(output))  # a module called twice keeps its first shape
+        return hook
+
+    try:
+        for name, module in model.named_modules():
+            hooks.append(module.register_forward_hook(hook_for(name)))
+        first = next(model.parameters(), None)
+        device = first.device if first is not None else torch.device("cpu")
+        dtype = first.dtype if first is not None and first.is_floating_point() else torch.float32
+        model.eval()  # eval: BatchNorm running stats must not move, and dropout is irrelevant
+        with torch.no_grad():
+            model(torch.zeros((1, *input_size), device=device, dtype=dtype))
+    except Exception:
+        shapes.clear()  # the input size does not suit the model: the tree is still worth showing
+    finally:
+        for h in hooks:
+            h.remove()
+        # Per module, since frozen BatchNorm layers may be in eval while the rest trains.
+        for m, training in modes.items():
+            m.training = training
+
+    out = []
+    for name, module in model.named_modules():
+        total, trainable = _numel(module.parameters())
+        out.append(LayerInfo(name=name, type=type(module).__name__, depth=0 if not name else name.count(".") + 1,
+                             params=total, trainable=trainable, output_shape=shapes.get(name)))
+    return out
+
+
+@dataclass
+class FreezeSummary:
+    total: int  # parameter elements
+    trainable: int
+    frozen: int
+
+
+def _matches(name: str, prefix: str) -> bool:
+    # By dotted name component: "layer1" covers "layer1.0.conv1" but not "layer10".
+    return name == prefix or name.startswith(prefix + ".")
+
+
+def _unknown(field: str, value: str, model: nn.Module, backbone: str, what: str) -> ValueError:
+    top = [n for n, _ in model.named_children()]
+    shown = ", ".join(top) if len(top) <= 12 else ", ".join(top[:6]) + ", ..., " + ", ".join(top[-3:])
+    names = [n for n, _ in model.named_modules() if n]
+    nested = next((n for n in names if "." in n), None)
+    shown += f" (nested ones are named with dots, such as {nested})" if nested else ""
+    close = difflib.get_close_matches(value, names, n=3, cutoff=0.6)
+    hint = f"; did you mean {', '.join(close)}?" if close else ""
+    return ValueError(f"{field} = {value!r}: {what} in {backbone}; modules include {shown}{hint}")
+
+
+def apply_freeze(model: nn.Module, model_cfg: ModelConfig, head_name: str) -> FreezeSummary:
+    """Set requires_grad from the config: preset, then freeze_prefixes, then unfreeze_prefixes.
+
+    Raises ValueError naming the field when a module name or prefix matches nothing in this model
+    (config validation cannot know module names).
+    """
+    backbone = model_cfg.backbone
+    params = list(model.named_parameters())
+    modules = [n for n, _ in model.named_modules()]
+    for _, p in params:
+        p.requires_grad_(True)
+
+    if model_cfg.freeze == "head_only":
+        for n, p in params:
+            if not _matches(n, head_name):
+                p.requires_grad_(False)
+    elif model_cfg.freeze == "up_to":
+        target = model_cfg.freeze_up_to or ""
+        if not target or target not in modules:
+            raise _unknown("model.freeze_up_to", target, model, backbone, "no such module")
+        # named_modules() is a pre-order walk, so the modules before the target are its ancestors and
+        # everything that precedes it; their own (non-recursive) parameters are frozen. That includes
+        # direct parameters of ancestors (ViT's class_token, encoder.pos_embedding), used before the
+        # target runs. A target without parameters (a pooling layer) still freezes what precedes it.
+        for n, module in model.named_modules():
+            if n == target:
+                for p in module.parameters():
+                    p.requires_grad_(False)
+                break
+            for p in module.parameters(recurse=False):
+                p.requires_grad_(False)
+    elif model_cfg.freeze != "none":
+        raise ValueError(f"model.freeze = {model_cfg.freeze!r}: unknown; allowed: none, head_only, up_to")
+
+    names = set(modules) | {n for n, _ in params}  # a prefix may name a module or one parameter (fc.bias)
+    for field, prefixes, trainable in (("model.freeze_prefixes", model_cfg.freeze_prefixes, False),
+                                       ("model.unfreeze_prefixes", model_cfg.unfreeze_prefixes, True)):
+        for i, prefix in enumerate(prefixes):
+            if not prefix or not any(_matches(n, prefix) for n in names):
+                raise _unknown(f"{field}[{i}]", prefix, model, backbone, "matches no module")
+            for n, p in params:
+                if _matches(n, prefix):
+                    p.requires_grad_(trainable)
+
+    total, trainable = _numel(p for _, p in params)
+    return FreezeSummary(total=total, trainable=trainable, frozen=total - trainable)
+
+
+def frozen_batchnorm_modules(model: nn.Module) -> list[str]:
+    """BatchNorm layers whose parameters are all frozen (running stats should freeze with them)."""
+    modules = dict(model.named_modules())
+    out = []
+    for name, module in modules.items():
+        if not isinstance(module, _BatchNorm):
+            continue
+        owner = module
+        parent = name
+        # affine=False norms have no parameters of their own; they follow the nearest enclosing
+        # module that has some.
+        while next(owner.parameters(), None) is None and owner is not model:
+            parent = parent.rpartition(".")[0]
+            owner = modules[parent]
+        if not any(p.requires_grad for p in owner.parameters()):
+            out.append(name)
+    return out
+
+
+def set_frozen_batchnorm_eval(model: nn.Module, names: list[str]) -> None:
+    """Put the named BatchNorm layers in eval mode; call after every model.train()."""
+    for name in names:
+        model.get_submodule(name).eval()
+
+
+def param_groups(model: nn.Module, head_name: str, lr: float, backbone_lr_mult: float) -> list[dict]:
+    """Optimizer groups of trainable parameters: the new head at lr, the backbone at lr * backbone_lr_mult.
+
+    With backbone_lr_mult == 0 the backbone group is left out altogether rather than given lr 0, so the
+    backbone is effectively frozen: a scheduler that sets every group's lr (OneCycleLR's max_lr) cannot
+    revive it, and it costs no optimizer state. Its requires_grad stays as it was; freeze it as well to
+    save the backward pass.
+    """
+    head, backbone = [], []
+    for n, p in model.named_parameters():
+        if p.requires_grad:
+            (head if _matches(n, head_name) else backbone).append(p)
+    groups = []
+    if head:
+        groups.append({"params": head, "lr": lr, "name": "head"})
+    if backbone and backbone_lr_mult > 0:
+        groups.append({"params": backbone, "lr": lr * backbone_lr_mult, "name": "backbone"})
+    return groups
+
+
+def freeze_spec(model: nn.Module) -> dict:
+    """The frozen parameter names, as a plain value for checkpoints."""
+    return {"frozen": [n for n, p in model.named_parameters() if not p.requires_grad]}
