@@ -1,0 +1,122 @@
+"""Every sampler of torch.utils.data, chosen by name from the project, and the DataLoaders built around them."""
+from __future__ import annotations
+
+import os
+from collections import Counter
+from typing import Sequence
+
+import torch
+from torch.utils.data import (BatchSampler, DataLoader, Dataset, DistributedSampler, RandomSampler, Sampler,
+                              SequentialSampler, SubsetRandomSampler, WeightedRandomSampler)
+
+from engine.config import LoaderConfig, SamplerConfig
+
+
+class SamplerError(ValueError):
+    """A sampler setting that does not fit the dataset (checked once the dataset is known)."""
+
+
+def distributed_world() -> tuple[int, int] | None:
+    """(world_size, rank) when launched under torchrun with more than one process, else None."""
+    try:
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        rank = int(os.environ.get("RANK", "0"))
+    except ValueError:
+        return None
+    return (world, rank) if world > 1 else None
+
+
+def balanced_weights(targets: Sequence[int]) -> list[float]:
+    """Per-sample weights 1/count(class), so every class is drawn equally often."""
+    counts = Counter(int(t) for t in targets)
+    return [1.0 / counts[int(t)] for t in targets]
+
+
+def build_sampler(spec: SamplerConfig, dataset_len: int, targets: Sequence[int] | None = None, *,
+                  generator: torch.Generator | None = None, shuffle: bool | None = None) -> Sampler[int]:
+    """The sampler a project names, over positions 0..dataset_len-1 of the training set.
+
+    Under torchrun (WORLD_SIZE > 1) a DistributedSampler is used whatever the name, since every
+    rank must see its own share of the data.
+    """
+    name = spec.name
+    world = distributed_world()
+    if name == "distributed" or world is not None:
+        replicas = spec.num_replicas or (world[0] if world else 1)
+        rank = spec.rank if spec.rank is not None else (world[1] if world else 0)
+        if rank >= replicas:
+            raise SamplerError(f"loader.sampler.rank = {rank}: must be below num_replicas ({replicas})")
+        return DistributedSampler(range(dataset_len), num_replicas=replicas, rank=rank,
+                                  shuffle=spec.shuffle if name == "distributed" else name != "sequential",
+                                  seed=spec.seed)
+    if name == "sequential" or (name == "random" and shuffle is False):
+        return SequentialSampler(range(dataset_len))
+    if name == "random":
+        return RandomSampler(range(dataset_len), replacement=spec.replacement, num_samples=spec.num_samples,
+                             generator=generator)
+    if name == "subset_random":
+        indices = list(range(dataset_len)) if spec.indices is None else list(spec.indices)
+        too_big = [i for i in indices if i >= dataset_len]
+        if too_big:
+            raise SamplerError(f"loader.sampler.indices: {too_big[0]} is past the end of the training set "
+                               f"({dataset_len} samples, positions 0..{dataset_len - 1})")
+        return SubsetRandomSampler(indices, generator=generator)
+    if name == "weighted_random":
+        if spec.weights == "balanced":
+            if targets is None:
+                raise SamplerError("loader.sampler.weights = 'balanced' needs class labels")
+            weights = balanced_weights(targets)
+        else:
+            weights = list(spec.weights or [])
+            if len(weights) != dataset_len:
+                raise SamplerError(f"loader.sampler.weights has {len(weights)} values but the training set has "
+                                   f"{dataset_len} samples: give one weight per training sample, or 'balanced'")
+        num = spec.num_samples or dataset_len
+        if not spec.replacement and num > sum(1 for w in weights if w > 0):
+            raise SamplerError(f"loader.sampler.num_samples = {num} without replacement needs at least that many "
+                               f"samples of non-zero weight; set replacement = true or lower num_samples")
+        return WeightedRandomSampler(weights, num_samples=num, replacement=spec.replacement, generator=generator)
+    raise SamplerError(f"loader.sampler.name = {name!r}: unknown")
+
+
+def build_loader(dataset: Dataset, cfg: LoaderConfig, *, train: bool, targets: Sequence[int] | None,
+                 collate_fn, seed: int, pin_memory: bool) -> DataLoader:
+    """A DataLoader with a batch sampler around the project's sampler (train) or a sequential one (eval)."""
+    n = len(dataset)
+    generator = torch.Generator()
+    generator.manual_seed(seed)
+    if train:
+        sampler = build_sampler(cfg.sampler, n, targets, generator=generator, shuffle=cfg.shuffle)
+        drop_last = cfg.drop_last
+        if not drop_last and cfg.batch_size > 1 and _sampler_len(sampler) % cfg.batch_size == 1:
+            # A last batch of one sample breaks BatchNorm in training mode ("expected more than 1 value per
+            # channel"); dropping it loses nothing, since a shuffled epoch draws the sample next time.
+            drop_last = True
+        if drop_last and _sampler_len(sampler) < cfg.batch_size:
+            raise SamplerError(f"loader.batch_size = {cfg.batch_size} is larger than the {_sampler_len(sampler)} "
+                               "samples drawn per epoch, and loader.drop_last = true would drop every batch")
+    else:
+        world = distributed_world()
+        sampler = (DistributedSampler(range(n), num_replicas=world[0], rank=world[1], shuffle=False)
+                   if world else SequentialSampler(range(n)))
+        drop_last = False
+    batches = BatchSampler(sampler, batch_size=cfg.batch_size, drop_last=drop_last)
+    workers = cfg.num_workers
+    return DataLoader(dataset, batch_sampler=batches, num_workers=workers, collate_fn=collate_fn,
+                      pin_memory=pin_memory, persistent_workers=workers > 0,
+                      worker_init_fn=_seed_worker if workers > 0 else None, generator=generator)
+
+
+def _sampler_len(sampler: Sampler) -> int:
+    return len(sampler)  # every sampler built above has a length
+
+
+def _seed_worker(worker_id: int) -> None:
+    # PyTorch seeds each worker's torch RNG; numpy and random need the same for reproducible augmentation.
+    import random
+
+    import numpy as np
+
+    seed = torch.initial_seed() % 2**32
+    np.random.seed(seed)
+    random.seed(seed)
