@@ -1,0 +1,226 @@
+"""The trainer end to end on small real data: events, stopping, reproducibility, frozen layers, every loss."""
+import threading
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import write_project
+from engine.config import ConfigError, load_project
+from engine.trainer import Callback, NonFiniteLossError, Trainer, build_run
+
+
+class Recorder(Callback):
+    def __init__(self, stop_at_batch=None):
+        self.events = []
+        self.losses = []
+        self.stop_at_batch = stop_at_batch
+
+    def on_log(self, trainer, message):
+        self.events.append(("log", message))
+
+    def on_run_started(self, trainer, state):
+        self.events.append(("started", state.batches_per_epoch))
+
+    def on_batch_finished(self, trainer, state, loss):
+        self.events.append(("batch", state.epoch, state.batch))
+        self.losses.append(loss)
+        if self.stop_at_batch is not None and state.global_step == self.stop_at_batch:
+            trainer.stop()
+
+    def on_epoch_finished(self, trainer, state, metrics):
+        self.events.append(("epoch", metrics))
+
+    def on_run_finished(self, trainer, state):
+        self.events.append(("finished", state.status))
+
+
+def kinds(events):
+    return [e[0] for e in events if e[0] != "log"]
+
+
+def test_run_fires_events_in_order_and_learns(tiny_project):
+    cfg = load_project(tiny_project)
+    cfg.train.epochs = 4
+    rec = Recorder()
+    state = Trainer(cfg, [rec]).run()
+    assert state.status == "completed" and state.epoch == 4
+    k = kinds(rec.events)
+    assert k[0] == "started" and k[-1] == "finished"
+    per_epoch = rec.events[[e[0] for e in rec.events].index("started")][1]
+    assert k.count("batch") == 4 * per_epoch and k.count("epoch") == 4
+    epochs = [e[1] for e in rec.events if e[0] == "epoch"]
+    for m in epochs:
+        for key in ("epoch", "train_loss", "val_loss", "val_accuracy", "lr", "epoch_seconds", "samples_per_second"):
+            assert m[key] is not None, key
+    assert epochs[-1]["train_loss"] < epochs[0]["train_loss"]
+    assert epochs[-1]["val_accuracy"] >= 0.66  # three colours: chance is 0.33
+    assert any("train" in e[1] and "red" in e[1] for e in rec.events if e[0] == "log")
+
+
+def test_stop_ends_the_run_within_one_batch(tiny_project):
+    cfg = load_project(tiny_project)
+    cfg.train.epochs = 5
+    rec = Recorder(stop_at_batch=3)
+    state = Trainer(cfg, [rec]).run()
+    assert state.status == "stopped"
+    assert kinds(rec.events).count("batch") == 3
+    assert state.history == [] and kinds(rec.events)[-1] == "finished"
+
+
+def test_stop_from_another_thread(tiny_project):
+    cfg = load_project(tiny_project)
+    cfg.train.epochs = 50
+    stop = threading.Event()
+
+    class StopSoon(Callback):
+        def on_batch_finished(self, trainer, state, loss):
+            if state.global_step == 2:
+                threading.Thread(target=stop.set).start()
+
+    state = Trainer(cfg, [StopSoon()], stop_event=stop).run()
+    assert state.status == "stopped" and state.epoch < 50
+
+
+def _weights(trainer):
+    return {k: v.clone() for k, v in trainer.parts.model.state_dict().items()}
+
+
+def test_a_seeded_cpu_run_is_reproducible(tiny_project):
+    cfg = load_project(tiny_project)
+    cfg.data.augment.horizontal_flip = True
+    runs = []
+    for _ in range(2):
+        rec = Recorder()
+        t = Trainer(cfg.copy(), [rec])
+        t.run()
+        runs.append((rec.losses, _weights(t)))
+    assert runs[0][0] == runs[1][0]
+    for key in runs[0][1]:
+        assert torch.equal(runs[0][1][key], runs[1][1][key]), key
+
+
+def test_head_only_training_leaves_the_backbone_bitwise_unchanged(tiny_project):
+    cfg = load_project(tiny_project)
+    cfg.model.freeze = "head_only"
+    t = Trainer(cfg)
+    t.parts = build_run(cfg)
+    before = _weights(t)
+    t.run()
+    after = _weights(t)
+    head = t.parts.head_name
+    for key in before:
+        if key.startswith(head + "."):
+            assert not torch.equal(before[key], after[key]), key
+        else:  # includes BatchNorm running statistics: frozen BN stays in eval mode
+            assert torch.equal(before[key], after[key]), key
+
+
+def test_backbone_lr_multiplier_reaches_the_optimizer(tiny_project):
+    cfg = load_project(tiny_project)
+    cfg.optimizer.backbone_lr_mult = 0.1
+    parts = build_run(cfg)
+    lrs = {g["name"]: g["lr"] for g in parts.optimizer.param_groups}
+    assert lrs["head"] == pytest.approx(0.003) and lrs["backbone"] == pytest.approx(0.0003)
+
+
+def test_divergence_stops_at_the_first_non_finite_loss(tiny_project):
+    cfg = load_project(tiny_project)
+    cfg.optimizer.name = "sgd"
+    cfg.optimizer.lr = 1e30
+    cfg.train.epochs = 3
+    rec = Recorder()
+    with pytest.raises(NonFiniteLossError, match=r"epoch \d+, batch \d+") as info:
+        Trainer(cfg, [rec]).run()
+    assert "optimizer.lr" in str(info.value)
+    assert kinds(rec.events)[-1] == "finished" and rec.events[-1][1] == "failed"
+
+
+def test_a_bad_module_name_in_the_freeze_spec_is_a_config_error(tiny_project):
+    cfg = load_project(tiny_project)
+    cfg.model.freeze = "up_to"
+    cfg.model.freeze_up_to = "layer9"
+    with pytest.raises(ConfigError, match="layer9"):
+        Trainer(cfg).run()
+
+
+def test_everything_frozen_is_refused(tiny_project):
+    cfg = load_project(tiny_project)
+    cfg.model.freeze_prefixes = ["conv1", "bn1", "layer1", "layer2", "layer3", "layer4", "fc"]
+    with pytest.raises(ConfigError, match="nothing to train"):
+        build_run(cfg)
+
+
+@pytest.mark.parametrize("loss", ["cross_entropy", "nll", "mse", "l1", "smooth_l1", "bce_with_logits"])
+def test_every_classification_loss_trains(tiny_project, loss):
+    cfg = load_project(tiny_project)
+    cfg.loss.name = loss
+    cfg.train.epochs = 1
+    state = Trainer(cfg).run()
+    assert np.isfinite(state.history[0]["train_loss"])
+
+
+@pytest.mark.parametrize("schedule", ["step", "cosine", "onecycle", "plateau"])
+@pytest.mark.parametrize("optimizer", ["sgd", "rmsprop", "adamw"])
+def test_optimizers_and_schedules_train(tiny_project, optimizer, schedule):
+    cfg = load_project(tiny_project)
+    cfg.optimizer.name = optimizer
+    cfg.optimizer.lr = 0.01
+    cfg.schedule.name = schedule
+    cfg.schedule.step_size = 1
+    state = Trainer(cfg).run()
+    assert state.status == "completed"
+    lrs = [m["lr"] for m in state.history]
+    if schedule in ("step", "cosine"):
+        assert lrs[1] < lrs[0]
+
+
+def test_balanced_class_weights_and_sampler_train_on_imbalanced_data(tmp_path):
+    from conftest import write_image_folder
+
+    write_image_folder(tmp_path / "imgs", per_class=4)
+    write_image_folder(tmp_path / "more", per_class=16, seed=1)
+    import shutil
+
+    for f in (tmp_path / "more" / "red").iterdir():
+        shutil.copy(f, tmp_path / "imgs" / "red" / f"extra-{f.name}")
+    project = write_project(tmp_path / "p.json", "imgs", loss={"class_weights": "balanced"},
+                            loader={"batch_size": 8, "sampler": {"name": "weighted_random", "weights": "balanced",
+                                                                 "replacement": True}})
+    cfg = load_project(project)
+    parts = build_run(cfg)
+    counts = parts.data.train_counts
+    assert counts[parts.data.class_names.index("red")] > 3 * min(counts)
+    w = parts.loss_fn.weight.tolist()
+    assert w[parts.data.class_names.index("red")] < min(w[i] for i in range(3) if parts.data.class_names[i] != "red")
+    assert Trainer(cfg).run().status == "completed"
+
+
+def test_regression_and_multilabel_from_npz(tmp_path):
+    rng = np.random.default_rng(0)
+    X = rng.integers(0, 255, size=(40, 12, 12, 3), dtype=np.uint8)
+    brightness = X.mean(axis=(1, 2, 3)) / 255.0
+    np.savez(tmp_path / "reg.npz", X=X, y=brightness.astype(np.float32))
+    multi = np.stack([X[..., c].mean(axis=(1, 2)) > 127 for c in range(3)], axis=1).astype(np.float32)
+    np.savez(tmp_path / "multi.npz", X=X, y=multi)
+    reg = load_project(write_project(tmp_path / "r.json", "reg.npz", data={"task": "regression"},
+                                     loss={"name": "mse"}))
+    state = Trainer(reg).run()
+    assert state.history[-1]["val_accuracy"] is None and np.isfinite(state.history[-1]["val_loss"])
+    ml = load_project(write_project(tmp_path / "m.json", "multi.npz", data={"task": "multilabel"},
+                                    loss={"name": "bce_with_logits"}))
+    state = Trainer(ml).run()
+    assert 0.0 <= state.history[-1]["val_accuracy"] <= 1.0
+
+
+def test_padding_collate_with_keep_aspect_trains(tmp_path):
+    from PIL import Image
+
+    for cls, colour in (("wide", (200, 0, 0)), ("tall", (0, 0, 200))):
+        (tmp_path / "d" / cls).mkdir(parents=True)
+        for i in range(8):
+            size = (24, 12 + i) if cls == "wide" else (12 + i, 24)
+            Image.new("RGB", size, colour).save(tmp_path / "d" / cls / f"{i}.png")
+    cfg = load_project(write_project(tmp_path / "p.json", "d", data={"keep_aspect": True},
+                                     loader={"collate": "pad", "batch_size": 4}))
+    assert Trainer(cfg).run().status == "completed"
