@@ -1,0 +1,1 @@
+"""The desktop application shell (main window, menus, training controller); Qt lives here and in widgets/."""
