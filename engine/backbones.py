@@ -281,11 +281,23 @@ def _ensure_downloaded(backbone: str, weights: str, weight) -> None:
                            f"{advice}") from None
 
 
+def vit_patch_size(backbone: str) -> int | None:
+    """The patch size of a torchvision ViT (vit_b_16 -> 16), None for other families."""
+    if backbone.startswith("vit_"):
+        return int(backbone.rsplit("_", 1)[1])
+    return None
+
+
 def build_model(model_cfg: ModelConfig, num_outputs: int, *,
-                resolve: Callable[[str], Path] = lambda p: Path(p)) -> BuiltModel:
-    """The backbone with its pretrained or file weights and a new head for num_outputs."""
+                resolve: Callable[[str], Path] = lambda p: Path(p), image_size: int | None = None) -> BuiltModel:
+    """The backbone with its pretrained or file weights and a new head for num_outputs.
+
+    image_size matters only for a random-init ViT, whose position embeddings are sized for it.
+    """
     name = model_cfg.backbone
     kwargs: dict = {}
+    if model_cfg.weights is None and image_size is not None and vit_patch_size(name):
+        kwargs["image_size"] = image_size
     weight = None
     if model_cfg.weights is not None:
         weight = _weight(name, model_cfg.weights)

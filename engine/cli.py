@@ -164,14 +164,14 @@ def cmd_layers(args: argparse.Namespace) -> int:
     if model_cfg.weights:  # the shapes do not depend on the weights; building without them needs no network
         model_cfg = cfg.copy().model
         model_cfg.weights = None
-    built = build_model(model_cfg, num_outputs, resolve=cfg.resolve)
+    size = preprocess_for(cfg.model, cfg.data).crop_size
+    built = build_model(model_cfg, num_outputs, resolve=cfg.resolve, image_size=size)
     try:
         summary = apply_freeze(built.model, cfg.model, built.head_name)
     except ValueError as exc:
         from engine.config import ConfigError
 
         raise ConfigError([str(exc)]) from None
-    size = preprocess_for(cfg.model, cfg.data).crop_size
     print(f"{'module':48s} {'type':22s} {'output':20s} {'params':>12s} {'trainable':>12s}")
     for row in layer_tree(built.model, (3, size, size)):
         if args.depth is not None and row.depth > args.depth:

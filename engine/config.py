@@ -363,7 +363,7 @@ def _path_exists(problems: list[str], cfg: ProjectConfig, where: str, value: str
 
 def validate(cfg: ProjectConfig, *, check_paths: bool = True) -> list[str]:
     """Every range, name and combination rule of a project; returns the problems found."""
-    from engine.backbones import backbone_problems  # the catalog lives with the models
+    from engine.backbones import backbone_problems, list_backbones, vit_patch_size  # the catalog's knowledge
 
     p: list[str] = []
     d = cfg.data
@@ -390,6 +390,10 @@ def validate(cfg: ProjectConfig, *, check_paths: bool = True) -> list[str]:
 
     m = cfg.model
     p.extend(backbone_problems(m.backbone, m.weights))
+    patch = vit_patch_size(m.backbone) if m.backbone in list_backbones() else None
+    if patch and m.weights is None and d.image_size % patch:
+        p.append(f"data.image_size = {d.image_size}: {m.backbone} cuts images into {patch}x{patch} patches, "
+                 f"so the size must be a multiple of {patch} (such as {max(patch, d.image_size // patch * patch)})")
     _choice(p, "model.freeze", m.freeze, FREEZE_PRESETS)
     if m.freeze == "up_to" and not m.freeze_up_to:
         p.append("model.freeze_up_to is empty: the 'up_to' preset needs a module name such as 'layer3'")

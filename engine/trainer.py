@@ -98,7 +98,7 @@ def build_run(cfg: ProjectConfig, *, log=lambda message: None, progress=None) ->
     pre = preprocess_for(cfg.model, cfg.data)
     data = prepare_data(cfg, pre, progress=progress)
     log(data.summary())
-    built = build_model(cfg.model, data.num_outputs, resolve=cfg.resolve)
+    built = build_model(cfg.model, data.num_outputs, resolve=cfg.resolve, image_size=pre.crop_size)
     log(f"Backbone {cfg.model.backbone}: {built.weights_desc}")
     if built.report is not None and (built.report.missing or built.report.unexpected or built.report.mismatched):
         log(built.report.summary())

@@ -270,3 +270,11 @@ def test_non_tensor_values_are_a_weights_error(tmp_path):
 def test_missing_file_is_a_weights_error(tmp_path):
     with pytest.raises(WeightsError, match="does not exist"):
         load_state_dict_file(tmp_path / "nope.pt")
+
+
+def test_random_init_vit_takes_the_project_image_size():
+    from engine.config import ModelConfig
+
+    built = build_model(ModelConfig(backbone="vit_b_32", weights=None), 4, image_size=64)
+    with torch.no_grad():
+        assert built.model.eval()(torch.zeros(2, 3, 64, 64)).shape == (2, 4)

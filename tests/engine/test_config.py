@@ -91,6 +91,7 @@ BAD_VALUES = [
     ({"data": {"augment": {"rotation": 400}}}, "data.augment.rotation", "400"),
     ({"model": {"backbone": "resnet1"}}, "model.backbone", "resnet1"),
     ({"model": {"weights": "IMAGENET9K"}}, "model.weights", "IMAGENET9K"),
+    ({"model": {"backbone": "vit_b_16"}, "data": {"image_size": 40}}, "data.image_size", "multiple of 16"),
     ({"model": {"weights_file": "w.pt"}}, "model.weights_file", "w.pt"),
     ({"model": {"freeze": "most"}}, "model.freeze", "most"),
     ({"model": {"freeze": "up_to"}}, "model.freeze_up_to", "up_to"),
