@@ -322,7 +322,7 @@ def _scan_csv(file: Path, task: str, given: Optional[list[str]], progress: Progr
     warnings: list[str] = []
     labels = [label for _, label in kept]
     if task == "classification":
-        vocabulary = given if given is not None else sorted(set(labels))
+        vocabulary = given if given is not None else _class_order(set(labels))
         warnings += [f"class '{name}' has no usable images; left out" for name in sorted(named - set(labels))]
         index = {name: i for i, name in enumerate(vocabulary)}
         targets: list = [index[label] for label in labels]
@@ -370,6 +370,14 @@ def _parse_label(raw: str, task: str, known: Optional[set[str]]) -> tuple[Any, O
     return values, None
 
 
+def _class_order(names: set[str]) -> list[str]:
+    """Class names sorted; numerically when they are all integers, so '2' comes before '10' (as in .npz)."""
+    try:
+        return sorted(names, key=int)
+    except ValueError:
+        return sorted(names)
+
+
 def _output_names(width: int) -> list[str]:
     return ["value"] if width == 1 else [f"y{i}" for i in range(width)]
 
@@ -404,6 +412,16 @@ def _scan_npz(file: Path, task: str, given: Optional[list[str]], progress: Progr
         raise DataError(f"{file}: array 'X' has shape {x.shape}; expected (N, H, W) or (N, H, W, C) with C 1, 3 or 4")
     if x.dtype.kind not in "biuf":
         raise DataError(f"{file}: array 'X' has dtype {x.dtype}; expected numbers (uint8 0..255 or float 0..1)")
+    if x.dtype.kind in "iu" and x.dtype not in (np.uint8, np.uint16) and x.size:
+        # Integer pixels are read by their range, not their dtype: np.array of Python ints is int64 even for 0..255.
+        lo, hi = int(x.min()), int(x.max())
+        if lo >= 0 and hi <= 255:
+            x = x.astype(np.uint8)
+        elif lo >= 0 and hi <= 65535:
+            x = x.astype(np.uint16)
+        else:
+            raise DataError(f"{file}: array 'X' ({x.dtype}) holds values from {lo} to {hi}; integer images must be "
+                            "0..255 (8-bit) or 0..65535 (16-bit); floats must be 0..1")
     n = x.shape[0]
     if y.ndim == 0 or y.shape[0] != n:
         raise DataError(f"{file}: array 'X' has {n} rows (shape {x.shape}) but 'y' has shape {y.shape}; "
@@ -642,7 +660,7 @@ def split_indices(targets: Sequence, task: str, val_fraction: float, seed: int) 
     return [i for i in range(n) if i not in val_set], sorted(val)
 
 
-def _subset(source: DataSource, positions: Sequence[int], transform: Callable) -> Dataset:
+def subset_dataset(source: DataSource, positions: Sequence[int], transform: Callable) -> Dataset:
     targets = [source.targets[i] for i in positions]
     if source.array is not None:
         return ArrayDataset(source.array, targets, transform, source.task, rows=positions)
@@ -707,17 +725,17 @@ def prepare_data(cfg: ProjectConfig, pre: Preprocess, *, progress: Progress = No
     if d.val_path:
         val_source = scan_source(cfg.resolve(d.val_path), kind=d.kind, task=d.task,
                                  class_names=source.class_names, progress=progress)
-        train = _subset(source, range(len(source)), train_tf)
+        train = subset_dataset(source, range(len(source)), train_tf)
         train_targets = list(source.targets)
-        val = _subset(val_source, range(len(val_source)), eval_tf)
+        val = subset_dataset(val_source, range(len(val_source)), eval_tf)
         val_targets = list(val_source.targets)
         warnings += [f"validation: {w}" for w in val_source.warnings]
         skipped += val_source.skipped
     else:
         train_idx, val_idx = split_indices(source.targets, d.task, d.val_fraction, d.split_seed)
-        train = _subset(source, train_idx, train_tf)
+        train = subset_dataset(source, train_idx, train_tf)
         train_targets = [source.targets[i] for i in train_idx]
-        val = _subset(source, val_idx, eval_tf) if val_idx else None
+        val = subset_dataset(source, val_idx, eval_tf) if val_idx else None
         val_targets = [source.targets[i] for i in val_idx]
         if d.val_fraction > 0 and not val_idx:
             warnings.append(f"data.val_fraction = {d.val_fraction:g} leaves no validation samples "

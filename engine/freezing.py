@@ -9,7 +9,7 @@ import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from engine.config import ModelConfig
+from engine.config import ConfigError, ModelConfig
 
 
 @dataclass
@@ -98,14 +98,16 @@ def _unknown(field: str, value: str, model: nn.Module, backbone: str, what: str)
     shown += f" (nested ones are named with dots, such as {nested})" if nested else ""
     close = difflib.get_close_matches(value, names, n=3, cutoff=0.6)
     hint = f"; did you mean {', '.join(close)}?" if close else ""
-    return ValueError(f"{field} = {value!r}: {what} in {backbone}; modules include {shown}{hint}")
+    return ConfigError([f"{field} = {value!r}: {what} in {backbone}; modules include {shown}{hint}"])
 
 
-def apply_freeze(model: nn.Module, model_cfg: ModelConfig, head_name: str) -> FreezeSummary:
+def apply_freeze(model: nn.Module, model_cfg: ModelConfig, head_name: str, *,
+                 freeze_backbone: bool = False) -> FreezeSummary:
     """Set requires_grad from the config: preset, then freeze_prefixes, then unfreeze_prefixes.
 
-    Raises ValueError naming the field when a module name or prefix matches nothing in this model
-    (config validation cannot know module names).
+    freeze_backbone (an lr multiplier of 0) freezes everything but the head at the end, so frozen
+    BatchNorm and the backward pass treat it as frozen too. Raises ConfigError naming the field
+    when a module name or prefix matches nothing in this model (validation cannot know module names).
     """
     backbone = model_cfg.backbone
     params = list(model.named_parameters())
@@ -132,8 +134,6 @@ def apply_freeze(model: nn.Module, model_cfg: ModelConfig, head_name: str) -> Fr
                 break
             for p in module.parameters(recurse=False):
                 p.requires_grad_(False)
-    elif model_cfg.freeze != "none":
-        raise ValueError(f"model.freeze = {model_cfg.freeze!r}: unknown; allowed: none, head_only, up_to")
 
     names = set(modules) | {n for n, _ in params}  # a prefix may name a module or one parameter (fc.bias)
     for field, prefixes, trainable in (("model.freeze_prefixes", model_cfg.freeze_prefixes, False),
@@ -145,6 +145,10 @@ def apply_freeze(model: nn.Module, model_cfg: ModelConfig, head_name: str) -> Fr
                 if _matches(n, prefix):
                     p.requires_grad_(trainable)
 
+    if freeze_backbone:
+        for n, p in params:
+            if not _matches(n, head_name):
+                p.requires_grad_(False)
     total, trainable = _numel(p for _, p in params)
     return FreezeSummary(total=total, trainable=trainable, frozen=total - trainable)
 

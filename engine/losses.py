@@ -40,6 +40,8 @@ class TaskLoss(nn.Module):
             weight = torch.tensor(values, dtype=torch.float32)
         self.register_buffer("weight", weight)
         self.label_smoothing = cfg.label_smoothing
+        # Where a multi-label output means "yes": logits cross 0, regression-style losses aim at 0/1.
+        self.threshold = 0.0 if cfg.name == "bce_with_logits" else 0.5
         self.beta = cfg.beta
         self._fn: Callable = {
             "cross_entropy": self._cross_entropy,

@@ -52,7 +52,7 @@ def build_sampler(spec: SamplerConfig, dataset_len: int, targets: Sequence[int] 
     if name == "sequential" or (name == "random" and shuffle is False):
         return SequentialSampler(range(dataset_len))
     if name == "random":
-        return RandomSampler(range(dataset_len), replacement=spec.replacement, num_samples=spec.num_samples,
+        return RandomSampler(range(dataset_len), replacement=bool(spec.replacement), num_samples=spec.num_samples,
                              generator=generator)
     if name == "subset_random":
         indices = list(range(dataset_len)) if spec.indices is None else list(spec.indices)
@@ -72,10 +72,11 @@ def build_sampler(spec: SamplerConfig, dataset_len: int, targets: Sequence[int] 
                 raise SamplerError(f"loader.sampler.weights has {len(weights)} values but the training set has "
                                    f"{dataset_len} samples: give one weight per training sample, or 'balanced'")
         num = spec.num_samples or dataset_len
-        if not spec.replacement and num > sum(1 for w in weights if w > 0):
+        replacement = spec.replacement is not False  # drawing with replacement is what makes weights matter
+        if not replacement and num > sum(1 for w in weights if w > 0):
             raise SamplerError(f"loader.sampler.num_samples = {num} without replacement needs at least that many "
                                f"samples of non-zero weight; set replacement = true or lower num_samples")
-        return WeightedRandomSampler(weights, num_samples=num, replacement=spec.replacement, generator=generator)
+        return WeightedRandomSampler(weights, num_samples=num, replacement=replacement, generator=generator)
     raise SamplerError(f"loader.sampler.name = {name!r}: unknown")
 
 
@@ -88,13 +89,15 @@ def build_loader(dataset: Dataset, cfg: LoaderConfig, *, train: bool, targets: S
     if train:
         sampler = build_sampler(cfg.sampler, n, targets, generator=generator, shuffle=cfg.shuffle)
         drop_last = cfg.drop_last
-        if not drop_last and cfg.batch_size > 1 and _sampler_len(sampler) % cfg.batch_size == 1:
+        drawn = _sampler_len(sampler)
+        if not drop_last and cfg.batch_size > 1 and drawn > cfg.batch_size and drawn % cfg.batch_size == 1:
             # A last batch of one sample breaks BatchNorm in training mode ("expected more than 1 value per
-            # channel"); dropping it loses nothing, since a shuffled epoch draws the sample next time.
+            # channel"); dropping it loses little, since a shuffled epoch draws the sample next time.
             drop_last = True
         if drop_last and _sampler_len(sampler) < cfg.batch_size:
             raise SamplerError(f"loader.batch_size = {cfg.batch_size} is larger than the {_sampler_len(sampler)} "
-                               "samples drawn per epoch, and loader.drop_last = true would drop every batch")
+                               "samples drawn per epoch, and loader.drop_last = true would drop every batch; "
+                               "lower the batch size or set drop_last to false")
     else:
         world = distributed_world()
         sampler = (DistributedSampler(range(n), num_replicas=world[0], rank=world[1], shuffle=False)
@@ -114,9 +117,12 @@ def _sampler_len(sampler: Sampler) -> int:
 def _seed_worker(worker_id: int) -> None:
     # PyTorch seeds each worker's torch RNG; numpy and random need the same for reproducible augmentation.
     import random
+    import signal
 
     import numpy as np
 
+    # Ctrl-C is the main process's to handle (it stops after the batch); workers end when it does.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     seed = torch.initial_seed() % 2**32
     np.random.seed(seed)
     random.seed(seed)

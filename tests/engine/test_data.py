@@ -403,3 +403,26 @@ def test_prepare_data_from_npz_without_validation(tmp_path):
     x, _ = prepared.train[0]
     assert x.shape[2] == 16 and x.shape[1] in (10, 11)  # the longer side resized to 16, aspect kept
     assert "No validation set" in prepared.summary()
+
+
+def test_csv_numeric_class_names_sort_as_numbers(tmp_path):
+    rows = [[f"i{n}.png", str(n)] for n in (10, 2, 1)]
+    for name, _ in rows:
+        save_image(tmp_path / name)
+    src = scan_source(write_csv(tmp_path / "labels.csv", rows))
+    assert src.class_names == ["1", "2", "10"]
+
+
+@pytest.mark.parametrize("dtype, peak", [(np.int64, 200), (np.int32, 200), (np.int64, 40000)])
+def test_npz_integer_images_are_read_by_their_range(tmp_path, dtype, peak):
+    X = np.full((4, 6, 6), peak, dtype=dtype)
+    np.savez(tmp_path / "d.npz", X=X, y=np.array([0, 1, 0, 1]))
+    src = scan_source(tmp_path / "d.npz")
+    value = ArrayDataset(src.array, src.targets, None, "classification")[0][0].max().item()
+    assert value == pytest.approx(peak / (255 if peak <= 255 else 65535), rel=1e-5)
+
+
+def test_npz_integer_images_out_of_any_pixel_range_are_refused(tmp_path):
+    np.savez(tmp_path / "d.npz", X=np.full((2, 4, 4), -5, dtype=np.int64), y=np.array([0, 1]))
+    with pytest.raises(DataError, match="-5"):
+        scan_source(tmp_path / "d.npz")

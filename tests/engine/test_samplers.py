@@ -112,3 +112,11 @@ def test_evaluation_loader_is_sequential_and_keeps_every_sample():
     loader = build_loader(_dataset(10), cfg, train=False, targets=None, collate_fn=default_collate, seed=0,
                           pin_memory=False)
     assert torch.cat([b[0] for b in loader]).squeeze(1).tolist() == list(range(10))
+
+
+def test_balanced_weights_balance_with_the_default_settings():
+    targets = [0] * 900 + [1] * 100
+    spec = SamplerConfig(name="weighted_random", weights="balanced")
+    sampler = build_sampler(spec, len(targets), targets, generator=torch.Generator().manual_seed(2))
+    drawn = Counter(targets[i] for i in sampler)
+    assert sum(drawn.values()) == 1000 and abs(drawn[1] - 500) <= 60, drawn
