@@ -67,3 +67,31 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
         raise CheckpointError(f"checkpoint {path} has format version {version}, newer than this Model Workbench "
                               f"reads ({FORMAT_VERSION}); update the app to open it")
     return data
+
+
+def restore_model(ckpt: dict[str, Any]):
+    """The trained model a checkpoint describes, rebuilt from its config and loaded strictly, in eval mode.
+
+    Returns (model, config, class_names, preprocess). No pretrained weights are fetched: the
+    checkpoint's own tensors replace them.
+    """
+    from engine.backbones import build_model, preprocess_for
+    from engine.config import from_dict
+
+    for key in ("model_state_dict", "config", "class_names"):
+        if key not in ckpt:
+            raise CheckpointError(f"this file has no '{key}': it is not a Model Workbench checkpoint "
+                                  "(a bare state dict can be used as model.weights_file instead)")
+    cfg = from_dict(ckpt["config"], check_paths=False)
+    pre = preprocess_for(cfg.model, cfg.data)
+    model_cfg = cfg.copy().model
+    model_cfg.weights = None
+    model_cfg.weights_file = None
+    built = build_model(model_cfg, len(ckpt["class_names"]), image_size=pre.crop_size)
+    try:
+        built.model.load_state_dict(ckpt["model_state_dict"])
+    except RuntimeError as exc:
+        raise CheckpointError(f"the checkpoint's weights do not fit {cfg.model.backbone}: "
+                              f"{str(exc).splitlines()[0]}") from None
+    built.model.eval()
+    return built.model, cfg, list(ckpt["class_names"]), pre

@@ -20,7 +20,9 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from engine.data import DataError
     from engine.samplers import SamplerError
 
-    return ConfigError, DataError, WeightsError, SamplerError, CheckpointError
+    from engine.export import ExportError
+
+    return ConfigError, DataError, WeightsError, SamplerError, CheckpointError, ExportError
 
 
 class ConsoleReporter:
@@ -95,13 +97,50 @@ def _load(project: str, overrides: argparse.Namespace | None = None):
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from engine.runs import RunRecorder, create_run_dir
-    from engine.trainer import Trainer
+    from engine.runs import create_run_dir
 
     cfg = _load(args.project, args)
-    run_dir = create_run_dir(cfg, args.out)
+    if args.init_from:
+        from engine.config import ConfigError
+
+        if cfg.model.weights or cfg.model.weights_file:
+            raise ConfigError(["--init-from replaces the project's model.weights / model.weights_file; "
+                               "remove them from the project or drop --init-from"])
+        if not Path(args.init_from).is_file():
+            raise ConfigError([f"--init-from {args.init_from!r}: no such file"])
+        cfg.model.weights_file = str(Path(args.init_from).resolve())
+    return _train(cfg, create_run_dir(cfg, args.out))
+
+
+def cmd_resume(args: argparse.Namespace) -> int:
+    from engine.checkpoints import load_checkpoint
+    from engine.config import ConfigError, from_dict
+    from engine.runs import resume_run_dir
+
+    ckpt = load_checkpoint(args.checkpoint)
+    if "config" not in ckpt or "epoch" not in ckpt:
+        raise ConfigError([f"{args.checkpoint} is not a Model Workbench checkpoint (no config/epoch); "
+                           "a plain state dict can start a new run with train --init-from"])
+    data = ckpt["config"]
+    if args.epochs is not None:
+        data["train"]["epochs"] = args.epochs
+    try:
+        cfg = from_dict(data, source=args.checkpoint)
+    except ConfigError as exc:
+        raise ConfigError([p.replace("train.epochs", "--epochs") for p in exc.problems], exc.source) from None
+    if cfg.train.epochs <= ckpt["epoch"]:
+        raise ConfigError([f"--epochs = {cfg.train.epochs}: the checkpoint has already trained {ckpt['epoch']} "
+                           f"epoch(s); give the run's new total, such as {ckpt['epoch'] + 5}"])
+    return _train(cfg, resume_run_dir(Path(args.checkpoint), args.out), resume=ckpt)
+
+
+def _train(cfg, run_dir: Path, resume: dict | None = None) -> int:
+    from engine.runs import run_callbacks
+    from engine.trainer import Trainer
+
     stop = threading.Event()
-    trainer = Trainer(cfg, [RunRecorder(run_dir), ConsoleReporter()], stop_event=stop)
+    trainer = Trainer(cfg, [*run_callbacks(cfg, run_dir), ConsoleReporter()], stop_event=stop, resume=resume)
+    fresh = resume is None
 
     def on_sigint(signum, frame):
         if stop.is_set():
@@ -114,6 +153,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     print(f"Run folder: {run_dir}", file=sys.stderr, flush=True)
     try:
         state = trainer.run()
+    except BaseException:
+        if fresh and run_dir.is_dir() and not any(run_dir.iterdir()):
+            run_dir.rmdir()  # the project failed before training began: leave no empty run folder behind
+        raise
     finally:
         if previous is not None:
             signal.signal(signal.SIGINT, previous)
@@ -121,7 +164,66 @@ def cmd_train(args: argparse.Namespace) -> int:
         print(f"Stopped after {state.epoch} of {state.epochs} epoch(s); results so far are in {run_dir}",
               file=sys.stderr)
         return EXIT_INTERRUPTED
-    print(f"Done: {state.epoch} epoch(s); model saved to {run_dir / 'checkpoints' / 'final.pt'}", file=sys.stderr)
+    how = " (stopped early)" if state.stopped_early else ""
+    print(f"Done: {state.epoch} epoch(s){how}; model saved to {run_dir / 'checkpoints' / 'final.pt'}",
+          file=sys.stderr)
+    return EXIT_OK
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    import json
+
+    from engine.evaluate import evaluate_checkpoint
+
+    if args.top < 0:
+        from engine.config import ConfigError
+
+        raise ConfigError([f"--top = {args.top}: must be 0 or more"])
+    ev = evaluate_checkpoint(args.checkpoint, data=args.data, top_n=args.top, device=args.device)
+    print(f"Evaluated {ev.data}")
+    if ev.loss is not None:
+        print(f"loss {ev.loss:.4f}")
+    if ev.accuracy is not None:
+        print(f"accuracy {ev.accuracy:.4f}" + (f"   top-5 {ev.top5_accuracy:.4f}" if ev.top5_accuracy is not None
+                                                else "") + (f"   macro F1 {ev.macro_f1:.4f}" if ev.macro_f1 else ""))
+    if ev.mae is not None:
+        print(f"MAE {ev.mae:.4f}   RMSE {ev.rmse:.4f}")
+    if ev.per_class:
+        width = max(len(r["class"]) for r in ev.per_class)
+        print(f"\n{'class':{width}s}  precision  recall     f1  support")
+        for r in ev.per_class:
+            print(f"{r['class']:{width}s}  {r['precision']:9.3f}  {r['recall']:6.3f}  {r['f1']:5.3f}  {r['support']:7d}")
+    if ev.confusion:
+        names = [c[:6] for c in ev.class_names]
+        print("\nconfusion (rows: true, columns: predicted)")
+        print(" " * 8 + " ".join(f"{n:>6s}" for n in names))
+        for name, row in zip(names, ev.confusion):
+            print(f"{name:>6s}  " + " ".join(f"{v:6d}" for v in row))
+    if ev.hardest:
+        print(f"\nhighest-loss samples (top {len(ev.hardest)}):")
+        for h in ev.hardest[:10]:
+            conf = f"{h['confidence']:.2f}" if h.get("confidence") is not None else "-"
+            print(f"  loss {h['loss']:.3f}  true {h['true']}  predicted {h['predicted']} ({conf})  {h['path']}")
+    if args.json:
+        out = Path(args.json)
+        if not out.parent.is_dir():
+            from engine.config import ConfigError
+
+            raise ConfigError([f"--json {args.json!r}: folder {str(out.parent)!r} does not exist"])
+        out.write_text(json.dumps(ev.to_dict(), indent=2), encoding="utf-8")
+        print(f"\nwrote {out}")
+    return EXIT_OK
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from engine.export import default_suffix, export_checkpoint
+
+    out = args.out or str(Path(args.checkpoint).with_suffix("")) + default_suffix(args.format)
+    result = export_checkpoint(args.checkpoint, args.format, out, force=args.force, tolerance=args.tolerance,
+                               log=lambda m: print(m, file=sys.stderr))
+    print(f"Exported {result.format} to {result.path} (details in {result.sidecar.name})")
+    print(f"Verified on a {result.inputs}: max |difference| of logits vs PyTorch {result.max_abs_diff:.2e} "
+          f"(tolerance {result.tolerance:g})")
     return EXIT_OK
 
 
@@ -140,9 +242,12 @@ def cmd_backbones(args: argparse.Namespace) -> int:
     from engine.backbones import list_backbones, weight_names, weights_status
 
     needle = (args.filter or "").lower()
-    for name in list_backbones():
-        if needle and needle not in name.lower():
-            continue
+    names = [n for n in list_backbones() if needle in n.lower()]
+    if not names:
+        print(f"error: no backbone name contains {args.filter!r}; run `backbones` without a filter to list all",
+              file=sys.stderr)
+        return EXIT_BAD_INPUT
+    for name in names:
         weights = [w for w in weight_names(name) if w != "DEFAULT"]
         shown = ", ".join(f"{w} ({weights_status(name, w)})" for w in weights) or "no pretrained weights"
         print(f"{name:24s} {shown}")
@@ -155,6 +260,10 @@ def cmd_layers(args: argparse.Namespace) -> int:
 
     cfg = _load(args.project)
     num_outputs = args.classes
+    if num_outputs is not None and num_outputs < 1:
+        from engine.config import ConfigError
+
+        raise ConfigError([f"--classes = {num_outputs}: must be at least 1"])
     if num_outputs is None:
         from engine.data import scan_source
 
@@ -166,12 +275,8 @@ def cmd_layers(args: argparse.Namespace) -> int:
         model_cfg.weights = None
     size = preprocess_for(cfg.model, cfg.data).crop_size
     built = build_model(model_cfg, num_outputs, resolve=cfg.resolve, image_size=size)
-    try:
-        summary = apply_freeze(built.model, cfg.model, built.head_name)
-    except ValueError as exc:
-        from engine.config import ConfigError
-
-        raise ConfigError([str(exc)]) from None
+    summary = apply_freeze(built.model, cfg.model, built.head_name,
+                           freeze_backbone=cfg.optimizer.backbone_lr_mult == 0)
     print(f"{'module':48s} {'type':22s} {'output':20s} {'params':>12s} {'trainable':>12s}")
     for row in layer_tree(built.model, (3, size, size)):
         if args.depth is not None and row.depth > args.depth:
@@ -193,7 +298,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("project", help="project file (.json)")
     p.add_argument("--epochs", type=int, help="total epochs (overrides train.epochs)")
     p.add_argument("--out", help="run folder to write (default: OUTPUT_DIR/NAME-TIMESTAMP)")
+    p.add_argument("--init-from", metavar="CHECKPOINT",
+                   help="start from a checkpoint's (or state dict's) weights: a new run, fine-tuning a fine-tune")
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("resume", help="continue a run exactly where a checkpoint left it")
+    p.add_argument("checkpoint", help="a checkpoint .pt from a run folder")
+    p.add_argument("--epochs", type=int, help="the run's total epochs (default: the project's)")
+    p.add_argument("--out", help="run folder to write (default: the checkpoint's own run folder)")
+    p.set_defaults(func=cmd_resume)
+
+    p = sub.add_parser("evaluate", help="accuracy, per-class metrics, confusion matrix, hardest samples")
+    p.add_argument("checkpoint")
+    p.add_argument("--data", help="a folder, CSV or .npz to evaluate (default: the run's validation split)")
+    p.add_argument("--json", metavar="OUT", help="also write every figure to this JSON file")
+    p.add_argument("--top", type=int, default=20, help="how many highest-loss samples to list (default 20)")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
+    p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("export", help="export a checkpoint's model and verify the file against PyTorch")
+    p.add_argument("checkpoint")
+    p.add_argument("--format", required=True, choices=["torchscript", "onnx", "state_dict", "safetensors", "pt2"])
+    p.add_argument("--out", help="file to write (default: next to the checkpoint, with the format's suffix)")
+    p.add_argument("--force", action="store_true", help="replace an existing file")
+    p.add_argument("--tolerance", type=float, default=1e-3, help="largest allowed logit difference (default 1e-3)")
+    p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("check", help="validate a project and summarise its dataset, without training")
     p.add_argument("project")
@@ -233,7 +362,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"error: {exc}", file=sys.stderr)
         else:
             traceback.print_exc()
-            print(f"error: training failed: {exc}", file=sys.stderr)
+            print(f"error: {args.command} failed: {exc}", file=sys.stderr)
         return EXIT_FAILED
 
 

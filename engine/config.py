@@ -22,6 +22,8 @@ OPTIMIZERS = ("sgd", "adam", "adamw", "rmsprop")
 SCHEDULES = ("none", "step", "cosine", "onecycle", "plateau")
 FREEZE_PRESETS = ("none", "head_only", "up_to")
 DEVICES = ("auto", "cpu", "cuda", "mps")
+MONITORS = ("val_loss", "val_accuracy", "train_loss", "train_accuracy")
+MONITOR_MODES = ("auto", "min", "max")
 PRECISIONS = ("fp32", "fp16", "bf16")
 
 
@@ -79,7 +81,7 @@ class ModelConfig:
 @dataclass
 class SamplerConfig:
     name: str = "random"
-    replacement: bool = False
+    replacement: Optional[bool] = None  # None: PyTorch's default (random: False, weighted_random: True)
     num_samples: Optional[int] = None
     indices: Optional[list[int]] = None  # subset_random: positions in the training set; default all
     weights: Union[str, list[float], None] = None  # weighted_random: one per training sample, or "balanced"
@@ -113,7 +115,7 @@ class OptimizerConfig:
     name: str = "adamw"
     lr: float = 1e-3
     weight_decay: float = 0.0
-    momentum: float = 0.9  # sgd, rmsprop
+    momentum: Optional[float] = None  # sgd (default 0.9), rmsprop (default 0)
     nesterov: bool = False  # sgd
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])  # adam, adamw
     eps: float = 1e-8
@@ -144,9 +146,28 @@ class TrainConfig:
 
 
 @dataclass
+class CheckpointConfig:
+    every_epoch: bool = True  # keep epoch-NNN.pt files (last.pt and best.pt are always written)
+    keep_last: int = 3  # epoch files kept, newest first; 0 keeps them all
+    monitor: str = "val_loss"  # what "best" means
+    mode: str = "auto"  # auto: max for accuracies, min for losses
+
+
+@dataclass
+class EarlyStoppingConfig:
+    enabled: bool = False
+    monitor: str = "val_loss"
+    mode: str = "auto"
+    patience: int = 5  # epochs without an improvement larger than min_delta before stopping
+    min_delta: float = 0.0
+    restore_best: bool = False  # end with the best epoch's weights rather than the last epoch's
+
+
+@dataclass
 class OutputConfig:
     dir: str = "runs"  # run folders are created inside, relative to the project file
     run_name: Optional[str] = None  # default: the project's name and a timestamp
+    tensorboard: bool = True  # TensorBoard event files in RUN/tensorboard
 
 
 @dataclass
@@ -159,6 +180,8 @@ class ProjectConfig:
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    early_stopping: EarlyStoppingConfig = field(default_factory=EarlyStoppingConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
     schema_version: int = SCHEMA_VERSION
     # Folder that relative paths are resolved against (the project file's folder); not saved.
@@ -395,6 +418,12 @@ def validate(cfg: ProjectConfig, *, check_paths: bool = True) -> list[str]:
         p.append(f"data.image_size = {d.image_size}: {m.backbone} cuts images into {patch}x{patch} patches, "
                  f"so the size must be a multiple of {patch} (such as {max(patch, d.image_size // patch * patch)})")
     _choice(p, "model.freeze", m.freeze, FREEZE_PRESETS)
+    if m.freeze_up_to and m.freeze != "up_to":
+        p.append(f"model.freeze_up_to = {m.freeze_up_to!r} is only used with model.freeze = 'up_to' "
+                 f"(now {m.freeze!r}); set both or remove freeze_up_to")
+    if d.keep_aspect and d.augment.random_resized_crop:
+        p.append("data.augment.random_resized_crop = true crops to a square, which data.keep_aspect = true "
+                 "is there to avoid; turn one of them off")
     if m.freeze == "up_to" and not m.freeze_up_to:
         p.append("model.freeze_up_to is empty: the 'up_to' preset needs a module name such as 'layer3'")
     if m.weights and m.weights_file:
@@ -419,8 +448,6 @@ def validate(cfg: ProjectConfig, *, check_paths: bool = True) -> list[str]:
         if s.name not in ("random", "weighted_random"):
             p.append(f"loader.sampler.num_samples is only used by the 'random' and 'weighted_random' samplers, "
                      f"not {s.name!r}")
-        elif s.name == "random" and not s.replacement and lo.shuffle is None:
-            pass  # RandomSampler allows num_samples without replacement (it cycles permutations)
     if s.indices is not None:
         if s.name != "subset_random":
             p.append(f"loader.sampler.indices is only used by the 'subset_random' sampler, not {s.name!r}")
@@ -484,7 +511,7 @@ def validate(cfg: ProjectConfig, *, check_paths: bool = True) -> list[str]:
         p.append(f"optimizer.betas = {o.betas!r}: give two values, such as [0.9, 0.999]")
     for i, b in enumerate(o.betas):
         _number(p, f"optimizer.betas[{i}]", b, low=0.0, high=1.0, high_open=True)
-    if o.nesterov and o.name == "sgd" and o.momentum <= 0:
+    if o.nesterov and o.name == "sgd" and o.momentum == 0:
         p.append("optimizer.nesterov = true needs optimizer.momentum > 0")
 
     sc = cfg.schedule
@@ -503,6 +530,19 @@ def validate(cfg: ProjectConfig, *, check_paths: bool = True) -> list[str]:
     _number(p, "train.seed", t.seed, low=0, high=2**32 - 1)
     _choice(p, "train.precision", t.precision, PRECISIONS)
     _number(p, "train.grad_clip_norm", t.grad_clip_norm, low=0.0, low_open=True)
+
+    c = cfg.checkpoint
+    _number(p, "checkpoint.keep_last", c.keep_last, low=0)
+    _choice(p, "checkpoint.monitor", c.monitor, MONITORS)
+    _choice(p, "checkpoint.mode", c.mode, MONITOR_MODES)
+    e = cfg.early_stopping
+    _choice(p, "early_stopping.monitor", e.monitor, MONITORS)
+    _choice(p, "early_stopping.mode", e.mode, MONITOR_MODES)
+    _number(p, "early_stopping.patience", e.patience, low=1)
+    _number(p, "early_stopping.min_delta", e.min_delta, low=0.0)
+    for where, monitor in (("checkpoint.monitor", c.monitor), ("early_stopping.monitor", e.monitor)):
+        if monitor.endswith("accuracy") and d.task == "regression":
+            p.append(f"{where} = {monitor!r}: a regression has no accuracy; use 'val_loss' or 'train_loss'")
 
     if not cfg.output.dir:
         p.append("output.dir is empty: give a folder for run folders, such as 'runs'")

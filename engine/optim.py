@@ -42,6 +42,7 @@ class Schedule:
             max_lr = cfg.max_lr or base_lr
             # Each group keeps its ratio to the head's lr (the backbone multiplier) at the peak too.
             peaks = [max_lr * g["lr"] / base_lr for g in optimizer.param_groups]
+            self.total_steps = epochs * max(1, steps_per_epoch)
             self.scheduler = lr_scheduler.OneCycleLR(optimizer, max_lr=peaks, epochs=epochs,
                                                      steps_per_epoch=max(1, steps_per_epoch),
                                                      pct_start=cfg.pct_start)
@@ -64,6 +65,17 @@ class Schedule:
     def state_dict(self) -> dict:
         return self.scheduler.state_dict() if self.scheduler is not None else {}
 
-    def load_state_dict(self, state: dict) -> None:
-        if self.scheduler is not None and state:
-            self.scheduler.load_state_dict(state)
+    def load_state_dict(self, state: dict, *, epochs: int | None = None) -> None:
+        """Restore a saved schedule; `epochs` is the run's total now, which a resume may have raised."""
+        if self.scheduler is None or not state:
+            return
+        self.scheduler.load_state_dict(state)
+        if epochs is None:
+            return
+        if self.name == "cosine":
+            self.scheduler.T_max = epochs  # the decay stretches to the new end from where it is
+        elif self.name == "onecycle" and self.scheduler.total_steps != self.total_steps:
+            raise ValueError(f"schedule.name = 'onecycle' runs a fixed number of steps "
+                             f"({self.scheduler.total_steps}); the run cannot be extended to {self.total_steps}. "
+                             "Resume with the checkpoint's own number of epochs, or start a new run from its "
+                             "weights (train --init-from)")

@@ -64,8 +64,47 @@ def _json_value(value: Any) -> Any:
     return value
 
 
+def link_atomic(src: Path, dst: Path) -> None:
+    """dst becomes the same file as src (a hard link, else a copy), replacing dst in one rename."""
+    tmp = dst.with_name(f".{dst.name}.{os.getpid()}.link.tmp")
+    tmp.unlink(missing_ok=True)
+    try:
+        os.link(src, tmp)  # costs no space; a later rename over src leaves dst alone
+    except OSError:
+        shutil.copyfile(src, tmp)
+    os.replace(tmp, dst)
+
+
+def read_metrics(run_dir: str | os.PathLike) -> list[dict[str, Any]]:
+    """The epochs recorded in a run folder's metrics.jsonl; a line cut short by a crash is ignored."""
+    path = Path(run_dir) / METRICS_FILE
+    rows = []
+    if path.exists():
+        for line in path.read_text(encoding="utf-8").splitlines():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue
+    return rows
+
+
+def _write_metrics(run_dir: Path, rows: list[dict[str, Any]]) -> None:
+    tmp = run_dir / f".{METRICS_FILE}.tmp"
+    with open(tmp, "w", encoding="utf-8") as fh:
+        for row in rows:
+            fh.write(json.dumps({k: _json_value(v) for k, v in row.items()}) + "\n")
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, run_dir / METRICS_FILE)
+
+
 class RunRecorder(Callback):
-    """Writes a run folder as training goes: nothing is lost when the process dies between epochs."""
+    """Writes a run folder as training goes: nothing is lost when the process dies between epochs.
+
+    checkpoints/epoch-NNN.pt each epoch (the newest checkpoint.keep_last kept), last.pt and
+    best.pt (by checkpoint.monitor) as links to it, final.pt when the run completes. Each file
+    is written to a temporary name, fsynced and renamed, so a kill leaves the previous one whole.
+    """
 
     def __init__(self, run_dir: Path):
         self.run_dir = Path(run_dir)
@@ -74,23 +113,118 @@ class RunRecorder(Callback):
     def on_run_started(self, trainer: Trainer, state: TrainState) -> None:
         save_project(project_as_run(trainer.cfg), self.run_dir / PROJECT_FILE)
         self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
+        if state.start_epoch:  # resumed: the checkpoint's history is the truth, later lines are stale
+            _write_metrics(self.run_dir, state.history)
 
     def on_epoch_finished(self, trainer: Trainer, state: TrainState, metrics: dict[str, Any]) -> None:
         with open(self.run_dir / METRICS_FILE, "a", encoding="utf-8") as fh:
             fh.write(json.dumps({k: _json_value(v) for k, v in metrics.items()}) + "\n")
             fh.flush()
             os.fsync(fh.fileno())
-        atomic_torch_save(checkpoint_payload(trainer, state, metrics), self.checkpoint_dir / "last.pt")
+        policy = trainer.cfg.checkpoint
+        payload = checkpoint_payload(trainer, state, metrics)
+        last = self.checkpoint_dir / "last.pt"
+        if policy.every_epoch:
+            written = self.checkpoint_dir / f"epoch-{state.epoch:03d}.pt"
+            atomic_torch_save(payload, written)
+            link_atomic(written, last)
+            self._prune(policy.keep_last)
+        else:
+            atomic_torch_save(payload, last)
+            written = last
+        if metrics.get("best"):
+            link_atomic(written, self.checkpoint_dir / "best.pt")
+
+    def _prune(self, keep: int) -> None:
+        if keep <= 0:
+            return
+        epochs = sorted(self.checkpoint_dir.glob("epoch-*.pt"))
+        for old in epochs[:-keep]:
+            old.unlink(missing_ok=True)
 
     def on_run_finished(self, trainer: Trainer, state: TrainState) -> None:
-        last = self.checkpoint_dir / "last.pt"
-        if state.status == "completed" and last.exists():
-            final = self.checkpoint_dir / "final.pt"
-            final.unlink(missing_ok=True)
-            try:  # a hard link costs no space; last.pt is later replaced by rename, which leaves final.pt alone
-                os.link(last, final)
-            except OSError:
-                shutil.copyfile(last, final)
+        if state.status != "completed":
+            return
+        source = self.checkpoint_dir / ("best.pt" if state.restored_best_epoch else "last.pt")
+        if source.exists():
+            link_atomic(source, self.checkpoint_dir / "final.pt")
+
+
+class TensorBoardLogger(Callback):
+    """TensorBoard event files in RUN/tensorboard: losses, accuracies, learning rate, the hyperparameters."""
+
+    def __init__(self, run_dir: Path):
+        self.log_dir = Path(run_dir) / "tensorboard"
+        self.writer = None
+
+    def on_run_started(self, trainer: Trainer, state: TrainState) -> None:
+        from torch.utils.tensorboard import SummaryWriter
+
+        # purge_step drops events a longer earlier run logged past the resumed point.
+        self.writer = SummaryWriter(str(self.log_dir), purge_step=state.global_step if state.start_epoch else None)
+        self.writer.add_text("project", "```json\n" + json.dumps(trainer.cfg.to_dict(), indent=2) + "\n```", 0)
+
+    def on_batch_finished(self, trainer: Trainer, state: TrainState, loss: float) -> None:
+        self.writer.add_scalar("batch/loss", loss, state.global_step)
+
+    def on_epoch_finished(self, trainer: Trainer, state: TrainState, metrics: dict[str, Any]) -> None:
+        for key, tag in (("train_loss", "loss/train"), ("val_loss", "loss/val"), ("train_accuracy", "accuracy/train"),
+                         ("val_accuracy", "accuracy/val"), ("lr", "lr"), ("samples_per_second", "speed/samples_per_s")):
+            value = metrics.get(key)
+            if value is not None and math.isfinite(value):
+                self.writer.add_scalar(tag, value, state.epoch)
+        self.writer.flush()
+
+    def on_run_finished(self, trainer: Trainer, state: TrainState) -> None:
+        if self.writer is None:
+            return
+        if state.history:
+            from torch.utils.tensorboard.summary import hparams
+
+            last = state.history[-1]
+            final = {f"hparam/{k}": last[k] for k in ("train_loss", "val_loss", "val_accuracy")
+                     if last.get(k) is not None and math.isfinite(last[k])}
+            # Written into this run's own event file (add_hparams would start a separate run folder).
+            for event in hparams(hyperparameters(trainer.cfg), final):
+                self.writer.file_writer.add_summary(event)
+            for tag, value in final.items():
+                self.writer.add_scalar(tag, value, state.epoch)
+        self.writer.close()
+        self.writer = None
+
+
+def hyperparameters(cfg: ProjectConfig) -> dict[str, Any]:
+    """The settings worth comparing across runs, flattened for TensorBoard's HParams view."""
+    return {
+        "backbone": cfg.model.backbone, "weights": str(cfg.model.weights or cfg.model.weights_file or "none"),
+        "freeze": cfg.model.freeze, "batch_size": cfg.loader.batch_size, "sampler": cfg.loader.sampler.name,
+        "loss": cfg.loss.name, "label_smoothing": cfg.loss.label_smoothing, "optimizer": cfg.optimizer.name,
+        "lr": cfg.optimizer.lr, "weight_decay": cfg.optimizer.weight_decay,
+        "backbone_lr_mult": cfg.optimizer.backbone_lr_mult, "schedule": cfg.schedule.name,
+        "epochs": cfg.train.epochs, "seed": cfg.train.seed, "precision": cfg.train.precision,
+    }
+
+
+def run_callbacks(cfg: ProjectConfig, run_dir: Path) -> list[Callback]:
+    """The callbacks that write a run folder, as the CLI and the app both use them."""
+    callbacks: list[Callback] = [RunRecorder(run_dir)]
+    if cfg.output.tensorboard:
+        callbacks.append(TensorBoardLogger(run_dir))
+    return callbacks
+
+
+def resume_run_dir(checkpoint: Path, out: str | os.PathLike | None) -> Path:
+    """Where a resumed run writes: --out, else the run folder the checkpoint lives in."""
+    if out is not None:
+        run_dir = Path(out).expanduser().resolve()
+    else:
+        parent = Path(checkpoint).resolve().parent
+        run_dir = parent.parent if parent.name == "checkpoints" else parent
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError([f"run folder {str(run_dir)!r} cannot be created: {exc.strerror or exc}"]) from None
+    return run_dir
 
 
 def checkpoint_payload(trainer: Trainer, state: TrainState, metrics: dict[str, Any]) -> dict[str, Any]:
@@ -105,8 +239,8 @@ def checkpoint_payload(trainer: Trainer, state: TrainState, metrics: dict[str, A
         "global_step": state.global_step,
         "model_state_dict": {k: v.detach().cpu() for k, v in p.model.state_dict().items()},
         "optimizer_state_dict": p.optimizer.state_dict(),
-        "scheduler_state_dict": p.schedule.state_dict(),
         "loss": metrics.get("train_loss"),
+        **trainer.training_state(),
         "metrics": {k: _json_value(v) for k, v in metrics.items()},
         "history": [{k: _json_value(v) for k, v in m.items()} for m in state.history],
         "config": project_as_run(trainer.cfg).to_dict(),

@@ -19,8 +19,9 @@ from engine.data import PreparedData, prepare_data
 from engine.freezing import (FreezeSummary, apply_freeze, frozen_batchnorm_modules, param_groups,
                              set_frozen_batchnorm_eval)
 from engine.losses import TaskLoss
+from engine.monitor import MetricTracker
 from engine.optim import Schedule, build_optimizer
-from engine.samplers import build_loader
+from engine.samplers import build_loader, distributed_world
 
 
 class NonFiniteLossError(RuntimeError):
@@ -61,6 +62,10 @@ class TrainState:
     error: BaseException | None = None
     history: list[dict[str, Any]] = field(default_factory=list)
     device: str = "cpu"
+    start_epoch: int = 0  # the epoch a resumed run continued after (0 for a fresh run)
+    best_epoch: int | None = None  # by checkpoint.monitor
+    stopped_early: bool = False  # early stopping ended the run (status is still "completed")
+    restored_best_epoch: int | None = None  # early stopping put back this epoch's weights at the end
 
 
 class Callback:
@@ -93,6 +98,10 @@ class RunParts:
 
 def build_run(cfg: ProjectConfig, *, log=lambda message: None, progress=None) -> RunParts:
     """Data, model, freezing, loss, optimizer, schedule and loaders for a project, on its device."""
+    if distributed_world() is not None:
+        raise ConfigError(["this process was started by torchrun with WORLD_SIZE > 1, but multi-process "
+                           "(DistributedDataParallel) training is not in this version: each process would train "
+                           "its own model on part of the data. Run `python main.py train` without torchrun"])
     device = pick_device(cfg.train.device)
     seed_everything(cfg.train.seed)
     pre = preprocess_for(cfg.model, cfg.data)
@@ -103,14 +112,17 @@ def build_run(cfg: ProjectConfig, *, log=lambda message: None, progress=None) ->
     if built.report is not None and (built.report.missing or built.report.unexpected or built.report.mismatched):
         log(built.report.summary())
     model = built.model
+    freeze = apply_freeze(model, cfg.model, built.head_name, freeze_backbone=cfg.optimizer.backbone_lr_mult == 0)
     try:
-        freeze = apply_freeze(model, cfg.model, built.head_name)
         loss_fn = TaskLoss(cfg.loss, data.task, data.num_outputs, data.train_counts)
-    except ValueError as exc:  # module names and class counts are only known once model and data exist
+    except ValueError as exc:  # the class count is only known once the data is scanned
         raise ConfigError([str(exc)]) from None
     if freeze.trainable == 0:
-        raise ConfigError(["model: every parameter is frozen, so there is nothing to train; "
-                           "unfreeze at least the head (model.freeze = 'head_only')"])
+        raise ConfigError(["model: every parameter is frozen"
+                           + (" (optimizer.backbone_lr_mult = 0 freezes the backbone)"
+                              if cfg.optimizer.backbone_lr_mult == 0 else "")
+                           + ", so there is nothing to train; keep at least the head trainable "
+                           "(model.freeze = 'head_only')"])
     frozen_bn = [] if cfg.model.train_frozen_batchnorm else frozen_batchnorm_modules(model)
     log(f"Parameters: {freeze.total:,} in all, {freeze.trainable:,} trainable, {freeze.frozen:,} frozen")
     model.to(device)
@@ -136,12 +148,18 @@ class Trainer:
     """Runs a project's epochs; stop() ends the run within one batch."""
 
     def __init__(self, cfg: ProjectConfig, callbacks: Iterable[Callback] = (),
-                 stop_event: threading.Event | None = None):
+                 stop_event: threading.Event | None = None, resume: dict[str, Any] | None = None):
+        """resume: a checkpoint (as loaded by engine.checkpoints.load_checkpoint) to continue exactly."""
         self.cfg = cfg
         self.callbacks = list(callbacks)
         self.stop_event = stop_event or threading.Event()
         self.state = TrainState(epochs=cfg.train.epochs)
         self.parts: RunParts | None = None
+        self.resume = resume
+        self.best = MetricTracker(cfg.checkpoint.monitor, cfg.checkpoint.mode)
+        es = cfg.early_stopping
+        self.early = MetricTracker(es.monitor, es.mode, es.min_delta) if es.enabled else None
+        self._best_weights: dict[str, torch.Tensor] | None = None
 
     def stop(self) -> None:
         self.stop_event.set()
@@ -162,18 +180,29 @@ class Trainer:
                 self.parts = build_run(self.cfg, log=self.log)
             state.device = str(self.parts.device)
             state.batches_per_epoch = len(self.parts.train_loader)
+            if self.resume is not None:
+                self._restore(self.resume)
+            self._first_step = state.global_step
             if self.cfg.train.deterministic:
                 torch.use_deterministic_algorithms(True, warn_only=True)
             self._fire("on_run_started", state)
-            while state.epoch < state.epochs and not self.stop_event.is_set():
+            while state.epoch < state.epochs and not self.stop_event.is_set() and not state.stopped_early:
                 state.epoch += 1
                 metrics = self._run_epoch()
                 if metrics is None:
                     state.epoch -= 1  # an epoch cut short by stop() did not finish
                     break
                 state.history.append(metrics)
+                self._after_epoch(metrics)
                 self._fire("on_epoch_finished", state, metrics)
-            state.status = "stopped" if self.stop_event.is_set() and state.epoch < state.epochs else "completed"
+            finished = state.epoch >= state.epochs or state.stopped_early
+            state.status = "stopped" if self.stop_event.is_set() and not finished else "completed"
+            if state.status == "completed" and self._best_weights is not None and \
+                    self.cfg.early_stopping.restore_best and self.early.best_epoch != state.epoch:
+                self.parts.model.load_state_dict(self._best_weights)
+                state.restored_best_epoch = self.early.best_epoch
+                self.log(f"Restored the weights of epoch {self.early.best_epoch}, the best by "
+                         f"{self.early.monitor} ({self.early.best:.4g})")
         except BaseException as exc:
             state.status = "failed"
             state.error = exc
@@ -184,6 +213,115 @@ class Trainer:
                 torch.use_deterministic_algorithms(False)
         self._fire("on_run_finished", state)
         return state
+
+    def _after_epoch(self, metrics: dict[str, Any]) -> None:
+        state = self.state
+        metrics["best"] = self.best.update(metrics)
+        state.best_epoch = self.best.best_epoch
+        if self.early is None:
+            return
+        if self.early.update(metrics) and self.cfg.early_stopping.restore_best:
+            self._best_weights = {k: v.detach().clone() for k, v in self.parts.model.state_dict().items()}
+        if self.early.epochs_without_improvement >= self.cfg.early_stopping.patience and state.epoch < state.epochs:
+            state.stopped_early = True
+            self.log(f"Early stopping after epoch {state.epoch}: {self.early.monitor} has not improved for "
+                     f"{self.early.epochs_without_improvement} epochs (best {self.early.best:.4g} "
+                     f"at epoch {self.early.best_epoch})")
+
+    def training_state(self) -> dict[str, Any]:
+        """Everything beyond model and optimizer that an exact resume needs; plain values and tensors only."""
+        p = self.parts
+        np_state = np.random.get_state()
+        py_state = random.getstate()
+        return {
+            "scheduler_state_dict": p.schedule.state_dict(),
+            "scaler_state_dict": self._scaler.state_dict() if self._scaler is not None else None,
+            "rng_state": {
+                "torch": torch.get_rng_state(),
+                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+                "numpy": {"name": np_state[0], "keys": torch.from_numpy(np_state[1].astype(np.int64)),
+                          "pos": int(np_state[2]), "has_gauss": int(np_state[3]),
+                          "cached_gaussian": float(np_state[4])},
+                "python": {"version": py_state[0], "state": list(py_state[1]), "gauss_next": py_state[2]},
+                "loader": p.train_loader.generator.get_state(),
+            },
+            "monitors": {"best": self.best.state_dict(),
+                         "early_stopping": self.early.state_dict() if self.early else None},
+            "best_weights": self._best_weights,
+        }
+
+    def _restore(self, ckpt: dict[str, Any]) -> None:
+        """Put model, optimizer, schedule, RNGs and history back as they were when ckpt was written."""
+        from engine.checkpoints import CheckpointError
+
+        p, state = self.parts, self.state
+        saved_classes = list(ckpt.get("class_names", []))
+        if saved_classes != list(p.data.class_names):
+            gone = [c for c in saved_classes if c not in p.data.class_names]
+            new = [c for c in p.data.class_names if c not in saved_classes]
+            raise CheckpointError(
+                "cannot resume: the dataset's classes changed since the checkpoint"
+                + (f"; missing now: {', '.join(gone)}" if gone else "")
+                + (f"; new: {', '.join(new)}" if new else "")
+                + ("" if gone or new else "; same names in another order")
+                + ". Start a new run from its weights instead (train --init-from)")
+        if ckpt.get("backbone") not in (None, self.cfg.model.backbone):
+            raise CheckpointError(f"cannot resume: the checkpoint is a {ckpt['backbone']}, the project builds a "
+                                  f"{self.cfg.model.backbone}")
+        try:
+            p.model.load_state_dict(ckpt["model_state_dict"])
+        except RuntimeError as exc:
+            raise CheckpointError("cannot resume: the model's architecture differs from the checkpoint's: "
+                                  + " ".join(str(exc).split())[:400]) from None
+        p.optimizer.load_state_dict(ckpt["optimizer_state_dict"])
+        try:
+            p.schedule.load_state_dict(ckpt.get("scheduler_state_dict") or {}, epochs=state.epochs)
+        except ValueError as exc:
+            raise ConfigError([str(exc)]) from None
+        if self._scaler is not None and ckpt.get("scaler_state_dict"):
+            self._scaler.load_state_dict(ckpt["scaler_state_dict"])
+        monitors = ckpt.get("monitors") or {}
+        if monitors.get("best"):
+            self.best.load_state_dict(monitors["best"])
+        if self.early is not None and monitors.get("early_stopping"):
+            self.early.load_state_dict(monitors["early_stopping"])
+        self._best_weights = ckpt.get("best_weights")
+        rng = ckpt.get("rng_state") or {}
+        if "torch" in rng:
+            torch.set_rng_state(rng["torch"])
+        if rng.get("cuda") and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(rng["cuda"])
+        if "numpy" in rng:
+            n = rng["numpy"]
+            np.random.set_state((n["name"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
+                                 n["cached_gaussian"]))
+        if "python" in rng:
+            py = rng["python"]
+            random.setstate((py["version"], tuple(py["state"]), py["gauss_next"]))
+        if "loader" in rng:
+            p.train_loader.generator.set_state(rng["loader"])
+        state.epoch = state.start_epoch = int(ckpt["epoch"])
+        state.global_step = int(ckpt.get("global_step", 0))
+        state.history = [dict(m) for m in ckpt.get("history", [])]
+        state.best_epoch = self.best.best_epoch
+        self.log(f"Resumed after epoch {state.epoch} (step {state.global_step}); training to epoch {state.epochs}")
+
+    @contextlib.contextmanager
+    def _first_batch_guard(self, inputs: torch.Tensor):
+        """A model that cannot take the project's inputs fails on its first batch: say which setting to change."""
+        if self.state.global_step != self._first_step:
+            yield
+            return
+        try:
+            yield
+        except (RuntimeError, ValueError, AssertionError, IndexError) as exc:
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            shape = "x".join(str(d) for d in inputs.shape)
+            hint = ("loader.batch_size >= 2 (BatchNorm needs more than one sample per batch)"
+                    if "more than 1 value per channel" in first else
+                    "data.image_size, data.keep_aspect or the backbone")
+            raise ConfigError([f"{self.cfg.model.backbone} cannot train on batches of shape {shape} ({first}); "
+                               f"change {hint}"]) from exc
 
     def _autocast(self):
         precision = self.cfg.train.precision
@@ -213,7 +351,7 @@ class Trainer:
             inputs = batch[0].to(p.device, non_blocking=True)
             targets = batch[1].to(p.device, non_blocking=True)
             p.optimizer.zero_grad(set_to_none=True)
-            with self._autocast():
+            with self._autocast(), self._first_batch_guard(inputs):
                 outputs = p.model(inputs)
                 loss = p.loss_fn(outputs, targets)
             loss_value = loss.item()
@@ -239,7 +377,7 @@ class Trainer:
             seen += n
             total_loss += loss_value * n
             if p.data.task != "regression":
-                correct += _correct(outputs.detach(), targets, p.data.task)
+                correct += _correct(outputs.detach(), targets, p.data.task, p.loss_fn.threshold)
             self._fire("on_batch_finished", state, loss_value)
         train_seconds = time.perf_counter() - started
         if seen == 0:
@@ -293,14 +431,14 @@ class Trainer:
                 total += loss.item() * n
                 seen += n
                 if p.data.task != "regression":
-                    correct += _correct(outputs, targets, p.data.task)
+                    correct += _correct(outputs, targets, p.data.task, p.loss_fn.threshold)
         if seen == 0:
             return None
         return total / seen, (correct.item() / seen if p.data.task != "regression" else None)
 
 
-def _correct(outputs: torch.Tensor, targets: torch.Tensor, task: str) -> torch.Tensor:
+def _correct(outputs: torch.Tensor, targets: torch.Tensor, task: str, threshold: float) -> torch.Tensor:
     """Correct predictions in a batch: top-1 for classes, the mean of per-label hits for multi-label."""
     if task == "classification":
         return (outputs.argmax(dim=1) == targets).sum()
-    return ((outputs > 0) == (targets > 0.5)).float().mean(dim=1).sum()
+    return ((outputs > threshold) == (targets > 0.5)).float().mean(dim=1).sum()

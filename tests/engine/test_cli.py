@@ -94,6 +94,7 @@ def test_a_dataset_with_one_class_is_bad_input(tmp_path, image_folder):
     shutil.rmtree(image_folder / "blue")
     result = run_cli("train", str(write_project(tmp_path / "p.json", "images")))
     assert result.returncode == 2 and "2 classes" in result.stderr and "Traceback" not in result.stderr
+    assert not any((tmp_path / "runs").iterdir())  # no empty run folder left behind
 
 
 def test_divergence_exits_1_with_the_epoch_and_batch(tmp_path, image_folder):

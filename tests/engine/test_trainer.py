@@ -224,3 +224,41 @@ def test_padding_collate_with_keep_aspect_trains(tmp_path):
     cfg = load_project(write_project(tmp_path / "p.json", "d", data={"keep_aspect": True},
                                      loader={"collate": "pad", "batch_size": 4}))
     assert Trainer(cfg).run().status == "completed"
+
+
+def test_backbone_lr_multiplier_zero_freezes_the_backbone_and_its_batchnorm(tiny_project):
+    cfg = load_project(tiny_project)
+    cfg.optimizer.backbone_lr_mult = 0.0
+    t = Trainer(cfg)
+    t.parts = build_run(cfg)
+    before = _weights(t)
+    t.run()
+    head = t.parts.head_name
+    for key, value in _weights(t).items():
+        assert torch.equal(before[key], value) != key.startswith(head + "."), key
+
+
+def test_a_model_that_cannot_take_the_input_is_a_config_error(tiny_project):
+    cfg = load_project(tiny_project)
+    cfg.loader.batch_size = 1  # BatchNorm cannot normalise a single 1x1 feature map
+    with pytest.raises(ConfigError, match="batch_size >= 2"):
+        Trainer(cfg).run()
+
+
+def test_torchrun_is_refused_until_ddp_lands(tiny_project, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(ConfigError, match="torchrun"):
+        build_run(load_project(tiny_project))
+
+
+def test_multilabel_accuracy_with_regression_losses_thresholds_at_half(tmp_path):
+    from engine.losses import TaskLoss
+    from engine.config import LossConfig
+    from engine.trainer import _correct
+
+    out = torch.tensor([[0.1, 0.9], [0.8, 0.2]])
+    tgt = torch.tensor([[0.0, 1.0], [1.0, 0.0]])
+    for name in ("mse", "l1", "smooth_l1"):
+        threshold = TaskLoss(LossConfig(name=name), "multilabel", 2).threshold
+        assert _correct(out, tgt, "multilabel", threshold).item() == 2.0
+    assert TaskLoss(LossConfig(name="bce_with_logits"), "multilabel", 2).threshold == 0.0

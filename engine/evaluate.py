@@ -1,0 +1,232 @@
+"""Evaluation of a trained model: accuracy, per-class metrics, confusion matrix and the hardest samples."""
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, Dataset, SequentialSampler
+
+from engine.checkpoints import load_checkpoint, restore_model
+from engine.collate import get_collate
+from engine.data import ArrayDataset, DataError, ImageFileDataset, subset_dataset, prepare_data, scan_source
+from engine.transforms import build_transforms
+from engine.trainer import pick_device
+
+Progress = Optional[Callable[[int, int], None]]
+LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+@dataclass
+class Evaluation:
+    """The results of one evaluation, as plain values (lists, floats, str): safe across threads and into JSON."""
+
+    task: str
+    class_names: list[str]
+    samples: int
+    loss: float | None  # mean per-sample loss: cross-entropy, BCE-with-logits (mean over labels) or MSE
+    accuracy: float | None  # classification: top-1; multilabel: mean per-label accuracy; regression: None
+    top5_accuracy: float | None  # only with at least 5 classes
+    per_class: list[dict]  # {"class", "precision", "recall", "f1", "support"}; per label for multilabel
+    macro_f1: float | None  # mean F1 over the classes that occur in the truth or the predictions
+    confusion: list[list[int]]  # rows = true class, columns = predicted; [] unless classification
+    hardest: list[dict]  # highest loss first: {"index", "path", "true", "predicted", "confidence", "loss"}
+    data: str = ""  # which data was evaluated
+    mae: float | None = None  # regression only
+    rmse: float | None = None  # regression only
+    skipped: list[dict] = field(default_factory=list)  # {"path", "reason"}: samples the scan left out
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready: non-finite floats become null, since JSON has no NaN or Infinity."""
+        return _finite(dataclasses.asdict(self))
+
+
+def _finite(value: Any) -> Any:
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_finite(v) for v in value]
+    return value
+
+
+def per_sample_loss(task: str) -> LossFn:
+    """The unreduced loss used to rank samples: one value per sample."""
+    if task == "classification":
+        return lambda out, tgt: F.cross_entropy(out, tgt, reduction="none")
+    if task == "multilabel":
+        return lambda out, tgt: F.binary_cross_entropy_with_logits(
+            out, tgt.to(out.dtype), reduction="none").mean(dim=1)
+    return lambda out, tgt: F.mse_loss(out, tgt.to(out.dtype).reshape(out.shape), reduction="none").reshape(
+        out.shape[0], -1).mean(dim=1)
+
+
+def _ratio(num: float, den: float) -> float:
+    # Undefined precision/recall (nothing predicted, nothing true) count as 0, never NaN.
+    return float(num / den) if den > 0 else 0.0
+
+
+def _per_class(names: Sequence[str], tp: np.ndarray, fp: np.ndarray, fn: np.ndarray) -> tuple[list[dict], float | None]:
+    rows, f1s = [], []
+    for i, name in enumerate(names):
+        precision = _ratio(tp[i], tp[i] + fp[i])
+        recall = _ratio(tp[i], tp[i] + fn[i])
+        f1 = _ratio(2 * precision * recall, precision + recall)
+        rows.append({"class": name, "precision": precision, "recall": recall, "f1": f1,
+                     "support": int(tp[i] + fn[i])})
+        # A class absent from both truth and predictions says nothing about the model (e.g. a separate
+        # test folder holding only some classes), so it is left out of the macro average as scikit-learn does.
+        if tp[i] + fp[i] + fn[i] > 0:
+            f1s.append(f1)
+    return rows, (float(np.mean(f1s)) if f1s else None)
+
+
+def evaluate_model(model: torch.nn.Module, loader: DataLoader, *, task: str, class_names: Sequence[str],
+                   sample_names: Sequence[str], device: str | torch.device = "cpu", top_n: int = 20,
+                   loss_fn: LossFn | None = None, stop_event: threading.Event | None = None,
+                   progress: Progress = None) -> Evaluation | None:
+    """Run a model over a loader once and compute every metric; None if stop_event is set midway.
+
+    The loader must serve the samples in order (no shuffling): sample_names[i] names the i-th sample it
+    yields. Batches may be (inputs, targets) or the pad collate's (inputs, targets, sizes).
+    loss_fn(outputs, targets) must return one loss per sample; the default suits the task.
+    """
+    device = torch.device(device)
+    loss_fn = loss_fn or per_sample_loss(task)
+    names = list(class_names)
+    k = len(names)
+    model.to(device).eval()
+    outputs_all: list[torch.Tensor] = []
+    targets_all: list[torch.Tensor] = []
+    losses_all: list[torch.Tensor] = []
+    total = len(loader)
+    with torch.inference_mode():
+        for done, batch in enumerate(loader, start=1):
+            if stop_event is not None and stop_event.is_set():
+                return None
+            inputs = batch[0].to(device, non_blocking=True)
+            targets = batch[1].to(device, non_blocking=True)
+            outputs = model(inputs).float()
+            # Kept on the CPU, one row per sample: small next to the images, and frees the device.
+            losses_all.append(loss_fn(outputs, targets).float().reshape(-1).cpu())
+            outputs_all.append(outputs.cpu())
+            targets_all.append(targets.cpu())
+            if progress is not None:
+                progress(done, total)
+    n = sum(len(t) for t in targets_all)
+    if len(sample_names) != n:
+        raise ValueError(f"{len(sample_names)} sample names for {n} evaluated samples")
+    if n == 0:
+        return Evaluation(task=task, class_names=names, samples=0, loss=None, accuracy=None, top5_accuracy=None,
+                          per_class=[], macro_f1=None, confusion=[], hardest=[])
+    out = torch.cat(outputs_all)
+    tgt = torch.cat(targets_all)
+    losses = torch.cat(losses_all).numpy().astype(np.float64)
+    order = np.argsort(-losses, kind="stable")[:max(0, top_n)]  # ties keep dataset order
+
+    if task == "classification":
+        probs = torch.softmax(out, dim=1)
+        confidence, predicted = probs.max(dim=1)
+        t, p = tgt.numpy().astype(np.int64), predicted.numpy().astype(np.int64)
+        confusion = np.bincount(t * k + p, minlength=k * k).reshape(k, k)
+        tp = np.diag(confusion)
+        per_class, macro_f1 = _per_class(names, tp, confusion.sum(axis=0) - tp, confusion.sum(axis=1) - tp)
+        top5 = None
+        if k >= 5:
+            top5 = float((out.topk(5, dim=1).indices == tgt[:, None]).any(dim=1).double().mean())
+        hardest = [{"index": int(i), "path": sample_names[i], "true": names[t[i]], "predicted": names[p[i]],
+                    "confidence": float(confidence[i]), "loss": float(losses[i])} for i in order]
+        return Evaluation(task=task, class_names=names, samples=n, loss=float(losses.mean()),
+                          accuracy=float((t == p).mean()), top5_accuracy=top5, per_class=per_class,
+                          macro_f1=macro_f1, confusion=confusion.tolist(), hardest=hardest)
+
+    if task == "multilabel":
+        probs = torch.sigmoid(out).numpy().astype(np.float64)
+        pred = out.numpy() > 0
+        true = tgt.numpy() > 0.5
+        tp = (pred & true).sum(axis=0)
+        per_class, macro_f1 = _per_class(names, tp, (pred & ~true).sum(axis=0), (~pred & true).sum(axis=0))
+        # Confidence of a multi-label prediction: the mean probability the model gives its own yes/no per label.
+        confidence = np.where(pred, probs, 1.0 - probs).mean(axis=1)
+        hardest = [{"index": int(i), "path": sample_names[i],
+                    "true": [names[j] for j in np.flatnonzero(true[i])],
+                    "predicted": [names[j] for j in np.flatnonzero(pred[i])],
+                    "confidence": float(confidence[i]), "loss": float(losses[i])} for i in order]
+        return Evaluation(task=task, class_names=names, samples=n, loss=float(losses.mean()),
+                          accuracy=float((pred == true).mean()), top5_accuracy=None, per_class=per_class,
+                          macro_f1=macro_f1, confusion=[], hardest=hardest)
+
+    values = out.numpy().astype(np.float64).reshape(n, -1)
+    truth = tgt.numpy().astype(np.float64).reshape(n, -1)
+    err = values - truth
+    hardest = [{"index": int(i), "path": sample_names[i], "true": truth[i].tolist(), "predicted": values[i].tolist(),
+                "confidence": None, "loss": float(losses[i])} for i in order]
+    return Evaluation(task=task, class_names=names, samples=n, loss=float(losses.mean()), accuracy=None,
+                      top5_accuracy=None, per_class=[], macro_f1=None, confusion=[], hardest=hardest,
+                      mae=float(np.abs(err).mean()), rmse=float(np.sqrt((err ** 2).mean())))
+
+
+def sample_names(dataset: Dataset) -> list[str]:
+    """A name per sample a person can find again: the image path, or 'row i' of an .npz's kept images."""
+    if isinstance(dataset, ImageFileDataset):
+        return [str(f) for f in dataset.files]
+    if isinstance(dataset, ArrayDataset):
+        rows = dataset.rows if dataset.rows is not None else range(len(dataset))
+        return [f"row {r}" for r in rows]
+    return [f"sample {i}" for i in range(len(dataset))]
+
+
+def evaluate_checkpoint(checkpoint: str | os.PathLike | dict, *, data: str | os.PathLike | None = None,
+                        batch_size: int = 64, top_n: int = 20, device: str = "auto", progress: Progress = None,
+                        stop_event: threading.Event | None = None) -> Evaluation | None:
+    """Evaluate a checkpoint on its own validation data (data=None) or on a folder / CSV / .npz.
+
+    With data=None the validation split is rebuilt from the checkpoint's config exactly as training made
+    it (same split seed and fraction, or its val_path). Samples of a given source whose label is not one
+    of the checkpoint's classes are skipped and listed in Evaluation.skipped.
+    """
+    ckpt = checkpoint if isinstance(checkpoint, dict) else load_checkpoint(checkpoint)
+    model, cfg, class_names, pre = restore_model(ckpt)
+    task = ckpt.get("task") or cfg.data.task
+    eval_tf = build_transforms(pre, cfg.data.augment, train=False, keep_aspect=cfg.data.keep_aspect)
+
+    if data is None:
+        prepared = prepare_data(cfg, pre)
+        if prepared.class_names != class_names:
+            raise DataError(f"{cfg.data.path}: the data now has the classes {prepared.class_names}, but the model "
+                            f"was trained on {class_names}; its validation split cannot be rebuilt "
+                            "(evaluate on a given folder with --data)")
+        if prepared.val is None or len(prepared.val) == 0:
+            raise DataError("the checkpoint's run had no validation set (data.val_fraction = 0 and no "
+                            "data.val_path); give the data to evaluate (--data)")
+        dataset = prepared.val
+        skipped = prepared.val_source.skipped if prepared.val_source is not None else []
+        where = (f"validation set {prepared.val_source.path}" if prepared.val_source is not None
+                 else f"validation split of {prepared.source.path}")
+    else:
+        source = scan_source(Path(data).expanduser().resolve(), task=task, class_names=class_names)
+        dataset = subset_dataset(source, range(len(source)), eval_tf)
+        skipped = source.skipped
+        where = str(source.path)
+    description = f"{where} ({len(dataset)} samples" + (f", {len(skipped)} skipped)" if skipped else ")")
+
+    dev = pick_device(device)
+    # A plain sequential loader rather than the training one: every sample exactly once, in order (also
+    # under torchrun), so sample_names line up with the outputs.
+    loader = DataLoader(dataset, batch_size=batch_size, sampler=SequentialSampler(dataset),
+                        num_workers=cfg.loader.num_workers, collate_fn=get_collate(cfg.loader.collate),
+                        pin_memory=dev.type == "cuda")
+    result = evaluate_model(model, loader, task=task, class_names=class_names, sample_names=sample_names(dataset),
+                            device=dev, top_n=top_n, stop_event=stop_event, progress=progress)
+    if result is not None:
+        result.data = description
+        result.skipped = [{"path": s.path, "reason": s.reason} for s in skipped]
+    return result

@@ -1,0 +1,237 @@
+"""Checkpoints that survive crashes, exact resume, early stopping, the NaN guard and TensorBoard files."""
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import write_image_folder, write_project
+from engine.checkpoints import FORMAT_VERSION, CheckpointError, atomic_torch_save, load_checkpoint
+from engine.config import from_dict, load_project
+from engine.runs import create_run_dir, read_metrics, run_callbacks
+from engine.trainer import NonFiniteLossError, Trainer
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def train(cfg, run_dir, resume=None):
+    trainer = Trainer(cfg, run_callbacks(cfg, run_dir), resume=resume)
+    trainer.run()
+    return trainer
+
+
+@pytest.fixture()
+def project(tmp_path, image_folder):
+    return write_project(tmp_path / "p.json", "images", data={"augment": {"horizontal_flip": True, "rotation": 5.0}},
+                         train={"epochs": 4, "device": "cpu", "seed": 3, "deterministic": True},
+                         schedule={"name": "cosine"}, optimizer={"name": "sgd", "lr": 0.02},
+                         output={"dir": "runs", "tensorboard": False})
+
+
+def test_an_interrupted_save_leaves_the_previous_checkpoint_whole(tmp_path, monkeypatch):
+    path = tmp_path / "last.pt"
+    atomic_torch_save({"epoch": 1, "w": torch.ones(3)}, path)
+
+    real_save = torch.save
+
+    def dies_halfway(obj, fh, *a, **k):
+        real_save(obj, fh, *a, **k)
+        fh.truncate(10)  # half a file on disk, then the process "dies"
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", dies_halfway)
+    with pytest.raises(OSError):
+        atomic_torch_save({"epoch": 2, "w": torch.zeros(3)}, path)
+    monkeypatch.undo()
+    assert load_checkpoint(path)["epoch"] == 1
+    assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]  # no temporary file left either
+
+
+def test_resume_continues_exactly_like_a_straight_run(project, tmp_path):
+    cfg = load_project(project)
+    cfg.checkpoint.keep_last = 0
+    straight = train(cfg, create_run_dir(cfg, tmp_path / "straight"))
+
+    # As if the run had been killed after epoch 2: continue from that checkpoint in another folder.
+    ckpt = load_checkpoint(tmp_path / "straight" / "checkpoints" / "epoch-002.pt")
+    (tmp_path / "split").mkdir()
+    resumed = train(from_dict(ckpt["config"]), tmp_path / "split", resume=ckpt)
+
+    a, b = straight.state.history, resumed.state.history
+    assert [m["epoch"] for m in b] == [1, 2, 3, 4]
+    for ma, mb in zip(a, b):
+        assert abs(ma["train_loss"] - mb["train_loss"]) <= 1e-6
+        assert abs(ma["val_loss"] - mb["val_loss"]) <= 1e-6
+        assert ma["lr"] == pytest.approx(mb["lr"], abs=1e-12)
+    wa, wb = straight.parts.model.state_dict(), resumed.parts.model.state_dict()
+    for key in wa:
+        assert torch.allclose(wa[key].float(), wb[key].float(), atol=1e-6, rtol=0), key
+    assert [m["epoch"] for m in read_metrics(tmp_path / "split")] == [1, 2, 3, 4]
+
+
+def test_checkpoint_policy_keeps_the_newest_epochs_and_the_best(project, tmp_path):
+    cfg = load_project(project)
+    cfg.checkpoint.keep_last = 2
+    trainer = train(cfg, create_run_dir(cfg, tmp_path / "run"))
+    files = sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir())
+    assert files == ["best.pt", "epoch-003.pt", "epoch-004.pt", "final.pt", "last.pt"]
+    best = load_checkpoint(tmp_path / "run" / "checkpoints" / "best.pt")
+    losses = [m["val_loss"] for m in trainer.state.history]
+    assert best["epoch"] == 1 + losses.index(min(losses))
+    last = load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")
+    assert last["epoch"] == 4
+    for key in ("epoch", "model_state_dict", "optimizer_state_dict", "loss", "scheduler_state_dict", "rng_state",
+                "global_step", "config", "class_names", "freeze", "history", "format_version"):
+        assert key in last, key
+
+
+def test_resume_refuses_when_the_classes_changed(project, tmp_path):
+    cfg = load_project(project)
+    cfg.train.epochs = 1
+    train(cfg, create_run_dir(cfg, tmp_path / "run"))
+    shutil.copytree(tmp_path / "images" / "red", tmp_path / "images" / "yellow")
+    ckpt = load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")
+    data = ckpt["config"]
+    data["train"]["epochs"] = 2
+    with pytest.raises(CheckpointError, match="new: yellow"):
+        train(from_dict(data), tmp_path / "run", resume=ckpt)
+
+
+class Payload:
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):  # unpickling this would create a file: proof that code ran
+        return (open, (self.path, "w"))
+
+
+def test_a_checkpoint_carrying_a_pickle_payload_is_refused(tmp_path):
+    marker = tmp_path / "pwned"
+    bad = tmp_path / "bad.pt"
+    torch.save({"epoch": 1, "model_state_dict": {}, "extra": Payload(str(marker))}, bad)
+    with pytest.raises(CheckpointError, match="refusing to load"):
+        load_checkpoint(bad)
+    assert not marker.exists()
+    result = subprocess.run([sys.executable, str(ROOT / "main.py"), "resume", str(bad)], capture_output=True,
+                            text=True, cwd=ROOT)
+    assert result.returncode == 2 and "refusing to load" in result.stderr and not marker.exists()
+
+
+def test_truncated_and_newer_checkpoints_are_refused(tmp_path):
+    good = tmp_path / "c.pt"
+    atomic_torch_save({"epoch": 1, "w": torch.ones(1000)}, good)
+    cut = tmp_path / "cut.pt"
+    cut.write_bytes(good.read_bytes()[:300])
+    with pytest.raises(CheckpointError, match="damaged"):
+        load_checkpoint(cut)
+    newer = tmp_path / "new.pt"
+    atomic_torch_save({"epoch": 1, "format_version": FORMAT_VERSION + 1}, newer)
+    with pytest.raises(CheckpointError, match="newer"):
+        load_checkpoint(newer)
+
+
+def test_early_stopping_stops_at_the_expected_epoch_and_restores_the_best(project, tmp_path, monkeypatch):
+    curve = iter([1.0, 0.7, 0.75, 0.72, 0.9, 0.5, 0.4, 0.3])  # best at epoch 2, then 2 epochs without gain
+    monkeypatch.setattr(Trainer, "evaluate_loss", lambda self: (next(curve), 0.5))
+    cfg = load_project(project)
+    cfg.train.epochs = 8
+    cfg.early_stopping.enabled = True
+    cfg.early_stopping.patience = 2
+    cfg.early_stopping.min_delta = 0.01
+    cfg.early_stopping.restore_best = True
+    trainer = train(cfg, create_run_dir(cfg, tmp_path / "run"))
+    state = trainer.state
+    assert state.status == "completed" and state.stopped_early and state.epoch == 4
+    assert state.restored_best_epoch == 2
+    final = load_checkpoint(tmp_path / "run" / "checkpoints" / "final.pt")
+    best = load_checkpoint(tmp_path / "run" / "checkpoints" / "best.pt")
+    assert final["epoch"] == best["epoch"] == 2
+    for key, value in trainer.parts.model.state_dict().items():
+        assert torch.equal(value, best["model_state_dict"][key]), key
+
+
+def test_a_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(project, tmp_path, monkeypatch):
+    cfg = load_project(project)
+    run_dir = create_run_dir(cfg, tmp_path / "run")
+    trainer = Trainer(cfg, run_callbacks(cfg, run_dir))
+    real = None
+
+    def poisoned(outputs, targets):
+        loss = real(outputs, targets)
+        if trainer.state.epoch == 2 and trainer.state.batch == 2:
+            return loss * float("nan")
+        return loss
+
+    from engine import trainer as trainer_module
+
+    build = trainer_module.build_run
+
+    def build_and_poison(*a, **k):
+        nonlocal real
+        parts = build(*a, **k)
+        real = parts.loss_fn
+        poisoned.threshold = real.threshold
+        parts.loss_fn = poisoned
+        return parts
+
+    monkeypatch.setattr(trainer_module, "build_run", build_and_poison)
+    with pytest.raises(NonFiniteLossError, match="epoch 2, batch 2"):
+        trainer.run()
+    last = load_checkpoint(run_dir / "checkpoints" / "last.pt")
+    assert last["epoch"] == 1 and not (run_dir / "checkpoints" / "final.pt").exists()
+    assert [m["epoch"] for m in read_metrics(run_dir)] == [1]
+
+
+def test_tensorboard_files_hold_the_logged_scalars(project, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    cfg = load_project(project)
+    cfg.train.epochs = 2
+    cfg.output.tensorboard = True
+    trainer = train(cfg, create_run_dir(cfg, tmp_path / "run"))
+    events = EventAccumulator(str(tmp_path / "run" / "tensorboard"))
+    events.Reload()
+    tags = events.Tags()["scalars"]
+    for tag in ("loss/train", "loss/val", "accuracy/val", "lr", "batch/loss"):
+        assert tag in tags, tag
+    logged = [e.value for e in events.Scalars("loss/train")]
+    assert logged == pytest.approx([m["train_loss"] for m in trainer.state.history], rel=1e-6)
+    assert [e.step for e in events.Scalars("loss/val")] == [1, 2]
+
+
+def test_cli_resume_evaluate_and_export(project, tmp_path):
+    def cli(*args):
+        return subprocess.run([sys.executable, str(ROOT / "main.py"), *args], capture_output=True, text=True,
+                              cwd=ROOT, timeout=600)
+
+    run = tmp_path / "run"
+    assert cli("train", str(project), "--epochs", "1", "--out", str(run)).returncode == 0
+    last = run / "checkpoints" / "last.pt"
+    result = cli("resume", str(last), "--epochs", "1")
+    assert result.returncode == 2 and "already trained 1" in result.stderr
+    result = cli("resume", str(last), "--epochs", "2")
+    assert result.returncode == 0, result.stderr
+    assert [m["epoch"] for m in read_metrics(run)] == [1, 2]
+
+    result = cli("evaluate", str(run / "checkpoints" / "final.pt"), "--json", str(tmp_path / "ev.json"))
+    assert result.returncode == 0, result.stderr
+    assert "precision" in result.stdout and "confusion" in result.stdout
+    report = json.loads((tmp_path / "ev.json").read_text())
+    assert report["accuracy"] == pytest.approx(load_checkpoint(run / "checkpoints" / "final.pt")["metrics"]
+                                               ["val_accuracy"])
+
+    out = tmp_path / "model.onnx"
+    result = cli("export", str(run / "checkpoints" / "final.pt"), "--format", "onnx", "--out", str(out))
+    assert result.returncode == 0, result.stderr
+    assert out.is_file() and "max |difference|" in result.stdout
+    result = cli("export", str(run / "checkpoints" / "final.pt"), "--format", "onnx", "--out", str(out))
+    assert result.returncode == 2 and "--force" in result.stderr
+
+    result = cli("train", str(project), "--epochs", "1", "--out", str(tmp_path / "ft"),
+                 "--init-from", str(run / "checkpoints" / "final.pt"))
+    assert result.returncode == 0, result.stderr
+    assert "120 of 122" not in result.stderr and "file final.pt" in result.stderr
