@@ -179,10 +179,16 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         from engine.config import ConfigError
 
         raise ConfigError([f"--top = {args.top}: must be 0 or more"])
+    if args.json and not Path(args.json).resolve().parent.is_dir():
+        from engine.config import ConfigError
+
+        raise ConfigError([f"--json {args.json!r}: folder {str(Path(args.json).resolve().parent)!r} does not exist"])
     ev = evaluate_checkpoint(args.checkpoint, data=args.data, top_n=args.top, device=args.device)
     print(f"Evaluated {ev.data}")
     if ev.loss is not None:
-        print(f"loss {ev.loss:.4f}")
+        plain = {"classification": "cross-entropy", "multilabel": "binary cross-entropy", "regression": "MSE"}
+        print(f"loss {ev.loss:.4f} (plain {plain.get(ev.task, 'loss')}: no label smoothing or class weights, "
+              "so it can be lower than the run's val_loss)")
     if ev.accuracy is not None:
         print(f"accuracy {ev.accuracy:.4f}" + (f"   top-5 {ev.top5_accuracy:.4f}" if ev.top5_accuracy is not None
                                                 else "") + (f"   macro F1 {ev.macro_f1:.4f}" if ev.macro_f1 else ""))
@@ -200,16 +206,14 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         for name, row in zip(names, ev.confusion):
             print(f"{name:>6s}  " + " ".join(f"{v:6d}" for v in row))
     if ev.hardest:
-        print(f"\nhighest-loss samples (top {len(ev.hardest)}):")
-        for h in ev.hardest[:10]:
+        shown = ev.hardest[:10]
+        more = f"; all {len(ev.hardest)} in --json" if len(ev.hardest) > len(shown) and not args.json else ""
+        print(f"\nhighest-loss samples (top {len(shown)}{more}):")
+        for h in shown:
             conf = f"{h['confidence']:.2f}" if h.get("confidence") is not None else "-"
             print(f"  loss {h['loss']:.3f}  true {h['true']}  predicted {h['predicted']} ({conf})  {h['path']}")
     if args.json:
         out = Path(args.json)
-        if not out.parent.is_dir():
-            from engine.config import ConfigError
-
-            raise ConfigError([f"--json {args.json!r}: folder {str(out.parent)!r} does not exist"])
         out.write_text(json.dumps(ev.to_dict(), indent=2), encoding="utf-8")
         print(f"\nwrote {out}")
     return EXIT_OK
@@ -218,23 +222,31 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     from engine.export import default_suffix, export_checkpoint
 
-    out = args.out or str(Path(args.checkpoint).with_suffix("")) + default_suffix(args.format)
-    result = export_checkpoint(args.checkpoint, args.format, out, force=args.force, tolerance=args.tolerance,
+    from engine.config import ConfigError
+
+    checkpoint = Path(args.checkpoint)
+    # TorchScript's usual suffix is the checkpoint's own (.pt): name the format so the two never collide.
+    tag = ".torchscript" if args.format == "torchscript" else ""
+    out = Path(args.out) if args.out else checkpoint.with_name(checkpoint.stem + tag + default_suffix(args.format))
+    if out.resolve() == checkpoint.resolve():
+        raise ConfigError([f"--out {str(out)!r} is the checkpoint itself; choose another file name"])
+    result = export_checkpoint(checkpoint, args.format, out, force=args.force, tolerance=args.tolerance,
                                log=lambda m: print(m, file=sys.stderr))
-    print(f"Exported {result.format} to {result.path} (details in {result.sidecar.name})")
-    print(f"Verified on a {result.inputs}: max |difference| of logits vs PyTorch {result.max_abs_diff:.2e} "
+    print(f"Exported {result.format} to {result.path} (details in {result.sidecar.name}); checked on a "
+          f"{result.inputs}: max |difference| of logits vs PyTorch {result.max_abs_diff:.2e} "
           f"(tolerance {result.tolerance:g})")
     return EXIT_OK
 
 
 def cmd_check(args: argparse.Namespace) -> int:
-    from engine.backbones import preprocess_for
-    from engine.data import prepare_data
+    from engine.trainer import build_run
 
     cfg = _load(args.project)
-    data = prepare_data(cfg, preprocess_for(cfg.model, cfg.data))
-    print(f"Project {cfg.name!r} is valid.")
-    print(data.summary())
+    messages: list[str] = []
+    # Everything train builds before its first batch: data, weights, freezing, loss, sampler, device.
+    parts = build_run(cfg, log=messages.append)
+    print(f"Project {cfg.name!r} is valid: {len(parts.train_loader)} batches per epoch on {parts.device}.")
+    print("\n".join(messages))
     return EXIT_OK
 
 
@@ -291,7 +303,7 @@ def cmd_layers(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="model-workbench",
-        description="Fine-tune pretrained PyTorch models. With no command, opens the desktop app.")
+        description="Fine-tune pretrained PyTorch models from a JSON project file, headless.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     p = sub.add_parser("train", help="train a project headless and write a run folder")
@@ -349,12 +361,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_BAD_INPUT
     try:
         return args.func(args)
+    except KeyboardInterrupt:  # first: a Ctrl-C while torch is still importing must not import it again
+        print("aborted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except BrokenPipeError:  # `... | head` closed the pipe: the reader has what it wanted
+        sys.stderr.close()
+        return EXIT_OK
     except _user_errors() as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
-    except KeyboardInterrupt:
-        print("aborted", file=sys.stderr)
-        return EXIT_INTERRUPTED
     except Exception as exc:  # a failure in training itself: say what, keep the trace for a bug report
         from engine.trainer import NonFiniteLossError
 

@@ -1,6 +1,8 @@
 """Optimizers and learning-rate schedules by name, over the trainable parameter groups."""
 from __future__ import annotations
 
+import math
+
 import torch
 from torch.optim import lr_scheduler
 
@@ -72,8 +74,15 @@ class Schedule:
         self.scheduler.load_state_dict(state)
         if epochs is None:
             return
-        if self.name == "cosine":
-            self.scheduler.T_max = epochs  # the decay stretches to the new end from where it is
+        if self.name == "cosine" and self.scheduler.T_max != epochs:
+            # A raised total: follow the cosine over the new total from the epochs already done, which
+            # also revives a finished run whose lr had reached eta_min.
+            sched = self.scheduler
+            sched.T_max = epochs
+            done = sched.last_epoch
+            for group, base in zip(sched.optimizer.param_groups, sched.base_lrs):
+                group["lr"] = sched.eta_min + (base - sched.eta_min) * (1 + math.cos(math.pi * done / epochs)) / 2
+            sched._last_lr = [g["lr"] for g in sched.optimizer.param_groups]
         elif self.name == "onecycle" and self.scheduler.total_steps != self.total_steps:
             raise ValueError(f"schedule.name = 'onecycle' runs a fixed number of steps "
                              f"({self.scheduler.total_steps}); the run cannot be extended to {self.total_steps}. "

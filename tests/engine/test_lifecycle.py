@@ -235,3 +235,20 @@ def test_cli_resume_evaluate_and_export(project, tmp_path):
                  "--init-from", str(run / "checkpoints" / "final.pt"))
     assert result.returncode == 0, result.stderr
     assert "120 of 122" not in result.stderr and "file final.pt" in result.stderr
+
+
+def test_resuming_a_finished_cosine_run_follows_the_cosine_over_the_new_total(project, tmp_path):
+    import math
+
+    cfg = load_project(project)
+    cfg.train.epochs = 2
+    train(cfg, create_run_dir(cfg, tmp_path / "run"))
+    ckpt = load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")
+    assert ckpt["optimizer_state_dict"]["param_groups"][0]["lr"] == pytest.approx(0.0, abs=1e-12)
+    data = ckpt["config"]
+    data["train"]["epochs"] = 4
+    resumed = train(from_dict(data), tmp_path / "run", resume=ckpt)
+    lrs = [m["lr"] for m in resumed.state.history]
+    base = cfg.optimizer.lr
+    assert lrs[2] == pytest.approx(base * (1 + math.cos(math.pi * 2 / 4)) / 2)  # epoch 3 of a 4-epoch cosine
+    assert lrs[3] == pytest.approx(base * (1 + math.cos(math.pi * 3 / 4)) / 2)
