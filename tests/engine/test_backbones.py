@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import os
-import time
 from pathlib import Path
 
 import pytest
@@ -153,11 +152,9 @@ def test_weights_status_reads_the_hub_cache(empty_torch_home):
 
 
 def test_uncached_weights_fail_fast_with_advice(empty_torch_home):
-    start = time.monotonic()
     with pytest.raises(WeightsError) as err:
         build_model(ModelConfig(backbone="resnet18", weights="DEFAULT"), 3)
     assert "random init" in str(err.value) and "not in the cache" in str(err.value)
-    assert time.monotonic() - start < 30  # the connectivity check times out after 10 s at worst
     assert not list((empty_torch_home / "hub" / "checkpoints").glob("*.pth"))
 
 

@@ -210,12 +210,10 @@ def test_weights_status_reads_the_hugging_face_cache(empty_hf_cache):
 
 
 def test_uncached_timm_weights_fail_fast_with_advice(empty_hf_cache):
-    start = time.monotonic()
     with pytest.raises(WeightsError) as err:
         build_model(ModelConfig(backbone="timm/efficientnet_lite0", weights="DEFAULT"), 3)
     assert "random init" in str(err.value) and "not in the cache" in str(err.value)
     assert "model.weights_file" in str(err.value)
-    assert time.monotonic() - start < 30
     assert not empty_hf_cache.exists() or not any(empty_hf_cache.rglob("*.safetensors"))
 
 
