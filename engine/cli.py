@@ -114,23 +114,10 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def cmd_resume(args: argparse.Namespace) -> int:
     from engine.checkpoints import load_checkpoint
-    from engine.config import ConfigError, from_dict
-    from engine.runs import resume_run_dir
+    from engine.runs import resume_config, resume_run_dir
 
     ckpt = load_checkpoint(args.checkpoint)
-    if "config" not in ckpt or "epoch" not in ckpt:
-        raise ConfigError([f"{args.checkpoint} is not a Model Workbench checkpoint (no config/epoch); "
-                           "a plain state dict can start a new run with train --init-from"])
-    data = ckpt["config"]
-    if args.epochs is not None:
-        data["train"]["epochs"] = args.epochs
-    try:
-        cfg = from_dict(data, source=args.checkpoint)
-    except ConfigError as exc:
-        raise ConfigError([p.replace("train.epochs", "--epochs") for p in exc.problems], exc.source) from None
-    if cfg.train.epochs <= ckpt["epoch"]:
-        raise ConfigError([f"--epochs = {cfg.train.epochs}: the checkpoint has already trained {ckpt['epoch']} "
-                           f"epoch(s); give the run's new total, such as {ckpt['epoch'] + 5}"])
+    cfg = resume_config(ckpt, args.checkpoint, epochs=args.epochs, epochs_field="--epochs")
     return _train(cfg, resume_run_dir(Path(args.checkpoint), args.out), resume=ckpt)
 
 

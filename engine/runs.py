@@ -213,6 +213,27 @@ def run_callbacks(cfg: ProjectConfig, run_dir: Path) -> list[Callback]:
     return callbacks
 
 
+def resume_config(ckpt: dict[str, Any], source: str | os.PathLike, *, epochs: int | None = None,
+                  epochs_field: str = "train.epochs") -> ProjectConfig:
+    """The project saved in a checkpoint, to continue it; epochs is the run's new total (default: as saved)."""
+    from engine.config import from_dict
+
+    if "config" not in ckpt or "epoch" not in ckpt:
+        raise ConfigError([f"{source} is not a Model Workbench checkpoint (no config/epoch); "
+                           "a plain state dict can start a new run with train --init-from"])
+    data = dict(ckpt["config"])
+    if epochs is not None:
+        data["train"] = {**data.get("train", {}), "epochs": epochs}
+    try:
+        cfg = from_dict(data, source=str(source))
+    except ConfigError as exc:
+        raise ConfigError([p.replace("train.epochs", epochs_field) for p in exc.problems], exc.source) from None
+    if cfg.train.epochs <= ckpt["epoch"]:
+        raise ConfigError([f"{epochs_field} = {cfg.train.epochs}: the checkpoint has already trained {ckpt['epoch']} "
+                           f"epoch(s); give the run's new total, such as {ckpt['epoch'] + 5}"])
+    return cfg
+
+
 def resume_run_dir(checkpoint: Path, out: str | os.PathLike | None) -> Path:
     """Where a resumed run writes: --out, else the run folder the checkpoint lives in."""
     if out is not None:

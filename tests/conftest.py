@@ -53,3 +53,34 @@ def image_folder(tmp_path) -> Path:
 @pytest.fixture()
 def tiny_project(tmp_path, image_folder) -> Path:
     return write_project(tmp_path / "project.json", "images")
+
+
+@pytest.fixture(autouse=True)
+def _qt_isolation(request, tmp_path):
+    """Qt tests (tests/widgets, tests/app): QSettings go to a temporary folder, and no thread may outlive a test."""
+    parts = Path(str(request.node.path)).parts
+    if "widgets" not in parts and "app" not in parts:
+        yield
+        return
+    from PySide6.QtCore import QCoreApplication, QSettings
+
+    QCoreApplication.setOrganizationName("ModelWorkbenchTests")
+    QCoreApplication.setApplicationName("ModelWorkbenchTests")
+    QSettings.setDefaultFormat(QSettings.Format.IniFormat)
+    QSettings.setPath(QSettings.Format.IniFormat, QSettings.Scope.UserScope, str(tmp_path / "settings"))
+    yield
+    from widgets.tasks import cancel_all, running_tasks
+
+    left = [t.name for t in running_tasks()]
+    cancel_all(30000)
+    assert not left, f"background tasks still running after the test: {left}"
+
+
+@pytest.fixture()
+def project_state(tiny_project):
+    """The tiny project opened as the app opens a project file."""
+    from widgets.state import ProjectState
+
+    state = ProjectState()
+    state.open(tiny_project)
+    return state

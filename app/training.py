@@ -1,0 +1,253 @@
+"""Training from the app: the engine's Trainer on a worker QThread, its events throttled into GUI-thread signals."""
+from __future__ import annotations
+
+import copy
+import threading
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+from PySide6.QtCore import QObject, QThread, Signal, Slot
+from PySide6.QtWidgets import QApplication
+
+from engine.config import ProjectConfig
+from engine.trainer import Callback, Trainer, TrainState
+
+UPDATE_INTERVAL = 0.05  # seconds: at most ~20 batch updates a second reach the GUI, the newest always included
+
+
+class QtBridge(Callback):
+    """The trainer's callbacks (on the worker thread) turned into plain-value signals of the worker.
+
+    Batch losses are buffered and sent at most every UPDATE_INTERVAL, so a fast loop cannot flood the
+    event loop; nothing is lost (every point is in some update) and epoch/run ends flush the buffer.
+    """
+
+    def __init__(self, worker: "TrainingWorker", run_dir: Path):
+        self.worker = worker
+        self.run_dir = run_dir
+        self._points: list[tuple[int, float]] = []
+        self._last_emit = 0.0
+        self._started = 0.0
+
+    def on_log(self, trainer: Trainer, message: str) -> None:
+        self.worker.logged.emit(message)
+
+    def on_run_started(self, trainer: Trainer, state: TrainState) -> None:
+        self._started = time.monotonic()
+        self.worker.run_started.emit({
+            "run_dir": str(self.run_dir), "epochs": state.epochs, "start_epoch": state.start_epoch,
+            "batches_per_epoch": state.batches_per_epoch, "device": state.device,
+            "global_step": state.global_step, "history": [dict(m) for m in state.history],
+        })
+
+    def on_batch_finished(self, trainer: Trainer, state: TrainState, loss: float) -> None:
+        self._points.append((state.global_step, float(loss)))
+        now = time.monotonic()
+        if now - self._last_emit >= UPDATE_INTERVAL:
+            self._flush(trainer, state, now)
+
+    def _flush(self, trainer: Trainer, state: TrainState, now: float | None = None) -> None:
+        if not self._points:
+            return
+        now = now if now is not None else time.monotonic()
+        self._last_emit = now
+        points, self._points = self._points, []
+        groups = trainer.parts.optimizer.param_groups if trainer.parts else []
+        self.worker.batch_finished.emit({
+            "epoch": state.epoch, "epochs": state.epochs, "batch": state.batch,
+            "batches_per_epoch": state.batches_per_epoch, "global_step": state.global_step,
+            "steps": [s for s, _ in points], "losses": [v for _, v in points], "loss": points[-1][1],
+            "lr": max((float(g["lr"]) for g in groups), default=None), "elapsed": now - self._started,
+        })
+
+    def on_epoch_finished(self, trainer: Trainer, state: TrainState, metrics: dict[str, Any]) -> None:
+        self._flush(trainer, state)
+        checkpoints = self.run_dir / "checkpoints"
+        self.worker.epoch_finished.emit({
+            **{k: v for k, v in metrics.items()}, "epochs": state.epochs, "global_step": state.global_step,
+            "best_epoch": state.best_epoch, "checkpoint": str(checkpoints / f"epoch-{state.epoch:03d}.pt"),
+            "last_checkpoint": str(checkpoints / "last.pt"), "elapsed": time.monotonic() - self._started,
+        })
+
+    def on_run_finished(self, trainer: Trainer, state: TrainState) -> None:
+        self._flush(trainer, state)
+
+
+class TrainingWorker(QObject):
+    """Owns one Trainer; run() executes on the worker thread. Every signal carries plain Python values."""
+
+    logged = Signal(str)
+    run_started = Signal(dict)
+    batch_finished = Signal(dict)
+    epoch_finished = Signal(dict)
+    run_finished = Signal(dict)  # status, run_dir, epoch, epochs, best_epoch, stopped_early, error, traceback
+    done = Signal()
+
+    def __init__(self, cfg: ProjectConfig, stop_event: threading.Event, *, resume_from: str | None = None,
+                 epochs: int | None = None, init_from: str | None = None):
+        super().__init__()
+        self.cfg, self.stop_event = cfg, stop_event
+        self.resume_from, self.epochs, self.init_from = resume_from, epochs, init_from
+        self.run_dir: Path | None = None
+
+    @Slot()
+    def run(self) -> None:
+        from engine.checkpoints import load_checkpoint
+        from engine.runs import create_run_dir, resume_config, resume_run_dir, run_callbacks
+
+        result: dict[str, Any] = {"status": "failed", "run_dir": None, "epoch": 0, "epochs": 0,
+                                  "best_epoch": None, "stopped_early": False, "error": None, "traceback": None,
+                                  "error_type": None}
+        fresh = self.resume_from is None
+        try:
+            cfg, resume = self.cfg, None
+            if self.resume_from is not None:
+                resume = load_checkpoint(self.resume_from)
+                cfg = resume_config(resume, self.resume_from, epochs=self.epochs, epochs_field="epochs")
+                self.run_dir = resume_run_dir(Path(self.resume_from), None)
+            else:
+                if self.init_from:
+                    cfg.model.weights, cfg.model.weights_file = None, str(Path(self.init_from).resolve())
+                self.run_dir = create_run_dir(cfg)
+            result["run_dir"] = str(self.run_dir)
+            self.logged.emit(f"Run folder: {self.run_dir}")
+            trainer = Trainer(cfg, [*run_callbacks(cfg, self.run_dir), QtBridge(self, self.run_dir)],
+                              stop_event=self.stop_event, resume=resume)
+            state = trainer.run()
+            result.update(status=state.status, epoch=state.epoch, epochs=state.epochs,
+                          best_epoch=state.best_epoch, stopped_early=state.stopped_early)
+        except BaseException as exc:  # noqa: BLE001 - shown to the user; the thread must end cleanly
+            result.update(error=_message(exc), error_type=type(exc).__name__, traceback=traceback.format_exc())
+            if fresh and self.run_dir is not None and self.run_dir.is_dir() and not any(self.run_dir.iterdir()):
+                self.run_dir.rmdir()  # failed before anything was written: leave no empty run folder
+                result["run_dir"] = None
+        finally:
+            self.run_finished.emit(result)
+            self.done.emit()
+
+
+def _message(exc: BaseException) -> str:
+    """What the user reads: the engine's own message for input errors, the type and message otherwise."""
+    from engine.cli import _user_errors
+
+    if isinstance(exc, _user_errors()):
+        return str(exc)
+    if isinstance(exc, MemoryError) or "out of memory" in str(exc).lower():
+        return (f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}\n"
+                "The device ran out of memory: lower loader.batch_size or data.image_size.")
+    first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    return f"{type(exc).__name__}: {first}" if first else type(exc).__name__
+
+
+class TrainingController(QObject):
+    """Starts, stops and tracks one run at a time. Its signals are emitted on the GUI thread.
+
+    The worker-object pattern: a TrainingWorker moved to a QThread, thread.started -> worker.run,
+    worker.done -> thread.quit. Stop sets a threading.Event the trainer checks every batch.
+    """
+
+    logged = Signal(str)
+    run_started = Signal(dict)
+    batch_finished = Signal(dict)
+    epoch_finished = Signal(dict)
+    run_finished = Signal(dict)
+    running_changed = Signal(bool)
+    errored = Signal(str)  # a failed run's message, for a dialog
+
+    def __init__(self, parent: QObject | None = None):
+        super().__init__(parent)
+        self._thread: QThread | None = None
+        self._worker: TrainingWorker | None = None
+        self._stop = threading.Event()
+        self.run_dir: str | None = None
+        self.last_result: dict[str, Any] | None = None
+
+    def is_running(self) -> bool:
+        return self._thread is not None
+
+    def start(self, cfg: ProjectConfig, *, init_from: str | None = None) -> bool:
+        """Train a snapshot of cfg in a new run folder; False (and nothing starts) while a run is going."""
+        return self._launch(TrainingWorker(copy.deepcopy(cfg), self._new_stop(), init_from=init_from))
+
+    def resume(self, checkpoint: str, epochs: int | None = None) -> bool:
+        """Continue the run a checkpoint belongs to, in its folder, to `epochs` in all (default: as saved)."""
+        return self._launch(TrainingWorker(None, self._new_stop(), resume_from=checkpoint, epochs=epochs))
+
+    def stop(self) -> None:
+        """Ask the run to end after the current batch (pressing it twice is harmless)."""
+        if self.is_running() and not self._stop.is_set():
+            self._stop.set()
+            self.logged.emit("Stopping after this batch...")
+
+    def wait(self, ms: int = 60000) -> bool:
+        """Block until the worker thread ended, processing events so its last signals arrive; True if ended."""
+        deadline = time.monotonic() + ms / 1000
+        while self._thread is not None and time.monotonic() < deadline:
+            self._thread.wait(20)
+            QApplication.processEvents()
+        return self._thread is None
+
+    def _new_stop(self) -> threading.Event:
+        self._stop = threading.Event()
+        return self._stop
+
+    def _launch(self, worker: TrainingWorker) -> bool:
+        if self.is_running():
+            self.logged.emit("A run is already going; stop it before starting another.")
+            return False
+        thread = QThread()
+        thread.setObjectName("training")
+        worker.moveToThread(thread)
+        worker.logged.connect(self._on_logged)
+        worker.run_started.connect(self._on_run_started)
+        worker.batch_finished.connect(self._on_batch_finished)
+        worker.epoch_finished.connect(self._on_epoch_finished)
+        worker.run_finished.connect(self._on_run_finished)
+        worker.done.connect(self._on_done)
+        thread.started.connect(worker.run)
+        self._thread, self._worker = thread, worker
+        self.run_dir = None
+        thread.start()
+        self.running_changed.emit(True)
+        return True
+
+    @Slot(str)
+    def _on_logged(self, message: str) -> None:
+        self.logged.emit(message)
+
+    @Slot(dict)
+    def _on_run_started(self, info: dict) -> None:
+        self.run_dir = info["run_dir"]
+        self.run_started.emit(info)
+
+    @Slot(dict)
+    def _on_batch_finished(self, info: dict) -> None:
+        self.batch_finished.emit(info)
+
+    @Slot(dict)
+    def _on_epoch_finished(self, metrics: dict) -> None:
+        self.epoch_finished.emit(metrics)
+
+    @Slot(dict)
+    def _on_run_finished(self, result: dict) -> None:
+        self.last_result = result
+        if result.get("run_dir"):
+            self.run_dir = result["run_dir"]
+        if result["status"] == "failed":
+            self.logged.emit(f"Run failed: {result['error']}")
+        else:
+            self.logged.emit(f"Run {result['status']} after epoch {result['epoch']} of {result['epochs']}")
+
+    @Slot()
+    def _on_done(self) -> None:
+        thread, result = self._thread, self.last_result or {}
+        if thread is not None:
+            thread.quit()
+            thread.wait()
+        self._thread, self._worker = None, None
+        self.running_changed.emit(False)
+        self.run_finished.emit(result)
+        if result.get("status") == "failed":
+            self.errored.emit(result.get("error") or "the run failed")

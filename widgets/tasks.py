@@ -1,0 +1,141 @@
+"""Run a plain function off the GUI thread (a worker object on a QThread) and get its result back as signals."""
+from __future__ import annotations
+
+import threading
+import time
+import traceback
+from typing import Any, Callable
+
+from PySide6.QtCore import QObject, QThread, Signal, Slot
+from PySide6.QtWidgets import QApplication
+
+
+class _Worker(QObject):
+    """Lives on the task's thread; only forwards plain values."""
+
+    progressed = Signal(object)
+    returned = Signal(object)
+    errored = Signal(object, str)  # the exception and its formatted traceback (for the log)
+    done = Signal()
+
+    def __init__(self, fn: Callable[..., Any], args: tuple, kwargs: dict):
+        super().__init__()
+        self._fn, self._args, self._kwargs = fn, args, kwargs
+
+    @Slot()
+    def run(self) -> None:
+        try:
+            self.returned.emit(self._fn(*self._args, **self._kwargs))
+        except BaseException as exc:  # noqa: BLE001 - every failure must reach the GUI, never vanish
+            self.errored.emit(exc, traceback.format_exc())
+        finally:
+            self.done.emit()
+
+
+class Task(QObject):
+    """A running function. Its signals are emitted on the GUI thread, so slots may touch widgets.
+
+    progress: when `progress=True` is given to run_task, the function receives a `progress` callable
+    (call it with any plain value; calls closer than `min_interval` apart are dropped, except the last)
+    and a `cancel` threading.Event it should check in long loops.
+    """
+
+    progressed = Signal(object)
+    returned = Signal(object)
+    errored = Signal(object, str)
+    finished = Signal()
+
+    def __init__(self, name: str, parent: QObject | None = None):
+        super().__init__(parent)
+        self.name = name
+        self.cancel = threading.Event()
+        self.thread = QThread()
+        self.thread.setObjectName(f"task:{name}")
+        self.worker: _Worker | None = None
+        self.result: Any = None
+        self.error: BaseException | None = None
+
+    def is_running(self) -> bool:
+        return self.thread.isRunning()
+
+    def wait(self, ms: int = 30000) -> bool:
+        """Block until the function returned (for tests and for closing the window)."""
+        deadline = time.monotonic() + ms / 1000
+        while self.thread.isRunning() and time.monotonic() < deadline:
+            self.thread.wait(20)
+            QApplication.processEvents()
+        QApplication.processEvents()
+        return not self.thread.isRunning()
+
+    # Slots of an object on the GUI thread: queued connections deliver the worker's signals here.
+    @Slot(object)
+    def _on_progressed(self, value: Any) -> None:
+        self.progressed.emit(value)
+
+    @Slot(object)
+    def _on_returned(self, value: Any) -> None:
+        self.result = value
+        self.returned.emit(value)
+
+    @Slot(object, str)
+    def _on_errored(self, exc: BaseException, tb: str) -> None:
+        self.error = exc
+        self.errored.emit(exc, tb)
+
+    @Slot()
+    def _on_done(self) -> None:
+        self.thread.quit()
+        self.thread.wait()
+        _running.discard(self)
+        self.finished.emit()
+
+
+_running: set[Task] = set()
+
+
+def running_tasks() -> list[Task]:
+    return list(_running)
+
+
+def cancel_all(wait_ms: int = 30000) -> bool:
+    """Ask every task to stop and wait for them (closing the window); True when none is left running."""
+    for task in list(_running):
+        task.cancel.set()
+    ok = True
+    for task in list(_running):
+        ok = task.wait(wait_ms) and ok
+    return ok
+
+
+def run_task(name: str, fn: Callable[..., Any], *args: Any, progress: bool = False, min_interval: float = 0.05,
+             on_result: Callable[[Any], None] | None = None, on_error: Callable[[BaseException, str], None] | None = None,
+             on_progress: Callable[[Any], None] | None = None, parent: QObject | None = None, **kwargs: Any) -> Task:
+    """Start fn(*args, **kwargs) on its own QThread and return the Task; callbacks run on the GUI thread."""
+    task = Task(name, parent)
+    if progress:
+        last = [0.0]
+
+        def report(value: Any, _force: bool = False) -> None:
+            now = time.monotonic()
+            if _force or now - last[0] >= min_interval:
+                last[0] = now
+                worker.progressed.emit(value)
+
+        kwargs = {**kwargs, "progress": report, "cancel": task.cancel}
+    worker = _Worker(fn, args, kwargs)
+    task.worker = worker
+    worker.moveToThread(task.thread)
+    worker.progressed.connect(task._on_progressed)
+    worker.returned.connect(task._on_returned)
+    worker.errored.connect(task._on_errored)
+    worker.done.connect(task._on_done)
+    task.thread.started.connect(worker.run)
+    if on_result is not None:
+        task.returned.connect(on_result)
+    if on_error is not None:
+        task.errored.connect(on_error)
+    if on_progress is not None:
+        task.progressed.connect(on_progress)
+    _running.add(task)
+    task.thread.start()
+    return task
