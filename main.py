@@ -1,19 +1,34 @@
-"""Model Workbench's entry point: a subcommand runs the headless CLI; no arguments is meant for the desktop app."""
+"""Model Workbench's entry point: no arguments (or a project file) opens the desktop app; a subcommand runs the CLI."""
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    from engine.cli import EXIT_BAD_INPUT, build_parser, main as cli_main
+    if argv and (argv[0].startswith("-") or not argv[0].lower().endswith(".json")):
+        from engine.cli import main as cli_main  # a subcommand: headless, no Qt imported
 
-    if not argv:
-        # The desktop app is its own piece of work; until it lands, say so rather than open a hollow window.
-        print("The desktop app is not part of this version yet. Use a command:\n", file=sys.stderr)
-        build_parser().print_help(sys.stderr)
-        return EXIT_BAD_INPUT
-    return cli_main(argv)
+        return cli_main(argv)
+    if len(argv) > 1:
+        print(f"usage: main.py [PROJECT.json]  (or main.py COMMAND ...; see main.py --help); got {' '.join(argv)}",
+              file=sys.stderr)
+        return 2
+    from app.launch import display_problem
+
+    project = argv[0] if argv else None
+    problem = display_problem()
+    if problem is None:
+        from app.launch import run_app
+
+        return run_app(project)
+    target = project or str(Path(__file__).resolve().parent / "examples" / "default.json")
+    print(f"The desktop app cannot open a window: {problem}\n"
+          f"Running the project headless instead: python main.py train {target}\n", file=sys.stderr, flush=True)
+    from engine.cli import main as cli_main
+
+    return cli_main(["train", target])
 
 
 if __name__ == "__main__":

@@ -43,6 +43,7 @@ class QtBridge(Callback):
         })
 
     def on_batch_finished(self, trainer: Trainer, state: TrainState, loss: float) -> None:
+        self.worker.global_step = state.global_step  # an int: safe to read from the GUI thread
         self._points.append((state.global_step, float(loss)))
         now = time.monotonic()
         if now - self._last_emit >= UPDATE_INTERVAL:
@@ -91,6 +92,7 @@ class TrainingWorker(QObject):
         self.cfg, self.stop_event = cfg, stop_event
         self.resume_from, self.epochs, self.init_from = resume_from, epochs, init_from
         self.run_dir: Path | None = None
+        self.global_step = 0  # the trainer's step right now, ahead of the throttled signals
 
     @Slot()
     def run(self) -> None:
@@ -166,6 +168,10 @@ class TrainingController(QObject):
 
     def is_running(self) -> bool:
         return self._thread is not None
+
+    def current_step(self) -> int | None:
+        """The running trainer's global step at this moment (not throttled); None when no run is going."""
+        return self._worker.global_step if self._worker is not None else None
 
     def start(self, cfg: ProjectConfig, *, init_from: str | None = None) -> bool:
         """Train a snapshot of cfg in a new run folder; False (and nothing starts) while a run is going."""
