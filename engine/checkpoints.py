@@ -57,7 +57,8 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     except pickle.UnpicklingError as exc:
         raise CheckpointError(f"refusing to load {path}: it holds Python objects beyond tensors and plain values "
                               f"(a pickle that could run code). Details: {str(exc).splitlines()[0]}") from None
-    except (RuntimeError, EOFError, OSError, ValueError) as exc:
+    except (RuntimeError, EOFError, OSError, ValueError, KeyError, IndexError, TypeError) as exc:
+        # A text file or other garbage can surface as any of these from torch's legacy reader.
         raise CheckpointError(f"checkpoint {path} is damaged or not a PyTorch file "
                               f"(truncated by an interrupted copy?): {str(exc).splitlines()[0]}") from None
     if not isinstance(data, dict):

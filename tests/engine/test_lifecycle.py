@@ -128,6 +128,10 @@ def test_truncated_and_newer_checkpoints_are_refused(tmp_path):
     cut.write_bytes(good.read_bytes()[:300])
     with pytest.raises(CheckpointError, match="damaged"):
         load_checkpoint(cut)
+    text = tmp_path / "notes.pt"
+    text.write_text("hello\n")  # torch's legacy reader fails on this with a bare KeyError
+    with pytest.raises(CheckpointError, match="damaged"):
+        load_checkpoint(text)
     newer = tmp_path / "new.pt"
     atomic_torch_save({"epoch": 1, "format_version": FORMAT_VERSION + 1}, newer)
     with pytest.raises(CheckpointError, match="newer"):
