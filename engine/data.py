@@ -85,10 +85,10 @@ def load_image(path: str | os.PathLike) -> Image.Image:
                 "a guard against decompression bombs)")
         img.load()
         upright = ImageOps.exif_transpose(img)
-    return _to_rgb(upright)
+    return to_rgb(upright)
 
 
-def _to_rgb(img: Image.Image) -> Image.Image:
+def to_rgb(img: Image.Image) -> Image.Image:
     mode = img.mode
     if mode == "RGB":
         return img

@@ -1,0 +1,108 @@
+"""Predicting one image with a trained checkpoint, preprocessed exactly as evaluation preprocesses its data."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Callable, Sequence, Union
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from engine.checkpoints import CheckpointError, load_checkpoint, restore_model
+from engine.data import DataError, array_to_tensor, load_image, to_rgb
+from engine.transforms import build_transforms
+
+ImageInput = Union[str, os.PathLike, Image.Image, np.ndarray]
+
+
+def read_image(image: ImageInput) -> Image.Image | torch.Tensor:
+    """The image as the evaluation datasets hand it to their transform: PIL RGB for files, a float tensor for arrays.
+
+    Raises DataError naming the file and what is wrong when it cannot be decoded.
+    """
+    if isinstance(image, np.ndarray):
+        if image.ndim not in (2, 3) or (image.ndim == 3 and image.shape[2] not in (1, 3, 4)):
+            raise DataError(f"an image array has shape {image.shape}; expected (H, W) or (H, W, C) with C 1, 3 or 4")
+        return array_to_tensor(image)  # as ArrayDataset serves a .npz row
+    if isinstance(image, Image.Image):
+        # The conversion load_image applies to a file, so an image already in memory is read the same way.
+        return to_rgb(ImageOps.exif_transpose(image))
+    path = Path(os.path.expanduser(str(image)))
+    try:
+        if path.is_dir():
+            raise DataError(f"{path} is a folder, not an image file")
+        if path.is_file() and path.stat().st_size == 0:
+            raise DataError(f"cannot read image {path}: empty file (0 bytes)")
+        return load_image(path)
+    except DataError:
+        raise
+    except FileNotFoundError:
+        raise DataError(f"cannot read image {path}: no such file") from None
+    except UnidentifiedImageError:
+        raise DataError(f"cannot read image {path}: not an image, or a format Pillow cannot read") from None
+    except Exception as exc:  # noqa: BLE001 - any decoder failure means the file is unusable
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise DataError(f"cannot read image {path}: {reason}") from None
+
+
+class Predictor:
+    """A restored model with its class names and evaluation preprocessing; predict() scores one image."""
+
+    def __init__(self, model: torch.nn.Module, class_names: Sequence[str], task: str, transform: Callable,
+                 *, device: str | torch.device = "cpu", info: dict[str, Any] | None = None):
+        self.device = torch.device(device)
+        self.model = model.to(self.device).eval()
+        self.class_names = list(class_names)
+        self.task = task
+        self.transform = transform
+        self.info = dict(info or {})
+
+    @classmethod
+    def from_checkpoint(cls, path: str | os.PathLike, *, device: str | torch.device = "cpu") -> "Predictor":
+        """Load a Model Workbench checkpoint; raises CheckpointError saying why when it cannot be used."""
+        try:
+            ckpt = load_checkpoint(path)
+        except CheckpointError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - torch.load's unpickler raises KeyError and more on some junk files
+            raise CheckpointError(f"checkpoint {path} is damaged or not a PyTorch file: "
+                                  f"{type(exc).__name__}: {exc}") from None
+        try:
+            model, cfg, class_names, pre = restore_model(ckpt)
+        except CheckpointError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - a config or model the checkpoint describes but this build cannot make
+            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise CheckpointError(f"checkpoint {path}: its model cannot be rebuilt: {reason}") from None
+        task = ckpt.get("task") or cfg.data.task
+        # The transform evaluate_checkpoint builds, so a prediction here equals evaluation's for the same image.
+        transform = build_transforms(pre, cfg.data.augment, train=False, keep_aspect=cfg.data.keep_aspect)
+        epoch = ckpt.get("epoch")
+        info = {"checkpoint": str(Path(path).resolve()), "backbone": cfg.model.backbone, "task": task,
+                "epoch": int(epoch) if isinstance(epoch, (int, float)) else None, "image_size": pre.crop_size,
+                "num_classes": len(class_names)}
+        return cls(model, class_names, task, transform, device=device, info=info)
+
+    def scores(self, image: ImageInput) -> np.ndarray:
+        """Per output: softmax probability (classification), sigmoid probability (multilabel) or raw value."""
+        x = self.transform(read_image(image))
+        with torch.inference_mode():
+            out = self.model(x.unsqueeze(0).to(self.device)).float().reshape(-1).cpu()
+        if self.task == "classification":
+            out = torch.softmax(out, dim=0)
+        elif self.task == "multilabel":
+            out = torch.sigmoid(out)
+        return out.numpy().astype(np.float64)
+
+    def predict(self, image: ImageInput) -> list[tuple[str, float]]:
+        """(class name, probability) pairs, most likely first; for regression (output name, value) in output order.
+
+        image: an image file's path, a PIL image, or an (H, W[, C]) array as stored in a .npz.
+        """
+        values = self.scores(image)
+        pairs = [(name, float(v)) for name, v in zip(self.class_names, values)]
+        if self.task == "regression":
+            return pairs
+        order = np.argsort(-values, kind="stable")  # ties keep the class order
+        return [pairs[i] for i in order]
