@@ -37,9 +37,8 @@ def parse_optional_int(text: str) -> int | None:
 def format_float(value: float | None) -> str:
     if value is None:
         return ""
-    if value == 0 or (1e-3 <= abs(value) < 1e5):
-        return f"{value:.6g}"
-    return f"{value:.3g}" if math.isfinite(value) else str(value)
+    # Six significant digits: enough that showing a typed value and committing it again never changes it.
+    return f"{value:.6g}" if math.isfinite(value) else str(value)
 
 
 class FieldBinding(QObject):
