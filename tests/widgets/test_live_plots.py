@@ -1,0 +1,138 @@
+"""Live plots: long runs keep one curve item each and every point, epoch curves follow the metrics, PNG export works."""
+import math
+
+import numpy as np
+import pytest
+from PySide6.QtGui import QColor, QImage, QPalette
+
+from widgets.live_plots import EXPORT_SIZE, LivePlots
+
+
+@pytest.fixture()
+def plots(qtbot):
+    widget = LivePlots()
+    qtbot.addWidget(widget)
+    return widget
+
+
+def items_per_plot(plots):
+    return {name: list(plot.listDataItems()) for name, plot in plots.plots.items()}
+
+
+def test_ten_thousand_batch_points_in_chunks_are_all_kept_on_one_item_per_curve(plots):
+    before = items_per_plot(plots)
+    step = 0
+    while step < 10_000:
+        chunk = list(range(step + 1, min(step + 37, 10_000) + 1))  # the controller sends uneven chunks
+        plots.add_batches(chunk, [2.0 * math.exp(-s / 2000) for s in chunk], [0.01] * len(chunk))
+        step = chunk[-1]
+    assert plots.point_count("batch_loss") == 10_000
+    assert plots.point_count("batch_loss_smoothed") == 10_000
+    assert plots.point_count("lr") == 10_000
+    x, y = plots.curves["batch_loss"].getData()
+    assert len(x) == len(y) == 10_000 and x[0] == 1 and x[-1] == 10_000
+    assert len(plots.curves["batch_loss_smoothed"].getData()[1]) == 10_000
+    after = items_per_plot(plots)
+    assert {k: len(v) for k, v in after.items()} == {"batch": 2, "loss": 2, "accuracy": 2, "lr": 1}
+    assert all(a is b for name in before for a, b in zip(before[name], after[name]))  # never rebuilt
+    # Long series are drawn downsampled and clipped to the view, so an update costs the same late in a run.
+    curve = plots.curves["batch_loss"]
+    assert curve.opts["autoDownsample"] and curve.opts["downsampleMethod"] == "peak" and curve.opts["clipToView"]
+
+
+def test_the_smoothed_loss_follows_the_trend_and_survives_a_nan(plots):
+    plots.add_batches([1, 2, 3, 4], [1.0, 3.0, 1.0, 3.0])
+    plots.add_batches([5], [float("nan")])
+    plots.add_batches([6], [1.0])
+    _, smoothed = plots.curve_data("batch_loss_smoothed")
+    assert smoothed[0] == 1.0
+    assert np.all(np.isfinite(smoothed))
+    assert np.all((smoothed >= 1.0) & (smoothed <= 3.0))
+    assert plots.point_count("lr") == 0  # no learning rate given
+
+
+def test_a_single_learning_rate_is_placed_at_the_last_step_of_the_chunk(plots):
+    plots.add_batches([7, 8, 9], [0.5, 0.4, 0.3], 0.02)
+    x, y = plots.curve_data("lr")
+    assert list(x) == [9] and list(y) == [0.02]
+
+
+def test_epoch_curves_show_accuracy_in_percent_and_skip_missing_values(plots):
+    plots.add_epoch({"epoch": 1, "train_loss": 0.9, "val_loss": None, "train_accuracy": 0.5,
+                     "val_accuracy": None})
+    plots.add_epoch({"epoch": 2, "train_loss": 0.6, "val_loss": 0.7, "train_accuracy": 0.75,
+                     "val_accuracy": 0.8})
+    assert plots.point_count("train_loss") == 2 and plots.point_count("val_loss") == 1
+    x, y = plots.curve_data("val_accuracy")
+    assert list(x) == [2] and y[0] == pytest.approx(80.0)
+    assert list(plots.curve_data("train_accuracy")[1]) == pytest.approx([50.0, 75.0])
+
+
+def test_load_history_replaces_what_was_shown(plots):
+    plots.add_batches([1, 2], [1.0, 0.9])
+    rows = [{"epoch": e, "train_loss": 1 / e, "val_loss": 1.1 / e, "train_accuracy": 0.5, "val_accuracy": 0.4,
+             "lr": 0.001 * e} for e in (1, 2, 3)]
+    plots.load_history(rows, batches_per_epoch=10)
+    assert plots.point_count("batch_loss") == 0
+    assert plots.point_count("train_loss") == 3 and plots.point_count("val_accuracy") == 3
+    assert list(plots.curve_data("lr")[0]) == [10, 20, 30]
+    plots.load_history(rows[:1])
+    assert plots.point_count("train_loss") == 1 and plots.point_count("lr") == 0
+    plots.clear()
+    assert all(plots.point_count(name) == 0 for name in plots.CURVES)
+
+
+def _fill(plots):
+    steps = list(range(1, 301))
+    plots.add_batches(steps, [1 / math.sqrt(s) for s in steps], [0.001] * 300)
+    for e in (1, 2, 3):
+        plots.add_epoch({"epoch": e, "train_loss": 1 / e, "val_loss": 1.2 / e, "train_accuracy": 0.3 * e,
+                         "val_accuracy": 0.25 * e})
+
+
+def test_export_png_of_hidden_plots_writes_the_whole_layout_at_the_export_size(plots, tmp_path):
+    _fill(plots)
+    path = tmp_path / "plots.png"
+    size = plots.export_png(path)
+    image = QImage(str(path))
+    assert path.stat().st_size > 0 and not image.isNull()
+    assert (image.width(), image.height()) == (size.width(), size.height()) == \
+        (EXPORT_SIZE.width(), EXPORT_SIZE.height())
+    # The curves are in the picture: the train colour appears, not just background and axes.
+    pixels = {image.pixelColor(x, y).name() for x in range(0, image.width(), 3) for y in range(0, image.height(), 3)}
+    assert len(pixels) > 10
+
+
+def test_export_png_of_shown_plots_has_their_on_screen_size(qtbot, plots, tmp_path):
+    _fill(plots)
+    plots.resize(900, 640)
+    plots.show()
+    qtbot.waitExposed(plots)
+    path = tmp_path / "shown.png"
+    plots.export_png(path)
+    image = QImage(str(path))
+    view = plots.layout_widget.size()
+    assert (image.width(), image.height()) == (view.width(), view.height())
+
+
+def test_export_to_a_missing_folder_raises_oserror(plots, tmp_path):
+    with pytest.raises(OSError):
+        plots.export_png(tmp_path / "no" / "such" / "folder.png")
+
+
+def test_plots_take_their_background_and_text_from_the_palette(plots):
+    dark = QPalette(plots.palette())
+    dark.setColor(QPalette.ColorRole.Base, QColor("#1e1e1e"))
+    dark.setColor(QPalette.ColorRole.Text, QColor("#e6e6e6"))
+    plots.setPalette(dark)
+    assert plots.layout_widget.backgroundBrush().color().name() == "#1e1e1e"
+    axis = plots.plots["batch"].getAxis("left")
+    assert axis.textPen().color().name() == "#e6e6e6"
+
+
+def test_a_constant_learning_rate_is_drawn_on_a_readable_scale(plots):
+    plots.add_batches([1, 2, 3], [1.0, 1.0, 1.0], [0.001, 0.001, 0.001])
+    low, high = plots.plots["lr"].viewRange()[1]
+    assert (low, high) == pytest.approx((0.0, 0.002))  # not -0.5..0.5, where 0.001 reads as 0
+    plots.add_batches([4, 5], [1.0, 1.0], [0.0005, 0.0001])  # a schedule starts to decay
+    assert plots.plots["lr"].getViewBox().autoRangeEnabled()[1]

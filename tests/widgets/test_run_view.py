@@ -1,0 +1,178 @@
+"""Run view: progress and time left follow the controller's payloads, buttons follow the run, a real run fills it."""
+import pytest
+from PySide6.QtGui import QImage
+from PySide6.QtWidgets import QLabel, QProgressBar, QPushButton
+
+from app.training import TrainingController
+from conftest import write_project
+from engine.config import load_project
+from engine.runs import read_metrics
+from widgets.checkpoints_panel import CheckpointsPanel
+from widgets.run_view import OBJECT_NAMES, RunView, format_duration
+
+
+@pytest.fixture()
+def view(qtbot):
+    widget = RunView()
+    qtbot.addWidget(widget)
+    widget.resize(1280, 800)
+    return widget
+
+
+def started(epochs=10, batches=4, start_epoch=0, history=()):
+    return {"run_dir": "/tmp/run", "epochs": epochs, "start_epoch": start_epoch, "batches_per_epoch": batches,
+            "device": "cpu", "global_step": start_epoch * batches, "history": list(history)}
+
+
+def batch(epoch, n, elapsed, epochs=10, batches=4, loss=0.5):
+    step = (epoch - 1) * batches + n
+    return {"epoch": epoch, "epochs": epochs, "batch": n, "batches_per_epoch": batches, "global_step": step,
+            "steps": [step], "losses": [loss], "loss": loss, "lr": 0.01, "elapsed": elapsed}
+
+
+def epoch_done(epoch, elapsed, epochs=10, **metrics):
+    return {"epoch": epoch, "train_loss": 0.5, "train_accuracy": 0.6, "val_loss": 0.55, "val_accuracy": 0.7,
+            "lr": 0.01, "epoch_seconds": 5.0, "samples_per_second": 120.0, "best": True, "epochs": epochs,
+            "global_step": epoch * 4, "best_epoch": epoch, "checkpoint": "", "last_checkpoint": "",
+            "elapsed": elapsed, **metrics}
+
+
+def test_every_object_name_is_documented(view):
+    named = {w.objectName() for w in view.findChildren(object) if w.objectName().startswith("run.")}
+    assert named == set(OBJECT_NAMES)
+
+
+def test_progress_bars_and_time_left_follow_the_payloads(view):
+    epoch_bar = view.findChild(QProgressBar, "run.epoch_progress")
+    batch_bar = view.findChild(QProgressBar, "run.batch_progress")
+    view.on_run_started(started())
+    assert epoch_bar.text() == "epoch 1 / 10" and epoch_bar.value() == 0
+    view.on_batch_finished(batch(1, 2, elapsed=2.0))
+    assert (batch_bar.value(), batch_bar.maximum()) == (2, 4) and batch_bar.text() == "batch 2 / 4"
+    # Half the epoch took 2 s: 2 s to go in it; 1/20 of the run took 2 s: 38 s to go.
+    assert view.findChild(QLabel, "run.epoch_eta").text() == "about 2 s left in this epoch"
+    assert view.findChild(QLabel, "run.run_eta").text() == "about 38 s left in the run"
+    view.on_epoch_finished(epoch_done(1, elapsed=5.0))
+    assert (epoch_bar.value(), epoch_bar.maximum()) == (1, 10) and epoch_bar.text() == "epoch 2 / 10"
+    assert batch_bar.value() == 4
+    status = view.findChild(QLabel, "run.status").text()
+    assert "cpu" in status and "120 samples/s" in status and "val accuracy 70.0%" in status
+    view.on_batch_finished(batch(2, 1, elapsed=6.0))
+    assert batch_bar.value() == 1
+    assert view.findChild(QLabel, "run.epoch_eta").text() == "about 3 s left in this epoch"  # from the epoch start
+    assert view.plots.point_count("batch_loss") == 2 and view.plots.point_count("train_loss") == 1
+
+
+def test_a_finished_run_fills_the_bars_and_says_how_it_went(view):
+    view.on_run_started(started(epochs=2, batches=3))
+    view.on_batch_finished(batch(2, 3, elapsed=6.0, epochs=2, batches=3))
+    view.on_epoch_finished(epoch_done(2, elapsed=7.0, epochs=2))
+    view.on_run_finished({"status": "completed", "run_dir": "/tmp/run", "epoch": 2, "epochs": 2, "best_epoch": 2,
+                          "stopped_early": False, "error": None, "traceback": None})
+    epoch_bar = view.findChild(QProgressBar, "run.epoch_progress")
+    assert epoch_bar.value() == epoch_bar.maximum() == 2 and epoch_bar.text() == "epoch 2 / 2"
+    assert "Finished 2 of 2 epoch(s), best epoch 2" in view.findChild(QLabel, "run.status").text()
+    assert view.findChild(QLabel, "run.run_eta").text() == ""
+    view.on_run_finished({"status": "failed", "run_dir": None, "epoch": 0, "epochs": 2, "best_epoch": None,
+                          "stopped_early": False, "error": "ConfigError: no images", "traceback": "..."})
+    assert "The run failed: ConfigError: no images" in view.findChild(QLabel, "run.status").text()
+
+
+def test_buttons_follow_running_and_stop_twice_is_harmless(qtbot, view):
+    train = view.findChild(QPushButton, "run.train")
+    stop = view.findChild(QPushButton, "run.stop")
+    resume = view.findChild(QPushButton, "run.resume")
+    assert train.isEnabled() and not stop.isEnabled() and not resume.isEnabled()
+    view.set_can_resume(True)
+    assert resume.isEnabled()
+    with qtbot.waitSignal(view.train_requested):
+        train.click()
+    view.on_running_changed(True)
+    assert not train.isEnabled() and not resume.isEnabled() and stop.isEnabled()
+    stops = []
+    view.stop_requested.connect(lambda: stops.append(1))
+    stop.click()
+    stop.click()
+    view._on_stop_clicked()  # even a second press that reaches the handler asks only once
+    assert stops == [1] and not stop.isEnabled() and stop.text() == "Stopping..."
+    view.on_running_changed(False)
+    assert train.isEnabled() and resume.isEnabled() and not stop.isEnabled() and stop.text() == "Stop"
+    with qtbot.waitSignal(view.resume_requested):
+        resume.click()
+    view.set_can_resume(False)
+    assert not resume.isEnabled()
+
+
+def test_a_resumed_run_shows_its_earlier_epochs(view):
+    history = [{"epoch": e, "train_loss": 1 / e, "val_loss": 1.1 / e, "train_accuracy": 0.5, "val_accuracy": 0.5,
+                "lr": 0.01} for e in (1, 2, 3)]
+    view.plots.add_batches([1, 2, 3], [1.0, 1.0, 1.0])  # a previous run on screen
+    view.on_run_started(started(epochs=5, batches=4, start_epoch=3, history=history))
+    assert view.plots.point_count("train_loss") == 3 and view.plots.point_count("batch_loss") == 0
+    epoch_bar = view.findChild(QProgressBar, "run.epoch_progress")
+    assert epoch_bar.value() == 3 and epoch_bar.text() == "epoch 4 / 5"
+    view.on_batch_finished(batch(4, 2, elapsed=2.0, epochs=5))
+    # Half of epoch 4, a quarter of the two epochs this session trains, took 2 s.
+    assert view.findChild(QLabel, "run.run_eta").text() == "about 6 s left in the run"
+    assert "Resumed after epoch 3 of 5 on cpu" in view.findChild(QLabel, "run.status").text()
+
+
+def test_saving_plots_writes_a_png_or_says_why_not(view, tmp_path):
+    view.plots.add_batches([1, 2, 3], [1.0, 0.8, 0.7])
+    assert view.save_plots(str(tmp_path / "curves"))  # ".png" added
+    assert not QImage(str(tmp_path / "curves.png")).isNull()
+    message = view.findChild(QLabel, "run.message")
+    assert "Saved the plots to" in message.text()
+    assert not view.save_plots(str(tmp_path / "missing" / "x.png"))
+    assert "Could not save the plots" in message.text() and "does not exist" in message.text()
+
+
+def test_format_duration():
+    assert [format_duration(s) for s in (0.4, 59, 61, 3599, 3600 * 2 + 60 * 5)] == \
+        ["0 s", "59 s", "1 min 01 s", "59 min 59 s", "2 h 05 min"]
+
+
+def test_a_real_one_epoch_run_fills_the_view_and_its_checkpoints_are_listed(qtbot, view, tmp_path, image_folder):
+    cfg = load_project(write_project(tmp_path / "project.json", "images", train={"epochs": 1, "device": "cpu",
+                                                                                 "seed": 0},
+                                     output={"dir": "runs", "tensorboard": False}))
+    controller = TrainingController()
+    controller.run_started.connect(view.on_run_started)
+    controller.batch_finished.connect(view.on_batch_finished)
+    controller.epoch_finished.connect(view.on_epoch_finished)
+    controller.run_finished.connect(view.on_run_finished)
+    controller.running_changed.connect(view.on_running_changed)
+    panel = CheckpointsPanel()
+    qtbot.addWidget(panel)
+    controller.epoch_finished.connect(lambda _m: panel.refresh())
+    controller.run_started.connect(lambda info: panel.set_run_dir(info["run_dir"]))
+
+    with qtbot.waitSignal(controller.run_finished, timeout=120000) as finished:
+        assert controller.start(cfg)
+        assert not view.findChild(QPushButton, "run.train").isEnabled()
+    assert controller.wait(30000)
+    result = finished.args[0]
+    assert result["status"] == "completed", result
+
+    rows = read_metrics(result["run_dir"])
+    assert len(rows) == 1
+    steps = view.plots.point_count("batch_loss")
+    assert steps > 0 and view.plots.point_count("train_loss") == 1 and view.plots.point_count("lr") > 0
+    epoch_bar = view.findChild(QProgressBar, "run.epoch_progress")
+    batch_bar = view.findChild(QProgressBar, "run.batch_progress")
+    assert epoch_bar.value() == epoch_bar.maximum() == 1
+    assert batch_bar.value() == batch_bar.maximum() == steps
+    assert view.findChild(QPushButton, "run.train").isEnabled()
+    assert "Finished 1 of 1" in view.findChild(QLabel, "run.status").text()
+
+    table = panel.table
+    headers = [table.horizontalHeaderItem(c).text() for c in range(table.columnCount())]
+    listed = [{h: table.item(r, c).text() for c, h in enumerate(headers)} for r in range(table.rowCount())]
+    assert [r["File"] for r in listed] == ["epoch-001.pt"]  # last/best/final.pt are links to it, not extra rows
+    assert listed[0]["Epoch"] == "1"
+    assert listed[0]["Train loss"] == f"{rows[0]['train_loss']:.4g}"
+    assert listed[0]["Val accuracy"] == f"{100 * rows[0]['val_accuracy']:.1f}%"
+    assert listed[0]["Role"] == "★ best, last, final"
+
+    assert view.save_plots(str(tmp_path / "run.png"))
+    assert not QImage(str(tmp_path / "run.png")).isNull()

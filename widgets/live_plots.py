@@ -1,0 +1,292 @@
+"""Live training curves: batch loss, epoch losses, accuracies and learning rate, in one exportable pyqtgraph layout."""
+from __future__ import annotations
+
+import math
+import os
+from typing import Any, Iterable, Sequence
+
+import numpy as np
+import pyqtgraph as pg
+from pyqtgraph.exporters import ImageExporter
+from PySide6.QtCore import QEvent, QSize
+from PySide6.QtGui import QColor, QImage, QPalette
+from PySide6.QtWidgets import QVBoxLayout, QWidget
+
+OBJECT_NAMES: dict[str, str] = {
+    "plots.layout": "the four training plots (batch loss, epoch loss, accuracy, learning rate); drag to pan, "
+                    "wheel to zoom, right-click for View All",
+}
+
+
+SMOOTHING = 0.9  # weight of the past in the smoothed batch loss (TensorBoard's default look)
+EXPORT_SIZE = QSize(1200, 900)  # used when the plots were never laid out on screen
+
+# Mid-lightness colours that keep their contrast on both a white and a near-black background.
+COLOURS = {
+    "train": "#3b82d6",
+    "val": "#e8710a",
+    "train_acc": "#2ca25f",
+    "val_acc": "#d6336c",
+    "lr": "#8e5ad6",
+}
+
+
+class _Series:
+    """x/y values in numpy arrays that grow by doubling, so appending is amortised O(1) per point."""
+
+    def __init__(self, capacity: int = 256):
+        self.x = np.empty(capacity, dtype=np.float64)
+        self.y = np.empty(capacity, dtype=np.float64)
+        self.n = 0
+        self.lo = math.inf  # running min and max of y, for the flat-curve check without a pass over the data
+        self.hi = -math.inf
+
+    def extend(self, xs: np.ndarray, ys: np.ndarray) -> None:
+        need = self.n + len(xs)
+        if need > len(self.x):
+            capacity = max(need, 2 * len(self.x))
+            # Fresh arrays: the plot may still hold a view of the old ones until its next setData.
+            self.x = np.concatenate([self.x[: self.n], np.empty(capacity - self.n)])
+            self.y = np.concatenate([self.y[: self.n], np.empty(capacity - self.n)])
+        self.x[self.n:need] = xs
+        self.y[self.n:need] = ys
+        self.n = need
+        finite = ys[np.isfinite(ys)]
+        if len(finite):
+            self.lo, self.hi = min(self.lo, float(finite.min())), max(self.hi, float(finite.max()))
+
+    def used(self) -> tuple[np.ndarray, np.ndarray]:
+        return self.x[: self.n], self.y[: self.n]
+
+
+def _finite(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+class _IntegerAxis(pg.AxisItem):
+    """An epoch axis: ticks only at whole numbers (there is no epoch 1.5)."""
+
+    def tickValues(self, minVal, maxVal, size):  # noqa: N802, N803 - pyqtgraph override
+        levels = [(spacing, [v for v in values if float(v).is_integer()])
+                  for spacing, values in super().tickValues(minVal, maxVal, size) if spacing >= 1]
+        if not any(values for _, values in levels):
+            levels = [(1.0, [float(v) for v in range(math.ceil(minVal), math.floor(maxVal) + 1)])]
+        return levels
+
+
+class LivePlots(QWidget):
+    """Four plots in one GraphicsLayoutWidget; one PlotDataItem per curve, updated with setData on used slices."""
+
+    # curve name -> (plot name, legend label, colour key, pen width, alpha)
+    CURVES = {
+        "batch_loss": ("batch", "batch loss", "train", 1, 90),
+        "batch_loss_smoothed": ("batch", "smoothed", "train", 2, 255),
+        "train_loss": ("loss", "train", "train", 2, 255),
+        "val_loss": ("loss", "validation", "val", 2, 255),
+        "train_accuracy": ("accuracy", "train", "train_acc", 2, 255),
+        "val_accuracy": ("accuracy", "validation", "val_acc", 2, 255),
+        "lr": ("lr", "learning rate", "lr", 2, 255),
+    }
+    PLOTS = {
+        # plot name -> (title, x label, y label, row, column)
+        "batch": ("Batch loss", "step", "loss", 0, 0),
+        "loss": ("Epoch loss", "epoch", "loss", 0, 1),
+        "accuracy": ("Accuracy", "epoch", "accuracy (%)", 1, 0),
+        "lr": ("Learning rate", "step", "learning rate", 1, 1),
+    }
+
+    def __init__(self, parent: QWidget | None = None, smoothing: float = SMOOTHING):
+        super().__init__(parent)
+        self.smoothing = smoothing
+        self.layout_widget = pg.GraphicsLayoutWidget()
+        self.layout_widget.setObjectName("plots.layout")
+        self.layout_widget.setMinimumSize(480, 360)
+        box = QVBoxLayout(self)
+        box.setContentsMargins(0, 0, 0, 0)
+        box.addWidget(self.layout_widget)
+
+        self.plots: dict[str, pg.PlotItem] = {}
+        for name, (title, xlabel, ylabel, row, col) in self.PLOTS.items():
+            axes = {"bottom": _IntegerAxis("bottom")} if xlabel == "epoch" else None
+            plot = self.layout_widget.addPlot(row=row, col=col, axisItems=axes)
+            plot.showGrid(x=True, y=True, alpha=0.2)
+            # Drawn points stay near the plot's pixel width however long the run: an update costs the same.
+            plot.setDownsampling(auto=True, mode="peak")
+            plot.setClipToView(True)
+            plot.addLegend(offset=(-10, 10))  # top right, where falling curves leave room
+            self.plots[name] = plot
+        self.plots["accuracy"].setYRange(0, 100)
+        self.plots["accuracy"].enableAutoRange(y=False)  # a fixed 0-100 % scale reads at a glance
+
+        self.curves: dict[str, pg.PlotDataItem] = {}
+        self._series: dict[str, _Series] = {}
+        for name, (plot_name, label, colour, width, alpha) in self.CURVES.items():
+            color = QColor(COLOURS[colour])
+            color.setAlpha(alpha)  # the raw batch loss is faint so the smoothed line reads on top of it
+            pen = pg.mkPen(color, width=width)
+            epoch_curve = self.PLOTS[plot_name][1] == "epoch"
+            item = pg.PlotDataItem(
+                name=label, pen=pen,
+                # Few epoch points: markers show each one; step curves can hold many thousands of points.
+                symbol="o" if epoch_curve else None, symbolSize=6, symbolPen=pen, symbolBrush=color,
+            )
+            self.plots[plot_name].addItem(item)
+            # After addItem: the plot hands its own (menu) settings to each item it adds.
+            item.setDownsampling(auto=True, method="peak")
+            item.setClipToView(True)
+            self.curves[name] = item
+            self._series[name] = _Series()
+        self._ema: float | None = None
+        self._lr_range_fixed = False
+        self._apply_palette()
+
+    # -- data ------------------------------------------------------------------------------------
+    def add_batches(self, steps: Sequence[int], losses: Sequence[float],
+                    lrs: Sequence[float] | float | None = None) -> None:
+        """Append batch losses at global steps; lrs is one value per step, or one value for the last step."""
+        if len(steps) == 0:
+            return
+        x = np.asarray(steps, dtype=np.float64)
+        y = np.asarray(losses, dtype=np.float64)
+        self._append("batch_loss", x, y)
+        smoothed = np.empty_like(y)
+        ema, w = self._ema, self.smoothing
+        for i, value in enumerate(y.tolist()):
+            if math.isfinite(value):  # a NaN loss must not poison every later smoothed value
+                ema = value if ema is None else w * ema + (1.0 - w) * value
+            smoothed[i] = ema if ema is not None else np.nan
+        self._ema = ema
+        self._append("batch_loss_smoothed", x, smoothed)
+        if lrs is None:
+            return
+        if isinstance(lrs, (int, float)):
+            if _finite(lrs):
+                self._append("lr", x[-1:], np.array([float(lrs)]))
+        else:
+            lr = np.asarray([v if _finite(v) else np.nan for v in lrs], dtype=np.float64)
+            keep = np.isfinite(lr)
+            self._append("lr", x[keep], lr[keep])
+
+    def add_epoch(self, metrics: dict[str, Any]) -> None:
+        """Append one epoch's train/validation loss and accuracy (missing or non-finite values are skipped)."""
+        self._add_epochs([metrics])
+
+    def load_history(self, rows: Iterable[dict[str, Any]], batches_per_epoch: int | None = None) -> None:
+        """Replace what is shown with a run's epoch curves (metrics.jsonl rows); with batches_per_epoch, its lr too.
+
+        A resumed run calls this with its earlier epochs, then keeps adding batches and epochs.
+        """
+        self.clear()
+        rows = [r for r in rows if _finite(r.get("epoch"))]
+        self._add_epochs(rows)
+        if batches_per_epoch:
+            lr_rows = [r for r in rows if _finite(r.get("lr"))]
+            if lr_rows:
+                # The epoch's lr as recorded at its end, placed at the step the epoch ended on.
+                x = np.array([r["epoch"] * batches_per_epoch for r in lr_rows], dtype=np.float64)
+                self._append("lr", x, np.array([r["lr"] for r in lr_rows], dtype=np.float64))
+
+    def clear(self) -> None:
+        """Empty every curve (a new run starts)."""
+        for name, item in self.curves.items():
+            self._series[name] = _Series()
+            item.setData([], [])
+        self._ema = None
+        self._lr_range_fixed = False
+        for plot in self.plots.values():
+            plot.enableAutoRange()
+        self.plots["accuracy"].setYRange(0, 100)  # fixed again even after the user zoomed
+
+    def point_count(self, curve: str = "batch_loss") -> int:
+        """How many points a curve holds (see CURVES for the names)."""
+        return self._series[curve].n
+
+    def curve_data(self, curve: str) -> tuple[np.ndarray, np.ndarray]:
+        """A copy of a curve's x and y values."""
+        x, y = self._series[curve].used()
+        return x.copy(), y.copy()
+
+    def _add_epochs(self, rows: list[dict[str, Any]]) -> None:
+        for name, scale in (("train_loss", 1.0), ("val_loss", 1.0),
+                            ("train_accuracy", 100.0), ("val_accuracy", 100.0)):
+            pts = [(r["epoch"], r[name] * scale) for r in rows if _finite(r.get(name)) and _finite(r.get("epoch"))]
+            if pts:
+                arr = np.asarray(pts, dtype=np.float64)
+                self._append(name, arr[:, 0], arr[:, 1])
+
+    def _append(self, name: str, x: np.ndarray, y: np.ndarray) -> None:
+        if len(x) == 0:
+            return
+        series = self._series[name]
+        series.extend(x, y)
+        self.curves[name].setData(*series.used())
+        if name == "lr":
+            self._fit_flat_lr(series)
+
+    def _fit_flat_lr(self, series: _Series) -> None:
+        """A constant learning rate gets a 0..2x axis: auto-range would centre it in +-0.5 and show it as 0."""
+        plot = self.plots["lr"]
+        if series.hi > series.lo:
+            if self._lr_range_fixed:  # the schedule started moving: let the axis follow again
+                self._lr_range_fixed = False
+                plot.enableAutoRange(y=True)
+        elif series.hi > 0 and (self._lr_range_fixed or plot.getViewBox().autoRangeEnabled()[1]):
+            self._lr_range_fixed = True
+            plot.setYRange(0, 2 * series.hi, padding=0)
+
+    # -- export ----------------------------------------------------------------------------------
+    def export_png(self, path: str | os.PathLike) -> QSize:
+        """Write all four plots as one PNG (the on-screen size, or EXPORT_SIZE when hidden); returns its size.
+
+        Raises OSError when the image cannot be written.
+        """
+        layout = self.layout_widget.ci
+        geometry = layout.geometry()
+        try:
+            if not self.layout_widget.isVisible():
+                # Never shown, offscreen or in a hidden tab: lay the plots out at a fixed size for the picture.
+                layout.resize(EXPORT_SIZE.width(), EXPORT_SIZE.height())
+            rect = layout.boundingRect()
+            exporter = ImageExporter(layout)
+            exporter.parameters()["width"] = int(round(rect.width()))  # the height follows the aspect ratio
+            # Axes widen to fit their tick labels only once they have been drawn: draw, re-lay out, draw again.
+            exporter.export(toBytes=True)
+            layout.layout.activate()
+            image: QImage = exporter.export(toBytes=True)
+        finally:
+            layout.setGeometry(geometry)  # the view lays it out only on resize, so put it back as it was
+        if image is None or image.isNull() or not image.save(str(path), "PNG"):
+            raise OSError(f"could not write a PNG image to {path}")
+        return image.size()
+
+    # -- look ------------------------------------------------------------------------------------
+    def changeEvent(self, event: QEvent) -> None:  # noqa: N802 - Qt override
+        if event.type() in (QEvent.Type.PaletteChange, QEvent.Type.StyleChange):
+            self._apply_palette()
+        super().changeEvent(event)
+
+    def _apply_palette(self) -> None:
+        """Background and text from the palette, so the plots sit in light and dark themes alike."""
+        pal = self.palette()
+        background = pal.color(QPalette.ColorRole.Base)
+        text = pal.color(QPalette.ColorRole.Text)
+        grid = QColor(text)
+        self.layout_widget.setBackground(background)
+        for name, plot in self.plots.items():
+            title, xlabel, ylabel, _, _ = self.PLOTS[name]
+            plot.setTitle(title, color=text.name())
+            for axis_name, label in (("bottom", xlabel), ("left", ylabel)):
+                axis = plot.getAxis(axis_name)
+                axis.setPen(pg.mkPen(grid))
+                axis.setTextPen(pg.mkPen(text))
+                axis.setLabel(label, color=text.name())
+                axis.enableAutoSIPrefix(False)  # "loss (x0.001)" misleads; plain numbers read directly
+            legend = plot.legend
+            if legend is not None:
+                legend.setLabelTextColor(text)
+                for _, label in legend.items:
+                    label.setText(label.text)  # the new colour shows only when the label is drawn again
+                fill = QColor(background)
+                fill.setAlpha(200)
+                legend.setBrush(pg.mkBrush(fill))
+                legend.setPen(pg.mkPen(QColor(text.red(), text.green(), text.blue(), 60)))

@@ -1,0 +1,367 @@
+"""The run view: Train / Stop / Resume, epoch and batch progress with time left, the status line and the live plots."""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+from PySide6.QtCore import Qt, Signal, Slot
+from PySide6.QtWidgets import (QFileDialog, QGridLayout, QHBoxLayout, QLabel, QProgressBar, QPushButton,
+                               QSizePolicy, QVBoxLayout, QWidget)
+
+from widgets.live_plots import LivePlots
+
+OBJECT_NAMES = {
+    "run.train": "starts a new training run of the project",
+    "run.stop": "stops the run after the current batch (the finished epochs' checkpoints are kept)",
+    "run.resume": "continues the current run from its last checkpoint",
+    "run.save_plots": "saves the four plots as one PNG image",
+    "run.epoch_progress": "epochs finished out of the run's total",
+    "run.batch_progress": "batches done in the current epoch",
+    "run.run_eta": "estimated time left in the run",
+    "run.epoch_eta": "estimated time left in the current epoch",
+    "run.status": "device, training speed and the last epoch's metrics",
+    "run.message": "the result of saving the plots (where it went, or why it failed)",
+}
+
+ERROR_COLOUR = "#d9534f"  # the fields' invalid red; readable on light and dark palettes
+
+
+def format_duration(seconds: float) -> str:
+    """A short human duration: '8 s', '3 min 05 s', '1 h 12 min'."""
+    seconds = max(0, int(round(seconds)))
+    if seconds < 60:
+        return f"{seconds} s"
+    minutes, secs = divmod(seconds, 60)
+    if minutes < 60:
+        return f"{minutes} min {secs:02d} s"
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours} h {minutes:02d} min"
+
+
+def time_left(elapsed: float, fraction: float) -> float | None:
+    """Seconds still to go when `fraction` of the work took `elapsed` seconds; None before there is a rate."""
+    if not (0 < fraction <= 1) or elapsed <= 0:
+        return None
+    return elapsed * (1 - fraction) / fraction
+
+
+def _number(value: Any) -> float | None:
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+        return float(value)
+    return None
+
+
+def metrics_text(metrics: dict[str, Any]) -> str:
+    """One epoch's metrics in a line: 'train loss 0.512, val loss 0.601, val accuracy 83.3%'."""
+    parts = []
+    for key, label in (("train_loss", "train loss"), ("val_loss", "val loss")):
+        value = _number(metrics.get(key))
+        if value is not None:
+            parts.append(f"{label} {value:.4g}")
+    for key, label in (("train_accuracy", "train accuracy"), ("val_accuracy", "val accuracy")):
+        value = _number(metrics.get(key))
+        if value is not None:
+            parts.append(f"{label} {100 * value:.1f}%")
+    return ", ".join(parts)
+
+
+class RunView(QWidget):
+    """Shows one run as it trains. Connect the TrainingController's signals to the on_* slots."""
+
+    train_requested = Signal()
+    stop_requested = Signal()
+    resume_requested = Signal()
+
+    def __init__(self, parent: QWidget | None = None):
+        super().__init__(parent)
+        self._running = False
+        self._can_resume = False
+        self._stopping = False
+        self._device = ""
+        self._epochs = 0
+        self._start_epoch = 0
+        self._batches_per_epoch = 0
+        self._epoch_started_at = 0.0  # run-elapsed seconds when the current epoch began
+        self._last_metrics: dict[str, Any] | None = None
+        self.run_dir: str | None = None
+
+        self.train_button = self._button("Train", "run.train", "Start a new training run of the project")
+        self.stop_button = self._button("Stop", "run.stop",
+                                        "Stop after the current batch; finished epochs keep their checkpoints")
+        self.resume_button = self._button("Resume", "run.resume",
+                                          "Continue the current run from its last checkpoint")
+        self.save_button = self._button("Save plots as PNG...", "run.save_plots",
+                                        "Save the four plots as one PNG image")
+        self.train_button.clicked.connect(self._on_train_clicked)
+        self.stop_button.clicked.connect(self._on_stop_clicked)
+        self.resume_button.clicked.connect(self._on_resume_clicked)
+        self.save_button.clicked.connect(self._on_save_plots_clicked)
+
+        self.epoch_bar = self._bar("run.epoch_progress")
+        self.batch_bar = self._bar("run.batch_progress")
+        self.run_eta = self._label("run.run_eta")
+        self.epoch_eta = self._label("run.epoch_eta")
+        self.status_label = self._label("run.status", wrap=True)
+        self.message_label = self._label("run.message", wrap=True)
+        self.message_label.hide()
+        self.plots = LivePlots()
+
+        buttons = QHBoxLayout()
+        for button in (self.train_button, self.stop_button, self.resume_button):
+            buttons.addWidget(button)
+        buttons.addStretch(1)
+        buttons.addWidget(self.save_button)
+
+        progress = QGridLayout()
+        progress.addWidget(QLabel("Epochs"), 0, 0)
+        progress.addWidget(self.epoch_bar, 0, 1)
+        progress.addWidget(self.run_eta, 0, 2)
+        progress.addWidget(QLabel("Batches"), 1, 0)
+        progress.addWidget(self.batch_bar, 1, 1)
+        progress.addWidget(self.epoch_eta, 1, 2)
+        progress.setColumnStretch(1, 3)
+        progress.setColumnStretch(2, 2)
+
+        layout = QVBoxLayout(self)
+        layout.addLayout(buttons)
+        layout.addLayout(progress)
+        layout.addWidget(self.status_label)
+        layout.addWidget(self.message_label)
+        layout.addWidget(self.plots, 1)
+
+        self.reset_progress()
+        self.status_label.setText("No run yet: press Train to start one.")
+        self.on_running_changed(False)
+
+    # -- construction helpers --------------------------------------------------------------------
+    def _button(self, text: str, name: str, tip: str) -> QPushButton:
+        button = QPushButton(text)
+        button.setObjectName(name)
+        button.setToolTip(tip)
+        return button
+
+    def _bar(self, name: str) -> QProgressBar:
+        bar = QProgressBar()
+        bar.setObjectName(name)
+        bar.setTextVisible(True)
+        bar.setAlignment(Qt.AlignmentFlag.AlignCenter)
+        bar.setSizePolicy(QSizePolicy.Policy.Expanding, QSizePolicy.Policy.Fixed)
+        return bar
+
+    def _label(self, name: str, wrap: bool = False) -> QLabel:
+        label = QLabel()
+        label.setObjectName(name)
+        label.setWordWrap(wrap)
+        label.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse)
+        return label
+
+    # -- state the main window sets ----------------------------------------------------------------
+    def set_can_resume(self, can: bool) -> None:
+        """Whether Resume has something to continue (the main window knows when a checkpoint exists)."""
+        self._can_resume = bool(can)
+        self.resume_button.setEnabled(self._can_resume and not self._running)
+
+    def reset_progress(self) -> None:
+        """Empty progress bars and time estimates (no run shown)."""
+        self.epoch_bar.setRange(0, 1)
+        self.epoch_bar.setValue(0)
+        self.epoch_bar.setFormat("no run")
+        self.batch_bar.setRange(0, 1)
+        self.batch_bar.setValue(0)
+        self.batch_bar.setFormat("")
+        self.run_eta.setText("")
+        self.epoch_eta.setText("")
+
+    def show_history(self, run_dir: str, rows: list[dict[str, Any]]) -> None:
+        """Show a finished (or earlier) run's epoch curves, as read from its metrics.jsonl."""
+        self.run_dir = run_dir
+        self.plots.load_history(rows)
+        self.reset_progress()
+        epochs = [int(r["epoch"]) for r in rows if _number(r.get("epoch")) is not None]
+        if epochs:
+            self.epoch_bar.setRange(0, max(epochs))
+            self.epoch_bar.setValue(max(epochs))
+            self.epoch_bar.setFormat(f"{max(epochs)} epoch(s) recorded")
+        last = rows[-1] if rows else {}
+        summary = metrics_text(last)
+        self.status_label.setText(f"Run {Path(run_dir).name}: {len(rows)} epoch(s)"
+                                  + (f"; last epoch: {summary}" if summary else ""))
+
+    # -- slots for TrainingController ------------------------------------------------------------
+    @Slot(dict)
+    def on_run_started(self, info: dict) -> None:
+        self.run_dir = info.get("run_dir")
+        self._device = str(info.get("device") or "")
+        self._epochs = int(info.get("epochs") or 0)
+        self._start_epoch = int(info.get("start_epoch") or 0)
+        self._batches_per_epoch = int(info.get("batches_per_epoch") or 0)
+        self._epoch_started_at = 0.0
+        history = list(info.get("history") or [])
+        self._last_metrics = history[-1] if history else None
+        if history:  # a resumed run: its earlier epochs first
+            self.plots.load_history(history, batches_per_epoch=self._batches_per_epoch or None)
+        else:
+            self.plots.clear()
+        self.epoch_bar.setRange(0, max(1, self._epochs))
+        self.epoch_bar.setValue(self._start_epoch)
+        self._set_epoch_format(self._start_epoch + 1)
+        self.batch_bar.setRange(0, max(1, self._batches_per_epoch))
+        self.batch_bar.setValue(0)
+        self.batch_bar.setFormat(f"batch 0 / {self._batches_per_epoch}")
+        self.run_eta.setText("")
+        self.epoch_eta.setText("")
+        if self._start_epoch:
+            what = f"Resumed after epoch {self._start_epoch} of {self._epochs}"
+        else:
+            what = f"Training {self._epochs} epoch(s)"
+        self.status_label.setText(f"{what} on {self._device}, {self._batches_per_epoch} batches per epoch.")
+
+    @Slot(dict)
+    def on_batch_finished(self, info: dict) -> None:
+        steps, losses = info.get("steps") or [], info.get("losses") or []
+        self.plots.add_batches(steps, losses, info.get("lr"))
+        epoch, epochs = int(info.get("epoch") or 0), int(info.get("epochs") or self._epochs)
+        batch = int(info.get("batch") or 0)
+        per_epoch = int(info.get("batches_per_epoch") or self._batches_per_epoch or 1)
+        if epochs != self._epochs:
+            self._epochs = epochs
+            self.epoch_bar.setRange(0, max(1, epochs))
+        self._batches_per_epoch = per_epoch
+        self.batch_bar.setRange(0, per_epoch)
+        self.batch_bar.setValue(min(batch, per_epoch))
+        self.batch_bar.setFormat(f"batch {batch} / {per_epoch}")
+        self._set_epoch_format(epoch)
+
+        elapsed = float(info.get("elapsed") or 0.0)
+        epoch_left = time_left(elapsed - self._epoch_started_at, batch / per_epoch)
+        self.epoch_eta.setText("" if epoch_left is None else f"about {format_duration(epoch_left)} left in this epoch")
+        planned = epochs - self._start_epoch
+        if planned > 0:
+            done = (epoch - 1 - self._start_epoch + batch / per_epoch) / planned
+            run_left = time_left(elapsed, done)
+            self.run_eta.setText("" if run_left is None else f"about {format_duration(run_left)} left in the run")
+        loss = _number(info.get("loss"))
+        if self._last_metrics is None and loss is not None and not self._stopping:
+            # Before the first epoch ends there are no epoch metrics; the batch loss says it is moving.
+            self.status_label.setText(f"{self._device} · epoch {epoch}, batch {batch}: loss {loss:.4g}")
+
+    @Slot(dict)
+    def on_epoch_finished(self, metrics: dict) -> None:
+        self.plots.add_epoch(metrics)
+        self._last_metrics = dict(metrics)
+        epoch = int(metrics.get("epoch") or 0)
+        epochs = int(metrics.get("epochs") or self._epochs)
+        self._epochs = epochs
+        self._epoch_started_at = float(metrics.get("elapsed") or self._epoch_started_at)
+        self.epoch_bar.setRange(0, max(1, epochs))
+        self.epoch_bar.setValue(min(epoch, epochs))
+        self._set_epoch_format(epoch + 1 if epoch < epochs else epoch)  # the epoch now training
+        self.batch_bar.setValue(self.batch_bar.maximum())
+        self.epoch_eta.setText("")
+        if epoch >= epochs:
+            self.run_eta.setText("")
+        if not self._stopping:
+            self.status_label.setText(self._status_text(metrics))
+
+    @Slot(dict)
+    def on_run_finished(self, result: dict) -> None:
+        status = result.get("status")
+        epoch, epochs = int(result.get("epoch") or 0), int(result.get("epochs") or self._epochs)
+        best = result.get("best_epoch")
+        best_text = f", best epoch {best}" if best else ""
+        self.run_eta.setText("")
+        self.epoch_eta.setText("")
+        if status == "completed":
+            if epoch >= epochs > 0:
+                self.epoch_bar.setRange(0, epochs)
+                self.epoch_bar.setValue(epochs)
+                self.batch_bar.setValue(self.batch_bar.maximum())
+            if result.get("stopped_early"):
+                text = f"Early stopping ended the run after epoch {epoch} of {epochs}{best_text}."
+            else:
+                text = f"Finished {epoch} of {epochs} epoch(s){best_text}."
+        elif status == "stopped":
+            text = f"Stopped after epoch {epoch} of {epochs}{best_text}." if epoch else \
+                "Stopped before the first epoch finished; no checkpoint was written."
+        else:
+            text = f"The run failed: {result.get('error') or 'unknown error'}"
+        if epoch:
+            self._set_epoch_format(epoch)  # the last finished epoch, not the one that was cut short
+        if self._last_metrics and status != "failed":
+            summary = metrics_text(self._last_metrics)
+            if summary:
+                text += f" Last epoch: {summary}."
+        self.status_label.setText(text)
+
+    @Slot(bool)
+    def on_running_changed(self, running: bool) -> None:
+        self._running = bool(running)
+        if not running:
+            self._stopping = False
+        self.train_button.setEnabled(not running)
+        self.resume_button.setEnabled(not running and self._can_resume)
+        self.stop_button.setEnabled(running and not self._stopping)
+        self.stop_button.setText("Stopping..." if self._stopping else "Stop")
+
+    # -- button handlers -------------------------------------------------------------------------
+    @Slot()
+    def _on_train_clicked(self) -> None:
+        self.train_requested.emit()
+
+    @Slot()
+    def _on_resume_clicked(self) -> None:
+        self.resume_requested.emit()
+
+    @Slot()
+    def _on_stop_clicked(self) -> None:
+        if not self._running or self._stopping:
+            return  # a second press while the first is taking effect does nothing
+        self._stopping = True
+        self.stop_button.setEnabled(False)
+        self.stop_button.setText("Stopping...")
+        self.status_label.setText("Stopping after the current batch...")
+        self.stop_requested.emit()
+
+    @Slot()
+    def _on_save_plots_clicked(self) -> None:
+        start = str(Path(self.run_dir) / "plots.png") if self.run_dir else "plots.png"
+        path, _ = QFileDialog.getSaveFileName(self, "Save plots as PNG", start, "PNG images (*.png)")
+        if path:
+            self.save_plots(path)
+
+    def save_plots(self, path: str) -> bool:
+        """Write the plots to path (".png" added when missing); the outcome is shown under the status line."""
+        target = Path(path)
+        if target.suffix.lower() != ".png":
+            target = target.with_name(target.name + ".png")
+        try:
+            if not target.parent.is_dir():
+                raise OSError(f"the folder {target.parent} does not exist")
+            size = self.plots.export_png(target)
+        except OSError as exc:
+            self._show_message(f"Could not save the plots to {target}: {exc}", error=True)
+            return False
+        self._show_message(f"Saved the plots to {target} ({size.width()} x {size.height()} pixels).")
+        return True
+
+    # -- helpers ---------------------------------------------------------------------------------
+    def _set_epoch_format(self, current: int) -> None:
+        self.epoch_bar.setFormat(f"epoch {max(1, current)} / {self._epochs}" if self._epochs else "")
+
+    def _status_text(self, metrics: dict[str, Any]) -> str:
+        parts = [self._device] if self._device else []
+        speed = _number(metrics.get("samples_per_second"))
+        if speed is not None:
+            parts.append(f"{speed:,.0f} samples/s")
+        summary = metrics_text(metrics)
+        epoch = metrics.get("epoch")
+        parts.append(f"epoch {epoch}: {summary}" if summary else f"epoch {epoch} finished")
+        if metrics.get("best"):
+            parts[-1] += " (best so far)"
+        return " · ".join(parts)
+
+    def _show_message(self, text: str, *, error: bool = False) -> None:
+        self.message_label.setText(text)
+        self.message_label.setStyleSheet(f"color: {ERROR_COLOUR};" if error else "")
+        self.message_label.setVisible(bool(text))
