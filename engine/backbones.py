@@ -50,7 +50,9 @@ class WeightsError(RuntimeError):
 def _catalog() -> tuple[str, ...]:
     # module= keeps to image classification (no detection, segmentation, video, quantized models).
     torchvision_names = torchvision.models.list_models(module=torchvision.models)
-    return tuple(sorted(torchvision_names + [TIMM_PREFIX + n for n in timm.list_models()]))
+    # timm's "*_enc" models are the image encoders of vision-language models: no classifier to replace.
+    timm_names = [TIMM_PREFIX + n for n in timm.list_models() if not n.endswith("_enc")]
+    return tuple(sorted(torchvision_names + timm_names))
 
 
 @functools.lru_cache(maxsize=1)

@@ -287,3 +287,15 @@ def test_a_timm_checkpoint_is_restored_and_exported(tmp_path):
     assert pre.crop_size == 32
     export_checkpoint(checkpoint, "torchscript", tmp_path / "model.ts")  # checks the file against PyTorch
     assert (tmp_path / "model.ts").is_file()
+
+
+def test_encoder_only_timm_models_are_not_offered():
+    import timm
+
+    from engine.backbones import backbone_problems, list_backbones
+
+    encoders = [n for n in timm.list_models() if n.endswith("_enc")]
+    catalog = set(list_backbones())
+    for name in encoders:  # vision-language encoders have no classifier head to replace
+        assert f"timm/{name}" not in catalog
+        assert backbone_problems(f"timm/{name}", None)
