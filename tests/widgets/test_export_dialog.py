@@ -1,0 +1,220 @@
+"""The export dialog on a real trained checkpoint: verified exports, overwrite questions, bad destinations."""
+import json
+import os
+import shutil
+
+import pytest
+import torch
+from PySide6.QtGui import QAction
+from PySide6.QtWidgets import QAbstractButton, QAbstractItemView, QAbstractSpinBox, QComboBox, QLineEdit, QWidget
+
+from conftest import write_image_folder, write_project
+from engine.checkpoints import load_checkpoint
+from engine.config import load_project
+from engine.export import FORMATS
+from engine.runs import RunRecorder
+from engine.trainer import Trainer
+from widgets.export_dialog import OBJECT_NAMES, ExportDialog
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    """A resnet18 whose head trained one epoch on 16 px colour images, in a run folder of its own."""
+    root = tmp_path_factory.mktemp("export-dialog")
+    write_image_folder(root / "images", per_class=8)
+    cfg = load_project(write_project(root / "project.json", "images", model={"freeze": "head_only"},
+                                     train={"epochs": 1, "device": "cpu", "seed": 0}))
+    run_dir = root / "run"
+    run_dir.mkdir()
+    Trainer(cfg, [RunRecorder(run_dir)]).run()
+    return run_dir / "checkpoints" / "final.pt"
+
+
+@pytest.fixture()
+def dialog(qtbot, checkpoint):
+    dlg = ExportDialog(str(checkpoint))
+    qtbot.addWidget(dlg)
+    dlg.show()
+    yield dlg
+    dlg.wait()
+
+
+def export(qtbot, dlg):
+    with qtbot.waitSignal(dlg.exported, timeout=120000) as blocker:
+        assert dlg.export()
+    assert dlg.wait()
+    return blocker.args[0]
+
+
+def fail(qtbot, dlg):
+    """Start an export that the engine refuses; wait until the dialog shows why."""
+    with qtbot.waitSignal(dlg.logged, timeout=60000, check_params_cb=lambda m: m.startswith("Export failed")):
+        assert dlg.export()
+    assert dlg.wait()
+
+
+def test_onnx_export_is_verified_in_onnxruntime(qtbot, dialog, checkpoint):
+    run_dir = checkpoint.parent.parent
+    out = run_dir / "exports" / "final.onnx"
+    assert not out.parent.exists()
+    # ONNX is the default, saved under RUN/exports, a folder the export creates.
+    assert dialog.fmt() == "onnx" and dialog.output_path() == out
+    assert "ONNX Runtime" in dialog.format_help.text()
+
+    info = export(qtbot, dialog)
+    result = dialog.last_result
+    assert out.is_file() and result.path == out and info["path"] == str(out)
+    assert 0.0 <= result.max_abs_diff <= result.tolerance == 1e-3
+    assert info["runtime"] == "onnxruntime"
+    sidecar = json.loads(result.sidecar.read_text())
+    assert sidecar["verified_with"] == "onnxruntime" and sidecar["max_abs_diff"] == result.max_abs_diff
+
+    labels = dialog.result_labels
+    assert labels["status"].text().startswith("OK")
+    assert labels["difference"].text() == f"{result.max_abs_diff:.3g}"
+    assert labels["tolerance"].text() == "0.001" and labels["runtime"].text() == "onnxruntime"
+    assert labels["file"].text() == str(out) and labels["sidecar"].text() == str(out) + ".json"
+    # Still open and usable for the next format.
+    assert dialog.isVisible() and dialog.export_button.isEnabled() and not dialog.progress.isVisible()
+    assert not dialog.message.isVisible()
+
+
+def test_the_suffix_follows_the_format(dialog, checkpoint):
+    exports = checkpoint.parent.parent / "exports"
+    expected = {"torchscript": "final.torchscript.pt", "onnx": "final.onnx", "state_dict": "final.pth",
+                "safetensors": "final.safetensors", "pt2": "final.pt2"}
+    assert [dialog.format_combo.itemData(i) for i in range(dialog.format_combo.count())] == list(FORMATS)
+    for fmt in FORMATS:
+        dialog.set_format(fmt)
+        assert dialog.output_path() == exports / expected[fmt]
+        assert dialog.format_help.text()
+    dialog.path_edit.setText(str(exports / "mine.bin"))  # a name of the user's own is kept
+    dialog.set_format("onnx")
+    assert dialog.output_path() == exports / "mine.bin"
+
+
+def test_overwrite_is_asked_and_respected(qtbot, dialog, tmp_path, monkeypatch):
+    out = tmp_path / "model.pth"
+    dialog.set_format("state_dict")
+    dialog.path_edit.setText(str(out))
+    export(qtbot, dialog)
+    first = dialog.last_result
+    inode, sidecar_text = out.stat().st_ino, (tmp_path / "model.pth.json").read_text()
+
+    asked = []
+    monkeypatch.setattr(dialog, "_confirm_overwrite", lambda path: asked.append(path) or False)
+    assert not dialog.export()
+    assert asked == [out]
+    assert out.stat().st_ino == inode and (tmp_path / "model.pth.json").read_text() == sidecar_text
+    assert dialog.last_result is first and not dialog.is_running()
+    assert "exists and was kept" in dialog.status.text()
+
+    monkeypatch.setattr(dialog, "_confirm_overwrite", lambda path: asked.append(path) or True)
+    export(qtbot, dialog)
+    assert asked == [out, out]
+    assert out.stat().st_ino != inode  # a new file was moved into place
+    assert dialog.last_result is not first and dialog.last_result.path == out
+
+
+def test_state_dict_and_safetensors_hold_the_model(qtbot, dialog, checkpoint, tmp_path):
+    from safetensors.torch import load_file
+
+    weights = load_checkpoint(checkpoint)["model_state_dict"]
+    dialog.path_edit.setText(str(tmp_path / "model.pth"))
+    dialog.set_format("state_dict")
+    export(qtbot, dialog)
+    state = torch.load(tmp_path / "model.pth", weights_only=True)
+    assert set(state) == set(weights) and torch.equal(state["fc.weight"], weights["fc.weight"])
+    assert dialog.result_labels["runtime"].text() == "torch.load into a fresh model"
+
+    dialog.set_format("safetensors")
+    assert dialog.output_path() == tmp_path / "model.safetensors"
+    export(qtbot, dialog)
+    state = load_file(str(tmp_path / "model.safetensors"))
+    assert set(state) == set(weights) and torch.equal(state["fc.weight"], weights["fc.weight"])
+    assert dialog.last_result.max_abs_diff <= 1e-3
+    assert (tmp_path / "model.safetensors.json").is_file()
+
+
+def test_missing_folders_are_created(qtbot, dialog, tmp_path):
+    out = tmp_path / "a" / "b" / "model.pth"
+    dialog.set_format("state_dict")
+    dialog.path_edit.setText(str(out))
+    export(qtbot, dialog)
+    assert out.is_file() and dialog.last_result.path == out
+
+
+def test_a_failed_export_explains_itself_and_leaves_no_new_folder(qtbot, checkpoint, tmp_path):
+    gone = tmp_path / "gone.pt"
+    shutil.copy(checkpoint, gone)
+    dlg = ExportDialog(str(gone))
+    qtbot.addWidget(dlg)
+    dlg.show()
+    gone.unlink()
+    dlg.set_format("state_dict")
+    dlg.path_edit.setText(str(tmp_path / "new" / "model.pth"))
+    fail(qtbot, dlg)
+    assert dlg.message.isVisible() and "does not exist" in dlg.message.text()
+    assert dlg.result_labels["status"].text().startswith("Failed")
+    assert not (tmp_path / "new").exists()  # the folder made for it is gone again
+    assert dlg.last_result is None and dlg.export_button.isEnabled()
+
+
+def test_bad_destinations_are_refused_inline(qtbot, dialog, checkpoint, tmp_path):
+    dialog.set_format("state_dict")
+    folder = tmp_path / "folder.pth"
+    folder.mkdir()
+    dialog.path_edit.setText(str(folder))
+    fail(qtbot, dialog)
+    assert "is a folder" in dialog.message.text()
+
+    dialog.path_edit.setText(str(checkpoint))
+    assert not dialog.export()
+    assert "is the checkpoint itself" in dialog.message.text()
+
+    dialog.path_edit.setText("")
+    assert not dialog.export() and "Choose where" in dialog.message.text()
+
+    dialog.path_edit.setText(str(tmp_path / "model.pth"))
+    dialog.tolerance_edit.setText("-1")
+    assert not dialog.export()
+    assert "Tolerance" in dialog.message.text() and dialog.advanced.isVisible()
+
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o500)
+    try:
+        if not os.access(locked, os.W_OK):  # root writes anywhere
+            dialog.tolerance_edit.setText("1e-3")
+            dialog.path_edit.setText(str(locked / "model.pth"))
+            fail(qtbot, dialog)
+            assert "is not writable" in dialog.message.text()
+            assert list(locked.iterdir()) == []
+    finally:
+        locked.chmod(0o700)
+
+    # After all that, an export still works.
+    dialog.tolerance_edit.setText("1e-3")
+    dialog.path_edit.setText(str(tmp_path / "model.pth"))
+    export(qtbot, dialog)
+    assert (tmp_path / "model.pth").is_file() and not dialog.message.isVisible()
+
+
+def test_every_control_is_named_and_documented(dialog):
+    named = {dialog.objectName()}
+    named |= {w.objectName() for w in dialog.findChildren(QWidget) if w.objectName().startswith("export.")}
+    named |= {a.objectName() for a in dialog.findChildren(QAction) if a.objectName().startswith("export.")}
+    assert named == set(OBJECT_NAMES)
+    interactive = (QAbstractButton, QLineEdit, QComboBox, QAbstractSpinBox, QAbstractItemView)
+
+    def inside_a_control(w):  # a combo's popup list, a table's header: parts of the named control
+        parent = w.parentWidget()
+        while parent is not None and parent is not dialog:
+            if isinstance(parent, interactive):
+                return True
+            parent = parent.parentWidget()
+        return False
+
+    for w in dialog.findChildren(QWidget):
+        if isinstance(w, interactive) and not inside_a_control(w):
+            assert w.objectName() in OBJECT_NAMES, f"unnamed {type(w).__name__}: {w.objectName()!r}"
