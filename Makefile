@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: run test install clean
+.PHONY: run test install clean screenshot docs
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -14,8 +14,16 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
+# The desktop app on the default project; with no display (or without Qt's xcb libraries) main.py says why,
+# names the apt-get line when libraries are missing, and trains the same project headless.
 run: $(STAMP)
-	$(PY) main.py train examples/default.json
+	$(PY) main.py examples/default.json
+
+screenshot: $(STAMP)
+	QT_QPA_PLATFORM=$${QT_QPA_PLATFORM:-offscreen} $(PY) -m app.screenshot docs/main_window.png
+
+docs: $(STAMP)
+	QT_QPA_PLATFORM=offscreen $(PY) -m app.object_names docs/object_names.md
 
 test: $(STAMP)
 	QT_QPA_PLATFORM=offscreen $(PY) -m pytest -q

@@ -1,0 +1,655 @@
+"""The main window: the project's panels in docks and tabs, the menus, and the wiring to the training controller."""
+from __future__ import annotations
+
+import html
+from pathlib import Path
+
+from PySide6.QtCore import QByteArray, QSettings, Qt, Slot
+from PySide6.QtGui import QAction, QCloseEvent, QDragEnterEvent, QDropEvent, QKeySequence
+from PySide6.QtWidgets import (QDockWidget, QFileDialog, QHBoxLayout, QMainWindow, QMenu,
+                               QMessageBox, QPlainTextEdit, QPushButton, QTabWidget, QVBoxLayout, QWidget)
+
+from app.training import TrainingController
+from engine.config import ConfigError, ProjectConfig
+from widgets.state import ProjectState
+
+REPO = Path(__file__).resolve().parent.parent
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
+MAX_RECENT = 10
+
+OBJECT_NAMES = {
+    "main.window": "the main window",
+    "main.tabs": "the central tabs: Run, Evaluation, Try it",
+    "main.setup_tabs": "the setup tabs: Dataset, Backbone, Layers, Training",
+    "main.setup_dock": "dock holding the setup tabs",
+    "main.checkpoints_dock": "dock holding the run's checkpoints",
+    "main.log_dock": "dock holding the log",
+    "log.view": "the log: messages from the app, the data scan and the trainer",
+    "log.clear": "clears the log",
+    "action.new": "File > New project (Ctrl+N)",
+    "action.open": "File > Open project... (Ctrl+O)",
+    "action.save": "File > Save project (Ctrl+S)",
+    "action.save_as": "File > Save project as... (Ctrl+Shift+S)",
+    "action.open_sample": "File > Open sample dataset (the bundled digits)",
+    "action.open_run": "File > Open run folder... (its curves and checkpoints)",
+    "action.export": "File > Export model... (Ctrl+E)",
+    "action.quit": "File > Quit (Ctrl+Q)",
+    "menu.recent_projects": "File > Recent projects",
+    "action.train": "Run > Train (F5, Ctrl+R)",
+    "action.train_from_weights": "Run > Train from the current weights (a new run initialised from them)",
+    "action.stop": "Run > Stop (Shift+F5, Ctrl+.)",
+    "action.resume": "Run > Resume the current run from its last checkpoint",
+    "action.evaluate": "Run > Evaluate the current model (Ctrl+Shift+E)",
+    "action.check": "Run > Check project: list every problem before training",
+    "action.reset_layout": "View > Reset layout",
+    "action.about": "Help > About",
+}
+
+
+def default_project() -> Path:
+    return REPO / "examples" / "default.json"
+
+
+class MainWindow(QMainWindow):
+    """Model Workbench's window. One ProjectState and one TrainingController; panels bind to the state."""
+
+    def __init__(self, state: ProjectState | None = None, controller: TrainingController | None = None):
+        super().__init__()
+        from widgets.backbone_panel import BackbonePanel
+        from widgets.checkpoints_panel import CheckpointsPanel
+        from widgets.dataset_panel import DatasetPanel
+        from widgets.evaluation_panel import EvaluationPanel
+        from widgets.layers_panel import LayersPanel
+        from widgets.run_view import RunView
+        from widgets.training_panel import TrainingPanel
+        from widgets.try_it import TryItPanel
+
+        self.setObjectName("main.window")
+        self.state = state or ProjectState(parent=self)
+        self.controller = controller or TrainingController(self)
+        self.current_checkpoint: str | None = None
+        self.current_run_dir: str | None = None
+        self.last_error_box: QMessageBox | None = None
+        self.export_dialog = None
+        self._closing = False
+        self._num_outputs: int | None = None
+
+        self.dataset = DatasetPanel(self.state)
+        self.backbone = BackbonePanel(self.state)
+        self.layers = LayersPanel(self.state)
+        self.training = TrainingPanel(self.state)
+        self.run_view = RunView()
+        self.checkpoints = CheckpointsPanel()
+        self.evaluation = EvaluationPanel()
+        self.try_it = TryItPanel()
+
+        self.setup_tabs = QTabWidget()
+        self.setup_tabs.setObjectName("main.setup_tabs")
+        self.setup_tabs.setDocumentMode(True)
+        for panel, title in ((self.dataset, "Dataset"), (self.backbone, "Backbone"), (self.layers, "Layers"),
+                             (self.training, "Training")):
+            self.setup_tabs.addTab(panel, title)
+
+        self.tabs = QTabWidget()
+        self.tabs.setObjectName("main.tabs")
+        self.tabs.setDocumentMode(True)
+        self.tabs.addTab(self.run_view, "Run")
+        self.tabs.addTab(self.evaluation, "Evaluation")
+        self.tabs.addTab(self.try_it, "Try it")
+        self.setCentralWidget(self.tabs)
+
+        self.log_view = QPlainTextEdit()
+        self.log_view.setObjectName("log.view")
+        self.log_view.setReadOnly(True)
+        self.log_view.setMaximumBlockCount(5000)
+        self.log_view.setLineWrapMode(QPlainTextEdit.LineWrapMode.WidgetWidth)
+        clear = QPushButton("Clear")
+        clear.setObjectName("log.clear")
+        clear.clicked.connect(self.log_view.clear)
+        log_box = QWidget()
+        log_layout = QVBoxLayout(log_box)
+        log_layout.setContentsMargins(4, 4, 4, 4)
+        log_layout.addWidget(self.log_view)
+        row = QHBoxLayout()
+        row.addStretch(1)
+        row.addWidget(clear)
+        log_layout.addLayout(row)
+
+        self.setup_dock = self._dock("Setup", "main.setup_dock", self.setup_tabs, Qt.DockWidgetArea.LeftDockWidgetArea)
+        self.checkpoints_dock = self._dock("Checkpoints", "main.checkpoints_dock", self.checkpoints,
+                                           Qt.DockWidgetArea.RightDockWidgetArea)
+        self.log_dock = self._dock("Log", "main.log_dock", log_box, Qt.DockWidgetArea.BottomDockWidgetArea)
+        self._default_layout = self.saveState()
+
+        self._build_actions()
+        self._build_menus()
+        self._connect()
+        self.setAcceptDrops(True)
+        self.resize(1280, 800)
+        self._restore_layout()
+        self._update_title()
+        self._update_actions()
+        self.statusBar().showMessage("Ready", 3000)
+
+    # -- construction --------------------------------------------------------------------------
+    def _dock(self, title: str, name: str, widget: QWidget, area: Qt.DockWidgetArea) -> QDockWidget:
+        dock = QDockWidget(title, self)
+        dock.setObjectName(name)
+        dock.setWidget(widget)
+        dock.setFeatures(QDockWidget.DockWidgetFeature.DockWidgetMovable
+                         | QDockWidget.DockWidgetFeature.DockWidgetFloatable
+                         | QDockWidget.DockWidgetFeature.DockWidgetClosable)
+        self.addDockWidget(area, dock)
+        return dock
+
+    def _action(self, name: str, text: str, slot, shortcuts=(), tip: str = "") -> QAction:
+        action = QAction(text, self)
+        action.setObjectName(name)
+        if shortcuts:
+            action.setShortcuts([QKeySequence(s) for s in shortcuts])
+        action.setStatusTip(tip or OBJECT_NAMES.get(name, ""))
+        action.triggered.connect(slot)
+        self.addAction(action)
+        return action
+
+    def _build_actions(self) -> None:
+        K = QKeySequence.StandardKey
+        self.act_new = self._action("action.new", "&New project", self.new_project, [K.New])
+        self.act_open = self._action("action.open", "&Open project...", self._on_open_triggered, [K.Open])
+        self.act_save = self._action("action.save", "&Save project", self.save_project, [K.Save])
+        self.act_save_as = self._action("action.save_as", "Save project &as...", self._on_save_as_triggered,
+                                        ["Ctrl+Shift+S"])
+        self.act_open_sample = self._action("action.open_sample", "Open sample &dataset (digits)",
+                                            self.dataset.open_sample)
+        self.act_open_run = self._action("action.open_run", "Open &run folder...", self._on_open_run_triggered)
+        self.act_export = self._action("action.export", "&Export model...", self.open_export_dialog, ["Ctrl+E"])
+        self.act_quit = self._action("action.quit", "&Quit", self.close, [K.Quit, "Ctrl+Q"])
+        self.act_train = self._action("action.train", "&Train", self.train, ["F5", "Ctrl+R"])
+        self.act_train_from = self._action("action.train_from_weights", "Train from current &weights",
+                                           self.train_from_current_weights)
+        self.act_stop = self._action("action.stop", "&Stop", self.stop, ["Shift+F5", "Ctrl+."])
+        self.act_resume = self._action("action.resume", "&Resume", self.resume_current_run)
+        self.act_evaluate = self._action("action.evaluate", "E&valuate current model", self.evaluate_current,
+                                         ["Ctrl+Shift+E"])
+        self.act_check = self._action("action.check", "&Check project", self.check_project, ["Ctrl+Shift+K"])
+        self.act_reset_layout = self._action("action.reset_layout", "Reset &layout", self.reset_layout)
+        self.act_about = self._action("action.about", "&About Model Workbench", self._on_about_triggered)
+
+    def _build_menus(self) -> None:
+        bar = self.menuBar()
+        file_menu = bar.addMenu("&File")
+        file_menu.addActions([self.act_new, self.act_open])
+        self.recent_menu = QMenu("Open &recent", self)
+        self.recent_menu.setObjectName("menu.recent_projects")
+        self.recent_menu.aboutToShow.connect(self._fill_recent_menu)
+        file_menu.addMenu(self.recent_menu)
+        file_menu.addActions([self.act_save, self.act_save_as])
+        file_menu.addSeparator()
+        file_menu.addActions([self.act_open_sample, self.act_open_run, self.act_export])
+        file_menu.addSeparator()
+        file_menu.addAction(self.act_quit)
+        run_menu = bar.addMenu("&Run")
+        run_menu.addActions([self.act_train, self.act_train_from, self.act_stop, self.act_resume])
+        run_menu.addSeparator()
+        run_menu.addActions([self.act_evaluate, self.act_check])
+        view_menu = bar.addMenu("&View")
+        for dock in (self.setup_dock, self.checkpoints_dock, self.log_dock):
+            view_menu.addAction(dock.toggleViewAction())
+        view_menu.addSeparator()
+        view_menu.addAction(self.act_reset_layout)
+        help_menu = bar.addMenu("&Help")
+        help_menu.addAction(self.act_about)
+
+    def _connect(self) -> None:
+        s, c = self.state, self.controller
+        s.dirty_changed.connect(self._update_title)
+        s.file_changed.connect(self._update_title)
+        s.changed.connect(self._on_state_changed)
+        s.refused.connect(self._on_field_refused)
+
+        c.logged.connect(self.log)
+        c.run_started.connect(self.run_view.on_run_started)
+        c.run_started.connect(self._on_run_started)
+        c.batch_finished.connect(self.run_view.on_batch_finished)
+        c.epoch_finished.connect(self.run_view.on_epoch_finished)
+        c.epoch_finished.connect(self._on_epoch_finished)
+        c.run_finished.connect(self.run_view.on_run_finished)
+        c.run_finished.connect(self._on_run_finished)
+        c.running_changed.connect(self.run_view.on_running_changed)
+        c.running_changed.connect(self.checkpoints.on_running_changed)
+        c.running_changed.connect(self._update_actions)
+        c.errored.connect(self._on_training_errored)
+
+        self.run_view.train_requested.connect(self.train)
+        self.run_view.stop_requested.connect(self.stop)
+        self.run_view.resume_requested.connect(self.resume_current_run)
+
+        self.dataset.scanned.connect(self._on_dataset_scanned)
+        self.dataset.logged.connect(self.log)
+        self.checkpoints.restore_requested.connect(self.use_checkpoint)
+        self.checkpoints.resume_requested.connect(self.resume_from)
+        self.checkpoints.run_opened.connect(self._on_run_opened)
+        self.evaluation.logged.connect(self.log)
+
+    # -- projects ------------------------------------------------------------------------------
+    def open_initial_project(self, path: str) -> None:
+        """The project the app starts on; a bad file is reported and an empty project is opened instead."""
+        if not self.open_project(path):
+            self.new_project(ask=False)
+
+    def new_project(self, ask: bool = True) -> bool:
+        if ask and not self._may_discard_changes():
+            return False
+        self.state.replace(ProjectConfig())
+        self._set_current_run(None)
+        self.log("New project")
+        return True
+
+    def open_project(self, path: str, *, ask: bool = True) -> bool:
+        """Open a project file; a bad file is reported (nothing the user had changes)."""
+        if ask and not self._may_discard_changes():
+            return False
+        try:
+            self.state.open(path)
+        except ConfigError as exc:
+            self.show_error("Cannot open project", str(exc))
+            self._forget_recent(path)
+            return False
+        self._remember_recent(self.state.file)
+        self._set_current_run(None)
+        self.log(f"Opened project {self.state.file}")
+        return True
+
+    def save_project(self) -> bool:
+        if not self.state.file:
+            return self._on_save_as_triggered()
+        return self._save_to(self.state.file)
+
+    def save_project_as(self, path: str) -> bool:
+        return self._save_to(path)
+
+    def _save_to(self, path: str) -> bool:
+        try:
+            saved = self.state.save(path)
+        except (OSError, ConfigError) as exc:
+            self.show_error("Cannot save project", f"{path}: {getattr(exc, 'strerror', None) or exc}")
+            return False
+        self._remember_recent(str(saved))
+        self.statusBar().showMessage(f"Saved {saved}", 4000)
+        return True
+
+    @Slot()
+    def _on_open_triggered(self) -> None:
+        start = str(Path(self.state.file).parent) if self.state.file else str(REPO / "examples")
+        path, _ = QFileDialog.getOpenFileName(self, "Open project", start, "Project files (*.json)")
+        if path:
+            self.open_project(path)
+
+    @Slot()
+    def _on_save_as_triggered(self) -> bool:
+        start = self.state.file or str(Path.cwd() / f"{self.state.config.name or 'project'}.json")
+        path, _ = QFileDialog.getSaveFileName(self, "Save project as", start, "Project files (*.json)")
+        if not path:
+            return False
+        if not path.lower().endswith(".json"):
+            path += ".json"
+        return self.save_project_as(path)
+
+    def _may_discard_changes(self) -> bool:
+        if not self.state.dirty:
+            return True
+        answer = self._ask_save_changes()
+        if answer == QMessageBox.StandardButton.Save:
+            return self.save_project()
+        return answer == QMessageBox.StandardButton.Discard
+
+    def _ask_save_changes(self) -> QMessageBox.StandardButton:
+        name = Path(self.state.file).name if self.state.file else "the new project"
+        return QMessageBox.question(
+            self, "Unsaved changes", f"Save the changes to {name}?",
+            QMessageBox.StandardButton.Save | QMessageBox.StandardButton.Discard | QMessageBox.StandardButton.Cancel,
+            QMessageBox.StandardButton.Save)
+
+    def recent_projects(self) -> list[str]:
+        value = QSettings().value("recent_projects", [])
+        if isinstance(value, str):
+            value = [value]
+        return [str(v) for v in (value or [])]
+
+    def last_project(self) -> str | None:
+        for path in self.recent_projects():
+            if Path(path).is_file():
+                return path
+        return None
+
+    def _remember_recent(self, path: str) -> None:
+        if not path:
+            return
+        items = [path] + [p for p in self.recent_projects() if p != path]
+        QSettings().setValue("recent_projects", items[:MAX_RECENT])
+
+    def _forget_recent(self, path: str) -> None:
+        resolved = str(Path(path).resolve())
+        QSettings().setValue("recent_projects", [p for p in self.recent_projects() if p not in (path, resolved)])
+
+    @Slot()
+    def _fill_recent_menu(self) -> None:
+        self.recent_menu.clear()
+        recent = self.recent_projects()
+        if not recent:
+            none = self.recent_menu.addAction("(no recent projects)")
+            none.setEnabled(False)
+            return
+        for i, path in enumerate(recent):
+            action = self.recent_menu.addAction(f"&{i + 1} {path}" if i < 9 else path)
+            action.setObjectName(f"menu.recent_projects.{i}")
+            action.triggered.connect(lambda _checked=False, p=path: self.open_project(p))
+
+    # -- training ------------------------------------------------------------------------------
+    def _ready_to_train(self) -> bool:
+        """A project that can start: valid, and saved somewhere so its run folder has a home."""
+        if self.controller.is_running():
+            self.log("A run is already going.")
+            return False
+        problems = self.state.problems(check_paths=True)
+        if problems:
+            self.show_error("The project cannot train yet", "\n".join(f"• {p}" for p in problems))
+            return False
+        if not self.state.file:
+            self.log("Save the project first: its run folders are created beside the project file.")
+            if not self._on_save_as_triggered():
+                return False
+        return True
+
+    @Slot()
+    def train(self) -> bool:
+        if not self._ready_to_train():
+            return False
+        self.run_view_reset()
+        return self.controller.start(self.state.snapshot())
+
+    @Slot()
+    def train_from_current_weights(self) -> bool:
+        """A new run of the project, its model initialised from the current checkpoint's weights."""
+        if not self.current_checkpoint:
+            self.show_error("No weights to start from", "Train a model or choose a checkpoint first.")
+            return False
+        if not self._ready_to_train():
+            return False
+        self.run_view_reset()
+        return self.controller.start(self.state.snapshot(), init_from=self.current_checkpoint)
+
+    def run_view_reset(self) -> None:
+        self.tabs.setCurrentWidget(self.run_view)
+
+    @Slot()
+    def stop(self) -> None:
+        self.controller.stop()
+
+    @Slot()
+    def resume_current_run(self) -> bool:
+        """Continue the current run from its last checkpoint, to the project's epoch count if that is higher."""
+        if not self.current_run_dir:
+            self.show_error("Nothing to resume", "Open a run folder or select a checkpoint to resume from.")
+            return False
+        last = Path(self.current_run_dir) / "checkpoints" / "last.pt"
+        if not last.is_file():
+            self.show_error("Nothing to resume", f"{last} does not exist: this run saved no checkpoint yet.")
+            return False
+        from engine.runs import read_metrics
+
+        rows = read_metrics(self.current_run_dir)
+        done = max((int(r.get("epoch", 0)) for r in rows), default=0)
+        wanted = self.state.config.train.epochs
+        return self.resume_from(str(last), wanted if wanted > done else None)
+
+    @Slot(str, int)
+    def resume_from(self, checkpoint: str, epochs: int | None = None) -> bool:
+        if self.controller.is_running():
+            self.log("A run is already going.")
+            return False
+        self.run_view_reset()
+        return self.controller.resume(checkpoint, epochs)
+
+    @Slot(dict)
+    def _on_run_started(self, info: dict) -> None:
+        self._set_current_run(info["run_dir"])
+
+    @Slot(dict)
+    def _on_epoch_finished(self, metrics: dict) -> None:
+        self.checkpoints.refresh()
+        last = metrics.get("last_checkpoint")
+        if last and Path(last).is_file():
+            self._set_current_checkpoint(last, announce=False)
+
+    @Slot(dict)
+    def _on_run_finished(self, result: dict) -> None:
+        if result.get("run_dir"):
+            self._set_current_run(result["run_dir"], pick_checkpoint=True)
+        self.checkpoints.refresh()
+        self._update_actions()
+        if result.get("status") == "completed" and self.current_checkpoint and not self._closing:
+            self.evaluation.set_checkpoint(self.current_checkpoint)
+            self.evaluation.evaluate()
+
+    @Slot(str)
+    def _on_training_errored(self, message: str) -> None:
+        if not self._closing:
+            self.show_error("Training stopped with an error", message)
+
+    def _set_current_run(self, run_dir: str | None, *, pick_checkpoint: bool = False) -> None:
+        self.current_run_dir = run_dir
+        self.checkpoints.set_run_dir(run_dir)
+        if run_dir is None:
+            self._set_current_checkpoint(None, announce=False)
+        elif pick_checkpoint:
+            folder = Path(run_dir) / "checkpoints"
+            for name in ("final.pt", "last.pt", "best.pt"):
+                if (folder / name).is_file():
+                    self._set_current_checkpoint(str(folder / name), announce=False)
+                    break
+        self._update_actions()
+
+    @Slot(str)
+    def use_checkpoint(self, path: str) -> None:
+        """Make a checkpoint the current model: evaluation, Try it, export and "train from weights" use it."""
+        self._set_current_checkpoint(path, announce=True)
+
+    def _set_current_checkpoint(self, path: str | None, *, announce: bool) -> None:
+        self.current_checkpoint = path
+        self.evaluation.set_checkpoint(path)
+        self.try_it.set_checkpoint(path)
+        if announce and path:
+            self.log(f"Current model: {path}")
+        self._update_actions()
+
+    @Slot(str, list)
+    def _on_run_opened(self, run_dir: str, rows: list) -> None:
+        self._set_current_run(run_dir, pick_checkpoint=True)
+        self.run_view.show_history(run_dir, rows)
+        self.tabs.setCurrentWidget(self.run_view)
+        self.log(f"Opened run {run_dir} ({len(rows)} epoch(s))")
+
+    @Slot()
+    def _on_open_run_triggered(self) -> None:
+        self.checkpoints.choose_run_dir()
+
+    # -- evaluation, export, checks ------------------------------------------------------------
+    @Slot()
+    def evaluate_current(self) -> None:
+        if not self.current_checkpoint:
+            self.show_error("No model to evaluate", "Train a model or choose a checkpoint first.")
+            return
+        self.evaluation.set_checkpoint(self.current_checkpoint)
+        self.tabs.setCurrentWidget(self.evaluation)
+        self.evaluation.evaluate()
+
+    @Slot()
+    def open_export_dialog(self):
+        from widgets.export_dialog import ExportDialog
+
+        if not self.current_checkpoint:
+            self.show_error("No model to export", "Train a model or choose a checkpoint first.")
+            return None
+        run_dir = Path(self.current_run_dir) if self.current_run_dir else Path(self.current_checkpoint).parent
+        self.export_dialog = ExportDialog(self.current_checkpoint, self, default_dir=str(run_dir / "exports"))
+        self.export_dialog.setObjectName("export.dialog")
+        self.export_dialog.open()
+        return self.export_dialog
+
+    @Slot()
+    def check_project(self) -> list[str]:
+        problems = self.state.problems(check_paths=True)
+        if problems:
+            self.show_error("Project problems", "\n".join(f"• {p}" for p in problems))
+        else:
+            self.log("The project's settings are valid. (The data and the model are checked when training starts.)")
+            self.statusBar().showMessage("Project settings are valid", 4000)
+        return problems
+
+    # -- state and display ---------------------------------------------------------------------
+    @Slot(str)
+    def _on_state_changed(self, path: str) -> None:
+        if path in ("", "name"):
+            self._update_title()
+
+    @Slot(str, str)
+    def _on_field_refused(self, path: str, reason: str) -> None:
+        self.statusBar().showMessage(reason, 10000)
+
+    @Slot(dict)
+    def _on_dataset_scanned(self, info: dict) -> None:
+        self._num_outputs = int(info.get("num_classes") or 0) or None
+        if self._num_outputs:
+            self.layers.set_num_outputs(self._num_outputs)
+
+    @Slot()
+    def _update_title(self, *_args) -> None:
+        name = self.state.config.name or "untitled"
+        where = f" — {self.state.file}" if self.state.file else " — not saved"
+        self.setWindowTitle(f"{name}[*]{where} — Model Workbench")
+        self.setWindowModified(self.state.dirty)
+
+    @Slot()
+    def _update_actions(self, *_args) -> None:
+        running = self.controller.is_running()
+        has_model = bool(self.current_checkpoint)
+        for action in (self.act_train, self.act_new, self.act_open):
+            action.setEnabled(not running)
+        self.act_train_from.setEnabled(not running and has_model)
+        self.act_stop.setEnabled(running)
+        can_resume = bool(self.current_run_dir) and (Path(self.current_run_dir) / "checkpoints" / "last.pt").is_file()
+        self.act_resume.setEnabled(not running and can_resume)
+        self.run_view.set_can_resume(not running and can_resume)
+        self.act_evaluate.setEnabled(has_model)
+        self.act_export.setEnabled(has_model)
+
+    def log(self, message: str) -> None:
+        for line in str(message).splitlines() or [""]:
+            self.log_view.appendPlainText(line)
+
+    def show_error(self, title: str, message: str) -> QMessageBox:
+        """A window-modal message that does not block the event loop (a running trainer keeps reporting)."""
+        self.log(f"{title}: {message}")
+        box = QMessageBox(QMessageBox.Icon.Warning, title, message, QMessageBox.StandardButton.Ok, self)
+        box.setObjectName("main.error_box")
+        box.setTextFormat(Qt.TextFormat.PlainText)
+        box.setWindowModality(Qt.WindowModality.WindowModal)
+        box.open()
+        self.last_error_box = box
+        return box
+
+    @Slot()
+    def _on_about_triggered(self) -> None:
+        import torch
+
+        QMessageBox.about(self, "About Model Workbench", (
+            "<b>Model Workbench</b><br>Fine-tune a pretrained PyTorch model without writing a training script."
+            f"<br><br>PyTorch {html.escape(torch.__version__)}; "
+            f"CUDA {'available' if torch.cuda.is_available() else 'not available'}."))
+
+    # -- layout --------------------------------------------------------------------------------
+    def _restore_layout(self) -> None:
+        settings = QSettings()
+        geometry = settings.value("window/geometry")
+        layout = settings.value("window/state")
+        if isinstance(geometry, QByteArray):
+            self.restoreGeometry(geometry)
+        if isinstance(layout, QByteArray):
+            self.restoreState(layout)
+        else:
+            self.resizeDocks([self.setup_dock, self.checkpoints_dock], [520, 300], Qt.Orientation.Horizontal)
+            self.resizeDocks([self.log_dock], [140], Qt.Orientation.Vertical)
+
+    def _save_layout(self) -> None:
+        settings = QSettings()
+        settings.setValue("window/geometry", self.saveGeometry())
+        settings.setValue("window/state", self.saveState())
+
+    @Slot()
+    def reset_layout(self) -> None:
+        self.restoreState(self._default_layout)
+        for dock in (self.setup_dock, self.checkpoints_dock, self.log_dock):
+            dock.setFloating(False)
+            dock.show()
+        self.resizeDocks([self.setup_dock, self.checkpoints_dock], [520, 300], Qt.Orientation.Horizontal)
+        self.resizeDocks([self.log_dock], [140], Qt.Orientation.Vertical)
+
+    # -- drag and drop -------------------------------------------------------------------------
+    def dragEnterEvent(self, event: QDragEnterEvent) -> None:
+        if event.mimeData().hasUrls() and any(u.isLocalFile() for u in event.mimeData().urls()):
+            event.acceptProposedAction()
+
+    def dropEvent(self, event: QDropEvent) -> None:
+        paths = [u.toLocalFile() for u in event.mimeData().urls() if u.isLocalFile()]
+        if paths:
+            self.open_dropped(paths[0])
+            event.acceptProposedAction()
+
+    def open_dropped(self, path: str) -> None:
+        """A dropped folder, .csv or .npz is a dataset, a .json a project, an image goes to Try it, a .pt is a model."""
+        p = Path(path)
+        suffix = p.suffix.lower()
+        if p.is_dir() or suffix in (".csv", ".npz"):
+            self.setup_tabs.setCurrentWidget(self.dataset)
+            self.dataset.open_path(str(p))
+        elif suffix == ".json":
+            self.open_project(str(p))
+        elif suffix in IMAGE_SUFFIXES:
+            self.tabs.setCurrentWidget(self.try_it)
+            self.try_it.open_image(str(p))
+        elif suffix == ".pt":
+            self.use_checkpoint(str(p))
+        else:
+            self.show_error("Cannot open this", f"{path}: expected a dataset folder, .csv, .npz, a project .json, "
+                                                "an image or a .pt checkpoint")
+
+    # -- closing -------------------------------------------------------------------------------
+    def closeEvent(self, event: QCloseEvent) -> None:
+        if self.controller.is_running():
+            if not self._ask_stop_training():
+                event.ignore()
+                return
+            self._closing = True
+            self.log("Stopping the run before closing...")
+            self.controller.stop()
+            self.controller.wait(10 * 60 * 1000)  # the trainer ends within a batch; a checkpoint write completes
+        if not self._may_discard_changes():
+            self._closing = False
+            event.ignore()
+            return
+        self._closing = True
+        from widgets.tasks import cancel_all
+
+        cancel_all(60000)
+        self._save_layout()
+        event.accept()
+
+    def _ask_stop_training(self) -> bool:
+        answer = QMessageBox.question(
+            self, "Training is running",
+            "A run is in progress. Stop it and close? The checkpoints written so far are kept, and the run can be "
+            "resumed later.", QMessageBox.StandardButton.Yes | QMessageBox.StandardButton.No,
+            QMessageBox.StandardButton.No)
+        return answer == QMessageBox.StandardButton.Yes
+
