@@ -6,7 +6,7 @@ from pathlib import Path
 
 from PySide6.QtCore import QByteArray, QSettings, Qt, Slot
 from PySide6.QtGui import QAction, QCloseEvent, QDragEnterEvent, QDropEvent, QKeySequence
-from PySide6.QtWidgets import (QDockWidget, QFileDialog, QHBoxLayout, QMainWindow, QMenu,
+from PySide6.QtWidgets import (QDockWidget, QFileDialog, QHBoxLayout, QMainWindow, QMenu, QScrollArea,
                                QMessageBox, QPlainTextEdit, QPushButton, QTabWidget, QVBoxLayout, QWidget)
 
 from app.training import TrainingController
@@ -22,6 +22,12 @@ OBJECT_NAMES = {
     "main.tabs": "the central tabs: Run, Evaluation, Try it",
     "main.setup_tabs": "the setup tabs: Dataset, Backbone, Layers, Training",
     "main.setup_dock": "dock holding the setup tabs",
+    "main.scroll.dataset": "scroll area around the dataset panel",
+    "main.scroll.backbone": "scroll area around the backbone panel",
+    "main.scroll.layers": "scroll area around the layers panel",
+    "main.scroll.training": "scroll area around the training panel",
+    "main.scroll.evaluation": "scroll area around the evaluation panel",
+    "main.scroll.try_it": "scroll area around the Try it panel",
     "main.checkpoints_dock": "dock holding the run's checkpoints",
     "main.log_dock": "dock holding the log",
     "log.view": "the log: messages from the app, the data scan and the trainer",
@@ -88,14 +94,14 @@ class MainWindow(QMainWindow):
         self.setup_tabs.setDocumentMode(True)
         for panel, title in ((self.dataset, "Dataset"), (self.backbone, "Backbone"), (self.layers, "Layers"),
                              (self.training, "Training")):
-            self.setup_tabs.addTab(panel, title)
+            self.setup_tabs.addTab(self._scrolled(panel, title.lower()), title)
 
         self.tabs = QTabWidget()
         self.tabs.setObjectName("main.tabs")
         self.tabs.setDocumentMode(True)
         self.tabs.addTab(self.run_view, "Run")
-        self.tabs.addTab(self.evaluation, "Evaluation")
-        self.tabs.addTab(self.try_it, "Try it")
+        self.tabs.addTab(self._scrolled(self.evaluation, "evaluation"), "Evaluation")
+        self.tabs.addTab(self._scrolled(self.try_it, "try_it"), "Try it")
         self.setCentralWidget(self.tabs)
 
         self.log_view = QPlainTextEdit()
@@ -117,8 +123,12 @@ class MainWindow(QMainWindow):
 
         self.setup_dock = self._dock("Setup", "main.setup_dock", self.setup_tabs, Qt.DockWidgetArea.LeftDockWidgetArea)
         self.checkpoints_dock = self._dock("Checkpoints", "main.checkpoints_dock", self.checkpoints,
-                                           Qt.DockWidgetArea.RightDockWidgetArea)
+                                           Qt.DockWidgetArea.BottomDockWidgetArea)
         self.log_dock = self._dock("Log", "main.log_dock", log_box, Qt.DockWidgetArea.BottomDockWidgetArea)
+        # The setup dock keeps the window's full height; checkpoints and log share a tabbed dock under the plots.
+        self.setCorner(Qt.Corner.BottomLeftCorner, Qt.DockWidgetArea.LeftDockWidgetArea)
+        self.tabifyDockWidget(self.checkpoints_dock, self.log_dock)
+        self.checkpoints_dock.raise_()
         self._default_layout = self.saveState()
 
         self._build_actions()
@@ -132,6 +142,16 @@ class MainWindow(QMainWindow):
         self.statusBar().showMessage("Ready", 3000)
 
     # -- construction --------------------------------------------------------------------------
+    @staticmethod
+    def _scrolled(panel: QWidget, name: str) -> QScrollArea:
+        """A panel in a scroll area, so a small screen or a short dock never squeezes it below its minimum."""
+        scroll = QScrollArea()
+        scroll.setObjectName(f"main.scroll.{name}")
+        scroll.setWidgetResizable(True)
+        scroll.setFrameShape(QScrollArea.Shape.NoFrame)
+        scroll.setWidget(panel)
+        return scroll
+
     def _dock(self, title: str, name: str, widget: QWidget, area: Qt.DockWidgetArea) -> QDockWidget:
         dock = QDockWidget(title, self)
         dock.setObjectName(name)
@@ -481,7 +501,7 @@ class MainWindow(QMainWindow):
             self.show_error("No model to evaluate", "Train a model or choose a checkpoint first.")
             return
         self.evaluation.set_checkpoint(self.current_checkpoint)
-        self.tabs.setCurrentWidget(self.evaluation)
+        self.tabs.setCurrentIndex(1)
         self.evaluation.evaluate()
 
     @Slot()
@@ -578,8 +598,7 @@ class MainWindow(QMainWindow):
         if isinstance(layout, QByteArray):
             self.restoreState(layout)
         else:
-            self.resizeDocks([self.setup_dock, self.checkpoints_dock], [520, 300], Qt.Orientation.Horizontal)
-            self.resizeDocks([self.log_dock], [140], Qt.Orientation.Vertical)
+            self._default_sizes()
 
     def _save_layout(self) -> None:
         settings = QSettings()
@@ -592,8 +611,11 @@ class MainWindow(QMainWindow):
         for dock in (self.setup_dock, self.checkpoints_dock, self.log_dock):
             dock.setFloating(False)
             dock.show()
-        self.resizeDocks([self.setup_dock, self.checkpoints_dock], [520, 300], Qt.Orientation.Horizontal)
-        self.resizeDocks([self.log_dock], [140], Qt.Orientation.Vertical)
+        self._default_sizes()
+
+    def _default_sizes(self) -> None:
+        self.resizeDocks([self.setup_dock], [600], Qt.Orientation.Horizontal)
+        self.resizeDocks([self.checkpoints_dock], [220], Qt.Orientation.Vertical)
 
     # -- drag and drop -------------------------------------------------------------------------
     def dragEnterEvent(self, event: QDragEnterEvent) -> None:
@@ -611,12 +633,12 @@ class MainWindow(QMainWindow):
         p = Path(path)
         suffix = p.suffix.lower()
         if p.is_dir() or suffix in (".csv", ".npz"):
-            self.setup_tabs.setCurrentWidget(self.dataset)
+            self.setup_tabs.setCurrentIndex(0)
             self.dataset.open_path(str(p))
         elif suffix == ".json":
             self.open_project(str(p))
         elif suffix in IMAGE_SUFFIXES:
-            self.tabs.setCurrentWidget(self.try_it)
+            self.tabs.setCurrentIndex(2)
             self.try_it.open_image(str(p))
         elif suffix == ".pt":
             self.use_checkpoint(str(p))

@@ -387,9 +387,9 @@ class DatasetPanel(QWidget):
         recent_layout = QVBoxLayout(recent_box)
         recent_layout.addWidget(self.recent_list)
 
-        top = QHBoxLayout()
-        top.addWidget(source_box, 3)
-        top.addWidget(recent_box, 2)
+        top = QVBoxLayout()  # stacked, so the panel fits a dock beside the plots at 1280 px
+        top.addWidget(source_box)
+        top.addWidget(recent_box)
 
         self.progress_bar = QProgressBar()
         self.progress_bar.setObjectName("dataset.progress")
@@ -456,7 +456,7 @@ class DatasetPanel(QWidget):
         header.setSectionResizeMode(0, QHeaderView.ResizeMode.Stretch)
         for col in (1, 2, 3):
             header.setSectionResizeMode(col, QHeaderView.ResizeMode.ResizeToContents)
-        classes_split = QSplitter(Qt.Orientation.Horizontal)
+        classes_split = QSplitter(Qt.Orientation.Vertical)  # chart above the table: both get the dock's width
         classes_split.addWidget(chart_box)
         classes_split.addWidget(self.class_table)
         classes_split.setStretchFactor(0, 3)
@@ -497,7 +497,7 @@ class DatasetPanel(QWidget):
         layout.addWidget(self.warnings_label)
         layout.addWidget(self.split_label)
         layout.addWidget(self.tabs, 1)
-        self.recent_list.setMaximumHeight(max(120, source_box.sizeHint().height() - 40))
+        self.recent_list.setMaximumHeight(4 * self.recent_list.fontMetrics().height() + 12)
         self.setSizePolicy(QSizePolicy.Policy.Expanding, QSizePolicy.Policy.Expanding)
 
     # -- opening -------------------------------------------------------------------------------

@@ -100,7 +100,7 @@ class LivePlots(QWidget):
         self.smoothing = smoothing
         self.layout_widget = pg.GraphicsLayoutWidget()
         self.layout_widget.setObjectName("plots.layout")
-        self.layout_widget.setMinimumSize(480, 360)
+        self.layout_widget.setMinimumSize(440, 300)  # four plots stay legible; fits 1280x800 with the docks
         box = QVBoxLayout(self)
         box.setContentsMargins(0, 0, 0, 0)
         box.addWidget(self.layout_widget)

@@ -1,6 +1,6 @@
 """Try it: a trained checkpoint's predictions for an opened or dropped image, and the messages when it cannot."""
 import pytest
-from PySide6.QtCore import QMimeData, QPointF, Qt, QUrl
+from PySide6.QtCore import QPoint, QMimeData, QPointF, Qt, QUrl
 from PySide6.QtGui import QDragEnterEvent, QDropEvent
 from PySide6.QtWidgets import QLabel, QProgressBar, QPushButton, QWidget
 
@@ -85,7 +85,7 @@ def test_a_dropped_image_is_predicted(qtbot, panel, trained):
     panel.set_checkpoint(str(final))
     mime = QMimeData()
     mime.setUrls([QUrl.fromLocalFile(str(root / "images" / "blue" / "002.png"))])
-    enter = QDragEnterEvent(QPointF(20, 20), Qt.DropAction.CopyAction, mime, Qt.MouseButton.LeftButton,
+    enter = QDragEnterEvent(QPoint(20, 20), Qt.DropAction.CopyAction, mime, Qt.MouseButton.LeftButton,
                             Qt.KeyboardModifier.NoModifier)
     enter.ignore()
     panel.dragEnterEvent(enter)  # offscreen Qt runs no drag loop, so the handlers are called as it would

@@ -1,0 +1,61 @@
+"""A screenshot of the main window during a real run of the default project, for the README (make screenshot)."""
+from __future__ import annotations
+
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    target = Path(argv[0] if argv else "docs/main_window.png").resolve()
+    from PySide6.QtCore import QSettings
+    from PySide6.QtWidgets import QApplication
+
+    with tempfile.TemporaryDirectory() as tmp:
+        # A private copy of the default project, so its runs and the window's settings stay out of the repo.
+        QApplication.setOrganizationName("ModelWorkbenchScreenshot")
+        QApplication.setApplicationName("ModelWorkbenchScreenshot")
+        QSettings.setDefaultFormat(QSettings.Format.IniFormat)
+        QSettings.setPath(QSettings.Format.IniFormat, QSettings.Scope.UserScope, tmp)
+        app = QApplication.instance() or QApplication(sys.argv[:1])
+        from app.main_window import MainWindow
+        from engine.config import load_project
+
+        cfg = load_project(REPO / "examples" / "default.json")
+        project = Path(tmp) / "default.json"
+        shutil.copy(REPO / "examples" / "default.json", project)
+        window = MainWindow()
+        window.open_project(str(project))
+        window.state.set("data.path", str(cfg.resolve(cfg.data.path)))
+        window.state.set("train.epochs", 2)
+        window.save_project()
+        window.resize(1280, 800)
+        window.show()
+        window.train()
+        # Wait for the first epoch and part of the second, so every plot has something to show.
+        epochs = []
+        window.controller.epoch_finished.connect(epochs.append)
+        deadline = time.monotonic() + 15 * 60
+        while time.monotonic() < deadline and (not epochs or window.run_view.batch_bar.value() < 0.6 * window.run_view.batch_bar.maximum()):
+            app.processEvents()
+            time.sleep(0.02)
+        for _ in range(50):
+            app.processEvents()
+            time.sleep(0.02)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        window.grab().save(str(target))
+        window.controller.stop()
+        window.controller.wait(120000)
+        window.state._set_dirty(False)
+        window.close()
+    print(f"wrote {target}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
