@@ -36,12 +36,13 @@ def main(argv: list[str] | None = None) -> int:
         window.save_project()
         window.resize(1280, 800)
         window.show()
+        started = []
+        window.controller.run_started.connect(started.append)
         window.train()
-        # Wait for the first epoch and part of the second, so every plot has something to show.
-        epochs = []
-        window.controller.epoch_finished.connect(epochs.append)
+        # Wait for the first epoch and over half of the second, so every plot has something to show.
         deadline = time.monotonic() + 15 * 60
-        while time.monotonic() < deadline and (not epochs or window.run_view.batch_bar.value() < 0.6 * window.run_view.batch_bar.maximum()):
+        while time.monotonic() < deadline and (
+                not started or (window.controller.current_step() or 0) < 1.6 * started[0]["batches_per_epoch"]):
             app.processEvents()
             time.sleep(0.02)
         for _ in range(50):
