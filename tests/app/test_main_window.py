@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 from PySide6.QtCore import QThread
 from PySide6.QtWidgets import (QAbstractButton, QAbstractItemView, QAbstractSpinBox, QComboBox, QLineEdit,
-                               QMessageBox, QWidget)
+                               QMessageBox, QTabBar, QWidget)
 
 from app.main_window import MainWindow
 from conftest import write_project
@@ -230,10 +230,10 @@ def test_every_interactive_control_has_a_documented_object_name(qtbot, window):
             continue  # pyqtgraph's own context-menu widgets
         parent, ancestor, internal = widget.parent(), widget.parent(), False
         while ancestor is not None and ancestor is not window:
-            internal = internal or isinstance(ancestor, kinds) or ancestor.objectName().startswith("qt_")
+            internal = internal or isinstance(ancestor, (*kinds, QTabBar)) or ancestor.objectName().startswith("qt_")
             ancestor = ancestor.parent()
         if internal:
-            continue  # a control's own parts (a spin box's line edit, a combo's popup list)
+            continue  # a control's own parts (a spin box's line edit, a combo's popup, a tab bar's scroll arrows)
         name = widget.objectName()
         if not name:
             unnamed.append(f"{type(widget).__name__} under {parent.objectName() if parent else '?'}")
