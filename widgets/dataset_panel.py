@@ -21,6 +21,7 @@ from PySide6.QtWidgets import (QAbstractItemView, QApplication, QComboBox, QFile
 
 from engine.config import TASKS
 from engine.data import DataError, DataSource, array_to_tensor, load_image, scan_source, split_indices
+from widgets.look import fit_pixels
 from widgets.fields import bind_combo, bind_float_text, bind_spin, bind_text
 from widgets.state import ProjectState
 from widgets.tasks import Task, run_task
@@ -115,19 +116,6 @@ def _pick_samples(source: DataSource) -> list[int]:
     return sorted(picked, key=lambda i: (source.targets[i], i))[:MAX_THUMBS]
 
 
-def _thumbnail(image: Image.Image, box: int = THUMB_SIZE) -> np.ndarray:
-    """RGB uint8 pixels fitting box x box: shrunk smoothly, or enlarged by a whole factor keeping pixels sharp."""
-    w, h = image.size
-    scale = box / max(w, h, 1)
-    if scale >= 2:
-        factor = int(scale)
-        image = image.resize((w * factor, h * factor), Image.Resampling.NEAREST)
-    elif scale < 1:
-        image = image.copy()
-        image.thumbnail((box, box), Image.Resampling.BILINEAR)
-    return np.ascontiguousarray(np.asarray(image.convert("RGB"), dtype=np.uint8))
-
-
 def _sample_image(source: DataSource, i: int) -> Image.Image:
     if source.array is not None:
         pixels = array_to_tensor(source.array[i]).permute(1, 2, 0).numpy()
@@ -166,7 +154,7 @@ def scan_dataset(path: str, *, kind: str = "auto", task: str = "classification",
         check()
         where = str(source.files[i]) if source.files is not None else f"{source.path}, row {i}"
         try:
-            pixels = _thumbnail(_sample_image(source, i))
+            pixels = fit_pixels(_sample_image(source, i), THUMB_SIZE)
         except Exception:  # noqa: BLE001 - a file changed since the scan: leave its thumbnail out
             continue
         label = _label_text(source.targets[i], source.task, source.class_names)

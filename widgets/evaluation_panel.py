@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import numpy as np
+from PIL import Image
 from PySide6.QtCore import QEvent, QPointF, QRectF, QSize, Qt, Signal
 from PySide6.QtGui import (QColor, QFontMetrics, QIcon, QImage, QLinearGradient, QPainter, QPalette, QPen,
                            QPixmap)
@@ -17,6 +18,7 @@ from PySide6.QtWidgets import (QAbstractItemView, QCheckBox, QFileDialog, QGroup
                                QSizePolicy, QSplitter, QStyle, QTableWidget, QTableWidgetItem, QToolTip, QVBoxLayout,
                                QWidget)
 
+from widgets.look import fit_pixels, message_colour
 from widgets.tasks import Task, run_task
 
 OBJECT_NAMES = {
@@ -44,11 +46,6 @@ MAX_LABELLED_CLASSES = 20  # above this the heat map leaves counts out of the ce
 
 # Viridis: perceptually even and readable on light and dark window colours alike (data colours, not palette).
 _VIRIDIS = [(68, 1, 84), (59, 82, 139), (33, 145, 140), (94, 201, 98), (253, 231, 37)]
-
-
-def message_colour(palette: QPalette) -> QColor:
-    """An error red with enough contrast on the palette's window colour (darker on light, lighter on dark)."""
-    return QColor("#ff7b72") if palette.color(QPalette.ColorRole.Window).lightnessF() < 0.5 else QColor("#b3261e")
 
 
 def viridis(t: float) -> QColor:
@@ -110,20 +107,6 @@ def _evaluate_job(checkpoint: str, data: str | None, top_n: int, *, progress: Ca
     return {"evaluation": ev.to_dict(), "arrays": arrays}
 
 
-def _fit(pixels: np.ndarray, size: int) -> np.ndarray:
-    """An RGB uint8 image scaled to fit size: tiny images enlarged by whole pixels so they stay honest."""
-    from PIL import Image
-
-    img = Image.fromarray(pixels)
-    longest = max(img.width, img.height)
-    if longest < size:
-        factor = max(1, size // longest)
-        img = img.resize((img.width * factor, img.height * factor), Image.Resampling.NEAREST)
-    else:
-        img.thumbnail((size, size), Image.Resampling.BILINEAR)
-    return np.ascontiguousarray(np.asarray(img.convert("RGB"), dtype=np.uint8))
-
-
 def _thumbnails_job(paths: Sequence[str], arrays: dict, size: int, *, progress: Callable[[Any], None],
                     cancel: threading.Event) -> list | None:
     """One RGB array per sample (or the reason it cannot be shown); partial lists go out as progress."""
@@ -152,7 +135,7 @@ def _thumbnails_job(paths: Sequence[str], arrays: dict, size: int, *, progress: 
                 pixels = np.rint(chw.permute(1, 2, 0).numpy() * 255).astype(np.uint8)
             else:
                 pixels = np.asarray(load_image(path), dtype=np.uint8)
-            out[i] = _fit(pixels, size)
+            out[i] = fit_pixels(Image.fromarray(pixels), size)
         except Exception as exc:  # noqa: BLE001 - one unreadable image must not hide the others
             out[i] = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         progress(list(out))

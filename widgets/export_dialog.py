@@ -8,11 +8,12 @@ from pathlib import Path
 from typing import Any, Callable
 
 from PySide6.QtCore import QEvent, QSettings, Qt, Signal
-from PySide6.QtGui import QColor, QPalette
+from PySide6.QtGui import QPalette
 from PySide6.QtWidgets import (QComboBox, QDialog, QFileDialog, QFormLayout, QGroupBox, QHBoxLayout, QLabel,
                                QLineEdit, QMessageBox, QProgressBar, QPushButton, QToolButton, QVBoxLayout, QWidget)
 
 from engine.export import FORMATS, ExportResult, default_suffix, sidecar_path
+from widgets.look import message_colour, ok_colour
 from widgets.fields import format_float, parse_float
 from widgets.tasks import Task, run_task
 
@@ -56,15 +57,6 @@ FORMAT_HELP = {
 }
 DEFAULT_FORMAT = "onnx"
 SETTINGS_FORMAT = "export/format"
-
-
-def message_colour(palette: QPalette) -> QColor:
-    """An error red with enough contrast on the palette's window colour (darker on light, lighter on dark)."""
-    return QColor("#ff7b72") if palette.color(QPalette.ColorRole.Window).lightnessF() < 0.5 else QColor("#b3261e")
-
-
-def ok_colour(palette: QPalette) -> QColor:
-    return QColor("#56d364") if palette.color(QPalette.ColorRole.Window).lightnessF() < 0.5 else QColor("#1a7f37")
 
 
 def file_suffix(fmt: str) -> str:

@@ -6,8 +6,6 @@ import threading
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-from PIL import Image
 from PySide6.QtCore import QSize, Qt, Signal
 from PySide6.QtGui import QDragEnterEvent, QDropEvent, QImage, QPalette, QPixmap, QResizeEvent
 from PySide6.QtWidgets import (QFileDialog, QFrame, QGridLayout, QHBoxLayout, QLabel, QProgressBar, QPushButton,
@@ -16,6 +14,7 @@ from PySide6.QtWidgets import (QFileDialog, QFrame, QGridLayout, QHBoxLayout, QL
 from engine.checkpoints import CheckpointError
 from engine.data import DataError
 from engine.predict import Predictor, read_image
+from widgets.look import fit_pixels
 from widgets.tasks import Task, run_task
 
 OBJECT_NAMES = {
@@ -59,26 +58,13 @@ class PredictorCache:
             return self._predictor
 
 
-def _display_pixels(image: Image.Image) -> np.ndarray:
-    """RGB uint8 pixels at most DISPLAY_SIZE on a side; small images are enlarged with sharp pixels."""
-    w, h = image.size
-    scale = DISPLAY_SIZE / max(w, h, 1)
-    if scale >= 2:
-        factor = int(scale)
-        image = image.resize((w * factor, h * factor), Image.Resampling.NEAREST)
-    elif scale < 1:
-        image = image.copy()
-        image.thumbnail((DISPLAY_SIZE, DISPLAY_SIZE), Image.Resampling.BILINEAR)
-    return np.ascontiguousarray(np.asarray(image.convert("RGB"), dtype=np.uint8))
-
-
 def predict_file(cache: PredictorCache, checkpoint: str, image_path: str) -> dict[str, Any]:
     """Decode the image, predict it with the checkpoint's model; plain values back (raises DataError/CheckpointError)."""
     image = read_image(image_path)  # a DataError naming the file when it does not decode
     predictor = cache.get(checkpoint)
     predictions = predictor.predict(image)
     return {"checkpoint": checkpoint, "image": image_path, "size": image.size, "task": predictor.task,
-            "info": dict(predictor.info), "predictions": predictions, "pixels": _display_pixels(image)}
+            "info": dict(predictor.info), "predictions": predictions, "pixels": fit_pixels(image, DISPLAY_SIZE)}
 
 
 class _Bars(QWidget):
