@@ -84,3 +84,18 @@ def project_state(tiny_project):
     state = ProjectState()
     state.open(tiny_project)
     return state
+
+
+def train_head_only_run(root: Path) -> Path:
+    """A real checkpoint in a few seconds: resnet18's head trained one epoch on 16 px colour images; returns final.pt."""
+    from engine.config import load_project
+    from engine.runs import RunRecorder
+    from engine.trainer import Trainer
+
+    write_image_folder(root / "images", per_class=8)
+    cfg = load_project(write_project(root / "project.json", "images", model={"freeze": "head_only"},
+                                     train={"epochs": 1, "device": "cpu", "seed": 0}))
+    run_dir = root / "run"
+    run_dir.mkdir()
+    Trainer(cfg, [RunRecorder(run_dir)]).run()
+    return run_dir / "checkpoints" / "final.pt"

@@ -11,13 +11,10 @@ from PIL import Image
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
-from conftest import COLOURS, write_image_folder, write_project
+from conftest import COLOURS, train_head_only_run, write_image_folder
 from engine.checkpoints import load_checkpoint
 from engine.collate import pad_collate
-from engine.config import load_project
 from engine.evaluate import evaluate_checkpoint, evaluate_model
-from engine.runs import RunRecorder
-from engine.trainer import Trainer
 
 
 class PresetOutputs(nn.Module):
@@ -180,14 +177,7 @@ def test_stop_event_ends_evaluation_without_a_result():
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     root = tmp_path_factory.mktemp("evaluate")
-    write_image_folder(root / "images", per_class=8)
-    # Only the head trains, for one epoch: a real checkpoint in a few seconds on a shared CPU.
-    cfg = load_project(write_project(root / "project.json", "images", model={"freeze": "head_only"},
-                                     train={"epochs": 1, "device": "cpu", "seed": 0}))
-    run_dir = root / "run"
-    run_dir.mkdir()
-    Trainer(cfg, [RunRecorder(run_dir)]).run()
-    return root, run_dir / "checkpoints" / "final.pt"
+    return root, train_head_only_run(root)
 
 
 def test_own_validation_split_reproduces_recorded_accuracy(trained):

@@ -8,11 +8,8 @@ from PySide6.QtCore import Qt
 from PySide6.QtGui import QAction, QColor, QPalette
 from PySide6.QtWidgets import QAbstractButton, QAbstractItemView, QAbstractSpinBox, QComboBox, QLineEdit, QWidget
 
-from conftest import COLOURS, write_image_folder, write_project
-from engine.config import load_project
+from conftest import COLOURS, train_head_only_run
 from engine.evaluate import evaluate_checkpoint
-from engine.runs import RunRecorder
-from engine.trainer import Trainer
 from widgets.evaluation_panel import OBJECT_NAMES, TOP_N, EvaluationPanel, viridis
 
 CLASSES = ["blue", "green", "red"]
@@ -21,14 +18,7 @@ CLASSES = ["blue", "green", "red"]
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     """A resnet18 whose head trained one epoch on 16 px colour images; 6 validation images."""
-    root = tmp_path_factory.mktemp("evaluation-panel")
-    write_image_folder(root / "images", per_class=8)
-    cfg = load_project(write_project(root / "project.json", "images", model={"freeze": "head_only"},
-                                     train={"epochs": 1, "device": "cpu", "seed": 0}))
-    run_dir = root / "run"
-    run_dir.mkdir()
-    Trainer(cfg, [RunRecorder(run_dir)]).run()
-    return run_dir / "checkpoints" / "final.pt"
+    return train_head_only_run(tmp_path_factory.mktemp("evaluation-panel"))
 
 
 @pytest.fixture()

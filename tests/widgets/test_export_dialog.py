@@ -8,26 +8,16 @@ import torch
 from PySide6.QtGui import QAction
 from PySide6.QtWidgets import QAbstractButton, QAbstractItemView, QAbstractSpinBox, QComboBox, QLineEdit, QWidget
 
-from conftest import write_image_folder, write_project
+from conftest import train_head_only_run
 from engine.checkpoints import load_checkpoint
-from engine.config import load_project
 from engine.export import FORMATS
-from engine.runs import RunRecorder
-from engine.trainer import Trainer
 from widgets.export_dialog import OBJECT_NAMES, ExportDialog
 
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
     """A resnet18 whose head trained one epoch on 16 px colour images, in a run folder of its own."""
-    root = tmp_path_factory.mktemp("export-dialog")
-    write_image_folder(root / "images", per_class=8)
-    cfg = load_project(write_project(root / "project.json", "images", model={"freeze": "head_only"},
-                                     train={"epochs": 1, "device": "cpu", "seed": 0}))
-    run_dir = root / "run"
-    run_dir.mkdir()
-    Trainer(cfg, [RunRecorder(run_dir)]).run()
-    return run_dir / "checkpoints" / "final.pt"
+    return train_head_only_run(tmp_path_factory.mktemp("export-dialog"))
 
 
 @pytest.fixture()
