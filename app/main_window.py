@@ -4,14 +4,15 @@ from __future__ import annotations
 import html
 from pathlib import Path
 
-from PySide6.QtCore import QByteArray, QSettings, Qt, Slot
+from PySide6.QtCore import QByteArray, QSettings, Qt, QTimer, Slot
 from PySide6.QtGui import QAction, QCloseEvent, QDragEnterEvent, QDropEvent, QKeySequence
-from PySide6.QtWidgets import (QDockWidget, QFileDialog, QHBoxLayout, QMainWindow, QMenu, QScrollArea,
+from PySide6.QtWidgets import (QDockWidget, QFileDialog, QHBoxLayout, QLabel, QMainWindow, QMenu, QScrollArea,
                                QMessageBox, QPlainTextEdit, QPushButton, QTabWidget, QVBoxLayout, QWidget)
 
 from app.training import TrainingController
 from engine.config import ConfigError, ProjectConfig
 from widgets.state import ProjectState
+from widgets.tasks import Task, hold_new_tasks, run_task, start_held_tasks
 
 REPO = Path(__file__).resolve().parent.parent
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
@@ -24,6 +25,8 @@ OBJECT_NAMES = {
     "main.setup_dock": "dock holding the setup tabs",
     "main.scroll.dataset": "scroll area around the dataset panel",
     "main.scroll.backbone": "scroll area around the backbone panel",
+    "backbone.loading": "shown in the Backbone tab while the app starts: PyTorch, torchvision and timm load in "
+                        "the background, then the catalog replaces it",
     "main.scroll.layers": "scroll area around the layers panel",
     "main.scroll.training": "scroll area around the training panel",
     "main.scroll.evaluation": "scroll area around the evaluation panel",
@@ -56,12 +59,26 @@ def default_project() -> Path:
     return REPO / "examples" / "default.json"
 
 
+def _load_catalog() -> int:
+    """On a worker thread: import what the backbone catalog needs (PyTorch, torchvision, timm) and list it once."""
+    from engine.backbones import list_backbones
+
+    return len(list_backbones())
+
+
 class MainWindow(QMainWindow):
     """Model Workbench's window. One ProjectState and one TrainingController; panels bind to the state."""
 
-    def __init__(self, state: ProjectState | None = None, controller: TrainingController | None = None):
+    def __init__(self, state: ProjectState | None = None, controller: TrainingController | None = None, *,
+                 background_catalog: bool = False):
+        """background_catalog: show the window first and build the Backbone tab once PyTorch, torchvision and
+        timm are imported on a worker thread (the catalog needs them; they take seconds to import). The app
+        starts this way; tests and embedders get every panel at once."""
         super().__init__()
-        from widgets.backbone_panel import BackbonePanel
+        if background_catalog:
+            # Background work starts from the event loop, once the window is on screen (_start_loading_catalog):
+            # a worker thread importing PyTorch competes for the GIL with the GUI thread building the window.
+            hold_new_tasks()
         from widgets.checkpoints_panel import CheckpointsPanel
         from widgets.dataset_panel import DatasetPanel
         from widgets.evaluation_panel import EvaluationPanel
@@ -81,7 +98,8 @@ class MainWindow(QMainWindow):
         self._num_outputs: int | None = None
 
         self.dataset = DatasetPanel(self.state)
-        self.backbone = BackbonePanel(self.state)
+        self.backbone = None  # BackbonePanel, once the catalog is loaded
+        self._catalog_task: Task | None = None
         self.layers = LayersPanel(self.state)
         self.training = TrainingPanel(self.state)
         self.run_view = RunView()
@@ -94,6 +112,11 @@ class MainWindow(QMainWindow):
         self.setup_tabs.setDocumentMode(True)
         for panel, title in ((self.dataset, "Dataset"), (self.backbone, "Backbone"), (self.layers, "Layers"),
                              (self.training, "Training")):
+            if panel is None:
+                panel = QLabel("Loading the backbone catalog (PyTorch, torchvision and timm)…")
+                panel.setObjectName("backbone.loading")
+                panel.setAlignment(Qt.AlignmentFlag.AlignCenter)
+                panel.setWordWrap(True)
             self.setup_tabs.addTab(self._scrolled(panel, title.lower()), title)
 
         self.tabs = QTabWidget()
@@ -131,6 +154,11 @@ class MainWindow(QMainWindow):
         self.checkpoints_dock.raise_()
         self._default_layout = self.saveState()
 
+        if background_catalog:
+            self.state.catalog_checks = False
+            QTimer.singleShot(0, self._start_loading_catalog)
+        else:
+            self._on_catalog_loaded(None)
         self._build_actions()
         self._build_menus()
         self._connect()
@@ -142,6 +170,37 @@ class MainWindow(QMainWindow):
         self.statusBar().showMessage("Ready", 3000)
 
     # -- construction --------------------------------------------------------------------------
+    def _start_loading_catalog(self) -> None:
+        start_held_tasks()
+        if not self._closing:
+            self._catalog_task = run_task("backbone catalog", _load_catalog, on_result=self._on_catalog_loaded,
+                                          on_error=self._on_catalog_failed, parent=self)
+
+    def _on_catalog_loaded(self, _result: object) -> None:
+        """Build the Backbone tab (its catalog lists every torchvision and timm model)."""
+        from widgets.backbone_panel import BackbonePanel
+
+        self._catalog_task = None
+        if self._closing:
+            return
+        if not self.state.catalog_checks:  # the project opened meanwhile was checked without the catalog
+            self.state.catalog_checks = True
+            problems = self.state.problems(check_paths=False)
+            if problems:
+                self.show_error("Project problems", "\n".join(f"• {p}" for p in problems))
+        self.backbone = BackbonePanel(self.state)
+        scroll = self.findChild(QScrollArea, "main.scroll.backbone")
+        scroll.setWidget(self.backbone)  # the loading label is deleted
+        self.training.refresh_devices()  # PyTorch is loaded now: say which devices this machine has
+
+    def _on_catalog_failed(self, exc: BaseException, tb: str) -> None:
+        self._catalog_task = None
+        self.log(tb)
+        label = self.findChild(QLabel, "backbone.loading")
+        if label is not None:
+            label.setText(f"The backbone catalog could not be loaded: {type(exc).__name__}: {exc}\n"
+                          "The other panels work; see the log for details.")
+
     @staticmethod
     def _scrolled(panel: QWidget, name: str) -> QScrollArea:
         """A panel in a scroll area, so a small screen or a short dock never squeezes it below its minimum."""

@@ -6,19 +6,24 @@ import threading
 import time
 import traceback
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from PySide6.QtCore import QObject, QThread, Signal, Slot
 from PySide6.QtWidgets import QApplication
 
 from engine.config import ProjectConfig
-from engine.trainer import Callback, Trainer, TrainState
+
+if TYPE_CHECKING:  # the engine's trainer imports torch: loaded on the worker thread, off the window's start-up
+    from engine.trainer import Trainer, TrainState
 
 UPDATE_INTERVAL = 0.05  # seconds: at most ~20 batch updates a second reach the GUI, the newest always included
 
 
-class QtBridge(Callback):
+class QtBridge:
     """The trainer's callbacks (on the worker thread) turned into plain-value signals of the worker.
+
+    It implements every hook of engine.trainer.Callback (the trainer calls them by name), without importing
+    the trainer's module, which would pull PyTorch into the window's start-up.
 
     Batch losses are buffered and sent at most every UPDATE_INTERVAL, so a fast loop cannot flood the
     event loop; nothing is lost (every point is in some update) and epoch/run ends flush the buffer.
@@ -98,6 +103,7 @@ class TrainingWorker(QObject):
     def run(self) -> None:
         from engine.checkpoints import load_checkpoint
         from engine.runs import create_run_dir, resume_config, resume_run_dir, run_callbacks
+        from engine.trainer import Trainer
 
         result: dict[str, Any] = {"status": "failed", "run_dir": None, "epoch": 0, "epochs": 0,
                                   "best_epoch": None, "stopped_early": False, "error": None, "traceback": None,

@@ -198,7 +198,7 @@ class ProjectConfig:
         return _to_dict(self)
 
     def copy(self) -> "ProjectConfig":
-        clone = from_dict(self.to_dict(), check_paths=False)
+        clone = from_dict(self.to_dict(), check_paths=False, check_catalog=False)
         clone.base_dir = self.base_dir
         return clone
 
@@ -298,7 +298,7 @@ def _build(cls: type, data: dict, where: str, problems: list[str]) -> Any:
 
 
 def from_dict(data: Any, *, base_dir: str | os.PathLike = ".", source: str | None = None,
-              check_paths: bool = True) -> ProjectConfig:
+              check_paths: bool = True, check_catalog: bool = True) -> ProjectConfig:
     """Build and validate a project from a JSON-shaped dict. Raises ConfigError listing every problem."""
     if not isinstance(data, dict):
         raise ConfigError([f"the project file must hold a JSON object, not {type(data).__name__}"], source)
@@ -313,13 +313,13 @@ def from_dict(data: Any, *, base_dir: str | os.PathLike = ".", source: str | Non
     cfg = _build(ProjectConfig, data, "", problems)
     cfg.base_dir = str(base_dir)
     if not problems:
-        problems.extend(validate(cfg, check_paths=check_paths))
+        problems.extend(validate(cfg, check_paths=check_paths, check_catalog=check_catalog))
     if problems:
         raise ConfigError(problems, source)
     return cfg
 
 
-def load_project(path: str | os.PathLike, *, check_paths: bool = True) -> ProjectConfig:
+def load_project(path: str | os.PathLike, *, check_paths: bool = True, check_catalog: bool = True) -> ProjectConfig:
     """Read a project file; relative paths in it are taken from the file's folder."""
     p = Path(path)
     if not p.exists():
@@ -334,7 +334,8 @@ def load_project(path: str | os.PathLike, *, check_paths: bool = True) -> Projec
         data = json.loads(text)
     except json.JSONDecodeError as exc:
         raise ConfigError([f"not valid JSON: {exc.msg} at line {exc.lineno}, column {exc.colno}"], str(p)) from None
-    return from_dict(data, base_dir=p.resolve().parent, source=str(p), check_paths=check_paths)
+    return from_dict(data, base_dir=p.resolve().parent, source=str(p), check_paths=check_paths,
+                     check_catalog=check_catalog)
 
 
 def save_project(cfg: ProjectConfig, path: str | os.PathLike) -> None:
@@ -384,10 +385,12 @@ def _path_exists(problems: list[str], cfg: ProjectConfig, where: str, value: str
         problems.append(f"{where} = {value!r}: no such file or folder ({resolved})")
 
 
-def validate(cfg: ProjectConfig, *, check_paths: bool = True) -> list[str]:
-    """Every range, name and combination rule of a project; returns the problems found."""
-    from engine.backbones import backbone_problems, list_backbones, vit_patch_size  # the catalog's knowledge
+def validate(cfg: ProjectConfig, *, check_paths: bool = True, check_catalog: bool = True) -> list[str]:
+    """Every range, name and combination rule of a project; returns the problems found.
 
+    check_catalog=False leaves out what needs the backbone catalog (the backbone's name, its weights, a ViT's
+    patch size): the catalog imports PyTorch, torchvision and timm, which the app loads after its window shows.
+    """
     p: list[str] = []
     d = cfg.data
     _choice(p, "data.kind", d.kind, DATA_KINDS)
@@ -412,11 +415,15 @@ def validate(cfg: ProjectConfig, *, check_paths: bool = True) -> list[str]:
                  "is possible; use a CSV or .npz for multilabel or regression")
 
     m = cfg.model
-    p.extend(backbone_problems(m.backbone, m.weights))
-    patch = vit_patch_size(m.backbone) if m.backbone in list_backbones() else None
-    if patch and m.weights is None and d.image_size % patch:
-        p.append(f"data.image_size = {d.image_size}: {m.backbone} cuts images into {patch}x{patch} patches, "
-                 f"so the size must be a multiple of {patch} (such as {max(patch, d.image_size // patch * patch)})")
+    if check_catalog:
+        from engine.backbones import backbone_problems, list_backbones, vit_patch_size  # the catalog's knowledge
+
+        p.extend(backbone_problems(m.backbone, m.weights))
+        patch = vit_patch_size(m.backbone) if m.backbone in list_backbones() else None
+        if patch and m.weights is None and d.image_size % patch:
+            p.append(f"data.image_size = {d.image_size}: {m.backbone} cuts images into {patch}x{patch} patches, "
+                     f"so the size must be a multiple of {patch} (such as "
+                     f"{max(patch, d.image_size // patch * patch)})")
     _choice(p, "model.freeze", m.freeze, FREEZE_PRESETS)
     if m.freeze_up_to and m.freeze != "up_to":
         p.append(f"model.freeze_up_to = {m.freeze_up_to!r} is only used with model.freeze = 'up_to' "

@@ -13,10 +13,9 @@ from typing import Any
 from engine.checkpoints import FORMAT_VERSION, atomic_torch_save
 from engine.config import ConfigError, ProjectConfig, save_project
 from engine.freezing import freeze_spec
+from engine.run_files import METRICS_FILE, PROJECT_FILE, read_metrics  # noqa: F401 - part of this module's API
 from engine.trainer import Callback, Trainer, TrainState
 
-METRICS_FILE = "metrics.jsonl"
-PROJECT_FILE = "project.json"
 
 
 def _slug(name: str) -> str:
@@ -73,19 +72,6 @@ def link_atomic(src: Path, dst: Path) -> None:
     except OSError:
         shutil.copyfile(src, tmp)
     os.replace(tmp, dst)
-
-
-def read_metrics(run_dir: str | os.PathLike) -> list[dict[str, Any]]:
-    """The epochs recorded in a run folder's metrics.jsonl; a line cut short by a crash is ignored."""
-    path = Path(run_dir) / METRICS_FILE
-    rows = []
-    if path.exists():
-        for line in path.read_text(encoding="utf-8").splitlines():
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError:
-                continue
-    return rows
 
 
 def _write_metrics(run_dir: Path, rows: list[dict[str, Any]]) -> None:

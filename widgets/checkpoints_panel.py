@@ -14,7 +14,7 @@ from PySide6.QtGui import QFont
 from PySide6.QtWidgets import (QAbstractItemView, QFileDialog, QHBoxLayout, QHeaderView, QLabel, QPushButton,
                                QSpinBox, QTableWidget, QTableWidgetItem, QVBoxLayout, QWidget)
 
-from engine.runs import METRICS_FILE, PROJECT_FILE, read_metrics
+from engine.run_files import METRICS_FILE, PROJECT_FILE, read_metrics
 
 OBJECT_NAMES = {
     "checkpoints.table": "the run's checkpoint files with epoch, losses, validation accuracy and best/last/final",

@@ -7,7 +7,7 @@ import os
 import threading
 import time
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import TYPE_CHECKING, Any, Callable, Optional
 
 import numpy as np
 import pyqtgraph as pg
@@ -20,11 +20,15 @@ from PySide6.QtWidgets import (QAbstractItemView, QApplication, QComboBox, QFile
                                QTableWidget, QTableWidgetItem, QTabWidget, QVBoxLayout, QWidget)
 
 from engine.config import TASKS
-from engine.data import DataError, DataSource, array_to_tensor, load_image, scan_source, split_indices
 from widgets.look import fit_pixels
 from widgets.fields import bind_combo, bind_float_text, bind_spin, bind_text
 from widgets.state import ProjectState
 from widgets.tasks import Task, run_task
+
+if TYPE_CHECKING:
+    from engine.data import DataSource
+
+# engine.data imports PyTorch: it is imported where a scan runs (a worker thread), not at the window's start-up.
 
 OBJECT_NAMES = {
     "dataset.open_folder": "opens an image folder (one sub-folder per class) as the dataset",
@@ -76,6 +80,8 @@ class _Cancelled(Exception):
 def split_summary(source: DataSource, val_fraction: float, seed: int,
                   val_source: Optional[DataSource] = None) -> dict[str, Any]:
     """Samples and per-class counts of each split, as training will make them."""
+    from engine.data import split_indices
+
     if val_source is not None:
         return {"train": len(source), "val": len(val_source), "train_counts": source.class_counts(),
                 "val_counts": val_source.class_counts(), "separate": True}
@@ -117,6 +123,8 @@ def _pick_samples(source: DataSource) -> list[int]:
 
 
 def _sample_image(source: DataSource, i: int) -> Image.Image:
+    from engine.data import array_to_tensor, load_image
+
     if source.array is not None:
         pixels = array_to_tensor(source.array[i]).permute(1, 2, 0).numpy()
         return Image.fromarray(np.clip(np.rint(pixels * 255), 0, 255).astype(np.uint8))
@@ -127,6 +135,8 @@ def scan_dataset(path: str, *, kind: str = "auto", task: str = "classification",
                  val_fraction: float = 0.2, split_seed: int = 0, progress: Callable[[Any], None] | None = None,
                  cancel: threading.Event | None = None) -> dict[str, Any]:
     """Scan a dataset (and its validation source), split it, and decode a few thumbnails; raises DataError."""
+    from engine.data import DataError, scan_source
+
     report = progress or (lambda value: None)
 
     def check() -> None:
@@ -714,6 +724,8 @@ class DatasetPanel(QWidget):
         self._emit_scanned()
 
     def _on_scan_errored(self, rid: int, path: str, exc: BaseException, tb: str) -> None:
+        from engine.data import DataError
+
         if rid != self._request or isinstance(exc, _Cancelled):
             return
         self._set_busy(False)

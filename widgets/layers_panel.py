@@ -21,21 +21,23 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
 from PySide6.QtCore import QEvent, QPoint, Qt, QTimer
 from PySide6.QtGui import QBrush, QFont, QPalette
 from PySide6.QtWidgets import (QAbstractItemView, QCheckBox, QComboBox, QHBoxLayout, QHeaderView, QLabel, QMenu,
                                QPushButton, QSpinBox, QTreeWidget, QTreeWidgetItem, QVBoxLayout, QWidget)
-from torch import nn
 
-from engine.backbones import build_model, preprocess_for
-from engine.config import ConfigError, ModelConfig
-from engine.freezing import apply_freeze, layer_tree
+from engine.config import ConfigError, DataConfig, ModelConfig
 from widgets.fields import bind_check
 from widgets.state import ProjectState
 from widgets.tasks import Task, run_task
+
+if TYPE_CHECKING:
+    from torch import nn
+
+# PyTorch and the engine's model code are imported where a model is built (a worker thread) or after one was
+# built, never while the window starts.
 
 OBJECT_NAMES = {
     "layers.train_all": "preset: every parameter trains (model.freeze = none, no prefixes)",
@@ -72,6 +74,11 @@ def build_layers(backbone: str, image_size: int, num_outputs: int) -> dict[str, 
     Built on the meta device: no memory, no random init, yet shapes propagate. A builder that needs real
     values (torchvision's RegNets), or a forward the meta device cannot run, falls back to the CPU.
     """
+    import torch
+
+    from engine.backbones import build_model
+    from engine.freezing import layer_tree
+
     cfg = ModelConfig(backbone=backbone)
     size = (3, image_size, image_size)
     built = rows = None
@@ -90,6 +97,17 @@ def build_layers(backbone: str, image_size: int, num_outputs: int) -> dict[str, 
     return {"model": built.model, "head_name": built.head_name, "device": device,
             "rows": [dataclasses.asdict(r) for r in rows],
             "backbone": backbone, "image_size": image_size, "num_outputs": num_outputs}
+
+
+def build_project_layers(model_cfg: ModelConfig, data_cfg: DataConfig, num_outputs: int) -> dict[str, Any]:
+    """build_layers at the input size the project trains at (the weights' own recipe, else data.image_size)."""
+    from engine.backbones import preprocess_for
+
+    try:
+        size = preprocess_for(model_cfg, data_cfg).crop_size
+    except Exception:  # noqa: BLE001 - unknown weights: the shapes do not depend on them anyway
+        size = data_cfg.image_size
+    return build_layers(model_cfg.backbone, int(size), num_outputs)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -143,6 +161,8 @@ class ParamIndex:
 
 
 def _apply(model: nn.Module, model_cfg: ModelConfig, head_name: str, index: ParamIndex) -> set[int] | None:
+    from engine.freezing import apply_freeze
+
     try:
         apply_freeze(model, model_cfg, head_name)
     except ConfigError:
@@ -391,13 +411,10 @@ class LayersPanel(QWidget):
         self._redraw()
 
     # -- building ------------------------------------------------------------------------------
-    def _key(self) -> tuple | None:
+    def _key(self) -> tuple:
+        """What the built model depends on: backbone, the settings that decide the input size, output count."""
         cfg = self.state.config
-        try:
-            size = preprocess_for(cfg.model, cfg.data).crop_size
-        except Exception:  # noqa: BLE001 - unknown weights: the shapes do not depend on them anyway
-            size = cfg.data.image_size
-        return (cfg.model.backbone, int(size), self._num_outputs)
+        return (cfg.model.backbone, cfg.model.weights, cfg.data.image_size, cfg.data.keep_aspect, self._num_outputs)
 
     def _rebuild_if_needed(self) -> None:
         key = self._key()
@@ -406,11 +423,13 @@ class LayersPanel(QWidget):
         self._wanted_key = key
         self._build_id += 1
         build_id = self._build_id
-        backbone, size, outputs = key
-        self.status.setText(f"Building {backbone} at {size}×{size} px with {outputs} outputs…")
+        cfg = self.state.config
+        backbone, outputs = cfg.model.backbone, self._num_outputs
+        self.status.setText(f"Building {backbone} with {outputs} outputs…")
         self.tree.setEnabled(False)
         self._set_model_controls(False)
-        task = run_task("build layer tree", build_layers, backbone, size, outputs,
+        task = run_task("build layer tree", build_project_layers, copy.deepcopy(cfg.model), copy.deepcopy(cfg.data),
+                        outputs,
                         on_result=lambda result: self._on_built(build_id, result),
                         on_error=lambda exc, tb: self._on_build_failed(build_id, exc))
         self._tasks = [t for t in self._tasks if t.is_running()] + [task]
@@ -418,7 +437,7 @@ class LayersPanel(QWidget):
     def _on_build_failed(self, build_id: int, exc: BaseException) -> None:
         if build_id != self._build_id:
             return
-        backbone, size, outputs = self._wanted_key
+        backbone = self._wanted_key[0]
         self.model = self.index = None
         self._built_key = None
         self.items = {}
@@ -428,7 +447,7 @@ class LayersPanel(QWidget):
         self.up_to.clear()
         self._show_error("")
         first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        self.status.setText(f"{backbone} cannot be built at {size}×{size} px: {first}")
+        self.status.setText(f"{backbone} cannot be built: {first}")
 
     def _on_built(self, build_id: int, result: dict) -> None:
         if build_id != self._build_id:
@@ -479,6 +498,8 @@ class LayersPanel(QWidget):
     # -- applying the project ------------------------------------------------------------------
     def _apply_config(self) -> set[int]:
         """apply_freeze with the project's settings; a setting that names no module is shown and left out."""
+        from engine.freezing import apply_freeze
+
         cfg = self.state.config.model
         try:
             apply_freeze(self.model, cfg, self.head_name)

@@ -48,6 +48,9 @@ class ProjectState(QObject):
         self._cfg = cfg if cfg is not None else ProjectConfig()
         self._file = str(Path(file).resolve()) if file else ""
         self._dirty = False
+        # False while the app starts: checks that need the backbone catalog (which imports PyTorch) wait until
+        # the catalog is loaded; see app.main_window.MainWindow(background_catalog=True).
+        self.catalog_checks = True
 
     # -- reading -------------------------------------------------------------------------------
     @property
@@ -68,7 +71,7 @@ class ProjectState(QObject):
 
     def problems(self, *, check_paths: bool = True) -> list[str]:
         """What is wrong with the project as it stands (the same checks `python main.py check` starts with)."""
-        return validate(self._cfg, check_paths=check_paths)
+        return validate(self._cfg, check_paths=check_paths, check_catalog=self.catalog_checks)
 
     def snapshot(self) -> ProjectConfig:
         """An independent copy for a run: later edits in the window do not reach a running trainer."""
@@ -97,9 +100,10 @@ class ProjectState(QObject):
         trial = copy.deepcopy(self._cfg)
         for path, value in values.items():
             set_field(trial, path, value)
-        before = set(validate(self._cfg, check_paths=False))
+        before = set(validate(self._cfg, check_paths=False, check_catalog=self.catalog_checks))
         try:
-            return [p for p in validate(trial, check_paths=False) if p not in before]
+            return [p for p in validate(trial, check_paths=False, check_catalog=self.catalog_checks)
+                    if p not in before]
         except Exception as exc:  # a value of the wrong type that validation cannot even compare
             return [f"{', '.join(values)}: {exc}"]
 
@@ -128,7 +132,7 @@ class ProjectState(QObject):
     # -- files ---------------------------------------------------------------------------------
     def open(self, file: str | Path) -> None:
         """Load a project file; raises ConfigError (nothing changes) when it is not a valid project."""
-        cfg = load_project(file, check_paths=False)
+        cfg = load_project(file, check_paths=False, check_catalog=self.catalog_checks)
         self.replace(cfg, file)
 
     def save(self, file: str | Path | None = None) -> Path:

@@ -54,12 +54,15 @@ class Task(QObject):
         self.worker: _Worker | None = None
         self.result: Any = None
         self.error: BaseException | None = None
+        self.held = False  # queued by hold_new_tasks(), not started yet
 
     def is_running(self) -> bool:
-        return self.thread.isRunning()
+        return self.held or self.thread.isRunning()
 
     def wait(self, ms: int = 30000) -> bool:
         """Block until the function returned (for tests and for closing the window)."""
+        if self.held:
+            start_held_tasks()  # whoever waits needs the result now
         deadline = time.monotonic() + ms / 1000
         while self.thread.isRunning() and time.monotonic() < deadline:
             self.thread.wait(20)
@@ -91,6 +94,24 @@ class Task(QObject):
 
 
 _running: set[Task] = set()
+_held: list[Task] | None = None
+
+
+def hold_new_tasks() -> None:
+    """Queue tasks instead of starting them, until start_held_tasks(). The app holds them while its window
+    first shows: a worker thread importing PyTorch would take the GIL from the GUI thread that builds it."""
+    global _held
+    if _held is None:
+        _held = []
+
+
+def start_held_tasks() -> None:
+    """Start the queued tasks in the order they were asked for; new tasks start at once again."""
+    global _held
+    held, _held = _held or [], None
+    for task in held:
+        task.held = False
+        task.thread.start()
 
 
 def running_tasks() -> list[Task]:
@@ -99,6 +120,12 @@ def running_tasks() -> list[Task]:
 
 def cancel_all(wait_ms: int = 30000) -> bool:
     """Ask every task to stop and wait for them (closing the window); True when none is left running."""
+    global _held
+    for task in _held or []:  # never started: forgotten, their callbacks never run
+        task.held = False
+        _running.discard(task)
+    if _held is not None:
+        _held = []
     for task in list(_running):
         task.cancel.set()
     ok = True
@@ -137,5 +164,9 @@ def run_task(name: str, fn: Callable[..., Any], *args: Any, progress: bool = Fal
     if on_progress is not None:
         task.progressed.connect(on_progress)
     _running.add(task)
-    task.thread.start()
+    if _held is not None:
+        task.held = True
+        _held.append(task)
+    else:
+        task.thread.start()
     return task

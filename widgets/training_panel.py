@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import re
+import sys
 from typing import Any, Callable, Iterable
 
 from PySide6.QtCore import Qt
@@ -276,10 +277,15 @@ def parse_int(text: str) -> int:
 _devices_here: dict[str, bool] | None = None
 
 
-def devices_available() -> dict[str, bool]:
-    """Which train.device choices this machine has (asked once: the answer does not change while the app runs)."""
+def devices_available(*, load: bool = True) -> dict[str, bool] | None:
+    """Which train.device choices this machine has (asked once: the answer does not change while the app runs).
+
+    load=False: None while PyTorch is not imported yet (the window starts before it; see app.main_window).
+    """
     global _devices_here
     if _devices_here is None:
+        if not load and "torch" not in sys.modules:
+            return None
         import torch
 
         mps = getattr(torch.backends, "mps", None)
@@ -414,6 +420,7 @@ class TrainingPanel(QWidget):
 
         # Connected after every binding, so the bindings have redrawn their widgets when this runs.
         state.changed.connect(self._on_state_changed)
+        self.refresh_devices()
         self._sync()
 
     # -- public --------------------------------------------------------------------------------
@@ -723,15 +730,7 @@ class TrainingPanel(QWidget):
         box, form = self._form("Training", "training")
         self._add(form, "Epochs:", "epochs", "train.epochs", _spin(1, 1_000_000),
                   "How many passes over the training set the run makes.", bind_spin)
-        here = devices_available()
-        items = []
-        for name in DEVICES:
-            if name == "auto":
-                items.append((f"auto (uses {auto_device()} here)", name))
-            elif here.get(name, False):
-                items.append((name, name))
-            else:
-                items.append((f"{name} (not available here)", name))
+        items = [(name, name) for name in DEVICES]  # labelled by refresh_devices once PyTorch is loaded
         self._device_note = _note()
         self._device = self._add(form, "Device:", "device", "train.device", _combo(items),
                                  "Where the run computes: auto takes a CUDA GPU, then Apple's MPS, then the CPU.",
@@ -756,6 +755,21 @@ class TrainingPanel(QWidget):
                   "Scale the gradients down when their overall norm exceeds this; empty turns clipping off.",
                   bind_float_text, optional=True)
         return box
+
+    def refresh_devices(self) -> None:
+        """Label each device choice with whether this machine has it (once PyTorch is imported; see
+        devices_available)."""
+        here = devices_available(load=False)
+        if here is None:
+            return
+        for i in range(self._device.count()):
+            name = self._device.itemData(i)
+            if name == "auto":
+                text = f"auto (uses {auto_device()} here)"
+            else:
+                text = name if here.get(name, False) else f"{name} (not available here)"
+            self._device.setItemText(i, text)
+        self._on_choice_changed()
 
     def _build_early_stopping(self) -> QGroupBox:
         box, form = self._form("Early stopping", "early_stopping")
@@ -921,7 +935,8 @@ class TrainingPanel(QWidget):
         optimizer = self._optimizer_combo.currentData()
         self._momentum.setSpecialValueText("default (0.9)" if optimizer == "sgd" else "default (0)")
         device = self._device.currentData()
-        missing = device in ("cuda", "mps") and not devices_available().get(device, False)
+        here = devices_available(load=False)
+        missing = here is not None and device in ("cuda", "mps") and not here.get(device, False)
         self._device_note.setText(f"This machine has no {device.upper() if device == 'cuda' else 'MPS'} device: "
                                   "a run started here stops with an error. Choose auto or cpu to train here."
                                   if missing else "")

@@ -4,18 +4,20 @@ from __future__ import annotations
 import os
 import threading
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from PySide6.QtCore import QSize, Qt, Signal
 from PySide6.QtGui import QDragEnterEvent, QDropEvent, QImage, QPalette, QPixmap, QResizeEvent
 from PySide6.QtWidgets import (QFileDialog, QFrame, QGridLayout, QHBoxLayout, QLabel, QProgressBar, QPushButton,
                                QSizePolicy, QVBoxLayout, QWidget)
 
-from engine.checkpoints import CheckpointError
-from engine.data import DataError
-from engine.predict import Predictor, read_image
 from widgets.look import fit_pixels
 from widgets.tasks import Task, run_task
+
+if TYPE_CHECKING:
+    from engine.predict import Predictor
+
+# The engine's prediction code imports PyTorch: it is imported on the worker thread that predicts.
 
 OBJECT_NAMES = {
     "tryit.open_image": "opens an image file and shows what the current model predicts for it",
@@ -45,6 +47,8 @@ class PredictorCache:
         self._predictor: Predictor | None = None
 
     def get(self, checkpoint: str) -> Predictor:
+        from engine.predict import Predictor
+
         try:
             st = os.stat(checkpoint)
             key = (str(Path(checkpoint).resolve()), st.st_mtime_ns, st.st_size)
@@ -60,6 +64,8 @@ class PredictorCache:
 
 def predict_file(cache: PredictorCache, checkpoint: str, image_path: str) -> dict[str, Any]:
     """Decode the image, predict it with the checkpoint's model; plain values back (raises DataError/CheckpointError)."""
+    from engine.predict import read_image
+
     image = read_image(image_path)  # a DataError naming the file when it does not decode
     predictor = cache.get(checkpoint)
     predictions = predictor.predict(image)
@@ -296,6 +302,9 @@ class TryItPanel(QWidget):
             self.logged.emit(f"Try it: {Path(result['image']).name} -> {name} ({shown})")
 
     def _on_prediction_errored(self, rid: int, image_path: str, exc: BaseException, tb: str) -> None:
+        from engine.checkpoints import CheckpointError
+        from engine.data import DataError
+
         if rid != self._request:
             return
         self._set_busy(False)
