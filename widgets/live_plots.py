@@ -20,6 +20,10 @@ OBJECT_NAMES: dict[str, str] = {
 
 SMOOTHING = 0.9  # weight of the past in the smoothed batch loss (TensorBoard's default look)
 EXPORT_SIZE = QSize(1200, 900)  # used when the plots were never laid out on screen
+# A curve longer than this is drawn from its min/max envelope of at most this many points while the plot follows
+# the run, so an update costs the same at step 1,000 and at step 1,000,000. Zoomed in, the plot gets every point
+# (clipped to the view).
+DISPLAY_POINTS = 4096
 
 # Mid-lightness colours that keep their contrast on both a white and a near-black background.
 COLOURS = {
@@ -55,8 +59,56 @@ class _Series:
         if len(finite):
             self.lo, self.hi = min(self.lo, float(finite.min())), max(self.hi, float(finite.max()))
 
+        self._bucket = 1  # raw points per envelope bucket (a power of two)
+        self._done = 0  # raw points already summarised in the envelope
+        self._ex = np.empty(0)
+        self._ey = np.empty(0)
+        self._en = 0
+
     def used(self) -> tuple[np.ndarray, np.ndarray]:
         return self.x[: self.n], self.y[: self.n]
+
+    def display(self, limit: int = DISPLAY_POINTS) -> tuple[np.ndarray, np.ndarray]:
+        """At most about `limit` points to draw: every point, or each bucket's minimum and maximum in x order.
+
+        Kept up to date incrementally: a new bucket is summarised once; when the envelope outgrows the limit
+        the bucket size doubles and the envelope is rebuilt (amortised O(1) per point, as the arrays' growth).
+        """
+        if self.n <= limit:
+            return self.used()
+        bucket = self._bucket
+        while 2 * (self.n // bucket) > limit:
+            bucket *= 2
+        if bucket != self._bucket:
+            self._bucket, self._done, self._en = bucket, 0, 0
+        full = self.n // bucket * bucket
+        if full > self._done:
+            ex, ey = _envelope(self.x[self._done:full], self.y[self._done:full], bucket)
+            need = self._en + len(ex)
+            if need > len(self._ex):
+                self._ex = np.concatenate([self._ex[: self._en], np.empty(max(need, 2 * len(self._ex)) - self._en)])
+                self._ey = np.concatenate([self._ey[: self._en], np.empty(len(self._ex) - self._en)])
+            self._ex[self._en:need], self._ey[self._en:need] = ex, ey
+            self._en, self._done = need, full
+        # The first and last points are always drawn, so the x range is the run's whole span.
+        head = slice(0, 0) if self._ex[0] == self.x[0] else slice(0, 1)
+        tail = self._done if self._done < self.n else self.n - (self._ex[self._en - 1] != self.x[self.n - 1])
+        return (np.concatenate([self.x[head], self._ex[: self._en], self.x[tail:self.n]]),
+                np.concatenate([self.y[head], self._ey[: self._en], self.y[tail:self.n]]))
+
+
+def _envelope(x: np.ndarray, y: np.ndarray, bucket: int) -> tuple[np.ndarray, np.ndarray]:
+    """Each bucket of `bucket` consecutive points as two: its minimum and its maximum, in x order (NaN ignored)."""
+    xs, ys = x.reshape(-1, bucket), y.reshape(-1, bucket)
+    finite = np.isfinite(ys)
+    lo = np.argmin(np.where(finite, ys, np.inf), axis=1)
+    hi = np.argmax(np.where(finite, ys, -np.inf), axis=1)
+    first, second = np.minimum(lo, hi), np.maximum(lo, hi)
+    rows = np.arange(len(ys))
+    ex, ey = np.empty(2 * len(ys)), np.empty(2 * len(ys))
+    ex[0::2], ex[1::2] = xs[rows, first], xs[rows, second]
+    ey[0::2], ey[1::2] = ys[rows, first], ys[rows, second]
+    return ex, ey
 
 
 def _finite(value: Any) -> bool:
@@ -138,6 +190,10 @@ class LivePlots(QWidget):
             self._series[name] = _Series()
         self._ema: float | None = None
         self._lr_range_fixed = False
+        self._following = {name: True for name in self.plots}
+        for name, plot in self.plots.items():
+            # Zooming in (or pressing "A" to follow again) switches between every point and the envelope.
+            plot.getViewBox().sigStateChanged.connect(lambda _box, name=name: self._follow_changed(name))
         self._apply_palette()
 
     # -- data ------------------------------------------------------------------------------------
@@ -219,9 +275,25 @@ class LivePlots(QWidget):
             return
         series = self._series[name]
         series.extend(x, y)
-        self.curves[name].setData(*series.used())
+        self._draw(name)
         if name == "lr":
             self._fit_flat_lr(series)
+
+    def _draw(self, name: str) -> None:
+        """Hand the curve its points: the bounded envelope while its plot follows the run, all when zoomed in."""
+        series = self._series[name]
+        plot_name = self.CURVES[name][0]
+        following = bool(self.plots[plot_name].getViewBox().autoRangeEnabled()[0])
+        self._following[plot_name] = following
+        self.curves[name].setData(*(series.display() if following else series.used()))
+
+    def _follow_changed(self, plot_name: str) -> None:
+        following = bool(self.plots[plot_name].getViewBox().autoRangeEnabled()[0])
+        if following != self._following.get(plot_name, True):
+            self._following[plot_name] = following
+            for name, (curve_plot, *_rest) in self.CURVES.items():
+                if curve_plot == plot_name and self._series[name].n:
+                    self._draw(name)
 
     def _fit_flat_lr(self, series: _Series) -> None:
         """A constant learning rate gets a 0..2x axis: auto-range would centre it in +-0.5 and show it as 0."""

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from PySide6.QtGui import QColor, QImage, QPalette
 
-from widgets.live_plots import EXPORT_SIZE, LivePlots
+from widgets.live_plots import DISPLAY_POINTS, EXPORT_SIZE, LivePlots, _Series
 
 
 @pytest.fixture()
@@ -29,9 +29,12 @@ def test_ten_thousand_batch_points_in_chunks_are_all_kept_on_one_item_per_curve(
     assert plots.point_count("batch_loss") == 10_000
     assert plots.point_count("batch_loss_smoothed") == 10_000
     assert plots.point_count("lr") == 10_000
-    x, y = plots.curves["batch_loss"].getData()
+    x, y = plots.curve_data("batch_loss")
     assert len(x) == len(y) == 10_000 and x[0] == 1 and x[-1] == 10_000
-    assert len(plots.curves["batch_loss_smoothed"].getData()[1]) == 10_000
+    assert len(plots.curve_data("batch_loss_smoothed")[1]) == 10_000
+    # While the plot follows the run it is handed a bounded envelope that still spans the whole run.
+    drawn_x = plots.curves["batch_loss"].xData
+    assert len(drawn_x) <= DISPLAY_POINTS + 64 and drawn_x[0] == 1 and drawn_x[-1] == 10_000
     after = items_per_plot(plots)
     assert {k: len(v) for k, v in after.items()} == {"batch": 2, "loss": 2, "accuracy": 2, "lr": 1}
     assert all(a is b for name in before for a, b in zip(before[name], after[name]))  # never rebuilt
@@ -136,3 +139,39 @@ def test_a_constant_learning_rate_is_drawn_on_a_readable_scale(plots):
     assert (low, high) == pytest.approx((0.0, 0.002))  # not -0.5..0.5, where 0.001 reads as 0
     plots.add_batches([4, 5], [1.0, 1.0], [0.0005, 0.0001])  # a schedule starts to decay
     assert plots.plots["lr"].getViewBox().autoRangeEnabled()[1]
+
+
+def test_the_envelope_keeps_each_buckets_extremes_in_order_and_stays_bounded():
+    rng = np.random.default_rng(0)
+    series = _Series()
+    x_all, y_all = np.arange(1, 50_001, dtype=np.float64), rng.normal(size=50_000)
+    y_all[1234] = 40.0  # a spike and a dip must survive downsampling
+    y_all[33_333] = -40.0
+    y_all[777] = np.nan
+    for start in range(0, 50_000, 997):  # uneven chunks, drawn after each as the live plot does
+        series.extend(x_all[start:start + 997], y_all[start:start + 997])
+        x, y = series.display(limit=1000)
+        assert len(x) <= 1000 + 2 * 997
+    x, y = series.display(limit=1000)
+    assert len(x) < 1100
+    assert np.all(np.diff(x) > 0)
+    assert x[0] == 1 and x[-1] == 50_000
+    assert np.nanmax(y) == 40.0 and np.nanmin(y) == -40.0
+    # Every drawn point is a real point of the curve.
+    assert np.array_equal(y, y_all[x.astype(int) - 1], equal_nan=True)
+    # A short curve is drawn as it is.
+    short = _Series()
+    short.extend(x_all[:500], y_all[:500])
+    assert np.array_equal(short.display(limit=1000)[1], y_all[:500], equal_nan=True)
+
+
+def test_zooming_in_draws_every_point_and_following_again_draws_the_envelope(plots):
+    steps = np.arange(1, 3 * DISPLAY_POINTS + 1)
+    plots.add_batches(steps, np.cos(steps / 50.0))
+    curve, box = plots.curves["batch_loss"], plots.plots["batch"].getViewBox()
+    assert len(curve.xData) <= DISPLAY_POINTS + 64
+    box.setXRange(100, 200)  # what a mouse zoom does: auto-range off
+    assert len(curve.xData) == len(steps)
+    assert len(curve.getData()[0]) < 500  # and pyqtgraph clips them to the view when it draws
+    box.enableAutoRange()
+    assert len(curve.xData) <= DISPLAY_POINTS + 64
