@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 from collections import Counter
+from dataclasses import dataclass
 from typing import Sequence
 
 import torch
@@ -80,9 +81,87 @@ def build_sampler(spec: SamplerConfig, dataset_len: int, targets: Sequence[int] 
     raise SamplerError(f"loader.sampler.name = {name!r}: unknown")
 
 
+MAX_AUTO_WORKERS = 8
+
+
+def usable_cpus() -> int:
+    """CPUs this process may run on (its affinity mask where the system has one)."""
+    if hasattr(os, "sched_getaffinity"):
+        try:
+            return max(1, len(os.sched_getaffinity(0)))
+        except OSError:
+            pass
+    return max(1, os.cpu_count() or 1)
+
+
+def auto_workers(cpus: int, *, cached: bool, augmented: bool, deterministic: bool = False) -> tuple[int, str]:
+    """The worker count loader.num_workers = null picks, and why.
+
+    cached: the split is served by the decoded-image cache; augmented: its items draw random augmentation;
+    deterministic: train.deterministic, which asks for an exact resume (augmentation drawn in worker
+    processes is not replayed on resume, so it stays in the training process).
+    """
+    if cached and not augmented:
+        return 0, "cached images without augmentation: indexing is cheaper than passing batches between processes"
+    if deterministic and augmented:
+        return 0, "train.deterministic: augmentation in the training process is replayed exactly on resume"
+    if cpus <= 1:
+        return 0, "one CPU"
+    # One CPU stays with the training process, whose torch threads keep running beside the workers.
+    return min(cpus - 1, MAX_AUTO_WORKERS), f"{cpus} usable CPUs"
+
+
+@dataclass
+class LoaderPlan:
+    """The worker count, persistence and pinning of one DataLoader, and whether each was chosen automatically."""
+
+    workers: int
+    persistent: bool
+    pin_memory: bool
+    auto_workers: bool
+    why: str = ""
+
+
+def plan_loader(cfg: LoaderConfig, *, cached: bool, augmented: bool, deterministic: bool = False,
+                cuda: bool = False, cpus: int | None = None) -> LoaderPlan:
+    """The project's loader settings with every null (auto) filled in for one split."""
+    if cfg.num_workers is None:
+        workers, why = auto_workers(usable_cpus() if cpus is None else cpus, cached=cached, augmented=augmented,
+                                    deterministic=deterministic)
+    else:
+        workers, why = cfg.num_workers, "loader.num_workers"
+    persistent = workers > 0 if cfg.persistent_workers is None else bool(cfg.persistent_workers) and workers > 0
+    pin = cuda if cfg.pin_memory is None else bool(cfg.pin_memory)
+    return LoaderPlan(workers, persistent, pin, cfg.num_workers is None, why)
+
+
+def describe_plans(train: LoaderPlan, val: LoaderPlan | None) -> str:
+    """One log line: 'Loader: 1 worker (auto), persistent, pinned memory off'."""
+
+    def count(plan: LoaderPlan) -> str:
+        n = plan.workers
+        text = "main process" if n == 0 else f"{n} worker{'s' if n != 1 else ''}"
+        return text + (" (auto)" if plan.auto_workers else "")
+
+    if val is None or (val.workers, val.auto_workers) == (train.workers, train.auto_workers):
+        where = count(train)
+    else:
+        where = f"training {count(train)}, validation {count(val)}"
+    persistent = any(p.persistent for p in (train, val) if p is not None)
+    parts = [f"Loader: {where}"]
+    if persistent:
+        parts.append("persistent")
+    parts.append(f"pinned memory {'on' if train.pin_memory else 'off'}")
+    return ", ".join(parts)
+
+
 def build_loader(dataset: Dataset, cfg: LoaderConfig, *, train: bool, targets: Sequence[int] | None,
-                 collate_fn, seed: int, pin_memory: bool) -> DataLoader:
-    """A DataLoader with a batch sampler around the project's sampler (train) or a sequential one (eval)."""
+                 collate_fn, seed: int, pin_memory: bool, plan: LoaderPlan | None = None) -> DataLoader:
+    """A DataLoader with a batch sampler around the project's sampler (train) or a sequential one (eval).
+
+    plan: workers and persistence (see plan_loader); without one, an auto worker count is taken as for an
+    uncached dataset.
+    """
     n = len(dataset)
     generator = torch.Generator()
     generator.manual_seed(seed)
@@ -104,9 +183,11 @@ def build_loader(dataset: Dataset, cfg: LoaderConfig, *, train: bool, targets: S
                    if world else SequentialSampler(range(n)))
         drop_last = False
     batches = BatchSampler(sampler, batch_size=cfg.batch_size, drop_last=drop_last)
-    workers = cfg.num_workers
+    if plan is None:
+        plan = plan_loader(cfg, cached=False, augmented=train)
+    workers = plan.workers
     return DataLoader(dataset, batch_sampler=batches, num_workers=workers, collate_fn=collate_fn,
-                      pin_memory=pin_memory, persistent_workers=workers > 0,
+                      pin_memory=pin_memory, persistent_workers=plan.persistent,
                       worker_init_fn=_seed_worker if workers > 0 else None, generator=generator)
 
 
