@@ -96,7 +96,8 @@ class SamplerConfig:
 class LoaderConfig:
     batch_size: int = 32
     # DataLoader worker processes; None: auto (0 when the decoded-image cache serves un-augmented data or
-    # train.deterministic asks for an exact resume, else one per usable CPU but one, at most 8)
+    # train.deterministic asks for an exact resume; else, training on a GPU, one per usable CPU but one, and
+    # training on the CPU a quarter of the CPUs; at most 8)
     num_workers: Optional[int] = None
     persistent_workers: Optional[bool] = None  # keep workers between epochs; None: on when there are workers
     pin_memory: Optional[bool] = None  # None: on when training on CUDA

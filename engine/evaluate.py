@@ -222,7 +222,7 @@ def evaluate_checkpoint(checkpoint: str | os.PathLike | dict, *, data: str | os.
     dev = pick_device(device)
     # A plain sequential loader rather than the training one: every sample exactly once, in order (also
     # under torchrun), so sample_names line up with the outputs.
-    plan = plan_loader(cfg.loader, cached=False, augmented=False, cuda=dev.type == "cuda")
+    plan = plan_loader(cfg.loader, cached=False, augmented=False, device_type=dev.type)
     loader = DataLoader(dataset, batch_size=batch_size, sampler=SequentialSampler(dataset),
                         num_workers=plan.workers, collate_fn=get_collate(cfg.loader.collate),
                         pin_memory=plan.pin_memory)

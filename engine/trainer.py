@@ -134,7 +134,7 @@ def build_run(cfg: ProjectConfig, *, log=lambda message: None, progress=None) ->
     cache = apply_decoded_cache(data, cfg, pre, log=log, progress=progress)
     augmented = has_random_steps(cfg.data.augment, train=True)
     plans = [plan_loader(cfg.loader, cached=cache.used, augmented=aug, deterministic=cfg.train.deterministic,
-                         cuda=device.type == "cuda") for aug in (augmented, False)]
+                         device_type=device.type) for aug in (augmented, False)]
     collate = get_collate(cfg.loader.collate)
     train_loader = build_loader(data.train, cfg.loader, train=True,
                                 targets=data.train_targets if data.task == "classification" else None,

@@ -175,33 +175,38 @@ def test_a_file_that_no_longer_decodes_is_named_when_the_cache_fills(tmp_path):
 
 
 def test_auto_worker_rules():
-    assert auto_workers(8, cached=True, augmented=False)[0] == 0
-    assert auto_workers(8, cached=True, augmented=True)[0] == 7
-    assert auto_workers(8, cached=False, augmented=False)[0] == 7
-    assert auto_workers(64, cached=False, augmented=True)[0] == 8  # capped
-    assert auto_workers(2, cached=False, augmented=True)[0] == 1
-    assert auto_workers(1, cached=False, augmented=True)[0] == 0
-    assert auto_workers(16, cached=True, augmented=True, deterministic=True)[0] == 0
-    assert auto_workers(16, cached=False, augmented=False, deterministic=True)[0] == 8  # nothing to replay
+    gpu = dict(accelerator=True)
+    assert auto_workers(8, cached=True, augmented=False, **gpu)[0] == 0  # indexing beats worker IPC
+    assert auto_workers(8, cached=True, augmented=True, **gpu)[0] == 7  # one CPU stays with training
+    assert auto_workers(8, cached=False, augmented=False, **gpu)[0] == 7
+    assert auto_workers(64, cached=False, augmented=True, **gpu)[0] == 8  # capped
+    assert auto_workers(2, cached=False, augmented=True, **gpu)[0] == 1
+    assert auto_workers(1, cached=False, augmented=True, **gpu)[0] == 0
+    assert auto_workers(16, cached=True, augmented=True, deterministic=True, **gpu)[0] == 0  # exact resume
+    assert auto_workers(16, cached=False, augmented=False, deterministic=True, **gpu)[0] == 8  # nothing to replay
+    # Training on the CPU: a quarter of the CPUs load, the rest stay with the model's threads.
+    assert [auto_workers(n, cached=False, augmented=True)[0] for n in (1, 2, 4, 8, 16, 64)] == [0, 0, 1, 2, 4, 8]
+    assert auto_workers(16, cached=True, augmented=False)[0] == 0
 
 
 def test_loader_plans_fill_in_only_what_is_auto(tmp_path):
     cfg = load_project(write_project(tmp_path / "p.json", "images"), check_paths=False)
     lo = cfg.loader
     assert lo.num_workers is None and lo.persistent_workers is None and lo.pin_memory is None
-    plan = plan_loader(lo, cached=False, augmented=True, cuda=False, cpus=4)
-    assert (plan.workers, plan.persistent, plan.pin_memory, plan.auto_workers) == (3, True, False, True)
-    plan = plan_loader(lo, cached=True, augmented=False, cuda=True, cpus=4)
+    plan = plan_loader(lo, cached=False, augmented=True, device_type="cuda", cpus=4)
+    assert (plan.workers, plan.persistent, plan.pin_memory, plan.auto_workers) == (3, True, True, True)
+    plan = plan_loader(lo, cached=True, augmented=False, device_type="cuda", cpus=4)
     assert (plan.workers, plan.persistent, plan.pin_memory) == (0, False, True)
     assert describe_plans(plan, plan) == "Loader: main process (auto), pinned memory on"
     lo.num_workers, lo.persistent_workers, lo.pin_memory = 2, False, False
-    plan = plan_loader(lo, cached=True, augmented=False, cuda=True, cpus=4)
+    plan = plan_loader(lo, cached=True, augmented=False, device_type="cuda", cpus=4)
     assert (plan.workers, plan.persistent, plan.pin_memory, plan.auto_workers) == (2, False, False, False)
     assert describe_plans(plan, None) == "Loader: 2 workers, pinned memory off"
     lo.num_workers, lo.persistent_workers = None, None
-    train = plan_loader(lo, cached=True, augmented=True, cpus=2)
-    val = plan_loader(lo, cached=True, augmented=False, cpus=2)
-    assert describe_plans(train, val) == ("Loader: training 1 worker (auto), validation main process (auto), "
+    train = plan_loader(lo, cached=True, augmented=True, cpus=8)
+    val = plan_loader(lo, cached=True, augmented=False, cpus=8)
+    assert (train.workers, train.pin_memory, val.workers) == (2, False, 0)
+    assert describe_plans(train, val) == ("Loader: training 2 workers (auto), validation main process (auto), "
                                           "persistent, pinned memory off")
 
 
