@@ -189,13 +189,37 @@ def build_loader(dataset: Dataset, cfg: LoaderConfig, *, train: bool, targets: S
         sampler = (DistributedSampler(range(n), num_replicas=world[0], rank=world[1], shuffle=False)
                    if world else SequentialSampler(range(n)))
         drop_last = False
-    batches = BatchSampler(sampler, batch_size=cfg.batch_size, drop_last=drop_last)
     if plan is None:
         plan = plan_loader(cfg, cached=False, augmented=train)
+    batches = _EpochBatchSampler(sampler, batch_size=cfg.batch_size, drop_last=drop_last, generator=generator,
+                                 persistent=plan.persistent)
     workers = plan.workers
     return DataLoader(dataset, batch_sampler=batches, num_workers=workers, collate_fn=collate_fn,
                       pin_memory=pin_memory, persistent_workers=plan.persistent,
                       worker_init_fn=_seed_worker if workers > 0 else None, generator=generator)
+
+
+class _EpochBatchSampler(BatchSampler):
+    """A BatchSampler that keeps the shared generator's draws the same with persistent workers as without.
+
+    Every new DataLoader iterator draws its workers' base seed from the loader's generator, which the sampler
+    shares (its state is what a checkpoint saves). Without persistent workers that is one draw per epoch; with
+    them only the first epoch of a process draws, so the orders of later epochs, and of a resumed run, would
+    depend on the worker setting. This sampler makes the missing draw itself at the start of later epochs.
+    """
+
+    def __init__(self, sampler: Sampler[int], batch_size: int, drop_last: bool, *, generator: torch.Generator,
+                 persistent: bool):
+        super().__init__(sampler, batch_size=batch_size, drop_last=drop_last)
+        self._generator = generator
+        self._persistent = persistent
+        self._epochs = 0
+
+    def __iter__(self):
+        if self._persistent and self._epochs > 0:
+            torch.empty((), dtype=torch.int64).random_(generator=self._generator)  # as DataLoader draws a seed
+        self._epochs += 1
+        yield from super().__iter__()
 
 
 def _sampler_len(sampler: Sampler) -> int:

@@ -5,7 +5,6 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from torch.utils.data import DataLoader
 
 from conftest import write_image_folder, write_project
 from engine.config import load_project
@@ -147,9 +146,10 @@ def test_wide_presized_images_that_overrun_the_bound_fall_back(tmp_path):
     # Presizing is estimated as square; 4:1 images are four times that, and filling stops at the bound.
     rng = np.random.default_rng(3)
     for name in ("a", "b"):
-        (tmp_path / "wide" / name).mkdir(parents=True)
+        folder = tmp_path / "wide" / name
+        folder.mkdir(parents=True)
         for i in range(40):
-            Image.fromarray(rng.integers(0, 256, (40, 160, 3), dtype=np.uint8)).save(tmp_path / "wide" / name / f"{i}.png")
+            Image.fromarray(rng.integers(0, 256, (40, 160, 3), dtype=np.uint8)).save(folder / f"{i}.png")
     cfg = project(tmp_path, "wide", augment={"random_resized_crop": True})
     cfg.loader.decoded_cache_max_mb = 1
     pre = Preprocess(resize_size=64, crop_size=56, mean=PRE.mean, std=PRE.std)
@@ -229,6 +229,37 @@ def test_worker_processes_give_the_same_batches_from_the_cache(tmp_path):
         assert len(zero) == len(two) > 1
         for (xa, ya), (xb, yb) in zip(zero, two):
             assert torch.equal(xa, xb) and torch.equal(ya, yb)
+
+
+def test_persistent_workers_draw_the_same_order_as_none_also_after_a_resume(tmp_path):
+    odd_sizes_folder(tmp_path / "images", per_class=6)
+    cfg = project(tmp_path, "images")
+    data = prepare_data(cfg, PRE)
+    assert apply_decoded_cache(data, cfg, PRE).used
+
+    def loader(workers, state=None):
+        plan = plan_loader(cfg.loader, cached=True, augmented=False)
+        plan.workers, plan.persistent = workers, workers > 0
+        built = build_loader(data.train, cfg.loader, train=True, targets=None, collate_fn=None, seed=1,
+                             pin_memory=False, plan=plan)
+        if state is not None:
+            built.generator.set_state(state)
+        return built
+
+    def order(built):  # the batches of one epoch, each sample by its first pixel values
+        return [x.flatten(1)[:, :8].tolist() for x, _ in built]
+
+    runs = {}
+    for workers in (0, 1):
+        built = loader(workers)
+        epochs = [order(built) for _ in range(2)]
+        saved = built.generator.get_state()  # what a checkpoint after epoch 2 keeps
+        epochs.append(order(built))
+        resumed = order(loader(workers, saved))
+        assert resumed == epochs[2], workers
+        runs[workers] = epochs
+    assert runs[0] == runs[1]
+    assert runs[0][0] != runs[0][1]  # shuffled anew each epoch
 
 
 class Losses(Callback):
