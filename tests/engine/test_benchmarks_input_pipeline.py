@@ -9,8 +9,7 @@ def test_quick_run_gives_a_well_formed_section():
     section = input_pipeline.run(quick=True)
     assert section.name == "input_pipeline" and section.skipped is None
     keys = {f.key for f in section.figures}
-    assert {"epoch_speedup_cached_noaug", "epoch_speedup_workers_noaug", "cache_build_vs_epoch",
-            "training_speedup_cached_aug"} <= keys
+    assert {"epoch_speedup_cached_noaug", "cache_build_vs_epoch", "training_speedup_cached_aug"} <= keys
     for figure in section.figures:
         assert figure.unit == "x" and figure.value is not None and math.isfinite(figure.value) and figure.value > 0
         assert figure.target is None and figure.ok is None and figure.detail
