@@ -104,17 +104,17 @@ def auto_workers(cpus: int, *, cached: bool, augmented: bool, deterministic: boo
     runs on a GPU, so the training process leaves its CPUs to the loading.
     """
     if cached and not augmented:
-        return 0, "cached images without augmentation: indexing is cheaper than passing batches between processes"
+        return 0, "cached, no augmentation"  # indexing is cheaper than passing batches between processes
     if deterministic and augmented:
-        return 0, "train.deterministic: augmentation in the training process is replayed exactly on resume"
+        return 0, "train.deterministic with augmentation"  # replayed exactly on resume in this process
     if cpus <= 1:
         return 0, "one CPU"
     if accelerator:
         # One CPU stays with the training process, which feeds the GPU.
-        return min(cpus - 1, MAX_AUTO_WORKERS), f"{cpus} usable CPUs, training on a GPU"
+        return min(cpus - 1, MAX_AUTO_WORKERS), f"{cpus} CPUs, training on a GPU"
     # Training on the CPU: the model's torch threads use every core, and workers would take cores from them
     # (on 2 CPUs one worker made the default project's epochs about 10% slower); a quarter goes to loading.
-    return min(cpus // 4, MAX_AUTO_WORKERS), f"{cpus} usable CPUs shared with training on the CPU"
+    return min(cpus // 4, MAX_AUTO_WORKERS), f"{cpus} CPUs shared with training on the CPU"
 
 
 @dataclass
@@ -143,14 +143,14 @@ def plan_loader(cfg: LoaderConfig, *, cached: bool, augmented: bool, determinist
 
 
 def describe_plans(train: LoaderPlan, val: LoaderPlan | None) -> str:
-    """One log line: 'Loader: 1 worker (auto), persistent, pinned memory off'."""
+    """One log line, such as 'Loader: 1 worker (auto: 4 CPUs shared with training on the CPU), persistent'."""
 
     def count(plan: LoaderPlan) -> str:
         n = plan.workers
         text = "main process" if n == 0 else f"{n} worker{'s' if n != 1 else ''}"
-        return text + (" (auto)" if plan.auto_workers else "")
+        return text + (f" (auto: {plan.why})" if plan.auto_workers else "")
 
-    if val is None or (val.workers, val.auto_workers) == (train.workers, train.auto_workers):
+    if val is None or (val.workers, val.auto_workers, val.why) == (train.workers, train.auto_workers, train.why):
         where = count(train)
     else:
         where = f"training {count(train)}, validation {count(val)}"

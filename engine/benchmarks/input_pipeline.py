@@ -68,6 +68,10 @@ def _pass(loader, limit: int | None, step=None) -> int:
     return n
 
 
+def _workers(n: int) -> str:
+    return f"{n} worker{'' if n == 1 else 's'}"
+
+
 def _small_cnn(classes: int) -> torch.nn.Module:
     torch.manual_seed(0)
     return torch.nn.Sequential(
@@ -136,13 +140,13 @@ def run(quick: bool = False) -> Section:
             key=f"epoch_speedup_cached_{key}", title=f"Train-loader pass, {label}: cache + auto workers vs plain",
             value=round(ratio(times, "cached", "plain"), 2), unit="x",
             detail=f"{per_pass}; plain {median(times['plain']):.2f} s, cached {median(times['cached']):.2f} s "
-                   f"({chosen[label]['cached']} workers, auto)"))
+                   f"({_workers(chosen[label]['cached'])}, auto)"))
         if "workers" in loaders:
             figures.append(Figure(
                 key=f"epoch_speedup_workers_{key}", title=f"Train-loader pass, {label}: no cache + workers vs plain",
                 value=round(ratio(times, "workers", "plain"), 2), unit="x",
                 detail=f"{per_pass}; plain {median(times['plain']):.2f} s, no cache with "
-                       f"{loaders['workers'][1].workers} workers ({workers_why}) {median(times['workers']):.2f} s"))
+                       f"{_workers(loaders['workers'][1].workers)} ({workers_why}) {median(times['workers']):.2f} s"))
         if key == "noaug":
             full = median(times["plain"]) if not quick else None
             if full is None:  # a quick pass is partial: time one full uncached epoch for the build comparison
@@ -177,7 +181,7 @@ def run(quick: bool = False) -> Section:
                                                  "cache + auto workers vs plain",
         value=round(ratio(times, "cached", "plain"), 2), unit="x",
         detail=f"{train_limit} batches; plain {median(times['plain']):.2f} s, cached {median(times['cached']):.2f} s "
-               f"({loaders['cached'][1].workers} workers, auto)"))
+               f"({_workers(loaders['cached'][1].workers)}, auto)"))
     del loaders
 
     cpus = usable_cpus()

@@ -197,7 +197,7 @@ def test_loader_plans_fill_in_only_what_is_auto(tmp_path):
     assert (plan.workers, plan.persistent, plan.pin_memory, plan.auto_workers) == (3, True, True, True)
     plan = plan_loader(lo, cached=True, augmented=False, device_type="cuda", cpus=4)
     assert (plan.workers, plan.persistent, plan.pin_memory) == (0, False, True)
-    assert describe_plans(plan, plan) == "Loader: main process (auto), pinned memory on"
+    assert describe_plans(plan, plan) == "Loader: main process (auto: cached, no augmentation), pinned memory on"
     lo.num_workers, lo.persistent_workers, lo.pin_memory = 2, False, False
     plan = plan_loader(lo, cached=True, augmented=False, device_type="cuda", cpus=4)
     assert (plan.workers, plan.persistent, plan.pin_memory, plan.auto_workers) == (2, False, False, False)
@@ -206,7 +206,8 @@ def test_loader_plans_fill_in_only_what_is_auto(tmp_path):
     train = plan_loader(lo, cached=True, augmented=True, cpus=8)
     val = plan_loader(lo, cached=True, augmented=False, cpus=8)
     assert (train.workers, train.pin_memory, val.workers) == (2, False, 0)
-    assert describe_plans(train, val) == ("Loader: training 2 workers (auto), validation main process (auto), "
+    assert describe_plans(train, val) == ("Loader: training 2 workers (auto: 8 CPUs shared with training on the "
+                                          "CPU), validation main process (auto: cached, no augmentation), "
                                           "persistent, pinned memory off")
 
 
