@@ -17,6 +17,7 @@ TASKS = ("classification", "multilabel", "regression")
 DATA_KINDS = ("auto", "folder", "csv", "npz")
 SAMPLERS = ("sequential", "random", "subset_random", "weighted_random", "distributed")
 COLLATES = ("default", "pad")
+DECODED_CACHE_MODES = ("auto", "on", "off")
 LOSSES = ("cross_entropy", "mse", "bce_with_logits", "nll", "l1", "smooth_l1")
 OPTIMIZERS = ("sgd", "adam", "adamw", "rmsprop")
 SCHEDULES = ("none", "step", "cosine", "onecycle", "plateau")
@@ -94,8 +95,17 @@ class SamplerConfig:
 @dataclass
 class LoaderConfig:
     batch_size: int = 32
-    num_workers: int = 0
+    # DataLoader worker processes; None: auto (0 when the decoded-image cache serves un-augmented data or
+    # train.deterministic asks for an exact resume; else, training on a GPU, one per usable CPU but one, and
+    # training on the CPU a quarter of the CPUs; at most 8)
+    num_workers: Optional[int] = None
+    persistent_workers: Optional[bool] = None  # keep workers between epochs; None: on when there are workers
     pin_memory: Optional[bool] = None  # None: on when training on CUDA
+    # Decode and resize every image once and keep the uint8 result in memory: "auto" (when it fits the
+    # bound), "on" (also said when it does not fit) or "off". With random_resized_crop the cache keeps the
+    # image presized (shorter side at the resize size) and the random crops come from that presized image.
+    decoded_cache: str = "auto"
+    decoded_cache_max_mb: Optional[int] = None  # the cache's memory bound in MiB; None: a quarter of free memory
     drop_last: bool = False
     shuffle: Optional[bool] = None  # DataLoader's flag; cannot be combined with a sampler other than its own
     sampler: SamplerConfig = field(default_factory=SamplerConfig)
@@ -439,6 +449,11 @@ def validate(cfg: ProjectConfig, *, check_paths: bool = True, check_catalog: boo
     lo = cfg.loader
     _number(p, "loader.batch_size", lo.batch_size, low=1)
     _number(p, "loader.num_workers", lo.num_workers, low=0, high=256)
+    if lo.persistent_workers and lo.num_workers == 0:
+        p.append("loader.persistent_workers = true needs worker processes, but loader.num_workers = 0; "
+                 "set num_workers above 0 or to null (auto), or persistent_workers to null")
+    _choice(p, "loader.decoded_cache", lo.decoded_cache, DECODED_CACHE_MODES)
+    _number(p, "loader.decoded_cache_max_mb", lo.decoded_cache_max_mb, low=1)
     _choice(p, "loader.collate", lo.collate, COLLATES)
     if d.keep_aspect and lo.collate != "pad":
         p.append("data.keep_aspect = true needs loader.collate = 'pad' (images of different sizes are padded)")

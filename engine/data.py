@@ -602,6 +602,20 @@ def array_to_tensor(row: np.ndarray) -> torch.Tensor:
     return t.contiguous()
 
 
+def array_to_image(row: np.ndarray) -> torch.Tensor:
+    """One stored image as its transform takes it: uint8 RGB CHW for uint8 arrays (resized as uint8, like a
+    decoded image file), otherwise the float32 tensor in [0, 1] of array_to_tensor."""
+    if row.dtype != np.uint8:
+        return array_to_tensor(row)
+    t = torch.from_numpy(np.ascontiguousarray(row))
+    t = t.unsqueeze(0) if t.ndim == 2 else t.permute(2, 0, 1)
+    if t.shape[0] == 1:
+        t = t.expand(3, -1, -1)
+    elif t.shape[0] == 4:
+        t = t[:3]
+    return t.contiguous()
+
+
 class ArrayDataset(Dataset):
     """Images stored in one array (N,H,W) or (N,H,W,C) and their targets.
 
@@ -624,9 +638,7 @@ class ArrayDataset(Dataset):
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         row = self.array[index if self.rows is None else self.rows[index]]
-        x = array_to_tensor(row)
-        if self.transform is not None:
-            x = self.transform(x)
+        x = array_to_tensor(row) if self.transform is None else self.transform(array_to_image(row))
         return x, _target_tensor(self.targets[index], self.task)
 
 

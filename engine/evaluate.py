@@ -17,6 +17,7 @@ from torch.utils.data import DataLoader, Dataset, SequentialSampler
 from engine.checkpoints import load_checkpoint, restore_model
 from engine.collate import get_collate
 from engine.data import ArrayDataset, DataError, ImageFileDataset, subset_dataset, prepare_data, scan_source
+from engine.samplers import plan_loader
 from engine.transforms import build_transforms
 from engine.trainer import pick_device
 
@@ -221,9 +222,10 @@ def evaluate_checkpoint(checkpoint: str | os.PathLike | dict, *, data: str | os.
     dev = pick_device(device)
     # A plain sequential loader rather than the training one: every sample exactly once, in order (also
     # under torchrun), so sample_names line up with the outputs.
+    plan = plan_loader(cfg.loader, cached=False, augmented=False, device_type=dev.type)
     loader = DataLoader(dataset, batch_size=batch_size, sampler=SequentialSampler(dataset),
-                        num_workers=cfg.loader.num_workers, collate_fn=get_collate(cfg.loader.collate),
-                        pin_memory=dev.type == "cuda")
+                        num_workers=plan.workers, collate_fn=get_collate(cfg.loader.collate),
+                        pin_memory=plan.pin_memory)
     result = evaluate_model(model, loader, task=task, class_names=class_names, sample_names=sample_names(dataset),
                             device=dev, top_n=top_n, stop_event=stop_event, progress=progress)
     if result is not None:

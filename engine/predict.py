@@ -10,21 +10,21 @@ import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from engine.checkpoints import CheckpointError, load_checkpoint, restore_model
-from engine.data import DataError, array_to_tensor, load_image, to_rgb
+from engine.data import DataError, array_to_image, load_image, to_rgb
 from engine.transforms import build_transforms
 
 ImageInput = Union[str, os.PathLike, Image.Image, np.ndarray]
 
 
 def read_image(image: ImageInput) -> Image.Image | torch.Tensor:
-    """The image as the evaluation datasets hand it to their transform: PIL RGB for files, a float tensor for arrays.
+    """The image as the evaluation datasets hand it to their transform: PIL RGB for files, a tensor for arrays.
 
     Raises DataError naming the file and what is wrong when it cannot be decoded.
     """
     if isinstance(image, np.ndarray):
         if image.ndim not in (2, 3) or (image.ndim == 3 and image.shape[2] not in (1, 3, 4)):
             raise DataError(f"an image array has shape {image.shape}; expected (H, W) or (H, W, C) with C 1, 3 or 4")
-        return array_to_tensor(image)  # as ArrayDataset serves a .npz row
+        return array_to_image(image)  # as ArrayDataset serves a .npz row
     if isinstance(image, Image.Image):
         # The conversion load_image applies to a file, so an image already in memory is read the same way.
         return to_rgb(ImageOps.exif_transpose(image))

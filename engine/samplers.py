@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 from collections import Counter
+from dataclasses import dataclass
 from typing import Sequence
 
 import torch
@@ -80,9 +81,94 @@ def build_sampler(spec: SamplerConfig, dataset_len: int, targets: Sequence[int] 
     raise SamplerError(f"loader.sampler.name = {name!r}: unknown")
 
 
+MAX_AUTO_WORKERS = 8
+
+
+def usable_cpus() -> int:
+    """CPUs this process may run on (its affinity mask where the system has one)."""
+    if hasattr(os, "sched_getaffinity"):
+        try:
+            return max(1, len(os.sched_getaffinity(0)))
+        except OSError:
+            pass
+    return max(1, os.cpu_count() or 1)
+
+
+def auto_workers(cpus: int, *, cached: bool, augmented: bool, deterministic: bool = False,
+                 accelerator: bool = False) -> tuple[int, str]:
+    """The worker count loader.num_workers = null picks, and why.
+
+    cached: the split is served by the decoded-image cache; augmented: its items draw random augmentation;
+    deterministic: train.deterministic, which asks for an exact resume (augmentation drawn in worker
+    processes is not replayed on resume, so it stays in the training process); accelerator: the model
+    runs on a GPU, so the training process leaves its CPUs to the loading.
+    """
+    if cached and not augmented:
+        return 0, "cached, no augmentation"  # indexing is cheaper than passing batches between processes
+    if deterministic and augmented:
+        return 0, "train.deterministic with augmentation"  # replayed exactly on resume in this process
+    if cpus <= 1:
+        return 0, "one CPU"
+    if accelerator:
+        # One CPU stays with the training process, which feeds the GPU.
+        return min(cpus - 1, MAX_AUTO_WORKERS), f"{cpus} CPUs, training on a GPU"
+    # Training on the CPU: the model's torch threads use every core, and workers would take cores from them
+    # (on 2 CPUs one worker made the default project's epochs about 10% slower); a quarter goes to loading.
+    return min(cpus // 4, MAX_AUTO_WORKERS), f"{cpus} CPUs shared with training on the CPU"
+
+
+@dataclass
+class LoaderPlan:
+    """The worker count, persistence and pinning of one DataLoader, and whether each was chosen automatically."""
+
+    workers: int
+    persistent: bool
+    pin_memory: bool
+    auto_workers: bool
+    why: str = ""
+
+
+def plan_loader(cfg: LoaderConfig, *, cached: bool, augmented: bool, deterministic: bool = False,
+                device_type: str = "cpu", cpus: int | None = None) -> LoaderPlan:
+    """The project's loader settings with every null (auto) filled in for one split trained on device_type."""
+    cuda = device_type == "cuda"
+    if cfg.num_workers is None:
+        workers, why = auto_workers(usable_cpus() if cpus is None else cpus, cached=cached, augmented=augmented,
+                                    deterministic=deterministic, accelerator=device_type != "cpu")
+    else:
+        workers, why = cfg.num_workers, "loader.num_workers"
+    persistent = workers > 0 if cfg.persistent_workers is None else bool(cfg.persistent_workers) and workers > 0
+    pin = cuda if cfg.pin_memory is None else bool(cfg.pin_memory)
+    return LoaderPlan(workers, persistent, pin, cfg.num_workers is None, why)
+
+
+def describe_plans(train: LoaderPlan, val: LoaderPlan | None) -> str:
+    """One log line, such as 'Loader: 1 worker (auto: 4 CPUs shared with training on the CPU), persistent'."""
+
+    def count(plan: LoaderPlan) -> str:
+        n = plan.workers
+        text = "main process" if n == 0 else f"{n} worker{'s' if n != 1 else ''}"
+        return text + (f" (auto: {plan.why})" if plan.auto_workers else "")
+
+    if val is None or (val.workers, val.auto_workers, val.why) == (train.workers, train.auto_workers, train.why):
+        where = count(train)
+    else:
+        where = f"training {count(train)}, validation {count(val)}"
+    persistent = any(p.persistent for p in (train, val) if p is not None)
+    parts = [f"Loader: {where}"]
+    if persistent:
+        parts.append("persistent")
+    parts.append(f"pinned memory {'on' if train.pin_memory else 'off'}")
+    return ", ".join(parts)
+
+
 def build_loader(dataset: Dataset, cfg: LoaderConfig, *, train: bool, targets: Sequence[int] | None,
-                 collate_fn, seed: int, pin_memory: bool) -> DataLoader:
-    """A DataLoader with a batch sampler around the project's sampler (train) or a sequential one (eval)."""
+                 collate_fn, seed: int, pin_memory: bool, plan: LoaderPlan | None = None) -> DataLoader:
+    """A DataLoader with a batch sampler around the project's sampler (train) or a sequential one (eval).
+
+    plan: workers and persistence (see plan_loader); without one, an auto worker count is taken as for an
+    uncached dataset.
+    """
     n = len(dataset)
     generator = torch.Generator()
     generator.manual_seed(seed)
@@ -103,11 +189,37 @@ def build_loader(dataset: Dataset, cfg: LoaderConfig, *, train: bool, targets: S
         sampler = (DistributedSampler(range(n), num_replicas=world[0], rank=world[1], shuffle=False)
                    if world else SequentialSampler(range(n)))
         drop_last = False
-    batches = BatchSampler(sampler, batch_size=cfg.batch_size, drop_last=drop_last)
-    workers = cfg.num_workers
+    if plan is None:
+        plan = plan_loader(cfg, cached=False, augmented=train)
+    batches = _EpochBatchSampler(sampler, batch_size=cfg.batch_size, drop_last=drop_last, generator=generator,
+                                 persistent=plan.persistent)
+    workers = plan.workers
     return DataLoader(dataset, batch_sampler=batches, num_workers=workers, collate_fn=collate_fn,
-                      pin_memory=pin_memory, persistent_workers=workers > 0,
+                      pin_memory=pin_memory, persistent_workers=plan.persistent,
                       worker_init_fn=_seed_worker if workers > 0 else None, generator=generator)
+
+
+class _EpochBatchSampler(BatchSampler):
+    """A BatchSampler that keeps the shared generator's draws the same with persistent workers as without.
+
+    Every new DataLoader iterator draws its workers' base seed from the loader's generator, which the sampler
+    shares (its state is what a checkpoint saves). Without persistent workers that is one draw per epoch; with
+    them only the first epoch of a process draws, so the orders of later epochs, and of a resumed run, would
+    depend on the worker setting. This sampler makes the missing draw itself at the start of later epochs.
+    """
+
+    def __init__(self, sampler: Sampler[int], batch_size: int, drop_last: bool, *, generator: torch.Generator,
+                 persistent: bool):
+        super().__init__(sampler, batch_size=batch_size, drop_last=drop_last)
+        self._generator = generator
+        self._persistent = persistent
+        self._epochs = 0
+
+    def __iter__(self):
+        if self._persistent and self._epochs > 0:
+            torch.empty((), dtype=torch.int64).random_(generator=self._generator)  # as DataLoader draws a seed
+        self._epochs += 1
+        yield from super().__iter__()
 
 
 def _sampler_len(sampler: Sampler) -> int:

@@ -16,12 +16,14 @@ from engine.backbones import build_model, preprocess_for
 from engine.collate import get_collate
 from engine.config import ConfigError, ProjectConfig
 from engine.data import PreparedData, prepare_data
+from engine.decoded_cache import apply_decoded_cache
 from engine.freezing import (FreezeSummary, apply_freeze, frozen_batchnorm_modules, param_groups,
                              set_frozen_batchnorm_eval)
 from engine.losses import TaskLoss
 from engine.monitor import MetricTracker
 from engine.optim import Schedule, build_optimizer
-from engine.samplers import build_loader, distributed_world
+from engine.samplers import build_loader, describe_plans, distributed_world, plan_loader
+from engine.transforms import has_random_steps
 
 
 class NonFiniteLossError(RuntimeError):
@@ -129,15 +131,20 @@ def build_run(cfg: ProjectConfig, *, log=lambda message: None, progress=None) ->
     loss_fn.to(device)
     groups = param_groups(model, built.head_name, cfg.optimizer.lr, cfg.optimizer.backbone_lr_mult)
     optimizer = build_optimizer(cfg.optimizer, groups)
-    pin = cfg.loader.pin_memory if cfg.loader.pin_memory is not None else device.type == "cuda"
+    cache = apply_decoded_cache(data, cfg, pre, log=log, progress=progress)
+    augmented = has_random_steps(cfg.data.augment, train=True)
+    plans = [plan_loader(cfg.loader, cached=cache.used, augmented=aug, deterministic=cfg.train.deterministic,
+                         device_type=device.type) for aug in (augmented, False)]
     collate = get_collate(cfg.loader.collate)
     train_loader = build_loader(data.train, cfg.loader, train=True,
                                 targets=data.train_targets if data.task == "classification" else None,
-                                collate_fn=collate, seed=cfg.train.seed, pin_memory=pin)
+                                collate_fn=collate, seed=cfg.train.seed, pin_memory=plans[0].pin_memory,
+                                plan=plans[0])
     val_loader = None
     if data.val is not None and len(data.val) > 0:
         val_loader = build_loader(data.val, cfg.loader, train=False, targets=None, collate_fn=collate,
-                                  seed=cfg.train.seed, pin_memory=pin)
+                                  seed=cfg.train.seed, pin_memory=plans[1].pin_memory, plan=plans[1])
+    log(describe_plans(plans[0], plans[1] if val_loader is not None else None))
     schedule = Schedule(cfg.schedule, optimizer, epochs=cfg.train.epochs, steps_per_epoch=len(train_loader),
                         base_lr=cfg.optimizer.lr)
     return RunParts(data, model, built.head_name, built.weights_desc, freeze, frozen_bn, loss_fn, optimizer,

@@ -24,16 +24,51 @@ class Preprocess:
 
 def build_transforms(pre: Preprocess, augment: AugmentConfig, *, train: bool, keep_aspect: bool) -> Callable:
     """The image pipeline for one split: PIL RGB images or float CHW tensors in [0, 1] in, normalised float32 out."""
+    fixed, per_item = _steps(pre, augment, train=train, keep_aspect=keep_aspect, presize=False)
+    return v2.Compose(fixed + per_item)
+
+
+def split_transforms(pre: Preprocess, augment: AugmentConfig, *, train: bool,
+                     keep_aspect: bool) -> tuple[Callable, Callable]:
+    """The pipeline of build_transforms cut in two for the decoded-image cache: (fixed, per_item).
+
+    fixed turns a decoded image into a CHW tensor of the same dtype (uint8 for files) and applies the
+    deterministic resize, plus the centre crop when no random crop follows; its output is what the cache
+    keeps. per_item does the rest on every draw: random augmentation, scaling to float, normalisation.
+    per_item(fixed(image)) equals build_transforms(...)(image) exactly, with one deliberate exception:
+    with random_resized_crop (training), fixed "presizes" the image (its shorter side resized to
+    pre.resize_size, fastai's presizing) and the random crops are then taken from that presized image
+    rather than from the original.
+    """
+    fixed, per_item = _steps(pre, augment, train=train, keep_aspect=keep_aspect, presize=True)
+    # ToImage again: the cache hands out plain tensors, which torchvision's v2 transforms then treat as images.
+    return v2.Compose(fixed), v2.Compose([v2.ToImage()] + per_item)
+
+
+def has_random_steps(augment: AugmentConfig, *, train: bool) -> bool:
+    """Whether a split's pipeline draws random numbers per item (training with any augmentation on)."""
+    return train and bool(augment.horizontal_flip or augment.rotation > 0 or augment.color_jitter > 0
+                          or augment.random_resized_crop)
+
+
+def _steps(pre: Preprocess, augment: AugmentConfig, *, train: bool, keep_aspect: bool,
+           presize: bool) -> tuple[list[Callable], list[Callable]]:
+    """(deterministic steps, per-item steps) of one split's pipeline."""
     interpolation = InterpolationMode(pre.interpolation)
-    steps: list[Callable] = [v2.ToImage()]  # PIL -> uint8 tensor; a plain tensor is taken as the image as is
+    fixed: list[Callable] = [v2.ToImage()]  # PIL -> uint8 tensor; a plain tensor is taken as the image as is
+    steps: list[Callable] = []
     if keep_aspect:
         # size=None with max_size scales the longer side to resize_size (up or down); the pad collate
         # then evens out the different shapes, so no crop of any kind.
-        steps.append(v2.Resize(None, max_size=pre.resize_size, interpolation=interpolation, antialias=True))
+        fixed.append(v2.Resize(None, max_size=pre.resize_size, interpolation=interpolation, antialias=True))
     elif train and augment.random_resized_crop:
+        if presize:
+            # Presizing: the cache keeps the image with its shorter side at resize_size, and the random
+            # crops come from that presized image instead of the full-size original.
+            fixed.append(v2.Resize(pre.resize_size, interpolation=interpolation, antialias=True))
         steps.append(v2.RandomResizedCrop(pre.crop_size, interpolation=interpolation, antialias=True))
     else:
-        steps += [v2.Resize(pre.resize_size, interpolation=interpolation, antialias=True),
+        fixed += [v2.Resize(pre.resize_size, interpolation=interpolation, antialias=True),
                   v2.CenterCrop(pre.crop_size)]
     if train:
         if augment.horizontal_flip:
@@ -51,4 +86,4 @@ def build_transforms(pre: Preprocess, augment: AugmentConfig, *, train: bool, ke
         v2.Normalize(list(pre.mean), list(pre.std)),
         v2.ToPureTensor(),  # plain tensors collate and pickle without torchvision's wrapper types
     ]
-    return v2.Compose(steps)
+    return fixed, steps

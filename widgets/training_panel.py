@@ -48,8 +48,12 @@ OBJECT_NAMES = {
     "training.sampler_num_replicas": "number of processes sharing the data (loader.sampler.num_replicas)",
     "training.sampler_rank": "this process's share (loader.sampler.rank)",
     "training.batch_size": "samples per batch (loader.batch_size)",
-    "training.num_workers": "DataLoader worker processes (loader.num_workers)",
+    "training.num_workers": "DataLoader worker processes; the lowest setting is auto (loader.num_workers)",
+    "training.persistent_workers": "keep worker processes between epochs: auto, on or off (loader.persistent_workers)",
     "training.pin_memory": "pinned host memory: auto, on or off (loader.pin_memory)",
+    "training.decoded_cache": "keep decoded, resized images in memory: auto, on or off (loader.decoded_cache)",
+    "training.decoded_cache_max_mb": "memory bound of the decoded-image cache in MiB; lowest is auto "
+                                     "(loader.decoded_cache_max_mb)",
     "training.drop_last": "drop the last incomplete batch (loader.drop_last)",
     "training.shuffle": "DataLoader's shuffle flag: auto, on or off (loader.shuffle)",
     # Loss
@@ -586,13 +590,28 @@ class TrainingPanel(QWidget):
 
         self._add(form, "Batch size:", "batch_size", "loader.batch_size", _spin(1, 1_000_000),
                   "How many samples go through the model together before each optimizer step.", bind_spin)
-        self._add(form, "Workers:", "num_workers", "loader.num_workers", _spin(0, 256, special="0 (main process)"),
-                  "Processes that load and augment images in parallel; 0 loads them in the training process.",
-                  bind_spin)
+        self._add(form, "Workers:", "num_workers", "loader.num_workers", _spin(-1, 256, special="auto"),
+                  "Processes that load and augment images in parallel; 0 loads them in the training process. "
+                  "Auto uses none when cached images need no augmentation; otherwise one per CPU but one when "
+                  "training on a GPU, a quarter of the CPUs when training on the CPU (at most 8).",
+                  self._bind_optional_spin)
+        self._add(form, "Persistent:", "persistent_workers", "loader.persistent_workers",
+                  _combo([("auto (on when there are workers)", None), ("on", True), ("off", False)]),
+                  "Keep the worker processes alive from one epoch to the next instead of starting them again.",
+                  bind_combo)
         self._add(form, "Pin memory:", "pin_memory", "loader.pin_memory",
                   _combo([("auto (on when training on CUDA)", None), ("on", True), ("off", False)]),
                   "Page-locked host memory makes copies to a CUDA GPU faster; auto turns it on only for CUDA.",
                   bind_combo)
+        self._add(form, "Image cache:", "decoded_cache", "loader.decoded_cache",
+                  _combo([("auto (when it fits in memory)", "auto"), ("on", "on"), ("off", "off")]),
+                  "Decode and resize every image once and keep it in memory, so each epoch runs only the random "
+                  "augmentation; with random resized crops, the crops come from the image presized to its "
+                  "shorter side.", bind_combo)
+        self._add(form, "Cache limit:", "decoded_cache_max_mb", "loader.decoded_cache_max_mb",
+                  _spin(0, 16_777_216, step=256, suffix=" MiB", special="auto (a quarter of free memory)"),
+                  "The most memory the image cache may take; when the images would need more, they are decoded "
+                  "every epoch instead (said in the run's log).", self._bind_optional_spin)
         self._add(form, "", "drop_last", "loader.drop_last", QCheckBox("Drop the last incomplete batch"),
                   "Skip the final batch of an epoch when it is smaller than the batch size.", bind_check)
         self._shuffle_note = _note()

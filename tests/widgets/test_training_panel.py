@@ -17,7 +17,8 @@ CUSTOM = dict(
     data={"image_size": 32, "keep_aspect": True, "mean": [0.4, 0.5, 0.6], "std": [0.2, 0.25, 0.3],
           "augment": {"horizontal_flip": True, "rotation": 15.0, "random_resized_crop": False,
                       "color_jitter": 0.3}},
-    loader={"batch_size": 4, "num_workers": 2, "pin_memory": False, "drop_last": True, "collate": "pad",
+    loader={"batch_size": 4, "num_workers": 2, "persistent_workers": False, "pin_memory": False, "drop_last": True,
+            "collate": "pad", "decoded_cache": "off", "decoded_cache_max_mb": 512,
             "sampler": {"name": "weighted_random", "weights": "balanced", "replacement": False,
                         "num_samples": 20}},
     loss={"name": "cross_entropy", "label_smoothing": 0.1, "class_weights": [1.0, 2.0, 0.5]},
@@ -38,7 +39,8 @@ CUSTOM_SHOWN = {
     "image_size": 32, "keep_aspect": True, "collate": "pad", "mean": "0.4, 0.5, 0.6", "std": "0.2, 0.25, 0.3",
     "horizontal_flip": True, "rotation": 15.0, "random_resized_crop": False, "color_jitter": 0.3,
     "sampler": "weighted_random", "sampler_weights_mode": "balanced", "sampler_replacement": False,
-    "sampler_num_samples": 20, "batch_size": 4, "num_workers": 2, "pin_memory": False, "drop_last": True,
+    "sampler_num_samples": 20, "batch_size": 4, "num_workers": 2, "persistent_workers": False, "pin_memory": False,
+    "decoded_cache": "off", "decoded_cache_max_mb": 512, "drop_last": True,
     "shuffle": None,
     "loss": "cross_entropy", "label_smoothing": 0.1, "class_weights_mode": "list", "class_weights": "1, 2, 0.5",
     "optimizer": "sgd", "lr": "0.02", "weight_decay": "0.0005", "momentum": 0.8, "nesterov": True,
@@ -370,7 +372,10 @@ def test_settings_made_in_the_panel_round_trip_through_the_project_file(qtbot, p
     control(panel, "color_jitter").setValue(0.25)
     control(panel, "batch_size").setValue(16)
     control(panel, "num_workers").setValue(1)
+    choose(panel, "persistent_workers", False)
     choose(panel, "pin_memory", False)
+    choose(panel, "decoded_cache", "on")
+    control(panel, "decoded_cache_max_mb").setValue(2048)
     control(panel, "drop_last").setChecked(True)
     choose(panel, "loss", "nll")
     choose(panel, "class_weights_mode", "list")
@@ -410,6 +415,8 @@ def test_settings_made_in_the_panel_round_trip_through_the_project_file(qtbot, p
             cfg.loader.sampler.num_samples) == ("weighted_random", [1.0, 1.0], False, 20)
     assert (cfg.data.image_size, cfg.data.keep_aspect, cfg.loader.collate, cfg.data.mean) == \
         (48, True, "pad", [0.4, 0.5, 0.6])
+    assert (cfg.loader.num_workers, cfg.loader.persistent_workers, cfg.loader.decoded_cache,
+            cfg.loader.decoded_cache_max_mb) == (1, False, "on", 2048)
     assert (cfg.loss.name, cfg.loss.class_weights) == ("nll", [1.0, 2.0, 3.0])
     assert (cfg.optimizer.name, cfg.optimizer.lr, cfg.optimizer.momentum, cfg.optimizer.nesterov) == \
         ("sgd", pytest.approx(3e-4), pytest.approx(0.85), True)
@@ -516,3 +523,22 @@ def test_positions_text_round_trips():
     assert parse_positions("  ") is None
     with pytest.raises(ValueError, match="not a position"):
         parse_positions("-5")
+
+
+def test_workers_and_cache_limit_have_an_auto_setting(panel, project_state):
+    workers, limit = control(panel, "num_workers"), control(panel, "decoded_cache_max_mb")
+    assert project_state.config.loader.num_workers is None and workers.value() == -1
+    assert workers.text() == "auto" and limit.text().startswith("auto")
+    workers.setValue(0)  # 0 is a setting of its own: load in the training process
+    assert project_state.config.loader.num_workers == 0
+    workers.setValue(-1)
+    assert project_state.config.loader.num_workers is None
+    choose(panel, "persistent_workers", True)  # with auto workers: accepted
+    workers.setValue(0)
+    assert "loader.persistent_workers" in message(panel, "num_workers").text()
+    assert project_state.config.loader.num_workers is None  # refused, so the project keeps auto
+    choose(panel, "persistent_workers", None)
+    limit.setValue(1024)
+    assert project_state.config.loader.decoded_cache_max_mb == 1024
+    limit.setValue(0)
+    assert project_state.config.loader.decoded_cache_max_mb is None
