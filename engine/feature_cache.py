@@ -22,7 +22,7 @@ import os
 import threading
 import time
 from collections import OrderedDict
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Sequence
 
 import torch
@@ -110,9 +110,6 @@ class Boundary:
     replaced: list[str]
     output: str
 
-    def describe(self) -> str:
-        return f"after {self.output}" if self.output else "?"
-
 
 def _trainable(module: nn.Module, recurse: bool) -> bool:
     return any(p.requires_grad for p in module.parameters(recurse=recurse))
@@ -130,13 +127,13 @@ def record_calls(model: nn.Module, inputs: torch.Tensor) -> tuple[list[str], int
     """Names of the modules (root excluded) in the order their forward starts, for one forward of inputs, and
     the number of leading calls that drew no random numbers (dropout, drop-path and the like draw some)."""
     calls: list[str] = []
-    state = [torch.get_rng_state()]
+    state = [_rng_states(inputs.device)]
     random_from = [None]
 
     def pre_hook(_module, _inputs, name):
         if random_from[0] is None:
-            now = torch.get_rng_state()
-            if not torch.equal(now, state[0]):
+            now = _rng_states(inputs.device)
+            if not _equal_states(now, state[0]):
                 random_from[0] = max(len(calls) - 1, 0)  # the previous call (or code of its own) drew
             state[0] = now
         calls.append(name)
@@ -152,6 +149,18 @@ def record_calls(model: nn.Module, inputs: torch.Tensor) -> tuple[list[str], int
         for h in hooks:
             h.remove()
     return calls, len(calls) if random_from[0] is None else random_from[0]
+
+
+def _rng_states(device: torch.device) -> list[torch.Tensor]:
+    """The random states a forward on device draws from (dropout on a GPU uses the GPU's generator)."""
+    states = [torch.get_rng_state()]
+    if device.type == "cuda":
+        states.append(torch.cuda.get_rng_state(device))
+    return states
+
+
+def _equal_states(a: list[torch.Tensor], b: list[torch.Tensor]) -> bool:
+    return all(torch.equal(x, y) for x, y in zip(a, b))
 
 
 def candidate_boundaries(model: nn.Module, calls: Sequence[str], limit: int | None = None) -> list[Boundary]:
@@ -253,7 +262,9 @@ def capture(model: nn.Module, boundary: str, inputs: torch.Tensor) -> Any:
 
 @contextlib.contextmanager
 def _seeded(seed: int):
-    with torch.random.fork_rng(devices=[]):
+    """Every generator seeded alike, and put back as it was afterwards."""
+    cuda = torch.cuda.is_available() and torch.cuda.is_initialized()
+    with torch.random.fork_rng(devices=[torch.cuda.current_device()] if cuda else []):
         torch.manual_seed(seed)
         yield
 
@@ -306,9 +317,9 @@ def verify(model: nn.Module, frozen_bn: Sequence[str], boundary: Boundary, input
         # The frozen part: the same output whatever the random state, without drawing random numbers, and
         # per sample (a batch of half the samples gives the same rows).
         with _seeded(1):
-            before = torch.get_rng_state()
+            before = _rng_states(inputs.device)
             again = capture(model, name, inputs)
-            drew = not torch.equal(before, torch.get_rng_state())
+            drew = not _equal_states(before, _rng_states(inputs.device))
         if drew or not torch.equal(again, features):
             return f"the frozen part up to {name} is random in training mode (dropout or drop-path)"
         if inputs.shape[0] >= 2:
@@ -533,7 +544,6 @@ class FeatureCache:
     nbytes: int
     reused: bool
     seconds: float  # spent finding the cut and computing (or fetching) the features
-    notes: list[str] = field(default_factory=list)
 
     def describe(self) -> str:
         where = "reused from an earlier run" if self.reused else f"computed in {self.seconds:.1f} s"
