@@ -97,6 +97,17 @@ def test_a_weighted_sampler_draws_the_same_batches_from_the_cache(tmp_path):
     assert_same_training(cached, train(off)[0])
 
 
+def test_with_loader_workers_the_cache_draws_the_batches_persistent_workers_draw(tmp_path):
+    # Persistent workers draw their base seed from the loader's generator once, not every epoch: the cached
+    # batches must follow, or the later epochs would shuffle differently.
+    cfg = project(tmp_path, loader={"batch_size": 8, "num_workers": 1})
+    cached, _ = train(cfg.copy())
+    assert cached.feature_cache is not None
+    off = cfg.copy()
+    off.train.feature_cache = "off"
+    assert_same_training(cached, train(off)[0])
+
+
 @pytest.mark.parametrize("change, reason", [
     ({"data": {"augment": {"rotation": 10.0}}}, "data.augment.rotation"),
     ({"data": {"augment": {"horizontal_flip": True}}}, "data.augment.horizontal_flip"),
