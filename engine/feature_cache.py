@@ -573,6 +573,8 @@ def setup(cfg: ProjectConfig, parts: Any, *, autocast: Callable[[], Any] = conte
 
 def _setup(cfg, parts, autocast, stop_event, log, started) -> Setup:
     model, device = parts.model, parts.device
+    if all(p.requires_grad for p in model.parameters()):
+        return Setup(None, "Feature cache off: nothing is frozen (model.freeze), so every layer trains")
     loader = parts.train_loader
     train_ds = parts.data.train
     val_ds = parts.data.val if parts.val_loader is not None else None

@@ -113,7 +113,8 @@ def test_with_loader_workers_the_cache_draws_the_batches_persistent_workers_draw
     ({"data": {"augment": {"horizontal_flip": True}}}, "data.augment.horizontal_flip"),
     ({"data": {"keep_aspect": True}, "loader": {"collate": "pad"}}, "data.keep_aspect"),
     ({"model": {"freeze": "head_only", "train_frozen_batchnorm": True}}, "model.train_frozen_batchnorm"),
-    ({"model": {"freeze": "none"}}, "nothing is frozen at the start"),
+    ({"model": {"freeze": "none"}}, "nothing is frozen (model.freeze)"),
+    ({"model": {"freeze": "none", "freeze_prefixes": ["layer4"]}}, "nothing is frozen at the start"),
 ])
 def test_ineligible_projects_fall_back_with_the_reason_logged(tmp_path, change, reason):
     cfg = project(tmp_path, **change, train={"epochs": 1})
