@@ -26,6 +26,7 @@ DEVICES = ("auto", "cpu", "cuda", "mps")
 MONITORS = ("val_loss", "val_accuracy", "train_loss", "train_accuracy")
 MONITOR_MODES = ("auto", "min", "max")
 PRECISIONS = ("fp32", "fp16", "bf16")
+FEATURE_CACHE_MODES = ("auto", "off")
 
 
 class ConfigError(ValueError):
@@ -153,6 +154,10 @@ class TrainConfig:
     deterministic: bool = False
     precision: str = "fp32"  # mixed precision on CUDA: fp16 or bf16
     grad_clip_norm: Optional[float] = None
+    # auto: when the frozen layers are the start of the forward pass and nothing is augmented, compute their
+    # output once per sample and train the rest on it (engine/feature_cache.py); off: always recompute.
+    feature_cache: str = "auto"
+    feature_cache_max_mb: Optional[int] = None  # memory bound of the cached features in MiB; None: half the free RAM
 
 
 @dataclass
@@ -552,6 +557,8 @@ def validate(cfg: ProjectConfig, *, check_paths: bool = True, check_catalog: boo
     _number(p, "train.seed", t.seed, low=0, high=2**32 - 1)
     _choice(p, "train.precision", t.precision, PRECISIONS)
     _number(p, "train.grad_clip_norm", t.grad_clip_norm, low=0.0, low_open=True)
+    _choice(p, "train.feature_cache", t.feature_cache, FEATURE_CACHE_MODES)
+    _number(p, "train.feature_cache_max_mb", t.feature_cache_max_mb, low=1)
 
     c = cfg.checkpoint
     _number(p, "checkpoint.keep_last", c.keep_last, low=0)

@@ -16,7 +16,7 @@ import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Callable, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 import torch
@@ -37,7 +37,7 @@ class DecodedImageDataset(Dataset):
 
     def __init__(self, images: Optional[torch.Tensor], flat: Optional[torch.Tensor], offsets: Optional[np.ndarray],
                  shapes: Optional[np.ndarray], targets: Sequence, per_item: Callable, task: str,
-                 names: Sequence[str]):
+                 names: Sequence[str], source: Any = None):
         self.images = images  # (N, C, H, W) when every image has the same size
         self.flat = flat  # otherwise every image's values one after another ...
         self.offsets = offsets  # ... image i at flat[offsets[i]:offsets[i + 1]] ...
@@ -46,6 +46,7 @@ class DecodedImageDataset(Dataset):
         self.transform = per_item
         self.task = task
         self.names = list(names)  # the image path or "row i" of each item, as the source dataset names them
+        self.source = source  # the dataset decoded (what the feature cache's fingerprint describes)
 
     def __len__(self) -> int:
         return len(self.targets)
@@ -143,7 +144,7 @@ def decode_dataset(dataset: Dataset, fixed: Callable, per_item: Callable, *, fix
 
     if n == 0:
         return DecodedImageDataset(torch.empty(0, 3, 1, 1, dtype=torch.uint8), None, None, None, [], per_item,
-                                   dataset.task, [])
+                                   dataset.task, [], source=dataset)
     first = one(0)
     if fixed_size:
         images = torch.empty((n, *first.shape), dtype=first.dtype)
@@ -156,7 +157,8 @@ def decode_dataset(dataset: Dataset, fixed: Callable, per_item: Callable, *, fix
             for done, _ in enumerate(pool.map(put, range(1, n)), start=2):
                 if progress is not None and (done % step == 0 or done == n):
                     progress(done, n)
-        return DecodedImageDataset(images, None, None, None, dataset.targets, per_item, dataset.task, names)
+        return DecodedImageDataset(images, None, None, None, dataset.targets, per_item, dataset.task, names,
+                              source=dataset)
 
     parts: list[torch.Tensor] = [first]
     total = first.numel() * first.element_size()
@@ -177,7 +179,8 @@ def decode_dataset(dataset: Dataset, fixed: Callable, per_item: Callable, *, fix
     for i, p in enumerate(parts):
         flat[offsets[i]:offsets[i + 1]] = p.reshape(-1)
     parts.clear()
-    return DecodedImageDataset(None, flat, offsets, shapes, dataset.targets, per_item, dataset.task, names)
+    return DecodedImageDataset(None, flat, offsets, shapes, dataset.targets, per_item, dataset.task, names,
+                              source=dataset)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -17,6 +17,7 @@ from engine.collate import get_collate
 from engine.config import ConfigError, ProjectConfig
 from engine.data import PreparedData, prepare_data
 from engine.decoded_cache import apply_decoded_cache
+from engine.feature_cache import FeatureCache, setup as setup_feature_cache
 from engine.freezing import (FreezeSummary, apply_freeze, frozen_batchnorm_modules, param_groups,
                              set_frozen_batchnorm_eval)
 from engine.losses import TaskLoss
@@ -167,6 +168,8 @@ class Trainer:
         es = cfg.early_stopping
         self.early = MetricTracker(es.monitor, es.mode, es.min_delta) if es.enabled else None
         self._best_weights: dict[str, torch.Tensor] | None = None
+        # Set up in run(): when active, epochs train the part after the frozen prefix on cached features.
+        self.feature_cache: FeatureCache | None = None
 
     def stop(self) -> None:
         self.stop_event.set()
@@ -192,6 +195,10 @@ class Trainer:
             self._first_step = state.global_step
             if self.cfg.train.deterministic:
                 torch.use_deterministic_algorithms(True, warn_only=True)
+            outcome = setup_feature_cache(self.cfg, self.parts, autocast=self._autocast,
+                                          stop_event=self.stop_event, log=self.log)
+            self.feature_cache = outcome.cache
+            self.log(outcome.message)
             self._fire("on_run_started", state)
             while state.epoch < state.epochs and not self.stop_event.is_set() and not state.stopped_early:
                 state.epoch += 1
@@ -341,7 +348,12 @@ class Trainer:
         """One pass over the training data and one over the validation data; None if stopped midway."""
         p, state, cfg = self.parts, self.state, self.cfg
         started = time.perf_counter()
+        cache = self.feature_cache
+        model = p.model if cache is None else cache.suffix
+        loader = p.train_loader if cache is None else cache.train
         p.model.train()
+        if cache is not None:
+            model.train()  # the suffix's own copies of the modules above the cut follow too
         set_frozen_batchnorm_eval(p.model, p.frozen_bn)
         scaler = self._scaler
         total_loss = 0.0
@@ -351,7 +363,7 @@ class Trainer:
         if hasattr(sampler, "set_epoch"):
             sampler.set_epoch(state.epoch)
         state.batch = 0
-        for batch in p.train_loader:
+        for batch in loader:
             if self.stop_event.is_set():
                 return None
             state.batch += 1
@@ -359,7 +371,7 @@ class Trainer:
             targets = batch[1].to(p.device, non_blocking=True)
             p.optimizer.zero_grad(set_to_none=True)
             with self._autocast(), self._first_batch_guard(inputs):
-                outputs = p.model(inputs)
+                outputs = model(inputs)
                 loss = p.loss_fn(outputs, targets)
             loss_value = loss.item()
             if not math.isfinite(loss_value):
@@ -422,17 +434,21 @@ class Trainer:
         p = self.parts
         if p.val_loader is None:
             return None
+        cache = self.feature_cache
+        model = p.model if cache is None or cache.val is None else cache.suffix
+        loader = p.val_loader if model is p.model else cache.val
         p.model.eval()
+        model.eval()
         total, seen = 0.0, 0
         correct = torch.zeros((), device=p.device)
         with torch.inference_mode():
-            for batch in p.val_loader:
+            for batch in loader:
                 if self.stop_event.is_set():
                     return None
                 inputs = batch[0].to(p.device, non_blocking=True)
                 targets = batch[1].to(p.device, non_blocking=True)
                 with self._autocast():
-                    outputs = p.model(inputs)
+                    outputs = model(inputs)
                     loss = p.loss_fn(outputs, targets)
                 n = inputs.shape[0]
                 total += loss.item() * n

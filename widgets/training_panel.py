@@ -10,10 +10,10 @@ from PySide6.QtGui import QPalette
 from PySide6.QtWidgets import (QCheckBox, QComboBox, QDoubleSpinBox, QFormLayout, QFrame, QGroupBox, QHBoxLayout,
                                QLabel, QLineEdit, QScrollArea, QSizePolicy, QSpinBox, QVBoxLayout, QWidget)
 
-from engine.config import (COLLATES, DEVICES, LOSSES, MONITOR_MODES, MONITORS, OPTIMIZERS, PRECISIONS, SAMPLERS,
-                           SCHEDULES)
+from engine.config import (COLLATES, DEVICES, FEATURE_CACHE_MODES, LOSSES, MONITOR_MODES, MONITORS, OPTIMIZERS,
+                           PRECISIONS, SAMPLERS, SCHEDULES)
 from widgets.fields import (FieldBinding, bind_check, bind_combo, bind_double, bind_float_text, bind_spin, bind_text,
-                            format_float)
+                            format_float, parse_optional_int)
 from widgets.state import ProjectState
 
 OBJECT_NAMES = {
@@ -88,6 +88,9 @@ OBJECT_NAMES = {
     "training.seed": "random seed of the run (train.seed)",
     "training.deterministic": "use deterministic algorithms (train.deterministic)",
     "training.grad_clip_norm": "gradient norm clipping, empty for off (train.grad_clip_norm)",
+    "training.feature_cache": "compute a frozen backbone's features once: auto or off (train.feature_cache)",
+    "training.feature_cache_max_mb": "memory bound of the cached features in MiB, empty for half the free "
+                                     "memory (train.feature_cache_max_mb)",
     # Early stopping
     "training.early_stopping": "turn early stopping on or off (early_stopping.enabled)",
     "training.es_monitor": "metric early stopping watches (early_stopping.monitor)",
@@ -165,6 +168,10 @@ PRECISION_LABELS = {
     "fp32": "fp32 (full precision)",
     "fp16": "fp16 mixed precision",
     "bf16": "bf16 mixed precision",
+}
+FEATURE_CACHE_LABELS = {
+    "auto": "auto (when it applies)",
+    "off": "off (recompute)",
 }
 COLLATE_LABELS = {
     "default": "stack (images of one size)",
@@ -773,6 +780,18 @@ class TrainingPanel(QWidget):
         self._add(form, "Clip grad norm:", "grad_clip_norm", "train.grad_clip_norm", clip,
                   "Scale the gradients down when their overall norm exceeds this; empty turns clipping off.",
                   bind_float_text, optional=True)
+        self._add(form, "Feature cache:", "feature_cache", "train.feature_cache",
+                  _combo((FEATURE_CACHE_LABELS.get(m, m), m) for m in FEATURE_CACHE_MODES),
+                  "When the frozen layers are the start of the model and no augmentation is on, their output is "
+                  "computed once per image and later epochs train only the rest: much faster, same result.",
+                  bind_combo,
+                  note=_note("The run's log says whether the cache is used, where the model is cut, or why not."))
+        cache_mb = QLineEdit()
+        cache_mb.setPlaceholderText("half the free memory")
+        self._add(form, "Cache limit (MiB):", "feature_cache_max_mb", "train.feature_cache_max_mb", cache_mb,
+                  "The most memory the cached features may take; above it the run recomputes them every epoch. "
+                  "Empty: half of the memory available when the run starts.",
+                  bind_text, parse=parse_optional_int)
         return box
 
     def refresh_devices(self) -> None:

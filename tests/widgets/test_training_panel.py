@@ -27,7 +27,7 @@ CUSTOM = dict(
     schedule={"name": "onecycle", "max_lr": 0.05, "pct_start": 0.25, "step_size": 5, "gamma": 0.5,
               "eta_min": 1e-6, "patience": 3, "factor": 0.2},
     train={"epochs": 7, "device": "cpu", "seed": 123, "deterministic": True, "precision": "bf16",
-           "grad_clip_norm": 2.5},
+           "grad_clip_norm": 2.5, "feature_cache": "off", "feature_cache_max_mb": 512},
     checkpoint={"every_epoch": False, "keep_last": 0, "monitor": "val_accuracy", "mode": "max"},
     early_stopping={"enabled": True, "monitor": "train_loss", "mode": "min", "patience": 4, "min_delta": 0.01,
                     "restore_best": True},
@@ -48,7 +48,7 @@ CUSTOM_SHOWN = {
     "schedule": "onecycle", "max_lr": "0.05", "pct_start": 0.25, "step_size": 5, "gamma": "0.5",
     "eta_min": "1e-06", "plateau_patience": 3, "plateau_factor": 0.2,
     "epochs": 7, "device": "cpu", "seed": "123", "deterministic": True, "precision": "bf16",
-    "grad_clip_norm": "2.5",
+    "grad_clip_norm": "2.5", "feature_cache": "off", "feature_cache_max_mb": "512",
     "checkpoint_every_epoch": False, "checkpoint_keep_last": 0, "checkpoint_monitor": "val_accuracy",
     "checkpoint_mode": "max", "tensorboard": False,
     "early_stopping": True, "es_monitor": "train_loss", "es_mode": "min", "es_patience": 4,
@@ -240,6 +240,19 @@ def test_an_invalid_learning_rate_is_refused_with_its_reason(qtbot, panel, proje
     assert not label.isVisibleTo(panel) and control(panel, "lr").property("invalid") is False
 
 
+@pytest.mark.parametrize("text", ["0", "lots"])
+def test_a_bad_feature_cache_limit_is_refused_and_empty_means_auto(qtbot, panel, project_state, text):
+    type_text(qtbot, panel, "feature_cache_max_mb", "256")
+    assert project_state.get("train.feature_cache_max_mb") == 256
+    type_text(qtbot, panel, "feature_cache_max_mb", text)
+    assert project_state.get("train.feature_cache_max_mb") == 256
+    assert message(panel, "feature_cache_max_mb").isVisibleTo(panel)
+    type_text(qtbot, panel, "feature_cache_max_mb", "")
+    assert project_state.get("train.feature_cache_max_mb") is None
+    assert not message(panel, "feature_cache_max_mb").isVisibleTo(panel)
+    assert control(panel, "feature_cache").currentData() == "auto"
+
+
 def test_schedule_options_follow_the_chosen_schedule(panel, project_state):
     expected = {"none": set(), "step": {"step_size", "gamma"}, "cosine": {"eta_min"},
                 "onecycle": {"max_lr", "pct_start"}, "plateau": {"plateau_patience", "plateau_factor"}}
@@ -395,6 +408,8 @@ def test_settings_made_in_the_panel_round_trip_through_the_project_file(qtbot, p
     type_text(qtbot, panel, "seed", "42")
     control(panel, "deterministic").setChecked(True)
     type_text(qtbot, panel, "grad_clip_norm", "1.5")
+    choose(panel, "feature_cache", "off")
+    type_text(qtbot, panel, "feature_cache_max_mb", "300")
     control(panel, "early_stopping").setChecked(True)
     choose(panel, "es_monitor", "val_accuracy")
     choose(panel, "es_mode", "max")
@@ -422,6 +437,7 @@ def test_settings_made_in_the_panel_round_trip_through_the_project_file(qtbot, p
         ("sgd", pytest.approx(3e-4), pytest.approx(0.85), True)
     assert (cfg.schedule.name, cfg.schedule.step_size, cfg.schedule.gamma) == ("step", 3, 0.5)
     assert (cfg.train.epochs, cfg.train.precision, cfg.train.seed, cfg.train.grad_clip_norm) == (5, "bf16", 42, 1.5)
+    assert (cfg.train.feature_cache, cfg.train.feature_cache_max_mb) == ("off", 300)
     assert (cfg.early_stopping.enabled, cfg.early_stopping.monitor, cfg.early_stopping.min_delta) == \
         (True, "val_accuracy", 0.001)
     assert (cfg.checkpoint.keep_last, cfg.checkpoint.monitor, cfg.output.tensorboard) == (2, "train_loss", False)
