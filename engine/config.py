@@ -143,6 +143,10 @@ class TrainConfig:
     deterministic: bool = False
     precision: str = "fp32"  # mixed precision on CUDA: fp16 or bf16
     grad_clip_norm: Optional[float] = None
+    # Channels-last (NHWC) memory format for the model and its 4-D inputs: faster convolutions on CUDA tensor
+    # cores. None (auto): on for CUDA when the model has 2-D convolutions, off elsewhere.
+    channels_last: Optional[bool] = None
+    compile: bool = False  # torch.compile the training forward; falls back to eager if compiling fails
 
 
 @dataclass
@@ -537,6 +541,11 @@ def validate(cfg: ProjectConfig, *, check_paths: bool = True, check_catalog: boo
     _number(p, "train.seed", t.seed, low=0, high=2**32 - 1)
     _choice(p, "train.precision", t.precision, PRECISIONS)
     _number(p, "train.grad_clip_norm", t.grad_clip_norm, low=0.0, low_open=True)
+    if t.channels_last is not None and not isinstance(t.channels_last, bool):
+        p.append(f"train.channels_last = {t.channels_last!r}: expected true, false or null (auto: on for CUDA "
+                 "with a convolutional model)")
+    if not isinstance(t.compile, bool):
+        p.append(f"train.compile = {t.compile!r}: expected true or false")
 
     c = cfg.checkpoint
     _number(p, "checkpoint.keep_last", c.keep_last, low=0)
