@@ -158,6 +158,10 @@ class TrainConfig:
     # output once per sample and train the rest on it (engine/feature_cache.py); off: always recompute.
     feature_cache: str = "auto"
     feature_cache_max_mb: Optional[int] = None  # memory bound of the cached features in MiB; None: half the free RAM
+    # Channels-last (NHWC) memory format for the model and its 4-D inputs: faster convolutions on CUDA tensor
+    # cores. None (auto): on for CUDA when the model has 2-D convolutions, off elsewhere.
+    channels_last: Optional[bool] = None
+    compile: bool = False  # torch.compile the training forward; falls back to eager if compiling fails
 
 
 @dataclass
@@ -559,6 +563,11 @@ def validate(cfg: ProjectConfig, *, check_paths: bool = True, check_catalog: boo
     _number(p, "train.grad_clip_norm", t.grad_clip_norm, low=0.0, low_open=True)
     _choice(p, "train.feature_cache", t.feature_cache, FEATURE_CACHE_MODES)
     _number(p, "train.feature_cache_max_mb", t.feature_cache_max_mb, low=1)
+    if t.channels_last is not None and not isinstance(t.channels_last, bool):
+        p.append(f"train.channels_last = {t.channels_last!r}: expected true, false or null (auto: on for CUDA "
+                 "with a convolutional model)")
+    if not isinstance(t.compile, bool):
+        p.append(f"train.compile = {t.compile!r}: expected true or false")
 
     c = cfg.checkpoint
     _number(p, "checkpoint.keep_last", c.keep_last, low=0)

@@ -244,7 +244,8 @@ def checkpoint_payload(trainer: Trainer, state: TrainState, metrics: dict[str, A
         "format_version": FORMAT_VERSION,
         "epoch": state.epoch,
         "global_step": state.global_step,
-        "model_state_dict": {k: v.detach().cpu() for k, v in p.model.state_dict().items()},
+        # contiguous: a channels-last model's weights are saved in the ordinary layout, loadable anywhere
+        "model_state_dict": {k: v.detach().cpu().contiguous() for k, v in p.model.state_dict().items()},
         "optimizer_state_dict": p.optimizer.state_dict(),
         "loss": metrics.get("train_loss"),
         **trainer.training_state(),

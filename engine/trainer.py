@@ -97,6 +97,14 @@ class RunParts:
     train_loader: torch.utils.data.DataLoader
     val_loader: torch.utils.data.DataLoader | None
     device: torch.device
+    channels_last: bool = False  # the model's weights and the 4-D inputs are in channels-last memory format
+
+
+def use_channels_last(setting: bool | None, model: torch.nn.Module, device: torch.device) -> bool:
+    """train.channels_last: None (auto) is on for CUDA when the model has 2-D convolutions, off elsewhere."""
+    if setting is not None:
+        return setting
+    return device.type == "cuda" and any(isinstance(m, torch.nn.Conv2d) for m in model.modules())
 
 
 def build_run(cfg: ProjectConfig, *, log=lambda message: None, progress=None) -> RunParts:
@@ -129,6 +137,9 @@ def build_run(cfg: ProjectConfig, *, log=lambda message: None, progress=None) ->
     frozen_bn = [] if cfg.model.train_frozen_batchnorm else frozen_batchnorm_modules(model)
     log(f"Parameters: {freeze.total:,} in all, {freeze.trainable:,} trainable, {freeze.frozen:,} frozen")
     model.to(device)
+    channels_last = use_channels_last(cfg.train.channels_last, model, device)
+    if channels_last:  # NHWC: faster convolutions on tensor cores; state_dict() values keep their shapes
+        model.to(memory_format=torch.channels_last)
     loss_fn.to(device)
     groups = param_groups(model, built.head_name, cfg.optimizer.lr, cfg.optimizer.backbone_lr_mult)
     optimizer = build_optimizer(cfg.optimizer, groups)
@@ -149,7 +160,7 @@ def build_run(cfg: ProjectConfig, *, log=lambda message: None, progress=None) ->
     schedule = Schedule(cfg.schedule, optimizer, epochs=cfg.train.epochs, steps_per_epoch=len(train_loader),
                         base_lr=cfg.optimizer.lr)
     return RunParts(data, model, built.head_name, built.weights_desc, freeze, frozen_bn, loss_fn, optimizer,
-                    schedule, train_loader, val_loader, device)
+                    schedule, train_loader, val_loader, device, channels_last)
 
 
 class Trainer:
@@ -170,6 +181,9 @@ class Trainer:
         self._best_weights: dict[str, torch.Tensor] | None = None
         # Set up in run(): when active, epochs train the part after the frozen prefix on cached features.
         self.feature_cache: FeatureCache | None = None
+        self._compiled: Any = None  # torch.compile's callable for the training forward (train.compile)
+        self._compiled_model: torch.nn.Module | None = None  # the module it compiled
+        self._compile_tried = False  # its first batch ran (or failed and the run went back to eager)
 
     def stop(self) -> None:
         self.stop_event.set()
@@ -199,6 +213,7 @@ class Trainer:
                                           stop_event=self.stop_event, log=self.log)
             self.feature_cache = outcome.cache
             self.log(outcome.message)
+            self._prepare_forward()
             self._fire("on_run_started", state)
             while state.epoch < state.epochs and not self.stop_event.is_set() and not state.stopped_early:
                 state.epoch += 1
@@ -344,6 +359,52 @@ class Trainer:
             return contextlib.nullcontext()
         return torch.autocast(device.type, dtype=torch.float16 if precision == "fp16" else torch.bfloat16)
 
+    def _prepare_forward(self) -> None:
+        """train.compile wraps the training forward (the model itself, saved and checkpointed, stays as it is).
+
+        With the feature cache, what trains each batch is the part after the cut (cache.suffix): that is compiled.
+        """
+        p, t = self.parts, self.cfg.train
+        auto = " (auto)" if t.channels_last is None else ""
+        self.log(f"Precision {t.precision}, channels_last {'on' if p.channels_last else 'off'}{auto}, "
+                 f"torch.compile {'on' if t.compile else 'off'}")
+        if t.compile and self._compiled is None and not self._compile_tried:
+            self._compiled_model = p.model if self.feature_cache is None else self.feature_cache.suffix
+            try:
+                self._compiled = torch.compile(self._compiled_model)
+            except Exception as exc:  # torch.compile itself refuses (an unsupported Python, a missing backend)
+                self._compile_failed(exc)
+
+    def _compile_failed(self, exc: BaseException) -> None:
+        self._compiled = None
+        self._compile_tried = True
+        lines = [line for line in str(exc).strip().splitlines() if line.strip()]
+        reason = f"{type(exc).__name__}: {lines[0][:300]}" if lines else type(exc).__name__
+        self.log(f"torch.compile failed ({reason}); training continues without compiling (eager)")
+
+    def _train_forward(self, model: torch.nn.Module, inputs: torch.Tensor) -> torch.Tensor:
+        """The training forward of `model`: compiled when train.compile is on and compiling worked."""
+        if self._compiled is None or model is not self._compiled_model:
+            return model(inputs)
+        if self._compile_tried:
+            return self._compiled(inputs)
+        try:
+            # Compile the backward now too (it is otherwise compiled lazily at loss.backward(), out of this try).
+            with _eager_backward_lowering():
+                outputs = self._compiled(inputs)
+        except Exception as exc:  # no C compiler, an operation the compiler does not support, ...
+            self._compile_failed(exc)
+            return model(inputs)
+        self._compile_tried = True
+        return outputs
+
+    def _to_device(self, inputs: torch.Tensor) -> torch.Tensor:
+        """A batch's inputs on the run's device, channels-last when the model is (images only: 4-D)."""
+        p = self.parts
+        if p.channels_last and inputs.dim() == 4:
+            return inputs.to(p.device, memory_format=torch.channels_last, non_blocking=True)
+        return inputs.to(p.device, non_blocking=True)
+
     def _run_epoch(self) -> dict[str, Any] | None:
         """One pass over the training data and one over the validation data; None if stopped midway."""
         p, state, cfg = self.parts, self.state, self.cfg
@@ -367,11 +428,11 @@ class Trainer:
             if self.stop_event.is_set():
                 return None
             state.batch += 1
-            inputs = batch[0].to(p.device, non_blocking=True)
+            inputs = self._to_device(batch[0])
             targets = batch[1].to(p.device, non_blocking=True)
             p.optimizer.zero_grad(set_to_none=True)
             with self._autocast(), self._first_batch_guard(inputs):
-                outputs = model(inputs)
+                outputs = self._train_forward(model, inputs)
                 loss = p.loss_fn(outputs, targets)
             loss_value = loss.item()
             if not math.isfinite(loss_value):
@@ -445,7 +506,7 @@ class Trainer:
             for batch in loader:
                 if self.stop_event.is_set():
                     return None
-                inputs = batch[0].to(p.device, non_blocking=True)
+                inputs = self._to_device(batch[0])
                 targets = batch[1].to(p.device, non_blocking=True)
                 with self._autocast():
                     outputs = model(inputs)
@@ -458,6 +519,16 @@ class Trainer:
         if seen == 0:
             return None
         return total / seen, (correct.item() / seen if p.data.task != "regression" else None)
+
+
+def _eager_backward_lowering():
+    """While compiling, compile the backward graph with the forward, so that its failure shows at once."""
+    try:
+        from torch._functorch import config as functorch_config
+
+        return functorch_config.patch(force_non_lazy_backward_lowering=True)
+    except Exception:  # a PyTorch without the switch: the backward compiles lazily
+        return contextlib.nullcontext()
 
 
 def _correct(outputs: torch.Tensor, targets: torch.Tensor, task: str, threshold: float) -> torch.Tensor:

@@ -91,6 +91,8 @@ OBJECT_NAMES = {
     "training.feature_cache": "compute a frozen backbone's features once: auto or off (train.feature_cache)",
     "training.feature_cache_max_mb": "memory bound of the cached features in MiB, empty for half the free "
                                      "memory (train.feature_cache_max_mb)",
+    "training.channels_last": "channels-last memory format: auto, on or off (train.channels_last)",
+    "training.compile": "compile the training forward with torch.compile (train.compile)",
     # Early stopping
     "training.early_stopping": "turn early stopping on or off (early_stopping.enabled)",
     "training.es_monitor": "metric early stopping watches (early_stopping.monitor)",
@@ -792,6 +794,14 @@ class TrainingPanel(QWidget):
                   "The most memory the cached features may take; above it the run recomputes them every epoch. "
                   "Empty: half of the memory available when the run starts.",
                   bind_text, parse=parse_optional_int)
+        self._add(form, "Channels last:", "channels_last", "train.channels_last",
+                  _combo([("auto (on for CUDA with a convolutional model)", None), ("on", True), ("off", False)]),
+                  "Store the model's weights and the image batches channels-last (NHWC): faster convolutions on "
+                  "a CUDA GPU's tensor cores, usually slower on the CPU.", bind_combo)
+        self._add(form, "", "compile", "train.compile", QCheckBox("Compile the model (torch.compile)"),
+                  "Compile the training forward pass: the first batch takes longer (seconds on a GPU, minutes on "
+                  "the CPU), later ones are faster. If compiling fails, the run says why and trains uncompiled.",
+                  bind_check)
         return box
 
     def refresh_devices(self) -> None:

@@ -27,7 +27,8 @@ CUSTOM = dict(
     schedule={"name": "onecycle", "max_lr": 0.05, "pct_start": 0.25, "step_size": 5, "gamma": 0.5,
               "eta_min": 1e-6, "patience": 3, "factor": 0.2},
     train={"epochs": 7, "device": "cpu", "seed": 123, "deterministic": True, "precision": "bf16",
-           "grad_clip_norm": 2.5, "feature_cache": "off", "feature_cache_max_mb": 512},
+           "grad_clip_norm": 2.5, "feature_cache": "off", "feature_cache_max_mb": 512,
+           "channels_last": True, "compile": True},
     checkpoint={"every_epoch": False, "keep_last": 0, "monitor": "val_accuracy", "mode": "max"},
     early_stopping={"enabled": True, "monitor": "train_loss", "mode": "min", "patience": 4, "min_delta": 0.01,
                     "restore_best": True},
@@ -49,6 +50,7 @@ CUSTOM_SHOWN = {
     "eta_min": "1e-06", "plateau_patience": 3, "plateau_factor": 0.2,
     "epochs": 7, "device": "cpu", "seed": "123", "deterministic": True, "precision": "bf16",
     "grad_clip_norm": "2.5", "feature_cache": "off", "feature_cache_max_mb": "512",
+    "channels_last": True, "compile": True,
     "checkpoint_every_epoch": False, "checkpoint_keep_last": 0, "checkpoint_monitor": "val_accuracy",
     "checkpoint_mode": "max", "tensorboard": False,
     "early_stopping": True, "es_monitor": "train_loss", "es_mode": "min", "es_patience": 4,
@@ -410,6 +412,8 @@ def test_settings_made_in_the_panel_round_trip_through_the_project_file(qtbot, p
     type_text(qtbot, panel, "grad_clip_norm", "1.5")
     choose(panel, "feature_cache", "off")
     type_text(qtbot, panel, "feature_cache_max_mb", "300")
+    choose(panel, "channels_last", False)
+    control(panel, "compile").setChecked(True)
     control(panel, "early_stopping").setChecked(True)
     choose(panel, "es_monitor", "val_accuracy")
     choose(panel, "es_mode", "max")
@@ -438,6 +442,7 @@ def test_settings_made_in_the_panel_round_trip_through_the_project_file(qtbot, p
     assert (cfg.schedule.name, cfg.schedule.step_size, cfg.schedule.gamma) == ("step", 3, 0.5)
     assert (cfg.train.epochs, cfg.train.precision, cfg.train.seed, cfg.train.grad_clip_norm) == (5, "bf16", 42, 1.5)
     assert (cfg.train.feature_cache, cfg.train.feature_cache_max_mb) == ("off", 300)
+    assert (cfg.train.channels_last, cfg.train.compile) == (False, True)
     assert (cfg.early_stopping.enabled, cfg.early_stopping.monitor, cfg.early_stopping.min_delta) == \
         (True, "val_accuracy", 0.001)
     assert (cfg.checkpoint.keep_last, cfg.checkpoint.monitor, cfg.output.tensorboard) == (2, "train_loss", False)
