@@ -16,7 +16,7 @@ from engine.config import ProjectConfig
 if TYPE_CHECKING:  # the engine's trainer imports torch: loaded on the worker thread, off the window's start-up
     from engine.trainer import Trainer, TrainState
 
-UPDATE_INTERVAL = 0.05  # seconds: at most ~20 batch updates a second reach the GUI, the newest always included
+UPDATE_INTERVAL = 0.1  # seconds: at most 10 batch updates a second wake the GUI, the newest always included
 
 
 class QtBridge:

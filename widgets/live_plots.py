@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import math
 import os
+import time
 from typing import Any, Iterable, Sequence
 
 import numpy as np
@@ -126,6 +127,22 @@ class _IntegerAxis(pg.AxisItem):
         return levels
 
 
+class _TimedLayout(pg.GraphicsLayoutWidget):
+    """The plots' view, which remembers how long painting it takes (the run view paces its updates by it)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.paint_seconds = 0.0  # moving average of one paint of the whole view
+        self.paint_total = 0.0  # seconds spent painting it since it was made
+
+    def paintEvent(self, event) -> None:  # noqa: N802 - Qt override
+        started = time.perf_counter()
+        super().paintEvent(event)
+        took = time.perf_counter() - started
+        self.paint_total += took
+        self.paint_seconds = took if self.paint_seconds == 0.0 else 0.7 * self.paint_seconds + 0.3 * took
+
+
 class LivePlots(QWidget):
     """Four plots in one GraphicsLayoutWidget; one PlotDataItem per curve, updated with setData on used slices."""
 
@@ -150,7 +167,7 @@ class LivePlots(QWidget):
     def __init__(self, parent: QWidget | None = None, smoothing: float = SMOOTHING):
         super().__init__(parent)
         self.smoothing = smoothing
-        self.layout_widget = pg.GraphicsLayoutWidget()
+        self.layout_widget = _TimedLayout()
         self.layout_widget.setObjectName("plots.layout")
         self.layout_widget.setMinimumSize(440, 300)  # four plots stay legible; fits 1280x800 with the docks
         box = QVBoxLayout(self)
@@ -252,6 +269,16 @@ class LivePlots(QWidget):
         for plot in self.plots.values():
             plot.enableAutoRange()
         self.plots["accuracy"].setYRange(0, 100)  # fixed again even after the user zoomed
+
+    @property
+    def paint_seconds(self) -> float:
+        """How long one paint of the plots takes lately (0 before the first)."""
+        return self.layout_widget.paint_seconds
+
+    @property
+    def paint_total(self) -> float:
+        """Seconds spent painting the plots so far."""
+        return self.layout_widget.paint_total
 
     def point_count(self, curve: str = "batch_loss") -> int:
         """How many points a curve holds (see CURVES for the names)."""

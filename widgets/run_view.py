@@ -2,14 +2,22 @@
 from __future__ import annotations
 
 import math
+import time
 from pathlib import Path
 from typing import Any
 
-from PySide6.QtCore import Qt, Signal, Slot
+from PySide6.QtCore import Qt, QTimer, Signal, Slot
 from PySide6.QtWidgets import (QFileDialog, QGridLayout, QHBoxLayout, QLabel, QProgressBar, QPushButton,
                                QSizePolicy, QVBoxLayout, QWidget)
 
 from widgets.live_plots import LivePlots
+
+# Batch updates are applied in batches of their own, paced so that drawing them takes at most this share of one
+# core: on a machine whose cores all train, every millisecond the GUI thread paints is taken from the model.
+# The interval follows the measured cost of an update (mostly repainting the plots), within these bounds.
+GUI_SHARE = 0.025
+MIN_UPDATE_INTERVAL = 0.1  # seconds: the display never lags a fast machine's run by more than this ...
+MAX_UPDATE_INTERVAL = 1.0  # ... nor a slow machine's by more than this
 
 OBJECT_NAMES = {
     "run.train": "starts a new training run of the project",
@@ -85,6 +93,13 @@ class RunView(QWidget):
         self._epoch_started_at = 0.0  # run-elapsed seconds when the current epoch began
         self._last_metrics: dict[str, Any] | None = None
         self.run_dir: str | None = None
+        self._pending: list[dict] = []  # batch payloads waiting for the next paced update
+        self._last_update = 0.0  # perf_counter() of the last applied update
+        self._update_cost = 0.0  # seconds the last updates took on the GUI thread (applying and painting)
+        self._painted = 0.0  # the plots' paint_total at the last update
+        self._flush_timer = QTimer(self)
+        self._flush_timer.setSingleShot(True)
+        self._flush_timer.timeout.connect(self.flush_batches)
 
         self.train_button = self._button("Train", "run.train", "Start a new training run of the project")
         self.stop_button = self._button("Stop", "run.stop",
@@ -175,6 +190,8 @@ class RunView(QWidget):
 
     def show_history(self, run_dir: str, rows: list[dict[str, Any]]) -> None:
         """Show a finished (or earlier) run's epoch curves, as read from its metrics.jsonl."""
+        self._flush_timer.stop()
+        self._pending.clear()
         self.run_dir = run_dir
         self.plots.load_history(rows)
         self.reset_progress()
@@ -191,6 +208,9 @@ class RunView(QWidget):
     # -- slots for TrainingController ------------------------------------------------------------
     @Slot(dict)
     def on_run_started(self, info: dict) -> None:
+        self._flush_timer.stop()
+        self._pending.clear()  # a previous run's last points never land on the new run's plots
+        self._last_update = 0.0
         self.run_dir = info.get("run_dir")
         self._device = str(info.get("device") or "")
         self._epochs = int(info.get("epochs") or 0)
@@ -219,8 +239,48 @@ class RunView(QWidget):
 
     @Slot(dict)
     def on_batch_finished(self, info: dict) -> None:
-        steps, losses = info.get("steps") or [], info.get("losses") or []
-        self.plots.add_batches(steps, losses, info.get("lr"))
+        """Queue a batch payload; it is shown now if the last update is long enough ago, else a little later."""
+        self._pending.append(info)
+        if self._flush_timer.isActive():
+            return
+        wait = self._last_update + self.update_interval() - time.perf_counter()
+        if wait <= 0:
+            self.flush_batches()
+        else:
+            self._flush_timer.start(max(1, math.ceil(wait * 1000)))
+
+    def update_interval(self) -> float:
+        """Seconds between batch updates: the measured cost of one over GUI_SHARE, within the bounds."""
+        return min(MAX_UPDATE_INTERVAL, max(MIN_UPDATE_INTERVAL, self._update_cost / GUI_SHARE))
+
+    @Slot()
+    def flush_batches(self) -> None:
+        """Show every queued batch payload now: all their points, and the progress of the newest."""
+        self._flush_timer.stop()
+        if not self._pending:
+            return
+        pending, self._pending = self._pending, []
+        started = time.perf_counter()
+        steps, losses, lrs = [], [], []
+        for info in pending:
+            s, v = list(info.get("steps") or []), list(info.get("losses") or [])
+            if not s:
+                continue
+            steps += s
+            losses += v
+            # Each payload's learning rate belongs at its last step.
+            lrs += [math.nan] * (len(s) - 1) + [info["lr"] if _number(info.get("lr")) is not None else math.nan]
+        self.plots.add_batches(steps, losses, lrs)
+        self._show_batch(pending[-1])
+        # This update's own work, and every paint since the last one (what that update caused, however many
+        # repaints it took; before the first paint, the typical cost of one).
+        painted = self.plots.paint_total - self._painted if self._painted else self.plots.paint_seconds
+        self._painted = self.plots.paint_total
+        took = time.perf_counter() - started + painted
+        self._update_cost = took if self._update_cost == 0.0 else 0.7 * self._update_cost + 0.3 * took
+        self._last_update = time.perf_counter()
+
+    def _show_batch(self, info: dict) -> None:
         epoch, epochs = int(info.get("epoch") or 0), int(info.get("epochs") or self._epochs)
         batch = int(info.get("batch") or 0)
         per_epoch = int(info.get("batches_per_epoch") or self._batches_per_epoch or 1)
@@ -248,6 +308,7 @@ class RunView(QWidget):
 
     @Slot(dict)
     def on_epoch_finished(self, metrics: dict) -> None:
+        self.flush_batches()
         self.plots.add_epoch(metrics)
         self._last_metrics = dict(metrics)
         epoch = int(metrics.get("epoch") or 0)
@@ -266,6 +327,7 @@ class RunView(QWidget):
 
     @Slot(dict)
     def on_run_finished(self, result: dict) -> None:
+        self.flush_batches()
         status = result.get("status")
         epoch, epochs = int(result.get("epoch") or 0), int(result.get("epochs") or self._epochs)
         best = result.get("best_epoch")

@@ -42,7 +42,7 @@ def test_every_object_name_is_documented(view):
     assert named == set(OBJECT_NAMES)
 
 
-def test_progress_bars_and_time_left_follow_the_payloads(view):
+def test_progress_bars_and_time_left_follow_the_payloads(qtbot, view):
     epoch_bar = view.findChild(QProgressBar, "run.epoch_progress")
     batch_bar = view.findChild(QProgressBar, "run.batch_progress")
     view.on_run_started(started())
@@ -58,9 +58,51 @@ def test_progress_bars_and_time_left_follow_the_payloads(view):
     status = view.findChild(QLabel, "run.status").text()
     assert "cpu" in status and "120 samples/s" in status and "val accuracy 70.0%" in status
     view.on_batch_finished(batch(2, 1, elapsed=6.0))
-    assert batch_bar.value() == 1
+    qtbot.waitUntil(lambda: batch_bar.value() == 1, timeout=2000)  # paced: shown within the update interval
     assert view.findChild(QLabel, "run.epoch_eta").text() == "about 3 s left in this epoch"  # from the epoch start
     assert view.plots.point_count("batch_loss") == 2 and view.plots.point_count("train_loss") == 1
+
+
+def test_a_burst_of_batches_is_shown_in_few_paced_updates_with_every_point(qtbot, view):
+    view.show()
+    view.on_run_started(started(epochs=1, batches=500))
+    applied = []
+    original = view._show_batch
+    view._show_batch = lambda info: (applied.append(info["batch"]), original(info))
+    for n in range(1, 501):
+        view.on_batch_finished(batch(1, n, elapsed=n / 100, epochs=1, batches=500, loss=1.0 / n))
+    assert applied == [1]  # the first at once, the rest wait for the next update
+    batch_bar = view.findChild(QProgressBar, "run.batch_progress")
+    qtbot.waitUntil(lambda: batch_bar.value() == 500, timeout=3000)
+    assert applied[-1] == 500 and len(applied) <= 3
+    assert view.plots.point_count("batch_loss") == 500  # nothing is dropped, only drawn later
+    x, y = view.plots.curve_data("batch_loss")
+    assert list(x) == list(range(1, 501)) and y[-1] == pytest.approx(1 / 500)
+    assert view.plots.point_count("lr") == 500  # each payload's learning rate, at its step
+    assert view.plots.paint_seconds > 0  # the plots were painted and timed
+    # The interval follows the measured cost: a costly update is spaced out, within the bounds.
+    view._update_cost = 0.02
+    assert view.update_interval() == pytest.approx(0.02 / 0.025)
+    view._update_cost = 1.0
+    assert view.update_interval() == 1.0
+    view._update_cost = 0.0
+    assert view.update_interval() == 0.1
+
+
+def test_an_epoch_end_shows_the_batches_still_waiting(view):
+    view.on_run_started(started(epochs=2, batches=3))
+    for n in (1, 2, 3):
+        view.on_batch_finished(batch(1, n, elapsed=n, epochs=2, batches=3))
+    view.on_epoch_finished(epoch_done(1, elapsed=3.5, epochs=2))
+    assert view.plots.point_count("batch_loss") == 3
+    view.on_batch_finished(batch(2, 1, elapsed=4.0, epochs=2, batches=3))
+    view.on_run_finished({"status": "stopped", "run_dir": "/tmp/run", "epoch": 1, "epochs": 2, "best_epoch": 1,
+                          "stopped_early": False, "error": None, "traceback": None})
+    assert view.plots.point_count("batch_loss") == 4
+    view.on_batch_finished(batch(2, 2, elapsed=5.0, epochs=2, batches=3))  # a stale payload: pending ...
+    view.on_run_started(started(epochs=1, batches=3))  # ... is dropped when a new run starts
+    view.flush_batches()
+    assert view.plots.point_count("batch_loss") == 0
 
 
 def test_a_finished_run_fills_the_bars_and_says_how_it_went(view):
