@@ -90,7 +90,7 @@ def run_app(project: str | None) -> int:
     QApplication.setOrganizationName("ModelWorkbench")
     QApplication.setApplicationName("Model Workbench")
     app = QApplication.instance() or QApplication(sys.argv[:1])
-    window = MainWindow(background_catalog=True)
+    window = MainWindow(background_catalog=True, settle=True)
     window.open_initial_project(project or window.last_project() or str(default_project()))
     window.show()
     return app.exec()

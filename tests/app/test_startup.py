@@ -110,3 +110,20 @@ def test_held_tasks_start_in_order_and_cancel_all_forgets_them(qtbot):
     assert not dropped.is_running() and dropped not in running_tasks()
     qtbot.wait(50)
     assert 3 not in results
+
+
+def test_the_apps_start_up_takes_its_objects_out_of_the_collectors_scans(qtbot):
+    import gc
+
+    assert gc.get_freeze_count() == 0
+    win = MainWindow(background_catalog=True, settle=True)
+    qtbot.addWidget(win)
+    try:
+        win.show()
+        qtbot.waitUntil(lambda: win.backbone is not None, timeout=120000)
+        # PyTorch, timm and the catalog are frozen: a full collection during a run no longer walks them.
+        assert gc.get_freeze_count() > 100_000
+    finally:
+        gc.unfreeze()
+        qtbot.waitUntil(lambda: not running_tasks(), timeout=120000)
+        win.close()
