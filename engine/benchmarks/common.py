@@ -73,11 +73,17 @@ def machine() -> dict[str, Any]:
     return info
 
 
-def alternate(candidates: dict[str, Callable[[], Any]], repeats: int, *, warmup: int = 1) -> dict[str, list[float]]:
-    """Seconds per call of each candidate, called in turn (A B A B ...) after `warmup` untimed rounds."""
+def alternate(candidates: dict[str, Callable[[], Any]], repeats: int, *, warmup: int = 1,
+              between: Callable[[], Any] | None = None) -> dict[str, list[float]]:
+    """Seconds per call of each candidate, called in turn (A B A B ...) after `warmup` untimed rounds.
+
+    between, if given, runs untimed after every call (e.g. letting work a call left behind finish).
+    """
     for _ in range(warmup):
         for fn in candidates.values():
             fn()
+            if between is not None:
+                between()
     times: dict[str, list[float]] = {name: [] for name in candidates}
     for i in range(repeats):
         order = list(candidates.items())
@@ -87,6 +93,8 @@ def alternate(candidates: dict[str, Callable[[], Any]], repeats: int, *, warmup:
             started = time.perf_counter()
             fn()
             times[name].append(time.perf_counter() - started)
+            if between is not None:
+                between()
     return times
 
 
