@@ -144,7 +144,14 @@ def test_a_compiler_that_fails_falls_back_to_eager_with_the_reason(tmp_path):
 
 
 def test_bf16_autocast_on_cpu_trains(tmp_path):
-    _, rec, state = train(tmp_path, precision="bf16")
+    # With oneDNN, PyTorch 2.14's bf16 CPU convolutions give NaN in about one fresh process in ten (a plain
+    # resnet18 loop without this project does too; never with oneDNN off): the test runs without it.
+    enabled = torch.backends.mkldnn.enabled
+    torch.backends.mkldnn.enabled = False
+    try:
+        _, rec, state = train(tmp_path, precision="bf16")
+    finally:
+        torch.backends.mkldnn.enabled = enabled
     assert rec.losses and all(math.isfinite(v) for v in rec.losses)
     assert math.isfinite(state.history[-1]["val_loss"])
     assert "Precision bf16, channels_last off (auto), torch.compile off" in rec.logs
