@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: run test install clean screenshot docs
+.PHONY: run test install clean screenshot docs bench
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -27,6 +27,11 @@ docs: $(STAMP)
 
 test: $(STAMP)
 	QT_QPA_PLATFORM=offscreen $(PY) -m pytest -q
+
+# Every benchmark (minutes): docs/bench/results.json and results.md, and the table between the README's
+# bench markers. `$(PY) -m app.bench --quick` is a smoke run; `--only NAME ...` picks benchmarks.
+bench: $(STAMP)
+	QT_QPA_PLATFORM=offscreen $(PY) -m app.bench
 
 clean:
 	rm -rf runs .pytest_cache build *.egg-info

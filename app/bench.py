@@ -1,0 +1,279 @@
+"""`make bench`: run the engine's and the app's benchmarks, write docs/bench/results.{json,md}, update the README.
+
+    python -m app.bench [--quick] [--out DIR] [--readme PATH] [--only NAME ...]
+
+A benchmark that raises is recorded as skipped, with the first line of its error, and the others still run.
+The README's table goes between the markers <!-- bench:start --> and <!-- bench:end -->; without them the README
+is left as it is.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import importlib
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+from engine.benchmarks.common import REPO, Figure, Section, machine
+
+START, END = "<!-- bench:start -->", "<!-- bench:end -->"
+
+
+def _engine(module: str) -> Callable[[bool], Any]:
+    return lambda quick: importlib.import_module(f"engine.benchmarks.{module}").run(quick)
+
+
+def _app(name: str) -> Callable[[bool], Any]:
+    # Qt is imported only when one of the app's benchmarks runs.
+    return lambda quick: getattr(importlib.import_module("app.benchmarks"), name)(quick)
+
+
+# Name on the command line (--only) -> a callable giving one Section or a list of them.
+RUNNERS: dict[str, Callable[[bool], Any]] = {
+    "overhead": _engine("overhead"),
+    "feature_cache": _engine("feature_cache"),
+    "input_pipeline": _engine("input_pipeline"),
+    "gpu": _engine("gpu"),
+    "startup": _app("startup"),
+    "app_overhead": _app("app_overhead"),  # and the UI heartbeat
+    "memory": _app("memory"),
+    "plot_cost": _app("plot_cost"),
+}
+
+
+# ---------------------------------------------------------------------------------------------
+# Formatting: pure functions of Sections, Figures and plain values
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    return f"{type(exc).__name__}: {lines[0]}" if lines else type(exc).__name__
+
+
+def _digits(value: float) -> str:
+    """Few digits for big numbers, more for small ones: 1234, 35, 3.2, 0.42."""
+    size = abs(value)
+    if size >= 10 or value == 0:
+        return f"{value:.0f}"
+    if size >= 1:
+        return f"{value:.1f}"
+    return f"{value:.2g}"
+
+
+def _suffix(unit: str) -> str:
+    return unit if unit in ("x", "%") else f" {unit}" if unit else ""
+
+
+def format_value(value: float | None, unit: str) -> str:
+    """A figure's value with its unit: '1.05x', '35 ms', '2.41 s', '180 MiB', '3.5%'; '–' when there is none."""
+    if value is None:
+        return "–"
+    if not math.isfinite(value):
+        return str(value)
+    if unit == "x":
+        return f"{value:.2f}x"
+    if unit == "s":
+        return f"{value:.2f} s"
+    if unit == "%":
+        return f"{value:.1f}%"
+    if unit in ("ms", "MiB"):
+        return f"{_digits(value)} {unit}"
+    return f"{value:.3g}{_suffix(unit)}"
+
+
+def format_target(target: str | None, unit: str) -> str:
+    """'>= 0.97' with unit 'x' reads '≥ 0.97x'; no target reads '–'."""
+    if not target:
+        return "–"
+    op, bound = target.split()
+    symbol = {">=": "≥", "<=": "≤"}.get(op, op)
+    return f"{symbol} {bound}{_suffix(unit)}"  # the bound as the benchmark wrote it
+
+
+def format_ok(ok: bool | None) -> str:
+    return "–" if ok is None else ("✓" if ok else "✗")
+
+
+def _cell(text: str) -> str:
+    """Text safe inside a Markdown table cell."""
+    return " ".join(str(text).split()).replace("|", "\\|")
+
+
+def _row(cells: Sequence[str]) -> str:
+    return "| " + " | ".join(_cell(c) for c in cells) + " |"
+
+
+def figure_row(figure: Figure) -> list[str]:
+    """The cells figure | value | target | ok | detail."""
+    return [figure.title, format_value(figure.value, figure.unit), format_target(figure.target, figure.unit),
+            format_ok(figure.ok), figure.detail]
+
+
+def section_table(section: Section) -> str:
+    """The section's figures as a Markdown table, or one line saying why it was skipped."""
+    if section.skipped:
+        return f"Skipped: {section.skipped}"
+    if not section.figures:
+        return "No figures."
+    lines = [_row(["Figure", "Value", "Target", "OK", "Detail"]), "|---|---:|---|:-:|---|"]
+    lines += [_row(figure_row(f)) for f in section.figures]
+    return "\n".join(lines)
+
+
+def machine_line(info: dict[str, Any]) -> str:
+    """One line naming the machine: CPU and count, GPU, system, Python and torch."""
+    cpu = info.get("cpu") or info.get("processor") or "unknown CPU"
+    parts = [f"{cpu} ({info.get('cpu_count')} CPUs, {info.get('torch_threads')} torch threads)",
+             info.get("gpu") or "no GPU", str(info.get("platform", "")),
+             f"Python {info.get('python')}", f"torch {info.get('torch')}"]
+    return ", ".join(p for p in parts if p)
+
+
+def _when(results: dict[str, Any]) -> str:
+    mode = " (quick run)" if results.get("quick") else ""
+    return f"{str(results.get('date', ''))[:10]}{mode}"
+
+
+def results_markdown(results: dict[str, Any], sections: Sequence[Section]) -> str:
+    """The whole report: the machine, then each section's table, setup and notes."""
+    out = ["# Benchmark results", "",
+           f"Measured on {machine_line(results['machine'])}, {_when(results)}, with `make bench`.", "",
+           "Each ratio compares two candidates run alternately in the same process (median of the repetitions); "
+           "compare figures only with figures from the same machine.", ""]
+    for section in sections:
+        out += [f"## {section.title}", "", section_table(section), ""]
+        if section.setup:
+            out += [f"Setup: {section.setup}", ""]
+        if section.notes:
+            out += [f"- {note}" for note in section.notes] + [""]
+    return "\n".join(out).rstrip() + "\n"
+
+
+def readme_block(results: dict[str, Any], sections: Sequence[Section], link: str) -> str:
+    """The README's compact table of every figure, with the machine, the date and a link to the full report."""
+    lines = [_row(["Section", "Figure", "Value", "Target", "OK"]), "|---|---|---:|---|:-:|"]
+    for section in sections:
+        if section.skipped:
+            lines.append(_row([section.title, f"skipped: {section.skipped}", "–", "–", "–"]))
+            continue
+        for f in section.figures:
+            lines.append(_row([section.title, f.title, format_value(f.value, f.unit),
+                               format_target(f.target, f.unit), format_ok(f.ok)]))
+    lines += ["", f"Measured on {machine_line(results['machine'])}, {_when(results)}; setup and notes in "
+                  f"[{link}]({link})."]
+    return "\n".join(lines)
+
+
+def replace_between_markers(text: str, block: str) -> str | None:
+    """text with what lies between the bench markers replaced by block; None when the markers are missing."""
+    start = text.find(START)
+    end = text.find(END, start + len(START)) if start >= 0 else -1
+    if start < 0 or end < 0:
+        return None
+    return f"{text[:start + len(START)]}\n{block.strip()}\n{text[end:]}"
+
+
+def update_readme(path: Path, block: str) -> str:
+    """Put block between the README's markers; the message says what was done."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        return f"{path}: not updated ({_first_line(exc)})"
+    new = replace_between_markers(text, block)
+    if new is None:
+        return f"{path}: no {START} ... {END} markers, left as it is"
+    if new != text:
+        path.write_text(new, encoding="utf-8")
+    return f"{path}: benchmark table updated"
+
+
+def section_text(section: Section, seconds: float) -> str:
+    """A section as plain text for the console, as soon as it has finished."""
+    head = f"== {section.title} ({seconds:.0f} s)"
+    if section.skipped:
+        return f"{head}\n   skipped: {section.skipped}"
+    lines = [head]
+    for f in section.figures:
+        target = "" if not f.target else f"  [{format_target(f.target, f.unit)} {format_ok(f.ok)}]"
+        detail = f"  ({f.detail})" if f.detail else ""
+        lines.append(f"   {f.title}: {format_value(f.value, f.unit)}{target}{detail}")
+    return "\n".join(lines)
+
+
+def _json_safe(value: Any) -> Any:
+    """NaN and infinities become null: results.json stays standard JSON."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    return value
+
+
+# ---------------------------------------------------------------------------------------------
+# Running
+
+
+def run_sections(names: Sequence[str], quick: bool, *, echo: Callable[[str], None] = print) -> list[Section]:
+    """Every named benchmark in turn; one that raises becomes a skipped Section and the next one runs."""
+    sections: list[Section] = []
+    for name in names:
+        started = time.perf_counter()
+        try:
+            result = RUNNERS[name](quick)
+            produced = [result] if isinstance(result, Section) else list(result)
+        except Exception as exc:
+            produced = [Section(name=name, title=f"{name} (failed)", skipped=f"failed: {_first_line(exc)}")]
+        seconds = time.perf_counter() - started
+        for section in produced:
+            echo(section_text(section, seconds))
+        sections.extend(produced)
+    return sections
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m app.bench", description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="fewer repetitions and smaller sizes (a smoke run)")
+    parser.add_argument("--out", type=Path, default=REPO / "docs" / "bench",
+                        help="folder for results.json and results.md (default docs/bench)")
+    parser.add_argument("--readme", type=Path, default=REPO / "README.md",
+                        help="file whose bench markers receive the table (default README.md)")
+    parser.add_argument("--only", nargs="+", action="extend", choices=list(RUNNERS), metavar="NAME",
+                        help=f"run only these benchmarks: {', '.join(RUNNERS)}")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")  # before the app's benchmarks import Qt
+    names = list(dict.fromkeys(args.only)) if args.only else list(RUNNERS)
+    info = machine()
+    print(f"Benchmarks on {machine_line(info)}{' (quick)' if args.quick else ''}: {', '.join(names)}", flush=True)
+    sections = run_sections(names, args.quick, echo=lambda text: print(text, flush=True))
+    results = {
+        "machine": info,
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "quick": args.quick,
+        "sections": [s.to_dict() for s in sections],
+    }
+    out: Path = args.out
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps(_json_safe(results), indent=2, ensure_ascii=False) + "\n",
+                                      encoding="utf-8")
+    report = out / "results.md"
+    report.write_text(results_markdown(results, sections), encoding="utf-8")
+    print(f"Wrote {out / 'results.json'} and {report}")
+    readme: Path = args.readme
+    link = Path(os.path.relpath(report.resolve(), readme.resolve().parent)).as_posix()
+    print(update_readme(readme, readme_block(results, sections, link)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
