@@ -152,6 +152,10 @@ def build_run(cfg: ProjectConfig, *, log=lambda message: None, progress=None) ->
                                 targets=data.train_targets if data.task == "classification" else None,
                                 collate_fn=collate, seed=cfg.train.seed, pin_memory=plans[0].pin_memory,
                                 plan=plans[0])
+    drawn = len(train_loader.batch_sampler.sampler)
+    if cfg.loader.batch_size > drawn:
+        log(f"loader.batch_size = {cfg.loader.batch_size} is larger than the {drawn} training samples drawn per "
+            f"epoch: each epoch trains on one batch of {drawn}")
     val_loader = None
     if data.val is not None and len(data.val) > 0:
         val_loader = build_loader(data.val, cfg.loader, train=False, targets=None, collate_fn=collate,
@@ -436,9 +440,14 @@ class Trainer:
                 loss = p.loss_fn(outputs, targets)
             loss_value = loss.item()
             if not math.isfinite(loss_value):
+                # A schedule may have moved the learning rate far from optimizer.lr: say where it was.
+                lr_now = float(p.optimizer.param_groups[0]["lr"])
+                scheduled = (f"; the {cfg.schedule.name} schedule had it at {lr_now:g} in this batch"
+                             if cfg.schedule.name != "none" and not math.isclose(lr_now, cfg.optimizer.lr,
+                                                                                 rel_tol=1e-6) else "")
                 raise NonFiniteLossError(
                     f"the loss became {loss_value} at epoch {state.epoch}, batch {state.batch}; training stopped. "
-                    f"Lower optimizer.lr (now {cfg.optimizer.lr:g}), or set train.grad_clip_norm")
+                    f"Lower optimizer.lr (now {cfg.optimizer.lr:g}{scheduled}), or set train.grad_clip_norm")
             if scaler is not None:
                 scaler.scale(loss).backward()
                 if cfg.train.grad_clip_norm:
