@@ -57,9 +57,10 @@ def tiny_project(tmp_path, image_folder) -> Path:
 
 @pytest.fixture(autouse=True)
 def _qt_isolation(request, tmp_path):
-    """Qt tests (tests/widgets, tests/app): QSettings go to a temporary folder, and no thread may outlive a test."""
+    """Qt tests (tests/widgets, tests/app, tests/reliability): QSettings go to a temporary folder, and no
+    background task may outlive a test."""
     parts = Path(str(request.node.path)).parts
-    if "widgets" not in parts and "app" not in parts:
+    if not {"widgets", "app", "reliability"} & set(parts):
         yield
         return
     from PySide6.QtCore import QCoreApplication, QSettings
