@@ -12,6 +12,7 @@ from PySide6.QtWidgets import (QDockWidget, QFileDialog, QHBoxLayout, QLabel, QM
 
 from app.training import TrainingController
 from engine.config import ConfigError, ProjectConfig
+from engine.text import readable
 from widgets.state import ProjectState
 from widgets.tasks import Task, hold_new_tasks, run_task, start_held_tasks
 
@@ -643,11 +644,12 @@ class MainWindow(QMainWindow):
         self.act_export.setEnabled(has_model)
 
     def log(self, message: str) -> None:
-        for line in str(message).splitlines() or [""]:
+        for line in readable(str(message)).splitlines() or [""]:
             self.log_view.appendPlainText(line)
 
     def show_error(self, title: str, message: str) -> QMessageBox:
         """A window-modal message that does not block the event loop (a running trainer keeps reporting)."""
+        message = readable(message)  # Qt would drop the undecodable bytes of a file name without a word
         self.log(f"{title}: {message}")
         box = QMessageBox(QMessageBox.Icon.Warning, title, message, QMessageBox.StandardButton.Ok, self)
         box.setObjectName("main.error_box")

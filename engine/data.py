@@ -16,6 +16,7 @@ from torch.utils.data import Dataset
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
 from engine.config import TASKS, ProjectConfig
+from engine.text import readable
 from engine.transforms import Preprocess, build_transforms
 
 Progress = Optional[Callable[[int, int], None]]
@@ -26,6 +27,9 @@ _NOT_TRAINING_CLASS = "label '{}' is not one of the training classes"
 
 class DataError(ValueError):
     """A dataset problem; the message names the file or folder and what is wrong."""
+
+    def __init__(self, message: str):
+        super().__init__(readable(message))  # a non-UTF-8 file name stays visible wherever the message goes
 
 
 @dataclass
@@ -718,7 +722,7 @@ class PreparedData:
         if self.warnings:
             lines.append("Warnings:")
             lines += [f"  {w}" for w in self.warnings]
-        return "\n".join(lines)
+        return readable("\n".join(lines))
 
 
 def prepare_data(cfg: ProjectConfig, pre: Preprocess, *, progress: Progress = None) -> PreparedData:

@@ -20,6 +20,7 @@ from PySide6.QtWidgets import (QAbstractItemView, QApplication, QComboBox, QFile
                                QTableWidget, QTableWidgetItem, QTabWidget, QVBoxLayout, QWidget)
 
 from engine.config import TASKS
+from engine.text import readable
 from widgets.look import fit_pixels
 from widgets.fields import bind_combo, bind_float_text, bind_spin, bind_text
 from widgets.state import ProjectState
@@ -162,7 +163,7 @@ def scan_dataset(path: str, *, kind: str = "auto", task: str = "classification",
     picked = _pick_samples(source)
     for done, i in enumerate(picked, start=1):
         check()
-        where = str(source.files[i]) if source.files is not None else f"{source.path}, row {i}"
+        where = readable(str(source.files[i]) if source.files is not None else f"{source.path}, row {i}")
         try:
             pixels = fit_pixels(_sample_image(source, i), THUMB_SIZE)
         except Exception:  # noqa: BLE001 - a file changed since the scan: leave its thumbnail out
@@ -171,11 +172,12 @@ def scan_dataset(path: str, *, kind: str = "auto", task: str = "classification",
         thumbs.append({"label": label, "where": where, "pixels": pixels})
         report(("thumbs", done, len(picked)))
 
-    skipped = [(s.path, s.reason) for s in source.skipped]
-    warnings = list(source.warnings)
+    # Shown as text: Qt drops the undecodable bytes of a non-UTF-8 file name, naming another file or none.
+    skipped = [(readable(s.path), readable(s.reason)) for s in source.skipped]
+    warnings = [readable(w) for w in source.warnings]
     if val_source is not None:
-        skipped += [(s.path, f"validation: {s.reason}") for s in val_source.skipped]
-        warnings += [f"validation: {w}" for w in val_source.warnings]
+        skipped += [(readable(s.path), readable(f"validation: {s.reason}")) for s in val_source.skipped]
+        warnings += [readable(f"validation: {w}") for w in val_source.warnings]
     # Kept for re-splitting when only val_fraction or split_seed change; without files and pixels it stays small.
     light = dataclasses.replace(source, files=None, array=None, skipped=[], warnings=[])
     light_val = (dataclasses.replace(val_source, files=None, array=None, skipped=[], warnings=[])
@@ -734,6 +736,7 @@ class DatasetPanel(QWidget):
         else:  # an unexpected failure: the message for the user, the traceback for the log
             message = f"cannot scan {path}: {type(exc).__name__}: {exc}"
             self.logged.emit(tb)
+        message, path = readable(message), readable(path)
         if path not in message:
             message = f"{path}: {message}"
         self._fail(message)
