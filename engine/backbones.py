@@ -304,18 +304,27 @@ def load_state_dict_file(path: str | os.PathLike) -> dict[str, Tensor]:
         except Exception as exc:  # SafetensorError is not importable under a stable name
             raise WeightsError(f"weights file {p.name} is truncated or not a safetensors file ({exc})") from None
     else:
+        from engine.checkpoints import refused_pickle_reason, torch_load_weights_only
+
         try:
-            data = torch.load(p, map_location="cpu", weights_only=True)
+            data = torch_load_weights_only(p)
         except pickle.UnpicklingError as exc:
             if "weights only" in str(exc).lower():
                 raise WeightsError(
-                    f"refusing to load {p.name}: it holds Python objects beyond tensors (a pickle that could "
-                    "run code); export it as a state dict (torch.save(model.state_dict(), ...)) or safetensors"
+                    f"refusing to load {p.name}: {refused_pickle_reason(exc)}, a pickle that could run code; "
+                    "export it as a state dict (torch.save(model.state_dict(), ...)) or safetensors"
                 ) from None
             raise WeightsError(f"weights file {p.name} is corrupt or not a PyTorch file ({exc})") from None
         except Exception as exc:  # zip, EOF and key errors all mean a damaged or foreign file
             first = str(exc).split(".")[0].strip() or type(exc).__name__
             raise WeightsError(f"weights file {p.name} is truncated, corrupt or not a PyTorch file ({first})") from None
+    if isinstance(data, dict) and "format_version" in data:  # one of our checkpoints: a newer one may mean otherwise
+        from engine.checkpoints import CheckpointError, check_format_version
+
+        try:
+            check_format_version(data, p.name, what="weights file")
+        except CheckpointError as exc:
+            raise WeightsError(str(exc)) from None
     for key in _WRAPPER_KEYS:
         if isinstance(data, dict) and isinstance(data.get(key), dict):
             data = data[key]
