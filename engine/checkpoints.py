@@ -109,8 +109,10 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     return data
 
 
-def restore_model(ckpt: dict[str, Any]):
+def restore_model(ckpt: dict[str, Any], source: str | os.PathLike | None = None):
     """The trained model a checkpoint describes, rebuilt from its config and loaded strictly, in eval mode.
+
+    source (the file it came from) is named in the errors.
 
     Returns (model, config, class_names, preprocess). No pretrained weights are fetched: the
     checkpoint's own tensors replace them.
@@ -129,13 +131,14 @@ def restore_model(ckpt: dict[str, Any]):
     model_cfg.weights_file = None
     built = build_model(model_cfg, len(ckpt["class_names"]), image_size=pre.crop_size)
     state = ckpt["model_state_dict"]
+    which = f"checkpoint {source}" if source else "the checkpoint"
     if not isinstance(state, dict):
-        raise CheckpointError(f"this checkpoint's model_state_dict is a {type(state).__name__}, not a state dict")
+        raise CheckpointError(f"{which}: its model_state_dict is a {type(state).__name__}, not a state dict")
     try:
         built.model.load_state_dict(state)
     except RuntimeError:
-        raise CheckpointError(f"the checkpoint's weights do not fit {cfg.model.backbone} with "
-                              f"{len(ckpt['class_names'])} outputs: {_misfit(built.model.state_dict(), state)}") from None
+        raise CheckpointError(f"{which}: its weights do not fit {cfg.model.backbone} with {len(ckpt['class_names'])} "
+                              f"outputs: {_misfit(built.model.state_dict(), state)}") from None
     built.model.eval()
     return built.model, cfg, list(ckpt["class_names"]), pre
 
