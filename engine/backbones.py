@@ -419,10 +419,29 @@ def _ensure_downloaded(backbone: str, weights: str, weight) -> None:
         raise WeightsError(f"pretrained weights {backbone} {weights} are not in the cache ({cache}) and cannot "
                            f"be downloaded ({reason}). {advice}") from None
     try:
-        weight.get_state_dict(progress=True, check_hash=True)
+        weight.get_state_dict(progress=True, check_hash=True, weights_only=True)
     except Exception as exc:
         raise WeightsError(f"pretrained weights {backbone} {weights} could not be downloaded to {cache} ({exc}). "
                            f"{advice}") from None
+
+
+def _refuse_unsafe_cache(backbone: str, weight) -> None:
+    """torchvision unpickles its cached weights without weights_only: read the file restricted first, so a
+    tampered cache file is refused here instead of run there."""
+    from engine.checkpoints import refused_pickle_reason, torch_load_weights_only
+
+    cache = _cache_path(weight)
+    if not cache.is_file():
+        return
+    try:
+        torch_load_weights_only(cache)
+    except pickle.UnpicklingError as exc:
+        if "weights only" in str(exc).lower():
+            raise WeightsError(f"refusing to load the cached pretrained weights {backbone} {weight.name} ({cache}): "
+                               f"{refused_pickle_reason(exc)}, a pickle that could run code; delete the file to "
+                               "download it again") from None
+    except Exception:  # noqa: BLE001 - a damaged file is reported by the load that follows, with its advice
+        pass
 
 
 def vit_patch_size(backbone: str) -> int | None:
@@ -571,6 +590,7 @@ def build_model(model_cfg: ModelConfig, num_outputs: int, *,
         status = weights_status(name, model_cfg.weights)
         if status == "download":
             _ensure_downloaded(name, weight.name, weight)
+        _refuse_unsafe_cache(name, weight)
         kwargs["weights"] = weight
         # With weights, torchvision forces aux_logits/init_weights itself (passing them raises) and drops
         # googlenet's aux heads after loading; inception's are dropped below.

@@ -452,3 +452,23 @@ def test_importing_a_payload_weights_file_in_the_app_is_refused(qtbot, workspace
     assert "Not imported" in panel.file_note.text() and "refusing to load backbone.pth" in panel.file_note.text()
     assert state.config.to_dict() == before and not state.dirty
     assert not marker.exists()
+
+
+def test_a_tampered_pretrained_weights_cache_file_is_refused_before_torchvision_unpickles_it(tmp_path, monkeypatch):
+    """torchvision loads its cached .pth without weights_only; the product reads the cache file restricted first."""
+    import torchvision
+
+    from engine.backbones import WeightsError, _cache_path, build_model
+    from engine.config import ModelConfig
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
+    monkeypatch.setattr(torch.hub, "_hub_dir", None)
+    weight = torchvision.models.ResNet18_Weights.IMAGENET1K_V1
+    cache = _cache_path(weight)
+    assert cache.parent == tmp_path / "torch_home" / "hub" / "checkpoints"
+    cache.parent.mkdir(parents=True)
+    marker = tmp_path / "code-ran"
+    write_payload(cache, marker, "zip", base=dict(torchvision.models.resnet18().state_dict()))
+    with pytest.raises(WeightsError, match="refusing to load the cached pretrained weights resnet18 IMAGENET1K_V1"):
+        build_model(ModelConfig(backbone="resnet18", weights="IMAGENET1K_V1"), 3)
+    assert not marker.exists()
