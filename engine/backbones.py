@@ -304,18 +304,27 @@ def load_state_dict_file(path: str | os.PathLike) -> dict[str, Tensor]:
         except Exception as exc:  # SafetensorError is not importable under a stable name
             raise WeightsError(f"weights file {p.name} is truncated or not a safetensors file ({exc})") from None
     else:
+        from engine.checkpoints import refused_pickle_reason, torch_load_weights_only
+
         try:
-            data = torch.load(p, map_location="cpu", weights_only=True)
+            data = torch_load_weights_only(p)
         except pickle.UnpicklingError as exc:
             if "weights only" in str(exc).lower():
                 raise WeightsError(
-                    f"refusing to load {p.name}: it holds Python objects beyond tensors (a pickle that could "
-                    "run code); export it as a state dict (torch.save(model.state_dict(), ...)) or safetensors"
+                    f"refusing to load {p.name}: {refused_pickle_reason(exc)}, a pickle that could run code; "
+                    "export it as a state dict (torch.save(model.state_dict(), ...)) or safetensors"
                 ) from None
             raise WeightsError(f"weights file {p.name} is corrupt or not a PyTorch file ({exc})") from None
         except Exception as exc:  # zip, EOF and key errors all mean a damaged or foreign file
             first = str(exc).split(".")[0].strip() or type(exc).__name__
             raise WeightsError(f"weights file {p.name} is truncated, corrupt or not a PyTorch file ({first})") from None
+    if isinstance(data, dict) and "format_version" in data:  # one of our checkpoints: a newer one may mean otherwise
+        from engine.checkpoints import CheckpointError, check_format_version
+
+        try:
+            check_format_version(data, p.name, what="weights file")
+        except CheckpointError as exc:
+            raise WeightsError(str(exc)) from None
     for key in _WRAPPER_KEYS:
         if isinstance(data, dict) and isinstance(data.get(key), dict):
             data = data[key]
@@ -410,10 +419,29 @@ def _ensure_downloaded(backbone: str, weights: str, weight) -> None:
         raise WeightsError(f"pretrained weights {backbone} {weights} are not in the cache ({cache}) and cannot "
                            f"be downloaded ({reason}). {advice}") from None
     try:
-        weight.get_state_dict(progress=True, check_hash=True)
+        weight.get_state_dict(progress=True, check_hash=True, weights_only=True)
     except Exception as exc:
         raise WeightsError(f"pretrained weights {backbone} {weights} could not be downloaded to {cache} ({exc}). "
                            f"{advice}") from None
+
+
+def _refuse_unsafe_cache(backbone: str, weight) -> None:
+    """torchvision unpickles its cached weights without weights_only: read the file restricted first, so a
+    tampered cache file is refused here instead of run there."""
+    from engine.checkpoints import refused_pickle_reason, torch_load_weights_only
+
+    cache = _cache_path(weight)
+    if not cache.is_file():
+        return
+    try:
+        torch_load_weights_only(cache)
+    except pickle.UnpicklingError as exc:
+        if "weights only" in str(exc).lower():
+            raise WeightsError(f"refusing to load the cached pretrained weights {backbone} {weight.name} ({cache}): "
+                               f"{refused_pickle_reason(exc)}, a pickle that could run code; delete the file to "
+                               "download it again") from None
+    except Exception:  # noqa: BLE001 - a damaged file is reported by the load that follows, with its advice
+        pass
 
 
 def vit_patch_size(backbone: str) -> int | None:
@@ -562,6 +590,7 @@ def build_model(model_cfg: ModelConfig, num_outputs: int, *,
         status = weights_status(name, model_cfg.weights)
         if status == "download":
             _ensure_downloaded(name, weight.name, weight)
+        _refuse_unsafe_cache(name, weight)
         kwargs["weights"] = weight
         # With weights, torchvision forces aux_logits/init_weights itself (passing them raises) and drops
         # googlenet's aux heads after loading; inception's are dropped below.

@@ -3,7 +3,9 @@ from __future__ import annotations
 
 import os
 import pickle
+import re
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +48,44 @@ def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
         pass
 
 
+def torch_load_weights_only(path: str | os.PathLike) -> Any:
+    """torch.load restricted to tensors and plain values: a pickle naming any other global is refused, never run."""
+    with warnings.catch_warnings():
+        # A raw pickle of a higher protocol only warns before it is refused: noise on a one-line error.
+        warnings.filterwarnings("ignore", message="Detected pickle protocol", category=UserWarning)
+        return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def refused_pickle_reason(exc: BaseException) -> str:
+    """What torch's weights-only unpickler refused, in a few words (its own text is long and suggests loading unsafely)."""
+    found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(exc))
+    if found:
+        return f"it calls {found.group(1)}"
+    found = re.search(r"Unsupported operand (\d+)", str(exc))
+    if found:
+        return f"it uses pickle opcode {found.group(1)}"
+    return "it holds objects beyond tensors and plain values"
+
+
+def check_format_version(data: dict[str, Any], path: str | os.PathLike, what: str = "checkpoint") -> None:
+    """Refuse a checkpoint written by a newer Model Workbench: its fields may mean something this one does not know."""
+    if "format_version" not in data:
+        return  # a plain PyTorch dict, or a checkpoint from before the field existed
+    version = data["format_version"]
+    if isinstance(version, bool) or not isinstance(version, int) or version < 1:
+        raise CheckpointError(f"{what} {path} has format version {version!r}, which is not a version number "
+                              f"(this Model Workbench reads versions 1 to {FORMAT_VERSION})")
+    if version > FORMAT_VERSION:
+        raise CheckpointError(f"{what} {path} has format version {version}, newer than this Model Workbench "
+                              f"reads ({FORMAT_VERSION}); update the app to open it")
+
+
+def _first_sentence(exc: BaseException) -> str:
+    text = str(exc).strip()
+    line = text.splitlines()[0] if text else type(exc).__name__
+    return line.split(". ")[0].rstrip(".")
+
+
 def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     """Read one of our checkpoints (or any PyTorch dict of tensors and plain values) safely."""
     path = Path(path)
@@ -53,25 +93,26 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
         raise CheckpointError(f"checkpoint {str(path)!r} does not exist" if not path.exists()
                               else f"checkpoint {str(path)!r} is not a file")
     try:
-        data = torch.load(path, map_location="cpu", weights_only=True)
+        data = torch_load_weights_only(path)
     except pickle.UnpicklingError as exc:
-        raise CheckpointError(f"refusing to load {path}: it holds Python objects beyond tensors and plain values "
-                              f"(a pickle that could run code). Details: {str(exc).splitlines()[0]}") from None
+        if "weights only" in str(exc).lower():
+            raise CheckpointError(f"refusing to load {path}: {refused_pickle_reason(exc)}, a pickle that could run "
+                                  "code; only tensors and plain values are read (see SECURITY.md)") from None
+        raise CheckpointError(f"checkpoint {path} is damaged or not a PyTorch file: {_first_sentence(exc)}") from None
     except (RuntimeError, EOFError, OSError, ValueError, KeyError, IndexError, TypeError) as exc:
         # A text file or other garbage can surface as any of these from torch's legacy reader.
         raise CheckpointError(f"checkpoint {path} is damaged or not a PyTorch file "
-                              f"(truncated by an interrupted copy?): {str(exc).splitlines()[0]}") from None
+                              f"(truncated by an interrupted copy?): {_first_sentence(exc)}") from None
     if not isinstance(data, dict):
         raise CheckpointError(f"checkpoint {path} holds a {type(data).__name__}, not a checkpoint dictionary")
-    version = data.get("format_version", FORMAT_VERSION)
-    if isinstance(version, int) and version > FORMAT_VERSION:
-        raise CheckpointError(f"checkpoint {path} has format version {version}, newer than this Model Workbench "
-                              f"reads ({FORMAT_VERSION}); update the app to open it")
+    check_format_version(data, path)
     return data
 
 
-def restore_model(ckpt: dict[str, Any]):
+def restore_model(ckpt: dict[str, Any], source: str | os.PathLike | None = None):
     """The trained model a checkpoint describes, rebuilt from its config and loaded strictly, in eval mode.
+
+    source (the file it came from) is named in the errors.
 
     Returns (model, config, class_names, preprocess). No pretrained weights are fetched: the
     checkpoint's own tensors replace them.
@@ -89,10 +130,32 @@ def restore_model(ckpt: dict[str, Any]):
     model_cfg.weights = None
     model_cfg.weights_file = None
     built = build_model(model_cfg, len(ckpt["class_names"]), image_size=pre.crop_size)
+    state = ckpt["model_state_dict"]
+    which = f"checkpoint {source}" if source else "the checkpoint"
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{which}: its model_state_dict is a {type(state).__name__}, not a state dict")
     try:
-        built.model.load_state_dict(ckpt["model_state_dict"])
-    except RuntimeError as exc:
-        raise CheckpointError(f"the checkpoint's weights do not fit {cfg.model.backbone}: "
-                              f"{str(exc).splitlines()[0]}") from None
+        built.model.load_state_dict(state)
+    except RuntimeError:
+        raise CheckpointError(f"{which}: its weights do not fit {cfg.model.backbone} with {len(ckpt['class_names'])} "
+                              f"outputs: {_misfit(built.model.state_dict(), state)}") from None
     built.model.eval()
     return built.model, cfg, list(ckpt["class_names"]), pre
+
+
+def _misfit(own: dict[str, Any], incoming: dict[str, Any]) -> str:
+    """One line saying how a state dict differs from a model's (torch's own message lists every key)."""
+    missing = [k for k in own if k not in incoming]
+    unexpected = [k for k in incoming if k not in own]
+    shaped = [(k, tuple(getattr(incoming[k], "shape", ())), tuple(own[k].shape)) for k in own
+              if k in incoming and tuple(getattr(incoming[k], "shape", ())) != tuple(own[k].shape)]
+    parts = []
+    if shaped:
+        k, theirs, ours = shaped[0]
+        parts.append(f"{len(shaped)} tensor(s) of another shape, e.g. {k} (file {'x'.join(map(str, theirs))}, "
+                     f"model {'x'.join(map(str, ours))})")
+    if missing:
+        parts.append(f"{len(missing)} missing, e.g. {missing[0]}")
+    if unexpected:
+        parts.append(f"{len(unexpected)} not in the model, e.g. {unexpected[0]}")
+    return "; ".join(parts) or "the tensors do not load"

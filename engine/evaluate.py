@@ -187,15 +187,17 @@ def sample_names(dataset: Dataset) -> list[str]:
 
 def evaluate_checkpoint(checkpoint: str | os.PathLike | dict, *, data: str | os.PathLike | None = None,
                         batch_size: int = 64, top_n: int = 20, device: str = "auto", progress: Progress = None,
-                        stop_event: threading.Event | None = None) -> Evaluation | None:
+                        stop_event: threading.Event | None = None,
+                        source: str | os.PathLike | None = None) -> Evaluation | None:
     """Evaluate a checkpoint on its own validation data (data=None) or on a folder / CSV / .npz.
 
     With data=None the validation split is rebuilt from the checkpoint's config exactly as training made
     it (same split seed and fraction, or its val_path). Samples of a given source whose label is not one
-    of the checkpoint's classes are skipped and listed in Evaluation.skipped.
+    of the checkpoint's classes are skipped and listed in Evaluation.skipped. source names the file of an
+    already loaded checkpoint in errors.
     """
     ckpt = checkpoint if isinstance(checkpoint, dict) else load_checkpoint(checkpoint)
-    model, cfg, class_names, pre = restore_model(ckpt)
+    model, cfg, class_names, pre = restore_model(ckpt, source or (None if isinstance(checkpoint, dict) else checkpoint))
     task = ckpt.get("task") or cfg.data.task
     eval_tf = build_transforms(pre, cfg.data.augment, train=False, keep_aspect=cfg.data.keep_aspect)
 

@@ -380,7 +380,7 @@ def export_checkpoint(checkpoint: str | os.PathLike, fmt: str, out: str | os.Pat
     _check_destination(out, fmt, force)
 
     ckpt = load_checkpoint(checkpoint)
-    model, cfg, class_names, pre = restore_model(ckpt)  # CheckpointError passes through as is
+    model, cfg, class_names, pre = restore_model(ckpt, checkpoint)  # CheckpointError passes through as is
     model = model.to("cpu", torch.float32).eval()
     backbone = cfg.model.backbone
     log(f"Loaded {checkpoint.name}: {backbone}, epoch {ckpt.get('epoch')}, {len(class_names)} outputs")

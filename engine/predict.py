@@ -69,7 +69,7 @@ class Predictor:
             raise CheckpointError(f"checkpoint {path} is damaged or not a PyTorch file: "
                                   f"{type(exc).__name__}: {exc}") from None
         try:
-            model, cfg, class_names, pre = restore_model(ckpt)
+            model, cfg, class_names, pre = restore_model(ckpt, path)
         except CheckpointError:
             raise
         except Exception as exc:  # noqa: BLE001 - a config or model the checkpoint describes but this build cannot make

@@ -92,7 +92,7 @@ def _evaluate_job(checkpoint: str, data: str | None, top_n: int, *, progress: Ca
     progress("Loading the checkpoint and its data")
     ckpt = load_checkpoint(checkpoint)
     ev = evaluate_checkpoint(ckpt, data=data, top_n=top_n, progress=lambda done, total: progress((done, total)),
-                             stop_event=cancel)
+                             stop_event=cancel, source=checkpoint)
     if ev is None:
         return None
     # Samples of an .npz are named "row N" of the kept images; the thumbnails need the same scan to find them.
