@@ -37,11 +37,11 @@ def _run_faults() -> tuple[type[BaseException], ...]:
 class ConsoleReporter:
     """A progress bar per epoch on stderr and one summary line per epoch (the CLI's bridge to the trainer)."""
 
-    def __init__(self, stream=sys.stderr):
+    def __init__(self, stream=None):
         from tqdm import tqdm
 
         self._tqdm = tqdm
-        self.stream = stream
+        self.stream = stream if stream is not None else sys.stderr  # today's stderr, not the one at import
         self.bar = None
 
     def on_log(self, trainer, message: str) -> None:
