@@ -156,9 +156,9 @@ class TrainingWorker(QObject):
 
 def _message(exc: BaseException) -> str:
     """What the user reads: the engine's own message for input errors, the type and message otherwise."""
-    from engine.cli import _user_errors
+    from engine.cli import _run_faults, _user_errors
 
-    if isinstance(exc, _user_errors()):
+    if isinstance(exc, _user_errors() + _run_faults()):
         return str(exc)
     if isinstance(exc, MemoryError) or "out of memory" in str(exc).lower():
         return (f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}\n"

@@ -1,9 +1,11 @@
 """Checkpoint files: written atomically, read with weights_only=True so a file can never run code."""
 from __future__ import annotations
 
+import errno
 import os
 import pickle
 import re
+import shutil
 import tempfile
 import warnings
 from pathlib import Path
@@ -12,31 +14,91 @@ from typing import Any
 import torch
 
 FORMAT_VERSION = 1
+TEMP_SUFFIX = ".tmp"  # temporary files are hidden (.NAME.RANDOM.tmp) and end with this
 
 
 class CheckpointError(RuntimeError):
     """A checkpoint that cannot be read: missing, truncated, from a newer version, or carrying a pickle."""
 
 
+class CheckpointWriteError(OSError):
+    """A checkpoint (or another file of a run folder) that could not be written: the disk is full, the folder
+    is read-only...
+
+    The file it was to replace is untouched and no temporary file is left; errno is the system's.
+    """
+
+    def __init__(self, path: Path, cause: OSError, what: str = "checkpoint"):
+        super().__init__(cause.errno, cause.strerror or str(cause))
+        self.path = Path(path)
+        folder = self.path.parent
+        if cause.errno in (errno.ENOSPC, errno.EDQUOT):
+            try:
+                free = f"{shutil.disk_usage(folder).free / 2**20:.0f} MiB free"
+            except OSError:
+                free = "free space unknown"
+            full = "the disk is full" if cause.errno == errno.ENOSPC else "the disk quota is used up"
+            self.message = (f"cannot write {what} {self.path}: {full} ({cause.strerror or 'no space left'}; "
+                            f"{free} in {folder}). Checkpoints already written are intact; free some space "
+                            "(or lower checkpoint.keep_last), then resume the run from its last.pt")
+        else:
+            self.message = (f"cannot write {what} {self.path}: {cause.strerror or cause}. "
+                            "Checkpoints already written are intact")
+
+    def __str__(self) -> str:
+        return self.message
+
+
+class _KeepWriteErrors:
+    """A file torch.save writes through that remembers the OSError of a failed write.
+
+    torch's zip writer turns an exception raised by write() into a bare RuntimeError ("unexpected pos"), losing
+    the errno that says why (ENOSPC); this keeps it so the caller can report the real cause.
+    """
+
+    def __init__(self, fh):
+        self._fh = fh
+        self.error: OSError | None = None
+
+    def write(self, data) -> int:
+        try:
+            return self._fh.write(data)
+        except OSError as exc:
+            self.error = self.error or exc
+            raise
+
+    def __getattr__(self, name: str) -> Any:  # everything else is the file's own
+        return getattr(self._fh, name)
+
+
 def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
     """torch.save into a temporary file in the same folder, fsync, then rename over the final name.
 
-    A process killed at any instant leaves either the old file or the new one, never half of one.
+    A process killed at any instant leaves either the old file or the new one, never half of one. A write that
+    fails (a full disk) removes the temporary file, keeps the old one, and raises CheckpointWriteError.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TEMP_SUFFIX, dir=path.parent)
+    except OSError as exc:
+        raise CheckpointWriteError(path, exc) from exc
+    writer = None
     try:
         with os.fdopen(fd, "wb") as fh:
-            torch.save(obj, fh)
+            writer = _KeepWriteErrors(fh)
+            torch.save(obj, writer)
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         try:
             os.unlink(tmp)
         except FileNotFoundError:
             pass
+        cause = writer.error if writer is not None and writer.error is not None else exc
+        if isinstance(cause, OSError) and not isinstance(cause, CheckpointWriteError):
+            raise CheckpointWriteError(path, cause) from exc
         raise
     try:  # make the rename itself durable
         dir_fd = os.open(path.parent, os.O_RDONLY)
@@ -84,6 +146,25 @@ def _first_sentence(exc: BaseException) -> str:
     text = str(exc).strip()
     line = text.splitlines()[0] if text else type(exc).__name__
     return line.split(". ")[0].rstrip(".")
+
+
+def remove_stale_temporaries(folder: str | os.PathLike) -> list[Path]:
+    """Delete the temporary files a killed writer left in a folder (.NAME.*.tmp); returns what was removed.
+
+    Only a process that owns the folder may call this (a run folder being resumed): another writer's
+    temporary file would go too.
+    """
+    removed = []
+    folder = Path(folder)
+    if not folder.is_dir():
+        return removed
+    for tmp in folder.glob(f".*{TEMP_SUFFIX}"):
+        try:
+            tmp.unlink()
+            removed.append(tmp)
+        except OSError:
+            pass
+    return removed
 
 
 def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:

@@ -25,6 +25,15 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     return ConfigError, DataError, WeightsError, SamplerError, CheckpointError, ExportError
 
 
+def _run_faults() -> tuple[type[BaseException], ...]:
+    """Failures that stop a run for a reason outside the code (a diverging loss, a full disk, a device out of
+    memory): their message says what happened and what to change; a traceback would add nothing."""
+    from engine.checkpoints import CheckpointWriteError
+    from engine.trainer import DeviceOutOfMemoryError, NonFiniteLossError
+
+    return NonFiniteLossError, CheckpointWriteError, DeviceOutOfMemoryError
+
+
 class ConsoleReporter:
     """A progress bar per epoch on stderr and one summary line per epoch (the CLI's bridge to the trainer)."""
 
@@ -358,9 +367,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except Exception as exc:  # a failure in training itself: say what, keep the trace for a bug report
-        from engine.trainer import NonFiniteLossError
-
-        if isinstance(exc, NonFiniteLossError):
+        if isinstance(exc, _run_faults()):
             print(f"error: {exc}", file=sys.stderr)
         else:
             traceback.print_exc()

@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from engine.checkpoints import FORMAT_VERSION, atomic_torch_save
+from engine.checkpoints import FORMAT_VERSION, CheckpointWriteError, atomic_torch_save, remove_stale_temporaries
 from engine.config import ConfigError, ProjectConfig, save_project
 from engine.freezing import freeze_spec
 from engine.run_files import METRICS_FILE, PROJECT_FILE, read_metrics  # noqa: F401 - part of this module's API
@@ -66,22 +66,41 @@ def _json_value(value: Any) -> Any:
 def link_atomic(src: Path, dst: Path) -> None:
     """dst becomes the same file as src (a hard link, else a copy), replacing dst in one rename."""
     tmp = dst.with_name(f".{dst.name}.{os.getpid()}.link.tmp")
-    tmp.unlink(missing_ok=True)
     try:
-        os.link(src, tmp)  # costs no space; a later rename over src leaves dst alone
-    except OSError:
-        shutil.copyfile(src, tmp)
-    os.replace(tmp, dst)
+        tmp.unlink(missing_ok=True)
+        try:
+            os.link(src, tmp)  # costs no space; a later rename over src leaves dst alone
+        except OSError:
+            shutil.copyfile(src, tmp)
+        os.replace(tmp, dst)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise CheckpointWriteError(dst, exc) from exc
 
 
 def _write_metrics(run_dir: Path, rows: list[dict[str, Any]]) -> None:
     tmp = run_dir / f".{METRICS_FILE}.tmp"
-    with open(tmp, "w", encoding="utf-8") as fh:
-        for row in rows:
+    try:
+        with open(tmp, "w", encoding="utf-8") as fh:
+            for row in rows:
+                fh.write(json.dumps({k: _json_value(v) for k, v in row.items()}) + "\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, run_dir / METRICS_FILE)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise CheckpointWriteError(run_dir / METRICS_FILE, exc, what="the run's metrics") from exc
+
+
+def _append_metrics(run_dir: Path, row: dict[str, Any]) -> None:
+    """One line more in metrics.jsonl; a line cut short (a full disk, a kill) is skipped by read_metrics."""
+    try:
+        with open(run_dir / METRICS_FILE, "a", encoding="utf-8") as fh:
             fh.write(json.dumps({k: _json_value(v) for k, v in row.items()}) + "\n")
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, run_dir / METRICS_FILE)
+            fh.flush()
+            os.fsync(fh.fileno())
+    except OSError as exc:
+        raise CheckpointWriteError(run_dir / METRICS_FILE, exc, what="the run's metrics") from exc
 
 
 class RunRecorder(Callback):
@@ -89,7 +108,9 @@ class RunRecorder(Callback):
 
     checkpoints/epoch-NNN.pt each epoch (the newest checkpoint.keep_last kept), last.pt and
     best.pt (by checkpoint.monitor) as links to it, final.pt when the run completes. Each file
-    is written to a temporary name, fsynced and renamed, so a kill leaves the previous one whole.
+    is written to a temporary name, fsynced and renamed, so a kill leaves the previous one whole; a
+    resumed run first deletes the temporary files a killed one left. An epoch's line goes into
+    metrics.jsonl once its checkpoint is saved: the metrics never claim an epoch that cannot be resumed.
     """
 
     def __init__(self, run_dir: Path):
@@ -99,14 +120,12 @@ class RunRecorder(Callback):
     def on_run_started(self, trainer: Trainer, state: TrainState) -> None:
         save_project(project_as_run(trainer.cfg), self.run_dir / PROJECT_FILE)
         self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
+        remove_stale_temporaries(self.checkpoint_dir)  # a killed run's half-written files
+        (self.run_dir / f".{METRICS_FILE}.tmp").unlink(missing_ok=True)
         if state.start_epoch:  # resumed: the checkpoint's history is the truth, later lines are stale
             _write_metrics(self.run_dir, state.history)
 
     def on_epoch_finished(self, trainer: Trainer, state: TrainState, metrics: dict[str, Any]) -> None:
-        with open(self.run_dir / METRICS_FILE, "a", encoding="utf-8") as fh:
-            fh.write(json.dumps({k: _json_value(v) for k, v in metrics.items()}) + "\n")
-            fh.flush()
-            os.fsync(fh.fileno())
         policy = trainer.cfg.checkpoint
         payload = checkpoint_payload(trainer, state, metrics)
         last = self.checkpoint_dir / "last.pt"
@@ -120,6 +139,7 @@ class RunRecorder(Callback):
             written = last
         if metrics.get("best"):
             link_atomic(written, self.checkpoint_dir / "best.pt")
+        _append_metrics(self.run_dir, metrics)
 
     def _prune(self, keep: int) -> None:
         if keep <= 0:

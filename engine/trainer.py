@@ -31,6 +31,18 @@ class NonFiniteLossError(RuntimeError):
     """The loss became NaN or infinite; the run stops instead of training on garbage."""
 
 
+class DeviceOutOfMemoryError(RuntimeError):
+    """The device ran out of memory during a batch; the message names the batch size to lower."""
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """A CUDA/MPS/CPU allocation failure, whichever way PyTorch raised it."""
+    if isinstance(exc, (torch.OutOfMemoryError, MemoryError)):
+        return True
+    text = str(exc).lower()
+    return isinstance(exc, RuntimeError) and ("out of memory" in text or "not enough memory" in text)
+
+
 def pick_device(name: str) -> torch.device:
     """'auto' is cuda, then mps, then cpu; an explicit device that is not there is a clear error."""
     if name == "auto":
@@ -238,14 +250,40 @@ class Trainer:
                          f"{self.early.monitor} ({self.early.best:.4g})")
         except BaseException as exc:
             state.status = "failed"
-            state.error = exc
+            failure = self._out_of_memory(exc) if is_out_of_memory(exc) else exc
+            state.error = failure
             self._fire("on_run_finished", state)
+            if failure is not exc:
+                raise failure from exc
             raise
         finally:
             if self.cfg.train.deterministic:
                 torch.use_deterministic_algorithms(False)
         self._fire("on_run_finished", state)
         return state
+
+    def _out_of_memory(self, exc: BaseException) -> DeviceOutOfMemoryError:
+        """The message for a batch that did not fit on the device: what ran out, where, and what to lower."""
+        state, cfg = self.state, self.cfg
+        device = self.parts.device.type if self.parts is not None else cfg.train.device
+        if device == "cuda":
+            with contextlib.suppress(Exception):
+                torch.cuda.empty_cache()  # the failed batch's blocks go back; the app can start the next run
+        size = cfg.loader.batch_size
+        where = (f"at epoch {state.epoch}, batch {state.batch}" if state.batch else
+                 f"while preparing epoch {state.epoch or 1}" if self.parts is not None else "while building the run")
+        first = next((line.strip() for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
+        if size > 1:
+            advice = (f"Use a smaller batch: lower loader.batch_size (try {max(size // 2, 1)}) or data.image_size "
+                      f"(now {cfg.data.image_size})")
+        else:
+            advice = (f"loader.batch_size is 1 already: lower data.image_size (now {cfg.data.image_size}) "
+                      "or choose a smaller backbone")
+        saved = (f"epoch {state.history[-1]['epoch']} was the last to finish: resume from its checkpoint (last.pt)"
+                 if state.history else "no epoch of this run had finished")
+        return DeviceOutOfMemoryError(
+            f"the {device} device ran out of memory {where} with loader.batch_size = {size} "
+            f"({first[:200]}). {advice}; {saved}")
 
     def _after_epoch(self, metrics: dict[str, Any]) -> None:
         state = self.state
@@ -348,6 +386,8 @@ class Trainer:
         try:
             yield
         except (RuntimeError, ValueError, AssertionError, IndexError) as exc:
+            if is_out_of_memory(exc):  # the shape fits, the memory does not: run() names the batch size
+                raise
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             shape = "x".join(str(d) for d in inputs.shape)
             hint = ("loader.batch_size >= 2 (BatchNorm needs more than one sample per batch)"
