@@ -26,6 +26,7 @@ DEVICES = ("auto", "cpu", "cuda", "mps")
 MONITORS = ("val_loss", "val_accuracy", "train_loss", "train_accuracy")
 MONITOR_MODES = ("auto", "min", "max")
 PRECISIONS = ("fp32", "fp16", "bf16")
+DIST_BACKENDS = ("auto", "nccl", "gloo")
 FEATURE_CACHE_MODES = ("auto", "off")
 
 
@@ -165,6 +166,18 @@ class TrainConfig:
 
 
 @dataclass
+class DistributedConfig:
+    """Training in several processes with DistributedDataParallel (engine/distributed.py)."""
+
+    # Processes on this machine: above 1, `main.py train` and the app start the run through torchrun. A run
+    # launched by torchrun itself takes its process count from torchrun and ignores this.
+    processes: int = 1
+    backend: str = "auto"  # auto: nccl when every process has a GPU, else gloo
+    sync_batchnorm: bool = False  # BatchNorm statistics computed over every process's batch (GPUs only)
+    timeout_s: int = 300  # a process that waits this long for the others ends the run with an error
+
+
+@dataclass
 class CheckpointConfig:
     every_epoch: bool = True  # keep epoch-NNN.pt files (last.pt and best.pt are always written)
     keep_last: int = 3  # epoch files kept, newest first; 0 keeps them all
@@ -199,6 +212,7 @@ class ProjectConfig:
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     early_stopping: EarlyStoppingConfig = field(default_factory=EarlyStoppingConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
@@ -568,6 +582,13 @@ def validate(cfg: ProjectConfig, *, check_paths: bool = True, check_catalog: boo
                  "with a convolutional model)")
     if not isinstance(t.compile, bool):
         p.append(f"train.compile = {t.compile!r}: expected true or false")
+
+    dd = cfg.distributed
+    _number(p, "distributed.processes", dd.processes, low=1, high=1024)
+    _choice(p, "distributed.backend", dd.backend, DIST_BACKENDS)
+    if not isinstance(dd.sync_batchnorm, bool):
+        p.append(f"distributed.sync_batchnorm = {dd.sync_batchnorm!r}: expected true or false")
+    _number(p, "distributed.timeout_s", dd.timeout_s, low=10)
 
     c = cfg.checkpoint
     _number(p, "checkpoint.keep_last", c.keep_last, low=0)
