@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 from PySide6.QtCore import QObject, QThread, Signal, Slot
 from PySide6.QtWidgets import QApplication
 
+from app.process_run import ProcessRun, run_processes
 from engine.config import ProjectConfig
 
 if TYPE_CHECKING:  # the engine's trainer imports torch: loaded on the worker thread, off the window's start-up
@@ -170,11 +171,15 @@ def _message(exc: BaseException) -> str:
 class TrainingController(QObject):
     """Starts, stops and tracks one run at a time. Its signals are emitted on the GUI thread.
 
-    The worker-object pattern: a TrainingWorker moved to a QThread, thread.started -> worker.run,
-    worker.done -> thread.quit. Stop sets a threading.Event the trainer checks every batch.
+    A project with distributed.processes 1 trains in the app's process, in the worker-object pattern: a
+    TrainingWorker moved to a QThread, thread.started -> worker.run, worker.done -> thread.quit; Stop sets a
+    threading.Event the trainer checks every batch. With more processes, torchrun runs them as a child process
+    (app/process_run.py), which sends the same signals with the same payloads; Stop reaches it as SIGINT.
     """
 
     logged = Signal(str)
+    launched = Signal(int)  # a run began in this many processes (1: on the worker thread)
+    rank_logged = Signal(int, str)  # (rank, line) of a multi-process run
     run_started = Signal(dict)
     batch_finished = Signal(dict)
     epoch_finished = Signal(dict)
@@ -186,62 +191,103 @@ class TrainingController(QObject):
         super().__init__(parent)
         self._thread: QThread | None = None
         self._worker: TrainingWorker | None = None
+        self._process_run: ProcessRun | None = None
         self._stop = threading.Event()
         self.run_dir: str | None = None
         self.last_result: dict[str, Any] | None = None
 
     def is_running(self) -> bool:
-        return self._thread is not None
+        return self._thread is not None or self._process_run is not None
 
     def current_step(self) -> int | None:
-        """The running trainer's global step at this moment (not throttled); None when no run is going."""
-        return self._worker.global_step if self._worker is not None else None
+        """The running trainer's global step at this moment (not throttled); None when no run is going.
+        A run in other processes is known only as far as rank 0's latest batch event."""
+        runner = self._worker or self._process_run
+        return runner.global_step if runner is not None else None
+
+    def process_ids(self) -> list[int]:
+        """torchrun's and its workers' pids while a multi-process run is going; empty otherwise."""
+        return self._process_run.pids() if self._process_run is not None else []
 
     def start(self, cfg: ProjectConfig, *, init_from: str | None = None) -> bool:
         """Train a snapshot of cfg in a new run folder; False (and nothing starts) while a run is going."""
+        if self.is_running():
+            return self._refuse()
+        if cfg.distributed.processes > 1:
+            return self._launch_processes(ProcessRun(copy.deepcopy(cfg), cfg.distributed.processes,
+                                                     init_from=init_from, parent=self))
         return self._launch(TrainingWorker(copy.deepcopy(cfg), self._new_stop(), init_from=init_from))
 
-    def resume(self, checkpoint: str, epochs: int | None = None) -> bool:
-        """Continue the run a checkpoint belongs to, in its folder, to `epochs` in all (default: as saved)."""
+    def resume(self, checkpoint: str, epochs: int | None = None, *, processes: int | None = None) -> bool:
+        """Continue the run a checkpoint belongs to, in its folder, to `epochs` in all (default: as saved), in as
+        many processes as that run used unless `processes` says otherwise."""
+        if self.is_running():
+            return self._refuse()
+        processes = processes or run_processes(checkpoint)
+        if processes > 1:
+            return self._launch_processes(ProcessRun(None, processes, resume_from=checkpoint, epochs=epochs,
+                                                     parent=self))
         return self._launch(TrainingWorker(None, self._new_stop(), resume_from=checkpoint, epochs=epochs))
 
     def stop(self) -> None:
         """Ask the run to end after the current batch (pressing it twice is harmless)."""
-        if self.is_running() and not self._stop.is_set():
+        if self._process_run is not None:
+            if not self._process_run.stop_requested:
+                self._process_run.stop()
+                self.logged.emit("Stopping every process after this batch...")
+        elif self.is_running() and not self._stop.is_set():
             self._stop.set()
             self.logged.emit("Stopping after this batch...")
 
     def wait(self, ms: int = 60000) -> bool:
-        """Block until the worker thread ended, processing events so its last signals arrive; True if ended."""
+        """Block until the run ended, processing events so its last signals arrive; True if ended."""
         deadline = time.monotonic() + ms / 1000
-        while self._thread is not None and time.monotonic() < deadline:
-            self._thread.wait(20)
+        while self.is_running() and time.monotonic() < deadline:
+            if self._thread is not None:
+                self._thread.wait(20)
+            elif self._process_run is not None:
+                self._process_run.wait_briefly(20)
             QApplication.processEvents()
-        return self._thread is None
+        return not self.is_running()
 
     def _new_stop(self) -> threading.Event:
         self._stop = threading.Event()
         return self._stop
 
+    def _refuse(self) -> bool:
+        self.logged.emit("A run is already going; stop it before starting another.")
+        return False
+
     def _launch(self, worker: TrainingWorker) -> bool:
-        if self.is_running():
-            self.logged.emit("A run is already going; stop it before starting another.")
-            return False
         thread = QThread()
         thread.setObjectName("training")
         worker.moveToThread(thread)
-        worker.logged.connect(self._on_logged)
-        worker.run_started.connect(self._on_run_started)
-        worker.batch_finished.connect(self._on_batch_finished)
-        worker.epoch_finished.connect(self._on_epoch_finished)
-        worker.run_finished.connect(self._on_run_finished)
-        worker.done.connect(self._on_done)
+        self._connect(worker)
         thread.started.connect(worker.run)
         self._thread, self._worker = thread, worker
         self.run_dir = None
+        self.launched.emit(1)
         thread.start()
         self.running_changed.emit(True)
         return True
+
+    def _launch_processes(self, run: ProcessRun) -> bool:
+        self._connect(run)
+        run.rank_logged.connect(self.rank_logged)
+        self._process_run = run
+        self.run_dir = None
+        self.launched.emit(run.processes)
+        run.start()
+        self.running_changed.emit(True)
+        return True
+
+    def _connect(self, runner: TrainingWorker | ProcessRun) -> None:
+        runner.logged.connect(self._on_logged)
+        runner.run_started.connect(self._on_run_started)
+        runner.batch_finished.connect(self._on_batch_finished)
+        runner.epoch_finished.connect(self._on_epoch_finished)
+        runner.run_finished.connect(self._on_run_finished)
+        runner.done.connect(self._on_done)
 
     @Slot(str)
     def _on_logged(self, message: str) -> None:
@@ -276,7 +322,9 @@ class TrainingController(QObject):
         if thread is not None:
             thread.quit()
             thread.wait()
-        self._thread, self._worker = None, None
+        if self._process_run is not None:
+            self._process_run.deleteLater()
+        self._thread, self._worker, self._process_run = None, None, None
         release_freed_memory()
         self.running_changed.emit(False)
         self.run_finished.emit(result)
