@@ -100,6 +100,7 @@ class MainWindow(QMainWindow):
         from widgets.dataset_panel import DatasetPanel
         from widgets.evaluation_panel import EvaluationPanel
         from widgets.layers_panel import LayersPanel
+        from widgets.log_tabs import LogTabs
         from widgets.run_view import RunView
         from widgets.training_panel import TrainingPanel
         from widgets.try_it import TryItPanel
@@ -164,7 +165,8 @@ class MainWindow(QMainWindow):
         self.setup_dock = self._dock("Setup", "main.setup_dock", self.setup_tabs, Qt.DockWidgetArea.LeftDockWidgetArea)
         self.checkpoints_dock = self._dock("Checkpoints", "main.checkpoints_dock", self.checkpoints,
                                            Qt.DockWidgetArea.BottomDockWidgetArea)
-        self.log_dock = self._dock("Log", "main.log_dock", log_box, Qt.DockWidgetArea.BottomDockWidgetArea)
+        self.log_tabs = LogTabs(log_box)
+        self.log_dock = self._dock("Log", "main.log_dock", self.log_tabs, Qt.DockWidgetArea.BottomDockWidgetArea)
         # The setup dock keeps the window's full height; checkpoints and log share a tabbed dock under the plots.
         self.setCorner(Qt.Corner.BottomLeftCorner, Qt.DockWidgetArea.LeftDockWidgetArea)
         self.tabifyDockWidget(self.checkpoints_dock, self.log_dock)
@@ -307,6 +309,8 @@ class MainWindow(QMainWindow):
         s.refused.connect(self._on_field_refused)
 
         c.logged.connect(self.log)
+        c.launched.connect(self.log_tabs.on_launched)
+        c.rank_logged.connect(self.log_tabs.on_rank_logged)
         c.run_started.connect(self.run_view.on_run_started)
         c.run_started.connect(self._on_run_started)
         c.batch_finished.connect(self.run_view.on_batch_finished)

@@ -6,7 +6,7 @@ import sys
 from pathlib import Path
 
 MODULES = ("app.main_window", "widgets.dataset_panel", "widgets.backbone_panel", "widgets.layers_panel",
-           "widgets.training_panel", "widgets.run_view", "widgets.live_plots", "widgets.checkpoints_panel",
+           "widgets.training_panel", "widgets.run_view", "widgets.live_plots", "widgets.log_tabs", "widgets.checkpoints_panel",
            "widgets.evaluation_panel", "widgets.try_it", "widgets.export_dialog")
 
 

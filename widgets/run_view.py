@@ -235,7 +235,9 @@ class RunView(QWidget):
             what = f"Resumed after epoch {self._start_epoch} of {self._epochs}"
         else:
             what = f"Training {self._epochs} epoch(s)"
-        self.status_label.setText(f"{what} on {self._device}, {self._batches_per_epoch} batches per epoch.")
+        processes = int(info.get("world_size") or 1)
+        where = f"{self._device} in {processes} processes" if processes > 1 else self._device
+        self.status_label.setText(f"{what} on {where}, {self._batches_per_epoch} batches per epoch.")
 
     @Slot(dict)
     def on_batch_finished(self, info: dict) -> None:

@@ -10,8 +10,8 @@ from PySide6.QtGui import QPalette
 from PySide6.QtWidgets import (QCheckBox, QComboBox, QDoubleSpinBox, QFormLayout, QFrame, QGroupBox, QHBoxLayout,
                                QLabel, QLineEdit, QScrollArea, QSizePolicy, QSpinBox, QVBoxLayout, QWidget)
 
-from engine.config import (COLLATES, DEVICES, FEATURE_CACHE_MODES, LOSSES, MONITOR_MODES, MONITORS, OPTIMIZERS,
-                           PRECISIONS, SAMPLERS, SCHEDULES)
+from engine.config import (COLLATES, DEVICES, DIST_BACKENDS, FEATURE_CACHE_MODES, LOSSES, MONITOR_MODES, MONITORS,
+                           OPTIMIZERS, PRECISIONS, SAMPLERS, SCHEDULES)
 from widgets.fields import (FieldBinding, bind_check, bind_combo, bind_double, bind_float_text, bind_spin, bind_text,
                             format_float, parse_optional_int)
 from widgets.state import ProjectState
@@ -24,6 +24,7 @@ OBJECT_NAMES = {
     "training.group.optimizer": "group: optimizer and its options",
     "training.group.schedule": "group: learning-rate schedule and its options",
     "training.group.training": "group: epochs, device, precision, seed",
+    "training.group.distributed": "group: training in several processes through torchrun",
     "training.group.early_stopping": "group: early stopping",
     "training.group.checkpoints": "group: checkpoints and TensorBoard logs",
     # Input
@@ -93,6 +94,11 @@ OBJECT_NAMES = {
                                      "memory (train.feature_cache_max_mb)",
     "training.channels_last": "channels-last memory format: auto, on or off (train.channels_last)",
     "training.compile": "compile the training forward with torch.compile (train.compile)",
+    # Several processes
+    "training.processes": "processes the run trains in, through torchrun (distributed.processes)",
+    "training.dist_backend": "how the processes communicate: auto, nccl or gloo (distributed.backend)",
+    "training.sync_batchnorm": "BatchNorm statistics over every process's batch (distributed.sync_batchnorm)",
+    "training.dist_timeout": "seconds a process waits for the others before the run fails (distributed.timeout_s)",
     # Early stopping
     "training.early_stopping": "turn early stopping on or off (early_stopping.enabled)",
     "training.es_monitor": "metric early stopping watches (early_stopping.monitor)",
@@ -174,6 +180,11 @@ PRECISION_LABELS = {
 FEATURE_CACHE_LABELS = {
     "auto": "auto (when it applies)",
     "off": "off (recompute)",
+}
+BACKEND_LABELS = {
+    "auto": "auto (nccl on CUDA GPUs, else gloo)",
+    "nccl": "nccl (CUDA GPUs)",
+    "gloo": "gloo (CPU)",
 }
 COLLATE_LABELS = {
     "default": "stack (images of one size)",
@@ -405,7 +416,7 @@ class TrainingPanel(QWidget):
         self.setObjectName("training")
         self.state = state
         self._bindings: dict[str, list[FieldBinding]] = {}
-        self._rows: list[tuple[QFormLayout, QWidget, QComboBox, tuple[str, ...]]] = []
+        self._rows: list[tuple[QFormLayout, QWidget, Callable[[], bool]]] = []  # rows shown only when ...
         self._widgets: dict[str, QWidget] = {}
         self._two_columns: bool | None = None
 
@@ -418,7 +429,7 @@ class TrainingPanel(QWidget):
 
         self._left = [self._build_input(), self._build_sampler(), self._build_loss()]
         self._right = [self._build_optimizer(), self._build_schedule(), self._build_training(),
-                       self._build_early_stopping(), self._build_checkpoints()]
+                       self._build_distributed(), self._build_early_stopping(), self._build_checkpoints()]
 
         self._scroll = QScrollArea()
         self._scroll.setObjectName("training.scroll")
@@ -463,9 +474,13 @@ class TrainingPanel(QWidget):
         return box, form
 
     def _add(self, form: QFormLayout, label: str, name: str, path: str, widget: QWidget, tip: str,
-             bind: Callable[..., FieldBinding], *, when: tuple[QComboBox, tuple[str, ...]] | None = None,
+             bind: Callable[..., FieldBinding], *,
+             when: tuple[QComboBox, tuple[str, ...]] | Callable[[], bool] | None = None,
              note: QLabel | None = None, **bind_kw) -> QWidget:
-        """A form row: the control, its error line under it (shown only while a value is refused), an optional note."""
+        """A form row: the control, its error line under it (shown only while a value is refused), an optional note.
+
+        when: the row shows only while the combo's choice is one of the names, or while the function says so.
+        """
         key = f"training.{name}"
         assert key in OBJECT_NAMES, key
         widget.setObjectName(key)
@@ -494,8 +509,11 @@ class TrainingPanel(QWidget):
         binding = bind(self.state, path, widget, message=message, **bind_kw)
         self._bindings.setdefault(path, []).append(binding)
         self._widgets[key] = widget
-        if when is not None:
-            self._rows.append((form, cell, when[0], when[1]))
+        if isinstance(when, tuple):
+            combo, names = when
+            self._rows.append((form, cell, lambda: combo.currentData() in names))
+        elif when is not None:
+            self._rows.append((form, cell, when))
         return widget
 
     def _build_input(self) -> QGroupBox:
@@ -804,6 +822,35 @@ class TrainingPanel(QWidget):
                   bind_check)
         return box
 
+    def _build_distributed(self) -> QGroupBox:
+        box, form = self._form("Several processes", "distributed")
+        self._processes_note = _note()
+        self._processes = self._add(
+            form, "Processes:", "processes", "distributed.processes",
+            _spin(1, 1024, suffix=" processes", special="1 (in the app)"),
+            "Train in this many processes on this machine with DistributedDataParallel, started through "
+            "torchrun: one process per GPU, or on the CPU several processes that share its cores (gloo). "
+            "The batch size is per process, so every step trains on processes × batch size samples. "
+            "1 trains in the app's own process.", bind_spin, note=self._processes_note)
+        self._processes.valueChanged.connect(self._on_choice_changed)
+
+        def several() -> bool:
+            return self._processes.value() > 1
+
+        self._add(form, "Backend:", "dist_backend", "distributed.backend",
+                  _combo((BACKEND_LABELS.get(b, b), b) for b in DIST_BACKENDS),
+                  "How the processes exchange gradients: nccl between CUDA GPUs, gloo on the CPU. Auto takes nccl "
+                  "when every process has a GPU.", bind_combo, when=several)
+        self._add(form, "", "sync_batchnorm", "distributed.sync_batchnorm",
+                  QCheckBox("Synchronise BatchNorm across processes"),
+                  "Compute BatchNorm statistics over all the processes' batches together (SyncBatchNorm) instead "
+                  "of each process's own: steadier with small per-process batches, at some communication cost. "
+                  "GPUs only.", bind_check, when=several)
+        self._add(form, "Timeout:", "dist_timeout", "distributed.timeout_s", _spin(10, 86_400, step=30, suffix=" s"),
+                  "How long a process waits for the others (one that crashed or hangs) before the run ends with "
+                  "an error instead of waiting for ever.", bind_spin, when=several)
+        return box
+
     def refresh_devices(self) -> None:
         """Label each device choice with whether this machine has it (once PyTorch is imported; see
         devices_available)."""
@@ -965,8 +1012,8 @@ class TrainingPanel(QWidget):
 
     def _sync(self) -> None:
         """Show the options of the chosen sampler, loss, optimizer and schedule; enable what applies."""
-        for form, cell, combo, names in self._rows:
-            form.setRowVisible(cell, combo.currentData() in names)
+        for form, cell, shown in self._rows:
+            form.setRowVisible(cell, shown())
         sampler = self._sampler_combo.currentData()
         self._sampler_hint.setText(SAMPLER_HINTS.get(sampler, ""))
         default = {"random": "default (without replacement)", "weighted_random": "default (with replacement)"}
@@ -991,6 +1038,12 @@ class TrainingPanel(QWidget):
         self._device_note.setVisible(missing)
         for widget in self._es_widgets:
             widget.setEnabled(self._es_enabled.isChecked())
+        processes = self._processes.value()
+        batch = self.state.config.loader.batch_size
+        self._processes_note.setText(
+            f"Each step trains on {processes} × {batch} = {processes * batch} samples (the batch size is per "
+            "process). Each process's output has its own tab in the Log." if processes > 1 else "")
+        self._processes_note.setVisible(processes > 1)
 
     def _arrange(self, *, two: bool) -> None:
         """Two columns of groups when the panel is wide enough, one otherwise (groups keep their objects)."""

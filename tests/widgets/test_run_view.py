@@ -218,3 +218,9 @@ def test_a_real_one_epoch_run_fills_the_view_and_its_checkpoints_are_listed(qtbo
 
     assert view.save_plots(str(tmp_path / "run.png"))
     assert not QImage(str(tmp_path / "run.png")).isNull()
+
+
+def test_a_multi_process_run_says_how_many_processes_train(view):
+    view.on_run_started({**started(), "world_size": 2})
+    assert "Training 10 epoch(s) on cpu in 2 processes, 4 batches per epoch." == \
+        view.findChild(QLabel, "run.status").text()

@@ -5,9 +5,9 @@ import pytest
 from PySide6.QtCore import QPoint, QPointF, Qt
 from PySide6.QtGui import QWheelEvent
 from PySide6.QtWidgets import (QAbstractButton, QAbstractSpinBox, QApplication, QCheckBox, QComboBox,
-                               QDoubleSpinBox, QLabel, QLineEdit, QSpinBox, QWidget)
+                               QDoubleSpinBox, QGroupBox, QLabel, QLineEdit, QSpinBox, QWidget)
 
-from engine.config import LOSSES, OPTIMIZERS, SAMPLERS, SCHEDULES, load_project
+from engine.config import DIST_BACKENDS, LOSSES, OPTIMIZERS, SAMPLERS, SCHEDULES, load_project
 from tests.conftest import write_project
 from widgets.state import ProjectState
 from widgets.training_panel import OBJECT_NAMES, TrainingPanel, format_positions, parse_positions
@@ -29,6 +29,7 @@ CUSTOM = dict(
     train={"epochs": 7, "device": "cpu", "seed": 123, "deterministic": True, "precision": "bf16",
            "grad_clip_norm": 2.5, "feature_cache": "off", "feature_cache_max_mb": 512,
            "channels_last": True, "compile": True},
+    distributed={"processes": 3, "backend": "gloo", "sync_batchnorm": True, "timeout_s": 120},
     checkpoint={"every_epoch": False, "keep_last": 0, "monitor": "val_accuracy", "mode": "max"},
     early_stopping={"enabled": True, "monitor": "train_loss", "mode": "min", "patience": 4, "min_delta": 0.01,
                     "restore_best": True},
@@ -51,6 +52,7 @@ CUSTOM_SHOWN = {
     "epochs": 7, "device": "cpu", "seed": "123", "deterministic": True, "precision": "bf16",
     "grad_clip_norm": "2.5", "feature_cache": "off", "feature_cache_max_mb": "512",
     "channels_last": True, "compile": True,
+    "processes": 3, "dist_backend": "gloo", "sync_batchnorm": True, "dist_timeout": 120,
     "checkpoint_every_epoch": False, "checkpoint_keep_last": 0, "checkpoint_monitor": "val_accuracy",
     "checkpoint_mode": "max", "tensorboard": False,
     "early_stopping": True, "es_monitor": "train_loss", "es_mode": "min", "es_patience": 4,
@@ -414,6 +416,10 @@ def test_settings_made_in_the_panel_round_trip_through_the_project_file(qtbot, p
     type_text(qtbot, panel, "feature_cache_max_mb", "300")
     choose(panel, "channels_last", False)
     control(panel, "compile").setChecked(True)
+    control(panel, "processes").setValue(2)
+    choose(panel, "dist_backend", "gloo")
+    control(panel, "sync_batchnorm").setChecked(True)
+    control(panel, "dist_timeout").setValue(90)
     control(panel, "early_stopping").setChecked(True)
     choose(panel, "es_monitor", "val_accuracy")
     choose(panel, "es_mode", "max")
@@ -443,6 +449,8 @@ def test_settings_made_in_the_panel_round_trip_through_the_project_file(qtbot, p
     assert (cfg.train.epochs, cfg.train.precision, cfg.train.seed, cfg.train.grad_clip_norm) == (5, "bf16", 42, 1.5)
     assert (cfg.train.feature_cache, cfg.train.feature_cache_max_mb) == ("off", 300)
     assert (cfg.train.channels_last, cfg.train.compile) == (False, True)
+    assert (cfg.distributed.processes, cfg.distributed.backend, cfg.distributed.sync_batchnorm,
+            cfg.distributed.timeout_s) == (2, "gloo", True, 90)
     assert (cfg.early_stopping.enabled, cfg.early_stopping.monitor, cfg.early_stopping.min_delta) == \
         (True, "val_accuracy", 0.001)
     assert (cfg.checkpoint.keep_last, cfg.checkpoint.monitor, cfg.output.tensorboard) == (2, "train_loss", False)
@@ -563,3 +571,25 @@ def test_workers_and_cache_limit_have_an_auto_setting(panel, project_state):
     assert project_state.config.loader.decoded_cache_max_mb == 1024
     limit.setValue(0)
     assert project_state.config.loader.decoded_cache_max_mb is None
+
+
+def test_processes_setting_reveals_its_options_and_says_the_global_batch(panel, project_state):
+    processes = control(panel, "processes")
+    assert processes.value() == 1 and processes.text() == "1 (in the app)"
+    assert "torchrun" in processes.toolTip() and "per process" in processes.toolTip()
+    for name in ("dist_backend", "sync_batchnorm", "dist_timeout"):
+        assert not visible(panel, name), name
+    processes.setValue(2)
+    assert project_state.get("distributed.processes") == 2
+    for name in ("dist_backend", "sync_batchnorm", "dist_timeout"):
+        assert visible(panel, name), name
+    note = panel.findChild(QGroupBox, "training.group.distributed").findChildren(QLabel)
+    assert any("2 × 8 = 16 samples" in label.text() and label.isVisibleTo(panel) for label in note)
+    control(panel, "batch_size").setValue(4)
+    assert any("2 × 4 = 8 samples" in label.text() for label in note)
+    assert [control(panel, "dist_backend").itemData(i) for i in range(control(panel, "dist_backend").count())] == \
+        list(DIST_BACKENDS)
+    control(panel, "dist_timeout").setValue(5)  # below the engine's lowest: the spin box stops at 10
+    assert project_state.get("distributed.timeout_s") == 10
+    processes.setValue(1)
+    assert not visible(panel, "dist_timeout")
