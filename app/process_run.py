@@ -21,6 +21,7 @@ from engine.events import decode
 # torchrun gives its workers 30 s after passing SIGINT on before it kills them; past this the app kills the tree.
 STOP_GRACE_MS = 45_000
 TAIL_LINES = 12  # lines of output quoted when the processes end without saying why
+WATCH_MS = 1000  # how often the pids below torchrun are noted, to find any it leaves behind when it dies
 # torchrun --tee starts every line of a worker with "[<role><local rank>]:" ("[default0]:"); its own lines have none.
 RANK_PREFIX = re.compile(r"\[([^\]\d]*)(\d+)\]:")
 ERROR_LINE = re.compile(r"error: (.*)")  # how the CLI reports a failure on stderr (engine/cli.py main)
@@ -46,6 +47,17 @@ def run_processes(checkpoint: str | os.PathLike) -> int:
         return max(1, int(data.get("distributed", {}).get("processes", 1)))
     except (OSError, ValueError, TypeError, AttributeError):
         return 1
+
+
+def start_time(pid: int) -> int | None:
+    """When a process started (clock ticks since boot, Linux), to tell it from a later one with the same pid;
+    None where it is gone or this is not known."""
+    try:
+        with open(f"/proc/{pid}/stat", encoding="utf-8", errors="replace") as fh:
+            fields = fh.read().rsplit(")", 1)[1].split()
+        return None if fields[0] in ("Z", "X") else int(fields[19])
+    except (OSError, IndexError, ValueError):
+        return None
 
 
 def descendants(pid: int) -> list[int]:
@@ -121,6 +133,10 @@ class ProcessRun(QObject):
         self._kill_timer.setSingleShot(True)
         self._kill_timer.setInterval(STOP_GRACE_MS)
         self._kill_timer.timeout.connect(self._on_stop_overdue)
+        self._known: dict[int, int | None] = {}  # pid -> start_time of every process seen below torchrun
+        self._watch = QTimer(self)
+        self._watch.setInterval(WATCH_MS)
+        self._watch.timeout.connect(self._note_processes)
         self._process.readyReadStandardOutput.connect(self._on_stdout)
         self._process.readyReadStandardError.connect(self._on_stderr)
         self._process.started.connect(self._on_started)
@@ -183,6 +199,7 @@ class ProcessRun(QObject):
         if self.stop_requested or self._ended:
             return
         self.stop_requested = True
+        self._note_processes()
         pid = self._process.processId()
         if pid:
             _signal(pid, signal.SIGINT)
@@ -213,7 +230,26 @@ class ProcessRun(QObject):
 
     # -- output --------------------------------------------------------------------------------
     @Slot()
+    def _note_processes(self) -> None:
+        pid = self._process.processId()
+        if pid:
+            for child in descendants(pid):
+                if child not in self._known:
+                    self._known[child] = start_time(child)
+
+    def _kill_leftovers(self) -> None:
+        """Kill what torchrun left running when it ended without ending its workers (it was killed or crashed):
+        they would go on training, writing the run folder, with nobody to stop them."""
+        left = [pid for pid, started in self._known.items()
+                if started is not None and start_time(pid) == started]
+        for pid in left:
+            _signal(pid, signal.SIGKILL)
+        if left:
+            self.logged.emit(f"torchrun ended but left {len(left)} of its processes running: killed them.")
+
+    @Slot()
     def _on_started(self) -> None:
+        self._watch.start()
         if self.stop_requested:
             _signal(self._process.processId(), signal.SIGINT)
 
@@ -303,6 +339,7 @@ class ProcessRun(QObject):
             if rest:
                 self._line(rest.decode("utf-8", errors="replace"),
                            stdout=channel == QProcess.ProcessChannel.StandardOutput)
+        self._kill_leftovers()
         crashed = status == QProcess.ExitStatus.CrashExit
         self._end(self._outcome(code, crashed))
 
@@ -338,6 +375,7 @@ class ProcessRun(QObject):
             return
         self._ended = True
         self._kill_timer.stop()
+        self._watch.stop()
         result: dict[str, Any] = {"status": "failed", "run_dir": str(self.run_dir) if self.run_dir else None,
                                   **self._progress, "stopped_early": False, "error": None, "traceback": None,
                                   "error_type": None}

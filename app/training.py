@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 from PySide6.QtCore import QObject, QThread, Signal, Slot
 from PySide6.QtWidgets import QApplication
 
-from app.process_run import ProcessRun, run_processes
+from app.process_run import Launcher, ProcessRun, run_processes
 from engine.config import ProjectConfig
 
 if TYPE_CHECKING:  # the engine's trainer imports torch: loaded on the worker thread, off the window's start-up
@@ -187,8 +187,10 @@ class TrainingController(QObject):
     running_changed = Signal(bool)
     errored = Signal(str)  # a failed run's message, for a dialog
 
-    def __init__(self, parent: QObject | None = None):
+    def __init__(self, parent: QObject | None = None, *, launcher: Launcher | None = None):
+        """launcher: how a multi-process run's command line is made (default: torchrun, see app/process_run.py)."""
         super().__init__(parent)
+        self._launcher = launcher
         self._thread: QThread | None = None
         self._worker: TrainingWorker | None = None
         self._process_run: ProcessRun | None = None
@@ -215,7 +217,7 @@ class TrainingController(QObject):
             return self._refuse()
         if cfg.distributed.processes > 1:
             return self._launch_processes(ProcessRun(copy.deepcopy(cfg), cfg.distributed.processes,
-                                                     init_from=init_from, parent=self))
+                                                     init_from=init_from, launcher=self._launcher, parent=self))
         return self._launch(TrainingWorker(copy.deepcopy(cfg), self._new_stop(), init_from=init_from))
 
     def resume(self, checkpoint: str, epochs: int | None = None, *, processes: int | None = None) -> bool:
@@ -226,7 +228,7 @@ class TrainingController(QObject):
         processes = processes or run_processes(checkpoint)
         if processes > 1:
             return self._launch_processes(ProcessRun(None, processes, resume_from=checkpoint, epochs=epochs,
-                                                     parent=self))
+                                                     launcher=self._launcher, parent=self))
         return self._launch(TrainingWorker(None, self._new_stop(), resume_from=checkpoint, epochs=epochs))
 
     def stop(self) -> None:

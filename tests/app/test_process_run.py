@@ -56,7 +56,10 @@ STAND_IN = textwrap.dedent(r'''
         say("error: data.path '/gone' does not exist", rank=1, err=True)
         say("Traceback (most recent call last): ...", err=True)
         sys.exit(1)
-    elif scenario == "silent_crash":
+    elif scenario == "silent_crash":  # dies leaving a worker of its own running
+        worker = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"], start_new_session=True)
+        say(f"worker {worker.pid}", rank=1)
+        time.sleep(1.0)
         say("Segmentation fault in worker", err=True)
         os.kill(os.getpid(), signal.SIGKILL)
     elif scenario == "rank1_fails":
@@ -167,12 +170,16 @@ def test_processes_that_end_without_a_result_report_the_ranks_error(qtbot, cfg, 
     assert not list((Path(cfg.base_dir) / "runs").iterdir())
 
 
-def test_a_killed_child_reports_its_last_output(qtbot, cfg, stand_in):
+def test_a_killed_child_reports_its_last_output_and_leaves_no_worker_behind(qtbot, cfg, stand_in):
     run = ProcessRun(cfg, 2, launcher=stand_in("silent_crash"))
+    run._watch.setInterval(100)
     seen = _run(qtbot, run)
     result = seen["run_finished"][0]
     assert result["status"] == "failed"
     assert "was killed" in result["error"] and "Segmentation fault in worker" in result["error"]
+    worker = int(next(text for rank, text in seen["rank_logged"] if text.startswith("worker ")).split()[1])
+    qtbot.waitUntil(lambda: _gone(worker), timeout=5000)  # torchrun died; its worker must not train on alone
+    assert any("left 1 of its processes running" in line for line in seen["logged"])
 
 
 def test_rank_0_stopped_by_a_failing_rank_is_a_failed_run_with_that_ranks_message(qtbot, cfg, stand_in):
@@ -227,3 +234,30 @@ def test_descendants_finds_children_and_grandchildren():
         for pid in [*descendants(parent.pid), parent.pid]:
             os.kill(pid, signal.SIGKILL)
         parent.wait()
+
+
+def test_the_controller_runs_a_multi_process_project_through_the_launcher(qtbot, cfg, stand_in):
+    from app.training import TrainingController
+
+    controller = TrainingController(launcher=stand_in("stops"))
+    running, launched, ranks, errors = [], [], [], []
+    controller.running_changed.connect(running.append)
+    controller.launched.connect(launched.append)
+    controller.rank_logged.connect(lambda rank, text: ranks.append(rank))
+    controller.errored.connect(errors.append)
+    with qtbot.waitSignal(controller.run_started, timeout=20000):
+        assert controller.start(cfg)
+    assert controller.is_running() and not controller.start(cfg)  # one run at a time
+    assert launched == [2] and running == [True] and controller.current_step() == 0
+    assert len(controller.process_ids()) >= 1
+    controller.stop()
+    controller.stop()
+    assert controller.wait(20000)
+    assert running == [True, False] and controller.last_result["status"] == "stopped" and not errors
+    assert controller.process_ids() == [] and controller.current_step() is None
+
+    failing = TrainingController(launcher=stand_in("crash"))
+    failing.errored.connect(errors.append)
+    with qtbot.waitSignal(failing.run_finished, timeout=20000):
+        failing.start(cfg)
+    assert errors == ["rank 1: data.path '/gone' does not exist"]
