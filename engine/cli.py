@@ -29,19 +29,24 @@ def _run_faults() -> tuple[type[BaseException], ...]:
     """Failures that stop a run for a reason outside the code (a diverging loss, a full disk, a device out of
     memory): their message says what happened and what to change; a traceback would add nothing."""
     from engine.checkpoints import CheckpointWriteError
-    from engine.trainer import DeviceOutOfMemoryError, NonFiniteLossError
+    from engine.trainer import DeviceOutOfMemoryError, NonFiniteLossError, PeerProcessError
 
-    return NonFiniteLossError, CheckpointWriteError, DeviceOutOfMemoryError
+    return NonFiniteLossError, CheckpointWriteError, DeviceOutOfMemoryError, PeerProcessError
 
 
 class ConsoleReporter:
-    """A progress bar per epoch on stderr and one summary line per epoch (the CLI's bridge to the trainer)."""
+    """A progress bar per epoch on stderr and one summary line per epoch (the CLI's bridge to the trainer).
 
-    def __init__(self, stream=None):
+    progress=False leaves out the bar (a parent process reads the output line by line, or a rank other than 0).
+    """
+
+    def __init__(self, stream=None, *, progress: bool = True, prefix: str = ""):
         from tqdm import tqdm
 
         self._tqdm = tqdm
         self.stream = stream if stream is not None else sys.stderr  # the stderr of now, as every other message
+        self.progress = progress
+        self.prefix = prefix  # "[rank N] " for the other processes of a multi-process run
         self.bar = None
 
     def on_log(self, trainer, message: str) -> None:
@@ -51,6 +56,8 @@ class ConsoleReporter:
         self._write(f"Training on {state.device}: {state.epochs} epoch(s) of {state.batches_per_epoch} batches")
 
     def on_batch_finished(self, trainer, state, loss: float) -> None:
+        if not self.progress:
+            return
         if self.bar is None:
             self.bar = self._tqdm(total=state.batches_per_epoch, desc=f"epoch {state.epoch}/{state.epochs}",
                                   file=self.stream, leave=False, dynamic_ncols=True, mininterval=0.25)
@@ -70,6 +77,8 @@ class ConsoleReporter:
             self.bar = None
 
     def _write(self, text: str) -> None:
+        if self.prefix:
+            text = "\n".join(self.prefix + line for line in text.splitlines())
         if self.bar is not None:
             self.bar.write(text, file=self.stream)
         else:
@@ -95,20 +104,93 @@ def _load(project: str, overrides: argparse.Namespace | None = None):
     from engine.config import ConfigError, from_dict, load_project
 
     cfg = load_project(project)
-    if overrides is not None and getattr(overrides, "epochs", None) is not None:
+    epochs = getattr(overrides, "epochs", None)
+    processes = getattr(overrides, "processes", None)
+    if epochs is not None or processes is not None:
         data = cfg.to_dict()
-        data["train"]["epochs"] = overrides.epochs
+        if epochs is not None:
+            data["train"]["epochs"] = epochs
+        if processes is not None:
+            data["distributed"]["processes"] = processes
         try:
             cfg = from_dict(data, base_dir=cfg.base_dir, source=project)
         except ConfigError as exc:
-            raise ConfigError([p.replace("train.epochs", "--epochs") for p in exc.problems]) from None
+            raise ConfigError([p.replace("train.epochs", "--epochs").replace("distributed.processes", "--processes")
+                               for p in exc.problems]) from None
     return cfg
+
+
+def _relaunch(args: argparse.Namespace, processes: int) -> int:
+    """distributed.processes > 1 outside torchrun: run this same command in that many processes through torchrun.
+
+    Ctrl-C in the terminal reaches torchrun and its workers directly (one process group); they stop after the
+    batch. A SIGTERM to this process is passed on to torchrun, which ends its workers.
+    """
+    import subprocess
+
+    from engine.distributed import torchrun_command
+
+    cmd = torchrun_command(processes, args.argv)
+    print(f"distributed.processes = {processes}: starting the run in {processes} processes through torchrun",
+          file=sys.stderr, flush=True)
+    child = subprocess.Popen(cmd)
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = {}
+    interrupted = []
+
+    def on_sigint(signum, frame):  # the workers got it too: they stop after the batch; torchrun then ends
+        interrupted.append(True)
+
+    if main_thread:
+        previous[signal.SIGINT] = signal.signal(signal.SIGINT, on_sigint)
+        previous[signal.SIGTERM] = signal.signal(signal.SIGTERM, lambda signum, frame: child.terminate())
+    try:
+        code = child.wait()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    if code == 0:
+        return EXIT_OK
+    if interrupted or code in (EXIT_INTERRUPTED, -signal.SIGINT):
+        print(f"Stopped: the {processes} processes ended after their batch; the run folder keeps the last "
+              "finished epoch", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    print(f"error: the {processes}-process run ended with exit code {code} (each process's messages are above)",
+          file=sys.stderr)
+    return EXIT_FAILED
+
+
+def _wants_relaunch(cfg) -> bool:
+    from engine.distributed import world_from_env
+
+    return cfg.distributed.processes > 1 and world_from_env() is None
+
+
+def _shared_run_dir(make, dist) -> Path:
+    """Rank 0 makes the run folder and tells the others (one folder per run, written by rank 0 only)."""
+    if dist is None:
+        return make()
+    from engine.config import ConfigError
+    from engine.distributed import broadcast_object
+
+    made, problem = None, None
+    if dist.is_main:
+        try:
+            made = make()
+        except ConfigError as exc:
+            problem = exc.problems
+    made, problem = broadcast_object((str(made) if made else None, problem), dist)
+    if problem:
+        raise ConfigError(problem)
+    return Path(made)
 
 
 def cmd_train(args: argparse.Namespace) -> int:
     from engine.runs import create_run_dir
 
     cfg = _load(args.project, args)
+    if _wants_relaunch(cfg):
+        return _relaunch(args, cfg.distributed.processes)
     if args.init_from:
         from engine.config import ConfigError
 
@@ -118,7 +200,10 @@ def cmd_train(args: argparse.Namespace) -> int:
         if not Path(args.init_from).is_file():
             raise ConfigError([f"--init-from {args.init_from!r}: no such file"])
         cfg.model.weights_file = str(Path(args.init_from).resolve())
-    return _train(cfg, create_run_dir(cfg, args.out))
+    from engine.distributed import init_from_env
+
+    dist = init_from_env(cfg)
+    return _train(cfg, _shared_run_dir(lambda: create_run_dir(cfg, args.out), dist), events=args.events)
 
 
 def cmd_resume(args: argparse.Namespace) -> int:
@@ -126,36 +211,74 @@ def cmd_resume(args: argparse.Namespace) -> int:
     from engine.runs import resume_config, resume_run_dir
 
     ckpt = load_checkpoint(args.checkpoint)
-    cfg = resume_config(ckpt, args.checkpoint, epochs=args.epochs, epochs_field="--epochs")
-    return _train(cfg, resume_run_dir(Path(args.checkpoint), args.out), resume=ckpt)
+    cfg = resume_config(ckpt, args.checkpoint, epochs=args.epochs, epochs_field="--epochs",
+                        processes=args.processes)
+    if _wants_relaunch(cfg):
+        return _relaunch(args, cfg.distributed.processes)
+    from engine.distributed import init_from_env
+
+    dist = init_from_env(cfg)
+    run_dir = _shared_run_dir(lambda: resume_run_dir(Path(args.checkpoint), args.out), dist)
+    return _train(cfg, run_dir, resume=ckpt, events=args.events)
 
 
-def _train(cfg, run_dir: Path, resume: dict | None = None) -> int:
+def _train(cfg, run_dir: Path, resume: dict | None = None, *, events: bool = False) -> int:
+    from engine.distributed import context, shutdown
     from engine.runs import run_callbacks
     from engine.trainer import Trainer
 
+    dist = context()
+    main_rank = dist is None or dist.is_main
     stop = threading.Event()
-    trainer = Trainer(cfg, [*run_callbacks(cfg, run_dir), ConsoleReporter()], stop_event=stop, resume=resume)
+    callbacks: list[Any] = []
+    writer = None
+    if main_rank:
+        callbacks += run_callbacks(cfg, run_dir)
+        if events:
+            from engine.events import EventWriter
+
+            writer = EventWriter(run_dir, world_size=dist.world_size if dist else 1)
+            callbacks.append(writer)
+    callbacks.append(ConsoleReporter(progress=main_rank and not events,
+                                     prefix="" if main_rank else f"[rank {dist.rank}] "))
+    trainer = Trainer(cfg, callbacks, stop_event=stop, resume=resume)
     fresh = resume is None
 
     def on_sigint(signum, frame):
         if stop.is_set():
+            if dist is not None:  # torchrun passes a terminal's Ctrl-C on a second time: already stopping
+                return
             raise KeyboardInterrupt
         print("\nStopping after this batch (Ctrl-C again to abort)...", file=sys.stderr, flush=True)
         stop.set()
 
     previous = signal.signal(signal.SIGINT, on_sigint) if threading.current_thread() is threading.main_thread() \
         else None
-    print(f"Run folder: {run_dir}", file=sys.stderr, flush=True)
+    if main_rank:
+        print(f"Run folder: {run_dir}", file=sys.stderr, flush=True)
+    result = {"status": "failed", "run_dir": str(run_dir), "epoch": 0, "epochs": cfg.train.epochs,
+              "best_epoch": None, "stopped_early": False, "error": None, "error_type": None}
     try:
         state = trainer.run()
-    except BaseException:
-        if fresh and run_dir.is_dir() and not any(run_dir.iterdir()):
+    except BaseException as exc:
+        if main_rank and fresh and run_dir.is_dir() and not any(run_dir.iterdir()):
             run_dir.rmdir()  # the project failed before training began: leave no empty run folder behind
+            result["run_dir"] = None
+        if writer is not None:
+            result.update(epoch=trainer.state.epoch, error=_error_text(exc), error_type=type(exc).__name__)
+            writer.finished(result)
+            _finished_sent.append(True)
         raise
     finally:
         if previous is not None:
             signal.signal(signal.SIGINT, previous)
+        shutdown()
+    if writer is not None:
+        result.update(status=state.status, epoch=state.epoch, epochs=state.epochs, best_epoch=state.best_epoch,
+                      stopped_early=state.stopped_early)
+        writer.finished(result)
+    if not main_rank:
+        return EXIT_INTERRUPTED if state.status == "stopped" else EXIT_OK
     if state.status == "stopped":
         print(f"Stopped after {state.epoch} of {state.epochs} epoch(s); results so far are in {run_dir}",
               file=sys.stderr)
@@ -296,6 +419,35 @@ def cmd_layers(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+_finished_sent: list[bool] = []  # _train wrote the run_finished event (so main's error path does not again)
+
+
+def _report_failure_event(args: argparse.Namespace, exc: BaseException) -> None:
+    """--events: a failure before training began (a bad project, a missing checkpoint) still ends with a
+    run_finished event, so the parent process shows the message rather than waiting."""
+    if not getattr(args, "events", False) or _finished_sent or isinstance(exc, SystemExit):
+        return
+    import os
+
+    if os.environ.get("RANK", "0") != "0":
+        return
+    from engine.events import EventWriter
+
+    EventWriter(Path(".")).finished({"status": "failed", "run_dir": None, "epoch": 0, "epochs": 0,
+                                     "best_epoch": None, "stopped_early": False, "error": _error_text(exc),
+                                     "error_type": type(exc).__name__})
+
+
+def _error_text(exc: BaseException) -> str:
+    """A failure as the user reads it: the message alone for input errors and run faults."""
+    if isinstance(exc, _user_errors() + _run_faults()):
+        return str(exc)
+    if isinstance(exc, KeyboardInterrupt):
+        return "aborted"
+    first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    return f"{type(exc).__name__}: {first}" if first else type(exc).__name__
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="model-workbench",
@@ -308,12 +460,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="run folder to write (default: OUTPUT_DIR/NAME-TIMESTAMP)")
     p.add_argument("--init-from", metavar="CHECKPOINT",
                    help="start from a checkpoint's (or state dict's) weights: a new run, fine-tuning a fine-tune")
+    p.add_argument("--processes", type=int, metavar="N",
+                   help="train in N processes through torchrun (overrides distributed.processes)")
+    p.add_argument("--events", action="store_true",
+                   help="print machine-readable progress lines on stdout (engine/events.py) for a parent process")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("resume", help="continue a run exactly where a checkpoint left it")
     p.add_argument("checkpoint", help="a checkpoint .pt from a run folder")
     p.add_argument("--epochs", type=int, help="the run's total epochs (default: the project's)")
     p.add_argument("--out", help="run folder to write (default: the checkpoint's own run folder)")
+    p.add_argument("--processes", type=int, metavar="N",
+                   help="continue in N processes (overrides the run's distributed.processes; 1: one process)")
+    p.add_argument("--events", action="store_true",
+                   help="print machine-readable progress lines on stdout (engine/events.py) for a parent process")
     p.set_defaults(func=cmd_resume)
 
     p = sub.add_parser("evaluate", help="accuracy, per-class metrics, confusion matrix, hardest samples")
@@ -352,11 +512,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run one command; returns the exit code (0 done, 2 bad input, 1 failure, 130 stopped)."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.argv = list(argv) if argv is not None else sys.argv[1:]  # to run the same command through torchrun
     if args.command is None:
         parser.print_help()
         return EXIT_BAD_INPUT
     try:
-        return args.func(args)
+        try:
+            return args.func(args)
+        except BaseException as exc:
+            _report_failure_event(args, exc)
+            raise
     except KeyboardInterrupt:  # first: a Ctrl-C while torch is still importing must not import it again
         print("aborted", file=sys.stderr)
         return EXIT_INTERRUPTED

@@ -109,6 +109,9 @@ def init_from_env(cfg: ProjectConfig) -> DistContext | None:
     if backend == "nccl" and not cuda:
         raise ConfigError(["distributed.backend = 'nccl' needs a CUDA GPU per process; use 'gloo' (or 'auto') "
                            "on the CPU"])
+    if cfg.distributed.sync_batchnorm and not cuda:
+        raise ConfigError(["distributed.sync_batchnorm = true needs GPUs: PyTorch synchronises BatchNorm only on "
+                           "CUDA. On the CPU turn it off (each process keeps its own statistics)"])
     if not dist.is_initialized():
         kwargs: dict[str, Any] = {"backend": backend, "timeout": timedelta(seconds=cfg.distributed.timeout_s)}
         if cuda and backend == "nccl":
@@ -149,11 +152,25 @@ def broadcast_object(value: Any, ctx: DistContext) -> Any:
 
 
 def weights_checksum(model: torch.nn.Module) -> torch.Tensor:
-    """A float64 fingerprint of the parameters (sum and sum of squares), to compare ranks at the end of a run."""
+    """A float64 fingerprint of the weights and buffers (sum and sum of squares), to compare ranks at the end."""
     total = torch.zeros(2, dtype=torch.float64)
     with torch.no_grad():
-        for p in model.parameters():
-            v = p.detach().to(torch.float64).cpu()
-            total[0] += v.sum()
-            total[1] += (v * v).sum()
+        for v in model.state_dict().values():
+            if v.is_floating_point():
+                v = v.detach().to(torch.float64).cpu()
+                total[0] += v.sum()
+                total[1] += (v * v).sum()
     return total
+
+
+def broadcast_buffers(model: torch.nn.Module) -> None:
+    """Rank 0's buffers (BatchNorm running statistics) on every rank.
+
+    DDP broadcasts them before each forward, so after an epoch's last batch each process holds statistics
+    updated by its own batch: this evens them out before evaluation and at the end, as rank 0's are saved.
+    """
+    import torch.distributed as dist
+
+    with torch.no_grad():
+        for buffer in model.buffers():
+            dist.broadcast(buffer, src=0)

@@ -220,8 +220,10 @@ def run_callbacks(cfg: ProjectConfig, run_dir: Path) -> list[Callback]:
 
 
 def resume_config(ckpt: dict[str, Any], source: str | os.PathLike, *, epochs: int | None = None,
-                  epochs_field: str = "train.epochs") -> ProjectConfig:
-    """The project saved in a checkpoint, to continue it; epochs is the run's new total (default: as saved)."""
+                  epochs_field: str = "train.epochs", processes: int | None = None) -> ProjectConfig:
+    """The project saved in a checkpoint, to continue it; epochs is the run's new total (default: as saved).
+
+    processes: continue in that many processes (a multi-process run's checkpoint resumes in one, and back)."""
     from engine.config import from_dict
 
     if "config" not in ckpt or "epoch" not in ckpt:
@@ -230,10 +232,13 @@ def resume_config(ckpt: dict[str, Any], source: str | os.PathLike, *, epochs: in
     data = dict(ckpt["config"])
     if epochs is not None:
         data["train"] = {**data.get("train", {}), "epochs": epochs}
+    if processes is not None:
+        data["distributed"] = {**data.get("distributed", {}), "processes": processes}
     try:
         cfg = from_dict(data, source=str(source))
     except ConfigError as exc:
-        raise ConfigError([p.replace("train.epochs", epochs_field) for p in exc.problems], exc.source) from None
+        raise ConfigError([p.replace("train.epochs", epochs_field).replace("distributed.processes", "--processes")
+                           for p in exc.problems], exc.source) from None
     if cfg.train.epochs <= ckpt["epoch"]:
         raise ConfigError([f"{epochs_field} = {cfg.train.epochs}: the checkpoint has already trained {ckpt['epoch']} "
                            f"epoch(s); give the run's new total, such as {ckpt['epoch'] + 5}"])

@@ -27,6 +27,87 @@ def distributed_world() -> tuple[int, int] | None:
     return (world, rank) if world > 1 else None
 
 
+class ShardedSampler(Sampler[int]):
+    """One process's share of an epoch's draw: every process draws the same global order from seed + epoch,
+    and process `rank` takes positions rank, rank + replicas, ... of it.
+
+    The draw is any of the single-process samplers' (sequential, a permutation, with replacement, a subset,
+    weighted), so class balancing holds across processes: the global draw is balanced, each share is a
+    stride of it. pad: repeat the start of the draw so every share has the same length (training, where
+    every process must run the same number of batches); without it the shares cover each sample once
+    (evaluation, whose sums are reduced over processes).
+    """
+
+    def __init__(self, draw, total: int, *, num_replicas: int, rank: int, seed: int = 0, pad: bool = True):
+        if not 0 <= rank < num_replicas:
+            raise SamplerError(f"rank {rank} is not below the number of processes ({num_replicas})")
+        self._draw = draw  # (generator, total) -> the epoch's global order of sample positions
+        self.total = total
+        self.num_replicas, self.rank, self.seed, self.pad = num_replicas, rank, seed, pad
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def _padded_total(self) -> int:
+        if not self.pad or self.total == 0:
+            return self.total
+        return -(-self.total // self.num_replicas) * self.num_replicas
+
+    def __len__(self) -> int:
+        total = self._padded_total()
+        return len(range(self.rank, total, self.num_replicas))
+
+    def __iter__(self):
+        g = torch.Generator()
+        g.manual_seed(self.seed + self.epoch)
+        order = [int(i) for i in self._draw(g, self.total)]
+        want = self._padded_total()
+        while order and len(order) < want:
+            order += order[:want - len(order)]
+        return iter(order[self.rank:want:self.num_replicas])
+
+
+def sharded_sampler(spec: SamplerConfig, dataset_len: int, targets: Sequence[int] | None, *, num_replicas: int,
+                    rank: int, seed: int) -> ShardedSampler:
+    """The project's sampler, drawn the same way on every process and split into per-process shares."""
+    name = spec.name
+    kw = {"num_replicas": num_replicas, "rank": rank, "seed": seed}
+    if name == "distributed":
+        for field_name, value, actual in (("num_replicas", spec.num_replicas, num_replicas), ("rank", spec.rank, rank)):
+            if value is not None and value != actual:
+                raise SamplerError(f"loader.sampler.{field_name} = {value}, but torchrun gave this process "
+                                   f"{field_name} {actual}; leave it empty (null) under torchrun")
+        shuffle = spec.shuffle
+        kw["seed"] = spec.seed
+        return ShardedSampler(lambda g, n: torch.randperm(n, generator=g) if shuffle else range(n), dataset_len,
+                              **kw)
+    if name == "sequential":
+        return ShardedSampler(lambda g, n: range(n), dataset_len, **kw)
+    if name == "random":
+        total = spec.num_samples or dataset_len
+        if spec.replacement:
+            return ShardedSampler(lambda g, n: torch.randint(dataset_len, (n,), generator=g), total, **kw)
+        if total > dataset_len:
+            # RandomSampler draws whole permutations back to back for num_samples beyond the data's size
+            return ShardedSampler(lambda g, n: torch.cat([torch.randperm(dataset_len, generator=g)
+                                                          for _ in range(-(-n // dataset_len))])[:n], total, **kw)
+        return ShardedSampler(lambda g, n: torch.randperm(dataset_len, generator=g)[:n], total, **kw)
+    single = build_sampler(spec, dataset_len, targets, world=None)  # checks the settings against the data
+    if name == "subset_random":
+        indices = list(single.indices)
+        return ShardedSampler(lambda g, n: [indices[i] for i in torch.randperm(n, generator=g)], len(indices), **kw)
+    if name == "weighted_random":
+        weights = single.weights
+        replacement = single.replacement
+        return ShardedSampler(lambda g, n: torch.multinomial(weights, n, replacement, generator=g),
+                              single.num_samples, **kw)
+    raise SamplerError(f"loader.sampler.name = {name!r}: unknown")
+
+
+_FROM_ENV = object()
+
+
 def balanced_weights(targets: Sequence[int]) -> list[float]:
     """Per-sample weights 1/count(class), so every class is drawn equally often."""
     counts = Counter(int(t) for t in targets)
@@ -34,21 +115,29 @@ def balanced_weights(targets: Sequence[int]) -> list[float]:
 
 
 def build_sampler(spec: SamplerConfig, dataset_len: int, targets: Sequence[int] | None = None, *,
-                  generator: torch.Generator | None = None, shuffle: bool | None = None) -> Sampler[int]:
+                  generator: torch.Generator | None = None, shuffle: bool | None = None,
+                  world=_FROM_ENV) -> Sampler[int]:
     """The sampler a project names, over positions 0..dataset_len-1 of the training set.
 
-    Under torchrun (WORLD_SIZE > 1) a DistributedSampler is used whatever the name, since every
-    rank must see its own share of the data.
+    Under torchrun (WORLD_SIZE > 1) every sampler is sharded (ShardedSampler): each rank trains on its own
+    share of the same global draw, whatever the name. world: (world_size, rank), None for one process;
+    by default read from torchrun's environment.
     """
     name = spec.name
-    world = distributed_world()
-    if name == "distributed" or world is not None:
+    world = distributed_world() if world is _FROM_ENV else world
+    if world is not None:
+        if name == "random" and shuffle is False:
+            name = "sequential"
+        spec_used = spec if name == spec.name else SamplerConfig(**{**spec.__dict__, "name": name})
+        return sharded_sampler(spec_used, dataset_len, targets, num_replicas=world[0], rank=world[1],
+                               seed=spec.seed if name == "distributed" else (0 if generator is None
+                                                                              else generator.initial_seed()))
+    if name == "distributed":
         replicas = spec.num_replicas or (world[0] if world else 1)
         rank = spec.rank if spec.rank is not None else (world[1] if world else 0)
         if rank >= replicas:
             raise SamplerError(f"loader.sampler.rank = {rank}: must be below num_replicas ({replicas})")
-        return DistributedSampler(range(dataset_len), num_replicas=replicas, rank=rank,
-                                  shuffle=spec.shuffle if name == "distributed" else name != "sequential",
+        return DistributedSampler(range(dataset_len), num_replicas=replicas, rank=rank, shuffle=spec.shuffle,
                                   seed=spec.seed)
     if name == "sequential" or (name == "random" and shuffle is False):
         return SequentialSampler(range(dataset_len))
@@ -186,7 +275,7 @@ def build_loader(dataset: Dataset, cfg: LoaderConfig, *, train: bool, targets: S
                                "lower the batch size or set drop_last to false")
     else:
         world = distributed_world()
-        sampler = (DistributedSampler(range(n), num_replicas=world[0], rank=world[1], shuffle=False)
+        sampler = (ShardedSampler(lambda g, total: range(total), n, num_replicas=world[0], rank=world[1], pad=False)
                    if world else SequentialSampler(range(n)))
         drop_last = False
     if plan is None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 import contextlib
 import math
 import random
+import re
 import threading
 import time
 from dataclasses import dataclass, field
@@ -17,13 +18,14 @@ from engine.collate import get_collate
 from engine.config import ConfigError, ProjectConfig
 from engine.data import PreparedData, prepare_data
 from engine.decoded_cache import apply_decoded_cache
+from engine.distributed import DistContext, all_reduce_sum, broadcast_buffers, init_from_env, weights_checksum
 from engine.feature_cache import FeatureCache, setup as setup_feature_cache
 from engine.freezing import (FreezeSummary, apply_freeze, frozen_batchnorm_modules, param_groups,
                              set_frozen_batchnorm_eval)
 from engine.losses import TaskLoss
 from engine.monitor import MetricTracker
 from engine.optim import Schedule, build_optimizer
-from engine.samplers import build_loader, describe_plans, distributed_world, plan_loader
+from engine.samplers import build_loader, describe_plans, plan_loader
 from engine.transforms import has_random_steps
 
 
@@ -33,6 +35,23 @@ class NonFiniteLossError(RuntimeError):
 
 class DeviceOutOfMemoryError(RuntimeError):
     """The device ran out of memory during a batch; the message names the batch size to lower."""
+
+
+class PeerProcessError(RuntimeError):
+    """Another process of a multi-process run failed or vanished; this one cannot go on without it."""
+
+
+_PEER_SIGNS = ("connection closed by peer", "connection reset by peer", "remote worker", "broken pipe",
+               "timed out", "timeout", "nccl communicator was aborted", "process group", "socket")
+
+
+def is_peer_failure(exc: BaseException) -> bool:
+    """An error of the process group (a peer crashed, was killed, or did not answer within the timeout)."""
+    dist_error = getattr(torch.distributed, "DistError", None)
+    if dist_error is not None and isinstance(exc, dist_error):
+        return True
+    text = str(exc).lower()
+    return isinstance(exc, RuntimeError) and any(sign in text for sign in _PEER_SIGNS)
 
 
 def is_out_of_memory(exc: BaseException) -> bool:
@@ -110,6 +129,7 @@ class RunParts:
     val_loader: torch.utils.data.DataLoader | None
     device: torch.device
     channels_last: bool = False  # the model's weights and the 4-D inputs are in channels-last memory format
+    dist: DistContext | None = None  # the process group of a multi-process (torchrun) run
 
 
 def use_channels_last(setting: bool | None, model: torch.nn.Module, device: torch.device) -> bool:
@@ -121,11 +141,10 @@ def use_channels_last(setting: bool | None, model: torch.nn.Module, device: torc
 
 def build_run(cfg: ProjectConfig, *, log=lambda message: None, progress=None) -> RunParts:
     """Data, model, freezing, loss, optimizer, schedule and loaders for a project, on its device."""
-    if distributed_world() is not None:
-        raise ConfigError(["this process was started by torchrun with WORLD_SIZE > 1, but multi-process "
-                           "(DistributedDataParallel) training is not in this version: each process would train "
-                           "its own model on part of the data. Run `python main.py train` without torchrun"])
-    device = pick_device(cfg.train.device)
+    dist = init_from_env(cfg)
+    device = dist.device if dist is not None else pick_device(cfg.train.device)
+    if dist is not None:
+        log(dist.describe())
     seed_everything(cfg.train.seed)
     pre = preprocess_for(cfg.model, cfg.data)
     data = prepare_data(cfg, pre, progress=progress)
@@ -146,6 +165,12 @@ def build_run(cfg: ProjectConfig, *, log=lambda message: None, progress=None) ->
                               if cfg.optimizer.backbone_lr_mult == 0 else "")
                            + ", so there is nothing to train; keep at least the head trainable "
                            "(model.freeze = 'head_only')"])
+    if cfg.distributed.sync_batchnorm:
+        if dist is None:
+            log("distributed.sync_batchnorm is on, but this run has one process: nothing to synchronise")
+        else:  # on CUDA: init_from_env refused it elsewhere
+            model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+            log("BatchNorm statistics are synchronised over every process's batch (SyncBatchNorm)")
     frozen_bn = [] if cfg.model.train_frozen_batchnorm else frozen_batchnorm_modules(model)
     log(f"Parameters: {freeze.total:,} in all, {freeze.trainable:,} trainable, {freeze.frozen:,} frozen")
     model.to(device)
@@ -176,7 +201,7 @@ def build_run(cfg: ProjectConfig, *, log=lambda message: None, progress=None) ->
     schedule = Schedule(cfg.schedule, optimizer, epochs=cfg.train.epochs, steps_per_epoch=len(train_loader),
                         base_lr=cfg.optimizer.lr)
     return RunParts(data, model, built.head_name, built.weights_desc, freeze, frozen_bn, loss_fn, optimizer,
-                    schedule, train_loader, val_loader, device, channels_last)
+                    schedule, train_loader, val_loader, device, channels_last, dist)
 
 
 class Trainer:
@@ -200,9 +225,19 @@ class Trainer:
         self._compiled: Any = None  # torch.compile's callable for the training forward (train.compile)
         self._compiled_model: torch.nn.Module | None = None  # the module it compiled
         self._compile_tried = False  # its first batch ran (or failed and the run went back to eager)
+        # A multi-process run: the module that trains, wrapped in DistributedDataParallel, and whether the
+        # processes agreed to stop (a stop request counts once every process has seen it in the same batch).
+        self._ddp: torch.nn.Module | None = None
+        self._agreed_stop = False
 
     def stop(self) -> None:
         self.stop_event.set()
+
+    def _stop_requested(self) -> bool:
+        """Whether to stop now. Several processes stop together: only when they agreed, at a training batch."""
+        if self.parts is not None and self.parts.dist is not None:
+            return self._agreed_stop
+        return self.stop_event.is_set()
 
     def _fire(self, name: str, *args: Any) -> None:
         for cb in self.callbacks:
@@ -223,15 +258,24 @@ class Trainer:
             if self.resume is not None:
                 self._restore(self.resume)
             self._first_step = state.global_step
+            dist = self.parts.dist
+            if dist is not None and dist.rank > 0:
+                # Same weights everywhere (seeded alike, then DDP broadcasts rank 0's), but each process draws
+                # its own augmentation and dropout.
+                seed_everything(self.cfg.train.seed + 7919 * dist.rank + state.epoch)
             if self.cfg.train.deterministic:
                 torch.use_deterministic_algorithms(True, warn_only=True)
+            # Under torchrun a local stop request must not cut one process's feature pass short: the processes
+            # agree on stopping at the training batches.
             outcome = setup_feature_cache(self.cfg, self.parts, autocast=self._autocast,
-                                          stop_event=self.stop_event, log=self.log)
+                                          stop_event=self.stop_event if dist is None else None, log=self.log)
             self.feature_cache = outcome.cache
             self.log(outcome.message)
+            if dist is not None:
+                self._wrap_ddp()
             self._prepare_forward()
             self._fire("on_run_started", state)
-            while state.epoch < state.epochs and not self.stop_event.is_set() and not state.stopped_early:
+            while state.epoch < state.epochs and not self._stop_requested() and not state.stopped_early:
                 state.epoch += 1
                 metrics = self._run_epoch()
                 if metrics is None:
@@ -241,16 +285,20 @@ class Trainer:
                 self._after_epoch(metrics)
                 self._fire("on_epoch_finished", state, metrics)
             finished = state.epoch >= state.epochs or state.stopped_early
-            state.status = "stopped" if self.stop_event.is_set() and not finished else "completed"
+            state.status = "stopped" if self._stop_requested() and not finished else "completed"
             if state.status == "completed" and self._best_weights is not None and \
                     self.cfg.early_stopping.restore_best and self.early.best_epoch != state.epoch:
                 self.parts.model.load_state_dict(self._best_weights)
                 state.restored_best_epoch = self.early.best_epoch
                 self.log(f"Restored the weights of epoch {self.early.best_epoch}, the best by "
                          f"{self.early.monitor} ({self.early.best:.4g})")
+            if self.parts.dist is not None:
+                self._check_ranks_agree()
         except BaseException as exc:
             state.status = "failed"
-            failure = self._out_of_memory(exc) if is_out_of_memory(exc) else exc
+            failure = (self._out_of_memory(exc) if is_out_of_memory(exc) else
+                       self._peer_failure(exc) if self.parts is not None and self.parts.dist is not None
+                       and is_peer_failure(exc) else exc)
             state.error = failure
             self._fire("on_run_finished", state)
             if failure is not exc:
@@ -261,6 +309,43 @@ class Trainer:
                 torch.use_deterministic_algorithms(False)
         self._fire("on_run_finished", state)
         return state
+
+    def _peer_failure(self, exc: BaseException) -> PeerProcessError:
+        dist, state = self.parts.dist, self.state
+        first = next((line.strip() for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
+        first = re.sub(r"^\[[^\]]*\.(?:cc|cpp|h):\d+\]\s*", "", first).split(". ")[0]  # gloo's source location
+        where = f"at epoch {state.epoch}, batch {state.batch}" if state.batch else f"in epoch {state.epoch or 1}"
+        saved = (f"epoch {state.history[-1]['epoch']} was the last to finish (its checkpoint is last.pt)"
+                 if state.history else "no epoch of this run had finished")
+        return PeerProcessError(
+            f"rank {dist.rank}: another of the {dist.world_size} processes failed or stopped answering {where} "
+            f"({first[:200]}); that process's own error says why (torchrun names the first failure); {saved}")
+
+    def _wrap_ddp(self) -> None:
+        """DistributedDataParallel around the module that trains (the model, or the part after the feature
+        cache's cut): it broadcasts rank 0's weights and buffers and averages the gradients in backward."""
+        from torch.nn.parallel import DistributedDataParallel
+
+        p = self.parts
+        module = p.model if self.feature_cache is None else self.feature_cache.suffix
+        ids = [p.device.index] if p.device.type == "cuda" else None
+        self._ddp = DistributedDataParallel(module, device_ids=ids, output_device=ids[0] if ids else None)
+
+    def _check_ranks_agree(self) -> None:
+        """At the end of a multi-process run: every process must hold the same weights; say so either way."""
+        import torch.distributed as tdist
+
+        dist = self.parts.dist
+        mine = weights_checksum(self.parts.model).to(dist.device)
+        high, low = mine.clone(), mine.clone()
+        tdist.all_reduce(high, op=tdist.ReduceOp.MAX)
+        tdist.all_reduce(low, op=tdist.ReduceOp.MIN)
+        if torch.allclose(high, low, rtol=1e-9, atol=0.0):
+            self.log(f"All {dist.world_size} processes end with the same weights and buffers (checksum "
+                     f"{mine[0].item():.10g})")
+        else:
+            self.log(f"Warning: the {dist.world_size} processes end with different weights or buffers (checksums "
+                     f"{low[0].item():.10g} to {high[0].item():.10g}); rank 0's are saved")
 
     def _out_of_memory(self, exc: BaseException) -> DeviceOutOfMemoryError:
         """The message for a batch that did not fit on the device: what ran out, where, and what to lower."""
@@ -413,7 +498,8 @@ class Trainer:
         self.log(f"Precision {t.precision}, channels_last {'on' if p.channels_last else 'off'}{auto}, "
                  f"torch.compile {'on' if t.compile else 'off'}")
         if t.compile and self._compiled is None and not self._compile_tried:
-            self._compiled_model = p.model if self.feature_cache is None else self.feature_cache.suffix
+            self._compiled_model = (self._ddp if self._ddp is not None else
+                                    p.model if self.feature_cache is None else self.feature_cache.suffix)
             try:
                 self._compiled = torch.compile(self._compiled_model)
             except Exception as exc:  # torch.compile itself refuses (an unsupported Python, a missing backend)
@@ -461,7 +547,10 @@ class Trainer:
             model.train()  # the suffix's own copies of the modules above the cut follow too
         set_frozen_batchnorm_eval(p.model, p.frozen_bn)
         scaler = self._scaler
+        dist = p.dist
+        forward_model = self._ddp if self._ddp is not None else model
         total_loss = 0.0
+        local_loss = torch.zeros((), device=p.device, dtype=torch.float64)  # several processes: summed at the end
         seen = 0
         correct = torch.zeros((), device=p.device)  # summed on the device: no extra sync per batch
         sampler = p.train_loader.batch_sampler.sampler
@@ -469,16 +558,28 @@ class Trainer:
             sampler.set_epoch(state.epoch)
         state.batch = 0
         for batch in loader:
-            if self.stop_event.is_set():
+            if self._stop_requested():
                 return None
             state.batch += 1
             inputs = self._to_device(batch[0])
             targets = batch[1].to(p.device, non_blocking=True)
             p.optimizer.zero_grad(set_to_none=True)
             with self._autocast(), self._first_batch_guard(inputs):
-                outputs = self._train_forward(model, inputs)
+                outputs = self._train_forward(forward_model, inputs)
                 loss = p.loss_fn(outputs, targets)
-            loss_value = loss.item()
+            if dist is None:
+                loss_value = loss.item()
+            else:
+                # One small all-reduce per batch: the loss averaged over the processes (what is reported and
+                # checked for NaN, so every process stops at the same batch) and whether any was asked to stop.
+                shared = torch.stack([loss.detach().to(torch.float64),
+                                      torch.tensor(float(self.stop_event.is_set()), dtype=torch.float64,
+                                                   device=p.device)])
+                total, stops = all_reduce_sum(shared).tolist()
+                loss_value = total / dist.world_size
+                if stops > 0:
+                    self._agreed_stop = True
+                    return None
             if not math.isfinite(loss_value):
                 # A schedule may have moved the learning rate far from optimizer.lr: say where it was.
                 lr_now = float(p.optimizer.param_groups[0]["lr"])
@@ -504,10 +605,21 @@ class Trainer:
             state.global_step += 1
             n = inputs.shape[0]
             seen += n
-            total_loss += loss_value * n
+            if dist is None:
+                total_loss += loss_value * n
+            else:
+                local_loss += loss.detach().to(torch.float64) * n
             if p.data.task != "regression":
                 correct += _correct(outputs.detach(), targets, p.data.task, p.loss_fn.threshold)
             self._fire("on_batch_finished", state, loss_value)
+        if dist is not None:  # the epoch's sums over every process; rank 0's BatchNorm statistics everywhere
+            broadcast_buffers(p.model)
+            sums = all_reduce_sum(torch.stack([local_loss, torch.tensor(float(seen), dtype=torch.float64,
+                                                                         device=p.device),
+                                               correct.to(torch.float64)]))
+            total_loss, seen_all, correct_all = sums.tolist()
+            seen = int(round(seen_all))
+            correct = torch.tensor(correct_all)
         train_seconds = time.perf_counter() - started
         if seen == 0:
             raise ConfigError([f"loader.batch_size = {cfg.loader.batch_size}: no training batch was drawn "
@@ -519,7 +631,7 @@ class Trainer:
             "train_accuracy": correct.item() / seen if p.data.task != "regression" else None,
         }
         val = self.evaluate_loss()
-        if val is None and self.stop_event.is_set():
+        if val is None and self._stop_requested():
             return None
         metrics["val_loss"], metrics["val_accuracy"] = val if val is not None else (None, None)
         monitored = metrics["val_loss"] if metrics["val_loss"] is not None else metrics["train_loss"]
@@ -551,9 +663,10 @@ class Trainer:
         model.eval()
         total, seen = 0.0, 0
         correct = torch.zeros((), device=p.device)
+        dist = p.dist
         with torch.inference_mode():
             for batch in loader:
-                if self.stop_event.is_set():
+                if dist is None and self.stop_event.is_set():  # several processes finish it together
                     return None
                 inputs = self._to_device(batch[0])
                 targets = batch[1].to(p.device, non_blocking=True)
@@ -565,6 +678,12 @@ class Trainer:
                 seen += n
                 if p.data.task != "regression":
                     correct += _correct(outputs, targets, p.data.task, p.loss_fn.threshold)
+        if dist is not None:  # each process evaluated its own share: sum the shares
+            sums = all_reduce_sum(torch.tensor([total, float(seen), correct.item()], dtype=torch.float64,
+                                               device=p.device))
+            total, seen_all, correct_all = sums.tolist()
+            seen = int(round(seen_all))
+            correct = torch.tensor(correct_all)
         if seen == 0:
             return None
         return total / seen, (correct.item() / seen if p.data.task != "regression" else None)

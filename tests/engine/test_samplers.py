@@ -8,7 +8,7 @@ from torch.utils.data import (DistributedSampler, RandomSampler, SequentialSampl
 
 from engine.collate import default_collate
 from engine.config import LoaderConfig, SamplerConfig
-from engine.samplers import SamplerError, build_loader, build_sampler
+from engine.samplers import SamplerError, ShardedSampler, build_loader, build_sampler
 
 
 def test_balanced_weighted_sampling_draws_a_9_to_1_dataset_evenly():
@@ -76,11 +76,11 @@ def test_weighted_without_replacement_needs_enough_nonzero_weights():
         build_sampler(spec, 3, None)
 
 
-def test_torchrun_environment_switches_to_the_distributed_sampler(monkeypatch):
+def test_torchrun_environment_shards_the_sampler(monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "4")
     monkeypatch.setenv("RANK", "2")
     sampler = build_sampler(SamplerConfig(name="random"), 20, None)
-    assert isinstance(sampler, DistributedSampler)
+    assert isinstance(sampler, ShardedSampler)
     assert sampler.num_replicas == 4 and sampler.rank == 2 and len(list(sampler)) == 5
 
 

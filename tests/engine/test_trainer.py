@@ -245,10 +245,22 @@ def test_a_model_that_cannot_take_the_input_is_a_config_error(tiny_project):
         Trainer(cfg).run()
 
 
-def test_torchrun_is_refused_until_ddp_lands(tiny_project, monkeypatch):
-    monkeypatch.setenv("WORLD_SIZE", "2")
-    with pytest.raises(ConfigError, match="torchrun"):
-        build_run(load_project(tiny_project))
+@pytest.mark.parametrize("change, message", [
+    ({"distributed": {"backend": "nccl"}}, "distributed.backend = 'nccl' needs a CUDA GPU per process"),
+    ({"distributed": {"sync_batchnorm": True}}, "distributed.sync_batchnorm = true needs GPUs"),
+    ({"train": {"device": "mps"}}, "train.device = 'mps' cannot train in several processes"),
+])
+def test_settings_that_cannot_run_under_torchrun_on_this_machine_are_refused_before_joining(
+        tmp_path, image_folder, monkeypatch, change, message):
+    from conftest import write_project
+
+    cfg = load_project(write_project(tmp_path / "p.json", "images", **change))
+    if torch.cuda.is_available() and "mps" not in message:
+        cfg.train.device = "cpu"
+    for name, value in (("WORLD_SIZE", "2"), ("RANK", "0"), ("LOCAL_RANK", "0")):
+        monkeypatch.setenv(name, value)
+    with pytest.raises(ConfigError, match=message):
+        build_run(cfg)
 
 
 def test_multilabel_accuracy_with_regression_losses_thresholds_at_half(tmp_path):

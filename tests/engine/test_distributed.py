@@ -1,0 +1,285 @@
+"""Multi-process training with torchrun and DistributedDataParallel, on the CPU with gloo: real processes.
+
+The runs use the repository's main.py through torchrun (or through `main.py train` with
+distributed.processes = 2, which starts torchrun itself). tests/engine/ddp_hook/sitecustomize.py is put on
+the training processes' PYTHONPATH where a test needs each rank's final weights or a rank that fails.
+"""
+from __future__ import annotations
+
+import collections
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from engine.checkpoints import load_checkpoint
+from engine.config import SamplerConfig
+from engine.distributed import torchrun_command
+from engine.events import decode
+from engine.samplers import SamplerError, ShardedSampler, build_sampler
+from conftest import write_image_folder, write_project
+
+ROOT = Path(__file__).resolve().parents[2]
+HOOK = Path(__file__).resolve().parent / "ddp_hook"
+
+pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="this PyTorch has no torch.distributed")
+
+
+def _env(**extra) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
+                                                            "MASTER_PORT")}
+    env.update({"PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", "MWB_TEST_REPO": str(ROOT), **extra})
+    return env
+
+
+def _run(cmd: list[str], cwd: Path, timeout: int = 300, **env) -> subprocess.CompletedProcess:
+    return subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, env=_env(**env), timeout=timeout)
+
+
+def _metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+
+
+# ---------------------------------------------------------------------------------------------
+# Sharded samplers: every process draws the same global order and takes its stride of it
+
+
+@pytest.mark.parametrize("name, extra", [
+    ("sequential", {}), ("random", {}), ("distributed", {}),
+    ("subset_random", {"indices": list(range(0, 100, 3))}),
+    ("random", {"replacement": True, "num_samples": 50}),
+])
+def test_the_shares_of_a_global_draw_are_disjoint_equal_and_cover_it(name, extra):
+    spec = SamplerConfig(name=name, **extra)
+    g = torch.Generator()
+    g.manual_seed(3)
+    shares = [build_sampler(spec, 100, None, generator=g, world=(3, r)) for r in range(3)]
+    whole = [build_sampler(spec, 100, None, generator=g, world=(1, 0)) for _ in range(1)][0]
+    for s in [*shares, whole]:
+        s.set_epoch(4)
+    drawn = [list(s) for s in shares]
+    assert len({len(d) for d in drawn}) == 1 and all(len(d) == len(s) for d, s in zip(drawn, shares))
+    everything = list(whole)
+    # the shares interleave the single draw (padded by repeating its start to a multiple of 3)
+    padded = everything + everything[:(-len(everything)) % 3]
+    assert [padded[r::3] for r in range(3)] == drawn
+    if not spec.replacement:
+        assert len(set(everything)) == len(everything)
+
+
+def test_the_draw_changes_with_the_epoch_and_not_with_the_process():
+    spec = SamplerConfig(name="random")
+    a = build_sampler(spec, 40, None, world=(2, 0))
+    b = build_sampler(spec, 40, None, world=(2, 1))
+    a.set_epoch(1)
+    b.set_epoch(1)
+    first = list(a) + list(b)
+    a.set_epoch(2)
+    assert list(a) != first[:20]
+    assert sorted(first) == list(range(40))
+
+
+def test_balanced_weighting_holds_across_processes():
+    """The weighted sampler is drawn globally, so two processes together see every class about equally."""
+    targets = [0] * 180 + [1] * 20
+    spec = SamplerConfig(name="weighted_random", weights="balanced")
+    counts = collections.Counter()
+    for rank in range(2):
+        s = build_sampler(spec, 200, targets, world=(2, rank))
+        s.set_epoch(0)
+        assert len(s) == 100
+        counts.update(targets[i] for i in s)
+    assert sum(counts.values()) == 200
+    assert 70 <= counts[1] <= 130  # 20 of 200 samples, drawn about half the time
+
+
+def test_weights_of_the_wrong_length_are_refused_under_torchrun_too():
+    spec = SamplerConfig(name="weighted_random", weights=[1.0, 2.0])
+    with pytest.raises(SamplerError, match="has 2 values but the training set has 10"):
+        build_sampler(spec, 10, None, world=(2, 0))
+
+
+def test_a_fixed_rank_that_contradicts_torchrun_is_refused():
+    with pytest.raises(SamplerError, match=r"loader.sampler.num_replicas = 4, but torchrun"):
+        build_sampler(SamplerConfig(name="distributed", num_replicas=4), 10, None, world=(2, 0))
+
+
+def test_evaluation_shares_cover_each_sample_once():
+    shares = [ShardedSampler(lambda g, n: range(n), 7, num_replicas=2, rank=r, pad=False) for r in range(2)]
+    assert sorted([*shares[0], *shares[1]]) == list(range(7)) and len(shares[0]) == 4 and len(shares[1]) == 3
+
+
+def test_the_torchrun_command_runs_main_py():
+    cmd = torchrun_command(2, ["train", "p.json"], tee=True)
+    assert cmd[1:3] == ["-m", "torch.distributed.run"] and "--nproc_per_node=2" in cmd and "--tee=3" in cmd
+    assert cmd[-3:] == [str(ROOT / "main.py"), "train", "p.json"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Real runs
+
+
+@pytest.fixture()
+def data(tmp_path) -> Path:
+    return write_image_folder(tmp_path / "images", per_class=16)  # 36 training, 12 validation images
+
+
+def test_two_processes_match_one_with_the_same_global_batch(tmp_path, data):
+    """2 x 6 images per step against 1 x 12, same seed and order: the same losses and weights (BatchNorm
+    frozen, which is per-process otherwise). Also: `main.py train` starts torchrun itself for processes = 2,
+    only rank 0 writes, and the checkpoint has no DDP prefixes and resumes in one process."""
+    common = dict(model={"backbone": "resnet18", "freeze": "head_only"},
+                  train={"epochs": 2, "device": "cpu", "seed": 0, "feature_cache": "off"})
+    two = write_project(tmp_path / "two.json", "images", model=common["model"], train=common["train"],
+                        loader={"batch_size": 6, "sampler": {"name": "sequential"}}, distributed={"processes": 2},
+                        output={"dir": "runs-two"})
+    one = write_project(tmp_path / "one.json", "images", model=common["model"], train=common["train"],
+                        loader={"batch_size": 12, "sampler": {"name": "sequential"}}, output={"dir": "runs-one"})
+    dumps = tmp_path / "dumps"
+    dumps.mkdir()
+    res = _run([sys.executable, str(ROOT / "main.py"), "train", str(two)], tmp_path,
+               PYTHONPATH=str(HOOK), MWB_TEST_DUMP_DIR=str(dumps))
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "starting the run in 2 processes through torchrun" in res.stderr
+    assert "All 2 processes end with the same weights and buffers" in res.stderr
+    runs = list((tmp_path / "runs-two").iterdir())
+    assert len(runs) == 1, runs  # one folder, made by rank 0
+    run_two = runs[0]
+    ranks = [torch.load(dumps / f"rank-{r}.pt", weights_only=True) for r in range(2)]
+    assert ranks[0].keys() == ranks[1].keys()
+    assert all(torch.equal(ranks[0][k], ranks[1][k]) for k in ranks[0])
+
+    from engine.cli import main
+
+    assert main(["train", str(one), "--out", str(tmp_path / "run-one")]) == 0
+    m2, m1 = _metrics(run_two), _metrics(tmp_path / "run-one")
+    assert len(m2) == len(m1) == 2
+    for a, b in zip(m2, m1):
+        for key in ("train_loss", "val_loss", "train_accuracy", "val_accuracy"):
+            assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-6), (key, a, b)
+    ckpt2 = load_checkpoint(run_two / "checkpoints" / "final.pt")
+    ckpt1 = load_checkpoint(tmp_path / "run-one" / "checkpoints" / "final.pt")
+    assert not any(k.startswith("module.") for k in ckpt2["model_state_dict"])
+    for k, v in ckpt1["model_state_dict"].items():
+        assert torch.allclose(ckpt2["model_state_dict"][k], v, rtol=1e-4, atol=1e-5), k
+    assert all(torch.equal(ckpt2["model_state_dict"][k], ranks[0][k]) for k in ranks[0])
+
+    # the 2-process run's checkpoint continues in one process
+    assert main(["resume", str(run_two / "checkpoints" / "last.pt"), "--epochs", "3", "--processes", "1"]) == 0
+    assert [m["epoch"] for m in _metrics(run_two)] == [1, 2, 3]
+
+
+def test_a_one_process_checkpoint_resumes_in_two_processes_and_the_loss_falls(tmp_path, data):
+    """The whole model trains (BatchNorm per process); events on stdout from rank 0 only; ranks agree."""
+    project = write_project(tmp_path / "p.json", "images", loader={"batch_size": 6},
+                            optimizer={"name": "adam", "lr": 0.0005}, train={"epochs": 1, "device": "cpu", "seed": 1})
+    from engine.cli import main
+
+    assert main(["train", str(project), "--out", str(tmp_path / "run")]) == 0
+    dumps = tmp_path / "dumps"
+    dumps.mkdir()
+    cmd = torchrun_command(2, ["resume", str(tmp_path / "run" / "checkpoints" / "last.pt"), "--epochs", "4",
+                               "--events"])
+    res = _run(cmd, tmp_path, PYTHONPATH=str(HOOK), MWB_TEST_DUMP_DIR=str(dumps))
+    assert res.returncode == 0, res.stderr[-3000:]
+    history = _metrics(tmp_path / "run")
+    assert [m["epoch"] for m in history] == [1, 2, 3, 4]
+    assert max(m["train_loss"] for m in history[1:]) < history[0]["train_loss"], history
+    events = [e for e in map(decode, res.stdout.splitlines()) if e is not None]
+    kinds = collections.Counter(e["event"] for e in events)
+    assert kinds["run_started"] == 1 and kinds["epoch"] == 3 and kinds["run_finished"] == 1, kinds
+    started = next(e for e in events if e["event"] == "run_started")
+    assert started["world_size"] == 2 and started["start_epoch"] == 1
+    assert events[-1] == {**events[-1], "event": "run_finished", "status": "completed", "epoch": 4}
+    losses = [v for e in events if e["event"] == "batch" for v in e["losses"]]
+    assert len(losses) == 3 * 3  # 3 epochs of 18 images per process in batches of 6
+    assert "[rank 1] " in res.stderr  # the other process's log lines say whose they are
+    ranks = [torch.load(dumps / f"rank-{r}.pt", weights_only=True) for r in range(2)]
+    assert all(torch.equal(ranks[0][k], ranks[1][k]) for k in ranks[0])
+    final = load_checkpoint(tmp_path / "run" / "checkpoints" / "final.pt")
+    assert all(torch.equal(final["model_state_dict"][k], ranks[0][k]) for k in ranks[0])
+
+
+def test_a_failing_rank_ends_the_run_with_its_error_and_the_checkpoints_stay(tmp_path, data):
+    project = write_project(tmp_path / "p.json", "images", loader={"batch_size": 6},
+                            train={"epochs": 3, "device": "cpu", "seed": 0}, distributed={"timeout_s": 30})
+    cmd = torchrun_command(2, ["train", str(project), "--out", str(tmp_path / "run"), "--events"], tee=True)
+    # rank 1 fails in epoch 2 (3 steps per epoch), while rank 0 waits for it in the next all-reduce
+    res = _run(cmd, tmp_path, timeout=240, PYTHONPATH=str(HOOK), MWB_TEST_FAIL_RANK="1", MWB_TEST_FAIL_STEP="5")
+    assert res.returncode != 0
+    out = res.stdout + res.stderr
+    assert "[default1]:" in out and "injected failure in rank 1 at step 5" in out
+    # rank 0 says what happened to it in one line, and its last event tells a parent process the same
+    assert "rank 0: another of the 2 processes failed or stopped answering at epoch 2" in out
+    finished = [e for e in map(decode, res.stdout.splitlines()) if e is not None and e["event"] == "run_finished"]
+    assert len(finished) == 1 and finished[0]["status"] == "failed" and finished[0]["error_type"] == "PeerProcessError"
+    assert [m["epoch"] for m in _metrics(tmp_path / "run")] == [1]
+    assert load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")["epoch"] == 1
+
+
+def _children(pid: int) -> set[int]:
+    """Every descendant of a process (from /proc), to check that none outlives a stop."""
+    found, todo = set(), [pid]
+    while todo:
+        parent = todo.pop()
+        for task in Path(f"/proc/{parent}/task").glob("*"):
+            try:
+                kids = (task / "children").read_text().split()
+            except OSError:
+                continue
+            for kid in map(int, kids):
+                if kid not in found:
+                    found.add(kid)
+                    todo.append(kid)
+    return found
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="needs /proc to find the worker processes")
+def test_ctrl_c_stops_every_process_after_the_batch_with_the_checkpoints_intact(tmp_path, data):
+    """Ctrl-C in a terminal signals the whole foreground group: main.py, torchrun and both workers."""
+    import signal
+    import time
+
+    project = write_project(tmp_path / "p.json", "images", loader={"batch_size": 2},
+                            train={"epochs": 50, "device": "cpu", "seed": 0}, distributed={"processes": 2})
+    proc = subprocess.Popen([sys.executable, str(ROOT / "main.py"), "train", str(project), "--out",
+                             str(tmp_path / "run"), "--events"], cwd=tmp_path, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=_env(), start_new_session=True)
+    try:
+        workers: set[int] = set()
+        for line in proc.stdout:  # wait until an epoch has finished (and was checkpointed)
+            workers |= _children(proc.pid)
+            event = decode(line)
+            if event is not None and event["event"] == "epoch":
+                break
+        else:
+            pytest.fail("the run ended before its first epoch: " + proc.stderr.read()[-3000:])
+        workers |= _children(proc.pid)
+        assert len(workers) >= 3  # torchrun and its two training processes
+        os.killpg(proc.pid, signal.SIGINT)
+        rest, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    finished = [e for e in map(decode, rest.splitlines()) if e is not None and e["event"] == "run_finished"]
+    assert finished and finished[-1]["status"] == "stopped", err[-3000:]
+    assert proc.returncode == 130
+    deadline = time.monotonic() + 30
+    while any(Path(f"/proc/{pid}").exists() and "zombie" not in _state(pid) for pid in workers) \
+            and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not [pid for pid in workers if Path(f"/proc/{pid}").exists() and "zombie" not in _state(pid)]
+    last = load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")
+    assert last["epoch"] == finished[-1]["epoch"] >= 1
+    assert [m["epoch"] for m in _metrics(tmp_path / "run")] == list(range(1, last["epoch"] + 1))
+
+
+def _state(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/status").read_text().split("State:")[1].split("\n")[0].lower()
+    except (OSError, IndexError):
+        return "gone"
