@@ -25,6 +25,8 @@ WATCH_MS = 1000  # how often the pids below torchrun are noted, to find any it l
 # torchrun --tee starts every line of a worker with "[<role><local rank>]:" ("[default0]:"); its own lines have none.
 RANK_PREFIX = re.compile(r"\[([^\]\d]*)(\d+)\]:")
 ERROR_LINE = re.compile(r"error: (.*)")  # how the CLI reports a failure on stderr (engine/cli.py main)
+# torchrun's note of a worker that ended badly: "... failed (exitcode: -9) local_rank: 1 (pid: 31091) of binary: ..."
+WORKER_FAILED = re.compile(r"failed \(exitcode: (-?\d+)\) local_rank: (\d+)")
 
 Launcher = Callable[[int, list[str]], list[str]]  # (processes, main.py arguments) -> the command line to run
 
@@ -126,6 +128,11 @@ class ProcessRun(QObject):
         self._partial = {QProcess.ProcessChannel.StandardOutput: b"", QProcess.ProcessChannel.StandardError: b""}
         self._tail: collections.deque[str] = collections.deque(maxlen=TAIL_LINES)
         self._errors: dict[int, str] = {}  # each rank's first "error: ..." line
+        self._exit_codes: dict[int, int] = {}  # ranks torchrun saw fail, with their exit codes
+        self._traceback: list[str] = []  # a traceback of torchrun's own, held until its last line says what it is
+        # Rank 0 says each log message twice, as a "log" event and as a plain line (its console reporter), on
+        # two streams torchrun passes on independently: the lines shown once, waiting for their twin.
+        self._twins = {"event": collections.Counter(), "plain": collections.Counter()}
         self._result: dict[str, Any] | None = None  # rank 0's run_finished event
         self._progress = {"epoch": 0, "epochs": 0, "best_epoch": None}
         self._ended = False
@@ -176,7 +183,7 @@ class ProcessRun(QObject):
             from engine.runs import resume_run_dir
 
             self.run_dir = resume_run_dir(Path(self.resume_from), None)
-            args = ["resume", str(self.resume_from)]
+            args = ["resume", str(self.resume_from), "--processes", str(self.processes)]
             if self.epochs is not None:
                 args += ["--epochs", str(self.epochs)]
             return [*args, "--events"]
@@ -190,7 +197,6 @@ class ProcessRun(QObject):
         self.run_dir = create_run_dir(cfg)
         project = self.run_dir / PROJECT_FILE
         save_project(project_as_run(cfg), project)
-        self.logged.emit(f"Run folder: {self.run_dir}")
         return ["train", str(project), "--out", str(self.run_dir), "--events"]
 
     def stop(self) -> None:
@@ -272,13 +278,11 @@ class ProcessRun(QObject):
         line = line.rstrip("\r")
         match = RANK_PREFIX.match(line)
         if match is None:  # torchrun's own output
-            if line.strip():
-                self._tail.append(line)
-                self.logged.emit(line)
+            self._torchrun_line(line)
             return
         header, rank = match.group(0), int(match.group(2))
         # A line torchrun read before its end was written continues after a second header on the same line.
-        text = line[match.end():].replace(header, "")
+        text = line[match.end():].replace(header, "").removeprefix(f"[rank {rank}] ")  # the CLI's own prefix
         if "\r" in text:  # a progress bar redrawn in place: its final state
             text = text.rsplit("\r", 1)[-1]
         event = decode(text) if stdout and rank == 0 else None
@@ -291,16 +295,48 @@ class ProcessRun(QObject):
         error = ERROR_LINE.match(text)
         if error and rank not in self._errors:
             self._errors[rank] = error.group(1)
-        self.rank_logged.emit(rank, text)
         if rank == 0:
+            self._log_rank_0(text, "plain")
+        else:
+            self.rank_logged.emit(rank, text)
+
+    def _torchrun_line(self, line: str) -> None:
+        if not line.strip():
+            return
+        failed = WORKER_FAILED.search(line)
+        if failed:
+            self._exit_codes.setdefault(int(failed.group(2)), int(failed.group(1)))
+        if line.startswith("Traceback (most recent call last):") or self._traceback:
+            self._traceback.append(line)
+            if line[:1].isspace() or len(self._traceback) == 1:
+                return
+            # Its last line names the exception. The one torchrun raises when Stop's SIGINT reaches it is how
+            # it ends a stopped run, not a fault: shown, it would bury the run's result under 30 lines.
+            lines, self._traceback = self._traceback, []
+            if self.stop_requested and "SignalException" in line:
+                return
+        else:
+            lines = [line]
+        for text in lines:
+            self._tail.append(text)
             self.logged.emit(text)
+
+    def _log_rank_0(self, line: str, kind: str) -> None:
+        """Show a line of rank 0's log once, whether it came as an event, a plain line, or both."""
+        twin = self._twins["plain" if kind == "event" else "event"]
+        if twin[line]:
+            twin[line] -= 1
+            return
+        self._twins[kind][line] += 1
+        self.rank_logged.emit(0, line)
+        self.logged.emit(line)
 
     def _on_event(self, event: dict[str, Any]) -> None:
         kind = event.pop("event")
         if kind == "log":
-            message = str(event.get("message", ""))
-            self.rank_logged.emit(0, message)
-            self.logged.emit(message)
+            for line in str(event.get("message", "")).splitlines():
+                if line.strip():
+                    self._log_rank_0(line, "event")
         elif kind == "run_started":
             self.global_step = int(event.get("global_step") or 0)
             self._progress.update(epoch=int(event.get("start_epoch") or 0), epochs=int(event.get("epochs") or 0))
@@ -339,6 +375,10 @@ class ProcessRun(QObject):
             if rest:
                 self._line(rest.decode("utf-8", errors="replace"),
                            stdout=channel == QProcess.ProcessChannel.StandardOutput)
+        for text in self._traceback:  # a traceback cut short
+            self._tail.append(text)
+            self.logged.emit(text)
+        self._traceback = []
         self._kill_leftovers()
         crashed = status == QProcess.ExitStatus.CrashExit
         self._end(self._outcome(code, crashed))
@@ -346,21 +386,25 @@ class ProcessRun(QObject):
     def _outcome(self, code: int, crashed: bool) -> dict[str, Any]:
         """The run's result: rank 0's own when it sent one, else what the exit and the output tell."""
         how = "was killed" if crashed else f"exited with code {code}"
-        others = {r: m for r, m in sorted(self._errors.items()) if r != 0}
+        said = {**{r: _exit_text(c) for r, c in self._exit_codes.items()}, **self._errors}  # a word beats a code
+        others = {r: m for r, m in sorted(said.items()) if r != 0}
         if self._result is not None:
             result = dict(self._result)
             if result.get("status") == "stopped" and not self.stop_requested and others:
                 # torchrun ended rank 0 because another rank failed: that failure is the run's.
                 result["status"] = "failed"
             if result.get("status") == "failed":
-                extra = [f"rank {r}: {m}" for r, m in others.items() if m not in str(result.get("error") or "")]
-                result["error"] = "\n".join([str(result.get("error") or "the run failed"), *extra]) if extra \
-                    else result.get("error")
+                own = str(result.get("error") or "the run failed")
+                extra = [f"rank {r}: {m}" for r, m in others.items() if m not in own]
+                # Rank 0 failing because a peer did (engine.trainer.PeerProcessError) names the peer's failure
+                # as the cause: that comes first.
+                cause_first = result.get("error_type") == "PeerProcessError"
+                result["error"] = "\n".join([*extra, own] if cause_first else [own, *extra])
             return result
         if self.stop_requested:
             return {"status": "stopped"}
-        if self._errors:
-            error = "\n".join(f"rank {r}: {m}" for r, m in sorted(self._errors.items()))
+        if said:
+            error = "\n".join(f"rank {r}: {m}" for r, m in sorted(said.items()))
         else:
             error = (f"The training processes ended without finishing the run (torchrun {how}). "
                      "Their last output:\n" + "\n".join(self._tail))
@@ -386,6 +430,8 @@ class ProcessRun(QObject):
             (self.run_dir / PROJECT_FILE).unlink(missing_ok=True)  # the run never began: leave no empty folder
             self.run_dir.rmdir()
             result["run_dir"] = None
+        elif result.get("run_dir") is None and self.run_dir is not None and self.run_dir.is_dir():
+            result["run_dir"] = str(self.run_dir)  # rank 0 failed before it knew the folder; it holds files
         self.run_finished.emit(result)
         self.done.emit()
 
@@ -396,6 +442,18 @@ class ProcessRun(QObject):
             return self.run_dir is not None and {p.name for p in self.run_dir.iterdir()} <= {PROJECT_FILE}
         except OSError:
             return False
+
+
+def _exit_text(code: int) -> str:
+    """A worker's end as torchrun reports it: a negative code is the signal that killed it."""
+    if code < 0:
+        try:
+            name = signal.Signals(-code).name
+        except ValueError:
+            name = f"signal {-code}"
+        hint = " (the system's out-of-memory killer is a common cause)" if code == -signal.SIGKILL else ""
+        return f"the process was killed by {name} without a message{hint}"
+    return f"the process ended with exit code {code} without a message"
 
 
 def _signal(pid: int, sig: signal.Signals) -> None:
