@@ -15,7 +15,6 @@ import pytest
 from app.process_run import ProcessRun, descendants
 from conftest import write_project
 from engine.config import load_project
-from engine.events import encode
 
 # What the stand-in does, chosen by its first argument; the rest are main.py's arguments as the app passes them.
 STAND_IN = textwrap.dedent(r'''
