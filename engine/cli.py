@@ -252,8 +252,14 @@ def _train(cfg, run_dir: Path, resume: dict | None = None, *, events: bool = Fal
         print("\nStopping after this batch (Ctrl-C again to abort)...", file=sys.stderr, flush=True)
         stop.set()
 
-    previous = signal.signal(signal.SIGINT, on_sigint) if threading.current_thread() is threading.main_thread() \
-        else None
+    def on_sigterm(signum, frame):
+        # torchrun ends the other processes with SIGTERM when one fails (and passes its own SIGTERM on): stop
+        # after the batch like Ctrl-C; a process waiting for a dead peer then fails with its one-line message.
+        stop.set()
+
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGINT, on_sigint) if main_thread else None
+    previous_term = signal.signal(signal.SIGTERM, on_sigterm) if main_thread and dist is not None else None
     if main_rank:
         print(f"Run folder: {run_dir}", file=sys.stderr, flush=True)
     result = {"status": "failed", "run_dir": str(run_dir), "epoch": 0, "epochs": cfg.train.epochs,
@@ -272,6 +278,8 @@ def _train(cfg, run_dir: Path, resume: dict | None = None, *, events: bool = Fal
     finally:
         if previous is not None:
             signal.signal(signal.SIGINT, previous)
+        if previous_term is not None:
+            signal.signal(signal.SIGTERM, previous_term)
         shutdown()
     if writer is not None:
         result.update(status=state.status, epoch=state.epoch, epochs=state.epochs, best_epoch=state.best_epoch,

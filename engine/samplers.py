@@ -174,13 +174,19 @@ MAX_AUTO_WORKERS = 8
 
 
 def usable_cpus() -> int:
-    """CPUs this process may run on (its affinity mask where the system has one)."""
+    """CPUs this process may run on (its affinity mask where the system has one); under torchrun, its share of
+    them (the machine's CPUs divided by the processes torchrun started on it), so workers do not oversubscribe."""
+    count = os.cpu_count() or 1
     if hasattr(os, "sched_getaffinity"):
         try:
-            return max(1, len(os.sched_getaffinity(0)))
+            count = len(os.sched_getaffinity(0))
         except OSError:
             pass
-    return max(1, os.cpu_count() or 1)
+    try:
+        local = int(os.environ.get("LOCAL_WORLD_SIZE", "1")) if distributed_world() is not None else 1
+    except ValueError:
+        local = 1
+    return max(1, count // max(local, 1))
 
 
 def auto_workers(cpus: int, *, cached: bool, augmented: bool, deterministic: bool = False,

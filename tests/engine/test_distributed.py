@@ -283,3 +283,12 @@ def _state(pid: int) -> str:
         return Path(f"/proc/{pid}/status").read_text().split("State:")[1].split("\n")[0].lower()
     except (OSError, IndexError):
         return "gone"
+
+
+def test_each_process_plans_its_workers_with_its_share_of_the_cpus(monkeypatch):
+    from engine.samplers import usable_cpus
+
+    alone = usable_cpus()
+    for name, value in (("WORLD_SIZE", "2"), ("RANK", "1"), ("LOCAL_WORLD_SIZE", "2")):
+        monkeypatch.setenv(name, value)
+    assert usable_cpus() == max(1, alone // 2)

@@ -318,24 +318,7 @@ def test_cli_refuses_a_dataset_that_cannot_train_with_exit_2_and_its_reason(tmp_
 
 
 @pytest.fixture()
-def qt_isolated(tmp_path):
-    """As tests/conftest.py does for tests/app and tests/widgets: QSettings in a temporary folder, no thread left."""
-    from PySide6.QtCore import QCoreApplication, QSettings
-
-    QCoreApplication.setOrganizationName("ModelWorkbenchTests")
-    QCoreApplication.setApplicationName("ModelWorkbenchTests")
-    QSettings.setDefaultFormat(QSettings.Format.IniFormat)
-    QSettings.setPath(QSettings.Format.IniFormat, QSettings.Scope.UserScope, str(tmp_path / "settings"))
-    yield
-    from widgets.tasks import cancel_all, running_tasks
-
-    left = [t.name for t in running_tasks()]
-    cancel_all(30000)
-    assert not left, f"background tasks still running after the test: {left}"
-
-
-@pytest.fixture()
-def panel(qt_isolated, qtbot, project_state):
+def panel(qtbot, project_state):
     from widgets.dataset_panel import DatasetPanel
 
     widget = DatasetPanel(project_state)
@@ -390,7 +373,7 @@ def test_panel_shows_why_a_dataset_cannot_train_and_stays_usable(qtbot, panel, t
 
 
 @pytest.fixture()
-def window(qt_isolated, qtbot, monkeypatch):
+def window(qtbot, monkeypatch):
     from PySide6.QtWidgets import QMessageBox
 
     from app.main_window import MainWindow
