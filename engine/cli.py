@@ -271,7 +271,8 @@ def _train(cfg, run_dir: Path, resume: dict | None = None, *, events: bool = Fal
             run_dir.rmdir()  # the project failed before training began: leave no empty run folder behind
             result["run_dir"] = None
         if writer is not None:
-            result.update(epoch=trainer.state.epoch, error=_error_text(exc), error_type=type(exc).__name__)
+            done = trainer.state.history[-1]["epoch"] if trainer.state.history else trainer.state.start_epoch
+            result.update(epoch=done, error=_error_text(exc), error_type=type(exc).__name__)  # the last finished
             writer.finished(result)
             _finished_sent.append(True)
         raise

@@ -577,8 +577,9 @@ class Trainer:
                                                    device=p.device)])
                 total, stops = all_reduce_sum(shared).tolist()
                 loss_value = total / dist.world_size
-                if stops > 0:
+                if stops > 0:  # every process leaves here, in the same batch: keep their buffers equal too
                     self._agreed_stop = True
+                    broadcast_buffers(p.model)
                     return None
             if not math.isfinite(loss_value):
                 # A schedule may have moved the learning rate far from optimizer.lr: say where it was.

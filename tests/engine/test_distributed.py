@@ -217,6 +217,7 @@ def test_a_failing_rank_ends_the_run_with_its_error_and_the_checkpoints_stay(tmp
     assert "rank 0: another of the 2 processes failed or stopped answering at epoch 2" in out
     finished = [e for e in map(decode, res.stdout.splitlines()) if e is not None and e["event"] == "run_finished"]
     assert len(finished) == 1 and finished[0]["status"] == "failed" and finished[0]["error_type"] == "PeerProcessError"
+    assert finished[0]["epoch"] == 1  # the last epoch that finished, not the one cut short
     assert [m["epoch"] for m in _metrics(tmp_path / "run")] == [1]
     assert load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")["epoch"] == 1
 
@@ -273,6 +274,7 @@ def test_ctrl_c_stops_every_process_after_the_batch_with_the_checkpoints_intact(
             and time.monotonic() < deadline:
         time.sleep(0.2)
     assert not [pid for pid in workers if Path(f"/proc/{pid}").exists() and "zombie" not in _state(pid)]
+    assert "processes end with the same weights and buffers" in err  # stopped in the same batch, buffers shared
     last = load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")
     assert last["epoch"] == finished[-1]["epoch"] >= 1
     assert [m["epoch"] for m in _metrics(tmp_path / "run")] == list(range(1, last["epoch"] + 1))
