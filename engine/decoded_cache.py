@@ -87,10 +87,14 @@ def memory_bound(max_mb: Optional[int]) -> tuple[int, str]:
     """(bound in bytes, how it was chosen) for loader.decoded_cache_max_mb."""
     if max_mb is not None:
         return int(max_mb) * MIB, f"loader.decoded_cache_max_mb = {max_mb}"
+    from engine.distributed import local_processes
+
     free = available_memory_bytes()
+    share = local_processes()  # several processes on this machine each hold a cache
+    each = f", shared by {share} processes" if share > 1 else ""
     if free is None:
-        return FALLBACK_BOUND_MB * MIB, f"{FALLBACK_BOUND_MB} MiB, as the free memory is unknown"
-    return int(free * FREE_MEMORY_SHARE), f"a quarter of the {free / MIB:,.0f} MiB of memory available"
+        return FALLBACK_BOUND_MB * MIB // share, f"{FALLBACK_BOUND_MB} MiB, as the free memory is unknown{each}"
+    return int(free * FREE_MEMORY_SHARE) // share, f"a quarter of the {free / MIB:,.0f} MiB of memory available{each}"
 
 
 def _itemsize(dataset: Dataset) -> int:

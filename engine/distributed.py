@@ -20,6 +20,16 @@ from engine.config import ConfigError, ProjectConfig
 MAIN = Path(__file__).resolve().parent.parent / "main.py"
 
 
+def local_processes() -> int:
+    """How many processes of this run share this machine (torchrun's LOCAL_WORLD_SIZE), 1 outside torchrun."""
+    if world_from_env() is None:
+        return 1
+    try:
+        return max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    except ValueError:
+        return 1
+
+
 def world_from_env() -> tuple[int, int, int] | None:
     """(world_size, rank, local_rank) when torchrun started this process among others, else None."""
     try:
@@ -103,6 +113,10 @@ def init_from_env(cfg: ProjectConfig) -> DistContext | None:
         torch.cuda.set_device(device)
     else:
         device = torch.device("cpu")
+        # torchrun sets OMP_NUM_THREADS=1 for several processes: give each its share of the cores instead
+        from engine.samplers import usable_cpus
+
+        torch.set_num_threads(usable_cpus())
     backend = cfg.distributed.backend
     if backend == "auto":
         backend = "nccl" if cuda else "gloo"

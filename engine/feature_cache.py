@@ -84,8 +84,11 @@ def max_bytes(cfg: ProjectConfig) -> int:
     """The memory bound: train.feature_cache_max_mb, or half of the memory available now."""
     if cfg.train.feature_cache_max_mb is not None:
         return int(cfg.train.feature_cache_max_mb * 2**20)
+    from engine.distributed import local_processes
+
     available = _mem_available()
-    return available // 2 if available is not None else FALLBACK_MAX_MB * 2**20
+    # several processes on this machine each cache the whole data set: they share the bound
+    return (available // 2 if available is not None else FALLBACK_MAX_MB * 2**20) // local_processes()
 
 
 def _mem_available() -> int | None:

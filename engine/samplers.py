@@ -331,5 +331,9 @@ def _seed_worker(worker_id: int) -> None:
     # Ctrl-C is the main process's to handle (it stops after the batch); workers end when it does.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     seed = torch.initial_seed() % 2**32
+    world = distributed_world()
+    if world is not None:  # every process's loader shares the run's seed: draw each process its own augmentation
+        seed = (seed + 7919 * world[1]) % 2**32
+        torch.manual_seed(seed)
     np.random.seed(seed)
     random.seed(seed)

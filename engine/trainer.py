@@ -41,8 +41,8 @@ class PeerProcessError(RuntimeError):
     """Another process of a multi-process run failed or vanished; this one cannot go on without it."""
 
 
-_PEER_SIGNS = ("connection closed by peer", "connection reset by peer", "remote worker", "broken pipe",
-               "timed out", "timeout", "nccl communicator was aborted", "process group", "socket")
+_PEER_SIGNS = ("connection closed by peer", "connection reset by peer", "remote worker",
+               "nccl communicator was aborted")
 
 
 def is_peer_failure(exc: BaseException) -> bool:
@@ -272,6 +272,7 @@ class Trainer:
             self.feature_cache = outcome.cache
             self.log(outcome.message)
             if dist is not None:
+                self._agree_on_feature_cache()
                 self._wrap_ddp()
             self._prepare_forward()
             self._fire("on_run_started", state)
@@ -320,6 +321,17 @@ class Trainer:
         return PeerProcessError(
             f"rank {dist.rank}: another of the {dist.world_size} processes failed or stopped answering {where} "
             f"({first[:200]}); that process's own error says why (torchrun names the first failure); {saved}")
+
+    def _agree_on_feature_cache(self) -> None:
+        """Every process must train the same module: if one could not use the feature cache (its memory bound
+        was lower), none does."""
+        dist = self.parts.dist
+        mine = torch.tensor([1.0 if self.feature_cache is not None else 0.0], device=dist.device)
+        if all_reduce_sum(mine).item() in (0.0, float(dist.world_size)):
+            return
+        if self.feature_cache is not None:
+            self.feature_cache = None
+            self.log("Feature cache off: another process of this run could not use it, and all must train alike")
 
     def _wrap_ddp(self) -> None:
         """DistributedDataParallel around the module that trains (the model, or the part after the feature
@@ -473,6 +485,8 @@ class Trainer:
         except (RuntimeError, ValueError, AssertionError, IndexError) as exc:
             if is_out_of_memory(exc):  # the shape fits, the memory does not: run() names the batch size
                 raise
+            if self.parts.dist is not None and is_peer_failure(exc):  # DDP's forward talks to the others
+                raise
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             shape = "x".join(str(d) for d in inputs.shape)
             hint = ("loader.batch_size >= 2 (BatchNorm needs more than one sample per batch)"
@@ -523,6 +537,8 @@ class Trainer:
             with _eager_backward_lowering():
                 outputs = self._compiled(inputs)
         except Exception as exc:  # no C compiler, an operation the compiler does not support, ...
+            if self.parts.dist is not None and is_peer_failure(exc):
+                raise
             self._compile_failed(exc)
             return model(inputs)
         self._compile_tried = True

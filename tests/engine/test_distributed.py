@@ -130,10 +130,10 @@ def data(tmp_path) -> Path:
 
 def test_two_processes_match_one_with_the_same_global_batch(tmp_path, data):
     """2 x 6 images per step against 1 x 12, same seed and order: the same losses and weights (BatchNorm
-    frozen, which is per-process otherwise). Also: `main.py train` starts torchrun itself for processes = 2,
+    frozen, which is per-process otherwise; the frozen backbone's features cached, so DDP wraps the rest). Also: `main.py train` starts torchrun itself for processes = 2,
     only rank 0 writes, and the checkpoint has no DDP prefixes and resumes in one process."""
     common = dict(model={"backbone": "resnet18", "freeze": "head_only"},
-                  train={"epochs": 2, "device": "cpu", "seed": 0, "feature_cache": "off"})
+                  train={"epochs": 2, "device": "cpu", "seed": 0, "feature_cache": "auto"})
     two = write_project(tmp_path / "two.json", "images", model=common["model"], train=common["train"],
                         loader={"batch_size": 6, "sampler": {"name": "sequential"}}, distributed={"processes": 2},
                         output={"dir": "runs-two"})
@@ -146,6 +146,7 @@ def test_two_processes_match_one_with_the_same_global_batch(tmp_path, data):
     assert res.returncode == 0, res.stderr[-3000:]
     assert "starting the run in 2 processes through torchrun" in res.stderr
     assert "All 2 processes end with the same weights and buffers" in res.stderr
+    assert "Feature cache: computing the features" in res.stderr  # DDP wraps the part after the cache's cut
     runs = list((tmp_path / "runs-two").iterdir())
     assert len(runs) == 1, runs  # one folder, made by rank 0
     run_two = runs[0]
