@@ -6,10 +6,12 @@ STAMP := $(VENV)/.installed-stamp
 
 .PHONY: run test install clean screenshot docs bench
 
+# --no-cache-dir: the install is several GB (a CUDA build of torch); a second copy of every wheel in pip's
+# cache is what a machine short of disk cannot afford, and the venv is made once.
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[test]'
+	$(PY) -m pip install --quiet --no-cache-dir --upgrade pip
+	$(PY) -m pip install --quiet --no-cache-dir -e '.[test]'
 	@touch $(STAMP)
 
 install: $(STAMP)
