@@ -187,6 +187,7 @@ def test_a_real_one_epoch_run_fills_the_view_and_its_checkpoints_are_listed(qtbo
     panel = CheckpointsPanel()
     qtbot.addWidget(panel)
     controller.epoch_finished.connect(lambda _m: panel.refresh())
+    controller.run_finished.connect(lambda _r: panel.refresh())  # as the main window does: final.pt comes last
     controller.run_started.connect(lambda info: panel.set_run_dir(info["run_dir"]))
 
     with qtbot.waitSignal(controller.run_finished, timeout=120000) as finished:
