@@ -45,6 +45,12 @@ class _Series:
         self.n = 0
         self.lo = math.inf  # running min and max of y, for the flat-curve check without a pass over the data
         self.hi = -math.inf
+        self._bucket = 1  # raw points per envelope bucket (a power of two)
+        self._done = 0  # raw points already summarised in the envelope
+        self._ex = np.empty(0)
+        self._ey = np.empty(0)
+        self._en = 0
+        self.summarised = 0  # raw points passed through _envelope since the start (the work display() did)
 
     def extend(self, xs: np.ndarray, ys: np.ndarray) -> None:
         need = self.n + len(xs)
@@ -59,12 +65,6 @@ class _Series:
         finite = ys[np.isfinite(ys)]
         if len(finite):
             self.lo, self.hi = min(self.lo, float(finite.min())), max(self.hi, float(finite.max()))
-
-        self._bucket = 1  # raw points per envelope bucket (a power of two)
-        self._done = 0  # raw points already summarised in the envelope
-        self._ex = np.empty(0)
-        self._ey = np.empty(0)
-        self._en = 0
 
     def used(self) -> tuple[np.ndarray, np.ndarray]:
         return self.x[: self.n], self.y[: self.n]
@@ -85,6 +85,7 @@ class _Series:
         full = self.n // bucket * bucket
         if full > self._done:
             ex, ey = _envelope(self.x[self._done:full], self.y[self._done:full], bucket)
+            self.summarised += full - self._done
             need = self._en + len(ex)
             if need > len(self._ex):
                 self._ex = np.concatenate([self._ex[: self._en], np.empty(max(need, 2 * len(self._ex)) - self._en)])

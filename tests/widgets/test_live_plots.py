@@ -165,6 +165,25 @@ def test_the_envelope_keeps_each_buckets_extremes_in_order_and_stays_bounded():
     assert np.array_equal(short.display(limit=1000)[1], y_all[:500], equal_nan=True)
 
 
+def test_the_envelope_work_per_update_does_not_grow_with_the_run():
+    """Each point is summarised a bounded number of times (once, plus once per doubling of the bucket): the
+    work per update stays flat as the run grows, where rebuilding the envelope each time would be O(n)."""
+    series = _Series()
+    rng = np.random.default_rng(1)
+    chunk, limit = 50, 1000
+    work = []
+    for start in range(0, 200_000, chunk):
+        xs = np.arange(start, start + chunk, dtype=np.float64)
+        series.extend(xs, rng.normal(size=chunk))
+        before = series.summarised
+        series.display(limit=limit)
+        work.append(series.summarised - before)
+    assert series.summarised <= 3 * series.n  # a rebuild per doubling adds at most n in all
+    # amortised over the last quarter of the run, an update costs about the points it added, not the run's length
+    late = work[3 * len(work) // 4:]
+    assert sum(late) / len(late) <= 2 * chunk
+
+
 def test_zooming_in_draws_every_point_and_following_again_draws_the_envelope(plots):
     steps = np.arange(1, 3 * DISPLAY_POINTS + 1)
     plots.add_batches(steps, np.cos(steps / 50.0))
