@@ -17,6 +17,7 @@ from PySide6.QtCore import QObject, QProcess, QProcessEnvironment, QTimer, Signa
 
 from engine.config import ConfigError, ProjectConfig
 from engine.events import decode
+from engine.run_lock import CLAIM_ENV, FolderBusyError, release_run_dir
 
 # torchrun gives its workers 30 s after passing SIGINT on before it kills them; past this the app kills the tree.
 STOP_GRACE_MS = 45_000
@@ -160,12 +161,13 @@ class ProcessRun(QObject):
             return
         try:
             args = self._main_args()
-        except (ConfigError, OSError) as exc:
-            self._fail_soon(str(exc) if isinstance(exc, ConfigError) else f"{type(exc).__name__}: {exc}")
+        except (ConfigError, FolderBusyError, OSError) as exc:
+            self._fail_soon(f"{type(exc).__name__}: {exc}" if isinstance(exc, OSError) else str(exc))
             return
         command = self.launcher(self.processes, args)
         env = QProcessEnvironment.systemEnvironment()
         env.insert("PYTHONUNBUFFERED", "1")  # torchrun passes each line on as it comes, not a pipe's buffer later
+        env.insert(CLAIM_ENV, str(os.getpid()))  # this process holds the run folder's claim for the run's rank 0
         env.remove("TORCHELASTIC_LOG_LINE_PREFIX_TEMPLATE")  # keep the rank prefix this module reads
         self._process.setProcessEnvironment(env)
         params = QProcess.UnixProcessParameters()
@@ -182,7 +184,7 @@ class ProcessRun(QObject):
         if self.resume_from is not None:
             from engine.runs import resume_run_dir
 
-            self.run_dir = resume_run_dir(Path(self.resume_from), None)
+            self.run_dir = resume_run_dir(Path(self.resume_from), None, log=self.logged.emit)
             args = ["resume", str(self.resume_from), "--processes", str(self.processes)]
             if self.epochs is not None:
                 args += ["--epochs", str(self.epochs)]
@@ -194,7 +196,7 @@ class ProcessRun(QObject):
         cfg = self.cfg
         if self.init_from:  # as an in-process run does it (TrainingWorker.run)
             cfg.model.weights, cfg.model.weights_file = None, str(Path(self.init_from).resolve())
-        self.run_dir = create_run_dir(cfg)
+        self.run_dir = create_run_dir(cfg, log=self.logged.emit)
         project = self.run_dir / PROJECT_FILE
         save_project(project_as_run(cfg), project)
         return ["train", str(project), "--out", str(self.run_dir), "--events"]
@@ -424,6 +426,7 @@ class ProcessRun(QObject):
                                   **self._progress, "stopped_early": False, "error": None, "traceback": None,
                                   "error_type": None}
         result.update(outcome)
+        release_run_dir(self.run_dir)  # every process of the run has ended
         if result["status"] == "failed" and self._fresh and self._only_project_written():
             from engine.run_files import PROJECT_FILE
 

@@ -121,6 +121,7 @@ class TrainingWorker(QObject):
     @Slot()
     def run(self) -> None:
         from engine.checkpoints import load_checkpoint
+        from engine.run_lock import release_run_dir
         from engine.runs import create_run_dir, resume_config, resume_run_dir, run_callbacks
         from engine.trainer import Trainer
 
@@ -133,11 +134,11 @@ class TrainingWorker(QObject):
             if self.resume_from is not None:
                 resume = load_checkpoint(self.resume_from)
                 cfg = resume_config(resume, self.resume_from, epochs=self.epochs, epochs_field="epochs")
-                self.run_dir = resume_run_dir(Path(self.resume_from), None)
+                self.run_dir = resume_run_dir(Path(self.resume_from), None, log=self.logged.emit)
             else:
                 if self.init_from:
                     cfg.model.weights, cfg.model.weights_file = None, str(Path(self.init_from).resolve())
-                self.run_dir = create_run_dir(cfg)
+                self.run_dir = create_run_dir(cfg, log=self.logged.emit)
             result["run_dir"] = str(self.run_dir)
             self.logged.emit(f"Run folder: {self.run_dir}")
             trainer = Trainer(cfg, [*run_callbacks(cfg, self.run_dir), QtBridge(self, self.run_dir)],
@@ -147,10 +148,12 @@ class TrainingWorker(QObject):
                           best_epoch=state.best_epoch, stopped_early=state.stopped_early)
         except BaseException as exc:  # noqa: BLE001 - shown to the user; the thread must end cleanly
             result.update(error=_message(exc), error_type=type(exc).__name__, traceback=traceback.format_exc())
+            release_run_dir(self.run_dir)
             if fresh and self.run_dir is not None and self.run_dir.is_dir() and not any(self.run_dir.iterdir()):
                 self.run_dir.rmdir()  # failed before anything was written: leave no empty run folder
                 result["run_dir"] = None
         finally:
+            release_run_dir(self.run_dir)
             self.run_finished.emit(result)
             self.done.emit()
 

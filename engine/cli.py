@@ -21,8 +21,9 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from engine.samplers import SamplerError
 
     from engine.export import ExportError
+    from engine.run_lock import FolderBusyError
 
-    return ConfigError, DataError, WeightsError, SamplerError, CheckpointError, ExportError
+    return ConfigError, DataError, WeightsError, SamplerError, CheckpointError, ExportError, FolderBusyError
 
 
 def _run_faults() -> tuple[type[BaseException], ...]:
@@ -224,6 +225,7 @@ def cmd_resume(args: argparse.Namespace) -> int:
 
 def _train(cfg, run_dir: Path, resume: dict | None = None, *, events: bool = False) -> int:
     from engine.distributed import context, shutdown
+    from engine.run_lock import release_run_dir
     from engine.runs import run_callbacks
     from engine.trainer import Trainer
 
@@ -267,6 +269,7 @@ def _train(cfg, run_dir: Path, resume: dict | None = None, *, events: bool = Fal
     try:
         state = trainer.run()
     except BaseException as exc:
+        release_run_dir(run_dir)
         if main_rank and fresh and run_dir.is_dir() and not any(run_dir.iterdir()):
             run_dir.rmdir()  # the project failed before training began: leave no empty run folder behind
             result["run_dir"] = None
@@ -281,6 +284,7 @@ def _train(cfg, run_dir: Path, resume: dict | None = None, *, events: bool = Fal
             signal.signal(signal.SIGINT, previous)
         if previous_term is not None:
             signal.signal(signal.SIGTERM, previous_term)
+        release_run_dir(run_dir)  # after every callback wrote its last line into the folder
         shutdown()
     if writer is not None:
         result.update(status=state.status, epoch=state.epoch, epochs=state.epochs, best_epoch=state.best_epoch,

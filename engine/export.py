@@ -22,6 +22,7 @@ import torchvision
 from torch import nn
 
 from engine.checkpoints import load_checkpoint, restore_model
+from engine.run_lock import FolderBusyError, claim
 
 _SUFFIXES = {"torchscript": ".pt", "onnx": ".onnx", "state_dict": ".pth", "safetensors": ".safetensors", "pt2": ".pt2"}
 FORMATS = tuple(_SUFFIXES)
@@ -395,6 +396,12 @@ def export_checkpoint(checkpoint: str | os.PathLike, fmt: str, out: str | os.Pat
         staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
     except PermissionError:
         raise ExportError(f"cannot write {out}: folder {out.parent} is not writable; choose another --out") from None
+    # Two exports to one file would each rename their own model and sidecar into place: a mixed pair.
+    try:
+        destination = claim(out.parent / f".{out.name}.lock", f"export {str(out)!r}", log=log)
+    except FolderBusyError as exc:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise ExportError(str(exc)) from None
     try:
         staged = staging / out.name
         log(f"Exporting {backbone} as {fmt}")
@@ -431,6 +438,7 @@ def export_checkpoint(checkpoint: str | os.PathLike, fmt: str, out: str | os.Pat
         except PermissionError as exc:
             raise ExportError(f"cannot write {out}: {exc.strerror or exc}") from None
     finally:
+        destination.release()
         shutil.rmtree(staging, ignore_errors=True)
     log(f"Wrote {out} and {sidecar.name}")
     return ExportResult(format=fmt, path=out, sidecar=sidecar, max_abs_diff=diff, tolerance=tolerance, inputs=inputs)

@@ -8,11 +8,12 @@ import re
 import shutil
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from engine.checkpoints import FORMAT_VERSION, CheckpointWriteError, atomic_torch_save, remove_stale_temporaries
 from engine.config import ConfigError, ProjectConfig, save_project
 from engine.freezing import freeze_spec
+from engine.run_lock import claim_run_dir, release_run_dir
 from engine.run_files import METRICS_FILE, PROJECT_FILE, read_metrics  # noqa: F401 - part of this module's API
 from engine.trainer import Callback, Trainer, TrainState
 
@@ -22,26 +23,47 @@ def _slug(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "-", name).strip("-") or "run"
 
 
-def create_run_dir(cfg: ProjectConfig, out: str | os.PathLike | None = None) -> Path:
-    """A fresh run folder: `out` as given, else OUTPUT_DIR/NAME-YYYYmmdd-HHMMSS; never one that holds a run."""
-    if out is not None:
-        run_dir = Path(out).expanduser().resolve()
-    else:
+def _make_dir(run_dir: Path, exist_ok: bool) -> None:
+    try:
+        run_dir.mkdir(parents=True, exist_ok=exist_ok)
+    except FileExistsError:
+        if not exist_ok:
+            raise
+        raise ConfigError([f"--out {str(run_dir)!r} is a file; give a folder for the run"]) from None
+    except OSError as exc:
+        raise ConfigError([f"run folder {str(run_dir)!r} cannot be created: {exc.strerror or exc}"]) from None
+
+
+def create_run_dir(cfg: ProjectConfig, out: str | os.PathLike | None = None, *,
+                   log: Callable[[str], None] | None = None) -> Path:
+    """A fresh run folder, claimed for this process: `out` as given, else OUTPUT_DIR/NAME-YYYYmmdd-HHMMSS[-N].
+
+    The folder is created and claimed before anything is written in it, so two processes never share one:
+    default names get a suffix when another run took the name in the same second (mkdir is the arbiter), and
+    an `out` that another live process holds, or that already holds a run, is refused.
+    """
+    if out is None:
         stamp = time.strftime("%Y%m%d-%H%M%S")
         base = cfg.resolve(cfg.output.dir) / f"{_slug(cfg.output.run_name or cfg.name)}-{stamp}"
         run_dir, n = base, 1
-        while run_dir.exists():  # two runs started in the same second
-            n += 1
-            run_dir = base.with_name(f"{base.name}-{n}")
+        while True:
+            try:
+                _make_dir(run_dir, exist_ok=False)
+                break
+            except FileExistsError:  # another run took this name in the same second
+                n += 1
+                run_dir = base.with_name(f"{base.name}-{n}")
+        claim_run_dir(run_dir, log=log)
+        return run_dir
+    run_dir = Path(out).expanduser().resolve()
     if run_dir.exists() and not run_dir.is_dir():
         raise ConfigError([f"--out {str(run_dir)!r} is a file; give a folder for the run"])
+    _make_dir(run_dir, exist_ok=True)
+    claim_run_dir(run_dir, log=log)
     if (run_dir / METRICS_FILE).exists():
+        release_run_dir(run_dir)
         raise ConfigError([f"--out {str(run_dir)!r} already holds a run ({METRICS_FILE}); choose another folder "
                            "so its results are not overwritten"])
-    try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise ConfigError([f"run folder {str(run_dir)!r} cannot be created: {exc.strerror or exc}"]) from None
     return run_dir
 
 
@@ -245,17 +267,16 @@ def resume_config(ckpt: dict[str, Any], source: str | os.PathLike, *, epochs: in
     return cfg
 
 
-def resume_run_dir(checkpoint: Path, out: str | os.PathLike | None) -> Path:
-    """Where a resumed run writes: --out, else the run folder the checkpoint lives in."""
+def resume_run_dir(checkpoint: Path, out: str | os.PathLike | None, *,
+                   log: Callable[[str], None] | None = None) -> Path:
+    """Where a resumed run writes, claimed for this process: --out, else the checkpoint's own run folder."""
     if out is not None:
         run_dir = Path(out).expanduser().resolve()
     else:
         parent = Path(checkpoint).resolve().parent
         run_dir = parent.parent if parent.name == "checkpoints" else parent
-    try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise ConfigError([f"run folder {str(run_dir)!r} cannot be created: {exc.strerror or exc}"]) from None
+    _make_dir(run_dir, exist_ok=True)
+    claim_run_dir(run_dir, log=log)
     return run_dir
 
 

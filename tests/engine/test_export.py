@@ -1,6 +1,7 @@
 """Exports of a trained checkpoint: every format loads back in its own runtime and matches PyTorch; bad targets are refused."""
 import json
 import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -122,6 +123,29 @@ def test_existing_files_are_kept_unless_forced(checkpoint, tmp_path):
     out.unlink()  # the sidecar alone is enough to refuse: it would describe the wrong file
     with pytest.raises(ExportError, match="model.pth.json exists; use --force"):
         export_checkpoint(checkpoint, "state_dict", out)
+
+
+def test_an_export_in_progress_to_the_same_file_is_refused_by_name(checkpoint, tmp_path):
+    """Two exports to one file would each rename their model and sidecar into place: a mismatched pair."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "model.pth"
+    script = ("import sys; from engine.run_lock import claim; c = claim(sys.argv[1], 'export'); "
+              "print('held', flush=True); sys.stdin.read(); c.release()")
+    holder = subprocess.Popen([sys.executable, "-c", script, str(tmp_path / ".model.pth.lock")],
+                              cwd=Path(__file__).resolve().parents[2], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(ExportError, match=rf"export '{out}' is in use by process {holder.pid}"):
+            export_checkpoint(checkpoint, "state_dict", out, force=True)
+        assert sorted(p.name for p in tmp_path.iterdir()) == [".model.pth.lock"]  # nothing written, no staging
+    finally:
+        holder.stdin.close()
+        holder.wait(30)
+    export_checkpoint(checkpoint, "state_dict", out)  # free again once the other export ended
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.pth", "model.pth.json"]
 
 
 def test_missing_folder_is_refused(checkpoint, tmp_path):
