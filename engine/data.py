@@ -206,15 +206,91 @@ def _is_hidden(name: str) -> bool:
     return name.startswith(".")
 
 
-def _class_folder_images(folder: Path) -> list[Path]:
-    """Image files anywhere under a class folder (as ImageFolder finds them), hidden entries left out."""
-    found = []
-    for root, dirs, files in os.walk(folder, followlinks=True):
-        dirs[:] = sorted(d for d in dirs if not _is_hidden(d))
-        for name in sorted(files):
-            if not _is_hidden(name) and name.lower().endswith(IMG_EXTENSIONS):
-                found.append(Path(root) / name)
-    return found
+class _FolderWalk:
+    """Walks the class folders of an image folder so that no image is counted twice, however symlinks point.
+
+    Symlinks to folders elsewhere are followed (as ImageFolder users expect), each real folder once; a symlink
+    back to a folder on its own path (a loop), or into a class folder (whose images count there), is skipped and
+    reported by name; one real file reached through two paths within a class counts once.
+    """
+
+    def __init__(self, root: Path, class_folders: list[str], warnings: list[str]):
+        self.root = root
+        self.root_real = os.path.realpath(root)
+        self.warnings = warnings
+        self.walked: dict[str, str] = {}  # real folder -> the path it was first scanned through
+        self.class_reals: dict[str, str] = {}  # real class folder -> class name
+        for name in class_folders:
+            real = os.path.realpath(root / name)
+            if real in self.class_reals:
+                warnings.append(f"class folder '{name}' is the same folder as '{self.class_reals[real]}' "
+                                "(a symlink); left out so its images are not counted under two classes")
+                continue
+            self.class_reals[real] = name
+
+    def classes(self) -> list[str]:
+        return list(self.class_reals.values())
+
+    def images(self, name: str) -> list[Path]:
+        """Image files anywhere under a class folder (as ImageFolder finds them), hidden entries left out."""
+        folder = self.root / name
+        real = os.path.realpath(folder)
+        found: list[Path] = []
+        files: set[str] = set()
+        doubles = self._visit(folder, real, (self.root_real, real), found, files)
+        if doubles:
+            self.warnings.append(f"class folder '{name}': {doubles} image(s) reached through two paths (symlinks) "
+                                 "counted once")
+        return found
+
+    def _visit(self, path: Path, real: str, ancestors: tuple[str, ...], found: list[Path], files: set[str]) -> int:
+        self.walked[real] = str(path)
+        try:
+            entries = sorted(os.scandir(path), key=lambda e: e.name)
+        except OSError as exc:
+            self.warnings.append(f"{path}: cannot be read ({exc.strerror or exc}); skipped")
+            return 0
+        doubles = 0
+        folders = []
+        for entry in entries:
+            if _is_hidden(entry.name):
+                continue
+            try:
+                is_dir = entry.is_dir()  # through a symlink too
+            except OSError:
+                is_dir = False
+            if is_dir:
+                folders.append(entry)
+            elif entry.name.lower().endswith(IMG_EXTENSIONS):
+                target = os.path.realpath(entry.path) if entry.is_symlink() else os.path.join(real, entry.name)
+                if target in files:
+                    doubles += 1
+                    continue
+                files.add(target)
+                found.append(Path(entry.path))
+        for entry in folders:
+            if not entry.is_symlink():
+                sub = os.path.join(real, entry.name)
+                doubles += self._visit(Path(entry.path), sub, (*ancestors, sub), found, files)
+                continue
+            sub = os.path.realpath(entry.path)
+            why = self._skip_link(sub, ancestors)
+            if why:
+                self.warnings.append(f"{entry.path}: {why}; skipped")
+            else:
+                doubles += self._visit(Path(entry.path), sub, (*ancestors, sub), found, files)
+        return doubles
+
+    def _skip_link(self, target: str, ancestors: tuple[str, ...]) -> str | None:
+        """Why a symlinked folder must not be followed (None: follow it)."""
+        if target in ancestors or any(a.startswith(target + os.sep) for a in ancestors):
+            return f"symlink loop (points back to {target}, which contains it)"
+        for real, name in self.class_reals.items():
+            if target == real or target.startswith(real + os.sep):
+                return f"points into class folder '{name}' (its images count there, not twice)"
+        if target in self.walked:
+            return f"leads to a folder already scanned as {self.walked[target]}"
+        return None
 
 
 def _scan_folder(root: Path, task: str, given: Optional[list[str]], progress: Progress) -> DataSource:
@@ -224,9 +300,11 @@ def _scan_folder(root: Path, task: str, given: Optional[list[str]], progress: Pr
     skipped: list[SkippedFile] = []
     warnings: list[str] = []
     candidates: list[tuple[Path, str]] = []
-    folders = sorted(d.name for d in root.iterdir() if d.is_dir() and not _is_hidden(d.name))
+    walk = _FolderWalk(root, sorted(d.name for d in root.iterdir() if d.is_dir() and not _is_hidden(d.name)),
+                       warnings)
+    folders = walk.classes()
     for name in folders:
-        images = _class_folder_images(root / name)
+        images = walk.images(name)
         if given is not None and name not in given:
             skipped += [SkippedFile(str(f), _NOT_TRAINING_CLASS.format(name)) for f in images]
         else:

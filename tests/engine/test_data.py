@@ -199,6 +199,48 @@ def test_image_that_changes_on_disk_after_the_scan_raises_data_error(tmp_path):
         ds[0]
 
 
+def test_symlink_loop_in_a_class_folder_is_reported_and_counts_equal_the_real_files(tmp_path):
+    root = make_folder(tmp_path / "data", {"disc": 5, "square": 7})
+    (root / "square" / "again").symlink_to(root, target_is_directory=True)  # back to the dataset's root
+    (root / "disc" / "deeper").mkdir()
+    (root / "disc" / "deeper" / "up").symlink_to(root / "disc", target_is_directory=True)  # to its own ancestor
+
+    src = scan_source(root)
+
+    assert src.class_counts() == [5, 7]  # the real files, each once
+    assert sorted(f.name for f, t in zip(src.files, src.targets) if t == 1) == [f"{i:03d}.png" for i in range(7)]
+    loops = [w for w in src.warnings if "symlink loop" in w]
+    assert len(loops) == 2
+    assert any(str(root / "square" / "again") in w for w in loops)
+    assert any(str(root / "disc" / "deeper" / "up") in w for w in loops)
+
+
+def test_symlink_to_a_folder_elsewhere_is_followed_once(tmp_path):
+    root = make_folder(tmp_path / "data", {"cat": 2, "dog": 3})
+    extra = make_folder(tmp_path / "more", {"cats": 4}) / "cats"
+    (root / "cat" / "more").symlink_to(extra, target_is_directory=True)
+    (root / "cat" / "same-again").symlink_to(extra, target_is_directory=True)  # a second path to it
+    (root / "cat" / "linked.png").symlink_to(root / "cat" / "000.png")  # one real file, two names
+
+    src = scan_source(root)
+
+    assert src.class_counts() == [2 + 4, 3]
+    cat = [f for f, t in zip(src.files, src.targets) if t == 0]
+    assert sum(1 for f in cat if f.parent.name in ("more", "same-again")) == 4
+    assert any("same-again" in w and "already scanned" in w for w in src.warnings)
+    assert any("reached through two paths" in w for w in src.warnings)
+
+
+def test_symlink_into_another_class_folder_is_not_counted_under_both(tmp_path):
+    root = make_folder(tmp_path / "data", {"a": 2, "b": 3})
+    (root / "a" / "to-b").symlink_to(root / "b", target_is_directory=True)
+
+    src = scan_source(root)
+
+    assert src.class_counts() == [2, 3]
+    assert any("to-b" in w and "class folder 'b'" in w for w in src.warnings)
+
+
 # ---------------------------------------------------------------------------------------------
 # CSV
 
