@@ -31,9 +31,9 @@ test: $(STAMP)
 	QT_QPA_PLATFORM=offscreen $(PY) -m pytest -q
 
 # Every benchmark (minutes): docs/bench/results.json and results.md, and the table between the README's
-# bench markers. `$(PY) -m app.bench --quick` is a smoke run; `--only NAME ...` picks benchmarks.
+# bench markers. `$(PY) -m bench --quick` is a smoke run; `--only NAME ...` picks benchmarks.
 bench: $(STAMP)
-	QT_QPA_PLATFORM=offscreen $(PY) -m app.bench
+	QT_QPA_PLATFORM=offscreen $(PY) -m bench
 
 clean:
 	rm -rf runs .pytest_cache build *.egg-info

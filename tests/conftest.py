@@ -57,10 +57,10 @@ def tiny_project(tmp_path, image_folder) -> Path:
 
 @pytest.fixture(autouse=True)
 def _qt_isolation(request, tmp_path):
-    """Qt tests (tests/widgets, tests/app, tests/reliability): QSettings go to a temporary folder, and no
+    """Qt tests (tests/widgets, tests/app, tests/reliability, tests/bench): QSettings go to a temporary folder, and no
     background task may outlive a test."""
     parts = Path(str(request.node.path)).parts
-    if not {"widgets", "app", "reliability"} & set(parts):
+    if not {"widgets", "app", "reliability", "bench"} & set(parts):
         yield
         return
     from PySide6.QtCore import QCoreApplication, QSettings

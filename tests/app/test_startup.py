@@ -1,6 +1,6 @@
 """Start-up: the window shows before PyTorch is imported; the Backbone tab follows once the catalog has loaded.
 
-The start-up time itself is measured by `make bench` (app/benchmarks.py), not here.
+The start-up time itself is measured by `make bench` (bench/gui.py), not here.
 """
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """The app's benchmarks: start-up, app vs headless training, GUI responsiveness, memory, plot cost (offscreen).
 
-Each returns an engine.benchmarks.common.Section; app/bench.py runs them with the engine's and writes the results.
+Each returns a bench.common.Section; bench/run.py runs them with the engine's and writes the results.
 """
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from engine.benchmarks.common import REPO, Figure, Section, alternate, median, rss_mib
+from bench.common import REPO, Figure, Section, alternate, median, rss_mib
 
 # Run in a fresh interpreter: `python main.py PROJECT` with a hook that reports when the main window has been
 # shown and the event loop has run once (its first paint is queued by then), then exits.
@@ -148,7 +148,7 @@ class Heartbeat:
 
 
 def _bench_project(tmp: Path, *, per_class: int, size: int, epochs: int) -> Path:
-    from engine.benchmarks.overhead import write_images
+    from bench.overhead import write_images
     from engine.config import from_dict, save_project
 
     data = write_images(tmp / "images", classes=4, per_class=per_class, size=size)

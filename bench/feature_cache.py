@@ -13,7 +13,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from engine.benchmarks.common import DIGITS, Figure, Section, alternate, machine, median
+from bench.common import DIGITS, Figure, Section, alternate, machine, median
 
 
 def _project(data: Path, size: int, freeze: dict[str, Any], mode: str, epochs: int):

@@ -1,6 +1,6 @@
 """`make bench`: run the engine's and the app's benchmarks, write docs/bench/results.{json,md}, update the README.
 
-    python -m app.bench [--quick] [--out DIR] [--readme PATH] [--only NAME ...]
+    python -m bench [--quick] [--out DIR] [--readme PATH] [--only NAME ...]
 
 A benchmark that raises is recorded as skipped, with the first line of its error, and the others still run.
 The README's table goes between the markers <!-- bench:start --> and <!-- bench:end -->; without them the README
@@ -19,18 +19,18 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from engine.benchmarks.common import REPO, Figure, Section, machine
+from bench.common import REPO, Figure, Section, machine
 
 START, END = "<!-- bench:start -->", "<!-- bench:end -->"
 
 
 def _engine(module: str) -> Callable[[bool], Any]:
-    return lambda quick: importlib.import_module(f"engine.benchmarks.{module}").run(quick)
+    return lambda quick: importlib.import_module(f"bench.{module}").run(quick)
 
 
 def _app(name: str) -> Callable[[bool], Any]:
     # Qt is imported only when one of the app's benchmarks runs.
-    return lambda quick: getattr(importlib.import_module("app.benchmarks"), name)(quick)
+    return lambda quick: getattr(importlib.import_module("bench.gui"), name)(quick)
 
 
 # Name on the command line (--only) -> a callable giving one Section or a list of them.
@@ -238,7 +238,7 @@ def run_sections(names: Sequence[str], quick: bool, *, echo: Callable[[str], Non
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m app.bench", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer repetitions and smaller sizes (a smoke run)")
     parser.add_argument("--out", type=Path, default=REPO / "docs" / "bench",
                         help="folder for results.json and results.md (default docs/bench)")

@@ -7,8 +7,8 @@ import json
 import pytest
 import torch
 
-from app import bench
-from engine.benchmarks.common import Figure, Section
+from bench import run as bench
+from bench.common import Figure, Section
 
 INFO = {"platform": "Linux-6.1-x86_64", "processor": "x86_64", "cpu_count": 16, "python": "3.12.1",
         "torch": "2.4.0", "torch_threads": 16, "gpu": "NVIDIA H200", "cpu": "AMD EPYC 9654"}

@@ -18,8 +18,8 @@ from typing import Any, Callable
 
 import torch
 
-from engine.benchmarks.common import Figure, Section, alternate, median
-from engine.benchmarks.overhead import project, write_images
+from bench.common import Figure, Section, alternate, median
+from bench.overhead import project, write_images
 
 TITLE = "GPU paths: Trainer vs a hand-written loop with the same options"
 BATCH = 64

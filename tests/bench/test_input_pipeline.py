@@ -2,7 +2,7 @@
 import json
 import math
 
-from engine.benchmarks import input_pipeline
+from bench import input_pipeline
 
 
 def test_quick_run_gives_a_well_formed_section():

@@ -17,7 +17,7 @@ import time
 
 import torch
 
-from engine.benchmarks.common import REPO, Figure, Section, alternate, machine, median, ratio
+from bench.common import REPO, Figure, Section, alternate, machine, median, ratio
 from engine.collate import get_collate
 from engine.config import ProjectConfig, load_project
 from engine.data import prepare_data

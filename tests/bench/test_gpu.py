@@ -6,7 +6,7 @@ import time
 import pytest
 import torch
 
-from engine.benchmarks import gpu
+from bench import gpu
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a CUDA GPU")

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from engine.benchmarks.common import Figure, Section, alternate, median
+from bench.common import Figure, Section, alternate, median
 
 
 def write_images(root: Path, classes: int, per_class: int, size: int, seed: int = 0) -> Path:

@@ -1,8 +1,8 @@
 """The feature-cache benchmark runs and reports well-formed figures (its speed is the benchmark's business)."""
 import math
 
-from engine.benchmarks.common import Section
-from engine.benchmarks.feature_cache import run
+from bench.common import Section
+from bench.feature_cache import run
 
 
 def test_quick_run_reports_every_figure():
