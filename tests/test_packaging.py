@@ -3,6 +3,7 @@ imports from the wheel alone (no module importing something the wheel leaves out
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -29,9 +30,15 @@ sys.exit(1 if failed else 0)
 
 
 def test_the_wheel_holds_every_product_module_and_each_imports_from_it(tmp_path):
-    # --no-build-isolation: the venv's setuptools builds it, nothing is downloaded
+    # Built from a copy of what the sdist holds, so setuptools' build/ and egg-info stay out of the source tree;
+    # --no-build-isolation: the venv's setuptools builds it, nothing is downloaded.
+    source = tmp_path / "source"
+    for package in PRODUCT:
+        shutil.copytree(ROOT / package, source / package, ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("main.py", "pyproject.toml", "README.md"):
+        shutil.copy2(ROOT / name, source / name)
     subprocess.run([sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "--no-build-isolation",
-                    "--wheel-dir", str(tmp_path / "dist"), str(ROOT)], check=True, cwd=tmp_path, timeout=600)
+                    "--wheel-dir", str(tmp_path / "dist"), str(source)], check=True, cwd=tmp_path, timeout=600)
     wheel = next((tmp_path / "dist").glob("model_workbench-*.whl"))
     site = tmp_path / "site"
     with zipfile.ZipFile(wheel) as archive:
