@@ -16,7 +16,7 @@ from typing import Any, Callable
 from PySide6.QtCore import QObject, QProcess, QProcessEnvironment, QTimer, Signal, Slot
 
 from engine.config import ConfigError, ProjectConfig
-from engine.events import decode
+from engine.events import BatchProgress, EpochFinished, Event, LogMessage, RunFinished, RunStarted, decode, to_dict
 from engine.run_lock import CLAIM_ENV, FolderBusyError, release_run_dir
 
 # torchrun gives its workers 30 s after passing SIGINT on before it kills them; past this the app kills the tree.
@@ -131,9 +131,6 @@ class ProcessRun(QObject):
         self._errors: dict[int, str] = {}  # each rank's first "error: ..." line
         self._exit_codes: dict[int, int] = {}  # ranks torchrun saw fail, with their exit codes
         self._traceback: list[str] = []  # a traceback of torchrun's own, held until its last line says what it is
-        # Rank 0 says each log message twice, as a "log" event and as a plain line (its console reporter), on
-        # two streams torchrun passes on independently: the lines shown once, waiting for their twin.
-        self._twins = {"event": collections.Counter(), "plain": collections.Counter()}
         self._result: dict[str, Any] | None = None  # rank 0's run_finished event
         self._progress = {"epoch": 0, "epochs": 0, "best_epoch": None}
         self._ended = False
@@ -298,7 +295,7 @@ class ProcessRun(QObject):
         if error and rank not in self._errors:
             self._errors[rank] = error.group(1)
         if rank == 0:
-            self._log_rank_0(text, "plain")
+            self._log_rank_0(text)
         else:
             self.rank_logged.emit(rank, text)
 
@@ -323,35 +320,29 @@ class ProcessRun(QObject):
             self._tail.append(text)
             self.logged.emit(text)
 
-    def _log_rank_0(self, line: str, kind: str) -> None:
-        """Show a line of rank 0's log once, whether it came as an event, a plain line, or both."""
-        twin = self._twins["plain" if kind == "event" else "event"]
-        if twin[line]:
-            twin[line] -= 1
-            return
-        self._twins[kind][line] += 1
+    def _log_rank_0(self, line: str) -> None:
+        """A line of rank 0's log: with --events its messages come only as events, so each is shown once."""
         self.rank_logged.emit(0, line)
         self.logged.emit(line)
 
-    def _on_event(self, event: dict[str, Any]) -> None:
-        kind = event.pop("event")
-        if kind == "log":
-            for line in str(event.get("message", "")).splitlines():
+    def _on_event(self, event: Event) -> None:
+        if isinstance(event, LogMessage):
+            for line in event.message.splitlines():
                 if line.strip():
-                    self._log_rank_0(line, "event")
-        elif kind == "run_started":
-            self.global_step = int(event.get("global_step") or 0)
-            self._progress.update(epoch=int(event.get("start_epoch") or 0), epochs=int(event.get("epochs") or 0))
-            self.run_started.emit(event)
-        elif kind == "batch":
-            self.global_step = int(event.get("global_step") or self.global_step)
-            self.batch_finished.emit(event)
-        elif kind == "epoch":
-            self._progress.update(epoch=int(event.get("epoch") or 0), epochs=int(event.get("epochs") or 0),
-                                  best_epoch=event.get("best_epoch"))
-            self.epoch_finished.emit(event)
-        elif kind == "run_finished":
-            self._result = event
+                    self._log_rank_0(line)
+        elif isinstance(event, RunStarted):
+            self.global_step = event.global_step
+            self._progress.update(epoch=event.start_epoch, epochs=event.epochs)
+            self.run_started.emit(to_dict(event))
+        elif isinstance(event, BatchProgress):
+            self.global_step = event.global_step
+            self.batch_finished.emit(to_dict(event))
+        elif isinstance(event, EpochFinished):
+            self._progress.update(epoch=int(event.metrics.get("epoch") or 0), epochs=event.epochs,
+                                  best_epoch=event.best_epoch)
+            self.epoch_finished.emit(to_dict(event))
+        elif isinstance(event, RunFinished):
+            self._result = to_dict(event)
 
     # -- the end -------------------------------------------------------------------------------
     @Slot()

@@ -7,7 +7,6 @@ import ctypes.util
 import sys
 import threading
 import time
-import traceback
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -16,11 +15,10 @@ from PySide6.QtWidgets import QApplication
 
 from app.process_run import Launcher, ProcessRun, run_processes
 from engine.config import ProjectConfig
+from engine.events import BatchProgress, EpochFinished, Event, LogMessage, RunFinished, RunStarted, to_dict
 
 if TYPE_CHECKING:  # the engine's trainer imports torch: loaded on the worker thread, off the window's start-up
     from engine.trainer import Trainer, TrainState
-
-UPDATE_INTERVAL = 0.1  # seconds: at most 10 batch updates a second wake the GUI, the newest always included
 
 
 def release_freed_memory() -> bool:
@@ -38,79 +36,43 @@ def release_freed_memory() -> bool:
         return False
 
 
-class QtBridge:
-    """The trainer's callbacks (on the worker thread) turned into plain-value signals of the worker.
+class StepCounter:
+    """A trainer callback that keeps the worker's global_step current at every batch (the events are throttled).
 
-    It implements every hook of engine.trainer.Callback (the trainer calls them by name), without importing
-    the trainer's module, which would pull PyTorch into the window's start-up.
+    It implements every hook of engine.trainer.Callback (the trainer calls them by name), without importing the
+    trainer's module, which would pull PyTorch into the window's start-up."""
 
-    Batch losses are buffered and sent at most every UPDATE_INTERVAL, so a fast loop cannot flood the
-    event loop; nothing is lost (every point is in some update) and epoch/run ends flush the buffer.
-    """
-
-    def __init__(self, worker: "TrainingWorker", run_dir: Path):
+    def __init__(self, worker: "TrainingWorker"):
         self.worker = worker
-        self.run_dir = run_dir
-        self._points: list[tuple[int, float]] = []
-        self._last_emit = 0.0
-        self._started = 0.0
 
     def on_log(self, trainer: Trainer, message: str) -> None:
-        self.worker.logged.emit(message)
+        pass
 
     def on_run_started(self, trainer: Trainer, state: TrainState) -> None:
-        self._started = time.monotonic()
-        self.worker.run_started.emit({
-            "run_dir": str(self.run_dir), "epochs": state.epochs, "start_epoch": state.start_epoch,
-            "batches_per_epoch": state.batches_per_epoch, "device": state.device,
-            "global_step": state.global_step, "history": [dict(m) for m in state.history],
-        })
+        self.worker.global_step = state.global_step
 
     def on_batch_finished(self, trainer: Trainer, state: TrainState, loss: float) -> None:
         self.worker.global_step = state.global_step  # an int: safe to read from the GUI thread
-        self._points.append((state.global_step, float(loss)))
-        now = time.monotonic()
-        if now - self._last_emit >= UPDATE_INTERVAL:
-            self._flush(trainer, state, now)
-
-    def _flush(self, trainer: Trainer, state: TrainState, now: float | None = None) -> None:
-        if not self._points:
-            return
-        now = now if now is not None else time.monotonic()
-        self._last_emit = now
-        points, self._points = self._points, []
-        groups = trainer.parts.optimizer.param_groups if trainer.parts else []
-        self.worker.batch_finished.emit({
-            "epoch": state.epoch, "epochs": state.epochs, "batch": state.batch,
-            "batches_per_epoch": state.batches_per_epoch, "global_step": state.global_step,
-            "steps": [s for s, _ in points], "losses": [v for _, v in points], "loss": points[-1][1],
-            "lr": max((float(g["lr"]) for g in groups), default=None), "elapsed": now - self._started,
-        })
 
     def on_epoch_finished(self, trainer: Trainer, state: TrainState, metrics: dict[str, Any]) -> None:
-        self._flush(trainer, state)
-        checkpoints = self.run_dir / "checkpoints"
-        self.worker.epoch_finished.emit({
-            **{k: v for k, v in metrics.items()}, "epochs": state.epochs, "global_step": state.global_step,
-            "best_epoch": state.best_epoch, "checkpoint": str(checkpoints / f"epoch-{state.epoch:03d}.pt"),
-            "last_checkpoint": str(checkpoints / "last.pt"), "elapsed": time.monotonic() - self._started,
-        })
+        pass
 
     def on_run_finished(self, trainer: Trainer, state: TrainState) -> None:
-        self._flush(trainer, state)
+        pass
 
 
 class TrainingWorker(QObject):
-    """Owns one Trainer; run() executes on the worker thread. Every signal carries plain Python values."""
+    """Runs one RunSession; run() executes on the worker thread. Every signal carries plain Python values: the
+    session's events (engine/events.py) as dicts, throttled by the session's emitter."""
 
     logged = Signal(str)
     run_started = Signal(dict)
     batch_finished = Signal(dict)
     epoch_finished = Signal(dict)
-    run_finished = Signal(dict)  # status, run_dir, epoch, epochs, best_epoch, stopped_early, error, traceback
+    run_finished = Signal(dict)  # engine.events.RunFinished's fields
     done = Signal()
 
-    def __init__(self, cfg: ProjectConfig, stop_event: threading.Event, *, resume_from: str | None = None,
+    def __init__(self, cfg: ProjectConfig | None, stop_event: threading.Event, *, resume_from: str | None = None,
                  epochs: int | None = None, init_from: str | None = None):
         super().__init__()
         self.cfg, self.stop_event = cfg, stop_event
@@ -118,57 +80,44 @@ class TrainingWorker(QObject):
         self.run_dir: Path | None = None
         self.global_step = 0  # the trainer's step right now, ahead of the throttled signals
 
+    def _on_event(self, event: Event) -> None:
+        """The session's output: each event becomes its signal (emitted on the worker thread, delivered on the
+        GUI thread)."""
+        if isinstance(event, LogMessage):
+            self.logged.emit(event.message)
+            return
+        signal = {RunStarted: self.run_started, BatchProgress: self.batch_finished,
+                  EpochFinished: self.epoch_finished, RunFinished: self.run_finished}[type(event)]
+        signal.emit(to_dict(event))
+
     @Slot()
     def run(self) -> None:
         from engine.checkpoints import load_checkpoint
-        from engine.run_lock import release_run_dir
-        from engine.runs import create_run_dir, resume_config, resume_run_dir, run_callbacks
-        from engine.trainer import Trainer
+        from engine.runs import resume_config
+        from engine.session import RunSession, apply_init_from, failed_before_start
 
-        result: dict[str, Any] = {"status": "failed", "run_dir": None, "epoch": 0, "epochs": 0,
-                                  "best_epoch": None, "stopped_early": False, "error": None, "traceback": None,
-                                  "error_type": None}
-        fresh = self.resume_from is None
         try:
-            cfg, resume = self.cfg, None
+            session_args: dict[str, Any] = {"outputs": [self._on_event], "callbacks": [StepCounter(self)],
+                                            "stop_event": self.stop_event, "log": self.logged.emit}
             if self.resume_from is not None:
                 resume = load_checkpoint(self.resume_from)
                 cfg = resume_config(resume, self.resume_from, epochs=self.epochs, epochs_field="epochs")
-                self.run_dir = resume_run_dir(Path(self.resume_from), None, log=self.logged.emit)
+                session = RunSession(cfg, resume=resume, checkpoint=self.resume_from, **session_args)
             else:
                 if self.init_from:
-                    cfg.model.weights, cfg.model.weights_file = None, str(Path(self.init_from).resolve())
-                self.run_dir = create_run_dir(cfg, log=self.logged.emit)
-            result["run_dir"] = str(self.run_dir)
-            self.logged.emit(f"Run folder: {self.run_dir}")
-            trainer = Trainer(cfg, [*run_callbacks(cfg, self.run_dir), QtBridge(self, self.run_dir)],
-                              stop_event=self.stop_event, resume=resume)
-            state = trainer.run()
-            result.update(status=state.status, epoch=state.epoch, epochs=state.epochs,
-                          best_epoch=state.best_epoch, stopped_early=state.stopped_early)
-        except BaseException as exc:  # noqa: BLE001 - shown to the user; the thread must end cleanly
-            result.update(error=_message(exc), error_type=type(exc).__name__, traceback=traceback.format_exc())
-            release_run_dir(self.run_dir)
-            if fresh and self.run_dir is not None and self.run_dir.is_dir() and not any(self.run_dir.iterdir()):
-                self.run_dir.rmdir()  # failed before anything was written: leave no empty run folder
-                result["run_dir"] = None
-        finally:
-            release_run_dir(self.run_dir)
-            self.run_finished.emit(result)
+                    apply_init_from(self.cfg, self.init_from)
+                session = RunSession(self.cfg, **session_args)
+        except Exception as exc:  # noqa: BLE001 - shown to the user; the thread must end cleanly
+            self._on_event(failed_before_start(exc))
             self.done.emit()
-
-
-def _message(exc: BaseException) -> str:
-    """What the user reads: the engine's own message for input errors, the type and message otherwise."""
-    from engine.cli import _run_faults, _user_errors
-
-    if isinstance(exc, _user_errors() + _run_faults()):
-        return str(exc)
-    if isinstance(exc, MemoryError) or "out of memory" in str(exc).lower():
-        return (f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}\n"
-                "The device ran out of memory: lower loader.batch_size or data.image_size.")
-    first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-    return f"{type(exc).__name__}: {first}" if first else type(exc).__name__
+            return
+        try:
+            self.run_dir = session.prepare()
+            session.run()
+        except Exception as exc:  # noqa: BLE001 - preparing failed (the run folder is taken, cannot be made)
+            self._on_event(failed_before_start(exc))
+        finally:
+            self.done.emit()
 
 
 class TrainingController(QObject):

@@ -7,70 +7,49 @@ import sys
 import threading
 import traceback
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Sequence, TextIO
+
+from engine.config import DEVICES, ConfigError
+from engine.events import BatchProgress, EpochFinished, Event, JsonLines, LogMessage, Output, RunFinished, RunStarted
+from engine.session import RunSession, apply_init_from, error_kind, failed_before_start
 
 EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 0, 1, 2, 130
 
 
-def _user_errors() -> tuple[type[BaseException], ...]:
-    """Errors caused by the user's input: a message is enough, a traceback would only confuse."""
-    from engine.backbones import WeightsError
-    from engine.checkpoints import CheckpointError
-    from engine.config import ConfigError
-    from engine.data import DataError
-    from engine.samplers import SamplerError
-
-    from engine.export import ExportError
-    from engine.run_lock import FolderBusyError
-
-    return ConfigError, DataError, WeightsError, SamplerError, CheckpointError, ExportError, FolderBusyError
-
-
-def _run_faults() -> tuple[type[BaseException], ...]:
-    """Failures that stop a run for a reason outside the code (a diverging loss, a full disk, a device out of
-    memory): their message says what happened and what to change; a traceback would add nothing."""
-    from engine.checkpoints import CheckpointWriteError
-    from engine.trainer import DeviceOutOfMemoryError, NonFiniteLossError, PeerProcessError
-
-    return NonFiniteLossError, CheckpointWriteError, DeviceOutOfMemoryError, PeerProcessError
-
-
-class ConsoleReporter:
-    """A progress bar per epoch on stderr and one summary line per epoch (the CLI's bridge to the trainer).
+class ConsoleOutput:
+    """A run's events on the console (stderr): a progress bar per epoch and one summary line per epoch.
 
     progress=False leaves out the bar (a parent process reads the output line by line, or a rank other than 0).
     """
 
-    def __init__(self, stream=None, *, progress: bool = True, prefix: str = ""):
+    def __init__(self, stream: TextIO | None = None, *, progress: bool = True, prefix: str = ""):
         from tqdm import tqdm
 
         self._tqdm = tqdm
         self.stream = stream if stream is not None else sys.stderr  # the stderr of now, as every other message
         self.progress = progress
         self.prefix = prefix  # "[rank N] " for the other processes of a multi-process run
-        self.bar = None
+        self.bar: Any = None
 
-    def on_log(self, trainer, message: str) -> None:
-        self._write(message)
-
-    def on_run_started(self, trainer, state) -> None:
-        self._write(f"Training on {state.device}: {state.epochs} epoch(s) of {state.batches_per_epoch} batches")
-
-    def on_batch_finished(self, trainer, state, loss: float) -> None:
-        if not self.progress:
-            return
-        if self.bar is None:
-            self.bar = self._tqdm(total=state.batches_per_epoch, desc=f"epoch {state.epoch}/{state.epochs}",
-                                  file=self.stream, leave=False, dynamic_ncols=True, mininterval=0.25)
-        self.bar.update(1)
-        self.bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
-
-    def on_epoch_finished(self, trainer, state, metrics: dict[str, Any]) -> None:
-        self._close_bar()
-        self._write(format_metrics(metrics))
-
-    def on_run_finished(self, trainer, state) -> None:
-        self._close_bar()
+    def __call__(self, event: Event) -> None:
+        if isinstance(event, LogMessage):
+            self._write(event.message)
+        elif isinstance(event, RunStarted):
+            self._write(f"Training on {event.device}: {event.epochs} epoch(s) of {event.batches_per_epoch} batches")
+        elif isinstance(event, BatchProgress):
+            if not self.progress:
+                return
+            if self.bar is None:
+                self.bar = self._tqdm(total=event.batches_per_epoch, desc=f"epoch {event.epoch}/{event.epochs}",
+                                      initial=event.batch - len(event.steps), file=self.stream, leave=False,
+                                      dynamic_ncols=True, mininterval=0.25)
+            self.bar.update(len(event.steps))
+            self.bar.set_postfix(loss=f"{event.loss:.4f}", refresh=False)
+        elif isinstance(event, EpochFinished):
+            self._close_bar()
+            self._write(format_metrics(event.metrics))
+        elif isinstance(event, RunFinished):
+            self._close_bar()
 
     def _close_bar(self) -> None:
         if self.bar is not None:
@@ -102,7 +81,7 @@ def format_metrics(m: dict[str, Any]) -> str:
 
 
 def _load(project: str, overrides: argparse.Namespace | None = None):
-    from engine.config import ConfigError, from_dict, load_project
+    from engine.config import from_dict, load_project
 
     cfg = load_project(project)
     epochs = getattr(overrides, "epochs", None)
@@ -167,86 +146,46 @@ def _wants_relaunch(cfg) -> bool:
     return cfg.distributed.processes > 1 and world_from_env() is None
 
 
-def _shared_run_dir(make, dist) -> Path:
-    """Rank 0 makes the run folder and tells the others (one folder per run, written by rank 0 only)."""
-    if dist is None:
-        return make()
-    from engine.config import ConfigError
-    from engine.distributed import broadcast_object
-
-    made, problem = None, None
-    if dist.is_main:
-        try:
-            made = make()
-        except ConfigError as exc:
-            problem = exc.problems
-    made, problem = broadcast_object((str(made) if made else None, problem), dist)
-    if problem:
-        raise ConfigError(problem)
-    return Path(made)
-
-
 def cmd_train(args: argparse.Namespace) -> int:
-    from engine.runs import create_run_dir
-
     cfg = _load(args.project, args)
     if _wants_relaunch(cfg):
         return _relaunch(args, cfg.distributed.processes)
     if args.init_from:
-        from engine.config import ConfigError
-
         if cfg.model.weights or cfg.model.weights_file:
             raise ConfigError(["--init-from replaces the project's model.weights / model.weights_file; "
                                "remove them from the project or drop --init-from"])
         if not Path(args.init_from).is_file():
             raise ConfigError([f"--init-from {args.init_from!r}: no such file"])
-        cfg.model.weights_file = str(Path(args.init_from).resolve())
-    from engine.distributed import init_from_env
-
-    dist = init_from_env(cfg)
-    return _train(cfg, _shared_run_dir(lambda: create_run_dir(cfg, args.out), dist), events=args.events)
+        apply_init_from(cfg, args.init_from)
+    return _train(RunSession(cfg, out=args.out), events=args.events)
 
 
 def cmd_resume(args: argparse.Namespace) -> int:
     from engine.checkpoints import load_checkpoint
-    from engine.runs import resume_config, resume_run_dir
+    from engine.runs import resume_config
 
     ckpt = load_checkpoint(args.checkpoint)
     cfg = resume_config(ckpt, args.checkpoint, epochs=args.epochs, epochs_field="--epochs",
                         processes=args.processes)
     if _wants_relaunch(cfg):
         return _relaunch(args, cfg.distributed.processes)
-    from engine.distributed import init_from_env
-
-    dist = init_from_env(cfg)
-    run_dir = _shared_run_dir(lambda: resume_run_dir(Path(args.checkpoint), args.out), dist)
-    return _train(cfg, run_dir, resume=ckpt, events=args.events)
+    return _train(RunSession(cfg, resume=ckpt, checkpoint=args.checkpoint, out=args.out), events=args.events)
 
 
-def _train(cfg, run_dir: Path, resume: dict | None = None, *, events: bool = False) -> int:
-    from engine.distributed import context, shutdown
-    from engine.run_lock import release_run_dir
-    from engine.runs import run_callbacks
-    from engine.trainer import Trainer
+def _train(session: RunSession, *, events: bool = False) -> int:
+    """The CLI's adapter to a RunSession: its events on the console (and as JSON lines with --events), Ctrl-C
+    and SIGTERM as a stop after the batch, and the outcome as an exit code."""
+    session.prepare()
+    dist, main_rank = session.dist, session.is_main
+    outputs: list[Output] = []
+    if main_rank and events:
+        outputs.append(JsonLines())  # the log goes to the parent as events, not a second time as plain lines
+    else:
+        outputs.append(ConsoleOutput(progress=main_rank, prefix="" if main_rank else f"[rank {dist.rank}] "))
+    session.outputs = outputs
+    stop = session.stop_event
 
-    dist = context()
-    main_rank = dist is None or dist.is_main
-    stop = threading.Event()
-    callbacks: list[Any] = []
-    writer = None
-    if main_rank:
-        callbacks += run_callbacks(cfg, run_dir)
-        if events:
-            from engine.events import EventWriter
-
-            writer = EventWriter(run_dir, world_size=dist.world_size if dist else 1)
-            callbacks.append(writer)
-    callbacks.append(ConsoleReporter(progress=main_rank and not events,
-                                     prefix="" if main_rank else f"[rank {dist.rank}] "))
-    trainer = Trainer(cfg, callbacks, stop_event=stop, resume=resume)
-    fresh = resume is None
-
-    def on_sigint(signum, frame):
+    def on_sigint(signum: int, frame: Any) -> None:
         if stop.is_set():
             if dist is not None:  # torchrun passes a terminal's Ctrl-C on a second time: already stopping
                 return
@@ -254,7 +193,7 @@ def _train(cfg, run_dir: Path, resume: dict | None = None, *, events: bool = Fal
         print("\nStopping after this batch (Ctrl-C again to abort)...", file=sys.stderr, flush=True)
         stop.set()
 
-    def on_sigterm(signum, frame):
+    def on_sigterm(signum: int, frame: Any) -> None:
         # torchrun ends the other processes with SIGTERM when one fails (and passes its own SIGTERM on): stop
         # after the batch like Ctrl-C; a process waiting for a dead peer then fails with its one-line message.
         stop.set()
@@ -262,43 +201,30 @@ def _train(cfg, run_dir: Path, resume: dict | None = None, *, events: bool = Fal
     main_thread = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGINT, on_sigint) if main_thread else None
     previous_term = signal.signal(signal.SIGTERM, on_sigterm) if main_thread and dist is not None else None
-    if main_rank:
-        print(f"Run folder: {run_dir}", file=sys.stderr, flush=True)
-    result = {"status": "failed", "run_dir": str(run_dir), "epoch": 0, "epochs": cfg.train.epochs,
-              "best_epoch": None, "stopped_early": False, "error": None, "error_type": None}
+    _finished_sent.append(True)  # the session reports its end to the outputs, however it ends
     try:
-        state = trainer.run()
-    except BaseException as exc:
-        release_run_dir(run_dir)
-        if main_rank and fresh and run_dir.is_dir() and not any(run_dir.iterdir()):
-            run_dir.rmdir()  # the project failed before training began: leave no empty run folder behind
-            result["run_dir"] = None
-        if writer is not None:
-            done = trainer.state.history[-1]["epoch"] if trainer.state.history else trainer.state.start_epoch
-            result.update(epoch=done, error=_error_text(exc), error_type=type(exc).__name__)  # the last finished
-            writer.finished(result)
-            _finished_sent.append(True)
-        raise
+        result = session.run()
     finally:
         if previous is not None:
             signal.signal(signal.SIGINT, previous)
         if previous_term is not None:
             signal.signal(signal.SIGTERM, previous_term)
-        release_run_dir(run_dir)  # after every callback wrote its last line into the folder
-        shutdown()
-    if writer is not None:
-        result.update(status=state.status, epoch=state.epoch, epochs=state.epochs, best_epoch=state.best_epoch,
-                      stopped_early=state.stopped_early)
-        writer.finished(result)
+    if result.status == "failed":
+        if result.traceback:
+            print(result.traceback, file=sys.stderr, end="")
+            print(f"error: train failed: {result.error}", file=sys.stderr)
+        else:
+            print(f"error: {result.error}", file=sys.stderr)
+        return EXIT_BAD_INPUT if result.kind == "input" else EXIT_FAILED
     if not main_rank:
-        return EXIT_INTERRUPTED if state.status == "stopped" else EXIT_OK
-    if state.status == "stopped":
-        print(f"Stopped after {state.epoch} of {state.epochs} epoch(s); results so far are in {run_dir}",
+        return EXIT_INTERRUPTED if result.status == "stopped" else EXIT_OK
+    if result.status == "stopped":
+        print(f"Stopped after {result.epoch} of {result.epochs} epoch(s); results so far are in {result.run_dir}",
               file=sys.stderr)
         return EXIT_INTERRUPTED
-    how = " (stopped early)" if state.stopped_early else ""
-    print(f"Done: {state.epoch} epoch(s){how}; model saved to {run_dir / 'checkpoints' / 'final.pt'}",
-          file=sys.stderr)
+    how = " (stopped early)" if result.stopped_early else ""
+    print(f"Done: {result.epoch} epoch(s){how}; model saved to "
+          f"{Path(result.run_dir or '.') / 'checkpoints' / 'final.pt'}", file=sys.stderr)
     return EXIT_OK
 
 
@@ -308,11 +234,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from engine.evaluate import evaluate_checkpoint
 
     if args.top < 0:
-        from engine.config import ConfigError
 
         raise ConfigError([f"--top = {args.top}: must be 0 or more"])
     if args.json and not Path(args.json).resolve().parent.is_dir():
-        from engine.config import ConfigError
 
         raise ConfigError([f"--json {args.json!r}: folder {str(Path(args.json).resolve().parent)!r} does not exist"])
     ev = evaluate_checkpoint(args.checkpoint, data=args.data, top_n=args.top, device=args.device)
@@ -353,8 +277,6 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 def cmd_export(args: argparse.Namespace) -> int:
     from engine.export import default_suffix, export_checkpoint
-
-    from engine.config import ConfigError
 
     checkpoint = Path(args.checkpoint)
     # TorchScript's usual suffix is the checkpoint's own (.pt): name the format so the two never collide.
@@ -405,7 +327,6 @@ def cmd_layers(args: argparse.Namespace) -> int:
     cfg = _load(args.project)
     num_outputs = args.classes
     if num_outputs is not None and num_outputs < 1:
-        from engine.config import ConfigError
 
         raise ConfigError([f"--classes = {num_outputs}: must be at least 1"])
     if num_outputs is None:
@@ -444,21 +365,7 @@ def _report_failure_event(args: argparse.Namespace, exc: BaseException) -> None:
 
     if os.environ.get("RANK", "0") != "0":
         return
-    from engine.events import EventWriter
-
-    EventWriter(Path(".")).finished({"status": "failed", "run_dir": None, "epoch": 0, "epochs": 0,
-                                     "best_epoch": None, "stopped_early": False, "error": _error_text(exc),
-                                     "error_type": type(exc).__name__})
-
-
-def _error_text(exc: BaseException) -> str:
-    """A failure as the user reads it: the message alone for input errors and run faults."""
-    if isinstance(exc, _user_errors() + _run_faults()):
-        return str(exc)
-    if isinstance(exc, KeyboardInterrupt):
-        return "aborted"
-    first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-    return f"{type(exc).__name__}: {first}" if first else type(exc).__name__
+    JsonLines()(failed_before_start(exc))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -494,7 +401,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", help="a folder, CSV or .npz to evaluate (default: the run's validation split)")
     p.add_argument("--json", metavar="OUT", help="also write every figure to this JSON file")
     p.add_argument("--top", type=int, default=20, help="how many highest-loss samples to list (default 20)")
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
+    p.add_argument("--device", default="auto", choices=DEVICES)
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("export", help="export a checkpoint's model and verify the file against PyTorch")
@@ -541,16 +448,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BrokenPipeError:  # `... | head` closed the pipe: the reader has what it wanted
         sys.stderr.close()
         return EXIT_OK
-    except _user_errors() as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return EXIT_BAD_INPUT
-    except Exception as exc:  # a failure in training itself: say what, keep the trace for a bug report
-        if isinstance(exc, _run_faults()):
-            print(f"error: {exc}", file=sys.stderr)
-        else:
+    except Exception as exc:  # say what; keep the trace for a bug report
+        kind = error_kind(exc)
+        if kind == "bug":
             traceback.print_exc()
             print(f"error: {args.command} failed: {exc}", file=sys.stderr)
-        return EXIT_FAILED
+        else:
+            print(f"error: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT if kind == "input" else EXIT_FAILED
 
 
 if __name__ == "__main__":

@@ -129,6 +129,17 @@ def _lock_fd(path: Path) -> tuple[int, dict[str, Any] | None]:
         return fd, stale if isinstance(stale, dict) else None
 
 
+def _owner_when_written(lock_file: Path, patience_s: float = 1.0) -> dict[str, Any]:
+    """The owner's record, waiting briefly when the owner has locked the file but not written it yet (it does so
+    right after locking: a refusal should name the process that holds the folder)."""
+    deadline = time.monotonic() + patience_s
+    while True:
+        owner = read_owner(lock_file)
+        if owner or time.monotonic() >= deadline:
+            return owner
+        time.sleep(0.01)
+
+
 def claim(lock_file: str | os.PathLike, what: str, *, log: Callable[[str], None] | None = None) -> Claim:
     """Claim what lock_file guards for this process, or raise FolderBusyError naming the process that holds it.
 
@@ -139,7 +150,7 @@ def claim(lock_file: str | os.PathLike, what: str, *, log: Callable[[str], None]
     try:
         fd, stale = _lock_fd(path)
     except FolderBusyError:
-        owner = read_owner(path)
+        owner = _owner_when_written(path)
         raise FolderBusyError(f"{what} is in use by {_describe(owner) if owner else 'another process'}; "
                               "wait for it to finish or choose another") from None
     except OSError as exc:

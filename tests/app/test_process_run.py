@@ -35,7 +35,6 @@ STAND_IN = textwrap.dedent(r'''
         event("log", message="Loader: no workers")
         event("run_started", **started)
         say("[rank 1] a warning from rank 1", rank=1, err=True)
-        say("Loader: no workers", rank=0, err=True)  # the console reporter's twin of the log event
         event("batch", epoch=1, epochs=2, batch=2, batches_per_epoch=3, global_step=2, steps=[1, 2],
               losses=[1.0, 0.9], loss=0.9, lr=0.01, elapsed=0.1)
         # A line torchrun tailed before its end was written: the rest follows after the header again.
@@ -45,8 +44,9 @@ STAND_IN = textwrap.dedent(r'''
         say(line[:40], rank=0, end="")
         say(line[40:], rank=0)
         say("epoch 1 " + "\r" + "epoch 1 100%", rank=1, err=True)
-        event("epoch", epoch=1, train_loss=0.9, val_loss=0.95, train_accuracy=0.5, val_accuracy=0.5, lr=0.01,
-              epochs=2, global_step=3, best_epoch=1, checkpoint="", last_checkpoint="", elapsed=0.3)
+        event("epoch", metrics=dict(epoch=1, train_loss=0.9, val_loss=0.95, train_accuracy=0.5, val_accuracy=0.5,
+                                    lr=0.01), epochs=2, global_step=3, best_epoch=1, checkpoint="",
+              last_checkpoint="", elapsed=0.3)
         say("plain line from rank 0", rank=0, err=True)
         event("run_finished", status="completed", run_dir=out, epoch=2, epochs=2, best_epoch=1,
               stopped_early=False, error=None, error_type=None)

@@ -13,7 +13,8 @@ import pytest
 from PySide6.QtWidgets import QLabel, QMessageBox
 
 from app.main_window import MainWindow
-from app.training import QtBridge
+from app.training import StepCounter
+from engine.events import EventEmitter
 from conftest import write_project
 from engine.config import ProjectConfig, validate
 from engine.trainer import Callback
@@ -82,12 +83,14 @@ def test_validation_without_the_catalog_leaves_out_only_the_catalog_checks():
     assert [p for p in full if "batch_size" in p] == [p for p in light if "batch_size" in p] != []
 
 
-def test_the_bridge_implements_every_trainer_hook():
-    """QtBridge does not subclass Callback (that would import the trainer at start-up): it must keep up with it."""
+def test_the_step_counter_implements_every_trainer_hook():
+    """The app's step counter does not subclass Callback (that would import the trainer at start-up): it must
+    keep up with it."""
     hooks = [name for name in vars(Callback) if name.startswith("on_")]
     assert hooks
     for name in hooks:
-        assert callable(getattr(QtBridge, name, None)), f"QtBridge lacks {name}"
+        assert callable(getattr(StepCounter, name, None)), f"StepCounter lacks {name}"
+        assert callable(getattr(EventEmitter, name, None)), f"EventEmitter lacks {name}"
 
 
 def test_held_tasks_start_in_order_and_cancel_all_forgets_them(qtbot):

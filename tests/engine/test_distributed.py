@@ -19,7 +19,7 @@ import torch
 from engine.checkpoints import load_checkpoint
 from engine.config import SamplerConfig
 from engine.distributed import torchrun_command
-from engine.events import decode
+from engine.events import BatchProgress, EpochFinished, RunFinished, RunStarted, decode
 from engine.samplers import SamplerError, ShardedSampler, build_sampler
 from conftest import write_image_folder, write_project
 
@@ -191,12 +191,12 @@ def test_a_one_process_checkpoint_resumes_in_two_processes_and_the_loss_falls(tm
     assert [m["epoch"] for m in history] == [1, 2, 3, 4]
     assert max(m["train_loss"] for m in history[1:]) < history[0]["train_loss"], history
     events = [e for e in map(decode, res.stdout.splitlines()) if e is not None]
-    kinds = collections.Counter(e["event"] for e in events)
-    assert kinds["run_started"] == 1 and kinds["epoch"] == 3 and kinds["run_finished"] == 1, kinds
-    started = next(e for e in events if e["event"] == "run_started")
-    assert started["world_size"] == 2 and started["start_epoch"] == 1
-    assert events[-1] == {**events[-1], "event": "run_finished", "status": "completed", "epoch": 4}
-    losses = [v for e in events if e["event"] == "batch" for v in e["losses"]]
+    kinds = collections.Counter(type(e).__name__ for e in events)
+    assert kinds["RunStarted"] == 1 and kinds["EpochFinished"] == 3 and kinds["RunFinished"] == 1, kinds
+    started = next(e for e in events if isinstance(e, RunStarted))
+    assert started.world_size == 2 and started.start_epoch == 1
+    assert isinstance(events[-1], RunFinished) and events[-1].status == "completed" and events[-1].epoch == 4
+    losses = [v for e in events if isinstance(e, BatchProgress) for v in e.losses]
     assert len(losses) == 3 * 3  # 3 epochs of 18 images per process in batches of 6
     assert "[rank 1] " in res.stderr  # the other process's log lines say whose they are
     ranks = [torch.load(dumps / f"rank-{r}.pt", weights_only=True) for r in range(2)]
@@ -216,9 +216,9 @@ def test_a_failing_rank_ends_the_run_with_its_error_and_the_checkpoints_stay(tmp
     assert "[default1]:" in out and "injected failure in rank 1 at step 5" in out
     # rank 0 says what happened to it in one line, and its last event tells a parent process the same
     assert "rank 0: another of the 2 processes failed or stopped answering at epoch 2" in out
-    finished = [e for e in map(decode, res.stdout.splitlines()) if e is not None and e["event"] == "run_finished"]
-    assert len(finished) == 1 and finished[0]["status"] == "failed" and finished[0]["error_type"] == "PeerProcessError"
-    assert finished[0]["epoch"] == 1  # the last epoch that finished, not the one cut short
+    finished = [e for e in map(decode, res.stdout.splitlines()) if isinstance(e, RunFinished)]
+    assert len(finished) == 1 and finished[0].status == "failed" and finished[0].error_type == "PeerProcessError"
+    assert finished[0].epoch == 1  # the last epoch that finished, not the one cut short
     assert [m["epoch"] for m in _metrics(tmp_path / "run")] == [1]
     assert load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")["epoch"] == 1
 
@@ -256,7 +256,7 @@ def test_ctrl_c_stops_every_process_after_the_batch_with_the_checkpoints_intact(
         for line in proc.stdout:  # wait until an epoch has finished (and was checkpointed)
             workers |= _children(proc.pid)
             event = decode(line)
-            if event is not None and event["event"] == "epoch":
+            if isinstance(event, EpochFinished):
                 break
         else:
             pytest.fail("the run ended before its first epoch: " + proc.stderr.read()[-3000:])
@@ -267,8 +267,8 @@ def test_ctrl_c_stops_every_process_after_the_batch_with_the_checkpoints_intact(
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
-    finished = [e for e in map(decode, rest.splitlines()) if e is not None and e["event"] == "run_finished"]
-    assert finished and finished[-1]["status"] == "stopped", err[-3000:]
+    finished = [e for e in map(decode, rest.splitlines()) if isinstance(e, RunFinished)]
+    assert finished and finished[-1].status == "stopped", err[-3000:]
     assert proc.returncode == 130
     deadline = time.monotonic() + 30
     while any(Path(f"/proc/{pid}").exists() and "zombie" not in _state(pid) for pid in workers) \
@@ -277,7 +277,7 @@ def test_ctrl_c_stops_every_process_after_the_batch_with_the_checkpoints_intact(
     assert not [pid for pid in workers if Path(f"/proc/{pid}").exists() and "zombie" not in _state(pid)]
     assert "processes end with the same weights and buffers" in err  # stopped in the same batch, buffers shared
     last = load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")
-    assert last["epoch"] == finished[-1]["epoch"] >= 1
+    assert last["epoch"] == finished[-1].epoch >= 1
     assert [m["epoch"] for m in _metrics(tmp_path / "run")] == list(range(1, last["epoch"] + 1))
 
 
