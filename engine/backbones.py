@@ -18,6 +18,7 @@ import torch
 import torchvision
 from torch import Tensor, nn
 
+from engine.checkpoints import CheckpointError, check_format_version, refused_pickle_reason, torch_load_weights_only
 from engine.config import DataConfig, ModelConfig
 from engine.transforms import Preprocess
 
@@ -77,7 +78,7 @@ def _weights_enum(backbone: str):
         return None
 
 
-def _timm_tags(arch: str) -> list[str]:
+def timm_tags(arch: str) -> list[str]:
     """The pretrained tags of a timm model that have weights, timm's default first."""
     from timm.models import get_arch_pretrained_cfgs, is_model_pretrained
 
@@ -91,7 +92,7 @@ def weight_names(backbone: str) -> list[str]:
     """
     arch = timm_model_name(backbone)
     if arch is not None:
-        tags = _timm_tags(arch)
+        tags = timm_tags(arch)
         return (["DEFAULT"] + tags if tags else []) + ([BUNDLED] if backbone == BUNDLED_BACKBONE else [])
     enum = _weights_enum(backbone)
     if enum is None:
@@ -153,7 +154,7 @@ def _timm_cfg(backbone: str, weights: str):
     from timm.models import get_pretrained_cfg
 
     arch = timm_model_name(backbone)
-    tag = _timm_tags(arch)[0] if weights == "DEFAULT" else weights
+    tag = timm_tags(arch)[0] if weights == "DEFAULT" else weights
     return get_pretrained_cfg(f"{arch}.{tag}", allow_unregistered=False)
 
 
@@ -304,7 +305,6 @@ def load_state_dict_file(path: str | os.PathLike) -> dict[str, Tensor]:
         except Exception as exc:  # SafetensorError is not importable under a stable name
             raise WeightsError(f"weights file {p.name} is truncated or not a safetensors file ({exc})") from None
     else:
-        from engine.checkpoints import refused_pickle_reason, torch_load_weights_only
 
         try:
             data = torch_load_weights_only(p)
@@ -319,7 +319,6 @@ def load_state_dict_file(path: str | os.PathLike) -> dict[str, Tensor]:
             first = str(exc).split(".")[0].strip() or type(exc).__name__
             raise WeightsError(f"weights file {p.name} is truncated, corrupt or not a PyTorch file ({first})") from None
     if isinstance(data, dict) and "format_version" in data:  # one of our checkpoints: a newer one may mean otherwise
-        from engine.checkpoints import CheckpointError, check_format_version
 
         try:
             check_format_version(data, p.name, what="weights file")
@@ -428,7 +427,6 @@ def _ensure_downloaded(backbone: str, weights: str, weight) -> None:
 def _refuse_unsafe_cache(backbone: str, weight) -> None:
     """torchvision unpickles its cached weights without weights_only: read the file restricted first, so a
     tampered cache file is refused here instead of run there."""
-    from engine.checkpoints import refused_pickle_reason, torch_load_weights_only
 
     cache = _cache_path(weight)
     if not cache.is_file():

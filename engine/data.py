@@ -632,7 +632,7 @@ def _npz_regression(file, y, file_names, given, keep, skip) -> tuple[list[str], 
 # Datasets
 
 
-def _target_tensor(target: Any, task: str) -> torch.Tensor:
+def target_tensor(target: Any, task: str) -> torch.Tensor:
     if task == "classification":
         return torch.tensor(target, dtype=torch.long)
     return torch.tensor(target, dtype=torch.float32)
@@ -660,7 +660,7 @@ class ImageFileDataset(Dataset):
         except Exception as exc:  # noqa: BLE001 - it decoded at scan time, so the file changed on disk
             raise DataError(f"cannot read image {path} (it changed since the dataset was scanned): {exc}") from exc
         x = self.transform(image) if self.transform is not None else _pil_to_float(image)
-        return x, _target_tensor(self.targets[index], self.task)
+        return x, target_tensor(self.targets[index], self.task)
 
 
 def _pil_to_float(image: Image.Image) -> torch.Tensor:
@@ -721,7 +721,7 @@ class ArrayDataset(Dataset):
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         row = self.array[index if self.rows is None else self.rows[index]]
         x = array_to_tensor(row) if self.transform is None else self.transform(array_to_image(row))
-        return x, _target_tensor(self.targets[index], self.task)
+        return x, target_tensor(self.targets[index], self.task)
 
 
 # ---------------------------------------------------------------------------------------------

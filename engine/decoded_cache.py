@@ -23,8 +23,9 @@ import torch
 from torch.utils.data import Dataset
 
 from engine.config import ProjectConfig
-from engine.data import (ArrayDataset, DataError, ImageFileDataset, PreparedData, Progress, _target_tensor,
+from engine.data import (ArrayDataset, DataError, ImageFileDataset, PreparedData, Progress, target_tensor,
                          array_to_image, load_image)
+from engine.machine import available_memory_bytes
 from engine.transforms import Preprocess, split_transforms
 
 MIB = 1024 * 1024
@@ -64,23 +65,11 @@ class DecodedImageDataset(Dataset):
         return self.flat[start:end].view(*(int(v) for v in self.shapes[index]))
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.transform(self.image(index)), _target_tensor(self.targets[index], self.task)
+        return self.transform(self.image(index)), target_tensor(self.targets[index], self.task)
 
 
 # ---------------------------------------------------------------------------------------------
 # Memory
-
-
-def available_memory_bytes() -> Optional[int]:
-    """MemAvailable from /proc/meminfo (Linux), or None when it cannot be read."""
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    return None
 
 
 def memory_bound(max_mb: Optional[int]) -> tuple[int, str]:

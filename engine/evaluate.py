@@ -14,7 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, SequentialSampler
 
-from engine.checkpoints import load_checkpoint, restore_model
+from engine.checkpoints import load_checkpoint
+from engine.restore import restore_model
 from engine.collate import get_collate
 from engine.data import ArrayDataset, DataError, ImageFileDataset, subset_dataset, prepare_data, scan_source
 from engine.samplers import plan_loader

@@ -21,7 +21,8 @@ import torch
 import torchvision
 from torch import nn
 
-from engine.checkpoints import load_checkpoint, restore_model
+from engine.checkpoints import load_checkpoint
+from engine.restore import restore_model
 from engine.run_lock import FolderBusyError, claim
 
 _SUFFIXES = {"torchscript": ".pt", "onnx": ".onnx", "state_dict": ".pth", "safetensors": ".safetensors", "pt2": ".pt2"}

@@ -9,7 +9,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from engine.checkpoints import CheckpointError, load_checkpoint, restore_model
+from engine.checkpoints import CheckpointError, load_checkpoint
+from engine.restore import restore_model
 from engine.data import DataError, array_to_image, load_image, to_rgb
 from engine.transforms import build_transforms
 

@@ -15,6 +15,7 @@ from engine.backbones import (LoadReport, WeightsError, build_model, list_backbo
 from engine.config import ModelConfig
 from widgets.state import ProjectState
 from widgets.tasks import Task, run_task
+from widgets.look import ERROR_STYLE
 
 OBJECT_NAMES = {
     "backbone.search": "filters the catalog by name (every word typed must appear in the name)",
@@ -413,7 +414,7 @@ class BackbonePanel(QWidget):
         label.setWordWrap(True)
         label.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse)
         if error:
-            label.setStyleSheet("color: #d9534f;")
+            label.setStyleSheet(ERROR_STYLE)
         label.hide()
         return label
 
@@ -742,9 +743,9 @@ class BackbonePanel(QWidget):
             return weight
         try:
             if timm_model_name(backbone) is not None:
-                from engine.backbones import _timm_tags  # timm's default tag is the first of its tags
+                from engine.backbones import timm_tags  # timm's default tag is the first of its tags
 
-                return f"DEFAULT ({_timm_tags(timm_model_name(backbone))[0]})"
+                return f"DEFAULT ({timm_tags(timm_model_name(backbone))[0]})"
             import torchvision
 
             return f"DEFAULT ({torchvision.models.get_model_weights(backbone).DEFAULT.name})"
@@ -757,7 +758,7 @@ class BackbonePanel(QWidget):
         self.file.setToolTip(str(self.state.config.resolve(file)) if file else "")
         self.clear_file.setEnabled(bool(file))
         if self._file_error:
-            self.file_note.setStyleSheet("color: #d9534f;")
+            self.file_note.setStyleSheet(ERROR_STYLE)
             self._show(self.file_note, self._file_error)
             return
         self.file_note.setStyleSheet("")
@@ -771,11 +772,11 @@ class BackbonePanel(QWidget):
         if info["fits"] is None:
             text = f"{name}: {info['tensors']} tensors."
         elif info["fits"] == 0:
-            self.file_note.setStyleSheet("color: #d9534f;")
+            self.file_note.setStyleSheet(ERROR_STYLE)
             text = (f"{name} does not fit {backbone}: none of its {info['tensors']} tensors match; training "
                     "will refuse it. Choose the backbone it was saved from, or clear it.")
         elif info["fits"] * 2 < info["total"]:
-            self.file_note.setStyleSheet("color: #d9534f;")
+            self.file_note.setStyleSheet(ERROR_STYLE)
             text = (f"{name} mostly does not fit {backbone}: {info['summary']}. Is it for another architecture? "
                     "Choose the backbone it was saved from, or clear it.")
         else:

@@ -9,7 +9,8 @@ import torch
 import torchvision
 
 from conftest import write_image_folder, write_project
-from engine.checkpoints import CheckpointError, load_checkpoint, restore_model
+from engine.checkpoints import CheckpointError, load_checkpoint
+from engine.restore import restore_model
 from engine.config import load_project
 from engine.export import FORMATS, ExportError, default_suffix, export_checkpoint
 from engine.runs import RunRecorder

@@ -265,7 +265,8 @@ def test_timm_heads_freeze_and_train_like_torchvision_ones(backbone, head):
 
 
 def test_a_timm_checkpoint_is_restored_and_exported(tmp_path):
-    from engine.checkpoints import load_checkpoint, restore_model
+    from engine.checkpoints import load_checkpoint
+    from engine.restore import restore_model
     from engine.export import export_checkpoint
     from engine.runs import create_run_dir, run_callbacks
     from engine.trainer import Trainer

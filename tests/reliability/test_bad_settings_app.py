@@ -17,7 +17,8 @@ from PySide6.QtWidgets import QLabel, QLineEdit, QMessageBox, QPushButton, QSpin
 
 from app.main_window import MainWindow
 from conftest import train_head_only_run, write_project
-from engine.checkpoints import load_checkpoint, restore_model
+from engine.checkpoints import load_checkpoint
+from engine.restore import restore_model
 from engine.config import SCHEMA_VERSION, load_project
 from engine.runs import read_metrics
 from test_bad_settings_cli import read_only_folder
