@@ -31,6 +31,8 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from engine.config import ProjectConfig
 from engine.freezing import set_frozen_batchnorm_eval
+from engine.machine import available_memory_bytes
+from engine.transforms import augmentations_on
 
 # When the available memory cannot be read (not Linux), the bound that train.feature_cache_max_mb = null means.
 FALLBACK_MAX_MB = 2048
@@ -66,10 +68,7 @@ def eligibility_problem(cfg: ProjectConfig) -> str | None:
     """Why the project's settings rule the cache out, or None; the model itself is checked by find_boundary."""
     if cfg.train.feature_cache == "off":
         return "train.feature_cache = 'off'"
-    a = cfg.data.augment
-    on = [name for name, value in (("horizontal_flip", a.horizontal_flip), ("rotation", a.rotation),
-                                   ("random_resized_crop", a.random_resized_crop),
-                                   ("color_jitter", a.color_jitter)) if value]
+    on = augmentations_on(cfg.data.augment)
     if on:
         return ("train augmentation is on (" + ", ".join(f"data.augment.{n}" for n in on)
                 + "), so every epoch sees different images")
@@ -86,20 +85,9 @@ def max_bytes(cfg: ProjectConfig) -> int:
         return int(cfg.train.feature_cache_max_mb * 2**20)
     from engine.distributed import local_processes
 
-    available = _mem_available()
+    available = available_memory_bytes()
     # several processes on this machine each cache the whole data set: they share the bound
     return (available // 2 if available is not None else FALLBACK_MAX_MB * 2**20) // local_processes()
-
-
-def _mem_available() -> int | None:
-    try:
-        with open("/proc/meminfo") as fh:
-            for line in fh:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    return None
 
 
 # ---------------------------------------------------------------------------------------------

@@ -26,6 +26,7 @@ from engine.losses import TaskLoss
 from engine.monitor import MetricTracker
 from engine.optim import Schedule, build_optimizer
 from engine.samplers import build_loader, describe_plans, plan_loader
+from engine.machine import auto_device, devices_here
 from engine.transforms import has_random_steps
 
 
@@ -64,15 +65,12 @@ def is_out_of_memory(exc: BaseException) -> bool:
 
 def pick_device(name: str) -> torch.device:
     """'auto' is cuda, then mps, then cpu; an explicit device that is not there is a clear error."""
+    here = devices_here()
     if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    if name == "cuda" and not torch.cuda.is_available():
+        return torch.device(auto_device(here))
+    if name == "cuda" and not here["cuda"]:
         raise ConfigError(["train.device = 'cuda': no CUDA GPU is available here; use 'auto' or 'cpu'"])
-    if name == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+    if name == "mps" and not here["mps"]:
         raise ConfigError(["train.device = 'mps': Apple's Metal backend is not available here; use 'auto' or 'cpu'"])
     return torch.device(name)
 

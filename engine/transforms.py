@@ -45,10 +45,16 @@ def split_transforms(pre: Preprocess, augment: AugmentConfig, *, train: bool,
     return v2.Compose(fixed), v2.Compose([v2.ToImage()] + per_item)
 
 
+def augmentations_on(augment: AugmentConfig) -> list[str]:
+    """The names of the training augmentations that are on (each one draws random numbers per image)."""
+    return [name for name, value in (("horizontal_flip", augment.horizontal_flip), ("rotation", augment.rotation),
+                                     ("random_resized_crop", augment.random_resized_crop),
+                                     ("color_jitter", augment.color_jitter)) if value]
+
+
 def has_random_steps(augment: AugmentConfig, *, train: bool) -> bool:
     """Whether a split's pipeline draws random numbers per item (training with any augmentation on)."""
-    return train and bool(augment.horizontal_flip or augment.rotation > 0 or augment.color_jitter > 0
-                          or augment.random_resized_crop)
+    return train and bool(augmentations_on(augment))
 
 
 def _steps(pre: Preprocess, augment: AugmentConfig, *, train: bool, keep_aspect: bool,

@@ -15,6 +15,7 @@ from PySide6.QtWidgets import (QAbstractItemView, QFileDialog, QHBoxLayout, QHea
                                QSpinBox, QTableWidget, QTableWidgetItem, QVBoxLayout, QWidget)
 
 from engine.run_files import METRICS_FILE, PROJECT_FILE, read_metrics
+from widgets.look import ERROR_COLOUR
 
 OBJECT_NAMES = {
     "checkpoints.table": "the run's checkpoint files with epoch, losses, validation accuracy and best/last/final",
@@ -26,7 +27,6 @@ OBJECT_NAMES = {
     "checkpoints.message": "why a folder could not be opened, or that the run has no checkpoints yet",
 }
 
-ERROR_COLOUR = "#d9534f"  # the fields' invalid red; readable on light and dark palettes
 EPOCH_FILE = re.compile(r"^epoch-(\d+)\.pt$")
 ALIASES = ("best", "last", "final")
 # The role (best/last/final) early, so a narrow dock still shows which file is best.

@@ -21,7 +21,7 @@ from PySide6.QtWidgets import (QAbstractItemView, QApplication, QComboBox, QFile
 
 from engine.config import TASKS
 from engine.text import readable
-from widgets.look import fit_pixels
+from widgets.look import ERROR_COLOUR, fit_pixels
 from widgets.fields import bind_combo, bind_float_text, bind_spin, bind_text
 from widgets.state import ProjectState
 from widgets.tasks import Task, run_task
@@ -66,7 +66,6 @@ SCAN_FIELDS = ("data.path", "data.kind", "data.task", "data.val_path")
 SPLIT_FIELDS = ("data.val_fraction", "data.split_seed")
 TRAIN_COLOUR = "#4c72b0"  # data colours, readable on light and dark backgrounds
 VAL_COLOUR = "#dd8452"
-ERROR_COLOUR = "#d9534f"
 SAMPLE_DATASET = Path(__file__).resolve().parents[1] / "resources" / "sample_data" / "digits"
 
 

@@ -8,8 +8,9 @@ from PySide6.QtCore import QObject, QSignalBlocker
 from PySide6.QtWidgets import (QCheckBox, QComboBox, QDoubleSpinBox, QLabel, QLineEdit, QSpinBox, QWidget)
 
 from widgets.state import ProjectState
+from widgets.look import ERROR_COLOUR
 
-INVALID_STYLE = "border: 1px solid #d9534f; border-radius: 3px;"
+INVALID_STYLE = f"border: 1px solid {ERROR_COLOUR}; border-radius: 3px;"
 
 
 def parse_float(text: str) -> float:

@@ -32,6 +32,7 @@ from engine.config import ConfigError, DataConfig, ModelConfig
 from widgets.fields import bind_check
 from widgets.state import ProjectState
 from widgets.tasks import Task, run_task
+from widgets.look import ERROR_STYLE
 
 if TYPE_CHECKING:
     from torch import nn
@@ -320,7 +321,7 @@ class LayersPanel(QWidget):
         self.error = QLabel()
         self.error.setObjectName("layers.error")
         self.error.setWordWrap(True)
-        self.error.setStyleSheet("color: #d9534f;")
+        self.error.setStyleSheet(ERROR_STYLE)
         self.error.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse)
         self.error.hide()
         self.note = QLabel()

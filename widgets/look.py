@@ -6,6 +6,11 @@ from PIL import Image
 from PySide6.QtGui import QColor, QPalette
 
 
+# The fields' invalid red, for error text and borders: readable on light and dark palettes alike.
+ERROR_COLOUR = "#d9534f"
+ERROR_STYLE = f"color: {ERROR_COLOUR};"
+
+
 def _dark(palette: QPalette) -> bool:
     return palette.color(QPalette.ColorRole.Window).lightnessF() < 0.5
 

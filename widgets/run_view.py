@@ -11,6 +11,7 @@ from PySide6.QtWidgets import (QFileDialog, QGridLayout, QHBoxLayout, QLabel, QP
                                QSizePolicy, QVBoxLayout, QWidget)
 
 from widgets.live_plots import LivePlots
+from widgets.look import ERROR_COLOUR
 
 # Batch updates are applied in batches of their own, paced so that drawing them takes at most this share of one
 # core: on a machine whose cores all train, every millisecond the GUI thread paints is taken from the model.
@@ -32,7 +33,6 @@ OBJECT_NAMES = {
     "run.message": "the result of saving the plots (where it went, or why it failed)",
 }
 
-ERROR_COLOUR = "#d9534f"  # the fields' invalid red; readable on light and dark palettes
 
 
 def format_duration(seconds: float) -> str:

@@ -11,7 +11,7 @@ from PySide6.QtGui import QDragEnterEvent, QDropEvent, QImage, QPalette, QPixmap
 from PySide6.QtWidgets import (QFileDialog, QFrame, QGridLayout, QHBoxLayout, QLabel, QProgressBar, QPushButton,
                                QSizePolicy, QVBoxLayout, QWidget)
 
-from widgets.look import fit_pixels
+from widgets.look import ERROR_COLOUR, fit_pixels
 from widgets.tasks import Task, run_task
 
 if TYPE_CHECKING:
@@ -31,7 +31,6 @@ OBJECT_NAMES = {
 TOP_K = 10
 DISPLAY_SIZE = 320  # the longest side of the image as shown; decoded and scaled in the background
 NO_MODEL = "No model yet: train or restore a checkpoint first."
-ERROR_COLOUR = "#d9534f"
 IMAGE_FILTER = "Images (*.png *.jpg *.jpeg *.bmp *.gif *.tif *.tiff *.webp *.ppm *.pgm);;All files (*)"
 
 
