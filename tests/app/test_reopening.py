@@ -104,7 +104,7 @@ def answer_file_dialog(choice):
 def test_a_completed_run_is_shown_with_its_checkpoints_and_model(open_window, trained, tmp_path):
     project, run = copy_project(trained, "done", tmp_path)
     # An older run of the same project, and a newer one of another project sharing the output folder.
-    older = older_copy(run)
+    older_copy(run)
     foreign = run.with_name("other-project-run")
     shutil.copytree(run, foreign, copy_function=shutil.copy2)
     (foreign / "project.json").write_text(json.dumps({**json.loads((run / "project.json").read_text()),
@@ -170,7 +170,7 @@ def test_the_run_shown_when_the_project_was_saved_comes_back_and_a_new_project_s
 
 def test_dialogs_start_at_the_projects_runs_and_dataset_and_remember_the_image_folder(
         qtbot, open_window, trained, tmp_path):
-    project, run = copy_project(trained, "done", tmp_path)
+    project, _run = copy_project(trained, "done", tmp_path)
     win = open_window(project)
     runs = project.parent / "runs"
     assert win.checkpoints.run_dir_dialog().directory().absolutePath() == str(runs.resolve())
