@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import gc
+import hashlib
 import html
+import time
 from pathlib import Path
 
 from PySide6.QtCore import QByteArray, QSettings, Qt, QTimer, Slot
@@ -12,7 +14,9 @@ from PySide6.QtWidgets import (QDockWidget, QFileDialog, QHBoxLayout, QLabel, QM
 
 from app.training import TrainingController
 from engine.config import ConfigError, ProjectConfig
+from engine.run_files import is_run_dir, last_written, project_runs
 from engine.text import readable
+from widgets.folders import start_folder
 from widgets.state import ProjectState
 from widgets.tasks import Task, hold_new_tasks, run_task, start_held_tasks
 
@@ -182,6 +186,7 @@ class MainWindow(QMainWindow):
         self._build_actions()
         self._build_menus()
         self._connect()
+        self._update_dialog_folders()
         self.setAcceptDrops(True)
         self.resize(1280, 800)
         self._restore_layout()
@@ -343,8 +348,9 @@ class MainWindow(QMainWindow):
     def new_project(self, ask: bool = True) -> bool:
         if ask and not self._may_discard_changes():
             return False
+        self._remember_shown_run()
         self.state.replace(ProjectConfig())
-        self._set_current_run(None)
+        self._show_project_run()
         self.log("New project")
         return True
 
@@ -352,16 +358,56 @@ class MainWindow(QMainWindow):
         """Open a project file; a bad file is reported (nothing the user had changes)."""
         if ask and not self._may_discard_changes():
             return False
+        leaving = self.state.file, self.current_run_dir
         try:
             self.state.open(path)
         except ConfigError as exc:
             self.show_error("Cannot open project", str(exc))
             self._forget_recent(path)
             return False
+        self._remember_shown_run(*leaving)
         self._remember_recent(self.state.file)
-        self._set_current_run(None)
         self.log(f"Opened project {self.state.file}")
+        self._show_project_run()
         return True
+
+    def _show_project_run(self) -> None:
+        """Show the project's work as it was left: the run shown when it was last saved or closed, unless the
+        project ran again since (from here or the command line); else its newest run; else no run."""
+        if self.controller.is_running():
+            return  # the live run stays in view; its own project is the one that trains
+        cfg = self.state.config
+        runs = project_runs(cfg.resolve(cfg.output.dir), cfg.name) if self.state.file else []
+        run = runs[-1] if runs else None
+        remembered, at = self._shown_run_of(self.state.file)
+        if remembered and is_run_dir(remembered) and (run is None or last_written(run) <= at):
+            run = Path(remembered)
+        if run is None or not self.checkpoints.open_run_dir(run):
+            self._set_current_run(None)
+            self.run_view.show_no_run()
+
+    @staticmethod
+    def _shown_run_key(project_file: str) -> str:
+        # One key per project file; a digest, because QSettings keys cannot hold every character of a path.
+        return "shown_runs/" + hashlib.sha1(str(Path(project_file).resolve()).encode()).hexdigest()[:20]
+
+    def _shown_run_of(self, project_file: str) -> tuple[str | None, float]:
+        """The run folder shown when this project was last saved or left, and when that was."""
+        if not project_file:
+            return None, 0.0
+        value = QSettings().value(self._shown_run_key(project_file))
+        try:
+            run_dir, at = value
+            return str(run_dir), float(at)
+        except (TypeError, ValueError):
+            return None, 0.0
+
+    def _remember_shown_run(self, project_file: str | None = None, run_dir: str | None = None) -> None:
+        """Remember which run the project shows (default: the open project and its current run)."""
+        if project_file is None:
+            project_file, run_dir = self.state.file, self.current_run_dir
+        if project_file and run_dir:
+            QSettings().setValue(self._shown_run_key(project_file), [str(run_dir), str(time.time())])
 
     def save_project(self) -> bool:
         if not self.state.file:
@@ -378,6 +424,7 @@ class MainWindow(QMainWindow):
             self.show_error("Cannot save project", f"{path}: {getattr(exc, 'strerror', None) or exc}")
             return False
         self._remember_recent(str(saved))
+        self._remember_shown_run()
         self.statusBar().showMessage(f"Saved {saved}", 4000)
         return True
 
@@ -390,7 +437,10 @@ class MainWindow(QMainWindow):
 
     @Slot()
     def _on_save_as_triggered(self) -> bool:
-        start = self.state.file or str(Path.cwd() / f"{self.state.config.name or 'project'}.json")
+        # Beside the project, else where the last project was (not the folder the app was started from).
+        recent = self.recent_projects()
+        start = self.state.file or str(Path(start_folder(recent[0] if recent else None))
+                                       / f"{self.state.config.name or 'project'}.json")
         path, _ = QFileDialog.getSaveFileName(self, "Save project as", start, "Project files (*.json)")
         if not path:
             return False
@@ -546,10 +596,13 @@ class MainWindow(QMainWindow):
         if run_dir is None:
             self._set_current_checkpoint(None, announce=False)
         elif pick_checkpoint:
+            # The model to try and export is the run's result: final, else the best so far (an interrupted
+            # run), else its last; Resume always continues from last.pt whatever is shown.
             folder = Path(run_dir) / "checkpoints"
-            for name in ("final.pt", "last.pt", "best.pt"):
+            for name in ("final.pt", "best.pt", "last.pt"):
                 if (folder / name).is_file():
                     self._set_current_checkpoint(str(folder / name), announce=False)
+                    self.checkpoints.select_checkpoint(folder / name)
                     break
         self._update_actions()
 
@@ -615,6 +668,15 @@ class MainWindow(QMainWindow):
     def _on_state_changed(self, path: str) -> None:
         if path in ("", "name"):
             self._update_title()
+        if path in ("", "data.path", "output.dir"):
+            self._update_dialog_folders()
+
+    def _update_dialog_folders(self) -> None:
+        """Dialogs start where this project's files are: its runs, and its dataset for Try it's images."""
+        cfg = self.state.config
+        self.checkpoints.set_runs_dir(cfg.resolve(cfg.output.dir) if self.state.file else None)
+        data = cfg.resolve(cfg.data.path)
+        self.try_it.set_dataset_dir(data if data is None or data.is_dir() else data.parent)
 
     @Slot(str, str)
     def _on_field_refused(self, path: str, reason: str) -> None:
@@ -749,6 +811,7 @@ class MainWindow(QMainWindow):
 
         cancel_all(60000)
         self._save_layout()
+        self._remember_shown_run()
         event.accept()
 
     def _ask_stop_training(self) -> bool:

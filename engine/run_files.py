@@ -21,3 +21,62 @@ def read_metrics(run_dir: str | os.PathLike) -> list[dict[str, Any]]:
             except json.JSONDecodeError:
                 continue
     return rows
+
+
+def is_run_dir(path: str | os.PathLike) -> bool:
+    """A folder training wrote: it has metrics.jsonl or checkpoint files."""
+    folder = Path(path)
+    if (folder / METRICS_FILE).is_file():
+        return True
+    checkpoints = folder / "checkpoints"
+    return checkpoints.is_dir() and any(p.suffix == ".pt" and not p.name.startswith(".")
+                                        for p in checkpoints.iterdir())
+
+
+def read_run_project(run_dir: str | os.PathLike) -> dict[str, Any]:
+    """The run's project.json as plain JSON ({} when missing or unreadable): the project as last run."""
+    try:
+        data = json.loads((Path(run_dir) / PROJECT_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def planned_epochs(run_dir: str | os.PathLike) -> int | None:
+    """The run's total epochs as its project.json (rewritten on each resume) says."""
+    train = read_run_project(run_dir).get("train")
+    epochs = train.get("epochs") if isinstance(train, dict) else None
+    return epochs if isinstance(epochs, int) and epochs > 0 else None
+
+
+def is_completed(run_dir: str | os.PathLike) -> bool:
+    """The run reached its end: final.pt is linked only then. A run folder without it was stopped or killed."""
+    return (Path(run_dir) / "checkpoints" / "final.pt").is_file()
+
+
+def last_written(run_dir: str | os.PathLike) -> float:
+    """When the run last recorded an epoch (its metrics.jsonl), else when its folder changed: orders runs by recency."""
+    folder = Path(run_dir)
+    for path in (folder / METRICS_FILE, folder):
+        try:
+            return path.stat().st_mtime
+        except OSError:
+            continue
+    return 0.0
+
+
+def project_runs(output_dir: str | os.PathLike | None, project_name: str) -> list[Path]:
+    """The run folders a project wrote into its output folder, oldest first.
+
+    Several projects may share an output folder (the default "runs" beside the project files), so a run
+    counts as this project's when its project.json carries the project's name.
+    """
+    if not output_dir:
+        return []
+    folder = Path(output_dir)
+    try:
+        children = [p for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".")]
+    except OSError:
+        return []
+    runs = [p for p in children if is_run_dir(p) and read_run_project(p).get("name") == project_name]
+    return sorted(runs, key=lambda p: (last_written(p), p.name))

@@ -1,7 +1,6 @@
 """The checkpoints of one run folder as a table with their metrics, to use as the model, resume from, or open."""
 from __future__ import annotations
 
-import json
 import math
 import os
 import re
@@ -9,12 +8,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from PySide6.QtCore import QSettings, Qt, Signal, Slot
+from PySide6.QtCore import Qt, Signal, Slot
 from PySide6.QtGui import QFont
 from PySide6.QtWidgets import (QAbstractItemView, QFileDialog, QHBoxLayout, QHeaderView, QLabel, QPushButton,
                                QSpinBox, QTableWidget, QTableWidgetItem, QVBoxLayout, QWidget)
 
-from engine.run_files import METRICS_FILE, PROJECT_FILE, read_metrics
+from engine.run_files import METRICS_FILE, is_run_dir, planned_epochs, read_metrics
+from widgets.folders import chosen_path, folder_dialog, remember_folder, remembered_folder, start_folder
 from widgets.look import ERROR_COLOUR
 
 OBJECT_NAMES = {
@@ -115,26 +115,6 @@ def _alias_epoch(role: str, rows: list[dict[str, Any]]) -> int | None:
     return None  # final.pt on its own: it is best.pt or last.pt, which ever the run ended with
 
 
-def planned_epochs(run_dir: str | os.PathLike) -> int | None:
-    """The run's total epochs as its project.json (rewritten on each resume) says."""
-    try:
-        data = json.loads((Path(run_dir) / PROJECT_FILE).read_text(encoding="utf-8"))
-        epochs = data.get("train", {}).get("epochs")
-    except (OSError, ValueError, AttributeError):
-        return None
-    return epochs if isinstance(epochs, int) and epochs > 0 else None
-
-
-def is_run_dir(path: str | os.PathLike) -> bool:
-    """A folder training wrote: it has metrics.jsonl or checkpoint files."""
-    folder = Path(path)
-    if (folder / METRICS_FILE).is_file():
-        return True
-    checkpoints = folder / "checkpoints"
-    return checkpoints.is_dir() and any(p.suffix == ".pt" and not p.name.startswith(".")
-                                        for p in checkpoints.iterdir())
-
-
 def _fmt(value: Any, percent: bool = False) -> str:
     if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
         return "—"
@@ -151,6 +131,7 @@ class CheckpointsPanel(QWidget):
     def __init__(self, parent: QWidget | None = None):
         super().__init__(parent)
         self.run_dir: str | None = None
+        self.runs_dir: str | None = None  # the project's output folder (set_runs_dir)
         self.entries: list[CheckpointEntry] = []
         self._rows: list[dict[str, Any]] = []
         self._planned: int | None = None
@@ -265,17 +246,28 @@ class CheckpointsPanel(QWidget):
         self._training = bool(running)
         self._update_buttons()
 
+    def set_runs_dir(self, path: str | os.PathLike | None) -> None:
+        """The project's output folder: where its runs are, so Open run folder... starts there."""
+        self.runs_dir = str(path) if path else None
+
+    def run_dir_dialog(self) -> QFileDialog:
+        """The Open run folder dialog, not yet shown: beside the run shown, else in the project's runs, else
+        where a run folder was last opened (remembered across sessions)."""
+        start = start_folder(Path(self.run_dir).parent if self.run_dir else None, self.runs_dir,
+                             remembered_folder(SETTINGS_KEY))
+        return folder_dialog(self, "Open run folder", start)
+
     def choose_run_dir(self) -> bool:
         """Ask for a run folder with a dialog, then open it (see open_run_dir)."""
-        settings = QSettings()
-        start = str(Path(self.run_dir).parent) if self.run_dir else str(settings.value(SETTINGS_KEY, "") or "")
-        path = QFileDialog.getExistingDirectory(self, "Open run folder", start)
+        path = chosen_path(self.run_dir_dialog())
         if not path:
             return False
-        return self.open_run_dir(path)
+        return self.open_run_dir(path, remember=True)
 
-    def open_run_dir(self, path: str | os.PathLike) -> bool:
-        """Open a run folder: list its checkpoints and emit run_opened; a clear message when it is not one."""
+    def open_run_dir(self, path: str | os.PathLike, *, remember: bool = False) -> bool:
+        """Open a run folder: list its checkpoints and emit run_opened; a clear message when it is not one.
+
+        remember: the user chose it, so the next Open run folder dialog of any session may start beside it."""
         folder = Path(path).expanduser()
         if folder.name == "checkpoints" and is_run_dir(folder.parent):
             folder = folder.parent  # the user picked the checkpoints folder inside the run
@@ -287,7 +279,8 @@ class CheckpointsPanel(QWidget):
                             "and a checkpoints folder with .pt files; training creates one inside the "
                             "project's output folder for each run.")
             return False
-        QSettings().setValue(SETTINGS_KEY, str(folder.resolve().parent))
+        if remember:
+            remember_folder(SETTINGS_KEY, folder.resolve().parent)
         self.set_run_dir(folder)
         self.run_opened.emit(self.run_dir, list(self._rows))
         return True

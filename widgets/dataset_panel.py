@@ -241,6 +241,18 @@ class ClassAxis(pg.AxisItem):
         return out
 
 
+class FittingTabs(QTabWidget):
+    """Tabs that ask for only the height they need at least; the layout gives them whatever is left.
+
+    The panel sits in a scroll area, and its word-wrapped labels make that area size it by its height for the
+    dock's width, which adds up the preferred heights: the pages' (a plot and two lists) would push the class
+    chart's axis, with the class names, below the fold of a 900 px screen.
+    """
+
+    def sizeHint(self) -> QSize:  # noqa: N802 - Qt's name
+        return QSize(super().sizeHint().width(), self.minimumSizeHint().height())
+
+
 # ---------------------------------------------------------------------------------------------
 # The panel
 
@@ -483,7 +495,7 @@ class DatasetPanel(QWidget):
         self.skipped_table.horizontalHeader().setStretchLastSection(True)
         self.skipped_table.setColumnWidth(0, 380)
 
-        self.tabs = QTabWidget()
+        self.tabs = FittingTabs()
         self.tabs.setObjectName("dataset.tabs")
         self.tabs.addTab(classes_split, "Classes")
         self.tabs.addTab(self.samples_list, "Samples")

@@ -10,6 +10,7 @@ from PySide6.QtCore import Qt, QTimer, Signal, Slot
 from PySide6.QtWidgets import (QFileDialog, QGridLayout, QHBoxLayout, QLabel, QProgressBar, QPushButton,
                                QSizePolicy, QVBoxLayout, QWidget)
 
+from engine.run_files import is_completed, planned_epochs
 from widgets.live_plots import LivePlots
 from widgets.look import ERROR_COLOUR
 
@@ -188,22 +189,41 @@ class RunView(QWidget):
         self.run_eta.setText("")
         self.epoch_eta.setText("")
 
+    def show_no_run(self) -> None:
+        """No run to show (a new project, or one that never trained): empty plots, and what to do."""
+        self._flush_timer.stop()
+        self._pending.clear()
+        self.run_dir = None
+        self._last_metrics = None
+        self.plots.clear()
+        self.reset_progress()
+        self.status_label.setText("No run yet: press Train to start one.")
+
     def show_history(self, run_dir: str, rows: list[dict[str, Any]]) -> None:
-        """Show a finished (or earlier) run's epoch curves, as read from its metrics.jsonl."""
+        """Show a finished or interrupted run's epoch curves, as read from its metrics.jsonl, and which it is."""
         self._flush_timer.stop()
         self._pending.clear()
         self.run_dir = run_dir
+        self._last_metrics = None
         self.plots.load_history(rows)
         self.reset_progress()
         epochs = [int(r["epoch"]) for r in rows if _number(r.get("epoch")) is not None]
-        if epochs:
-            self.epoch_bar.setRange(0, max(epochs))
-            self.epoch_bar.setValue(max(epochs))
-            self.epoch_bar.setFormat(f"{max(epochs)} epoch(s) recorded")
-        last = rows[-1] if rows else {}
-        summary = metrics_text(last)
-        self.status_label.setText(f"Run {Path(run_dir).name}: {len(rows)} epoch(s)"
-                                  + (f"; last epoch: {summary}" if summary else ""))
+        done = max(epochs, default=0)
+        planned = planned_epochs(run_dir) or done
+        if done:
+            self.epoch_bar.setRange(0, max(done, planned))
+            self.epoch_bar.setValue(done)
+            self.epoch_bar.setFormat(f"{done} / {max(done, planned)} epoch(s)")
+        name = Path(run_dir).name
+        if is_completed(run_dir):
+            text = f"Run {name}: finished, {done} epoch(s)."
+        elif done:
+            # Stopped, killed or crashed: its last checkpoint is whole, so Resume continues it.
+            text = f"Run {name}: interrupted after epoch {done} of {planned}. Resume continues it."
+        else:
+            text = f"Run {name}: interrupted before its first epoch finished."
+        summary = metrics_text(rows[-1] if rows else {})
+        self.status_label.setText(text + (f" Last epoch: {summary}." if summary else ""))
 
     # -- slots for TrainingController ------------------------------------------------------------
     @Slot(dict)
@@ -389,7 +409,7 @@ class RunView(QWidget):
 
     @Slot()
     def _on_save_plots_clicked(self) -> None:
-        start = str(Path(self.run_dir) / "plots.png") if self.run_dir else "plots.png"
+        start = str(Path(self.run_dir or Path.home()) / "plots.png")
         path, _ = QFileDialog.getSaveFileName(self, "Save plots as PNG", start, "PNG images (*.png)")
         if path:
             self.save_plots(path)

@@ -11,6 +11,7 @@ from PySide6.QtGui import QDragEnterEvent, QDropEvent, QImage, QPalette, QPixmap
 from PySide6.QtWidgets import (QFileDialog, QFrame, QGridLayout, QHBoxLayout, QLabel, QProgressBar, QPushButton,
                                QSizePolicy, QVBoxLayout, QWidget)
 
+from widgets.folders import chosen_path, open_file_dialog, remember_folder, remembered_folder, start_folder
 from widgets.look import ERROR_COLOUR, fit_pixels
 from widgets.tasks import Task, run_task
 
@@ -31,6 +32,7 @@ OBJECT_NAMES = {
 TOP_K = 10
 DISPLAY_SIZE = 320  # the longest side of the image as shown; decoded and scaled in the background
 NO_MODEL = "No model yet: train or restore a checkpoint first."
+IMAGE_DIR_KEY = "tryit/last_image_dir"  # QSettings: the folder of the image last opened with the dialog
 IMAGE_FILTER = "Images (*.png *.jpg *.jpeg *.bmp *.gif *.tif *.tiff *.webp *.ppm *.pgm);;All files (*)"
 
 
@@ -146,6 +148,7 @@ class TryItPanel(QWidget):
         self.setAcceptDrops(True)
         self._checkpoint: str | None = None
         self._image_path: str | None = None
+        self._dataset_dir: str | None = None
         self._pixmap: QPixmap | None = None
         self._predictions: list[tuple[str, float]] = []
         self._cache = PredictorCache()
@@ -236,10 +239,20 @@ class TryItPanel(QWidget):
             return
         self._start_prediction(str(path))
 
+    def set_dataset_dir(self, path: str | os.PathLike | None) -> None:
+        """The project's dataset folder: where Open image... starts before any image was chosen."""
+        self._dataset_dir = str(path) if path else None
+
+    def image_dialog(self) -> QFileDialog:
+        """The Open image dialog, not yet shown: beside the image shown, else where an image was last chosen
+        (remembered across sessions), else in the project's dataset."""
+        start = start_folder(self._image_path, remembered_folder(IMAGE_DIR_KEY), self._dataset_dir)
+        return open_file_dialog(self, "Open an image to predict", start, IMAGE_FILTER)
+
     def _on_open_clicked(self) -> None:
-        start = str(Path(self._image_path).parent) if self._image_path else str(Path.home())
-        path, _ = QFileDialog.getOpenFileName(self, "Open an image to predict", start, IMAGE_FILTER)
+        path = chosen_path(self.image_dialog())
         if path:
+            remember_folder(IMAGE_DIR_KEY, path)
             self.open_image(path)
 
     def dragEnterEvent(self, event: QDragEnterEvent) -> None:  # noqa: N802 - Qt's name

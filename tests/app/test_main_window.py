@@ -4,7 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from PySide6.QtCore import QThread
+from PySide6.QtCore import QPointF, QThread
 from PySide6.QtWidgets import (QAbstractButton, QAbstractItemView, QAbstractSpinBox, QComboBox, QLineEdit,
                                QMessageBox, QTabBar, QWidget)
 
@@ -246,3 +246,45 @@ def test_every_interactive_control_has_a_documented_object_name(qtbot, window):
             assert action.objectName() in documented
     assert (REPO / "docs" / "object_names.md").read_text(encoding="utf-8") == render(), \
         "docs/object_names.md is out of date: run `make docs`"
+
+
+def test_the_class_chart_of_100_classes_shows_its_names_without_scrolling_at_1280x800(qtbot, tmp_path):
+    from PIL import Image
+    from PySide6.QtCore import QPoint, QRect
+    from PySide6.QtGui import QFontMetrics
+    from PySide6.QtTest import QTest
+    from PySide6.QtWidgets import QApplication, QScrollArea
+
+    for c in range(100):
+        folder = tmp_path / "hundred" / f"class_{c:03d}"
+        folder.mkdir(parents=True)
+        for i in range(2):
+            Image.new("RGB", (4, 4), (c, i, 0)).save(folder / f"{i}.png")
+    win = MainWindow()
+    qtbot.addWidget(win)
+    win.resize(1280, 800)
+    win.show()
+    qtbot.waitExposed(win)
+    assert win.open_project(str(write_project(tmp_path / "project.json", "hundred")))
+    axis, chart = win.dataset.class_axis, win.dataset.bar_chart
+    qtbot.waitUntil(lambda: len(axis.names) == 100, timeout=60000)
+    QApplication.processEvents()
+
+    # The axis with the names lies inside the visible part of the Setup dock's scroll area.
+    viewport = win.findChild(QScrollArea, "main.scroll.dataset").viewport()
+    rect = chart.mapFromScene(axis.mapRectToScene(axis.boundingRect())).boundingRect()
+    shown = QRect(chart.mapTo(viewport, rect.topLeft()), chart.mapTo(viewport, rect.bottomRight()))
+    assert viewport.rect().contains(shown), (shown, viewport.rect())
+    # Every n-th name is written, with room for each: readable, none overlapping.
+    lo, hi = chart.getPlotItem().vb.viewRange()[0]
+    spacing, labelled = axis.tickValues(lo, hi, axis.width())[0]
+    names = [n for n in axis.tickStrings(labelled, 1, spacing) if n]
+    widest = max(QFontMetrics(axis.style.get("tickFont") or QApplication.font()).horizontalAdvance(n) for n in names)
+    assert len(names) >= 5 and spacing * axis.width() / (hi - lo) > widest
+    # Each bar names its class on hover.
+    bar = chart.mapFromScene(chart.getPlotItem().vb.mapViewToScene(QPointF(42, 1)))
+    QTest.mouseMove(chart.viewport(), QPoint(bar.x(), bar.y()))
+    qtbot.waitUntil(lambda: chart.toolTip().startswith("class_042:"))
+    _wait_tasks(qtbot)
+    win.state._set_dirty(False)
+    win.close()

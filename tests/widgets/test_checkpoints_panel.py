@@ -1,9 +1,11 @@
 """Checkpoints panel: a run's files with their metrics and best/last/final links, its buttons, opening folders."""
 import json
 import os
+from pathlib import Path
 
 import pytest
-from PySide6.QtWidgets import QFileDialog, QLabel, QPushButton, QSpinBox
+from PySide6.QtCore import QTimer
+from PySide6.QtWidgets import QApplication, QFileDialog, QLabel, QPushButton, QSpinBox
 
 from engine.checkpoints import atomic_torch_save
 from engine.runs import link_atomic
@@ -196,11 +198,41 @@ def test_opening_a_folder_that_is_not_a_run_explains_and_the_panel_stays_usable(
     assert [r["File"] for r in table_rows(panel)] == ["epoch-001.pt", "epoch-002.pt"]
 
 
-def test_the_dialog_wrapper_opens_what_was_chosen(qtbot, panel, tmp_path, monkeypatch):
+def answer_file_dialog(choice):
+    """Answer the next modal file dialog as a user would: choose this path, or cancel (None)."""
+    def answer():
+        dialog = QApplication.activeModalWidget()
+        if not isinstance(dialog, QFileDialog):
+            QTimer.singleShot(10, answer)  # not open yet
+            return
+        if choice is None:
+            dialog.reject()
+        else:
+            dialog.selectFile(str(choice))
+            dialog.accept()
+    QTimer.singleShot(0, answer)
+
+
+def test_the_dialog_wrapper_opens_what_was_chosen(qtbot, panel, tmp_path):
     run = make_run(tmp_path / "run")
-    monkeypatch.setattr(QFileDialog, "getExistingDirectory", staticmethod(lambda *a, **k: str(run)))
+    answer_file_dialog(run)
     with qtbot.waitSignal(panel.run_opened):
         panel.findChild(QPushButton, "checkpoints.open_run").click()
-    monkeypatch.setattr(QFileDialog, "getExistingDirectory", staticmethod(lambda *a, **k: ""))
+    answer_file_dialog(None)
     assert not panel.choose_run_dir()  # cancelled: nothing changes
     assert panel.run_dir == str(run.resolve())
+
+
+def test_the_run_dialog_starts_in_the_projects_runs_then_where_a_run_was_last_opened(panel, tmp_path):
+    runs = tmp_path / "project" / "runs"
+    runs.mkdir(parents=True)
+    elsewhere = make_run(tmp_path / "elsewhere" / "old-run")
+    assert panel.run_dir_dialog().directory().absolutePath() == str(Path.home())  # nothing known: home
+    panel.set_runs_dir(runs)
+    assert panel.run_dir_dialog().directory().absolutePath() == str(runs)
+    panel.open_run_dir(elsewhere, remember=True)  # beside the run shown
+    assert panel.run_dir_dialog().directory().absolutePath() == str(elsewhere.parent)
+
+    fresh = CheckpointsPanel()  # a later session without a project: the remembered folder
+    assert fresh.run_dir_dialog().directory().absolutePath() == str(elsewhere.parent)
+    fresh.deleteLater()
