@@ -507,7 +507,7 @@ class LayersPanel(QWidget):
         except ConfigError as exc:
             cleaned = self._without_unknown(cfg)
             apply_freeze(self.model, cleaned, self.head_name)
-            problems = "; ".join(exc.problems)
+            problems = "; ".join(map(str, exc.problems))
             self._show_error(f"{problems}. The tree shows the freezing without it; tick modules or choose a "
                              "preset to rewrite the freezing settings.")
         return self.index.frozen()
