@@ -11,7 +11,7 @@ from typing import Annotated, Any, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError
 
-from engine.settings import (Applies, Finite, Number, bounds, field_info, fields, get_path, is_model, meta,
+from engine.settings import (Applies, Finite, Number, bounds, fields, get_path, is_model, meta,
                              range_text, replace_between, setting, table, type_name,
                              unwrap)
 

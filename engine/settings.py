@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import math
+import types
 import typing
 from dataclasses import dataclass, field
 from typing import Any, Iterator, Literal, Union
@@ -88,7 +89,7 @@ class Setting:
     step: float = 1
     decimals: int = 3
     suffix: str = ""
-    special: str = ""  # the text shown at the control's lowest value (None for optional fields)
+    special: str = ""  # the text at a spin box's lowest value (None when optional); a weights list's "type it"
     placeholder: str = ""
     effect: str = ""  # the Preprocess attribute in effect while the weights replace this setting
 
@@ -135,7 +136,7 @@ def unwrap(tp: Any) -> tuple[Any, list[Any], bool]:
             for item in extra:
                 metadata.extend(item.metadata if isinstance(item, FieldInfo) else [item])
             tp = base
-        elif origin in (Union, getattr(__import__("types"), "UnionType")) and type(None) in typing.get_args(tp):
+        elif origin in (Union, types.UnionType) and type(None) in typing.get_args(tp):
             optional = True
             rest = [a for a in typing.get_args(tp) if a is not type(None)]
             if len(rest) != 1:
@@ -160,13 +161,6 @@ def fields(cls: type[BaseModel], prefix: str = "") -> Iterator[tuple[str, FieldI
             yield from fields(base, path + ".")
         else:
             yield path, info
-
-
-def field_info(cls: type[BaseModel], path: str) -> FieldInfo:
-    *parents, last = path.split(".")
-    for part in parents:
-        cls = unwrap(cls.model_fields[part].annotation)[0]
-    return cls.model_fields[last]
 
 
 def choices(info: FieldInfo) -> tuple:
@@ -197,7 +191,7 @@ def range_text(limits: dict[str, float]) -> str:
 def type_name(tp: Any) -> str:
     base, _, optional = unwrap(tp)
     origin = typing.get_origin(base)
-    if origin in (Union, getattr(__import__("types"), "UnionType")):
+    if origin in (Union, types.UnionType):
         text = " or ".join(type_name(a) for a in typing.get_args(base))
     elif origin is list:
         text = f"a list of {type_name(typing.get_args(base)[0])}"
