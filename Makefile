@@ -26,6 +26,7 @@ screenshot: $(STAMP)
 
 docs: $(STAMP)
 	QT_QPA_PLATFORM=offscreen $(PY) -m app.object_names docs/object_names.md
+	$(PY) -c 'from engine.config import write_readme_table; write_readme_table("README.md")'
 
 test: $(STAMP)
 	QT_QPA_PLATFORM=offscreen $(PY) -m pytest -q

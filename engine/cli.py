@@ -95,7 +95,7 @@ def _load(project: str, overrides: argparse.Namespace | None = None):
         try:
             cfg = from_dict(data, base_dir=cfg.base_dir, source=project)
         except ConfigError as exc:
-            raise ConfigError([p.replace("train.epochs", "--epochs").replace("distributed.processes", "--processes")
+            raise ConfigError([str(p).replace("train.epochs", "--epochs").replace("distributed.processes", "--processes")
                                for p in exc.problems]) from None
     return cfg
 

@@ -1,15 +1,19 @@
-"""The project file: typed dataclasses for a whole run, read from and written to JSON, validated once."""
+"""The project file: every setting declared once (pydantic models), read from and written to JSON, validated once."""
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import os
-import types
-import typing
-from dataclasses import dataclass, field
+import re
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Annotated, Any, Literal, Optional, Union
+
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError
+
+from engine.settings import (Applies, Finite, Number, bounds, fields, get_path, is_model, meta,
+                             range_text, replace_between, setting, table, type_name,
+                             unwrap)
 
 SCHEMA_VERSION = 1
 
@@ -29,12 +33,38 @@ PRECISIONS = ("fp32", "fp16", "bf16")
 DIST_BACKENDS = ("auto", "nccl", "gloo")
 FEATURE_CACHE_MODES = ("auto", "off")
 
+MONITOR_LABELS = {"val_loss": "validation loss", "val_accuracy": "validation accuracy",
+                  "train_loss": "training loss", "train_accuracy": "training accuracy"}
+MODE_LABELS = {"auto": "auto (higher accuracy, lower loss)", "min": "lower is better", "max": "higher is better"}
+AUTO_ON_OFF = {None: "auto", True: "on", False: "off"}
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One thing wrong with a project: the field it is about (dotted, '' when none) and the sentence users read.
+
+    The message names the field, the value and what is allowed; str() is the message.
+    """
+
+    path: str
+    message: str
+
+    def __str__(self) -> str:
+        return self.message
+
+    @classmethod
+    def of(cls, message: str) -> "Problem":
+        """A problem from its sentence alone: the path is the field the sentence starts with, if it names one."""
+        match = re.match(r"([a-z_]+(?:\.[a-z_]+)*)(?:\[\d+\])?(?: = |: | is )", message)
+        top = match.group(1).split(".")[0] if match else ""
+        return cls(match.group(1) if top in ProjectConfig.model_fields else "", message)
+
 
 class ConfigError(ValueError):
     """One or more fields of a project are invalid; each problem names the field, the value and what is allowed."""
 
-    def __init__(self, problems: list[str], source: str | None = None):
-        self.problems = list(problems)
+    def __init__(self, problems: list[Problem | str], source: str | None = None):
+        self.problems = [p if isinstance(p, Problem) else Problem.of(str(p)) for p in problems]
         self.source = source
         where = f" in {source}" if source else ""
         if len(self.problems) == 1:
@@ -46,179 +76,493 @@ class ConfigError(ValueError):
         super().__init__(text)
 
 
-@dataclass
-class AugmentConfig:
-    horizontal_flip: bool = False
-    rotation: float = 0.0  # maximum degrees either way; 0 turns it off
-    random_resized_crop: bool = False
-    color_jitter: float = 0.0  # brightness/contrast/saturation strength; 0 turns it off
+class Section(BaseModel):
+    """A part of the project file: unknown keys refused, JSON types taken strictly (no "8" for 8)."""
+
+    model_config = ConfigDict(strict=True, extra="forbid", validate_default=False)
 
 
-@dataclass
-class DataConfig:
-    path: str = ""
-    kind: str = "auto"  # auto: a folder is an image folder, .csv a CSV, .npz a NumPy archive
-    task: str = "classification"
-    val_path: Optional[str] = None  # a separate validation source of the same kind; else a split
-    val_fraction: float = 0.2
-    split_seed: int = 0
-    image_size: int = 224  # used when the weights do not bring their own preprocessing
-    mean: list[float] = field(default_factory=lambda: [0.485, 0.456, 0.406])
-    std: list[float] = field(default_factory=lambda: [0.229, 0.224, 0.225])
-    keep_aspect: bool = False  # resize the longer side only and zero-pad batches (loader.collate "pad")
-    augment: AugmentConfig = field(default_factory=AugmentConfig)
+NonNegative = Annotated[Finite, Field(ge=0)]
+Positive = Annotated[Finite, Field(gt=0)]
+Fraction = Annotated[Finite, Field(ge=0, lt=1)]
+# Image size, mean and std give way to the preprocessing that pretrained weights were trained with.
+BY_WEIGHTS = Applies("model.weights", (None,), hide=False, why="set by the chosen weights' own preprocessing")
 
 
-@dataclass
-class ModelConfig:
-    backbone: str = "resnet18"
-    weights: Optional[str] = None  # None: random init; "DEFAULT" or a weight enum member such as "IMAGENET1K_V1"
-    weights_file: Optional[str] = None  # a local .pt/.pth/.safetensors state dict loaded after the head is replaced
-    freeze: str = "none"  # a preset: none, head_only, up_to
-    freeze_up_to: Optional[str] = None  # module name for the "up_to" preset (that module is frozen too)
-    freeze_prefixes: list[str] = field(default_factory=list)  # frozen in addition to the preset
-    unfreeze_prefixes: list[str] = field(default_factory=list)  # trainable whatever the above says
-    train_frozen_batchnorm: bool = False  # False: frozen BatchNorm layers stay in eval mode
+class AugmentConfig(Section):
+    horizontal_flip: bool = setting(False, group="input", label="Random horizontal flip", doc="random left-right flips",
+                                    help="Mirror half of the training images left to right.")
+    rotation: Finite = setting(
+        0.0, ge=0, le=180, group="input", label="Rotation", doc="maximum degrees either way; 0 turns it off",
+        help="Rotate training images by a random angle up to this many degrees either way; 0 turns it off.",
+        step=5.0, decimals=1, suffix="°", special="off")
+    random_resized_crop: bool = setting(
+        False, group="input", label="Random resized crop", doc="random crops of random size and shape",
+        help="Train on random crops of random size and shape, resized to the image size (not together with "
+             "keeping the aspect ratio).")
+    color_jitter: Finite = setting(
+        0.0, ge=0, le=1, group="input", label="Colour jitter",
+        doc="brightness/contrast/saturation strength; 0 turns it off",
+        help="Randomly change brightness, contrast and saturation by up to this share; 0 turns it off.",
+        step=0.05, decimals=2, special="off")
 
 
-@dataclass
-class SamplerConfig:
-    name: str = "random"
-    replacement: Optional[bool] = None  # None: PyTorch's default (random: False, weighted_random: True)
-    num_samples: Optional[int] = None
-    indices: Optional[list[int]] = None  # subset_random: positions in the training set; default all
-    weights: Union[str, list[float], None] = None  # weighted_random: one per training sample, or "balanced"
-    shuffle: bool = True  # distributed
-    seed: int = 0  # distributed
-    num_replicas: Optional[int] = None  # distributed; default the world size
-    rank: Optional[int] = None  # distributed; default this process's rank
+class DataConfig(Section):
+    path: str = setting("", doc="image folder, `.csv` or `.npz` (required)")
+    kind: Literal[DATA_KINDS] = setting("auto", doc="`auto`: a folder is an image folder, .csv a CSV, .npz a NumPy "
+                                                    "archive")
+    task: Literal[TASKS] = setting("classification", doc="what the labels are")
+    val_path: Optional[str] = setting(None, doc="a separate validation source of the same kind; otherwise a split")
+    val_fraction: Finite = setting(0.2, ge=0, lt=1,
+                                   doc="share of each class held out for validation (stratified), 0 for none")
+    split_seed: int = setting(0, doc="seed of the split")
+    image_size: int = setting(
+        224, ge=8, le=4096, group="input", label="Image size", name="image_size",
+        doc="resize/crop size when the weights bring no preprocessing",
+        help="Images are resized and cropped to this many pixels a side when the weights bring no preprocessing "
+             "of their own.", step=16, suffix=" px", applies=BY_WEIGHTS, effect="crop_size")
+    mean: list[NonNegative] = setting(
+        default_factory=lambda: [0.485, 0.456, 0.406], group="input", label="Mean",
+        doc="normalisation mean (1 or 3 values) when the weights bring none",
+        help="Per-channel mean subtracted before the model (one value, or three for R, G, B); used when the "
+             "weights bring no normalisation of their own.", applies=BY_WEIGHTS, effect="mean")
+    std: list[Positive] = setting(
+        default_factory=lambda: [0.229, 0.224, 0.225], group="input", label="Std",
+        doc="normalisation standard deviation (1 or 3 values) when the weights bring none",
+        help="Per-channel standard deviation the images are divided by (one value, or three for R, G, B); "
+             "used when the weights bring no normalisation of their own.", applies=BY_WEIGHTS,
+        effect="std")
+    keep_aspect: bool = setting(
+        False, group="input", label="Keep the aspect ratio (pad batches)",
+        doc="resize the longer side only and zero-pad batches (needs `loader.collate: \"pad\"`)",
+        help="Resize only the longer side so nothing is cropped or stretched; batches are then zero-padded, so "
+             "the collate is switched to 'pad' along with it.", brings={"loader.collate": "pad"},
+        note="Needs the 'pad' collate, which is chosen with it.")
+    augment: AugmentConfig = Field(default_factory=AugmentConfig)
 
 
-@dataclass
-class LoaderConfig:
-    batch_size: int = 32
-    # DataLoader worker processes; None: auto (0 when the decoded-image cache serves un-augmented data or
-    # train.deterministic asks for an exact resume; else, training on a GPU, one per usable CPU but one, and
-    # training on the CPU a quarter of the CPUs; at most 8)
-    num_workers: Optional[int] = None
-    persistent_workers: Optional[bool] = None  # keep workers between epochs; None: on when there are workers
-    pin_memory: Optional[bool] = None  # None: on when training on CUDA
-    # Decode and resize every image once and keep the uint8 result in memory: "auto" (when it fits the
-    # bound), "on" (also said when it does not fit) or "off". With random_resized_crop the cache keeps the
-    # image presized (shorter side at the resize size) and the random crops come from that presized image.
-    decoded_cache: str = "auto"
-    decoded_cache_max_mb: Optional[int] = None  # the cache's memory bound in MiB; None: a quarter of free memory
-    drop_last: bool = False
-    shuffle: Optional[bool] = None  # DataLoader's flag; cannot be combined with a sampler other than its own
-    sampler: SamplerConfig = field(default_factory=SamplerConfig)
-    collate: str = "default"
+class ModelConfig(Section):
+    backbone: str = setting("resnet18", doc="any torchvision classification model, or `timm/NAME` for any of timm's "
+                                            "(`main.py backbones` lists them)")
+    weights: Optional[str] = setting(
+        None, doc="`null` random init; torchvision: `\"DEFAULT\"` or an enum member such as `\"IMAGENET1K_V1\"` (from "
+                  "the torch hub cache; downloaded when online); timm: `\"DEFAULT\"` or a pretrained tag such as "
+                  "`\"ra_in1k\"` (from the Hugging Face cache; downloaded when online); `\"BUNDLED\"` for "
+                  "`timm/efficientnet_lite0`: ImageNet weights installed with the project, always offline")
+    weights_file: Optional[str] = setting(
+        None, doc="a local `.pt`/`.pth`/`.safetensors` state dict, loaded after the head is replaced; mismatches "
+                  "are reported")
+    freeze: Literal[FREEZE_PRESETS] = setting("none", doc="a freezing preset")
+    freeze_up_to: Optional[str] = setting(
+        None, doc="this module and every one before it are frozen",
+        applies=Applies("model.freeze", ("up_to",), enforce=True, why="set both or remove freeze_up_to"))
+    freeze_prefixes: list[str] = setting(
+        default_factory=list, doc="module names frozen on top of the preset (`layer1` matches `layer1.0.conv1`, "
+                                  "not `layer10`)")
+    unfreeze_prefixes: list[str] = setting(default_factory=list,
+                                           doc="module names kept trainable whatever the above says")
+    train_frozen_batchnorm: bool = setting(
+        False, doc="`false` keeps frozen BatchNorm layers in eval mode (running statistics untouched)")
 
 
-@dataclass
-class LossConfig:
-    name: str = "cross_entropy"
-    label_smoothing: float = 0.0
-    class_weights: Union[str, list[float], None] = None  # cross_entropy / nll: per class, or "balanced"
-    beta: float = 1.0  # smooth_l1
+def _sampler(*names: str, enforce: bool = False) -> Applies:
+    return Applies("loader.sampler.name", names, enforce=enforce)
 
 
-@dataclass
-class OptimizerConfig:
-    name: str = "adamw"
-    lr: float = 1e-3
-    weight_decay: float = 0.0
-    momentum: Optional[float] = None  # sgd (default 0.9), rmsprop (default 0)
-    nesterov: bool = False  # sgd
-    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])  # adam, adamw
-    eps: float = 1e-8
-    alpha: float = 0.99  # rmsprop
-    backbone_lr_mult: float = 1.0  # the backbone's lr is lr * this; the new head uses lr
+class SamplerConfig(Section):
+    name: Literal[SAMPLERS] = setting(
+        "random", group="sampler", label="Sampler", name="sampler",
+        doc="which sampler draws the training samples; under torchrun each is split into per-process shares",
+        help="Which samples each training epoch draws, and in what order.",
+        choices={"sequential": "Sequential (dataset order)", "random": "Random (shuffled)",
+                 "subset_random": "Random subset (chosen positions)", "weighted_random": "Weighted random",
+                 "distributed": "Distributed (one share per process)"},
+        hints={"sequential": "Every epoch reads the training set in the same order.",
+               "random": "Every epoch draws the training set in a new random order.",
+               "subset_random": "Every epoch draws only the listed training-set positions, in random order.",
+               "weighted_random": "Samples are drawn in proportion to their weights, so rare classes can be drawn "
+                                  "more often.",
+               "distributed": "Each process trains on its own share of the data (also chosen automatically under "
+                              "torchrun)."})
+    replacement: Optional[bool] = setting(
+        None, group="sampler", label="Replacement", name="sampler_replacement",
+        doc="draw with or without replacement; `null` is PyTorch's default (without for `random`, with for "
+            "`weighted_random`)",
+        help="With replacement a sample can be drawn more than once per epoch; the default is without for the "
+             "random sampler and with for the weighted one.",
+        choices={None: "default", True: "with replacement", False: "without replacement"},
+        applies=_sampler("random", "weighted_random"))
+    num_samples: Optional[int] = setting(
+        None, ge=1, group="sampler", label="Samples per epoch", name="sampler_num_samples",
+        doc="samples drawn per epoch; `null`: the training-set size",
+        help="How many samples one epoch draws; the lowest setting draws as many as the training set holds.",
+        special="all (the training-set size)", applies=_sampler("random", "weighted_random", enforce=True))
+    indices: Optional[list[int]] = setting(
+        None, group="sampler", label="Positions", name="sampler_indices", widget="positions",
+        doc="training-set positions to draw from (default all)",
+        help="Training-set positions (counted from 0) to draw from, as numbers and ranges such as '0-99, 200'; "
+             "empty draws from all.", placeholder="all, or positions such as 0-99, 200",
+        applies=_sampler("subset_random", enforce=True))
+    weights: Union[str, list[Number], None] = setting(
+        None, group="sampler", label="Weights", name="sampler_weights", widget="weights",
+        doc="one weight per training sample, or `\"balanced\"` (rare classes drawn as often as common ones)",
+        help="Balanced draws every class equally often; a list gives one weight per training sample.",
+        choices={"balanced": "balanced (inverse class frequency)", "list": "from list"},
+        placeholder="one weight per training sample: 1, 1, 0.5, …",
+        note="One non-negative weight per training sample, in training-set order; larger weights are drawn more "
+             "often.", special="type one weight per training sample in the box below, such as 1, 1, 0.5",
+        applies=_sampler("weighted_random", enforce=True))
+    shuffle: bool = setting(True, group="sampler", label="Shuffle each share", name="sampler_shuffle",
+                            doc="shuffle each replica's share", applies=_sampler("distributed"),
+                            help="Shuffle the samples of every process's share each epoch.")
+    seed: int = setting(0, group="sampler", label="Shuffle seed", name="sampler_seed", widget="text",
+                        doc="seed of the distributed shuffle", applies=_sampler("distributed"),
+                        help="Seed of the distributed shuffle; every process must use the same one.")
+    num_replicas: Optional[int] = setting(
+        None, ge=1, group="sampler", label="Replicas", name="sampler_num_replicas", high=65536,
+        doc="processes sharing the data; `null`: the world size (leave it so under torchrun)",
+        help="How many processes share the data; the default is the number torchrun started.",
+        special="world size (default)", applies=_sampler("distributed"))
+    rank: Optional[int] = setting(
+        None, ge=0, group="sampler", label="Rank", name="sampler_rank", high=65535,
+        doc="this process's share; `null`: its rank (leave it so under torchrun)",
+        help="Which share this process trains on, from 0; the default is the rank torchrun gave it.",
+        special="this process's (default)", applies=_sampler("distributed"))
 
 
-@dataclass
-class ScheduleConfig:
-    name: str = "none"
-    step_size: int = 10  # step
-    gamma: float = 0.1  # step
-    eta_min: float = 0.0  # cosine
-    max_lr: Optional[float] = None  # onecycle; default optimizer.lr
-    pct_start: float = 0.3  # onecycle
-    patience: int = 2  # plateau
-    factor: float = 0.1  # plateau
+class LoaderConfig(Section):
+    batch_size: int = setting(32, ge=1, group="sampler", label="Batch size", high=1_000_000, doc="samples per batch",
+                              help="How many samples go through the model together before each optimizer step.")
+    num_workers: Optional[int] = setting(
+        None, ge=0, le=256, group="sampler", label="Workers", special="auto",
+        doc="DataLoader worker processes; `null` chooses (see below), `0` loads in the training process",
+        help="Processes that load and augment images in parallel; 0 loads them in the training process. Auto uses "
+             "none when cached images need no augmentation; otherwise one per CPU but one when training on a GPU, "
+             "a quarter of the CPUs when training on the CPU (at most 8).")
+    persistent_workers: Optional[bool] = setting(
+        None, group="sampler", label="Persistent", doc="keep workers between epochs; `null`: on when there are workers",
+        help="Keep the worker processes alive from one epoch to the next instead of starting them again.",
+        choices={None: "auto (on when there are workers)", True: "on", False: "off"})
+    pin_memory: Optional[bool] = setting(
+        None, group="sampler", label="Pin memory", doc="pinned host memory; `null`: on when training on CUDA",
+        help="Page-locked host memory makes copies to a CUDA GPU faster; auto turns it on only for CUDA.",
+        choices={None: "auto (on when training on CUDA)", True: "on", False: "off"})
+    decoded_cache: Literal[DECODED_CACHE_MODES] = setting(
+        "auto", group="sampler", label="Image cache",
+        doc="keep decoded, resized images in memory: `auto` (when they fit), `on` (also said when they do not), "
+            "`off`",
+        help="Decode and resize every image once and keep it in memory, so each epoch runs only the random "
+             "augmentation; with random resized crops, the crops come from the image presized to its shorter side.",
+        choices={"auto": "auto (when it fits in memory)", "on": "on", "off": "off"})
+    decoded_cache_max_mb: Optional[int] = setting(
+        None, ge=1, group="sampler", label="Cache limit", high=16_777_216, step=256, suffix=" MiB",
+        special="auto (a quarter of free memory)",
+        doc="the image cache's memory bound in MiB; `null`: a quarter of the memory available",
+        help="The most memory the image cache may take; when the images would need more, they are decoded every "
+             "epoch instead (said in the run's log).")
+    drop_last: bool = setting(False, group="sampler", label="Drop the last incomplete batch",
+                              doc="drop the last incomplete batch",
+                              help="Skip the final batch of an epoch when it is smaller than the batch size.")
+    shuffle: Optional[bool] = setting(
+        None, group="sampler", label="Shuffle", doc="DataLoader's shuffle flag",
+        help="DataLoader's shuffle flag; only the random and sequential samplers go with it (off turns the random "
+             "sampler into a sequential one).",
+        choices={None: "auto (as the sampler does)", True: "on", False: "off (dataset order)"},
+        applies=Applies("loader.sampler.name", ("random", "sequential"), enforce=True, hide=False,
+                        why="PyTorch's DataLoader refuses shuffle together with another sampler, so the chosen "
+                            "sampler decides the order"))
+    sampler: SamplerConfig = Field(default_factory=SamplerConfig)
+    collate: Literal[COLLATES] = setting(
+        "default", group="input", label="Collate",
+        doc="`default` stacks; `pad` zero-pads to the batch's largest image (also returns the original sizes)",
+        help="How a batch is assembled: stacked (all images the same size) or zero-padded to the largest image of "
+             "the batch.",
+        choices={"default": "stack (images of one size)", "pad": "pad (zero-pad to the batch's largest image)"})
 
 
-@dataclass
-class TrainConfig:
-    epochs: int = 10
-    device: str = "auto"
-    seed: int = 0
-    deterministic: bool = False
-    precision: str = "fp32"  # mixed precision on CUDA: fp16 or bf16
-    grad_clip_norm: Optional[float] = None
-    # auto: when the frozen layers are the start of the forward pass and nothing is augmented, compute their
-    # output once per sample and train the rest on it (engine/feature_cache.py); off: always recompute.
-    feature_cache: str = "auto"
-    feature_cache_max_mb: Optional[int] = None  # memory bound of the cached features in MiB; None: half the free RAM
-    # Channels-last (NHWC) memory format for the model and its 4-D inputs: faster convolutions on CUDA tensor
-    # cores. None (auto): on for CUDA when the model has 2-D convolutions, off elsewhere.
-    channels_last: Optional[bool] = None
-    compile: bool = False  # torch.compile the training forward; falls back to eager if compiling fails
+def _loss(*names: str) -> Applies:
+    return Applies("loss.name", names, enforce=True)
 
 
-@dataclass
-class DistributedConfig:
+class LossConfig(Section):
+    name: Literal[LOSSES] = setting(
+        "cross_entropy", group="loss", label="Loss", name="loss",
+        doc="the loss; `cross_entropy`, `nll`, `mse`, `l1`, `smooth_l1` take classes (one-hot targets for the "
+            "regressions), `bce_with_logits` multilabel",
+        help="The function the training minimises; it has to fit the data's task.",
+        choices={"cross_entropy": "Cross-entropy", "mse": "Mean squared error (MSE)",
+                 "bce_with_logits": "Binary cross-entropy with logits", "nll": "Negative log-likelihood (NLL)",
+                 "l1": "Mean absolute error (L1)", "smooth_l1": "Smooth L1 (Huber)"},
+        hints={"cross_entropy": "The usual loss for single-label classification.",
+               "mse": "Squared error; class targets become one-hot vectors.",
+               "bce_with_logits": "One yes/no decision per output: the loss for multi-label tasks.",
+               "nll": "Negative log-likelihood of the log-softmax of the outputs.",
+               "l1": "Absolute error; class targets become one-hot vectors.",
+               "smooth_l1": "Squared error near the target and absolute error beyond beta; less sensitive to "
+                            "outliers."})
+    label_smoothing: Finite = setting(
+        0.0, ge=0, lt=1, group="loss", label="Label smoothing", high=0.999, step=0.05, special="off",
+        doc="cross-entropy label smoothing",
+        help="Move this share of each target's probability onto the other classes, which discourages "
+             "over-confident predictions.", applies=_loss("cross_entropy"))
+    class_weights: Union[str, list[Number], None] = setting(
+        None, group="loss", label="Class weights", widget="weights", doc="one per class, or `\"balanced\"`",
+        help="Weigh each class's contribution to the loss: equally, inversely to how often it occurs, or by a "
+             "typed list.",
+        choices={None: "none (all equal)", "balanced": "balanced (inverse class frequency)", "list": "from list"},
+        placeholder="one weight per class, in class order: 1, 2, 1, …",
+        note="One non-negative weight per class, in the order of the class names.",
+        special="type one weight per class in the box below, such as 1, 2, 1", applies=_loss("cross_entropy", "nll"))
+    beta: Finite = setting(1.0, gt=0, group="loss", label="Beta", name="loss_beta", widget="text",
+                           doc="where smooth L1 turns from squared to absolute error",
+                           help="Where smooth L1 changes from squared to absolute error; must be above 0.",
+                           applies=Applies("loss.name", ("smooth_l1",)))
+
+
+def _optimizer(*names: str) -> Applies:
+    return Applies("optimizer.name", names)
+
+
+class OptimizerConfig(Section):
+    name: Literal[OPTIMIZERS] = setting(
+        "adamw", group="optimizer", label="Optimizer", name="optimizer", doc="the optimizer",
+        help="The algorithm that updates the weights from the gradients.",
+        choices={"sgd": "SGD", "adam": "Adam", "adamw": "AdamW", "rmsprop": "RMSprop"})
+    lr: Finite = setting(1e-3, gt=0, group="optimizer", label="Learning rate", widget="text",
+                         placeholder="such as 1e-3", doc="learning rate (of the new head)",
+                         help="Step size of the optimizer for the new head, typed as a number such as 3e-4; must be "
+                              "above 0.")
+    weight_decay: Finite = setting(0.0, ge=0, group="optimizer", label="Weight decay", widget="text",
+                                   doc="weight decay",
+                                   help="Pull the weights towards zero by this factor each step (such as 1e-4); 0 "
+                                        "turns it off.")
+    momentum: Optional[Finite] = setting(
+        None, ge=0, lt=1, group="optimizer", label="Momentum", low=-0.05, high=0.999, step=0.05, special="default",
+        doc="`null` is 0.9 for SGD, 0 for RMSprop",
+        help="How much of the previous update each step keeps; the lowest setting uses the default (0.9 for SGD, "
+             "0 for RMSprop).", applies=_optimizer("sgd", "rmsprop"))
+    nesterov: bool = setting(False, group="optimizer", label="Nesterov momentum", doc="Nesterov momentum",
+                             help="Look ahead along the momentum before taking the gradient; needs a momentum "
+                                  "above 0.", applies=_optimizer("sgd"))
+    betas: list[Fraction] = setting(
+        default_factory=lambda: [0.9, 0.999], group="optimizer", label="Betas", doc="Adam's two decay rates",
+        help="Decay rates of Adam's running averages of the gradient and its square, two numbers such as "
+             "0.9, 0.999.", applies=_optimizer("adam", "adamw"))
+    eps: Finite = setting(1e-8, gt=0, group="optimizer", label="Epsilon", widget="text", name="eps",
+                          doc="added to the denominator for numerical stability",
+                          help="A small number added to the denominator for numerical stability, such as 1e-8.",
+                          applies=_optimizer("adam", "adamw", "rmsprop"))
+    alpha: Finite = setting(0.99, ge=0, lt=1, group="optimizer", label="Alpha", high=0.9999, step=0.01, decimals=4,
+                            doc="RMSprop's smoothing constant",
+                            help="Smoothing constant of RMSprop's running average of squared gradients.",
+                            applies=_optimizer("rmsprop"))
+    backbone_lr_mult: Finite = setting(
+        1.0, ge=0, group="optimizer", label="Backbone lr ×", widget="text",
+        doc="the backbone's lr is `lr` times this; the new head uses `lr`",
+        help="The pretrained backbone learns at the learning rate times this (such as 0.1); the new head uses the "
+             "learning rate itself.")
+
+
+def _schedule(*names: str) -> Applies:
+    return Applies("schedule.name", names)
+
+
+class ScheduleConfig(Section):
+    name: Literal[SCHEDULES] = setting(
+        "none", group="schedule", label="Schedule", name="schedule", doc="the learning-rate schedule",
+        help="How the learning rate changes during the run.",
+        choices={"none": "Constant", "step": "Step decay", "cosine": "Cosine annealing", "onecycle": "One-cycle",
+                 "plateau": "Reduce on plateau"},
+        hints={"none": "The learning rate stays the same for the whole run.",
+               "step": "The learning rate is multiplied by gamma every step_size epochs.",
+               "cosine": "The learning rate follows a half cosine from its start down to eta_min over the run.",
+               "onecycle": "The learning rate warms up to max_lr and anneals back down, updated after every batch.",
+               "plateau": "The learning rate is multiplied by factor when the validation loss stops improving."})
+    step_size: int = setting(10, ge=1, group="schedule", label="Step size", high=100_000, suffix=" epochs",
+                             doc="epochs between decays", applies=_schedule("step"),
+                             help="Multiply the learning rate by gamma after every this many epochs.")
+    gamma: Finite = setting(0.1, gt=0, group="schedule", label="Gamma", widget="text", doc="the decay factor",
+                            help="The factor the learning rate is multiplied by at each step, such as 0.1.",
+                            applies=_schedule("step"))
+    eta_min: Finite = setting(0.0, ge=0, group="schedule", label="Lowest lr", widget="text",
+                              doc="the lowest learning rate", applies=_schedule("cosine"),
+                              help="The learning rate the cosine reaches at the end of the run, such as 1e-6.")
+    max_lr: Optional[Finite] = setting(
+        None, gt=0, group="schedule", label="Peak lr", widget="text", placeholder="the optimizer's learning rate",
+        doc="the peak learning rate; `null`: `optimizer.lr`", applies=_schedule("onecycle"),
+        help="The highest learning rate of the cycle; empty uses the optimizer's learning rate.")
+    pct_start: Finite = setting(0.3, gt=0, lt=1, group="schedule", label="Warm-up share", low=0.001, high=0.999,
+                                step=0.05, doc="share of the steps spent warming up", applies=_schedule("onecycle"),
+                                help="The share of all steps spent rising to the peak learning rate.")
+    patience: int = setting(2, ge=0, group="schedule", label="Patience", name="plateau_patience", high=100_000,
+                            suffix=" epochs", doc="epochs without a better validation loss before a decay",
+                            help="Epochs without a better validation loss before the learning rate is lowered.",
+                            applies=_schedule("plateau"))
+    factor: Finite = setting(0.1, gt=0, lt=1, group="schedule", label="Factor", name="plateau_factor", low=0.001,
+                             high=0.999, step=0.05, doc="the decay factor on a plateau", applies=_schedule("plateau"),
+                             help="The factor the learning rate is multiplied by on a plateau.")
+
+
+class TrainConfig(Section):
+    epochs: int = setting(10, ge=1, group="training", label="Epochs", high=1_000_000, doc="number of epochs",
+                          help="How many passes over the training set the run makes.")
+    device: Literal[DEVICES] = setting(
+        "auto", group="training", label="Device", doc="`auto` takes cuda, then mps, then cpu",
+        help="Where the run computes: auto takes a CUDA GPU, then Apple's MPS, then the CPU.")
+    seed: int = setting(0, ge=0, le=2**32 - 1, group="training", label="Seed", widget="text",
+                        doc="random seed of the run; a seeded CPU run is reproducible",
+                        help="Seeds every random number generator, so a CPU run with the same seed repeats exactly.")
+    deterministic: bool = setting(
+        False, group="training", label="Deterministic algorithms",
+        doc="`torch.use_deterministic_algorithms` during the run",
+        help="Use only deterministic PyTorch algorithms (torch.use_deterministic_algorithms); slower, and an "
+             "operation without one stops the run.")
+    precision: Literal[PRECISIONS] = setting(
+        "fp32", group="training", label="Precision", doc="`fp16` or `bf16` autocast (fp16 with a gradient scaler on "
+                                                         "CUDA)",
+        help="Number format of the forward pass: fp16/bf16 autocast saves memory and time on a CUDA GPU.",
+        choices={"fp32": "fp32 (full precision)", "fp16": "fp16 mixed precision", "bf16": "bf16 mixed precision"},
+        note="Mixed precision pays off on CUDA (fp16 adds a gradient scaler there); on the CPU autocast runs too but "
+             "rarely helps, and on MPS the run stays fp32.")
+    grad_clip_norm: Optional[Finite] = setting(
+        None, gt=0, group="training", label="Clip grad norm", widget="text", placeholder="off",
+        doc="clip the gradient norm; `null`: off",
+        help="Scale the gradients down when their overall norm exceeds this; empty turns clipping off.")
+    feature_cache: Literal[FEATURE_CACHE_MODES] = setting(
+        "auto", group="training", label="Feature cache",
+        doc="`auto`: when the frozen layers are the start of the forward pass and nothing is augmented, compute "
+            "their output once and train the rest on it (see [Performance](#performance)); `off` recomputes",
+        help="When the frozen layers are the start of the model and no augmentation is on, their output is computed "
+             "once per image and later epochs train only the rest: much faster, same result.",
+        choices={"auto": "auto (when it applies)", "off": "off (recompute)"},
+        note="The run's log says whether the cache is used, where the model is cut, or why not.")
+    feature_cache_max_mb: Optional[int] = setting(
+        None, ge=1, group="training", label="Cache limit (MiB)", widget="text", placeholder="half the free memory",
+        doc="memory bound of the cached features in MiB; `null`: half the memory available",
+        help="The most memory the cached features may take; above it the run recomputes them every epoch. Empty: "
+             "half of the memory available when the run starts.")
+    channels_last: Optional[bool] = setting(
+        None, group="training", label="Channels last",
+        doc="channels-last (NHWC) weights and image batches; `null`: on for CUDA with a convolutional model",
+        help="Store the model's weights and the image batches channels-last (NHWC): faster convolutions on a CUDA "
+             "GPU's tensor cores, usually slower on the CPU.",
+        choices={None: "auto (on for CUDA with a convolutional model)", True: "on", False: "off"})
+    compile: bool = setting(
+        False, group="training", label="Compile the model (torch.compile)",
+        doc="`torch.compile` the part that trains; if compiling fails the run logs why and trains eagerly",
+        help="Compile the training forward pass: the first batch takes longer (seconds on a GPU, minutes on the "
+             "CPU), later ones are faster. If compiling fails, the run says why and trains uncompiled.")
+
+
+SEVERAL = Applies("distributed.processes", above=1)
+
+
+class DistributedConfig(Section):
     """Training in several processes with DistributedDataParallel (engine/distributed.py)."""
 
-    # Processes on this machine: above 1, `main.py train` and the app start the run through torchrun. A run
-    # launched by torchrun itself takes its process count from torchrun and ignores this.
-    processes: int = 1
-    backend: str = "auto"  # auto: nccl when every process has a GPU, else gloo
-    sync_batchnorm: bool = False  # BatchNorm statistics computed over every process's batch (GPUs only)
-    timeout_s: int = 300  # a process that waits this long for the others ends the run with an error
+    processes: int = setting(
+        1, ge=1, le=1024, group="distributed", label="Processes", suffix=" processes", special="1 (in the app)",
+        doc="above 1, `main.py train` and the app run the project in that many processes through torchrun (one per "
+            "GPU, or CPU processes); a run started by torchrun itself takes torchrun's count",
+        help="Train in this many processes on this machine with DistributedDataParallel, started through torchrun: "
+             "one process per GPU, or on the CPU several processes that share its cores (gloo). The batch size is "
+             "per process, so every step trains on processes × batch size samples. 1 trains in the app's own "
+             "process.")
+    backend: Literal[DIST_BACKENDS] = setting(
+        "auto", group="distributed", label="Backend", name="dist_backend", applies=SEVERAL,
+        doc="`auto`: nccl when every process has a GPU, else gloo",
+        help="How the processes exchange gradients: nccl between CUDA GPUs, gloo on the CPU. Auto takes nccl when "
+             "every process has a GPU.",
+        choices={"auto": "auto (nccl on CUDA GPUs, else gloo)", "nccl": "nccl (CUDA GPUs)", "gloo": "gloo (CPU)"})
+    sync_batchnorm: bool = setting(
+        False, group="distributed", label="Synchronise BatchNorm across processes", applies=SEVERAL,
+        doc="BatchNorm statistics over every process's batch (`SyncBatchNorm`; GPUs only)",
+        help="Compute BatchNorm statistics over all the processes' batches together (SyncBatchNorm) instead of each "
+             "process's own: steadier with small per-process batches, at some communication cost. GPUs only.")
+    timeout_s: int = setting(
+        300, ge=10, group="distributed", label="Timeout", name="dist_timeout", high=86_400, step=30, suffix=" s",
+        applies=SEVERAL, doc="a process that waits this long for the others ends the run with an error",
+        help="How long a process waits for the others (one that crashed or hangs) before the run ends with an error "
+             "instead of waiting for ever.")
 
 
-@dataclass
-class CheckpointConfig:
-    every_epoch: bool = True  # keep epoch-NNN.pt files (last.pt and best.pt are always written)
-    keep_last: int = 3  # epoch files kept, newest first; 0 keeps them all
-    monitor: str = "val_loss"  # what "best" means
-    mode: str = "auto"  # auto: max for accuracies, min for losses
+class CheckpointConfig(Section):
+    every_epoch: bool = setting(
+        True, group="checkpoints", label="Keep a file per epoch", name="checkpoint_every_epoch",
+        doc="keep `epoch-NNN.pt` files (`last.pt` and `best.pt` are always written)",
+        help="Keep an epoch-NNN.pt checkpoint after every epoch (last.pt and best.pt are always written).")
+    keep_last: int = setting(3, ge=0, group="checkpoints", label="Keep last", name="checkpoint_keep_last",
+                             high=100_000, special="all", suffix=" files",
+                             doc="epoch files kept, newest first; `0` keeps them all",
+                             help="How many of the newest epoch files are kept; the lowest setting keeps them all.")
+    monitor: Literal[MONITORS] = setting(
+        "val_loss", group="checkpoints", label="Best by", name="checkpoint_monitor", choices=MONITOR_LABELS,
+        doc="what `best.pt` means", help="The metric that decides which epoch is saved as best.pt.")
+    mode: Literal[MONITOR_MODES] = setting(
+        "auto", group="checkpoints", label="Better is", name="checkpoint_mode", choices=MODE_LABELS,
+        doc="`auto` is max for accuracies, min for losses",
+        help="Whether a lower or a higher value of that metric is better.")
 
 
-@dataclass
-class EarlyStoppingConfig:
-    enabled: bool = False
-    monitor: str = "val_loss"
-    mode: str = "auto"
-    patience: int = 5  # epochs without an improvement larger than min_delta before stopping
-    min_delta: float = 0.0
-    restore_best: bool = False  # end with the best epoch's weights rather than the last epoch's
+ENABLED = Applies("early_stopping.enabled", (True,), hide=False)
 
 
-@dataclass
-class OutputConfig:
-    dir: str = "runs"  # run folders are created inside, relative to the project file
-    run_name: Optional[str] = None  # default: the project's name and a timestamp
-    tensorboard: bool = True  # TensorBoard event files in RUN/tensorboard
+class EarlyStoppingConfig(Section):
+    enabled: bool = setting(False, group="early_stopping", label="Stop when the metric stops improving",
+                            name="early_stopping", doc="turn early stopping on",
+                            help="End the run early once the watched metric has not improved for a while.")
+    monitor: Literal[MONITORS] = setting(
+        "val_loss", group="early_stopping", label="Watch", name="es_monitor", choices=MONITOR_LABELS,
+        applies=ENABLED, doc="the metric watched", help="The metric whose improvement keeps the run going.")
+    mode: Literal[MONITOR_MODES] = setting(
+        "auto", group="early_stopping", label="Better is", name="es_mode", choices=MODE_LABELS, applies=ENABLED,
+        doc="as for checkpoints", help="Whether a lower or a higher value of the metric is an improvement.")
+    patience: int = setting(5, ge=1, group="early_stopping", label="Patience", name="es_patience", high=100_000,
+                            suffix=" epochs", applies=ENABLED,
+                            doc="epochs without an improvement larger than `min_delta` before stopping",
+                            help="Epochs without an improvement before the run stops.")
+    min_delta: Finite = setting(0.0, ge=0, group="early_stopping", label="Min. change", name="es_min_delta",
+                                widget="text", applies=ENABLED, doc="the smallest change that counts",
+                                help="The smallest change of the metric that counts as an improvement; 0 counts any.")
+    restore_best: bool = setting(False, group="early_stopping", label="Restore the best epoch's weights",
+                                 name="es_restore_best", applies=ENABLED,
+                                 doc="end with the best epoch's weights (`final.pt` is then `best.pt`)",
+                                 help="End with the weights of the best epoch rather than those of the last one.")
 
 
-@dataclass
-class ProjectConfig:
-    name: str = "untitled"
-    data: DataConfig = field(default_factory=DataConfig)
-    model: ModelConfig = field(default_factory=ModelConfig)
-    loader: LoaderConfig = field(default_factory=LoaderConfig)
-    loss: LossConfig = field(default_factory=LossConfig)
-    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
-    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
-    distributed: DistributedConfig = field(default_factory=DistributedConfig)
-    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
-    early_stopping: EarlyStoppingConfig = field(default_factory=EarlyStoppingConfig)
-    output: OutputConfig = field(default_factory=OutputConfig)
-    schema_version: int = SCHEMA_VERSION
+class OutputConfig(Section):
+    dir: str = setting("runs", doc="run folders are created inside, relative to the project file")
+    run_name: Optional[str] = setting(None, doc="default: the project's name and a timestamp")
+    tensorboard: bool = setting(True, group="checkpoints", label="Write TensorBoard logs",
+                                doc="write TensorBoard event files in the run folder",
+                                help="Write TensorBoard event files (losses, accuracy, learning rate) into the run "
+                                     "folder.")
+
+
+class ProjectConfig(Section):
+    name: str = setting("untitled", doc="used for run folder names")
+    data: DataConfig = Field(default_factory=DataConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    loader: LoaderConfig = Field(default_factory=LoaderConfig)
+    loss: LossConfig = Field(default_factory=LossConfig)
+    optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
+    schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    distributed: DistributedConfig = Field(default_factory=DistributedConfig)
+    checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
+    early_stopping: EarlyStoppingConfig = Field(default_factory=EarlyStoppingConfig)
+    output: OutputConfig = Field(default_factory=OutputConfig)
+    schema_version: int = setting(SCHEMA_VERSION, doc="the file format's version")
     # Folder that relative paths are resolved against (the project file's folder); not saved.
-    base_dir: str = field(default=".", metadata={"saved": False})
+    _base_dir: str = PrivateAttr(".")
+
+    @property
+    def base_dir(self) -> str:
+        return self._base_dir
+
+    @base_dir.setter
+    def base_dir(self, value: str) -> None:
+        self._base_dir = value
 
     def resolve(self, path: str | os.PathLike | None) -> Path | None:
         """A path from the project, made absolute against the project file's folder."""
@@ -228,106 +572,75 @@ class ProjectConfig:
         return p if p.is_absolute() else (Path(self.base_dir) / p).resolve()
 
     def to_dict(self) -> dict[str, Any]:
-        return _to_dict(self)
+        return self.model_dump()
 
-    def copy(self) -> "ProjectConfig":
+    def copy(self) -> "ProjectConfig":  # noqa: D102 - replaces pydantic's deprecated copy()
         clone = from_dict(self.to_dict(), check_paths=False, check_catalog=False)
         clone.base_dir = self.base_dir
         return clone
 
 
 # ---------------------------------------------------------------------------------------------
-# Reading: JSON -> dataclasses, with type checks that name the field
+# Reading: JSON -> models; pydantic checks each field against its declaration, the messages are ours
+
+_RANGE_ERRORS = ("greater_than", "greater_than_equal", "less_than", "less_than_equal", "finite_number")
 
 
-def _to_dict(obj: Any) -> Any:
-    if dataclasses.is_dataclass(obj):
-        return {
-            f.name: _to_dict(getattr(obj, f.name))
-            for f in dataclasses.fields(obj)
-            if f.metadata.get("saved", True)
-        }
-    if isinstance(obj, list):
-        return [_to_dict(v) for v in obj]
-    return obj
+def _locate(loc: tuple) -> tuple[str, Any, list[Any]]:
+    """(dotted path, declared type, its constraints) of a pydantic error location."""
+    path, tp, metadata = "", ProjectConfig, []
+    for part in loc:
+        base = unwrap(tp)[0]
+        if isinstance(part, str) and is_model(base) and part in base.model_fields:
+            info = base.model_fields[part]
+            path = f"{path}.{part}" if path else part
+            tp, metadata = info.annotation, list(info.metadata)
+        elif isinstance(part, int) and getattr(base, "__origin__", None) is list:
+            path, tp, metadata = f"{path}[{part}]", base.__args__[0], []
+        else:
+            break  # a union member's tag: the problem is the field's
+    return path, tp, metadata + unwrap(tp)[1]
 
 
-def _type_name(tp: Any) -> str:
-    origin = typing.get_origin(tp)
-    if origin in (Union, types.UnionType):
-        return " or ".join(_type_name(a) for a in typing.get_args(tp))
-    if origin is list:
-        (inner,) = typing.get_args(tp)
-        return f"a list of {_type_name(inner)}"
-    return {bool: "true/false", int: "an integer", float: "a number", str: "a string",
-            type(None): "null"}.get(tp, getattr(tp, "__name__", str(tp)))
+def _field_problems(exc: ValidationError) -> tuple[list[Problem], bool]:
+    """The declaration's problems in our words, and whether every value at least has its declared type."""
+    problems: list[Problem] = []
+    seen: set[str] = set()
+    typed = True
+    for err in exc.errors():
+        kind, value = err["type"], err["input"]
+        path, tp, metadata = _locate(err["loc"])
+        base = unwrap(tp)[0]
+        if kind == "extra_forbidden":
+            key = f"{path}.{err['loc'][-1]}" if path else str(err["loc"][-1])
+            problems.append(Problem(key, f"{key}: unknown key (allowed: {', '.join(base.model_fields)})"))
+            typed = False
+            continue
+        if path in seen:
+            continue
+        seen.add(path)
+        if base is float and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        if kind == "finite_number":
+            text = f"{path} = {err['ctx']['value']}: must be a finite number"
+        elif kind in _RANGE_ERRORS:
+            text = f"{path} = {value!r}: must be {range_text(bounds(metadata))}"
+        elif kind == "literal_error" and isinstance(value, str):
+            text = f"{path} = {value!r}: unknown; allowed: {', '.join(base.__args__)}"
+        else:
+            text = f"{path} = {value!r}: expected {type_name(tp)}"
+            typed = False
+        problems.append(Problem(path, text))
+    return problems, typed
 
 
-def _convert(value: Any, tp: Any, where: str, problems: list[str]) -> Any:
-    """Value from JSON checked against a field's annotation; problems are appended, not raised."""
-    origin = typing.get_origin(tp)
-    if origin in (Union, types.UnionType):
-        args = typing.get_args(tp)
-        if value is None and type(None) in args:
-            return None
-        for arg in args:
-            if arg is type(None):
-                continue
-            trial: list[str] = []
-            out = _convert(value, arg, where, trial)
-            if not trial:
-                return out
-        problems.append(f"{where} = {value!r}: expected {_type_name(tp)}")
-        return None
-    if origin is list:
-        (inner,) = typing.get_args(tp)
-        if not isinstance(value, list):
-            problems.append(f"{where} = {value!r}: expected {_type_name(tp)}")
-            return []
-        return [_convert(v, inner, f"{where}[{i}]", problems) for i, v in enumerate(value)]
-    if dataclasses.is_dataclass(tp):
-        if not isinstance(value, dict):
-            problems.append(f"{where} = {value!r}: expected an object with the keys "
-                            f"{', '.join(f.name for f in _saved_fields(tp))}")
-            return tp()
-        return _build(tp, value, where, problems)
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-    elif tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-    elif tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str) and value.strip().lower() in ("nan", "inf", "-inf", "infinity", "-infinity"):
-            return float(value)  # JSON has no NaN literal; the range checks below refuse it by name
-    elif tp is str:
-        if isinstance(value, str):
-            return value
-    problems.append(f"{where} = {value!r}: expected {_type_name(tp)}")
-    return None
-
-
-def _saved_fields(cls: type) -> list[dataclasses.Field]:
-    return [f for f in dataclasses.fields(cls) if f.metadata.get("saved", True)]
-
-
-def _build(cls: type, data: dict, where: str, problems: list[str]) -> Any:
-    hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in _saved_fields(cls)}
-    unknown = sorted(set(data) - set(fields))
-    for key in unknown:
-        problems.append(f"{where + '.' if where else ''}{key}: unknown key (allowed: {', '.join(fields)})")
-    kwargs = {}
-    for name in fields:
-        if name in data:
-            path = f"{where}.{name}" if where else name
-            before = len(problems)
-            value = _convert(data[name], hints[name], path, problems)
-            if len(problems) == before:
-                kwargs[name] = value
-    return cls(**kwargs)
+def _unchecked(cls: type[BaseModel], data: dict) -> Any:
+    """A model of values that have their types but not their ranges, so the cross-field rules can still speak."""
+    values = {}
+    for name, value in data.items():
+        base = unwrap(cls.model_fields[name].annotation)[0]
+        values[name] = _unchecked(base, value) if is_model(base) else value
+    return cls.model_construct(**values)
 
 
 def from_dict(data: Any, *, base_dir: str | os.PathLike = ".", source: str | None = None,
@@ -337,16 +650,22 @@ def from_dict(data: Any, *, base_dir: str | os.PathLike = ".", source: str | Non
         raise ConfigError([f"the project file must hold a JSON object, not {type(data).__name__}"], source)
     version = data.get("schema_version", SCHEMA_VERSION)
     if not isinstance(version, int) or isinstance(version, bool) or version < 1:
-        raise ConfigError([f"schema_version = {version!r}: expected a positive integer"], source)
-    if version > SCHEMA_VERSION:
-        raise ConfigError([f"schema_version = {version}: this project was written by a newer Model Workbench "
-                           f"(this one reads schema versions up to {SCHEMA_VERSION}); update the app to open it"],
+        raise ConfigError([Problem("schema_version", f"schema_version = {version!r}: expected a positive integer")],
                           source)
-    problems: list[str] = []
-    cfg = _build(ProjectConfig, data, "", problems)
+    if version > SCHEMA_VERSION:
+        raise ConfigError([Problem("schema_version", f"schema_version = {version}: this project was written by a "
+                                   f"newer Model Workbench (this one reads schema versions up to {SCHEMA_VERSION}); "
+                                   "update the app to open it")], source)
+    try:
+        cfg = ProjectConfig.model_validate(data)
+        problems: list[Problem] = []
+    except ValidationError as exc:
+        problems, typed = _field_problems(exc)
+        if not typed:
+            raise ConfigError(problems, source) from None
+        cfg = _unchecked(ProjectConfig, data)
     cfg.base_dir = str(base_dir)
-    if not problems:
-        problems.extend(validate(cfg, check_paths=check_paths, check_catalog=check_catalog))
+    problems += _rules(cfg, check_paths=check_paths, check_catalog=check_catalog)
     if problems:
         raise ConfigError(problems, source)
     return cfg
@@ -371,6 +690,17 @@ def load_project(path: str | os.PathLike, *, check_paths: bool = True, check_cat
                      check_catalog=check_catalog)
 
 
+def readme_table() -> str:
+    """The README's project-file table, generated from the declarations above (`make docs` writes it)."""
+    return table(ProjectConfig)
+
+
+def write_readme_table(path: str | os.PathLike = "README.md") -> None:
+    """Rewrite the table between the README's settings markers."""
+    p = Path(path)
+    p.write_text(replace_between(p.read_text(encoding="utf-8"), readme_table()), encoding="utf-8")
+
+
 def save_project(cfg: ProjectConfig, path: str | os.PathLike) -> None:
     """Write the project as JSON (atomically, so a crash never leaves half a file)."""
     p = Path(path)
@@ -384,228 +714,160 @@ def save_project(cfg: ProjectConfig, path: str | os.PathLike) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
-# Validation: value ranges and names, once, here
+# Validation: the declarations' ranges and choices, then the rules that join several fields
 
 
-def _choice(problems: list[str], where: str, value: Any, allowed: tuple[str, ...]) -> None:
-    if value not in allowed:
-        problems.append(f"{where} = {value!r}: unknown; allowed: {', '.join(allowed)}")
-
-
-def _number(problems: list[str], where: str, value: float | int | None, *, low: float | None = None,
-            high: float | None = None, low_open: bool = False, high_open: bool = False) -> None:
-    if value is None:
-        return
-    if isinstance(value, float) and not math.isfinite(value):
-        problems.append(f"{where} = {value}: must be a finite number")
-        return
-    lo_bad = low is not None and (value <= low if low_open else value < low)
-    hi_bad = high is not None and (value >= high if high_open else value > high)
-    if lo_bad or hi_bad:
-        lo = "" if low is None else f"{'>' if low_open else '>='} {low:g}"
-        hi = "" if high is None else f"{'<' if high_open else '<='} {high:g}"
-        problems.append(f"{where} = {value!r}: must be {' and '.join(s for s in (lo, hi) if s)}")
-
-
-def _path_exists(problems: list[str], cfg: ProjectConfig, where: str, value: str | None, *,
-                 required: bool) -> None:
-    if not value:
-        if required:
-            problems.append(f"{where} is empty: give the dataset's path (an image folder, a .csv or a .npz)")
-        return
-    resolved = cfg.resolve(value)
-    if not resolved.exists():
-        problems.append(f"{where} = {value!r}: no such file or folder ({resolved})")
-
-
-def validate(cfg: ProjectConfig, *, check_paths: bool = True, check_catalog: bool = True) -> list[str]:
+def validate(cfg: ProjectConfig, *, check_paths: bool = True, check_catalog: bool = True) -> list[Problem]:
     """Every range, name and combination rule of a project; returns the problems found.
 
     check_catalog=False leaves out what needs the backbone catalog (the backbone's name, its weights, a ViT's
     patch size): the catalog imports PyTorch, torchvision and timm, which the app loads after its window shows.
     """
-    p: list[str] = []
+    try:
+        ProjectConfig.model_validate(cfg.model_dump(warnings=False))
+        problems: list[Problem] = []
+    except ValidationError as exc:
+        problems, typed = _field_problems(exc)
+        if not typed:
+            return problems
+    return problems + _rules(cfg, check_paths=check_paths, check_catalog=check_catalog)
+
+
+def _unused(cfg: ProjectConfig) -> list[Problem]:
+    """Settings given where their `applies` rule says they are not used (only where that rule is enforced)."""
+    out = []
+    for path, info in fields(ProjectConfig):
+        rule = meta(info).applies
+        if rule is None or not rule.enforce:
+            continue
+        value = get_path(cfg, path)
+        if value in (None, "") or value == info.get_default(call_default_factory=True) or rule.holds(cfg):
+            continue
+        why = f" ({rule.why})" if rule.why else ""
+        out.append(Problem(path, f"{path} = {value!r} is only used with {rule.describe()}, not "
+                                 f"{get_path(cfg, rule.path)!r}{why}; remove it"))
+    return out
+
+
+def _path_exists(add, cfg: ProjectConfig, where: str, value: str | None, *, required: bool) -> None:
+    if not value:
+        if required:
+            add(where, f"{where} is empty: give the dataset's path (an image folder, a .csv or a .npz)")
+        return
+    resolved = cfg.resolve(value)
+    if not resolved.exists():
+        add(where, f"{where} = {value!r}: no such file or folder ({resolved})")
+
+
+def _rules(cfg: ProjectConfig, *, check_paths: bool, check_catalog: bool) -> list[Problem]:
+    """The rules no single declaration can state: lengths, files, the catalog and combinations of fields."""
+    p: list[Problem] = _unused(cfg)
+
+    def add(path: str, message: str) -> None:
+        p.append(Problem(path, message))
+
     d = cfg.data
-    _choice(p, "data.kind", d.kind, DATA_KINDS)
-    _choice(p, "data.task", d.task, TASKS)
-    _number(p, "data.val_fraction", d.val_fraction, low=0.0, high=1.0, high_open=True)
-    _number(p, "data.image_size", d.image_size, low=8, high=4096)
     for name, values in (("data.mean", d.mean), ("data.std", d.std)):
         if len(values) not in (1, 3):
-            p.append(f"{name} = {values!r}: give 1 or 3 values (one per RGB channel)")
-        for i, v in enumerate(values):
-            _number(p, f"{name}[{i}]", v, low=0.0 if name == "data.mean" else 0.0,
-                    low_open=name == "data.std")
-    a = d.augment
-    _number(p, "data.augment.rotation", a.rotation, low=0.0, high=180.0)
-    _number(p, "data.augment.color_jitter", a.color_jitter, low=0.0, high=1.0)
+            add(name, f"{name} = {values!r}: give 1 or 3 values (one per RGB channel)")
     if check_paths:
-        _path_exists(p, cfg, "data.path", d.path, required=True)
-        _path_exists(p, cfg, "data.val_path", d.val_path, required=False)
-        _path_exists(p, cfg, "model.weights_file", cfg.model.weights_file, required=False)
+        _path_exists(add, cfg, "data.path", d.path, required=True)
+        _path_exists(add, cfg, "data.val_path", d.val_path, required=False)
+        _path_exists(add, cfg, "model.weights_file", cfg.model.weights_file, required=False)
     if d.kind == "folder" and d.task != "classification":
-        p.append(f"data.task = {d.task!r}: an image folder labels by sub-folder, so only 'classification' "
-                 "is possible; use a CSV or .npz for multilabel or regression")
+        add("data.task", f"data.task = {d.task!r}: an image folder labels by sub-folder, so only 'classification' "
+                         "is possible; use a CSV or .npz for multilabel or regression")
 
     m = cfg.model
     if check_catalog:
         from engine.backbones import backbone_problems, list_backbones, vit_patch_size  # the catalog's knowledge
 
-        p.extend(backbone_problems(m.backbone, m.weights))
+        p.extend(Problem.of(text) for text in backbone_problems(m.backbone, m.weights))
         patch = vit_patch_size(m.backbone) if m.backbone in list_backbones() else None
-        if patch and m.weights is None and d.image_size % patch:
-            p.append(f"data.image_size = {d.image_size}: {m.backbone} cuts images into {patch}x{patch} patches, "
-                     f"so the size must be a multiple of {patch} (such as "
-                     f"{max(patch, d.image_size // patch * patch)})")
-    _choice(p, "model.freeze", m.freeze, FREEZE_PRESETS)
-    if m.freeze_up_to and m.freeze != "up_to":
-        p.append(f"model.freeze_up_to = {m.freeze_up_to!r} is only used with model.freeze = 'up_to' "
-                 f"(now {m.freeze!r}); set both or remove freeze_up_to")
+        if patch and m.weights is None and isinstance(d.image_size, int) and d.image_size % patch:
+            add("data.image_size", f"data.image_size = {d.image_size}: {m.backbone} cuts images into {patch}x{patch} "
+                                   f"patches, so the size must be a multiple of {patch} (such as "
+                                   f"{max(patch, d.image_size // patch * patch)})")
     if d.keep_aspect and d.augment.random_resized_crop:
-        p.append("data.augment.random_resized_crop = true crops to a square, which data.keep_aspect = true "
-                 "is there to avoid; turn one of them off")
+        add("data.augment.random_resized_crop", "data.augment.random_resized_crop = true crops to a square, which "
+                                                "data.keep_aspect = true is there to avoid; turn one of them off")
     if m.freeze == "up_to" and not m.freeze_up_to:
-        p.append("model.freeze_up_to is empty: the 'up_to' preset needs a module name such as 'layer3'")
+        add("model.freeze_up_to", "model.freeze_up_to is empty: the 'up_to' preset needs a module name such as "
+                                  "'layer3'")
     if m.weights and m.weights_file:
-        p.append("model.weights and model.weights_file are both set: choose the catalog's weights or a file")
+        add("model.weights_file", "model.weights and model.weights_file are both set: choose the catalog's weights "
+                                  "or a file")
 
     lo = cfg.loader
-    _number(p, "loader.batch_size", lo.batch_size, low=1)
-    _number(p, "loader.num_workers", lo.num_workers, low=0, high=256)
     if lo.persistent_workers and lo.num_workers == 0:
-        p.append("loader.persistent_workers = true needs worker processes, but loader.num_workers = 0; "
-                 "set num_workers above 0 or to null (auto), or persistent_workers to null")
-    _choice(p, "loader.decoded_cache", lo.decoded_cache, DECODED_CACHE_MODES)
-    _number(p, "loader.decoded_cache_max_mb", lo.decoded_cache_max_mb, low=1)
-    _choice(p, "loader.collate", lo.collate, COLLATES)
+        add("loader.persistent_workers", "loader.persistent_workers = true needs worker processes, but "
+                                         "loader.num_workers = 0; set num_workers above 0 or to null (auto), or "
+                                         "persistent_workers to null")
     if d.keep_aspect and lo.collate != "pad":
-        p.append("data.keep_aspect = true needs loader.collate = 'pad' (images of different sizes are padded)")
+        add("loader.collate", "data.keep_aspect = true needs loader.collate = 'pad' (images of different sizes are "
+                              "padded)")
     s = lo.sampler
-    _choice(p, "loader.sampler.name", s.name, SAMPLERS)
-    if lo.shuffle is not None and s.name not in ("random", "sequential"):
-        p.append(f"loader.shuffle = {lo.shuffle!r} cannot be combined with loader.sampler.name = {s.name!r} "
-                 "(PyTorch's DataLoader refuses shuffle together with a sampler); remove loader.shuffle")
     if lo.shuffle is True and s.name == "sequential":
-        p.append("loader.shuffle = true contradicts loader.sampler.name = 'sequential'; "
-                 "use sampler 'random' to shuffle")
-    if s.num_samples is not None:
-        _number(p, "loader.sampler.num_samples", s.num_samples, low=1)
-        if s.name not in ("random", "weighted_random"):
-            p.append(f"loader.sampler.num_samples is only used by the 'random' and 'weighted_random' samplers, "
-                     f"not {s.name!r}")
-    if s.indices is not None:
-        if s.name != "subset_random":
-            p.append(f"loader.sampler.indices is only used by the 'subset_random' sampler, not {s.name!r}")
-        elif not s.indices:
-            p.append("loader.sampler.indices = []: give at least one training-set position")
+        add("loader.shuffle", "loader.shuffle = true contradicts loader.sampler.name = 'sequential'; "
+                              "use sampler 'random' to shuffle")
+    if s.indices is not None and s.name == "subset_random":
+        if not s.indices:
+            add("loader.sampler.indices", "loader.sampler.indices = []: give at least one training-set position")
         elif min(s.indices) < 0:
-            p.append(f"loader.sampler.indices: {min(s.indices)} is negative; positions start at 0")
-    if s.weights is not None:
-        if s.name != "weighted_random":
-            p.append(f"loader.sampler.weights is only used by the 'weighted_random' sampler, not {s.name!r}")
+            add("loader.sampler.indices", f"loader.sampler.indices: {min(s.indices)} is negative; positions start "
+                                          "at 0")
+    if s.name == "weighted_random":
+        if s.weights is None:
+            add("loader.sampler.weights", "loader.sampler.weights is empty: the 'weighted_random' sampler needs "
+                                          "'balanced' or one weight per training sample")
         elif isinstance(s.weights, str) and s.weights != "balanced":
-            p.append(f"loader.sampler.weights = {s.weights!r}: give 'balanced' or a list of one weight per sample")
+            add("loader.sampler.weights", f"loader.sampler.weights = {s.weights!r}: give 'balanced' or a list of one "
+                                          "weight per sample")
         elif isinstance(s.weights, list):
             bad = [w for w in s.weights if not math.isfinite(w) or w < 0]
             if bad:
-                p.append(f"loader.sampler.weights: {bad[0]!r} is not a finite, non-negative weight")
+                add("loader.sampler.weights", f"loader.sampler.weights: {bad[0]!r} is not a finite, non-negative "
+                                              "weight")
             elif not any(w > 0 for w in s.weights):
-                p.append("loader.sampler.weights: every weight is 0, so no sample could be drawn")
-    elif s.name == "weighted_random":
-        p.append("loader.sampler.weights is empty: the 'weighted_random' sampler needs 'balanced' "
-                 "or one weight per training sample")
-    if s.name == "weighted_random" and isinstance(s.weights, str) and d.task != "classification":
-        p.append("loader.sampler.weights = 'balanced' needs class labels (data.task = 'classification')")
-    if s.num_replicas is not None:
-        _number(p, "loader.sampler.num_replicas", s.num_replicas, low=1)
-    if s.rank is not None:
-        _number(p, "loader.sampler.rank", s.rank, low=0)
-        if s.num_replicas is not None and s.rank >= s.num_replicas:
-            p.append(f"loader.sampler.rank = {s.rank}: must be below num_replicas ({s.num_replicas})")
+                add("loader.sampler.weights", "loader.sampler.weights: every weight is 0, so no sample could be "
+                                              "drawn")
+        elif d.task != "classification":
+            add("loader.sampler.weights", "loader.sampler.weights = 'balanced' needs class labels (data.task = "
+                                          "'classification')")
+    if s.rank is not None and s.num_replicas is not None and s.rank >= s.num_replicas:
+        add("loader.sampler.rank", f"loader.sampler.rank = {s.rank}: must be below num_replicas ({s.num_replicas})")
 
     lf = cfg.loss
-    _choice(p, "loss.name", lf.name, LOSSES)
-    _number(p, "loss.label_smoothing", lf.label_smoothing, low=0.0, high=1.0, high_open=True)
-    _number(p, "loss.beta", lf.beta, low=0.0, low_open=True)
-    if lf.label_smoothing and lf.name != "cross_entropy":
-        p.append(f"loss.label_smoothing is only used by 'cross_entropy', not {lf.name!r}")
-    if lf.class_weights is not None:
-        if lf.name not in ("cross_entropy", "nll"):
-            p.append(f"loss.class_weights is only used by 'cross_entropy' and 'nll', not {lf.name!r}")
-        if isinstance(lf.class_weights, str) and lf.class_weights != "balanced":
-            p.append(f"loss.class_weights = {lf.class_weights!r}: give 'balanced' or one weight per class")
-        if isinstance(lf.class_weights, list):
-            for i, w in enumerate(lf.class_weights):
-                _number(p, f"loss.class_weights[{i}]", w, low=0.0)
+    if isinstance(lf.class_weights, str) and lf.class_weights != "balanced":
+        add("loss.class_weights", f"loss.class_weights = {lf.class_weights!r}: give 'balanced' or one weight per "
+                                  "class")
+    if isinstance(lf.class_weights, list):
+        for i, w in enumerate(lf.class_weights):
+            if not math.isfinite(w):
+                add("loss.class_weights", f"loss.class_weights[{i}] = {w}: must be a finite number")
+            elif w < 0:
+                add("loss.class_weights", f"loss.class_weights[{i}] = {w!r}: must be >= 0")
     task_losses = {"classification": ("cross_entropy", "mse", "bce_with_logits", "nll", "l1", "smooth_l1"),
                    "multilabel": ("bce_with_logits", "mse", "l1", "smooth_l1"),
                    "regression": ("mse", "l1", "smooth_l1")}
     if d.task in task_losses and lf.name in LOSSES and lf.name not in task_losses[d.task]:
-        p.append(f"loss.name = {lf.name!r} does not fit data.task = {d.task!r}; "
-                 f"allowed: {', '.join(task_losses[d.task])}")
+        add("loss.name", f"loss.name = {lf.name!r} does not fit data.task = {d.task!r}; "
+                         f"allowed: {', '.join(task_losses[d.task])}")
 
     o = cfg.optimizer
-    _choice(p, "optimizer.name", o.name, OPTIMIZERS)
-    _number(p, "optimizer.lr", o.lr, low=0.0, low_open=True)
-    _number(p, "optimizer.weight_decay", o.weight_decay, low=0.0)
-    _number(p, "optimizer.momentum", o.momentum, low=0.0, high=1.0, high_open=True)
-    _number(p, "optimizer.eps", o.eps, low=0.0, low_open=True)
-    _number(p, "optimizer.alpha", o.alpha, low=0.0, high=1.0, high_open=True)
-    _number(p, "optimizer.backbone_lr_mult", o.backbone_lr_mult, low=0.0)
     if len(o.betas) != 2:
-        p.append(f"optimizer.betas = {o.betas!r}: give two values, such as [0.9, 0.999]")
-    for i, b in enumerate(o.betas):
-        _number(p, f"optimizer.betas[{i}]", b, low=0.0, high=1.0, high_open=True)
+        add("optimizer.betas", f"optimizer.betas = {o.betas!r}: give two values, such as [0.9, 0.999]")
     if o.nesterov and o.name == "sgd" and o.momentum == 0:
-        p.append("optimizer.nesterov = true needs optimizer.momentum > 0")
+        add("optimizer.nesterov", "optimizer.nesterov = true needs optimizer.momentum > 0")
 
-    sc = cfg.schedule
-    _choice(p, "schedule.name", sc.name, SCHEDULES)
-    _number(p, "schedule.step_size", sc.step_size, low=1)
-    _number(p, "schedule.gamma", sc.gamma, low=0.0, low_open=True)
-    _number(p, "schedule.eta_min", sc.eta_min, low=0.0)
-    _number(p, "schedule.max_lr", sc.max_lr, low=0.0, low_open=True)
-    _number(p, "schedule.pct_start", sc.pct_start, low=0.0, high=1.0, low_open=True, high_open=True)
-    _number(p, "schedule.patience", sc.patience, low=0)
-    _number(p, "schedule.factor", sc.factor, low=0.0, high=1.0, low_open=True, high_open=True)
-
-    t = cfg.train
-    _number(p, "train.epochs", t.epochs, low=1)
-    _choice(p, "train.device", t.device, DEVICES)
-    _number(p, "train.seed", t.seed, low=0, high=2**32 - 1)
-    _choice(p, "train.precision", t.precision, PRECISIONS)
-    _number(p, "train.grad_clip_norm", t.grad_clip_norm, low=0.0, low_open=True)
-    _choice(p, "train.feature_cache", t.feature_cache, FEATURE_CACHE_MODES)
-    _number(p, "train.feature_cache_max_mb", t.feature_cache_max_mb, low=1)
-    if t.channels_last is not None and not isinstance(t.channels_last, bool):
-        p.append(f"train.channels_last = {t.channels_last!r}: expected true, false or null (auto: on for CUDA "
-                 "with a convolutional model)")
-    if not isinstance(t.compile, bool):
-        p.append(f"train.compile = {t.compile!r}: expected true or false")
-
-    dd = cfg.distributed
-    _number(p, "distributed.processes", dd.processes, low=1, high=1024)
-    _choice(p, "distributed.backend", dd.backend, DIST_BACKENDS)
-    if not isinstance(dd.sync_batchnorm, bool):
-        p.append(f"distributed.sync_batchnorm = {dd.sync_batchnorm!r}: expected true or false")
-    _number(p, "distributed.timeout_s", dd.timeout_s, low=10)
-
-    c = cfg.checkpoint
-    _number(p, "checkpoint.keep_last", c.keep_last, low=0)
-    _choice(p, "checkpoint.monitor", c.monitor, MONITORS)
-    _choice(p, "checkpoint.mode", c.mode, MONITOR_MODES)
-    e = cfg.early_stopping
-    _choice(p, "early_stopping.monitor", e.monitor, MONITORS)
-    _choice(p, "early_stopping.mode", e.mode, MONITOR_MODES)
-    _number(p, "early_stopping.patience", e.patience, low=1)
-    _number(p, "early_stopping.min_delta", e.min_delta, low=0.0)
+    c, e = cfg.checkpoint, cfg.early_stopping
     for where, monitor in (("checkpoint.monitor", c.monitor), ("early_stopping.monitor", e.monitor)):
-        if monitor.endswith("accuracy") and d.task == "regression":
-            p.append(f"{where} = {monitor!r}: a regression has no accuracy; use 'val_loss' or 'train_loss'")
+        if isinstance(monitor, str) and monitor.endswith("accuracy") and d.task == "regression":
+            add(where, f"{where} = {monitor!r}: a regression has no accuracy; use 'val_loss' or 'train_loss'")
 
     if not cfg.output.dir:
-        p.append("output.dir is empty: give a folder for run folders, such as 'runs'")
-    if cfg.output.run_name is not None and (not cfg.output.run_name or
-                                            any(c in cfg.output.run_name for c in "/\\:")):
-        p.append(f"output.run_name = {cfg.output.run_name!r}: must be a non-empty name without / \\ or :")
+        add("output.dir", "output.dir is empty: give a folder for run folders, such as 'runs'")
+    run_name = cfg.output.run_name
+    if run_name is not None and (not run_name or any(ch in run_name for ch in "/\\:")):
+        add("output.run_name", f"output.run_name = {run_name!r}: must be a non-empty name without / \\ or :")
     return p

@@ -259,7 +259,7 @@ def resume_config(ckpt: dict[str, Any], source: str | os.PathLike, *, epochs: in
     try:
         cfg = from_dict(data, source=str(source))
     except ConfigError as exc:
-        raise ConfigError([p.replace("train.epochs", epochs_field).replace("distributed.processes", "--processes")
+        raise ConfigError([str(p).replace("train.epochs", epochs_field).replace("distributed.processes", "--processes")
                            for p in exc.problems], exc.source) from None
     if cfg.train.epochs <= ckpt["epoch"]:
         raise ConfigError([f"{epochs_field} = {cfg.train.epochs}: the checkpoint has already trained {ckpt['epoch']} "

@@ -733,8 +733,8 @@ class BackbonePanel(QWidget):
             text = ""
         self._show(self.preprocess, text)
 
-        problems = [p for p in self.state.problems(check_paths=False)
-                    if p.startswith(("model.backbone", "model.weights", "data.image_size"))]
+        problems = [p.message for p in self.state.problems(check_paths=False)
+                    if p.path in ("model.backbone", "model.weights", "data.image_size")]
         self._show(self.problems, "\n".join(problems))
         self._refresh_file()
 

@@ -2,10 +2,12 @@
 from __future__ import annotations
 
 import math
-from typing import Any, Callable
+import re
+from typing import Any, Callable, Iterable
 
-from PySide6.QtCore import QObject, QSignalBlocker
-from PySide6.QtWidgets import (QCheckBox, QComboBox, QDoubleSpinBox, QLabel, QLineEdit, QSpinBox, QWidget)
+from PySide6.QtCore import QObject, QSignalBlocker, Qt
+from PySide6.QtWidgets import (QCheckBox, QComboBox, QDoubleSpinBox, QLabel, QLineEdit, QSizePolicy, QSpinBox,
+                               QWidget)
 
 from widgets.state import ProjectState
 from widgets.look import ERROR_COLOUR
@@ -40,6 +42,81 @@ def format_float(value: float | None) -> str:
         return ""
     # Six significant digits: enough that showing a typed value and committing it again never changes it.
     return f"{value:.6g}" if math.isfinite(value) else str(value)
+
+
+def parse_numbers(text: str) -> list[float]:
+    """Numbers separated by commas, semicolons or spaces: '0.485, 0.456, 0.406'."""
+    tokens = [t for t in re.split(r"[,;\s]+", text.strip()) if t]
+    if not tokens:
+        raise ValueError("type at least one number, such as 0.5")
+    values = []
+    for token in tokens:
+        try:
+            values.append(float(token))
+        except ValueError:
+            raise ValueError(f"{token!r} is not a number") from None
+    return values
+
+
+def format_numbers(values: Iterable[float] | None) -> str:
+    return "" if values is None else ", ".join(format_float(float(v)) for v in values)
+
+
+MAX_POSITIONS = 10_000_000  # a typo such as 0-9999999999 must not build a list that fills the memory
+
+
+def parse_positions(text: str) -> list[int] | None:
+    """Training-set positions and inclusive ranges: '0-99, 200'; empty means all (None)."""
+    if not text.strip():
+        return None
+    # Ranges may be typed with spaces or an en dash ("0 - 99", "0–99", "0..99"); make them one token.
+    normal = re.sub(r"\s*(?:-|–|\.\.)\s*(?=\d)", "-", text.strip())
+    out: list[int] = []
+    for token in (t for t in re.split(r"[,;\s]+", normal) if t):
+        single = re.fullmatch(r"\d+", token)
+        span = re.fullmatch(r"(\d+)-(\d+)", token)
+        if single:
+            out.append(int(token))
+        elif span:
+            first, last = int(span.group(1)), int(span.group(2))
+            if last < first:
+                raise ValueError(f"the range {token!r} runs backwards; write it as {last}-{first}")
+            if len(out) + last - first + 1 > MAX_POSITIONS:
+                raise ValueError(f"more than {MAX_POSITIONS:,} positions; give a smaller range")
+            out.extend(range(first, last + 1))
+        else:
+            raise ValueError(f"{token!r} is not a position or a range such as 0-99 (positions start at 0)")
+    return out
+
+
+def format_positions(values: list[int] | None) -> str:
+    """The shortest text parse_positions reads back as the same list (runs of 3 or more become ranges)."""
+    if not values:
+        return ""
+    parts: list[str] = []
+    start = prev = values[0]
+    for v in list(values[1:]) + [None]:
+        if v is not None and v == prev + 1:
+            prev = v
+            continue
+        if prev - start >= 2:
+            parts.append(f"{start}-{prev}")
+        else:
+            parts.extend(str(x) for x in range(start, prev + 1))
+        if v is not None:
+            start = prev = v
+    return ", ".join(parts)
+
+
+def parse_int(text: str) -> int:
+    cleaned = text.strip()
+    if not cleaned:
+        raise ValueError("a whole number is required")
+    try:
+        return int(cleaned)
+    except ValueError:
+        raise ValueError(f"{cleaned!r} is not a whole number") from None
+
 
 
 class FieldBinding(QObject):
@@ -130,3 +207,80 @@ def bind_float_text(state: ProjectState, path: str, edit: QLineEdit, *, optional
     """Learning rates and other numbers spanning many decades: typed as text (1e-4), not spun."""
     return bind_text(state, path, edit, parse=parse_optional_float if optional else parse_float,
                      show=format_float, **kw)
+
+
+# ---------------------------------------------------------------------------------------------
+# Input widgets that leave the wheel to the scroll area unless they have the focus
+
+
+class _WheelGuard:
+    """A scrolling form must not change a value the pointer merely passes over while the wheel turns."""
+
+    def _guard_init(self) -> None:
+        self.setFocusPolicy(Qt.FocusPolicy.StrongFocus)
+
+    def wheelEvent(self, event) -> None:  # noqa: N802 - Qt's name
+        if self.hasFocus():
+            super().wheelEvent(event)
+        else:
+            event.ignore()  # an ignored wheel event goes on to the parent, so the panel scrolls
+
+
+class SpinBox(_WheelGuard, QSpinBox):
+    def __init__(self, parent=None):
+        super().__init__(parent)
+        self._guard_init()
+        self.setKeyboardTracking(False)  # commit 224, not 2, 22 and 224 on the way
+        self.setMaximum(2**31 - 1)
+
+
+class DoubleSpinBox(_WheelGuard, QDoubleSpinBox):
+    def __init__(self, parent=None):
+        super().__init__(parent)
+        self._guard_init()
+        self.setKeyboardTracking(False)
+
+
+class ComboBox(_WheelGuard, QComboBox):
+    def __init__(self, parent=None):
+        super().__init__(parent)
+        self._guard_init()
+        self.setSizeAdjustPolicy(QComboBox.SizeAdjustPolicy.AdjustToContents)
+        self.setSizePolicy(QSizePolicy.Policy.Expanding, QSizePolicy.Policy.Fixed)  # as wide as the other fields
+
+
+def bind_optional_spin(state: ProjectState, path: str, box: QSpinBox | QDoubleSpinBox, **kw) -> FieldBinding:
+    """A spin box whose lowest value (shown as its special text) stands for None: the engine's default."""
+    low, kind = box.minimum(), type(box.value())
+    return FieldBinding(state, path, box, read=lambda: None if box.value() <= low else box.value(),
+                        write=lambda v: box.setValue(low if v is None else kind(v)), signal=box.valueChanged, **kw)
+
+
+def bind_list_mode(state: ProjectState, path: str, combo: QComboBox, *, edit: QLineEdit, missing: str,
+                   **kw) -> FieldBinding:
+    """The chooser of a field that is None, 'balanced' or a list; 'from list' takes the list from its box."""
+    modes = [combo.itemData(i) for i in range(combo.count())]
+
+    def read():
+        mode = combo.currentData()
+        if mode != "list":
+            return mode
+        if not edit.text().strip():
+            raise ValueError(missing)
+        return parse_numbers(edit.text())
+
+    def write(value):
+        mode = "list" if isinstance(value, list) else value
+        combo.setCurrentIndex(max(0, combo.findData(mode if mode in modes else modes[0])))
+
+    return FieldBinding(state, path, combo, read=read, write=write, signal=combo.currentIndexChanged, **kw)
+
+
+def bind_list_edit(state: ProjectState, path: str, edit: QLineEdit, **kw) -> FieldBinding:
+    def write(value):
+        # Keep what was typed while the field holds no list, so switching to "from list" finds it again.
+        if isinstance(value, list):
+            edit.setText(format_numbers(value))
+
+    return FieldBinding(state, path, edit, read=lambda: parse_numbers(edit.text()), write=write,
+                        signal=edit.editingFinished, **kw)

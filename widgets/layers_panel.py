@@ -180,7 +180,7 @@ def freeze_fields(model: nn.Module, head_name: str, current: ModelConfig, frozen
              "model.freeze_prefixes": index.cover(frozen, frozen), "model.unfreeze_prefixes": []}
     candidates = [plain]
     if current.freeze != "none":
-        preset_cfg = dataclasses.replace(current, freeze_prefixes=[], unfreeze_prefixes=[])
+        preset_cfg = current.model_copy(update={"freeze_prefixes": [], "unfreeze_prefixes": []})
         preset = _apply(model, preset_cfg, head_name, index)
         if preset is not None:
             kept = {"model.freeze": current.freeze, "model.freeze_up_to": current.freeze_up_to,
@@ -192,10 +192,9 @@ def freeze_fields(model: nn.Module, head_name: str, current: ModelConfig, frozen
 
             candidates = [kept, plain] if size(kept) <= size(plain) else [plain, kept]
     for fields in candidates:
-        trial = dataclasses.replace(current, freeze=fields["model.freeze"],
-                                    freeze_up_to=fields["model.freeze_up_to"],
-                                    freeze_prefixes=list(fields["model.freeze_prefixes"]),
-                                    unfreeze_prefixes=list(fields["model.unfreeze_prefixes"]))
+        trial = current.model_copy(update={"freeze": fields["model.freeze"], "freeze_up_to": fields["model.freeze_up_to"],
+                                           "freeze_prefixes": list(fields["model.freeze_prefixes"]),
+                                           "unfreeze_prefixes": list(fields["model.unfreeze_prefixes"])})
         if _apply(model, trial, head_name, index) == frozen:
             return fields
     return {"model.freeze": "none", "model.freeze_up_to": None,
@@ -508,7 +507,7 @@ class LayersPanel(QWidget):
         except ConfigError as exc:
             cleaned = self._without_unknown(cfg)
             apply_freeze(self.model, cleaned, self.head_name)
-            problems = "; ".join(exc.problems)
+            problems = "; ".join(map(str, exc.problems))
             self._show_error(f"{problems}. The tree shows the freezing without it; tick modules or choose a "
                              "preset to rewrite the freezing settings.")
         return self.index.frozen()

@@ -7,7 +7,7 @@ from typing import Any
 
 from PySide6.QtCore import QObject, Signal
 
-from engine.config import ConfigError, ProjectConfig, from_dict, load_project, save_project, validate
+from engine.config import ConfigError, Problem, ProjectConfig, from_dict, load_project, save_project, validate
 
 
 def _split(path: str) -> tuple[list[str], str]:
@@ -69,7 +69,7 @@ class ProjectState(QObject):
     def get(self, path: str) -> Any:
         return get_field(self._cfg, path)
 
-    def problems(self, *, check_paths: bool = True) -> list[str]:
+    def problems(self, *, check_paths: bool = True) -> list[Problem]:
         """What is wrong with the project as it stands (the same checks `python main.py check` starts with)."""
         return validate(self._cfg, check_paths=check_paths, check_catalog=self.catalog_checks)
 
@@ -95,24 +95,28 @@ class ProjectState(QObject):
             for path in changed:
                 self.changed.emit(path)
 
-    def check(self, values: dict[str, Any]) -> list[str]:
-        """The problems these values would add to the project (paths are not checked: files may come later)."""
+    def check(self, values: dict[str, Any]) -> list[Problem]:
+        """The problems these values would bring (paths are not checked: files may come later).
+
+        A problem counts when it is about a field being set, or about a field that had none before: a project
+        opened with a problem (a backbone the catalog lacks) can still be edited elsewhere.
+        """
         trial = copy.deepcopy(self._cfg)
         for path, value in values.items():
             set_field(trial, path, value)
-        before = set(validate(self._cfg, check_paths=False, check_catalog=self.catalog_checks))
+        before = {p.path for p in validate(self._cfg, check_paths=False, check_catalog=self.catalog_checks)}
         try:
             return [p for p in validate(trial, check_paths=False, check_catalog=self.catalog_checks)
-                    if p not in before]
+                    if p.path in values or p.path not in before]
         except Exception as exc:  # a value of the wrong type that validation cannot even compare
-            return [f"{', '.join(values)}: {exc}"]
+            return [Problem(next(iter(values)), f"{', '.join(values)}: {exc}")]
 
     def try_set(self, path: str, value: Any, *, also: dict[str, Any] | None = None) -> str | None:
         """Set a field if the project stays valid; otherwise leave it and return the reason (also emitted)."""
         values = {path: value, **(also or {})}
         problems = self.check(values)
         if problems:
-            reason = "; ".join(problems)
+            reason = "; ".join(map(str, problems))
             self.refused.emit(path, reason)
             return reason
         self.update(values)

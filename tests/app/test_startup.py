@@ -76,8 +76,8 @@ def test_validation_without_the_catalog_leaves_out_only_the_catalog_checks():
     cfg = ProjectConfig()
     cfg.model.backbone = "resnet_does_not_exist"
     cfg.loader.batch_size = 0
-    full = validate(cfg, check_paths=False)
-    light = validate(cfg, check_paths=False, check_catalog=False)
+    full = [str(p) for p in validate(cfg, check_paths=False)]
+    light = [str(p) for p in validate(cfg, check_paths=False, check_catalog=False)]
     assert any("resnet_does_not_exist" in p for p in full)
     assert not any("resnet_does_not_exist" in p for p in light)
     assert [p for p in full if "batch_size" in p] == [p for p in light if "batch_size" in p] != []

@@ -28,7 +28,7 @@ def base(**sections):
 def problems_of(data, base_dir):
     with pytest.raises(ConfigError) as info:
         from_dict(data, base_dir=base_dir)
-    return info.value.problems, str(info.value)
+    return [str(p) for p in info.value.problems], str(info.value)
 
 
 def test_defaults_are_valid_and_round_trip(data_dir):
@@ -167,7 +167,7 @@ def test_missing_project_file_and_folder(tmp_path):
 def test_nan_in_a_number_is_refused_after_type_conversion(data_dir):
     cfg = from_dict(base(), base_dir=data_dir)
     cfg.optimizer.lr = math.nan
-    assert any("optimizer.lr" in p and "finite" in p for p in validate(cfg))
+    assert any(p.path == "optimizer.lr" and "finite" in p.message for p in validate(cfg))
 
 
 def test_copy_is_independent(data_dir):
@@ -182,3 +182,40 @@ def test_example_projects_are_valid():
 
     for path in sorted((Path(__file__).resolve().parents[2] / "examples").glob("*.json")):
         assert isinstance(load_project(path), ProjectConfig)
+
+
+@pytest.mark.parametrize("change, field, value", BAD_VALUES, ids=[b[1] + "=" + b[2] for b in BAD_VALUES])
+def test_every_problem_carries_the_path_of_its_field(data_dir, change, field, value):
+    with pytest.raises(ConfigError) as info:
+        from_dict(base(**change), base_dir=data_dir)
+    paths = {p.path for p in info.value.problems}
+    assert field in paths or field.split("[")[0] in paths or (field == "data.keep_aspect" and "loader.collate" in paths) \
+        or (field == "optimizer.nesterov" and "optimizer.nesterov" in paths), (field, info.value.problems)
+
+
+def test_a_value_set_in_code_is_checked_against_its_declaration(data_dir):
+    cfg = from_dict(base(), base_dir=data_dir)
+    cfg.distributed.timeout_s = 5
+    cfg.loader.sampler.num_samples = 3  # only used by 'random' and 'weighted_random': the default sampler is fine
+    assert [(p.path, p.message) for p in validate(cfg)] == \
+        [("distributed.timeout_s", "distributed.timeout_s = 5: must be >= 10")]
+    cfg.loader.sampler.name = "sequential"
+    (unused,) = [p for p in validate(cfg) if p.path == "loader.sampler.num_samples"]
+    assert "3" in unused.message and "'random' or 'weighted_random'" in unused.message and "'sequential'" in \
+        unused.message
+
+
+def test_a_base_dir_key_in_the_file_is_an_unknown_key(data_dir):
+    problems, _ = problems_of(base(base_dir="/elsewhere"), data_dir)
+    assert problems and problems[0].startswith("base_dir: unknown key")
+
+
+def test_the_readme_table_is_generated_from_the_declarations():
+    from pathlib import Path
+
+    from engine.config import readme_table
+    from engine.settings import replace_between
+
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text(encoding="utf-8")
+    assert replace_between(readme, readme_table()) == readme, "README's project-file table is stale: run `make docs`"
+    assert "| `loader.batch_size` | `32` |" in readme_table()

@@ -101,7 +101,8 @@ def test_unknown_module_names_are_errors_naming_the_field(cfg, field):
     model, head = _resnet18()
     with pytest.raises(ConfigError) as err:
         apply_freeze(model, cfg, head)
-    assert err.value.problems[0].startswith(field)
+    assert err.value.problems[0].message.startswith(field)
+    assert err.value.problems[0].path == field.split(" = ")[0].split("[")[0]
     assert "conv1" in str(err.value)  # shows what the modules are called
 
 

@@ -166,11 +166,12 @@ def test_new_settings_default_and_are_validated(tmp_path):
     for bad, field in (({"channels_last": "yes"}, "train.channels_last"), ({"compile": 1}, "train.compile")):
         with pytest.raises(ConfigError) as err:
             load_project(write_project(tmp_path / "bad.json", "images", train=bad))
-        assert any(p.startswith(f"{field} = ") for p in err.value.problems), err.value.problems
+        assert any(p.path == field and p.message.startswith(f"{field} = ") for p in err.value.problems), \
+            err.value.problems
 
     cfg.train.channels_last = "on"
     cfg.train.compile = None
-    problems = validate(cfg, check_catalog=False)
+    problems = [str(p) for p in validate(cfg, check_catalog=False)]
     assert any(p.startswith("train.channels_last = 'on': expected true, false or null") for p in problems)
     assert "train.compile = None: expected true or false" in problems
     cfg.train.channels_last, cfg.train.compile = True, True

@@ -593,3 +593,19 @@ def test_processes_setting_reveals_its_options_and_says_the_global_batch(panel, 
     assert project_state.get("distributed.timeout_s") == 10
     processes.setValue(1)
     assert not visible(panel, "dist_timeout")
+
+
+def test_settings_the_weights_replace_show_the_value_in_effect_and_are_not_editable(panel, project_state):
+    import engine.backbones  # noqa: F401 - the catalog is loaded in the app once PyTorch is; the panel asks it then
+
+    size, mean, std = (control(panel, n) for n in ("image_size", "mean", "std"))
+    assert size.isEnabled() and mean.isEnabled() and std.isEnabled()
+    project_state.update({"model.backbone": "timm/efficientnet_lite0", "model.weights": "BUNDLED"})
+    assert not size.isEnabled() and not mean.isEnabled() and not std.isEnabled()
+    notes = {name: panel._remarks[path].text() for name, path in
+             (("size", "data.image_size"), ("mean", "data.mean"), ("std", "data.std"))}
+    assert "weights" in notes["size"] and notes["size"].endswith("224 px.")
+    assert notes["mean"].endswith("0.5, 0.5, 0.5.") and notes["std"].endswith("0.5, 0.5, 0.5.")
+    assert all(panel._remarks[p].isVisibleTo(panel) for p in ("data.image_size", "data.mean", "data.std"))
+    project_state.set("model.weights", None)
+    assert size.isEnabled() and not panel._remarks["data.image_size"].isVisibleTo(panel)
