@@ -79,7 +79,7 @@ def settle_heap() -> None:
 
 def _load_catalog() -> int:
     """On a worker thread: import what the backbone catalog needs (PyTorch, torchvision, timm) and list it once."""
-    from engine.backbones import list_backbones
+    from engine.catalog import list_backbones
 
     return len(list_backbones())
 

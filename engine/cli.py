@@ -305,7 +305,8 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 
 def cmd_backbones(args: argparse.Namespace) -> int:
-    from engine.backbones import list_backbones, weight_names, weights_status
+    from engine.backbones import weights_status
+    from engine.catalog import list_backbones, weight_names
 
     needle = (args.filter or "").lower()
     names = [n for n in list_backbones() if needle in n.lower()]

@@ -780,7 +780,7 @@ def _rules(cfg: ProjectConfig, *, check_paths: bool, check_catalog: bool) -> lis
 
     m = cfg.model
     if check_catalog:
-        from engine.backbones import backbone_problems, list_backbones, vit_patch_size  # the catalog's knowledge
+        from engine.catalog import backbone_problems, list_backbones, vit_patch_size  # imports torchvision and timm
 
         p.extend(Problem.of(text) for text in backbone_problems(m.backbone, m.weights))
         patch = vit_patch_size(m.backbone) if m.backbone in list_backbones() else None

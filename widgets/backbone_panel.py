@@ -10,8 +10,8 @@ from PySide6.QtWidgets import (QAbstractItemView, QCheckBox, QComboBox, QFileDia
                                QHBoxLayout, QHeaderView, QLabel, QLineEdit, QPushButton, QSizePolicy, QTableView,
                                QVBoxLayout, QWidget)
 
-from engine.backbones import (LoadReport, WeightsError, build_model, list_backbones,
-                              load_state_dict_file, preprocess_for, timm_model_name, weight_names, weights_status)
+from engine.backbones import LoadReport, WeightsError, build_model, load_state_dict_file, preprocess_for, weights_status
+from engine.catalog import list_backbones, timm_model_name, weight_names
 from engine.config import ModelConfig
 from widgets.state import ProjectState
 from widgets.tasks import Task, run_task
@@ -743,7 +743,7 @@ class BackbonePanel(QWidget):
             return weight
         try:
             if timm_model_name(backbone) is not None:
-                from engine.backbones import timm_tags  # timm's default tag is the first of its tags
+                from engine.catalog import timm_tags  # timm's default tag is the first of its tags
 
                 return f"DEFAULT ({timm_tags(timm_model_name(backbone))[0]})"
             import torchvision

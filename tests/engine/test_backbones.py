@@ -12,16 +12,14 @@ from safetensors.torch import save_file
 from engine.backbones import (
     BuiltModel,
     WeightsError,
-    backbone_problems,
     build_model,
-    list_backbones,
     load_state_dict_file,
     load_weights_file,
     preprocess_for,
     replace_head,
-    weight_names,
     weights_status,
 )
+from engine.catalog import backbone_problems, list_backbones, weight_names
 from engine.config import DataConfig, ModelConfig
 
 

@@ -14,19 +14,15 @@ from safetensors.torch import save_file
 from torchvision.transforms import v2
 
 from engine.backbones import (
-    BUNDLED,
-    BUNDLED_BACKBONE,
     WeightsError,
-    backbone_problems,
     build_model,
     bundled_weights_file,
-    list_backbones,
     load_by_order,
     load_state_dict_file,
     preprocess_for,
-    weight_names,
     weights_status,
 )
+from engine.catalog import BUNDLED, BUNDLED_BACKBONE, backbone_problems, list_backbones, weight_names
 from engine.config import ConfigError, DataConfig, ModelConfig, from_dict
 from engine.freezing import apply_freeze, layer_tree, param_groups
 
@@ -293,7 +289,7 @@ def test_a_timm_checkpoint_is_restored_and_exported(tmp_path):
 def test_encoder_only_timm_models_are_not_offered():
     import timm
 
-    from engine.backbones import backbone_problems, list_backbones
+    from engine.catalog import backbone_problems, list_backbones
 
     encoders = [n for n in timm.list_models() if n.endswith("_enc")]
     catalog = set(list_backbones())

@@ -7,7 +7,8 @@ import torchvision
 from PySide6.QtCore import Qt
 from PySide6.QtWidgets import QWidget
 
-from engine.backbones import BUNDLED, list_backbones, weights_status
+from engine.backbones import weights_status
+from engine.catalog import BUNDLED, list_backbones
 from widgets.backbone_panel import NAME, OBJECT_NAMES, PARAMS, WEIGHTS, BackbonePanel
 
 

@@ -1,0 +1,121 @@
+"""The backbone catalog: torchvision's classification models and timm's, their pretrained weights, and what a
+project may name. It knows names only (the project file's model.backbone and model.weights), so config
+validation can ask it without building anything.
+"""
+from __future__ import annotations
+
+import difflib
+import functools
+
+import timm
+import torchvision
+
+# A backbone the user will recognise, shown when the name they typed is unknown.
+_EXAMPLES = ("resnet18", "resnet50", "mobilenet_v3_small", "efficientnet_b0", "convnext_tiny", "vit_b_16")
+# timm's models are named "timm/<model>" (its pretrained tag goes in model.weights), keeping both catalogs apart.
+TIMM_PREFIX = "timm/"
+_TIMM_EXAMPLES = ("timm/efficientnet_lite0", "timm/resnet50", "timm/convnext_tiny", "timm/vit_small_patch16_224")
+# The one backbone with ImageNet weights that ship with the install (see engine.backbones.load_bundled_weights).
+BUNDLED = "BUNDLED"
+BUNDLED_BACKBONE = "timm/efficientnet_lite0"
+
+
+@functools.lru_cache(maxsize=1)
+def _catalog() -> tuple[str, ...]:
+    # module= keeps to image classification (no detection, segmentation, video, quantized models).
+    torchvision_names = torchvision.models.list_models(module=torchvision.models)
+    # timm's "*_enc" models are the image encoders of vision-language models: no classifier to replace.
+    timm_names = [TIMM_PREFIX + n for n in timm.list_models() if not n.endswith("_enc")]
+    return tuple(sorted(torchvision_names + timm_names))
+
+
+@functools.lru_cache(maxsize=1)
+def _catalog_set() -> frozenset[str]:
+    return frozenset(_catalog())
+
+
+def list_backbones() -> list[str]:
+    """Names of the torchvision classification models and of timm's models as "timm/<model>", sorted."""
+    return list(_catalog())
+
+
+def timm_model_name(backbone: str) -> str | None:
+    """timm's own name of a "timm/<model>" backbone; None for a torchvision one."""
+    return backbone[len(TIMM_PREFIX):] if backbone.startswith(TIMM_PREFIX) else None
+
+
+def weights_enum(backbone: str):
+    """torchvision's weights enum of a backbone (None for timm's and for models without weights)."""
+    try:
+        return torchvision.models.get_model_weights(backbone)
+    except (ValueError, KeyError):
+        return None
+
+
+def timm_tags(arch: str) -> list[str]:
+    """The pretrained tags of a timm model that have weights, timm's default first."""
+    from timm.models import get_arch_pretrained_cfgs, is_model_pretrained
+
+    return [cfg.tag for name, cfg in get_arch_pretrained_cfgs(arch).items() if is_model_pretrained(name)]
+
+
+def weight_names(backbone: str) -> list[str]:
+    """The pretrained weights a backbone offers: "DEFAULT" first, then the enum members or timm's pretrained tags.
+
+    "timm/efficientnet_lite0" also offers "BUNDLED": ImageNet weights that ship with the install.
+    """
+    arch = timm_model_name(backbone)
+    if arch is not None:
+        tags = timm_tags(arch)
+        return (["DEFAULT"] + tags if tags else []) + ([BUNDLED] if backbone == BUNDLED_BACKBONE else [])
+    enum = weights_enum(backbone)
+    if enum is None:
+        return []
+    # Iterating an Enum skips aliases, so DEFAULT (an alias of the best member) is added by hand.
+    return ["DEFAULT"] + [w.name for w in enum]
+
+
+def _close(word: str, options: list[str]) -> list[str]:
+    return difflib.get_close_matches(word, options, n=3, cutoff=0.6)
+
+
+def backbone_problems(backbone: str, weights: str | None) -> list[str]:
+    """Config validation for model.backbone and model.weights; an empty list when both are known."""
+    names = _catalog()
+    if backbone not in _catalog_set():
+        arch = timm_model_name(backbone)
+        if arch is not None:
+            model, _, tag = arch.partition(".")
+            if tag and TIMM_PREFIX + model in _catalog_set():
+                return [f"model.backbone = {backbone!r}: the pretrained tag goes in model.weights; set "
+                        f"model.backbone to {TIMM_PREFIX + model!r} and model.weights to {tag!r}"]
+            timm_names = [n for n in names if n.startswith(TIMM_PREFIX)]
+            close = _close(backbone, timm_names)
+            hint = f"did you mean {', '.join(close)}? " if close else ""
+            return [f"model.backbone = {backbone!r}: unknown; {hint}allowed: one of the {len(timm_names)} timm "
+                    f"models, named timm/<model> (e.g. {', '.join(_TIMM_EXAMPLES)})"]
+        close = _close(backbone, list(names))
+        hint = f"did you mean {', '.join(close)}? " if close else ""
+        examples = ", ".join(e for e in _EXAMPLES if e in _catalog_set())
+        return [f"model.backbone = {backbone!r}: unknown; {hint}allowed: one of the {len(names)} models, "
+                f"torchvision's classification models (e.g. {examples}) or timm's as timm/<model> (e.g. "
+                f"{', '.join(_TIMM_EXAMPLES[:2])})"]
+    if weights is None:
+        return []
+    allowed = weight_names(backbone)
+    if not allowed:
+        return [f"model.weights = {weights!r}: {backbone} has no pretrained weights; use null for random init "
+                "or import a weights file (model.weights_file)"]
+    if weights not in allowed:
+        close = _close(weights, allowed) or [a for a in allowed if a.lower() == str(weights).lower()]
+        hint = f"; did you mean {close[0]}?" if close else ""
+        return [f"model.weights = {weights!r}: not a weight of {backbone}; allowed: {', '.join(allowed)} "
+                f"or null for random init{hint}"]
+    return []
+
+
+def vit_patch_size(backbone: str) -> int | None:
+    """The patch size of a torchvision ViT (vit_b_16 -> 16), None for other families."""
+    if backbone.startswith("vit_"):
+        return int(backbone.rsplit("_", 1)[1])
+    return None
