@@ -11,11 +11,13 @@ from PySide6.QtWidgets import (QCheckBox, QFormLayout, QFrame, QGroupBox, QHBoxL
                                QVBoxLayout, QWidget)
 
 from engine.config import ProjectConfig
+from engine.machine import auto_device, devices_here
 from engine.settings import Setting, bounds, choices, fields, meta, unwrap
 from widgets.fields import (ComboBox, DoubleSpinBox, FieldBinding, SpinBox, bind_check, bind_combo, bind_double,
                             bind_float_text, bind_list_edit, bind_list_mode, bind_optional_spin, bind_spin, bind_text,
                             format_numbers, format_positions, parse_int, parse_numbers, parse_optional_int,
                             parse_positions)
+from widgets.look import ERROR_STYLE
 from widgets.state import ProjectState
 
 # (name, title, what it holds, the sections its rows come from in order)
@@ -63,9 +65,6 @@ for _path, _s, _info in (row for rows in ROWS.values() for row in rows):
     if _s.widget == "weights":
         OBJECT_NAMES[_name + "_mode"] = f"{_s.label}, given as: {'; '.join(_s.choices.values())} ({_path})"
 
-ERROR_COLOUR = "#d9534f"  # the same red as the fields' invalid border; readable on light and dark palettes
-
-
 _devices_here: dict[str, bool] | None = None
 
 
@@ -78,18 +77,8 @@ def devices_available(*, load: bool = True) -> dict[str, bool] | None:
     if _devices_here is None:
         if not load and "torch" not in sys.modules:
             return None
-        import torch
-
-        mps = getattr(torch.backends, "mps", None)
-        _devices_here = {"auto": True, "cpu": True, "cuda": bool(torch.cuda.is_available()),
-                         "mps": bool(mps is not None and mps.is_available())}
+        _devices_here = devices_here()
     return _devices_here
-
-
-def auto_device() -> str:
-    """What 'auto' resolves to here (the engine's order: cuda, then mps, then cpu)."""
-    here = devices_available()
-    return "cuda" if here["cuda"] else "mps" if here["mps"] else "cpu"
 
 
 def _note(text: str = "") -> QLabel:
@@ -236,7 +225,7 @@ class TrainingPanel(QWidget):
         message = QLabel()
         message.setObjectName(f"{key}.message")
         message.setWordWrap(True)
-        message.setStyleSheet(f"color: {ERROR_COLOUR};")
+        message.setStyleSheet(ERROR_STYLE)
         message.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse)
         message.hide()
         cell = QWidget()
@@ -369,7 +358,7 @@ class TrainingPanel(QWidget):
         for i in range(self._device.count()):
             name = self._device.itemData(i)
             if name == "auto":
-                text = f"auto (uses {auto_device()} here)"
+                text = f"auto (uses {auto_device(here)} here)"
             else:
                 text = name if here.get(name, False) else f"{name} (not available here)"
             self._device.setItemText(i, text)
