@@ -48,7 +48,7 @@ class QtBridge:
     event loop; nothing is lost (every point is in some update) and epoch/run ends flush the buffer.
     """
 
-    def __init__(self, worker: "TrainingWorker", run_dir: Path):
+    def __init__(self, worker: TrainingWorker, run_dir: Path):
         self.worker = worker
         self.run_dir = run_dir
         self._points: list[tuple[int, float]] = []

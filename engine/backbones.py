@@ -9,9 +9,9 @@ import pickle
 import urllib.error
 import urllib.parse
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import timm
 import torch
@@ -459,13 +459,13 @@ def load_by_order(model: nn.Module, state: dict[str, Tensor], source: str) -> No
     """
     own = model.state_dict()
     what = type(model).__name__
-    for i, ((key, tensor), (own_key, own_tensor)) in enumerate(zip(state.items(), own.items())):
+    for i, ((key, tensor), (own_key, own_tensor)) in enumerate(zip(state.items(), own.items(), strict=False)):
         if tuple(tensor.shape) != tuple(own_tensor.shape):
             raise WeightsError(f"{source} does not fit {what}: tensor {i} ({key}, shape {tuple(tensor.shape)}) "
                                f"should match {own_key} of shape {tuple(own_tensor.shape)}")
     if len(state) != len(own):
         raise WeightsError(f"{source} does not fit {what}: it holds {len(state)} tensors, the model has {len(own)}")
-    model.load_state_dict(dict(zip(own, state.values())), strict=True)
+    model.load_state_dict(dict(zip(own, state.values(), strict=True)), strict=True)
 
 
 def load_bundled_weights(model: nn.Module) -> None:

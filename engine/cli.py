@@ -6,8 +6,9 @@ import signal
 import sys
 import threading
 import traceback
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 0, 1, 2, 130
 
@@ -18,9 +19,8 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from engine.checkpoints import CheckpointError
     from engine.config import ConfigError
     from engine.data import DataError
-    from engine.samplers import SamplerError
-
     from engine.export import ExportError
+    from engine.samplers import SamplerError
 
     return ConfigError, DataError, WeightsError, SamplerError, CheckpointError, ExportError
 
@@ -331,7 +331,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         names = [c[:6] for c in ev.class_names]
         print("\nconfusion (rows: true, columns: predicted)")
         print(" " * 8 + " ".join(f"{n:>6s}" for n in names))
-        for name, row in zip(names, ev.confusion):
+        for name, row in zip(names, ev.confusion, strict=True):
             print(f"{name:>6s}  " + " ".join(f"{v:6d}" for v in row))
     if ev.hardest:
         shown = ev.hardest[:10]
@@ -348,9 +348,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from engine.export import default_suffix, export_checkpoint
-
     from engine.config import ConfigError
+    from engine.export import default_suffix, export_checkpoint
 
     checkpoint = Path(args.checkpoint)
     # TorchScript's usual suffix is the checkpoint's own (.pt): name the format so the two never collide.

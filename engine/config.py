@@ -9,7 +9,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any, Union
 
 SCHEMA_VERSION = 1
 
@@ -59,7 +59,7 @@ class DataConfig:
     path: str = ""
     kind: str = "auto"  # auto: a folder is an image folder, .csv a CSV, .npz a NumPy archive
     task: str = "classification"
-    val_path: Optional[str] = None  # a separate validation source of the same kind; else a split
+    val_path: str | None = None  # a separate validation source of the same kind; else a split
     val_fraction: float = 0.2
     split_seed: int = 0
     image_size: int = 224  # used when the weights do not bring their own preprocessing
@@ -72,10 +72,10 @@ class DataConfig:
 @dataclass
 class ModelConfig:
     backbone: str = "resnet18"
-    weights: Optional[str] = None  # None: random init; "DEFAULT" or a weight enum member such as "IMAGENET1K_V1"
-    weights_file: Optional[str] = None  # a local .pt/.pth/.safetensors state dict loaded after the head is replaced
+    weights: str | None = None  # None: random init; "DEFAULT" or a weight enum member such as "IMAGENET1K_V1"
+    weights_file: str | None = None  # a local .pt/.pth/.safetensors state dict loaded after the head is replaced
     freeze: str = "none"  # a preset: none, head_only, up_to
-    freeze_up_to: Optional[str] = None  # module name for the "up_to" preset (that module is frozen too)
+    freeze_up_to: str | None = None  # module name for the "up_to" preset (that module is frozen too)
     freeze_prefixes: list[str] = field(default_factory=list)  # frozen in addition to the preset
     unfreeze_prefixes: list[str] = field(default_factory=list)  # trainable whatever the above says
     train_frozen_batchnorm: bool = False  # False: frozen BatchNorm layers stay in eval mode
@@ -84,14 +84,14 @@ class ModelConfig:
 @dataclass
 class SamplerConfig:
     name: str = "random"
-    replacement: Optional[bool] = None  # None: PyTorch's default (random: False, weighted_random: True)
-    num_samples: Optional[int] = None
-    indices: Optional[list[int]] = None  # subset_random: positions in the training set; default all
-    weights: Union[str, list[float], None] = None  # weighted_random: one per training sample, or "balanced"
+    replacement: bool | None = None  # None: PyTorch's default (random: False, weighted_random: True)
+    num_samples: int | None = None
+    indices: list[int] | None = None  # subset_random: positions in the training set; default all
+    weights: str | list[float] | None = None  # weighted_random: one per training sample, or "balanced"
     shuffle: bool = True  # distributed
     seed: int = 0  # distributed
-    num_replicas: Optional[int] = None  # distributed; default the world size
-    rank: Optional[int] = None  # distributed; default this process's rank
+    num_replicas: int | None = None  # distributed; default the world size
+    rank: int | None = None  # distributed; default this process's rank
 
 
 @dataclass
@@ -100,16 +100,16 @@ class LoaderConfig:
     # DataLoader worker processes; None: auto (0 when the decoded-image cache serves un-augmented data or
     # train.deterministic asks for an exact resume; else, training on a GPU, one per usable CPU but one, and
     # training on the CPU a quarter of the CPUs; at most 8)
-    num_workers: Optional[int] = None
-    persistent_workers: Optional[bool] = None  # keep workers between epochs; None: on when there are workers
-    pin_memory: Optional[bool] = None  # None: on when training on CUDA
+    num_workers: int | None = None
+    persistent_workers: bool | None = None  # keep workers between epochs; None: on when there are workers
+    pin_memory: bool | None = None  # None: on when training on CUDA
     # Decode and resize every image once and keep the uint8 result in memory: "auto" (when it fits the
     # bound), "on" (also said when it does not fit) or "off". With random_resized_crop the cache keeps the
     # image presized (shorter side at the resize size) and the random crops come from that presized image.
     decoded_cache: str = "auto"
-    decoded_cache_max_mb: Optional[int] = None  # the cache's memory bound in MiB; None: a quarter of free memory
+    decoded_cache_max_mb: int | None = None  # the cache's memory bound in MiB; None: a quarter of free memory
     drop_last: bool = False
-    shuffle: Optional[bool] = None  # DataLoader's flag; cannot be combined with a sampler other than its own
+    shuffle: bool | None = None  # DataLoader's flag; cannot be combined with a sampler other than its own
     sampler: SamplerConfig = field(default_factory=SamplerConfig)
     collate: str = "default"
 
@@ -118,7 +118,7 @@ class LoaderConfig:
 class LossConfig:
     name: str = "cross_entropy"
     label_smoothing: float = 0.0
-    class_weights: Union[str, list[float], None] = None  # cross_entropy / nll: per class, or "balanced"
+    class_weights: str | list[float] | None = None  # cross_entropy / nll: per class, or "balanced"
     beta: float = 1.0  # smooth_l1
 
 
@@ -127,7 +127,7 @@ class OptimizerConfig:
     name: str = "adamw"
     lr: float = 1e-3
     weight_decay: float = 0.0
-    momentum: Optional[float] = None  # sgd (default 0.9), rmsprop (default 0)
+    momentum: float | None = None  # sgd (default 0.9), rmsprop (default 0)
     nesterov: bool = False  # sgd
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])  # adam, adamw
     eps: float = 1e-8
@@ -141,7 +141,7 @@ class ScheduleConfig:
     step_size: int = 10  # step
     gamma: float = 0.1  # step
     eta_min: float = 0.0  # cosine
-    max_lr: Optional[float] = None  # onecycle; default optimizer.lr
+    max_lr: float | None = None  # onecycle; default optimizer.lr
     pct_start: float = 0.3  # onecycle
     patience: int = 2  # plateau
     factor: float = 0.1  # plateau
@@ -154,14 +154,14 @@ class TrainConfig:
     seed: int = 0
     deterministic: bool = False
     precision: str = "fp32"  # mixed precision on CUDA: fp16 or bf16
-    grad_clip_norm: Optional[float] = None
+    grad_clip_norm: float | None = None
     # auto: when the frozen layers are the start of the forward pass and nothing is augmented, compute their
     # output once per sample and train the rest on it (engine/feature_cache.py); off: always recompute.
     feature_cache: str = "auto"
-    feature_cache_max_mb: Optional[int] = None  # memory bound of the cached features in MiB; None: half the free RAM
+    feature_cache_max_mb: int | None = None  # memory bound of the cached features in MiB; None: half the free RAM
     # Channels-last (NHWC) memory format for the model and its 4-D inputs: faster convolutions on CUDA tensor
     # cores. None (auto): on for CUDA when the model has 2-D convolutions, off elsewhere.
-    channels_last: Optional[bool] = None
+    channels_last: bool | None = None
     compile: bool = False  # torch.compile the training forward; falls back to eager if compiling fails
 
 
@@ -198,7 +198,7 @@ class EarlyStoppingConfig:
 @dataclass
 class OutputConfig:
     dir: str = "runs"  # run folders are created inside, relative to the project file
-    run_name: Optional[str] = None  # default: the project's name and a timestamp
+    run_name: str | None = None  # default: the project's name and a timestamp
     tensorboard: bool = True  # TensorBoard event files in RUN/tensorboard
 
 
@@ -230,7 +230,7 @@ class ProjectConfig:
     def to_dict(self) -> dict[str, Any]:
         return _to_dict(self)
 
-    def copy(self) -> "ProjectConfig":
+    def copy(self) -> ProjectConfig:
         clone = from_dict(self.to_dict(), check_paths=False, check_catalog=False)
         clone.base_dir = self.base_dir
         return clone

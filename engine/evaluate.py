@@ -5,9 +5,10 @@ import dataclasses
 import math
 import os
 import threading
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -16,12 +17,12 @@ from torch.utils.data import DataLoader, Dataset, SequentialSampler
 
 from engine.checkpoints import load_checkpoint, restore_model
 from engine.collate import get_collate
-from engine.data import ArrayDataset, DataError, ImageFileDataset, subset_dataset, prepare_data, scan_source
+from engine.data import ArrayDataset, DataError, ImageFileDataset, prepare_data, scan_source, subset_dataset
 from engine.samplers import plan_loader
-from engine.transforms import build_transforms
 from engine.trainer import pick_device
+from engine.transforms import build_transforms
 
-Progress = Optional[Callable[[int, int], None]]
+Progress = Callable[[int, int], None] | None
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 

@@ -23,8 +23,9 @@ import json
 import math
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable, TextIO
+from typing import Any, TextIO
 
 EVENT_PREFIX = "@mwb-event "
 UPDATE_INTERVAL = 0.1  # seconds between batch events; every loss is still sent, in groups

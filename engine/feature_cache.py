@@ -22,8 +22,9 @@ import os
 import threading
 import time
 from collections import OrderedDict
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -163,7 +164,7 @@ def _rng_states(device: torch.device) -> list[torch.Tensor]:
 
 
 def _equal_states(a: list[torch.Tensor], b: list[torch.Tensor]) -> bool:
-    return all(torch.equal(x, y) for x, y in zip(a, b))
+    return all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
 
 
 def candidate_boundaries(model: nn.Module, calls: Sequence[str], limit: int | None = None) -> list[Boundary]:
@@ -286,7 +287,7 @@ def _same(a: Any, b: Any, rtol: float = VERIFY_RTOL, atol: float = VERIFY_ATOL) 
     if isinstance(a, dict) and isinstance(b, dict):
         return a.keys() == b.keys() and all(_same(a[k], b[k], rtol, atol) for k in a)
     if isinstance(a, (tuple, list)) and isinstance(b, (tuple, list)) and len(a) == len(b):
-        return all(_same(x, y, rtol, atol) for x, y in zip(a, b))
+        return all(_same(x, y, rtol, atol) for x, y in zip(a, b, strict=True))
     try:
         return type(a) is type(b) and bool(a == b)
     except (RuntimeError, TypeError, ValueError):

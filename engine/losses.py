@@ -1,7 +1,7 @@
 """Loss functions by name, adapted to the task's targets (class indices, multi-hot, real values)."""
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F

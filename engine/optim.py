@@ -80,7 +80,7 @@ class Schedule:
             sched = self.scheduler
             sched.T_max = epochs
             done = sched.last_epoch
-            for group, base in zip(sched.optimizer.param_groups, sched.base_lrs):
+            for group, base in zip(sched.optimizer.param_groups, sched.base_lrs, strict=True):
                 group["lr"] = sched.eta_min + (base - sched.eta_min) * (1 + math.cos(math.pi * done / epochs)) / 2
             sched._last_lr = [g["lr"] for g in sched.optimizer.param_groups]
         elif self.name == "onecycle" and self.scheduler.total_steps != self.total_steps:

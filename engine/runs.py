@@ -17,7 +17,6 @@ from engine.run_files import METRICS_FILE, PROJECT_FILE, read_metrics  # noqa: F
 from engine.trainer import Callback, Trainer, TrainState
 
 
-
 def _slug(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "-", name).strip("-") or "run"
 

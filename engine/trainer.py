@@ -7,8 +7,9 @@ import random
 import re
 import threading
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any, Iterable
+from typing import Any
 
 import numpy as np
 import torch
@@ -19,9 +20,15 @@ from engine.config import ConfigError, ProjectConfig
 from engine.data import PreparedData, prepare_data
 from engine.decoded_cache import apply_decoded_cache
 from engine.distributed import DistContext, all_reduce_sum, broadcast_buffers, init_from_env, weights_checksum
-from engine.feature_cache import FeatureCache, setup as setup_feature_cache
-from engine.freezing import (FreezeSummary, apply_freeze, frozen_batchnorm_modules, param_groups,
-                             set_frozen_batchnorm_eval)
+from engine.feature_cache import FeatureCache
+from engine.feature_cache import setup as setup_feature_cache
+from engine.freezing import (
+    FreezeSummary,
+    apply_freeze,
+    frozen_batchnorm_modules,
+    param_groups,
+    set_frozen_batchnorm_eval,
+)
 from engine.losses import TaskLoss
 from engine.monitor import MetricTracker
 from engine.optim import Schedule, build_optimizer
@@ -105,11 +112,11 @@ class TrainState:
 class Callback:
     """Hooks the trainer calls on its own thread; a GUI bridge turns them into signals."""
 
-    def on_log(self, trainer: "Trainer", message: str) -> None: ...
-    def on_run_started(self, trainer: "Trainer", state: TrainState) -> None: ...
-    def on_batch_finished(self, trainer: "Trainer", state: TrainState, loss: float) -> None: ...
-    def on_epoch_finished(self, trainer: "Trainer", state: TrainState, metrics: dict[str, Any]) -> None: ...
-    def on_run_finished(self, trainer: "Trainer", state: TrainState) -> None: ...  # completed, stopped or failed
+    def on_log(self, trainer: Trainer, message: str) -> None: ...
+    def on_run_started(self, trainer: Trainer, state: TrainState) -> None: ...
+    def on_batch_finished(self, trainer: Trainer, state: TrainState, loss: float) -> None: ...
+    def on_epoch_finished(self, trainer: Trainer, state: TrainState, metrics: dict[str, Any]) -> None: ...
+    def on_run_finished(self, trainer: Trainer, state: TrainState) -> None: ...  # completed, stopped or failed
 
 
 @dataclass

@@ -1,12 +1,11 @@
 """Image preprocessing and train augmentation, built from the weights' own recipe or the project's settings."""
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
-from torchvision.transforms import InterpolationMode
-from torchvision.transforms import v2
+from torchvision.transforms import InterpolationMode, v2
 
 from engine.config import AugmentConfig
 

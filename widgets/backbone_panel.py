@@ -6,12 +6,35 @@ from typing import Any
 
 import torch
 from PySide6.QtCore import QAbstractTableModel, QModelIndex, QSortFilterProxyModel, Qt, QTimer, Signal
-from PySide6.QtWidgets import (QAbstractItemView, QCheckBox, QComboBox, QFileDialog, QFormLayout, QGroupBox,
-                               QHBoxLayout, QHeaderView, QLabel, QLineEdit, QPushButton, QSizePolicy, QTableView,
-                               QVBoxLayout, QWidget)
+from PySide6.QtWidgets import (
+    QAbstractItemView,
+    QCheckBox,
+    QComboBox,
+    QFileDialog,
+    QFormLayout,
+    QGroupBox,
+    QHBoxLayout,
+    QHeaderView,
+    QLabel,
+    QLineEdit,
+    QPushButton,
+    QSizePolicy,
+    QTableView,
+    QVBoxLayout,
+    QWidget,
+)
 
-from engine.backbones import (LoadReport, WeightsError, build_model, list_backbones,
-                              load_state_dict_file, preprocess_for, timm_model_name, weight_names, weights_status)
+from engine.backbones import (
+    LoadReport,
+    WeightsError,
+    build_model,
+    list_backbones,
+    load_state_dict_file,
+    preprocess_for,
+    timm_model_name,
+    weight_names,
+    weights_status,
+)
 from engine.config import ModelConfig
 from widgets.state import ProjectState
 from widgets.tasks import Task, run_task

@@ -25,8 +25,21 @@ from typing import TYPE_CHECKING, Any
 
 from PySide6.QtCore import QEvent, QPoint, Qt, QTimer
 from PySide6.QtGui import QBrush, QFont, QPalette
-from PySide6.QtWidgets import (QAbstractItemView, QCheckBox, QComboBox, QHBoxLayout, QHeaderView, QLabel, QMenu,
-                               QPushButton, QSpinBox, QTreeWidget, QTreeWidgetItem, QVBoxLayout, QWidget)
+from PySide6.QtWidgets import (
+    QAbstractItemView,
+    QCheckBox,
+    QComboBox,
+    QHBoxLayout,
+    QHeaderView,
+    QLabel,
+    QMenu,
+    QPushButton,
+    QSpinBox,
+    QTreeWidget,
+    QTreeWidgetItem,
+    QVBoxLayout,
+    QWidget,
+)
 
 from engine.config import ConfigError, DataConfig, ModelConfig
 from widgets.fields import bind_check
@@ -216,7 +229,7 @@ class ModuleItem(QTreeWidgetItem):
     """One module's row. It answers data() from Python attributes, so a redraw of thousands of rows is a few
     attribute writes and one repaint rather than a dozen Qt calls per row; a tick arrives in setData()."""
 
-    def __init__(self, parent, panel: "LayersPanel", name: str, texts: list[str], checkable: bool):
+    def __init__(self, parent, panel: LayersPanel, name: str, texts: list[str], checkable: bool):
         super().__init__(parent)
         self.panel, self.name, self.texts, self.checkable = panel, name, texts, checkable
         self.check = Qt.CheckState.Unchecked

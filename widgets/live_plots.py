@@ -4,7 +4,8 @@ from __future__ import annotations
 import math
 import os
 import time
-from typing import Any, Iterable, Sequence
+from collections.abc import Iterable, Sequence
+from typing import Any
 
 import numpy as np
 import pyqtgraph as pg
@@ -175,7 +176,7 @@ class LivePlots(QWidget):
         box.addWidget(self.layout_widget)
 
         self.plots: dict[str, pg.PlotItem] = {}
-        for name, (title, xlabel, ylabel, row, col) in self.PLOTS.items():
+        for name, (_title, xlabel, _ylabel, row, col) in self.PLOTS.items():
             axes = {"bottom": _IntegerAxis("bottom")} if xlabel == "epoch" else None
             plot = self.layout_widget.addPlot(row=row, col=col, axisItems=axes)
             plot.showGrid(x=True, y=True, alpha=0.2)

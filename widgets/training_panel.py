@@ -3,17 +3,52 @@ from __future__ import annotations
 
 import re
 import sys
-from typing import Any, Callable, Iterable
+from collections.abc import Callable, Iterable
+from typing import Any
 
 from PySide6.QtCore import Qt
 from PySide6.QtGui import QPalette
-from PySide6.QtWidgets import (QCheckBox, QComboBox, QDoubleSpinBox, QFormLayout, QFrame, QGroupBox, QHBoxLayout,
-                               QLabel, QLineEdit, QScrollArea, QSizePolicy, QSpinBox, QVBoxLayout, QWidget)
+from PySide6.QtWidgets import (
+    QCheckBox,
+    QComboBox,
+    QDoubleSpinBox,
+    QFormLayout,
+    QFrame,
+    QGroupBox,
+    QHBoxLayout,
+    QLabel,
+    QLineEdit,
+    QScrollArea,
+    QSizePolicy,
+    QSpinBox,
+    QVBoxLayout,
+    QWidget,
+)
 
-from engine.config import (COLLATES, DEVICES, DIST_BACKENDS, FEATURE_CACHE_MODES, LOSSES, MONITOR_MODES, MONITORS,
-                           OPTIMIZERS, PRECISIONS, SAMPLERS, SCHEDULES)
-from widgets.fields import (FieldBinding, bind_check, bind_combo, bind_double, bind_float_text, bind_spin, bind_text,
-                            format_float, parse_optional_int)
+from engine.config import (
+    COLLATES,
+    DEVICES,
+    DIST_BACKENDS,
+    FEATURE_CACHE_MODES,
+    LOSSES,
+    MONITOR_MODES,
+    MONITORS,
+    OPTIMIZERS,
+    PRECISIONS,
+    SAMPLERS,
+    SCHEDULES,
+)
+from widgets.fields import (
+    FieldBinding,
+    bind_check,
+    bind_combo,
+    bind_double,
+    bind_float_text,
+    bind_spin,
+    bind_text,
+    format_float,
+    parse_optional_int,
+)
 from widgets.state import ProjectState
 
 OBJECT_NAMES = {
@@ -1060,7 +1095,7 @@ class TrainingPanel(QWidget):
                 if item.widget() is not None:
                     items[item.widget()] = item
         groups = [self._left, self._right] if two else [self._left + self._right, []]
-        for col, boxes in zip(self._cols, groups):
+        for col, boxes in zip(self._cols, groups, strict=True):
             for box in boxes:
                 if box in items:
                     col.addItem(items[box])

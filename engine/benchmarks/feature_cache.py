@@ -61,7 +61,7 @@ def _compare(data: Path, size: int, freeze: dict[str, Any], epochs: int, repeats
         "speedup": median(later["recomputed"]) / median(later["cached"]),
         "first_ratio": median(first_cached) / median(first_recomputed),
         "accuracy_points": max(abs(a["accuracy"] - b["accuracy"]) * 100
-                               for a, b in zip(runs["cached"], runs["recomputed"])),
+                               for a, b in zip(runs["cached"], runs["recomputed"], strict=True)),
         "boundary": runs["cached"][0]["boundary"],
         "cached_epoch": median(later["cached"]),
         "recomputed_epoch": median(later["recomputed"]),

@@ -11,8 +11,7 @@ from PIL import Image
 from torch.utils.data import DataLoader
 
 from engine.config import DataConfig, ProjectConfig
-from engine.data import (ArrayDataset, DataError, ImageFileDataset, load_image, prepare_data, scan_source,
-                         split_indices)
+from engine.data import ArrayDataset, DataError, ImageFileDataset, load_image, prepare_data, scan_source, split_indices
 from engine.transforms import Preprocess
 
 PRE = Preprocess(resize_size=16, crop_size=12, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
@@ -64,7 +63,7 @@ def test_folder_scan_finds_sorted_classes_and_counts(tmp_path):
     assert src.class_counts() == [4, 3, 3]
     assert len(src.files) == len(src.targets) == 10
     assert not src.skipped and not src.warnings
-    assert all(src.class_names[t] == Path(f).relative_to(root).parts[0] for f, t in zip(src.files, src.targets))
+    assert all(src.class_names[t] == Path(f).relative_to(root).parts[0] for f, t in zip(src.files, src.targets, strict=True))
 
 
 def test_broken_images_are_skipped_with_reasons_and_the_rest_load(tmp_path):

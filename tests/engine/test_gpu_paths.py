@@ -6,8 +6,8 @@ import math
 
 import pytest
 import torch
-
 from conftest import write_image_folder, write_project
+
 from engine.checkpoints import load_checkpoint, restore_model
 from engine.config import ConfigError, load_project, validate
 from engine.export import export_checkpoint

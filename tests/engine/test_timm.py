@@ -93,7 +93,7 @@ def test_bundled_weights_map_one_to_one_onto_timms_architecture():
     source = load_state_dict_file(bundled_weights_file())
     assert len(source) == len(model.state_dict()) == 296
     load_by_order(model, source, "bundled")
-    for (key, want), got in zip(source.items(), model.state_dict().values()):
+    for (key, want), got in zip(source.items(), model.state_dict().values(), strict=True):
         assert torch.equal(want, got), key
 
 
