@@ -12,6 +12,7 @@ import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import timm
 import torch
@@ -70,7 +71,7 @@ def timm_model_name(backbone: str) -> str | None:
     return backbone[len(TIMM_PREFIX):] if backbone.startswith(TIMM_PREFIX) else None
 
 
-def _weights_enum(backbone: str):
+def _weights_enum(backbone: str) -> Any:  # a torchvision WeightsEnum class (torchvision is untyped)
     try:
         return torchvision.models.get_model_weights(backbone)
     except (ValueError, KeyError):
@@ -81,7 +82,8 @@ def _timm_tags(arch: str) -> list[str]:
     """The pretrained tags of a timm model that have weights, timm's default first."""
     from timm.models import get_arch_pretrained_cfgs, is_model_pretrained
 
-    return [cfg.tag for name, cfg in get_arch_pretrained_cfgs(arch).items() if is_model_pretrained(name)]
+    return [cfg.tag for name, cfg in get_arch_pretrained_cfgs(arch).items()
+            if is_model_pretrained(name) and cfg.tag is not None]
 
 
 def weight_names(backbone: str) -> list[str]:
@@ -139,20 +141,21 @@ def backbone_problems(backbone: str, weights: str | None) -> list[str]:
     return []
 
 
-def _weight(backbone: str, weights: str):
+def _weight(backbone: str, weights: str) -> Any:  # a member of the WeightsEnum
     return _weights_enum(backbone)[weights]
 
 
-def _cache_path(weight) -> Path:
+def _cache_path(weight: Any) -> Path:
     # The same place torch.hub.load_state_dict_from_url looks; read each time so TORCH_HOME is honoured.
     return Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(urllib.parse.urlparse(weight.url).path)
 
 
-def _timm_cfg(backbone: str, weights: str):
+def _timm_cfg(backbone: str, weights: str) -> Any:  # timm's PretrainedCfg; never None when registered only
     """timm's pretrained cfg of a tag ("DEFAULT": timm's default tag) of a "timm/<model>" backbone."""
     from timm.models import get_pretrained_cfg
 
     arch = timm_model_name(backbone)
+    assert arch is not None, backbone  # only "timm/..." backbones come here
     tag = _timm_tags(arch)[0] if weights == "DEFAULT" else weights
     return get_pretrained_cfg(f"{arch}.{tag}", allow_unregistered=False)
 
@@ -168,7 +171,7 @@ def _hf_cache_dir() -> str:
     return constants.HF_HUB_CACHE
 
 
-def _timm_weight_files(cfg) -> list[str]:
+def _timm_weight_files(cfg: Any) -> list[str]:  # a PretrainedCfg
     # The files timm's load_pretrained asks the hub for, the safetensors version first.
     name = cfg.hf_hub_filename
     if not name:
@@ -178,7 +181,7 @@ def _timm_weight_files(cfg) -> list[str]:
     return [name[:-4] + ".safetensors", name] if name.endswith(".bin") else [name]
 
 
-def _timm_cached_file(cfg) -> str | None:
+def _timm_cached_file(cfg: Any) -> str | None:  # cfg: a PretrainedCfg
     """Where timm weights already are on disk (Hugging Face cache, else torch hub cache); None if nowhere."""
     from huggingface_hub import try_to_load_from_cache
 
@@ -227,6 +230,7 @@ def _timm_preprocess(model_cfg: ModelConfig) -> tuple[int, int, tuple, tuple, st
         return _BUNDLED_SIZE, _BUNDLED_SIZE, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), "bicubic"
     from timm.data import resolve_data_config
 
+    assert model_cfg.weights is not None  # preprocess_for asks only for pretrained weights
     cfg = resolve_data_config(pretrained_cfg=_timm_cfg(model_cfg.backbone, model_cfg.weights).to_dict())
     crop = int(cfg["input_size"][-1])
     interpolation = cfg["interpolation"] if cfg["interpolation"] in ("bilinear", "bicubic", "nearest") else "bicubic"
@@ -247,8 +251,8 @@ def preprocess_for(model_cfg: ModelConfig, data_cfg: DataConfig) -> Preprocess:
         return Preprocess(resize_size=crop if data_cfg.keep_aspect else resize, crop_size=crop,
                           mean=tuple(float(v) for v in mean), std=tuple(float(v) for v in std),
                           interpolation=interpolation)
-    mean = list(data_cfg.mean) * 3 if len(data_cfg.mean) == 1 else list(data_cfg.mean)
-    std = list(data_cfg.std) * 3 if len(data_cfg.std) == 1 else list(data_cfg.std)
+    mean = tuple(data_cfg.mean) * 3 if len(data_cfg.mean) == 1 else tuple(data_cfg.mean)
+    std = tuple(data_cfg.std) * 3 if len(data_cfg.std) == 1 else tuple(data_cfg.std)
     return Preprocess(resize_size=data_cfg.image_size, crop_size=data_cfg.image_size,
                       mean=tuple(float(v) for v in mean), std=tuple(float(v) for v in std),
                       interpolation="bilinear")
@@ -300,7 +304,7 @@ def load_state_dict_file(path: str | os.PathLike) -> dict[str, Tensor]:
         from safetensors.torch import load_file
 
         try:
-            data = load_file(str(p), device="cpu")
+            data: Any = load_file(str(p), device="cpu")
         except Exception as exc:  # SafetensorError is not importable under a stable name
             raise WeightsError(f"weights file {p.name} is truncated or not a safetensors file ({exc})") from None
     else:
@@ -385,7 +389,8 @@ def replace_head(model: nn.Module, num_outputs: int) -> str:
     # The last nn.Linear in registration order is the output layer for every torchvision classifier
     # (fc, classifier[-1], heads.head, head, classifier; checked against all of list_backbones()).
     # Only SqueezeNet has no Linear: its head is the 1x1 Conv2d in `classifier`, followed by ReLU and pooling.
-    name, old = None, None
+    name: str | None = None
+    old: nn.Linear | nn.Conv2d | None = None
     for n, m in model.named_modules():
         if isinstance(m, nn.Linear):
             name, old = n, m
@@ -395,18 +400,21 @@ def replace_head(model: nn.Module, num_outputs: int) -> str:
                 name, old = n, m
     if old is None:
         raise ValueError(f"{type(model).__name__} has no Linear or Conv2d layer to use as a classifier head")
-    kw = {"bias": old.bias is not None, "device": old.weight.device, "dtype": old.weight.dtype}
+    kw: dict[str, Any] = {"bias": old.bias is not None, "device": old.weight.device, "dtype": old.weight.dtype}
+    new: nn.Module
     if isinstance(old, nn.Linear):
         new = nn.Linear(old.in_features, num_outputs, **kw)
     else:
-        new = nn.Conv2d(old.in_channels, num_outputs, kernel_size=old.kernel_size, stride=old.stride,
-                        padding=old.padding, **kw)
+        # torch types a layer's kernel_size, stride and padding as tuple[int, ...], its constructor's as tuple[int, int]
+        new = nn.Conv2d(old.in_channels, num_outputs, kernel_size=old.kernel_size, stride=old.stride,  # type: ignore[arg-type]  # Conv2d's own values
+                        padding=old.padding, **kw)  # type: ignore[arg-type]  # Conv2d's own values, as above
+    assert name is not None  # set with old
     parent_name, _, attr = name.rpartition(".")
     setattr(model.get_submodule(parent_name), attr, new)
     return name
 
 
-def _ensure_downloaded(backbone: str, weights: str, weight) -> None:
+def _ensure_downloaded(backbone: str, weights: str, weight: Any) -> None:
     cache = _cache_path(weight)
     advice = "Train from random init (model.weights: null), or import a weights file (model.weights_file)"
     try:
@@ -425,7 +433,7 @@ def _ensure_downloaded(backbone: str, weights: str, weight) -> None:
                            f"{advice}") from None
 
 
-def _refuse_unsafe_cache(backbone: str, weight) -> None:
+def _refuse_unsafe_cache(backbone: str, weight: Any) -> None:
     """torchvision unpickles its cached weights without weights_only: read the file restricted first, so a
     tampered cache file is refused here instead of run there."""
     from engine.checkpoints import refused_pickle_reason, torch_load_weights_only
@@ -519,7 +527,7 @@ def _timm_pretrained(arch: str, weights: str, backbone: str) -> tuple[nn.Module,
                            f"cannot be downloaded from {where} ({reason}). {advice}") from None
     try:
         # cache_dir only when it differs from the hub client's own (timm before 1.0.2x has no such argument).
-        kwargs = {"cache_dir": _hf_cache_dir()} if cfg.hf_hub_id and _hf_cache_dir() != constants.HF_HUB_CACHE else {}
+        kwargs: dict[str, Any] = {"cache_dir": _hf_cache_dir()} if cfg.hf_hub_id and _hf_cache_dir() != constants.HF_HUB_CACHE else {}
         model = timm.create_model(f"{arch}.{cfg.tag}", pretrained=True, **kwargs)
     except Exception as exc:
         raise WeightsError(f"pretrained weights {backbone} {cfg.tag} could not be downloaded from {where} "
@@ -528,7 +536,7 @@ def _timm_pretrained(arch: str, weights: str, backbone: str) -> tuple[nn.Module,
 
 
 def _timm_head_name(model: nn.Module) -> str:
-    heads = model.get_classifier()
+    heads = model.get_classifier()  # type: ignore[operator]  # every timm model has it; nn.Module types it Tensor
     heads = tuple(heads) if isinstance(heads, (tuple, list)) else (heads,)
     names = [n for n, m in model.named_modules() if n and any(m is h for h in heads)]
     if not names:
@@ -542,6 +550,7 @@ def _timm_head_name(model: nn.Module) -> str:
 def _build_timm(model_cfg: ModelConfig, num_outputs: int, image_size: int | None) -> tuple[nn.Module, str, str]:
     name = model_cfg.backbone
     arch = timm_model_name(name)
+    assert arch is not None, name  # only "timm/..." backbones come here
     weights = model_cfg.weights
     if weights is None:
         from timm.models import get_pretrained_cfg
@@ -564,12 +573,12 @@ def _build_timm(model_cfg: ModelConfig, num_outputs: int, image_size: int | None
         desc = f"ImageNet weights {BUNDLED} ({_BUNDLED_PACKAGE})"
     else:
         model, desc = _timm_pretrained(arch, weights, name)
-    model.reset_classifier(num_outputs)
+    model.reset_classifier(num_outputs)  # type: ignore[operator]  # every timm model has it; nn.Module types it Tensor
     return model, _timm_head_name(model), desc
 
 
 def build_model(model_cfg: ModelConfig, num_outputs: int, *,
-                resolve: Callable[[str], Path] = lambda p: Path(p), image_size: int | None = None) -> BuiltModel:
+                resolve: Callable[[str], Path | None] = lambda p: Path(p), image_size: int | None = None) -> BuiltModel:
     """The backbone with its pretrained or file weights and a new head for num_outputs.
 
     image_size matters only for a random-init ViT, whose position embeddings are sized for it.
@@ -617,10 +626,11 @@ def build_model(model_cfg: ModelConfig, num_outputs: int, *,
 
 
 def _with_weights_file(model_cfg: ModelConfig, model: nn.Module, head_name: str, desc: str,
-                       resolve: Callable[[str], Path]) -> BuiltModel:
+                       resolve: Callable[[str], Path | None]) -> BuiltModel:
     report = None
     if model_cfg.weights_file:
         path = resolve(model_cfg.weights_file)
+        assert path is not None  # the name is not empty
         report = load_weights_file(model, path, backbone=model_cfg.backbone)
         desc = f"file {Path(path).name} ({report.loaded} of {report.total} tensors)"
     return BuiltModel(model=model, head_name=head_name, weights_desc=desc, report=report)

@@ -9,9 +9,13 @@ import shutil
 import tempfile
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import IO, TYPE_CHECKING, Any
 
 import torch
+
+if TYPE_CHECKING:
+    from engine.config import ProjectConfig
+    from engine.transforms import Preprocess
 
 FORMAT_VERSION = 1
 TEMP_SUFFIX = ".tmp"  # temporary files are hidden (.NAME.RANDOM.tmp) and end with this
@@ -56,11 +60,11 @@ class _KeepWriteErrors:
     the errno that says why (ENOSPC); this keeps it so the caller can report the real cause.
     """
 
-    def __init__(self, fh):
+    def __init__(self, fh: IO[bytes]) -> None:
         self._fh = fh
         self.error: OSError | None = None
 
-    def write(self, data) -> int:
+    def write(self, data: bytes) -> int:
         try:
             return self._fh.write(data)
         except OSError as exc:
@@ -154,7 +158,7 @@ def remove_stale_temporaries(folder: str | os.PathLike) -> list[Path]:
     Only a process that owns the folder may call this (a run folder being resumed): another writer's
     temporary file would go too.
     """
-    removed = []
+    removed: list[Path] = []
     folder = Path(folder)
     if not folder.is_dir():
         return removed
@@ -190,7 +194,9 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     return data
 
 
-def restore_model(ckpt: dict[str, Any], source: str | os.PathLike | None = None):
+def restore_model(
+    ckpt: dict[str, Any], source: str | os.PathLike | None = None
+) -> tuple[torch.nn.Module, ProjectConfig, list[str], Preprocess]:
     """The trained model a checkpoint describes, rebuilt from its config and loaded strictly, in eval mode.
 
     source (the file it came from) is named in the errors.

@@ -6,9 +6,17 @@ import signal
 import sys
 import threading
 import traceback
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from types import FrameType
+from typing import IO, TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from tqdm import tqdm
+
+    from engine.config import ProjectConfig
+    from engine.distributed import DistContext
+    from engine.trainer import Trainer, TrainState
 
 EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 0, 1, 2, 130
 
@@ -40,22 +48,22 @@ class ConsoleReporter:
     progress=False leaves out the bar (a parent process reads the output line by line, or a rank other than 0).
     """
 
-    def __init__(self, stream=None, *, progress: bool = True, prefix: str = ""):
+    def __init__(self, stream: IO[str] | None = None, *, progress: bool = True, prefix: str = "") -> None:
         from tqdm import tqdm
 
         self._tqdm = tqdm
         self.stream = stream if stream is not None else sys.stderr  # the stderr of now, as every other message
         self.progress = progress
         self.prefix = prefix  # "[rank N] " for the other processes of a multi-process run
-        self.bar = None
+        self.bar: tqdm | None = None
 
-    def on_log(self, trainer, message: str) -> None:
+    def on_log(self, trainer: Trainer, message: str) -> None:
         self._write(message)
 
-    def on_run_started(self, trainer, state) -> None:
+    def on_run_started(self, trainer: Trainer, state: TrainState) -> None:
         self._write(f"Training on {state.device}: {state.epochs} epoch(s) of {state.batches_per_epoch} batches")
 
-    def on_batch_finished(self, trainer, state, loss: float) -> None:
+    def on_batch_finished(self, trainer: Trainer, state: TrainState, loss: float) -> None:
         if not self.progress:
             return
         if self.bar is None:
@@ -64,11 +72,11 @@ class ConsoleReporter:
         self.bar.update(1)
         self.bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
 
-    def on_epoch_finished(self, trainer, state, metrics: dict[str, Any]) -> None:
+    def on_epoch_finished(self, trainer: Trainer, state: TrainState, metrics: dict[str, Any]) -> None:
         self._close_bar()
         self._write(format_metrics(metrics))
 
-    def on_run_finished(self, trainer, state) -> None:
+    def on_run_finished(self, trainer: Trainer, state: TrainState) -> None:
         self._close_bar()
 
     def _close_bar(self) -> None:
@@ -100,7 +108,7 @@ def format_metrics(m: dict[str, Any]) -> str:
     return "  ".join(parts)
 
 
-def _load(project: str, overrides: argparse.Namespace | None = None):
+def _load(project: str, overrides: argparse.Namespace | None = None) -> ProjectConfig:
     from engine.config import ConfigError, from_dict, load_project
 
     cfg = load_project(project)
@@ -138,7 +146,7 @@ def _relaunch(args: argparse.Namespace, processes: int) -> int:
     previous = {}
     interrupted = []
 
-    def on_sigint(signum, frame):  # the workers got it too: they stop after the batch; torchrun then ends
+    def on_sigint(signum: int, frame: FrameType | None) -> None:  # the workers got it too: they stop after the batch; torchrun then ends
         interrupted.append(True)
 
     if main_thread:
@@ -160,13 +168,13 @@ def _relaunch(args: argparse.Namespace, processes: int) -> int:
     return EXIT_FAILED
 
 
-def _wants_relaunch(cfg) -> bool:
+def _wants_relaunch(cfg: ProjectConfig) -> bool:
     from engine.distributed import world_from_env
 
     return cfg.distributed.processes > 1 and world_from_env() is None
 
 
-def _shared_run_dir(make, dist) -> Path:
+def _shared_run_dir(make: Callable[[], Path], dist: DistContext | None) -> Path:
     """Rank 0 makes the run folder and tells the others (one folder per run, written by rank 0 only)."""
     if dist is None:
         return make()
@@ -222,7 +230,7 @@ def cmd_resume(args: argparse.Namespace) -> int:
     return _train(cfg, run_dir, resume=ckpt, events=args.events)
 
 
-def _train(cfg, run_dir: Path, resume: dict | None = None, *, events: bool = False) -> int:
+def _train(cfg: ProjectConfig, run_dir: Path, resume: dict | None = None, *, events: bool = False) -> int:
     from engine.distributed import context, shutdown
     from engine.runs import run_callbacks
     from engine.trainer import Trainer
@@ -240,11 +248,11 @@ def _train(cfg, run_dir: Path, resume: dict | None = None, *, events: bool = Fal
             writer = EventWriter(run_dir, world_size=dist.world_size if dist else 1)
             callbacks.append(writer)
     callbacks.append(ConsoleReporter(progress=main_rank and not events,
-                                     prefix="" if main_rank else f"[rank {dist.rank}] "))
+                                     prefix="" if main_rank or dist is None else f"[rank {dist.rank}] "))
     trainer = Trainer(cfg, callbacks, stop_event=stop, resume=resume)
     fresh = resume is None
 
-    def on_sigint(signum, frame):
+    def on_sigint(signum: int, frame: FrameType | None) -> None:
         if stop.is_set():
             if dist is not None:  # torchrun passes a terminal's Ctrl-C on a second time: already stopping
                 return
@@ -252,7 +260,7 @@ def _train(cfg, run_dir: Path, resume: dict | None = None, *, events: bool = Fal
         print("\nStopping after this batch (Ctrl-C again to abort)...", file=sys.stderr, flush=True)
         stop.set()
 
-    def on_sigterm(signum, frame):
+    def on_sigterm(signum: int, frame: FrameType | None) -> None:
         # torchrun ends the other processes with SIGTERM when one fails (and passes its own SIGTERM on): stop
         # after the batch like Ctrl-C; a process waiting for a dead peer then fails with its one-line message.
         stop.set()
@@ -312,6 +320,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
         raise ConfigError([f"--json {args.json!r}: folder {str(Path(args.json).resolve().parent)!r} does not exist"])
     ev = evaluate_checkpoint(args.checkpoint, data=args.data, top_n=args.top, device=args.device)
+    assert ev is not None  # None only after a stop request, and there is no stop event here
     print(f"Evaluated {ev.data}")
     if ev.loss is not None:
         plain = {"classification": "cross-entropy", "multilabel": "binary cross-entropy", "regression": "MSE"}
@@ -404,9 +413,13 @@ def cmd_layers(args: argparse.Namespace) -> int:
 
         raise ConfigError([f"--classes = {num_outputs}: must be at least 1"])
     if num_outputs is None:
+        from engine.config import ConfigError
         from engine.data import scan_source
 
-        num_outputs = len(scan_source(cfg.resolve(cfg.data.path), kind=cfg.data.kind,
+        data_path = cfg.resolve(cfg.data.path)
+        if data_path is None:  # scan_source(None) would fail with a TypeError
+            raise ConfigError(["data.path is empty: give the dataset, or the number of outputs (--classes)"])
+        num_outputs = len(scan_source(data_path, kind=cfg.data.kind,
                                       task=cfg.data.task).class_names)
     model_cfg = cfg.model
     if model_cfg.weights:  # the shapes do not depend on the weights; building without them needs no network

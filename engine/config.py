@@ -285,7 +285,7 @@ def _convert(value: Any, tp: Any, where: str, problems: list[str]) -> Any:
             problems.append(f"{where} = {value!r}: expected {_type_name(tp)}")
             return []
         return [_convert(v, inner, f"{where}[{i}]", problems) for i, v in enumerate(value)]
-    if dataclasses.is_dataclass(tp):
+    if isinstance(tp, type) and dataclasses.is_dataclass(tp):  # a class, not an instance
         if not isinstance(value, dict):
             problems.append(f"{where} = {value!r}: expected an object with the keys "
                             f"{', '.join(f.name for f in _saved_fields(tp))}")
@@ -414,6 +414,7 @@ def _path_exists(problems: list[str], cfg: ProjectConfig, where: str, value: str
             problems.append(f"{where} is empty: give the dataset's path (an image folder, a .csv or a .npz)")
         return
     resolved = cfg.resolve(value)
+    assert resolved is not None  # value is not empty
     if not resolved.exists():
         problems.append(f"{where} = {value!r}: no such file or folder ({resolved})")
 

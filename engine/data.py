@@ -454,6 +454,7 @@ def _scan_npz(file: Path, task: str, given: list[str] | None, progress: Progress
             warnings.append(f"array 'X' is float with values up to {finite_max:g}; float images are read as "
                             "0..1 (store 0..255 images as uint8)")
 
+    targets: list[int] | list[list[float]]
     if task == "classification":
         vocabulary, targets = _npz_classes(file, y, file_names, given, keep, skip, warnings)
     elif task == "multilabel":
@@ -468,7 +469,8 @@ def _scan_npz(file: Path, task: str, given: list[str] | None, progress: Progress
                       array=images if keep.all() else images[keep], skipped=skipped, warnings=warnings)
 
 
-def _npz_classes(file, y, file_names, given, keep, skip, warnings) -> tuple[list[str], list[int]]:
+def _npz_classes(file: Path, y: np.ndarray, file_names: list[str] | None, given: Sequence[str] | None, keep: np.ndarray,
+                skip: Callable[[Any, str], None], warnings: list[str]) -> tuple[list[str], list[int]]:
     if y.ndim != 1:
         raise DataError(f"{file}: array 'y' has shape {y.shape}; classification needs one class label per row")
     if y.dtype.kind in "US":
@@ -505,7 +507,8 @@ def _npz_classes(file, y, file_names, given, keep, skip, warnings) -> tuple[list
     return vocabulary, [index[r] for r, k in zip(raw, keep, strict=True) if k]
 
 
-def _npz_multilabel(file, y, file_names, given, keep, skip) -> tuple[list[str], list[list[float]]]:
+def _npz_multilabel(file: Path, y: np.ndarray, file_names: list[str] | None, given: Sequence[str] | None, keep: np.ndarray,
+                   skip: Callable[[Any, str], None]) -> tuple[list[str], list[list[float]]]:
     if y.ndim != 2:
         raise DataError(f"{file}: array 'y' has shape {y.shape}; multilabel needs (N, K): one 0/1 column per label")
     if y.dtype.kind not in "biuf" or not np.isin(y, (0, 1)).all():
@@ -533,7 +536,8 @@ def _npz_multilabel(file, y, file_names, given, keep, skip) -> tuple[list[str], 
     return list(vocabulary), hot[keep].tolist()
 
 
-def _npz_regression(file, y, file_names, given, keep, skip) -> tuple[list[str], list[list[float]]]:
+def _npz_regression(file: Path, y: np.ndarray, file_names: list[str] | None, given: Sequence[str] | None, keep: np.ndarray,
+                   skip: Callable[[Any, str], None]) -> tuple[list[str], list[list[float]]]:
     if y.ndim not in (1, 2) or y.dtype.kind not in "biuf":
         raise DataError(f"{file}: array 'y' has shape {y.shape} and dtype {y.dtype}; regression needs numbers, "
                         "shape (N,) or (N, K)")
@@ -561,7 +565,18 @@ def _target_tensor(target: Any, task: str) -> torch.Tensor:
     return torch.tensor(target, dtype=torch.float32)
 
 
-class ImageFileDataset(Dataset):
+class EngineDataset(Dataset):
+    """What every dataset the engine builds has beyond torch's Dataset (whose type leaves out even the length)."""
+
+    targets: list
+    transform: Callable | None
+    task: str
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+
+class ImageFileDataset(EngineDataset):
     """Image files and their targets; each item is (transformed float CHW tensor, target tensor)."""
 
     def __init__(self, files: Sequence[str | os.PathLike], targets: Sequence, transform: Callable | None,
@@ -621,7 +636,7 @@ def array_to_image(row: np.ndarray) -> torch.Tensor:
     return t.contiguous()
 
 
-class ArrayDataset(Dataset):
+class ArrayDataset(EngineDataset):
     """Images stored in one array (N,H,W) or (N,H,W,C) and their targets.
 
     rows: the array positions to serve, one per target; lets train and validation share one array
@@ -677,10 +692,11 @@ def split_indices(targets: Sequence, task: str, val_fraction: float, seed: int) 
     return [i for i in range(n) if i not in val_set], sorted(val)
 
 
-def subset_dataset(source: DataSource, positions: Sequence[int], transform: Callable) -> Dataset:
+def subset_dataset(source: DataSource, positions: Sequence[int], transform: Callable) -> EngineDataset:
     targets = [source.targets[i] for i in positions]
     if source.array is not None:
         return ArrayDataset(source.array, targets, transform, source.task, rows=positions)
+    assert source.files is not None  # a source holds an array or files
     return ImageFileDataset([source.files[i] for i in positions], targets, transform, source.task)
 
 
@@ -689,8 +705,8 @@ class PreparedData:
     task: str
     class_names: list[str]
     num_outputs: int
-    train: Dataset
-    val: Dataset | None
+    train: EngineDataset
+    val: EngineDataset | None
     train_targets: list
     val_targets: list
     train_counts: list[int]
@@ -739,8 +755,11 @@ def prepare_data(cfg: ProjectConfig, pre: Preprocess, *, progress: Progress = No
     skipped = list(source.skipped)
 
     val_source = None
+    val: EngineDataset | None
     if d.val_path:
-        val_source = scan_source(cfg.resolve(d.val_path), kind=d.kind, task=d.task,
+        val_path = cfg.resolve(d.val_path)
+        assert val_path is not None  # d.val_path is not empty
+        val_source = scan_source(val_path, kind=d.kind, task=d.task,
                                  class_names=source.class_names, progress=progress)
         train = subset_dataset(source, range(len(source)), train_tf)
         train_targets = list(source.targets)

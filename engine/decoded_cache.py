@@ -21,12 +21,12 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset
 
 from engine.config import ProjectConfig
 from engine.data import (
     ArrayDataset,
     DataError,
+    EngineDataset,
     ImageFileDataset,
     PreparedData,
     Progress,
@@ -41,7 +41,7 @@ FALLBACK_BOUND_MB = 1024  # the bound when the free memory cannot be read
 FREE_MEMORY_SHARE = 0.25  # auto bound: this share of the memory available now
 
 
-class DecodedImageDataset(Dataset):
+class DecodedImageDataset(EngineDataset):
     """A split's images decoded and resized once; each item is (per_item(image), target tensor)."""
 
     def __init__(self, images: torch.Tensor | None, flat: torch.Tensor | None, offsets: np.ndarray | None,
@@ -52,7 +52,7 @@ class DecodedImageDataset(Dataset):
         self.offsets = offsets  # ... image i at flat[offsets[i]:offsets[i + 1]] ...
         self.shapes = shapes  # ... shaped (C, H, W) = shapes[i]
         self.targets = list(targets)
-        self.transform = per_item
+        self.transform: Callable = per_item
         self.task = task
         self.names = list(names)  # the image path or "row i" of each item, as the source dataset names them
         self.source = source  # the dataset decoded (what the feature cache's fingerprint describes)
@@ -63,12 +63,14 @@ class DecodedImageDataset(Dataset):
     @property
     def nbytes(self) -> int:
         held = self.images if self.images is not None else self.flat
+        assert held is not None  # one of the two layouts
         return held.numel() * held.element_size()
 
     def image(self, index: int) -> torch.Tensor:
         """The cached (decoded, resized) image, before the per-item steps."""
         if self.images is not None:
             return self.images[index]
+        assert self.flat is not None and self.offsets is not None and self.shapes is not None  # the other layout
         start, end = int(self.offsets[index]), int(self.offsets[index + 1])
         return self.flat[start:end].view(*(int(v) for v in self.shapes[index]))
 
@@ -106,7 +108,7 @@ def memory_bound(max_mb: int | None) -> tuple[int, str]:
     return int(free * FREE_MEMORY_SHARE) // share, f"a quarter of the {free / MIB:,.0f} MiB of memory available{each}"
 
 
-def _itemsize(dataset: Dataset) -> int:
+def _itemsize(dataset: EngineDataset) -> int:
     if isinstance(dataset, ArrayDataset) and dataset.array.dtype != np.uint8:
         return 4  # 16-bit and float arrays stay float32, so nothing is rounded
     return 1
@@ -120,10 +122,10 @@ class CacheTooLarge(Exception):
     """The images decoded so far already overrun the bound (wide images presized by their shorter side)."""
 
 
-def _raw_getter(dataset: Dataset) -> tuple[Callable[[int], object], list[str]]:
+def _raw_getter(dataset: EngineDataset) -> tuple[Callable[[int], object], list[str]]:
     """A function giving item i as the pipeline takes it (PIL image or array tensor), and a name per item."""
     if isinstance(dataset, ImageFileDataset):
-        def read(i: int):
+        def read(i: int) -> object:
             path = dataset.files[i]
             try:
                 return load_image(path)
@@ -138,7 +140,7 @@ def _raw_getter(dataset: Dataset) -> tuple[Callable[[int], object], list[str]]:
     raise TypeError(f"no decoded-image cache for {type(dataset).__name__}")
 
 
-def decode_dataset(dataset: Dataset, fixed: Callable, per_item: Callable, *, fixed_size: bool,
+def decode_dataset(dataset: EngineDataset, fixed: Callable, per_item: Callable, *, fixed_size: bool,
                    bound: int | None = None, progress: Progress = None,
                    threads: int | None = None) -> DecodedImageDataset:
     """Run `fixed` over every item of an ImageFileDataset or ArrayDataset in threads and keep the results.

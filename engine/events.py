@@ -25,7 +25,10 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
+
+if TYPE_CHECKING:
+    from engine.trainer import Trainer, TrainState
 
 EVENT_PREFIX = "@mwb-event "
 UPDATE_INTERVAL = 0.1  # seconds between batch events; every loss is still sent, in groups
@@ -80,10 +83,10 @@ class EventWriter:
         stream.write(encode(event, payload) + "\n")
         stream.flush()
 
-    def on_log(self, trainer, message: str) -> None:
+    def on_log(self, trainer: Trainer, message: str) -> None:
         self.write("log", {"message": message})
 
-    def on_run_started(self, trainer, state) -> None:
+    def on_run_started(self, trainer: Trainer, state: TrainState) -> None:
         self._started = self._clock()
         self.write("run_started", {
             "run_dir": str(self.run_dir), "epochs": state.epochs, "start_epoch": state.start_epoch,
@@ -92,13 +95,13 @@ class EventWriter:
             "world_size": self.world_size,
         })
 
-    def on_batch_finished(self, trainer, state, loss: float) -> None:
+    def on_batch_finished(self, trainer: Trainer, state: TrainState, loss: float) -> None:
         self._points.append((state.global_step, float(loss)))
         now = self._clock()
         if now - self._last_emit >= UPDATE_INTERVAL:
             self._flush(trainer, state, now)
 
-    def _flush(self, trainer, state, now: float | None = None) -> None:
+    def _flush(self, trainer: Trainer, state: TrainState, now: float | None = None) -> None:
         if not self._points:
             return
         now = now if now is not None else self._clock()
@@ -112,7 +115,7 @@ class EventWriter:
             "lr": max((float(g["lr"]) for g in groups), default=None), "elapsed": now - self._started,
         })
 
-    def on_epoch_finished(self, trainer, state, metrics: dict[str, Any]) -> None:
+    def on_epoch_finished(self, trainer: Trainer, state: TrainState, metrics: dict[str, Any]) -> None:
         self._flush(trainer, state)
         checkpoints = self.run_dir / "checkpoints"
         self.write("epoch", {
@@ -121,7 +124,7 @@ class EventWriter:
             "last_checkpoint": str(checkpoints / "last.pt"), "elapsed": self._clock() - self._started,
         })
 
-    def on_run_finished(self, trainer, state) -> None:
+    def on_run_finished(self, trainer: Trainer, state: TrainState) -> None:
         self._flush(trainer, state)
 
     def finished(self, result: dict[str, Any]) -> None:

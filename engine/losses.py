@@ -25,6 +25,8 @@ class TaskLoss(nn.Module):
     here ends in a plain linear layer.
     """
 
+    weight: torch.Tensor | None  # a registered buffer: it follows the module to its device
+
     def __init__(self, cfg: LossConfig, task: str, num_outputs: int, class_counts: Sequence[int] = ()):
         super().__init__()
         self.name = cfg.name

@@ -8,13 +8,16 @@ import re
 import shutil
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from engine.checkpoints import FORMAT_VERSION, CheckpointWriteError, atomic_torch_save, remove_stale_temporaries
 from engine.config import ConfigError, ProjectConfig, save_project
 from engine.freezing import freeze_spec
 from engine.run_files import METRICS_FILE, PROJECT_FILE, read_metrics  # noqa: F401 - part of this module's API
 from engine.trainer import Callback, Trainer, TrainState
+
+if TYPE_CHECKING:
+    from torch.utils.tensorboard import SummaryWriter
 
 
 def _slug(name: str) -> str:
@@ -27,7 +30,9 @@ def create_run_dir(cfg: ProjectConfig, out: str | os.PathLike | None = None) -> 
         run_dir = Path(out).expanduser().resolve()
     else:
         stamp = time.strftime("%Y%m%d-%H%M%S")
-        base = cfg.resolve(cfg.output.dir) / f"{_slug(cfg.output.run_name or cfg.name)}-{stamp}"
+        root = cfg.resolve(cfg.output.dir)
+        assert root is not None, "output.dir is empty"  # validation refuses that
+        base = root / f"{_slug(cfg.output.run_name or cfg.name)}-{stamp}"
         run_dir, n = base, 1
         while run_dir.exists():  # two runs started in the same second
             n += 1
@@ -160,19 +165,22 @@ class TensorBoardLogger(Callback):
 
     def __init__(self, run_dir: Path):
         self.log_dir = Path(run_dir) / "tensorboard"
-        self.writer = None
+        self.writer: SummaryWriter | None = None  # open while a run runs
 
     def on_run_started(self, trainer: Trainer, state: TrainState) -> None:
         from torch.utils.tensorboard import SummaryWriter
 
         # purge_step drops events a longer earlier run logged past the resumed point.
-        self.writer = SummaryWriter(str(self.log_dir), purge_step=state.global_step if state.start_epoch else None)
-        self.writer.add_text("project", "```json\n" + json.dumps(trainer.cfg.to_dict(), indent=2) + "\n```", 0)
+        writer = self.writer = SummaryWriter(str(self.log_dir),
+                                             purge_step=state.global_step if state.start_epoch else None)
+        writer.add_text("project", "```json\n" + json.dumps(trainer.cfg.to_dict(), indent=2) + "\n```", 0)
 
     def on_batch_finished(self, trainer: Trainer, state: TrainState, loss: float) -> None:
+        assert self.writer is not None  # opened by on_run_started
         self.writer.add_scalar("batch/loss", loss, state.global_step)
 
     def on_epoch_finished(self, trainer: Trainer, state: TrainState, metrics: dict[str, Any]) -> None:
+        assert self.writer is not None  # opened by on_run_started
         for key, tag in (("train_loss", "loss/train"), ("val_loss", "loss/val"), ("train_accuracy", "accuracy/train"),
                          ("val_accuracy", "accuracy/val"), ("lr", "lr"), ("samples_per_second", "speed/samples_per_s")):
             value = metrics.get(key)
@@ -190,8 +198,10 @@ class TensorBoardLogger(Callback):
             final = {f"hparam/{k}": last[k] for k in ("train_loss", "val_loss", "val_accuracy")
                      if last.get(k) is not None and math.isfinite(last[k])}
             # Written into this run's own event file (add_hparams would start a separate run folder).
+            file_writer = self.writer.file_writer
+            assert file_writer is not None  # made with the SummaryWriter
             for event in hparams(hyperparameters(trainer.cfg), final):
-                self.writer.file_writer.add_summary(event)
+                file_writer.add_summary(event)
             for tag, value in final.items():
                 self.writer.add_scalar(tag, value, state.epoch)
         self.writer.close()
@@ -263,7 +273,7 @@ def checkpoint_payload(trainer: Trainer, state: TrainState, metrics: dict[str, A
 
     Only tensors and plain values, so torch.load(weights_only=True) reads it anywhere.
     """
-    p = trainer.parts
+    p = trainer.built
     return {
         "format_version": FORMAT_VERSION,
         "epoch": state.epoch,

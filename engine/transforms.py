@@ -16,8 +16,8 @@ class Preprocess:
 
     resize_size: int  # the shorter side is resized to this (the longer side when keeping aspect)
     crop_size: int  # centre crop for evaluation; random-resized-crop size for training
-    mean: tuple[float, float, float]
-    std: tuple[float, float, float]
+    mean: tuple[float, ...]  # one per channel: three
+    std: tuple[float, ...]
     interpolation: str = "bilinear"  # bilinear, bicubic or nearest
 
 
