@@ -133,7 +133,7 @@ class ProcessRun(QObject):
         self._traceback: list[str] = []  # a traceback of torchrun's own, held until its last line says what it is
         # Rank 0 says each log message twice, as a "log" event and as a plain line (its console reporter), on
         # two streams torchrun passes on independently: the lines shown once, waiting for their twin.
-        self._twins = {"event": collections.Counter(), "plain": collections.Counter()}
+        self._twins: dict[str, collections.Counter[str]] = {"event": collections.Counter(), "plain": collections.Counter()}
         self._result: dict[str, Any] | None = None  # rank 0's run_finished event
         self._progress = {"epoch": 0, "epochs": 0, "best_epoch": None}
         self._ended = False
@@ -193,6 +193,7 @@ class ProcessRun(QObject):
         from engine.runs import create_run_dir, project_as_run
 
         cfg = self.cfg
+        assert cfg is not None  # a fresh run is given its project (a resume returned above)
         if self.init_from:  # as an in-process run does it (TrainingWorker.run)
             cfg.model.weights, cfg.model.weights_file = None, str(Path(self.init_from).resolve())
         self.run_dir = create_run_dir(cfg)
@@ -425,7 +426,7 @@ class ProcessRun(QObject):
                                   **self._progress, "stopped_early": False, "error": None, "traceback": None,
                                   "error_type": None}
         result.update(outcome)
-        if result["status"] == "failed" and self._fresh and self._only_project_written():
+        if result["status"] == "failed" and self._fresh and self.run_dir is not None and self._only_project_written():
             from engine.run_files import PROJECT_FILE
 
             (self.run_dir / PROJECT_FILE).unlink(missing_ok=True)  # the run never began: leave no empty folder

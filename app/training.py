@@ -110,7 +110,7 @@ class TrainingWorker(QObject):
     run_finished = Signal(dict)  # status, run_dir, epoch, epochs, best_epoch, stopped_early, error, traceback
     done = Signal()
 
-    def __init__(self, cfg: ProjectConfig, stop_event: threading.Event, *, resume_from: str | None = None,
+    def __init__(self, cfg: ProjectConfig | None, stop_event: threading.Event, *, resume_from: str | None = None,
                  epochs: int | None = None, init_from: str | None = None):
         super().__init__()
         self.cfg, self.stop_event = cfg, stop_event
@@ -135,12 +135,13 @@ class TrainingWorker(QObject):
                 cfg = resume_config(resume, self.resume_from, epochs=self.epochs, epochs_field="epochs")
                 self.run_dir = resume_run_dir(Path(self.resume_from), None)
             else:
+                assert cfg is not None  # a fresh run is given its project
                 if self.init_from:
                     cfg.model.weights, cfg.model.weights_file = None, str(Path(self.init_from).resolve())
                 self.run_dir = create_run_dir(cfg)
             result["run_dir"] = str(self.run_dir)
             self.logged.emit(f"Run folder: {self.run_dir}")
-            trainer = Trainer(cfg, [*run_callbacks(cfg, self.run_dir), QtBridge(self, self.run_dir)],
+            trainer = Trainer(cfg, [*run_callbacks(cfg, self.run_dir), QtBridge(self, self.run_dir)],  # type: ignore[list-item]  # QtBridge has Callback's hooks without importing it
                               stop_event=self.stop_event, resume=resume)
             state = trainer.run()
             result.update(status=state.status, epoch=state.epoch, epochs=state.epochs,

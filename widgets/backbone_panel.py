@@ -288,7 +288,8 @@ class CatalogFilter(QSortFilterProxyModel):
         self.endFilterChange(QSortFilterProxyModel.Direction.Rows)
 
     def filterAcceptsRow(self, row: int, parent) -> bool:
-        m: CatalogModel = self.sourceModel()
+        m = self.sourceModel()
+        assert isinstance(m, CatalogModel)  # the one source this proxy is given
         if self.source and m.sources[row] != self.source:
             return False
         name = m.names[row]
@@ -764,10 +765,11 @@ class BackbonePanel(QWidget):
         if weight != "DEFAULT":
             return weight
         try:
-            if timm_model_name(backbone) is not None:
+            arch = timm_model_name(backbone)
+            if arch is not None:
                 from engine.backbones import _timm_tags  # timm's default tag is the first of its tags
 
-                return f"DEFAULT ({_timm_tags(timm_model_name(backbone))[0]})"
+                return f"DEFAULT ({_timm_tags(arch)[0]})"
             import torchvision
 
             return f"DEFAULT ({torchvision.models.get_model_weights(backbone).DEFAULT.name})"

@@ -106,8 +106,9 @@ def list_checkpoints(run_dir: str | os.PathLike, rows: list[dict[str, Any]] | No
         if target is not None:
             target.roles.append(role)
             continue
-        epoch = _alias_epoch(role, rows)
-        entry = CheckpointEntry(alias, epoch, by_epoch.get(epoch) if epoch is not None else None, [role])
+        alias_epoch = _alias_epoch(role, rows)
+        entry = CheckpointEntry(alias, alias_epoch, by_epoch.get(alias_epoch) if alias_epoch is not None else None,
+                                [role])
         own[role] = entry
     entries.extend(own.values())
     entries.extend(CheckpointEntry(p, None, None) for p in others)

@@ -231,8 +231,8 @@ class ExportDialog(QDialog):
         layout.addLayout(buttons)
 
         self._apply_colours()
-        fmt = QSettings().value(SETTINGS_FORMAT, DEFAULT_FORMAT)
-        index = self.format_combo.findData(fmt if fmt in FORMATS else DEFAULT_FORMAT)
+        saved = QSettings().value(SETTINGS_FORMAT, DEFAULT_FORMAT)
+        index = self.format_combo.findData(saved if saved in FORMATS else DEFAULT_FORMAT)
         self.format_combo.setCurrentIndex(max(index, 0))
         self._format = self.fmt()
         self.path_edit.setText(str(self.default_dir / (Path(self.checkpoint).stem + file_suffix(self._format))))
@@ -464,7 +464,9 @@ class ExportDialog(QDialog):
 
     def _grow(self) -> None:
         # New text (a result, a long error) may need more height than the dialog has; never shrink what the user set.
-        self.layout().activate()
+        layout = self.layout()
+        assert layout is not None  # set in __init__
+        layout.activate()
         hint = self.sizeHint()
         if hint.height() > self.height() or hint.width() > self.width():
             self.resize(max(hint.width(), self.width()), max(hint.height(), self.height()))

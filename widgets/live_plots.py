@@ -215,7 +215,7 @@ class LivePlots(QWidget):
         self._apply_palette()
 
     # -- data ------------------------------------------------------------------------------------
-    def add_batches(self, steps: Sequence[int], losses: Sequence[float],
+    def add_batches(self, steps: Sequence[int] | np.ndarray, losses: Sequence[float] | np.ndarray,
                     lrs: Sequence[float] | float | None = None) -> None:
         """Append batch losses at global steps; lrs is one value per step, or one value for the last step."""
         if len(steps) == 0:
@@ -355,7 +355,7 @@ class LivePlots(QWidget):
             image: QImage = exporter.export(toBytes=True)
         finally:
             layout.setGeometry(geometry)  # the view lays it out only on resize, so put it back as it was
-        if image is None or image.isNull() or not image.save(str(path), "PNG"):
+        if image is None or image.isNull() or not image.save(str(path), b"PNG"):
             raise OSError(f"could not write a PNG image to {path}")
         return image.size()
 

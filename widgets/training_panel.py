@@ -4,10 +4,10 @@ from __future__ import annotations
 import re
 import sys
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from PySide6.QtCore import Qt
-from PySide6.QtGui import QPalette
+from PySide6.QtGui import QPalette, QWheelEvent
 from PySide6.QtWidgets import (
     QCheckBox,
     QComboBox,
@@ -356,6 +356,7 @@ def devices_available(*, load: bool = True) -> dict[str, bool] | None:
 def auto_device() -> str:
     """What 'auto' resolves to here (the engine's order: cuda, then mps, then cpu)."""
     here = devices_available()
+    assert here is not None  # load=True always answers
     return "cuda" if here["cuda"] else "mps" if here["mps"] else "cpu"
 
 
@@ -363,13 +364,22 @@ def auto_device() -> str:
 # Input widgets that leave the wheel to the scroll area unless they have the focus
 
 
-class _WheelGuard:
+# The mixin is typed as the QWidget it is mixed into; at run time it is a plain class, so only the input
+# widgets below are Qt classes.
+if TYPE_CHECKING:
+    _GuardBase = QWidget
+else:
+    _GuardBase = object
+_W = TypeVar("_W", bound=QWidget)
+
+
+class _WheelGuard(_GuardBase):
     """A scrolling form must not change a value the pointer merely passes over while the wheel turns."""
 
     def _guard_init(self) -> None:
         self.setFocusPolicy(Qt.FocusPolicy.StrongFocus)
 
-    def wheelEvent(self, event) -> None:  # noqa: N802 - Qt's name
+    def wheelEvent(self, event: QWheelEvent) -> None:  # noqa: N802 - Qt's name
         if self.hasFocus():
             super().wheelEvent(event)
         else:
@@ -508,10 +518,10 @@ class TrainingPanel(QWidget):
         form.setLabelAlignment(Qt.AlignmentFlag.AlignRight | Qt.AlignmentFlag.AlignVCenter)
         return box, form
 
-    def _add(self, form: QFormLayout, label: str, name: str, path: str, widget: QWidget, tip: str,
+    def _add(self, form: QFormLayout, label: str, name: str, path: str, widget: _W, tip: str,
              bind: Callable[..., FieldBinding], *,
              when: tuple[QComboBox, tuple[str, ...]] | Callable[[], bool] | None = None,
-             note: QLabel | None = None, **bind_kw) -> QWidget:
+             note: QLabel | None = None, **bind_kw: Any) -> _W:
         """A form row: the control, its error line under it (shown only while a value is refused), an optional note.
 
         when: the row shows only while the combo's choice is one of the names, or while the function says so.
@@ -965,7 +975,9 @@ class TrainingPanel(QWidget):
         """The chooser of a field that is None, 'balanced' or a list; 'from list' takes the list from its box."""
 
         def edit() -> QLineEdit:
-            return self._widgets[f"training.{edit_name}"]
+            box = self._widgets[f"training.{edit_name}"]
+            assert isinstance(box, QLineEdit)  # the list's own text box
+            return box
 
         def read():
             mode = combo.currentData()
@@ -1092,6 +1104,7 @@ class TrainingPanel(QWidget):
         for col in self._cols:
             while col.count():
                 item = col.takeAt(0)
+                assert item is not None  # count() said there is one
                 if item.widget() is not None:
                     items[item.widget()] = item
         groups = [self._left, self._right] if two else [self._left + self._right, []]
