@@ -122,7 +122,7 @@ class TrainingWorker(QObject):
     def run(self) -> None:
         from engine.checkpoints import load_checkpoint
         from engine.runs import create_run_dir, resume_config, resume_run_dir, run_callbacks
-        from engine.trainer import Trainer
+        from engine.trainer import Callback, Trainer
 
         result: dict[str, Any] = {"status": "failed", "run_dir": None, "epoch": 0, "epochs": 0,
                                   "best_epoch": None, "stopped_early": False, "error": None, "traceback": None,
@@ -141,8 +141,8 @@ class TrainingWorker(QObject):
                 self.run_dir = create_run_dir(cfg)
             result["run_dir"] = str(self.run_dir)
             self.logged.emit(f"Run folder: {self.run_dir}")
-            trainer = Trainer(cfg, [*run_callbacks(cfg, self.run_dir), QtBridge(self, self.run_dir)],  # type: ignore[list-item]  # QtBridge has Callback's hooks without importing it
-                              stop_event=self.stop_event, resume=resume)
+            callbacks: list[Callback] = [*run_callbacks(cfg, self.run_dir), QtBridge(self, self.run_dir)]  # type: ignore[list-item]  # QtBridge has Callback's hooks, not its import
+            trainer = Trainer(cfg, callbacks, stop_event=self.stop_event, resume=resume)
             state = trainer.run()
             result.update(status=state.status, epoch=state.epoch, epochs=state.epochs,
                           best_epoch=state.best_epoch, stopped_early=state.stopped_early)

@@ -405,9 +405,10 @@ def replace_head(model: nn.Module, num_outputs: int) -> str:
     if isinstance(old, nn.Linear):
         new = nn.Linear(old.in_features, num_outputs, **kw)
     else:
-        # torch types a layer's kernel_size, stride and padding as tuple[int, ...], its constructor's as tuple[int, int]
-        new = nn.Conv2d(old.in_channels, num_outputs, kernel_size=old.kernel_size, stride=old.stride,  # type: ignore[arg-type]  # Conv2d's own values
-                        padding=old.padding, **kw)  # type: ignore[arg-type]  # Conv2d's own values, as above
+        # A layer's own kernel_size, stride and padding (torch types them tuple[int, ...], the constructor's
+        # arguments tuple[int, int]: a dict of Any passes them on as they are).
+        shape: dict[str, Any] = {"kernel_size": old.kernel_size, "stride": old.stride, "padding": old.padding}
+        new = nn.Conv2d(old.in_channels, num_outputs, **shape, **kw)
     assert name is not None  # set with old
     parent_name, _, attr = name.rpartition(".")
     setattr(model.get_submodule(parent_name), attr, new)

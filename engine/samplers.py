@@ -154,8 +154,8 @@ def build_sampler(spec: SamplerConfig, dataset_len: int, targets: Sequence[int] 
         rank = spec.rank if spec.rank is not None else (world[1] if world else 0)
         if rank >= replicas:
             raise SamplerError(f"loader.sampler.rank = {rank}: must be below num_replicas ({replicas})")
-        return DistributedSampler(range(dataset_len),  # type: ignore[arg-type]  # it only takes len(); torch says Dataset
-                                  num_replicas=replicas, rank=rank, shuffle=spec.shuffle, seed=spec.seed)
+        positions: Any = range(dataset_len)  # DistributedSampler only takes its len(); torch types it a Dataset
+        return DistributedSampler(positions, num_replicas=replicas, rank=rank, shuffle=spec.shuffle, seed=spec.seed)
     if name == "sequential" or (name == "random" and shuffle is False):
         return SequentialSampler(range(dataset_len))
     if name == "random":

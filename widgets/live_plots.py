@@ -355,7 +355,7 @@ class LivePlots(QWidget):
             image: QImage = exporter.export(toBytes=True)
         finally:
             layout.setGeometry(geometry)  # the view lays it out only on resize, so put it back as it was
-        if image is None or image.isNull() or not image.save(str(path), b"PNG"):
+        if image is None or image.isNull() or not image.save(str(path), "PNG"):  # type: ignore[call-overload]  # PySide6 wants str here; its stubs say bytes
             raise OSError(f"could not write a PNG image to {path}")
         return image.size()
 
