@@ -193,10 +193,10 @@ def test_importing_the_whole_product_keeps_pillows_decompression_bomb_limit():
     from PIL import Image
 
     import app.main_window  # noqa: F401 - importing is the test: nothing may raise the limit at import
-    import engine.cli  # noqa: F401
-    import engine.data  # noqa: F401
-    import widgets.dataset_panel  # noqa: F401
-    import widgets.try_it  # noqa: F401
+    import engine.cli  # noqa: F401 - importing is the test
+    import engine.data  # noqa: F401 - importing is the test
+    import widgets.dataset_panel  # noqa: F401 - importing is the test
+    import widgets.try_it  # noqa: F401 - importing is the test
 
     assert Image.MAX_IMAGE_PIXELS == int(1024 * 1024 * 1024 // 4 // 3)  # Pillow's own default
 
