@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: run test install clean screenshot docs bench
+.PHONY: run test lint install clean screenshot docs bench
 
 # --no-cache-dir: the install is several GB (a CUDA build of torch); a second copy of every wheel in pip's
 # cache is what a machine short of disk cannot afford, and the venv is made once.
@@ -28,7 +28,13 @@ docs: $(STAMP)
 	QT_QPA_PLATFORM=offscreen $(PY) -m app.object_names docs/object_names.md
 	$(PY) -c 'from engine.config import write_readme_table; write_readme_table("README.md")'
 
-test: $(STAMP)
+# Static checks (settings in pyproject.toml); `make test` runs them first and stops on any finding.
+lint: $(STAMP)
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
+	$(PY) -m mypy
+
+test: lint
 	QT_QPA_PLATFORM=offscreen $(PY) -m pytest -q
 
 # Every benchmark (minutes): docs/bench/results.json and results.md, and the table between the README's

@@ -6,11 +6,25 @@ import hashlib
 import html
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from PySide6.QtCore import QByteArray, QSettings, Qt, QTimer, Slot
 from PySide6.QtGui import QAction, QCloseEvent, QDragEnterEvent, QDropEvent, QKeySequence
-from PySide6.QtWidgets import (QDockWidget, QFileDialog, QHBoxLayout, QLabel, QMainWindow, QMenu, QScrollArea,
-                               QMessageBox, QPlainTextEdit, QPushButton, QTabWidget, QVBoxLayout, QWidget)
+from PySide6.QtWidgets import (
+    QDockWidget,
+    QFileDialog,
+    QHBoxLayout,
+    QLabel,
+    QMainWindow,
+    QMenu,
+    QMessageBox,
+    QPlainTextEdit,
+    QPushButton,
+    QScrollArea,
+    QTabWidget,
+    QVBoxLayout,
+    QWidget,
+)
 
 from app.training import TrainingController
 from engine.config import ConfigError, ProjectConfig
@@ -19,6 +33,10 @@ from engine.text import readable
 from widgets.folders import start_folder
 from widgets.state import ProjectState
 from widgets.tasks import Task, hold_new_tasks, run_task, start_held_tasks
+
+if TYPE_CHECKING:
+    from widgets.backbone_panel import BackbonePanel
+    from widgets.export_dialog import ExportDialog
 
 REPO = Path(__file__).resolve().parent.parent
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
@@ -115,12 +133,12 @@ class MainWindow(QMainWindow):
         self.current_checkpoint: str | None = None
         self.current_run_dir: str | None = None
         self.last_error_box: QMessageBox | None = None
-        self.export_dialog = None
+        self.export_dialog: ExportDialog | None = None
         self._closing = False
         self._num_outputs: int | None = None
 
         self.dataset = DatasetPanel(self.state)
-        self.backbone = None  # BackbonePanel, once the catalog is loaded
+        self.backbone: BackbonePanel | None = None  # once the catalog is loaded
         self._catalog_task: Task | None = None
         self.layers = LayersPanel(self.state)
         self.training = TrainingPanel(self.state)
@@ -132,6 +150,7 @@ class MainWindow(QMainWindow):
         self.setup_tabs = QTabWidget()
         self.setup_tabs.setObjectName("main.setup_tabs")
         self.setup_tabs.setDocumentMode(True)
+        panel: QWidget | None
         for panel, title in ((self.dataset, "Dataset"), (self.backbone, "Backbone"), (self.layers, "Layers"),
                              (self.training, "Training")):
             if panel is None:
@@ -215,6 +234,7 @@ class MainWindow(QMainWindow):
                 self.show_error("Project problems", "\n".join(f"• {p}" for p in problems))
         self.backbone = BackbonePanel(self.state)
         scroll = self.findChild(QScrollArea, "main.scroll.backbone")
+        assert scroll is not None  # made with the tabs
         scroll.setWidget(self.backbone)  # the loading label is deleted
         self.training.refresh_devices()  # PyTorch is loaded now: say which devices this machine has
         if self._settle:
@@ -467,7 +487,7 @@ class MainWindow(QMainWindow):
         value = QSettings().value("recent_projects", [])
         if isinstance(value, str):
             value = [value]
-        return [str(v) for v in (value or [])]
+        return [str(v) for v in value] if isinstance(value, list) else []
 
     def last_project(self) -> str | None:
         for path in self.recent_projects():
@@ -703,7 +723,7 @@ class MainWindow(QMainWindow):
             action.setEnabled(not running)
         self.act_train_from.setEnabled(not running and has_model)
         self.act_stop.setEnabled(running)
-        can_resume = bool(self.current_run_dir) and (Path(self.current_run_dir) / "checkpoints" / "last.pt").is_file()
+        can_resume = bool(self.current_run_dir and (Path(self.current_run_dir) / "checkpoints" / "last.pt").is_file())
         self.act_resume.setEnabled(not running and can_resume)
         self.run_view.set_can_resume(not running and can_resume)
         self.act_evaluate.setEnabled(has_model)

@@ -6,6 +6,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -36,7 +37,7 @@ def main(argv: list[str] | None = None) -> int:
         window.save_project()
         window.resize(1280, 800)
         window.show()
-        started = []
+        started: list[Any] = []
         window.controller.run_started.connect(started.append)
         window.train()
         # Wait for the first epoch and over half of the second, so every plot has something to show.

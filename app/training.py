@@ -42,7 +42,7 @@ class StepCounter:
     It implements every hook of engine.trainer.Callback (the trainer calls them by name), without importing the
     trainer's module, which would pull PyTorch into the window's start-up."""
 
-    def __init__(self, worker: "TrainingWorker"):
+    def __init__(self, worker: TrainingWorker):
         self.worker = worker
 
     def on_log(self, trainer: Trainer, message: str) -> None:

@@ -7,16 +7,20 @@ the cache cuts the model at that stage and the later stages still train.
 """
 from __future__ import annotations
 
+import functools
 import json
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from bench.common import DIGITS, Figure, Section, alternate, machine, median
 
+if TYPE_CHECKING:
+    from engine.config import ProjectConfig
 
-def _project(data: Path, size: int, freeze: dict[str, Any], mode: str, epochs: int):
+
+def _project(data: Path, size: int, freeze: dict[str, Any], mode: str, epochs: int) -> ProjectConfig:
     from engine.config import from_dict
 
     return from_dict({
@@ -31,7 +35,7 @@ def _project(data: Path, size: int, freeze: dict[str, Any], mode: str, epochs: i
     })
 
 
-def _train(cfg) -> dict[str, Any]:
+def _train(cfg: ProjectConfig) -> dict[str, Any]:
     from engine import feature_cache
     from engine.trainer import Trainer
 
@@ -52,8 +56,11 @@ def _compare(data: Path, size: int, freeze: dict[str, Any], epochs: int, repeats
     runs: dict[str, list[dict[str, Any]]] = {"cached": [], "recomputed": []}
     configs = {"cached": _project(data, size, freeze, "auto", epochs),
                "recomputed": _project(data, size, freeze, "off", epochs)}
-    alternate({name: (lambda name=name: runs[name].append(_train(configs[name]))) for name in configs},
-              repeats, warmup=0)
+
+    def run_one(name: str) -> None:
+        runs[name].append(_train(configs[name]))
+
+    alternate({name: functools.partial(run_one, name) for name in configs}, repeats, warmup=0)
     later = {name: [s for r in rs for s in r["epochs"][1:]] for name, rs in runs.items()}
     first_cached = [r["setup"] + r["epochs"][0] for r in runs["cached"]]
     first_recomputed = [r["epochs"][0] for r in runs["recomputed"]]
@@ -61,7 +68,7 @@ def _compare(data: Path, size: int, freeze: dict[str, Any], epochs: int, repeats
         "speedup": median(later["recomputed"]) / median(later["cached"]),
         "first_ratio": median(first_cached) / median(first_recomputed),
         "accuracy_points": max(abs(a["accuracy"] - b["accuracy"]) * 100
-                               for a, b in zip(runs["cached"], runs["recomputed"])),
+                               for a, b in zip(runs["cached"], runs["recomputed"], strict=True)),
         "boundary": runs["cached"][0]["boundary"],
         "cached_epoch": median(later["cached"]),
         "recomputed_epoch": median(later["recomputed"]),

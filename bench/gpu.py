@@ -12,9 +12,10 @@ import copy
 import gc
 import json
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
@@ -96,7 +97,7 @@ def _measure(data: Path, opts: Options, *, repeats: int, workers: int) -> tuple[
         def __init__(self) -> None:
             self.lines: list[str] = []
 
-        def on_log(self, trainer, message):
+        def on_log(self, trainer: Trainer, message: str) -> None:
             self.lines.append(message)
 
     title = f"Trainer ÷ hand-written loop, samples/s: {opts.label}"
@@ -115,6 +116,7 @@ def _measure(data: Path, opts: Options, *, repeats: int, workers: int) -> tuple[
         hand = _hand_epoch(parts, opts, BATCH)
 
         def engine_epoch() -> None:
+            assert trainer is not None
             trainer.state.epoch = 0  # one more epoch of the same run each time
             trainer.state.epochs = 1
             trainer.run()

@@ -170,7 +170,7 @@ def _window(project: Path):
 
     # As the app starts: the catalog loads after the window shows, then start-up's objects are frozen.
     window = MainWindow(background_catalog=True, settle=True)
-    window._ask_save_changes = lambda: QMessageBox.StandardButton.Discard  # never a modal question here
+    window._ask_save_changes = lambda: QMessageBox.StandardButton.Discard  # type: ignore[method-assign]  # stubbed: never a modal question here
     window.open_project(str(project), ask=False)
     window.show()
     _wait(lambda: not running_tasks())
@@ -211,8 +211,8 @@ def app_overhead(quick: bool = False) -> list[Section]:
 
     _app()
     repeats = 2 if quick else 5
-    with tempfile.TemporaryDirectory() as tmp:
-        tmp = Path(tmp)
+    with tempfile.TemporaryDirectory() as tmp_name:
+        tmp = Path(tmp_name)
         _isolated_settings(tmp / "settings")
         project = _bench_project(tmp, per_class=24 if quick else 80, size=32, epochs=2)
         window = _window(project)
@@ -265,8 +265,8 @@ def memory(quick: bool = False) -> Section:
     from engine.runs import project_as_run
 
     figures, notes = [], []
-    with tempfile.TemporaryDirectory() as tmp:
-        tmp = Path(tmp)
+    with tempfile.TemporaryDirectory() as tmp_name:
+        tmp = Path(tmp_name)
         if not quick:
             cfg = project_as_run(load_project(REPO / "examples" / "default.json"))
             cfg.train.epochs = 1
@@ -277,6 +277,7 @@ def memory(quick: bool = False) -> Section:
             _, status, usage = os.wait4(proc.pid, 0)
             proc.returncode = os.waitstatus_to_exitcode(status)
             if proc.returncode != 0:
+                assert proc.stderr is not None  # stderr=PIPE
                 raise RuntimeError(f"the default project's run failed: {proc.stderr.read().decode()[-2000:]}")
             peak = usage.ru_maxrss / (1024 * 1024 if sys.platform == "darwin" else 1024)
             figures.append(Figure("default_peak_rss_mib", "Peak RSS, default project, one epoch (headless)", peak,

@@ -12,17 +12,21 @@ build relative to one uncached epoch.
 from __future__ import annotations
 
 import copy
+import functools
 import json
 import time
+from collections.abc import Callable, Iterable
+from typing import Any
 
 import torch
+from torch.utils.data import DataLoader
 
 from bench.common import REPO, Figure, Section, alternate, machine, median, ratio
 from engine.collate import get_collate
 from engine.config import ProjectConfig, load_project
-from engine.data import prepare_data
+from engine.data import EngineDataset, prepare_data
 from engine.decoded_cache import apply_decoded_cache
-from engine.samplers import auto_workers, build_loader, plan_loader, usable_cpus
+from engine.samplers import LoaderPlan, auto_workers, build_loader, plan_loader, usable_cpus
 from engine.transforms import build_transforms, has_random_steps, split_transforms
 
 PROJECT = REPO / "examples" / "default.json"
@@ -40,13 +44,14 @@ def _project(augment: bool) -> ProjectConfig:
     return cfg
 
 
-def _with_transform(dataset, transform):
+def _with_transform(dataset: EngineDataset, transform: Callable) -> EngineDataset:
     clone = copy.copy(dataset)  # shares the files / cached images; only the per-item steps differ
     clone.transform = transform
     return clone
 
 
-def _loader(dataset, cfg: ProjectConfig, *, cached: bool, workers: int | None):
+def _loader(dataset: EngineDataset, cfg: ProjectConfig, *, cached: bool,
+            workers: int | None) -> tuple[DataLoader, LoaderPlan]:
     augmented = has_random_steps(cfg.data.augment, train=True)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     plan = plan_loader(cfg.loader, cached=cached, augmented=augmented, device_type=device)
@@ -57,7 +62,8 @@ def _loader(dataset, cfg: ProjectConfig, *, cached: bool, workers: int | None):
     return loader, plan
 
 
-def _pass(loader, limit: int | None, step=None) -> int:
+def _pass(loader: Iterable[Any], limit: int | None,
+          step: Callable[[torch.Tensor, torch.Tensor], None] | None = None) -> int:
     n = 0
     for i, (x, y) in enumerate(loader):
         if limit is not None and i >= limit:
@@ -133,7 +139,7 @@ def run(quick: bool = False) -> Section:
                 workers_why = "auto for GPU training; auto for CPU training here is 0, the plain loader"
             else:
                 del loaders["workers"]
-        times = alternate({name: (lambda ld=ld: _pass(ld, limit)) for name, (ld, _) in loaders.items()}, reps)
+        times = alternate({name: functools.partial(_pass, ld, limit) for name, (ld, _) in loaders.items()}, reps)
         key = "noaug" if label == "no augmentation" else "aug"
         per_pass = "first 15 batches" if quick else f"{len(loaders['plain'][0])} batches"
         figures.append(Figure(
@@ -166,7 +172,7 @@ def run(quick: bool = False) -> Section:
     model = _small_cnn(classes)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
 
-    def step(x, y):
+    def step(x: torch.Tensor, y: torch.Tensor) -> None:
         optimizer.zero_grad(set_to_none=True)
         torch.nn.functional.cross_entropy(model(x), y).backward()
         optimizer.step()
@@ -174,7 +180,7 @@ def run(quick: bool = False) -> Section:
     train_limit = 10 if quick else 25
     loaders = {"plain": _loader(aug_plain_train, aug_cfg, cached=False, workers=0),
                "cached": _loader(aug_cached_train, aug_cfg, cached=True, workers=None)}
-    times = alternate({name: (lambda ld=ld: _pass(ld, train_limit, step)) for name, (ld, _) in loaders.items()},
+    times = alternate({name: functools.partial(_pass, ld, train_limit, step) for name, (ld, _) in loaders.items()},
                       2 if quick else 3)
     figures.append(Figure(
         key="training_speedup_cached_aug", title="Short training epoch (small CNN, default augmentation): "

@@ -11,11 +11,15 @@ import copy
 import json
 import tempfile
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
 from bench.common import Figure, Section, alternate, median
+
+if TYPE_CHECKING:
+    from engine.config import ProjectConfig
 
 
 def write_images(root: Path, classes: int, per_class: int, size: int, seed: int = 0) -> Path:
@@ -33,10 +37,11 @@ def write_images(root: Path, classes: int, per_class: int, size: int, seed: int 
     return root
 
 
-def project(data: Path, *, size: int, batch: int, backbone: str = "resnet18", epochs: int = 1, **sections):
+def project(data: Path, *, size: int, batch: int, backbone: str = "resnet18", epochs: int = 1,
+            **sections: dict[str, Any]) -> ProjectConfig:
     from engine.config import from_dict
 
-    spec = {
+    spec: dict[str, Any] = {
         "name": "bench", "data": {"path": str(data), "image_size": size, "val_fraction": 0.0},
         "model": {"backbone": backbone}, "loader": {"batch_size": batch},
         "optimizer": {"name": "adam", "lr": 1e-3}, "train": {"epochs": epochs, "device": "auto", "seed": 0},

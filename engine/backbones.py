@@ -7,17 +7,17 @@ import pickle
 import urllib.error
 import urllib.parse
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import timm
 import torch
 import torchvision
 from torch import Tensor, nn
 
-from engine.checkpoints import CheckpointError, check_format_version, refused_pickle_reason, torch_load_weights_only
 from engine.catalog import BUNDLED, BUNDLED_BACKBONE, timm_model_name, timm_tags, vit_patch_size, weights_enum
+from engine.checkpoints import CheckpointError, check_format_version, refused_pickle_reason, torch_load_weights_only
 from engine.config import DataConfig, ModelConfig
 from engine.transforms import Preprocess
 
@@ -348,13 +348,13 @@ def load_by_order(model: nn.Module, state: dict[str, Tensor], source: str) -> No
     """
     own = model.state_dict()
     what = type(model).__name__
-    for i, ((key, tensor), (own_key, own_tensor)) in enumerate(zip(state.items(), own.items())):
+    for i, ((key, tensor), (own_key, own_tensor)) in enumerate(zip(state.items(), own.items(), strict=False)):
         if tuple(tensor.shape) != tuple(own_tensor.shape):
             raise WeightsError(f"{source} does not fit {what}: tensor {i} ({key}, shape {tuple(tensor.shape)}) "
                                f"should match {own_key} of shape {tuple(own_tensor.shape)}")
     if len(state) != len(own):
         raise WeightsError(f"{source} does not fit {what}: it holds {len(state)} tensors, the model has {len(own)}")
-    model.load_state_dict(dict(zip(own, state.values())), strict=True)
+    model.load_state_dict(dict(zip(own, state.values(), strict=True)), strict=True)
 
 
 def load_bundled_weights(model: nn.Module) -> None:

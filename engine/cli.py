@@ -6,8 +6,9 @@ import signal
 import sys
 import threading
 import traceback
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence, TextIO
+from typing import Any, TextIO
 
 from engine.config import DEVICES, ConfigError
 from engine.events import BatchProgress, EpochFinished, Event, JsonLines, LogMessage, Output, RunFinished, RunStarted
@@ -259,7 +260,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         names = [c[:6] for c in ev.class_names]
         print("\nconfusion (rows: true, columns: predicted)")
         print(" " * 8 + " ".join(f"{n:>6s}" for n in names))
-        for name, row in zip(names, ev.confusion):
+        for name, row in zip(names, ev.confusion, strict=True):
             print(f"{name:>6s}  " + " ".join(f"{v:6d}" for v in row))
     if ev.hardest:
         shown = ev.hardest[:10]

@@ -1,7 +1,8 @@
 """Batch assembly for the DataLoader: PyTorch's default stacking, or zero-padding for images of different sizes."""
 from __future__ import annotations
 
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 from torch.utils.data import default_collate

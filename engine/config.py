@@ -7,13 +7,26 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any, Literal, Optional, Union
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError
 
-from engine.settings import (Applies, Finite, Number, bounds, fields, get_path, is_model, meta,
-                             range_text, replace_between, setting, table, type_name,
-                             unwrap)
+from engine.settings import (
+    Applies,
+    Finite,
+    Number,
+    bounds,
+    fields,
+    get_path,
+    is_model,
+    meta,
+    range_text,
+    replace_between,
+    setting,
+    table,
+    type_name,
+    unwrap,
+)
 
 SCHEMA_VERSION = 1
 
@@ -53,7 +66,7 @@ class Problem:
         return self.message
 
     @classmethod
-    def of(cls, message: str) -> "Problem":
+    def of(cls, message: str) -> Problem:
         """A problem from its sentence alone: the path is the field the sentence starts with, if it names one."""
         match = re.match(r"([a-z_]+(?:\.[a-z_]+)*)(?:\[\d+\])?(?: = |: | is )", message)
         top = match.group(1).split(".")[0] if match else ""
@@ -112,7 +125,7 @@ class DataConfig(Section):
     kind: Literal[DATA_KINDS] = setting("auto", doc="`auto`: a folder is an image folder, .csv a CSV, .npz a NumPy "
                                                     "archive")
     task: Literal[TASKS] = setting("classification", doc="what the labels are")
-    val_path: Optional[str] = setting(None, doc="a separate validation source of the same kind; otherwise a split")
+    val_path: str | None = setting(None, doc="a separate validation source of the same kind; otherwise a split")
     val_fraction: Finite = setting(0.2, ge=0, lt=1,
                                    doc="share of each class held out for validation (stratified), 0 for none")
     split_seed: int = setting(0, doc="seed of the split")
@@ -144,16 +157,16 @@ class DataConfig(Section):
 class ModelConfig(Section):
     backbone: str = setting("resnet18", doc="any torchvision classification model, or `timm/NAME` for any of timm's "
                                             "(`main.py backbones` lists them)")
-    weights: Optional[str] = setting(
+    weights: str | None = setting(
         None, doc="`null` random init; torchvision: `\"DEFAULT\"` or an enum member such as `\"IMAGENET1K_V1\"` (from "
                   "the torch hub cache; downloaded when online); timm: `\"DEFAULT\"` or a pretrained tag such as "
                   "`\"ra_in1k\"` (from the Hugging Face cache; downloaded when online); `\"BUNDLED\"` for "
                   "`timm/efficientnet_lite0`: ImageNet weights installed with the project, always offline")
-    weights_file: Optional[str] = setting(
+    weights_file: str | None = setting(
         None, doc="a local `.pt`/`.pth`/`.safetensors` state dict, loaded after the head is replaced; mismatches "
                   "are reported")
     freeze: Literal[FREEZE_PRESETS] = setting("none", doc="a freezing preset")
-    freeze_up_to: Optional[str] = setting(
+    freeze_up_to: str | None = setting(
         None, doc="this module and every one before it are frozen",
         applies=Applies("model.freeze", ("up_to",), enforce=True, why="set both or remove freeze_up_to"))
     freeze_prefixes: list[str] = setting(
@@ -184,7 +197,7 @@ class SamplerConfig(Section):
                                   "more often.",
                "distributed": "Each process trains on its own share of the data (also chosen automatically under "
                               "torchrun)."})
-    replacement: Optional[bool] = setting(
+    replacement: bool | None = setting(
         None, group="sampler", label="Replacement", name="sampler_replacement",
         doc="draw with or without replacement; `null` is PyTorch's default (without for `random`, with for "
             "`weighted_random`)",
@@ -192,18 +205,18 @@ class SamplerConfig(Section):
              "random sampler and with for the weighted one.",
         choices={None: "default", True: "with replacement", False: "without replacement"},
         applies=_sampler("random", "weighted_random"))
-    num_samples: Optional[int] = setting(
+    num_samples: int | None = setting(
         None, ge=1, group="sampler", label="Samples per epoch", name="sampler_num_samples",
         doc="samples drawn per epoch; `null`: the training-set size",
         help="How many samples one epoch draws; the lowest setting draws as many as the training set holds.",
         special="all (the training-set size)", applies=_sampler("random", "weighted_random", enforce=True))
-    indices: Optional[list[int]] = setting(
+    indices: list[int] | None = setting(
         None, group="sampler", label="Positions", name="sampler_indices", widget="positions",
         doc="training-set positions to draw from (default all)",
         help="Training-set positions (counted from 0) to draw from, as numbers and ranges such as '0-99, 200'; "
              "empty draws from all.", placeholder="all, or positions such as 0-99, 200",
         applies=_sampler("subset_random", enforce=True))
-    weights: Union[str, list[Number], None] = setting(
+    weights: str | list[Number] | None = setting(
         None, group="sampler", label="Weights", name="sampler_weights", widget="weights",
         doc="one weight per training sample, or `\"balanced\"` (rare classes drawn as often as common ones)",
         help="Balanced draws every class equally often; a list gives one weight per training sample.",
@@ -218,12 +231,12 @@ class SamplerConfig(Section):
     seed: int = setting(0, group="sampler", label="Shuffle seed", name="sampler_seed", widget="text",
                         doc="seed of the distributed shuffle", applies=_sampler("distributed"),
                         help="Seed of the distributed shuffle; every process must use the same one.")
-    num_replicas: Optional[int] = setting(
+    num_replicas: int | None = setting(
         None, ge=1, group="sampler", label="Replicas", name="sampler_num_replicas", high=65536,
         doc="processes sharing the data; `null`: the world size (leave it so under torchrun)",
         help="How many processes share the data; the default is the number torchrun started.",
         special="world size (default)", applies=_sampler("distributed"))
-    rank: Optional[int] = setting(
+    rank: int | None = setting(
         None, ge=0, group="sampler", label="Rank", name="sampler_rank", high=65535,
         doc="this process's share; `null`: its rank (leave it so under torchrun)",
         help="Which share this process trains on, from 0; the default is the rank torchrun gave it.",
@@ -233,17 +246,17 @@ class SamplerConfig(Section):
 class LoaderConfig(Section):
     batch_size: int = setting(32, ge=1, group="sampler", label="Batch size", high=1_000_000, doc="samples per batch",
                               help="How many samples go through the model together before each optimizer step.")
-    num_workers: Optional[int] = setting(
+    num_workers: int | None = setting(
         None, ge=0, le=256, group="sampler", label="Workers", special="auto",
         doc="DataLoader worker processes; `null` chooses (see below), `0` loads in the training process",
         help="Processes that load and augment images in parallel; 0 loads them in the training process. Auto uses "
              "none when cached images need no augmentation; otherwise one per CPU but one when training on a GPU, "
              "a quarter of the CPUs when training on the CPU (at most 8).")
-    persistent_workers: Optional[bool] = setting(
+    persistent_workers: bool | None = setting(
         None, group="sampler", label="Persistent", doc="keep workers between epochs; `null`: on when there are workers",
         help="Keep the worker processes alive from one epoch to the next instead of starting them again.",
         choices={None: "auto (on when there are workers)", True: "on", False: "off"})
-    pin_memory: Optional[bool] = setting(
+    pin_memory: bool | None = setting(
         None, group="sampler", label="Pin memory", doc="pinned host memory; `null`: on when training on CUDA",
         help="Page-locked host memory makes copies to a CUDA GPU faster; auto turns it on only for CUDA.",
         choices={None: "auto (on when training on CUDA)", True: "on", False: "off"})
@@ -254,7 +267,7 @@ class LoaderConfig(Section):
         help="Decode and resize every image once and keep it in memory, so each epoch runs only the random "
              "augmentation; with random resized crops, the crops come from the image presized to its shorter side.",
         choices={"auto": "auto (when it fits in memory)", "on": "on", "off": "off"})
-    decoded_cache_max_mb: Optional[int] = setting(
+    decoded_cache_max_mb: int | None = setting(
         None, ge=1, group="sampler", label="Cache limit", high=16_777_216, step=256, suffix=" MiB",
         special="auto (a quarter of free memory)",
         doc="the image cache's memory bound in MiB; `null`: a quarter of the memory available",
@@ -263,7 +276,7 @@ class LoaderConfig(Section):
     drop_last: bool = setting(False, group="sampler", label="Drop the last incomplete batch",
                               doc="drop the last incomplete batch",
                               help="Skip the final batch of an epoch when it is smaller than the batch size.")
-    shuffle: Optional[bool] = setting(
+    shuffle: bool | None = setting(
         None, group="sampler", label="Shuffle", doc="DataLoader's shuffle flag",
         help="DataLoader's shuffle flag; only the random and sequential samplers go with it (off turns the random "
              "sampler into a sequential one).",
@@ -305,7 +318,7 @@ class LossConfig(Section):
         doc="cross-entropy label smoothing",
         help="Move this share of each target's probability onto the other classes, which discourages "
              "over-confident predictions.", applies=_loss("cross_entropy"))
-    class_weights: Union[str, list[Number], None] = setting(
+    class_weights: str | list[Number] | None = setting(
         None, group="loss", label="Class weights", widget="weights", doc="one per class, or `\"balanced\"`",
         help="Weigh each class's contribution to the loss: equally, inversely to how often it occurs, or by a "
              "typed list.",
@@ -336,7 +349,7 @@ class OptimizerConfig(Section):
                                    doc="weight decay",
                                    help="Pull the weights towards zero by this factor each step (such as 1e-4); 0 "
                                         "turns it off.")
-    momentum: Optional[Finite] = setting(
+    momentum: Finite | None = setting(
         None, ge=0, lt=1, group="optimizer", label="Momentum", low=-0.05, high=0.999, step=0.05, special="default",
         doc="`null` is 0.9 for SGD, 0 for RMSprop",
         help="How much of the previous update each step keeps; the lowest setting uses the default (0.9 for SGD, "
@@ -387,7 +400,7 @@ class ScheduleConfig(Section):
     eta_min: Finite = setting(0.0, ge=0, group="schedule", label="Lowest lr", widget="text",
                               doc="the lowest learning rate", applies=_schedule("cosine"),
                               help="The learning rate the cosine reaches at the end of the run, such as 1e-6.")
-    max_lr: Optional[Finite] = setting(
+    max_lr: Finite | None = setting(
         None, gt=0, group="schedule", label="Peak lr", widget="text", placeholder="the optimizer's learning rate",
         doc="the peak learning rate; `null`: `optimizer.lr`", applies=_schedule("onecycle"),
         help="The highest learning rate of the cycle; empty uses the optimizer's learning rate.")
@@ -424,7 +437,7 @@ class TrainConfig(Section):
         choices={"fp32": "fp32 (full precision)", "fp16": "fp16 mixed precision", "bf16": "bf16 mixed precision"},
         note="Mixed precision pays off on CUDA (fp16 adds a gradient scaler there); on the CPU autocast runs too but "
              "rarely helps, and on MPS the run stays fp32.")
-    grad_clip_norm: Optional[Finite] = setting(
+    grad_clip_norm: Finite | None = setting(
         None, gt=0, group="training", label="Clip grad norm", widget="text", placeholder="off",
         doc="clip the gradient norm; `null`: off",
         help="Scale the gradients down when their overall norm exceeds this; empty turns clipping off.")
@@ -436,12 +449,12 @@ class TrainConfig(Section):
              "once per image and later epochs train only the rest: much faster, same result.",
         choices={"auto": "auto (when it applies)", "off": "off (recompute)"},
         note="The run's log says whether the cache is used, where the model is cut, or why not.")
-    feature_cache_max_mb: Optional[int] = setting(
+    feature_cache_max_mb: int | None = setting(
         None, ge=1, group="training", label="Cache limit (MiB)", widget="text", placeholder="half the free memory",
         doc="memory bound of the cached features in MiB; `null`: half the memory available",
         help="The most memory the cached features may take; above it the run recomputes them every epoch. Empty: "
              "half of the memory available when the run starts.")
-    channels_last: Optional[bool] = setting(
+    channels_last: bool | None = setting(
         None, group="training", label="Channels last",
         doc="channels-last (NHWC) weights and image batches; `null`: on for CUDA with a convolutional model",
         help="Store the model's weights and the image batches channels-last (NHWC): faster convolutions on a CUDA "
@@ -532,7 +545,7 @@ class EarlyStoppingConfig(Section):
 
 class OutputConfig(Section):
     dir: str = setting("runs", doc="run folders are created inside, relative to the project file")
-    run_name: Optional[str] = setting(None, doc="default: the project's name and a timestamp")
+    run_name: str | None = setting(None, doc="default: the project's name and a timestamp")
     tensorboard: bool = setting(True, group="checkpoints", label="Write TensorBoard logs",
                                 doc="write TensorBoard event files in the run folder",
                                 help="Write TensorBoard event files (losses, accuracy, learning rate) into the run "
@@ -574,7 +587,7 @@ class ProjectConfig(Section):
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump()
 
-    def copy(self) -> "ProjectConfig":  # noqa: D102 - replaces pydantic's deprecated copy()
+    def copy(self) -> ProjectConfig:  # noqa: D102 - replaces pydantic's deprecated copy()
         clone = from_dict(self.to_dict(), check_paths=False, check_catalog=False)
         clone.base_dir = self.base_dir
         return clone

@@ -4,10 +4,11 @@ from __future__ import annotations
 import csv
 import math
 import os
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -19,7 +20,7 @@ from engine.config import TASKS, ProjectConfig
 from engine.text import readable
 from engine.transforms import Preprocess, build_transforms
 
-Progress = Optional[Callable[[int, int], None]]
+Progress = Callable[[int, int], None] | None
 
 _KIND_BY_SUFFIX = {".csv": "csv", ".npz": "npz"}
 _NOT_TRAINING_CLASS = "label '{}' is not one of the training classes"
@@ -47,8 +48,8 @@ class DataSource:
     task: str
     class_names: list[str]  # label vocabulary; for regression the output names
     targets: list  # per kept sample: int (classification), multi-hot list[float], or list[float] (regression)
-    files: Optional[list[Path]]  # folder/csv: one image per kept sample
-    array: Optional[np.ndarray]  # npz: the kept images, (N,H,W,C) in the stored dtype
+    files: list[Path] | None  # folder/csv: one image per kept sample
+    array: np.ndarray | None  # npz: the kept images, (N,H,W,C) in the stored dtype
     skipped: list[SkippedFile] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
 
@@ -112,7 +113,7 @@ def to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")  # RGBA/LA drop alpha; L, 1, CMYK, YCbCr convert directly
 
 
-def _image_problem(path: Path) -> Optional[str]:
+def _image_problem(path: Path) -> str | None:
     """Why an image file cannot be used, or None when it decodes."""
     try:
         if path.stat().st_size == 0:
@@ -126,11 +127,11 @@ def _image_problem(path: Path) -> Optional[str]:
     return None
 
 
-def _verify(paths: Sequence[Path], progress: Progress) -> list[Optional[str]]:
+def _verify(paths: Sequence[Path], progress: Progress) -> list[str | None]:
     """The problem (or None) of each file, decoded in threads since Pillow's decoders release the GIL."""
     total = len(paths)
     step = max(1, total // 100)
-    problems: list[Optional[str]] = []
+    problems: list[str | None] = []
     with ThreadPoolExecutor() as pool:
         for done, problem in enumerate(pool.map(_image_problem, paths), start=1):
             problems.append(problem)
@@ -144,7 +145,7 @@ def _verify(paths: Sequence[Path], progress: Progress) -> list[Optional[str]]:
 
 
 def scan_source(path: str | os.PathLike, *, kind: str = "auto", task: str = "classification",
-                class_names: Optional[Sequence[str]] = None, progress: Progress = None) -> DataSource:
+                class_names: Sequence[str] | None = None, progress: Progress = None) -> DataSource:
     """Find, label and verify every sample of a dataset; unusable files are skipped with a reason.
 
     class_names: the training vocabulary when scanning a separate validation source; labels outside it
@@ -196,7 +197,7 @@ def _check_enough(source: DataSource, *, vocabulary_given: bool) -> None:
         raise DataError(f"{source.path}: no sample has a label; multilabel needs at least one label")
     # A validation source may hold only some of the training classes; the training source needs two.
     if source.task == "classification" and not vocabulary_given:
-        present = [name for name, n in zip(source.class_names, source.class_counts()) if n]
+        present = [name for name, n in zip(source.class_names, source.class_counts(), strict=True) if n]
         if len(present) < 2:
             found = ", ".join(f"'{name}'" for name in present)
             raise DataError(f"{source.path}: classification needs at least 2 classes; found {len(present)}: {found}")
@@ -293,7 +294,7 @@ class _FolderWalk:
         return None
 
 
-def _scan_folder(root: Path, task: str, given: Optional[list[str]], progress: Progress) -> DataSource:
+def _scan_folder(root: Path, task: str, given: list[str] | None, progress: Progress) -> DataSource:
     if task != "classification":
         raise DataError(f"{root}: an image folder labels images by sub-folder, so it only suits the task "
                         f"'classification', not {task!r}; use a CSV or a .npz for {task}")
@@ -313,7 +314,7 @@ def _scan_folder(root: Path, task: str, given: Optional[list[str]], progress: Pr
     problems = _verify([f for f, _ in candidates], progress)
     kept: list[tuple[Path, str]] = []
     bad_per_class: dict[str, int] = {}
-    for (f, name), problem in zip(candidates, problems):
+    for (f, name), problem in zip(candidates, problems, strict=True):
         if problem is None:
             kept.append((f, name))
         else:
@@ -351,7 +352,7 @@ def _read_csv_rows(file: Path) -> tuple[list[str], list[tuple[int, list[str]]]]:
     return [h.strip() for h in header], rows
 
 
-def _scan_csv(file: Path, task: str, given: Optional[list[str]], progress: Progress) -> DataSource:
+def _scan_csv(file: Path, task: str, given: list[str] | None, progress: Progress) -> DataSource:
     header, rows = _read_csv_rows(file)
     lookup: dict[str, int] = {}
     for i, name in enumerate(header):
@@ -395,7 +396,7 @@ def _scan_csv(file: Path, task: str, given: Optional[list[str]], progress: Progr
 
     problems = _verify([image for image, _, _ in candidates], progress)
     kept = []
-    for (image, label, line), problem in zip(candidates, problems):
+    for (image, label, line), problem in zip(candidates, problems, strict=True):
         if problem is None:
             kept.append((image, label))
         else:
@@ -424,7 +425,7 @@ def _scan_csv(file: Path, task: str, given: Optional[list[str]], progress: Progr
                       files=[image for image, _ in kept], array=None, skipped=skipped, warnings=warnings)
 
 
-def _parse_label(raw: str, task: str, known: Optional[set[str]]) -> tuple[Any, Optional[str]]:
+def _parse_label(raw: str, task: str, known: set[str] | None) -> tuple[Any, str | None]:
     """(label, None) or (None, why the label is unusable)."""
     if task == "classification":
         label = raw.strip()
@@ -477,7 +478,7 @@ def _npz_array(archive: Any, file: Path, name: str) -> np.ndarray:
         raise DataError(f"{file}: array '{name}' cannot be read ({exc})") from None
 
 
-def _scan_npz(file: Path, task: str, given: Optional[list[str]], progress: Progress) -> DataSource:
+def _scan_npz(file: Path, task: str, given: list[str] | None, progress: Progress) -> DataSource:
     try:
         # Never allow_pickle: unpickling runs arbitrary code from the file.
         archive = np.load(file, allow_pickle=False)
@@ -531,6 +532,7 @@ def _scan_npz(file: Path, task: str, given: Optional[list[str]], progress: Progr
             warnings.append(f"array 'X' is float with values up to {finite_max:g}; float images are read as "
                             "0..1 (store 0..255 images as uint8)")
 
+    targets: list[int] | list[list[float]]
     if task == "classification":
         vocabulary, targets = _npz_classes(file, y, file_names, given, keep, skip, warnings)
     elif task == "multilabel":
@@ -545,7 +547,8 @@ def _scan_npz(file: Path, task: str, given: Optional[list[str]], progress: Progr
                       array=images if keep.all() else images[keep], skipped=skipped, warnings=warnings)
 
 
-def _npz_classes(file, y, file_names, given, keep, skip, warnings) -> tuple[list[str], list[int]]:
+def _npz_classes(file: Path, y: np.ndarray, file_names: list[str] | None, given: Sequence[str] | None, keep: np.ndarray,
+                skip: Callable[[Any, str], None], warnings: list[str]) -> tuple[list[str], list[int]]:
     if y.ndim != 1:
         raise DataError(f"{file}: array 'y' has shape {y.shape}; classification needs one class label per row")
     if y.dtype.kind in "US":
@@ -571,7 +574,7 @@ def _npz_classes(file, y, file_names, given, keep, skip, warnings) -> tuple[list
         known = set(given)
         for name in sorted(set(raw) - known):
             skip(np.array([r == name for r in raw]), _NOT_TRAINING_CLASS.format(name))
-    used = {r for r, k in zip(raw, keep) if k}
+    used = {r for r, k in zip(raw, keep, strict=True) if k}
     if given is None:
         left_out = [name for name in order if name not in used]
         warnings += [f"class '{name}' has no usable samples; left out" for name in left_out]
@@ -579,10 +582,11 @@ def _npz_classes(file, y, file_names, given, keep, skip, warnings) -> tuple[list
     else:
         vocabulary = list(given)
     index = {name: i for i, name in enumerate(vocabulary)}
-    return vocabulary, [index[r] for r, k in zip(raw, keep) if k]
+    return vocabulary, [index[r] for r, k in zip(raw, keep, strict=True) if k]
 
 
-def _npz_multilabel(file, y, file_names, given, keep, skip) -> tuple[list[str], list[list[float]]]:
+def _npz_multilabel(file: Path, y: np.ndarray, file_names: list[str] | None, given: Sequence[str] | None, keep: np.ndarray,
+                   skip: Callable[[Any, str], None]) -> tuple[list[str], list[list[float]]]:
     if y.ndim != 2:
         raise DataError(f"{file}: array 'y' has shape {y.shape}; multilabel needs (N, K): one 0/1 column per label")
     if y.dtype.kind not in "biuf" or not np.isin(y, (0, 1)).all():
@@ -610,7 +614,8 @@ def _npz_multilabel(file, y, file_names, given, keep, skip) -> tuple[list[str], 
     return list(vocabulary), hot[keep].tolist()
 
 
-def _npz_regression(file, y, file_names, given, keep, skip) -> tuple[list[str], list[list[float]]]:
+def _npz_regression(file: Path, y: np.ndarray, file_names: list[str] | None, given: Sequence[str] | None, keep: np.ndarray,
+                   skip: Callable[[Any, str], None]) -> tuple[list[str], list[list[float]]]:
     if y.ndim not in (1, 2) or y.dtype.kind not in "biuf":
         raise DataError(f"{file}: array 'y' has shape {y.shape} and dtype {y.dtype}; regression needs numbers, "
                         "shape (N,) or (N, K)")
@@ -638,10 +643,21 @@ def target_tensor(target: Any, task: str) -> torch.Tensor:
     return torch.tensor(target, dtype=torch.float32)
 
 
-class ImageFileDataset(Dataset):
+class EngineDataset(Dataset):
+    """What every dataset the engine builds has beyond torch's Dataset (whose type leaves out even the length)."""
+
+    targets: list
+    transform: Callable | None
+    task: str
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+
+class ImageFileDataset(EngineDataset):
     """Image files and their targets; each item is (transformed float CHW tensor, target tensor)."""
 
-    def __init__(self, files: Sequence[str | os.PathLike], targets: Sequence, transform: Optional[Callable],
+    def __init__(self, files: Sequence[str | os.PathLike], targets: Sequence, transform: Callable | None,
                  task: str):
         if len(files) != len(targets):
             raise ValueError(f"{len(files)} files but {len(targets)} targets")
@@ -698,15 +714,15 @@ def array_to_image(row: np.ndarray) -> torch.Tensor:
     return t.contiguous()
 
 
-class ArrayDataset(Dataset):
+class ArrayDataset(EngineDataset):
     """Images stored in one array (N,H,W) or (N,H,W,C) and their targets.
 
     rows: the array positions to serve, one per target; lets train and validation share one array
     instead of each holding a copy.
     """
 
-    def __init__(self, array: np.ndarray, targets: Sequence, transform: Optional[Callable], task: str,
-                 rows: Optional[Sequence[int]] = None):
+    def __init__(self, array: np.ndarray, targets: Sequence, transform: Callable | None, task: str,
+                 rows: Sequence[int] | None = None):
         self.array = array
         self.rows = None if rows is None else [int(r) for r in rows]
         self.targets = list(targets)
@@ -754,10 +770,11 @@ def split_indices(targets: Sequence, task: str, val_fraction: float, seed: int) 
     return [i for i in range(n) if i not in val_set], sorted(val)
 
 
-def subset_dataset(source: DataSource, positions: Sequence[int], transform: Callable) -> Dataset:
+def subset_dataset(source: DataSource, positions: Sequence[int], transform: Callable) -> EngineDataset:
     targets = [source.targets[i] for i in positions]
     if source.array is not None:
         return ArrayDataset(source.array, targets, transform, source.task, rows=positions)
+    assert source.files is not None  # a source holds an array or files
     return ImageFileDataset([source.files[i] for i in positions], targets, transform, source.task)
 
 
@@ -766,8 +783,8 @@ class PreparedData:
     task: str
     class_names: list[str]
     num_outputs: int
-    train: Dataset
-    val: Optional[Dataset]
+    train: EngineDataset
+    val: EngineDataset | None
     train_targets: list
     val_targets: list
     train_counts: list[int]
@@ -775,7 +792,7 @@ class PreparedData:
     skipped: list[SkippedFile]
     warnings: list[str]
     source: DataSource
-    val_source: Optional[DataSource]
+    val_source: DataSource | None
 
     def summary(self, max_reasons: int = 5) -> str:
         """A few lines for a person: sizes, per-class counts, what was skipped and why."""
@@ -788,7 +805,7 @@ class PreparedData:
             title = "Classes" if self.task == "classification" else "Labels (positives)"
             lines.append(f"{title} ({len(self.class_names)}), train / validation:")
             width = max((len(name) for name in self.class_names), default=0)
-            for name, tr, va in zip(self.class_names, self.train_counts, self.val_counts):
+            for name, tr, va in zip(self.class_names, self.train_counts, self.val_counts, strict=True):
                 lines.append(f"  {name:<{width}}  {tr:>6} / {va}")
         if self.val is None:
             lines.append("No validation set.")
@@ -816,8 +833,11 @@ def prepare_data(cfg: ProjectConfig, pre: Preprocess, *, progress: Progress = No
     skipped = list(source.skipped)
 
     val_source = None
+    val: EngineDataset | None
     if d.val_path:
-        val_source = scan_source(cfg.resolve(d.val_path), kind=d.kind, task=d.task,
+        val_path = cfg.resolve(d.val_path)
+        assert val_path is not None  # d.val_path is not empty
+        val_source = scan_source(val_path, kind=d.kind, task=d.task,
                                  class_names=source.class_names, progress=progress)
         train = subset_dataset(source, range(len(source)), train_tf)
         train_targets = list(source.targets)

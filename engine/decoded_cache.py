@@ -14,17 +14,26 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, Callable, Optional, Sequence
+from typing import Any
 
 import numpy as np
 import torch
 from torch.utils.data import Dataset
 
 from engine.config import ProjectConfig
-from engine.data import (ArrayDataset, DataError, ImageFileDataset, PreparedData, Progress, target_tensor,
-                         array_to_image, load_image)
+from engine.data import (
+    ArrayDataset,
+    DataError,
+    ImageFileDataset,
+    PreparedData,
+    Progress,
+    array_to_image,
+    load_image,
+    target_tensor,
+)
 from engine.machine import available_memory_bytes
 from engine.transforms import Preprocess, split_transforms
 
@@ -36,8 +45,8 @@ FREE_MEMORY_SHARE = 0.25  # auto bound: this share of the memory available now
 class DecodedImageDataset(Dataset):
     """A split's images decoded and resized once; each item is (per_item(image), target tensor)."""
 
-    def __init__(self, images: Optional[torch.Tensor], flat: Optional[torch.Tensor], offsets: Optional[np.ndarray],
-                 shapes: Optional[np.ndarray], targets: Sequence, per_item: Callable, task: str,
+    def __init__(self, images: torch.Tensor | None, flat: torch.Tensor | None, offsets: np.ndarray | None,
+                 shapes: np.ndarray | None, targets: Sequence, per_item: Callable, task: str,
                  names: Sequence[str], source: Any = None):
         self.images = images  # (N, C, H, W) when every image has the same size
         self.flat = flat  # otherwise every image's values one after another ...
@@ -72,7 +81,7 @@ class DecodedImageDataset(Dataset):
 # Memory
 
 
-def memory_bound(max_mb: Optional[int]) -> tuple[int, str]:
+def memory_bound(max_mb: int | None) -> tuple[int, str]:
     """(bound in bytes, how it was chosen) for loader.decoded_cache_max_mb."""
     if max_mb is not None:
         return int(max_mb) * MIB, f"loader.decoded_cache_max_mb = {max_mb}"
@@ -119,8 +128,8 @@ def _raw_getter(dataset: Dataset) -> tuple[Callable[[int], object], list[str]]:
 
 
 def decode_dataset(dataset: Dataset, fixed: Callable, per_item: Callable, *, fixed_size: bool,
-                   bound: Optional[int] = None, progress: Progress = None,
-                   threads: Optional[int] = None) -> DecodedImageDataset:
+                   bound: int | None = None, progress: Progress = None,
+                   threads: int | None = None) -> DecodedImageDataset:
     """Run `fixed` over every item of an ImageFileDataset or ArrayDataset in threads and keep the results.
 
     fixed_size: every output has the same shape (a centre crop), so the results go straight into one

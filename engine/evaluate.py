@@ -5,24 +5,33 @@ import dataclasses
 import math
 import os
 import threading
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence
+from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader, Dataset, SequentialSampler
+from torch.utils.data import DataLoader, SequentialSampler
 
 from engine.checkpoints import load_checkpoint
-from engine.restore import restore_model
 from engine.collate import get_collate
-from engine.data import ArrayDataset, DataError, ImageFileDataset, subset_dataset, prepare_data, scan_source
+from engine.data import (
+    ArrayDataset,
+    DataError,
+    EngineDataset,
+    ImageFileDataset,
+    prepare_data,
+    scan_source,
+    subset_dataset,
+)
+from engine.restore import restore_model
 from engine.samplers import plan_loader
-from engine.transforms import build_transforms
 from engine.trainer import pick_device
+from engine.transforms import build_transforms
 
-Progress = Optional[Callable[[int, int], None]]
+Progress = Callable[[int, int], None] | None
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
@@ -135,8 +144,7 @@ def evaluate_model(model: torch.nn.Module, loader: DataLoader, *, task: str, cla
     order = np.argsort(-losses, kind="stable")[:max(0, top_n)]  # ties keep dataset order
 
     if task == "classification":
-        probs = torch.softmax(out, dim=1)
-        confidence, predicted = probs.max(dim=1)
+        confidence, predicted = torch.softmax(out, dim=1).max(dim=1)
         t, p = tgt.numpy().astype(np.int64), predicted.numpy().astype(np.int64)
         confusion = np.bincount(t * k + p, minlength=k * k).reshape(k, k)
         tp = np.diag(confusion)
@@ -176,7 +184,7 @@ def evaluate_model(model: torch.nn.Module, loader: DataLoader, *, task: str, cla
                       mae=float(np.abs(err).mean()), rmse=float(np.sqrt((err ** 2).mean())))
 
 
-def sample_names(dataset: Dataset) -> list[str]:
+def sample_names(dataset: EngineDataset) -> list[str]:
     """A name per sample a person can find again: the image path, or 'row i' of an .npz's kept images."""
     if isinstance(dataset, ImageFileDataset):
         return [str(f) for f in dataset.files]
@@ -216,10 +224,10 @@ def evaluate_checkpoint(checkpoint: str | os.PathLike | dict, *, data: str | os.
         where = (f"validation set {prepared.val_source.path}" if prepared.val_source is not None
                  else f"validation split of {prepared.source.path}")
     else:
-        source = scan_source(Path(data).expanduser().resolve(), task=task, class_names=class_names)
-        dataset = subset_dataset(source, range(len(source)), eval_tf)
-        skipped = source.skipped
-        where = str(source.path)
+        scanned = scan_source(Path(data).expanduser().resolve(), task=task, class_names=class_names)
+        dataset = subset_dataset(scanned, range(len(scanned)), eval_tf)
+        skipped = scanned.skipped
+        where = str(scanned.path)
     description = f"{where} ({len(dataset)} samples" + (f", {len(skipped)} skipped)" if skipped else ")")
 
     dev = pick_device(device)

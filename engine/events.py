@@ -17,9 +17,10 @@ import json
 import math
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, TextIO, Union
+from typing import Any, TextIO
 
 EVENT_PREFIX = "@mwb-event "
 UPDATE_INTERVAL = 0.1  # seconds between batch events; every loss is still sent, in groups
@@ -91,7 +92,7 @@ class RunFinished:
     traceback: str | None = field(default=None, compare=False)
 
 
-Event = Union[LogMessage, RunStarted, BatchProgress, EpochFinished, RunFinished]
+Event = LogMessage | RunStarted | BatchProgress | EpochFinished | RunFinished
 EVENT_TYPES: dict[str, type] = {"log": LogMessage, "run_started": RunStarted, "batch": BatchProgress,
                                 "epoch": EpochFinished, "run_finished": RunFinished}
 _NAMES = {cls: name for name, cls in EVENT_TYPES.items()}

@@ -11,11 +11,12 @@ import platform
 import shutil
 import tempfile
 import warnings
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torchvision
@@ -24,6 +25,10 @@ from torch import nn
 from engine.checkpoints import load_checkpoint
 from engine.restore import restore_model
 from engine.run_lock import FolderBusyError, claim
+
+if TYPE_CHECKING:
+    from engine.config import ProjectConfig
+    from engine.transforms import Preprocess
 
 _SUFFIXES = {"torchscript": ".pt", "onnx": ".onnx", "state_dict": ".pth", "safetensors": ".safetensors", "pt2": ".pt2"}
 FORMATS = tuple(_SUFFIXES)
@@ -134,7 +139,7 @@ def _move_into_place(staging: Path, out: Path) -> None:
 
 
 @contextlib.contextmanager
-def _quiet_jit():
+def _quiet_jit() -> Iterator[None]:
     # TorchScript is deprecated upstream, but it is the format the user asked for, and the check proves the file.
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=r"`torch\.jit\.", category=FutureWarning)
@@ -142,23 +147,24 @@ def _quiet_jit():
         yield
 
 
-def _write_torchscript(model: nn.Module, example: torch.Tensor, path: Path, log) -> dict:
+def _write_torchscript(model: nn.Module, example: torch.Tensor, path: Path, log: Callable[[str], None]) -> dict:
     with _quiet_jit(), torch.no_grad():
         traced = torch.jit.trace(model, (example,), check_trace=False)  # the check runs it on real inputs
         torch.jit.save(traced, str(path))
     return {}
 
 
-def _batch_dim():
+def _batch_dim() -> Any:  # a torch.export.Dim
     return torch.export.Dim("batch", min=1)
 
 
-def _write_onnx(model: nn.Module, example: torch.Tensor, path: Path, log) -> dict:
+def _write_onnx(model: nn.Module, example: torch.Tensor, path: Path, log: Callable[[str], None]) -> dict:
     try:
         # The torch.export-based exporter (the default since PyTorch 2.9); external data only past 2 GB.
         program = torch.onnx.export(model, (example,), None, input_names=[_INPUT_NAME],
                                     output_names=[_OUTPUT_NAME], dynamo=True,
                                     dynamic_shapes=({0: _batch_dim()},), verbose=False)
+        assert program is not None  # f=None with dynamo=True returns the program
         program.save(str(path))
         exporter = "torch.export"
     except Exception as exc:  # noqa: BLE001 - some models only go through the older tracer
@@ -180,12 +186,12 @@ def _write_onnx(model: nn.Module, example: torch.Tensor, path: Path, log) -> dic
     return {"onnx_opset": opset, "onnx_exporter": exporter}
 
 
-def _write_state_dict(model: nn.Module, example: torch.Tensor, path: Path, log) -> dict:
+def _write_state_dict(model: nn.Module, example: torch.Tensor, path: Path, log: Callable[[str], None]) -> dict:
     torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, path)
     return {}
 
 
-def _write_safetensors(model: nn.Module, example: torch.Tensor, path: Path, log) -> dict:
+def _write_safetensors(model: nn.Module, example: torch.Tensor, path: Path, log: Callable[[str], None]) -> dict:
     from safetensors.torch import save_file
 
     # safetensors refuses tensors that share memory; a copy of each repeat keeps every key, so a plain
@@ -203,7 +209,7 @@ def _write_safetensors(model: nn.Module, example: torch.Tensor, path: Path, log)
     return {}
 
 
-def _write_pt2(model: nn.Module, example: torch.Tensor, path: Path, log) -> dict:
+def _write_pt2(model: nn.Module, example: torch.Tensor, path: Path, log: Callable[[str], None]) -> dict:
     program = torch.export.export(model, (example,), dynamic_shapes=({0: _batch_dim()},))
     with open(path, "wb") as fh:  # a buffer: torch.export only accepts paths ending in .pt2
         torch.export.save(program, fh)
@@ -266,7 +272,7 @@ _READERS: dict[str, Callable[[Path, torch.Tensor, dict], torch.Tensor]] = {
 # The check's input
 
 
-def _verification_batch(cfg, pre, batch_size: int) -> tuple[torch.Tensor, str]:
+def _verification_batch(cfg: ProjectConfig, pre: Preprocess, batch_size: int) -> tuple[torch.Tensor, str]:
     """The first batch of the checkpoint's validation data, with eval transforms; else a seeded random one."""
     from torch.utils.data import DataLoader
 
@@ -322,7 +328,8 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _sidecar(fmt: str, out: Path, staged: Path, checkpoint: Path, ckpt: dict, cfg, class_names, pre,
+def _sidecar(fmt: str, out: Path, staged: Path, checkpoint: Path, ckpt: dict, cfg: ProjectConfig,
+             class_names: list[str], pre: Preprocess,
              max_abs_diff: float, tolerance: float, inputs: str, extra: dict) -> dict[str, Any]:
     task = ckpt.get("task") or cfg.data.task
     versions = {"python": platform.python_version(), "torch": torch.__version__,

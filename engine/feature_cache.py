@@ -22,17 +22,23 @@ import os
 import threading
 import time
 from collections import OrderedDict
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
+from torch.utils.data import BatchSampler
 
 from engine.config import ProjectConfig
 from engine.freezing import set_frozen_batchnorm_eval
 from engine.machine import available_memory_bytes
 from engine.transforms import augmentations_on
+
+if TYPE_CHECKING:
+    from engine.data import EngineDataset
+    from engine.trainer import RunParts
 
 # When the available memory cannot be read (not Linux), the bound that train.feature_cache_max_mb = null means.
 FALLBACK_MAX_MB = 2048
@@ -119,9 +125,9 @@ def record_calls(model: nn.Module, inputs: torch.Tensor) -> tuple[list[str], int
     the number of leading calls that drew no random numbers (dropout, drop-path and the like draw some)."""
     calls: list[str] = []
     state = [_rng_states(inputs.device)]
-    random_from = [None]
+    random_from: list[int | None] = [None]
 
-    def pre_hook(_module, _inputs, name):
+    def pre_hook(_module: nn.Module, _inputs: Any, name: str) -> None:
         if random_from[0] is None:
             now = _rng_states(inputs.device)
             if not _equal_states(now, state[0]):
@@ -151,7 +157,7 @@ def _rng_states(device: torch.device) -> list[torch.Tensor]:
 
 
 def _equal_states(a: list[torch.Tensor], b: list[torch.Tensor]) -> bool:
-    return all(torch.equal(x, y) for x, y in zip(a, b))
+    return all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
 
 
 def candidate_boundaries(model: nn.Module, calls: Sequence[str], limit: int | None = None) -> list[Boundary]:
@@ -216,6 +222,7 @@ def build_suffix(model: nn.Module, replaced: Sequence[str]) -> nn.Module:
         parts = name.split(".")
         for part in parts[:-1]:
             child = owner._modules[part]
+            assert child is not None  # replaced names are paths to submodules
             if not getattr(child, "_feature_cache_copy", False):
                 child = _shallow(child)
                 owner._modules[part] = child
@@ -235,7 +242,7 @@ def capture(model: nn.Module, boundary: str, inputs: torch.Tensor) -> Any:
     """The output of the boundary module for inputs; the forward stops there."""
     got: list[Any] = []
 
-    def hook(_module, _inputs, output):
+    def hook(_module: nn.Module, _inputs: Any, output: Any) -> None:
         got.append(output)
         raise _Stop
 
@@ -252,7 +259,7 @@ def capture(model: nn.Module, boundary: str, inputs: torch.Tensor) -> Any:
 
 
 @contextlib.contextmanager
-def _seeded(seed: int):
+def _seeded(seed: int) -> Iterator[None]:
     """Every generator seeded alike, and put back as it was afterwards."""
     cuda = torch.cuda.is_available() and torch.cuda.is_initialized()
     with torch.random.fork_rng(devices=[torch.cuda.current_device()] if cuda else []):
@@ -274,7 +281,7 @@ def _same(a: Any, b: Any, rtol: float = VERIFY_RTOL, atol: float = VERIFY_ATOL) 
     if isinstance(a, dict) and isinstance(b, dict):
         return a.keys() == b.keys() and all(_same(a[k], b[k], rtol, atol) for k in a)
     if isinstance(a, (tuple, list)) and isinstance(b, (tuple, list)) and len(a) == len(b):
-        return all(_same(x, y, rtol, atol) for x, y in zip(a, b))
+        return all(_same(x, y, rtol, atol) for x, y in zip(a, b, strict=True))
     try:
         return type(a) is type(b) and bool(a == b)
     except (RuntimeError, TypeError, ValueError):
@@ -422,7 +429,7 @@ def dataset_fingerprint(dataset: Any) -> str | None:
 
         arr = np.ascontiguousarray(array)
         h.update(f"array{arr.shape}{arr.dtype}".encode())
-        h.update(memoryview(arr).cast("B"))
+        h.update(arr.data.cast("B"))
         h.update(repr(getattr(dataset, "rows", None)).encode())
     else:
         return None
@@ -511,7 +518,7 @@ class FeatureBatches:
     """
 
     def __init__(self, loader: torch.utils.data.DataLoader, features: torch.Tensor, targets: torch.Tensor):
-        self.batch_sampler = loader.batch_sampler
+        self.batch_sampler: BatchSampler = loader.batch_sampler  # type: ignore[assignment]  # build_loader always sets one
         self.generator = loader.generator
         self._draw_once = bool(getattr(loader, "persistent_workers", False)) and loader.num_workers > 0
         self._drawn = False
@@ -557,7 +564,7 @@ class Setup:
     message: str
 
 
-def setup(cfg: ProjectConfig, parts: Any, *, autocast: Callable[[], Any] = contextlib.nullcontext,
+def setup(cfg: ProjectConfig, parts: RunParts, *, autocast: Callable[[], Any] = contextlib.nullcontext,
           stop_event: threading.Event | None = None, log: Callable[[str], None] = lambda m: None) -> Setup:
     """Decide, verify and compute; never changes the model, the global RNGs or the loaders' generators."""
     started = time.perf_counter()
@@ -569,7 +576,8 @@ def setup(cfg: ProjectConfig, parts: Any, *, autocast: Callable[[], Any] = conte
         return _setup(cfg, parts, autocast, stop_event, log, started)
 
 
-def _setup(cfg, parts, autocast, stop_event, log, started) -> Setup:
+def _setup(cfg: ProjectConfig, parts: RunParts, autocast: Callable[[], Any], stop_event: threading.Event | None,
+           log: Callable[[str], None], started: float) -> Setup:
     model, device = parts.model, parts.device
     if all(p.requires_grad for p in model.parameters()):
         return Setup(None, "Feature cache off: nothing is frozen (model.freeze), so every layer trains")
@@ -625,6 +633,7 @@ def _setup(cfg, parts, autocast, stop_event, log, started) -> Setup:
                            "recomputes them every epoch")
     for split in missing:
         ds = train_ds if split == "train" else val_ds
+        assert ds is not None  # "val" is missing only when there is a validation set
         log(f"Feature cache: computing the features after {boundary.output} for {len(ds)} {split} samples")
         entry = _compute(model, parts.frozen_bn, boundary.output, ds, loader, cfg.loader.batch_size, device,
                          autocast, stop_event, len(ds), sample, training=split == "train")
@@ -637,15 +646,16 @@ def _setup(cfg, parts, autocast, stop_event, log, started) -> Setup:
 
     train = FeatureBatches(loader, entries["train"].features, entries["train"].targets)
     val = (FeatureBatches(parts.val_loader, entries["val"].features, entries["val"].targets)
-           if "val" in entries else None)
+           if "val" in entries and parts.val_loader is not None else None)
     cache = FeatureCache(suffix=build_suffix(model, boundary.replaced), boundary=boundary, train=train, val=val,
                          nbytes=sum(e.nbytes for e in entries.values()), reused=not missing,
                          seconds=time.perf_counter() - started)
     return Setup(cache, cache.describe())
 
 
-def _compute(model, frozen_bn, boundary, dataset, loader, batch_size, device, autocast, stop_event, n,
-             sample, *, training: bool) -> _Entry | None:
+def _compute(model: nn.Module, frozen_bn: Sequence[str], boundary: str, dataset: EngineDataset,
+             loader: torch.utils.data.DataLoader, batch_size: int, device: torch.device, autocast: Callable[[], Any],
+             stop_event: threading.Event | None, n: int, sample: torch.Tensor, *, training: bool) -> _Entry | None:
     """Boundary outputs of every sample in dataset order, in one preallocated CPU tensor, and the targets.
 
     training: in the mode training runs the model (frozen BatchNorm in eval), else in evaluation mode.

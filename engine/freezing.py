@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import difflib
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,7 +23,7 @@ class LayerInfo:
     output_shape: tuple | None  # from one dry forward of a batch of 1; None when unknown
 
 
-def _numel(params) -> tuple[int, int]:
+def _numel(params: Iterable[nn.Parameter]) -> tuple[int, int]:
     total = trainable = 0
     for p in params:
         total += p.numel()
@@ -47,8 +48,8 @@ def layer_tree(model: nn.Module, input_size: tuple[int, ...] = (3, 224, 224)) ->
     modes = {m: m.training for m in model.modules()}
     hooks = []
 
-    def hook_for(name: str):
-        def hook(_module, _inputs, output):
+    def hook_for(name: str) -> Callable[[nn.Module, Any, Any], None]:
+        def hook(_module: nn.Module, _inputs: Any, output: Any) -> None:
             shapes.setdefault(name, _first_shape(output))  # a module called twice keeps its first shape
         return hook
 
@@ -149,8 +150,8 @@ def apply_freeze(model: nn.Module, model_cfg: ModelConfig, head_name: str, *,
         for n, p in params:
             if not _matches(n, head_name):
                 p.requires_grad_(False)
-    total, trainable = _numel(p for _, p in params)
-    return FreezeSummary(total=total, trainable=trainable, frozen=total - trainable)
+    total, trainable_count = _numel(p for _, p in params)
+    return FreezeSummary(total=total, trainable=trainable_count, frozen=total - trainable_count)
 
 
 def frozen_batchnorm_modules(model: nn.Module) -> list[str]:
@@ -186,7 +187,8 @@ def param_groups(model: nn.Module, head_name: str, lr: float, backbone_lr_mult: 
     revive it, and it costs no optimizer state. Its requires_grad stays as it was; freeze it as well to
     save the backward pass.
     """
-    head, backbone = [], []
+    head: list[nn.Parameter] = []
+    backbone: list[nn.Parameter] = []
     for n, p in model.named_parameters():
         if p.requires_grad:
             (head if _matches(n, head_name) else backbone).append(p)

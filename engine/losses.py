@@ -1,7 +1,7 @@
 """Loss functions by name, adapted to the task's targets (class indices, multi-hot, real values)."""
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -24,6 +24,8 @@ class TaskLoss(nn.Module):
     smooth-L1, BCE) get them one-hot. NLL gets log-softmax of the outputs, since every backbone
     here ends in a plain linear layer.
     """
+
+    weight: torch.Tensor | None  # a registered buffer: it follows the module to its device
 
     def __init__(self, cfg: LossConfig, task: str, num_outputs: int, class_counts: Sequence[int] = ()):
         super().__init__()

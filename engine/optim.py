@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 from torch.optim import lr_scheduler
@@ -16,10 +17,10 @@ def build_optimizer(cfg: OptimizerConfig, groups: list[dict]) -> torch.optim.Opt
         return torch.optim.SGD(groups, lr=cfg.lr, momentum=momentum, nesterov=cfg.nesterov,
                                weight_decay=cfg.weight_decay)
     if cfg.name == "adam":
-        return torch.optim.Adam(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps,
+        return torch.optim.Adam(groups, lr=cfg.lr, betas=(cfg.betas[0], cfg.betas[1]), eps=cfg.eps,
                                 weight_decay=cfg.weight_decay)
     if cfg.name == "adamw":
-        return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps,
+        return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.betas[0], cfg.betas[1]), eps=cfg.eps,
                                  weight_decay=cfg.weight_decay)
     if cfg.name == "rmsprop":
         return torch.optim.RMSprop(groups, lr=cfg.lr, alpha=cfg.alpha, eps=cfg.eps, momentum=cfg.momentum or 0.0,
@@ -33,7 +34,7 @@ class Schedule:
     def __init__(self, cfg: ScheduleConfig, optimizer: torch.optim.Optimizer, *, epochs: int,
                  steps_per_epoch: int, base_lr: float):
         self.name = cfg.name
-        self.scheduler: object | None
+        self.scheduler: Any  # the one the name picks, or None; its attributes (T_max, total_steps) depend on it
         if cfg.name == "none":
             self.scheduler = None
         elif cfg.name == "step":
@@ -80,7 +81,7 @@ class Schedule:
             sched = self.scheduler
             sched.T_max = epochs
             done = sched.last_epoch
-            for group, base in zip(sched.optimizer.param_groups, sched.base_lrs):
+            for group, base in zip(sched.optimizer.param_groups, sched.base_lrs, strict=True):
                 group["lr"] = sched.eta_min + (base - sched.eta_min) * (1 + math.cos(math.pi * done / epochs)) / 2
             sched._last_lr = [g["lr"] for g in sched.optimizer.param_groups]
         elif self.name == "onecycle" and self.scheduler.total_steps != self.total_steps:

@@ -2,19 +2,20 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Callable, Sequence, Union
+from typing import Any
 
 import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from engine.checkpoints import CheckpointError, load_checkpoint
-from engine.restore import restore_model
 from engine.data import DataError, array_to_image, load_image, to_rgb
+from engine.restore import restore_model
 from engine.transforms import build_transforms
 
-ImageInput = Union[str, os.PathLike, Image.Image, np.ndarray]
+ImageInput = str | os.PathLike | Image.Image | np.ndarray
 
 
 def read_image(image: ImageInput) -> Image.Image | torch.Tensor:
@@ -60,7 +61,7 @@ class Predictor:
         self.info = dict(info or {})
 
     @classmethod
-    def from_checkpoint(cls, path: str | os.PathLike, *, device: str | torch.device = "cpu") -> "Predictor":
+    def from_checkpoint(cls, path: str | os.PathLike, *, device: str | torch.device = "cpu") -> Predictor:
         """Load a Model Workbench checkpoint; raises CheckpointError saying why when it cannot be used."""
         try:
             ckpt = load_checkpoint(path)
@@ -102,7 +103,7 @@ class Predictor:
         image: an image file's path, a PIL image, or an (H, W[, C]) array as stored in a .npz.
         """
         values = self.scores(image)
-        pairs = [(name, float(v)) for name, v in zip(self.class_names, values)]
+        pairs = [(name, float(v)) for name, v in zip(self.class_names, values, strict=True)]
         if self.task == "regression":
             return pairs
         order = np.argsort(-values, kind="stable")  # ties keep the class order

@@ -13,8 +13,9 @@ import os
 import socket
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any
 
 try:
     import fcntl
@@ -57,7 +58,7 @@ def read_owner(lock_file: str | os.PathLike) -> dict[str, Any]:
 class Claim:
     """One process's exclusive claim; release() (or the process's end) gives it up."""
 
-    def __init__(self, lock_file: Path, fd: Optional[int], took_over: dict[str, Any] | None):
+    def __init__(self, lock_file: Path, fd: int | None, took_over: dict[str, Any] | None):
         self.lock_file = lock_file
         self._fd = fd
         self.took_over = took_over  # the owner whose stale lock this claim replaced, if any
@@ -77,7 +78,7 @@ class Claim:
         os.close(self._fd)
         self._fd = None
 
-    def __enter__(self) -> "Claim":
+    def __enter__(self) -> Claim:
         return self
 
     def __exit__(self, *exc: object) -> None:

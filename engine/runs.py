@@ -7,16 +7,16 @@ import os
 import re
 import shutil
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from engine.checkpoints import FORMAT_VERSION, CheckpointWriteError, atomic_torch_save, remove_stale_temporaries
 from engine.config import ConfigError, ProjectConfig, save_project
 from engine.freezing import freeze_spec
-from engine.run_lock import claim_run_dir, release_run_dir
 from engine.run_files import METRICS_FILE, PROJECT_FILE, read_metrics  # noqa: F401 - part of this module's API
+from engine.run_lock import claim_run_dir, release_run_dir
 from engine.trainer import Callback, Trainer, TrainState
-
 
 
 def _slug(name: str) -> str:

@@ -3,14 +3,24 @@ from __future__ import annotations
 
 import os
 from collections import Counter
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Any
 
 import torch
-from torch.utils.data import (BatchSampler, DataLoader, Dataset, DistributedSampler, RandomSampler, Sampler,
-                              SequentialSampler, SubsetRandomSampler, WeightedRandomSampler)
+from torch.utils.data import (
+    BatchSampler,
+    DataLoader,
+    DistributedSampler,
+    RandomSampler,
+    Sampler,
+    SequentialSampler,
+    SubsetRandomSampler,
+    WeightedRandomSampler,
+)
 
 from engine.config import LoaderConfig, SamplerConfig
+from engine.data import EngineDataset
 
 
 class SamplerError(ValueError):
@@ -27,6 +37,10 @@ def distributed_world() -> tuple[int, int] | None:
     return (world, rank) if world > 1 else None
 
 
+# (generator, total) -> one epoch's global order of sample positions
+Draw = Callable[[torch.Generator, int], "torch.Tensor | Sequence[int]"]
+
+
 class ShardedSampler(Sampler[int]):
     """One process's share of an epoch's draw: every process draws the same global order from seed + epoch,
     and process `rank` takes positions rank, rank + replicas, ... of it.
@@ -38,7 +52,7 @@ class ShardedSampler(Sampler[int]):
     (evaluation, whose sums are reduced over processes).
     """
 
-    def __init__(self, draw, total: int, *, num_replicas: int, rank: int, seed: int = 0, pad: bool = True):
+    def __init__(self, draw: Draw, total: int, *, num_replicas: int, rank: int, seed: int = 0, pad: bool = True):
         if not 0 <= rank < num_replicas:
             raise SamplerError(f"rank {rank} is not below the number of processes ({num_replicas})")
         self._draw = draw  # (generator, total) -> the epoch's global order of sample positions
@@ -58,7 +72,7 @@ class ShardedSampler(Sampler[int]):
         total = self._padded_total()
         return len(range(self.rank, total, self.num_replicas))
 
-    def __iter__(self):
+    def __iter__(self) -> Iterator[int]:
         g = torch.Generator()
         g.manual_seed(self.seed + self.epoch)
         order = [int(i) for i in self._draw(g, self.total)]
@@ -72,7 +86,7 @@ def sharded_sampler(spec: SamplerConfig, dataset_len: int, targets: Sequence[int
                     rank: int, seed: int) -> ShardedSampler:
     """The project's sampler, drawn the same way on every process and split into per-process shares."""
     name = spec.name
-    kw = {"num_replicas": num_replicas, "rank": rank, "seed": seed}
+    kw: dict[str, Any] = {"num_replicas": num_replicas, "rank": rank, "seed": seed}
     if name == "distributed":
         for field_name, value, actual in (("num_replicas", spec.num_replicas, num_replicas), ("rank", spec.rank, rank)):
             if value is not None and value != actual:
@@ -95,9 +109,11 @@ def sharded_sampler(spec: SamplerConfig, dataset_len: int, targets: Sequence[int
         return ShardedSampler(lambda g, n: torch.randperm(dataset_len, generator=g)[:n], total, **kw)
     single = build_sampler(spec, dataset_len, targets, world=None)  # checks the settings against the data
     if name == "subset_random":
+        assert isinstance(single, SubsetRandomSampler)  # what build_sampler makes of this name
         indices = list(single.indices)
         return ShardedSampler(lambda g, n: [indices[i] for i in torch.randperm(n, generator=g)], len(indices), **kw)
     if name == "weighted_random":
+        assert isinstance(single, WeightedRandomSampler)  # what build_sampler makes of this name
         weights = single.weights
         replacement = single.replacement
         return ShardedSampler(lambda g, n: torch.multinomial(weights, n, replacement, generator=g),
@@ -116,7 +132,7 @@ def balanced_weights(targets: Sequence[int]) -> list[float]:
 
 def build_sampler(spec: SamplerConfig, dataset_len: int, targets: Sequence[int] | None = None, *,
                   generator: torch.Generator | None = None, shuffle: bool | None = None,
-                  world=_FROM_ENV) -> Sampler[int]:
+                  world: tuple[int, int] | None | object = _FROM_ENV) -> Sampler[int]:
     """The sampler a project names, over positions 0..dataset_len-1 of the training set.
 
     Under torchrun (WORLD_SIZE > 1) every sampler is sharded (ShardedSampler): each rank trains on its own
@@ -125,6 +141,7 @@ def build_sampler(spec: SamplerConfig, dataset_len: int, targets: Sequence[int] 
     """
     name = spec.name
     world = distributed_world() if world is _FROM_ENV else world
+    assert world is None or isinstance(world, tuple)
     if world is not None:
         if name == "random" and shuffle is False:
             name = "sequential"
@@ -137,8 +154,8 @@ def build_sampler(spec: SamplerConfig, dataset_len: int, targets: Sequence[int] 
         rank = spec.rank if spec.rank is not None else (world[1] if world else 0)
         if rank >= replicas:
             raise SamplerError(f"loader.sampler.rank = {rank}: must be below num_replicas ({replicas})")
-        return DistributedSampler(range(dataset_len), num_replicas=replicas, rank=rank, shuffle=spec.shuffle,
-                                  seed=spec.seed)
+        positions: Any = range(dataset_len)  # DistributedSampler only takes its len(); torch types it a Dataset
+        return DistributedSampler(positions, num_replicas=replicas, rank=rank, shuffle=spec.shuffle, seed=spec.seed)
     if name == "sequential" or (name == "random" and shuffle is False):
         return SequentialSampler(range(dataset_len))
     if name == "random":
@@ -157,6 +174,7 @@ def build_sampler(spec: SamplerConfig, dataset_len: int, targets: Sequence[int] 
                 raise SamplerError("loader.sampler.weights = 'balanced' needs class labels")
             weights = balanced_weights(targets)
         else:
+            assert not isinstance(spec.weights, str)  # "balanced" is the one word validation lets through
             weights = list(spec.weights or [])
             if len(weights) != dataset_len:
                 raise SamplerError(f"loader.sampler.weights has {len(weights)} values but the training set has "
@@ -257,8 +275,8 @@ def describe_plans(train: LoaderPlan, val: LoaderPlan | None) -> str:
     return ", ".join(parts)
 
 
-def build_loader(dataset: Dataset, cfg: LoaderConfig, *, train: bool, targets: Sequence[int] | None,
-                 collate_fn, seed: int, pin_memory: bool, plan: LoaderPlan | None = None) -> DataLoader:
+def build_loader(dataset: EngineDataset, cfg: LoaderConfig, *, train: bool, targets: Sequence[int] | None,
+                 collate_fn: Callable[[list[Any]], Any] | None, seed: int, pin_memory: bool, plan: LoaderPlan | None = None) -> DataLoader:
     """A DataLoader with a batch sampler around the project's sampler (train) or a sequential one (eval).
 
     plan: workers and persistence (see plan_loader); without one, an auto worker count is taken as for an
@@ -310,7 +328,7 @@ class _EpochBatchSampler(BatchSampler):
         self._persistent = persistent
         self._epochs = 0
 
-    def __iter__(self):
+    def __iter__(self) -> Iterator[list[int]]:
         if self._persistent and self._epochs > 0:
             torch.empty((), dtype=torch.int64).random_(generator=self._generator)  # as DataLoader draws a seed
         self._epochs += 1
@@ -318,7 +336,7 @@ class _EpochBatchSampler(BatchSampler):
 
 
 def _sampler_len(sampler: Sampler) -> int:
-    return len(sampler)  # every sampler built above has a length
+    return len(sampler)  # type: ignore[arg-type]  # every sampler built above has a length; Sampler's type has none
 
 
 def _seed_worker(worker_id: int) -> None:

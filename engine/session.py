@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import threading
 import traceback
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any
 
 from engine.config import ConfigError, ProjectConfig
 from engine.events import EventEmitter, LogMessage, Output, RunFinished
@@ -123,7 +124,6 @@ class RunSession:
         if self.dist is None:
             return self._make_run_dir()
         from engine.distributed import broadcast_object
-
         from engine.trainer import PeerProcessError
 
         made, problem, error = None, None, None

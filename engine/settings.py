@@ -5,8 +5,9 @@ import json
 import math
 import types
 import typing
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any, Iterator, Literal, Union
+from typing import Any, Literal, Union
 
 import annotated_types
 from pydantic import BaseModel, BeforeValidator, Field
@@ -140,7 +141,7 @@ def unwrap(tp: Any) -> tuple[Any, list[Any], bool]:
             optional = True
             rest = [a for a in typing.get_args(tp) if a is not type(None)]
             if len(rest) != 1:
-                return Union[tuple(rest)], metadata, optional
+                return Union[tuple(rest)], metadata, optional  # noqa: UP007 - built from a runtime tuple of types
             tp = rest[0]
         else:
             return tp, metadata, optional

@@ -7,8 +7,9 @@ import random
 import re
 import threading
 import time
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import Any, Iterable
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -16,17 +17,23 @@ import torch
 from engine.backbones import build_model, preprocess_for
 from engine.collate import get_collate
 from engine.config import ConfigError, ProjectConfig
-from engine.data import PreparedData, prepare_data
+from engine.data import PreparedData, Progress, prepare_data
 from engine.decoded_cache import apply_decoded_cache
 from engine.distributed import DistContext, all_reduce_sum, broadcast_buffers, init_from_env, weights_checksum
-from engine.feature_cache import FeatureCache, setup as setup_feature_cache
-from engine.freezing import (FreezeSummary, apply_freeze, frozen_batchnorm_modules, param_groups,
-                             set_frozen_batchnorm_eval)
+from engine.feature_cache import FeatureCache
+from engine.feature_cache import setup as setup_feature_cache
+from engine.freezing import (
+    FreezeSummary,
+    apply_freeze,
+    frozen_batchnorm_modules,
+    param_groups,
+    set_frozen_batchnorm_eval,
+)
 from engine.losses import TaskLoss
+from engine.machine import auto_device, devices_here
 from engine.monitor import MetricTracker
 from engine.optim import Schedule, build_optimizer
 from engine.samplers import build_loader, describe_plans, plan_loader
-from engine.machine import auto_device, devices_here
 from engine.transforms import has_random_steps
 
 
@@ -103,11 +110,11 @@ class TrainState:
 class Callback:
     """Hooks the trainer calls on its own thread; a GUI bridge turns them into signals."""
 
-    def on_log(self, trainer: "Trainer", message: str) -> None: ...
-    def on_run_started(self, trainer: "Trainer", state: TrainState) -> None: ...
-    def on_batch_finished(self, trainer: "Trainer", state: TrainState, loss: float) -> None: ...
-    def on_epoch_finished(self, trainer: "Trainer", state: TrainState, metrics: dict[str, Any]) -> None: ...
-    def on_run_finished(self, trainer: "Trainer", state: TrainState) -> None: ...  # completed, stopped or failed
+    def on_log(self, trainer: Trainer, message: str) -> None: ...
+    def on_run_started(self, trainer: Trainer, state: TrainState) -> None: ...
+    def on_batch_finished(self, trainer: Trainer, state: TrainState, loss: float) -> None: ...
+    def on_epoch_finished(self, trainer: Trainer, state: TrainState, metrics: dict[str, Any]) -> None: ...
+    def on_run_finished(self, trainer: Trainer, state: TrainState) -> None: ...  # completed, stopped or failed
 
 
 @dataclass
@@ -137,7 +144,8 @@ def use_channels_last(setting: bool | None, model: torch.nn.Module, device: torc
     return device.type == "cuda" and any(isinstance(m, torch.nn.Conv2d) for m in model.modules())
 
 
-def build_run(cfg: ProjectConfig, *, log=lambda message: None, progress=None) -> RunParts:
+def build_run(cfg: ProjectConfig, *, log: Callable[[str], None] = lambda message: None,
+              progress: Progress = None) -> RunParts:
     """Data, model, freezing, loss, optimizer, schedule and loaders for a project, on its device."""
     dist = init_from_env(cfg)
     device = dist.device if dist is not None else pick_device(cfg.train.device)
@@ -187,7 +195,7 @@ def build_run(cfg: ProjectConfig, *, log=lambda message: None, progress=None) ->
                                 targets=data.train_targets if data.task == "classification" else None,
                                 collate_fn=collate, seed=cfg.train.seed, pin_memory=plans[0].pin_memory,
                                 plan=plans[0])
-    drawn = len(train_loader.batch_sampler.sampler)
+    drawn = len(train_loader.batch_sampler.sampler)  # type: ignore[union-attr]  # build_loader sets a batch sampler
     if cfg.loader.batch_size > drawn:
         log(f"loader.batch_size = {cfg.loader.batch_size} is larger than the {drawn} training samples drawn per "
             f"epoch: each epoch trains on one batch of {drawn}")
@@ -228,12 +236,19 @@ class Trainer:
         self._ddp: torch.nn.Module | None = None
         self._agreed_stop = False
 
+    @property
+    def built(self) -> RunParts:
+        """The run's parts, which run() builds first."""
+        if self.parts is None:
+            raise RuntimeError("the run is not built yet")
+        return self.parts
+
     def stop(self) -> None:
         self.stop_event.set()
 
     def _stop_requested(self) -> bool:
         """Whether to stop now. Several processes stop together: only when they agreed, at a training batch."""
-        if self.parts is not None and self.parts.dist is not None:
+        if self.parts is not None and self.built.dist is not None:
             return self._agreed_stop
         return self.stop_event.is_set()
 
@@ -251,12 +266,12 @@ class Trainer:
         try:
             if self.parts is None:
                 self.parts = build_run(self.cfg, log=self.log)
-            state.device = str(self.parts.device)
-            state.batches_per_epoch = len(self.parts.train_loader)
+            state.device = str(self.built.device)
+            state.batches_per_epoch = len(self.built.train_loader)
             if self.resume is not None:
                 self._restore(self.resume)
             self._first_step = state.global_step
-            dist = self.parts.dist
+            dist = self.built.dist
             if dist is not None and dist.rank > 0:
                 # Same weights everywhere (seeded alike, then DDP broadcasts rank 0's), but each process draws
                 # its own augmentation and dropout.
@@ -286,17 +301,18 @@ class Trainer:
             finished = state.epoch >= state.epochs or state.stopped_early
             state.status = "stopped" if self._stop_requested() and not finished else "completed"
             if state.status == "completed" and self._best_weights is not None and \
-                    self.cfg.early_stopping.restore_best and self.early.best_epoch != state.epoch:
-                self.parts.model.load_state_dict(self._best_weights)
+                    self.cfg.early_stopping.restore_best and self.early is not None and \
+                    self.early.best_epoch != state.epoch:
+                self.built.model.load_state_dict(self._best_weights)
                 state.restored_best_epoch = self.early.best_epoch
                 self.log(f"Restored the weights of epoch {self.early.best_epoch}, the best by "
                          f"{self.early.monitor} ({self.early.best:.4g})")
-            if self.parts.dist is not None:
+            if self.built.dist is not None:
                 self._check_ranks_agree()
         except BaseException as exc:
             state.status = "failed"
             failure = (self._out_of_memory(exc) if is_out_of_memory(exc) else
-                       self._peer_failure(exc) if self.parts is not None and self.parts.dist is not None
+                       self._peer_failure(exc) if self.parts is not None and self.built.dist is not None
                        and is_peer_failure(exc) else exc)
             state.error = failure
             self._fire("on_run_finished", state)
@@ -310,7 +326,8 @@ class Trainer:
         return state
 
     def _peer_failure(self, exc: BaseException) -> PeerProcessError:
-        dist, state = self.parts.dist, self.state
+        dist, state = self.built.dist, self.state
+        assert dist is not None  # a peer failure is one of a multi-process run
         first = next((line.strip() for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
         first = re.sub(r"^\[[^\]]*\.(?:cc|cpp|h):\d+\]\s*", "", first).split(". ")[0]  # gloo's source location
         where = f"at epoch {state.epoch}, batch {state.batch}" if state.batch else f"in epoch {state.epoch or 1}"
@@ -323,7 +340,8 @@ class Trainer:
     def _agree_on_feature_cache(self) -> None:
         """Every process must train the same module: if one could not use the feature cache (its memory bound
         was lower), none does."""
-        dist = self.parts.dist
+        dist = self.built.dist
+        assert dist is not None  # asked only in a multi-process run
         mine = torch.tensor([1.0 if self.feature_cache is not None else 0.0], device=dist.device)
         if all_reduce_sum(mine).item() in (0.0, float(dist.world_size)):
             return
@@ -336,7 +354,7 @@ class Trainer:
         cache's cut): it broadcasts rank 0's weights and buffers and averages the gradients in backward."""
         from torch.nn.parallel import DistributedDataParallel
 
-        p = self.parts
+        p = self.built
         module = p.model if self.feature_cache is None else self.feature_cache.suffix
         ids = [p.device.index] if p.device.type == "cuda" else None
         self._ddp = DistributedDataParallel(module, device_ids=ids, output_device=ids[0] if ids else None)
@@ -345,8 +363,9 @@ class Trainer:
         """At the end of a multi-process run: every process must hold the same weights; say so either way."""
         import torch.distributed as tdist
 
-        dist = self.parts.dist
-        mine = weights_checksum(self.parts.model).to(dist.device)
+        dist = self.built.dist
+        assert dist is not None  # asked only in a multi-process run
+        mine = weights_checksum(self.built.model).to(dist.device)
         high, low = mine.clone(), mine.clone()
         tdist.all_reduce(high, op=tdist.ReduceOp.MAX)
         tdist.all_reduce(low, op=tdist.ReduceOp.MIN)
@@ -360,7 +379,7 @@ class Trainer:
     def _out_of_memory(self, exc: BaseException) -> DeviceOutOfMemoryError:
         """The message for a batch that did not fit on the device: what ran out, where, and what to lower."""
         state, cfg = self.state, self.cfg
-        device = self.parts.device.type if self.parts is not None else cfg.train.device
+        device = self.built.device.type if self.parts is not None else cfg.train.device
         if device == "cuda":
             with contextlib.suppress(Exception):
                 torch.cuda.empty_cache()  # the failed batch's blocks go back; the app can start the next run
@@ -387,7 +406,7 @@ class Trainer:
         if self.early is None:
             return
         if self.early.update(metrics) and self.cfg.early_stopping.restore_best:
-            self._best_weights = {k: v.detach().clone() for k, v in self.parts.model.state_dict().items()}
+            self._best_weights = {k: v.detach().clone() for k, v in self.built.model.state_dict().items()}
         if self.early.epochs_without_improvement >= self.cfg.early_stopping.patience and state.epoch < state.epochs:
             state.stopped_early = True
             self.log(f"Early stopping after epoch {state.epoch}: {self.early.monitor} has not improved for "
@@ -396,8 +415,8 @@ class Trainer:
 
     def training_state(self) -> dict[str, Any]:
         """Everything beyond model and optimizer that an exact resume needs; plain values and tensors only."""
-        p = self.parts
-        np_state = np.random.get_state()
+        p = self.built
+        np_state = cast(tuple[Any, ...], np.random.get_state())  # the legacy tuple, get_state's default
         py_state = random.getstate()
         return {
             "scheduler_state_dict": p.schedule.state_dict(),
@@ -420,7 +439,7 @@ class Trainer:
         """Put model, optimizer, schedule, RNGs and history back as they were when ckpt was written."""
         from engine.checkpoints import CheckpointError
 
-        p, state = self.parts, self.state
+        p, state = self.built, self.state
         saved_classes = list(ckpt.get("class_names", []))
         if saved_classes != list(p.data.class_names):
             gone = [c for c in saved_classes if c not in p.data.class_names]
@@ -473,7 +492,7 @@ class Trainer:
         self.log(f"Resumed after epoch {state.epoch} (step {state.global_step}); training to epoch {state.epochs}")
 
     @contextlib.contextmanager
-    def _first_batch_guard(self, inputs: torch.Tensor):
+    def _first_batch_guard(self, inputs: torch.Tensor) -> Iterator[None]:
         """A model that cannot take the project's inputs fails on its first batch: say which setting to change."""
         if self.state.global_step != self._first_step:
             yield
@@ -483,7 +502,7 @@ class Trainer:
         except (RuntimeError, ValueError, AssertionError, IndexError) as exc:
             if is_out_of_memory(exc):  # the shape fits, the memory does not: run() names the batch size
                 raise
-            if self.parts.dist is not None and is_peer_failure(exc):  # DDP's forward talks to the others
+            if self.built.dist is not None and is_peer_failure(exc):  # DDP's forward talks to the others
                 raise
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             shape = "x".join(str(d) for d in inputs.shape)
@@ -493,9 +512,9 @@ class Trainer:
             raise ConfigError([f"{self.cfg.model.backbone} cannot train on batches of shape {shape} ({first}); "
                                f"change {hint}"]) from exc
 
-    def _autocast(self):
+    def _autocast(self) -> contextlib.AbstractContextManager[Any]:
         precision = self.cfg.train.precision
-        device = self.parts.device
+        device = self.built.device
         if precision == "fp32" or device.type not in ("cuda", "cpu"):
             return contextlib.nullcontext()
         return torch.autocast(device.type, dtype=torch.float16 if precision == "fp16" else torch.bfloat16)
@@ -505,7 +524,7 @@ class Trainer:
 
         With the feature cache, what trains each batch is the part after the cut (cache.suffix): that is compiled.
         """
-        p, t = self.parts, self.cfg.train
+        p, t = self.built, self.cfg.train
         auto = " (auto)" if t.channels_last is None else ""
         self.log(f"Precision {t.precision}, channels_last {'on' if p.channels_last else 'off'}{auto}, "
                  f"torch.compile {'on' if t.compile else 'off'}")
@@ -535,7 +554,7 @@ class Trainer:
             with _eager_backward_lowering():
                 outputs = self._compiled(inputs)
         except Exception as exc:  # no C compiler, an operation the compiler does not support, ...
-            if self.parts.dist is not None and is_peer_failure(exc):
+            if self.built.dist is not None and is_peer_failure(exc):
                 raise
             self._compile_failed(exc)
             return model(inputs)
@@ -544,14 +563,14 @@ class Trainer:
 
     def _to_device(self, inputs: torch.Tensor) -> torch.Tensor:
         """A batch's inputs on the run's device, channels-last when the model is (images only: 4-D)."""
-        p = self.parts
+        p = self.built
         if p.channels_last and inputs.dim() == 4:
             return inputs.to(p.device, memory_format=torch.channels_last, non_blocking=True)
         return inputs.to(p.device, non_blocking=True)
 
     def _run_epoch(self) -> dict[str, Any] | None:
         """One pass over the training data and one over the validation data; None if stopped midway."""
-        p, state, cfg = self.parts, self.state, self.cfg
+        p, state, cfg = self.built, self.state, self.cfg
         started = time.perf_counter()
         cache = self.feature_cache
         model = p.model if cache is None else cache.suffix
@@ -567,7 +586,7 @@ class Trainer:
         local_loss = torch.zeros((), device=p.device, dtype=torch.float64)  # several processes: summed at the end
         seen = 0
         correct = torch.zeros((), device=p.device)  # summed on the device: no extra sync per batch
-        sampler = p.train_loader.batch_sampler.sampler
+        sampler = p.train_loader.batch_sampler.sampler  # type: ignore[union-attr]  # build_loader sets a batch sampler
         if hasattr(sampler, "set_epoch"):
             sampler.set_epoch(state.epoch)
         state.batch = 0
@@ -662,18 +681,22 @@ class Trainer:
     def _scaler(self) -> torch.amp.GradScaler | None:
         # fp16 gradients underflow without loss scaling; bf16 has fp32's range and needs none.
         if not hasattr(self, "_grad_scaler"):
-            use = self.cfg.train.precision == "fp16" and self.parts.device.type == "cuda"
+            use = self.cfg.train.precision == "fp16" and self.built.device.type == "cuda"
             self._grad_scaler = torch.amp.GradScaler("cuda") if use else None
         return self._grad_scaler
 
     def evaluate_loss(self) -> tuple[float, float | None] | None:
         """(mean loss, accuracy) over the validation set; None when there is none or a stop interrupts it."""
-        p = self.parts
+        p = self.built
         if p.val_loader is None:
             return None
         cache = self.feature_cache
-        model = p.model if cache is None or cache.val is None else cache.suffix
-        loader = p.val_loader if model is p.model else cache.val
+        model: torch.nn.Module
+        loader: Iterable[Any]
+        if cache is None or cache.val is None:
+            model, loader = p.model, p.val_loader
+        else:
+            model, loader = cache.suffix, cache.val
         p.model.eval()
         model.eval()
         total, seen = 0.0, 0
@@ -704,7 +727,7 @@ class Trainer:
         return total / seen, (correct.item() / seen if p.data.task != "regression" else None)
 
 
-def _eager_backward_lowering():
+def _eager_backward_lowering() -> contextlib.AbstractContextManager[Any]:
     """While compiling, compile the backward graph with the forward, so that its failure shows at once."""
     try:
         from torch._functorch import config as functorch_config

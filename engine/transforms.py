@@ -1,12 +1,11 @@
 """Image preprocessing and train augmentation, built from the weights' own recipe or the project's settings."""
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
-from torchvision.transforms import InterpolationMode
-from torchvision.transforms import v2
+from torchvision.transforms import InterpolationMode, v2
 
 from engine.config import AugmentConfig
 
@@ -17,8 +16,8 @@ class Preprocess:
 
     resize_size: int  # the shorter side is resized to this (the longer side when keeping aspect)
     crop_size: int  # centre crop for evaluation; random-resized-crop size for training
-    mean: tuple[float, float, float]
-    std: tuple[float, float, float]
+    mean: tuple[float, ...]  # one per channel: three
+    std: tuple[float, ...]
     interpolation: str = "bilinear"  # bilinear, bicubic or nearest
 
 

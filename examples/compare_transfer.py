@@ -13,8 +13,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from engine.config import load_project  # noqa: E402
-from engine.trainer import Trainer  # noqa: E402
+from engine.config import load_project  # noqa: E402 - after the sys.path line that makes the repository importable
+from engine.trainer import Trainer  # noqa: E402 - after the sys.path line that makes the repository importable
 
 VARIANTS = [  # (label, weights, freeze preset)
     ("pretrained (BUNDLED), blocks 0-2 frozen", "BUNDLED", "up_to"),

@@ -21,13 +21,13 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-import torch  # noqa: E402
+import torch  # noqa: E402 - after the sys.path line that makes the repository importable
 
-from engine.checkpoints import load_checkpoint  # noqa: E402
-from engine.config import from_dict  # noqa: E402
-from engine.evaluate import evaluate_checkpoint  # noqa: E402
-from engine.runs import create_run_dir, run_callbacks  # noqa: E402
-from engine.trainer import Callback, Trainer  # noqa: E402
+from engine.checkpoints import load_checkpoint  # noqa: E402 - after the sys.path line that makes the repository importable
+from engine.config import from_dict  # noqa: E402 - after the sys.path line that makes the repository importable
+from engine.evaluate import evaluate_checkpoint  # noqa: E402 - after the sys.path line that makes the repository importable
+from engine.runs import create_run_dir, run_callbacks  # noqa: E402 - after the sys.path line that makes the repository importable
+from engine.trainer import Callback, Trainer  # noqa: E402 - after the sys.path line that makes the repository importable
 
 
 def project(out_dir: Path, *, precision: str, pin: bool | None, epochs: int, workers: int) -> dict:

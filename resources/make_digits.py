@@ -15,7 +15,7 @@ def main() -> None:
     digits = load_digits()
     if OUT.exists():
         shutil.rmtree(OUT)
-    for index, (image, label) in enumerate(zip(digits.images, digits.target)):
+    for index, (image, label) in enumerate(zip(digits.images, digits.target, strict=True)):
         folder = OUT / str(label)
         folder.mkdir(parents=True, exist_ok=True)
         # The originals are 8x8 counts of 0..16 set pixels in 4x4 blocks; scale to 8-bit grey.

@@ -6,16 +6,30 @@ from typing import Any
 
 import torch
 from PySide6.QtCore import QAbstractTableModel, QModelIndex, QSortFilterProxyModel, Qt, QTimer, Signal
-from PySide6.QtWidgets import (QAbstractItemView, QCheckBox, QComboBox, QFileDialog, QFormLayout, QGroupBox,
-                               QHBoxLayout, QHeaderView, QLabel, QLineEdit, QPushButton, QSizePolicy, QTableView,
-                               QVBoxLayout, QWidget)
+from PySide6.QtWidgets import (
+    QAbstractItemView,
+    QCheckBox,
+    QComboBox,
+    QFileDialog,
+    QFormLayout,
+    QGroupBox,
+    QHBoxLayout,
+    QHeaderView,
+    QLabel,
+    QLineEdit,
+    QPushButton,
+    QSizePolicy,
+    QTableView,
+    QVBoxLayout,
+    QWidget,
+)
 
 from engine.backbones import LoadReport, WeightsError, build_model, load_state_dict_file, preprocess_for, weights_status
 from engine.catalog import list_backbones, timm_model_name, weight_names
 from engine.config import ModelConfig
+from widgets.look import ERROR_STYLE
 from widgets.state import ProjectState
 from widgets.tasks import Task, run_task
-from widgets.look import ERROR_STYLE
 
 OBJECT_NAMES = {
     "backbone.search": "filters the catalog by name (every word typed must appear in the name)",

@@ -10,8 +10,19 @@ from typing import Any
 
 from PySide6.QtCore import Qt, Signal, Slot
 from PySide6.QtGui import QFont
-from PySide6.QtWidgets import (QAbstractItemView, QFileDialog, QHBoxLayout, QHeaderView, QLabel, QPushButton,
-                               QSpinBox, QTableWidget, QTableWidgetItem, QVBoxLayout, QWidget)
+from PySide6.QtWidgets import (
+    QAbstractItemView,
+    QFileDialog,
+    QHBoxLayout,
+    QHeaderView,
+    QLabel,
+    QPushButton,
+    QSpinBox,
+    QTableWidget,
+    QTableWidgetItem,
+    QVBoxLayout,
+    QWidget,
+)
 
 from engine.run_files import METRICS_FILE, is_run_dir, planned_epochs, read_metrics
 from widgets.folders import chosen_path, folder_dialog, remember_folder, remembered_folder, start_folder
@@ -95,8 +106,9 @@ def list_checkpoints(run_dir: str | os.PathLike, rows: list[dict[str, Any]] | No
         if target is not None:
             target.roles.append(role)
             continue
-        epoch = _alias_epoch(role, rows)
-        entry = CheckpointEntry(alias, epoch, by_epoch.get(epoch) if epoch is not None else None, [role])
+        alias_epoch = _alias_epoch(role, rows)
+        entry = CheckpointEntry(alias, alias_epoch, by_epoch.get(alias_epoch) if alias_epoch is not None else None,
+                                [role])
         own[role] = entry
     entries.extend(own.values())
     entries.extend(CheckpointEntry(p, None, None) for p in others)

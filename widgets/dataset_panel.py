@@ -6,23 +6,45 @@ import math
 import os
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Optional
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyqtgraph as pg
 from PIL import Image
 from PySide6.QtCore import QEvent, QSettings, QSize, Qt, QTimer, Signal
 from PySide6.QtGui import QFontMetrics, QIcon, QImage, QPalette, QPixmap
-from PySide6.QtWidgets import (QAbstractItemView, QApplication, QComboBox, QFileDialog, QFormLayout, QGroupBox,
-                               QHBoxLayout, QHeaderView, QLabel, QLineEdit, QListView, QListWidget,
-                               QListWidgetItem, QProgressBar, QPushButton, QSizePolicy, QSpinBox, QSplitter,
-                               QTableWidget, QTableWidgetItem, QTabWidget, QVBoxLayout, QWidget)
+from PySide6.QtWidgets import (
+    QAbstractItemView,
+    QApplication,
+    QComboBox,
+    QFileDialog,
+    QFormLayout,
+    QGroupBox,
+    QHBoxLayout,
+    QHeaderView,
+    QLabel,
+    QLineEdit,
+    QListView,
+    QListWidget,
+    QListWidgetItem,
+    QProgressBar,
+    QPushButton,
+    QSizePolicy,
+    QSpinBox,
+    QSplitter,
+    QTableWidget,
+    QTableWidgetItem,
+    QTabWidget,
+    QVBoxLayout,
+    QWidget,
+)
 
 from engine.config import TASKS
 from engine.text import readable
-from widgets.look import ERROR_COLOUR, fit_pixels
 from widgets.fields import bind_combo, bind_float_text, bind_spin, bind_text
+from widgets.look import ERROR_COLOUR, fit_pixels
 from widgets.state import ProjectState
 from widgets.tasks import Task, run_task
 
@@ -78,7 +100,7 @@ class _Cancelled(Exception):
 
 
 def split_summary(source: DataSource, val_fraction: float, seed: int,
-                  val_source: Optional[DataSource] = None) -> dict[str, Any]:
+                  val_source: DataSource | None = None) -> dict[str, Any]:
     """Samples and per-class counts of each split, as training will make them."""
     from engine.data import split_indices
 
@@ -98,9 +120,9 @@ def _label_text(target: Any, task: str, names: list[str]) -> str:
     if task == "classification":
         return names[int(target)]
     if task == "multilabel":
-        on = [name for name, v in zip(names, target) if v > 0.5]
+        on = [name for name, v in zip(names, target, strict=True) if v > 0.5]
         return ", ".join(on) if on else "(no label)"
-    return ", ".join(f"{name}={v:.3g}" for name, v in zip(names, target))
+    return ", ".join(f"{name}={v:.3g}" for name, v in zip(names, target, strict=True))
 
 
 def _pick_samples(source: DataSource) -> list[int]:
@@ -857,7 +879,7 @@ class DatasetPanel(QWidget):
         self.chart_note.setText("Multilabel: each bar counts the samples that carry the label.")
         train, val = split["train_counts"], split["val_counts"]
         self.class_table.setRowCount(len(names))
-        for row, values in enumerate(zip(names, counts, train, val)):
+        for row, values in enumerate(zip(names, counts, train, val, strict=True)):
             for col, value in enumerate(values):
                 item = QTableWidgetItem(f"{value:,}" if col else value)
                 if not col:

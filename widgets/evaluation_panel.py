@@ -4,19 +4,38 @@ from __future__ import annotations
 import json
 import threading
 import time
+from collections.abc import Callable, Sequence
 from functools import partial
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import numpy as np
 from PIL import Image
 from PySide6.QtCore import QEvent, QPointF, QRectF, QSize, Qt, Signal
-from PySide6.QtGui import (QColor, QFontMetrics, QIcon, QImage, QLinearGradient, QPainter, QPalette, QPen,
-                           QPixmap)
-from PySide6.QtWidgets import (QAbstractItemView, QCheckBox, QFileDialog, QGroupBox, QHBoxLayout, QHeaderView,
-                               QLabel, QListView, QListWidget, QListWidgetItem, QMenu, QProgressBar, QPushButton,
-                               QSizePolicy, QSplitter, QStyle, QTableWidget, QTableWidgetItem, QToolTip, QVBoxLayout,
-                               QWidget)
+from PySide6.QtGui import QColor, QFontMetrics, QIcon, QImage, QLinearGradient, QPainter, QPalette, QPen, QPixmap
+from PySide6.QtWidgets import (
+    QAbstractItemView,
+    QCheckBox,
+    QFileDialog,
+    QGroupBox,
+    QHBoxLayout,
+    QHeaderView,
+    QLabel,
+    QListView,
+    QListWidget,
+    QListWidgetItem,
+    QMenu,
+    QProgressBar,
+    QPushButton,
+    QSizePolicy,
+    QSplitter,
+    QStyle,
+    QTableWidget,
+    QTableWidgetItem,
+    QToolTip,
+    QVBoxLayout,
+    QWidget,
+)
 
 from widgets.look import fit_pixels, message_colour
 from widgets.tasks import Task, run_task

@@ -3,18 +3,33 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable
 from functools import partial
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from PySide6.QtCore import QEvent, QSettings, Qt, Signal
 from PySide6.QtGui import QPalette
-from PySide6.QtWidgets import (QComboBox, QDialog, QFileDialog, QFormLayout, QGroupBox, QHBoxLayout, QLabel,
-                               QLineEdit, QMessageBox, QProgressBar, QPushButton, QToolButton, QVBoxLayout, QWidget)
+from PySide6.QtWidgets import (
+    QComboBox,
+    QDialog,
+    QFileDialog,
+    QFormLayout,
+    QGroupBox,
+    QHBoxLayout,
+    QLabel,
+    QLineEdit,
+    QMessageBox,
+    QProgressBar,
+    QPushButton,
+    QToolButton,
+    QVBoxLayout,
+    QWidget,
+)
 
 from engine.export import FORMATS, ExportResult, default_suffix, sidecar_path
-from widgets.look import message_colour, ok_colour
 from widgets.fields import format_float, parse_float
+from widgets.look import message_colour, ok_colour
 from widgets.tasks import Task, run_task
 
 OBJECT_NAMES = {
@@ -216,8 +231,8 @@ class ExportDialog(QDialog):
         layout.addLayout(buttons)
 
         self._apply_colours()
-        fmt = QSettings().value(SETTINGS_FORMAT, DEFAULT_FORMAT)
-        index = self.format_combo.findData(fmt if fmt in FORMATS else DEFAULT_FORMAT)
+        saved = QSettings().value(SETTINGS_FORMAT, DEFAULT_FORMAT)
+        index = self.format_combo.findData(saved if saved in FORMATS else DEFAULT_FORMAT)
         self.format_combo.setCurrentIndex(max(index, 0))
         self._format = self.fmt()
         self.path_edit.setText(str(self.default_dir / (Path(self.checkpoint).stem + file_suffix(self._format))))
@@ -449,7 +464,9 @@ class ExportDialog(QDialog):
 
     def _grow(self) -> None:
         # New text (a result, a long error) may need more height than the dialog has; never shrink what the user set.
-        self.layout().activate()
+        layout = self.layout()
+        assert layout is not None  # set in __init__
+        layout.activate()
         hint = self.sizeHint()
         if hint.height() > self.height() or hint.width() > self.width():
             self.resize(max(hint.width(), self.width()), max(hint.height(), self.height()))

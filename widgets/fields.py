@@ -3,14 +3,14 @@ from __future__ import annotations
 
 import math
 import re
-from typing import Any, Callable, Iterable
+from collections.abc import Callable, Iterable
+from typing import Any
 
 from PySide6.QtCore import QObject, QSignalBlocker, Qt
-from PySide6.QtWidgets import (QCheckBox, QComboBox, QDoubleSpinBox, QLabel, QLineEdit, QSizePolicy, QSpinBox,
-                               QWidget)
+from PySide6.QtWidgets import QCheckBox, QComboBox, QDoubleSpinBox, QLabel, QLineEdit, QSizePolicy, QSpinBox, QWidget
 
-from widgets.state import ProjectState
 from widgets.look import ERROR_COLOUR
+from widgets.state import ProjectState
 
 INVALID_STYLE = f"border: 1px solid {ERROR_COLOUR}; border-radius: 3px;"
 

@@ -25,14 +25,27 @@ from typing import TYPE_CHECKING, Any
 
 from PySide6.QtCore import QEvent, QPoint, Qt, QTimer
 from PySide6.QtGui import QBrush, QFont, QPalette
-from PySide6.QtWidgets import (QAbstractItemView, QCheckBox, QComboBox, QHBoxLayout, QHeaderView, QLabel, QMenu,
-                               QPushButton, QSpinBox, QTreeWidget, QTreeWidgetItem, QVBoxLayout, QWidget)
+from PySide6.QtWidgets import (
+    QAbstractItemView,
+    QCheckBox,
+    QComboBox,
+    QHBoxLayout,
+    QHeaderView,
+    QLabel,
+    QMenu,
+    QPushButton,
+    QSpinBox,
+    QTreeWidget,
+    QTreeWidgetItem,
+    QVBoxLayout,
+    QWidget,
+)
 
 from engine.config import ConfigError, DataConfig, ModelConfig
 from widgets.fields import bind_check
+from widgets.look import ERROR_STYLE
 from widgets.state import ProjectState
 from widgets.tasks import Task, run_task
-from widgets.look import ERROR_STYLE
 
 if TYPE_CHECKING:
     from torch import nn
@@ -95,6 +108,7 @@ def build_layers(backbone: str, image_size: int, num_outputs: int) -> dict[str, 
         cpu_rows = layer_tree(cpu_built.model, size)
         if rows is None or cpu_rows[0].output_shape is not None:
             built, rows, device = cpu_built, cpu_rows, "cpu"
+    assert built is not None and rows is not None  # the CPU build fills in whatever the meta one left out
     return {"model": built.model, "head_name": built.head_name, "device": device,
             "rows": [dataclasses.asdict(r) for r in rows],
             "backbone": backbone, "image_size": image_size, "num_outputs": num_outputs}
@@ -176,14 +190,14 @@ def freeze_fields(model: nn.Module, head_name: str, current: ModelConfig, frozen
     """model.* fields that make apply_freeze freeze exactly `frozen` (parameter positions); see the module doc."""
     everything = set(range(len(index.names)))
     trainable = everything - frozen
-    plain = {"model.freeze": "none", "model.freeze_up_to": None,
+    plain: dict[str, Any] = {"model.freeze": "none", "model.freeze_up_to": None,
              "model.freeze_prefixes": index.cover(frozen, frozen), "model.unfreeze_prefixes": []}
     candidates = [plain]
     if current.freeze != "none":
         preset_cfg = current.model_copy(update={"freeze_prefixes": [], "unfreeze_prefixes": []})
         preset = _apply(model, preset_cfg, head_name, index)
         if preset is not None:
-            kept = {"model.freeze": current.freeze, "model.freeze_up_to": current.freeze_up_to,
+            kept: dict[str, Any] = {"model.freeze": current.freeze, "model.freeze_up_to": current.freeze_up_to,
                     "model.freeze_prefixes": index.cover(frozen - preset, frozen),
                     "model.unfreeze_prefixes": index.cover(preset - frozen, trainable)}
 
@@ -216,7 +230,7 @@ class ModuleItem(QTreeWidgetItem):
     """One module's row. It answers data() from Python attributes, so a redraw of thousands of rows is a few
     attribute writes and one repaint rather than a dozen Qt calls per row; a tick arrives in setData()."""
 
-    def __init__(self, parent, panel: "LayersPanel", name: str, texts: list[str], checkable: bool):
+    def __init__(self, parent, panel: LayersPanel, name: str, texts: list[str], checkable: bool):
         super().__init__(parent)
         self.panel, self.name, self.texts, self.checkable = panel, name, texts, checkable
         self.check = Qt.CheckState.Unchecked
@@ -282,11 +296,11 @@ class LayersPanel(QWidget):
         self.freeze_up_to_button.setObjectName("layers.freeze_up_to")
         self.freeze_up_to_button.setToolTip("Freeze every module before the chosen one and the module itself "
                                             "(model.freeze = up_to)")
-        self.depth = QSpinBox()
-        self.depth.setObjectName("layers.depth")
-        self.depth.setRange(1, 32)
-        self.depth.setValue(DEFAULT_DEPTH)
-        self.depth.setToolTip("How many levels of the tree are shown expanded")
+        self.depth_box = QSpinBox()
+        self.depth_box.setObjectName("layers.depth")
+        self.depth_box.setRange(1, 32)
+        self.depth_box.setValue(DEFAULT_DEPTH)
+        self.depth_box.setToolTip("How many levels of the tree are shown expanded")
         self.train_bn = QCheckBox("Update BatchNorm statistics of frozen layers")
         self.train_bn.setObjectName("layers.train_frozen_batchnorm")
         self.train_bn.setToolTip("Off: frozen BatchNorm layers stay in eval mode, so their running statistics "
@@ -336,7 +350,7 @@ class LayersPanel(QWidget):
         presets.addWidget(self.up_to)
         presets.addStretch(1)
         presets.addWidget(QLabel("Expand to depth:"))
-        presets.addWidget(self.depth)
+        presets.addWidget(self.depth_box)
         layout = QVBoxLayout(self)
         layout.addLayout(presets)
         layout.addWidget(self.train_bn)
@@ -349,7 +363,7 @@ class LayersPanel(QWidget):
         self.train_all.clicked.connect(self._on_train_all_clicked)
         self.head_only.clicked.connect(self._on_head_only_clicked)
         self.freeze_up_to_button.clicked.connect(self._on_freeze_up_to_clicked)
-        self.depth.valueChanged.connect(self._on_depth_changed)
+        self.depth_box.valueChanged.connect(self._on_depth_changed)
         self.tree.customContextMenuRequested.connect(self._on_context_menu_requested)
         state.changed.connect(self._on_state_changed)
         self._set_model_controls(False)
@@ -437,6 +451,7 @@ class LayersPanel(QWidget):
     def _on_build_failed(self, build_id: int, exc: BaseException) -> None:
         if build_id != self._build_id:
             return
+        assert self._wanted_key is not None  # set when the build was asked for
         backbone = self._wanted_key[0]
         self.model = self.index = None
         self._built_key = None
@@ -469,6 +484,7 @@ class LayersPanel(QWidget):
         self.refresh()
 
     def _fill_tree(self, rows: list[dict]) -> None:
+        assert self._built_key is not None and self.index is not None  # a model was just built
         self.tree.clear()
         self.items = {}
         for row in rows:
@@ -477,7 +493,7 @@ class LayersPanel(QWidget):
                      _shape_text(row["output_shape"]), f"{row['params']:,}", f"{row['params']:,}"]
             parent = self.tree if not name else self.items.get(name.rpartition(".")[0], self.items[""])
             self.items[name] = ModuleItem(parent, self, name, texts, bool(self.index.of.get(name)))
-        self._on_depth_changed(self.depth.value())
+        self._on_depth_changed(self.depth_box.value())
 
     def _fill_up_to(self, rows: list[dict]) -> None:
         self.up_to.blockSignals(True)
@@ -501,6 +517,7 @@ class LayersPanel(QWidget):
         from engine.freezing import apply_freeze
 
         cfg = self.state.config.model
+        assert self.model is not None and self.index is not None  # only with a built model
         try:
             apply_freeze(self.model, cfg, self.head_name)
             self._show_error("")
@@ -513,6 +530,7 @@ class LayersPanel(QWidget):
         return self.index.frozen()
 
     def _without_unknown(self, cfg: ModelConfig) -> ModelConfig:
+        assert self.index is not None  # only with a built model
         names = set(self.index.modules) | set(self.index.names)
 
         def known(prefix: str) -> bool:
@@ -531,6 +549,7 @@ class LayersPanel(QWidget):
 
     def _redraw(self) -> None:
         index = self.index
+        assert index is not None  # only with a built model
         frozen = index.frozen()
         total = sum(index.numel)
         frozen_count = sum(index.numel[i] for i in frozen)

@@ -4,7 +4,8 @@ from __future__ import annotations
 import math
 import os
 import time
-from typing import Any, Iterable, Sequence
+from collections.abc import Iterable, Sequence
+from typing import Any
 
 import numpy as np
 import pyqtgraph as pg
@@ -176,7 +177,7 @@ class LivePlots(QWidget):
         box.addWidget(self.layout_widget)
 
         self.plots: dict[str, pg.PlotItem] = {}
-        for name, (title, xlabel, ylabel, row, col) in self.PLOTS.items():
+        for name, (_title, xlabel, _ylabel, row, col) in self.PLOTS.items():
             axes = {"bottom": _IntegerAxis("bottom")} if xlabel == "epoch" else None
             plot = self.layout_widget.addPlot(row=row, col=col, axisItems=axes)
             plot.showGrid(x=True, y=True, alpha=0.2)
@@ -215,7 +216,7 @@ class LivePlots(QWidget):
         self._apply_palette()
 
     # -- data ------------------------------------------------------------------------------------
-    def add_batches(self, steps: Sequence[int], losses: Sequence[float],
+    def add_batches(self, steps: Sequence[int] | np.ndarray, losses: Sequence[float] | np.ndarray,
                     lrs: Sequence[float] | float | None = None) -> None:
         """Append batch losses at global steps; lrs is one value per step, or one value for the last step."""
         if len(steps) == 0:
@@ -355,7 +356,7 @@ class LivePlots(QWidget):
             image: QImage = exporter.export(toBytes=True)
         finally:
             layout.setGeometry(geometry)  # the view lays it out only on resize, so put it back as it was
-        if image is None or image.isNull() or not image.save(str(path), "PNG"):
+        if image is None or image.isNull() or not image.save(str(path), "PNG"):  # type: ignore[call-overload]  # PySide6 wants str here; its stubs say bytes
             raise OSError(f"could not write a PNG image to {path}")
         return image.size()
 

@@ -5,7 +5,6 @@ import numpy as np
 from PIL import Image
 from PySide6.QtGui import QColor, QPalette
 
-
 # The fields' invalid red, for error text and borders: readable on light and dark palettes alike.
 ERROR_COLOUR = "#d9534f"
 ERROR_STYLE = f"color: {ERROR_COLOUR};"

@@ -4,7 +4,8 @@ from __future__ import annotations
 import threading
 import time
 import traceback
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from PySide6.QtCore import QObject, QThread, Signal, Slot
 from PySide6.QtWidgets import QApplication
@@ -49,26 +50,26 @@ class Task(QObject):
         super().__init__(parent)
         self.name = name
         self.cancel = threading.Event()
-        self.thread = QThread()
-        self.thread.setObjectName(f"task:{name}")
+        self.qthread = QThread()
+        self.qthread.setObjectName(f"task:{name}")
         self.worker: _Worker | None = None
         self.result: Any = None
         self.error: BaseException | None = None
         self.held = False  # queued by hold_new_tasks(), not started yet
 
     def is_running(self) -> bool:
-        return self.held or self.thread.isRunning()
+        return self.held or self.qthread.isRunning()
 
     def wait(self, ms: int = 30000) -> bool:
         """Block until the function returned (for tests and for closing the window)."""
         if self.held:
             start_held_tasks()  # whoever waits needs the result now
         deadline = time.monotonic() + ms / 1000
-        while self.thread.isRunning() and time.monotonic() < deadline:
-            self.thread.wait(20)
+        while self.qthread.isRunning() and time.monotonic() < deadline:
+            self.qthread.wait(20)
             QApplication.processEvents()
         QApplication.processEvents()
-        return not self.thread.isRunning()
+        return not self.qthread.isRunning()
 
     # Slots of an object on the GUI thread: queued connections deliver the worker's signals here.
     @Slot(object)
@@ -87,8 +88,8 @@ class Task(QObject):
 
     @Slot()
     def _on_done(self) -> None:
-        self.thread.quit()
-        self.thread.wait()
+        self.qthread.quit()
+        self.qthread.wait()
         _running.discard(self)
         self.finished.emit()
 
@@ -111,7 +112,7 @@ def start_held_tasks() -> None:
     held, _held = _held or [], None
     for task in held:
         task.held = False
-        task.thread.start()
+        task.qthread.start()
 
 
 def running_tasks() -> list[Task]:
@@ -151,12 +152,12 @@ def run_task(name: str, fn: Callable[..., Any], *args: Any, progress: bool = Fal
         kwargs = {**kwargs, "progress": report, "cancel": task.cancel}
     worker = _Worker(fn, args, kwargs)
     task.worker = worker
-    worker.moveToThread(task.thread)
+    worker.moveToThread(task.qthread)
     worker.progressed.connect(task._on_progressed)
     worker.returned.connect(task._on_returned)
     worker.errored.connect(task._on_errored)
     worker.done.connect(task._on_done)
-    task.thread.started.connect(worker.run)
+    task.qthread.started.connect(worker.run)
     if on_result is not None:
         task.returned.connect(on_result)
     if on_error is not None:
@@ -168,5 +169,5 @@ def run_task(name: str, fn: Callable[..., Any], *args: Any, progress: bool = Fal
         task.held = True
         _held.append(task)
     else:
-        task.thread.start()
+        task.qthread.start()
     return task

@@ -3,20 +3,48 @@ from __future__ import annotations
 
 import sys
 import typing
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from PySide6.QtCore import Qt
 from PySide6.QtGui import QPalette
-from PySide6.QtWidgets import (QCheckBox, QFormLayout, QFrame, QGroupBox, QHBoxLayout, QLabel, QLineEdit, QScrollArea,
-                               QVBoxLayout, QWidget)
+from PySide6.QtWidgets import (
+    QCheckBox,
+    QFormLayout,
+    QFrame,
+    QGroupBox,
+    QHBoxLayout,
+    QLabel,
+    QLineEdit,
+    QScrollArea,
+    QVBoxLayout,
+    QWidget,
+)
 
 from engine.config import ProjectConfig
 from engine.machine import auto_device, devices_here
 from engine.settings import Setting, bounds, choices, fields, meta, unwrap
-from widgets.fields import (ComboBox, DoubleSpinBox, FieldBinding, SpinBox, bind_check, bind_combo, bind_double,
-                            bind_float_text, bind_list_edit, bind_list_mode, bind_optional_spin, bind_spin, bind_text,
-                            format_numbers, format_positions, parse_int, parse_numbers, parse_optional_int,
-                            parse_positions)
+from widgets.fields import (
+    ComboBox,
+    DoubleSpinBox,
+    FieldBinding,
+    SpinBox,
+    bind_check,
+    bind_combo,
+    bind_double,
+    bind_float_text,
+    bind_list_edit,
+    bind_list_mode,
+    bind_optional_spin,
+    bind_spin,
+    bind_text,
+    format_numbers,
+    format_positions,
+    parse_int,
+    parse_numbers,
+    parse_optional_int,
+    parse_positions,
+)
 from widgets.look import ERROR_STYLE
 from widgets.state import ProjectState
 
@@ -379,7 +407,7 @@ class TrainingPanel(QWidget):
                 if item.widget() is not None:
                     items[item.widget()] = item
         groups = [self._left, self._right] if two else [self._left + self._right, []]
-        for col, boxes in zip(self._cols, groups):
+        for col, boxes in zip(self._cols, groups, strict=True):
             for box in boxes:
                 if box in items:
                     col.addItem(items[box])

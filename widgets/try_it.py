@@ -8,8 +8,18 @@ from typing import TYPE_CHECKING, Any
 
 from PySide6.QtCore import QSize, Qt, Signal
 from PySide6.QtGui import QDragEnterEvent, QDropEvent, QImage, QPalette, QPixmap, QResizeEvent
-from PySide6.QtWidgets import (QFileDialog, QFrame, QGridLayout, QHBoxLayout, QLabel, QProgressBar, QPushButton,
-                               QSizePolicy, QVBoxLayout, QWidget)
+from PySide6.QtWidgets import (
+    QFileDialog,
+    QFrame,
+    QGridLayout,
+    QHBoxLayout,
+    QLabel,
+    QProgressBar,
+    QPushButton,
+    QSizePolicy,
+    QVBoxLayout,
+    QWidget,
+)
 
 from widgets.folders import chosen_path, open_file_dialog, remember_folder, remembered_folder, start_folder
 from widgets.look import ERROR_COLOUR, fit_pixels
@@ -60,14 +70,18 @@ class PredictorCache:
                 self._predictor = None
                 self._predictor = Predictor.from_checkpoint(checkpoint)
                 self._key = key
+            assert self._predictor is not None  # made above or by an earlier call
             return self._predictor
 
 
 def predict_file(cache: PredictorCache, checkpoint: str, image_path: str) -> dict[str, Any]:
     """Decode the image, predict it with the checkpoint's model; plain values back (raises DataError/CheckpointError)."""
+    from PIL import Image
+
     from engine.predict import read_image
 
     image = read_image(image_path)  # a DataError naming the file when it does not decode
+    assert isinstance(image, Image.Image)  # a path reads as PIL (arrays as tensors)
     predictor = cache.get(checkpoint)
     predictions = predictor.predict(image)
     return {"checkpoint": checkpoint, "image": image_path, "size": image.size, "task": predictor.task,
@@ -221,9 +235,11 @@ class TryItPanel(QWidget):
             self._show_message(NO_MODEL, error=False)
             self._show_predictions([], "classification")
             return
-        p = Path(self._checkpoint)
+        checkpoint = self._checkpoint
+        assert checkpoint is not None  # the branch above handles no model
+        p = Path(checkpoint)
         self.checkpoint_label.setText(f"Model: {p.name} in {p.parent}")
-        self.checkpoint_label.setToolTip(self._checkpoint)
+        self.checkpoint_label.setToolTip(checkpoint)
         self._show_message("")
         if self._image_path is not None:
             self._start_prediction(self._image_path)
@@ -276,8 +292,8 @@ class TryItPanel(QWidget):
         self._show_message("")
         self._tasks.append(run_task(
             "predict image", predict_file, self._cache, self._checkpoint, image_path,
-            on_result=lambda result, rid=rid: self._on_prediction_returned(rid, result),
-            on_error=lambda exc, tb, rid=rid, path=image_path: self._on_prediction_errored(rid, path, exc, tb)))
+            on_result=lambda result: self._on_prediction_returned(rid, result),
+            on_error=lambda exc, tb: self._on_prediction_errored(rid, image_path, exc, tb)))
 
     def is_busy(self) -> bool:
         return any(t.is_running() for t in self._tasks)

@@ -4,12 +4,20 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from conftest import write_project
 from PySide6.QtCore import QPointF, QThread
-from PySide6.QtWidgets import (QAbstractButton, QAbstractItemView, QAbstractSpinBox, QComboBox, QLineEdit,
-                               QMessageBox, QTabBar, QWidget)
+from PySide6.QtWidgets import (
+    QAbstractButton,
+    QAbstractItemView,
+    QAbstractSpinBox,
+    QComboBox,
+    QLineEdit,
+    QMessageBox,
+    QTabBar,
+    QWidget,
+)
 
 from app.main_window import MainWindow
-from conftest import write_project
 from engine.config import load_project
 from engine.runs import read_metrics
 

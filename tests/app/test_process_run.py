@@ -11,9 +11,9 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import write_project
 
 from app.process_run import ProcessRun, descendants
-from conftest import write_project
 from engine.config import load_project
 
 # What the stand-in does, chosen by its first argument; the rest are main.py's arguments as the app passes them.

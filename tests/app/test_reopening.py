@@ -8,11 +8,11 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import write_image_folder, write_project
 from PySide6.QtCore import QTimer
 from PySide6.QtWidgets import QApplication, QFileDialog, QLabel, QMessageBox, QPushButton
 
 from app.main_window import MainWindow
-from conftest import write_image_folder, write_project
 from engine.trainer import Callback
 from widgets.tasks import running_tasks
 from widgets.try_it import TryItPanel

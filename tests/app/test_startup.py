@@ -10,13 +10,13 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import write_project
 from PySide6.QtWidgets import QLabel, QMessageBox
 
 from app.main_window import MainWindow
 from app.training import StepCounter
-from engine.events import EventEmitter
-from conftest import write_project
 from engine.config import ProjectConfig, validate
+from engine.events import EventEmitter
 from engine.trainer import Callback
 from widgets.tasks import cancel_all, hold_new_tasks, run_task, running_tasks, start_held_tasks
 

@@ -4,10 +4,10 @@ from __future__ import annotations
 import json
 import threading
 
+from conftest import write_project
 from PySide6.QtCore import QThread
 
 from app.training import TrainingController
-from conftest import write_project
 from engine.runs import read_metrics
 
 

@@ -8,10 +8,10 @@ import signal
 from pathlib import Path
 
 import pytest
+from conftest import write_image_folder, write_project
 
 from app.main_window import MainWindow
 from app.training import TrainingController
-from conftest import write_image_folder, write_project
 from engine.checkpoints import load_checkpoint
 from engine.config import load_project
 from engine.runs import read_metrics

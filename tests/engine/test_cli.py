@@ -7,7 +7,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import write_project
 
 ROOT = Path(__file__).resolve().parents[2]

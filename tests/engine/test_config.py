@@ -4,8 +4,7 @@ import math
 
 import pytest
 
-from engine.config import (SCHEMA_VERSION, ConfigError, ProjectConfig, from_dict, load_project, save_project,
-                           validate)
+from engine.config import SCHEMA_VERSION, ConfigError, ProjectConfig, from_dict, load_project, save_project, validate
 
 
 @pytest.fixture()

@@ -11,8 +11,7 @@ from PIL import Image
 from torch.utils.data import DataLoader
 
 from engine.config import DataConfig, ProjectConfig
-from engine.data import (ArrayDataset, DataError, ImageFileDataset, load_image, prepare_data, scan_source,
-                         split_indices)
+from engine.data import ArrayDataset, DataError, ImageFileDataset, load_image, prepare_data, scan_source, split_indices
 from engine.transforms import Preprocess
 
 PRE = Preprocess(resize_size=16, crop_size=12, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
@@ -64,7 +63,7 @@ def test_folder_scan_finds_sorted_classes_and_counts(tmp_path):
     assert src.class_counts() == [4, 3, 3]
     assert len(src.files) == len(src.targets) == 10
     assert not src.skipped and not src.warnings
-    assert all(src.class_names[t] == Path(f).relative_to(root).parts[0] for f, t in zip(src.files, src.targets))
+    assert all(src.class_names[t] == Path(f).relative_to(root).parts[0] for f, t in zip(src.files, src.targets, strict=True))
 
 
 def test_broken_images_are_skipped_with_reasons_and_the_rest_load(tmp_path):
@@ -208,7 +207,7 @@ def test_symlink_loop_in_a_class_folder_is_reported_and_counts_equal_the_real_fi
     src = scan_source(root)
 
     assert src.class_counts() == [5, 7]  # the real files, each once
-    assert sorted(f.name for f, t in zip(src.files, src.targets) if t == 1) == [f"{i:03d}.png" for i in range(7)]
+    assert sorted(f.name for f, t in zip(src.files, src.targets, strict=True) if t == 1) == [f"{i:03d}.png" for i in range(7)]
     loops = [w for w in src.warnings if "symlink loop" in w]
     assert len(loops) == 2
     assert any(str(root / "square" / "again") in w for w in loops)
@@ -225,7 +224,7 @@ def test_symlink_to_a_folder_elsewhere_is_followed_once(tmp_path):
     src = scan_source(root)
 
     assert src.class_counts() == [2 + 4, 3]
-    cat = [f for f, t in zip(src.files, src.targets) if t == 0]
+    cat = [f for f, t in zip(src.files, src.targets, strict=True) if t == 0]
     assert sum(1 for f in cat if f.parent.name in ("more", "same-again")) == 4
     assert any("same-again" in w and "already scanned" in w for w in src.warnings)
     assert any("reached through two paths" in w for w in src.warnings)

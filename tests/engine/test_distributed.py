@@ -15,13 +15,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import write_image_folder, write_project
 
 from engine.checkpoints import load_checkpoint
 from engine.config import SamplerConfig
 from engine.distributed import torchrun_command
 from engine.events import BatchProgress, EpochFinished, RunFinished, RunStarted, decode
 from engine.samplers import SamplerError, ShardedSampler, build_sampler
-from conftest import write_image_folder, write_project
 
 ROOT = Path(__file__).resolve().parents[2]
 HOOK = Path(__file__).resolve().parent / "ddp_hook"
@@ -62,7 +62,7 @@ def test_the_shares_of_a_global_draw_are_disjoint_equal_and_cover_it(name, extra
     for s in [*shares, whole]:
         s.set_epoch(4)
     drawn = [list(s) for s in shares]
-    assert len({len(d) for d in drawn}) == 1 and all(len(d) == len(s) for d, s in zip(drawn, shares))
+    assert len({len(d) for d in drawn}) == 1 and all(len(d) == len(s) for d, s in zip(drawn, shares, strict=True))
     everything = list(whole)
     # the shares interleave the single draw (padded by repeating its start to a multiple of 3)
     padded = everything + everything[:(-len(everything)) % 3]
@@ -159,7 +159,7 @@ def test_two_processes_match_one_with_the_same_global_batch(tmp_path, data):
     assert main(["train", str(one), "--out", str(tmp_path / "run-one")]) == 0
     m2, m1 = _metrics(run_two), _metrics(tmp_path / "run-one")
     assert len(m2) == len(m1) == 2
-    for a, b in zip(m2, m1):
+    for a, b in zip(m2, m1, strict=True):
         for key in ("train_loss", "val_loss", "train_accuracy", "val_accuracy"):
             assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-6), (key, a, b)
     ckpt2 = load_checkpoint(run_two / "checkpoints" / "final.pt")

@@ -7,11 +7,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import COLOURS, train_head_only_run, write_image_folder
 from PIL import Image
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
-from conftest import COLOURS, train_head_only_run, write_image_folder
 from engine.checkpoints import load_checkpoint
 from engine.collate import pad_collate
 from engine.evaluate import evaluate_checkpoint, evaluate_model
@@ -74,13 +74,13 @@ def test_classification_metrics_equal_hand_computed_values():
     assert ev.macro_f1 == pytest.approx((0.5 + 0.8 + 2 / 3) / 3)
     assert ev.top5_accuracy is None  # fewer than 5 classes
 
-    losses = [cross_entropy(z, t) for z, t in zip(LOGITS, TARGETS)]
+    losses = [cross_entropy(z, t) for z, t in zip(LOGITS, TARGETS, strict=True)]
     assert ev.loss == pytest.approx(sum(losses) / 6)
     worst = sorted(range(6), key=lambda i: -losses[i])[:4]
     assert [h["index"] for h in ev.hardest] == worst
     assert [h["path"] for h in ev.hardest] == [PATHS[i] for i in worst]
     assert [h["loss"] for h in ev.hardest] == pytest.approx([losses[i] for i in worst])
-    assert all(a["loss"] >= b["loss"] for a, b in zip(ev.hardest, ev.hardest[1:]))
+    assert all(a["loss"] >= b["loss"] for a, b in zip(ev.hardest, ev.hardest[1:], strict=False))
     first = ev.hardest[0]  # sample 1: an 'a' taken for a 'b'
     assert (first["index"], first["true"], first["predicted"]) == (1, "a", "b")
     z = LOGITS[1]
@@ -136,8 +136,8 @@ def test_multilabel_per_label_metrics_and_accuracy():
     assert rows["dog"]["f1"] == pytest.approx(2 / 3)
     assert ev.accuracy == pytest.approx(9 / 12)  # wrong: s0 sky, s1 cat, s2 dog
     assert ev.confusion == [] and ev.top5_accuracy is None
-    bce = [np.mean([math.log1p(math.exp(-z)) if t else math.log1p(math.exp(z)) for z, t in zip(zs, ts)])
-           for zs, ts in zip(logits, targets)]
+    bce = [np.mean([math.log1p(math.exp(-z)) if t else math.log1p(math.exp(z)) for z, t in zip(zs, ts, strict=True)])
+           for zs, ts in zip(logits, targets, strict=True)]
     assert ev.loss == pytest.approx(np.mean(bce))
     assert ev.hardest[0]["path"] == f"p{int(np.argmax(bce))}"
     assert ev.hardest[0]["true"] == ["cat", "sky"] and ev.hardest[0]["predicted"] == ["cat"]
@@ -192,7 +192,7 @@ def test_own_validation_split_reproduces_recorded_accuracy(trained):
     assert sum(map(sum, ev.confusion)) == 6 and [r["support"] for r in ev.per_class] == [2, 2, 2]
     assert ev.top5_accuracy is None
     assert len(ev.hardest) == 5
-    assert all(a["loss"] >= b["loss"] for a, b in zip(ev.hardest, ev.hardest[1:]))
+    assert all(a["loss"] >= b["loss"] for a, b in zip(ev.hardest, ev.hardest[1:], strict=False))
     for h in ev.hardest:  # each path is a real image of the class it is said to be
         assert Path(h["path"]).resolve().parent == (root / "images" / h["true"]).resolve()
         assert h["predicted"] in ev.class_names and 0.0 < h["confidence"] <= 1.0

@@ -7,12 +7,12 @@ import numpy as np
 import pytest
 import torch
 import torchvision
-
 from conftest import write_image_folder, write_project
+
 from engine.checkpoints import CheckpointError, load_checkpoint
-from engine.restore import restore_model
 from engine.config import load_project
 from engine.export import FORMATS, ExportError, default_suffix, export_checkpoint
+from engine.restore import restore_model
 from engine.runs import RunRecorder
 from engine.trainer import Trainer
 
@@ -98,7 +98,7 @@ def test_every_format_round_trips_within_tolerance(checkpoint, pytorch_model, tm
     # The file works on its own, in the runtime a user would pick, at more than one batch size.
     with torch.no_grad():
         expected = [pytorch_model(x) for x in _batches()]
-    for got, want in zip(_run_without_the_project(fmt, out), expected):
+    for got, want in zip(_run_without_the_project(fmt, out), expected, strict=True):
         assert got.shape == want.shape
         assert float((got - want).abs().max()) <= 1e-3
 

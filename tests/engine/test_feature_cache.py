@@ -3,9 +3,9 @@ import os
 
 import pytest
 import torch
+from conftest import write_image_folder, write_project
 from torch import nn
 
-from conftest import write_image_folder, write_project
 from engine import feature_cache
 from engine.checkpoints import load_checkpoint
 from engine.config import ConfigError, from_dict, load_project
@@ -50,7 +50,7 @@ def train(cfg, callbacks=()):
 def assert_same_training(a, b, tol=1e-5):
     ha, hb = a.state.history, b.state.history
     assert len(ha) == len(hb) > 0
-    for ma, mb in zip(ha, hb):
+    for ma, mb in zip(ha, hb, strict=True):
         for key in ("train_loss", "val_loss", "train_accuracy", "val_accuracy"):
             assert ma[key] == pytest.approx(mb[key], abs=tol), key
     wa, wb = a.parts.model.state_dict(), b.parts.model.state_dict()

@@ -6,13 +6,13 @@ import math
 
 import pytest
 import torch
-
 from conftest import write_image_folder, write_project
+
 from engine.checkpoints import load_checkpoint
-from engine.restore import restore_model
 from engine.config import ConfigError, load_project, validate
 from engine.export import export_checkpoint
 from engine.predict import Predictor
+from engine.restore import restore_model
 from engine.runs import RunRecorder
 from engine.trainer import Callback, Trainer
 

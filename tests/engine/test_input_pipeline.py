@@ -4,9 +4,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from conftest import write_image_folder, write_project
 from PIL import Image
 
-from conftest import write_image_folder, write_project
 from engine.config import load_project
 from engine.data import ArrayDataset, DataError, ImageFileDataset, prepare_data
 from engine.decoded_cache import CacheTooLarge, DecodedImageDataset, apply_decoded_cache, decode_dataset
@@ -228,7 +228,7 @@ def test_worker_processes_give_the_same_batches_from_the_cache(tmp_path):
     for train in (True, False):
         zero, two = batches(0, train), batches(2, train)
         assert len(zero) == len(two) > 1
-        for (xa, ya), (xb, yb) in zip(zero, two):
+        for (xa, ya), (xb, yb) in zip(zero, two, strict=True):
             assert torch.equal(xa, xb) and torch.equal(ya, yb)
 
 

@@ -1,6 +1,5 @@
 """Checkpoints that survive crashes, exact resume, early stopping, the NaN guard and TensorBoard files."""
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -8,8 +7,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import write_project
 
-from conftest import write_image_folder, write_project
 from engine.checkpoints import FORMAT_VERSION, CheckpointError, atomic_torch_save, load_checkpoint
 from engine.config import from_dict, load_project
 from engine.runs import create_run_dir, read_metrics, run_callbacks
@@ -63,7 +62,7 @@ def test_resume_continues_exactly_like_a_straight_run(project, tmp_path):
 
     a, b = straight.state.history, resumed.state.history
     assert [m["epoch"] for m in b] == [1, 2, 3, 4]
-    for ma, mb in zip(a, b):
+    for ma, mb in zip(a, b, strict=True):
         assert abs(ma["train_loss"] - mb["train_loss"]) <= 1e-6
         assert abs(ma["val_loss"] - mb["val_loss"]) <= 1e-6
         assert ma["lr"] == pytest.approx(mb["lr"], abs=1e-12)

@@ -3,10 +3,10 @@
 import numpy as np
 import pytest
 import torch
+from conftest import COLOURS, write_image_folder, write_project
 from PIL import Image
 from torch import nn
 
-from conftest import COLOURS, write_image_folder, write_project
 from engine.checkpoints import CheckpointError
 from engine.config import load_project
 from engine.data import DataError

@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 
 from engine.config import ConfigError, load_project
-from engine.run_lock import LOCK_FILE, FolderBusyError, claim_folder, read_owner, release_run_dir
 from engine.run_files import read_metrics
+from engine.run_lock import LOCK_FILE, FolderBusyError, claim_folder, read_owner, release_run_dir
 from engine.runs import create_run_dir, resume_run_dir
 
 ROOT = Path(__file__).resolve().parents[2]

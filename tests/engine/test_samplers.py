@@ -3,8 +3,14 @@ from collections import Counter
 
 import pytest
 import torch
-from torch.utils.data import (DistributedSampler, RandomSampler, SequentialSampler, SubsetRandomSampler,
-                              TensorDataset, WeightedRandomSampler)
+from torch.utils.data import (
+    DistributedSampler,
+    RandomSampler,
+    SequentialSampler,
+    SubsetRandomSampler,
+    TensorDataset,
+    WeightedRandomSampler,
+)
 
 from engine.collate import default_collate
 from engine.config import LoaderConfig, SamplerConfig

@@ -6,11 +6,20 @@ import io
 import os
 
 import pytest
-
 from conftest import write_image_folder, write_project
+
 from engine.config import load_project
-from engine.events import (BatchProgress, EpochFinished, JsonLines, LogMessage, RunFinished, RunStarted, decode,
-                           encode, to_dict)
+from engine.events import (
+    BatchProgress,
+    EpochFinished,
+    JsonLines,
+    LogMessage,
+    RunFinished,
+    RunStarted,
+    decode,
+    encode,
+    to_dict,
+)
 from engine.run_lock import LOCK_FILE, read_owner
 from engine.session import RunSession, error_kind, error_text
 

@@ -89,7 +89,7 @@ def test_bundled_weights_map_one_to_one_onto_timms_architecture():
     source = load_state_dict_file(bundled_weights_file())
     assert len(source) == len(model.state_dict()) == 296
     load_by_order(model, source, "bundled")
-    for (key, want), got in zip(source.items(), model.state_dict().values()):
+    for (key, want), got in zip(source.items(), model.state_dict().values(), strict=True):
         assert torch.equal(want, got), key
 
 
@@ -262,8 +262,8 @@ def test_timm_heads_freeze_and_train_like_torchvision_ones(backbone, head):
 
 def test_a_timm_checkpoint_is_restored_and_exported(tmp_path):
     from engine.checkpoints import load_checkpoint
-    from engine.restore import restore_model
     from engine.export import export_checkpoint
+    from engine.restore import restore_model
     from engine.runs import create_run_dir, run_callbacks
     from engine.trainer import Trainer
 

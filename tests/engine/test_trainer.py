@@ -4,8 +4,8 @@ import threading
 import numpy as np
 import pytest
 import torch
-
 from conftest import write_project
+
 from engine.config import ConfigError, load_project
 from engine.trainer import Callback, NonFiniteLossError, Trainer, build_run
 
@@ -268,8 +268,8 @@ def test_settings_that_cannot_run_under_torchrun_on_this_machine_are_refused_bef
 
 
 def test_multilabel_accuracy_with_regression_losses_thresholds_at_half(tmp_path):
-    from engine.losses import TaskLoss
     from engine.config import LossConfig
+    from engine.losses import TaskLoss
     from engine.trainer import _correct
 
     out = torch.tensor([[0.1, 0.9], [0.8, 0.2]])

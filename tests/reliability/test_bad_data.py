@@ -21,9 +21,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import write_image_folder, write_project
 from PIL import Image
 
-from conftest import write_image_folder, write_project
 from engine.data import DataError, load_image, scan_source
 
 ROOT = Path(__file__).resolve().parents[2]

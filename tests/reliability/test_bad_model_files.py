@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 import torch
 import torchvision
-
 from conftest import write_image_folder, write_project
+
 from engine.checkpoints import FORMAT_VERSION
 
 REPO = Path(__file__).resolve().parents[2]

@@ -12,16 +12,16 @@ from pathlib import Path
 
 import pytest
 import torch
-from PySide6.QtCore import QCoreApplication, QSettings, QThread, Qt
-from PySide6.QtWidgets import QLabel, QLineEdit, QMessageBox, QPushButton, QSpinBox, QWidget
+from conftest import train_head_only_run, write_project
+from PySide6.QtCore import QCoreApplication, QSettings, Qt, QThread
+from PySide6.QtWidgets import QLabel, QLineEdit, QMessageBox, QPushButton, QSpinBox
+from test_bad_settings_cli import read_only_folder
 
 from app.main_window import MainWindow
-from conftest import train_head_only_run, write_project
 from engine.checkpoints import load_checkpoint
-from engine.restore import restore_model
 from engine.config import SCHEMA_VERSION, load_project
+from engine.restore import restore_model
 from engine.runs import read_metrics
-from test_bad_settings_cli import read_only_folder
 
 
 @pytest.fixture(autouse=True)

@@ -14,12 +14,12 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from conftest import train_head_only_run, write_project
+
 from engine.checkpoints import load_checkpoint
-from engine.restore import restore_model
 from engine.cli import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_OK, main
 from engine.config import SCHEMA_VERSION
+from engine.restore import restore_model
 from engine.runs import read_metrics
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import write_project
+
 from engine.checkpoints import CheckpointWriteError, load_checkpoint
 from engine.config import load_project
 from engine.runs import create_run_dir, read_metrics, resume_config, run_callbacks

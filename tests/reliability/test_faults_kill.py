@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 from conftest import write_image_folder, write_project
+
 from engine.checkpoints import load_checkpoint
 from engine.runs import read_metrics
 

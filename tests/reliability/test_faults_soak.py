@@ -10,9 +10,9 @@ import weakref
 
 import pytest
 import torch
+from conftest import write_project
 
 from app.training import release_freed_memory
-from conftest import write_project
 
 CYCLES = 50
 WARM_UP = 5

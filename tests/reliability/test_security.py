@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import ast
 import hashlib
-import json
 import pickle
 import subprocess
 import sys
@@ -20,7 +19,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
 from conftest import write_image_folder, write_project
 
 REPO = Path(__file__).resolve().parents[2]
@@ -169,7 +167,7 @@ def test_the_scanner_catches_each_kind_of_violation():
                 "numpy.load without", "numpy.load without", "pickle.loads", "os.system", "shell=True",
                 "shell=flag", "assigns Image.MAX_IMAGE_PIXELS", "assigns PIL.Image.MAX_IMAGE_PIXELS", "setattr"]
     assert len(problems) == len(expected), problems
-    for line, what in zip(problems, expected):
+    for line, what in zip(problems, expected, strict=True):
         assert what in line, (line, what)
 
     good = textwrap.dedent("""
@@ -195,10 +193,10 @@ def test_importing_the_whole_product_keeps_pillows_decompression_bomb_limit():
     from PIL import Image
 
     import app.main_window  # noqa: F401 - importing is the test: nothing may raise the limit at import
-    import engine.cli  # noqa: F401
-    import engine.data  # noqa: F401
-    import widgets.dataset_panel  # noqa: F401
-    import widgets.try_it  # noqa: F401
+    import engine.cli  # noqa: F401 - importing is the test
+    import engine.data  # noqa: F401 - importing is the test
+    import widgets.dataset_panel  # noqa: F401 - importing is the test
+    import widgets.try_it  # noqa: F401 - importing is the test
 
     assert Image.MAX_IMAGE_PIXELS == int(1024 * 1024 * 1024 // 4 // 3)  # Pillow's own default
 

@@ -4,10 +4,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import write_image_folder
 from PySide6.QtCore import Qt
 from PySide6.QtWidgets import QLabel, QLineEdit, QListWidget, QPushButton, QTableWidget, QWidget
 
-from conftest import write_image_folder
 from engine.data import scan_source, split_indices
 from widgets.dataset_panel import OBJECT_NAMES, DatasetPanel
 

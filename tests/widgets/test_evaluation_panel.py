@@ -4,11 +4,11 @@ import shutil
 
 import numpy as np
 import pytest
+from conftest import COLOURS, train_head_only_run
 from PySide6.QtCore import Qt
 from PySide6.QtGui import QAction, QColor, QPalette
 from PySide6.QtWidgets import QAbstractButton, QAbstractItemView, QAbstractSpinBox, QComboBox, QLineEdit, QWidget
 
-from conftest import COLOURS, train_head_only_run
 from engine.evaluate import evaluate_checkpoint
 from widgets.evaluation_panel import OBJECT_NAMES, TOP_N, EvaluationPanel, viridis
 
@@ -170,7 +170,7 @@ def test_npz_samples_are_rendered_from_the_array(qtbot, panel, trained, tmp_path
     assert result["samples"] == 3 and len(result["skipped"]) == 1
     assert "1 sample(s) skipped" in panel.data_label.text()
     assert panel.matrix.counts().sum() == 3
-    for h, thumb in zip(result["hardest"], panel.thumbnails):
+    for h, thumb in zip(result["hardest"], panel.thumbnails, strict=True):
         assert h["path"].startswith("row ")
         assert isinstance(thumb, np.ndarray) and dominant_colour(thumb) == h["true"]
         assert tuple(thumb[0, 0]) == COLOURS[h["true"]]  # the stored pixels, unchanged

@@ -5,10 +5,10 @@ import shutil
 
 import pytest
 import torch
+from conftest import train_head_only_run
 from PySide6.QtGui import QAction
 from PySide6.QtWidgets import QAbstractButton, QAbstractItemView, QAbstractSpinBox, QComboBox, QLineEdit, QWidget
 
-from conftest import train_head_only_run
 from engine.checkpoints import load_checkpoint
 from engine.export import FORMATS
 from widgets.export_dialog import OBJECT_NAMES, ExportDialog

@@ -74,7 +74,7 @@ def test_tree_shows_the_modules_with_output_shapes_and_counts(qtbot, panel):
     assert panel.item_for("fc").text(SHAPE) == "1×3"
     assert number(panel.item_for("fc").text(PARAMS)) == 512 * 3 + 3
 
-    panel.depth.setValue(3)
+    panel.depth_box.setValue(3)
     assert panel.item_for("layer1.0").isExpanded()
 
 

@@ -37,7 +37,7 @@ def test_ten_thousand_batch_points_in_chunks_are_all_kept_on_one_item_per_curve(
     assert len(drawn_x) <= DISPLAY_POINTS + 64 and drawn_x[0] == 1 and drawn_x[-1] == 10_000
     after = items_per_plot(plots)
     assert {k: len(v) for k, v in after.items()} == {"batch": 2, "loss": 2, "accuracy": 2, "lr": 1}
-    assert all(a is b for name in before for a, b in zip(before[name], after[name]))  # never rebuilt
+    assert all(a is b for name in before for a, b in zip(before[name], after[name], strict=True))  # never rebuilt
     # Long series are drawn downsampled and clipped to the view, so an update costs the same late in a run.
     curve = plots.curves["batch_loss"]
     assert curve.opts["autoDownsample"] and curve.opts["downsampleMethod"] == "peak" and curve.opts["clipToView"]

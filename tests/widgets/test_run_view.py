@@ -1,10 +1,10 @@
 """Run view: progress and time left follow the controller's payloads, buttons follow the run, a real run fills it."""
 import pytest
+from conftest import write_project
 from PySide6.QtGui import QImage
 from PySide6.QtWidgets import QLabel, QProgressBar, QPushButton
 
 from app.training import TrainingController
-from conftest import write_project
 from engine.config import load_project
 from engine.runs import read_metrics
 from widgets.checkpoints_panel import CheckpointsPanel

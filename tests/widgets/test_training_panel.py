@@ -4,8 +4,19 @@ from __future__ import annotations
 import pytest
 from PySide6.QtCore import QPoint, QPointF, Qt
 from PySide6.QtGui import QWheelEvent
-from PySide6.QtWidgets import (QAbstractButton, QAbstractSpinBox, QApplication, QCheckBox, QComboBox,
-                               QDoubleSpinBox, QGroupBox, QLabel, QLineEdit, QSpinBox, QWidget)
+from PySide6.QtWidgets import (
+    QAbstractButton,
+    QAbstractSpinBox,
+    QApplication,
+    QCheckBox,
+    QComboBox,
+    QDoubleSpinBox,
+    QGroupBox,
+    QLabel,
+    QLineEdit,
+    QSpinBox,
+    QWidget,
+)
 
 from engine.config import DIST_BACKENDS, LOSSES, OPTIMIZERS, SAMPLERS, SCHEDULES, load_project
 from tests.conftest import write_project

@@ -1,10 +1,10 @@
 """Try it: a trained checkpoint's predictions for an opened or dropped image, and the messages when it cannot."""
 import pytest
-from PySide6.QtCore import QPoint, QMimeData, QPointF, Qt, QUrl
+from conftest import write_image_folder, write_project
+from PySide6.QtCore import QMimeData, QPoint, QPointF, Qt, QUrl
 from PySide6.QtGui import QDragEnterEvent, QDropEvent
 from PySide6.QtWidgets import QLabel, QProgressBar, QPushButton, QWidget
 
-from conftest import write_image_folder, write_project
 from engine.config import load_project
 from engine.predict import Predictor
 from engine.runs import RunRecorder
