@@ -174,6 +174,30 @@ def claim_folder(folder: str | os.PathLike, *, log: Callable[[str], None] | None
     return claim(Path(folder) / LOCK_FILE, f"run folder {str(folder)!r}", log=log)
 
 
+def holder(folder: str | os.PathLike) -> dict[str, Any] | None:
+    """Who holds a run folder now: its owner's record while a live process has it claimed, else None.
+
+    A look, not a claim: a shared lock taken and dropped at once (it fails while the owner holds its exclusive
+    one), so a lock file left by a killed run reads as free.
+    """
+    lock_file = Path(folder) / LOCK_FILE
+    if fcntl is None:
+        return read_owner(lock_file) or None  # without flock, the file's presence is the claim
+    try:
+        fd = os.open(lock_file, os.O_RDONLY)
+    except OSError:
+        return None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return _owner_when_written(lock_file) or {"pid": "?"}
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return None
+    finally:
+        os.close(fd)
+
+
 def inherited_claim(folder: str | os.PathLike) -> Claim | None:
     """The claim a parent process made for us (CLAIM_ENV names its pid and it holds the folder's lock)."""
     holder = os.environ.get(CLAIM_ENV)

@@ -20,6 +20,7 @@ from PySide6.QtWidgets import (
 )
 
 from engine.run_files import is_completed, planned_epochs
+from engine.run_lock import holder
 from widgets.live_plots import LivePlots
 from widgets.look import ERROR_COLOUR
 
@@ -224,7 +225,11 @@ class RunView(QWidget):
             self.epoch_bar.setValue(done)
             self.epoch_bar.setFormat(f"{done} / {max(done, planned)} epoch(s)")
         name = Path(run_dir).name
-        if is_completed(run_dir):
+        owner = holder(run_dir)
+        if owner is not None:  # another process (the command line, another window) is training it now
+            text = (f"Run {name}: being trained by process {owner.get('pid', '?')} right now; "
+                    f"these are its curves up to epoch {done}.")
+        elif is_completed(run_dir):
             text = f"Run {name}: finished, {done} epoch(s)."
         elif done:
             # Stopped, killed or crashed: its last checkpoint is whole, so Resume continues it.

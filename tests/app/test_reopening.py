@@ -31,6 +31,7 @@ def trained(tmp_path_factory):
 
     Each test works on its own hard-linked copy, so best/last/final stay links to their epoch files."""
     from engine.config import load_project
+    from engine.run_lock import release_run_dir
     from engine.runs import create_run_dir, run_callbacks
     from engine.trainer import Trainer
 
@@ -42,7 +43,9 @@ def trained(tmp_path_factory):
                                 train={"epochs": epochs, "device": "cpu", "seed": 0},
                                 output={"dir": "runs", "tensorboard": False})
         cfg = load_project(project)
-        Trainer(cfg, run_callbacks(cfg, create_run_dir(cfg)) + extra).run()
+        run_dir = create_run_dir(cfg)
+        Trainer(cfg, run_callbacks(cfg, run_dir) + extra).run()
+        release_run_dir(run_dir)  # as a run session does when its run ends
     return root
 
 
@@ -139,6 +142,25 @@ def test_an_interrupted_run_is_shown_as_such_with_resume_offered(qtbot, open_win
     assert blocker.args[0]["status"] == "completed" and blocker.args[0]["epoch"] == 2
     assert (run / "checkpoints" / "final.pt").is_file()
     qtbot.waitUntil(lambda: not running_tasks(), timeout=120000)  # the evaluation a completed run starts
+
+
+def test_a_run_another_process_is_training_is_shown_as_such(open_window, trained, tmp_path):
+    """The command line (or another window) trains the project's run right now: not 'interrupted'."""
+    import subprocess
+    import sys
+
+    project, run = copy_project(trained, "interrupted", tmp_path)
+    script = ("import sys; from engine.run_lock import claim_folder; c = claim_folder(sys.argv[1]); "
+              "print('held', flush=True); sys.stdin.read(); c.release()")
+    other = subprocess.Popen([sys.executable, "-c", script, str(run)], cwd=Path(__file__).resolve().parents[2],
+                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert other.stdout.readline().strip() == "held"
+        status = open_window(project).run_view.findChild(QLabel, "run.status").text()
+        assert f"being trained by process {other.pid} right now" in status and "interrupted" not in status
+    finally:
+        other.stdin.close()
+        other.wait(30)
 
 
 def test_a_project_without_runs_opens_as_before(open_window, tmp_path):

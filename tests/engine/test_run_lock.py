@@ -13,7 +13,7 @@ import pytest
 
 from engine.config import ConfigError, load_project
 from engine.run_files import read_metrics
-from engine.run_lock import LOCK_FILE, FolderBusyError, claim_folder, read_owner, release_run_dir
+from engine.run_lock import LOCK_FILE, FolderBusyError, claim_folder, holder, read_owner, release_run_dir
 from engine.runs import create_run_dir, resume_run_dir
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -82,39 +82,41 @@ def test_two_runs_started_in_the_same_second_get_different_folders(tiny_project)
 def test_a_folder_held_by_a_live_process_is_refused_naming_that_process(tiny_project, tmp_path):
     out = tmp_path / "run"
     out.mkdir()
-    holder = hold(out)
+    other = hold(out)
     try:
-        with pytest.raises(FolderBusyError, match=rf"{out}.*in use by process {holder.pid}"):
+        with pytest.raises(FolderBusyError, match=rf"{out}.*in use by process {other.pid}"):
             create_run_dir(load_project(tiny_project), out)
-        with pytest.raises(FolderBusyError, match=f"process {holder.pid}"):
+        with pytest.raises(FolderBusyError, match=f"process {other.pid}"):
             resume_run_dir(out / "checkpoints" / "last.pt", None)
         # the command line: exit 2 and one line naming the folder and the process, no traceback
         cli = subprocess.run([sys.executable, "main.py", "train", str(tiny_project), "--out", str(out)], cwd=ROOT,
                              capture_output=True, text=True, timeout=300)
         assert cli.returncode == 2, cli.stderr
-        assert f"in use by process {holder.pid}" in cli.stderr and str(out) in cli.stderr
+        assert f"in use by process {other.pid}" in cli.stderr and str(out) in cli.stderr
         assert "Traceback" not in cli.stderr
         assert not (out / "metrics.jsonl").exists()
     finally:
-        holder.stdin.close()
-        holder.wait(30)
+        other.stdin.close()
+        other.wait(30)
     assert not (out / LOCK_FILE).exists()  # released with its owner's end
 
 
 def test_a_stale_lock_from_a_killed_process_is_taken_over_saying_so(tmp_path):
     out = tmp_path / "run"
     out.mkdir()
-    holder = hold(out)
-    holder.send_signal(signal.SIGKILL)
-    holder.wait(30)
-    holder.stdin.close()
-    assert read_owner(out / LOCK_FILE)["pid"] == holder.pid  # the file is still there, its lock is not
+    other = hold(out)
+    assert holder(out)["pid"] == other.pid  # a look at who holds it, while it does
+    other.send_signal(signal.SIGKILL)
+    other.wait(30)
+    other.stdin.close()
+    assert read_owner(out / LOCK_FILE)["pid"] == other.pid  # the file is still there, its lock is not
+    assert holder(out) is None
 
     said: list[str] = []
     claim = claim_folder(out, log=said.append)
     try:
-        assert claim.took_over["pid"] == holder.pid
-        assert len(said) == 1 and f"process {holder.pid}" in said[0] and "no longer runs" in said[0]
+        assert claim.took_over["pid"] == other.pid
+        assert len(said) == 1 and f"process {other.pid}" in said[0] and "no longer runs" in said[0]
         assert read_owner(out / LOCK_FILE)["pid"] == os.getpid()
     finally:
         claim.release()
@@ -144,6 +146,6 @@ def test_a_failed_start_releases_the_folder(tiny_project, tmp_path):
     assert read_owner(out / LOCK_FILE)["pid"] == os.getpid()
     release_run_dir(run_dir)
     assert not (out / LOCK_FILE).exists()
-    holder = hold(out)  # another process can now have it
-    holder.stdin.close()
-    holder.wait(30)
+    other = hold(out)  # another process can now have it
+    other.stdin.close()
+    other.wait(30)
