@@ -15,6 +15,7 @@ from conftest import write_project
 
 from engine.checkpoints import CheckpointWriteError, load_checkpoint
 from engine.config import load_project
+from engine.run_lock import release_run_dir
 from engine.runs import create_run_dir, read_metrics, resume_config, run_callbacks
 from engine.trainer import DeviceOutOfMemoryError, Trainer
 
@@ -93,6 +94,7 @@ def test_disk_full_during_a_checkpoint_write_keeps_the_previous_one_and_the_run_
     trainer = Trainer(cfg, run_callbacks(cfg, run_dir))
     with pytest.raises(CheckpointWriteError) as info:
         trainer.run()
+    release_run_dir(run_dir)  # the run ended: its folder is free again (a run session does this)
     assert disk["hits"], "the epoch-2 checkpoint was never written"
     err = info.value
     checkpoints = run_dir / "checkpoints"
