@@ -138,6 +138,7 @@ def test_out_of_memory_in_a_batch_names_the_batch_size_and_keeps_the_checkpoints
     trainer = Trainer(cfg, run_callbacks(cfg, run_dir))
     with pytest.raises(DeviceOutOfMemoryError) as info:  # on the first batch too: not a "change the image size"
         trainer.run()
+    release_run_dir(run_dir)  # the run ended: its folder is free again (a run session does this)
     assert device["raised"] == 1
     message = str(info.value)
     assert f"ran out of memory at epoch {epoch}, batch {batch} with loader.batch_size = 8" in message
