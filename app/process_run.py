@@ -390,7 +390,7 @@ class ProcessRun(QObject):
             if result.get("status") == "failed":
                 own = str(result.get("error") or "the run failed")
                 extra = [f"rank {r}: {m}" for r, m in others.items() if m not in own]
-                # Rank 0 failing because a peer did (engine.trainer.PeerProcessError) names the peer's failure
+                # Rank 0 failing because a peer did (engine.failures.PeerProcessError) names the peer's failure
                 # as the cause: that comes first.
                 cause_first = result.get("error_type") == "PeerProcessError"
                 result["error"] = "\n".join([*extra, own] if cause_first else [own, *extra])

@@ -38,7 +38,7 @@ def run_faults() -> tuple[type[BaseException], ...]:
     """Failures that stop a run for a reason outside the code (a diverging loss, a full disk, a device out of
     memory, a failed peer process): their message says what happened and what to change."""
     from engine.checkpoints import CheckpointWriteError
-    from engine.trainer import DeviceOutOfMemoryError, NonFiniteLossError, PeerProcessError
+    from engine.failures import DeviceOutOfMemoryError, NonFiniteLossError, PeerProcessError
 
     return NonFiniteLossError, CheckpointWriteError, DeviceOutOfMemoryError, PeerProcessError
 
@@ -124,7 +124,7 @@ class RunSession:
         if self.dist is None:
             return self._make_run_dir()
         from engine.distributed import broadcast_object
-        from engine.trainer import PeerProcessError
+        from engine.failures import PeerProcessError
 
         made, problem, error = None, None, None
         if self.dist.is_main:

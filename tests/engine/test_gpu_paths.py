@@ -116,10 +116,10 @@ def test_compile_on_cpu_matches_eager_or_falls_back_with_its_reason(tmp_path):
     failed = [m for m in compiled.logs if m.startswith("torch.compile failed (")]
     if failed:  # no usable compiler here: the run said why and trained eagerly, exactly as without compile
         assert len(failed) == 1 and failed[0].endswith("training continues without compiling (eager)")
-        assert trainer._compiled is None
+        assert trainer.forward.compiled_module is None
         assert compiled.losses == pytest.approx(eager.losses, rel=1e-6)
     else:
-        assert trainer._compiled is not None and trainer._compile_tried
+        assert trainer.forward.compiled_module is not None and trainer.forward.compile_tried
         assert compiled.losses == pytest.approx(eager.losses, rel=2e-2, abs=1e-3)
     keys = list(trainer.parts.model.state_dict())
     assert keys and not any("_orig_mod" in k for k in keys)  # the model itself stays uncompiled
@@ -140,7 +140,7 @@ def test_a_compiler_that_fails_falls_back_to_eager_with_the_reason(tmp_path):
         torch._dynamo.reset()
     failed = [m for m in compiled.logs if m.startswith("torch.compile failed (")]
     assert len(failed) == 1, compiled.logs
-    assert trainer._compiled is None and math.isfinite(state.history[-1]["train_loss"])
+    assert trainer.forward.compiled_module is None and math.isfinite(state.history[-1]["train_loss"])
     assert compiled.losses == pytest.approx(eager.losses, rel=1e-4)
 
 
@@ -183,6 +183,6 @@ def test_compile_with_the_feature_cache_compiles_the_part_that_trains(tmp_path):
     _, eager, _ = train(tmp_path, **small)
     trainer, compiled, _ = train(tmp_path, compile=True, **small)
     assert trainer.feature_cache is not None
-    if trainer._compiled is not None:
-        assert trainer._compiled_model is trainer.feature_cache.suffix
+    if trainer.forward.compiled_module is not None:
+        assert trainer.forward.compiled_module is trainer.feature_cache.suffix
     assert compiled.losses == pytest.approx(eager.losses, rel=2e-2, abs=1e-3)

@@ -11,8 +11,9 @@ from conftest import write_project
 
 from engine.checkpoints import FORMAT_VERSION, CheckpointError, atomic_torch_save, load_checkpoint
 from engine.config import from_dict, load_project
+from engine.failures import NonFiniteLossError
 from engine.runs import create_run_dir, read_metrics, run_callbacks
-from engine.trainer import NonFiniteLossError, Trainer
+from engine.trainer import Trainer
 
 ROOT = Path(__file__).resolve().parents[2]
 

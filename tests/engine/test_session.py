@@ -75,8 +75,8 @@ def test_a_project_that_fails_before_training_is_an_input_failure_leaving_no_fol
 def test_failures_are_classified_once_for_every_front_end():
     from engine.checkpoints import CheckpointWriteError
     from engine.config import ConfigError
+    from engine.failures import NonFiniteLossError
     from engine.run_lock import FolderBusyError
-    from engine.trainer import NonFiniteLossError
 
     assert error_kind(ConfigError(["x: bad"])) == "input"
     assert error_kind(FolderBusyError("run folder 'r' is in use by process 7")) == "input"

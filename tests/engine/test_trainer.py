@@ -7,7 +7,8 @@ import torch
 from conftest import write_project
 
 from engine.config import ConfigError, load_project
-from engine.trainer import Callback, NonFiniteLossError, Trainer, build_run
+from engine.failures import NonFiniteLossError
+from engine.trainer import Callback, Trainer, build_run
 
 
 class Recorder(Callback):
@@ -270,11 +271,11 @@ def test_settings_that_cannot_run_under_torchrun_on_this_machine_are_refused_bef
 def test_multilabel_accuracy_with_regression_losses_thresholds_at_half(tmp_path):
     from engine.config import LossConfig
     from engine.losses import TaskLoss
-    from engine.trainer import _correct
+    from engine.trainer import correct_predictions
 
     out = torch.tensor([[0.1, 0.9], [0.8, 0.2]])
     tgt = torch.tensor([[0.0, 1.0], [1.0, 0.0]])
     for name in ("mse", "l1", "smooth_l1"):
         threshold = TaskLoss(LossConfig(name=name), "multilabel", 2).threshold
-        assert _correct(out, tgt, "multilabel", threshold).item() == 2.0
+        assert correct_predictions(out, tgt, "multilabel", threshold).item() == 2.0
     assert TaskLoss(LossConfig(name="bce_with_logits"), "multilabel", 2).threshold == 0.0

@@ -15,9 +15,10 @@ from conftest import write_project
 
 from engine.checkpoints import CheckpointWriteError, load_checkpoint
 from engine.config import load_project
+from engine.failures import DeviceOutOfMemoryError
 from engine.run_lock import release_run_dir
 from engine.runs import create_run_dir, read_metrics, resume_config, run_callbacks
-from engine.trainer import DeviceOutOfMemoryError, Trainer
+from engine.trainer import Trainer
 
 pytestmark = pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs Linux's /dev/full for a real ENOSPC")
 
