@@ -691,13 +691,7 @@ def array_to_tensor(row: np.ndarray) -> torch.Tensor:
         values = row.astype(np.float32) / float(np.iinfo(row.dtype).max)
     else:
         values = row.astype(np.float32)  # float images are taken to be in [0, 1] already; bool as 0/1
-    t = torch.from_numpy(values)
-    t = t.unsqueeze(0) if t.ndim == 2 else t.permute(2, 0, 1)
-    if t.shape[0] == 1:
-        t = t.expand(3, -1, -1)
-    elif t.shape[0] == 4:
-        t = t[:3]
-    return t.contiguous()
+    return _rgb_chw(torch.from_numpy(values))
 
 
 def array_to_image(row: np.ndarray) -> torch.Tensor:
@@ -705,7 +699,11 @@ def array_to_image(row: np.ndarray) -> torch.Tensor:
     decoded image file), otherwise the float32 tensor in [0, 1] of array_to_tensor."""
     if row.dtype != np.uint8:
         return array_to_tensor(row)
-    t = torch.from_numpy(np.ascontiguousarray(row))
+    return _rgb_chw(torch.from_numpy(np.ascontiguousarray(row)))
+
+
+def _rgb_chw(t: torch.Tensor) -> torch.Tensor:
+    """An HW or HWC image tensor as 3-channel CHW: grey repeated, alpha dropped."""
     t = t.unsqueeze(0) if t.ndim == 2 else t.permute(2, 0, 1)
     if t.shape[0] == 1:
         t = t.expand(3, -1, -1)
