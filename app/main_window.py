@@ -27,7 +27,7 @@ from PySide6.QtWidgets import (
 )
 
 from app.training import TrainingController
-from engine.config import ConfigError, ProjectConfig
+from engine.config import ConfigError, Problem, ProjectConfig
 from engine.run_files import is_run_dir, last_written, project_runs
 from engine.text import readable
 from widgets.folders import start_folder
@@ -674,7 +674,7 @@ class MainWindow(QMainWindow):
         return self.export_dialog
 
     @Slot()
-    def check_project(self) -> list[str]:
+    def check_project(self) -> list[Problem]:
         problems = self.state.problems(check_paths=True)
         if problems:
             self.show_error("Project problems", "\n".join(f"• {p}" for p in problems))

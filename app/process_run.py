@@ -192,6 +192,7 @@ class ProcessRun(QObject):
         from engine.runs import create_run_dir, project_as_run
 
         cfg = self.cfg
+        assert cfg is not None, "a fresh run needs its project"
         if self.init_from:  # as an in-process run does it (TrainingWorker.run)
             cfg.model.weights, cfg.model.weights_file = None, str(Path(self.init_from).resolve())
         self.run_dir = create_run_dir(cfg, log=self.logged.emit)
@@ -419,7 +420,7 @@ class ProcessRun(QObject):
                                   "error_type": None}
         result.update(outcome)
         release_run_dir(self.run_dir)  # every process of the run has ended
-        if result["status"] == "failed" and self._fresh and self._only_project_written():
+        if result["status"] == "failed" and self._fresh and self.run_dir is not None and self._only_project_written():
             from engine.run_files import PROJECT_FILE
 
             (self.run_dir / PROJECT_FILE).unlink(missing_ok=True)  # the run never began: leave no empty folder

@@ -104,6 +104,7 @@ class TrainingWorker(QObject):
                 cfg = resume_config(resume, self.resume_from, epochs=self.epochs, epochs_field="epochs")
                 session = RunSession(cfg, resume=resume, checkpoint=self.resume_from, **session_args)
             else:
+                assert self.cfg is not None, "a fresh run needs its project"
                 if self.init_from:
                     apply_init_from(self.cfg, self.init_from)
                 session = RunSession(self.cfg, **session_args)

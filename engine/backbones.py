@@ -7,9 +7,10 @@ import pickle
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import timm
 import torch
@@ -20,6 +21,9 @@ from engine.catalog import BUNDLED, BUNDLED_BACKBONE, timm_model_name, timm_tags
 from engine.checkpoints import CheckpointError, check_format_version, refused_pickle_reason, torch_load_weights_only
 from engine.config import DataConfig, ModelConfig
 from engine.transforms import Preprocess
+
+if TYPE_CHECKING:
+    from timm.models import PretrainedCfg
 
 # Checkpoint layouts that wrap the state dict: ours and PyTorch's recipe, Lightning and others, timm/DeiT.
 _WRAPPER_KEYS = ("model_state_dict", "state_dict", "model")
@@ -38,22 +42,25 @@ class WeightsError(RuntimeError):
 # Where weights come from
 
 
-def _weight(backbone: str, weights: str):
+def _weight(backbone: str, weights: str) -> Any:  # a torchvision WeightsEnum member (untyped)
     return weights_enum(backbone)[weights]
 
 
-def _cache_path(weight) -> Path:
+def _cache_path(weight: Any) -> Path:
     # The same place torch.hub.load_state_dict_from_url looks; read each time so TORCH_HOME is honoured.
     return Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(urllib.parse.urlparse(weight.url).path)
 
 
-def _timm_cfg(backbone: str, weights: str):
+def _timm_cfg(backbone: str, weights: str) -> PretrainedCfg:
     """timm's pretrained cfg of a tag ("DEFAULT": timm's default tag) of a "timm/<model>" backbone."""
     from timm.models import get_pretrained_cfg
 
     arch = timm_model_name(backbone)
+    assert arch is not None, backbone  # only asked about "timm/<model>" backbones
     tag = timm_tags(arch)[0] if weights == "DEFAULT" else weights
-    return get_pretrained_cfg(f"{arch}.{tag}", allow_unregistered=False)
+    cfg = get_pretrained_cfg(f"{arch}.{tag}", allow_unregistered=False)
+    assert cfg is not None  # allow_unregistered=False raises instead of returning None
+    return cfg
 
 
 def _hf_cache_dir() -> str:
@@ -67,7 +74,7 @@ def _hf_cache_dir() -> str:
     return constants.HF_HUB_CACHE
 
 
-def _timm_weight_files(cfg) -> list[str]:
+def _timm_weight_files(cfg: PretrainedCfg) -> list[str]:
     # The files timm's load_pretrained asks the hub for, the safetensors version first.
     name = cfg.hf_hub_filename
     if not name:
@@ -77,7 +84,7 @@ def _timm_weight_files(cfg) -> list[str]:
     return [name[:-4] + ".safetensors", name] if name.endswith(".bin") else [name]
 
 
-def _timm_cached_file(cfg) -> str | None:
+def _timm_cached_file(cfg: PretrainedCfg) -> str | None:
     """Where timm weights already are on disk (Hugging Face cache, else torch hub cache); None if nowhere."""
     from huggingface_hub import try_to_load_from_cache
 
@@ -88,7 +95,9 @@ def _timm_cached_file(cfg) -> str | None:
             if isinstance(found, str) and os.path.isfile(found):  # not None, not the "known missing" marker
                 return found
     if cfg.url:  # timm's older home for weights, and the only one of a few models
-        path = Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(urllib.parse.urlparse(cfg.url).path)
+        # timm's cfg may give (url, file name) instead of a url, and then caches the file under that name.
+        name = cfg.url[1] if isinstance(cfg.url, tuple) else os.path.basename(urllib.parse.urlparse(cfg.url).path)
+        path = Path(torch.hub.get_dir()) / "checkpoints" / name
         if path.is_file():
             return str(path)
     return None
@@ -126,6 +135,7 @@ def _timm_preprocess(model_cfg: ModelConfig) -> tuple[int, int, tuple, tuple, st
         return _BUNDLED_SIZE, _BUNDLED_SIZE, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), "bicubic"
     from timm.data import resolve_data_config
 
+    assert model_cfg.weights is not None  # preprocess_for asks only when there are weights
     cfg = resolve_data_config(pretrained_cfg=_timm_cfg(model_cfg.backbone, model_cfg.weights).to_dict())
     crop = int(cfg["input_size"][-1])
     interpolation = cfg["interpolation"] if cfg["interpolation"] in ("bilinear", "bicubic", "nearest") else "bicubic"
@@ -135,6 +145,8 @@ def _timm_preprocess(model_cfg: ModelConfig) -> tuple[int, int, tuple, tuple, st
 
 def preprocess_for(model_cfg: ModelConfig, data_cfg: DataConfig) -> Preprocess:
     """What the model expects of its input: the weights' own recipe, else the project's settings."""
+    mean: Sequence[float]
+    std: Sequence[float]
     if model_cfg.weights is not None:
         if timm_model_name(model_cfg.backbone) is not None:
             resize, crop, mean, std, interpolation = _timm_preprocess(model_cfg)
@@ -195,6 +207,7 @@ def load_state_dict_file(path: str | os.PathLike) -> dict[str, Tensor]:
     p = Path(path)
     if not p.is_file():
         raise WeightsError(f"weights file {str(p)!r} does not exist")
+    data: Any  # whatever the file holds; checked below
     if p.suffix.lower() == ".safetensors":
         from safetensors.torch import load_file
 
@@ -282,7 +295,8 @@ def replace_head(model: nn.Module, num_outputs: int) -> str:
     # The last nn.Linear in registration order is the output layer for every torchvision classifier
     # (fc, classifier[-1], heads.head, head, classifier; checked against all of list_backbones()).
     # Only SqueezeNet has no Linear: its head is the 1x1 Conv2d in `classifier`, followed by ReLU and pooling.
-    name, old = None, None
+    name = ""
+    old: nn.Linear | nn.Conv2d | None = None
     for n, m in model.named_modules():
         if isinstance(m, nn.Linear):
             name, old = n, m
@@ -292,18 +306,19 @@ def replace_head(model: nn.Module, num_outputs: int) -> str:
                 name, old = n, m
     if old is None:
         raise ValueError(f"{type(model).__name__} has no Linear or Conv2d layer to use as a classifier head")
-    kw = {"bias": old.bias is not None, "device": old.weight.device, "dtype": old.weight.dtype}
+    kw: dict[str, Any] = {"bias": old.bias is not None, "device": old.weight.device, "dtype": old.weight.dtype}
+    new: nn.Module
     if isinstance(old, nn.Linear):
         new = nn.Linear(old.in_features, num_outputs, **kw)
     else:
-        new = nn.Conv2d(old.in_channels, num_outputs, kernel_size=old.kernel_size, stride=old.stride,
-                        padding=old.padding, **kw)
+        new = nn.Conv2d(old.in_channels, num_outputs, kernel_size=old.kernel_size, stride=old.stride,  # type: ignore[arg-type]  # torch types _ConvNd's sizes as tuple[int, ...]; a Conv2d's are pairs
+                        padding=old.padding, **kw)  # type: ignore[arg-type]  # the same: a Conv2d's padding is a pair or a string
     parent_name, _, attr = name.rpartition(".")
     setattr(model.get_submodule(parent_name), attr, new)
     return name
 
 
-def _ensure_downloaded(backbone: str, weights: str, weight) -> None:
+def _ensure_downloaded(backbone: str, weights: str, weight: Any) -> None:
     cache = _cache_path(weight)
     advice = "Train from random init (model.weights: null), or import a weights file (model.weights_file)"
     try:
@@ -322,7 +337,7 @@ def _ensure_downloaded(backbone: str, weights: str, weight) -> None:
                            f"{advice}") from None
 
 
-def _refuse_unsafe_cache(backbone: str, weight) -> None:
+def _refuse_unsafe_cache(backbone: str, weight: Any) -> None:
     """torchvision unpickles its cached weights without weights_only: read the file restricted first, so a
     tampered cache file is refused here instead of run there."""
 
@@ -397,18 +412,19 @@ def _timm_pretrained(arch: str, weights: str, backbone: str) -> tuple[nn.Module,
                                f"({str(exc).splitlines()[0]}); delete the file to download it again, or train "
                                "from random init (model.weights: null)") from None
         return model, f"pretrained weights {cfg.tag} (cached)"
-    where = f"{constants.ENDPOINT}/{cfg.hf_hub_id.partition('@')[0]}" if cfg.hf_hub_id else cfg.url
+    url = (cfg.url[0] if isinstance(cfg.url, tuple) else cfg.url) or ""  # timm's cfg may give (url, file name)
+    where = f"{constants.ENDPOINT}/{cfg.hf_hub_id.partition('@')[0]}" if cfg.hf_hub_id else url
     try:
         if cfg.hf_hub_id and os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
             raise OSError("HF_HUB_OFFLINE is set")
-        _hub_reachable(constants.ENDPOINT if cfg.hf_hub_id else cfg.url)
+        _hub_reachable(constants.ENDPOINT if cfg.hf_hub_id else url)
     except (urllib.error.URLError, OSError, ValueError) as exc:
         reason = getattr(exc, "reason", None) or exc
         raise WeightsError(f"pretrained weights {backbone} {cfg.tag} are not in the cache ({_hf_cache_dir()}) and "
                            f"cannot be downloaded from {where} ({reason}). {advice}") from None
     try:
         # cache_dir only when it differs from the hub client's own (timm before 1.0.2x has no such argument).
-        kwargs = {"cache_dir": _hf_cache_dir()} if cfg.hf_hub_id and _hf_cache_dir() != constants.HF_HUB_CACHE else {}
+        kwargs: dict[str, Any] = {"cache_dir": _hf_cache_dir()} if cfg.hf_hub_id and _hf_cache_dir() != constants.HF_HUB_CACHE else {}
         model = timm.create_model(f"{arch}.{cfg.tag}", pretrained=True, **kwargs)
     except Exception as exc:
         raise WeightsError(f"pretrained weights {backbone} {cfg.tag} could not be downloaded from {where} "
@@ -417,7 +433,7 @@ def _timm_pretrained(arch: str, weights: str, backbone: str) -> tuple[nn.Module,
 
 
 def _timm_head_name(model: nn.Module) -> str:
-    heads = model.get_classifier()
+    heads = model.get_classifier()  # type: ignore[operator]  # timm's own method; torch types nn.Module attributes as Tensor | Module
     heads = tuple(heads) if isinstance(heads, (tuple, list)) else (heads,)
     names = [n for n, m in model.named_modules() if n and any(m is h for h in heads)]
     if not names:
@@ -431,6 +447,7 @@ def _timm_head_name(model: nn.Module) -> str:
 def _build_timm(model_cfg: ModelConfig, num_outputs: int, image_size: int | None) -> tuple[nn.Module, str, str]:
     name = model_cfg.backbone
     arch = timm_model_name(name)
+    assert arch is not None, name  # build_model sends only "timm/<model>" backbones here
     weights = model_cfg.weights
     if weights is None:
         from timm.models import get_pretrained_cfg
@@ -453,12 +470,12 @@ def _build_timm(model_cfg: ModelConfig, num_outputs: int, image_size: int | None
         desc = f"ImageNet weights {BUNDLED} ({_BUNDLED_PACKAGE})"
     else:
         model, desc = _timm_pretrained(arch, weights, name)
-    model.reset_classifier(num_outputs)
+    model.reset_classifier(num_outputs)  # type: ignore[operator]  # timm's own method; torch types nn.Module attributes as Tensor | Module
     return model, _timm_head_name(model), desc
 
 
 def build_model(model_cfg: ModelConfig, num_outputs: int, *,
-                resolve: Callable[[str], Path] = lambda p: Path(p), image_size: int | None = None) -> BuiltModel:
+                resolve: Callable[[str], Path | None] = lambda p: Path(p), image_size: int | None = None) -> BuiltModel:
     """The backbone with its pretrained or file weights and a new head for num_outputs.
 
     image_size matters only for a random-init ViT, whose position embeddings are sized for it.
@@ -506,10 +523,11 @@ def build_model(model_cfg: ModelConfig, num_outputs: int, *,
 
 
 def _with_weights_file(model_cfg: ModelConfig, model: nn.Module, head_name: str, desc: str,
-                       resolve: Callable[[str], Path]) -> BuiltModel:
+                       resolve: Callable[[str], Path | None]) -> BuiltModel:
     report = None
     if model_cfg.weights_file:
         path = resolve(model_cfg.weights_file)
+        assert path is not None  # a resolver gives None only for an empty path
         report = load_weights_file(model, path, backbone=model_cfg.backbone)
         desc = f"file {Path(path).name} ({report.loaded} of {report.total} tensors)"
     return BuiltModel(model=model, head_name=head_name, weights_desc=desc, report=report)

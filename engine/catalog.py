@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import difflib
 import functools
+from typing import Any
 
 import timm
 import torchvision
@@ -44,7 +45,7 @@ def timm_model_name(backbone: str) -> str | None:
     return backbone[len(TIMM_PREFIX):] if backbone.startswith(TIMM_PREFIX) else None
 
 
-def weights_enum(backbone: str):
+def weights_enum(backbone: str) -> Any:  # a torchvision WeightsEnum class (untyped) or None
     """torchvision's weights enum of a backbone (None for timm's and for models without weights)."""
     try:
         return torchvision.models.get_model_weights(backbone)
@@ -56,7 +57,9 @@ def timm_tags(arch: str) -> list[str]:
     """The pretrained tags of a timm model that have weights, timm's default first."""
     from timm.models import get_arch_pretrained_cfgs, is_model_pretrained
 
-    return [cfg.tag for name, cfg in get_arch_pretrained_cfgs(arch).items() if is_model_pretrained(name)]
+    # timm leaves an untagged entry's tag None: it has no name to offer here (its weights are "DEFAULT").
+    return [cfg.tag for name, cfg in get_arch_pretrained_cfgs(arch).items()
+            if cfg.tag is not None and is_model_pretrained(name)]
 
 
 def weight_names(backbone: str) -> list[str]:

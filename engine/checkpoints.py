@@ -9,7 +9,7 @@ import shutil
 import tempfile
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import torch
 
@@ -56,11 +56,11 @@ class _KeepWriteErrors:
     the errno that says why (ENOSPC); this keeps it so the caller can report the real cause.
     """
 
-    def __init__(self, fh):
+    def __init__(self, fh: BinaryIO) -> None:
         self._fh = fh
         self.error: OSError | None = None
 
-    def write(self, data) -> int:
+    def write(self, data: bytes) -> int:
         try:
             return self._fh.write(data)
         except OSError as exc:
@@ -154,7 +154,7 @@ def remove_stale_temporaries(folder: str | os.PathLike) -> list[Path]:
     Only a process that owns the folder may call this (a run folder being resumed): another writer's
     temporary file would go too.
     """
-    removed = []
+    removed: list[Path] = []
     folder = Path(folder)
     if not folder.is_dir():
         return removed

@@ -8,9 +8,10 @@ import threading
 import traceback
 from collections.abc import Sequence
 from pathlib import Path
+from types import FrameType
 from typing import Any, TextIO
 
-from engine.config import DEVICES, ConfigError
+from engine.config import DEVICES, ConfigError, ProjectConfig
 from engine.events import BatchProgress, EpochFinished, Event, JsonLines, LogMessage, Output, RunFinished, RunStarted
 from engine.session import RunSession, apply_init_from, error_kind, failed_before_start
 
@@ -81,7 +82,7 @@ def format_metrics(m: dict[str, Any]) -> str:
     return "  ".join(parts)
 
 
-def _load(project: str, overrides: argparse.Namespace | None = None):
+def _load(project: str, overrides: argparse.Namespace | None = None) -> ProjectConfig:
     from engine.config import from_dict, load_project
 
     cfg = load_project(project)
@@ -119,7 +120,7 @@ def _relaunch(args: argparse.Namespace, processes: int) -> int:
     previous = {}
     interrupted = []
 
-    def on_sigint(signum, frame):  # the workers got it too: they stop after the batch; torchrun then ends
+    def on_sigint(signum: int, frame: FrameType | None) -> None:  # the workers got it too: they stop after the batch; torchrun then ends
         interrupted.append(True)
 
     if main_thread:
@@ -141,7 +142,7 @@ def _relaunch(args: argparse.Namespace, processes: int) -> int:
     return EXIT_FAILED
 
 
-def _wants_relaunch(cfg) -> bool:
+def _wants_relaunch(cfg: ProjectConfig) -> bool:
     from engine.distributed import world_from_env
 
     return cfg.distributed.processes > 1 and world_from_env() is None
@@ -241,6 +242,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
         raise ConfigError([f"--json {args.json!r}: folder {str(Path(args.json).resolve().parent)!r} does not exist"])
     ev = evaluate_checkpoint(args.checkpoint, data=args.data, top_n=args.top, device=args.device)
+    assert ev is not None  # None only after a stop request, and no stop_event is given
     print(f"Evaluated {ev.data}")
     if ev.loss is not None:
         plain = {"classification": "cross-entropy", "multilabel": "binary cross-entropy", "regression": "MSE"}
@@ -334,7 +336,9 @@ def cmd_layers(args: argparse.Namespace) -> int:
     if num_outputs is None:
         from engine.data import scan_source
 
-        num_outputs = len(scan_source(cfg.resolve(cfg.data.path), kind=cfg.data.kind,
+        data_path = cfg.resolve(cfg.data.path)
+        assert data_path is not None  # load_project refuses an empty data.path
+        num_outputs = len(scan_source(data_path, kind=cfg.data.kind,
                                       task=cfg.data.task).class_names)
     model_cfg = cfg.model
     if model_cfg.weights:  # the shapes do not depend on the weights; building without them needs no network

@@ -5,9 +5,10 @@ import json
 import math
 import os
 import re
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError
 
@@ -30,21 +31,36 @@ from engine.settings import (
 
 SCHEMA_VERSION = 1
 
-TASKS = ("classification", "multilabel", "regression")
-DATA_KINDS = ("auto", "folder", "csv", "npz")
-SAMPLERS = ("sequential", "random", "subset_random", "weighted_random", "distributed")
-COLLATES = ("default", "pad")
-DECODED_CACHE_MODES = ("auto", "on", "off")
-LOSSES = ("cross_entropy", "mse", "bce_with_logits", "nll", "l1", "smooth_l1")
-OPTIMIZERS = ("sgd", "adam", "adamw", "rmsprop")
-SCHEDULES = ("none", "step", "cosine", "onecycle", "plateau")
-FREEZE_PRESETS = ("none", "head_only", "up_to")
-DEVICES = ("auto", "cpu", "cuda", "mps")
-MONITORS = ("val_loss", "val_accuracy", "train_loss", "train_accuracy")
-MONITOR_MODES = ("auto", "min", "max")
-PRECISIONS = ("fp32", "fp16", "bf16")
-DIST_BACKENDS = ("auto", "nccl", "gloo")
-FEATURE_CACHE_MODES = ("auto", "off")
+Task = Literal["classification", "multilabel", "regression"]
+TASKS: tuple[str, ...] = get_args(Task)
+DataKind = Literal["auto", "folder", "csv", "npz"]
+DATA_KINDS: tuple[str, ...] = get_args(DataKind)
+SamplerName = Literal["sequential", "random", "subset_random", "weighted_random", "distributed"]
+SAMPLERS: tuple[str, ...] = get_args(SamplerName)
+CollateName = Literal["default", "pad"]
+COLLATES: tuple[str, ...] = get_args(CollateName)
+DecodedCacheMode = Literal["auto", "on", "off"]
+DECODED_CACHE_MODES: tuple[str, ...] = get_args(DecodedCacheMode)
+LossName = Literal["cross_entropy", "mse", "bce_with_logits", "nll", "l1", "smooth_l1"]
+LOSSES: tuple[str, ...] = get_args(LossName)
+OptimizerName = Literal["sgd", "adam", "adamw", "rmsprop"]
+OPTIMIZERS: tuple[str, ...] = get_args(OptimizerName)
+ScheduleName = Literal["none", "step", "cosine", "onecycle", "plateau"]
+SCHEDULES: tuple[str, ...] = get_args(ScheduleName)
+FreezePreset = Literal["none", "head_only", "up_to"]
+FREEZE_PRESETS: tuple[str, ...] = get_args(FreezePreset)
+DeviceName = Literal["auto", "cpu", "cuda", "mps"]
+DEVICES: tuple[str, ...] = get_args(DeviceName)
+Monitor = Literal["val_loss", "val_accuracy", "train_loss", "train_accuracy"]
+MONITORS: tuple[str, ...] = get_args(Monitor)
+MonitorMode = Literal["auto", "min", "max"]
+MONITOR_MODES: tuple[str, ...] = get_args(MonitorMode)
+Precision = Literal["fp32", "fp16", "bf16"]
+PRECISIONS: tuple[str, ...] = get_args(Precision)
+DistBackend = Literal["auto", "nccl", "gloo"]
+DIST_BACKENDS: tuple[str, ...] = get_args(DistBackend)
+FeatureCacheMode = Literal["auto", "off"]
+FEATURE_CACHE_MODES: tuple[str, ...] = get_args(FeatureCacheMode)
 
 MONITOR_LABELS = {"val_loss": "validation loss", "val_accuracy": "validation accuracy",
                   "train_loss": "training loss", "train_accuracy": "training accuracy"}
@@ -70,13 +86,13 @@ class Problem:
         """A problem from its sentence alone: the path is the field the sentence starts with, if it names one."""
         match = re.match(r"([a-z_]+(?:\.[a-z_]+)*)(?:\[\d+\])?(?: = |: | is )", message)
         top = match.group(1).split(".")[0] if match else ""
-        return cls(match.group(1) if top in ProjectConfig.model_fields else "", message)
+        return cls(match.group(1) if match and top in ProjectConfig.model_fields else "", message)
 
 
 class ConfigError(ValueError):
     """One or more fields of a project are invalid; each problem names the field, the value and what is allowed."""
 
-    def __init__(self, problems: list[Problem | str], source: str | None = None):
+    def __init__(self, problems: Sequence[Problem | str], source: str | None = None):
         self.problems = [p if isinstance(p, Problem) else Problem.of(str(p)) for p in problems]
         self.source = source
         where = f" in {source}" if source else ""
@@ -122,9 +138,9 @@ class AugmentConfig(Section):
 
 class DataConfig(Section):
     path: str = setting("", doc="image folder, `.csv` or `.npz` (required)")
-    kind: Literal[DATA_KINDS] = setting("auto", doc="`auto`: a folder is an image folder, .csv a CSV, .npz a NumPy "
+    kind: DataKind = setting("auto", doc="`auto`: a folder is an image folder, .csv a CSV, .npz a NumPy "
                                                     "archive")
-    task: Literal[TASKS] = setting("classification", doc="what the labels are")
+    task: Task = setting("classification", doc="what the labels are")
     val_path: str | None = setting(None, doc="a separate validation source of the same kind; otherwise a split")
     val_fraction: Finite = setting(0.2, ge=0, lt=1,
                                    doc="share of each class held out for validation (stratified), 0 for none")
@@ -165,7 +181,7 @@ class ModelConfig(Section):
     weights_file: str | None = setting(
         None, doc="a local `.pt`/`.pth`/`.safetensors` state dict, loaded after the head is replaced; mismatches "
                   "are reported")
-    freeze: Literal[FREEZE_PRESETS] = setting("none", doc="a freezing preset")
+    freeze: FreezePreset = setting("none", doc="a freezing preset")
     freeze_up_to: str | None = setting(
         None, doc="this module and every one before it are frozen",
         applies=Applies("model.freeze", ("up_to",), enforce=True, why="set both or remove freeze_up_to"))
@@ -183,7 +199,7 @@ def _sampler(*names: str, enforce: bool = False) -> Applies:
 
 
 class SamplerConfig(Section):
-    name: Literal[SAMPLERS] = setting(
+    name: SamplerName = setting(
         "random", group="sampler", label="Sampler", name="sampler",
         doc="which sampler draws the training samples; under torchrun each is split into per-process shares",
         help="Which samples each training epoch draws, and in what order.",
@@ -260,7 +276,7 @@ class LoaderConfig(Section):
         None, group="sampler", label="Pin memory", doc="pinned host memory; `null`: on when training on CUDA",
         help="Page-locked host memory makes copies to a CUDA GPU faster; auto turns it on only for CUDA.",
         choices={None: "auto (on when training on CUDA)", True: "on", False: "off"})
-    decoded_cache: Literal[DECODED_CACHE_MODES] = setting(
+    decoded_cache: DecodedCacheMode = setting(
         "auto", group="sampler", label="Image cache",
         doc="keep decoded, resized images in memory: `auto` (when they fit), `on` (also said when they do not), "
             "`off`",
@@ -285,7 +301,7 @@ class LoaderConfig(Section):
                         why="PyTorch's DataLoader refuses shuffle together with another sampler, so the chosen "
                             "sampler decides the order"))
     sampler: SamplerConfig = Field(default_factory=SamplerConfig)
-    collate: Literal[COLLATES] = setting(
+    collate: CollateName = setting(
         "default", group="input", label="Collate",
         doc="`default` stacks; `pad` zero-pads to the batch's largest image (also returns the original sizes)",
         help="How a batch is assembled: stacked (all images the same size) or zero-padded to the largest image of "
@@ -298,7 +314,7 @@ def _loss(*names: str) -> Applies:
 
 
 class LossConfig(Section):
-    name: Literal[LOSSES] = setting(
+    name: LossName = setting(
         "cross_entropy", group="loss", label="Loss", name="loss",
         doc="the loss; `cross_entropy`, `nll`, `mse`, `l1`, `smooth_l1` take classes (one-hot targets for the "
             "regressions), `bce_with_logits` multilabel",
@@ -337,7 +353,7 @@ def _optimizer(*names: str) -> Applies:
 
 
 class OptimizerConfig(Section):
-    name: Literal[OPTIMIZERS] = setting(
+    name: OptimizerName = setting(
         "adamw", group="optimizer", label="Optimizer", name="optimizer", doc="the optimizer",
         help="The algorithm that updates the weights from the gradients.",
         choices={"sgd": "SGD", "adam": "Adam", "adamw": "AdamW", "rmsprop": "RMSprop"})
@@ -381,7 +397,7 @@ def _schedule(*names: str) -> Applies:
 
 
 class ScheduleConfig(Section):
-    name: Literal[SCHEDULES] = setting(
+    name: ScheduleName = setting(
         "none", group="schedule", label="Schedule", name="schedule", doc="the learning-rate schedule",
         help="How the learning rate changes during the run.",
         choices={"none": "Constant", "step": "Step decay", "cosine": "Cosine annealing", "onecycle": "One-cycle",
@@ -419,7 +435,7 @@ class ScheduleConfig(Section):
 class TrainConfig(Section):
     epochs: int = setting(10, ge=1, group="training", label="Epochs", high=1_000_000, doc="number of epochs",
                           help="How many passes over the training set the run makes.")
-    device: Literal[DEVICES] = setting(
+    device: DeviceName = setting(
         "auto", group="training", label="Device", doc="`auto` takes cuda, then mps, then cpu",
         help="Where the run computes: auto takes a CUDA GPU, then Apple's MPS, then the CPU.")
     seed: int = setting(0, ge=0, le=2**32 - 1, group="training", label="Seed", widget="text",
@@ -430,7 +446,7 @@ class TrainConfig(Section):
         doc="`torch.use_deterministic_algorithms` during the run",
         help="Use only deterministic PyTorch algorithms (torch.use_deterministic_algorithms); slower, and an "
              "operation without one stops the run.")
-    precision: Literal[PRECISIONS] = setting(
+    precision: Precision = setting(
         "fp32", group="training", label="Precision", doc="`fp16` or `bf16` autocast (fp16 with a gradient scaler on "
                                                          "CUDA)",
         help="Number format of the forward pass: fp16/bf16 autocast saves memory and time on a CUDA GPU.",
@@ -441,7 +457,7 @@ class TrainConfig(Section):
         None, gt=0, group="training", label="Clip grad norm", widget="text", placeholder="off",
         doc="clip the gradient norm; `null`: off",
         help="Scale the gradients down when their overall norm exceeds this; empty turns clipping off.")
-    feature_cache: Literal[FEATURE_CACHE_MODES] = setting(
+    feature_cache: FeatureCacheMode = setting(
         "auto", group="training", label="Feature cache",
         doc="`auto`: when the frozen layers are the start of the forward pass and nothing is augmented, compute "
             "their output once and train the rest on it (see [Performance](#performance)); `off` recomputes",
@@ -481,7 +497,7 @@ class DistributedConfig(Section):
              "one process per GPU, or on the CPU several processes that share its cores (gloo). The batch size is "
              "per process, so every step trains on processes × batch size samples. 1 trains in the app's own "
              "process.")
-    backend: Literal[DIST_BACKENDS] = setting(
+    backend: DistBackend = setting(
         "auto", group="distributed", label="Backend", name="dist_backend", applies=SEVERAL,
         doc="`auto`: nccl when every process has a GPU, else gloo",
         help="How the processes exchange gradients: nccl between CUDA GPUs, gloo on the CPU. Auto takes nccl when "
@@ -508,10 +524,10 @@ class CheckpointConfig(Section):
                              high=100_000, special="all", suffix=" files",
                              doc="epoch files kept, newest first; `0` keeps them all",
                              help="How many of the newest epoch files are kept; the lowest setting keeps them all.")
-    monitor: Literal[MONITORS] = setting(
+    monitor: Monitor = setting(
         "val_loss", group="checkpoints", label="Best by", name="checkpoint_monitor", choices=MONITOR_LABELS,
         doc="what `best.pt` means", help="The metric that decides which epoch is saved as best.pt.")
-    mode: Literal[MONITOR_MODES] = setting(
+    mode: MonitorMode = setting(
         "auto", group="checkpoints", label="Better is", name="checkpoint_mode", choices=MODE_LABELS,
         doc="`auto` is max for accuracies, min for losses",
         help="Whether a lower or a higher value of that metric is better.")
@@ -524,10 +540,10 @@ class EarlyStoppingConfig(Section):
     enabled: bool = setting(False, group="early_stopping", label="Stop when the metric stops improving",
                             name="early_stopping", doc="turn early stopping on",
                             help="End the run early once the watched metric has not improved for a while.")
-    monitor: Literal[MONITORS] = setting(
+    monitor: Monitor = setting(
         "val_loss", group="early_stopping", label="Watch", name="es_monitor", choices=MONITOR_LABELS,
         applies=ENABLED, doc="the metric watched", help="The metric whose improvement keeps the run going.")
-    mode: Literal[MONITOR_MODES] = setting(
+    mode: MonitorMode = setting(
         "auto", group="early_stopping", label="Better is", name="es_mode", choices=MODE_LABELS, applies=ENABLED,
         doc="as for checkpoints", help="Whether a lower or a higher value of the metric is an improvement.")
     patience: int = setting(5, ge=1, group="early_stopping", label="Patience", name="es_patience", high=100_000,
@@ -587,7 +603,9 @@ class ProjectConfig(Section):
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump()
 
-    def copy(self) -> ProjectConfig:  # noqa: D102 - replaces pydantic's deprecated copy()
+    def copy(self, **unsupported: Any) -> ProjectConfig:  # noqa: D102 - replaces pydantic's deprecated copy()
+        if unsupported:  # pydantic's keywords (include, exclude, update, deep) are not offered
+            raise TypeError(f"ProjectConfig.copy() takes no arguments (got {', '.join(unsupported)})")
         clone = from_dict(self.to_dict(), check_paths=False, check_catalog=False)
         clone.base_dir = self.base_dir
         return clone
@@ -762,13 +780,13 @@ def _unused(cfg: ProjectConfig) -> list[Problem]:
     return out
 
 
-def _path_exists(add, cfg: ProjectConfig, where: str, value: str | None, *, required: bool) -> None:
+def _path_exists(add: Callable[[str, str], None], cfg: ProjectConfig, where: str, value: str | None, *, required: bool) -> None:
     if not value:
         if required:
             add(where, f"{where} is empty: give the dataset's path (an image folder, a .csv or a .npz)")
         return
     resolved = cfg.resolve(value)
-    if not resolved.exists():
+    if resolved is not None and not resolved.exists():  # None only for an empty value, handled above
         add(where, f"{where} = {value!r}: no such file or folder ({resolved})")
 
 

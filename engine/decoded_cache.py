@@ -27,6 +27,7 @@ from engine.config import ProjectConfig
 from engine.data import (
     ArrayDataset,
     DataError,
+    EngineDataset,
     ImageFileDataset,
     PreparedData,
     Progress,
@@ -42,8 +43,10 @@ FALLBACK_BOUND_MB = 1024  # the bound when the free memory cannot be read
 FREE_MEMORY_SHARE = 0.25  # auto bound: this share of the memory available now
 
 
-class DecodedImageDataset(Dataset):
+class DecodedImageDataset(EngineDataset):
     """A split's images decoded and resized once; each item is (per_item(image), target tensor)."""
+
+    transform: Callable  # the per-item steps, always set
 
     def __init__(self, images: torch.Tensor | None, flat: torch.Tensor | None, offsets: np.ndarray | None,
                  shapes: np.ndarray | None, targets: Sequence, per_item: Callable, task: str,
@@ -64,12 +67,14 @@ class DecodedImageDataset(Dataset):
     @property
     def nbytes(self) -> int:
         held = self.images if self.images is not None else self.flat
+        assert held is not None  # one of the two layouts holds the images
         return held.numel() * held.element_size()
 
     def image(self, index: int) -> torch.Tensor:
         """The cached (decoded, resized) image, before the per-item steps."""
         if self.images is not None:
             return self.images[index]
+        assert self.flat is not None and self.offsets is not None and self.shapes is not None  # the variable-size layout
         start, end = int(self.offsets[index]), int(self.offsets[index + 1])
         return self.flat[start:end].view(*(int(v) for v in self.shapes[index]))
 
@@ -112,7 +117,7 @@ class CacheTooLarge(Exception):
 def _raw_getter(dataset: Dataset) -> tuple[Callable[[int], object], list[str]]:
     """A function giving item i as the pipeline takes it (PIL image or array tensor), and a name per item."""
     if isinstance(dataset, ImageFileDataset):
-        def read(i: int):
+        def read(i: int) -> object:
             path = dataset.files[i]
             try:
                 return load_image(path)
@@ -127,7 +132,7 @@ def _raw_getter(dataset: Dataset) -> tuple[Callable[[int], object], list[str]]:
     raise TypeError(f"no decoded-image cache for {type(dataset).__name__}")
 
 
-def decode_dataset(dataset: Dataset, fixed: Callable, per_item: Callable, *, fixed_size: bool,
+def decode_dataset(dataset: EngineDataset, fixed: Callable, per_item: Callable, *, fixed_size: bool,
                    bound: int | None = None, progress: Progress = None,
                    threads: int | None = None) -> DecodedImageDataset:
     """Run `fixed` over every item of an ImageFileDataset or ArrayDataset in threads and keep the results.

@@ -2,14 +2,20 @@
 from __future__ import annotations
 
 import os
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from engine.backbones import build_model, preprocess_for
 from engine.checkpoints import CheckpointError
-from engine.config import from_dict
+from engine.config import ProjectConfig, from_dict
+
+if TYPE_CHECKING:
+    from torch import nn
+
+    from engine.transforms import Preprocess
 
 
-def restore_model(ckpt: dict[str, Any], source: str | os.PathLike | None = None):
+def restore_model(ckpt: dict[str, Any], source: str | os.PathLike | None = None
+                  ) -> tuple[nn.Module, ProjectConfig, list[str], Preprocess]:
     """The trained model a checkpoint describes, rebuilt from its config and loaded strictly, in eval mode.
 
     source (the file it came from) is named in the errors.

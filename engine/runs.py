@@ -9,7 +9,7 @@ import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from engine.checkpoints import FORMAT_VERSION, CheckpointWriteError, atomic_torch_save, remove_stale_temporaries
 from engine.config import ConfigError, ProjectConfig, save_project
@@ -17,6 +17,9 @@ from engine.freezing import freeze_spec
 from engine.run_files import METRICS_FILE, PROJECT_FILE, read_metrics  # noqa: F401 - part of this module's API
 from engine.run_lock import claim_run_dir, release_run_dir
 from engine.trainer import Callback, Trainer, TrainState
+
+if TYPE_CHECKING:
+    from torch.utils.tensorboard import SummaryWriter
 
 
 def _slug(name: str) -> str:
@@ -44,7 +47,10 @@ def create_run_dir(cfg: ProjectConfig, out: str | os.PathLike | None = None, *,
     """
     if out is None:
         stamp = time.strftime("%Y%m%d-%H%M%S")
-        base = cfg.resolve(cfg.output.dir) / f"{_slug(cfg.output.run_name or cfg.name)}-{stamp}"
+        output_dir = cfg.resolve(cfg.output.dir)
+        if output_dir is None:  # validation refuses it; an unvalidated project gets the same message
+            raise ConfigError(["output.dir is empty: give a folder for run folders, such as 'runs'"])
+        base = output_dir / f"{_slug(cfg.output.run_name or cfg.name)}-{stamp}"
         run_dir, n = base, 1
         while True:
             try:
@@ -183,7 +189,7 @@ class TensorBoardLogger(Callback):
 
     def __init__(self, run_dir: Path):
         self.log_dir = Path(run_dir) / "tensorboard"
-        self.writer = None
+        self.writer: SummaryWriter | None = None
 
     def on_run_started(self, trainer: Trainer, state: TrainState) -> None:
         from torch.utils.tensorboard import SummaryWriter
@@ -193,9 +199,11 @@ class TensorBoardLogger(Callback):
         self.writer.add_text("project", "```json\n" + json.dumps(trainer.cfg.to_dict(), indent=2) + "\n```", 0)
 
     def on_batch_finished(self, trainer: Trainer, state: TrainState, loss: float) -> None:
+        assert self.writer is not None  # opened in on_run_started
         self.writer.add_scalar("batch/loss", loss, state.global_step)
 
     def on_epoch_finished(self, trainer: Trainer, state: TrainState, metrics: dict[str, Any]) -> None:
+        assert self.writer is not None  # opened in on_run_started
         for key, tag in (("train_loss", "loss/train"), ("val_loss", "loss/val"), ("train_accuracy", "accuracy/train"),
                          ("val_accuracy", "accuracy/val"), ("lr", "lr"), ("samples_per_second", "speed/samples_per_s")):
             value = metrics.get(key)
@@ -213,8 +221,10 @@ class TensorBoardLogger(Callback):
             final = {f"hparam/{k}": last[k] for k in ("train_loss", "val_loss", "val_accuracy")
                      if last.get(k) is not None and math.isfinite(last[k])}
             # Written into this run's own event file (add_hparams would start a separate run folder).
+            file_writer = self.writer.file_writer
+            assert file_writer is not None  # SummaryWriter opens it on creation
             for event in hparams(hyperparameters(trainer.cfg), final):
-                self.writer.file_writer.add_summary(event)
+                file_writer.add_summary(event)
             for tag, value in final.items():
                 self.writer.add_scalar(tag, value, state.epoch)
         self.writer.close()
@@ -285,7 +295,7 @@ def checkpoint_payload(trainer: Trainer, state: TrainState, metrics: dict[str, A
 
     Only tensors and plain values, so torch.load(weights_only=True) reads it anywhere.
     """
-    p = trainer.parts
+    p = trainer.built
     return {
         "format_version": FORMAT_VERSION,
         "epoch": state.epoch,

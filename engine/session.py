@@ -156,8 +156,7 @@ class RunSession:
         folder is released and the outcome reported."""
         fresh = self.resume is None
         try:
-            if self.run_dir is None:
-                self.prepare()
+            folder = self.run_dir if self.run_dir is not None else self.prepare()
             from engine.runs import run_callbacks
             from engine.trainer import Trainer
 
@@ -165,8 +164,8 @@ class RunSession:
                 for output in self.outputs:
                     output(LogMessage(f"Run folder: {self.run_dir}"))
 
-            callbacks: list[Any] = run_callbacks(self.cfg, self.run_dir) if self.is_main else []
-            callbacks.append(EventEmitter(self.run_dir, self.outputs,
+            callbacks: list[Any] = run_callbacks(self.cfg, folder) if self.is_main else []
+            callbacks.append(EventEmitter(folder, self.outputs,
                                           world_size=self.dist.world_size if self.dist is not None else 1))
             self.trainer = Trainer(self.cfg, [*callbacks, *self.callbacks], stop_event=self.stop_event,
                                    resume=self.resume)

@@ -5,7 +5,7 @@ import json
 import math
 import types
 import typing
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Literal, Union
 
@@ -104,7 +104,7 @@ def setting(default: Any = ..., *, default_factory: Any = None, ge: float | None
             le: float | None = None, lt: float | None = None, **meta: Any) -> Any:
     """A project field: its default and range for pydantic, the rest for the front ends (see Setting)."""
     info = Setting(**meta)
-    kwargs = {k: v for k, v in dict(ge=ge, gt=gt, le=le, lt=lt).items() if v is not None}
+    kwargs: dict[str, Any] = {k: v for k, v in dict(ge=ge, gt=gt, le=le, lt=lt).items() if v is not None}
     if default_factory is not None:
         return Field(default_factory=default_factory, description=info.doc or info.help, json_schema_extra=info,
                      **kwargs)
@@ -208,7 +208,7 @@ def type_name(tp: Any) -> str:
     return f"{text} or null" if optional else text
 
 
-def _json(value: Any, quote=json.dumps) -> str:
+def _json(value: Any, quote: Callable[[Any], str] = json.dumps) -> str:
     if value is None:
         return "null"
     if isinstance(value, bool):

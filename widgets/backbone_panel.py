@@ -280,7 +280,8 @@ class CatalogFilter(QSortFilterProxyModel):
         self.endFilterChange(QSortFilterProxyModel.Direction.Rows)
 
     def filterAcceptsRow(self, row: int, parent) -> bool:
-        m: CatalogModel = self.sourceModel()
+        m = self.sourceModel()
+        assert isinstance(m, CatalogModel)  # the filter's source is always the catalog
         if self.source and m.sources[row] != self.source:
             return False
         name = m.names[row]
@@ -756,10 +757,10 @@ class BackbonePanel(QWidget):
         if weight != "DEFAULT":
             return weight
         try:
-            if timm_model_name(backbone) is not None:
+            if (arch := timm_model_name(backbone)) is not None:
                 from engine.catalog import timm_tags  # timm's default tag is the first of its tags
 
-                return f"DEFAULT ({timm_tags(timm_model_name(backbone))[0]})"
+                return f"DEFAULT ({timm_tags(arch)[0]})"
             import torchvision
 
             return f"DEFAULT ({torchvision.models.get_model_weights(backbone).DEFAULT.name})"

@@ -150,6 +150,7 @@ def _sample_image(source: DataSource, i: int) -> Image.Image:
     if source.array is not None:
         pixels = array_to_tensor(source.array[i]).permute(1, 2, 0).numpy()
         return Image.fromarray(np.clip(np.rint(pixels * 255), 0, 255).astype(np.uint8))
+    assert source.files is not None  # a source has either an array or files
     return load_image(source.files[i])
 
 
@@ -610,7 +611,7 @@ class DatasetPanel(QWidget):
         value = QSettings().value(RECENT_KEY, [])
         if isinstance(value, str):  # QSettings' INI format gives back a one-item list as a plain string
             value = [value]
-        return [str(v) for v in (value or []) if v]
+        return [str(v) for v in (value if isinstance(value, (list, tuple)) else []) if v]
 
     def _save_recent(self, paths: list[str]) -> None:
         QSettings().setValue(RECENT_KEY, paths[:MAX_RECENT])
@@ -697,20 +698,21 @@ class DatasetPanel(QWidget):
         self._tasks.append(run_task(
             "dataset scan", scan_dataset, path, kind=kind, task=task, val_path=val_path,
             val_fraction=cfg.data.val_fraction, split_seed=cfg.data.split_seed, progress=True,
-            on_result=lambda result, rid=rid, key=key: self._on_scan_returned(rid, key, result),
-            on_error=lambda exc, tb, rid=rid, path=path: self._on_scan_errored(rid, path, exc, tb),
-            on_progress=lambda value, rid=rid: self._on_scan_progressed(rid, value)))
+            on_result=lambda result: self._on_scan_returned(rid, key, result),
+            on_error=lambda exc, tb: self._on_scan_errored(rid, path, exc, tb),
+            on_progress=lambda value: self._on_scan_progressed(rid, value)))
 
     def _start_split(self) -> None:
         last = self._last
+        assert last is not None  # asked for only after a successful scan
         if last["val_source"] is not None:
             return  # a separate validation source: the fraction and seed are not used
         rid = self._new_request()
         cfg = self.state.config
         self._tasks.append(run_task(
             "dataset split", split_summary, last["source"], cfg.data.val_fraction, cfg.data.split_seed,
-            on_result=lambda split, rid=rid: self._on_split_returned(rid, split),
-            on_error=lambda exc, tb, rid=rid: self._on_split_errored(rid, exc, tb)))
+            on_result=lambda split: self._on_split_returned(rid, split),
+            on_error=lambda exc, tb: self._on_split_errored(rid, exc, tb)))
 
     def is_busy(self) -> bool:
         """True while a scan or split of this panel runs."""
@@ -788,6 +790,7 @@ class DatasetPanel(QWidget):
 
     def _emit_scanned(self) -> None:
         r = self._last
+        assert r is not None  # emitted only after a successful scan
         self.scanned.emit({"path": r["path"], "task": r["task"], "num_classes": len(r["class_names"]),
                            "class_names": list(r["class_names"]), "counts": list(r["counts"]),
                            "train": r["split"]["train"], "val": r["split"]["val"], "skipped": len(r["skipped"])})

@@ -4,9 +4,10 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from PySide6.QtCore import QObject, QSignalBlocker, Qt
+from PySide6.QtGui import QWheelEvent
 from PySide6.QtWidgets import QCheckBox, QComboBox, QDoubleSpinBox, QLabel, QLineEdit, QSizePolicy, QSpinBox, QWidget
 
 from widgets.look import ERROR_COLOUR
@@ -213,13 +214,19 @@ def bind_float_text(state: ProjectState, path: str, edit: QLineEdit, *, optional
 # Input widgets that leave the wheel to the scroll area unless they have the focus
 
 
-class _WheelGuard:
+if TYPE_CHECKING:
+    _GuardBase = QWidget  # the mixin's methods are a widget's; at run time the widget class comes after it
+else:
+    _GuardBase = object
+
+
+class _WheelGuard(_GuardBase):
     """A scrolling form must not change a value the pointer merely passes over while the wheel turns."""
 
     def _guard_init(self) -> None:
         self.setFocusPolicy(Qt.FocusPolicy.StrongFocus)
 
-    def wheelEvent(self, event) -> None:  # noqa: N802 - Qt's name
+    def wheelEvent(self, event: QWheelEvent) -> None:  # noqa: N802 - Qt's name
         if self.hasFocus():
             super().wheelEvent(event)
         else:
@@ -251,9 +258,16 @@ class ComboBox(_WheelGuard, QComboBox):
 
 def bind_optional_spin(state: ProjectState, path: str, box: QSpinBox | QDoubleSpinBox, **kw) -> FieldBinding:
     """A spin box whose lowest value (shown as its special text) stands for None: the engine's default."""
-    low, kind = box.minimum(), type(box.value())
+    low = box.minimum()
+
+    def write(v: Any) -> None:
+        if isinstance(box, QSpinBox):
+            box.setValue(int(low if v is None else v))  # a QSpinBox: low is an int too
+        else:
+            box.setValue(low if v is None else float(v))
+
     return FieldBinding(state, path, box, read=lambda: None if box.value() <= low else box.value(),
-                        write=lambda v: box.setValue(low if v is None else kind(v)), signal=box.valueChanged, **kw)
+                        write=write, signal=box.valueChanged, **kw)
 
 
 def bind_list_mode(state: ProjectState, path: str, combo: QComboBox, *, edit: QLineEdit, missing: str,

@@ -4,19 +4,23 @@ from __future__ import annotations
 import sys
 import typing
 from collections.abc import Callable
-from typing import Any
+from typing import Any, TypeVar
 
 from PySide6.QtCore import Qt
 from PySide6.QtGui import QPalette
 from PySide6.QtWidgets import (
+    QAbstractSpinBox,
     QCheckBox,
+    QComboBox,
     QFormLayout,
     QFrame,
     QGroupBox,
     QHBoxLayout,
     QLabel,
+    QLayoutItem,
     QLineEdit,
     QScrollArea,
+    QSpinBox,
     QVBoxLayout,
     QWidget,
 )
@@ -47,6 +51,8 @@ from widgets.fields import (
 )
 from widgets.look import ERROR_STYLE
 from widgets.state import ProjectState
+
+W = TypeVar("W", bound=QWidget)
 
 # (name, title, what it holds, the sections its rows come from in order)
 GROUPS = [
@@ -83,7 +89,7 @@ def object_name(path: str, s: Setting) -> str:
 
 
 # Settings in this panel that others depend on (a sampler, a loss...): choosing one brings its consequences along.
-CHOOSERS = {meta(info).applies.path for _, info in fields(ProjectConfig) if meta(info).applies} & \
+CHOOSERS = {_rule.path for _, info in fields(ProjectConfig) if (_rule := meta(info).applies)} & \
     {path for rows in ROWS.values() for path, _, _ in rows}
 OBJECT_NAMES = {"training.scroll": "the scroll area holding the training settings"}
 OBJECT_NAMES.update({f"training.group.{name}": f"group: {text}" for name, _, text, _ in GROUPS})
@@ -140,19 +146,21 @@ def _control(s: Setting, info) -> tuple[QWidget, Callable[..., FieldBinding], di
         return box, bind_combo, {}
     if base is bool:
         return QCheckBox(s.label), bind_check, {}
-    box = SpinBox() if base is int else DoubleSpinBox()
+    spin = SpinBox() if base is int else DoubleSpinBox()
     low = s.low if s.low is not None else limits.get("ge", limits.get("gt", 0))
-    if base is int:
-        low = int(low) - (1 if optional else 0) + (1 if "gt" in limits else 0)
-        high = s.high if s.high is not None else limits.get("le", 2**31 - 1)
+    if isinstance(spin, SpinBox):  # base is int: the declarations give its limits and step as whole numbers
+        first = int(low) - (1 if optional else 0) + (1 if "gt" in limits else 0)
+        spin.setRange(first, int(s.high if s.high is not None else limits.get("le", 2**31 - 1)))
+        spin.setSingleStep(int(s.step))
     else:
-        box.setDecimals(s.decimals)
+        spin.setDecimals(s.decimals)
         high = s.high if s.high is not None else limits.get("le", limits.get("lt"))
-    box.setRange(low, high)
-    box.setSingleStep(s.step)
-    box.setSuffix(s.suffix)
-    box.setSpecialValueText(s.special)
-    return box, (bind_optional_spin if optional else bind_spin if base is int else bind_double), {}
+        assert high is not None  # spans: a float without an upper limit is typed, not spun (above)
+        spin.setRange(low, high)
+        spin.setSingleStep(s.step)
+    spin.setSuffix(s.suffix)
+    spin.setSpecialValueText(s.special)
+    return spin, (bind_optional_spin if optional else bind_spin if base is int else bind_double), {}
 
 
 class TrainingPanel(QWidget):
@@ -172,7 +180,7 @@ class TrainingPanel(QWidget):
         self._bindings: dict[str, list[FieldBinding]] = {}
         self._widgets: dict[str, QWidget] = {}  # by path (a weights field: its mode chooser)
         self._lists: dict[str, QLineEdit] = {}  # the list box of a weights field, by path
-        self._rows: list[tuple[str, Setting, QFormLayout, QWidget, QLabel, str]] = []  # ..., cell, remark, note
+        self._rows: list[tuple[str, Setting, QFormLayout, QWidget, QWidget, QLabel, str]] = []  # ..., cell, control, remark, note
         self._remarks: dict[str, QLabel] = {}
         self._two_columns: bool | None = None
 
@@ -184,7 +192,8 @@ class TrainingPanel(QWidget):
             columns.addLayout(col, 1)
         boxes = [self._build_group(name, title) for name, title, _, _ in GROUPS]
         self._left, self._right = boxes[:LEFT_GROUPS], boxes[LEFT_GROUPS:]
-        self._device, self._processes = self._widgets["train.device"], self._widgets["distributed.processes"]
+        self._device, self._processes = self._widget_as("train.device", QComboBox), \
+            self._widget_as("distributed.processes", QSpinBox)
         for widget in self._widgets.values():
             signal = getattr(widget, "currentIndexChanged", None) or getattr(widget, "valueChanged", None) or \
                 getattr(widget, "toggled", None)
@@ -274,8 +283,14 @@ class TrainingPanel(QWidget):
         binding = bind(self.state, path, widget, message=message, also=self._also(path, s), **kw)
         self._bindings.setdefault(path, []).append(binding)
         self._widgets.setdefault(path, widget)
-        self._rows.append((path, s, form, cell, remark, note))
+        self._rows.append((path, s, form, cell, widget, remark, note))
         self._remarks.setdefault(path, remark)
+
+    def _widget_as(self, path: str, kind: type[W]) -> W:
+        """The control of a field, of the kind its declaration makes it (see _control)."""
+        widget = self._widgets[path]
+        assert isinstance(widget, kind), (path, type(widget).__name__)
+        return widget
 
     # -- keeping a choice and the settings that depend on it consistent ---------------------------
     def _also(self, path: str, s: Setting) -> Callable[[Any], dict[str, Any]] | None:
@@ -294,9 +309,10 @@ class TrainingPanel(QWidget):
         to their defaults, and one it needs (the weighted sampler's weights) comes from the panel."""
         values: dict[str, Any] = {chooser: value}
         dependents = [(p, info) for p, info in fields(ProjectConfig)
-                      if meta(info).applies is not None and meta(info).applies.path == chooser]
+                      if (applies := meta(info).applies) is not None and applies.path == chooser]
         for p, info in dependents:
             rule, default = meta(info).applies, info.get_default(call_default_factory=True)
+            assert rule is not None  # a dependent has a rule
             if rule.enforce and not rule.admits(value) and self.state.get(p) not in (None, default):
                 values[p] = default
             elif p in self._lists and rule.admits(value) and self.state.get(p) is None and None not in \
@@ -328,14 +344,14 @@ class TrainingPanel(QWidget):
 
     def _sync(self) -> None:
         """Show or enable each row as its `applies` rule says; the notes say what the current choices mean."""
-        for path, s, form, cell, remark, text in self._rows:
+        for path, s, form, cell, control, remark, text in self._rows:
             rule = s.applies
             if rule is not None:
                 holds = rule.admits(self._shown(rule.path))
                 if rule.hide:
                     form.setRowVisible(cell, holds)
                 else:
-                    cell.layout().itemAt(0).widget().setEnabled(holds)
+                    control.setEnabled(holds)
                     if not holds and rule.why:
                         text = self._why_not(rule.why, s)
             if s.hints:
@@ -343,12 +359,12 @@ class TrainingPanel(QWidget):
             remark.setText(text)
             remark.setVisible(bool(text))
         for path, edit in self._lists.items():
-            edit.setEnabled(self._widgets[path].currentData() == "list")
+            edit.setEnabled(self._widget_as(path, QComboBox).currentData() == "list")
         sampler = self._shown("loader.sampler.name")
         default = {"random": "default (without replacement)", "weighted_random": "default (with replacement)"}
-        self._widgets["loader.sampler.replacement"].setItemText(0, default.get(sampler, "default"))
+        self._widget_as("loader.sampler.replacement", QComboBox).setItemText(0, default.get(sampler, "default"))
         sgd = self._shown("optimizer.name") == "sgd"
-        self._widgets["optimizer.momentum"].setSpecialValueText("default (0.9)" if sgd else "default (0)")
+        self._widget_as("optimizer.momentum", QAbstractSpinBox).setSpecialValueText("default (0.9)" if sgd else "default (0)")
         device = self._device.currentData()
         here = devices_available(load=False)
         if here is not None and device in ("cuda", "mps") and not here.get(device, False):
@@ -400,12 +416,12 @@ class TrainingPanel(QWidget):
         # The groups' own layout items are moved, not recreated: a widget remembers one item, and a new item
         # would leave the old one's cached height-for-width answers stale (groups drawn squashed after a row
         # appears or a note rewraps).
-        items = {}
+        items: dict[QWidget, QLayoutItem] = {}
         for col in self._cols:
             while col.count():
                 item = col.takeAt(0)
-                if item.widget() is not None:
-                    items[item.widget()] = item
+                if item is not None and (widget := item.widget()) is not None:
+                    items[widget] = item
         groups = [self._left, self._right] if two else [self._left + self._right, []]
         for col, boxes in zip(self._cols, groups, strict=True):
             for box in boxes:
