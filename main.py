@@ -1,4 +1,5 @@
 """Model Workbench's entry point: no arguments (or a project file) opens the desktop app; a subcommand runs the CLI."""
+
 from __future__ import annotations
 
 import sys
@@ -12,8 +13,10 @@ def main(argv: list[str] | None = None) -> int:
 
         return cli_main(argv)
     if len(argv) > 1:
-        print(f"usage: main.py [PROJECT.json]  (or main.py COMMAND ...; see main.py --help); got {' '.join(argv)}",
-              file=sys.stderr)
+        print(
+            f"usage: main.py [PROJECT.json]  (or main.py COMMAND ...; see main.py --help); got {' '.join(argv)}",
+            file=sys.stderr,
+        )
         return 2
     from app.launch import display_problem
 
@@ -24,8 +27,12 @@ def main(argv: list[str] | None = None) -> int:
 
         return run_app(project)
     target = project or str(Path(__file__).resolve().parent / "examples" / "default.json")
-    print(f"The desktop app cannot open a window: {problem}\n"
-          f"Running the project headless instead: python main.py train {target}\n", file=sys.stderr, flush=True)
+    print(
+        f"The desktop app cannot open a window: {problem}\n"
+        f"Running the project headless instead: python main.py train {target}\n",
+        file=sys.stderr,
+        flush=True,
+    )
     from engine.cli import main as cli_main
 
     return cli_main(["train", target])

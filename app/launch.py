@@ -1,4 +1,5 @@
 """Starting the desktop app: is there a display, can Qt's platform plugin load, and which apt line fixes it if not."""
+
 from __future__ import annotations
 
 import os
@@ -11,10 +12,22 @@ from pathlib import Path
 # Qt's xcb plugin links these at load time; Qt aborts with a cryptic "could not load the Qt platform plugin"
 # when one is missing. Debian/Ubuntu package names follow from the library's soname (see debian_package).
 XCB_LIBRARIES = (
-    "libxcb-cursor.so.0", "libxcb-icccm.so.4", "libxcb-keysyms.so.1", "libxcb-image.so.0",
-    "libxcb-render-util.so.0", "libxcb-xkb.so.1", "libxkbcommon-x11.so.0", "libxcb-randr.so.0",
-    "libxcb-shape.so.0", "libxcb-xinerama.so.0", "libxcb-util.so.1", "libxkbcommon.so.0",
-    "libX11-xcb.so.1", "libfontconfig.so.1", "libEGL.so.1", "libGL.so.1",
+    "libxcb-cursor.so.0",
+    "libxcb-icccm.so.4",
+    "libxcb-keysyms.so.1",
+    "libxcb-image.so.0",
+    "libxcb-render-util.so.0",
+    "libxcb-xkb.so.1",
+    "libxkbcommon-x11.so.0",
+    "libxcb-randr.so.0",
+    "libxcb-shape.so.0",
+    "libxcb-xinerama.so.0",
+    "libxcb-util.so.1",
+    "libxkbcommon.so.0",
+    "libX11-xcb.so.1",
+    "libfontconfig.so.1",
+    "libEGL.so.1",
+    "libGL.so.1",
 )
 
 
@@ -76,8 +89,12 @@ def display_problem() -> str | None:
         return None  # Qt uses its wayland plugin, which does not need the xcb libraries
     missing = missing_xcb_libraries()
     if missing:
-        return ("Qt's xcb platform plugin cannot load: missing " + ", ".join(missing)
-                + ".\nInstall them with:\n    " + apt_line(missing))
+        return (
+            "Qt's xcb platform plugin cannot load: missing "
+            + ", ".join(missing)
+            + ".\nInstall them with:\n    "
+            + apt_line(missing)
+        )
     return None
 
 

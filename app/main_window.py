@@ -1,4 +1,5 @@
 """The main window: the project's panels in docks and tabs, the menus, and the wiring to the training controller."""
+
 from __future__ import annotations
 
 import gc
@@ -50,7 +51,7 @@ OBJECT_NAMES = {
     "main.scroll.dataset": "scroll area around the dataset panel",
     "main.scroll.backbone": "scroll area around the backbone panel",
     "backbone.loading": "shown in the Backbone tab while the app starts: PyTorch, torchvision and timm load in "
-                        "the background, then the catalog replaces it",
+    "the background, then the catalog replaces it",
     "main.scroll.layers": "scroll area around the layers panel",
     "main.scroll.training": "scroll area around the training panel",
     "main.scroll.evaluation": "scroll area around the evaluation panel",
@@ -105,8 +106,14 @@ def _load_catalog() -> int:
 class MainWindow(QMainWindow):
     """Model Workbench's window. One ProjectState and one TrainingController; panels bind to the state."""
 
-    def __init__(self, state: ProjectState | None = None, controller: TrainingController | None = None, *,
-                 background_catalog: bool = False, settle: bool = False):
+    def __init__(
+        self,
+        state: ProjectState | None = None,
+        controller: TrainingController | None = None,
+        *,
+        background_catalog: bool = False,
+        settle: bool = False,
+    ):
         """background_catalog: show the window first and build the Backbone tab once PyTorch, torchvision and
         timm are imported on a worker thread (the catalog needs them; they take seconds to import). The app
         starts this way; tests and embedders get every panel at once.
@@ -151,8 +158,12 @@ class MainWindow(QMainWindow):
         self.setup_tabs.setObjectName("main.setup_tabs")
         self.setup_tabs.setDocumentMode(True)
         panel: QWidget | None
-        for panel, title in ((self.dataset, "Dataset"), (self.backbone, "Backbone"), (self.layers, "Layers"),
-                             (self.training, "Training")):
+        for panel, title in (
+            (self.dataset, "Dataset"),
+            (self.backbone, "Backbone"),
+            (self.layers, "Layers"),
+            (self.training, "Training"),
+        ):
             if panel is None:
                 panel = QLabel("Loading the backbone catalog (PyTorch, torchvision and timm)…")
                 panel.setObjectName("backbone.loading")
@@ -186,8 +197,9 @@ class MainWindow(QMainWindow):
         log_layout.addLayout(row)
 
         self.setup_dock = self._dock("Setup", "main.setup_dock", self.setup_tabs, Qt.DockWidgetArea.LeftDockWidgetArea)
-        self.checkpoints_dock = self._dock("Checkpoints", "main.checkpoints_dock", self.checkpoints,
-                                           Qt.DockWidgetArea.BottomDockWidgetArea)
+        self.checkpoints_dock = self._dock(
+            "Checkpoints", "main.checkpoints_dock", self.checkpoints, Qt.DockWidgetArea.BottomDockWidgetArea
+        )
         self.log_tabs = LogTabs(log_box)
         self.log_dock = self._dock("Log", "main.log_dock", self.log_tabs, Qt.DockWidgetArea.BottomDockWidgetArea)
         # The setup dock keeps the window's full height; checkpoints and log share a tabbed dock under the plots.
@@ -217,8 +229,13 @@ class MainWindow(QMainWindow):
     def _start_loading_catalog(self) -> None:
         start_held_tasks()
         if not self._closing:
-            self._catalog_task = run_task("backbone catalog", _load_catalog, on_result=self._on_catalog_loaded,
-                                          on_error=self._on_catalog_failed, parent=self)
+            self._catalog_task = run_task(
+                "backbone catalog",
+                _load_catalog,
+                on_result=self._on_catalog_loaded,
+                on_error=self._on_catalog_failed,
+                parent=self,
+            )
 
     def _on_catalog_loaded(self, _result: object) -> None:
         """Build the Backbone tab (its catalog lists every torchvision and timm model)."""
@@ -245,8 +262,10 @@ class MainWindow(QMainWindow):
         self.log(tb)
         label = self.findChild(QLabel, "backbone.loading")
         if label is not None:
-            label.setText(f"The backbone catalog could not be loaded: {type(exc).__name__}: {exc}\n"
-                          "The other panels work; see the log for details.")
+            label.setText(
+                f"The backbone catalog could not be loaded: {type(exc).__name__}: {exc}\n"
+                "The other panels work; see the log for details."
+            )
 
     @staticmethod
     def _scrolled(panel: QWidget, name: str) -> QScrollArea:
@@ -262,9 +281,11 @@ class MainWindow(QMainWindow):
         dock = QDockWidget(title, self)
         dock.setObjectName(name)
         dock.setWidget(widget)
-        dock.setFeatures(QDockWidget.DockWidgetFeature.DockWidgetMovable
-                         | QDockWidget.DockWidgetFeature.DockWidgetFloatable
-                         | QDockWidget.DockWidgetFeature.DockWidgetClosable)
+        dock.setFeatures(
+            QDockWidget.DockWidgetFeature.DockWidgetMovable
+            | QDockWidget.DockWidgetFeature.DockWidgetFloatable
+            | QDockWidget.DockWidgetFeature.DockWidgetClosable
+        )
         self.addDockWidget(area, dock)
         return dock
 
@@ -283,20 +304,24 @@ class MainWindow(QMainWindow):
         self.act_new = self._action("action.new", "&New project", self.new_project, [K.New])
         self.act_open = self._action("action.open", "&Open project...", self._on_open_triggered, [K.Open])
         self.act_save = self._action("action.save", "&Save project", self.save_project, [K.Save])
-        self.act_save_as = self._action("action.save_as", "Save project &as...", self._on_save_as_triggered,
-                                        ["Ctrl+Shift+S"])
-        self.act_open_sample = self._action("action.open_sample", "Open sample &dataset (digits)",
-                                            self.dataset.open_sample)
+        self.act_save_as = self._action(
+            "action.save_as", "Save project &as...", self._on_save_as_triggered, ["Ctrl+Shift+S"]
+        )
+        self.act_open_sample = self._action(
+            "action.open_sample", "Open sample &dataset (digits)", self.dataset.open_sample
+        )
         self.act_open_run = self._action("action.open_run", "Open &run folder...", self._on_open_run_triggered)
         self.act_export = self._action("action.export", "&Export model...", self.open_export_dialog, ["Ctrl+E"])
         self.act_quit = self._action("action.quit", "&Quit", self.close, [K.Quit, "Ctrl+Q"])
         self.act_train = self._action("action.train", "&Train", self.train, ["F5", "Ctrl+R"])
-        self.act_train_from = self._action("action.train_from_weights", "Train from current &weights",
-                                           self.train_from_current_weights)
+        self.act_train_from = self._action(
+            "action.train_from_weights", "Train from current &weights", self.train_from_current_weights
+        )
         self.act_stop = self._action("action.stop", "&Stop", self.stop, ["Shift+F5", "Ctrl+."])
         self.act_resume = self._action("action.resume", "&Resume", self.resume_current_run)
-        self.act_evaluate = self._action("action.evaluate", "E&valuate current model", self.evaluate_current,
-                                         ["Ctrl+Shift+E"])
+        self.act_evaluate = self._action(
+            "action.evaluate", "E&valuate current model", self.evaluate_current, ["Ctrl+Shift+E"]
+        )
         self.act_check = self._action("action.check", "&Check project", self.check_project, ["Ctrl+Shift+K"])
         self.act_reset_layout = self._action("action.reset_layout", "Reset &layout", self.reset_layout)
         self.act_about = self._action("action.about", "&About Model Workbench", self._on_about_triggered)
@@ -459,8 +484,9 @@ class MainWindow(QMainWindow):
     def _on_save_as_triggered(self) -> bool:
         # Beside the project, else where the last project was (not the folder the app was started from).
         recent = self.recent_projects()
-        start = self.state.file or str(Path(start_folder(recent[0] if recent else None))
-                                       / f"{self.state.config.name or 'project'}.json")
+        start = self.state.file or str(
+            Path(start_folder(recent[0] if recent else None)) / f"{self.state.config.name or 'project'}.json"
+        )
         path, _ = QFileDialog.getSaveFileName(self, "Save project as", start, "Project files (*.json)")
         if not path:
             return False
@@ -479,9 +505,12 @@ class MainWindow(QMainWindow):
     def _ask_save_changes(self) -> QMessageBox.StandardButton:
         name = Path(self.state.file).name if self.state.file else "the new project"
         return QMessageBox.question(
-            self, "Unsaved changes", f"Save the changes to {name}?",
+            self,
+            "Unsaved changes",
+            f"Save the changes to {name}?",
             QMessageBox.StandardButton.Save | QMessageBox.StandardButton.Discard | QMessageBox.StandardButton.Cancel,
-            QMessageBox.StandardButton.Save)
+            QMessageBox.StandardButton.Save,
+        )
 
     def recent_projects(self) -> list[str]:
         value = QSettings().value("recent_projects", [])
@@ -749,10 +778,15 @@ class MainWindow(QMainWindow):
     def _on_about_triggered(self) -> None:
         import torch
 
-        QMessageBox.about(self, "About Model Workbench", (
-            "<b>Model Workbench</b><br>Fine-tune a pretrained PyTorch model without writing a training script."
-            f"<br><br>PyTorch {html.escape(torch.__version__)}; "
-            f"CUDA {'available' if torch.cuda.is_available() else 'not available'}."))
+        QMessageBox.about(
+            self,
+            "About Model Workbench",
+            (
+                "<b>Model Workbench</b><br>Fine-tune a pretrained PyTorch model without writing a training script."
+                f"<br><br>PyTorch {html.escape(torch.__version__)}; "
+                f"CUDA {'available' if torch.cuda.is_available() else 'not available'}."
+            ),
+        )
 
     # -- layout --------------------------------------------------------------------------------
     def _restore_layout(self) -> None:
@@ -809,8 +843,10 @@ class MainWindow(QMainWindow):
         elif suffix == ".pt":
             self.use_checkpoint(str(p))
         else:
-            self.show_error("Cannot open this", f"{path}: expected a dataset folder, .csv, .npz, a project .json, "
-                                                "an image or a .pt checkpoint")
+            self.show_error(
+                "Cannot open this",
+                f"{path}: expected a dataset folder, .csv, .npz, a project .json, an image or a .pt checkpoint",
+            )
 
     # -- closing -------------------------------------------------------------------------------
     def closeEvent(self, event: QCloseEvent) -> None:
@@ -836,9 +872,11 @@ class MainWindow(QMainWindow):
 
     def _ask_stop_training(self) -> bool:
         answer = QMessageBox.question(
-            self, "Training is running",
+            self,
+            "Training is running",
             "A run is in progress. Stop it and close? The checkpoints written so far are kept, and the run can be "
-            "resumed later.", QMessageBox.StandardButton.Yes | QMessageBox.StandardButton.No,
-            QMessageBox.StandardButton.No)
+            "resumed later.",
+            QMessageBox.StandardButton.Yes | QMessageBox.StandardButton.No,
+            QMessageBox.StandardButton.No,
+        )
         return answer == QMessageBox.StandardButton.Yes
-

@@ -1,5 +1,6 @@
 """A multi-process run from the app: torchrun as a QProcess child, its output split by rank, rank 0's event lines
 turned back into the signals an in-process run sends (app/training.py), Stop through SIGINT to the whole group."""
+
 from __future__ import annotations
 
 import collections
@@ -79,8 +80,9 @@ def descendants(pid: int) -> list[int]:
             except (OSError, IndexError, ValueError):
                 continue  # it ended while we looked
     else:  # macOS and the other Unixes: ps lists the same
-        out = subprocess.run(["ps", "-A", "-o", "pid=", "-o", "ppid="], capture_output=True, text=True,
-                             check=False).stdout
+        out = subprocess.run(
+            ["ps", "-A", "-o", "pid=", "-o", "ppid="], capture_output=True, text=True, check=False
+        ).stdout
         for line in out.splitlines():
             parts = line.split()
             if len(parts) == 2 and parts[0].isdigit() and parts[1].isdigit():
@@ -114,9 +116,17 @@ class ProcessRun(QObject):
     run_finished = Signal(dict)
     done = Signal()
 
-    def __init__(self, cfg: ProjectConfig | None, processes: int, *, resume_from: str | None = None,
-                 epochs: int | None = None, init_from: str | None = None, launcher: Launcher | None = None,
-                 parent: QObject | None = None):
+    def __init__(
+        self,
+        cfg: ProjectConfig | None,
+        processes: int,
+        *,
+        resume_from: str | None = None,
+        epochs: int | None = None,
+        init_from: str | None = None,
+        launcher: Launcher | None = None,
+        parent: QObject | None = None,
+    ):
         super().__init__(parent)
         self.cfg, self.processes = cfg, processes
         self.resume_from, self.epochs, self.init_from = resume_from, epochs, init_from
@@ -153,9 +163,11 @@ class ProcessRun(QObject):
     def start(self) -> None:
         """Write the run folder's project and start torchrun; a failure to do so arrives as a failed run."""
         if sys.platform == "win32":
-            self._fail_soon("Training in several processes from the app needs Linux or macOS (Stop reaches the "
-                            "processes through Unix signals). Set Processes to 1, or run `python main.py train` "
-                            "under torchrun yourself.")
+            self._fail_soon(
+                "Training in several processes from the app needs Linux or macOS (Stop reaches the "
+                "processes through Unix signals). Set Processes to 1, or run `python main.py train` "
+                "under torchrun yourself."
+            )
             return
         try:
             args = self._main_args()
@@ -247,8 +259,7 @@ class ProcessRun(QObject):
     def _kill_leftovers(self) -> None:
         """Kill what torchrun left running when it ended without ending its workers (it was killed or crashed):
         they would go on training, writing the run folder, with nobody to stop them."""
-        left = [pid for pid, started in self._known.items()
-                if started is not None and start_time(pid) == started]
+        left = [pid for pid, started in self._known.items() if started is not None and start_time(pid) == started]
         for pid in left:
             _signal(pid, signal.SIGKILL)
         if left:
@@ -283,7 +294,7 @@ class ProcessRun(QObject):
             return
         header, rank = match.group(0), int(match.group(2))
         # A line torchrun read before its end was written continues after a second header on the same line.
-        text = line[match.end():].replace(header, "").removeprefix(f"[rank {rank}] ")  # the CLI's own prefix
+        text = line[match.end() :].replace(header, "").removeprefix(f"[rank {rank}] ")  # the CLI's own prefix
         if "\r" in text:  # a progress bar redrawn in place: its final state
             text = text.rsplit("\r", 1)[-1]
         event = decode(text) if stdout and rank == 0 else None
@@ -340,8 +351,9 @@ class ProcessRun(QObject):
             self.global_step = event.global_step
             self.batch_finished.emit(to_dict(event))
         elif isinstance(event, EpochFinished):
-            self._progress.update(epoch=int(event.metrics.get("epoch") or 0), epochs=event.epochs,
-                                  best_epoch=event.best_epoch)
+            self._progress.update(
+                epoch=int(event.metrics.get("epoch") or 0), epochs=event.epochs, best_epoch=event.best_epoch
+            )
             self.epoch_finished.emit(to_dict(event))
         elif isinstance(event, RunFinished):
             self._result = to_dict(event)
@@ -351,16 +363,21 @@ class ProcessRun(QObject):
     def _on_stop_overdue(self) -> None:
         if self._ended:
             return
-        self.logged.emit(f"The training processes did not end within {STOP_GRACE_MS // 1000} s of Stop: killing "
-                         "them. The checkpoints written so far are kept.")
+        self.logged.emit(
+            f"The training processes did not end within {STOP_GRACE_MS // 1000} s of Stop: killing "
+            "them. The checkpoints written so far are kept."
+        )
         self.kill()
 
     @Slot(QProcess.ProcessError)
     def _on_error(self, error: QProcess.ProcessError) -> None:
         if error == QProcess.ProcessError.FailedToStart:  # no finished signal follows
-            self._end({"status": "failed",
-                       "error": f"Could not start torchrun ({self._process.program()}): "
-                                f"{self._process.errorString()}"})
+            self._end(
+                {
+                    "status": "failed",
+                    "error": f"Could not start torchrun ({self._process.program()}): {self._process.errorString()}",
+                }
+            )
 
     @Slot(int, QProcess.ExitStatus)
     def _on_finished(self, code: int, status: QProcess.ExitStatus) -> None:
@@ -368,8 +385,9 @@ class ProcessRun(QObject):
             self._read(channel)
             rest, self._partial[channel] = self._partial[channel], b""
             if rest:
-                self._line(rest.decode("utf-8", errors="replace"),
-                           stdout=channel == QProcess.ProcessChannel.StandardOutput)
+                self._line(
+                    rest.decode("utf-8", errors="replace"), stdout=channel == QProcess.ProcessChannel.StandardOutput
+                )
         for text in self._traceback:  # a traceback cut short
             self._tail.append(text)
             self.logged.emit(text)
@@ -401,8 +419,10 @@ class ProcessRun(QObject):
         if said:
             error = "\n".join(f"rank {r}: {m}" for r, m in sorted(said.items()))
         else:
-            error = (f"The training processes ended without finishing the run (torchrun {how}). "
-                     "Their last output:\n" + "\n".join(self._tail))
+            error = (
+                f"The training processes ended without finishing the run (torchrun {how}). "
+                "Their last output:\n" + "\n".join(self._tail)
+            )
         return {"status": "failed", "error": error}
 
     def _fail_soon(self, message: str) -> None:
@@ -415,9 +435,15 @@ class ProcessRun(QObject):
         self._ended = True
         self._kill_timer.stop()
         self._watch.stop()
-        result: dict[str, Any] = {"status": "failed", "run_dir": str(self.run_dir) if self.run_dir else None,
-                                  **self._progress, "stopped_early": False, "error": None, "traceback": None,
-                                  "error_type": None}
+        result: dict[str, Any] = {
+            "status": "failed",
+            "run_dir": str(self.run_dir) if self.run_dir else None,
+            **self._progress,
+            "stopped_early": False,
+            "error": None,
+            "traceback": None,
+            "error_type": None,
+        }
         result.update(outcome)
         release_run_dir(self.run_dir)  # every process of the run has ended
         if result["status"] == "failed" and self._fresh and self.run_dir is not None and self._only_project_written():

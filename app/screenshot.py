@@ -1,4 +1,5 @@
 """A screenshot of the main window during a real run of the default project, for the README (make screenshot)."""
+
 from __future__ import annotations
 
 import shutil
@@ -43,7 +44,8 @@ def main(argv: list[str] | None = None) -> int:
         # Wait for the first epoch and over half of the second, so every plot has something to show.
         deadline = time.monotonic() + 15 * 60
         while time.monotonic() < deadline and (
-                not started or (window.controller.current_step() or 0) < 1.6 * started[0]["batches_per_epoch"]):
+            not started or (window.controller.current_step() or 0) < 1.6 * started[0]["batches_per_epoch"]
+        ):
             app.processEvents()
             time.sleep(0.02)
         for _ in range(50):

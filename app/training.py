@@ -1,4 +1,5 @@
 """Training from the app: the engine's Trainer on a worker QThread, its events throttled into GUI-thread signals."""
+
 from __future__ import annotations
 
 import copy
@@ -72,8 +73,15 @@ class TrainingWorker(QObject):
     run_finished = Signal(dict)  # engine.events.RunFinished's fields
     done = Signal()
 
-    def __init__(self, cfg: ProjectConfig | None, stop_event: threading.Event, *, resume_from: str | None = None,
-                 epochs: int | None = None, init_from: str | None = None):
+    def __init__(
+        self,
+        cfg: ProjectConfig | None,
+        stop_event: threading.Event,
+        *,
+        resume_from: str | None = None,
+        epochs: int | None = None,
+        init_from: str | None = None,
+    ):
         super().__init__()
         self.cfg, self.stop_event = cfg, stop_event
         self.resume_from, self.epochs, self.init_from = resume_from, epochs, init_from
@@ -86,8 +94,12 @@ class TrainingWorker(QObject):
         if isinstance(event, LogMessage):
             self.logged.emit(event.message)
             return
-        signal = {RunStarted: self.run_started, BatchProgress: self.batch_finished,
-                  EpochFinished: self.epoch_finished, RunFinished: self.run_finished}[type(event)]
+        signal = {
+            RunStarted: self.run_started,
+            BatchProgress: self.batch_finished,
+            EpochFinished: self.epoch_finished,
+            RunFinished: self.run_finished,
+        }[type(event)]
         signal.emit(to_dict(event))
 
     @Slot()
@@ -97,8 +109,12 @@ class TrainingWorker(QObject):
         from engine.session import RunSession, apply_init_from, failed_before_start
 
         try:
-            session_args: dict[str, Any] = {"outputs": [self._on_event], "callbacks": [StepCounter(self)],
-                                            "stop_event": self.stop_event, "log": self.logged.emit}
+            session_args: dict[str, Any] = {
+                "outputs": [self._on_event],
+                "callbacks": [StepCounter(self)],
+                "stop_event": self.stop_event,
+                "log": self.logged.emit,
+            }
             if self.resume_from is not None:
                 resume = load_checkpoint(self.resume_from)
                 cfg = resume_config(resume, self.resume_from, epochs=self.epochs, epochs_field="epochs")
@@ -169,8 +185,15 @@ class TrainingController(QObject):
         if self.is_running():
             return self._refuse()
         if cfg.distributed.processes > 1:
-            return self._launch_processes(ProcessRun(copy.deepcopy(cfg), cfg.distributed.processes,
-                                                     init_from=init_from, launcher=self._launcher, parent=self))
+            return self._launch_processes(
+                ProcessRun(
+                    copy.deepcopy(cfg),
+                    cfg.distributed.processes,
+                    init_from=init_from,
+                    launcher=self._launcher,
+                    parent=self,
+                )
+            )
         return self._launch(TrainingWorker(copy.deepcopy(cfg), self._new_stop(), init_from=init_from))
 
     def resume(self, checkpoint: str, epochs: int | None = None, *, processes: int | None = None) -> bool:
@@ -180,8 +203,9 @@ class TrainingController(QObject):
             return self._refuse()
         processes = processes or run_processes(checkpoint)
         if processes > 1:
-            return self._launch_processes(ProcessRun(None, processes, resume_from=checkpoint, epochs=epochs,
-                                                     launcher=self._launcher, parent=self))
+            return self._launch_processes(
+                ProcessRun(None, processes, resume_from=checkpoint, epochs=epochs, launcher=self._launcher, parent=self)
+            )
         return self._launch(TrainingWorker(None, self._new_stop(), resume_from=checkpoint, epochs=epochs))
 
     def stop(self) -> None:

@@ -3,6 +3,7 @@
 A figure is always a ratio (or a latency) measured against its baseline in the same process, the two
 alternated A B A B ... so that a noisy neighbour slows both alike; the median of the repetitions is kept.
 """
+
 from __future__ import annotations
 
 import os
@@ -74,8 +75,9 @@ def machine() -> dict[str, Any]:
     return info
 
 
-def alternate(candidates: dict[str, Callable[[], Any]], repeats: int, *, warmup: int = 1,
-              between: Callable[[], Any] | None = None) -> dict[str, list[float]]:
+def alternate(
+    candidates: dict[str, Callable[[], Any]], repeats: int, *, warmup: int = 1, between: Callable[[], Any] | None = None
+) -> dict[str, list[float]]:
     """Seconds per call of each candidate, called in turn (A B A B ...) after `warmup` untimed rounds.
 
     between, if given, runs untimed after every call (e.g. letting work a call left behind finish).

@@ -5,6 +5,7 @@ The same project, seed and data are trained with train.feature_cache = "auto" an
 and the final validation accuracies of the pair must agree. A second pair freezes only up to a ResNet stage, so
 the cache cuts the model at that stage and the later stages still train.
 """
+
 from __future__ import annotations
 
 import functools
@@ -23,16 +24,18 @@ if TYPE_CHECKING:
 def _project(data: Path, size: int, freeze: dict[str, Any], mode: str, epochs: int) -> ProjectConfig:
     from engine.config import from_dict
 
-    return from_dict({
-        "name": "feature-cache-bench",
-        "data": {"path": str(data), "image_size": size, "val_fraction": 0.2, "mean": [0.5], "std": [0.5]},
-        "model": {"backbone": "resnet18", **freeze},
-        "loader": {"batch_size": 64},
-        "optimizer": {"name": "adam", "lr": 0.003},
-        "train": {"epochs": epochs, "device": "cpu", "seed": 0, "feature_cache": mode},
-        "checkpoint": {"every_epoch": False},
-        "output": {"dir": str(data.parent / "runs"), "tensorboard": False},
-    })
+    return from_dict(
+        {
+            "name": "feature-cache-bench",
+            "data": {"path": str(data), "image_size": size, "val_fraction": 0.2, "mean": [0.5], "std": [0.5]},
+            "model": {"backbone": "resnet18", **freeze},
+            "loader": {"batch_size": 64},
+            "optimizer": {"name": "adam", "lr": 0.003},
+            "train": {"epochs": epochs, "device": "cpu", "seed": 0, "feature_cache": mode},
+            "checkpoint": {"every_epoch": False},
+            "output": {"dir": str(data.parent / "runs"), "tensorboard": False},
+        }
+    )
 
 
 def _train(cfg: ProjectConfig) -> dict[str, Any]:
@@ -44,18 +47,24 @@ def _train(cfg: ProjectConfig) -> dict[str, Any]:
     trainer.run()
     cache = trainer.feature_cache
     if (cache is not None) != (cfg.train.feature_cache == "auto"):
-        raise RuntimeError(f"feature_cache = {cfg.train.feature_cache!r} but the cache was "
-                           f"{'used' if cache is not None else 'not used'}")
-    return {"epochs": [m["epoch_seconds"] for m in trainer.state.history],
-            "setup": cache.seconds if cache is not None else 0.0,
-            "boundary": cache.boundary.output if cache is not None else None,
-            "accuracy": trainer.state.history[-1]["val_accuracy"]}
+        raise RuntimeError(
+            f"feature_cache = {cfg.train.feature_cache!r} but the cache was "
+            f"{'used' if cache is not None else 'not used'}"
+        )
+    return {
+        "epochs": [m["epoch_seconds"] for m in trainer.state.history],
+        "setup": cache.seconds if cache is not None else 0.0,
+        "boundary": cache.boundary.output if cache is not None else None,
+        "accuracy": trainer.state.history[-1]["val_accuracy"],
+    }
 
 
 def _compare(data: Path, size: int, freeze: dict[str, Any], epochs: int, repeats: int) -> dict[str, Any]:
     runs: dict[str, list[dict[str, Any]]] = {"cached": [], "recomputed": []}
-    configs = {"cached": _project(data, size, freeze, "auto", epochs),
-               "recomputed": _project(data, size, freeze, "off", epochs)}
+    configs = {
+        "cached": _project(data, size, freeze, "auto", epochs),
+        "recomputed": _project(data, size, freeze, "off", epochs),
+    }
 
     def run_one(name: str) -> None:
         runs[name].append(_train(configs[name]))
@@ -67,8 +76,9 @@ def _compare(data: Path, size: int, freeze: dict[str, Any], epochs: int, repeats
     return {
         "speedup": median(later["recomputed"]) / median(later["cached"]),
         "first_ratio": median(first_cached) / median(first_recomputed),
-        "accuracy_points": max(abs(a["accuracy"] - b["accuracy"]) * 100
-                               for a, b in zip(runs["cached"], runs["recomputed"], strict=True)),
+        "accuracy_points": max(
+            abs(a["accuracy"] - b["accuracy"]) * 100 for a, b in zip(runs["cached"], runs["recomputed"], strict=True)
+        ),
         "boundary": runs["cached"][0]["boundary"],
         "cached_epoch": median(later["cached"]),
         "recomputed_epoch": median(later["recomputed"]),
@@ -99,38 +109,59 @@ def run(quick: bool = False) -> Section:
             head_size, prefix_size, epochs, repeats = 64, 32, 3, 3
         n = sum(1 for _ in data.rglob("*.png"))
         head = _compare(data, head_size, {"freeze": "head_only"}, epochs, repeats)
-        prefix = _compare(data, prefix_size, {"freeze": "up_to", "freeze_up_to": "layer3"}, epochs,
-                          max(1, repeats - 1))
+        prefix = _compare(data, prefix_size, {"freeze": "up_to", "freeze_up_to": "layer3"}, epochs, max(1, repeats - 1))
     finally:
         shutil.rmtree(work, ignore_errors=True)
     figures = [
-        Figure(key="feature_cache_speedup", title="epoch speed-up after the first", value=head["speedup"], unit="x",
-               target=">= 10",
-               detail=f"median epoch {head['recomputed_epoch']:.3f} s recomputed vs {head['cached_epoch']:.4f} s "
-                      f"cached (cut after {head['boundary']})"),
-        Figure(key="feature_cache_accuracy_diff", title="final accuracy difference (points)",
-               value=head["accuracy_points"], unit="points", target="<= 1",
-               detail=f"final validation accuracy {head['accuracy'] * 100:.1f}% recomputed"),
-        Figure(key="feature_cache_first_epoch", title="first-epoch cost (computing the features included)",
-               value=head["first_ratio"], unit="x",
-               detail="cached first epoch incl. finding the cut and computing the features / a recomputed epoch"),
-        Figure(key="feature_cache_prefix_speedup", title="epoch speed-up after the first, frozen up to layer3",
-               value=prefix["speedup"], unit="x",
-               detail=f"cut after {prefix['boundary']}, layer4 and the head train; final accuracy difference "
-                      f"{prefix['accuracy_points']:.2f} points"),
+        Figure(
+            key="feature_cache_speedup",
+            title="epoch speed-up after the first",
+            value=head["speedup"],
+            unit="x",
+            target=">= 10",
+            detail=f"median epoch {head['recomputed_epoch']:.3f} s recomputed vs {head['cached_epoch']:.4f} s "
+            f"cached (cut after {head['boundary']})",
+        ),
+        Figure(
+            key="feature_cache_accuracy_diff",
+            title="final accuracy difference (points)",
+            value=head["accuracy_points"],
+            unit="points",
+            target="<= 1",
+            detail=f"final validation accuracy {head['accuracy'] * 100:.1f}% recomputed",
+        ),
+        Figure(
+            key="feature_cache_first_epoch",
+            title="first-epoch cost (computing the features included)",
+            value=head["first_ratio"],
+            unit="x",
+            detail="cached first epoch incl. finding the cut and computing the features / a recomputed epoch",
+        ),
+        Figure(
+            key="feature_cache_prefix_speedup",
+            title="epoch speed-up after the first, frozen up to layer3",
+            value=prefix["speedup"],
+            unit="x",
+            detail=f"cut after {prefix['boundary']}, layer4 and the head train; final accuracy difference "
+            f"{prefix['accuracy_points']:.2f} points",
+        ),
     ]
     return Section(
         name="feature_cache",
         title="Frozen-backbone feature cache",
         figures=figures,
-        setup=(f"resnet18 (random init) on the digits image folder ({n} images, 20% validation), batch 64, Adam, "
-               f"{epochs} epochs, CPU, {torch.get_num_threads()} torch threads; head only at {head_size} px, "
-               f"frozen up to layer3 at {prefix_size} px; cached and recomputed runs alternated, "
-               f"{repeats} repetition(s) (prefix pair {max(1, repeats - 1)}), medians"),
-        notes=["Speed-ups compare the median of the epochs after the first; the first cached epoch also finds the "
-               "cut and computes the features, reported as the first-epoch cost.",
-               "Both runs use the same seed and draw the same batches, so their accuracies should agree exactly.",
-               f"Machine: {machine().get('cpu', machine()['processor'])}"],
+        setup=(
+            f"resnet18 (random init) on the digits image folder ({n} images, 20% validation), batch 64, Adam, "
+            f"{epochs} epochs, CPU, {torch.get_num_threads()} torch threads; head only at {head_size} px, "
+            f"frozen up to layer3 at {prefix_size} px; cached and recomputed runs alternated, "
+            f"{repeats} repetition(s) (prefix pair {max(1, repeats - 1)}), medians"
+        ),
+        notes=[
+            "Speed-ups compare the median of the epochs after the first; the first cached epoch also finds the "
+            "cut and computes the features, reported as the first-epoch cost.",
+            "Both runs use the same seed and draw the same batches, so their accuracies should agree exactly.",
+            f"Machine: {machine().get('cpu', machine()['processor'])}",
+        ],
     )
 
 

@@ -6,6 +6,7 @@ the same Dataset object, batch size, optimizer and loss; the hand loop does by h
 copies, torch.compile). Each figure is the Trainer's samples/s over the hand loop's, alternated, median.
 Without a CUDA GPU the section is skipped at once.
 """
+
 from __future__ import annotations
 
 import copy
@@ -40,10 +41,17 @@ class Options:
 OPTION_SETS = [
     Options("gpu_fp32", "fp32, contiguous layout, pageable memory"),
     Options("gpu_bf16_channels_last_pinned", "bf16 autocast, channels-last, pinned memory", "bf16", True, True),
-    Options("gpu_fp16_scaler_channels_last", "fp16 autocast + GradScaler, channels-last, pinned memory", "fp16",
-            True, True),
-    Options("gpu_compile_bf16", "torch.compile, bf16 autocast, channels-last, pinned memory", "bf16", True, True,
-            compile=True),
+    Options(
+        "gpu_fp16_scaler_channels_last", "fp16 autocast + GradScaler, channels-last, pinned memory", "fp16", True, True
+    ),
+    Options(
+        "gpu_compile_bf16",
+        "torch.compile, bf16 autocast, channels-last, pinned memory",
+        "bf16",
+        True,
+        True,
+        compile=True,
+    ),
 ]
 
 
@@ -64,8 +72,14 @@ def _hand_epoch(parts: Any, opts: Options, batch: int) -> Callable[[], None]:
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(opts.precision)
     forward = torch.compile(model) if opts.compile else model
     workers = parts.train_loader.num_workers
-    loader = torch.utils.data.DataLoader(parts.data.train, batch_size=batch, shuffle=True, num_workers=workers,
-                                         pin_memory=opts.pin_memory, persistent_workers=workers > 0)
+    loader = torch.utils.data.DataLoader(
+        parts.data.train,
+        batch_size=batch,
+        shuffle=True,
+        num_workers=workers,
+        pin_memory=opts.pin_memory,
+        persistent_workers=workers > 0,
+    )
 
     def epoch() -> None:
         model.train()
@@ -105,10 +119,19 @@ def _measure(data: Path, opts: Options, *, repeats: int, workers: int) -> tuple[
     trainer = parts = hand = None
     samples = 0
     try:
-        cfg = project(data, size=IMAGE_SIZE, batch=BATCH,
-                      loader={"num_workers": workers, "pin_memory": opts.pin_memory, "decoded_cache": "on"},
-                      train={"device": "cuda", "precision": opts.precision, "channels_last": opts.channels_last,
-                             "compile": opts.compile, "feature_cache": "off"})
+        cfg = project(
+            data,
+            size=IMAGE_SIZE,
+            batch=BATCH,
+            loader={"num_workers": workers, "pin_memory": opts.pin_memory, "decoded_cache": "on"},
+            train={
+                "device": "cuda",
+                "precision": opts.precision,
+                "channels_last": opts.channels_last,
+                "compile": opts.compile,
+                "feature_cache": "off",
+            },
+        )
         parts = build_run(cfg, log=logs.lines.append)
         trainer = Trainer(cfg, [logs])
         trainer.parts = parts
@@ -127,8 +150,14 @@ def _measure(data: Path, opts: Options, *, repeats: int, workers: int) -> tuple[
         if fallback is not None:  # the Trainer went on in eager mode: not the path this figure is about
             return Figure(opts.key, title, None, "x", ">= 0.97", detail=fallback), samples
         engine_t, hand_t = median(times["engine"]), median(times["hand"])
-        return Figure(opts.key, title, hand_t / engine_t, "x", ">= 0.97",
-                      detail=f"{samples / engine_t:.0f} vs {samples / hand_t:.0f} samples/s"), samples
+        return Figure(
+            opts.key,
+            title,
+            hand_t / engine_t,
+            "x",
+            ">= 0.97",
+            detail=f"{samples / engine_t:.0f} vs {samples / hand_t:.0f} samples/s",
+        ), samples
     except Exception as exc:  # one option set that cannot run here (compiler, dtype support) must not end the rest
         return Figure(opts.key, title, None, "x", ">= 0.97", detail=f"failed: {_first_line(exc)}"), samples
     finally:
@@ -160,16 +189,22 @@ def run(quick: bool = False) -> Section:
             samples = n or samples
             figures.append(figure)
     return Section(
-        name="gpu_paths", title=TITLE, figures=figures,
-        setup=(f"resnet18 (random init) on {samples} generated images at {IMAGE_SIZE}x{IMAGE_SIZE} (decoded-image "
-               f"cache, no augmentation), batch {BATCH}, Adam, one epoch per repetition, {repeats} repetitions "
-               f"alternated, {torch.cuda.get_device_name(0)}, {workers} loader workers"
-               + ("; quick: torch.compile left out" if quick else "")),
-        notes=["Both loops read the same Dataset object through loaders with the same workers and pinning; the "
-               "hand loop applies each option itself (autocast, GradScaler, channels-last, non_blocking copies, "
-               "torch.compile). Loader workers are set explicitly so that the GPU, not the loading, sets the pace.",
-               "A figure without a value names why that option set could not run here (for example torch.compile "
-               "failing, after which the Trainer falls back to eager)."],
+        name="gpu_paths",
+        title=TITLE,
+        figures=figures,
+        setup=(
+            f"resnet18 (random init) on {samples} generated images at {IMAGE_SIZE}x{IMAGE_SIZE} (decoded-image "
+            f"cache, no augmentation), batch {BATCH}, Adam, one epoch per repetition, {repeats} repetitions "
+            f"alternated, {torch.cuda.get_device_name(0)}, {workers} loader workers"
+            + ("; quick: torch.compile left out" if quick else "")
+        ),
+        notes=[
+            "Both loops read the same Dataset object through loaders with the same workers and pinning; the "
+            "hand loop applies each option itself (autocast, GradScaler, channels-last, non_blocking copies, "
+            "torch.compile). Loader workers are set explicitly so that the GPU, not the loading, sets the pace.",
+            "A figure without a value names why that option set could not run here (for example torch.compile "
+            "failing, after which the Trainer falls back to eager).",
+        ],
     )
 
 

@@ -2,6 +2,7 @@
 
 Each returns a bench.common.Section; bench/run.py runs them with the engine's and writes the results.
 """
+
 from __future__ import annotations
 
 import gc
@@ -72,8 +73,14 @@ def startup(quick: bool = False) -> Section:
             subprocess.run([sys.executable, "-c", "import PySide6.QtWidgets"], env=env, check=True)
             bare.append(time.perf_counter() - started)
             started = time.perf_counter()
-            out = subprocess.run([sys.executable, "-c", _STARTUP_PROBE, str(REPO / "examples" / "default.json")],
-                                 cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+            out = subprocess.run(
+                [sys.executable, "-c", _STARTUP_PROBE, str(REPO / "examples" / "default.json")],
+                cwd=REPO,
+                env=env,
+                capture_output=True,
+                text=True,
+                timeout=120,
+            )
             elapsed = time.perf_counter() - started
             line = next((ln for ln in out.stdout.splitlines() if ln.startswith("SHOWN")), None)
             if line is None:
@@ -81,14 +88,29 @@ def startup(quick: bool = False) -> Section:
             times.append(elapsed)
             torch_loaded.append(line.split()[1] == "True")
     return Section(
-        name="startup", title="Start-up: `python main.py` to the window shown",
-        figures=[Figure("startup_s", "Seconds to the main window shown (median)", median(times), "s", "<= 2",
-                        detail=f"runs: {', '.join(f'{t:.2f}' for t in times)}"),
-                 Figure("startup_vs_bare_qt", "… as a multiple of starting Python and importing Qt alone",
-                        median(times) / median(bare), "x")],
+        name="startup",
+        title="Start-up: `python main.py` to the window shown",
+        figures=[
+            Figure(
+                "startup_s",
+                "Seconds to the main window shown (median)",
+                median(times),
+                "s",
+                "<= 2",
+                detail=f"runs: {', '.join(f'{t:.2f}' for t in times)}",
+            ),
+            Figure(
+                "startup_vs_bare_qt",
+                "… as a multiple of starting Python and importing Qt alone",
+                median(times) / median(bare),
+                "x",
+            ),
+        ],
         setup=f"examples/default.json, {repeats} cold process starts, offscreen Qt",
-        notes=[f"PyTorch imported before the window showed: {'yes' if any(torch_loaded) else 'no'} (it loads on a "
-               "worker thread afterwards, while the Backbone tab says so)."],
+        notes=[
+            f"PyTorch imported before the window showed: {'yes' if any(torch_loaded) else 'no'} (it loads on a "
+            "worker thread afterwards, while the Backbone tab says so)."
+        ],
     )
 
 
@@ -152,11 +174,18 @@ def _bench_project(tmp: Path, *, per_class: int, size: int, epochs: int) -> Path
     from engine.config import from_dict, save_project
 
     data = write_images(tmp / "images", classes=4, per_class=per_class, size=size)
-    cfg = from_dict({"name": "bench-app", "data": {"path": str(data), "image_size": size, "val_fraction": 0.2},
-                     "model": {"backbone": "resnet18"}, "loader": {"batch_size": 16},
-                     "optimizer": {"name": "adam", "lr": 1e-3},
-                     "train": {"epochs": epochs, "device": "auto", "seed": 0},
-                     "output": {"dir": str(tmp / "runs"), "tensorboard": False}}, base_dir=tmp)
+    cfg = from_dict(
+        {
+            "name": "bench-app",
+            "data": {"path": str(data), "image_size": size, "val_fraction": 0.2},
+            "model": {"backbone": "resnet18"},
+            "loader": {"batch_size": 16},
+            "optimizer": {"name": "adam", "lr": 1e-3},
+            "train": {"epochs": epochs, "device": "auto", "seed": 0},
+            "output": {"dir": str(tmp / "runs"), "tensorboard": False},
+        },
+        base_dir=tmp,
+    )
     path = tmp / "bench.json"
     save_project(cfg, path)
     return path
@@ -239,21 +268,38 @@ def app_overhead(quick: bool = False) -> list[Section]:
         window.state._set_dirty(False)
         dispose(window)
     overhead = Section(
-        name="app_overhead", title="App overhead: a run from the window vs the headless Trainer",
-        figures=[Figure("app_vs_headless", "Headless run time ÷ app run time (throughput ratio)",
-                        median(times["headless"]) / median(times["app"]), "x", ">= 0.95",
-                        detail=f"median {median(times['app']):.2f} s in the app, "
-                               f"{median(times['headless']):.2f} s headless")],
-        setup=(f"resnet18 on generated 32x32 PNGs (4 classes), 2 epochs with validation and checkpoints, "
-               f"{repeats} runs each, alternated; offscreen window with live plots"),
+        name="app_overhead",
+        title="App overhead: a run from the window vs the headless Trainer",
+        figures=[
+            Figure(
+                "app_vs_headless",
+                "Headless run time ÷ app run time (throughput ratio)",
+                median(times["headless"]) / median(times["app"]),
+                "x",
+                ">= 0.95",
+                detail=f"median {median(times['app']):.2f} s in the app, {median(times['headless']):.2f} s headless",
+            )
+        ],
+        setup=(
+            f"resnet18 on generated 32x32 PNGs (4 classes), 2 epochs with validation and checkpoints, "
+            f"{repeats} runs each, alternated; offscreen window with live plots"
+        ),
         notes=["Both time the whole run: data scan, model build, epochs, checkpoint files."],
     )
     heartbeat = Section(
-        name="ui_heartbeat", title="GUI responsiveness while training: lateness of a 10 ms timer",
-        figures=[Figure("heartbeat_p99_ms", "Heartbeat lateness, 99th percentile", float(np.percentile(late_ms, 99)),
-                        "ms", "<= 50"),
-                 Figure("heartbeat_max_ms", "Heartbeat lateness, maximum", float(late_ms.max()), "ms", "<= 200"),
-                 Figure("heartbeat_median_ms", "Heartbeat lateness, median", float(np.median(late_ms)), "ms")],
+        name="ui_heartbeat",
+        title="GUI responsiveness while training: lateness of a 10 ms timer",
+        figures=[
+            Figure(
+                "heartbeat_p99_ms",
+                "Heartbeat lateness, 99th percentile",
+                float(np.percentile(late_ms, 99)),
+                "ms",
+                "<= 50",
+            ),
+            Figure("heartbeat_max_ms", "Heartbeat lateness, maximum", float(late_ms.max()), "ms", "<= 200"),
+            Figure("heartbeat_median_ms", "Heartbeat lateness, median", float(np.median(late_ms)), "ms"),
+        ],
         setup=f"{2 if quick else 3} more app runs of the project above: {len(late_ms)} beats",
     )
     return [overhead, heartbeat]
@@ -272,16 +318,20 @@ def memory(quick: bool = False) -> Section:
             cfg.train.epochs = 1
             cfg.output.dir = str(tmp / "runs")
             save_project(cfg, tmp / "default-1-epoch.json")
-            proc = subprocess.Popen([sys.executable, str(REPO / "main.py"), "train", str(tmp / "default-1-epoch.json")],
-                                    stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+            proc = subprocess.Popen(
+                [sys.executable, str(REPO / "main.py"), "train", str(tmp / "default-1-epoch.json")],
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.PIPE,
+            )
             _, status, usage = os.wait4(proc.pid, 0)
             proc.returncode = os.waitstatus_to_exitcode(status)
             if proc.returncode != 0:
                 assert proc.stderr is not None  # stderr=PIPE
                 raise RuntimeError(f"the default project's run failed: {proc.stderr.read().decode()[-2000:]}")
             peak = usage.ru_maxrss / (1024 * 1024 if sys.platform == "darwin" else 1024)
-            figures.append(Figure("default_peak_rss_mib", "Peak RSS, default project, one epoch (headless)", peak,
-                                  "MiB"))
+            figures.append(
+                Figure("default_peak_rss_mib", "Peak RSS, default project, one epoch (headless)", peak, "MiB")
+            )
         else:
             notes.append("quick run: the default project's peak RSS is left out")
 
@@ -305,14 +355,29 @@ def memory(quick: bool = False) -> Section:
     growth = (rss[-1] - rss[settle]) / rss[settle] * 100
     slope = float(np.polyfit(np.arange(settle, runs), rss[settle:], 1)[0])
     figures += [
-        Figure("app_rss_growth_pct", f"RSS growth from run {settle + 1} to run {runs} in one app session", growth,
-               "%", "<= 5", detail=f"{rss[settle]:.0f} → {rss[-1]:.0f} MiB; fitted slope {slope:+.2f} MiB per run"),
-        Figure("app_thread_growth", "Python threads after the runs minus before", threads_after - threads_before,
-               "threads", "<= 0"),
+        Figure(
+            "app_rss_growth_pct",
+            f"RSS growth from run {settle + 1} to run {runs} in one app session",
+            growth,
+            "%",
+            "<= 5",
+            detail=f"{rss[settle]:.0f} → {rss[-1]:.0f} MiB; fitted slope {slope:+.2f} MiB per run",
+        ),
+        Figure(
+            "app_thread_growth",
+            "Python threads after the runs minus before",
+            threads_after - threads_before,
+            "threads",
+            "<= 0",
+        ),
     ]
-    return Section(name="memory", title="Memory: peak RSS and growth over repeated runs", figures=figures,
-                   setup=f"{runs} consecutive one-epoch runs of a small resnet18 project from one window",
-                   notes=notes)
+    return Section(
+        name="memory",
+        title="Memory: peak RSS and growth over repeated runs",
+        figures=figures,
+        setup=f"{runs} consecutive one-epoch runs of a small resnet18 project from one window",
+        notes=notes,
+    )
 
 
 def plot_cost(quick: bool = False) -> Section:
@@ -345,14 +410,24 @@ def plot_cost(quick: bool = False) -> Section:
             costs.append(time.perf_counter() - started)
         step += chunk
     dispose(plots)
-    early, late = median(costs[10:timed]), median(costs[-(timed - 10):])
+    early, late = median(costs[10:timed]), median(costs[-(timed - 10) :])
     return Section(
-        name="plot_cost", title="Live plot: cost per update as a run grows",
-        figures=[Figure("plot_cost_late_vs_early", f"Cost per update at {total:,} points ÷ at the start",
-                        late / early, "x", "<= 2", detail=f"{early * 1000:.1f} ms → {late * 1000:.1f} ms per update"),
-                 ],
-        setup=(f"{total:,} batch losses added {chunk} at a time; the first and last {timed} updates each timed "
-               f"with a repaint (900x600, offscreen), median of each"),
+        name="plot_cost",
+        title="Live plot: cost per update as a run grows",
+        figures=[
+            Figure(
+                "plot_cost_late_vs_early",
+                f"Cost per update at {total:,} points ÷ at the start",
+                late / early,
+                "x",
+                "<= 2",
+                detail=f"{early * 1000:.1f} ms → {late * 1000:.1f} ms per update",
+            ),
+        ],
+        setup=(
+            f"{total:,} batch losses added {chunk} at a time; the first and last {timed} updates each timed "
+            f"with a repaint (900x600, offscreen), median of each"
+        ),
     )
 
 

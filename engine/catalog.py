@@ -2,6 +2,7 @@
 project may name. It knows names only (the project file's model.backbone and model.weights), so config
 validation can ask it without building anything.
 """
+
 from __future__ import annotations
 
 import difflib
@@ -42,7 +43,7 @@ def list_backbones() -> list[str]:
 
 def timm_model_name(backbone: str) -> str | None:
     """timm's own name of a "timm/<model>" backbone; None for a torchvision one."""
-    return backbone[len(TIMM_PREFIX):] if backbone.startswith(TIMM_PREFIX) else None
+    return backbone[len(TIMM_PREFIX) :] if backbone.startswith(TIMM_PREFIX) else None
 
 
 def weights_enum(backbone: str) -> Any:  # a torchvision WeightsEnum class (untyped) or None
@@ -58,8 +59,11 @@ def timm_tags(arch: str) -> list[str]:
     from timm.models import get_arch_pretrained_cfgs, is_model_pretrained
 
     # timm leaves an untagged entry's tag None: it has no name to offer here (its weights are "DEFAULT").
-    return [cfg.tag for name, cfg in get_arch_pretrained_cfgs(arch).items()
-            if cfg.tag is not None and is_model_pretrained(name)]
+    return [
+        cfg.tag
+        for name, cfg in get_arch_pretrained_cfgs(arch).items()
+        if cfg.tag is not None and is_model_pretrained(name)
+    ]
 
 
 def weight_names(backbone: str) -> list[str]:
@@ -90,30 +94,40 @@ def backbone_problems(backbone: str, weights: str | None) -> list[str]:
         if arch is not None:
             model, _, tag = arch.partition(".")
             if tag and TIMM_PREFIX + model in _catalog_set():
-                return [f"model.backbone = {backbone!r}: the pretrained tag goes in model.weights; set "
-                        f"model.backbone to {TIMM_PREFIX + model!r} and model.weights to {tag!r}"]
+                return [
+                    f"model.backbone = {backbone!r}: the pretrained tag goes in model.weights; set "
+                    f"model.backbone to {TIMM_PREFIX + model!r} and model.weights to {tag!r}"
+                ]
             timm_names = [n for n in names if n.startswith(TIMM_PREFIX)]
             close = _close(backbone, timm_names)
             hint = f"did you mean {', '.join(close)}? " if close else ""
-            return [f"model.backbone = {backbone!r}: unknown; {hint}allowed: one of the {len(timm_names)} timm "
-                    f"models, named timm/<model> (e.g. {', '.join(_TIMM_EXAMPLES)})"]
+            return [
+                f"model.backbone = {backbone!r}: unknown; {hint}allowed: one of the {len(timm_names)} timm "
+                f"models, named timm/<model> (e.g. {', '.join(_TIMM_EXAMPLES)})"
+            ]
         close = _close(backbone, list(names))
         hint = f"did you mean {', '.join(close)}? " if close else ""
         examples = ", ".join(e for e in _EXAMPLES if e in _catalog_set())
-        return [f"model.backbone = {backbone!r}: unknown; {hint}allowed: one of the {len(names)} models, "
-                f"torchvision's classification models (e.g. {examples}) or timm's as timm/<model> (e.g. "
-                f"{', '.join(_TIMM_EXAMPLES[:2])})"]
+        return [
+            f"model.backbone = {backbone!r}: unknown; {hint}allowed: one of the {len(names)} models, "
+            f"torchvision's classification models (e.g. {examples}) or timm's as timm/<model> (e.g. "
+            f"{', '.join(_TIMM_EXAMPLES[:2])})"
+        ]
     if weights is None:
         return []
     allowed = weight_names(backbone)
     if not allowed:
-        return [f"model.weights = {weights!r}: {backbone} has no pretrained weights; use null for random init "
-                "or import a weights file (model.weights_file)"]
+        return [
+            f"model.weights = {weights!r}: {backbone} has no pretrained weights; use null for random init "
+            "or import a weights file (model.weights_file)"
+        ]
     if weights not in allowed:
         close = _close(weights, allowed) or [a for a in allowed if a.lower() == str(weights).lower()]
         hint = f"; did you mean {close[0]}?" if close else ""
-        return [f"model.weights = {weights!r}: not a weight of {backbone}; allowed: {', '.join(allowed)} "
-                f"or null for random init{hint}"]
+        return [
+            f"model.weights = {weights!r}: not a weight of {backbone}; allowed: {', '.join(allowed)} "
+            f"or null for random init{hint}"
+        ]
     return []
 
 

@@ -1,4 +1,5 @@
 """Checkpoint files: written atomically, read with weights_only=True so a file can never run code."""
+
 from __future__ import annotations
 
 import errno
@@ -38,12 +39,15 @@ class CheckpointWriteError(OSError):
             except OSError:
                 free = "free space unknown"
             full = "the disk is full" if cause.errno == errno.ENOSPC else "the disk quota is used up"
-            self.message = (f"cannot write {what} {self.path}: {full} ({cause.strerror or 'no space left'}; "
-                            f"{free} in {folder}). Checkpoints already written are intact; free some space "
-                            "(or lower checkpoint.keep_last), then resume the run from its last.pt")
+            self.message = (
+                f"cannot write {what} {self.path}: {full} ({cause.strerror or 'no space left'}; "
+                f"{free} in {folder}). Checkpoints already written are intact; free some space "
+                "(or lower checkpoint.keep_last), then resume the run from its last.pt"
+            )
         else:
-            self.message = (f"cannot write {what} {self.path}: {cause.strerror or cause}. "
-                            "Checkpoints already written are intact")
+            self.message = (
+                f"cannot write {what} {self.path}: {cause.strerror or cause}. Checkpoints already written are intact"
+            )
 
     def __str__(self) -> str:
         return self.message
@@ -135,11 +139,15 @@ def check_format_version(data: dict[str, Any], path: str | os.PathLike, what: st
         return  # a plain PyTorch dict, or a checkpoint from before the field existed
     version = data["format_version"]
     if isinstance(version, bool) or not isinstance(version, int) or version < 1:
-        raise CheckpointError(f"{what} {path} has format version {version!r}, which is not a version number "
-                              f"(this Model Workbench reads versions 1 to {FORMAT_VERSION})")
+        raise CheckpointError(
+            f"{what} {path} has format version {version!r}, which is not a version number "
+            f"(this Model Workbench reads versions 1 to {FORMAT_VERSION})"
+        )
     if version > FORMAT_VERSION:
-        raise CheckpointError(f"{what} {path} has format version {version}, newer than this Model Workbench "
-                              f"reads ({FORMAT_VERSION}); update the app to open it")
+        raise CheckpointError(
+            f"{what} {path} has format version {version}, newer than this Model Workbench "
+            f"reads ({FORMAT_VERSION}); update the app to open it"
+        )
 
 
 def _first_sentence(exc: BaseException) -> str:
@@ -171,19 +179,26 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     """Read one of our checkpoints (or any PyTorch dict of tensors and plain values) safely."""
     path = Path(path)
     if not path.is_file():
-        raise CheckpointError(f"checkpoint {str(path)!r} does not exist" if not path.exists()
-                              else f"checkpoint {str(path)!r} is not a file")
+        raise CheckpointError(
+            f"checkpoint {str(path)!r} does not exist"
+            if not path.exists()
+            else f"checkpoint {str(path)!r} is not a file"
+        )
     try:
         data = torch_load_weights_only(path)
     except pickle.UnpicklingError as exc:
         if "weights only" in str(exc).lower():
-            raise CheckpointError(f"refusing to load {path}: {refused_pickle_reason(exc)}, a pickle that could run "
-                                  "code; only tensors and plain values are read (see SECURITY.md)") from None
+            raise CheckpointError(
+                f"refusing to load {path}: {refused_pickle_reason(exc)}, a pickle that could run "
+                "code; only tensors and plain values are read (see SECURITY.md)"
+            ) from None
         raise CheckpointError(f"checkpoint {path} is damaged or not a PyTorch file: {_first_sentence(exc)}") from None
     except (RuntimeError, EOFError, OSError, ValueError, KeyError, IndexError, TypeError) as exc:
         # A text file or other garbage can surface as any of these from torch's legacy reader.
-        raise CheckpointError(f"checkpoint {path} is damaged or not a PyTorch file "
-                              f"(truncated by an interrupted copy?): {_first_sentence(exc)}") from None
+        raise CheckpointError(
+            f"checkpoint {path} is damaged or not a PyTorch file "
+            f"(truncated by an interrupted copy?): {_first_sentence(exc)}"
+        ) from None
     if not isinstance(data, dict):
         raise CheckpointError(f"checkpoint {path} holds a {type(data).__name__}, not a checkpoint dictionary")
     check_format_version(data, path)

@@ -1,4 +1,5 @@
 """The headless command line: train, check and inspect a project without the desktop app."""
+
 from __future__ import annotations
 
 import argparse
@@ -42,9 +43,15 @@ class ConsoleOutput:
             if not self.progress:
                 return
             if self.bar is None:
-                self.bar = self._tqdm(total=event.batches_per_epoch, desc=f"epoch {event.epoch}/{event.epochs}",
-                                      initial=event.batch - len(event.steps), file=self.stream, leave=False,
-                                      dynamic_ncols=True, mininterval=0.25)
+                self.bar = self._tqdm(
+                    total=event.batches_per_epoch,
+                    desc=f"epoch {event.epoch}/{event.epochs}",
+                    initial=event.batch - len(event.steps),
+                    file=self.stream,
+                    leave=False,
+                    dynamic_ncols=True,
+                    mininterval=0.25,
+                )
             self.bar.update(len(event.steps))
             self.bar.set_postfix(loss=f"{event.loss:.4f}", refresh=False)
         elif isinstance(event, EpochFinished):
@@ -97,8 +104,12 @@ def _load(project: str, overrides: argparse.Namespace | None = None) -> ProjectC
         try:
             cfg = from_dict(data, base_dir=cfg.base_dir, source=project)
         except ConfigError as exc:
-            raise ConfigError([str(p).replace("train.epochs", "--epochs").replace("distributed.processes", "--processes")
-                               for p in exc.problems]) from None
+            raise ConfigError(
+                [
+                    str(p).replace("train.epochs", "--epochs").replace("distributed.processes", "--processes")
+                    for p in exc.problems
+                ]
+            ) from None
     return cfg
 
 
@@ -113,14 +124,19 @@ def _relaunch(args: argparse.Namespace, processes: int) -> int:
     from engine.distributed import torchrun_command
 
     cmd = torchrun_command(processes, args.argv)
-    print(f"distributed.processes = {processes}: starting the run in {processes} processes through torchrun",
-          file=sys.stderr, flush=True)
+    print(
+        f"distributed.processes = {processes}: starting the run in {processes} processes through torchrun",
+        file=sys.stderr,
+        flush=True,
+    )
     child = subprocess.Popen(cmd)
     main_thread = threading.current_thread() is threading.main_thread()
     previous = {}
     interrupted = []
 
-    def on_sigint(signum: int, frame: FrameType | None) -> None:  # the workers got it too: they stop after the batch; torchrun then ends
+    def on_sigint(
+        signum: int, frame: FrameType | None
+    ) -> None:  # the workers got it too: they stop after the batch; torchrun then ends
         interrupted.append(True)
 
     if main_thread:
@@ -134,11 +150,15 @@ def _relaunch(args: argparse.Namespace, processes: int) -> int:
     if code == 0:
         return EXIT_OK
     if interrupted or code in (EXIT_INTERRUPTED, -signal.SIGINT):
-        print(f"Stopped: the {processes} processes ended after their batch; the run folder keeps the last "
-              "finished epoch", file=sys.stderr)
+        print(
+            f"Stopped: the {processes} processes ended after their batch; the run folder keeps the last finished epoch",
+            file=sys.stderr,
+        )
         return EXIT_INTERRUPTED
-    print(f"error: the {processes}-process run ended with exit code {code} (each process's messages are above)",
-          file=sys.stderr)
+    print(
+        f"error: the {processes}-process run ended with exit code {code} (each process's messages are above)",
+        file=sys.stderr,
+    )
     return EXIT_FAILED
 
 
@@ -154,8 +174,12 @@ def cmd_train(args: argparse.Namespace) -> int:
         return _relaunch(args, cfg.distributed.processes)
     if args.init_from:
         if cfg.model.weights or cfg.model.weights_file:
-            raise ConfigError(["--init-from replaces the project's model.weights / model.weights_file; "
-                               "remove them from the project or drop --init-from"])
+            raise ConfigError(
+                [
+                    "--init-from replaces the project's model.weights / model.weights_file; "
+                    "remove them from the project or drop --init-from"
+                ]
+            )
         if not Path(args.init_from).is_file():
             raise ConfigError([f"--init-from {args.init_from!r}: no such file"])
         apply_init_from(cfg, args.init_from)
@@ -167,8 +191,7 @@ def cmd_resume(args: argparse.Namespace) -> int:
     from engine.runs import resume_config
 
     ckpt = load_checkpoint(args.checkpoint)
-    cfg = resume_config(ckpt, args.checkpoint, epochs=args.epochs, epochs_field="--epochs",
-                        processes=args.processes)
+    cfg = resume_config(ckpt, args.checkpoint, epochs=args.epochs, epochs_field="--epochs", processes=args.processes)
     if _wants_relaunch(cfg):
         return _relaunch(args, cfg.distributed.processes)
     return _train(RunSession(cfg, resume=ckpt, checkpoint=args.checkpoint, out=args.out), events=args.events)
@@ -221,12 +244,17 @@ def _train(session: RunSession, *, events: bool = False) -> int:
     if not main_rank:
         return EXIT_INTERRUPTED if result.status == "stopped" else EXIT_OK
     if result.status == "stopped":
-        print(f"Stopped after {result.epoch} of {result.epochs} epoch(s); results so far are in {result.run_dir}",
-              file=sys.stderr)
+        print(
+            f"Stopped after {result.epoch} of {result.epochs} epoch(s); results so far are in {result.run_dir}",
+            file=sys.stderr,
+        )
         return EXIT_INTERRUPTED
     how = " (stopped early)" if result.stopped_early else ""
-    print(f"Done: {result.epoch} epoch(s){how}; model saved to "
-          f"{Path(result.run_dir or '.') / 'checkpoints' / 'final.pt'}", file=sys.stderr)
+    print(
+        f"Done: {result.epoch} epoch(s){how}; model saved to "
+        f"{Path(result.run_dir or '.') / 'checkpoints' / 'final.pt'}",
+        file=sys.stderr,
+    )
     return EXIT_OK
 
 
@@ -236,28 +264,33 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from engine.evaluate import evaluate_checkpoint
 
     if args.top < 0:
-
         raise ConfigError([f"--top = {args.top}: must be 0 or more"])
     if args.json and not Path(args.json).resolve().parent.is_dir():
-
         raise ConfigError([f"--json {args.json!r}: folder {str(Path(args.json).resolve().parent)!r} does not exist"])
     ev = evaluate_checkpoint(args.checkpoint, data=args.data, top_n=args.top, device=args.device)
     assert ev is not None  # None only after a stop request, and no stop_event is given
     print(f"Evaluated {ev.data}")
     if ev.loss is not None:
         plain = {"classification": "cross-entropy", "multilabel": "binary cross-entropy", "regression": "MSE"}
-        print(f"loss {ev.loss:.4f} (plain {plain.get(ev.task, 'loss')}: no label smoothing or class weights, "
-              "so it can be lower than the run's val_loss)")
+        print(
+            f"loss {ev.loss:.4f} (plain {plain.get(ev.task, 'loss')}: no label smoothing or class weights, "
+            "so it can be lower than the run's val_loss)"
+        )
     if ev.accuracy is not None:
-        print(f"accuracy {ev.accuracy:.4f}" + (f"   top-5 {ev.top5_accuracy:.4f}" if ev.top5_accuracy is not None
-                                                else "") + (f"   macro F1 {ev.macro_f1:.4f}" if ev.macro_f1 else ""))
+        print(
+            f"accuracy {ev.accuracy:.4f}"
+            + (f"   top-5 {ev.top5_accuracy:.4f}" if ev.top5_accuracy is not None else "")
+            + (f"   macro F1 {ev.macro_f1:.4f}" if ev.macro_f1 else "")
+        )
     if ev.mae is not None:
         print(f"MAE {ev.mae:.4f}   RMSE {ev.rmse:.4f}")
     if ev.per_class:
         width = max(len(r["class"]) for r in ev.per_class)
         print(f"\n{'class':{width}s}  precision  recall     f1  support")
         for r in ev.per_class:
-            print(f"{r['class']:{width}s}  {r['precision']:9.3f}  {r['recall']:6.3f}  {r['f1']:5.3f}  {r['support']:7d}")
+            print(
+                f"{r['class']:{width}s}  {r['precision']:9.3f}  {r['recall']:6.3f}  {r['f1']:5.3f}  {r['support']:7d}"
+            )
     if ev.confusion:
         names = [c[:6] for c in ev.class_names]
         print("\nconfusion (rows: true, columns: predicted)")
@@ -287,11 +320,19 @@ def cmd_export(args: argparse.Namespace) -> int:
     out = Path(args.out) if args.out else checkpoint.with_name(checkpoint.stem + tag + default_suffix(args.format))
     if out.resolve() == checkpoint.resolve():
         raise ConfigError([f"--out {str(out)!r} is the checkpoint itself; choose another file name"])
-    result = export_checkpoint(checkpoint, args.format, out, force=args.force, tolerance=args.tolerance,
-                               log=lambda m: print(m, file=sys.stderr))
-    print(f"Exported {result.format} to {result.path} (details in {result.sidecar.name}); checked on a "
-          f"{result.inputs}: max |difference| of logits vs PyTorch {result.max_abs_diff:.2e} "
-          f"(tolerance {result.tolerance:g})")
+    result = export_checkpoint(
+        checkpoint,
+        args.format,
+        out,
+        force=args.force,
+        tolerance=args.tolerance,
+        log=lambda m: print(m, file=sys.stderr),
+    )
+    print(
+        f"Exported {result.format} to {result.path} (details in {result.sidecar.name}); checked on a "
+        f"{result.inputs}: max |difference| of logits vs PyTorch {result.max_abs_diff:.2e} "
+        f"(tolerance {result.tolerance:g})"
+    )
     return EXIT_OK
 
 
@@ -314,8 +355,10 @@ def cmd_backbones(args: argparse.Namespace) -> int:
     needle = (args.filter or "").lower()
     names = [n for n in list_backbones() if needle in n.lower()]
     if not names:
-        print(f"error: no backbone name contains {args.filter!r}; run `backbones` without a filter to list all",
-              file=sys.stderr)
+        print(
+            f"error: no backbone name contains {args.filter!r}; run `backbones` without a filter to list all",
+            file=sys.stderr,
+        )
         return EXIT_BAD_INPUT
     for name in names:
         weights = [w for w in weight_names(name) if w != "DEFAULT"]
@@ -331,23 +374,20 @@ def cmd_layers(args: argparse.Namespace) -> int:
     cfg = _load(args.project)
     num_outputs = args.classes
     if num_outputs is not None and num_outputs < 1:
-
         raise ConfigError([f"--classes = {num_outputs}: must be at least 1"])
     if num_outputs is None:
         from engine.data import scan_source
 
         data_path = cfg.resolve(cfg.data.path)
         assert data_path is not None  # load_project refuses an empty data.path
-        num_outputs = len(scan_source(data_path, kind=cfg.data.kind,
-                                      task=cfg.data.task).class_names)
+        num_outputs = len(scan_source(data_path, kind=cfg.data.kind, task=cfg.data.task).class_names)
     model_cfg = cfg.model
     if model_cfg.weights:  # the shapes do not depend on the weights; building without them needs no network
         model_cfg = cfg.copy().model
         model_cfg.weights = None
     size = preprocess_for(cfg.model, cfg.data).crop_size
     built = build_model(model_cfg, num_outputs, resolve=cfg.resolve, image_size=size)
-    summary = apply_freeze(built.model, cfg.model, built.head_name,
-                           freeze_backbone=cfg.optimizer.backbone_lr_mult == 0)
+    summary = apply_freeze(built.model, cfg.model, built.head_name, freeze_backbone=cfg.optimizer.backbone_lr_mult == 0)
     print(f"{'module':48s} {'type':22s} {'output':20s} {'params':>12s} {'trainable':>12s}")
     for row in layer_tree(built.model, (3, size, size)):
         if args.depth is not None and row.depth > args.depth:
@@ -376,30 +416,47 @@ def _report_failure_event(args: argparse.Namespace, exc: BaseException) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="model-workbench",
-        description="Fine-tune pretrained PyTorch models from a JSON project file, headless.")
+        prog="model-workbench", description="Fine-tune pretrained PyTorch models from a JSON project file, headless."
+    )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     p = sub.add_parser("train", help="train a project headless and write a run folder")
     p.add_argument("project", help="project file (.json)")
     p.add_argument("--epochs", type=int, help="total epochs (overrides train.epochs)")
     p.add_argument("--out", help="run folder to write (default: OUTPUT_DIR/NAME-TIMESTAMP)")
-    p.add_argument("--init-from", metavar="CHECKPOINT",
-                   help="start from a checkpoint's (or state dict's) weights: a new run, fine-tuning a fine-tune")
-    p.add_argument("--processes", type=int, metavar="N",
-                   help="train in N processes through torchrun (overrides distributed.processes)")
-    p.add_argument("--events", action="store_true",
-                   help="print machine-readable progress lines on stdout (engine/events.py) for a parent process")
+    p.add_argument(
+        "--init-from",
+        metavar="CHECKPOINT",
+        help="start from a checkpoint's (or state dict's) weights: a new run, fine-tuning a fine-tune",
+    )
+    p.add_argument(
+        "--processes",
+        type=int,
+        metavar="N",
+        help="train in N processes through torchrun (overrides distributed.processes)",
+    )
+    p.add_argument(
+        "--events",
+        action="store_true",
+        help="print machine-readable progress lines on stdout (engine/events.py) for a parent process",
+    )
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("resume", help="continue a run exactly where a checkpoint left it")
     p.add_argument("checkpoint", help="a checkpoint .pt from a run folder")
     p.add_argument("--epochs", type=int, help="the run's total epochs (default: the project's)")
     p.add_argument("--out", help="run folder to write (default: the checkpoint's own run folder)")
-    p.add_argument("--processes", type=int, metavar="N",
-                   help="continue in N processes (overrides the run's distributed.processes; 1: one process)")
-    p.add_argument("--events", action="store_true",
-                   help="print machine-readable progress lines on stdout (engine/events.py) for a parent process")
+    p.add_argument(
+        "--processes",
+        type=int,
+        metavar="N",
+        help="continue in N processes (overrides the run's distributed.processes; 1: one process)",
+    )
+    p.add_argument(
+        "--events",
+        action="store_true",
+        help="print machine-readable progress lines on stdout (engine/events.py) for a parent process",
+    )
     p.set_defaults(func=cmd_resume)
 
     p = sub.add_parser("evaluate", help="accuracy, per-class metrics, confusion matrix, hardest samples")

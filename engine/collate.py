@@ -1,4 +1,5 @@
 """Batch assembly for the DataLoader: PyTorch's default stacking, or zero-padding for images of different sizes."""
+
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence

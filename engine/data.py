@@ -1,4 +1,5 @@
 """Datasets from an image folder, a CSV or a .npz: scanned and verified once, split, and served as tensors."""
+
 from __future__ import annotations
 
 import csv
@@ -87,7 +88,8 @@ def load_image(path: str | os.PathLike) -> Image.Image:
         if limit and img.width * img.height > limit:
             raise Image.DecompressionBombError(
                 f"image too large ({img.width}x{img.height} pixels; Pillow's limit is {limit}, "
-                "a guard against decompression bombs)")
+                "a guard against decompression bombs)"
+            )
         img.load()
         upright = ImageOps.exif_transpose(img)
     return to_rgb(upright)
@@ -144,8 +146,14 @@ def _verify(paths: Sequence[Path], progress: Progress) -> list[str | None]:
 # Scanning
 
 
-def scan_source(path: str | os.PathLike, *, kind: str = "auto", task: str = "classification",
-                class_names: Sequence[str] | None = None, progress: Progress = None) -> DataSource:
+def scan_source(
+    path: str | os.PathLike,
+    *,
+    kind: str = "auto",
+    task: str = "classification",
+    class_names: Sequence[str] | None = None,
+    progress: Progress = None,
+) -> DataSource:
     """Find, label and verify every sample of a dataset; unusable files are skipped with a reason.
 
     class_names: the training vocabulary when scanning a separate validation source; labels outside it
@@ -176,8 +184,9 @@ def _detect_kind(p: Path, kind: str) -> str:
             return "folder"
         detected = _KIND_BY_SUFFIX.get(p.suffix.lower())
         if detected is None:
-            raise DataError(f"{p}: not a dataset; expected an image folder (one sub-folder per class), "
-                            "a .csv file or a .npz file")
+            raise DataError(
+                f"{p}: not a dataset; expected an image folder (one sub-folder per class), a .csv file or a .npz file"
+            )
         return detected
     if kind == "folder" and not p.is_dir():
         raise DataError(f"{p} is a file, but an image folder (one sub-folder per class) was expected")
@@ -190,8 +199,10 @@ def _check_enough(source: DataSource, *, vocabulary_given: bool) -> None:
     if not source.targets:
         first = f"; first problem: {source.skipped[0].path}: {source.skipped[0].reason}" if source.skipped else ""
         if source.kind == "folder":
-            raise DataError(f"no images found in {source.path}, expected one sub-folder per class "
-                            f"(such as {source.path / 'cat' / '001.jpg'}){first}")
+            raise DataError(
+                f"no images found in {source.path}, expected one sub-folder per class "
+                f"(such as {source.path / 'cat' / '001.jpg'}){first}"
+            )
         raise DataError(f"no usable samples in {source.path}{first}")
     if source.task == "multilabel" and not source.class_names:
         raise DataError(f"{source.path}: no sample has a label; multilabel needs at least one label")
@@ -224,8 +235,10 @@ class _FolderWalk:
         for name in class_folders:
             real = os.path.realpath(root / name)
             if real in self.class_reals:
-                warnings.append(f"class folder '{name}' is the same folder as '{self.class_reals[real]}' "
-                                "(a symlink); left out so its images are not counted under two classes")
+                warnings.append(
+                    f"class folder '{name}' is the same folder as '{self.class_reals[real]}' "
+                    "(a symlink); left out so its images are not counted under two classes"
+                )
                 continue
             self.class_reals[real] = name
 
@@ -240,8 +253,9 @@ class _FolderWalk:
         files: set[str] = set()
         doubles = self._visit(folder, real, (self.root_real, real), found, files)
         if doubles:
-            self.warnings.append(f"class folder '{name}': {doubles} image(s) reached through two paths (symlinks) "
-                                 "counted once")
+            self.warnings.append(
+                f"class folder '{name}': {doubles} image(s) reached through two paths (symlinks) counted once"
+            )
         return found
 
     def _visit(self, path: Path, real: str, ancestors: tuple[str, ...], found: list[Path], files: set[str]) -> int:
@@ -296,13 +310,14 @@ class _FolderWalk:
 
 def _scan_folder(root: Path, task: str, given: list[str] | None, progress: Progress) -> DataSource:
     if task != "classification":
-        raise DataError(f"{root}: an image folder labels images by sub-folder, so it only suits the task "
-                        f"'classification', not {task!r}; use a CSV or a .npz for {task}")
+        raise DataError(
+            f"{root}: an image folder labels images by sub-folder, so it only suits the task "
+            f"'classification', not {task!r}; use a CSV or a .npz for {task}"
+        )
     skipped: list[SkippedFile] = []
     warnings: list[str] = []
     candidates: list[tuple[Path, str]] = []
-    walk = _FolderWalk(root, sorted(d.name for d in root.iterdir() if d.is_dir() and not _is_hidden(d.name)),
-                       warnings)
+    walk = _FolderWalk(root, sorted(d.name for d in root.iterdir() if d.is_dir() and not _is_hidden(d.name)), warnings)
     folders = walk.classes()
     for name in folders:
         images = walk.images(name)
@@ -329,9 +344,17 @@ def _scan_folder(root: Path, task: str, given: list[str] | None, progress: Progr
             warnings.append(f"class folder '{name}' has {what}; left out")
     vocabulary = given if given is not None else sorted(used)
     index = {name: i for i, name in enumerate(vocabulary)}
-    return DataSource(kind="folder", path=root, task=task, class_names=list(vocabulary),
-                      targets=[index[name] for _, name in kept], files=[f for f, _ in kept], array=None,
-                      skipped=skipped, warnings=warnings)
+    return DataSource(
+        kind="folder",
+        path=root,
+        task=task,
+        class_names=list(vocabulary),
+        targets=[index[name] for _, name in kept],
+        files=[f for f, _ in kept],
+        array=None,
+        skipped=skipped,
+        warnings=warnings,
+    )
 
 
 def _read_csv_rows(file: Path) -> tuple[list[str], list[tuple[int, list[str]]]]:
@@ -361,8 +384,9 @@ def _scan_csv(file: Path, task: str, given: list[str] | None, progress: Progress
     if missing:
         cols = ", ".join(f"'{c}'" for c in missing)
         found = ", ".join(f"'{h}'" for h in header) or "none"
-        raise DataError(f"{file} has no {cols} column (columns found: {found}); "
-                        "the header row must name the columns path,label")
+        raise DataError(
+            f"{file} has no {cols} column (columns found: {found}); the header row must name the columns path,label"
+        )
     path_col, label_col = lookup["path"], lookup["label"]
     base = file.parent
     known = set(given) if given is not None else None
@@ -421,8 +445,17 @@ def _scan_csv(file: Path, task: str, given: list[str] | None, progress: Progress
     else:
         vocabulary = given if given is not None else _output_names(width or 1)
         targets = labels
-    return DataSource(kind="csv", path=file, task=task, class_names=list(vocabulary), targets=targets,
-                      files=[image for image, _ in kept], array=None, skipped=skipped, warnings=warnings)
+    return DataSource(
+        kind="csv",
+        path=file,
+        task=task,
+        class_names=list(vocabulary),
+        targets=targets,
+        files=[image for image, _ in kept],
+        array=None,
+        skipped=skipped,
+        warnings=warnings,
+    )
 
 
 def _parse_label(raw: str, task: str, known: set[str] | None) -> tuple[Any, str | None]:
@@ -445,8 +478,9 @@ def _parse_label(raw: str, task: str, known: set[str] | None) -> tuple[Any, str 
         try:
             value = float(part)
         except ValueError:
-            return None, (f"label '{raw.strip()}' is not a number (regression targets are numbers, "
-                          "several separated by ';')")
+            return None, (
+                f"label '{raw.strip()}' is not a number (regression targets are numbers, several separated by ';')"
+            )
         if not math.isfinite(value):
             return None, f"label '{raw.strip()}' is not a finite number"
         values.append(value)
@@ -473,8 +507,10 @@ def _npz_array(archive: Any, file: Path, name: str) -> np.ndarray:
         return archive[name]
     except ValueError as exc:
         if "allow_pickle" in str(exc):
-            raise DataError(f"{file}: array '{name}' holds Python objects; refusing to unpickle "
-                            "(save it as a numeric or string array)") from None
+            raise DataError(
+                f"{file}: array '{name}' holds Python objects; refusing to unpickle "
+                "(save it as a numeric or string array)"
+            ) from None
         raise DataError(f"{file}: array '{name}' cannot be read ({exc})") from None
 
 
@@ -503,17 +539,23 @@ def _scan_npz(file: Path, task: str, given: list[str] | None, progress: Progress
         elif lo >= 0 and hi <= 65535:
             x = x.astype(np.uint16)
         else:
-            raise DataError(f"{file}: array 'X' ({x.dtype}) holds values from {lo} to {hi}; integer images must be "
-                            "0..255 (8-bit) or 0..65535 (16-bit); floats must be 0..1")
+            raise DataError(
+                f"{file}: array 'X' ({x.dtype}) holds values from {lo} to {hi}; integer images must be "
+                "0..255 (8-bit) or 0..65535 (16-bit); floats must be 0..1"
+            )
     n = x.shape[0]
     if y.ndim == 0 or y.shape[0] != n:
-        raise DataError(f"{file}: array 'X' has {n} rows (shape {x.shape}) but 'y' has shape {y.shape}; "
-                        "they need one label row per image")
+        raise DataError(
+            f"{file}: array 'X' has {n} rows (shape {x.shape}) but 'y' has shape {y.shape}; "
+            "they need one label row per image"
+        )
     file_names = None
     if names_arr is not None:
         if names_arr.ndim != 1 or names_arr.dtype.kind not in "US":
-            raise DataError(f"{file}: array 'class_names' has shape {names_arr.shape} and dtype {names_arr.dtype}; "
-                            "expected a 1-D array of strings")
+            raise DataError(
+                f"{file}: array 'class_names' has shape {names_arr.shape} and dtype {names_arr.dtype}; "
+                "expected a 1-D array of strings"
+            )
         file_names = [str(v.decode() if isinstance(v, bytes) else v) for v in names_arr.tolist()]
 
     skipped: list[SkippedFile] = []
@@ -529,8 +571,10 @@ def _scan_npz(file: Path, task: str, given: list[str] | None, progress: Progress
         skip(~np.isfinite(x.reshape(n, -1)).all(axis=1), "non-finite pixel values (NaN or infinity)")
         finite_max = float(np.max(x[keep])) if keep.any() else 0.0
         if finite_max > 1.0:
-            warnings.append(f"array 'X' is float with values up to {finite_max:g}; float images are read as "
-                            "0..1 (store 0..255 images as uint8)")
+            warnings.append(
+                f"array 'X' is float with values up to {finite_max:g}; float images are read as "
+                "0..1 (store 0..255 images as uint8)"
+            )
 
     targets: list[int] | list[list[float]]
     if task == "classification":
@@ -543,12 +587,28 @@ def _scan_npz(file: Path, task: str, given: list[str] | None, progress: Progress
     if progress is not None:
         progress(n, n)
     images = x[..., None] if x.ndim == 3 else x  # a view: one layout for everyone downstream
-    return DataSource(kind="npz", path=file, task=task, class_names=vocabulary, targets=targets, files=None,
-                      array=images if keep.all() else images[keep], skipped=skipped, warnings=warnings)
+    return DataSource(
+        kind="npz",
+        path=file,
+        task=task,
+        class_names=vocabulary,
+        targets=targets,
+        files=None,
+        array=images if keep.all() else images[keep],
+        skipped=skipped,
+        warnings=warnings,
+    )
 
 
-def _npz_classes(file: Path, y: np.ndarray, file_names: list[str] | None, given: Sequence[str] | None, keep: np.ndarray,
-                skip: Callable[[Any, str], None], warnings: list[str]) -> tuple[list[str], list[int]]:
+def _npz_classes(
+    file: Path,
+    y: np.ndarray,
+    file_names: list[str] | None,
+    given: Sequence[str] | None,
+    keep: np.ndarray,
+    skip: Callable[[Any, str], None],
+    warnings: list[str],
+) -> tuple[list[str], list[int]]:
     if y.ndim != 1:
         raise DataError(f"{file}: array 'y' has shape {y.shape}; classification needs one class label per row")
     if y.dtype.kind in "US":
@@ -563,8 +623,10 @@ def _npz_classes(file: Path, y: np.ndarray, file_names: list[str] | None, given:
         if file_names is not None:
             bad = ints[(ints < 0) | (ints >= len(file_names))]
             if bad.size:
-                raise DataError(f"{file}: array 'y' holds the label {bad[0]}, but 'class_names' has only "
-                                f"{len(file_names)} names (labels 0..{len(file_names) - 1})")
+                raise DataError(
+                    f"{file}: array 'y' holds the label {bad[0]}, but 'class_names' has only "
+                    f"{len(file_names)} names (labels 0..{len(file_names) - 1})"
+                )
             raw = [file_names[i] for i in ints.tolist()]
             order = file_names
         else:
@@ -585,8 +647,14 @@ def _npz_classes(file: Path, y: np.ndarray, file_names: list[str] | None, given:
     return vocabulary, [index[r] for r, k in zip(raw, keep, strict=True) if k]
 
 
-def _npz_multilabel(file: Path, y: np.ndarray, file_names: list[str] | None, given: Sequence[str] | None, keep: np.ndarray,
-                   skip: Callable[[Any, str], None]) -> tuple[list[str], list[list[float]]]:
+def _npz_multilabel(
+    file: Path,
+    y: np.ndarray,
+    file_names: list[str] | None,
+    given: Sequence[str] | None,
+    keep: np.ndarray,
+    skip: Callable[[Any, str], None],
+) -> tuple[list[str], list[list[float]]]:
     if y.ndim != 2:
         raise DataError(f"{file}: array 'y' has shape {y.shape}; multilabel needs (N, K): one 0/1 column per label")
     if y.dtype.kind not in "biuf" or not np.isin(y, (0, 1)).all():
@@ -614,11 +682,18 @@ def _npz_multilabel(file: Path, y: np.ndarray, file_names: list[str] | None, giv
     return list(vocabulary), hot[keep].tolist()
 
 
-def _npz_regression(file: Path, y: np.ndarray, file_names: list[str] | None, given: Sequence[str] | None, keep: np.ndarray,
-                   skip: Callable[[Any, str], None]) -> tuple[list[str], list[list[float]]]:
+def _npz_regression(
+    file: Path,
+    y: np.ndarray,
+    file_names: list[str] | None,
+    given: Sequence[str] | None,
+    keep: np.ndarray,
+    skip: Callable[[Any, str], None],
+) -> tuple[list[str], list[list[float]]]:
     if y.ndim not in (1, 2) or y.dtype.kind not in "biuf":
-        raise DataError(f"{file}: array 'y' has shape {y.shape} and dtype {y.dtype}; regression needs numbers, "
-                        "shape (N,) or (N, K)")
+        raise DataError(
+            f"{file}: array 'y' has shape {y.shape} and dtype {y.dtype}; regression needs numbers, shape (N,) or (N, K)"
+        )
     values = y.astype(np.float64).reshape(y.shape[0], -1)
     k = values.shape[1]
     if given is not None and k != len(given):
@@ -657,8 +732,7 @@ class EngineDataset(Dataset):
 class ImageFileDataset(EngineDataset):
     """Image files and their targets; each item is (transformed float CHW tensor, target tensor)."""
 
-    def __init__(self, files: Sequence[str | os.PathLike], targets: Sequence, transform: Callable | None,
-                 task: str):
+    def __init__(self, files: Sequence[str | os.PathLike], targets: Sequence, transform: Callable | None, task: str):
         if len(files) != len(targets):
             raise ValueError(f"{len(files)} files but {len(targets)} targets")
         self.files = [Path(f) for f in files]
@@ -719,8 +793,14 @@ class ArrayDataset(EngineDataset):
     instead of each holding a copy.
     """
 
-    def __init__(self, array: np.ndarray, targets: Sequence, transform: Callable | None, task: str,
-                 rows: Sequence[int] | None = None):
+    def __init__(
+        self,
+        array: np.ndarray,
+        targets: Sequence,
+        transform: Callable | None,
+        task: str,
+        rows: Sequence[int] | None = None,
+    ):
         self.array = array
         self.rows = None if rows is None else [int(r) for r in rows]
         self.targets = list(targets)
@@ -761,9 +841,9 @@ def split_indices(targets: Sequence, task: str, val_fraction: float, seed: int) 
         labels = np.asarray(targets, dtype=np.int64)
         for c in np.unique(labels):
             members = rng.permutation(np.flatnonzero(labels == c))
-            val += members[:take(len(members))].tolist()
+            val += members[: take(len(members))].tolist()
     else:
-        val = rng.permutation(n)[:take(n)].tolist()
+        val = rng.permutation(n)[: take(n)].tolist()
     val_set = set(val)
     return [i for i in range(n) if i not in val_set], sorted(val)
 
@@ -835,8 +915,7 @@ def prepare_data(cfg: ProjectConfig, pre: Preprocess, *, progress: Progress = No
     if d.val_path:
         val_path = cfg.resolve(d.val_path)
         assert val_path is not None  # d.val_path is not empty
-        val_source = scan_source(val_path, kind=d.kind, task=d.task,
-                                 class_names=source.class_names, progress=progress)
+        val_source = scan_source(val_path, kind=d.kind, task=d.task, class_names=source.class_names, progress=progress)
         train = subset_dataset(source, range(len(source)), train_tf)
         train_targets = list(source.targets)
         val = subset_dataset(val_source, range(len(val_source)), eval_tf)
@@ -850,12 +929,24 @@ def prepare_data(cfg: ProjectConfig, pre: Preprocess, *, progress: Progress = No
         val = subset_dataset(source, val_idx, eval_tf) if val_idx else None
         val_targets = [source.targets[i] for i in val_idx]
         if d.val_fraction > 0 and not val_idx:
-            warnings.append(f"data.val_fraction = {d.val_fraction:g} leaves no validation samples "
-                            f"({len(source)} in all); training runs without validation")
+            warnings.append(
+                f"data.val_fraction = {d.val_fraction:g} leaves no validation samples "
+                f"({len(source)} in all); training runs without validation"
+            )
 
     k = len(source.class_names)
     return PreparedData(
-        task=d.task, class_names=list(source.class_names), num_outputs=k, train=train, val=val,
-        train_targets=train_targets, val_targets=val_targets,
-        train_counts=_class_counts(train_targets, d.task, k), val_counts=_class_counts(val_targets, d.task, k),
-        skipped=skipped, warnings=warnings, source=source, val_source=val_source)
+        task=d.task,
+        class_names=list(source.class_names),
+        num_outputs=k,
+        train=train,
+        val=val,
+        train_targets=train_targets,
+        val_targets=val_targets,
+        train_counts=_class_counts(train_targets, d.task, k),
+        val_counts=_class_counts(val_targets, d.task, k),
+        skipped=skipped,
+        warnings=warnings,
+        source=source,
+        val_source=val_source,
+    )

@@ -10,6 +10,7 @@ offsets when they do not (keep_aspect, presizing of non-square images). DataLoad
 training process then share those pages copy-on-write: there is no Python object per image whose reference
 count would make each worker copy its page.
 """
+
 from __future__ import annotations
 
 import os
@@ -48,9 +49,18 @@ class DecodedImageDataset(EngineDataset):
 
     transform: Callable  # the per-item steps, always set
 
-    def __init__(self, images: torch.Tensor | None, flat: torch.Tensor | None, offsets: np.ndarray | None,
-                 shapes: np.ndarray | None, targets: Sequence, per_item: Callable, task: str,
-                 names: Sequence[str], source: Any = None):
+    def __init__(
+        self,
+        images: torch.Tensor | None,
+        flat: torch.Tensor | None,
+        offsets: np.ndarray | None,
+        shapes: np.ndarray | None,
+        targets: Sequence,
+        per_item: Callable,
+        task: str,
+        names: Sequence[str],
+        source: Any = None,
+    ):
         self.images = images  # (N, C, H, W) when every image has the same size
         self.flat = flat  # otherwise every image's values one after another ...
         self.offsets = offsets  # ... image i at flat[offsets[i]:offsets[i + 1]] ...
@@ -74,7 +84,9 @@ class DecodedImageDataset(EngineDataset):
         """The cached (decoded, resized) image, before the per-item steps."""
         if self.images is not None:
             return self.images[index]
-        assert self.flat is not None and self.offsets is not None and self.shapes is not None  # the variable-size layout
+        assert (
+            self.flat is not None and self.offsets is not None and self.shapes is not None
+        )  # the variable-size layout
         start, end = int(self.offsets[index]), int(self.offsets[index + 1])
         return self.flat[start:end].view(*(int(v) for v in self.shapes[index]))
 
@@ -117,14 +129,18 @@ class CacheTooLarge(Exception):
 def _raw_getter(dataset: Dataset) -> tuple[Callable[[int], object], list[str]]:
     """A function giving item i as the pipeline takes it (PIL image or array tensor), and a name per item."""
     if isinstance(dataset, ImageFileDataset):
+
         def read(i: int) -> object:
             path = dataset.files[i]
             try:
                 return load_image(path)
             except Exception as exc:  # noqa: BLE001 - it decoded at scan time, so the file changed on disk
                 reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-                raise DataError(f"cannot read image {path} while filling the decoded-image cache (it changed "
-                                f"since the dataset was scanned): {reason}") from exc
+                raise DataError(
+                    f"cannot read image {path} while filling the decoded-image cache (it changed "
+                    f"since the dataset was scanned): {reason}"
+                ) from exc
+
         return read, [str(f) for f in dataset.files]
     if isinstance(dataset, ArrayDataset):
         rows = dataset.rows if dataset.rows is not None else range(len(dataset))
@@ -132,9 +148,16 @@ def _raw_getter(dataset: Dataset) -> tuple[Callable[[int], object], list[str]]:
     raise TypeError(f"no decoded-image cache for {type(dataset).__name__}")
 
 
-def decode_dataset(dataset: EngineDataset, fixed: Callable, per_item: Callable, *, fixed_size: bool,
-                   bound: int | None = None, progress: Progress = None,
-                   threads: int | None = None) -> DecodedImageDataset:
+def decode_dataset(
+    dataset: EngineDataset,
+    fixed: Callable,
+    per_item: Callable,
+    *,
+    fixed_size: bool,
+    bound: int | None = None,
+    progress: Progress = None,
+    threads: int | None = None,
+) -> DecodedImageDataset:
     """Run `fixed` over every item of an ImageFileDataset or ArrayDataset in threads and keep the results.
 
     fixed_size: every output has the same shape (a centre crop), so the results go straight into one
@@ -142,16 +165,18 @@ def decode_dataset(dataset: EngineDataset, fixed: Callable, per_item: Callable, 
     """
     read, names = _raw_getter(dataset)
     n = len(dataset)
-    threads = threads or max(1, min(len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
-                                    else (os.cpu_count() or 1), 16))
+    threads = threads or max(
+        1, min(len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1), 16)
+    )
     step = max(1, n // 100)
 
     def one(i: int) -> torch.Tensor:
         return fixed(read(i)).as_subclass(torch.Tensor)
 
     if n == 0:
-        return DecodedImageDataset(torch.empty(0, 3, 1, 1, dtype=torch.uint8), None, None, None, [], per_item,
-                                   dataset.task, [], source=dataset)
+        return DecodedImageDataset(
+            torch.empty(0, 3, 1, 1, dtype=torch.uint8), None, None, None, [], per_item, dataset.task, [], source=dataset
+        )
     first = one(0)
     if fixed_size:
         images = torch.empty((n, *first.shape), dtype=first.dtype)
@@ -164,8 +189,9 @@ def decode_dataset(dataset: EngineDataset, fixed: Callable, per_item: Callable, 
             for done, _ in enumerate(pool.map(put, range(1, n)), start=2):
                 if progress is not None and (done % step == 0 or done == n):
                     progress(done, n)
-        return DecodedImageDataset(images, None, None, None, dataset.targets, per_item, dataset.task, names,
-                              source=dataset)
+        return DecodedImageDataset(
+            images, None, None, None, dataset.targets, per_item, dataset.task, names, source=dataset
+        )
 
     parts: list[torch.Tensor] = [first]
     total = first.numel() * first.element_size()
@@ -184,10 +210,11 @@ def decode_dataset(dataset: EngineDataset, fixed: Callable, per_item: Callable, 
     np.cumsum(shapes.prod(axis=1), out=offsets[1:])
     flat = torch.empty(int(offsets[-1]), dtype=first.dtype)
     for i, p in enumerate(parts):
-        flat[offsets[i]:offsets[i + 1]] = p.reshape(-1)
+        flat[offsets[i] : offsets[i + 1]] = p.reshape(-1)
     parts.clear()
-    return DecodedImageDataset(None, flat, offsets, shapes, dataset.targets, per_item, dataset.task, names,
-                              source=dataset)
+    return DecodedImageDataset(
+        None, flat, offsets, shapes, dataset.targets, per_item, dataset.task, names, source=dataset
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -208,20 +235,29 @@ class CacheOutcome:
     message: str = ""  # the line logged (empty when the setting is "off")
 
 
-def apply_decoded_cache(data: PreparedData, cfg: ProjectConfig, pre: Preprocess, *,
-                        log: Callable[[str], None] = lambda message: None,
-                        progress: Progress = None) -> CacheOutcome:
+def apply_decoded_cache(
+    data: PreparedData,
+    cfg: ProjectConfig,
+    pre: Preprocess,
+    *,
+    log: Callable[[str], None] = lambda message: None,
+    progress: Progress = None,
+) -> CacheOutcome:
     """Replace data.train and data.val by decoded-image datasets when loader.decoded_cache allows and they fit."""
     setting = cfg.loader.decoded_cache
     if setting == "off":
         return CacheOutcome(False, setting)
     d = cfg.data
-    splits = [(name, ds, train) for name, ds, train in (("train", data.train, True), ("val", data.val, False))
-              if ds is not None and len(ds) > 0]
+    splits = [
+        (name, ds, train)
+        for name, ds, train in (("train", data.train, True), ("val", data.val, False))
+        if ds is not None and len(ds) > 0
+    ]
     if any(not isinstance(ds, (ImageFileDataset, ArrayDataset)) for _, ds, _ in splits):
         return CacheOutcome(False, setting)
-    fixed_size = {name: not d.keep_aspect and not (train and d.augment.random_resized_crop)
-                  for name, _, train in splits}
+    fixed_size = {
+        name: not d.keep_aspect and not (train and d.augment.random_resized_crop) for name, _, train in splits
+    }
     # From the preprocess size, before anything is decoded: centre-cropped images are exactly C x crop x crop;
     # keep-aspect ones at most resize x resize; presized ones are counted as square (resize x resize), and the
     # filling stops if wider images overrun the bound.
@@ -234,9 +270,11 @@ def apply_decoded_cache(data: PreparedData, cfg: ProjectConfig, pre: Preprocess,
 
     def fall_back(size: int, why: str) -> CacheOutcome:
         forced = " although loader.decoded_cache = 'on'" if setting == "on" else ""
-        message = (f"Decoded-image cache not used{forced}: {why} {size / MIB:,.0f} MiB for {images} images "
-                   f"exceeds the bound of {bound / MIB:,.0f} MiB ({how}); images are decoded on every epoch. "
-                   "Raise loader.decoded_cache_max_mb or lower the image size to cache them")
+        message = (
+            f"Decoded-image cache not used{forced}: {why} {size / MIB:,.0f} MiB for {images} images "
+            f"exceeds the bound of {bound / MIB:,.0f} MiB ({how}); images are decoded on every epoch. "
+            "Raise loader.decoded_cache_max_mb or lower the image size to cache them"
+        )
         log(message)
         return CacheOutcome(False, setting, estimate, bound, images=images, message=message)
 
@@ -248,8 +286,9 @@ def apply_decoded_cache(data: PreparedData, cfg: ProjectConfig, pre: Preprocess,
     for name, ds, train in splits:
         fixed, per_item = split_transforms(pre, d.augment, train=train, keep_aspect=d.keep_aspect)
         try:
-            cached[name] = decode_dataset(ds, fixed, per_item, fixed_size=fixed_size[name], bound=bound - held,
-                                          progress=progress)
+            cached[name] = decode_dataset(
+                ds, fixed, per_item, fixed_size=fixed_size[name], bound=bound - held, progress=progress
+            )
         except CacheTooLarge as exc:
             return fall_back(held + int(exc.args[0]), "the presized images pass")
         held += cached[name].nbytes

@@ -4,6 +4,7 @@ joins them into a process group and gives the trainer what it needs (device, ran
 One process per GPU (nccl), or several CPU processes (gloo). loader.batch_size is per process, so the global
 batch is processes x batch_size, as in DistributedDataParallel everywhere. Only rank 0 writes the run folder.
 """
+
 from __future__ import annotations
 
 import os
@@ -42,15 +43,27 @@ def world_from_env() -> tuple[int, int, int] | None:
     return (world, rank, local) if world > 1 else None
 
 
-def torchrun_command(processes: int, args: Sequence[str], *, python: str | None = None,
-                     tee: bool = False, log_dir: str | os.PathLike | None = None) -> list[str]:
+def torchrun_command(
+    processes: int,
+    args: Sequence[str],
+    *,
+    python: str | None = None,
+    tee: bool = False,
+    log_dir: str | os.PathLike | None = None,
+) -> list[str]:
     """The command that runs `main.py ARGS` in `processes` processes on this machine through torchrun.
 
     --standalone picks a free rendezvous port on localhost; tee prefixes each line with its local rank
     ("[default0]:...") so a parent can tell the ranks' output apart.
     """
-    cmd = [python or sys.executable, "-m", "torch.distributed.run", "--standalone",
-           f"--nproc_per_node={processes}", "--max_restarts=0"]
+    cmd = [
+        python or sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc_per_node={processes}",
+        "--max_restarts=0",
+    ]
     if log_dir is not None:
         cmd.append(f"--log-dir={log_dir}")
     if tee:
@@ -73,8 +86,10 @@ class DistContext:
         return self.rank == 0
 
     def describe(self) -> str:
-        return (f"Distributed: {self.world_size} processes ({self.backend}), this is rank {self.rank} "
-                f"on {self.device}; loader.batch_size is per process")
+        return (
+            f"Distributed: {self.world_size} processes ({self.backend}), this is rank {self.rank} "
+            f"on {self.device}; loader.batch_size is per process"
+        )
 
 
 _context: DistContext | None = None
@@ -103,13 +118,21 @@ def init_from_env(cfg: ProjectConfig) -> DistContext | None:
     if wanted == "cuda" and not torch.cuda.is_available():
         raise ConfigError(["train.device = 'cuda': no CUDA GPU is available here; use 'auto' or 'cpu'"])
     if wanted == "mps":
-        raise ConfigError(["train.device = 'mps' cannot train in several processes (no distributed backend for "
-                           "Apple's Metal); use 'cpu' or run one process"])
+        raise ConfigError(
+            [
+                "train.device = 'mps' cannot train in several processes (no distributed backend for "
+                "Apple's Metal); use 'cpu' or run one process"
+            ]
+        )
     if cuda:
         count = torch.cuda.device_count()
         if local_rank >= count:
-            raise ConfigError([f"torchrun started {local_rank + 1}+ processes on this machine but it has {count} "
-                               f"GPU(s): use --nproc_per_node={count} or fewer (one process per GPU)"])
+            raise ConfigError(
+                [
+                    f"torchrun started {local_rank + 1}+ processes on this machine but it has {count} "
+                    f"GPU(s): use --nproc_per_node={count} or fewer (one process per GPU)"
+                ]
+            )
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
     else:
@@ -122,11 +145,16 @@ def init_from_env(cfg: ProjectConfig) -> DistContext | None:
     if backend == "auto":
         backend = "nccl" if cuda else "gloo"
     if backend == "nccl" and not cuda:
-        raise ConfigError(["distributed.backend = 'nccl' needs a CUDA GPU per process; use 'gloo' (or 'auto') "
-                           "on the CPU"])
+        raise ConfigError(
+            ["distributed.backend = 'nccl' needs a CUDA GPU per process; use 'gloo' (or 'auto') on the CPU"]
+        )
     if cfg.distributed.sync_batchnorm and not cuda:
-        raise ConfigError(["distributed.sync_batchnorm = true needs GPUs: PyTorch synchronises BatchNorm only on "
-                           "CUDA. On the CPU turn it off (each process keeps its own statistics)"])
+        raise ConfigError(
+            [
+                "distributed.sync_batchnorm = true needs GPUs: PyTorch synchronises BatchNorm only on "
+                "CUDA. On the CPU turn it off (each process keeps its own statistics)"
+            ]
+        )
     if not dist.is_initialized():
         kwargs: dict[str, Any] = {"backend": backend, "timeout": timedelta(seconds=cfg.distributed.timeout_s)}
         if cuda and backend == "nccl":

@@ -1,4 +1,5 @@
 """Evaluation of a trained model: accuracy, per-class metrics, confusion matrix and the hardest samples."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -74,10 +75,10 @@ def per_sample_loss(task: str) -> LossFn:
     if task == "classification":
         return lambda out, tgt: F.cross_entropy(out, tgt, reduction="none")
     if task == "multilabel":
-        return lambda out, tgt: F.binary_cross_entropy_with_logits(
-            out, tgt.to(out.dtype), reduction="none").mean(dim=1)
-    return lambda out, tgt: F.mse_loss(out, tgt.to(out.dtype).reshape(out.shape), reduction="none").reshape(
-        out.shape[0], -1).mean(dim=1)
+        return lambda out, tgt: F.binary_cross_entropy_with_logits(out, tgt.to(out.dtype), reduction="none").mean(dim=1)
+    return lambda out, tgt: (
+        F.mse_loss(out, tgt.to(out.dtype).reshape(out.shape), reduction="none").reshape(out.shape[0], -1).mean(dim=1)
+    )
 
 
 def _ratio(num: float, den: float) -> float:
@@ -91,8 +92,7 @@ def _per_class(names: Sequence[str], tp: np.ndarray, fp: np.ndarray, fn: np.ndar
         precision = _ratio(tp[i], tp[i] + fp[i])
         recall = _ratio(tp[i], tp[i] + fn[i])
         f1 = _ratio(2 * precision * recall, precision + recall)
-        rows.append({"class": name, "precision": precision, "recall": recall, "f1": f1,
-                     "support": int(tp[i] + fn[i])})
+        rows.append({"class": name, "precision": precision, "recall": recall, "f1": f1, "support": int(tp[i] + fn[i])})
         # A class absent from both truth and predictions says nothing about the model (e.g. a separate
         # test folder holding only some classes), so it is left out of the macro average as scikit-learn does.
         if tp[i] + fp[i] + fn[i] > 0:
@@ -100,10 +100,19 @@ def _per_class(names: Sequence[str], tp: np.ndarray, fp: np.ndarray, fn: np.ndar
     return rows, (float(np.mean(f1s)) if f1s else None)
 
 
-def evaluate_model(model: torch.nn.Module, loader: DataLoader, *, task: str, class_names: Sequence[str],
-                   sample_names: Sequence[str], device: str | torch.device = "cpu", top_n: int = 20,
-                   loss_fn: LossFn | None = None, stop_event: threading.Event | None = None,
-                   progress: Progress = None) -> Evaluation | None:
+def evaluate_model(
+    model: torch.nn.Module,
+    loader: DataLoader,
+    *,
+    task: str,
+    class_names: Sequence[str],
+    sample_names: Sequence[str],
+    device: str | torch.device = "cpu",
+    top_n: int = 20,
+    loss_fn: LossFn | None = None,
+    stop_event: threading.Event | None = None,
+    progress: Progress = None,
+) -> Evaluation | None:
     """Run a model over a loader once and compute every metric; None if stop_event is set midway.
 
     The loader must serve the samples in order (no shuffling): sample_names[i] names the i-th sample it
@@ -136,12 +145,22 @@ def evaluate_model(model: torch.nn.Module, loader: DataLoader, *, task: str, cla
     if len(sample_names) != n:
         raise ValueError(f"{len(sample_names)} sample names for {n} evaluated samples")
     if n == 0:
-        return Evaluation(task=task, class_names=names, samples=0, loss=None, accuracy=None, top5_accuracy=None,
-                          per_class=[], macro_f1=None, confusion=[], hardest=[])
+        return Evaluation(
+            task=task,
+            class_names=names,
+            samples=0,
+            loss=None,
+            accuracy=None,
+            top5_accuracy=None,
+            per_class=[],
+            macro_f1=None,
+            confusion=[],
+            hardest=[],
+        )
     out = torch.cat(outputs_all)
     tgt = torch.cat(targets_all)
     losses = torch.cat(losses_all).numpy().astype(np.float64)
-    order = np.argsort(-losses, kind="stable")[:max(0, top_n)]  # ties keep dataset order
+    order = np.argsort(-losses, kind="stable")[: max(0, top_n)]  # ties keep dataset order
 
     if task == "classification":
         confidence, predicted = torch.softmax(out, dim=1).max(dim=1)
@@ -152,11 +171,29 @@ def evaluate_model(model: torch.nn.Module, loader: DataLoader, *, task: str, cla
         top5 = None
         if k >= 5:
             top5 = float((out.topk(5, dim=1).indices == tgt[:, None]).any(dim=1).double().mean())
-        hardest = [{"index": int(i), "path": sample_names[i], "true": names[t[i]], "predicted": names[p[i]],
-                    "confidence": float(confidence[i]), "loss": float(losses[i])} for i in order]
-        return Evaluation(task=task, class_names=names, samples=n, loss=float(losses.mean()),
-                          accuracy=float((t == p).mean()), top5_accuracy=top5, per_class=per_class,
-                          macro_f1=macro_f1, confusion=confusion.tolist(), hardest=hardest)
+        hardest = [
+            {
+                "index": int(i),
+                "path": sample_names[i],
+                "true": names[t[i]],
+                "predicted": names[p[i]],
+                "confidence": float(confidence[i]),
+                "loss": float(losses[i]),
+            }
+            for i in order
+        ]
+        return Evaluation(
+            task=task,
+            class_names=names,
+            samples=n,
+            loss=float(losses.mean()),
+            accuracy=float((t == p).mean()),
+            top5_accuracy=top5,
+            per_class=per_class,
+            macro_f1=macro_f1,
+            confusion=confusion.tolist(),
+            hardest=hardest,
+        )
 
     if task == "multilabel":
         probs = torch.sigmoid(out).numpy().astype(np.float64)
@@ -166,22 +203,58 @@ def evaluate_model(model: torch.nn.Module, loader: DataLoader, *, task: str, cla
         per_class, macro_f1 = _per_class(names, tp, (pred & ~true).sum(axis=0), (~pred & true).sum(axis=0))
         # Confidence of a multi-label prediction: the mean probability the model gives its own yes/no per label.
         confidence = np.where(pred, probs, 1.0 - probs).mean(axis=1)
-        hardest = [{"index": int(i), "path": sample_names[i],
-                    "true": [names[j] for j in np.flatnonzero(true[i])],
-                    "predicted": [names[j] for j in np.flatnonzero(pred[i])],
-                    "confidence": float(confidence[i]), "loss": float(losses[i])} for i in order]
-        return Evaluation(task=task, class_names=names, samples=n, loss=float(losses.mean()),
-                          accuracy=float((pred == true).mean()), top5_accuracy=None, per_class=per_class,
-                          macro_f1=macro_f1, confusion=[], hardest=hardest)
+        hardest = [
+            {
+                "index": int(i),
+                "path": sample_names[i],
+                "true": [names[j] for j in np.flatnonzero(true[i])],
+                "predicted": [names[j] for j in np.flatnonzero(pred[i])],
+                "confidence": float(confidence[i]),
+                "loss": float(losses[i]),
+            }
+            for i in order
+        ]
+        return Evaluation(
+            task=task,
+            class_names=names,
+            samples=n,
+            loss=float(losses.mean()),
+            accuracy=float((pred == true).mean()),
+            top5_accuracy=None,
+            per_class=per_class,
+            macro_f1=macro_f1,
+            confusion=[],
+            hardest=hardest,
+        )
 
     values = out.numpy().astype(np.float64).reshape(n, -1)
     truth = tgt.numpy().astype(np.float64).reshape(n, -1)
     err = values - truth
-    hardest = [{"index": int(i), "path": sample_names[i], "true": truth[i].tolist(), "predicted": values[i].tolist(),
-                "confidence": None, "loss": float(losses[i])} for i in order]
-    return Evaluation(task=task, class_names=names, samples=n, loss=float(losses.mean()), accuracy=None,
-                      top5_accuracy=None, per_class=[], macro_f1=None, confusion=[], hardest=hardest,
-                      mae=float(np.abs(err).mean()), rmse=float(np.sqrt((err ** 2).mean())))
+    hardest = [
+        {
+            "index": int(i),
+            "path": sample_names[i],
+            "true": truth[i].tolist(),
+            "predicted": values[i].tolist(),
+            "confidence": None,
+            "loss": float(losses[i]),
+        }
+        for i in order
+    ]
+    return Evaluation(
+        task=task,
+        class_names=names,
+        samples=n,
+        loss=float(losses.mean()),
+        accuracy=None,
+        top5_accuracy=None,
+        per_class=[],
+        macro_f1=None,
+        confusion=[],
+        hardest=hardest,
+        mae=float(np.abs(err).mean()),
+        rmse=float(np.sqrt((err**2).mean())),
+    )
 
 
 def sample_names(dataset: EngineDataset) -> list[str]:
@@ -194,10 +267,17 @@ def sample_names(dataset: EngineDataset) -> list[str]:
     return [f"sample {i}" for i in range(len(dataset))]
 
 
-def evaluate_checkpoint(checkpoint: str | os.PathLike | dict, *, data: str | os.PathLike | None = None,
-                        batch_size: int = 64, top_n: int = 20, device: str = "auto", progress: Progress = None,
-                        stop_event: threading.Event | None = None,
-                        source: str | os.PathLike | None = None) -> Evaluation | None:
+def evaluate_checkpoint(
+    checkpoint: str | os.PathLike | dict,
+    *,
+    data: str | os.PathLike | None = None,
+    batch_size: int = 64,
+    top_n: int = 20,
+    device: str = "auto",
+    progress: Progress = None,
+    stop_event: threading.Event | None = None,
+    source: str | os.PathLike | None = None,
+) -> Evaluation | None:
     """Evaluate a checkpoint on its own validation data (data=None) or on a folder / CSV / .npz.
 
     With data=None the validation split is rebuilt from the checkpoint's config exactly as training made
@@ -213,16 +293,23 @@ def evaluate_checkpoint(checkpoint: str | os.PathLike | dict, *, data: str | os.
     if data is None:
         prepared = prepare_data(cfg, pre)
         if prepared.class_names != class_names:
-            raise DataError(f"{cfg.data.path}: the data now has the classes {prepared.class_names}, but the model "
-                            f"was trained on {class_names}; its validation split cannot be rebuilt "
-                            "(evaluate on a given folder with --data)")
+            raise DataError(
+                f"{cfg.data.path}: the data now has the classes {prepared.class_names}, but the model "
+                f"was trained on {class_names}; its validation split cannot be rebuilt "
+                "(evaluate on a given folder with --data)"
+            )
         if prepared.val is None or len(prepared.val) == 0:
-            raise DataError("the checkpoint's run had no validation set (data.val_fraction = 0 and no "
-                            "data.val_path); give the data to evaluate (--data)")
+            raise DataError(
+                "the checkpoint's run had no validation set (data.val_fraction = 0 and no "
+                "data.val_path); give the data to evaluate (--data)"
+            )
         dataset = prepared.val
         skipped = prepared.val_source.skipped if prepared.val_source is not None else []
-        where = (f"validation set {prepared.val_source.path}" if prepared.val_source is not None
-                 else f"validation split of {prepared.source.path}")
+        where = (
+            f"validation set {prepared.val_source.path}"
+            if prepared.val_source is not None
+            else f"validation split of {prepared.source.path}"
+        )
     else:
         scanned = scan_source(Path(data).expanduser().resolve(), task=task, class_names=class_names)
         dataset = subset_dataset(scanned, range(len(scanned)), eval_tf)
@@ -234,11 +321,25 @@ def evaluate_checkpoint(checkpoint: str | os.PathLike | dict, *, data: str | os.
     # A plain sequential loader rather than the training one: every sample exactly once, in order (also
     # under torchrun), so sample_names line up with the outputs.
     plan = plan_loader(cfg.loader, cached=False, augmented=False, device_type=dev.type)
-    loader = DataLoader(dataset, batch_size=batch_size, sampler=SequentialSampler(dataset),
-                        num_workers=plan.workers, collate_fn=get_collate(cfg.loader.collate),
-                        pin_memory=plan.pin_memory)
-    result = evaluate_model(model, loader, task=task, class_names=class_names, sample_names=sample_names(dataset),
-                            device=dev, top_n=top_n, stop_event=stop_event, progress=progress)
+    loader = DataLoader(
+        dataset,
+        batch_size=batch_size,
+        sampler=SequentialSampler(dataset),
+        num_workers=plan.workers,
+        collate_fn=get_collate(cfg.loader.collate),
+        pin_memory=plan.pin_memory,
+    )
+    result = evaluate_model(
+        model,
+        loader,
+        task=task,
+        class_names=class_names,
+        sample_names=sample_names(dataset),
+        device=dev,
+        top_n=top_n,
+        stop_event=stop_event,
+        progress=progress,
+    )
     if result is not None:
         result.data = description
         result.skipped = [{"path": s.path, "reason": s.reason} for s in skipped]

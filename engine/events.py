@@ -10,6 +10,7 @@ then an object with an "event" key naming the type (EVENT_TYPES) and the type's 
 multi-process runs through torchrun and reads rank 0's lines back with `decode`. Non-finite numbers are written
 as null, so any JSON parser reads every line.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -71,8 +72,10 @@ class EpochFinished:
 
     def to_dict(self) -> dict[str, Any]:
         """The metrics and the rest side by side, as metrics.jsonl readers expect ("epoch", "val_loss", ...)."""
-        return {**self.metrics, **{f.name: getattr(self, f.name) for f in dataclasses.fields(self)
-                                   if f.name != "metrics"}}
+        return {
+            **self.metrics,
+            **{f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "metrics"},
+        }
 
 
 @dataclass(frozen=True)
@@ -93,8 +96,13 @@ class RunFinished:
 
 
 Event = LogMessage | RunStarted | BatchProgress | EpochFinished | RunFinished
-EVENT_TYPES: dict[str, type] = {"log": LogMessage, "run_started": RunStarted, "batch": BatchProgress,
-                                "epoch": EpochFinished, "run_finished": RunFinished}
+EVENT_TYPES: dict[str, type] = {
+    "log": LogMessage,
+    "run_started": RunStarted,
+    "batch": BatchProgress,
+    "epoch": EpochFinished,
+    "run_finished": RunFinished,
+}
 _NAMES = {cls: name for name, cls in EVENT_TYPES.items()}
 Output = Callable[[Event], None]
 
@@ -132,7 +140,7 @@ def decode(line: str) -> Event | None:
     if at < 0:
         return None
     try:
-        data = json.loads(line[at + len(EVENT_PREFIX):])
+        data = json.loads(line[at + len(EVENT_PREFIX) :])
         cls = EVENT_TYPES[data.pop("event")]
         return cls(**data)
     except (ValueError, KeyError, TypeError, AttributeError):
@@ -154,8 +162,9 @@ class JsonLines:
 class EventEmitter:
     """The trainer's callbacks (engine.trainer.Callback's hooks, by name) as events to every output."""
 
-    def __init__(self, run_dir: Path, outputs: list[Output], *, world_size: int = 1,
-                 clock: Callable[[], float] = time.monotonic):
+    def __init__(
+        self, run_dir: Path, outputs: list[Output], *, world_size: int = 1, clock: Callable[[], float] = time.monotonic
+    ):
         self.run_dir = Path(run_dir)
         self.outputs = list(outputs)
         self.world_size = world_size
@@ -173,10 +182,18 @@ class EventEmitter:
 
     def on_run_started(self, trainer: Any, state: Any) -> None:
         self._started = self._clock()
-        self.emit(RunStarted(run_dir=str(self.run_dir), epochs=state.epochs, start_epoch=state.start_epoch,
-                             batches_per_epoch=state.batches_per_epoch, device=state.device,
-                             global_step=state.global_step, history=[dict(m) for m in state.history],
-                             world_size=self.world_size))
+        self.emit(
+            RunStarted(
+                run_dir=str(self.run_dir),
+                epochs=state.epochs,
+                start_epoch=state.start_epoch,
+                batches_per_epoch=state.batches_per_epoch,
+                device=state.device,
+                global_step=state.global_step,
+                history=[dict(m) for m in state.history],
+                world_size=self.world_size,
+            )
+        )
 
     def on_batch_finished(self, trainer: Any, state: Any, loss: float) -> None:
         self._points.append((state.global_step, float(loss)))
@@ -191,19 +208,35 @@ class EventEmitter:
         self._last_emit = now
         points, self._points = self._points, []
         groups = trainer.parts.optimizer.param_groups if trainer.parts else []
-        self.emit(BatchProgress(
-            epoch=state.epoch, epochs=state.epochs, batch=state.batch, batches_per_epoch=state.batches_per_epoch,
-            global_step=state.global_step, steps=[s for s, _ in points], losses=[v for _, v in points],
-            loss=points[-1][1], lr=max((float(g["lr"]) for g in groups), default=None),
-            elapsed=now - self._started))
+        self.emit(
+            BatchProgress(
+                epoch=state.epoch,
+                epochs=state.epochs,
+                batch=state.batch,
+                batches_per_epoch=state.batches_per_epoch,
+                global_step=state.global_step,
+                steps=[s for s, _ in points],
+                losses=[v for _, v in points],
+                loss=points[-1][1],
+                lr=max((float(g["lr"]) for g in groups), default=None),
+                elapsed=now - self._started,
+            )
+        )
 
     def on_epoch_finished(self, trainer: Any, state: Any, metrics: dict[str, Any]) -> None:
         self._flush(trainer, state)
         checkpoints = self.run_dir / "checkpoints"
-        self.emit(EpochFinished(metrics=dict(metrics), epochs=state.epochs, global_step=state.global_step,
-                                best_epoch=state.best_epoch,
-                                checkpoint=str(checkpoints / f"epoch-{state.epoch:03d}.pt"),
-                                last_checkpoint=str(checkpoints / "last.pt"), elapsed=self._clock() - self._started))
+        self.emit(
+            EpochFinished(
+                metrics=dict(metrics),
+                epochs=state.epochs,
+                global_step=state.global_step,
+                best_epoch=state.best_epoch,
+                checkpoint=str(checkpoints / f"epoch-{state.epoch:03d}.pt"),
+                last_checkpoint=str(checkpoints / "last.pt"),
+                elapsed=self._clock() - self._started,
+            )
+        )
 
     def on_run_finished(self, trainer: Any, state: Any) -> None:
         self._flush(trainer, state)

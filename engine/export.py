@@ -1,4 +1,5 @@
 """Exporting a checkpoint's model to a deployable file, verified against PyTorch and described by a sidecar JSON."""
+
 from __future__ import annotations
 
 import contextlib
@@ -32,8 +33,13 @@ if TYPE_CHECKING:
 
 _SUFFIXES = {"torchscript": ".pt", "onnx": ".onnx", "state_dict": ".pth", "safetensors": ".safetensors", "pt2": ".pt2"}
 FORMATS = tuple(_SUFFIXES)
-_RUNTIMES = {"torchscript": "torch.jit.load", "onnx": "onnxruntime", "state_dict": "torch.load into a fresh model",
-             "safetensors": "safetensors load_file into a fresh model", "pt2": "torch.export.load"}
+_RUNTIMES = {
+    "torchscript": "torch.jit.load",
+    "onnx": "onnxruntime",
+    "state_dict": "torch.load into a fresh model",
+    "safetensors": "safetensors load_file into a fresh model",
+    "pt2": "torch.export.load",
+}
 _POSTPROCESS = {"classification": "softmax", "multilabel": "sigmoid", "regression": "none"}
 _INPUT_NAME, _OUTPUT_NAME = "input", "logits"
 _RANDOM_SEED = 0
@@ -74,8 +80,10 @@ def _check_packages(fmt: str) -> None:
     needed = {"onnx": ("onnx", "onnxscript", "onnxruntime"), "safetensors": ("safetensors",)}.get(fmt, ())
     missing = [name for name in needed if importlib.util.find_spec(name) is None]
     if missing:
-        raise ExportError(f"{fmt} export needs the package(s) {', '.join(missing)}; "
-                          f"install them with: pip install {' '.join(missing)}")
+        raise ExportError(
+            f"{fmt} export needs the package(s) {', '.join(missing)}; "
+            f"install them with: pip install {' '.join(missing)}"
+        )
 
 
 def _first_line(exc: BaseException) -> str:
@@ -161,23 +169,38 @@ def _batch_dim() -> Any:  # a torch.export.Dim
 def _write_onnx(model: nn.Module, example: torch.Tensor, path: Path, log: Callable[[str], None]) -> dict:
     try:
         # The torch.export-based exporter (the default since PyTorch 2.9); external data only past 2 GB.
-        program = torch.onnx.export(model, (example,), None, input_names=[_INPUT_NAME],
-                                    output_names=[_OUTPUT_NAME], dynamo=True,
-                                    dynamic_shapes=({0: _batch_dim()},), verbose=False)
+        program = torch.onnx.export(
+            model,
+            (example,),
+            None,
+            input_names=[_INPUT_NAME],
+            output_names=[_OUTPUT_NAME],
+            dynamo=True,
+            dynamic_shapes=({0: _batch_dim()},),
+            verbose=False,
+        )
         assert program is not None  # f=None with dynamo=True returns the program
         program.save(str(path))
         exporter = "torch.export"
     except Exception as exc:  # noqa: BLE001 - some models only go through the older tracer
-        log(f"the torch.export-based ONNX exporter failed ({_first_line(exc)}); retrying with the "
-            "TorchScript-based one")
+        log(
+            f"the torch.export-based ONNX exporter failed ({_first_line(exc)}); retrying with the TorchScript-based one"
+        )
         for p in path.parent.glob(f"{glob.escape(path.name)}*"):
             p.unlink()
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", category=DeprecationWarning)
             warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
-            torch.onnx.export(model, (example,), str(path), input_names=[_INPUT_NAME], output_names=[_OUTPUT_NAME],
-                              dynamo=False, opset_version=17,
-                              dynamic_axes={_INPUT_NAME: {0: "batch"}, _OUTPUT_NAME: {0: "batch"}})
+            torch.onnx.export(
+                model,
+                (example,),
+                str(path),
+                input_names=[_INPUT_NAME],
+                output_names=[_OUTPUT_NAME],
+                dynamo=False,
+                opset_version=17,
+                dynamic_axes={_INPUT_NAME: {0: "batch"}, _OUTPUT_NAME: {0: "batch"}},
+            )
         exporter = "torchscript"
     import onnx
 
@@ -217,8 +240,11 @@ def _write_pt2(model: nn.Module, example: torch.Tensor, path: Path, log: Callabl
 
 
 _WRITERS: dict[str, Callable[..., dict]] = {
-    "torchscript": _write_torchscript, "onnx": _write_onnx, "state_dict": _write_state_dict,
-    "safetensors": _write_safetensors, "pt2": _write_pt2,
+    "torchscript": _write_torchscript,
+    "onnx": _write_onnx,
+    "state_dict": _write_state_dict,
+    "safetensors": _write_safetensors,
+    "pt2": _write_pt2,
 }
 
 
@@ -263,8 +289,11 @@ def _run_pt2(path: Path, x: torch.Tensor, ckpt: dict) -> torch.Tensor:
 
 
 _READERS: dict[str, Callable[[Path, torch.Tensor, dict], torch.Tensor]] = {
-    "torchscript": _run_torchscript, "onnx": _run_onnx, "state_dict": _run_state_dict,
-    "safetensors": _run_safetensors, "pt2": _run_pt2,
+    "torchscript": _run_torchscript,
+    "onnx": _run_onnx,
+    "state_dict": _run_state_dict,
+    "safetensors": _run_safetensors,
+    "pt2": _run_pt2,
 }
 
 
@@ -287,10 +316,10 @@ def _verification_batch(cfg: ProjectConfig, pre: Preprocess, batch_size: int) ->
         if dataset is None or len(dataset) == 0:
             # No validation split: the training images, but with the eval pipeline (no augmentation).
             dataset, what = data.train, "training"
-            dataset.transform = build_transforms(pre, cfg.data.augment, train=False,
-                                                 keep_aspect=cfg.data.keep_aspect)
-        loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=0,
-                            collate_fn=get_collate(cfg.loader.collate))
+            dataset.transform = build_transforms(pre, cfg.data.augment, train=False, keep_aspect=cfg.data.keep_aspect)
+        loader = DataLoader(
+            dataset, batch_size=batch_size, shuffle=False, num_workers=0, collate_fn=get_collate(cfg.loader.collate)
+        )
         x = next(iter(loader))[0]
         inputs = f"{what} batch of {len(x)} image{'s' if len(x) != 1 else ''}"
         return x.to(torch.float32).contiguous(), inputs + (" (no validation set)" if what == "training" else "")
@@ -328,12 +357,22 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _sidecar(fmt: str, out: Path, staged: Path, checkpoint: Path, ckpt: dict, cfg: ProjectConfig,
-             class_names: list[str], pre: Preprocess,
-             max_abs_diff: float, tolerance: float, inputs: str, extra: dict) -> dict[str, Any]:
+def _sidecar(
+    fmt: str,
+    out: Path,
+    staged: Path,
+    checkpoint: Path,
+    ckpt: dict,
+    cfg: ProjectConfig,
+    class_names: list[str],
+    pre: Preprocess,
+    max_abs_diff: float,
+    tolerance: float,
+    inputs: str,
+    extra: dict,
+) -> dict[str, Any]:
     task = ckpt.get("task") or cfg.data.task
-    versions = {"python": platform.python_version(), "torch": torch.__version__,
-                "torchvision": torchvision.__version__}
+    versions = {"python": platform.python_version(), "torch": torch.__version__, "torchvision": torchvision.__version__}
     if fmt == "onnx":
         versions.update(onnx=_version("onnx"), onnxruntime=_version("onnxruntime"))
     if fmt == "safetensors":
@@ -345,8 +384,12 @@ def _sidecar(fmt: str, out: Path, staged: Path, checkpoint: Path, ckpt: dict, cf
         "task": task,
         "class_names": list(class_names),
         "output": {"name": _OUTPUT_NAME, "postprocess": _POSTPROCESS.get(task, "none")},
-        "input": {"name": _INPUT_NAME, "layout": "NCHW", "dtype": "float32",
-                  "normalize": "RGB scaled to [0, 1], then (x - mean) / std per channel"},
+        "input": {
+            "name": _INPUT_NAME,
+            "layout": "NCHW",
+            "dtype": "float32",
+            "normalize": "RGB scaled to [0, 1], then (x - mean) / std per channel",
+        },
         "input_size": [3, pre.crop_size, pre.crop_size],
         "resize_size": pre.resize_size,
         "keep_aspect": bool(cfg.data.keep_aspect),
@@ -371,9 +414,16 @@ def _sidecar(fmt: str, out: Path, staged: Path, checkpoint: Path, ckpt: dict, cf
 # The export
 
 
-def export_checkpoint(checkpoint: str | os.PathLike, fmt: str, out: str | os.PathLike, *, force: bool = False,
-                      tolerance: float = 1e-3, batch_size: int = 8,
-                      log: Callable[[str], None] = lambda message: None) -> ExportResult:
+def export_checkpoint(
+    checkpoint: str | os.PathLike,
+    fmt: str,
+    out: str | os.PathLike,
+    *,
+    force: bool = False,
+    tolerance: float = 1e-3,
+    batch_size: int = 8,
+    log: Callable[[str], None] = lambda message: None,
+) -> ExportResult:
     """Export a checkpoint's model as fmt to the file out, check it against PyTorch, and write out + ".json".
 
     The file is loaded back with the runtime a user would use and run on a validation batch; if its
@@ -422,20 +472,25 @@ def export_checkpoint(checkpoint: str | os.PathLike, fmt: str, out: str | os.Pat
         try:
             got = _READERS[fmt](staged, x, ckpt)
         except Exception as exc:  # noqa: BLE001 - a file its own runtime cannot run is a failed export
-            raise ExportError(f"{fmt} export of {backbone} was written but {_RUNTIMES[fmt]} could not run it: "
-                              f"{_first_line(exc)}") from exc
+            raise ExportError(
+                f"{fmt} export of {backbone} was written but {_RUNTIMES[fmt]} could not run it: {_first_line(exc)}"
+            ) from exc
         if tuple(got.shape) != tuple(reference.shape):
-            raise ExportError(f"{fmt} export of {backbone} gives logits of shape {tuple(got.shape)}, the PyTorch "
-                              f"model {tuple(reference.shape)}; nothing was written")
+            raise ExportError(
+                f"{fmt} export of {backbone} gives logits of shape {tuple(got.shape)}, the PyTorch "
+                f"model {tuple(reference.shape)}; nothing was written"
+            )
         diff = float((got.double() - reference.double()).abs().max())
         scale = float(reference.abs().max()) if reference.numel() else 0.0
         # float32 carries about 7 significant digits: logits in the thousands differ by 1e-3 from rounding
         # alone, so the tolerance is absolute up to |logit| 1 and relative to the largest logit above it.
         allowed = tolerance * max(1.0, scale)
         if not diff <= allowed:  # NaN fails too
-            raise ExportError(f"{fmt} export of {backbone} does not match the PyTorch model: max abs logit "
-                              f"difference {diff:.3g} > tolerance {allowed:.3g} ({tolerance:g} x max(1, largest "
-                              f"logit {scale:.3g})) on a {inputs}; nothing was written")
+            raise ExportError(
+                f"{fmt} export of {backbone} does not match the PyTorch model: max abs logit "
+                f"difference {diff:.3g} > tolerance {allowed:.3g} ({tolerance:g} x max(1, largest "
+                f"logit {scale:.3g})) on a {inputs}; nothing was written"
+            )
         log(f"Verified with {_RUNTIMES[fmt]}: max abs logit difference {diff:.3g} (allowed {allowed:.3g})")
         info = _sidecar(fmt, out, staged, checkpoint, ckpt, cfg, class_names, pre, diff, tolerance, inputs, extra)
         (staging / sidecar.name).write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")

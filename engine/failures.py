@@ -1,4 +1,5 @@
 """How a run fails for reasons outside the code, recognised and told in one line that says what to change."""
+
 from __future__ import annotations
 
 import math
@@ -24,8 +25,12 @@ class PeerProcessError(RuntimeError):
     """Another process of a multi-process run failed or vanished; this one cannot go on without it."""
 
 
-_PEER_SIGNS = ("connection closed by peer", "connection reset by peer", "remote worker",
-               "nccl communicator was aborted")
+_PEER_SIGNS = (
+    "connection closed by peer",
+    "connection reset by peer",
+    "remote worker",
+    "nccl communicator was aborted",
+)
 
 
 def is_peer_failure(exc: BaseException) -> bool:
@@ -57,8 +62,11 @@ def _last_saved(state: TrainState, resume: bool) -> str:
     if not state.history:
         return "no epoch of this run had finished"
     epoch = state.history[-1]["epoch"]
-    return (f"epoch {epoch} was the last to finish: resume from its checkpoint (last.pt)" if resume else
-            f"epoch {epoch} was the last to finish (its checkpoint is last.pt)")
+    return (
+        f"epoch {epoch} was the last to finish: resume from its checkpoint (last.pt)"
+        if resume
+        else f"epoch {epoch} was the last to finish (its checkpoint is last.pt)"
+    )
 
 
 def peer_failure(exc: BaseException, *, rank: int, world_size: int, state: TrainState) -> PeerProcessError:
@@ -67,31 +75,46 @@ def peer_failure(exc: BaseException, *, rank: int, world_size: int, state: Train
     return PeerProcessError(
         f"rank {rank}: another of the {world_size} processes failed or stopped answering {_where(state)} "
         f"({first[:200]}); that process's own error says why (torchrun names the first failure); "
-        f"{_last_saved(state, resume=False)}")
+        f"{_last_saved(state, resume=False)}"
+    )
 
 
-def out_of_memory(exc: BaseException, *, device: str, cfg: ProjectConfig, state: TrainState,
-                  built: bool) -> DeviceOutOfMemoryError:
+def out_of_memory(
+    exc: BaseException, *, device: str, cfg: ProjectConfig, state: TrainState, built: bool
+) -> DeviceOutOfMemoryError:
     """The message for a batch that did not fit on the device: what ran out, where, and what to lower."""
     size = cfg.loader.batch_size
-    where = (_where(state) if state.batch else
-             f"while preparing epoch {state.epoch or 1}" if built else "while building the run")
+    where = (
+        _where(state)
+        if state.batch
+        else f"while preparing epoch {state.epoch or 1}"
+        if built
+        else "while building the run"
+    )
     if size > 1:
-        advice = (f"Use a smaller batch: lower loader.batch_size (try {max(size // 2, 1)}) or data.image_size "
-                  f"(now {cfg.data.image_size})")
+        advice = (
+            f"Use a smaller batch: lower loader.batch_size (try {max(size // 2, 1)}) or data.image_size "
+            f"(now {cfg.data.image_size})"
+        )
     else:
-        advice = (f"loader.batch_size is 1 already: lower data.image_size (now {cfg.data.image_size}) "
-                  "or choose a smaller backbone")
+        advice = (
+            f"loader.batch_size is 1 already: lower data.image_size (now {cfg.data.image_size}) "
+            "or choose a smaller backbone"
+        )
     return DeviceOutOfMemoryError(
         f"the {device} device ran out of memory {where} with loader.batch_size = {size} "
-        f"({_first_line(exc)[:200]}). {advice}; {_last_saved(state, resume=True)}")
+        f"({_first_line(exc)[:200]}). {advice}; {_last_saved(state, resume=True)}"
+    )
 
 
 def non_finite_loss(loss_value: float, *, cfg: ProjectConfig, state: TrainState, lr_now: float) -> NonFiniteLossError:
     """The loss became NaN or infinite: where, and the learning rate (a schedule may have moved it far)."""
-    scheduled = (f"; the {cfg.schedule.name} schedule had it at {lr_now:g} in this batch"
-                 if cfg.schedule.name != "none" and not math.isclose(lr_now, cfg.optimizer.lr, rel_tol=1e-6)
-                 else "")
+    scheduled = (
+        f"; the {cfg.schedule.name} schedule had it at {lr_now:g} in this batch"
+        if cfg.schedule.name != "none" and not math.isclose(lr_now, cfg.optimizer.lr, rel_tol=1e-6)
+        else ""
+    )
     return NonFiniteLossError(
         f"the loss became {loss_value} at epoch {state.epoch}, batch {state.batch}; training stopped. "
-        f"Lower optimizer.lr (now {cfg.optimizer.lr:g}{scheduled}), or set train.grad_clip_norm")
+        f"Lower optimizer.lr (now {cfg.optimizer.lr:g}{scheduled}), or set train.grad_clip_norm"
+    )

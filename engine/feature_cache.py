@@ -13,6 +13,7 @@ cut are shallow copies), so the optimizer, checkpoints and evaluation keep worki
 Computed features are kept in a small process-level cache keyed by everything they depend on, so training the same
 project again (pressing Train twice in the app) skips the computation.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -76,8 +77,11 @@ def eligibility_problem(cfg: ProjectConfig) -> str | None:
         return "train.feature_cache = 'off'"
     on = augmentations_on(cfg.data.augment)
     if on:
-        return ("train augmentation is on (" + ", ".join(f"data.augment.{n}" for n in on)
-                + "), so every epoch sees different images")
+        return (
+            "train augmentation is on ("
+            + ", ".join(f"data.augment.{n}" for n in on)
+            + "), so every epoch sees different images"
+        )
     if cfg.data.keep_aspect:
         return "data.keep_aspect = true pads each batch to its own size, so features depend on the batch"
     if cfg.model.train_frozen_batchnorm:
@@ -190,8 +194,9 @@ def candidate_boundaries(model: nn.Module, calls: Sequence[str], limit: int | No
         # suffix and runs its replaced children as identities); the last replaced module must end at j - 1.
         chosen = set(replaced)
         containers = {a for name in replaced for a in _ancestry(name)[:-1]}
-        if not replaced or not all(calls[p] in containers or any(a in chosen for a in _ancestry(calls[p]))
-                                   for p in range(j)):
+        if not replaced or not all(
+            calls[p] in containers or any(a in chosen for a in _ancestry(calls[p])) for p in range(j)
+        ):
             continue
         boundary = max(replaced, key=lambda n: first[n])
         if last[boundary] != j - 1 or count[boundary] != 1:
@@ -274,8 +279,7 @@ def _training_mode(model: nn.Module, frozen_bn: Sequence[str]) -> None:
 
 def _same(a: Any, b: Any, rtol: float = VERIFY_RTOL, atol: float = VERIFY_ATOL) -> bool:
     if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor):
-        return a.shape == b.shape and a.dtype == b.dtype and torch.allclose(a.float(), b.float(), rtol=rtol,
-                                                                             atol=atol)
+        return a.shape == b.shape and a.dtype == b.dtype and torch.allclose(a.float(), b.float(), rtol=rtol, atol=atol)
     if a is None or b is None:
         return a is b
     if isinstance(a, dict) and isinstance(b, dict):
@@ -288,8 +292,13 @@ def _same(a: Any, b: Any, rtol: float = VERIFY_RTOL, atol: float = VERIFY_ATOL) 
         return False
 
 
-def verify(model: nn.Module, frozen_bn: Sequence[str], boundary: Boundary, inputs: torch.Tensor,
-           autocast: Callable[[], Any] = contextlib.nullcontext) -> str | None:
+def verify(
+    model: nn.Module,
+    frozen_bn: Sequence[str],
+    boundary: Boundary,
+    inputs: torch.Tensor,
+    autocast: Callable[[], Any] = contextlib.nullcontext,
+) -> str | None:
     """None when the cut is exact on inputs, else why not. The model's running statistics may move (in training
     mode), so pass a copy of the real model."""
     _training_mode(model, frozen_bn)
@@ -360,8 +369,12 @@ def _gradients(model: nn.Module, output: Any) -> list[Any]:
     return grads
 
 
-def find_boundary(model: nn.Module, frozen_bn: Sequence[str], inputs: torch.Tensor,
-                  autocast: Callable[[], Any] = contextlib.nullcontext) -> tuple[Boundary | None, str]:
+def find_boundary(
+    model: nn.Module,
+    frozen_bn: Sequence[str],
+    inputs: torch.Tensor,
+    autocast: Callable[[], Any] = contextlib.nullcontext,
+) -> tuple[Boundary | None, str]:
     """The longest verified cut, or None and why there is none. The model is not changed (a copy runs)."""
     twin = copy.deepcopy(model)  # forwards in training mode move running statistics: keep the real ones
     _training_mode(twin, frozen_bn)
@@ -552,8 +565,10 @@ class FeatureCache:
 
     def describe(self) -> str:
         where = "reused from an earlier run" if self.reused else f"computed in {self.seconds:.1f} s"
-        return (f"Feature cache on: the frozen part up to {self.boundary.output} runs once per sample "
-                f"({self.nbytes / 2**20:.1f} MiB, {where}); epochs train the rest")
+        return (
+            f"Feature cache on: the frozen part up to {self.boundary.output} runs once per sample "
+            f"({self.nbytes / 2**20:.1f} MiB, {where}); epochs train the rest"
+        )
 
 
 @dataclass
@@ -564,8 +579,14 @@ class Setup:
     message: str
 
 
-def setup(cfg: ProjectConfig, parts: RunParts, *, autocast: Callable[[], Any] = contextlib.nullcontext,
-          stop_event: threading.Event | None = None, log: Callable[[str], None] = lambda m: None) -> Setup:
+def setup(
+    cfg: ProjectConfig,
+    parts: RunParts,
+    *,
+    autocast: Callable[[], Any] = contextlib.nullcontext,
+    stop_event: threading.Event | None = None,
+    log: Callable[[str], None] = lambda m: None,
+) -> Setup:
     """Decide, verify and compute; never changes the model, the global RNGs or the loaders' generators."""
     started = time.perf_counter()
     reason = eligibility_problem(cfg)
@@ -576,8 +597,14 @@ def setup(cfg: ProjectConfig, parts: RunParts, *, autocast: Callable[[], Any] = 
         return _setup(cfg, parts, autocast, stop_event, log, started)
 
 
-def _setup(cfg: ProjectConfig, parts: RunParts, autocast: Callable[[], Any], stop_event: threading.Event | None,
-           log: Callable[[str], None], started: float) -> Setup:
+def _setup(
+    cfg: ProjectConfig,
+    parts: RunParts,
+    autocast: Callable[[], Any],
+    stop_event: threading.Event | None,
+    log: Callable[[str], None],
+    started: float,
+) -> Setup:
     model, device = parts.model, parts.device
     if all(p.requires_grad for p in model.parameters()):
         return Setup(None, "Feature cache off: nothing is frozen (model.freeze), so every layer trains")
@@ -608,10 +635,18 @@ def _setup(cfg: ProjectConfig, parts: RunParts, autocast: Callable[[], Any], sto
     need = per_sample * (len(train_ds) + n_val)
     bound = max_bytes(cfg)
 
-    key_parts = [cfg.model.backbone, type(model).__name__, boundary.output, ",".join(boundary.replaced),
-                 module_digest(model, boundary.replaced),
-                 ",".join(n for n, p in model.named_parameters() if not p.requires_grad),
-                 cfg.train.precision, device.type, repr(tuple(sample.shape[1:])), str(sample.dtype)]
+    key_parts = [
+        cfg.model.backbone,
+        type(model).__name__,
+        boundary.output,
+        ",".join(boundary.replaced),
+        module_digest(model, boundary.replaced),
+        ",".join(n for n, p in model.named_parameters() if not p.requires_grad),
+        cfg.train.precision,
+        device.type,
+        repr(tuple(sample.shape[1:])),
+        str(sample.dtype),
+    ]
     base = hashlib.blake2b("\0".join(key_parts).encode(), digest_size=20).hexdigest()
 
     entries: dict[str, _Entry] = {}
@@ -627,16 +662,31 @@ def _setup(cfg: ProjectConfig, parts: RunParts, autocast: Callable[[], Any], sto
     missing = [s for s in keys if s not in entries]
     missing_bytes = sum(per_sample * (len(train_ds) if s == "train" else n_val) for s in missing)
     if missing_bytes > bound:
-        return Setup(None, f"Feature cache off: the features after {boundary.output} would take "
-                           f"{need / 2**20:.1f} MiB, over the bound of {bound / 2**20:.1f} MiB "
-                           "(train.feature_cache_max_mb; empty means half the available memory); training "
-                           "recomputes them every epoch")
+        return Setup(
+            None,
+            f"Feature cache off: the features after {boundary.output} would take "
+            f"{need / 2**20:.1f} MiB, over the bound of {bound / 2**20:.1f} MiB "
+            "(train.feature_cache_max_mb; empty means half the available memory); training "
+            "recomputes them every epoch",
+        )
     for split in missing:
         ds = train_ds if split == "train" else val_ds
         assert ds is not None  # "val" is missing only when there is a validation set
         log(f"Feature cache: computing the features after {boundary.output} for {len(ds)} {split} samples")
-        entry = _compute(model, parts.frozen_bn, boundary.output, ds, loader, cfg.loader.batch_size, device,
-                         autocast, stop_event, len(ds), sample, training=split == "train")
+        entry = _compute(
+            model,
+            parts.frozen_bn,
+            boundary.output,
+            ds,
+            loader,
+            cfg.loader.batch_size,
+            device,
+            autocast,
+            stop_event,
+            len(ds),
+            sample,
+            training=split == "train",
+        )
         if entry is None:
             return Setup(None, "Feature cache off: stopped while computing features")
         entries[split] = entry
@@ -645,17 +695,38 @@ def _setup(cfg: ProjectConfig, parts: RunParts, autocast: Callable[[], Any], sto
     stats.reused += len(keys) - len(missing)
 
     train = FeatureBatches(loader, entries["train"].features, entries["train"].targets)
-    val = (FeatureBatches(parts.val_loader, entries["val"].features, entries["val"].targets)
-           if "val" in entries and parts.val_loader is not None else None)
-    cache = FeatureCache(suffix=build_suffix(model, boundary.replaced), boundary=boundary, train=train, val=val,
-                         nbytes=sum(e.nbytes for e in entries.values()), reused=not missing,
-                         seconds=time.perf_counter() - started)
+    val = (
+        FeatureBatches(parts.val_loader, entries["val"].features, entries["val"].targets)
+        if "val" in entries and parts.val_loader is not None
+        else None
+    )
+    cache = FeatureCache(
+        suffix=build_suffix(model, boundary.replaced),
+        boundary=boundary,
+        train=train,
+        val=val,
+        nbytes=sum(e.nbytes for e in entries.values()),
+        reused=not missing,
+        seconds=time.perf_counter() - started,
+    )
     return Setup(cache, cache.describe())
 
 
-def _compute(model: nn.Module, frozen_bn: Sequence[str], boundary: str, dataset: EngineDataset,
-             loader: torch.utils.data.DataLoader, batch_size: int, device: torch.device, autocast: Callable[[], Any],
-             stop_event: threading.Event | None, n: int, sample: torch.Tensor, *, training: bool) -> _Entry | None:
+def _compute(
+    model: nn.Module,
+    frozen_bn: Sequence[str],
+    boundary: str,
+    dataset: EngineDataset,
+    loader: torch.utils.data.DataLoader,
+    batch_size: int,
+    device: torch.device,
+    autocast: Callable[[], Any],
+    stop_event: threading.Event | None,
+    n: int,
+    sample: torch.Tensor,
+    *,
+    training: bool,
+) -> _Entry | None:
     """Boundary outputs of every sample in dataset order, in one preallocated CPU tensor, and the targets.
 
     training: in the mode training runs the model (frozen BatchNorm in eval), else in evaluation mode.
@@ -663,10 +734,16 @@ def _compute(model: nn.Module, frozen_bn: Sequence[str], boundary: str, dataset:
     generator = torch.Generator()
     generator.manual_seed(0)  # a private generator: the global RNG and the run's loader stay untouched
     workers = loader.num_workers
-    ordered = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers,
-                                          collate_fn=loader.collate_fn, generator=generator,
-                                          worker_init_fn=loader.worker_init_fn if workers else None,
-                                          pin_memory=device.type == "cuda")
+    ordered = torch.utils.data.DataLoader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=False,
+        num_workers=workers,
+        collate_fn=loader.collate_fn,
+        generator=generator,
+        worker_init_fn=loader.worker_init_fn if workers else None,
+        pin_memory=device.type == "cuda",
+    )
     features = torch.empty((n, *sample.shape[1:]), dtype=sample.dtype)
     targets: list[Any] = []
     if training:
@@ -679,7 +756,7 @@ def _compute(model: nn.Module, frozen_bn: Sequence[str], boundary: str, dataset:
             if stop_event is not None and stop_event.is_set():
                 return None
             out = capture(model, boundary, batch[0].to(device, non_blocking=True))
-            features[at:at + out.shape[0]].copy_(out)
+            features[at : at + out.shape[0]].copy_(out)
             at += out.shape[0]
             targets.append(batch[1])
     if at != n:

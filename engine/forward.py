@@ -1,6 +1,7 @@
 """How a training batch goes through the model: on the run's device and memory format, at the project's
 precision, through torch.compile when asked (falling back to eager, saying why, when compiling fails), and a
 first batch the model cannot take turned into a message that names the setting to change."""
+
 from __future__ import annotations
 
 import contextlib
@@ -14,8 +15,14 @@ from engine.failures import is_out_of_memory
 
 
 class Forward:
-    def __init__(self, cfg: ProjectConfig, device: torch.device, channels_last: bool,
-                 log: Callable[[str], None], passes_through: Callable[[BaseException], bool]):
+    def __init__(
+        self,
+        cfg: ProjectConfig,
+        device: torch.device,
+        channels_last: bool,
+        log: Callable[[str], None],
+        passes_through: Callable[[BaseException], bool],
+    ):
         """passes_through: errors that are not the model's to explain (another process failed under it)."""
         self.cfg, self.device, self.channels_last, self.log = cfg, device, channels_last, log
         self.passes_through = passes_through
@@ -38,8 +45,10 @@ class Forward:
         it is; with the feature cache, module is the part after the cut)."""
         t = self.cfg.train
         auto = " (auto)" if t.channels_last is None else ""
-        self.log(f"Precision {t.precision}, channels_last {'on' if self.channels_last else 'off'}{auto}, "
-                 f"torch.compile {'on' if t.compile else 'off'}")
+        self.log(
+            f"Precision {t.precision}, channels_last {'on' if self.channels_last else 'off'}{auto}, "
+            f"torch.compile {'on' if t.compile else 'off'}"
+        )
         if t.compile and self._compiled is None and not self._compile_tried:
             self._compiled_model = module
             try:
@@ -97,11 +106,14 @@ class Forward:
                 raise
             line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             shape = "x".join(str(d) for d in inputs.shape)
-            hint = ("loader.batch_size >= 2 (BatchNorm needs more than one sample per batch)"
-                    if "more than 1 value per channel" in line else
-                    "data.image_size, data.keep_aspect or the backbone")
-            raise ConfigError([f"{self.cfg.model.backbone} cannot train on batches of shape {shape} ({line}); "
-                               f"change {hint}"]) from exc
+            hint = (
+                "loader.batch_size >= 2 (BatchNorm needs more than one sample per batch)"
+                if "more than 1 value per channel" in line
+                else "data.image_size, data.keep_aspect or the backbone"
+            )
+            raise ConfigError(
+                [f"{self.cfg.model.backbone} cannot train on batches of shape {shape} ({line}); change {hint}"]
+            ) from exc
 
 
 def _eager_backward_lowering() -> contextlib.AbstractContextManager[Any]:

@@ -1,4 +1,5 @@
 """Which parameters train: freeze presets and prefixes, frozen BatchNorm, per-part learning rates, the layer tree."""
+
 from __future__ import annotations
 
 import difflib
@@ -51,6 +52,7 @@ def layer_tree(model: nn.Module, input_size: tuple[int, ...] = (3, 224, 224)) ->
     def hook_for(name: str) -> Callable[[nn.Module, Any, Any], None]:
         def hook(_module: nn.Module, _inputs: Any, output: Any) -> None:
             shapes.setdefault(name, _first_shape(output))  # a module called twice keeps its first shape
+
         return hook
 
     try:
@@ -74,8 +76,16 @@ def layer_tree(model: nn.Module, input_size: tuple[int, ...] = (3, 224, 224)) ->
     out = []
     for name, module in model.named_modules():
         total, trainable = _numel(module.parameters())
-        out.append(LayerInfo(name=name, type=type(module).__name__, depth=0 if not name else name.count(".") + 1,
-                             params=total, trainable=trainable, output_shape=shapes.get(name)))
+        out.append(
+            LayerInfo(
+                name=name,
+                type=type(module).__name__,
+                depth=0 if not name else name.count(".") + 1,
+                params=total,
+                trainable=trainable,
+                output_shape=shapes.get(name),
+            )
+        )
     return out
 
 
@@ -102,8 +112,9 @@ def _unknown(field: str, value: str, model: nn.Module, backbone: str, what: str)
     return ConfigError([f"{field} = {value!r}: {what} in {backbone}; modules include {shown}{hint}"])
 
 
-def apply_freeze(model: nn.Module, model_cfg: ModelConfig, head_name: str, *,
-                 freeze_backbone: bool = False) -> FreezeSummary:
+def apply_freeze(
+    model: nn.Module, model_cfg: ModelConfig, head_name: str, *, freeze_backbone: bool = False
+) -> FreezeSummary:
     """Set requires_grad from the config: preset, then freeze_prefixes, then unfreeze_prefixes.
 
     freeze_backbone (an lr multiplier of 0) freezes everything but the head at the end, so frozen
@@ -137,8 +148,10 @@ def apply_freeze(model: nn.Module, model_cfg: ModelConfig, head_name: str, *,
                 p.requires_grad_(False)
 
     names = set(modules) | {n for n, _ in params}  # a prefix may name a module or one parameter (fc.bias)
-    for field, prefixes, trainable in (("model.freeze_prefixes", model_cfg.freeze_prefixes, False),
-                                       ("model.unfreeze_prefixes", model_cfg.unfreeze_prefixes, True)):
+    for field, prefixes, trainable in (
+        ("model.freeze_prefixes", model_cfg.freeze_prefixes, False),
+        ("model.unfreeze_prefixes", model_cfg.unfreeze_prefixes, True),
+    ):
         for i, prefix in enumerate(prefixes):
             if not prefix or not any(_matches(n, prefix) for n in names):
                 raise _unknown(f"{field}[{i}]", prefix, model, backbone, "matches no module")

@@ -1,4 +1,5 @@
 """Loss functions by name, adapted to the task's targets (class indices, multi-hot, real values)."""
+
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
@@ -34,11 +35,14 @@ class TaskLoss(nn.Module):
         self.num_outputs = num_outputs
         weight = None
         if cfg.class_weights is not None:
-            values = (balanced_class_weights(class_counts) if cfg.class_weights == "balanced"
-                      else list(cfg.class_weights))
+            values = (
+                balanced_class_weights(class_counts) if cfg.class_weights == "balanced" else list(cfg.class_weights)
+            )
             if len(values) != num_outputs:
-                raise ValueError(f"loss.class_weights has {len(values)} values but the dataset has "
-                                 f"{num_outputs} classes: give one weight per class, or 'balanced'")
+                raise ValueError(
+                    f"loss.class_weights has {len(values)} values but the dataset has "
+                    f"{num_outputs} classes: give one weight per class, or 'balanced'"
+                )
             weight = torch.tensor(values, dtype=torch.float32)
         self.register_buffer("weight", weight)
         self.label_smoothing = cfg.label_smoothing

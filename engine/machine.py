@@ -1,4 +1,5 @@
 """What this machine has for a run: the memory available now (the caches size themselves by it), its devices."""
+
 from __future__ import annotations
 
 
@@ -19,8 +20,12 @@ def devices_here() -> dict[str, bool]:
     import torch  # here, not at the top: the app's window asks only once the user looks at the device setting
 
     mps = getattr(torch.backends, "mps", None)
-    return {"auto": True, "cpu": True, "cuda": bool(torch.cuda.is_available()),
-            "mps": bool(mps is not None and mps.is_available())}
+    return {
+        "auto": True,
+        "cpu": True,
+        "cuda": bool(torch.cuda.is_available()),
+        "mps": bool(mps is not None and mps.is_available()),
+    }
 
 
 def auto_device(here: dict[str, bool]) -> str:

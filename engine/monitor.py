@@ -1,4 +1,5 @@
 """Which epoch is best by a chosen metric: shared by best-checkpoint keeping and early stopping."""
+
 from __future__ import annotations
 
 import math
@@ -41,8 +42,11 @@ class MetricTracker:
         return improved
 
     def state_dict(self) -> dict[str, Any]:
-        return {"best": self.best, "best_epoch": self.best_epoch,
-                "epochs_without_improvement": self.epochs_without_improvement}
+        return {
+            "best": self.best,
+            "best_epoch": self.best_epoch,
+            "epochs_without_improvement": self.epochs_without_improvement,
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.best = state.get("best")

@@ -1,4 +1,5 @@
 """Optimizers and learning-rate schedules by name, over the trainable parameter groups."""
+
 from __future__ import annotations
 
 import math
@@ -14,25 +15,36 @@ def build_optimizer(cfg: OptimizerConfig, groups: list[dict]) -> torch.optim.Opt
     """The named optimizer over parameter groups that already carry their own lr."""
     if cfg.name == "sgd":
         momentum = 0.9 if cfg.momentum is None else cfg.momentum
-        return torch.optim.SGD(groups, lr=cfg.lr, momentum=momentum, nesterov=cfg.nesterov,
-                               weight_decay=cfg.weight_decay)
+        return torch.optim.SGD(
+            groups, lr=cfg.lr, momentum=momentum, nesterov=cfg.nesterov, weight_decay=cfg.weight_decay
+        )
     if cfg.name == "adam":
-        return torch.optim.Adam(groups, lr=cfg.lr, betas=(cfg.betas[0], cfg.betas[1]), eps=cfg.eps,
-                                weight_decay=cfg.weight_decay)
+        return torch.optim.Adam(
+            groups, lr=cfg.lr, betas=(cfg.betas[0], cfg.betas[1]), eps=cfg.eps, weight_decay=cfg.weight_decay
+        )
     if cfg.name == "adamw":
-        return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.betas[0], cfg.betas[1]), eps=cfg.eps,
-                                 weight_decay=cfg.weight_decay)
+        return torch.optim.AdamW(
+            groups, lr=cfg.lr, betas=(cfg.betas[0], cfg.betas[1]), eps=cfg.eps, weight_decay=cfg.weight_decay
+        )
     if cfg.name == "rmsprop":
-        return torch.optim.RMSprop(groups, lr=cfg.lr, alpha=cfg.alpha, eps=cfg.eps, momentum=cfg.momentum or 0.0,
-                                   weight_decay=cfg.weight_decay)
+        return torch.optim.RMSprop(
+            groups, lr=cfg.lr, alpha=cfg.alpha, eps=cfg.eps, momentum=cfg.momentum or 0.0, weight_decay=cfg.weight_decay
+        )
     raise ValueError(f"optimizer.name = {cfg.name!r}: unknown")
 
 
 class Schedule:
     """A learning-rate schedule and when it steps: per batch (one-cycle), per epoch, or on a metric (plateau)."""
 
-    def __init__(self, cfg: ScheduleConfig, optimizer: torch.optim.Optimizer, *, epochs: int,
-                 steps_per_epoch: int, base_lr: float):
+    def __init__(
+        self,
+        cfg: ScheduleConfig,
+        optimizer: torch.optim.Optimizer,
+        *,
+        epochs: int,
+        steps_per_epoch: int,
+        base_lr: float,
+    ):
         self.name = cfg.name
         self.scheduler: Any  # the one the name picks, or None; its attributes (T_max, total_steps) depend on it
         if cfg.name == "none":
@@ -46,12 +58,13 @@ class Schedule:
             # Each group keeps its ratio to the head's lr (the backbone multiplier) at the peak too.
             peaks = [max_lr * g["lr"] / base_lr for g in optimizer.param_groups]
             self.total_steps = epochs * max(1, steps_per_epoch)
-            self.scheduler = lr_scheduler.OneCycleLR(optimizer, max_lr=peaks, epochs=epochs,
-                                                     steps_per_epoch=max(1, steps_per_epoch),
-                                                     pct_start=cfg.pct_start)
+            self.scheduler = lr_scheduler.OneCycleLR(
+                optimizer, max_lr=peaks, epochs=epochs, steps_per_epoch=max(1, steps_per_epoch), pct_start=cfg.pct_start
+            )
         elif cfg.name == "plateau":
-            self.scheduler = lr_scheduler.ReduceLROnPlateau(optimizer, mode="min", factor=cfg.factor,
-                                                            patience=cfg.patience)
+            self.scheduler = lr_scheduler.ReduceLROnPlateau(
+                optimizer, mode="min", factor=cfg.factor, patience=cfg.patience
+            )
         else:
             raise ValueError(f"schedule.name = {cfg.name!r}: unknown")
 
@@ -85,7 +98,9 @@ class Schedule:
                 group["lr"] = sched.eta_min + (base - sched.eta_min) * (1 + math.cos(math.pi * done / epochs)) / 2
             sched._last_lr = [g["lr"] for g in sched.optimizer.param_groups]
         elif self.name == "onecycle" and self.scheduler.total_steps != self.total_steps:
-            raise ValueError(f"schedule.name = 'onecycle' runs a fixed number of steps "
-                             f"({self.scheduler.total_steps}); the run cannot be extended to {self.total_steps}. "
-                             "Resume with the checkpoint's own number of epochs, or start a new run from its "
-                             "weights (train --init-from)")
+            raise ValueError(
+                f"schedule.name = 'onecycle' runs a fixed number of steps "
+                f"({self.scheduler.total_steps}); the run cannot be extended to {self.total_steps}. "
+                "Resume with the checkpoint's own number of epochs, or start a new run from its "
+                "weights (train --init-from)"
+            )

@@ -1,4 +1,5 @@
 """Predicting one image with a trained checkpoint, preprocessed exactly as evaluation preprocesses its data."""
+
 from __future__ import annotations
 
 import os
@@ -51,8 +52,16 @@ def read_image(image: ImageInput) -> Image.Image | torch.Tensor:
 class Predictor:
     """A restored model with its class names and evaluation preprocessing; predict() scores one image."""
 
-    def __init__(self, model: torch.nn.Module, class_names: Sequence[str], task: str, transform: Callable,
-                 *, device: str | torch.device = "cpu", info: dict[str, Any] | None = None):
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        class_names: Sequence[str],
+        task: str,
+        transform: Callable,
+        *,
+        device: str | torch.device = "cpu",
+        info: dict[str, Any] | None = None,
+    ):
         self.device = torch.device(device)
         self.model = model.to(self.device).eval()
         self.class_names = list(class_names)
@@ -68,8 +77,9 @@ class Predictor:
         except CheckpointError:
             raise
         except Exception as exc:  # noqa: BLE001 - torch.load's unpickler raises KeyError and more on some junk files
-            raise CheckpointError(f"checkpoint {path} is damaged or not a PyTorch file: "
-                                  f"{type(exc).__name__}: {exc}") from None
+            raise CheckpointError(
+                f"checkpoint {path} is damaged or not a PyTorch file: {type(exc).__name__}: {exc}"
+            ) from None
         try:
             model, cfg, class_names, pre = restore_model(ckpt, path)
         except CheckpointError:
@@ -81,9 +91,14 @@ class Predictor:
         # The transform evaluate_checkpoint builds, so a prediction here equals evaluation's for the same image.
         transform = build_transforms(pre, cfg.data.augment, train=False, keep_aspect=cfg.data.keep_aspect)
         epoch = ckpt.get("epoch")
-        info = {"checkpoint": str(Path(path).resolve()), "backbone": cfg.model.backbone, "task": task,
-                "epoch": int(epoch) if isinstance(epoch, (int, float)) else None, "image_size": pre.crop_size,
-                "num_classes": len(class_names)}
+        info = {
+            "checkpoint": str(Path(path).resolve()),
+            "backbone": cfg.model.backbone,
+            "task": task,
+            "epoch": int(epoch) if isinstance(epoch, (int, float)) else None,
+            "image_size": pre.crop_size,
+            "num_classes": len(class_names),
+        }
         return cls(model, class_names, task, transform, device=device, info=info)
 
     def scores(self, image: ImageInput) -> np.ndarray:

@@ -1,4 +1,5 @@
 """A run folder's file names and its metrics, readable without PyTorch (the app's window reads them at start-up)."""
+
 from __future__ import annotations
 
 import json
@@ -29,8 +30,7 @@ def is_run_dir(path: str | os.PathLike) -> bool:
     if (folder / METRICS_FILE).is_file():
         return True
     checkpoints = folder / "checkpoints"
-    return checkpoints.is_dir() and any(p.suffix == ".pt" and not p.name.startswith(".")
-                                        for p in checkpoints.iterdir())
+    return checkpoints.is_dir() and any(p.suffix == ".pt" and not p.name.startswith(".") for p in checkpoints.iterdir())
 
 
 def read_run_project(run_dir: str | os.PathLike) -> dict[str, Any]:

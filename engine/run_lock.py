@@ -6,6 +6,7 @@ operating system drops the lock when its process dies however it dies (SIGKILL i
 a killed process is recognised as stale by the lock itself, not by guessing from process ids, and is taken over
 with a message. A live owner's claim is refused with a message that names the folder and the owner's process.
 """
+
 from __future__ import annotations
 
 import json
@@ -20,7 +21,7 @@ from typing import Any
 try:
     import fcntl
 except ImportError:  # Windows: no flock; exclusive creation of the lock file stands in (see _lock_fd)
-    fcntl = None  # type: ignore[assignment]
+    fcntl = None  # type: ignore[assignment]  # the module is absent here; _lock_fd and holder check for None
 
 LOCK_FILE = ".lock"
 # A parent process (the app) that holds a run folder's claim and starts torchrun on it names itself here, so
@@ -152,12 +153,18 @@ def claim(lock_file: str | os.PathLike, what: str, *, log: Callable[[str], None]
         fd, stale = _lock_fd(path)
     except FolderBusyError:
         owner = _owner_when_written(path)
-        raise FolderBusyError(f"{what} is in use by {_describe(owner) if owner else 'another process'}; "
-                              "wait for it to finish or choose another") from None
+        raise FolderBusyError(
+            f"{what} is in use by {_describe(owner) if owner else 'another process'}; "
+            "wait for it to finish or choose another"
+        ) from None
     except OSError as exc:
         raise FolderBusyError(f"{what} cannot be claimed ({path}): {exc.strerror or exc}") from None
-    record = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%d %H:%M:%S"),
-              "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]])[:200] if sys.argv else ""}
+    record = {
+        "pid": os.getpid(),
+        "host": socket.gethostname(),
+        "started": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]])[:200] if sys.argv else "",
+    }
     try:
         os.ftruncate(fd, 0)
         os.pwrite(fd, json.dumps(record).encode("utf-8"), 0)
@@ -165,7 +172,8 @@ def claim(lock_file: str | os.PathLike, what: str, *, log: Callable[[str], None]
         pass  # the lock is what counts; the record only makes the refusal message readable
     if stale:
         (log or (lambda m: print(m, file=sys.stderr, flush=True)))(
-            f"{what}: taking over the lock left by {_describe(stale)}, which no longer runs")
+            f"{what}: taking over the lock left by {_describe(stale)}, which no longer runs"
+        )
     return Claim(path, fd, stale)
 
 

@@ -1,4 +1,5 @@
 """Run folders: the project as run, metrics.jsonl one line per epoch, and the model checkpoints."""
+
 from __future__ import annotations
 
 import json
@@ -37,8 +38,9 @@ def _make_dir(run_dir: Path, exist_ok: bool) -> None:
         raise ConfigError([f"run folder {str(run_dir)!r} cannot be created: {exc.strerror or exc}"]) from None
 
 
-def create_run_dir(cfg: ProjectConfig, out: str | os.PathLike | None = None, *,
-                   log: Callable[[str], None] | None = None) -> Path:
+def create_run_dir(
+    cfg: ProjectConfig, out: str | os.PathLike | None = None, *, log: Callable[[str], None] | None = None
+) -> Path:
     """A fresh run folder, claimed for this process: `out` as given, else OUTPUT_DIR/NAME-YYYYmmdd-HHMMSS[-N].
 
     The folder is created and claimed before anything is written in it, so two processes never share one:
@@ -68,8 +70,12 @@ def create_run_dir(cfg: ProjectConfig, out: str | os.PathLike | None = None, *,
     claim_run_dir(run_dir, log=log)
     if (run_dir / METRICS_FILE).exists():
         release_run_dir(run_dir)
-        raise ConfigError([f"--out {str(run_dir)!r} already holds a run ({METRICS_FILE}); choose another folder "
-                           "so its results are not overwritten"])
+        raise ConfigError(
+            [
+                f"--out {str(run_dir)!r} already holds a run ({METRICS_FILE}); choose another folder "
+                "so its results are not overwritten"
+            ]
+        )
     return run_dir
 
 
@@ -204,8 +210,14 @@ class TensorBoardLogger(Callback):
 
     def on_epoch_finished(self, trainer: Trainer, state: TrainState, metrics: dict[str, Any]) -> None:
         assert self.writer is not None  # opened in on_run_started
-        for key, tag in (("train_loss", "loss/train"), ("val_loss", "loss/val"), ("train_accuracy", "accuracy/train"),
-                         ("val_accuracy", "accuracy/val"), ("lr", "lr"), ("samples_per_second", "speed/samples_per_s")):
+        for key, tag in (
+            ("train_loss", "loss/train"),
+            ("val_loss", "loss/val"),
+            ("train_accuracy", "accuracy/train"),
+            ("val_accuracy", "accuracy/val"),
+            ("lr", "lr"),
+            ("samples_per_second", "speed/samples_per_s"),
+        ):
             value = metrics.get(key)
             if value is not None and math.isfinite(value):
                 self.writer.add_scalar(tag, value, state.epoch)
@@ -218,8 +230,11 @@ class TensorBoardLogger(Callback):
             from torch.utils.tensorboard.summary import hparams
 
             last = state.history[-1]
-            final = {f"hparam/{k}": last[k] for k in ("train_loss", "val_loss", "val_accuracy")
-                     if last.get(k) is not None and math.isfinite(last[k])}
+            final = {
+                f"hparam/{k}": last[k]
+                for k in ("train_loss", "val_loss", "val_accuracy")
+                if last.get(k) is not None and math.isfinite(last[k])
+            }
             # Written into this run's own event file (add_hparams would start a separate run folder).
             file_writer = self.writer.file_writer
             assert file_writer is not None  # SummaryWriter opens it on creation
@@ -234,12 +249,21 @@ class TensorBoardLogger(Callback):
 def hyperparameters(cfg: ProjectConfig) -> dict[str, Any]:
     """The settings worth comparing across runs, flattened for TensorBoard's HParams view."""
     return {
-        "backbone": cfg.model.backbone, "weights": str(cfg.model.weights or cfg.model.weights_file or "none"),
-        "freeze": cfg.model.freeze, "batch_size": cfg.loader.batch_size, "sampler": cfg.loader.sampler.name,
-        "loss": cfg.loss.name, "label_smoothing": cfg.loss.label_smoothing, "optimizer": cfg.optimizer.name,
-        "lr": cfg.optimizer.lr, "weight_decay": cfg.optimizer.weight_decay,
-        "backbone_lr_mult": cfg.optimizer.backbone_lr_mult, "schedule": cfg.schedule.name,
-        "epochs": cfg.train.epochs, "seed": cfg.train.seed, "precision": cfg.train.precision,
+        "backbone": cfg.model.backbone,
+        "weights": str(cfg.model.weights or cfg.model.weights_file or "none"),
+        "freeze": cfg.model.freeze,
+        "batch_size": cfg.loader.batch_size,
+        "sampler": cfg.loader.sampler.name,
+        "loss": cfg.loss.name,
+        "label_smoothing": cfg.loss.label_smoothing,
+        "optimizer": cfg.optimizer.name,
+        "lr": cfg.optimizer.lr,
+        "weight_decay": cfg.optimizer.weight_decay,
+        "backbone_lr_mult": cfg.optimizer.backbone_lr_mult,
+        "schedule": cfg.schedule.name,
+        "epochs": cfg.train.epochs,
+        "seed": cfg.train.seed,
+        "precision": cfg.train.precision,
     }
 
 
@@ -251,16 +275,26 @@ def run_callbacks(cfg: ProjectConfig, run_dir: Path) -> list[Callback]:
     return callbacks
 
 
-def resume_config(ckpt: dict[str, Any], source: str | os.PathLike, *, epochs: int | None = None,
-                  epochs_field: str = "train.epochs", processes: int | None = None) -> ProjectConfig:
+def resume_config(
+    ckpt: dict[str, Any],
+    source: str | os.PathLike,
+    *,
+    epochs: int | None = None,
+    epochs_field: str = "train.epochs",
+    processes: int | None = None,
+) -> ProjectConfig:
     """The project saved in a checkpoint, to continue it; epochs is the run's new total (default: as saved).
 
     processes: continue in that many processes (a multi-process run's checkpoint resumes in one, and back)."""
     from engine.config import from_dict
 
     if "config" not in ckpt or "epoch" not in ckpt:
-        raise ConfigError([f"{source} is not a Model Workbench checkpoint (no config/epoch); "
-                           "a plain state dict can start a new run with train --init-from"])
+        raise ConfigError(
+            [
+                f"{source} is not a Model Workbench checkpoint (no config/epoch); "
+                "a plain state dict can start a new run with train --init-from"
+            ]
+        )
     data = dict(ckpt["config"])
     if epochs is not None:
         data["train"] = {**data.get("train", {}), "epochs": epochs}
@@ -269,16 +303,26 @@ def resume_config(ckpt: dict[str, Any], source: str | os.PathLike, *, epochs: in
     try:
         cfg = from_dict(data, source=str(source))
     except ConfigError as exc:
-        raise ConfigError([str(p).replace("train.epochs", epochs_field).replace("distributed.processes", "--processes")
-                           for p in exc.problems], exc.source) from None
+        raise ConfigError(
+            [
+                str(p).replace("train.epochs", epochs_field).replace("distributed.processes", "--processes")
+                for p in exc.problems
+            ],
+            exc.source,
+        ) from None
     if cfg.train.epochs <= ckpt["epoch"]:
-        raise ConfigError([f"{epochs_field} = {cfg.train.epochs}: the checkpoint has already trained {ckpt['epoch']} "
-                           f"epoch(s); give the run's new total, such as {ckpt['epoch'] + 5}"])
+        raise ConfigError(
+            [
+                f"{epochs_field} = {cfg.train.epochs}: the checkpoint has already trained {ckpt['epoch']} "
+                f"epoch(s); give the run's new total, such as {ckpt['epoch'] + 5}"
+            ]
+        )
     return cfg
 
 
-def resume_run_dir(checkpoint: Path, out: str | os.PathLike | None, *,
-                   log: Callable[[str], None] | None = None) -> Path:
+def resume_run_dir(
+    checkpoint: Path, out: str | os.PathLike | None, *, log: Callable[[str], None] | None = None
+) -> Path:
     """Where a resumed run writes, claimed for this process: --out, else the checkpoint's own run folder."""
     if out is not None:
         run_dir = Path(out).expanduser().resolve()

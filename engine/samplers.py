@@ -1,4 +1,5 @@
 """Every sampler of torch.utils.data, chosen by name from the project, and the DataLoaders built around them."""
+
 from __future__ import annotations
 
 import os
@@ -78,24 +79,26 @@ class ShardedSampler(Sampler[int]):
         order = [int(i) for i in self._draw(g, self.total)]
         want = self._padded_total()
         while order and len(order) < want:
-            order += order[:want - len(order)]
-        return iter(order[self.rank:want:self.num_replicas])
+            order += order[: want - len(order)]
+        return iter(order[self.rank : want : self.num_replicas])
 
 
-def sharded_sampler(spec: SamplerConfig, dataset_len: int, targets: Sequence[int] | None, *, num_replicas: int,
-                    rank: int, seed: int) -> ShardedSampler:
+def sharded_sampler(
+    spec: SamplerConfig, dataset_len: int, targets: Sequence[int] | None, *, num_replicas: int, rank: int, seed: int
+) -> ShardedSampler:
     """The project's sampler, drawn the same way on every process and split into per-process shares."""
     name = spec.name
     kw: dict[str, Any] = {"num_replicas": num_replicas, "rank": rank, "seed": seed}
     if name == "distributed":
         for field_name, value, actual in (("num_replicas", spec.num_replicas, num_replicas), ("rank", spec.rank, rank)):
             if value is not None and value != actual:
-                raise SamplerError(f"loader.sampler.{field_name} = {value}, but torchrun gave this process "
-                                   f"{field_name} {actual}; leave it empty (null) under torchrun")
+                raise SamplerError(
+                    f"loader.sampler.{field_name} = {value}, but torchrun gave this process "
+                    f"{field_name} {actual}; leave it empty (null) under torchrun"
+                )
         shuffle = spec.shuffle
         kw["seed"] = spec.seed
-        return ShardedSampler(lambda g, n: torch.randperm(n, generator=g) if shuffle else range(n), dataset_len,
-                              **kw)
+        return ShardedSampler(lambda g, n: torch.randperm(n, generator=g) if shuffle else range(n), dataset_len, **kw)
     if name == "sequential":
         return ShardedSampler(lambda g, n: range(n), dataset_len, **kw)
     if name == "random":
@@ -104,8 +107,13 @@ def sharded_sampler(spec: SamplerConfig, dataset_len: int, targets: Sequence[int
             return ShardedSampler(lambda g, n: torch.randint(dataset_len, (n,), generator=g), total, **kw)
         if total > dataset_len:
             # RandomSampler draws whole permutations back to back for num_samples beyond the data's size
-            return ShardedSampler(lambda g, n: torch.cat([torch.randperm(dataset_len, generator=g)
-                                                          for _ in range(-(-n // dataset_len))])[:n], total, **kw)
+            return ShardedSampler(
+                lambda g, n: torch.cat([torch.randperm(dataset_len, generator=g) for _ in range(-(-n // dataset_len))])[
+                    :n
+                ],
+                total,
+                **kw,
+            )
         return ShardedSampler(lambda g, n: torch.randperm(dataset_len, generator=g)[:n], total, **kw)
     single = build_sampler(spec, dataset_len, targets, world=None)  # checks the settings against the data
     if name == "subset_random":
@@ -116,8 +124,9 @@ def sharded_sampler(spec: SamplerConfig, dataset_len: int, targets: Sequence[int
         assert isinstance(single, WeightedRandomSampler)  # what build_sampler makes of this name
         weights = single.weights
         replacement = single.replacement
-        return ShardedSampler(lambda g, n: torch.multinomial(weights, n, replacement, generator=g),
-                              single.num_samples, **kw)
+        return ShardedSampler(
+            lambda g, n: torch.multinomial(weights, n, replacement, generator=g), single.num_samples, **kw
+        )
     raise SamplerError(f"loader.sampler.name = {name!r}: unknown")
 
 
@@ -130,9 +139,15 @@ def balanced_weights(targets: Sequence[int]) -> list[float]:
     return [1.0 / counts[int(t)] for t in targets]
 
 
-def build_sampler(spec: SamplerConfig, dataset_len: int, targets: Sequence[int] | None = None, *,
-                  generator: torch.Generator | None = None, shuffle: bool | None = None,
-                  world: tuple[int, int] | None | object = _FROM_ENV) -> Sampler[int]:
+def build_sampler(
+    spec: SamplerConfig,
+    dataset_len: int,
+    targets: Sequence[int] | None = None,
+    *,
+    generator: torch.Generator | None = None,
+    shuffle: bool | None = None,
+    world: tuple[int, int] | None | object = _FROM_ENV,
+) -> Sampler[int]:
     """The sampler a project names, over positions 0..dataset_len-1 of the training set.
 
     Under torchrun (WORLD_SIZE > 1) every sampler is sharded (ShardedSampler): each rank trains on its own
@@ -146,9 +161,14 @@ def build_sampler(spec: SamplerConfig, dataset_len: int, targets: Sequence[int] 
         if name == "random" and shuffle is False:
             name = "sequential"
         spec_used = spec if name == spec.name else SamplerConfig(**{**spec.__dict__, "name": name})
-        return sharded_sampler(spec_used, dataset_len, targets, num_replicas=world[0], rank=world[1],
-                               seed=spec.seed if name == "distributed" else (0 if generator is None
-                                                                              else generator.initial_seed()))
+        return sharded_sampler(
+            spec_used,
+            dataset_len,
+            targets,
+            num_replicas=world[0],
+            rank=world[1],
+            seed=spec.seed if name == "distributed" else (0 if generator is None else generator.initial_seed()),
+        )
     if name == "distributed":
         replicas = spec.num_replicas or (world[0] if world else 1)
         rank = spec.rank if spec.rank is not None else (world[1] if world else 0)
@@ -159,14 +179,17 @@ def build_sampler(spec: SamplerConfig, dataset_len: int, targets: Sequence[int] 
     if name == "sequential" or (name == "random" and shuffle is False):
         return SequentialSampler(range(dataset_len))
     if name == "random":
-        return RandomSampler(range(dataset_len), replacement=bool(spec.replacement), num_samples=spec.num_samples,
-                             generator=generator)
+        return RandomSampler(
+            range(dataset_len), replacement=bool(spec.replacement), num_samples=spec.num_samples, generator=generator
+        )
     if name == "subset_random":
         indices = list(range(dataset_len)) if spec.indices is None else list(spec.indices)
         too_big = [i for i in indices if i >= dataset_len]
         if too_big:
-            raise SamplerError(f"loader.sampler.indices: {too_big[0]} is past the end of the training set "
-                               f"({dataset_len} samples, positions 0..{dataset_len - 1})")
+            raise SamplerError(
+                f"loader.sampler.indices: {too_big[0]} is past the end of the training set "
+                f"({dataset_len} samples, positions 0..{dataset_len - 1})"
+            )
         return SubsetRandomSampler(indices, generator=generator)
     if name == "weighted_random":
         if spec.weights == "balanced":
@@ -177,13 +200,17 @@ def build_sampler(spec: SamplerConfig, dataset_len: int, targets: Sequence[int] 
             assert not isinstance(spec.weights, str)  # "balanced" is the one word validation lets through
             weights = list(spec.weights or [])
             if len(weights) != dataset_len:
-                raise SamplerError(f"loader.sampler.weights has {len(weights)} values but the training set has "
-                                   f"{dataset_len} samples: give one weight per training sample, or 'balanced'")
+                raise SamplerError(
+                    f"loader.sampler.weights has {len(weights)} values but the training set has "
+                    f"{dataset_len} samples: give one weight per training sample, or 'balanced'"
+                )
         num = spec.num_samples or dataset_len
         replacement = spec.replacement is not False  # drawing with replacement is what makes weights matter
         if not replacement and num > sum(1 for w in weights if w > 0):
-            raise SamplerError(f"loader.sampler.num_samples = {num} without replacement needs at least that many "
-                               f"samples of non-zero weight; set replacement = true or lower num_samples")
+            raise SamplerError(
+                f"loader.sampler.num_samples = {num} without replacement needs at least that many "
+                f"samples of non-zero weight; set replacement = true or lower num_samples"
+            )
         return WeightedRandomSampler(weights, num_samples=num, replacement=replacement, generator=generator)
     raise SamplerError(f"loader.sampler.name = {name!r}: unknown")
 
@@ -207,8 +234,9 @@ def usable_cpus() -> int:
     return max(1, count // max(local, 1))
 
 
-def auto_workers(cpus: int, *, cached: bool, augmented: bool, deterministic: bool = False,
-                 accelerator: bool = False) -> tuple[int, str]:
+def auto_workers(
+    cpus: int, *, cached: bool, augmented: bool, deterministic: bool = False, accelerator: bool = False
+) -> tuple[int, str]:
     """The worker count loader.num_workers = null picks, and why.
 
     cached: the split is served by the decoded-image cache; augmented: its items draw random augmentation;
@@ -241,13 +269,25 @@ class LoaderPlan:
     why: str = ""
 
 
-def plan_loader(cfg: LoaderConfig, *, cached: bool, augmented: bool, deterministic: bool = False,
-                device_type: str = "cpu", cpus: int | None = None) -> LoaderPlan:
+def plan_loader(
+    cfg: LoaderConfig,
+    *,
+    cached: bool,
+    augmented: bool,
+    deterministic: bool = False,
+    device_type: str = "cpu",
+    cpus: int | None = None,
+) -> LoaderPlan:
     """The project's loader settings with every null (auto) filled in for one split trained on device_type."""
     cuda = device_type == "cuda"
     if cfg.num_workers is None:
-        workers, why = auto_workers(usable_cpus() if cpus is None else cpus, cached=cached, augmented=augmented,
-                                    deterministic=deterministic, accelerator=device_type != "cpu")
+        workers, why = auto_workers(
+            usable_cpus() if cpus is None else cpus,
+            cached=cached,
+            augmented=augmented,
+            deterministic=deterministic,
+            accelerator=device_type != "cpu",
+        )
     else:
         workers, why = cfg.num_workers, "loader.num_workers"
     persistent = workers > 0 if cfg.persistent_workers is None else bool(cfg.persistent_workers) and workers > 0
@@ -275,8 +315,17 @@ def describe_plans(train: LoaderPlan, val: LoaderPlan | None) -> str:
     return ", ".join(parts)
 
 
-def build_loader(dataset: EngineDataset, cfg: LoaderConfig, *, train: bool, targets: Sequence[int] | None,
-                 collate_fn: Callable[[list[Any]], Any] | None, seed: int, pin_memory: bool, plan: LoaderPlan | None = None) -> DataLoader:
+def build_loader(
+    dataset: EngineDataset,
+    cfg: LoaderConfig,
+    *,
+    train: bool,
+    targets: Sequence[int] | None,
+    collate_fn: Callable[[list[Any]], Any] | None,
+    seed: int,
+    pin_memory: bool,
+    plan: LoaderPlan | None = None,
+) -> DataLoader:
     """A DataLoader with a batch sampler around the project's sampler (train) or a sequential one (eval).
 
     plan: workers and persistence (see plan_loader); without one, an auto worker count is taken as for an
@@ -294,22 +343,35 @@ def build_loader(dataset: EngineDataset, cfg: LoaderConfig, *, train: bool, targ
             # channel"); dropping it loses little, since a shuffled epoch draws the sample next time.
             drop_last = True
         if drop_last and _sampler_len(sampler) < cfg.batch_size:
-            raise SamplerError(f"loader.batch_size = {cfg.batch_size} is larger than the {_sampler_len(sampler)} "
-                               "samples drawn per epoch, and loader.drop_last = true would drop every batch; "
-                               "lower the batch size or set drop_last to false")
+            raise SamplerError(
+                f"loader.batch_size = {cfg.batch_size} is larger than the {_sampler_len(sampler)} "
+                "samples drawn per epoch, and loader.drop_last = true would drop every batch; "
+                "lower the batch size or set drop_last to false"
+            )
     else:
         world = distributed_world()
-        sampler = (ShardedSampler(lambda g, total: range(total), n, num_replicas=world[0], rank=world[1], pad=False)
-                   if world else SequentialSampler(range(n)))
+        sampler = (
+            ShardedSampler(lambda g, total: range(total), n, num_replicas=world[0], rank=world[1], pad=False)
+            if world
+            else SequentialSampler(range(n))
+        )
         drop_last = False
     if plan is None:
         plan = plan_loader(cfg, cached=False, augmented=train)
-    batches = _EpochBatchSampler(sampler, batch_size=cfg.batch_size, drop_last=drop_last, generator=generator,
-                                 persistent=plan.persistent)
+    batches = _EpochBatchSampler(
+        sampler, batch_size=cfg.batch_size, drop_last=drop_last, generator=generator, persistent=plan.persistent
+    )
     workers = plan.workers
-    return DataLoader(dataset, batch_sampler=batches, num_workers=workers, collate_fn=collate_fn,
-                      pin_memory=pin_memory, persistent_workers=plan.persistent,
-                      worker_init_fn=_seed_worker if workers > 0 else None, generator=generator)
+    return DataLoader(
+        dataset,
+        batch_sampler=batches,
+        num_workers=workers,
+        collate_fn=collate_fn,
+        pin_memory=pin_memory,
+        persistent_workers=plan.persistent,
+        worker_init_fn=_seed_worker if workers > 0 else None,
+        generator=generator,
+    )
 
 
 class _EpochBatchSampler(BatchSampler):
@@ -321,8 +383,9 @@ class _EpochBatchSampler(BatchSampler):
     depend on the worker setting. This sampler makes the missing draw itself at the start of later epochs.
     """
 
-    def __init__(self, sampler: Sampler[int], batch_size: int, drop_last: bool, *, generator: torch.Generator,
-                 persistent: bool):
+    def __init__(
+        self, sampler: Sampler[int], batch_size: int, drop_last: bool, *, generator: torch.Generator, persistent: bool
+    ):
         super().__init__(sampler, batch_size=batch_size, drop_last=drop_last)
         self._generator = generator
         self._persistent = persistent

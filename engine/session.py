@@ -6,6 +6,7 @@ write it, runs the Trainer, classifies a failure in one place (the user's input,
 leaves no empty folder behind a run that failed before it began, releases the folder, and reports the outcome
 to its outputs and to the caller as a RunFinished.
 """
+
 from __future__ import annotations
 
 import threading
@@ -44,7 +45,7 @@ def run_faults() -> tuple[type[BaseException], ...]:
 
 
 def error_kind(exc: BaseException) -> str:
-    """"input" (the user can fix their project or files), "fault" (the run met a condition outside the code),
+    """ "input" (the user can fix their project or files), "fault" (the run met a condition outside the code),
     "interrupted" (a second Ctrl-C) or "bug"."""
     if isinstance(exc, user_errors()):
         return "input"
@@ -77,9 +78,16 @@ def apply_init_from(cfg: ProjectConfig, checkpoint: str | Path) -> None:
 
 def failed_before_start(error: BaseException) -> RunFinished:
     """The RunFinished of a run that failed before a session could begin (a bad project, a missing file)."""
-    return RunFinished(status="failed", run_dir=None, epoch=0, epochs=0, error=error_text(error),
-                       error_type=type(error).__name__, kind=error_kind(error),
-                       traceback=traceback.format_exc() if error_kind(error) == "bug" else None)
+    return RunFinished(
+        status="failed",
+        run_dir=None,
+        epoch=0,
+        epochs=0,
+        error=error_text(error),
+        error_type=type(error).__name__,
+        kind=error_kind(error),
+        traceback=traceback.format_exc() if error_kind(error) == "bug" else None,
+    )
 
 
 class RunSession:
@@ -91,10 +99,18 @@ class RunSession:
     (a front end may set them after prepare(), once is_main is known); callbacks are further trainer callbacks.
     """
 
-    def __init__(self, cfg: ProjectConfig, *, resume: dict[str, Any] | None = None,
-                 checkpoint: str | Path | None = None, out: str | Path | None = None,
-                 outputs: Sequence[Output] = (), callbacks: Sequence[Any] = (),
-                 stop_event: threading.Event | None = None, log: Callable[[str], None] | None = None):
+    def __init__(
+        self,
+        cfg: ProjectConfig,
+        *,
+        resume: dict[str, Any] | None = None,
+        checkpoint: str | Path | None = None,
+        out: str | Path | None = None,
+        outputs: Sequence[Output] = (),
+        callbacks: Sequence[Any] = (),
+        stop_event: threading.Event | None = None,
+        log: Callable[[str], None] | None = None,
+    ):
         self.cfg = cfg
         self.resume = resume
         self.checkpoint = Path(checkpoint) if checkpoint is not None else None
@@ -165,13 +181,21 @@ class RunSession:
                     output(LogMessage(f"Run folder: {self.run_dir}"))
 
             callbacks: list[Any] = run_callbacks(self.cfg, folder) if self.is_main else []
-            callbacks.append(EventEmitter(folder, self.outputs,
-                                          world_size=self.dist.world_size if self.dist is not None else 1))
-            self.trainer = Trainer(self.cfg, [*callbacks, *self.callbacks], stop_event=self.stop_event,
-                                   resume=self.resume)
+            callbacks.append(
+                EventEmitter(folder, self.outputs, world_size=self.dist.world_size if self.dist is not None else 1)
+            )
+            self.trainer = Trainer(
+                self.cfg, [*callbacks, *self.callbacks], stop_event=self.stop_event, resume=self.resume
+            )
             state = self.trainer.run()
-            result = RunFinished(status=state.status, run_dir=str(self.run_dir), epoch=state.epoch,
-                                 epochs=state.epochs, best_epoch=state.best_epoch, stopped_early=state.stopped_early)
+            result = RunFinished(
+                status=state.status,
+                run_dir=str(self.run_dir),
+                epoch=state.epoch,
+                epochs=state.epochs,
+                best_epoch=state.best_epoch,
+                stopped_early=state.stopped_early,
+            )
         except BaseException as exc:
             release_run_dir(self.run_dir)
             run_dir = self.run_dir
@@ -183,9 +207,16 @@ class RunSession:
                 st = self.trainer.state
                 done = st.history[-1]["epoch"] if st.history else st.start_epoch  # the last finished epoch
             kind = error_kind(exc)
-            result = RunFinished(status="failed", run_dir=str(run_dir) if run_dir else None, epoch=done,
-                                 epochs=self.cfg.train.epochs, error=error_text(exc), error_type=type(exc).__name__,
-                                 kind=kind, traceback=traceback.format_exc() if kind == "bug" else None)
+            result = RunFinished(
+                status="failed",
+                run_dir=str(run_dir) if run_dir else None,
+                epoch=done,
+                epochs=self.cfg.train.epochs,
+                error=error_text(exc),
+                error_type=type(exc).__name__,
+                kind=kind,
+                traceback=traceback.format_exc() if kind == "bug" else None,
+            )
             self._finish(result)
             if not isinstance(exc, Exception):
                 raise

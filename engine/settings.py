@@ -1,4 +1,5 @@
 """How a project setting is declared once (type, default, range, choices, label, help, when it applies) and read back."""
+
 from __future__ import annotations
 
 import json
@@ -100,14 +101,23 @@ class Setting:
             schema["x-applies"] = self.applies.describe()
 
 
-def setting(default: Any = ..., *, default_factory: Any = None, ge: float | None = None, gt: float | None = None,
-            le: float | None = None, lt: float | None = None, **meta: Any) -> Any:
+def setting(
+    default: Any = ...,
+    *,
+    default_factory: Any = None,
+    ge: float | None = None,
+    gt: float | None = None,
+    le: float | None = None,
+    lt: float | None = None,
+    **meta: Any,
+) -> Any:
     """A project field: its default and range for pydantic, the rest for the front ends (see Setting)."""
     info = Setting(**meta)
     kwargs: dict[str, Any] = {k: v for k, v in dict(ge=ge, gt=gt, le=le, lt=lt).items() if v is not None}
     if default_factory is not None:
-        return Field(default_factory=default_factory, description=info.doc or info.help, json_schema_extra=info,
-                     **kwargs)
+        return Field(
+            default_factory=default_factory, description=info.doc or info.help, json_schema_extra=info, **kwargs
+        )
     return Field(default, description=info.doc or info.help, json_schema_extra=info, **kwargs)
 
 
@@ -202,7 +212,8 @@ def type_name(tp: Any) -> str:
         text = f"an object with the keys {', '.join(n for n, f in base.model_fields.items() if not f.exclude)}"
     else:
         text = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}.get(
-            base, getattr(base, "__name__", str(base)))
+            base, getattr(base, "__name__", str(base))
+        )
     if optional and base is bool:
         return "true, false or null"
     return f"{text} or null" if optional else text
@@ -230,7 +241,7 @@ def replace_between(text: str, block: str) -> str:
     end = text.find(TABLE_END, start + len(TABLE_START)) if start >= 0 else -1
     if start < 0 or end < 0:
         return text
-    return f"{text[:start + len(TABLE_START)]}\n{block.strip()}\n{text[end:]}"
+    return f"{text[: start + len(TABLE_START)]}\n{block.strip()}\n{text[end:]}"
 
 
 def table(cls: type[BaseModel]) -> str:

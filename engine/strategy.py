@@ -4,6 +4,7 @@ one small all-reduce per batch, stops agreed in the same batch, the epoch's sums
 The trainer's loop asks its strategy at the few points where several processes must agree, so the loop itself
 has no multi-process branches.
 """
+
 from __future__ import annotations
 
 import threading
@@ -39,8 +40,9 @@ class OneProcess:
         """The batch's loss as reported and checked; None when the processes agreed to stop here."""
         return loss.item()
 
-    def epoch_sums(self, loss_sum: torch.Tensor, seen: int, correct: torch.Tensor,
-                   model: torch.nn.Module) -> tuple[float, int, float]:
+    def epoch_sums(
+        self, loss_sum: torch.Tensor, seen: int, correct: torch.Tensor, model: torch.nn.Module
+    ) -> tuple[float, int, float]:
         """(summed loss, samples, correct) of the epoch's training batches."""
         return loss_sum.item(), seen, correct.item()
 
@@ -93,8 +95,12 @@ class Processes(OneProcess):
     def batch_loss(self, loss: torch.Tensor, model: torch.nn.Module) -> float | None:
         # One small all-reduce per batch: the loss averaged over the processes (what is reported and checked
         # for NaN, so every process stops at the same batch) and whether any was asked to stop.
-        shared = torch.stack([loss.detach().to(torch.float64),
-                              torch.tensor(float(self.stop_event.is_set()), dtype=torch.float64, device=loss.device)])
+        shared = torch.stack(
+            [
+                loss.detach().to(torch.float64),
+                torch.tensor(float(self.stop_event.is_set()), dtype=torch.float64, device=loss.device),
+            ]
+        )
         total, stops = all_reduce_sum(shared).tolist()
         if stops > 0:  # every process leaves here, in the same batch: keep their buffers equal too
             self.agreed_stop = True
@@ -102,12 +108,19 @@ class Processes(OneProcess):
             return None
         return total / self.dist.world_size
 
-    def epoch_sums(self, loss_sum: torch.Tensor, seen: int, correct: torch.Tensor,
-                   model: torch.nn.Module) -> tuple[float, int, float]:
+    def epoch_sums(
+        self, loss_sum: torch.Tensor, seen: int, correct: torch.Tensor, model: torch.nn.Module
+    ) -> tuple[float, int, float]:
         broadcast_buffers(model)  # rank 0's BatchNorm statistics everywhere
-        sums = all_reduce_sum(torch.stack([loss_sum, torch.tensor(float(seen), dtype=torch.float64,
-                                                                  device=loss_sum.device),
-                                           correct.to(torch.float64)]))
+        sums = all_reduce_sum(
+            torch.stack(
+                [
+                    loss_sum,
+                    torch.tensor(float(seen), dtype=torch.float64, device=loss_sum.device),
+                    correct.to(torch.float64),
+                ]
+            )
+        )
         total, seen_all, correct_all = sums.tolist()
         return total, int(round(seen_all)), correct_all
 
@@ -140,5 +153,7 @@ class Processes(OneProcess):
         if torch.allclose(high, low, rtol=1e-9, atol=0.0):
             log(f"All {n} processes end with the same weights and buffers (checksum {mine[0].item():.10g})")
         else:
-            log(f"Warning: the {n} processes end with different weights or buffers (checksums "
-                f"{low[0].item():.10g} to {high[0].item():.10g}); rank 0's are saved")
+            log(
+                f"Warning: the {n} processes end with different weights or buffers (checksums "
+                f"{low[0].item():.10g} to {high[0].item():.10g}); rank 0's are saved"
+            )

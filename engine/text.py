@@ -1,4 +1,5 @@
 """Text for people: file names that are not valid UTF-8 made visible instead of silently lost."""
+
 from __future__ import annotations
 
 

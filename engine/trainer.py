@@ -1,4 +1,5 @@
 """The training loop: builds a run from a project, trains it, and reports through callbacks (no Qt)."""
+
 from __future__ import annotations
 
 import contextlib
@@ -112,8 +113,9 @@ def use_channels_last(setting: bool | None, model: torch.nn.Module, device: torc
     return device.type == "cuda" and any(isinstance(m, torch.nn.Conv2d) for m in model.modules())
 
 
-def build_run(cfg: ProjectConfig, *, log: Callable[[str], None] = lambda message: None,
-              progress: Progress = None) -> RunParts:
+def build_run(
+    cfg: ProjectConfig, *, log: Callable[[str], None] = lambda message: None, progress: Progress = None
+) -> RunParts:
     """Data, model, freezing, loss, optimizer, schedule and loaders for a project, on its device."""
     dist = init_from_env(cfg)
     device = dist.device if dist is not None else pick_device(cfg.train.device)
@@ -134,11 +136,18 @@ def build_run(cfg: ProjectConfig, *, log: Callable[[str], None] = lambda message
     except ValueError as exc:  # the class count is only known once the data is scanned
         raise ConfigError([str(exc)]) from None
     if freeze.trainable == 0:
-        raise ConfigError(["model: every parameter is frozen"
-                           + (" (optimizer.backbone_lr_mult = 0 freezes the backbone)"
-                              if cfg.optimizer.backbone_lr_mult == 0 else "")
-                           + ", so there is nothing to train; keep at least the head trainable "
-                           "(model.freeze = 'head_only')"])
+        raise ConfigError(
+            [
+                "model: every parameter is frozen"
+                + (
+                    " (optimizer.backbone_lr_mult = 0 freezes the backbone)"
+                    if cfg.optimizer.backbone_lr_mult == 0
+                    else ""
+                )
+                + ", so there is nothing to train; keep at least the head trainable "
+                "(model.freeze = 'head_only')"
+            ]
+        )
     if cfg.distributed.sync_batchnorm:
         if dist is None:
             log("distributed.sync_batchnorm is on, but this run has one process: nothing to synchronise")
@@ -156,26 +165,61 @@ def build_run(cfg: ProjectConfig, *, log: Callable[[str], None] = lambda message
     optimizer = build_optimizer(cfg.optimizer, groups)
     cache = apply_decoded_cache(data, cfg, pre, log=log, progress=progress)
     augmented = has_random_steps(cfg.data.augment, train=True)
-    plans = [plan_loader(cfg.loader, cached=cache.used, augmented=aug, deterministic=cfg.train.deterministic,
-                         device_type=device.type) for aug in (augmented, False)]
+    plans = [
+        plan_loader(
+            cfg.loader, cached=cache.used, augmented=aug, deterministic=cfg.train.deterministic, device_type=device.type
+        )
+        for aug in (augmented, False)
+    ]
     collate = get_collate(cfg.loader.collate)
-    train_loader = build_loader(data.train, cfg.loader, train=True,
-                                targets=data.train_targets if data.task == "classification" else None,
-                                collate_fn=collate, seed=cfg.train.seed, pin_memory=plans[0].pin_memory,
-                                plan=plans[0])
+    train_loader = build_loader(
+        data.train,
+        cfg.loader,
+        train=True,
+        targets=data.train_targets if data.task == "classification" else None,
+        collate_fn=collate,
+        seed=cfg.train.seed,
+        pin_memory=plans[0].pin_memory,
+        plan=plans[0],
+    )
     drawn = len(train_loader.batch_sampler.sampler)  # type: ignore[union-attr]  # build_loader sets a batch sampler
     if cfg.loader.batch_size > drawn:
-        log(f"loader.batch_size = {cfg.loader.batch_size} is larger than the {drawn} training samples drawn per "
-            f"epoch: each epoch trains on one batch of {drawn}")
+        log(
+            f"loader.batch_size = {cfg.loader.batch_size} is larger than the {drawn} training samples drawn per "
+            f"epoch: each epoch trains on one batch of {drawn}"
+        )
     val_loader = None
     if data.val is not None and len(data.val) > 0:
-        val_loader = build_loader(data.val, cfg.loader, train=False, targets=None, collate_fn=collate,
-                                  seed=cfg.train.seed, pin_memory=plans[1].pin_memory, plan=plans[1])
+        val_loader = build_loader(
+            data.val,
+            cfg.loader,
+            train=False,
+            targets=None,
+            collate_fn=collate,
+            seed=cfg.train.seed,
+            pin_memory=plans[1].pin_memory,
+            plan=plans[1],
+        )
     log(describe_plans(plans[0], plans[1] if val_loader is not None else None))
-    schedule = Schedule(cfg.schedule, optimizer, epochs=cfg.train.epochs, steps_per_epoch=len(train_loader),
-                        base_lr=cfg.optimizer.lr)
-    return RunParts(data, model, built.head_name, built.weights_desc, freeze, frozen_bn, loss_fn, optimizer,
-                    schedule, train_loader, val_loader, device, channels_last, dist)
+    schedule = Schedule(
+        cfg.schedule, optimizer, epochs=cfg.train.epochs, steps_per_epoch=len(train_loader), base_lr=cfg.optimizer.lr
+    )
+    return RunParts(
+        data,
+        model,
+        built.head_name,
+        built.weights_desc,
+        freeze,
+        frozen_bn,
+        loss_fn,
+        optimizer,
+        schedule,
+        train_loader,
+        val_loader,
+        device,
+        channels_last,
+        dist,
+    )
 
 
 class Trainer:
@@ -186,8 +230,13 @@ class Trainer:
     random generators' state is engine/rng_state.py's.
     """
 
-    def __init__(self, cfg: ProjectConfig, callbacks: Iterable[Callback] = (),
-                 stop_event: threading.Event | None = None, resume: dict[str, Any] | None = None):
+    def __init__(
+        self,
+        cfg: ProjectConfig,
+        callbacks: Iterable[Callback] = (),
+        stop_event: threading.Event | None = None,
+        resume: dict[str, Any] | None = None,
+    ):
         """resume: a checkpoint (as loaded by engine.checkpoints.load_checkpoint) to continue exactly."""
         self.cfg = cfg
         self.callbacks = list(callbacks)
@@ -282,8 +331,13 @@ class Trainer:
         self.forward = Forward(self.cfg, p.device, p.channels_last, self.log, self.strategy.passes_through)
         # Under torchrun a local stop request must not cut one process's feature pass short: the processes agree
         # on stopping at the training batches.
-        outcome = setup_feature_cache(self.cfg, p, autocast=self.forward.autocast,
-                                      stop_event=self.stop_event if dist is None else None, log=self.log)
+        outcome = setup_feature_cache(
+            self.cfg,
+            p,
+            autocast=self.forward.autocast,
+            stop_event=self.stop_event if dist is None else None,
+            log=self.log,
+        )
         self.feature_cache = outcome.cache
         self.log(outcome.message)
         if isinstance(self.strategy, Processes):
@@ -311,8 +365,12 @@ class Trainer:
     def _restore_best(self) -> None:
         """early_stopping.restore_best: the best epoch's weights are the run's result."""
         state, early = self.state, self.early
-        if self._best_weights is None or not self.cfg.early_stopping.restore_best or early is None \
-                or early.best_epoch == state.epoch:
+        if (
+            self._best_weights is None
+            or not self.cfg.early_stopping.restore_best
+            or early is None
+            or early.best_epoch == state.epoch
+        ):
             return
         self.built.model.load_state_dict(self._best_weights)
         state.restored_best_epoch = early.best_epoch
@@ -328,9 +386,11 @@ class Trainer:
             self._best_weights = {k: v.detach().clone() for k, v in self.built.model.state_dict().items()}
         if self.early.epochs_without_improvement >= self.cfg.early_stopping.patience and state.epoch < state.epochs:
             state.stopped_early = True
-            self.log(f"Early stopping after epoch {state.epoch}: {self.early.monitor} has not improved for "
-                     f"{self.early.epochs_without_improvement} epochs (best {self.early.best:.4g} "
-                     f"at epoch {self.early.best_epoch})")
+            self.log(
+                f"Early stopping after epoch {state.epoch}: {self.early.monitor} has not improved for "
+                f"{self.early.epochs_without_improvement} epochs (best {self.early.best:.4g} "
+                f"at epoch {self.early.best_epoch})"
+            )
 
     def training_state(self) -> dict[str, Any]:
         """Everything beyond model and optimizer that an exact resume needs; plain values and tensors only."""
@@ -339,8 +399,10 @@ class Trainer:
             "scheduler_state_dict": p.schedule.state_dict(),
             "scaler_state_dict": self._grad_scaler.state_dict() if self._grad_scaler is not None else None,
             "rng_state": rng_state.capture(p.train_loader.generator),
-            "monitors": {"best": self.best.state_dict(),
-                         "early_stopping": self.early.state_dict() if self.early else None},
+            "monitors": {
+                "best": self.best.state_dict(),
+                "early_stopping": self.early.state_dict() if self.early else None,
+            },
             "best_weights": self._best_weights,
         }
 
@@ -356,15 +418,19 @@ class Trainer:
                 + (f"; missing now: {', '.join(gone)}" if gone else "")
                 + (f"; new: {', '.join(new)}" if new else "")
                 + ("" if gone or new else "; same names in another order")
-                + ". Start a new run from its weights instead (train --init-from)")
+                + ". Start a new run from its weights instead (train --init-from)"
+            )
         if ckpt.get("backbone") not in (None, self.cfg.model.backbone):
-            raise CheckpointError(f"cannot resume: the checkpoint is a {ckpt['backbone']}, the project builds a "
-                                  f"{self.cfg.model.backbone}")
+            raise CheckpointError(
+                f"cannot resume: the checkpoint is a {ckpt['backbone']}, the project builds a {self.cfg.model.backbone}"
+            )
         try:
             p.model.load_state_dict(ckpt["model_state_dict"])
         except RuntimeError as exc:
-            raise CheckpointError("cannot resume: the model's architecture differs from the checkpoint's: "
-                                  + " ".join(str(exc).split())[:400]) from None
+            raise CheckpointError(
+                "cannot resume: the model's architecture differs from the checkpoint's: "
+                + " ".join(str(exc).split())[:400]
+            ) from None
         p.optimizer.load_state_dict(ckpt["optimizer_state_dict"])
         try:
             p.schedule.load_state_dict(ckpt.get("scheduler_state_dict") or {}, epochs=state.epochs)
@@ -443,8 +509,12 @@ class Trainer:
         total_loss, seen, correct_count = strategy.epoch_sums(loss_sum, seen, correct, p.model)
         train_seconds = time.perf_counter() - started
         if seen == 0:
-            raise ConfigError([f"loader.batch_size = {cfg.loader.batch_size}: no training batch was drawn "
-                               f"({len(p.data.train)} training samples)"])
+            raise ConfigError(
+                [
+                    f"loader.batch_size = {cfg.loader.batch_size}: no training batch was drawn "
+                    f"({len(p.data.train)} training samples)"
+                ]
+            )
         lr = p.optimizer.param_groups[0]["lr"]
         metrics: dict[str, Any] = {
             "epoch": state.epoch,
@@ -457,11 +527,13 @@ class Trainer:
         metrics["val_loss"], metrics["val_accuracy"] = val if val is not None else (None, None)
         monitored = metrics["val_loss"] if metrics["val_loss"] is not None else metrics["train_loss"]
         p.schedule.after_epoch(monitored)
-        metrics.update({
-            "lr": lr,
-            "epoch_seconds": time.perf_counter() - started,
-            "samples_per_second": seen / train_seconds if train_seconds > 0 else None,
-        })
+        metrics.update(
+            {
+                "lr": lr,
+                "epoch_seconds": time.perf_counter() - started,
+                "samples_per_second": seen / train_seconds if train_seconds > 0 else None,
+            }
+        )
         return metrics
 
     def evaluate_loss(self) -> tuple[float, float | None] | None:

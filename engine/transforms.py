@@ -1,4 +1,5 @@
 """Image preprocessing and train augmentation, built from the weights' own recipe or the project's settings."""
+
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -27,8 +28,9 @@ def build_transforms(pre: Preprocess, augment: AugmentConfig, *, train: bool, ke
     return v2.Compose(fixed + per_item)
 
 
-def split_transforms(pre: Preprocess, augment: AugmentConfig, *, train: bool,
-                     keep_aspect: bool) -> tuple[Callable, Callable]:
+def split_transforms(
+    pre: Preprocess, augment: AugmentConfig, *, train: bool, keep_aspect: bool
+) -> tuple[Callable, Callable]:
     """The pipeline of build_transforms cut in two for the decoded-image cache: (fixed, per_item).
 
     fixed turns a decoded image into a CHW tensor of the same dtype (uint8 for files) and applies the
@@ -46,9 +48,16 @@ def split_transforms(pre: Preprocess, augment: AugmentConfig, *, train: bool,
 
 def augmentations_on(augment: AugmentConfig) -> list[str]:
     """The names of the training augmentations that are on (each one draws random numbers per image)."""
-    return [name for name, value in (("horizontal_flip", augment.horizontal_flip), ("rotation", augment.rotation),
-                                     ("random_resized_crop", augment.random_resized_crop),
-                                     ("color_jitter", augment.color_jitter)) if value]
+    return [
+        name
+        for name, value in (
+            ("horizontal_flip", augment.horizontal_flip),
+            ("rotation", augment.rotation),
+            ("random_resized_crop", augment.random_resized_crop),
+            ("color_jitter", augment.color_jitter),
+        )
+        if value
+    ]
 
 
 def has_random_steps(augment: AugmentConfig, *, train: bool) -> bool:
@@ -56,8 +65,9 @@ def has_random_steps(augment: AugmentConfig, *, train: bool) -> bool:
     return train and bool(augmentations_on(augment))
 
 
-def _steps(pre: Preprocess, augment: AugmentConfig, *, train: bool, keep_aspect: bool,
-           presize: bool) -> tuple[list[Callable], list[Callable]]:
+def _steps(
+    pre: Preprocess, augment: AugmentConfig, *, train: bool, keep_aspect: bool, presize: bool
+) -> tuple[list[Callable], list[Callable]]:
     """(deterministic steps, per-item steps) of one split's pipeline."""
     interpolation = InterpolationMode(pre.interpolation)
     fixed: list[Callable] = [v2.ToImage()]  # PIL -> uint8 tensor; a plain tensor is taken as the image as is
@@ -73,15 +83,15 @@ def _steps(pre: Preprocess, augment: AugmentConfig, *, train: bool, keep_aspect:
             fixed.append(v2.Resize(pre.resize_size, interpolation=interpolation, antialias=True))
         steps.append(v2.RandomResizedCrop(pre.crop_size, interpolation=interpolation, antialias=True))
     else:
-        fixed += [v2.Resize(pre.resize_size, interpolation=interpolation, antialias=True),
-                  v2.CenterCrop(pre.crop_size)]
+        fixed += [v2.Resize(pre.resize_size, interpolation=interpolation, antialias=True), v2.CenterCrop(pre.crop_size)]
     if train:
         if augment.horizontal_flip:
             steps.append(v2.RandomHorizontalFlip())
         if augment.rotation > 0:
             # Rotating a tensor supports only nearest and bilinear sampling.
-            rot = (InterpolationMode.NEAREST if interpolation == InterpolationMode.NEAREST
-                   else InterpolationMode.BILINEAR)
+            rot = (
+                InterpolationMode.NEAREST if interpolation == InterpolationMode.NEAREST else InterpolationMode.BILINEAR
+            )
             steps.append(v2.RandomRotation(augment.rotation, interpolation=rot))
         if augment.color_jitter > 0:
             c = augment.color_jitter

@@ -2,6 +2,7 @@
 
 Usage: python examples/compare_transfer.py [--epochs N]   (about ten minutes on two CPU cores)
 """
+
 from __future__ import annotations
 
 import argparse
@@ -49,9 +50,11 @@ def main() -> int:
         print(f"{label}: final val accuracy {rows[-1][1]:.3f}, {seconds:.0f} s", file=sys.stderr, flush=True)
     fastest = min(r[3] for r in rows)
     data = trainer.parts.data
-    print(f"{cfg.name}: {len(data.train)} train / {len(data.val) if data.val else 0} validation images, "
-          f"{cfg.model.backbone}, {cfg.train.epochs} epochs, "
-          f"{platform.machine()} CPU, torch threads {__import__('torch').get_num_threads()}:\n")
+    print(
+        f"{cfg.name}: {len(data.train)} train / {len(data.val) if data.val else 0} validation images, "
+        f"{cfg.model.backbone}, {cfg.train.epochs} epochs, "
+        f"{platform.machine()} CPU, torch threads {__import__('torch').get_num_threads()}:\n"
+    )
     print("| variant | final val accuracy | best val accuracy | time (x fastest) |")
     print("|---|---|---|---|")
     for label, final, best, seconds in rows:

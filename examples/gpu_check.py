@@ -8,6 +8,7 @@ digits and writes a JSON report:
 Samples/second are compared as ratios within this one process (fp32 with pinned memory is the baseline), since
 absolute figures depend on the machine and its load.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -33,8 +34,12 @@ from engine.trainer import Callback, Trainer  # noqa: E402 - after the sys.path 
 def project(out_dir: Path, *, precision: str, pin: bool | None, epochs: int, workers: int) -> dict:
     return {
         "name": f"gpu-{precision}",
-        "data": {"path": str(REPO / "resources" / "sample_data" / "digits"), "val_fraction": 0.2,
-                 "mean": [0.5], "std": [0.5]},
+        "data": {
+            "path": str(REPO / "resources" / "sample_data" / "digits"),
+            "val_fraction": 0.2,
+            "mean": [0.5],
+            "std": [0.5],
+        },
         "model": {"backbone": "timm/efficientnet_lite0"},
         "loader": {"batch_size": 128, "num_workers": workers, "pin_memory": pin},
         "optimizer": {"name": "adamw", "lr": 0.003},
@@ -84,9 +89,14 @@ def train_in_thread(cfg_dict: dict, base: Path, stop_after: int | None = None) -
     worker = threading.Thread(target=work, name="training-worker")
     worker.start()
     worker.join()
-    result.update(wall_seconds=time.perf_counter() - started, run_dir=str(run_dir), thread=watch.thread_name,
-                  batches=watch.batches, batches_after_stop=watch.after_stop,
-                  peak_memory_mb=torch.cuda.max_memory_allocated() / 2**20)
+    result.update(
+        wall_seconds=time.perf_counter() - started,
+        run_dir=str(run_dir),
+        thread=watch.thread_name,
+        batches=watch.batches,
+        batches_after_stop=watch.after_stop,
+        peak_memory_mb=torch.cuda.max_memory_allocated() / 2**20,
+    )
     torch.cuda.reset_peak_memory_stats()
     return result
 
@@ -108,25 +118,47 @@ def main() -> int:
         train_in_thread(project(base, precision="fp32", pin=True, epochs=1, workers=args.workers), base)
         for precision, pin in variants:
             name = f"{precision}{'' if pin else '-unpinned'}"
-            res = train_in_thread(project(base, precision=precision, pin=pin, epochs=args.epochs,
-                                          workers=args.workers), base)
+            res = train_in_thread(
+                project(base, precision=precision, pin=pin, epochs=args.epochs, workers=args.workers), base
+            )
             hist = res.get("history") or []
             res["samples_per_second_last_epoch"] = hist[-1]["samples_per_second"] if hist else None
             res["val_accuracy"] = hist[-1]["val_accuracy"] if hist else None
             res["val_loss"] = hist[-1]["val_loss"] if hist else None
             res.pop("history", None)
             report["runs"][name] = res
-            print(name, json.dumps({k: res.get(k) for k in ("status", "error", "val_accuracy",
-                                                           "samples_per_second_last_epoch", "wall_seconds",
-                                                           "peak_memory_mb", "thread")}), flush=True)
+            print(
+                name,
+                json.dumps(
+                    {
+                        k: res.get(k)
+                        for k in (
+                            "status",
+                            "error",
+                            "val_accuracy",
+                            "samples_per_second_last_epoch",
+                            "wall_seconds",
+                            "peak_memory_mb",
+                            "thread",
+                        )
+                    }
+                ),
+                flush=True,
+            )
         base_sps = report["runs"]["fp32"]["samples_per_second_last_epoch"]
         report["ratios_vs_fp32_pinned"] = {
-            k: (v["samples_per_second_last_epoch"] / base_sps if base_sps and v["samples_per_second_last_epoch"]
-                else None) for k, v in report["runs"].items()}
+            k: (
+                v["samples_per_second_last_epoch"] / base_sps
+                if base_sps and v["samples_per_second_last_epoch"]
+                else None
+            )
+            for k, v in report["runs"].items()
+        }
 
         # Stop takes effect within one batch on the GPU too.
-        stopped = train_in_thread(project(base, precision="bf16", pin=True, epochs=5, workers=args.workers), base,
-                                  stop_after=5)
+        stopped = train_in_thread(
+            project(base, precision="bf16", pin=True, epochs=5, workers=args.workers), base, stop_after=5
+        )
         report["stop"] = {k: stopped.get(k) for k in ("status", "batches", "batches_after_stop", "error")}
         print("stop", report["stop"], flush=True)
 
@@ -136,8 +168,11 @@ def main() -> int:
             ckpt = load_checkpoint(final)
             on_cpu = all(t.device.type == "cpu" for t in ckpt["model_state_dict"].values())
             ev = evaluate_checkpoint(str(final), device="cpu")
-            report["cpu_reload"] = {"tensors_on_cpu": on_cpu, "cpu_accuracy": ev.accuracy,
-                                    "gpu_val_accuracy": report["runs"]["bf16"]["val_accuracy"]}
+            report["cpu_reload"] = {
+                "tensors_on_cpu": on_cpu,
+                "cpu_accuracy": ev.accuracy,
+                "gpu_val_accuracy": report["runs"]["bf16"]["val_accuracy"],
+            }
         except Exception as exc:  # noqa: BLE001 - reported in the JSON
             report["cpu_reload"] = {"error": f"{type(exc).__name__}: {exc}"}
         print("cpu_reload", report["cpu_reload"], flush=True)

@@ -1,4 +1,5 @@
 """Regenerates resources/sample_data/digits from scikit-learn's copy of the UCI handwritten digits (CC BY 4.0)."""
+
 from __future__ import annotations
 
 import shutil

@@ -1,4 +1,5 @@
 """Shared fixtures: small real datasets written to disk, and project files that train on them in seconds."""
+
 from __future__ import annotations
 
 import json
@@ -94,8 +95,14 @@ def train_head_only_run(root: Path) -> Path:
     from engine.trainer import Trainer
 
     write_image_folder(root / "images", per_class=8)
-    cfg = load_project(write_project(root / "project.json", "images", model={"freeze": "head_only"},
-                                     train={"epochs": 1, "device": "cpu", "seed": 0}))
+    cfg = load_project(
+        write_project(
+            root / "project.json",
+            "images",
+            model={"freeze": "head_only"},
+            train={"epochs": 1, "device": "cpu", "seed": 0},
+        )
+    )
     run_dir = root / "run"
     run_dir.mkdir()
     Trainer(cfg, [RunRecorder(run_dir)]).run()

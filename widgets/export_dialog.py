@@ -1,4 +1,5 @@
 """The export dialog: write a checkpoint's model in a deployable format, verified against PyTorch off the GUI thread."""
+
 from __future__ import annotations
 
 import json
@@ -80,15 +81,17 @@ def file_suffix(fmt: str) -> str:
 
 
 def _strip_known_suffix(name: str) -> str | None:
-    for suffix in sorted({file_suffix(f) for f in FORMATS} | {default_suffix(f) for f in FORMATS}, key=len,
-                         reverse=True):
+    for suffix in sorted(
+        {file_suffix(f) for f in FORMATS} | {default_suffix(f) for f in FORMATS}, key=len, reverse=True
+    ):
         if name.endswith(suffix) and len(name) > len(suffix):
-            return name[:-len(suffix)]
+            return name[: -len(suffix)]
     return None
 
 
-def _export_job(checkpoint: str, fmt: str, out: str, force: bool, tolerance: float, *,
-                progress: Callable[[Any], None], cancel) -> dict:
+def _export_job(
+    checkpoint: str, fmt: str, out: str, force: bool, tolerance: float, *, progress: Callable[[Any], None], cancel
+) -> dict:
     from engine.export import export_checkpoint
 
     # Each engine log line goes to the dialog's status line (the task emits every one: min_interval=0).
@@ -129,8 +132,9 @@ class ExportDialog(QDialog):
         self.format_combo.setObjectName("export.format")
         for fmt in FORMATS:
             self.format_combo.addItem(FORMAT_LABELS.get(fmt, fmt), fmt)
-            self.format_combo.setItemData(self.format_combo.count() - 1, FORMAT_HELP.get(fmt, ""),
-                                          Qt.ItemDataRole.ToolTipRole)
+            self.format_combo.setItemData(
+                self.format_combo.count() - 1, FORMAT_HELP.get(fmt, ""), Qt.ItemDataRole.ToolTipRole
+            )
         self.format_help = QLabel()
         self.format_help.setObjectName("export.format_help")
         self.format_help.setWordWrap(True)
@@ -138,8 +142,10 @@ class ExportDialog(QDialog):
 
         self.path_edit = QLineEdit()
         self.path_edit.setObjectName("export.path")
-        self.path_edit.setToolTip("The file to write; a missing folder is created. Relative paths are taken "
-                                  f"from the run folder {self.run_dir}.")
+        self.path_edit.setToolTip(
+            "The file to write; a missing folder is created. Relative paths are taken "
+            f"from the run folder {self.run_dir}."
+        )
         # Wide enough for a typical run folder's path, still well inside a 1280-pixel screen.
         self.path_edit.setMinimumWidth(self.fontMetrics().averageCharWidth() * 64)
         self.browse_button = QPushButton("Browse...")
@@ -156,9 +162,11 @@ class ExportDialog(QDialog):
         self.advanced_button.toggled.connect(self._on_advanced_changed)
         self.tolerance_edit = QLineEdit(format_float(1e-3))
         self.tolerance_edit.setObjectName("export.tolerance")
-        self.tolerance_edit.setToolTip("Largest allowed absolute difference between the exported file's logits and "
-                                       "the PyTorch model's on a validation batch (scaled by the largest logit when "
-                                       "that is above 1). Typed as a number such as 1e-3.")
+        self.tolerance_edit.setToolTip(
+            "Largest allowed absolute difference between the exported file's logits and "
+            "the PyTorch model's on a validation batch (scaled by the largest logit when "
+            "that is above 1). Typed as a number such as 1e-3."
+        )
         self.advanced = QWidget()
         adv_form = QFormLayout(self.advanced)
         adv_form.setContentsMargins(0, 0, 0, 0)
@@ -183,9 +191,15 @@ class ExportDialog(QDialog):
         self.result_box.setObjectName("export.result")
         self.result_labels: dict[str, QLabel] = {}
         self.result_form = result_form = QFormLayout(self.result_box)
-        for key, title in (("status", "Result:"), ("file", "File:"), ("runtime", "Verified with:"),
-                           ("inputs", "Checked on:"), ("difference", "Max abs difference:"),
-                           ("tolerance", "Tolerance:"), ("sidecar", "Details (JSON):")):
+        for key, title in (
+            ("status", "Result:"),
+            ("file", "File:"),
+            ("runtime", "Verified with:"),
+            ("inputs", "Checked on:"),
+            ("difference", "Max abs difference:"),
+            ("tolerance", "Tolerance:"),
+            ("sidecar", "Details (JSON):"),
+        ):
             label = QLabel()
             label.setObjectName(f"export.result_{key}")
             label.setWordWrap(True)
@@ -238,7 +252,6 @@ class ExportDialog(QDialog):
         self.path_edit.setText(str(self.default_dir / (Path(self.checkpoint).stem + file_suffix(self._format))))
         self.format_help.setText(FORMAT_HELP.get(self._format, ""))
         self.format_combo.currentIndexChanged.connect(self._on_format_changed)
-
 
     # --- public API
 
@@ -306,17 +319,30 @@ class ExportDialog(QDialog):
         self.status.setText(f"Exporting as {FORMAT_LABELS.get(fmt, fmt)}")
         self.logged.emit(f"Exporting {self.checkpoint} as {fmt} to {out}")
         self._task = run_task(
-            "export", _export_job, self.checkpoint, fmt, str(out), force, tolerance, progress=True, min_interval=0.0,
+            "export",
+            _export_job,
+            self.checkpoint,
+            fmt,
+            str(out),
+            force,
+            tolerance,
+            progress=True,
+            min_interval=0.0,
             on_result=partial(self._on_export_finished, request),
             on_error=partial(self._on_export_failed, request, fmt),
-            on_progress=partial(self._on_export_progressed, request))
+            on_progress=partial(self._on_export_progressed, request),
+        )
         return True
 
     def _confirm_overwrite(self, path: Path) -> bool:
         """Ask before replacing an earlier export (tests replace this one method)."""
         answer = QMessageBox.question(
-            self, "Overwrite?", f"{path} already exists.\n\nReplace it (and its .json details) with this export?",
-            QMessageBox.StandardButton.Yes | QMessageBox.StandardButton.No, QMessageBox.StandardButton.No)
+            self,
+            "Overwrite?",
+            f"{path} already exists.\n\nReplace it (and its .json details) with this export?",
+            QMessageBox.StandardButton.Yes | QMessageBox.StandardButton.No,
+            QMessageBox.StandardButton.No,
+        )
         return answer == QMessageBox.StandardButton.Yes
 
     # --- slots
@@ -341,8 +367,12 @@ class ExportDialog(QDialog):
         fmt = self.fmt()
         start = self.output_path() or self.default_dir / (Path(self.checkpoint).stem + file_suffix(fmt))
         path, _ = QFileDialog.getSaveFileName(
-            self, "Export to", str(start), f"{FORMAT_LABELS.get(fmt, fmt)} (*{default_suffix(fmt)});;All files (*)",
-            options=QFileDialog.Option.DontConfirmOverwrite)  # the dialog asks itself, with what gets replaced
+            self,
+            "Export to",
+            str(start),
+            f"{FORMAT_LABELS.get(fmt, fmt)} (*{default_suffix(fmt)});;All files (*)",
+            options=QFileDialog.Option.DontConfirmOverwrite,
+        )  # the dialog asks itself, with what gets replaced
         if path:
             self.path_edit.setText(path)
 
@@ -363,17 +393,33 @@ class ExportDialog(QDialog):
         result: ExportResult = value["result"]
         self.last_result = result
         self.last_runtime = value["runtime"]
-        self.status.setText(f"Exported {FORMAT_LABELS.get(result.format, result.format)}; choose another format "
-                            "to export again, or close.")
-        self._show_result(ok=True, status="OK: the file matches PyTorch within the tolerance",
-                          file=str(result.path), runtime=self.last_runtime, inputs=result.inputs,
-                          difference=f"{result.max_abs_diff:.3g}", tolerance=format_float(result.tolerance),
-                          sidecar=str(result.sidecar))
-        info = {"format": result.format, "path": str(result.path), "sidecar": str(result.sidecar),
-                "max_abs_diff": result.max_abs_diff, "tolerance": result.tolerance, "inputs": result.inputs,
-                "runtime": self.last_runtime}
-        self.logged.emit(f"Exported {result.format} to {result.path}: max abs difference {result.max_abs_diff:.3g} "
-                         f"(tolerance {result.tolerance:g}), verified with {self.last_runtime}")
+        self.status.setText(
+            f"Exported {FORMAT_LABELS.get(result.format, result.format)}; choose another format "
+            "to export again, or close."
+        )
+        self._show_result(
+            ok=True,
+            status="OK: the file matches PyTorch within the tolerance",
+            file=str(result.path),
+            runtime=self.last_runtime,
+            inputs=result.inputs,
+            difference=f"{result.max_abs_diff:.3g}",
+            tolerance=format_float(result.tolerance),
+            sidecar=str(result.sidecar),
+        )
+        info = {
+            "format": result.format,
+            "path": str(result.path),
+            "sidecar": str(result.sidecar),
+            "max_abs_diff": result.max_abs_diff,
+            "tolerance": result.tolerance,
+            "inputs": result.inputs,
+            "runtime": self.last_runtime,
+        }
+        self.logged.emit(
+            f"Exported {result.format} to {result.path}: max abs difference {result.max_abs_diff:.3g} "
+            f"(tolerance {result.tolerance:g}), verified with {self.last_runtime}"
+        )
         self.exported.emit(info)
 
     def _on_export_failed(self, request: int, fmt: str, exc: BaseException, tb: str) -> None:
@@ -388,8 +434,9 @@ class ExportDialog(QDialog):
         text = str(exc) if known and str(exc) else f"{type(exc).__name__}: {exc}"
         self.status.setText("")
         self._show_message(f"Export failed: {text}")
-        self._show_result(ok=False, status=f"Failed: no {FORMAT_LABELS.get(fmt, fmt)} file was written; "
-                                           "the reason is shown above")
+        self._show_result(
+            ok=False, status=f"Failed: no {FORMAT_LABELS.get(fmt, fmt)} file was written; the reason is shown above"
+        )
         self.logged.emit(f"Export failed: {text}" + ("" if known else f"\n{tb}"))
 
     def reject(self) -> None:

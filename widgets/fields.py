@@ -1,4 +1,5 @@
 """Two-way bindings between input widgets and project fields; a refused value is marked at the field with its reason."""
+
 from __future__ import annotations
 
 import math
@@ -119,7 +120,6 @@ def parse_int(text: str) -> int:
         raise ValueError(f"{cleaned!r} is not a whole number") from None
 
 
-
 class FieldBinding(QObject):
     """Keeps one widget and one project field in step.
 
@@ -128,9 +128,18 @@ class FieldBinding(QObject):
     the widget's signals blocked, so they never echo back.
     """
 
-    def __init__(self, state: ProjectState, path: str, widget: QWidget, *,
-                 read: Callable[[], Any], write: Callable[[Any], None], signal,
-                 message: QLabel | None = None, also: Callable[[Any], dict[str, Any]] | None = None):
+    def __init__(
+        self,
+        state: ProjectState,
+        path: str,
+        widget: QWidget,
+        *,
+        read: Callable[[], Any],
+        write: Callable[[Any], None],
+        signal,
+        message: QLabel | None = None,
+        also: Callable[[Any], dict[str, Any]] | None = None,
+    ):
         super().__init__(widget)
         self.state, self.path, self.widget = state, path, widget
         self._read, self._write, self._message, self._also = read, write, message, also
@@ -169,18 +178,21 @@ class FieldBinding(QObject):
 
 
 def bind_spin(state: ProjectState, path: str, box: QSpinBox, **kw) -> FieldBinding:
-    return FieldBinding(state, path, box, read=box.value, write=lambda v: box.setValue(int(v)),
-                        signal=box.valueChanged, **kw)
+    return FieldBinding(
+        state, path, box, read=box.value, write=lambda v: box.setValue(int(v)), signal=box.valueChanged, **kw
+    )
 
 
 def bind_double(state: ProjectState, path: str, box: QDoubleSpinBox, **kw) -> FieldBinding:
-    return FieldBinding(state, path, box, read=box.value, write=lambda v: box.setValue(float(v)),
-                        signal=box.valueChanged, **kw)
+    return FieldBinding(
+        state, path, box, read=box.value, write=lambda v: box.setValue(float(v)), signal=box.valueChanged, **kw
+    )
 
 
 def bind_check(state: ProjectState, path: str, box: QCheckBox, **kw) -> FieldBinding:
-    return FieldBinding(state, path, box, read=box.isChecked, write=lambda v: box.setChecked(bool(v)),
-                        signal=box.toggled, **kw)
+    return FieldBinding(
+        state, path, box, read=box.isChecked, write=lambda v: box.setChecked(bool(v)), signal=box.toggled, **kw
+    )
 
 
 def bind_combo(state: ProjectState, path: str, combo: QComboBox, **kw) -> FieldBinding:
@@ -193,21 +205,35 @@ def bind_combo(state: ProjectState, path: str, combo: QComboBox, **kw) -> FieldB
             index = combo.count() - 1
         combo.setCurrentIndex(index)
 
-    return FieldBinding(state, path, combo, read=combo.currentData, write=write,
-                        signal=combo.currentIndexChanged, **kw)
+    return FieldBinding(state, path, combo, read=combo.currentData, write=write, signal=combo.currentIndexChanged, **kw)
 
 
-def bind_text(state: ProjectState, path: str, edit: QLineEdit, *, parse: Callable[[str], Any] = str,
-              show: Callable[[Any], str] = lambda v: "" if v is None else str(v), **kw) -> FieldBinding:
+def bind_text(
+    state: ProjectState,
+    path: str,
+    edit: QLineEdit,
+    *,
+    parse: Callable[[str], Any] = str,
+    show: Callable[[Any], str] = lambda v: "" if v is None else str(v),
+    **kw,
+) -> FieldBinding:
     """A line edit committed on Enter or focus-out; parse raises ValueError for text that is not a value."""
-    return FieldBinding(state, path, edit, read=lambda: parse(edit.text()), write=lambda v: edit.setText(show(v)),
-                        signal=edit.editingFinished, **kw)
+    return FieldBinding(
+        state,
+        path,
+        edit,
+        read=lambda: parse(edit.text()),
+        write=lambda v: edit.setText(show(v)),
+        signal=edit.editingFinished,
+        **kw,
+    )
 
 
 def bind_float_text(state: ProjectState, path: str, edit: QLineEdit, *, optional: bool = False, **kw) -> FieldBinding:
     """Learning rates and other numbers spanning many decades: typed as text (1e-4), not spun."""
-    return bind_text(state, path, edit, parse=parse_optional_float if optional else parse_float,
-                     show=format_float, **kw)
+    return bind_text(
+        state, path, edit, parse=parse_optional_float if optional else parse_float, show=format_float, **kw
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -266,12 +292,20 @@ def bind_optional_spin(state: ProjectState, path: str, box: QSpinBox | QDoubleSp
         else:
             box.setValue(low if v is None else float(v))
 
-    return FieldBinding(state, path, box, read=lambda: None if box.value() <= low else box.value(),
-                        write=write, signal=box.valueChanged, **kw)
+    return FieldBinding(
+        state,
+        path,
+        box,
+        read=lambda: None if box.value() <= low else box.value(),
+        write=write,
+        signal=box.valueChanged,
+        **kw,
+    )
 
 
-def bind_list_mode(state: ProjectState, path: str, combo: QComboBox, *, edit: QLineEdit, missing: str,
-                   **kw) -> FieldBinding:
+def bind_list_mode(
+    state: ProjectState, path: str, combo: QComboBox, *, edit: QLineEdit, missing: str, **kw
+) -> FieldBinding:
     """The chooser of a field that is None, 'balanced' or a list; 'from list' takes the list from its box."""
     modes = [combo.itemData(i) for i in range(combo.count())]
 
@@ -296,5 +330,6 @@ def bind_list_edit(state: ProjectState, path: str, edit: QLineEdit, **kw) -> Fie
         if isinstance(value, list):
             edit.setText(format_numbers(value))
 
-    return FieldBinding(state, path, edit, read=lambda: parse_numbers(edit.text()), write=write,
-                        signal=edit.editingFinished, **kw)
+    return FieldBinding(
+        state, path, edit, read=lambda: parse_numbers(edit.text()), write=write, signal=edit.editingFinished, **kw
+    )

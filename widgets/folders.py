@@ -1,4 +1,5 @@
 """Where file dialogs start: the folder the user most likely wants, and the last one used for each kind of file."""
+
 from __future__ import annotations
 
 import os

@@ -17,6 +17,7 @@ The winner is checked with apply_freeze on the built model before it is written;
 Prefixes match by dotted name, as apply_freeze does, so a parameter shared by two modules belongs to the
 first module that registered it.
 """
+
 from __future__ import annotations
 
 import copy
@@ -61,9 +62,9 @@ OBJECT_NAMES = {
     "layers.freeze_up_to_here": "tree context menu: freeze every module up to and including this one",
     "layers.depth": "how many levels of the module tree are shown expanded",
     "layers.train_frozen_batchnorm": "whether frozen BatchNorm layers still update their running statistics "
-                                     "(model.train_frozen_batchnorm)",
+    "(model.train_frozen_batchnorm)",
     "layers.tree": "the model's modules with type, output shape, parameters and trainable parameters; "
-                   "a ticked module is frozen",
+    "a ticked module is frozen",
     "layers.totals": "total, trainable and frozen parameter counts",
     "layers.status": "what was built (backbone, input size, outputs) or what is being built",
     "layers.error": "why the freezing settings or the model cannot be applied",
@@ -109,9 +110,15 @@ def build_layers(backbone: str, image_size: int, num_outputs: int) -> dict[str, 
         if rows is None or cpu_rows[0].output_shape is not None:
             built, rows, device = cpu_built, cpu_rows, "cpu"
     assert built is not None and rows is not None  # the CPU build fills in whatever the meta one left out
-    return {"model": built.model, "head_name": built.head_name, "device": device,
-            "rows": [dataclasses.asdict(r) for r in rows],
-            "backbone": backbone, "image_size": image_size, "num_outputs": num_outputs}
+    return {
+        "model": built.model,
+        "head_name": built.head_name,
+        "device": device,
+        "rows": [dataclasses.asdict(r) for r in rows],
+        "backbone": backbone,
+        "image_size": image_size,
+        "num_outputs": num_outputs,
+    }
 
 
 def build_project_layers(model_cfg: ModelConfig, data_cfg: DataConfig, num_outputs: int) -> dict[str, Any]:
@@ -185,34 +192,51 @@ def _apply(model: nn.Module, model_cfg: ModelConfig, head_name: str, index: Para
     return index.frozen()
 
 
-def freeze_fields(model: nn.Module, head_name: str, current: ModelConfig, frozen: set[int],
-                  index: ParamIndex) -> dict[str, Any]:
+def freeze_fields(
+    model: nn.Module, head_name: str, current: ModelConfig, frozen: set[int], index: ParamIndex
+) -> dict[str, Any]:
     """model.* fields that make apply_freeze freeze exactly `frozen` (parameter positions); see the module doc."""
     everything = set(range(len(index.names)))
     trainable = everything - frozen
-    plain: dict[str, Any] = {"model.freeze": "none", "model.freeze_up_to": None,
-             "model.freeze_prefixes": index.cover(frozen, frozen), "model.unfreeze_prefixes": []}
+    plain: dict[str, Any] = {
+        "model.freeze": "none",
+        "model.freeze_up_to": None,
+        "model.freeze_prefixes": index.cover(frozen, frozen),
+        "model.unfreeze_prefixes": [],
+    }
     candidates = [plain]
     if current.freeze != "none":
         preset_cfg = current.model_copy(update={"freeze_prefixes": [], "unfreeze_prefixes": []})
         preset = _apply(model, preset_cfg, head_name, index)
         if preset is not None:
-            kept: dict[str, Any] = {"model.freeze": current.freeze, "model.freeze_up_to": current.freeze_up_to,
-                    "model.freeze_prefixes": index.cover(frozen - preset, frozen),
-                    "model.unfreeze_prefixes": index.cover(preset - frozen, trainable)}
+            kept: dict[str, Any] = {
+                "model.freeze": current.freeze,
+                "model.freeze_up_to": current.freeze_up_to,
+                "model.freeze_prefixes": index.cover(frozen - preset, frozen),
+                "model.unfreeze_prefixes": index.cover(preset - frozen, trainable),
+            }
 
             def size(fields: dict) -> int:
                 return len(fields["model.freeze_prefixes"]) + len(fields["model.unfreeze_prefixes"])
 
             candidates = [kept, plain] if size(kept) <= size(plain) else [plain, kept]
     for fields in candidates:
-        trial = current.model_copy(update={"freeze": fields["model.freeze"], "freeze_up_to": fields["model.freeze_up_to"],
-                                           "freeze_prefixes": list(fields["model.freeze_prefixes"]),
-                                           "unfreeze_prefixes": list(fields["model.unfreeze_prefixes"])})
+        trial = current.model_copy(
+            update={
+                "freeze": fields["model.freeze"],
+                "freeze_up_to": fields["model.freeze_up_to"],
+                "freeze_prefixes": list(fields["model.freeze_prefixes"]),
+                "unfreeze_prefixes": list(fields["model.unfreeze_prefixes"]),
+            }
+        )
         if _apply(model, trial, head_name, index) == frozen:
             return fields
-    return {"model.freeze": "none", "model.freeze_up_to": None,
-            "model.freeze_prefixes": [index.names[i] for i in sorted(frozen)], "model.unfreeze_prefixes": []}
+    return {
+        "model.freeze": "none",
+        "model.freeze_up_to": None,
+        "model.freeze_prefixes": [index.names[i] for i in sorted(frozen)],
+        "model.unfreeze_prefixes": [],
+    }
 
 
 # ---------------------------------------------------------------------------------------------
@@ -289,13 +313,15 @@ class LayersPanel(QWidget):
         self.head_only.setToolTip("Only the new classifier head trains (model.freeze = head_only)")
         self.up_to = QComboBox()
         self.up_to.setObjectName("layers.up_to")
-        self.up_to.setToolTip("The module that 'Freeze up to' freezes through; for a deeper one, right-click "
-                              "it in the tree")
+        self.up_to.setToolTip(
+            "The module that 'Freeze up to' freezes through; for a deeper one, right-click it in the tree"
+        )
         self.up_to.setSizeAdjustPolicy(QComboBox.SizeAdjustPolicy.AdjustToContents)
         self.freeze_up_to_button = QPushButton("Freeze up to")
         self.freeze_up_to_button.setObjectName("layers.freeze_up_to")
-        self.freeze_up_to_button.setToolTip("Freeze every module before the chosen one and the module itself "
-                                            "(model.freeze = up_to)")
+        self.freeze_up_to_button.setToolTip(
+            "Freeze every module before the chosen one and the module itself (model.freeze = up_to)"
+        )
         self.depth_box = QSpinBox()
         self.depth_box.setObjectName("layers.depth")
         self.depth_box.setRange(1, 32)
@@ -303,8 +329,10 @@ class LayersPanel(QWidget):
         self.depth_box.setToolTip("How many levels of the tree are shown expanded")
         self.train_bn = QCheckBox("Update BatchNorm statistics of frozen layers")
         self.train_bn.setObjectName("layers.train_frozen_batchnorm")
-        self.train_bn.setToolTip("Off: frozen BatchNorm layers stay in eval mode, so their running statistics "
-                                 "do not move either (model.train_frozen_batchnorm)")
+        self.train_bn.setToolTip(
+            "Off: frozen BatchNorm layers stay in eval mode, so their running statistics "
+            "do not move either (model.train_frozen_batchnorm)"
+        )
         bind_check(state, "model.train_frozen_batchnorm", self.train_bn)
 
         self.tree = QTreeWidget()
@@ -442,10 +470,15 @@ class LayersPanel(QWidget):
         self.status.setText(f"Building {backbone} with {outputs} outputs…")
         self.tree.setEnabled(False)
         self._set_model_controls(False)
-        task = run_task("build layer tree", build_project_layers, copy.deepcopy(cfg.model), copy.deepcopy(cfg.data),
-                        outputs,
-                        on_result=lambda result: self._on_built(build_id, result),
-                        on_error=lambda exc, tb: self._on_build_failed(build_id, exc))
+        task = run_task(
+            "build layer tree",
+            build_project_layers,
+            copy.deepcopy(cfg.model),
+            copy.deepcopy(cfg.data),
+            outputs,
+            on_result=lambda result: self._on_built(build_id, result),
+            on_error=lambda exc, tb: self._on_build_failed(build_id, exc),
+        )
         self._tasks = [t for t in self._tasks if t.is_running()] + [task]
 
     def _on_build_failed(self, build_id: int, exc: BaseException) -> None:
@@ -476,7 +509,8 @@ class LayersPanel(QWidget):
         size = result["image_size"]
         self.status.setText(
             f"{result['backbone']} for {result['num_outputs']} outputs, head {self.head_name}; output shapes of one "
-            f"{size}×{size} px image" + ("" if shapes else " are unknown: the model does not run at this size"))
+            f"{size}×{size} px image" + ("" if shapes else " are unknown: the model does not run at this size")
+        )
         self._fill_tree(rows)
         self._fill_up_to(rows)
         self.tree.setEnabled(True)
@@ -489,8 +523,13 @@ class LayersPanel(QWidget):
         self.items = {}
         for row in rows:
             name = row["name"]
-            texts = [name.rpartition(".")[2] if name else self._built_key[0], row["type"],
-                     _shape_text(row["output_shape"]), f"{row['params']:,}", f"{row['params']:,}"]
+            texts = [
+                name.rpartition(".")[2] if name else self._built_key[0],
+                row["type"],
+                _shape_text(row["output_shape"]),
+                f"{row['params']:,}",
+                f"{row['params']:,}",
+            ]
             parent = self.tree if not name else self.items.get(name.rpartition(".")[0], self.items[""])
             self.items[name] = ModuleItem(parent, self, name, texts, bool(self.index.of.get(name)))
         self._on_depth_changed(self.depth_box.value())
@@ -525,8 +564,10 @@ class LayersPanel(QWidget):
             cleaned = self._without_unknown(cfg)
             apply_freeze(self.model, cleaned, self.head_name)
             problems = "; ".join(map(str, exc.problems))
-            self._show_error(f"{problems}. The tree shows the freezing without it; tick modules or choose a "
-                             "preset to rewrite the freezing settings.")
+            self._show_error(
+                f"{problems}. The tree shows the freezing without it; tick modules or choose a "
+                "preset to rewrite the freezing settings."
+            )
         return self.index.frozen()
 
     def _without_unknown(self, cfg: ModelConfig) -> ModelConfig:
@@ -558,8 +599,13 @@ class LayersPanel(QWidget):
             n_frozen = sum(1 for i in held if i in frozen)
             item.texts[TRAINABLE] = f"{sum(index.numel[i] for i in held if i not in frozen):,}"
             if held:
-                item.check = (Qt.CheckState.Unchecked if n_frozen == 0 else
-                              Qt.CheckState.Checked if n_frozen == len(held) else Qt.CheckState.PartiallyChecked)
+                item.check = (
+                    Qt.CheckState.Unchecked
+                    if n_frozen == 0
+                    else Qt.CheckState.Checked
+                    if n_frozen == len(held)
+                    else Qt.CheckState.PartiallyChecked
+                )
                 item.looks_frozen = item.check == Qt.CheckState.Checked
             else:  # no parameters: it looks like the module around it
                 parent = self.items.get(name.rpartition(".")[0]) if name else None
@@ -587,8 +633,10 @@ class LayersPanel(QWidget):
 
     def _update_note(self) -> None:
         if self.state.config.optimizer.backbone_lr_mult == 0:
-            self.note.setText(f"optimizer.backbone_lr_mult is 0: training freezes everything but the head "
-                              f"({self.head_name or 'the classifier'}), whatever is ticked here.")
+            self.note.setText(
+                f"optimizer.backbone_lr_mult is 0: training freezes everything but the head "
+                f"({self.head_name or 'the classifier'}), whatever is ticked here."
+            )
             self.note.show()
         else:
             self.note.hide()
@@ -621,8 +669,11 @@ class LayersPanel(QWidget):
             self.freeze_up_to(module)
 
     def _preset(self, freeze: str, up_to: str | None = None) -> None:
-        reason = self.state.try_set("model.freeze", freeze, also={
-            "model.freeze_up_to": up_to, "model.freeze_prefixes": [], "model.unfreeze_prefixes": []})
+        reason = self.state.try_set(
+            "model.freeze",
+            freeze,
+            also={"model.freeze_up_to": up_to, "model.freeze_prefixes": [], "model.unfreeze_prefixes": []},
+        )
         if reason:
             self._show_error(reason)
 

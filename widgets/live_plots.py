@@ -1,4 +1,5 @@
 """Live training curves: batch loss, epoch losses, accuracies and learning rate, in one exportable pyqtgraph layout."""
+
 from __future__ import annotations
 
 import math
@@ -16,7 +17,7 @@ from PySide6.QtWidgets import QVBoxLayout, QWidget
 
 OBJECT_NAMES: dict[str, str] = {
     "plots.layout": "the four training plots (batch loss, epoch loss, accuracy, learning rate); drag to pan, "
-                    "wheel to zoom, right-click for View All",
+    "wheel to zoom, right-click for View All",
 }
 
 
@@ -60,8 +61,8 @@ class _Series:
             # Fresh arrays: the plot may still hold a view of the old ones until its next setData.
             self.x = np.concatenate([self.x[: self.n], np.empty(capacity - self.n)])
             self.y = np.concatenate([self.y[: self.n], np.empty(capacity - self.n)])
-        self.x[self.n:need] = xs
-        self.y[self.n:need] = ys
+        self.x[self.n : need] = xs
+        self.y[self.n : need] = ys
         self.n = need
         finite = ys[np.isfinite(ys)]
         if len(finite):
@@ -85,19 +86,21 @@ class _Series:
             self._bucket, self._done, self._en = bucket, 0, 0
         full = self.n // bucket * bucket
         if full > self._done:
-            ex, ey = _envelope(self.x[self._done:full], self.y[self._done:full], bucket)
+            ex, ey = _envelope(self.x[self._done : full], self.y[self._done : full], bucket)
             self.summarised += full - self._done
             need = self._en + len(ex)
             if need > len(self._ex):
                 self._ex = np.concatenate([self._ex[: self._en], np.empty(max(need, 2 * len(self._ex)) - self._en)])
                 self._ey = np.concatenate([self._ey[: self._en], np.empty(len(self._ex) - self._en)])
-            self._ex[self._en:need], self._ey[self._en:need] = ex, ey
+            self._ex[self._en : need], self._ey[self._en : need] = ex, ey
             self._en, self._done = need, full
         # The first and last points are always drawn, so the x range is the run's whole span.
         head = slice(0, 0) if self._ex[0] == self.x[0] else slice(0, 1)
         tail = self._done if self._done < self.n else self.n - (self._ex[self._en - 1] != self.x[self.n - 1])
-        return (np.concatenate([self.x[head], self._ex[: self._en], self.x[tail:self.n]]),
-                np.concatenate([self.y[head], self._ey[: self._en], self.y[tail:self.n]]))
+        return (
+            np.concatenate([self.x[head], self._ex[: self._en], self.x[tail : self.n]]),
+            np.concatenate([self.y[head], self._ey[: self._en], self.y[tail : self.n]]),
+        )
 
 
 def _envelope(x: np.ndarray, y: np.ndarray, bucket: int) -> tuple[np.ndarray, np.ndarray]:
@@ -122,8 +125,11 @@ class _IntegerAxis(pg.AxisItem):
     """An epoch axis: ticks only at whole numbers (there is no epoch 1.5)."""
 
     def tickValues(self, minVal, maxVal, size):  # noqa: N802, N803 - pyqtgraph override
-        levels = [(spacing, [v for v in values if float(v).is_integer()])
-                  for spacing, values in super().tickValues(minVal, maxVal, size) if spacing >= 1]
+        levels = [
+            (spacing, [v for v in values if float(v).is_integer()])
+            for spacing, values in super().tickValues(minVal, maxVal, size)
+            if spacing >= 1
+        ]
         if not any(values for _, values in levels):
             levels = [(1.0, [float(v) for v in range(math.ceil(minVal), math.floor(maxVal) + 1)])]
         return levels
@@ -197,9 +203,13 @@ class LivePlots(QWidget):
             pen = pg.mkPen(color, width=width)
             epoch_curve = self.PLOTS[plot_name][1] == "epoch"
             item = pg.PlotDataItem(
-                name=label, pen=pen,
+                name=label,
+                pen=pen,
                 # Few epoch points: markers show each one; step curves can hold many thousands of points.
-                symbol="o" if epoch_curve else None, symbolSize=6, symbolPen=pen, symbolBrush=color,
+                symbol="o" if epoch_curve else None,
+                symbolSize=6,
+                symbolPen=pen,
+                symbolBrush=color,
             )
             self.plots[plot_name].addItem(item)
             # After addItem: the plot hands its own (menu) settings to each item it adds.
@@ -216,8 +226,12 @@ class LivePlots(QWidget):
         self._apply_palette()
 
     # -- data ------------------------------------------------------------------------------------
-    def add_batches(self, steps: Sequence[int] | np.ndarray, losses: Sequence[float] | np.ndarray,
-                    lrs: Sequence[float] | float | None = None) -> None:
+    def add_batches(
+        self,
+        steps: Sequence[int] | np.ndarray,
+        losses: Sequence[float] | np.ndarray,
+        lrs: Sequence[float] | float | None = None,
+    ) -> None:
         """Append batch losses at global steps; lrs is one value per step, or one value for the last step."""
         if len(steps) == 0:
             return
@@ -292,8 +306,7 @@ class LivePlots(QWidget):
         return x.copy(), y.copy()
 
     def _add_epochs(self, rows: list[dict[str, Any]]) -> None:
-        for name, scale in (("train_loss", 1.0), ("val_loss", 1.0),
-                            ("train_accuracy", 100.0), ("val_accuracy", 100.0)):
+        for name, scale in (("train_loss", 1.0), ("val_loss", 1.0), ("train_accuracy", 100.0), ("val_accuracy", 100.0)):
             pts = [(r["epoch"], r[name] * scale) for r in rows if _finite(r.get(name)) and _finite(r.get("epoch"))]
             if pts:
                 arr = np.asarray(pts, dtype=np.float64)

@@ -1,4 +1,5 @@
 """The log dock's tabs: the app's log, and during and after a multi-process run one log per process (rank)."""
+
 from __future__ import annotations
 
 from PySide6.QtCore import Slot
@@ -6,9 +7,9 @@ from PySide6.QtWidgets import QPlainTextEdit, QTabWidget, QWidget
 
 OBJECT_NAMES = {
     "log.tabs": "the log's tabs: the app's log, and one per process of a multi-process run (the tab bar shows "
-                "only then)",
+    "only then)",
     "log.rank.N": "the output of process N (rank N, from 0) of a multi-process run, as torchrun passed it on; "
-                  "for example log.rank.1",
+    "for example log.rank.1",
 }
 MAX_LINES = 5000  # per log, as the app's own
 
@@ -40,8 +41,10 @@ class LogTabs(QTabWidget):
             view.setMaximumBlockCount(MAX_LINES)
             view.setLineWrapMode(QPlainTextEdit.LineWrapMode.WidgetWidth)
             self.addTab(view, f"Rank {rank}")
-            self.setTabToolTip(self.count() - 1, f"What process {rank} of the run wrote"
-                                                 + (" (it also reports to the Log tab)" if rank == 0 else ""))
+            self.setTabToolTip(
+                self.count() - 1,
+                f"What process {rank} of the run wrote" + (" (it also reports to the Log tab)" if rank == 0 else ""),
+            )
             self._ranks.append(view)
 
     @Slot(int, str)

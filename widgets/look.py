@@ -1,4 +1,5 @@
 """Shared look: message colours that read on light and dark palettes, and image pixels fitted to a display box."""
+
 from __future__ import annotations
 
 import numpy as np

@@ -1,4 +1,5 @@
 """The run view: Train / Stop / Resume, epoch and batch progress with time left, the status line and the live plots."""
+
 from __future__ import annotations
 
 import math
@@ -43,7 +44,6 @@ OBJECT_NAMES = {
     "run.status": "device, training speed and the last epoch's metrics",
     "run.message": "the result of saving the plots (where it went, or why it failed)",
 }
-
 
 
 def format_duration(seconds: float) -> str:
@@ -113,12 +113,13 @@ class RunView(QWidget):
         self._flush_timer.timeout.connect(self.flush_batches)
 
         self.train_button = self._button("Train", "run.train", "Start a new training run of the project")
-        self.stop_button = self._button("Stop", "run.stop",
-                                        "Stop after the current batch; finished epochs keep their checkpoints")
-        self.resume_button = self._button("Resume", "run.resume",
-                                          "Continue the current run from its last checkpoint")
-        self.save_button = self._button("Save plots as PNG...", "run.save_plots",
-                                        "Save the four plots as one PNG image")
+        self.stop_button = self._button(
+            "Stop", "run.stop", "Stop after the current batch; finished epochs keep their checkpoints"
+        )
+        self.resume_button = self._button("Resume", "run.resume", "Continue the current run from its last checkpoint")
+        self.save_button = self._button(
+            "Save plots as PNG...", "run.save_plots", "Save the four plots as one PNG image"
+        )
         self.train_button.clicked.connect(self._on_train_clicked)
         self.stop_button.clicked.connect(self._on_stop_clicked)
         self.resume_button.clicked.connect(self._on_resume_clicked)
@@ -227,8 +228,10 @@ class RunView(QWidget):
         name = Path(run_dir).name
         owner = holder(run_dir)
         if owner is not None:  # another process (the command line, another window) is training it now
-            text = (f"Run {name}: being trained by process {owner.get('pid', '?')} right now; "
-                    f"these are its curves up to epoch {done}.")
+            text = (
+                f"Run {name}: being trained by process {owner.get('pid', '?')} right now; "
+                f"these are its curves up to epoch {done}."
+            )
         elif is_completed(run_dir):
             text = f"Run {name}: finished, {done} epoch(s)."
         elif done:
@@ -380,8 +383,11 @@ class RunView(QWidget):
             else:
                 text = f"Finished {epoch} of {epochs} epoch(s){best_text}."
         elif status == "stopped":
-            text = f"Stopped after epoch {epoch} of {epochs}{best_text}." if epoch else \
-                "Stopped before the first epoch finished; no checkpoint was written."
+            text = (
+                f"Stopped after epoch {epoch} of {epochs}{best_text}."
+                if epoch
+                else "Stopped before the first epoch finished; no checkpoint was written."
+            )
         else:
             text = f"The run failed: {result.get('error') or 'unknown error'}"
         if epoch:

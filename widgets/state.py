@@ -1,4 +1,5 @@
 """The open project as an observable object: widgets read and write its config by dotted path and follow its changes."""
+
 from __future__ import annotations
 
 import copy
@@ -106,8 +107,11 @@ class ProjectState(QObject):
             set_field(trial, path, value)
         before = {p.path for p in validate(self._cfg, check_paths=False, check_catalog=self.catalog_checks)}
         try:
-            return [p for p in validate(trial, check_paths=False, check_catalog=self.catalog_checks)
-                    if p.path in values or p.path not in before]
+            return [
+                p
+                for p in validate(trial, check_paths=False, check_catalog=self.catalog_checks)
+                if p.path in values or p.path not in before
+            ]
         except Exception as exc:  # a value of the wrong type that validation cannot even compare
             return [Problem(next(iter(values)), f"{', '.join(values)}: {exc}")]
 
@@ -179,4 +183,3 @@ class ProjectState(QObject):
 def config_from_dict(data: dict, base_dir: str | Path) -> ProjectConfig:
     """A config from JSON-shaped data (a run's project.json, a checkpoint's config) without checking paths."""
     return from_dict(data, base_dir=base_dir, check_paths=False)
-

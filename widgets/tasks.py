@@ -1,4 +1,5 @@
 """Run a plain function off the GUI thread (a worker object on a QThread) and get its result back as signals."""
+
 from __future__ import annotations
 
 import threading
@@ -135,9 +136,18 @@ def cancel_all(wait_ms: int = 30000) -> bool:
     return ok
 
 
-def run_task(name: str, fn: Callable[..., Any], *args: Any, progress: bool = False, min_interval: float = 0.05,
-             on_result: Callable[[Any], None] | None = None, on_error: Callable[[BaseException, str], None] | None = None,
-             on_progress: Callable[[Any], None] | None = None, parent: QObject | None = None, **kwargs: Any) -> Task:
+def run_task(
+    name: str,
+    fn: Callable[..., Any],
+    *args: Any,
+    progress: bool = False,
+    min_interval: float = 0.05,
+    on_result: Callable[[Any], None] | None = None,
+    on_error: Callable[[BaseException, str], None] | None = None,
+    on_progress: Callable[[Any], None] | None = None,
+    parent: QObject | None = None,
+    **kwargs: Any,
+) -> Task:
     """Start fn(*args, **kwargs) on its own QThread and return the Task; callbacks run on the GUI thread."""
     task = Task(name, parent)
     if progress:

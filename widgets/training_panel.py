@@ -1,4 +1,5 @@
 """The training settings panel: a form per group of settings, each row built from the setting's declaration."""
+
 from __future__ import annotations
 
 import sys
@@ -89,8 +90,9 @@ def object_name(path: str, s: Setting) -> str:
 
 
 # Settings in this panel that others depend on (a sampler, a loss...): choosing one brings its consequences along.
-CHOOSERS = {_rule.path for _, info in fields(ProjectConfig) if (_rule := meta(info).applies)} & \
-    {path for rows in ROWS.values() for path, _, _ in rows}
+CHOOSERS = {_rule.path for _, info in fields(ProjectConfig) if (_rule := meta(info).applies)} & {
+    path for rows in ROWS.values() for path, _, _ in rows
+}
 OBJECT_NAMES = {"training.scroll": "the scroll area holding the training settings"}
 OBJECT_NAMES.update({f"training.group.{name}": f"group: {text}" for name, _, text, _ in GROUPS})
 for _path, _s, _info in (row for rows in ROWS.values() for row in rows):
@@ -180,7 +182,9 @@ class TrainingPanel(QWidget):
         self._bindings: dict[str, list[FieldBinding]] = {}
         self._widgets: dict[str, QWidget] = {}  # by path (a weights field: its mode chooser)
         self._lists: dict[str, QLineEdit] = {}  # the list box of a weights field, by path
-        self._rows: list[tuple[str, Setting, QFormLayout, QWidget, QWidget, QLabel, str]] = []  # ..., cell, control, remark, note
+        self._rows: list[
+            tuple[str, Setting, QFormLayout, QWidget, QWidget, QLabel, str]
+        ] = []  # ..., cell, control, remark, note
         self._remarks: dict[str, QLabel] = {}
         self._two_columns: bool | None = None
 
@@ -192,11 +196,16 @@ class TrainingPanel(QWidget):
             columns.addLayout(col, 1)
         boxes = [self._build_group(name, title) for name, title, _, _ in GROUPS]
         self._left, self._right = boxes[:LEFT_GROUPS], boxes[LEFT_GROUPS:]
-        self._device, self._processes = self._widget_as("train.device", QComboBox), \
-            self._widget_as("distributed.processes", QSpinBox)
+        self._device, self._processes = (
+            self._widget_as("train.device", QComboBox),
+            self._widget_as("distributed.processes", QSpinBox),
+        )
         for widget in self._widgets.values():
-            signal = getattr(widget, "currentIndexChanged", None) or getattr(widget, "valueChanged", None) or \
-                getattr(widget, "toggled", None)
+            signal = (
+                getattr(widget, "currentIndexChanged", None)
+                or getattr(widget, "valueChanged", None)
+                or getattr(widget, "toggled", None)
+            )
             if signal is not None:
                 signal.connect(self._on_choice_changed)
 
@@ -250,12 +259,25 @@ class TrainingPanel(QWidget):
                 self._add(form, s, path, key + "_mode", widget, bind_list_mode, kw, s.label)
                 self._add(form, s, path, key, edit, bind_list_edit, {}, "", help=s.note)
             else:
-                self._add(form, s, path, key, widget, bind, kw, "" if isinstance(widget, QCheckBox) else s.label,
-                          note=s.note)
+                self._add(
+                    form, s, path, key, widget, bind, kw, "" if isinstance(widget, QCheckBox) else s.label, note=s.note
+                )
         return box
 
-    def _add(self, form: QFormLayout, s: Setting, path: str, key: str, widget: QWidget, bind, kw: dict,
-             label: str, *, note: str = "", help: str = "") -> None:
+    def _add(
+        self,
+        form: QFormLayout,
+        s: Setting,
+        path: str,
+        key: str,
+        widget: QWidget,
+        bind,
+        kw: dict,
+        label: str,
+        *,
+        note: str = "",
+        help: str = "",
+    ) -> None:
         """A form row: the control, its error line under it (shown only while a value is refused), a note."""
         widget.setObjectName(key)
         widget.setToolTip(help or s.help)  # before binding: the binding restores this tooltip once an error is gone
@@ -308,15 +330,19 @@ class TrainingPanel(QWidget):
         """A choice, with the settings that depend on it made to fit: those the new choice does not use go back
         to their defaults, and one it needs (the weighted sampler's weights) comes from the panel."""
         values: dict[str, Any] = {chooser: value}
-        dependents = [(p, info) for p, info in fields(ProjectConfig)
-                      if (applies := meta(info).applies) is not None and applies.path == chooser]
+        dependents = [
+            (p, info)
+            for p, info in fields(ProjectConfig)
+            if (applies := meta(info).applies) is not None and applies.path == chooser
+        ]
         for p, info in dependents:
             rule, default = meta(info).applies, info.get_default(call_default_factory=True)
             assert rule is not None  # a dependent has a rule
             if rule.enforce and not rule.admits(value) and self.state.get(p) not in (None, default):
                 values[p] = default
-            elif p in self._lists and rule.admits(value) and self.state.get(p) is None and None not in \
-                    meta(info).choices:
+            elif (
+                p in self._lists and rule.admits(value) and self.state.get(p) is None and None not in meta(info).choices
+            ):
                 values[p] = self._typed_list(p)
         supplied = set(values)
         for problem in self.state.check(values):  # what still contradicts the choice goes back to its default
@@ -364,17 +390,25 @@ class TrainingPanel(QWidget):
         default = {"random": "default (without replacement)", "weighted_random": "default (with replacement)"}
         self._widget_as("loader.sampler.replacement", QComboBox).setItemText(0, default.get(sampler, "default"))
         sgd = self._shown("optimizer.name") == "sgd"
-        self._widget_as("optimizer.momentum", QAbstractSpinBox).setSpecialValueText("default (0.9)" if sgd else "default (0)")
+        self._widget_as("optimizer.momentum", QAbstractSpinBox).setSpecialValueText(
+            "default (0.9)" if sgd else "default (0)"
+        )
         device = self._device.currentData()
         here = devices_available(load=False)
         if here is not None and device in ("cuda", "mps") and not here.get(device, False):
-            self._say("train.device", f"This machine has no {device.upper() if device == 'cuda' else 'MPS'} device: "
-                                      "a run started here stops with an error. Choose auto or cpu to train here.")
+            self._say(
+                "train.device",
+                f"This machine has no {device.upper() if device == 'cuda' else 'MPS'} device: "
+                "a run started here stops with an error. Choose auto or cpu to train here.",
+            )
         processes, batch = self._processes.value(), self.state.config.loader.batch_size
         if processes > 1:
-            self._say("distributed.processes", f"Each step trains on {processes} × {batch} = {processes * batch} "
-                                               "samples (the batch size is per process). Each process's output has "
-                                               "its own tab in the Log.")
+            self._say(
+                "distributed.processes",
+                f"Each step trains on {processes} × {batch} = {processes * batch} "
+                "samples (the batch size is per process). Each process's output has "
+                "its own tab in the Log.",
+            )
 
     def _say(self, path: str, text: str) -> None:
         self._remarks[path].setText(text)

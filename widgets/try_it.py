@@ -1,4 +1,5 @@
 """The Try it panel: open or drop an image and see what the current model predicts for it."""
+
 from __future__ import annotations
 
 import os
@@ -84,8 +85,15 @@ def predict_file(cache: PredictorCache, checkpoint: str, image_path: str) -> dic
     assert isinstance(image, Image.Image)  # a path reads as PIL (arrays as tensors)
     predictor = cache.get(checkpoint)
     predictions = predictor.predict(image)
-    return {"checkpoint": checkpoint, "image": image_path, "size": image.size, "task": predictor.task,
-            "info": dict(predictor.info), "predictions": predictions, "pixels": fit_pixels(image, DISPLAY_SIZE)}
+    return {
+        "checkpoint": checkpoint,
+        "image": image_path,
+        "size": image.size,
+        "task": predictor.task,
+        "info": dict(predictor.info),
+        "predictions": predictions,
+        "pixels": fit_pixels(image, DISPLAY_SIZE),
+    }
 
 
 class _Bars(QWidget):
@@ -127,9 +135,15 @@ class _Bars(QWidget):
 
     def show_predictions(self, predictions: list[tuple[str, float]], task: str) -> None:
         top = predictions[:TOP_K]
-        self.title.setText({"classification": "Most likely classes",
-                            "multilabel": "Labels (each probability on its own)",
-                            "regression": "Predicted values"}.get(task, "Predictions") if top else "")
+        self.title.setText(
+            {
+                "classification": "Most likely classes",
+                "multilabel": "Labels (each probability on its own)",
+                "regression": "Predicted values",
+            }.get(task, "Predictions")
+            if top
+            else ""
+        )
         for i, (name_label, bar, value_label) in enumerate(self.rows):
             visible = i < len(top)
             for widget in (name_label, bar, value_label):
@@ -146,8 +160,9 @@ class _Bars(QWidget):
                 bar.setValue(int(round(max(0.0, min(1.0, value)) * 1000)))
                 value_label.setText(f"{value * 100:.1f}%")
         hidden = len(predictions) - len(top)
-        self.more.setText(f"... and {hidden} more {'outputs' if task == 'regression' else 'classes'}"
-                          if hidden > 0 else "")
+        self.more.setText(
+            f"... and {hidden} more {'outputs' if task == 'regression' else 'classes'}" if hidden > 0 else ""
+        )
         self.more.setVisible(hidden > 0)
 
 
@@ -290,10 +305,17 @@ class TryItPanel(QWidget):
         self._tasks = [t for t in self._tasks if t.is_running()]
         self._set_busy(True)
         self._show_message("")
-        self._tasks.append(run_task(
-            "predict image", predict_file, self._cache, self._checkpoint, image_path,
-            on_result=lambda result: self._on_prediction_returned(rid, result),
-            on_error=lambda exc, tb: self._on_prediction_errored(rid, image_path, exc, tb)))
+        self._tasks.append(
+            run_task(
+                "predict image",
+                predict_file,
+                self._cache,
+                self._checkpoint,
+                image_path,
+                on_result=lambda result: self._on_prediction_returned(rid, result),
+                on_error=lambda exc, tb: self._on_prediction_errored(rid, image_path, exc, tb),
+            )
+        )
 
     def is_busy(self) -> bool:
         return any(t.is_running() for t in self._tasks)
@@ -320,9 +342,11 @@ class TryItPanel(QWidget):
         info = result["info"]
         epoch = f", epoch {info['epoch']}" if info.get("epoch") is not None else ""
         p = Path(result["checkpoint"])
-        self.checkpoint_label.setText(f"Model: {info.get('backbone', '?')}{epoch}, {info.get('num_classes')} "
-                                      f"{'outputs' if result['task'] == 'regression' else 'classes'} "
-                                      f"({p.name} in {p.parent})")
+        self.checkpoint_label.setText(
+            f"Model: {info.get('backbone', '?')}{epoch}, {info.get('num_classes')} "
+            f"{'outputs' if result['task'] == 'regression' else 'classes'} "
+            f"({p.name} in {p.parent})"
+        )
         self._show_predictions(result["predictions"], result["task"])
         if result["predictions"]:
             name, value = result["predictions"][0]
@@ -381,8 +405,7 @@ class TryItPanel(QWidget):
         box = self.image_label.contentsRect().size()
         pixmap = self._pixmap
         if pixmap.width() > box.width() or pixmap.height() > box.height():
-            pixmap = pixmap.scaled(box, Qt.AspectRatioMode.KeepAspectRatio,
-                                   Qt.TransformationMode.SmoothTransformation)
+            pixmap = pixmap.scaled(box, Qt.AspectRatioMode.KeepAspectRatio, Qt.TransformationMode.SmoothTransformation)
         self.image_label.setPixmap(pixmap)
 
     def resizeEvent(self, event: QResizeEvent) -> None:  # noqa: N802 - Qt's name

@@ -1,4 +1,5 @@
 """The main window end to end: a real project, real training on a worker thread, real files (offscreen)."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -70,8 +71,14 @@ def test_title_shows_the_project_and_unsaved_changes(window, tiny_project):
 
 
 def test_save_as_and_reopen_gives_the_same_config(qtbot, window, tmp_path):
-    window.state.update({"optimizer.lr": 0.0005, "loader.sampler.name": "weighted_random",
-                         "loader.sampler.weights": "balanced", "model.freeze": "head_only"})
+    window.state.update(
+        {
+            "optimizer.lr": 0.0005,
+            "loader.sampler.name": "weighted_random",
+            "loader.sampler.weights": "balanced",
+            "model.freeze": "head_only",
+        }
+    )
     elsewhere = tmp_path / "sub" / "copy.json"
     elsewhere.parent.mkdir()
     assert window.save_project_as(str(elsewhere))
@@ -82,7 +89,8 @@ def test_save_as_and_reopen_gives_the_same_config(qtbot, window, tmp_path):
     assert other.state.config.to_dict() == before
     # the data path was rebased, so it still points at the same folder from the new location
     assert other.state.config.resolve(other.state.config.data.path) == window.state.config.resolve(
-        window.state.config.data.path)
+        window.state.config.data.path
+    )
     _wait_tasks(qtbot)
     other.close()
 
@@ -111,7 +119,9 @@ def test_training_plots_points_lists_checkpoints_and_evaluates(qtbot, window):
 
 
 def test_stop_from_the_window_ends_the_run_within_a_batch(qtbot, tmp_path, image_folder):
-    path = write_project(tmp_path / "long.json", "images", loader={"batch_size": 2}, train={"epochs": 50, "device": "cpu"})
+    path = write_project(
+        tmp_path / "long.json", "images", loader={"batch_size": 2}, train={"epochs": 50, "device": "cpu"}
+    )
     win = MainWindow()
     qtbot.addWidget(win)
     win.open_project(str(path))
@@ -170,7 +180,9 @@ def test_export_from_the_dialog(qtbot, window, tmp_path):
 
 
 def test_closing_during_a_run_stops_it_and_leaves_no_thread(qtbot, tmp_path, image_folder, monkeypatch):
-    path = write_project(tmp_path / "long.json", "images", loader={"batch_size": 2}, train={"epochs": 50, "device": "cpu"})
+    path = write_project(
+        tmp_path / "long.json", "images", loader={"batch_size": 2}, train={"epochs": 50, "device": "cpu"}
+    )
     win = MainWindow()
     qtbot.addWidget(win)
     win.open_project(str(path))
@@ -187,7 +199,9 @@ def test_closing_during_a_run_stops_it_and_leaves_no_thread(qtbot, tmp_path, ima
 
 
 def test_closing_during_a_run_can_be_cancelled(qtbot, tmp_path, image_folder, monkeypatch):
-    path = write_project(tmp_path / "long.json", "images", loader={"batch_size": 2}, train={"epochs": 50, "device": "cpu"})
+    path = write_project(
+        tmp_path / "long.json", "images", loader={"batch_size": 2}, train={"epochs": 50, "device": "cpu"}
+    )
     win = MainWindow()
     qtbot.addWidget(win)
     win.open_project(str(path))
@@ -252,8 +266,9 @@ def test_every_interactive_control_has_a_documented_object_name(qtbot, window):
     for action in window.findChildren(type(window.act_train)):
         if action.objectName() and not action.objectName().startswith("_q_"):  # Qt's own (a line edit's clear)
             assert action.objectName() in documented
-    assert (REPO / "docs" / "object_names.md").read_text(encoding="utf-8") == render(), \
+    assert (REPO / "docs" / "object_names.md").read_text(encoding="utf-8") == render(), (
         "docs/object_names.md is out of date: run `make docs`"
+    )
 
 
 def test_the_class_chart_of_100_classes_shows_its_names_without_scrolling_at_1280x800(qtbot, tmp_path):

@@ -1,5 +1,6 @@
 """Multi-process runs from the app, against a stand-in for torchrun: a real child process that writes what
 torchrun --tee writes (rank-prefixed lines, rank 0's event lines), to check the parsing, the end of a run and Stop."""
+
 from __future__ import annotations
 
 import json
@@ -17,7 +18,7 @@ from app.process_run import ProcessRun, descendants
 from engine.config import load_project
 
 # What the stand-in does, chosen by its first argument; the rest are main.py's arguments as the app passes them.
-STAND_IN = textwrap.dedent(r'''
+STAND_IN = textwrap.dedent(r"""
     import json, os, signal, subprocess, sys, time
     scenario, args = sys.argv[1], sys.argv[2:]
     out = args[args.index("--out") + 1] if "--out" in args else None
@@ -86,7 +87,7 @@ STAND_IN = textwrap.dedent(r'''
         event("run_started", **started)
         while True:
             time.sleep(0.05)
-''')
+""")
 
 
 @pytest.fixture()
@@ -96,6 +97,7 @@ def stand_in(tmp_path):
 
     def launcher_for(scenario):
         return lambda processes, args: [sys.executable, str(script), scenario, *args]
+
     return launcher_for
 
 
@@ -105,8 +107,10 @@ def cfg(tmp_path, image_folder):
 
 
 def _record(run: ProcessRun) -> dict:
-    seen = {name: [] for name in ("logged", "rank_logged", "run_started", "batch_finished", "epoch_finished",
-                                  "run_finished")}
+    seen = {
+        name: []
+        for name in ("logged", "rank_logged", "run_started", "batch_finished", "epoch_finished", "run_finished")
+    }
     run.logged.connect(seen["logged"].append)
     run.rank_logged.connect(lambda rank, text: seen["rank_logged"].append((rank, text)))
     for name in ("run_started", "batch_finished", "epoch_finished", "run_finished"):
@@ -221,9 +225,14 @@ def test_processes_that_ignore_stop_are_killed_with_their_children_after_the_gra
 def test_descendants_finds_children_and_grandchildren():
     import subprocess
 
-    parent = subprocess.Popen([sys.executable, "-c",
-                               "import subprocess, sys, time; subprocess.Popen([sys.executable, '-c', "
-                               "'import time; time.sleep(30)']); time.sleep(30)"])
+    parent = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import subprocess, sys, time; subprocess.Popen([sys.executable, '-c', "
+            "'import time; time.sleep(30)']); time.sleep(30)",
+        ]
+    )
     try:
         deadline = time.monotonic() + 10
         while len(descendants(parent.pid)) < 1 and time.monotonic() < deadline:

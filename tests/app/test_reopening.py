@@ -1,4 +1,5 @@
 """Reopening a project brings back its work (its runs, checkpoints and model), and dialogs start at its files."""
+
 from __future__ import annotations
 
 import json
@@ -39,9 +40,13 @@ def trained(tmp_path_factory):
     for name, epochs, extra in (("done", 1, []), ("interrupted", 2, [_StopAfterFirstEpoch()])):
         folder = root / name
         write_image_folder(folder / "images", per_class=8)
-        project = write_project(folder / "project.json", "images", model={"freeze": "head_only"},
-                                train={"epochs": epochs, "device": "cpu", "seed": 0},
-                                output={"dir": "runs", "tensorboard": False})
+        project = write_project(
+            folder / "project.json",
+            "images",
+            model={"freeze": "head_only"},
+            train={"epochs": epochs, "device": "cpu", "seed": 0},
+            output={"dir": "runs", "tensorboard": False},
+        )
         cfg = load_project(project)
         run_dir = create_run_dir(cfg)
         Trainer(cfg, run_callbacks(cfg, run_dir) + extra).run()
@@ -94,6 +99,7 @@ def open_window(qtbot):
 
 def answer_file_dialog(choice):
     """Answer the next modal file dialog as a user would: choose this path."""
+
     def answer():
         dialog = QApplication.activeModalWidget()
         if not isinstance(dialog, QFileDialog):
@@ -101,6 +107,7 @@ def answer_file_dialog(choice):
             return
         dialog.selectFile(str(choice))
         dialog.accept()
+
     QTimer.singleShot(0, answer)
 
 
@@ -110,8 +117,9 @@ def test_a_completed_run_is_shown_with_its_checkpoints_and_model(open_window, tr
     older_copy(run)
     foreign = run.with_name("other-project-run")
     shutil.copytree(run, foreign, copy_function=shutil.copy2)
-    (foreign / "project.json").write_text(json.dumps({**json.loads((run / "project.json").read_text()),
-                                                      "name": "other"}))
+    (foreign / "project.json").write_text(
+        json.dumps({**json.loads((run / "project.json").read_text()), "name": "other"})
+    )
 
     win = open_window(project)
     assert win.current_run_dir == str(run.resolve())
@@ -150,10 +158,17 @@ def test_a_run_another_process_is_training_is_shown_as_such(open_window, trained
     import sys
 
     project, run = copy_project(trained, "interrupted", tmp_path)
-    script = ("import sys; from engine.run_lock import claim_folder; c = claim_folder(sys.argv[1]); "
-              "print('held', flush=True); sys.stdin.read(); c.release()")
-    other = subprocess.Popen([sys.executable, "-c", script, str(run)], cwd=Path(__file__).resolve().parents[2],
-                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    script = (
+        "import sys; from engine.run_lock import claim_folder; c = claim_folder(sys.argv[1]); "
+        "print('held', flush=True); sys.stdin.read(); c.release()"
+    )
+    other = subprocess.Popen(
+        [sys.executable, "-c", script, str(run)],
+        cwd=Path(__file__).resolve().parents[2],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
         assert other.stdout.readline().strip() == "held"
         status = open_window(project).run_view.findChild(QLabel, "run.status").text()
@@ -173,7 +188,8 @@ def test_a_project_without_runs_opens_as_before(open_window, tmp_path):
 
 
 def test_the_run_shown_when_the_project_was_saved_comes_back_and_a_new_project_shows_none(
-        open_window, trained, tmp_path):
+    open_window, trained, tmp_path
+):
     project, run = copy_project(trained, "done", tmp_path)
     older = older_copy(run)
     win = open_window(project)
@@ -191,7 +207,8 @@ def test_the_run_shown_when_the_project_was_saved_comes_back_and_a_new_project_s
 
 
 def test_dialogs_start_at_the_projects_runs_and_dataset_and_remember_the_image_folder(
-        qtbot, open_window, trained, tmp_path):
+    qtbot, open_window, trained, tmp_path
+):
     project, _run = copy_project(trained, "done", tmp_path)
     win = open_window(project)
     runs = project.parent / "runs"

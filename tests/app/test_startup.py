@@ -2,6 +2,7 @@
 
 The start-up time itself is measured by `make bench` (bench/gui.py), not here.
 """
+
 from __future__ import annotations
 
 import json
@@ -30,10 +31,18 @@ def _discard_changes(monkeypatch):
 
 def test_the_window_modules_import_without_pytorch():
     """Everything the window is built from imports without torch, torchvision or timm (a fresh interpreter)."""
-    code = ("import sys, json; import app.main_window, app.launch, main; "
-            "print(json.dumps(sorted(m for m in ('torch', 'torchvision', 'timm') if m in sys.modules)))")
-    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120,
-                         env={"QT_QPA_PLATFORM": "offscreen", "PATH": "/usr/bin:/bin"})
+    code = (
+        "import sys, json; import app.main_window, app.launch, main; "
+        "print(json.dumps(sorted(m for m in ('torch', 'torchvision', 'timm') if m in sys.modules)))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={"QT_QPA_PLATFORM": "offscreen", "PATH": "/usr/bin:/bin"},
+    )
     assert out.returncode == 0, out.stderr
     assert json.loads(out.stdout.strip().splitlines()[-1]) == []
 

@@ -1,4 +1,5 @@
 """The training controller: a real Trainer on a worker QThread, its signals on the GUI thread, Stop within a batch."""
+
 from __future__ import annotations
 
 import json
@@ -19,6 +20,7 @@ def _record(controller: TrainingController) -> dict:
         def slot(payload):
             seen["threads"].add(threading.current_thread() is main)
             seen[name].append(payload)
+
         return slot
 
     controller.batch_finished.connect(on("batches"))
@@ -41,13 +43,15 @@ def test_a_run_reports_every_batch_on_the_gui_thread_with_plain_values(qtbot, pr
         json.dumps(payload)  # plain Python values only: nothing device-bound crosses threads
     assert [m["epoch"] for m in seen["epochs"]] == [1, 2]
     assert seen["finished"][0]["status"] == "completed"
-    assert (controller.run_dir and read_metrics(controller.run_dir)[-1]["epoch"] == 2)
+    assert controller.run_dir and read_metrics(controller.run_dir)[-1]["epoch"] == 2
     assert not controller.is_running()
 
 
 def test_stop_ends_the_run_within_one_batch(qtbot, tmp_path, image_folder):
     # Many small batches, so the run is far from its end when Stop is pressed.
-    path = write_project(tmp_path / "long.json", "images", loader={"batch_size": 2}, train={"epochs": 50, "device": "cpu"})
+    path = write_project(
+        tmp_path / "long.json", "images", loader={"batch_size": 2}, train={"epochs": 50, "device": "cpu"}
+    )
     from widgets.state import ProjectState
 
     state = ProjectState()

@@ -1,5 +1,6 @@
 """Multi-process runs from the app end to end: the real torchrun and main.py as a QProcess child, two CPU
 processes (gloo), the real window and its plots (offscreen)."""
+
 from __future__ import annotations
 
 import os
@@ -17,8 +18,9 @@ from engine.config import load_project
 from engine.runs import read_metrics
 
 torch_distributed = pytest.importorskip("torch.distributed")
-pytestmark = pytest.mark.skipif(not torch_distributed.is_available(),
-                                reason="this PyTorch build has no torch.distributed")
+pytestmark = pytest.mark.skipif(
+    not torch_distributed.is_available(), reason="this PyTorch build has no torch.distributed"
+)
 
 TWO_CPU_PROCESSES = {"processes": 2, "backend": "gloo", "timeout_s": 60}
 
@@ -55,8 +57,9 @@ def _gone(pid: int) -> bool:
 
 def test_the_app_trains_in_two_processes_and_plots_rank_0s_curve(qtbot, tmp_path):
     write_image_folder(tmp_path / "images", per_class=8)
-    path = write_project(tmp_path / "ddp.json", "images", distributed=TWO_CPU_PROCESSES,
-                         train={"epochs": 2, "device": "cpu", "seed": 0})
+    path = write_project(
+        tmp_path / "ddp.json", "images", distributed=TWO_CPU_PROCESSES, train={"epochs": 2, "device": "cpu", "seed": 0}
+    )
     win = _window(qtbot, path)
     seen = {"started": [], "epochs": [], "steps": []}
     win.controller.run_started.connect(seen["started"].append)
@@ -94,8 +97,13 @@ def test_the_app_trains_in_two_processes_and_plots_rank_0s_curve(qtbot, tmp_path
 
 def test_stop_ends_torchrun_and_both_workers_and_the_last_checkpoint_loads(qtbot, tmp_path):
     write_image_folder(tmp_path / "images", per_class=8)
-    path = write_project(tmp_path / "long.json", "images", distributed=TWO_CPU_PROCESSES,
-                         loader={"batch_size": 2}, train={"epochs": 50, "device": "cpu", "seed": 0})
+    path = write_project(
+        tmp_path / "long.json",
+        "images",
+        distributed=TWO_CPU_PROCESSES,
+        loader={"batch_size": 2},
+        train={"epochs": 50, "device": "cpu", "seed": 0},
+    )
     win = _window(qtbot, path)
     epochs, steps = [], []
     win.controller.epoch_finished.connect(epochs.append)
@@ -132,8 +140,13 @@ def test_stop_ends_torchrun_and_both_workers_and_the_last_checkpoint_loads(qtbot
 
 def test_closing_the_window_during_a_multi_process_run_stops_it_and_waits(qtbot, tmp_path):
     write_image_folder(tmp_path / "images", per_class=8)
-    path = write_project(tmp_path / "long.json", "images", distributed=TWO_CPU_PROCESSES,
-                         loader={"batch_size": 2}, train={"epochs": 50, "device": "cpu", "seed": 0})
+    path = write_project(
+        tmp_path / "long.json",
+        "images",
+        distributed=TWO_CPU_PROCESSES,
+        loader={"batch_size": 2},
+        train={"epochs": 50, "device": "cpu", "seed": 0},
+    )
     win = _window(qtbot, path)
     steps = []
     win.controller.batch_finished.connect(lambda info: steps.extend(info["steps"]))
@@ -180,8 +193,15 @@ def _rank_pid(pids: list[int], rank: int) -> int:
 
 def test_a_rank_killed_mid_run_fails_the_run_naming_it_and_nothing_is_left_running(qtbot, tmp_path):
     write_image_folder(tmp_path / "images", per_class=8)
-    cfg = load_project(write_project(tmp_path / "long.json", "images", distributed=TWO_CPU_PROCESSES,
-                                     loader={"batch_size": 2}, train={"epochs": 50, "device": "cpu", "seed": 0}))
+    cfg = load_project(
+        write_project(
+            tmp_path / "long.json",
+            "images",
+            distributed=TWO_CPU_PROCESSES,
+            loader={"batch_size": 2},
+            train={"epochs": 50, "device": "cpu", "seed": 0},
+        )
+    )
     controller = TrainingController()
     steps = []
     controller.batch_finished.connect(lambda info: steps.extend(info["steps"]))

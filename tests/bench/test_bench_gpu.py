@@ -1,4 +1,5 @@
 """The GPU-paths benchmark: skipped at once without CUDA; with CUDA its quick run gives finite ratios."""
+
 import json
 import math
 import time

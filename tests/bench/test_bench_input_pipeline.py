@@ -1,4 +1,5 @@
 """The input-pipeline benchmark runs in its quick form and returns a well-formed section (speed is not checked)."""
+
 import json
 import math
 

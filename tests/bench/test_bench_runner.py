@@ -2,6 +2,7 @@
 
 Nothing here measures speed; the one run uses the GPU benchmark, which is skipped at once without CUDA.
 """
+
 import json
 
 import pytest
@@ -10,30 +11,57 @@ import torch
 from bench import run as bench
 from bench.common import Figure, Section
 
-INFO = {"platform": "Linux-6.1-x86_64", "processor": "x86_64", "cpu_count": 16, "python": "3.12.1",
-        "torch": "2.4.0", "torch_threads": 16, "gpu": "NVIDIA H200", "cpu": "AMD EPYC 9654"}
+INFO = {
+    "platform": "Linux-6.1-x86_64",
+    "processor": "x86_64",
+    "cpu_count": 16,
+    "python": "3.12.1",
+    "torch": "2.4.0",
+    "torch_threads": 16,
+    "gpu": "NVIDIA H200",
+    "cpu": "AMD EPYC 9654",
+}
 RESULTS = {"machine": INFO, "date": "2025-03-01T10:00:00+00:00", "quick": False}
 
 
 def sections():
     return [
-        Section("engine_overhead", "Engine overhead", [
-            Figure("engine_vs_hand", "Trainer ÷ hand loop", 1.0512, "x", ">= 0.97", detail="980 vs 932 samples/s"),
-            Figure("compile", "Compiled | eager", None, "x", ">= 0.97", detail="failed: RuntimeError: no compiler"),
-        ], setup="resnet18, batch 64", notes=["Alternated, median."]),
-        Section("latency", "Latency", [
-            Figure("ui_ms", "Timer lateness", 35.4, "ms", "<= 50"),
-            Figure("rss", "Peak memory", 812.3, "MiB"),
-            Figure("growth", "Growth", 3.46, "%", "<= 2"),
-        ]),
+        Section(
+            "engine_overhead",
+            "Engine overhead",
+            [
+                Figure("engine_vs_hand", "Trainer ÷ hand loop", 1.0512, "x", ">= 0.97", detail="980 vs 932 samples/s"),
+                Figure("compile", "Compiled | eager", None, "x", ">= 0.97", detail="failed: RuntimeError: no compiler"),
+            ],
+            setup="resnet18, batch 64",
+            notes=["Alternated, median."],
+        ),
+        Section(
+            "latency",
+            "Latency",
+            [
+                Figure("ui_ms", "Timer lateness", 35.4, "ms", "<= 50"),
+                Figure("rss", "Peak memory", 812.3, "MiB"),
+                Figure("growth", "Growth", 3.46, "%", "<= 2"),
+            ],
+        ),
         Section("gpu_paths", "GPU paths", skipped="no CUDA GPU on this machine"),
     ]
 
 
-@pytest.mark.parametrize("value, unit, text", [
-    (1.0512, "x", "1.05x"), (0.9, "x", "0.90x"), (35.4, "ms", "35 ms"), (3.24, "ms", "3.2 ms"),
-    (812.3, "MiB", "812 MiB"), (3.46, "%", "3.5%"), (2.414, "s", "2.41 s"), (None, "x", "–"),
-])
+@pytest.mark.parametrize(
+    "value, unit, text",
+    [
+        (1.0512, "x", "1.05x"),
+        (0.9, "x", "0.90x"),
+        (35.4, "ms", "35 ms"),
+        (3.24, "ms", "3.2 ms"),
+        (812.3, "MiB", "812 MiB"),
+        (3.46, "%", "3.5%"),
+        (2.414, "s", "2.41 s"),
+        (None, "x", "–"),
+    ],
+)
 def test_values_read_with_their_units(value, unit, text):
     assert bench.format_value(value, unit) == text
 
@@ -79,13 +107,15 @@ def test_readme_text_between_markers_is_replaced_and_the_rest_kept(tmp_path):
     message = bench.update_readme(readme, "| new | table |")
     assert "updated" in message
     assert readme.read_text(encoding="utf-8") == (
-        f"# Title\n\nBefore.\n\n{bench.START}\n| new | table |\n{bench.END}\n\nAfter.\n")
+        f"# Title\n\nBefore.\n\n{bench.START}\n| new | table |\n{bench.END}\n\nAfter.\n"
+    )
     bench.update_readme(readme, "| newer |")  # again: still one block, between the same markers
     assert readme.read_text(encoding="utf-8").count("| new") == 1
 
 
-@pytest.mark.parametrize("text", ["# Title\n\nNo markers.\n", f"# Title\n{bench.END}\n{bench.START}\n",
-                                  f"# Title\n{bench.START}\nno end\n"])
+@pytest.mark.parametrize(
+    "text", ["# Title\n\nNo markers.\n", f"# Title\n{bench.END}\n{bench.START}\n", f"# Title\n{bench.START}\nno end\n"]
+)
 def test_readme_without_both_markers_is_left_alone(tmp_path, text):
     readme = tmp_path / "README.md"
     readme.write_text(text, encoding="utf-8")

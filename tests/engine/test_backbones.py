@@ -1,4 +1,5 @@
 """Backbone catalog, head replacement, weights cache status and weight files."""
+
 from __future__ import annotations
 
 import os
@@ -95,16 +96,19 @@ def test_preprocess_without_weights_uses_the_project_settings():
 # Head replacement
 
 
-@pytest.mark.parametrize("backbone, head", [
-    ("resnet18", "fc"),
-    ("mobilenet_v3_small", "classifier.3"),
-    ("efficientnet_b0", "classifier.1"),
-    ("convnext_tiny", "classifier.2"),
-    ("densenet121", "classifier"),
-    ("regnet_y_400mf", "fc"),
-    ("squeezenet1_1", "classifier.1"),  # the only family without a Linear head: a 1x1 Conv2d
-    ("googlenet", "fc"),
-])
+@pytest.mark.parametrize(
+    "backbone, head",
+    [
+        ("resnet18", "fc"),
+        ("mobilenet_v3_small", "classifier.3"),
+        ("efficientnet_b0", "classifier.1"),
+        ("convnext_tiny", "classifier.2"),
+        ("densenet121", "classifier"),
+        ("regnet_y_400mf", "fc"),
+        ("squeezenet1_1", "classifier.1"),  # the only family without a Linear head: a 1x1 Conv2d
+        ("googlenet", "fc"),
+    ],
+)
 def test_new_head_gives_one_output_per_class(backbone, head):
     built = build_model(ModelConfig(backbone=backbone), 7)
     assert isinstance(built, BuiltModel)

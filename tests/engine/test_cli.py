@@ -1,4 +1,5 @@
 """`main.py train` and friends as a user runs them: real processes, exit codes, the run folder they leave."""
+
 import json
 import os
 import subprocess
@@ -58,12 +59,15 @@ def test_an_existing_run_is_never_overwritten(tiny_project, tmp_path):
     assert (out / "metrics.jsonl").read_text() == before
 
 
-@pytest.mark.parametrize("change, message", [
-    ({"loader": {"batch_size": 0}}, "loader.batch_size = 0"),
-    ({"optimizer": {"lr": -1}}, "optimizer.lr = -1"),
-    ({"model": {"backbone": "resnet1"}}, "model.backbone = 'resnet1'"),
-    ({"data": {"path": "nowhere"}}, "data.path = 'nowhere'"),
-])
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"loader": {"batch_size": 0}}, "loader.batch_size = 0"),
+        ({"optimizer": {"lr": -1}}, "optimizer.lr = -1"),
+        ({"model": {"backbone": "resnet1"}}, "model.backbone = 'resnet1'"),
+        ({"data": {"path": "nowhere"}}, "data.path = 'nowhere'"),
+    ],
+)
 def test_bad_input_exits_2_with_a_message_and_no_traceback(tmp_path, image_folder, change, message):
     project = write_project(tmp_path / "p.json", "images", **change)
     result = run_cli("train", str(project))

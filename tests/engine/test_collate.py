@@ -1,4 +1,5 @@
 """Batch assembly: default stacking and zero-padding of differently sized images."""
+
 from __future__ import annotations
 
 import pytest
@@ -19,8 +20,7 @@ class VariedSizes(Dataset):
 
 
 def test_pad_collate_pads_bottom_right_with_zeros_and_reports_sizes():
-    batch = [(torch.full((3, 2, 5), 1.0), torch.tensor(0)),
-             (torch.full((3, 4, 3), 2.0), torch.tensor(1))]
+    batch = [(torch.full((3, 2, 5), 1.0), torch.tensor(0)), (torch.full((3, 4, 3), 2.0), torch.tensor(1))]
 
     images, targets, sizes = pad_collate(batch)
 

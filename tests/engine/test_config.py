@@ -1,4 +1,5 @@
 """Project files: round trip, and every validation rule giving an error that names the field and the value."""
+
 import json
 import math
 
@@ -71,8 +72,11 @@ BAD_VALUES = [
     ({"loader": {"sampler": {"name": "random", "weights": "balanced"}}}, "loader.sampler.weights", "random"),
     ({"loader": {"sampler": {"name": "subset_random", "indices": [-1]}}}, "loader.sampler.indices", "-1"),
     ({"loader": {"sampler": {"name": "distributed", "rank": 2, "num_replicas": 2}}}, "loader.sampler.rank", "2"),
-    ({"loader": {"shuffle": True, "sampler": {"name": "weighted_random", "weights": "balanced"}}},
-     "loader.shuffle", "weighted_random"),
+    (
+        {"loader": {"shuffle": True, "sampler": {"name": "weighted_random", "weights": "balanced"}}},
+        "loader.shuffle",
+        "weighted_random",
+    ),
     ({"loader": {"shuffle": True, "sampler": {"name": "sequential"}}}, "loader.shuffle", "sequential"),
     ({"loader": {"collate": "stack"}}, "loader.collate", "stack"),
     ({"data": {"keep_aspect": True}}, "data.keep_aspect", "pad"),
@@ -99,8 +103,7 @@ BAD_VALUES = [
     ({"loss": {"name": "mse", "label_smoothing": 0.1}}, "loss.label_smoothing", "mse"),
     ({"loss": {"class_weights": "fair"}}, "loss.class_weights", "fair"),
     ({"loss": {"name": "l1", "class_weights": "balanced"}}, "loss.class_weights", "l1"),
-    ({"loss": {"name": "cross_entropy"}, "data": {"task": "regression", "kind": "csv"}}, "loss.name",
-     "cross_entropy"),
+    ({"loss": {"name": "cross_entropy"}, "data": {"task": "regression", "kind": "csv"}}, "loss.name", "cross_entropy"),
     ({"schedule": {"name": "linear"}}, "schedule.name", "linear"),
     ({"schedule": {"step_size": 0}}, "schedule.step_size", "0"),
     ({"schedule": {"pct_start": 1.0}}, "schedule.pct_start", "1.0"),
@@ -142,11 +145,14 @@ def test_newer_schema_version_is_refused_with_advice(data_dir):
     assert "newer" in problems[0] and str(SCHEMA_VERSION + 1) in problems[0]
 
 
-@pytest.mark.parametrize("text, expected", [
-    ("{not json", "not valid JSON"),
-    ("[1, 2]", "JSON object"),
-    ('{"schema_version": "one"}', "schema_version"),
-])
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("{not json", "not valid JSON"),
+        ("[1, 2]", "JSON object"),
+        ('{"schema_version": "one"}', "schema_version"),
+    ],
+)
 def test_malformed_project_files(tmp_path, text, expected):
     path = tmp_path / "p.json"
     path.write_text(text)
@@ -188,20 +194,26 @@ def test_every_problem_carries_the_path_of_its_field(data_dir, change, field, va
     with pytest.raises(ConfigError) as info:
         from_dict(base(**change), base_dir=data_dir)
     paths = {p.path for p in info.value.problems}
-    assert field in paths or field.split("[")[0] in paths or (field == "data.keep_aspect" and "loader.collate" in paths) \
-        or (field == "optimizer.nesterov" and "optimizer.nesterov" in paths), (field, info.value.problems)
+    assert (
+        field in paths
+        or field.split("[")[0] in paths
+        or (field == "data.keep_aspect" and "loader.collate" in paths)
+        or (field == "optimizer.nesterov" and "optimizer.nesterov" in paths)
+    ), (field, info.value.problems)
 
 
 def test_a_value_set_in_code_is_checked_against_its_declaration(data_dir):
     cfg = from_dict(base(), base_dir=data_dir)
     cfg.distributed.timeout_s = 5
     cfg.loader.sampler.num_samples = 3  # only used by 'random' and 'weighted_random': the default sampler is fine
-    assert [(p.path, p.message) for p in validate(cfg)] == \
-        [("distributed.timeout_s", "distributed.timeout_s = 5: must be >= 10")]
+    assert [(p.path, p.message) for p in validate(cfg)] == [
+        ("distributed.timeout_s", "distributed.timeout_s = 5: must be >= 10")
+    ]
     cfg.loader.sampler.name = "sequential"
     (unused,) = [p for p in validate(cfg) if p.path == "loader.sampler.num_samples"]
-    assert "3" in unused.message and "'random' or 'weighted_random'" in unused.message and "'sequential'" in \
-        unused.message
+    assert (
+        "3" in unused.message and "'random' or 'weighted_random'" in unused.message and "'sequential'" in unused.message
+    )
 
 
 def test_a_base_dir_key_in_the_file_is_an_unknown_key(data_dir):

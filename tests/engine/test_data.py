@@ -1,4 +1,5 @@
 """Scanning, verifying, splitting and serving datasets from folders, CSVs and .npz archives."""
+
 from __future__ import annotations
 
 import csv
@@ -63,7 +64,9 @@ def test_folder_scan_finds_sorted_classes_and_counts(tmp_path):
     assert src.class_counts() == [4, 3, 3]
     assert len(src.files) == len(src.targets) == 10
     assert not src.skipped and not src.warnings
-    assert all(src.class_names[t] == Path(f).relative_to(root).parts[0] for f, t in zip(src.files, src.targets, strict=True))
+    assert all(
+        src.class_names[t] == Path(f).relative_to(root).parts[0] for f, t in zip(src.files, src.targets, strict=True)
+    )
 
 
 def test_broken_images_are_skipped_with_reasons_and_the_rest_load(tmp_path):
@@ -115,8 +118,9 @@ def test_oversized_image_is_skipped_as_a_decompression_bomb(tmp_path, monkeypatc
     assert src.class_counts() == [2, 2]
 
 
-@pytest.mark.parametrize("mode,fmt", [("L", "PNG"), ("RGBA", "PNG"), ("P", "PNG"), ("CMYK", "JPEG"),
-                                      ("LA", "PNG"), ("1", "PNG")])
+@pytest.mark.parametrize(
+    "mode,fmt", [("L", "PNG"), ("RGBA", "PNG"), ("P", "PNG"), ("CMYK", "JPEG"), ("LA", "PNG"), ("1", "PNG")]
+)
 def test_image_modes_become_three_channel_tensors(tmp_path, mode, fmt):
     path = save_image(tmp_path / f"img.{fmt.lower()}", mode=mode, fmt=fmt)
     if mode == "P":  # a palette image with a transparent index
@@ -207,7 +211,9 @@ def test_symlink_loop_in_a_class_folder_is_reported_and_counts_equal_the_real_fi
     src = scan_source(root)
 
     assert src.class_counts() == [5, 7]  # the real files, each once
-    assert sorted(f.name for f, t in zip(src.files, src.targets, strict=True) if t == 1) == [f"{i:03d}.png" for i in range(7)]
+    assert sorted(f.name for f, t in zip(src.files, src.targets, strict=True) if t == 1) == [
+        f"{i:03d}.png" for i in range(7)
+    ]
     loops = [w for w in src.warnings if "symlink loop" in w]
     assert len(loops) == 2
     assert any(str(root / "square" / "again") in w for w in loops)
@@ -248,9 +254,11 @@ def test_csv_classification_with_relative_absolute_and_missing_paths(tmp_path):
     a = save_image(tmp_path / "imgs" / "a.png")
     b = save_image(tmp_path / "imgs" / "b.png")
     c = save_image(tmp_path / "elsewhere" / "c.png")
-    file = write_csv(tmp_path / "labels.csv", [["imgs/a.png", "cat"], ["imgs/b.png", "dog"],
-                                               [str(c), "dog"], ["imgs/gone.png", "cat"], ["imgs/a.png", ""]],
-                     header=("path", "label", "notes"))
+    file = write_csv(
+        tmp_path / "labels.csv",
+        [["imgs/a.png", "cat"], ["imgs/b.png", "dog"], [str(c), "dog"], ["imgs/gone.png", "cat"], ["imgs/a.png", ""]],
+        header=("path", "label", "notes"),
+    )
 
     src = scan_source(file)
 
@@ -298,10 +306,12 @@ def test_multilabel_csv_gives_multi_hot_targets(tmp_path):
 def test_regression_csv_single_and_several_values(tmp_path):
     for n in "abcd":
         save_image(tmp_path / f"{n}.png")
-    one = scan_source(write_csv(tmp_path / "one.csv", [["a.png", "1.5"], ["b.png", "-2"], ["c.png", "abc"]]),
-                      task="regression")
-    two = scan_source(write_csv(tmp_path / "two.csv", [["a.png", "1;2"], ["b.png", "3;4"], ["c.png", "5"]]),
-                      task="regression")
+    one = scan_source(
+        write_csv(tmp_path / "one.csv", [["a.png", "1.5"], ["b.png", "-2"], ["c.png", "abc"]]), task="regression"
+    )
+    two = scan_source(
+        write_csv(tmp_path / "two.csv", [["a.png", "1;2"], ["b.png", "3;4"], ["c.png", "5"]]), task="regression"
+    )
 
     assert one.class_names == ["value"] and one.targets == [[1.5], [-2.0]]
     assert "line 4: label 'abc' is not a number" in one.skipped[0].reason
@@ -318,8 +328,7 @@ def test_npz_grayscale_and_colour_arrays(tmp_path):
     gray = np.random.default_rng(0).integers(0, 256, (6, 8, 9), dtype=np.uint8)
     np.savez(tmp_path / "gray.npz", X=gray, y=np.array([3, 7, 3, 7, 3, 7]))
     colour = np.random.default_rng(1).random((4, 8, 9, 4)).astype(np.float32)
-    np.savez(tmp_path / "colour.npz", X=colour, y=np.array([0, 1, 2, 1]),
-             class_names=np.array(["ant", "bee", "cow"]))
+    np.savez(tmp_path / "colour.npz", X=colour, y=np.array([0, 1, 2, 1]), class_names=np.array(["ant", "bee", "cow"]))
 
     g = scan_source(tmp_path / "gray.npz")
     c = scan_source(tmp_path / "colour.npz")

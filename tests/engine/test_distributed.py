@@ -4,6 +4,7 @@ The runs use the repository's main.py through torchrun (or through `main.py trai
 distributed.processes = 2, which starts torchrun itself). tests/engine/ddp_hook/sitecustomize.py is put on
 the training processes' PYTHONPATH where a test needs each rank's final weights or a rank that fails.
 """
+
 from __future__ import annotations
 
 import collections
@@ -30,8 +31,11 @@ pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="th
 
 
 def _env(**extra) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
-                                                            "MASTER_PORT")}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+    }
     env.update({"PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", "MWB_TEST_REPO": str(ROOT), **extra})
     return env
 
@@ -48,11 +52,16 @@ def _metrics(run_dir: Path) -> list[dict]:
 # Sharded samplers: every process draws the same global order and takes its stride of it
 
 
-@pytest.mark.parametrize("name, extra", [
-    ("sequential", {}), ("random", {}), ("distributed", {}),
-    ("subset_random", {"indices": list(range(0, 100, 3))}),
-    ("random", {"replacement": True, "num_samples": 50}),
-])
+@pytest.mark.parametrize(
+    "name, extra",
+    [
+        ("sequential", {}),
+        ("random", {}),
+        ("distributed", {}),
+        ("subset_random", {"indices": list(range(0, 100, 3))}),
+        ("random", {"replacement": True, "num_samples": 50}),
+    ],
+)
 def test_the_shares_of_a_global_draw_are_disjoint_equal_and_cover_it(name, extra):
     spec = SamplerConfig(name=name, **extra)
     g = torch.Generator()
@@ -65,7 +74,7 @@ def test_the_shares_of_a_global_draw_are_disjoint_equal_and_cover_it(name, extra
     assert len({len(d) for d in drawn}) == 1 and all(len(d) == len(s) for d, s in zip(drawn, shares, strict=True))
     everything = list(whole)
     # the shares interleave the single draw (padded by repeating its start to a multiple of 3)
-    padded = everything + everything[:(-len(everything)) % 3]
+    padded = everything + everything[: (-len(everything)) % 3]
     assert [padded[r::3] for r in range(3)] == drawn
     if not spec.replacement:
         assert len(set(everything)) == len(everything)
@@ -132,17 +141,35 @@ def test_two_processes_match_one_with_the_same_global_batch(tmp_path, data):
     """2 x 6 images per step against 1 x 12, same seed and order: the same losses and weights (BatchNorm
     frozen, which is per-process otherwise; the frozen backbone's features cached, so DDP wraps the rest). Also: `main.py train` starts torchrun itself for processes = 2,
     only rank 0 writes, and the checkpoint has no DDP prefixes and resumes in one process."""
-    common = dict(model={"backbone": "resnet18", "freeze": "head_only"},
-                  train={"epochs": 2, "device": "cpu", "seed": 0, "feature_cache": "auto"})
-    two = write_project(tmp_path / "two.json", "images", model=common["model"], train=common["train"],
-                        loader={"batch_size": 6, "sampler": {"name": "sequential"}}, distributed={"processes": 2},
-                        output={"dir": "runs-two"})
-    one = write_project(tmp_path / "one.json", "images", model=common["model"], train=common["train"],
-                        loader={"batch_size": 12, "sampler": {"name": "sequential"}}, output={"dir": "runs-one"})
+    common = dict(
+        model={"backbone": "resnet18", "freeze": "head_only"},
+        train={"epochs": 2, "device": "cpu", "seed": 0, "feature_cache": "auto"},
+    )
+    two = write_project(
+        tmp_path / "two.json",
+        "images",
+        model=common["model"],
+        train=common["train"],
+        loader={"batch_size": 6, "sampler": {"name": "sequential"}},
+        distributed={"processes": 2},
+        output={"dir": "runs-two"},
+    )
+    one = write_project(
+        tmp_path / "one.json",
+        "images",
+        model=common["model"],
+        train=common["train"],
+        loader={"batch_size": 12, "sampler": {"name": "sequential"}},
+        output={"dir": "runs-one"},
+    )
     dumps = tmp_path / "dumps"
     dumps.mkdir()
-    res = _run([sys.executable, str(ROOT / "main.py"), "train", str(two)], tmp_path,
-               PYTHONPATH=str(HOOK), MWB_TEST_DUMP_DIR=str(dumps))
+    res = _run(
+        [sys.executable, str(ROOT / "main.py"), "train", str(two)],
+        tmp_path,
+        PYTHONPATH=str(HOOK),
+        MWB_TEST_DUMP_DIR=str(dumps),
+    )
     assert res.returncode == 0, res.stderr[-3000:]
     assert "starting the run in 2 processes through torchrun" in res.stderr
     assert "All 2 processes end with the same weights and buffers" in res.stderr
@@ -176,15 +203,21 @@ def test_two_processes_match_one_with_the_same_global_batch(tmp_path, data):
 
 def test_a_one_process_checkpoint_resumes_in_two_processes_and_the_loss_falls(tmp_path, data):
     """The whole model trains (BatchNorm per process); events on stdout from rank 0 only; ranks agree."""
-    project = write_project(tmp_path / "p.json", "images", loader={"batch_size": 6},
-                            optimizer={"name": "adam", "lr": 0.0005}, train={"epochs": 1, "device": "cpu", "seed": 1})
+    project = write_project(
+        tmp_path / "p.json",
+        "images",
+        loader={"batch_size": 6},
+        optimizer={"name": "adam", "lr": 0.0005},
+        train={"epochs": 1, "device": "cpu", "seed": 1},
+    )
     from engine.cli import main
 
     assert main(["train", str(project), "--out", str(tmp_path / "run")]) == 0
     dumps = tmp_path / "dumps"
     dumps.mkdir()
-    cmd = torchrun_command(2, ["resume", str(tmp_path / "run" / "checkpoints" / "last.pt"), "--epochs", "4",
-                               "--events"])
+    cmd = torchrun_command(
+        2, ["resume", str(tmp_path / "run" / "checkpoints" / "last.pt"), "--epochs", "4", "--events"]
+    )
     res = _run(cmd, tmp_path, PYTHONPATH=str(HOOK), MWB_TEST_DUMP_DIR=str(dumps))
     assert res.returncode == 0, res.stderr[-3000:]
     history = _metrics(tmp_path / "run")
@@ -206,8 +239,13 @@ def test_a_one_process_checkpoint_resumes_in_two_processes_and_the_loss_falls(tm
 
 
 def test_a_failing_rank_ends_the_run_with_its_error_and_the_checkpoints_stay(tmp_path, data):
-    project = write_project(tmp_path / "p.json", "images", loader={"batch_size": 6},
-                            train={"epochs": 3, "device": "cpu", "seed": 0}, distributed={"timeout_s": 30})
+    project = write_project(
+        tmp_path / "p.json",
+        "images",
+        loader={"batch_size": 6},
+        train={"epochs": 3, "device": "cpu", "seed": 0},
+        distributed={"timeout_s": 30},
+    )
     cmd = torchrun_command(2, ["train", str(project), "--out", str(tmp_path / "run"), "--events"], tee=True)
     # rank 1 fails in epoch 2 (3 steps per epoch), while rank 0 waits for it in the next all-reduce
     res = _run(cmd, tmp_path, timeout=240, PYTHONPATH=str(HOOK), MWB_TEST_FAIL_RANK="1", MWB_TEST_FAIL_STEP="5")
@@ -246,11 +284,22 @@ def test_ctrl_c_stops_every_process_after_the_batch_with_the_checkpoints_intact(
     import signal
     import time
 
-    project = write_project(tmp_path / "p.json", "images", loader={"batch_size": 2},
-                            train={"epochs": 50, "device": "cpu", "seed": 0}, distributed={"processes": 2})
-    proc = subprocess.Popen([sys.executable, str(ROOT / "main.py"), "train", str(project), "--out",
-                             str(tmp_path / "run"), "--events"], cwd=tmp_path, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=_env(), start_new_session=True)
+    project = write_project(
+        tmp_path / "p.json",
+        "images",
+        loader={"batch_size": 2},
+        train={"epochs": 50, "device": "cpu", "seed": 0},
+        distributed={"processes": 2},
+    )
+    proc = subprocess.Popen(
+        [sys.executable, str(ROOT / "main.py"), "train", str(project), "--out", str(tmp_path / "run"), "--events"],
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=_env(),
+        start_new_session=True,
+    )
     try:
         workers: set[int] = set()
         for line in proc.stdout:  # wait until an epoch has finished (and was checkpointed)
@@ -271,8 +320,10 @@ def test_ctrl_c_stops_every_process_after_the_batch_with_the_checkpoints_intact(
     assert finished and finished[-1].status == "stopped", err[-3000:]
     assert proc.returncode == 130
     deadline = time.monotonic() + 30
-    while any(Path(f"/proc/{pid}").exists() and "zombie" not in _state(pid) for pid in workers) \
-            and time.monotonic() < deadline:
+    while (
+        any(Path(f"/proc/{pid}").exists() and "zombie" not in _state(pid) for pid in workers)
+        and time.monotonic() < deadline
+    ):
         time.sleep(0.2)
     assert not [pid for pid in workers if Path(f"/proc/{pid}").exists() and "zombie" not in _state(pid)]
     assert "processes end with the same weights and buffers" in err  # stopped in the same batch, buffers shared

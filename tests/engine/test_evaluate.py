@@ -1,4 +1,5 @@
 """Evaluation: exact metrics on models with known outputs, and a trained checkpoint on its own and on new data."""
+
 import json
 import math
 import threading
@@ -54,8 +55,15 @@ PATHS = [f"/data/{i}.png" for i in range(6)]
 
 def test_classification_metrics_equal_hand_computed_values():
     progress = []
-    ev = evaluate_model(PresetOutputs(LOGITS), index_loader(TARGETS), task="classification", class_names=NAMES,
-                        sample_names=PATHS, top_n=4, progress=lambda d, t: progress.append((d, t)))
+    ev = evaluate_model(
+        PresetOutputs(LOGITS),
+        index_loader(TARGETS),
+        task="classification",
+        class_names=NAMES,
+        sample_names=PATHS,
+        top_n=4,
+        progress=lambda d, t: progress.append((d, t)),
+    )
     assert progress == [(1, 2), (2, 2)]
     assert ev.samples == 6
     assert ev.accuracy == pytest.approx(4 / 6)
@@ -92,8 +100,13 @@ def test_top5_accuracy_with_six_classes():
     # The true class is ranked 1st, 5th, and 6th (last) for the three samples.
     logits = [[5.0, 4, 3, 2, 1, 0], [1.0, 5, 4, 3, 2, 0], [5.0, 4, 3, 2, 1, 0]]
     targets = [0, 0, 5]
-    ev = evaluate_model(PresetOutputs(logits), index_loader(targets), task="classification",
-                        class_names=list("uvwxyz"), sample_names=["s0", "s1", "s2"])
+    ev = evaluate_model(
+        PresetOutputs(logits),
+        index_loader(targets),
+        task="classification",
+        class_names=list("uvwxyz"),
+        sample_names=["s0", "s1", "s2"],
+    )
     assert ev.top5_accuracy == pytest.approx(2 / 3)
     assert ev.accuracy == pytest.approx(1 / 3)
 
@@ -112,11 +125,16 @@ class SizedImages(Dataset):
 
 
 def test_pad_collate_batches_give_the_same_result():
-    plain = evaluate_model(PresetOutputs(LOGITS), index_loader(TARGETS), task="classification",
-                           class_names=NAMES, sample_names=PATHS)
-    padded = evaluate_model(PresetOutputs(LOGITS), DataLoader(SizedImages(TARGETS), batch_size=4,
-                                                              collate_fn=pad_collate),
-                            task="classification", class_names=NAMES, sample_names=PATHS)
+    plain = evaluate_model(
+        PresetOutputs(LOGITS), index_loader(TARGETS), task="classification", class_names=NAMES, sample_names=PATHS
+    )
+    padded = evaluate_model(
+        PresetOutputs(LOGITS),
+        DataLoader(SizedImages(TARGETS), batch_size=4, collate_fn=pad_collate),
+        task="classification",
+        class_names=NAMES,
+        sample_names=PATHS,
+    )
     assert padded.to_dict() == plain.to_dict()
 
 
@@ -124,8 +142,13 @@ def test_multilabel_per_label_metrics_and_accuracy():
     names = ["cat", "dog", "sky"]
     targets = [[1.0, 0.0, 1.0], [0.0, 1.0, 0.0], [1.0, 1.0, 0.0], [0.0, 0.0, 0.0]]
     logits = [[2.0, -1.0, -3.0], [1.0, 3.0, -2.0], [4.0, -2.0, -1.0], [-1.0, -1.0, -1.0]]
-    ev = evaluate_model(PresetOutputs(logits), index_loader(targets, dtype=torch.float32), task="multilabel",
-                        class_names=names, sample_names=["p0", "p1", "p2", "p3"])
+    ev = evaluate_model(
+        PresetOutputs(logits),
+        index_loader(targets, dtype=torch.float32),
+        task="multilabel",
+        class_names=names,
+        sample_names=["p0", "p1", "p2", "p3"],
+    )
     # predicted (logit > 0): {cat}, {cat, dog}, {cat}, {}
     # cat: tp 2, fp 1, fn 0; dog: tp 1, fp 0, fn 1; sky: tp 0, fp 0, fn 1
     rows = {r["class"]: r for r in ev.per_class}
@@ -136,8 +159,10 @@ def test_multilabel_per_label_metrics_and_accuracy():
     assert rows["dog"]["f1"] == pytest.approx(2 / 3)
     assert ev.accuracy == pytest.approx(9 / 12)  # wrong: s0 sky, s1 cat, s2 dog
     assert ev.confusion == [] and ev.top5_accuracy is None
-    bce = [np.mean([math.log1p(math.exp(-z)) if t else math.log1p(math.exp(z)) for z, t in zip(zs, ts, strict=True)])
-           for zs, ts in zip(logits, targets, strict=True)]
+    bce = [
+        np.mean([math.log1p(math.exp(-z)) if t else math.log1p(math.exp(z)) for z, t in zip(zs, ts, strict=True)])
+        for zs, ts in zip(logits, targets, strict=True)
+    ]
     assert ev.loss == pytest.approx(np.mean(bce))
     assert ev.hardest[0]["path"] == f"p{int(np.argmax(bce))}"
     assert ev.hardest[0]["true"] == ["cat", "sky"] and ev.hardest[0]["predicted"] == ["cat"]
@@ -147,8 +172,13 @@ def test_multilabel_per_label_metrics_and_accuracy():
 def test_regression_reports_mse_mae_rmse():
     targets = [[1.0], [2.0], [4.0]]
     outputs = [[1.5], [2.0], [1.0]]
-    ev = evaluate_model(PresetOutputs(outputs), index_loader(targets, dtype=torch.float32), task="regression",
-                        class_names=["value"], sample_names=["r0", "r1", "r2"])
+    ev = evaluate_model(
+        PresetOutputs(outputs),
+        index_loader(targets, dtype=torch.float32),
+        task="regression",
+        class_names=["value"],
+        sample_names=["r0", "r1", "r2"],
+    )
     assert ev.accuracy is None and ev.per_class == [] and ev.confusion == []
     assert ev.loss == pytest.approx((0.25 + 0 + 9) / 3)
     assert ev.mae == pytest.approx((0.5 + 0 + 3) / 3)
@@ -165,8 +195,15 @@ def test_stop_event_ends_evaluation_without_a_result():
         seen.append(done)
         stop.set()
 
-    ev = evaluate_model(PresetOutputs(LOGITS), index_loader(TARGETS, batch_size=2), task="classification",
-                        class_names=NAMES, sample_names=PATHS, stop_event=stop, progress=progress)
+    ev = evaluate_model(
+        PresetOutputs(LOGITS),
+        index_loader(TARGETS, batch_size=2),
+        task="classification",
+        class_names=NAMES,
+        sample_names=PATHS,
+        stop_event=stop,
+        progress=progress,
+    )
     assert ev is None and seen == [1]
 
 

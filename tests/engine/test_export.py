@@ -1,4 +1,5 @@
 """Exports of a trained checkpoint: every format loads back in its own runtime and matches PyTorch; bad targets are refused."""
+
 import json
 import os
 from pathlib import Path
@@ -132,11 +133,17 @@ def test_an_export_in_progress_to_the_same_file_is_refused_by_name(checkpoint, t
     import sys
 
     out = tmp_path / "model.pth"
-    script = ("import sys; from engine.run_lock import claim; c = claim(sys.argv[1], 'export'); "
-              "print('held', flush=True); sys.stdin.read(); c.release()")
-    holder = subprocess.Popen([sys.executable, "-c", script, str(tmp_path / ".model.pth.lock")],
-                              cwd=Path(__file__).resolve().parents[2], stdin=subprocess.PIPE,
-                              stdout=subprocess.PIPE, text=True)
+    script = (
+        "import sys; from engine.run_lock import claim; c = claim(sys.argv[1], 'export'); "
+        "print('held', flush=True); sys.stdin.read(); c.release()"
+    )
+    holder = subprocess.Popen(
+        [sys.executable, "-c", script, str(tmp_path / ".model.pth.lock")],
+        cwd=Path(__file__).resolve().parents[2],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
         assert holder.stdout.readline().strip() == "held"
         with pytest.raises(ExportError, match=rf"export '{out}' is in use by process {holder.pid}"):
@@ -170,8 +177,9 @@ def test_read_only_folder_is_refused(checkpoint, tmp_path):
 
 
 def test_unknown_format_lists_the_allowed_ones(checkpoint, tmp_path):
-    with pytest.raises(ExportError, match="unknown export format 'tflite'; allowed: torchscript, onnx, state_dict, "
-                                          "safetensors, pt2"):
+    with pytest.raises(
+        ExportError, match="unknown export format 'tflite'; allowed: torchscript, onnx, state_dict, safetensors, pt2"
+    ):
         export_checkpoint(checkpoint, "tflite", tmp_path / "model.tflite")
 
 

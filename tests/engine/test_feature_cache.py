@@ -1,4 +1,5 @@
 """The frozen-backbone feature cache: cached training equals recomputed training, and every fallback says why."""
+
 import os
 
 import pytest
@@ -71,8 +72,10 @@ def test_cached_head_only_training_equals_recomputed_training(tmp_path):
     assert recomputed.feature_cache is None and "train.feature_cache = 'off'" in logs_off.cache_line()
     assert_same_training(cached, recomputed)
     # The real model is whole: what checkpoints save still has every backbone layer.
-    assert isinstance(cached.parts.model.layer4, nn.Sequential) and "layer4.0.conv1.weight" in \
-        cached.parts.model.state_dict()
+    assert (
+        isinstance(cached.parts.model.layer4, nn.Sequential)
+        and "layer4.0.conv1.weight" in cached.parts.model.state_dict()
+    )
 
 
 def test_a_prefix_boundary_trains_the_rest_of_the_network_equally(tmp_path):
@@ -88,8 +91,10 @@ def test_a_prefix_boundary_trains_the_rest_of_the_network_equally(tmp_path):
 
 
 def test_a_weighted_sampler_draws_the_same_batches_from_the_cache(tmp_path):
-    cfg = project(tmp_path, loader={"batch_size": 5, "sampler": {"name": "weighted_random", "weights": "balanced",
-                                                                  "num_samples": 20}})
+    cfg = project(
+        tmp_path,
+        loader={"batch_size": 5, "sampler": {"name": "weighted_random", "weights": "balanced", "num_samples": 20}},
+    )
     cached, _ = train(cfg.copy())
     assert cached.feature_cache is not None
     off = cfg.copy()
@@ -108,14 +113,17 @@ def test_with_loader_workers_the_cache_draws_the_batches_persistent_workers_draw
     assert_same_training(cached, train(off)[0])
 
 
-@pytest.mark.parametrize("change, reason", [
-    ({"data": {"augment": {"rotation": 10.0}}}, "data.augment.rotation"),
-    ({"data": {"augment": {"horizontal_flip": True}}}, "data.augment.horizontal_flip"),
-    ({"data": {"keep_aspect": True}, "loader": {"collate": "pad"}}, "data.keep_aspect"),
-    ({"model": {"freeze": "head_only", "train_frozen_batchnorm": True}}, "model.train_frozen_batchnorm"),
-    ({"model": {"freeze": "none"}}, "nothing is frozen (model.freeze)"),
-    ({"model": {"freeze": "none", "freeze_prefixes": ["layer4"]}}, "nothing is frozen at the start"),
-])
+@pytest.mark.parametrize(
+    "change, reason",
+    [
+        ({"data": {"augment": {"rotation": 10.0}}}, "data.augment.rotation"),
+        ({"data": {"augment": {"horizontal_flip": True}}}, "data.augment.horizontal_flip"),
+        ({"data": {"keep_aspect": True}, "loader": {"collate": "pad"}}, "data.keep_aspect"),
+        ({"model": {"freeze": "head_only", "train_frozen_batchnorm": True}}, "model.train_frozen_batchnorm"),
+        ({"model": {"freeze": "none"}}, "nothing is frozen (model.freeze)"),
+        ({"model": {"freeze": "none", "freeze_prefixes": ["layer4"]}}, "nothing is frozen at the start"),
+    ],
+)
 def test_ineligible_projects_fall_back_with_the_reason_logged(tmp_path, change, reason):
     cfg = project(tmp_path, **change, train={"epochs": 1})
     trainer, logs = train(cfg)
@@ -201,8 +209,13 @@ def test_other_frozen_weights_recompute(tmp_path):
 
 
 def test_resume_with_the_cache_equals_an_uninterrupted_run(tmp_path):
-    cfg = project(tmp_path, train={"epochs": 4}, schedule={"name": "cosine"}, optimizer={"name": "sgd", "lr": 0.05},
-                  output={"dir": "runs", "tensorboard": False})
+    cfg = project(
+        tmp_path,
+        train={"epochs": 4},
+        schedule={"name": "cosine"},
+        optimizer={"name": "sgd", "lr": 0.05},
+        output={"dir": "runs", "tensorboard": False},
+    )
     cfg.checkpoint.keep_last = 0
     straight = Trainer(cfg, run_callbacks(cfg, create_run_dir(cfg, tmp_path / "straight")))
     straight.run()

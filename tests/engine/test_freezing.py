@@ -1,4 +1,5 @@
 """Freezing presets, frozen weights and BatchNorm statistics under training, parameter groups, the layer tree."""
+
 from __future__ import annotations
 
 import pytest
@@ -92,11 +93,14 @@ def test_a_prefix_may_name_one_parameter():
     assert _frozen(model) == {"fc.bias"}
 
 
-@pytest.mark.parametrize("cfg, field", [
-    (_cfg(freeze="up_to", freeze_up_to="layer9"), "model.freeze_up_to = 'layer9': no such module in resnet18"),
-    (_cfg(freeze_prefixes=["fc", "layr1"]), "model.freeze_prefixes[1] = 'layr1': matches no module"),
-    (_cfg(unfreeze_prefixes=["laye"]), "model.unfreeze_prefixes[0] = 'laye'"),
-])
+@pytest.mark.parametrize(
+    "cfg, field",
+    [
+        (_cfg(freeze="up_to", freeze_up_to="layer9"), "model.freeze_up_to = 'layer9': no such module in resnet18"),
+        (_cfg(freeze_prefixes=["fc", "layr1"]), "model.freeze_prefixes[1] = 'layr1': matches no module"),
+        (_cfg(unfreeze_prefixes=["laye"]), "model.unfreeze_prefixes[0] = 'laye'"),
+    ],
+)
 def test_unknown_module_names_are_errors_naming_the_field(cfg, field):
     model, head = _resnet18()
     with pytest.raises(ConfigError) as err:
@@ -121,10 +125,14 @@ def _train_steps(model, optimizer, steps=3, bn_eval=()):
         optimizer.step()
 
 
-@pytest.mark.parametrize("make_optimizer", [
-    lambda groups: torch.optim.SGD(groups, lr=0.1, momentum=0.9, weight_decay=1e-2),
-    lambda groups: torch.optim.AdamW(groups, lr=0.01, weight_decay=0.1),
-], ids=["sgd", "adamw"])
+@pytest.mark.parametrize(
+    "make_optimizer",
+    [
+        lambda groups: torch.optim.SGD(groups, lr=0.1, momentum=0.9, weight_decay=1e-2),
+        lambda groups: torch.optim.AdamW(groups, lr=0.01, weight_decay=0.1),
+    ],
+    ids=["sgd", "adamw"],
+)
 def test_frozen_weights_are_bitwise_unchanged_by_training(make_optimizer):
     model, head = _resnet18()
     apply_freeze(model, _cfg(freeze="up_to", freeze_up_to="layer3"), head)
@@ -162,8 +170,11 @@ def _training_forwards(model, steps=3, bn_eval=()):
 
 
 def _bn_state(model):
-    return {k: v.clone() for k, v in model.state_dict().items()
-            if k.endswith(("running_mean", "running_var", "num_batches_tracked"))}
+    return {
+        k: v.clone()
+        for k, v in model.state_dict().items()
+        if k.endswith(("running_mean", "running_var", "num_batches_tracked"))
+    }
 
 
 def test_frozen_batchnorm_statistics_stay_put_in_training():

@@ -2,6 +2,7 @@
 
 Each fast path must give the same results as the plain path within tolerance, and save ordinary checkpoints.
 """
+
 import math
 
 import pytest
@@ -29,10 +30,15 @@ class Recorder(Callback):
     def on_batch_finished(self, trainer, state, loss):
         self.losses.append(loss)
         # 1x1 kernels look alike in both layouts; the others tell them apart
-        convs = [m for m in trainer.parts.model.modules()
-                 if isinstance(m, torch.nn.Conv2d) and m.weight.shape[-2:] != (1, 1)]
-        self.conv_channels_last.append(all(c.weight.is_contiguous(memory_format=torch.channels_last)
-                                           and not c.weight.is_contiguous() for c in convs))
+        convs = [
+            m for m in trainer.parts.model.modules() if isinstance(m, torch.nn.Conv2d) and m.weight.shape[-2:] != (1, 1)
+        ]
+        self.conv_channels_last.append(
+            all(
+                c.weight.is_contiguous(memory_format=torch.channels_last) and not c.weight.is_contiguous()
+                for c in convs
+            )
+        )
 
 
 # Plain SGD and equal batches: Adam's first steps and a 2-sample BatchNorm batch magnify rounding differences.
@@ -43,10 +49,14 @@ def train(tmp_path, *, callbacks=(), model=None, loader=None, optimizer=None, **
     images = tmp_path / "images"
     if not images.exists():
         write_image_folder(images, per_class=8)
-    project = write_project(tmp_path / "project.json", "images", model=model or {"backbone": "resnet18"},
-                            loader=loader or {"batch_size": 8},
-                            optimizer=optimizer or {"name": "adam", "lr": 0.003},
-                            train={"epochs": 1, "device": "cpu", "seed": 0, **train})
+    project = write_project(
+        tmp_path / "project.json",
+        "images",
+        model=model or {"backbone": "resnet18"},
+        loader=loader or {"batch_size": 8},
+        optimizer=optimizer or {"name": "adam", "lr": 0.003},
+        train={"epochs": 1, "device": "cpu", "seed": 0, **train},
+    )
     rec = Recorder()
     trainer = Trainer(load_project(project), [rec, *callbacks])
     state = trainer.run()
@@ -97,9 +107,9 @@ def test_a_channels_last_checkpoint_loads_into_a_fresh_model_and_predicts_the_sa
         expected = trained(x.contiguous(memory_format=torch.channels_last))
         assert torch.allclose(fresh(x), expected, atol=1e-5)
     image = next((tmp_path / "images" / "red").iterdir())
-    assert Predictor(trained, ckpt["class_names"], "classification",
-                     Predictor.from_checkpoint(final).transform).scores(image) == \
-        pytest.approx(Predictor.from_checkpoint(final).scores(image), abs=1e-5)
+    assert Predictor(trained, ckpt["class_names"], "classification", Predictor.from_checkpoint(final).transform).scores(
+        image
+    ) == pytest.approx(Predictor.from_checkpoint(final).scores(image), abs=1e-5)
 
     out = tmp_path / "model.safetensors"
     result = export_checkpoint(final, "safetensors", out)  # checks the file against the checkpoint's model
@@ -133,8 +143,9 @@ def test_a_compiler_that_fails_falls_back_to_eager_with_the_reason(tmp_path):
     _, eager, _ = train(tmp_path, **small)
     torch._dynamo.reset()
     try:
-        with inductor_config.patch({"cpp.cxx": (str(tmp_path / "no-such-compiler"),), "fx_graph_cache": False,
-                                    "autotune_local_cache": False}):
+        with inductor_config.patch(
+            {"cpp.cxx": (str(tmp_path / "no-such-compiler"),), "fx_graph_cache": False, "autotune_local_cache": False}
+        ):
             trainer, compiled, state = train(tmp_path, compile=True, **small)
     finally:
         torch._dynamo.reset()
@@ -166,8 +177,9 @@ def test_new_settings_default_and_are_validated(tmp_path):
     for bad, field in (({"channels_last": "yes"}, "train.channels_last"), ({"compile": 1}, "train.compile")):
         with pytest.raises(ConfigError) as err:
             load_project(write_project(tmp_path / "bad.json", "images", train=bad))
-        assert any(p.path == field and p.message.startswith(f"{field} = ") for p in err.value.problems), \
+        assert any(p.path == field and p.message.startswith(f"{field} = ") for p in err.value.problems), (
             err.value.problems
+        )
 
     cfg.train.channels_last = "on"
     cfg.train.compile = None

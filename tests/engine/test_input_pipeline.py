@@ -1,4 +1,5 @@
 """The decoded-image cache serves the same tensors as decoding every epoch; loader workers are chosen by rule."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -40,8 +41,9 @@ def write_npz(path, dtype=np.uint8):
 
 def project(tmp_path, data_path, **data):
     loader = {"collate": "pad"} if data.get("keep_aspect") else {}
-    return load_project(write_project(tmp_path / "p.json", str(data_path),
-                                      data={"val_fraction": 0.3, **data}, loader=loader))
+    return load_project(
+        write_project(tmp_path / "p.json", str(data_path), data={"val_fraction": 0.3, **data}, loader=loader)
+    )
 
 
 def both(cfg, pre=PRE):
@@ -206,9 +208,11 @@ def test_loader_plans_fill_in_only_what_is_auto(tmp_path):
     train = plan_loader(lo, cached=True, augmented=True, cpus=8)
     val = plan_loader(lo, cached=True, augmented=False, cpus=8)
     assert (train.workers, train.pin_memory, val.workers) == (2, False, 0)
-    assert describe_plans(train, val) == ("Loader: training 2 workers (auto: 8 CPUs shared with training on the "
-                                          "CPU), validation main process (auto: cached, no augmentation), "
-                                          "persistent, pinned memory off")
+    assert describe_plans(train, val) == (
+        "Loader: training 2 workers (auto: 8 CPUs shared with training on the "
+        "CPU), validation main process (auto: cached, no augmentation), "
+        "persistent, pinned memory off"
+    )
 
 
 def test_worker_processes_give_the_same_batches_from_the_cache(tmp_path):
@@ -220,8 +224,16 @@ def test_worker_processes_give_the_same_batches_from_the_cache(tmp_path):
     def batches(workers, train):
         plan = plan_loader(cfg.loader, cached=True, augmented=False)
         plan.workers, plan.persistent = workers, False
-        loader = build_loader(data.train if train else data.val, cfg.loader, train=train, targets=None,
-                              collate_fn=None, seed=5, pin_memory=False, plan=plan)
+        loader = build_loader(
+            data.train if train else data.val,
+            cfg.loader,
+            train=train,
+            targets=None,
+            collate_fn=None,
+            seed=5,
+            pin_memory=False,
+            plan=plan,
+        )
         assert loader.num_workers == workers
         return list(loader)
 
@@ -241,8 +253,9 @@ def test_persistent_workers_draw_the_same_order_as_none_also_after_a_resume(tmp_
     def loader(workers, state=None):
         plan = plan_loader(cfg.loader, cached=True, augmented=False)
         plan.workers, plan.persistent = workers, workers > 0
-        built = build_loader(data.train, cfg.loader, train=True, targets=None, collate_fn=None, seed=1,
-                             pin_memory=False, plan=plan)
+        built = build_loader(
+            data.train, cfg.loader, train=True, targets=None, collate_fn=None, seed=1, pin_memory=False, plan=plan
+        )
         if state is not None:
             built.generator.set_state(state)
         return built

@@ -1,4 +1,5 @@
 """Checkpoints that survive crashes, exact resume, early stopping, the NaN guard and TensorBoard files."""
+
 import json
 import shutil
 import subprocess
@@ -26,10 +27,15 @@ def train(cfg, run_dir, resume=None):
 
 @pytest.fixture()
 def project(tmp_path, image_folder):
-    return write_project(tmp_path / "p.json", "images", data={"augment": {"horizontal_flip": True, "rotation": 5.0}},
-                         train={"epochs": 4, "device": "cpu", "seed": 3, "deterministic": True},
-                         schedule={"name": "cosine"}, optimizer={"name": "sgd", "lr": 0.02},
-                         output={"dir": "runs", "tensorboard": False})
+    return write_project(
+        tmp_path / "p.json",
+        "images",
+        data={"augment": {"horizontal_flip": True, "rotation": 5.0}},
+        train={"epochs": 4, "device": "cpu", "seed": 3, "deterministic": True},
+        schedule={"name": "cosine"},
+        optimizer={"name": "sgd", "lr": 0.02},
+        output={"dir": "runs", "tensorboard": False},
+    )
 
 
 def test_an_interrupted_save_leaves_the_previous_checkpoint_whole(tmp_path, monkeypatch):
@@ -84,8 +90,20 @@ def test_checkpoint_policy_keeps_the_newest_epochs_and_the_best(project, tmp_pat
     assert best["epoch"] == 1 + losses.index(min(losses))
     last = load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")
     assert last["epoch"] == 4
-    for key in ("epoch", "model_state_dict", "optimizer_state_dict", "loss", "scheduler_state_dict", "rng_state",
-                "global_step", "config", "class_names", "freeze", "history", "format_version"):
+    for key in (
+        "epoch",
+        "model_state_dict",
+        "optimizer_state_dict",
+        "loss",
+        "scheduler_state_dict",
+        "rng_state",
+        "global_step",
+        "config",
+        "class_names",
+        "freeze",
+        "history",
+        "format_version",
+    ):
         assert key in last, key
 
 
@@ -116,8 +134,9 @@ def test_a_checkpoint_carrying_a_pickle_payload_is_refused(tmp_path):
     with pytest.raises(CheckpointError, match="refusing to load"):
         load_checkpoint(bad)
     assert not marker.exists()
-    result = subprocess.run([sys.executable, str(ROOT / "main.py"), "resume", str(bad)], capture_output=True,
-                            text=True, cwd=ROOT)
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "main.py"), "resume", str(bad)], capture_output=True, text=True, cwd=ROOT
+    )
     assert result.returncode == 2 and "refusing to load" in result.stderr and not marker.exists()
 
 
@@ -209,8 +228,9 @@ def test_tensorboard_files_hold_the_logged_scalars(project, tmp_path):
 
 def test_cli_resume_evaluate_and_export(project, tmp_path):
     def cli(*args):
-        return subprocess.run([sys.executable, str(ROOT / "main.py"), *args], capture_output=True, text=True,
-                              cwd=ROOT, timeout=600)
+        return subprocess.run(
+            [sys.executable, str(ROOT / "main.py"), *args], capture_output=True, text=True, cwd=ROOT, timeout=600
+        )
 
     run = tmp_path / "run"
     assert cli("train", str(project), "--epochs", "1", "--out", str(run)).returncode == 0
@@ -225,8 +245,9 @@ def test_cli_resume_evaluate_and_export(project, tmp_path):
     assert result.returncode == 0, result.stderr
     assert "precision" in result.stdout and "confusion" in result.stdout
     report = json.loads((tmp_path / "ev.json").read_text())
-    assert report["accuracy"] == pytest.approx(load_checkpoint(run / "checkpoints" / "final.pt")["metrics"]
-                                               ["val_accuracy"])
+    assert report["accuracy"] == pytest.approx(
+        load_checkpoint(run / "checkpoints" / "final.pt")["metrics"]["val_accuracy"]
+    )
 
     out = tmp_path / "model.onnx"
     result = cli("export", str(run / "checkpoints" / "final.pt"), "--format", "onnx", "--out", str(out))
@@ -235,8 +256,16 @@ def test_cli_resume_evaluate_and_export(project, tmp_path):
     result = cli("export", str(run / "checkpoints" / "final.pt"), "--format", "onnx", "--out", str(out))
     assert result.returncode == 2 and "--force" in result.stderr
 
-    result = cli("train", str(project), "--epochs", "1", "--out", str(tmp_path / "ft"),
-                 "--init-from", str(run / "checkpoints" / "final.pt"))
+    result = cli(
+        "train",
+        str(project),
+        "--epochs",
+        "1",
+        "--out",
+        str(tmp_path / "ft"),
+        "--init-from",
+        str(run / "checkpoints" / "final.pt"),
+    )
     assert result.returncode == 0, result.stderr
     assert "120 of 122" not in result.stderr and "file final.pt" in result.stderr
 

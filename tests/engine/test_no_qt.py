@@ -1,4 +1,5 @@
 """The engine runs where Qt is not installed: importing all of it loads no Qt module."""
+
 import subprocess
 import sys
 from pathlib import Path
@@ -9,8 +10,11 @@ QT = ("PySide6", "PyQt5", "PyQt6", "shiboken6", "pyqtgraph", "qtpy")
 
 def test_importing_every_engine_module_loads_no_qt():
     modules = sorted(p.stem for p in (ROOT / "engine").glob("*.py") if p.stem != "__main__")
-    code = ("import sys\n" + "".join(f"import engine.{m}\n" for m in modules)
-            + f"bad = [m for m in sys.modules if m.split('.')[0] in {QT!r}]\nprint(bad)\nsys.exit(1 if bad else 0)")
+    code = (
+        "import sys\n"
+        + "".join(f"import engine.{m}\n" for m in modules)
+        + f"bad = [m for m in sys.modules if m.split('.')[0] in {QT!r}]\nprint(bad)\nsys.exit(1 if bad else 0)"
+    )
     result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr
     assert len(modules) >= 10

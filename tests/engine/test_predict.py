@@ -21,9 +21,15 @@ def trained(tmp_path_factory):
     root = tmp_path_factory.mktemp("predict")
     write_image_folder(root / "images", per_class=8)
     # Only the head trains, for one epoch: a real checkpoint in a few seconds on a shared CPU.
-    cfg = load_project(write_project(root / "project.json", "images", model={"freeze": "head_only"},
-                                     train={"epochs": 1, "device": "cpu", "seed": 0},
-                                     output={"dir": "runs", "tensorboard": False}))
+    cfg = load_project(
+        write_project(
+            root / "project.json",
+            "images",
+            model={"freeze": "head_only"},
+            train={"epochs": 1, "device": "cpu", "seed": 0},
+            output={"dir": "runs", "tensorboard": False},
+        )
+    )
     run_dir = root / "run"
     run_dir.mkdir()
     Trainer(cfg, [RunRecorder(run_dir)]).run()
@@ -71,8 +77,12 @@ def test_unreadable_images_raise_a_data_error_naming_the_file(trained, tmp_path)
     fake.write_text("not an image")
     empty = tmp_path / "empty.jpg"
     empty.write_bytes(b"")
-    for path, reason in ((fake, "not an image"), (empty, "empty file"), (tmp_path / "gone.png", "no such file"),
-                         (tmp_path, "folder")):
+    for path, reason in (
+        (fake, "not an image"),
+        (empty, "empty file"),
+        (tmp_path / "gone.png", "no such file"),
+        (tmp_path, "folder"),
+    ):
         with pytest.raises(DataError) as info:
             predictor.predict(path)
         assert str(path) in str(info.value) and reason in str(info.value)

@@ -1,4 +1,5 @@
 """Two runs never share a folder: run folders (and export files) are claimed by one live process at a time."""
+
 from __future__ import annotations
 
 import json
@@ -29,8 +30,9 @@ claim.release()
 
 def hold(folder: Path) -> subprocess.Popen:
     """A real process that claims folder and keeps it until its stdin closes (or it is killed)."""
-    proc = subprocess.Popen([sys.executable, "-c", HOLDER, str(folder)], cwd=ROOT, stdin=subprocess.PIPE,
-                            stdout=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", HOLDER, str(folder)], cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
     assert proc.stdout.readline().strip() == "held"
     return proc
 
@@ -50,8 +52,9 @@ def race(project: Path, out: Path | None) -> list[tuple[str, str]]:
     """Two real processes, started together, each asking for a run folder; what each got."""
     ctx = multiprocessing.get_context("fork")  # torch is already imported: the children start in milliseconds
     barrier, results = ctx.Barrier(2), ctx.Queue()
-    procs = [ctx.Process(target=_race, args=(barrier, str(project), str(out) if out else None, results))
-             for _ in range(2)]
+    procs = [
+        ctx.Process(target=_race, args=(barrier, str(project), str(out) if out else None, results)) for _ in range(2)
+    ]
     for p in procs:
         p.start()
     got = [results.get(timeout=60) for _ in procs]
@@ -89,8 +92,13 @@ def test_a_folder_held_by_a_live_process_is_refused_naming_that_process(tiny_pro
         with pytest.raises(FolderBusyError, match=f"process {other.pid}"):
             resume_run_dir(out / "checkpoints" / "last.pt", None)
         # the command line: exit 2 and one line naming the folder and the process, no traceback
-        cli = subprocess.run([sys.executable, "main.py", "train", str(tiny_project), "--out", str(out)], cwd=ROOT,
-                             capture_output=True, text=True, timeout=300)
+        cli = subprocess.run(
+            [sys.executable, "main.py", "train", str(tiny_project), "--out", str(out)],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
         assert cli.returncode == 2, cli.stderr
         assert f"in use by process {other.pid}" in cli.stderr and str(out) in cli.stderr
         assert "Traceback" not in cli.stderr
@@ -128,8 +136,9 @@ def test_two_trainings_into_one_folder_leave_one_run(tiny_project, tmp_path):
     metrics hold each epoch once."""
     out = tmp_path / "same"
     cmd = [sys.executable, "main.py", "train", str(tiny_project), "--out", str(out), "--epochs", "1"]
-    procs = [subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-             for _ in range(2)]
+    procs = [
+        subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)
+    ]
     outputs = [p.communicate(timeout=600) for p in procs]
     codes = sorted(p.returncode for p in procs)
     assert codes == [0, 2], outputs

@@ -1,4 +1,5 @@
 """Samplers by name: what they draw, and the errors for settings that do not fit the dataset."""
+
 from collections import Counter
 
 import pytest
@@ -34,14 +35,17 @@ def test_plain_random_sampling_keeps_the_imbalance():
     assert drawn[0] == 900 and drawn[1] == 100
 
 
-@pytest.mark.parametrize("spec, kind", [
-    (SamplerConfig(name="sequential"), SequentialSampler),
-    (SamplerConfig(name="random"), RandomSampler),
-    (SamplerConfig(name="random", replacement=True, num_samples=7), RandomSampler),
-    (SamplerConfig(name="subset_random", indices=[1, 3, 5]), SubsetRandomSampler),
-    (SamplerConfig(name="weighted_random", weights=[1.0] * 10), WeightedRandomSampler),
-    (SamplerConfig(name="distributed", num_replicas=2, rank=1), DistributedSampler),
-])
+@pytest.mark.parametrize(
+    "spec, kind",
+    [
+        (SamplerConfig(name="sequential"), SequentialSampler),
+        (SamplerConfig(name="random"), RandomSampler),
+        (SamplerConfig(name="random", replacement=True, num_samples=7), RandomSampler),
+        (SamplerConfig(name="subset_random", indices=[1, 3, 5]), SubsetRandomSampler),
+        (SamplerConfig(name="weighted_random", weights=[1.0] * 10), WeightedRandomSampler),
+        (SamplerConfig(name="distributed", num_replicas=2, rank=1), DistributedSampler),
+    ],
+)
 def test_each_sampler_by_name(spec, kind):
     sampler = build_sampler(spec, 10, list(range(10)), generator=torch.Generator().manual_seed(0))
     assert isinstance(sampler, kind)
@@ -61,8 +65,10 @@ def test_shuffle_false_makes_the_random_sampler_sequential():
 
 
 def test_seeded_random_order_is_reproducible():
-    orders = [list(build_sampler(SamplerConfig(name="random"), 50, None,
-                                 generator=torch.Generator().manual_seed(3))) for _ in range(2)]
+    orders = [
+        list(build_sampler(SamplerConfig(name="random"), 50, None, generator=torch.Generator().manual_seed(3)))
+        for _ in range(2)
+    ]
     assert orders[0] == orders[1] and orders[0] != list(range(50))
 
 
@@ -96,27 +102,29 @@ def _dataset(n):
 
 def test_loader_batches_around_the_sampler_with_drop_last():
     cfg = LoaderConfig(batch_size=4, drop_last=True, sampler=SamplerConfig(name="sequential"))
-    loader = build_loader(_dataset(10), cfg, train=True, targets=None, collate_fn=default_collate, seed=0,
-                          pin_memory=False)
+    loader = build_loader(
+        _dataset(10), cfg, train=True, targets=None, collate_fn=default_collate, seed=0, pin_memory=False
+    )
     sizes = [len(b[0]) for b in loader]
     assert sizes == [4, 4]
     cfg.drop_last = False
-    loader = build_loader(_dataset(10), cfg, train=True, targets=None, collate_fn=default_collate, seed=0,
-                          pin_memory=False)
+    loader = build_loader(
+        _dataset(10), cfg, train=True, targets=None, collate_fn=default_collate, seed=0, pin_memory=False
+    )
     assert [len(b[0]) for b in loader] == [4, 4, 2]
 
 
 def test_batch_larger_than_the_dataset_with_drop_last_is_refused():
     cfg = LoaderConfig(batch_size=64, drop_last=True)
     with pytest.raises(SamplerError, match="larger than the 10 samples"):
-        build_loader(_dataset(10), cfg, train=True, targets=None, collate_fn=default_collate, seed=0,
-                     pin_memory=False)
+        build_loader(_dataset(10), cfg, train=True, targets=None, collate_fn=default_collate, seed=0, pin_memory=False)
 
 
 def test_evaluation_loader_is_sequential_and_keeps_every_sample():
     cfg = LoaderConfig(batch_size=4, drop_last=True, sampler=SamplerConfig(name="random"))
-    loader = build_loader(_dataset(10), cfg, train=False, targets=None, collate_fn=default_collate, seed=0,
-                          pin_memory=False)
+    loader = build_loader(
+        _dataset(10), cfg, train=False, targets=None, collate_fn=default_collate, seed=0, pin_memory=False
+    )
     assert torch.cat([b[0] for b in loader]).squeeze(1).tolist() == list(range(10))
 
 

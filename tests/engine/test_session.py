@@ -1,5 +1,6 @@
 """One run session for every front end: typed events in order, a typed outcome, failures classified in one
 place, and the run folder claimed, cleaned and released the same way whoever runs it."""
+
 from __future__ import annotations
 
 import io
@@ -27,17 +28,26 @@ from engine.session import RunSession, error_kind, error_text
 @pytest.fixture()
 def project(tmp_path):
     write_image_folder(tmp_path / "images", per_class=6)
-    return write_project(tmp_path / "project.json", "images", model={"freeze": "head_only"},
-                         train={"epochs": 2, "device": "cpu", "seed": 0})
+    return write_project(
+        tmp_path / "project.json",
+        "images",
+        model={"freeze": "head_only"},
+        train={"epochs": 2, "device": "cpu", "seed": 0},
+    )
 
 
 def test_a_session_reports_typed_events_in_order_and_a_typed_result(project, tmp_path):
     seen: list = []
     out = tmp_path / "run"
     owner_during_run: list = []
-    session = RunSession(load_project(project), out=out,
-                         outputs=[seen.append, lambda e: owner_during_run.append(read_owner(out / LOCK_FILE))
-                                  if isinstance(e, EpochFinished) else None])
+    session = RunSession(
+        load_project(project),
+        out=out,
+        outputs=[
+            seen.append,
+            lambda e: owner_during_run.append(read_owner(out / LOCK_FILE)) if isinstance(e, EpochFinished) else None,
+        ],
+    )
 
     result = session.run()
 
@@ -92,12 +102,37 @@ def test_failures_are_classified_once_for_every_front_end():
 def test_every_event_type_survives_a_json_line():
     events = [
         LogMessage("hello"),
-        RunStarted(run_dir="/r", epochs=3, start_epoch=1, batches_per_epoch=4, device="cpu", global_step=4,
-                   history=[{"epoch": 1, "val_loss": None}], world_size=2),
-        BatchProgress(epoch=2, epochs=3, batch=2, batches_per_epoch=4, global_step=6, steps=[5, 6],
-                      losses=[0.5, 0.25], loss=0.25, lr=0.01, elapsed=1.5),
-        EpochFinished(metrics={"epoch": 2, "train_loss": 0.3}, epochs=3, global_step=8, best_epoch=2,
-                      checkpoint="/r/checkpoints/epoch-002.pt", last_checkpoint="/r/checkpoints/last.pt", elapsed=2.0),
+        RunStarted(
+            run_dir="/r",
+            epochs=3,
+            start_epoch=1,
+            batches_per_epoch=4,
+            device="cpu",
+            global_step=4,
+            history=[{"epoch": 1, "val_loss": None}],
+            world_size=2,
+        ),
+        BatchProgress(
+            epoch=2,
+            epochs=3,
+            batch=2,
+            batches_per_epoch=4,
+            global_step=6,
+            steps=[5, 6],
+            losses=[0.5, 0.25],
+            loss=0.25,
+            lr=0.01,
+            elapsed=1.5,
+        ),
+        EpochFinished(
+            metrics={"epoch": 2, "train_loss": 0.3},
+            epochs=3,
+            global_step=8,
+            best_epoch=2,
+            checkpoint="/r/checkpoints/epoch-002.pt",
+            last_checkpoint="/r/checkpoints/last.pt",
+            elapsed=2.0,
+        ),
         RunFinished(status="failed", run_dir=None, epoch=2, epochs=3, error="boom", error_type="X", kind="bug"),
     ]
     stream = io.StringIO()

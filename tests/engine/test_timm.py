@@ -1,4 +1,5 @@
 """timm's catalog, its Hugging Face cache status, and the bundled EfficientNet-Lite0 weights (really pretrained)."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -62,7 +63,9 @@ def _put_in_hf_cache(hub: Path, repo: str, filename: str, write) -> Path:
 def test_catalog_offers_timm_models_with_their_tags():
     names = set(list_backbones())
     assert {"resnet18", "timm/efficientnet_lite0", "timm/resnet50", "timm/vit_small_patch16_224"} <= names
-    assert len([n for n in names if n.startswith("timm/")]) == len([n for n in timm.list_models() if not n.endswith("_enc")])
+    assert len([n for n in names if n.startswith("timm/")]) == len(
+        [n for n in timm.list_models() if not n.endswith("_enc")]
+    )
     assert weight_names("timm/efficientnet_lite0") == ["DEFAULT", "ra_in1k", BUNDLED]
     assert weight_names("timm/resnet50")[:2] == ["DEFAULT", "a1_in1k"]
     assert BUNDLED not in weight_names("timm/resnet50")
@@ -126,18 +129,26 @@ def imagenet_model():
     return model.eval()
 
 
-@pytest.mark.parametrize("photo, plausible", [
-    ("china.jpg", {"palace", "monastery", "pagoda", "church", "bell cote", "castle", "stupa", "boathouse"}),
-    ("flower.jpg", {"daisy", "bee", "sea anemone", "hip", "pot"}),
-])
+@pytest.mark.parametrize(
+    "photo, plausible",
+    [
+        ("china.jpg", {"palace", "monastery", "pagoda", "church", "bell cote", "castle", "stupa", "boathouse"}),
+        ("flower.jpg", {"daisy", "bee", "sea anemone", "hip", "pot"}),
+    ],
+)
 def test_bundled_weights_recognise_real_photographs(imagenet_model, photo, plausible):
     from sklearn.datasets import load_sample_image
 
     pre = preprocess_for(ModelConfig(backbone=BUNDLED_BACKBONE, weights=BUNDLED), DataConfig())
-    transform = v2.Compose([
-        v2.ToImage(), v2.Resize(pre.resize_size, interpolation=v2.InterpolationMode(pre.interpolation),
-                                antialias=True),
-        v2.CenterCrop(pre.crop_size), v2.ToDtype(torch.float32, scale=True), v2.Normalize(pre.mean, pre.std)])
+    transform = v2.Compose(
+        [
+            v2.ToImage(),
+            v2.Resize(pre.resize_size, interpolation=v2.InterpolationMode(pre.interpolation), antialias=True),
+            v2.CenterCrop(pre.crop_size),
+            v2.ToDtype(torch.float32, scale=True),
+            v2.Normalize(pre.mean, pre.std),
+        ]
+    )
     image = transform(load_sample_image(photo).copy()).unsqueeze(0)
     with torch.no_grad():
         top5 = imagenet_model(image).topk(5).indices[0].tolist()
@@ -157,22 +168,26 @@ def _digits_subset(root: Path, per_class: int, classes: int = 10) -> Path:
 def _fine_tune(data: Path, weights: str | None, size: int, monkeypatch) -> float:
     from engine.trainer import Trainer
 
-    cfg = from_dict({
-        "name": f"digits-{weights}",
-        "data": {"path": str(data), "val_fraction": 0.3, "image_size": size, "mean": [0.5], "std": [0.5]},
-        # The same recipe for both: the last two blocks and the head train, the early blocks stay frozen.
-        "model": {"backbone": BUNDLED_BACKBONE, "weights": weights, "freeze": "up_to", "freeze_up_to": "blocks.4"},
-        "loader": {"batch_size": 32},
-        "optimizer": {"name": "adamw", "lr": 0.003},
-        "train": {"epochs": 2, "device": "cpu", "seed": 0},
-        "output": {"dir": str(data.parent / "runs"), "tensorboard": False},
-    }, check_paths=False)
+    cfg = from_dict(
+        {
+            "name": f"digits-{weights}",
+            "data": {"path": str(data), "val_fraction": 0.3, "image_size": size, "mean": [0.5], "std": [0.5]},
+            # The same recipe for both: the last two blocks and the head train, the early blocks stay frozen.
+            "model": {"backbone": BUNDLED_BACKBONE, "weights": weights, "freeze": "up_to", "freeze_up_to": "blocks.4"},
+            "loader": {"batch_size": 32},
+            "optimizer": {"name": "adamw", "lr": 0.003},
+            "train": {"epochs": 2, "device": "cpu", "seed": 0},
+            "output": {"dir": str(data.parent / "runs"), "tensorboard": False},
+        },
+        check_paths=False,
+    )
     import engine.trainer
 
     # The weights' own normalisation and resampling, at a smaller size than their 224 to keep the test quick.
     real = engine.trainer.preprocess_for
-    monkeypatch.setattr(engine.trainer, "preprocess_for",
-                        lambda m, d: dataclasses.replace(real(m, d), resize_size=size, crop_size=size))
+    monkeypatch.setattr(
+        engine.trainer, "preprocess_for", lambda m, d: dataclasses.replace(real(m, d), resize_size=size, crop_size=size)
+    )
     trainer = Trainer(cfg)
     trainer.run()
     monkeypatch.undo()
@@ -185,8 +200,10 @@ def test_bundled_weights_fine_tune_better_than_random_init(tmp_path, monkeypatch
     pretrained = _fine_tune(data, BUNDLED, 96, monkeypatch)
     middle = time.monotonic()
     random_init = _fine_tune(data, None, 96, monkeypatch)
-    print(f"val accuracy: pretrained {pretrained:.3f} ({middle - start:.1f} s), "
-          f"random init {random_init:.3f} ({time.monotonic() - middle:.1f} s)")
+    print(
+        f"val accuracy: pretrained {pretrained:.3f} ({middle - start:.1f} s), "
+        f"random init {random_init:.3f} ({time.monotonic() - middle:.1f} s)"
+    )
     assert pretrained >= 0.7 and pretrained >= random_init + 0.15
 
 
@@ -198,8 +215,9 @@ def test_weights_status_reads_the_hugging_face_cache(empty_hf_cache):
     assert weights_status("timm/efficientnet_lite0", None) == "none"
     assert weights_status("timm/efficientnet_lite0", "DEFAULT") == "download"
     assert weights_status("timm/efficientnet_lite0", "ra_in1k") == "download"
-    _put_in_hf_cache(empty_hf_cache, "timm/efficientnet_lite0.ra_in1k", "model.safetensors",
-                     lambda p: p.write_bytes(b""))
+    _put_in_hf_cache(
+        empty_hf_cache, "timm/efficientnet_lite0.ra_in1k", "model.safetensors", lambda p: p.write_bytes(b"")
+    )
     assert weights_status("timm/efficientnet_lite0", "DEFAULT") == "cached"
     assert weights_status("timm/efficientnet_lite0", "ra_in1k") == "cached"
     assert weights_status("timm/resnet50", "a1_in1k") == "download"
@@ -216,8 +234,12 @@ def test_uncached_timm_weights_fail_fast_with_advice(empty_hf_cache):
 def test_cached_timm_weights_load_without_the_network(empty_hf_cache):
     torch.manual_seed(1)
     source = timm.create_model("efficientnet_lite0", pretrained=False)  # a stand-in for the hub's file
-    _put_in_hf_cache(empty_hf_cache, "timm/efficientnet_lite0.ra_in1k", "model.safetensors",
-                     lambda p: save_file(source.state_dict(), str(p)))
+    _put_in_hf_cache(
+        empty_hf_cache,
+        "timm/efficientnet_lite0.ra_in1k",
+        "model.safetensors",
+        lambda p: save_file(source.state_dict(), str(p)),
+    )
     built = build_model(ModelConfig(backbone="timm/efficientnet_lite0", weights="DEFAULT"), 5)
     assert built.weights_desc == "pretrained weights ra_in1k (cached)"
     assert torch.equal(built.model.conv_stem.weight, source.conv_stem.weight)
@@ -225,8 +247,12 @@ def test_cached_timm_weights_load_without_the_network(empty_hf_cache):
 
 
 def test_corrupt_cached_timm_weights_are_a_weights_error(empty_hf_cache):
-    _put_in_hf_cache(empty_hf_cache, "timm/efficientnet_lite0.ra_in1k", "model.safetensors",
-                     lambda p: p.write_bytes(b"not safetensors"))
+    _put_in_hf_cache(
+        empty_hf_cache,
+        "timm/efficientnet_lite0.ra_in1k",
+        "model.safetensors",
+        lambda p: p.write_bytes(b"not safetensors"),
+    )
     with pytest.raises(WeightsError, match="delete the file"):
         build_model(ModelConfig(backbone="timm/efficientnet_lite0", weights="ra_in1k"), 3)
 
@@ -242,11 +268,14 @@ def test_timm_preprocessing_follows_the_pretrained_cfg():
 # Head, freezing, layer tree
 
 
-@pytest.mark.parametrize("backbone, head", [
-    ("timm/efficientnet_lite0", "classifier"),
-    ("timm/convnext_atto", "head.fc"),
-    ("timm/vit_tiny_patch16_224", "head"),
-])
+@pytest.mark.parametrize(
+    "backbone, head",
+    [
+        ("timm/efficientnet_lite0", "classifier"),
+        ("timm/convnext_atto", "head.fc"),
+        ("timm/vit_tiny_patch16_224", "head"),
+    ],
+)
 def test_timm_heads_freeze_and_train_like_torchvision_ones(backbone, head):
     cfg = ModelConfig(backbone=backbone, freeze="head_only")
     built = build_model(cfg, 4, image_size=64)
@@ -268,14 +297,17 @@ def test_a_timm_checkpoint_is_restored_and_exported(tmp_path):
     from engine.trainer import Trainer
 
     data = _digits_subset(tmp_path / "digits", per_class=6, classes=3)
-    cfg = from_dict({
-        "name": "timm-export",
-        "data": {"path": str(data), "val_fraction": 0.25, "image_size": 32, "mean": [0.5], "std": [0.5]},
-        "model": {"backbone": "timm/efficientnet_lite0", "freeze": "up_to", "freeze_up_to": "blocks.4"},
-        "loader": {"batch_size": 8},
-        "train": {"epochs": 1, "device": "cpu", "seed": 0},
-        "output": {"dir": str(tmp_path / "runs"), "tensorboard": False},
-    }, check_paths=False)
+    cfg = from_dict(
+        {
+            "name": "timm-export",
+            "data": {"path": str(data), "val_fraction": 0.25, "image_size": 32, "mean": [0.5], "std": [0.5]},
+            "model": {"backbone": "timm/efficientnet_lite0", "freeze": "up_to", "freeze_up_to": "blocks.4"},
+            "loader": {"batch_size": 8},
+            "train": {"epochs": 1, "device": "cpu", "seed": 0},
+            "output": {"dir": str(tmp_path / "runs"), "tensorboard": False},
+        },
+        check_paths=False,
+    )
     run = create_run_dir(cfg, tmp_path / "run")
     Trainer(cfg, run_callbacks(cfg, run)).run()
     checkpoint = run / "checkpoints" / "final.pt"

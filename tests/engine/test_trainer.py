@@ -1,4 +1,5 @@
 """The trainer end to end on small real data: events, stopping, reproducibility, frozen layers, every loss."""
+
 import threading
 
 import numpy as np
@@ -189,9 +190,12 @@ def test_balanced_class_weights_and_sampler_train_on_imbalanced_data(tmp_path):
 
     for f in (tmp_path / "more" / "red").iterdir():
         shutil.copy(f, tmp_path / "imgs" / "red" / f"extra-{f.name}")
-    project = write_project(tmp_path / "p.json", "imgs", loss={"class_weights": "balanced"},
-                            loader={"batch_size": 8, "sampler": {"name": "weighted_random", "weights": "balanced",
-                                                                 "replacement": True}})
+    project = write_project(
+        tmp_path / "p.json",
+        "imgs",
+        loss={"class_weights": "balanced"},
+        loader={"batch_size": 8, "sampler": {"name": "weighted_random", "weights": "balanced", "replacement": True}},
+    )
     cfg = load_project(project)
     parts = build_run(cfg)
     counts = parts.data.train_counts
@@ -208,12 +212,12 @@ def test_regression_and_multilabel_from_npz(tmp_path):
     np.savez(tmp_path / "reg.npz", X=X, y=brightness.astype(np.float32))
     multi = np.stack([X[..., c].mean(axis=(1, 2)) > 127 for c in range(3)], axis=1).astype(np.float32)
     np.savez(tmp_path / "multi.npz", X=X, y=multi)
-    reg = load_project(write_project(tmp_path / "r.json", "reg.npz", data={"task": "regression"},
-                                     loss={"name": "mse"}))
+    reg = load_project(write_project(tmp_path / "r.json", "reg.npz", data={"task": "regression"}, loss={"name": "mse"}))
     state = Trainer(reg).run()
     assert state.history[-1]["val_accuracy"] is None and np.isfinite(state.history[-1]["val_loss"])
-    ml = load_project(write_project(tmp_path / "m.json", "multi.npz", data={"task": "multilabel"},
-                                    loss={"name": "bce_with_logits"}))
+    ml = load_project(
+        write_project(tmp_path / "m.json", "multi.npz", data={"task": "multilabel"}, loss={"name": "bce_with_logits"})
+    )
     state = Trainer(ml).run()
     assert 0.0 <= state.history[-1]["val_accuracy"] <= 1.0
 
@@ -226,8 +230,9 @@ def test_padding_collate_with_keep_aspect_trains(tmp_path):
         for i in range(8):
             size = (24, 12 + i) if cls == "wide" else (12 + i, 24)
             Image.new("RGB", size, colour).save(tmp_path / "d" / cls / f"{i}.png")
-    cfg = load_project(write_project(tmp_path / "p.json", "d", data={"keep_aspect": True},
-                                     loader={"collate": "pad", "batch_size": 4}))
+    cfg = load_project(
+        write_project(tmp_path / "p.json", "d", data={"keep_aspect": True}, loader={"collate": "pad", "batch_size": 4})
+    )
     assert Trainer(cfg).run().status == "completed"
 
 
@@ -250,13 +255,17 @@ def test_a_model_that_cannot_take_the_input_is_a_config_error(tiny_project):
         Trainer(cfg).run()
 
 
-@pytest.mark.parametrize("change, message", [
-    ({"distributed": {"backend": "nccl"}}, "distributed.backend = 'nccl' needs a CUDA GPU per process"),
-    ({"distributed": {"sync_batchnorm": True}}, "distributed.sync_batchnorm = true needs GPUs"),
-    ({"train": {"device": "mps"}}, "train.device = 'mps' cannot train in several processes"),
-])
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"distributed": {"backend": "nccl"}}, "distributed.backend = 'nccl' needs a CUDA GPU per process"),
+        ({"distributed": {"sync_batchnorm": True}}, "distributed.sync_batchnorm = true needs GPUs"),
+        ({"train": {"device": "mps"}}, "train.device = 'mps' cannot train in several processes"),
+    ],
+)
 def test_settings_that_cannot_run_under_torchrun_on_this_machine_are_refused_before_joining(
-        tmp_path, image_folder, monkeypatch, change, message):
+    tmp_path, image_folder, monkeypatch, change, message
+):
     from conftest import write_project
 
     cfg = load_project(write_project(tmp_path / "p.json", "images", **change))

@@ -1,4 +1,5 @@
 """The preprocessing and augmentation pipelines: shapes, value ranges, keep-aspect resizing."""
+
 from __future__ import annotations
 
 import pytest
@@ -35,8 +36,9 @@ def test_eval_is_deterministic():
     assert torch.equal(tf(x), tf(x))
 
 
-@pytest.mark.parametrize("augment", [AugmentConfig(), ALL_AUGMENTS,
-                                     AugmentConfig(horizontal_flip=True, rotation=10.0, color_jitter=0.5)])
+@pytest.mark.parametrize(
+    "augment", [AugmentConfig(), ALL_AUGMENTS, AugmentConfig(horizontal_flip=True, rotation=10.0, color_jitter=0.5)]
+)
 @pytest.mark.parametrize("interpolation", ["bilinear", "bicubic", "nearest"])
 def test_train_output_has_the_crop_size(augment, interpolation):
     pre = Preprocess(20, 16, (0.5,) * 3, (0.25,) * 3, interpolation=interpolation)

@@ -7,6 +7,7 @@ Checks already made by tests/engine/test_data.py, tests/engine/test_cli.py and t
 (the engine's reasons for each kind of corrupt file, a missing data.path and a one-class folder through the CLI,
 a missing/empty/one-class path in the panel) are not repeated here.
 """
+
 from __future__ import annotations
 
 import csv
@@ -43,8 +44,12 @@ def _png_chunk(kind: bytes, data: bytes) -> bytes:
 def write_png(path: Path, width: int, height: int, bit_depth: int, colour_type: int, raw: bytes) -> Path:
     """A PNG written byte by byte: lets a header claim any size, or hold 16-bit colour Pillow cannot save."""
     header = struct.pack(">IIBBBBB", width, height, bit_depth, colour_type, 0, 0, 0)
-    path.write_bytes(b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", header) + _png_chunk(b"IDAT", zlib.compress(raw))
-                     + _png_chunk(b"IEND", b""))
+    path.write_bytes(
+        b"\x89PNG\r\n\x1a\n"
+        + _png_chunk(b"IHDR", header)
+        + _png_chunk(b"IDAT", zlib.compress(raw))
+        + _png_chunk(b"IEND", b"")
+    )
     return path
 
 
@@ -126,8 +131,13 @@ def write_mixed_folder(root: Path) -> dict[str, str]:
     return placed
 
 
-CORRUPT = {"zero-byte": "empty file (0 bytes)", "truncated": "truncated", "text-as-png": "cannot identify image file",
-           "bomb": "decompression bomb", "bad-bytes-name": "cannot identify image file"}
+CORRUPT = {
+    "zero-byte": "empty file (0 bytes)",
+    "truncated": "truncated",
+    "text-as-png": "cannot identify image file",
+    "bomb": "decompression bomb",
+    "bad-bytes-name": "cannot identify image file",
+}
 
 
 def write_csv(path: Path, rows, header=("path", "label")) -> Path:
@@ -170,14 +180,22 @@ def fatal_dataset(case: str, tmp_path: Path) -> tuple[Path, dict, str]:
     raise AssertionError(case)
 
 
-FATAL = ["file-for-folder", "empty-folder", "one-class-left", "all-corrupt", "csv-missing-column", "npz-mismatched",
-         "npz-object"]
+FATAL = [
+    "file-for-folder",
+    "empty-folder",
+    "one-class-left",
+    "all-corrupt",
+    "csv-missing-column",
+    "npz-mismatched",
+    "npz-object",
+]
 
 
 def run_cli(*args):
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    return subprocess.run([sys.executable, str(ROOT / "main.py"), *args], cwd=ROOT, capture_output=True,
-                          text=True, env=env, timeout=600)
+    return subprocess.run(
+        [sys.executable, str(ROOT / "main.py"), *args], cwd=ROOT, capture_output=True, text=True, env=env, timeout=600
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -294,8 +312,10 @@ def test_cli_csv_with_a_missing_file_and_a_validation_csv_with_an_unknown_label(
 
     assert result.returncode == 0, result.stderr
     assert f"{tmp_path / 'imgs' / 'red' / 'gone.png'}: line 14: no such file" in result.stderr
-    assert (f"{tmp_path / 'imgs' / 'blue' / '000.png'}: line 3: label 'purple' is not one of the training classes"
-            in result.stderr)
+    assert (
+        f"{tmp_path / 'imgs' / 'blue' / '000.png'}: line 3: label 'purple' is not one of the training classes"
+        in result.stderr
+    )
     assert "12 training and 1 validation samples" in result.stderr
     assert (tmp_path / "run" / "checkpoints" / "final.pt").is_file()
 
@@ -303,8 +323,9 @@ def test_cli_csv_with_a_missing_file_and_a_validation_csv_with_an_unknown_label(
 @pytest.mark.parametrize("case", FATAL)
 def test_cli_refuses_a_dataset_that_cannot_train_with_exit_2_and_its_reason(tmp_path, case):
     path, data, words = fatal_dataset(case, tmp_path)
-    project = write_project(tmp_path / "p.json", str(path), data={"path": str(path), "image_size": 16,
-                                                                   "val_fraction": 0.25, **data})
+    project = write_project(
+        tmp_path / "p.json", str(path), data={"path": str(path), "image_size": 16, "val_fraction": 0.25, **data}
+    )
     result = run_cli("train", str(project))
     assert result.returncode == 2, result.stderr
     assert "Traceback" not in result.stderr

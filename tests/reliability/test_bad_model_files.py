@@ -4,6 +4,7 @@ Each through the CLI (exit code 2, one readable error line, no traceback, no fil
 app (an error shown, the project and its files kept, the app still works). The pickle payload case is in
 test_security.py.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -30,8 +31,12 @@ def workspace(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("bad_models")
     write_image_folder(root / "images", per_class=4)
-    project = write_project(root / "project.json", "images", train={"epochs": 1, "device": "cpu", "seed": 0},
-                            output={"dir": "runs", "tensorboard": False})
+    project = write_project(
+        root / "project.json",
+        "images",
+        train={"epochs": 1, "device": "cpu", "seed": 0},
+        output={"dir": "runs", "tensorboard": False},
+    )
     (root / "run").mkdir()
     Trainer(load_project(project), [RunRecorder(root / "run")]).run()
     good = root / "run" / "checkpoints" / "final.pt"
@@ -49,13 +54,17 @@ def workspace(tmp_path_factory):
 
 
 def snapshot(root: Path) -> dict[str, str]:
-    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(root.rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+    }
 
 
 def cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(REPO / "main.py"), *args], capture_output=True, text=True, cwd=cwd,
-                          timeout=300)
+    return subprocess.run(
+        [sys.executable, str(REPO / "main.py"), *args], capture_output=True, text=True, cwd=cwd, timeout=300
+    )
 
 
 def assert_one_line_error(result: subprocess.CompletedProcess, *needles: str) -> str:
@@ -71,11 +80,15 @@ def assert_one_line_error(result: subprocess.CompletedProcess, *needles: str) ->
 # Each case: the file, the commands that open it, and what the one error line must say.
 CASES = {
     "truncated checkpoint": ("truncated.pt", ["truncated", "not a PyTorch file"]),
-    "newer format version": ("newer.pt", [f"format version {FORMAT_VERSION + 1}", "newer",
-                                          f"reads ({FORMAT_VERSION})"]),
+    "newer format version": (
+        "newer.pt",
+        [f"format version {FORMAT_VERSION + 1}", "newer", f"reads ({FORMAT_VERSION})"],
+    ),
     "format version not a number": ("odd-version.pt", ["format version '2'", "not a version number"]),
-    "head does not fit its class names": ("two-class-names.pt", ["do not fit resnet18 with 2 outputs", "fc.weight",
-                                                                 "file 3x512, model 2x512"]),
+    "head does not fit its class names": (
+        "two-class-names.pt",
+        ["do not fit resnet18 with 2 outputs", "fc.weight", "file 3x512, model 2x512"],
+    ),
 }
 
 
@@ -106,21 +119,26 @@ def test_the_cli_reports_a_bad_checkpoint_in_one_line_and_changes_nothing(worksp
 
 
 def test_weights_for_another_architecture_stop_the_cli_before_a_run_folder_is_made(workspace, tmp_path):
-    project = write_project(tmp_path / "p.json", str(workspace / "images"),
-                            model={"backbone": "resnet18", "weights_file": str(workspace / "bad" / "squeezenet.pth")},
-                            train={"epochs": 1, "device": "cpu"}, output={"dir": str(tmp_path / "runs")})
+    project = write_project(
+        tmp_path / "p.json",
+        str(workspace / "images"),
+        model={"backbone": "resnet18", "weights_file": str(workspace / "bad" / "squeezenet.pth")},
+        train={"epochs": 1, "device": "cpu"},
+        output={"dir": str(tmp_path / "runs")},
+    )
     for args in (["check", str(project)], ["train", str(project)]):
-        assert_one_line_error(cli(*args, cwd=tmp_path), "squeezenet.pth does not fit resnet18",
-                              "another architecture")
+        assert_one_line_error(cli(*args, cwd=tmp_path), "squeezenet.pth does not fit resnet18", "another architecture")
     assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())
 
 
 def test_weights_for_another_class_count_load_all_but_the_replaced_head(workspace, tmp_path):
     """Not an error: the head is rebuilt for the project's classes, so only it is left as built, and it is said."""
-    project = write_project(tmp_path / "p.json", str(workspace / "images"),
-                            model={"backbone": "resnet18",
-                                   "weights_file": str(workspace / "bad" / "resnet18-10-classes.pth")},
-                            train={"epochs": 1, "device": "cpu"})
+    project = write_project(
+        tmp_path / "p.json",
+        str(workspace / "images"),
+        model={"backbone": "resnet18", "weights_file": str(workspace / "bad" / "resnet18-10-classes.pth")},
+        train={"epochs": 1, "device": "cpu"},
+    )
     result = cli("check", str(project), cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert "loaded 120 of 122 tensors" in result.stdout
@@ -163,9 +181,14 @@ def _wait_tasks(qtbot):
     qtbot.waitUntil(lambda: not running_tasks(), timeout=120000)
 
 
-@pytest.mark.parametrize("name, needle", [("truncated.pt", "damaged or not a PyTorch file"),
-                                          ("newer.pt", "newer than this Model Workbench reads"),
-                                          ("two-class-names.pt", "do not fit resnet18 with 2 outputs")])
+@pytest.mark.parametrize(
+    "name, needle",
+    [
+        ("truncated.pt", "damaged or not a PyTorch file"),
+        ("newer.pt", "newer than this Model Workbench reads"),
+        ("two-class-names.pt", "do not fit resnet18 with 2 outputs"),
+    ],
+)
 def test_the_app_shows_a_bad_checkpoint_and_keeps_working(qtbot, window, workspace, name, needle):
     bad = workspace / "bad" / name
     project_before = window.state.config.to_dict()

@@ -4,6 +4,7 @@ Real windows, real training on the worker thread, real files. Modal questions ar
 window's hooks (_ask_save_changes, _ask_stop_training, ExportDialog._confirm_overwrite); errors are read
 from the non-blocking box the window keeps in last_error_box.
 """
+
 from __future__ import annotations
 
 import threading
@@ -66,8 +67,9 @@ def window(qtbot, tiny_project):
 @pytest.fixture()
 def long_project(tmp_path, image_folder) -> Path:
     """14 batches an epoch and 50 epochs: a run that is still going whenever the test acts."""
-    return write_project(tmp_path / "long.json", "images", loader={"batch_size": 2},
-                         train={"epochs": 50, "device": "cpu"})
+    return write_project(
+        tmp_path / "long.json", "images", loader={"batch_size": 2}, train={"epochs": 50, "device": "cpu"}
+    )
 
 
 def _wait_tasks(qtbot):
@@ -104,8 +106,11 @@ def _runs(project: Path) -> list[Path]:
 
 # (file name, how the tiny project is spoiled or the raw text, what the message must contain)
 BAD_FILES = [
-    ("json.json", '{\n  "name": "x",\n  "loader": {"batch_size": 8,}\n}\n', "not valid JSON: Expecting property "
-     "name enclosed in double quotes at line 3, column 30"),
+    (
+        "json.json",
+        '{\n  "name": "x",\n  "loader": {"batch_size": 8,}\n}\n',
+        "not valid JSON: Expecting property name enclosed in double quotes at line 3, column 30",
+    ),
     ("batch0.json", {"loader": {"batch_size": 0}}, "loader.batch_size = 0: must be >= 1"),
     ("batch-4.json", {"loader": {"batch_size": -4}}, "loader.batch_size = -4: must be >= 1"),
     ("lr0.json", {"optimizer": {"lr": 0}}, "optimizer.lr = 0.0: must be > 0"),
@@ -114,10 +119,16 @@ BAD_FILES = [
     ("epochs0.json", {"train": {"epochs": 0, "device": "cpu"}}, "train.epochs = 0: must be >= 1"),
     ("types.json", {"loader": {"batch_size": "8"}}, "loader.batch_size = '8': expected an integer"),
     ("unknown.json", {"loader": {"batchsize": 8}}, "loader.batchsize: unknown key (allowed: batch_size"),
-    ("newer.json", {"schema_version": SCHEMA_VERSION + 1}, f"schema_version = {SCHEMA_VERSION + 1}: this project "
-     "was written by a newer Model Workbench"),
-    ("weights.json", {"loader": {"sampler": {"name": "weighted_random", "weights": [1, -2, 3]}}},
-     "loader.sampler.weights: -2.0 is not a finite, non-negative weight"),
+    (
+        "newer.json",
+        {"schema_version": SCHEMA_VERSION + 1},
+        f"schema_version = {SCHEMA_VERSION + 1}: this project was written by a newer Model Workbench",
+    ),
+    (
+        "weights.json",
+        {"loader": {"sampler": {"name": "weighted_random", "weights": [1, -2, 3]}}},
+        "loader.sampler.weights: -2.0 is not a finite, non-negative weight",
+    ),
 ]
 
 
@@ -160,8 +171,13 @@ def test_the_training_panel_refuses_bad_batch_sizes_epochs_and_learning_rates(qt
             assert window.state.get(field) == box.value() == expected, (name, text)
         window.state.set(field, good)
     # Values that reach the project by other ways (a script, a restored run) are refused by the same rules.
-    for field, value in (("loader.batch_size", 0), ("loader.batch_size", -4), ("train.epochs", 0),
-                         ("optimizer.lr", 0.0), ("optimizer.lr", float("nan"))):
+    for field, value in (
+        ("loader.batch_size", 0),
+        ("loader.batch_size", -4),
+        ("train.epochs", 0),
+        ("optimizer.lr", 0.0),
+        ("optimizer.lr", float("nan")),
+    ):
         reason = window.state.try_set(field, value)
         assert reason is not None and field in reason, (field, value)
     lr = panel.findChild(QLineEdit, "training.lr")
@@ -178,18 +194,20 @@ def test_the_training_panel_refuses_bad_batch_sizes_epochs_and_learning_rates(qt
 
 # -- settings that reach training ----------------------------------------------------------------------------
 
+
 def test_a_batch_larger_than_the_dataset_trains_and_the_log_says_why_epochs_are_one_batch(qtbot, window):
     window.state.update({"loader.batch_size": 64, "train.epochs": 1})
     result = _train(qtbot, window)
     assert result["status"] == "completed", result
-    assert "loader.batch_size = 64 is larger than the 27 training samples drawn per epoch: each epoch trains on " \
-           "one batch of 27" in _log(window)
+    assert (
+        "loader.batch_size = 64 is larger than the 27 training samples drawn per epoch: each epoch trains on "
+        "one batch of 27" in _log(window)
+    )
     assert load_checkpoint(Path(result["run_dir"]) / "checkpoints" / "final.pt")["global_step"] == 1
 
 
 def test_a_diverging_run_is_stopped_with_its_message_and_the_earlier_epoch_is_kept(qtbot, window):
-    window.state.update({"schedule.name": "step", "schedule.step_size": 1, "schedule.gamma": 1e20,
-                         "train.epochs": 3})
+    window.state.update({"schedule.name": "step", "schedule.step_size": 1, "schedule.gamma": 1e20, "train.epochs": 3})
     before = window.state.config.to_dict()
     result = _train(qtbot, window)
     assert result["status"] == "failed" and result["error_type"] == "NonFiniteLossError"
@@ -209,8 +227,9 @@ def test_a_diverging_run_is_stopped_with_its_message_and_the_earlier_epoch_is_ke
 
 
 def test_sampler_weights_of_the_wrong_length_are_named_and_the_next_run_trains(qtbot, window, tiny_project):
-    window.state.update({"loader.sampler.name": "weighted_random", "loader.sampler.weights": [1.0, 2.0, 3.0],
-                         "train.epochs": 1})
+    window.state.update(
+        {"loader.sampler.name": "weighted_random", "loader.sampler.weights": [1.0, 2.0, 3.0], "train.epochs": 1}
+    )
     result = _train(qtbot, window)
     assert result["status"] == "failed"
     text = _error_text(window)
@@ -223,6 +242,7 @@ def test_sampler_weights_of_the_wrong_length_are_named_and_the_next_run_trains(q
 
 
 # -- buttons pressed twice -----------------------------------------------------------------------------------
+
 
 def test_train_pressed_twice_starts_one_run(qtbot, long_project):
     win = _open_window(qtbot, long_project)
@@ -271,6 +291,7 @@ def test_stop_pressed_twice_stops_once_and_the_next_run_starts(qtbot, long_proje
 
 
 # -- closing while a checkpoint is written -------------------------------------------------------------------
+
 
 class _PausingFile:
     """A file object that writes through, but pauses once after its first MiB: the moment to close the window."""
@@ -325,6 +346,7 @@ def test_closing_while_a_checkpoint_is_written_waits_and_leaves_it_whole(qtbot, 
 
 
 # -- export destinations -------------------------------------------------------------------------------------
+
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory) -> Path:

@@ -5,6 +5,7 @@ Most cases run the CLI's entry function in this process (as a subprocess would, 
 importing PyTorch); the last test runs `python main.py` itself to show the same holds in a real process.
 Tests of single validation rules live in tests/engine/test_config.py; these go through the whole command.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -62,23 +63,30 @@ REFUSED = [
     pytest.param({"loader": {"batch_size": -4}}, "loader.batch_size = -4: must be >= 1", id="batch_size=-4"),
     pytest.param({"optimizer": {"name": "adam", "lr": 0}}, "optimizer.lr = 0.0: must be > 0", id="lr=0"),
     pytest.param({"optimizer": {"name": "adam", "lr": -0.1}}, "optimizer.lr = -0.1: must be > 0", id="lr=-0.1"),
-    pytest.param({"optimizer": {"name": "adam", "lr": "nan"}}, "optimizer.lr = nan: must be a finite number",
-                 id="lr='nan'"),
+    pytest.param(
+        {"optimizer": {"name": "adam", "lr": "nan"}}, "optimizer.lr = nan: must be a finite number", id="lr='nan'"
+    ),
     pytest.param({"train": {"epochs": 0, "device": "cpu"}}, "train.epochs = 0: must be >= 1", id="epochs=0"),
-    pytest.param({"loader": {"batch_size": "8"}}, "loader.batch_size = '8': expected an integer",
-                 id="wrong-type-batch_size"),
-    pytest.param({"train": {"epochs": 2.5, "device": "cpu"}}, "train.epochs = 2.5: expected an integer",
-                 id="wrong-type-epochs"),
-    pytest.param({"train": {"epochs": True, "device": "cpu"}}, "train.epochs = True: expected an integer",
-                 id="wrong-type-epochs-bool"),
+    pytest.param(
+        {"loader": {"batch_size": "8"}}, "loader.batch_size = '8': expected an integer", id="wrong-type-batch_size"
+    ),
+    pytest.param(
+        {"train": {"epochs": 2.5, "device": "cpu"}}, "train.epochs = 2.5: expected an integer", id="wrong-type-epochs"
+    ),
+    pytest.param(
+        {"train": {"epochs": True, "device": "cpu"}},
+        "train.epochs = True: expected an integer",
+        id="wrong-type-epochs-bool",
+    ),
     pytest.param({"optimizer": ["adam"]}, "optimizer = ['adam']: expected an object", id="wrong-type-section"),
-    pytest.param({"loader": {"batchsize": 8}}, "loader.batchsize: unknown key (allowed: batch_size",
-                 id="unknown-key"),
+    pytest.param({"loader": {"batchsize": 8}}, "loader.batchsize: unknown key (allowed: batch_size", id="unknown-key"),
     pytest.param({"colour": "red"}, "colour: unknown key", id="unknown-top-level-key"),
-    pytest.param({"schema_version": SCHEMA_VERSION + 1}, f"schema_version = {SCHEMA_VERSION + 1}: this project was "
-                 "written by a newer Model Workbench", id="newer-schema"),
-    pytest.param({"schema_version": "1"}, "schema_version = '1': expected a positive integer",
-                 id="wrong-type-schema"),
+    pytest.param(
+        {"schema_version": SCHEMA_VERSION + 1},
+        f"schema_version = {SCHEMA_VERSION + 1}: this project was written by a newer Model Workbench",
+        id="newer-schema",
+    ),
+    pytest.param({"schema_version": "1"}, "schema_version = '1': expected a positive integer", id="wrong-type-schema"),
 ]
 
 
@@ -116,8 +124,13 @@ def test_invalid_json_names_the_line_and_column(capfd, tmp_path):
 
 
 def test_every_problem_of_a_project_is_listed_at_once(capfd, tmp_path, image_folder):
-    project = write_project(tmp_path / "p.json", "images", loader={"batch_size": 0},
-                            optimizer={"name": "adam", "lr": -1}, train={"epochs": 0, "device": "cpu"})
+    project = write_project(
+        tmp_path / "p.json",
+        "images",
+        loader={"batch_size": 0},
+        optimizer={"name": "adam", "lr": -1},
+        train={"epochs": 0, "device": "cpu"},
+    )
     code, _, err = cli(capfd, "check", project)
     assert code == EXIT_BAD_INPUT and "(3 problems)" in err
     for field in ("loader.batch_size", "optimizer.lr", "train.epochs"):
@@ -126,8 +139,11 @@ def test_every_problem_of_a_project_is_listed_at_once(capfd, tmp_path, image_fol
 
 def test_sampler_weights_of_the_wrong_length_name_both_lengths(capfd, tmp_path, image_folder):
     # 36 images, a quarter held out: 27 training samples, and 3 weights (one per class, a common mistake).
-    project = write_project(tmp_path / "p.json", "images",
-                            loader={"batch_size": 8, "sampler": {"name": "weighted_random", "weights": [1, 2, 3]}})
+    project = write_project(
+        tmp_path / "p.json",
+        "images",
+        loader={"batch_size": 8, "sampler": {"name": "weighted_random", "weights": [1, 2, 3]}},
+    )
     code, _, err = cli(capfd, "train", project)
     assert code == EXIT_BAD_INPUT
     assert "loader.sampler.weights has 3 values but the training set has 27 samples" in err
@@ -137,22 +153,30 @@ def test_sampler_weights_of_the_wrong_length_name_both_lengths(capfd, tmp_path, 
 
 # -- settings that train -----------------------------------------------------------------------------------
 
+
 def test_a_batch_larger_than_the_dataset_trains_one_batch_per_epoch_and_says_so(capfd, tmp_path, image_folder):
-    project = write_project(tmp_path / "p.json", "images", loader={"batch_size": 64},
-                            train={"epochs": 2, "device": "cpu"})
+    project = write_project(
+        tmp_path / "p.json", "images", loader={"batch_size": 64}, train={"epochs": 2, "device": "cpu"}
+    )
     run = tmp_path / "run"
     code, _, err = cli(capfd, "train", project, "--out", run)
     assert code == EXIT_OK, err
-    assert "loader.batch_size = 64 is larger than the 27 training samples drawn per epoch: each epoch trains " \
-           "on one batch of 27" in err
+    assert (
+        "loader.batch_size = 64 is larger than the 27 training samples drawn per epoch: each epoch trains "
+        "on one batch of 27" in err
+    )
     assert "2 epoch(s) of 1 batches" in err
     assert load_checkpoint(run / "checkpoints" / "final.pt")["global_step"] == 2
 
 
 def test_a_diverging_learning_rate_is_stopped_and_the_earlier_epoch_is_kept(capfd, tmp_path, image_folder):
     # Epoch 1 trains at lr 0.003; the step schedule then multiplies it by 1e20, and the loss diverges in epoch 2.
-    project = write_project(tmp_path / "p.json", "images", schedule={"name": "step", "step_size": 1, "gamma": 1e20},
-                            train={"epochs": 3, "device": "cpu"})
+    project = write_project(
+        tmp_path / "p.json",
+        "images",
+        schedule={"name": "step", "step_size": 1, "gamma": 1e20},
+        train={"epochs": 3, "device": "cpu"},
+    )
     run = tmp_path / "run"
     code, _, err = cli(capfd, "train", project, "--out", run)
     assert code == EXIT_FAILED
@@ -170,6 +194,7 @@ def test_a_diverging_learning_rate_is_stopped_and_the_earlier_epoch_is_kept(capf
 
 
 # -- export destinations -----------------------------------------------------------------------------------
+
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory) -> Path:
@@ -211,12 +236,18 @@ def test_export_over_an_existing_file_needs_force(capfd, checkpoint, tmp_path):
 
 # -- the same in a real process ----------------------------------------------------------------------------
 
+
 def test_a_real_process_reports_bad_settings_without_a_traceback(tmp_path, image_folder):
     project = write_project(tmp_path / "p.json", "images", colour="red")
     before = project.read_bytes()
-    result = subprocess.run([sys.executable, str(ROOT / "main.py"), "train", str(project)], cwd=ROOT,
-                            capture_output=True, text=True, timeout=300,
-                            env={**os.environ, "PYTHONPATH": str(ROOT)})
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "main.py"), "train", str(project)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
     assert result.returncode == EXIT_BAD_INPUT
     assert "colour: unknown key" in result.stderr and "Traceback" not in result.stderr
     assert project.read_bytes() == before

@@ -2,6 +2,7 @@
 the app. Both events are simulated at the lowest level (they cannot be produced here): the checkpoint's file
 descriptor is /dev/full, on which every write(2) fails with ENOSPC as on a full disk; the model's forward raises
 PyTorch's own torch.OutOfMemoryError with CUDA's message."""
+
 from __future__ import annotations
 
 import errno
@@ -22,14 +23,20 @@ from engine.trainer import Trainer
 
 pytestmark = pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs Linux's /dev/full for a real ENOSPC")
 
-CUDA_OOM = ("CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total capacity of 79.19 GiB of which "
-            "1.06 GiB is free. Of the allocated memory 75.12 GiB is allocated by PyTorch")
+CUDA_OOM = (
+    "CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total capacity of 79.19 GiB of which "
+    "1.06 GiB is free. Of the allocated memory 75.12 GiB is allocated by PyTorch"
+)
 
 
 def _project(tmp_path: Path, epochs: int = 3) -> Path:
-    return write_project(tmp_path / "project.json", "images", loader={"batch_size": 8},
-                         train={"epochs": epochs, "device": "cpu", "seed": 0},
-                         output={"dir": "runs", "tensorboard": False})
+    return write_project(
+        tmp_path / "project.json",
+        "images",
+        loader={"batch_size": 8},
+        train={"epochs": epochs, "device": "cpu", "seed": 0},
+        output={"dir": "runs", "tensorboard": False},
+    )
 
 
 def _full_disk_for(monkeypatch, prefix: str) -> dict:
@@ -81,14 +88,17 @@ def _device_full_at(monkeypatch, epoch: int, batch: int) -> dict:
 
 def _leftovers(run_dir: Path) -> list[str]:
     """Temporary or partial files anywhere in a run folder."""
-    return sorted(str(p.relative_to(run_dir)) for p in run_dir.rglob("*") if p.name.startswith(".")
-                  or p.name.endswith(".tmp"))
+    return sorted(
+        str(p.relative_to(run_dir)) for p in run_dir.rglob("*") if p.name.startswith(".") or p.name.endswith(".tmp")
+    )
 
 
 # -- disk full ---------------------------------------------------------------------------------------------------
 
-def test_disk_full_during_a_checkpoint_write_keeps_the_previous_one_and_the_run_resumes(tmp_path, image_folder,
-                                                                                       monkeypatch):
+
+def test_disk_full_during_a_checkpoint_write_keeps_the_previous_one_and_the_run_resumes(
+    tmp_path, image_folder, monkeypatch
+):
     cfg = load_project(_project(tmp_path))
     run_dir = create_run_dir(cfg, tmp_path / "run")
     disk = _full_disk_for(monkeypatch, ".epoch-002.pt.")
@@ -130,9 +140,11 @@ def test_disk_full_on_the_command_line_is_one_clear_message(tmp_path, image_fold
 
 # -- out of memory -----------------------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("epoch, batch", [(1, 1), (2, 2)])
-def test_out_of_memory_in_a_batch_names_the_batch_size_and_keeps_the_checkpoints(tmp_path, image_folder,
-                                                                                 monkeypatch, epoch, batch):
+def test_out_of_memory_in_a_batch_names_the_batch_size_and_keeps_the_checkpoints(
+    tmp_path, image_folder, monkeypatch, epoch, batch
+):
     cfg = load_project(_project(tmp_path))
     run_dir = create_run_dir(cfg, tmp_path / "run")
     device = _device_full_at(monkeypatch, epoch, batch)
@@ -172,15 +184,26 @@ def test_out_of_memory_on_the_command_line_is_one_clear_message(tmp_path, image_
 
 
 def test_a_batch_size_of_one_out_of_memory_points_at_the_image_size(tmp_path, image_folder, monkeypatch):
-    cfg = load_project(write_project(tmp_path / "one.json", "images", loader={"batch_size": 1},
-                                     train={"epochs": 1, "device": "cpu"}, output={"dir": "runs", "tensorboard": False}))
+    cfg = load_project(
+        write_project(
+            tmp_path / "one.json",
+            "images",
+            loader={"batch_size": 1},
+            train={"epochs": 1, "device": "cpu"},
+            output={"dir": "runs", "tensorboard": False},
+        )
+    )
     _device_full_at(monkeypatch, 1, 1)
-    with pytest.raises(DeviceOutOfMemoryError, match=r"loader.batch_size is 1 already: lower data.image_size "
-                                                     r"\(now 16\)"):
+    with pytest.raises(
+        DeviceOutOfMemoryError,
+        match=r"loader.batch_size is 1 already: lower data.image_size "
+        r"\(now 16\)",
+    ):
         Trainer(cfg, run_callbacks(cfg, create_run_dir(cfg, tmp_path / "run"))).run()
 
 
 # -- through the app ---------------------------------------------------------------------------------------------
+
 
 @pytest.fixture()
 def window(qtbot, tmp_path, image_folder, monkeypatch):

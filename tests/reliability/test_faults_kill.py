@@ -1,5 +1,6 @@
 """Kill anywhere: a real `main.py train` process SIGKILLed at 10 seeded random moments, several inside checkpoint
 writes; after every kill the checkpoints on disk load and `main.py resume` continues the run, and it finishes."""
+
 from __future__ import annotations
 
 import os
@@ -31,8 +32,9 @@ def _epoch_files(folder: Path) -> list[Path]:
     return sorted(folder.glob("epoch-*.pt"))
 
 
-def _kill_when(proc: subprocess.Popen, log: Path, ckpt_dir: Path, last_epoch: int, kind: str,
-               rng: random.Random) -> dict:
+def _kill_when(
+    proc: subprocess.Popen, log: Path, ckpt_dir: Path, last_epoch: int, kind: str, rng: random.Random
+) -> dict:
     """Wait for the moment `kind` names, SIGKILL the process there; what was on disk at that instant.
 
     startup: 0.3-3 s after the process started (importing, scanning the data, building the model);
@@ -50,8 +52,10 @@ def _kill_when(proc: subprocess.Popen, log: Path, ckpt_dir: Path, last_epoch: in
     armed_at = spawned if kind == "startup" else None
     while True:
         if proc.poll() is not None:
-            raise AssertionError(f"the run ended by itself (exit {proc.returncode}) before the {kind} kill:\n"
-                                 + log.read_text(errors="replace")[-3000:])
+            raise AssertionError(
+                f"the run ended by itself (exit {proc.returncode}) before the {kind} kill:\n"
+                + log.read_text(errors="replace")[-3000:]
+            )
         if time.monotonic() - spawned > 120:
             proc.kill()
             raise AssertionError(f"no {kind} moment within 120 s:\n" + log.read_text(errors="replace")[-3000:])
@@ -97,10 +101,14 @@ def test_sigkill_at_random_moments_then_resume_finishes_the_run(tmp_path):
     rng = random.Random(SEED)
     write_image_folder(tmp_path / "images", per_class=12)
     # resnet18 with plain SGD: 45 MB checkpoints, so a write lasts long enough to be killed in.
-    project = write_project(tmp_path / "project.json", "images", loader={"batch_size": 8},
-                            optimizer={"name": "sgd", "lr": 0.01, "momentum": 0.0},
-                            train={"epochs": 50, "device": "cpu", "seed": 0},
-                            output={"dir": "runs", "tensorboard": False})
+    project = write_project(
+        tmp_path / "project.json",
+        "images",
+        loader={"batch_size": 8},
+        optimizer={"name": "sgd", "lr": 0.01, "momentum": 0.0},
+        train={"epochs": 50, "device": "cpu", "seed": 0},
+        output={"dir": "runs", "tensorboard": False},
+    )
     run = tmp_path / "run"
     ckpt_dir = run / "checkpoints"
     kinds = ["write"] * 5 + ["training"] * 4 + ["startup"]
@@ -113,11 +121,12 @@ def test_sigkill_at_random_moments_then_resume_finishes_the_run(tmp_path):
     report, last_epoch = [], 0
     for i, kind in enumerate(kinds):
         resuming = (ckpt_dir / "last.pt").exists()
-        args = (["resume", str(ckpt_dir / "last.pt")] if resuming else ["train", str(project), "--out", str(run)])
+        args = ["resume", str(ckpt_dir / "last.pt")] if resuming else ["train", str(project), "--out", str(run)]
         log = tmp_path / f"segment-{i}.log"
         with open(log, "wb") as out:
-            proc = subprocess.Popen([sys.executable, str(ROOT / "main.py"), *args], cwd=ROOT, env=env,
-                                    stdout=out, stderr=subprocess.STDOUT)
+            proc = subprocess.Popen(
+                [sys.executable, str(ROOT / "main.py"), *args], cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT
+            )
             try:
                 moment = _kill_when(proc, log, ckpt_dir, last_epoch, kind, rng)
             finally:
@@ -133,9 +142,14 @@ def test_sigkill_at_random_moments_then_resume_finishes_the_run(tmp_path):
     assert last_epoch >= 1 + kinds.count("training"), report  # each "training" kill came after a new epoch
     # Space for the run to finish: one epoch past the last checkpoint, as `resume --epochs` allows.
     final_log = tmp_path / "final.log"
-    result = subprocess.run([sys.executable, str(ROOT / "main.py"), "resume", str(ckpt_dir / "last.pt"),
-                             "--epochs", str(last_epoch + 1)], cwd=ROOT, env=env, capture_output=True, text=True,
-                            timeout=300)
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "main.py"), "resume", str(ckpt_dir / "last.pt"), "--epochs", str(last_epoch + 1)],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     final_log.write_text(result.stderr)
     assert result.returncode == 0, result.stderr[-3000:]
     assert f"Resumed after epoch {last_epoch} " in result.stderr

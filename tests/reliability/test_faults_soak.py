@@ -1,5 +1,6 @@
 """Soak: 50 start/stop cycles in one app session (MainWindow offscreen, real training, Stop after the first batch):
 no QThread left, no thread growth, resident memory grows less than 10% after warming up."""
+
 from __future__ import annotations
 
 import gc
@@ -40,8 +41,9 @@ def one_compute_thread():
 
 
 @pytest.mark.skipif(not os.path.exists("/proc/self/statm"), reason="reads Linux's /proc for memory and threads")
-def test_fifty_start_stop_cycles_leave_no_thread_and_no_memory_growth(qtbot, tmp_path, image_folder, monkeypatch,
-                                                                      one_compute_thread):
+def test_fifty_start_stop_cycles_leave_no_thread_and_no_memory_growth(
+    qtbot, tmp_path, image_folder, monkeypatch, one_compute_thread
+):
     from PySide6.QtCore import QCoreApplication, QSettings, QThread
     from PySide6.QtWidgets import QMessageBox
 
@@ -56,9 +58,13 @@ def test_fifty_start_stop_cycles_leave_no_thread_and_no_memory_growth(qtbot, tmp
     monkeypatch.setattr(MainWindow, "_ask_stop_training", lambda self: True)
 
     # resnet18 (11 M parameters): a model, optimizer or batch kept alive by each run would show as 45 MB or more.
-    project = write_project(tmp_path / "soak.json", "images", loader={"batch_size": 4},
-                            train={"epochs": 100, "device": "cpu", "seed": 0},
-                            output={"dir": "runs", "tensorboard": False})
+    project = write_project(
+        tmp_path / "soak.json",
+        "images",
+        loader={"batch_size": 4},
+        train={"epochs": 100, "device": "cpu", "seed": 0},
+        output={"dir": "runs", "tensorboard": False},
+    )
     win = MainWindow()
     qtbot.addWidget(win)
     assert win.open_project(str(project))
@@ -86,14 +92,17 @@ def test_fifty_start_stop_cycles_leave_no_thread_and_no_memory_growth(qtbot, tmp
     assert not [t for t in win.findChildren(QThread) if t.isRunning()]
     assert not [r for r in threads if r() is not None], "QThread objects outlived their runs"
     assert not [r for r in workers if r() is not None], "TrainingWorker objects outlived their runs"
-    assert not [o for o in gc.get_objects() if type(o) is Trainer and id(o) not in earlier], \
+    assert not [o for o in gc.get_objects() if type(o) is Trainer and id(o) not in earlier], (
         "a Trainer outlived its run"
+    )
     base_rss, base_py, base_os = baseline
     assert py_threads <= base_py, f"Python threads grew from {base_py} to {py_threads}"
     assert os_threads <= base_os, f"threads grew from {base_os} to {os_threads}"
     growth = (rss - base_rss) / base_rss
-    print(f"\n{CYCLES} start/stop cycles in {elapsed:.0f} s; RSS {base_rss / 2**20:.0f} -> {rss / 2**20:.0f} MiB "
-          f"({growth:+.1%}) after {WARM_UP} warm-up cycles; threads {base_py} Python, {base_os} in all")
+    print(
+        f"\n{CYCLES} start/stop cycles in {elapsed:.0f} s; RSS {base_rss / 2**20:.0f} -> {rss / 2**20:.0f} MiB "
+        f"({growth:+.1%}) after {WARM_UP} warm-up cycles; threads {base_py} Python, {base_os} in all"
+    )
     assert growth < 0.10, f"resident memory grew {growth:.1%} over {CYCLES - WARM_UP} cycles"
 
     win.state._set_dirty(False)

@@ -6,6 +6,7 @@ raised decompression-bomb limit, or a shell. Payload tests build checkpoints who
 create a marker file, prove the payload is live (an unrestricted load does create it), then open them
 through every door the product has: the engine loaders, the CLI, and the desktop app.
 """
+
 from __future__ import annotations
 
 import ast
@@ -76,11 +77,34 @@ def _is_constant(node: ast.expr | None, value) -> bool:
 
 TORCH_LOADS = {"torch.load", "torch.serialization.load"}
 NUMPY_LOADS = {"numpy.load"}
-PICKLE_LOADERS = {"pickle.load", "pickle.loads", "pickle.Unpickler", "_pickle.load", "_pickle.loads", "dill.load",
-                  "dill.loads", "cloudpickle.load", "cloudpickle.loads", "joblib.load", "marshal.load", "marshal.loads",
-                  "shelve.open", "pandas.read_pickle", "numpy.lib.format.read_array"}
-SHELLS = {"os.system", "os.popen", "subprocess.getoutput", "subprocess.getstatusoutput", "pty.spawn",
-          "os.execlp", "os.execvp", "os.spawnlp", "os.spawnvp"}
+PICKLE_LOADERS = {
+    "pickle.load",
+    "pickle.loads",
+    "pickle.Unpickler",
+    "_pickle.load",
+    "_pickle.loads",
+    "dill.load",
+    "dill.loads",
+    "cloudpickle.load",
+    "cloudpickle.loads",
+    "joblib.load",
+    "marshal.load",
+    "marshal.loads",
+    "shelve.open",
+    "pandas.read_pickle",
+    "numpy.lib.format.read_array",
+}
+SHELLS = {
+    "os.system",
+    "os.popen",
+    "subprocess.getoutput",
+    "subprocess.getstatusoutput",
+    "pty.spawn",
+    "os.execlp",
+    "os.execvp",
+    "os.spawnlp",
+    "os.spawnvp",
+}
 
 
 def scan(source: str, filename: str = "<source>") -> tuple[list[str], dict[str, int]]:
@@ -114,8 +138,12 @@ def scan(source: str, filename: str = "<source>") -> tuple[list[str], dict[str, 
             shell = _keyword(node, "shell")
             if shell is not None and not _is_constant(shell, False):
                 problems.append(f"{where(node)}: {name or 'a call'} with shell={ast.unparse(shell)}")
-            if name == "setattr" and len(node.args) >= 2 and isinstance(node.args[1], ast.Constant) \
-                    and node.args[1].value == "MAX_IMAGE_PIXELS":
+            if (
+                name == "setattr"
+                and len(node.args) >= 2
+                and isinstance(node.args[1], ast.Constant)
+                and node.args[1].value == "MAX_IMAGE_PIXELS"
+            ):
                 problems.append(f"{where(node)}: setattr changes Image.MAX_IMAGE_PIXELS")
         targets = []
         if isinstance(node, ast.Assign):
@@ -163,9 +191,21 @@ def test_the_scanner_catches_each_kind_of_violation():
         setattr(Image, "MAX_IMAGE_PIXELS", None)
     """)
     problems, _ = scan(bad)
-    expected = ["torch.load without", "torch.load without", "torch.load without", "torch.load without",
-                "numpy.load without", "numpy.load without", "pickle.loads", "os.system", "shell=True",
-                "shell=flag", "assigns Image.MAX_IMAGE_PIXELS", "assigns PIL.Image.MAX_IMAGE_PIXELS", "setattr"]
+    expected = [
+        "torch.load without",
+        "torch.load without",
+        "torch.load without",
+        "torch.load without",
+        "numpy.load without",
+        "numpy.load without",
+        "pickle.loads",
+        "os.system",
+        "shell=True",
+        "shell=flag",
+        "assigns Image.MAX_IMAGE_PIXELS",
+        "assigns PIL.Image.MAX_IMAGE_PIXELS",
+        "setattr",
+    ]
     assert len(problems) == len(expected), problems
     for line, what in zip(problems, expected, strict=True):
         assert what in line, (line, what)
@@ -240,8 +280,11 @@ def unsafe_load(path: Path, fmt: str) -> None:
 
 def snapshot(root: Path) -> dict[str, str]:
     """Every file under root with a hash of its bytes: 'nothing is lost, nothing is added'."""
-    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(root.rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+    }
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
@@ -284,8 +327,12 @@ def workspace(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("security")
     write_image_folder(root / "images", per_class=4)
-    project = write_project(root / "project.json", "images", train={"epochs": 1, "device": "cpu", "seed": 0},
-                            output={"dir": "runs", "tensorboard": False})
+    project = write_project(
+        root / "project.json",
+        "images",
+        train={"epochs": 1, "device": "cpu", "seed": 0},
+        output={"dir": "runs", "tensorboard": False},
+    )
     (root / "run").mkdir()
     Trainer(load_project(project), [RunRecorder(root / "run")]).run()
     return root
@@ -298,8 +345,9 @@ def _evil_checkpoint(workspace: Path, tmp_path: Path, marker: Path) -> Path:
 
 
 def _cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(REPO / "main.py"), *args], capture_output=True, text=True, cwd=cwd,
-                          timeout=300)
+    return subprocess.run(
+        [sys.executable, str(REPO / "main.py"), *args], capture_output=True, text=True, cwd=cwd, timeout=300
+    )
 
 
 def assert_one_line_error(result: subprocess.CompletedProcess, *needles: str) -> str:
@@ -316,10 +364,20 @@ def assert_one_line_error(result: subprocess.CompletedProcess, *needles: str) ->
 CLI_DOORS = {
     "evaluate": lambda ckpt, ws: ["evaluate", str(ckpt), "--json", str(ws / "eval.json")],
     "export": lambda ckpt, ws: ["export", str(ckpt), "--format", "onnx", "--out", str(ws / "model.onnx"), "--force"],
-    "train --init-from": lambda ckpt, ws: ["train", str(ws / "project.json"), "--init-from", str(ckpt),
-                                           "--out", str(ws / "new-run")],
-    "check (model.weights_file)": lambda ckpt, ws: ["check", str(write_project(
-        ws / "with-weights.json", "images", model={"backbone": "resnet18", "weights_file": str(ckpt)}))],
+    "train --init-from": lambda ckpt, ws: [
+        "train",
+        str(ws / "project.json"),
+        "--init-from",
+        str(ckpt),
+        "--out",
+        str(ws / "new-run"),
+    ],
+    "check (model.weights_file)": lambda ckpt, ws: [
+        "check",
+        str(
+            write_project(ws / "with-weights.json", "images", model={"backbone": "resnet18", "weights_file": str(ckpt)})
+        ),
+    ],
 }
 
 
@@ -348,8 +406,11 @@ def test_an_npz_dataset_with_a_pickle_payload_is_refused_by_the_cli_without_runn
     marker.unlink()
 
     project = write_project(tmp_path / "npz.json", str(data), train={"epochs": 1, "device": "cpu"})
-    for args in (["check", str(project)], ["train", str(project), "--out", str(tmp_path / "run")],
-                 ["evaluate", str(workspace / "run" / "checkpoints" / "final.pt"), "--data", str(data)]):
+    for args in (
+        ["check", str(project)],
+        ["train", str(project), "--out", str(tmp_path / "run")],
+        ["evaluate", str(workspace / "run" / "checkpoints" / "final.pt"), "--data", str(data)],
+    ):
         line = assert_one_line_error(_cli(*args, cwd=tmp_path), str(data), "array 'y'", "refusing to unpickle")
         assert not marker.exists(), line
     assert not (tmp_path / "run").exists()
@@ -437,8 +498,9 @@ def test_importing_a_payload_weights_file_in_the_app_is_refused(qtbot, workspace
     from widgets.state import ProjectState
 
     marker = tmp_path / "code-ran"
-    evil = write_payload(tmp_path / "backbone.pth", marker, "zip",
-                         base={"fc.weight": torch.zeros(3, 512), "fc.bias": torch.zeros(3)})
+    evil = write_payload(
+        tmp_path / "backbone.pth", marker, "zip", base={"fc.weight": torch.zeros(3, 512), "fc.bias": torch.zeros(3)}
+    )
     state = ProjectState()
     state.open(workspace / "project.json")
     before = state.config.to_dict()

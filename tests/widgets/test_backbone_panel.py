@@ -1,4 +1,5 @@
 """The backbone panel: searching the catalog, choosing a backbone and its weights, importing a weights file."""
+
 from pathlib import Path
 
 import pytest
@@ -107,8 +108,9 @@ def test_torchvision_weights_not_in_the_cache_need_a_download(qtbot, panel, proj
     # Choosing it is allowed (the project is valid), with the offline advice shown.
     panel.weights.setCurrentIndex(panel.weights.findData("IMAGENET1K_V2"))
     assert project_state.get("model.weights") == "IMAGENET1K_V2"
-    assert ("not in the cache; training will try to download it — offline, choose random init or import a "
-            "weights file") in panel.weights_note.text()
+    assert (
+        "not in the cache; training will try to download it — offline, choose random init or import a weights file"
+    ) in panel.weights_note.text()
     panel.weights.setCurrentIndex(panel.weights.findData(None))
     assert project_state.get("model.weights") is None
 

@@ -1,4 +1,5 @@
 """Checkpoints panel: a run's files with their metrics and best/last/final links, its buttons, opening folders."""
+
 import json
 import os
 from pathlib import Path
@@ -25,9 +26,17 @@ def make_run(root, epochs=(1, 2, 3), best=2, rows=None, total=10, final="best"):
     if final and (ckpts / f"{final}.pt").exists():
         link_atomic(ckpts / f"{final}.pt", ckpts / "final.pt")
     if rows is None:
-        rows = [{"epoch": e, "train_loss": 1.0 / e, "val_loss": 1.5 / e if e != best else 0.1,
-                 "train_accuracy": 0.5, "val_accuracy": 0.6 + 0.1 * (e == best), "best": e <= best}
-                for e in epochs]
+        rows = [
+            {
+                "epoch": e,
+                "train_loss": 1.0 / e,
+                "val_loss": 1.5 / e if e != best else 0.1,
+                "train_accuracy": 0.5,
+                "val_accuracy": 0.6 + 0.1 * (e == best),
+                "best": e <= best,
+            }
+            for e in epochs
+        ]
     (root / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     (root / "project.json").write_text(json.dumps({"train": {"epochs": total}}))
     return root
@@ -101,8 +110,9 @@ def test_checkpoints_are_never_read(tmp_path):
     finally:
         for path in (run / "checkpoints").iterdir():
             os.chmod(path, 0o644)
-    assert [(e.path.name, e.epoch, sorted(e.roles)) for e in entries] == [("epoch-001.pt", 1,
-                                                                          ["best", "final", "last"])]
+    assert [(e.path.name, e.epoch, sorted(e.roles)) for e in entries] == [
+        ("epoch-001.pt", 1, ["best", "final", "last"])
+    ]
 
 
 def test_selection_drives_the_buttons_and_the_signals_carry_the_path_and_epochs(qtbot, panel, tmp_path):
@@ -200,6 +210,7 @@ def test_opening_a_folder_that_is_not_a_run_explains_and_the_panel_stays_usable(
 
 def answer_file_dialog(choice):
     """Answer the next modal file dialog as a user would: choose this path, or cancel (None)."""
+
     def answer():
         dialog = QApplication.activeModalWidget()
         if not isinstance(dialog, QFileDialog):
@@ -210,6 +221,7 @@ def answer_file_dialog(choice):
         else:
             dialog.selectFile(str(choice))
             dialog.accept()
+
     QTimer.singleShot(0, answer)
 
 

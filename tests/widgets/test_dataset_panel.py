@@ -1,4 +1,5 @@
 """The dataset panel: opening real folders and files, what it shows of them, and how it reports bad data."""
+
 import shutil
 from pathlib import Path
 
@@ -49,8 +50,10 @@ def bar_chart_data(panel):
 
 
 def table_rows(table: QTableWidget):
-    return [[table.item(r, c).text() if table.item(r, c) else "" for c in range(table.columnCount())]
-            for r in range(table.rowCount())]
+    return [
+        [table.item(r, c).text() if table.item(r, c) else "" for c in range(table.columnCount())]
+        for r in range(table.rowCount())
+    ]
 
 
 def test_the_tiny_image_folder_shows_its_classes_samples_and_split(qtbot, panel, image_folder):

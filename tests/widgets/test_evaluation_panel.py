@@ -1,4 +1,5 @@
 """The evaluation panel on a real trained checkpoint: figures equal the engine's, heat map, thumbnails, errors."""
+
 import json
 import shutil
 
@@ -66,12 +67,18 @@ def test_evaluation_shows_the_engines_figures(qtbot, panel, trained):
     assert panel.matrix.cell_text(0, 0) == str(expected.confusion[0][0])
 
     # One row per class with the engine's precision, recall, F1 and support.
-    rows = {panel.table.item(r, 0).text(): [panel.table.item(r, c).text() for c in range(1, 5)]
-            for r in range(panel.table.rowCount())}
+    rows = {
+        panel.table.item(r, 0).text(): [panel.table.item(r, c).text() for c in range(1, 5)]
+        for r in range(panel.table.rowCount())
+    }
     assert set(rows) == {"red", "green", "blue"}
     for row in expected.per_class:
-        assert rows[row["class"]] == [f"{row['precision']:.3f}", f"{row['recall']:.3f}", f"{row['f1']:.3f}",
-                                      str(row["support"])]
+        assert rows[row["class"]] == [
+            f"{row['precision']:.3f}",
+            f"{row['recall']:.3f}",
+            f"{row['f1']:.3f}",
+            str(row["support"]),
+        ]
 
     # The hardest samples, highest loss first, each with a thumbnail of its image (12 px enlarged to 96 px).
     assert panel.samples.count() == len(expected.hardest) == 6
@@ -105,8 +112,9 @@ def test_table_sorts_by_number_and_heat_map_normalises(qtbot, panel, trained):
     for window in (QColor(250, 250, 250), QColor(30, 30, 30)):
         palette = panel.palette()
         palette.setColor(QPalette.ColorRole.Window, window)
-        palette.setColor(QPalette.ColorRole.WindowText, QColor(20, 20, 20) if window.lightness() > 128
-                         else QColor(235, 235, 235))
+        palette.setColor(
+            QPalette.ColorRole.WindowText, QColor(20, 20, 20) if window.lightness() > 128 else QColor(235, 235, 235)
+        )
         panel.setPalette(palette)
         image = panel.matrix.grab().toImage()
         for row in range(3):
@@ -134,8 +142,9 @@ def test_a_deleted_checkpoint_shows_an_error_and_the_panel_still_works(qtbot, pa
     shutil.copy(trained, copy)
     panel.set_checkpoint(copy)
     copy.unlink()
-    with qtbot.waitSignal(panel.logged, timeout=30000,
-                          check_params_cb=lambda text: text.startswith("Evaluation failed")):
+    with qtbot.waitSignal(
+        panel.logged, timeout=30000, check_params_cb=lambda text: text.startswith("Evaluation failed")
+    ):
         assert panel.evaluate()
     assert panel.wait()
     assert panel.message.isVisible()
@@ -152,8 +161,9 @@ def test_a_deleted_checkpoint_shows_an_error_and_the_panel_still_works(qtbot, pa
 def test_a_missing_dataset_keeps_the_last_results(qtbot, panel, trained, tmp_path):
     panel.set_checkpoint(trained)
     first = evaluate(qtbot, panel)
-    with qtbot.waitSignal(panel.logged, timeout=30000,
-                          check_params_cb=lambda text: text.startswith("Evaluation failed")):
+    with qtbot.waitSignal(
+        panel.logged, timeout=30000, check_params_cb=lambda text: text.startswith("Evaluation failed")
+    ):
         panel.evaluate(data=tmp_path / "gone")
     assert panel.wait()
     assert "no such file or folder" in panel.message.text() and "gone" in panel.message.text()

@@ -1,4 +1,5 @@
 """The export dialog on a real trained checkpoint: verified exports, overwrite questions, bad destinations."""
+
 import json
 import os
 import shutil
@@ -71,8 +72,13 @@ def test_onnx_export_is_verified_in_onnxruntime(qtbot, dialog, checkpoint):
 
 def test_the_suffix_follows_the_format(dialog, checkpoint):
     exports = checkpoint.parent.parent / "exports"
-    expected = {"torchscript": "final.torchscript.pt", "onnx": "final.onnx", "state_dict": "final.pth",
-                "safetensors": "final.safetensors", "pt2": "final.pt2"}
+    expected = {
+        "torchscript": "final.torchscript.pt",
+        "onnx": "final.onnx",
+        "state_dict": "final.pth",
+        "safetensors": "final.safetensors",
+        "pt2": "final.pt2",
+    }
     assert [dialog.format_combo.itemData(i) for i in range(dialog.format_combo.count())] == list(FORMATS)
     for fmt in FORMATS:
         dialog.set_format(fmt)

@@ -1,4 +1,5 @@
 """The layers panel: the module tree of the project's model, ticks as freezing, and the project round trip."""
+
 import pytest
 from PySide6.QtCore import Qt
 from PySide6.QtWidgets import QStyle, QStyleOptionViewItem, QWidget
@@ -105,8 +106,12 @@ def test_ticking_a_module_freezes_it_in_the_project(qtbot, panel, project_state)
 def test_head_only_preset_and_ticks_on_top_of_it_round_trip(qtbot, panel, project_state):
     panel.head_only.click()
     assert project_state.get("model.freeze") == "head_only"
-    qtbot.waitUntil(lambda: panel.item_for("fc").checkState(MODULE) == UNCHECKED
-                    and panel.item_for("layer4").checkState(MODULE) == CHECKED)
+    qtbot.waitUntil(
+        lambda: (
+            panel.item_for("fc").checkState(MODULE) == UNCHECKED
+            and panel.item_for("layer4").checkState(MODULE) == CHECKED
+        )
+    )
     for name, item in checkable(panel).items():
         if name == "":
             assert item.checkState(MODULE) == PARTIAL
@@ -123,8 +128,9 @@ def test_head_only_preset_and_ticks_on_top_of_it_round_trip(qtbot, panel, projec
     panel.item_for("layer4.0.conv1").setCheckState(MODULE, CHECKED)
     assert panel.item_for("layer4").checkState(MODULE) == PARTIAL
     assert frozen_in_fresh_model(project_state) == panel.frozen_parameters()
-    expected = (set().union(*(params_of(project_state, m) for m in ("conv1", "bn1", "layer1", "layer2", "layer3")))
-                | params_of(project_state, "layer4.0.conv1"))
+    expected = set().union(
+        *(params_of(project_state, m) for m in ("conv1", "bn1", "layer1", "layer2", "layer3"))
+    ) | params_of(project_state, "layer4.0.conv1")
     assert panel.frozen_parameters() == expected
 
     # Ticking the partial parent freezes all of it.

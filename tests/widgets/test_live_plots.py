@@ -1,4 +1,5 @@
 """Live plots: long runs keep one curve item each and every point, epoch curves follow the metrics, PNG export works."""
+
 import math
 
 import numpy as np
@@ -61,10 +62,8 @@ def test_a_single_learning_rate_is_placed_at_the_last_step_of_the_chunk(plots):
 
 
 def test_epoch_curves_show_accuracy_in_percent_and_skip_missing_values(plots):
-    plots.add_epoch({"epoch": 1, "train_loss": 0.9, "val_loss": None, "train_accuracy": 0.5,
-                     "val_accuracy": None})
-    plots.add_epoch({"epoch": 2, "train_loss": 0.6, "val_loss": 0.7, "train_accuracy": 0.75,
-                     "val_accuracy": 0.8})
+    plots.add_epoch({"epoch": 1, "train_loss": 0.9, "val_loss": None, "train_accuracy": 0.5, "val_accuracy": None})
+    plots.add_epoch({"epoch": 2, "train_loss": 0.6, "val_loss": 0.7, "train_accuracy": 0.75, "val_accuracy": 0.8})
     assert plots.point_count("train_loss") == 2 and plots.point_count("val_loss") == 1
     x, y = plots.curve_data("val_accuracy")
     assert list(x) == [2] and y[0] == pytest.approx(80.0)
@@ -73,8 +72,17 @@ def test_epoch_curves_show_accuracy_in_percent_and_skip_missing_values(plots):
 
 def test_load_history_replaces_what_was_shown(plots):
     plots.add_batches([1, 2], [1.0, 0.9])
-    rows = [{"epoch": e, "train_loss": 1 / e, "val_loss": 1.1 / e, "train_accuracy": 0.5, "val_accuracy": 0.4,
-             "lr": 0.001 * e} for e in (1, 2, 3)]
+    rows = [
+        {
+            "epoch": e,
+            "train_loss": 1 / e,
+            "val_loss": 1.1 / e,
+            "train_accuracy": 0.5,
+            "val_accuracy": 0.4,
+            "lr": 0.001 * e,
+        }
+        for e in (1, 2, 3)
+    ]
     plots.load_history(rows, batches_per_epoch=10)
     assert plots.point_count("batch_loss") == 0
     assert plots.point_count("train_loss") == 3 and plots.point_count("val_accuracy") == 3
@@ -89,8 +97,9 @@ def _fill(plots):
     steps = list(range(1, 301))
     plots.add_batches(steps, [1 / math.sqrt(s) for s in steps], [0.001] * 300)
     for e in (1, 2, 3):
-        plots.add_epoch({"epoch": e, "train_loss": 1 / e, "val_loss": 1.2 / e, "train_accuracy": 0.3 * e,
-                         "val_accuracy": 0.25 * e})
+        plots.add_epoch(
+            {"epoch": e, "train_loss": 1 / e, "val_loss": 1.2 / e, "train_accuracy": 0.3 * e, "val_accuracy": 0.25 * e}
+        )
 
 
 def test_export_png_of_hidden_plots_writes_the_whole_layout_at_the_export_size(plots, tmp_path):
@@ -99,8 +108,9 @@ def test_export_png_of_hidden_plots_writes_the_whole_layout_at_the_export_size(p
     size = plots.export_png(path)
     image = QImage(str(path))
     assert path.stat().st_size > 0 and not image.isNull()
-    assert (image.width(), image.height()) == (size.width(), size.height()) == \
-        (EXPORT_SIZE.width(), EXPORT_SIZE.height())
+    assert (
+        (image.width(), image.height()) == (size.width(), size.height()) == (EXPORT_SIZE.width(), EXPORT_SIZE.height())
+    )
     # The curves are in the picture: the train colour appears, not just background and axes.
     pixels = {image.pixelColor(x, y).name() for x in range(0, image.width(), 3) for y in range(0, image.height(), 3)}
     assert len(pixels) > 10
@@ -149,7 +159,7 @@ def test_the_envelope_keeps_each_buckets_extremes_in_order_and_stays_bounded():
     y_all[33_333] = -40.0
     y_all[777] = np.nan
     for start in range(0, 50_000, 997):  # uneven chunks, drawn after each as the live plot does
-        series.extend(x_all[start:start + 997], y_all[start:start + 997])
+        series.extend(x_all[start : start + 997], y_all[start : start + 997])
         x, y = series.display(limit=1000)
         assert len(x) <= 1000 + 2 * 997
     x, y = series.display(limit=1000)
@@ -180,7 +190,7 @@ def test_the_envelope_work_per_update_does_not_grow_with_the_run():
         work.append(series.summarised - before)
     assert series.summarised <= 3 * series.n  # a rebuild per doubling adds at most n in all
     # amortised over the last quarter of the run, an update costs about the points it added, not the run's length
-    late = work[3 * len(work) // 4:]
+    late = work[3 * len(work) // 4 :]
     assert sum(late) / len(late) <= 2 * chunk
 
 

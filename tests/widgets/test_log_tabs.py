@@ -1,4 +1,5 @@
 """The log's tabs: the app's log alone (no tab bar) until a multi-process run adds one tab per rank."""
+
 from PySide6.QtWidgets import QPlainTextEdit
 
 from widgets.log_tabs import OBJECT_NAMES, LogTabs

@@ -1,4 +1,5 @@
 """The installed Qt binding keeps Python's reference counts straight (PySide6 6.12 on Python 3.11 does not)."""
+
 from __future__ import annotations
 
 import sys

@@ -1,4 +1,5 @@
 """Run view: progress and time left follow the controller's payloads, buttons follow the run, a real run fills it."""
+
 import pytest
 from conftest import write_project
 from PySide6.QtGui import QImage
@@ -20,21 +21,52 @@ def view(qtbot):
 
 
 def started(epochs=10, batches=4, start_epoch=0, history=()):
-    return {"run_dir": "/tmp/run", "epochs": epochs, "start_epoch": start_epoch, "batches_per_epoch": batches,
-            "device": "cpu", "global_step": start_epoch * batches, "history": list(history)}
+    return {
+        "run_dir": "/tmp/run",
+        "epochs": epochs,
+        "start_epoch": start_epoch,
+        "batches_per_epoch": batches,
+        "device": "cpu",
+        "global_step": start_epoch * batches,
+        "history": list(history),
+    }
 
 
 def batch(epoch, n, elapsed, epochs=10, batches=4, loss=0.5):
     step = (epoch - 1) * batches + n
-    return {"epoch": epoch, "epochs": epochs, "batch": n, "batches_per_epoch": batches, "global_step": step,
-            "steps": [step], "losses": [loss], "loss": loss, "lr": 0.01, "elapsed": elapsed}
+    return {
+        "epoch": epoch,
+        "epochs": epochs,
+        "batch": n,
+        "batches_per_epoch": batches,
+        "global_step": step,
+        "steps": [step],
+        "losses": [loss],
+        "loss": loss,
+        "lr": 0.01,
+        "elapsed": elapsed,
+    }
 
 
 def epoch_done(epoch, elapsed, epochs=10, **metrics):
-    return {"epoch": epoch, "train_loss": 0.5, "train_accuracy": 0.6, "val_loss": 0.55, "val_accuracy": 0.7,
-            "lr": 0.01, "epoch_seconds": 5.0, "samples_per_second": 120.0, "best": True, "epochs": epochs,
-            "global_step": epoch * 4, "best_epoch": epoch, "checkpoint": "", "last_checkpoint": "",
-            "elapsed": elapsed, **metrics}
+    return {
+        "epoch": epoch,
+        "train_loss": 0.5,
+        "train_accuracy": 0.6,
+        "val_loss": 0.55,
+        "val_accuracy": 0.7,
+        "lr": 0.01,
+        "epoch_seconds": 5.0,
+        "samples_per_second": 120.0,
+        "best": True,
+        "epochs": epochs,
+        "global_step": epoch * 4,
+        "best_epoch": epoch,
+        "checkpoint": "",
+        "last_checkpoint": "",
+        "elapsed": elapsed,
+        **metrics,
+    }
 
 
 def test_every_object_name_is_documented(view):
@@ -96,8 +128,18 @@ def test_an_epoch_end_shows_the_batches_still_waiting(view):
     view.on_epoch_finished(epoch_done(1, elapsed=3.5, epochs=2))
     assert view.plots.point_count("batch_loss") == 3
     view.on_batch_finished(batch(2, 1, elapsed=4.0, epochs=2, batches=3))
-    view.on_run_finished({"status": "stopped", "run_dir": "/tmp/run", "epoch": 1, "epochs": 2, "best_epoch": 1,
-                          "stopped_early": False, "error": None, "traceback": None})
+    view.on_run_finished(
+        {
+            "status": "stopped",
+            "run_dir": "/tmp/run",
+            "epoch": 1,
+            "epochs": 2,
+            "best_epoch": 1,
+            "stopped_early": False,
+            "error": None,
+            "traceback": None,
+        }
+    )
     assert view.plots.point_count("batch_loss") == 4
     view.on_batch_finished(batch(2, 2, elapsed=5.0, epochs=2, batches=3))  # a stale payload: pending ...
     view.on_run_started(started(epochs=1, batches=3))  # ... is dropped when a new run starts
@@ -109,14 +151,34 @@ def test_a_finished_run_fills_the_bars_and_says_how_it_went(view):
     view.on_run_started(started(epochs=2, batches=3))
     view.on_batch_finished(batch(2, 3, elapsed=6.0, epochs=2, batches=3))
     view.on_epoch_finished(epoch_done(2, elapsed=7.0, epochs=2))
-    view.on_run_finished({"status": "completed", "run_dir": "/tmp/run", "epoch": 2, "epochs": 2, "best_epoch": 2,
-                          "stopped_early": False, "error": None, "traceback": None})
+    view.on_run_finished(
+        {
+            "status": "completed",
+            "run_dir": "/tmp/run",
+            "epoch": 2,
+            "epochs": 2,
+            "best_epoch": 2,
+            "stopped_early": False,
+            "error": None,
+            "traceback": None,
+        }
+    )
     epoch_bar = view.findChild(QProgressBar, "run.epoch_progress")
     assert epoch_bar.value() == epoch_bar.maximum() == 2 and epoch_bar.text() == "epoch 2 / 2"
     assert "Finished 2 of 2 epoch(s), best epoch 2" in view.findChild(QLabel, "run.status").text()
     assert view.findChild(QLabel, "run.run_eta").text() == ""
-    view.on_run_finished({"status": "failed", "run_dir": None, "epoch": 0, "epochs": 2, "best_epoch": None,
-                          "stopped_early": False, "error": "ConfigError: no images", "traceback": "..."})
+    view.on_run_finished(
+        {
+            "status": "failed",
+            "run_dir": None,
+            "epoch": 0,
+            "epochs": 2,
+            "best_epoch": None,
+            "stopped_early": False,
+            "error": "ConfigError: no images",
+            "traceback": "...",
+        }
+    )
     assert "The run failed: ConfigError: no images" in view.findChild(QLabel, "run.status").text()
 
 
@@ -146,8 +208,10 @@ def test_buttons_follow_running_and_stop_twice_is_harmless(qtbot, view):
 
 
 def test_a_resumed_run_shows_its_earlier_epochs(view):
-    history = [{"epoch": e, "train_loss": 1 / e, "val_loss": 1.1 / e, "train_accuracy": 0.5, "val_accuracy": 0.5,
-                "lr": 0.01} for e in (1, 2, 3)]
+    history = [
+        {"epoch": e, "train_loss": 1 / e, "val_loss": 1.1 / e, "train_accuracy": 0.5, "val_accuracy": 0.5, "lr": 0.01}
+        for e in (1, 2, 3)
+    ]
     view.plots.add_batches([1, 2, 3], [1.0, 1.0, 1.0])  # a previous run on screen
     view.on_run_started(started(epochs=5, batches=4, start_epoch=3, history=history))
     assert view.plots.point_count("train_loss") == 3 and view.plots.point_count("batch_loss") == 0
@@ -170,14 +234,24 @@ def test_saving_plots_writes_a_png_or_says_why_not(view, tmp_path):
 
 
 def test_format_duration():
-    assert [format_duration(s) for s in (0.4, 59, 61, 3599, 3600 * 2 + 60 * 5)] == \
-        ["0 s", "59 s", "1 min 01 s", "59 min 59 s", "2 h 05 min"]
+    assert [format_duration(s) for s in (0.4, 59, 61, 3599, 3600 * 2 + 60 * 5)] == [
+        "0 s",
+        "59 s",
+        "1 min 01 s",
+        "59 min 59 s",
+        "2 h 05 min",
+    ]
 
 
 def test_a_real_one_epoch_run_fills_the_view_and_its_checkpoints_are_listed(qtbot, view, tmp_path, image_folder):
-    cfg = load_project(write_project(tmp_path / "project.json", "images", train={"epochs": 1, "device": "cpu",
-                                                                                 "seed": 0},
-                                     output={"dir": "runs", "tensorboard": False}))
+    cfg = load_project(
+        write_project(
+            tmp_path / "project.json",
+            "images",
+            train={"epochs": 1, "device": "cpu", "seed": 0},
+            output={"dir": "runs", "tensorboard": False},
+        )
+    )
     controller = TrainingController()
     controller.run_started.connect(view.on_run_started)
     controller.batch_finished.connect(view.on_batch_finished)
@@ -223,5 +297,7 @@ def test_a_real_one_epoch_run_fills_the_view_and_its_checkpoints_are_listed(qtbo
 
 def test_a_multi_process_run_says_how_many_processes_train(view):
     view.on_run_started({**started(), "world_size": 2})
-    assert "Training 10 epoch(s) on cpu in 2 processes, 4 batches per epoch." == \
-        view.findChild(QLabel, "run.status").text()
+    assert (
+        "Training 10 epoch(s) on cpu in 2 processes, 4 batches per epoch."
+        == view.findChild(QLabel, "run.status").text()
+    )

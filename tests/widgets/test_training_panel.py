@@ -1,4 +1,5 @@
 """The training settings panel: every control follows the project, refuses invalid values at the field, round-trips."""
+
 from __future__ import annotations
 
 import pytest
@@ -25,49 +26,140 @@ from widgets.training_panel import OBJECT_NAMES, TrainingPanel, format_positions
 
 # A project in which every field the panel shows differs from its default.
 CUSTOM = dict(
-    data={"image_size": 32, "keep_aspect": True, "mean": [0.4, 0.5, 0.6], "std": [0.2, 0.25, 0.3],
-          "augment": {"horizontal_flip": True, "rotation": 15.0, "random_resized_crop": False,
-                      "color_jitter": 0.3}},
-    loader={"batch_size": 4, "num_workers": 2, "persistent_workers": False, "pin_memory": False, "drop_last": True,
-            "collate": "pad", "decoded_cache": "off", "decoded_cache_max_mb": 512,
-            "sampler": {"name": "weighted_random", "weights": "balanced", "replacement": False,
-                        "num_samples": 20}},
+    data={
+        "image_size": 32,
+        "keep_aspect": True,
+        "mean": [0.4, 0.5, 0.6],
+        "std": [0.2, 0.25, 0.3],
+        "augment": {"horizontal_flip": True, "rotation": 15.0, "random_resized_crop": False, "color_jitter": 0.3},
+    },
+    loader={
+        "batch_size": 4,
+        "num_workers": 2,
+        "persistent_workers": False,
+        "pin_memory": False,
+        "drop_last": True,
+        "collate": "pad",
+        "decoded_cache": "off",
+        "decoded_cache_max_mb": 512,
+        "sampler": {"name": "weighted_random", "weights": "balanced", "replacement": False, "num_samples": 20},
+    },
     loss={"name": "cross_entropy", "label_smoothing": 0.1, "class_weights": [1.0, 2.0, 0.5]},
-    optimizer={"name": "sgd", "lr": 0.02, "weight_decay": 0.0005, "momentum": 0.8, "nesterov": True,
-               "eps": 1e-7, "alpha": 0.95, "betas": [0.8, 0.99], "backbone_lr_mult": 0.1},
-    schedule={"name": "onecycle", "max_lr": 0.05, "pct_start": 0.25, "step_size": 5, "gamma": 0.5,
-              "eta_min": 1e-6, "patience": 3, "factor": 0.2},
-    train={"epochs": 7, "device": "cpu", "seed": 123, "deterministic": True, "precision": "bf16",
-           "grad_clip_norm": 2.5, "feature_cache": "off", "feature_cache_max_mb": 512,
-           "channels_last": True, "compile": True},
+    optimizer={
+        "name": "sgd",
+        "lr": 0.02,
+        "weight_decay": 0.0005,
+        "momentum": 0.8,
+        "nesterov": True,
+        "eps": 1e-7,
+        "alpha": 0.95,
+        "betas": [0.8, 0.99],
+        "backbone_lr_mult": 0.1,
+    },
+    schedule={
+        "name": "onecycle",
+        "max_lr": 0.05,
+        "pct_start": 0.25,
+        "step_size": 5,
+        "gamma": 0.5,
+        "eta_min": 1e-6,
+        "patience": 3,
+        "factor": 0.2,
+    },
+    train={
+        "epochs": 7,
+        "device": "cpu",
+        "seed": 123,
+        "deterministic": True,
+        "precision": "bf16",
+        "grad_clip_norm": 2.5,
+        "feature_cache": "off",
+        "feature_cache_max_mb": 512,
+        "channels_last": True,
+        "compile": True,
+    },
     distributed={"processes": 3, "backend": "gloo", "sync_batchnorm": True, "timeout_s": 120},
     checkpoint={"every_epoch": False, "keep_last": 0, "monitor": "val_accuracy", "mode": "max"},
-    early_stopping={"enabled": True, "monitor": "train_loss", "mode": "min", "patience": 4, "min_delta": 0.01,
-                    "restore_best": True},
+    early_stopping={
+        "enabled": True,
+        "monitor": "train_loss",
+        "mode": "min",
+        "patience": 4,
+        "min_delta": 0.01,
+        "restore_best": True,
+    },
     output={"dir": "runs", "tensorboard": False},
 )
 
 # What each control shows for CUSTOM (combos: their item data; line edits: their text).
 CUSTOM_SHOWN = {
-    "image_size": 32, "keep_aspect": True, "collate": "pad", "mean": "0.4, 0.5, 0.6", "std": "0.2, 0.25, 0.3",
-    "horizontal_flip": True, "rotation": 15.0, "random_resized_crop": False, "color_jitter": 0.3,
-    "sampler": "weighted_random", "sampler_weights_mode": "balanced", "sampler_replacement": False,
-    "sampler_num_samples": 20, "batch_size": 4, "num_workers": 2, "persistent_workers": False, "pin_memory": False,
-    "decoded_cache": "off", "decoded_cache_max_mb": 512, "drop_last": True,
+    "image_size": 32,
+    "keep_aspect": True,
+    "collate": "pad",
+    "mean": "0.4, 0.5, 0.6",
+    "std": "0.2, 0.25, 0.3",
+    "horizontal_flip": True,
+    "rotation": 15.0,
+    "random_resized_crop": False,
+    "color_jitter": 0.3,
+    "sampler": "weighted_random",
+    "sampler_weights_mode": "balanced",
+    "sampler_replacement": False,
+    "sampler_num_samples": 20,
+    "batch_size": 4,
+    "num_workers": 2,
+    "persistent_workers": False,
+    "pin_memory": False,
+    "decoded_cache": "off",
+    "decoded_cache_max_mb": 512,
+    "drop_last": True,
     "shuffle": None,
-    "loss": "cross_entropy", "label_smoothing": 0.1, "class_weights_mode": "list", "class_weights": "1, 2, 0.5",
-    "optimizer": "sgd", "lr": "0.02", "weight_decay": "0.0005", "momentum": 0.8, "nesterov": True,
-    "eps": "1e-07", "alpha": 0.95, "betas": "0.8, 0.99", "backbone_lr_mult": "0.1",
-    "schedule": "onecycle", "max_lr": "0.05", "pct_start": 0.25, "step_size": 5, "gamma": "0.5",
-    "eta_min": "1e-06", "plateau_patience": 3, "plateau_factor": 0.2,
-    "epochs": 7, "device": "cpu", "seed": "123", "deterministic": True, "precision": "bf16",
-    "grad_clip_norm": "2.5", "feature_cache": "off", "feature_cache_max_mb": "512",
-    "channels_last": True, "compile": True,
-    "processes": 3, "dist_backend": "gloo", "sync_batchnorm": True, "dist_timeout": 120,
-    "checkpoint_every_epoch": False, "checkpoint_keep_last": 0, "checkpoint_monitor": "val_accuracy",
-    "checkpoint_mode": "max", "tensorboard": False,
-    "early_stopping": True, "es_monitor": "train_loss", "es_mode": "min", "es_patience": 4,
-    "es_min_delta": "0.01", "es_restore_best": True,
+    "loss": "cross_entropy",
+    "label_smoothing": 0.1,
+    "class_weights_mode": "list",
+    "class_weights": "1, 2, 0.5",
+    "optimizer": "sgd",
+    "lr": "0.02",
+    "weight_decay": "0.0005",
+    "momentum": 0.8,
+    "nesterov": True,
+    "eps": "1e-07",
+    "alpha": 0.95,
+    "betas": "0.8, 0.99",
+    "backbone_lr_mult": "0.1",
+    "schedule": "onecycle",
+    "max_lr": "0.05",
+    "pct_start": 0.25,
+    "step_size": 5,
+    "gamma": "0.5",
+    "eta_min": "1e-06",
+    "plateau_patience": 3,
+    "plateau_factor": 0.2,
+    "epochs": 7,
+    "device": "cpu",
+    "seed": "123",
+    "deterministic": True,
+    "precision": "bf16",
+    "grad_clip_norm": "2.5",
+    "feature_cache": "off",
+    "feature_cache_max_mb": "512",
+    "channels_last": True,
+    "compile": True,
+    "processes": 3,
+    "dist_backend": "gloo",
+    "sync_batchnorm": True,
+    "dist_timeout": 120,
+    "checkpoint_every_epoch": False,
+    "checkpoint_keep_last": 0,
+    "checkpoint_monitor": "val_accuracy",
+    "checkpoint_mode": "max",
+    "tensorboard": False,
+    "early_stopping": True,
+    "es_monitor": "train_loss",
+    "es_mode": "min",
+    "es_patience": 4,
+    "es_min_delta": "0.01",
+    "es_restore_best": True,
 }
 
 
@@ -134,14 +226,16 @@ def test_every_interactive_control_has_a_listed_object_name(panel):
         names.add(widget.objectName())
     for name in names:
         assert panel.findChild(QWidget, name).toolTip(), name
-    containers = {w.objectName() for w in panel.findChildren(QWidget) if w.objectName().startswith("training.")
-                  and not w.objectName().endswith(".message")}  # an error line belongs to its control
+    containers = {
+        w.objectName()
+        for w in panel.findChildren(QWidget)
+        if w.objectName().startswith("training.") and not w.objectName().endswith(".message")
+    }  # an error line belongs to its control
     assert names <= containers == set(OBJECT_NAMES)
 
 
 def test_choosers_offer_every_engine_option_with_readable_labels(panel):
-    for name, values in (("sampler", SAMPLERS), ("loss", LOSSES), ("optimizer", OPTIMIZERS),
-                         ("schedule", SCHEDULES)):
+    for name, values in (("sampler", SAMPLERS), ("loss", LOSSES), ("optimizer", OPTIMIZERS), ("schedule", SCHEDULES)):
         combo = control(panel, name)
         assert [combo.itemData(i) for i in range(combo.count())] == list(values)
         assert all(combo.itemText(i) != combo.itemData(i) for i in range(combo.count()))
@@ -162,25 +256,37 @@ def test_controls_show_an_opened_project(panel, project_state, tmp_path):
 
 
 def test_controls_show_each_samplers_own_options(panel, project_state, tmp_path):
-    write_project(tmp_path / "subset.json", "images",
-                  loader={"sampler": {"name": "subset_random", "indices": [0, 1, 2, 3, 4, 9, 20]}})
+    write_project(
+        tmp_path / "subset.json",
+        "images",
+        loader={"sampler": {"name": "subset_random", "indices": [0, 1, 2, 3, 4, 9, 20]}},
+    )
     project_state.open(tmp_path / "subset.json")
     assert shown(control(panel, "sampler_indices")) == "0-4, 9, 20"
     assert visible(panel, "sampler_indices") and not visible(panel, "sampler_replacement")
 
-    write_project(tmp_path / "dist.json", "images",
-                  loader={"sampler": {"name": "distributed", "shuffle": False, "seed": 7, "num_replicas": 2,
-                                      "rank": 1}})
+    write_project(
+        tmp_path / "dist.json",
+        "images",
+        loader={"sampler": {"name": "distributed", "shuffle": False, "seed": 7, "num_replicas": 2, "rank": 1}},
+    )
     project_state.open(tmp_path / "dist.json")
-    assert [shown(control(panel, n)) for n in ("sampler_shuffle", "sampler_seed", "sampler_num_replicas",
-                                               "sampler_rank")] == [False, "7", 2, 1]
+    assert [
+        shown(control(panel, n)) for n in ("sampler_shuffle", "sampler_seed", "sampler_num_replicas", "sampler_rank")
+    ] == [False, "7", 2, 1]
     assert visible(panel, "sampler_rank") and not visible(panel, "sampler_indices")
 
-    write_project(tmp_path / "random.json", "images", loader={
-        "shuffle": True, "sampler": {"name": "random", "replacement": True, "num_samples": 50}})
+    write_project(
+        tmp_path / "random.json",
+        "images",
+        loader={"shuffle": True, "sampler": {"name": "random", "replacement": True, "num_samples": 50}},
+    )
     project_state.open(tmp_path / "random.json")
-    assert [shown(control(panel, n)) for n in ("sampler_replacement", "sampler_num_samples", "shuffle")] == \
-        [True, 50, True]
+    assert [shown(control(panel, n)) for n in ("sampler_replacement", "sampler_num_samples", "shuffle")] == [
+        True,
+        50,
+        True,
+    ]
     assert control(panel, "shuffle").isEnabled()
     assert not visible(panel, "sampler_rank")
 
@@ -213,8 +319,9 @@ def test_typed_sampler_weights_are_used(qtbot, panel, project_state):
 
 
 def test_balanced_weights_without_classes_are_refused_and_a_list_still_works(qtbot, tmp_path):
-    project = write_project(tmp_path / "reg.json", "values.csv", data={"kind": "csv", "task": "regression"},
-                            loss={"name": "mse"})
+    project = write_project(
+        tmp_path / "reg.json", "values.csv", data={"kind": "csv", "task": "regression"}, loss={"name": "mse"}
+    )
     state = ProjectState()
     state.open(project)
     panel = TrainingPanel(state)
@@ -226,8 +333,10 @@ def test_balanced_weights_without_classes_are_refused_and_a_list_still_works(qtb
     assert visible(panel, "sampler_weights_mode")  # the way out is on show: type the weights
     choose(panel, "sampler_weights_mode", "list")
     type_text(qtbot, panel, "sampler_weights", "1 1 3")
-    assert (state.get("loader.sampler.name"), state.get("loader.sampler.weights")) == \
-        ("weighted_random", [1.0, 1.0, 3.0])
+    assert (state.get("loader.sampler.name"), state.get("loader.sampler.weights")) == (
+        "weighted_random",
+        [1.0, 1.0, 3.0],
+    )
     assert not message(panel, "sampler").isVisibleTo(panel)
 
 
@@ -269,8 +378,13 @@ def test_a_bad_feature_cache_limit_is_refused_and_empty_means_auto(qtbot, panel,
 
 
 def test_schedule_options_follow_the_chosen_schedule(panel, project_state):
-    expected = {"none": set(), "step": {"step_size", "gamma"}, "cosine": {"eta_min"},
-                "onecycle": {"max_lr", "pct_start"}, "plateau": {"plateau_patience", "plateau_factor"}}
+    expected = {
+        "none": set(),
+        "step": {"step_size", "gamma"},
+        "cosine": {"eta_min"},
+        "onecycle": {"max_lr", "pct_start"},
+        "plateau": {"plateau_patience", "plateau_factor"},
+    }
     every = set().union(*expected.values())
     for name, options in expected.items():
         choose(panel, "schedule", name)
@@ -442,28 +556,54 @@ def test_settings_made_in_the_panel_round_trip_through_the_project_file(qtbot, p
     choose(panel, "checkpoint_monitor", "train_loss")
     choose(panel, "checkpoint_mode", "min")
     control(panel, "tensorboard").setChecked(False)
-    refused = [label.objectName() for label in panel.findChildren(QLabel)
-               if label.objectName().endswith(".message") and label.text()]
+    refused = [
+        label.objectName()
+        for label in panel.findChildren(QLabel)
+        if label.objectName().endswith(".message") and label.text()
+    ]
     assert not refused
 
     cfg = project_state.config
-    assert (cfg.loader.sampler.name, cfg.loader.sampler.weights[:2], cfg.loader.sampler.replacement,
-            cfg.loader.sampler.num_samples) == ("weighted_random", [1.0, 1.0], False, 20)
-    assert (cfg.data.image_size, cfg.data.keep_aspect, cfg.loader.collate, cfg.data.mean) == \
-        (48, True, "pad", [0.4, 0.5, 0.6])
-    assert (cfg.loader.num_workers, cfg.loader.persistent_workers, cfg.loader.decoded_cache,
-            cfg.loader.decoded_cache_max_mb) == (1, False, "on", 2048)
+    assert (
+        cfg.loader.sampler.name,
+        cfg.loader.sampler.weights[:2],
+        cfg.loader.sampler.replacement,
+        cfg.loader.sampler.num_samples,
+    ) == ("weighted_random", [1.0, 1.0], False, 20)
+    assert (cfg.data.image_size, cfg.data.keep_aspect, cfg.loader.collate, cfg.data.mean) == (
+        48,
+        True,
+        "pad",
+        [0.4, 0.5, 0.6],
+    )
+    assert (
+        cfg.loader.num_workers,
+        cfg.loader.persistent_workers,
+        cfg.loader.decoded_cache,
+        cfg.loader.decoded_cache_max_mb,
+    ) == (1, False, "on", 2048)
     assert (cfg.loss.name, cfg.loss.class_weights) == ("nll", [1.0, 2.0, 3.0])
-    assert (cfg.optimizer.name, cfg.optimizer.lr, cfg.optimizer.momentum, cfg.optimizer.nesterov) == \
-        ("sgd", pytest.approx(3e-4), pytest.approx(0.85), True)
+    assert (cfg.optimizer.name, cfg.optimizer.lr, cfg.optimizer.momentum, cfg.optimizer.nesterov) == (
+        "sgd",
+        pytest.approx(3e-4),
+        pytest.approx(0.85),
+        True,
+    )
     assert (cfg.schedule.name, cfg.schedule.step_size, cfg.schedule.gamma) == ("step", 3, 0.5)
     assert (cfg.train.epochs, cfg.train.precision, cfg.train.seed, cfg.train.grad_clip_norm) == (5, "bf16", 42, 1.5)
     assert (cfg.train.feature_cache, cfg.train.feature_cache_max_mb) == ("off", 300)
     assert (cfg.train.channels_last, cfg.train.compile) == (False, True)
-    assert (cfg.distributed.processes, cfg.distributed.backend, cfg.distributed.sync_batchnorm,
-            cfg.distributed.timeout_s) == (2, "gloo", True, 90)
-    assert (cfg.early_stopping.enabled, cfg.early_stopping.monitor, cfg.early_stopping.min_delta) == \
-        (True, "val_accuracy", 0.001)
+    assert (
+        cfg.distributed.processes,
+        cfg.distributed.backend,
+        cfg.distributed.sync_batchnorm,
+        cfg.distributed.timeout_s,
+    ) == (2, "gloo", True, 90)
+    assert (cfg.early_stopping.enabled, cfg.early_stopping.monitor, cfg.early_stopping.min_delta) == (
+        True,
+        "val_accuracy",
+        0.001,
+    )
     assert (cfg.checkpoint.keep_last, cfg.checkpoint.monitor, cfg.output.tensorboard) == (2, "train_loss", False)
 
     saved = project_state.save(tmp_path / "saved.json")
@@ -477,8 +617,9 @@ def test_settings_made_in_the_panel_round_trip_through_the_project_file(qtbot, p
     fresh = TrainingPanel(fresh_state)
     qtbot.addWidget(fresh)
     for name in OBJECT_NAMES:
-        if isinstance(control(panel, name.removeprefix("training.")), (QComboBox, QCheckBox, QAbstractSpinBox,
-                                                                       QLineEdit)):
+        if isinstance(
+            control(panel, name.removeprefix("training.")), (QComboBox, QCheckBox, QAbstractSpinBox, QLineEdit)
+        ):
             short = name.removeprefix("training.")
             assert shown(control(fresh, short)) == shown(control(panel, short)), short
 
@@ -498,9 +639,16 @@ def test_spin_boxes_and_combos_leave_the_wheel_to_the_scroll_area(qtbot, project
         target = widget
         while target is not None:
             pos = QPointF(widget.mapTo(target, centre.toPoint())) if target is not widget else centre
-            event = QWheelEvent(pos, target.mapToGlobal(pos), QPoint(0, 0), QPoint(0, -120),
-                                Qt.MouseButton.NoButton, Qt.KeyboardModifier.NoModifier,
-                                Qt.ScrollPhase.NoScrollPhase, False)
+            event = QWheelEvent(
+                pos,
+                target.mapToGlobal(pos),
+                QPoint(0, 0),
+                QPoint(0, -120),
+                Qt.MouseButton.NoButton,
+                Qt.KeyboardModifier.NoModifier,
+                Qt.ScrollPhase.NoScrollPhase,
+                False,
+            )
             QApplication.sendEvent(target, event)
             if event.isAccepted():
                 return target is widget
@@ -598,8 +746,9 @@ def test_processes_setting_reveals_its_options_and_says_the_global_batch(panel, 
     assert any("2 × 8 = 16 samples" in label.text() and label.isVisibleTo(panel) for label in note)
     control(panel, "batch_size").setValue(4)
     assert any("2 × 4 = 8 samples" in label.text() for label in note)
-    assert [control(panel, "dist_backend").itemData(i) for i in range(control(panel, "dist_backend").count())] == \
-        list(DIST_BACKENDS)
+    assert [control(panel, "dist_backend").itemData(i) for i in range(control(panel, "dist_backend").count())] == list(
+        DIST_BACKENDS
+    )
     control(panel, "dist_timeout").setValue(5)  # below the engine's lowest: the spin box stops at 10
     assert project_state.get("distributed.timeout_s") == 10
     processes.setValue(1)
@@ -613,8 +762,10 @@ def test_settings_the_weights_replace_show_the_value_in_effect_and_are_not_edita
     assert size.isEnabled() and mean.isEnabled() and std.isEnabled()
     project_state.update({"model.backbone": "timm/efficientnet_lite0", "model.weights": "BUNDLED"})
     assert not size.isEnabled() and not mean.isEnabled() and not std.isEnabled()
-    notes = {name: panel._remarks[path].text() for name, path in
-             (("size", "data.image_size"), ("mean", "data.mean"), ("std", "data.std"))}
+    notes = {
+        name: panel._remarks[path].text()
+        for name, path in (("size", "data.image_size"), ("mean", "data.mean"), ("std", "data.std"))
+    }
     assert "weights" in notes["size"] and notes["size"].endswith("224 px.")
     assert notes["mean"].endswith("0.5, 0.5, 0.5.") and notes["std"].endswith("0.5, 0.5, 0.5.")
     assert all(panel._remarks[p].isVisibleTo(panel) for p in ("data.image_size", "data.mean", "data.std"))

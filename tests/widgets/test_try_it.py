@@ -1,4 +1,5 @@
 """Try it: a trained checkpoint's predictions for an opened or dropped image, and the messages when it cannot."""
+
 import pytest
 from conftest import write_image_folder, write_project
 from PySide6.QtCore import QMimeData, QPoint, QPointF, Qt, QUrl
@@ -17,9 +18,14 @@ def trained(tmp_path_factory):
     """A whole resnet18 trained two epochs on 16 px colour squares: enough to tell red from green and blue."""
     root = tmp_path_factory.mktemp("try_it")
     write_image_folder(root / "images", per_class=8)
-    cfg = load_project(write_project(root / "project.json", "images",
-                                     train={"epochs": 2, "device": "cpu", "seed": 0},
-                                     output={"dir": "runs", "tensorboard": False}))
+    cfg = load_project(
+        write_project(
+            root / "project.json",
+            "images",
+            train={"epochs": 2, "device": "cpu", "seed": 0},
+            output={"dir": "runs", "tensorboard": False},
+        )
+    )
     run_dir = root / "run"
     run_dir.mkdir()
     Trainer(cfg, [RunRecorder(run_dir)]).run()
@@ -85,13 +91,15 @@ def test_a_dropped_image_is_predicted(qtbot, panel, trained):
     panel.set_checkpoint(str(final))
     mime = QMimeData()
     mime.setUrls([QUrl.fromLocalFile(str(root / "images" / "blue" / "002.png"))])
-    enter = QDragEnterEvent(QPoint(20, 20), Qt.DropAction.CopyAction, mime, Qt.MouseButton.LeftButton,
-                            Qt.KeyboardModifier.NoModifier)
+    enter = QDragEnterEvent(
+        QPoint(20, 20), Qt.DropAction.CopyAction, mime, Qt.MouseButton.LeftButton, Qt.KeyboardModifier.NoModifier
+    )
     enter.ignore()
     panel.dragEnterEvent(enter)  # offscreen Qt runs no drag loop, so the handlers are called as it would
     assert enter.isAccepted()
-    drop = QDropEvent(QPointF(20, 20), Qt.DropAction.CopyAction, mime, Qt.MouseButton.LeftButton,
-                      Qt.KeyboardModifier.NoModifier)
+    drop = QDropEvent(
+        QPointF(20, 20), Qt.DropAction.CopyAction, mime, Qt.MouseButton.LeftButton, Qt.KeyboardModifier.NoModifier
+    )
     with qtbot.waitSignal(panel.predicted, timeout=60000) as blocker:
         panel.dropEvent(drop)
     panel.wait()

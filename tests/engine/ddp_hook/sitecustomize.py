@@ -4,6 +4,7 @@ In the training processes (torchrun sets RANK) it adds a callback to every Train
 MWB_TEST_DUMP_DIR: each rank saves its final weights there (rank-N.pt), so a test compares the ranks;
 MWB_TEST_FAIL_RANK / MWB_TEST_FAIL_STEP: that rank raises at that global step, as a crashing process would.
 """
+
 import os
 import sys
 
@@ -15,15 +16,18 @@ if "RANK" in os.environ and ("MWB_TEST_DUMP_DIR" in os.environ or "MWB_TEST_FAIL
 
     class _TestHook(_trainer.Callback):
         def on_batch_finished(self, trainer, state, loss):
-            if os.environ.get("MWB_TEST_FAIL_RANK") == os.environ["RANK"] and \
-                    state.global_step == int(os.environ.get("MWB_TEST_FAIL_STEP", "1")):
+            if os.environ.get("MWB_TEST_FAIL_RANK") == os.environ["RANK"] and state.global_step == int(
+                os.environ.get("MWB_TEST_FAIL_STEP", "1")
+            ):
                 raise RuntimeError(f"injected failure in rank {os.environ['RANK']} at step {state.global_step}")
 
         def on_run_finished(self, trainer, state):
             folder = os.environ.get("MWB_TEST_DUMP_DIR")
             if folder and trainer.parts is not None:
-                torch.save({k: v.detach().cpu() for k, v in trainer.parts.model.state_dict().items()},
-                           os.path.join(folder, f"rank-{os.environ['RANK']}.pt"))
+                torch.save(
+                    {k: v.detach().cpu() for k, v in trainer.parts.model.state_dict().items()},
+                    os.path.join(folder, f"rank-{os.environ['RANK']}.pt"),
+                )
 
     _init = _trainer.Trainer.__init__
 
