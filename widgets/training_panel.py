@@ -7,7 +7,7 @@ import typing
 from collections.abc import Callable
 from typing import Any, TypeVar
 
-from PySide6.QtCore import Qt
+from PySide6.QtCore import QSignalBlocker, Qt
 from PySide6.QtGui import QPalette
 from PySide6.QtWidgets import (
     QAbstractSpinBox,
@@ -379,7 +379,12 @@ class TrainingPanel(QWidget):
                 else:
                     control.setEnabled(holds)
                     if not holds and rule.why:
-                        text = self._why_not(rule.why, s)
+                        text, effect = self._why_not(rule.why, s)
+                        if effect is not None:  # the control shows what the run will use, not the unused setting
+                            self._show_in_effect(control, effect)
+                    elif s.effect:
+                        for binding in self._bindings.get(path, []):
+                            binding.refresh()  # the project's own value again
             if s.hints:
                 text = s.hints.get(self._shown(path), "")
             remark.setText(text)
@@ -414,8 +419,8 @@ class TrainingPanel(QWidget):
         self._remarks[path].setText(text)
         self._remarks[path].setVisible(True)
 
-    def _why_not(self, why: str, s: Setting) -> str:
-        """Why a disabled row is not used, with the value used instead where the weights bring it."""
+    def _why_not(self, why: str, s: Setting) -> tuple[str, Any]:
+        """Why a disabled row is not used, and the value used instead where the weights bring it (else None)."""
         text = why[0].upper() + why[1:]
         if s.effect and "engine.backbones" in sys.modules:  # known once the catalog is loaded (it imports PyTorch)
             from engine.backbones import preprocess_for
@@ -423,9 +428,20 @@ class TrainingPanel(QWidget):
             try:
                 value = getattr(preprocess_for(self.state.config.model, self.state.config.data), s.effect)
             except Exception:  # noqa: BLE001 - weights the catalog does not know are reported by the backbone panel
-                return text + "."
-            text += ": " + (format_numbers(value) if isinstance(value, tuple) else f"{value}{s.suffix}")
-        return text + "."
+                return text + ".", None
+            shown = format_numbers(value) if isinstance(value, tuple) else f"{value}{s.suffix}"
+            return f"{text}: {shown}.", value
+        return text + ".", None
+
+    @staticmethod
+    def _show_in_effect(control: QWidget, value: Any) -> None:
+        """Show a value in a disabled control without writing it to the project."""
+        blocker = QSignalBlocker(control)
+        if isinstance(control, QSpinBox):
+            control.setValue(int(value))
+        elif isinstance(control, QLineEdit):
+            control.setText(format_numbers(value) if isinstance(value, tuple) else str(value))
+        del blocker
 
     def refresh_devices(self) -> None:
         """Label each device choice with whether this machine has it (once PyTorch is imported; see

@@ -769,5 +769,9 @@ def test_settings_the_weights_replace_show_the_value_in_effect_and_are_not_edita
     assert "weights" in notes["size"] and notes["size"].endswith("224 px.")
     assert notes["mean"].endswith("0.5, 0.5, 0.5.") and notes["std"].endswith("0.5, 0.5, 0.5.")
     assert all(panel._remarks[p].isVisibleTo(panel) for p in ("data.image_size", "data.mean", "data.std"))
+    # the controls show what the run will use; the project keeps its own values, untouched
+    assert size.value() == 224 and mean.text() == "0.5, 0.5, 0.5" and std.text() == "0.5, 0.5, 0.5"
+    assert project_state.get("data.mean") == [0.5] and project_state.get("data.image_size") == 16
     project_state.set("model.weights", None)
     assert size.isEnabled() and not panel._remarks["data.image_size"].isVisibleTo(panel)
+    assert size.value() == 16 and mean.text() == "0.5"  # the project's values again, editable
