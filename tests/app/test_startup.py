@@ -109,7 +109,7 @@ def test_held_tasks_start_in_order_and_cancel_all_forgets_them(qtbot):
         first = run_task("first", lambda: 1, on_result=results.append)
         second = run_task("second", lambda: 2, on_result=results.append)
         assert first.is_running() and second.is_running() and first.held
-        assert not first.thread.isRunning()
+        assert not first.qthread.isRunning()
     finally:
         start_held_tasks()
     assert first.wait() and second.wait()
