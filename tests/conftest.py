@@ -107,3 +107,22 @@ def train_head_only_run(root: Path) -> Path:
     run_dir.mkdir()
     Trainer(cfg, [RunRecorder(run_dir)]).run()
     return run_dir / "checkpoints" / "final.pt"
+
+
+def answer_file_dialog(choice):
+    """Answer the next modal file dialog as a user would: choose this path, or cancel (None)."""
+    from PySide6.QtCore import QTimer
+    from PySide6.QtWidgets import QApplication, QFileDialog
+
+    def answer():
+        dialog = QApplication.activeModalWidget()
+        if not isinstance(dialog, QFileDialog):
+            QTimer.singleShot(10, answer)  # not open yet
+            return
+        if choice is None:
+            dialog.reject()
+        else:
+            dialog.selectFile(str(choice))
+            dialog.accept()
+
+    QTimer.singleShot(0, answer)

@@ -9,9 +9,8 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import write_image_folder, write_project
-from PySide6.QtCore import QTimer
-from PySide6.QtWidgets import QApplication, QFileDialog, QLabel, QMessageBox, QPushButton
+from conftest import answer_file_dialog, write_image_folder, write_project
+from PySide6.QtWidgets import QLabel, QMessageBox, QPushButton
 
 from app.main_window import MainWindow
 from engine.trainer import Callback
@@ -95,20 +94,6 @@ def open_window(qtbot):
         win.try_it.wait()
         win.state._set_dirty(False)
         win.close()
-
-
-def answer_file_dialog(choice):
-    """Answer the next modal file dialog as a user would: choose this path."""
-
-    def answer():
-        dialog = QApplication.activeModalWidget()
-        if not isinstance(dialog, QFileDialog):
-            QTimer.singleShot(10, answer)  # not open yet
-            return
-        dialog.selectFile(str(choice))
-        dialog.accept()
-
-    QTimer.singleShot(0, answer)
 
 
 def test_a_completed_run_is_shown_with_its_checkpoints_and_model(open_window, trained, tmp_path):

@@ -5,8 +5,8 @@ import os
 from pathlib import Path
 
 import pytest
-from PySide6.QtCore import QTimer
-from PySide6.QtWidgets import QApplication, QFileDialog, QLabel, QPushButton, QSpinBox
+from conftest import answer_file_dialog
+from PySide6.QtWidgets import QLabel, QPushButton, QSpinBox
 
 from engine.checkpoints import atomic_torch_save
 from engine.runs import link_atomic
@@ -206,23 +206,6 @@ def test_opening_a_folder_that_is_not_a_run_explains_and_the_panel_stays_usable(
     run_dir, rows = emitted[0]
     assert run_dir == str(other.resolve()) and [r["epoch"] for r in rows] == [1, 2]
     assert [r["File"] for r in table_rows(panel)] == ["epoch-001.pt", "epoch-002.pt"]
-
-
-def answer_file_dialog(choice):
-    """Answer the next modal file dialog as a user would: choose this path, or cancel (None)."""
-
-    def answer():
-        dialog = QApplication.activeModalWidget()
-        if not isinstance(dialog, QFileDialog):
-            QTimer.singleShot(10, answer)  # not open yet
-            return
-        if choice is None:
-            dialog.reject()
-        else:
-            dialog.selectFile(str(choice))
-            dialog.accept()
-
-    QTimer.singleShot(0, answer)
 
 
 def test_the_dialog_wrapper_opens_what_was_chosen(qtbot, panel, tmp_path):
