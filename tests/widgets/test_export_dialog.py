@@ -6,7 +6,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import train_head_only_run
 from PySide6.QtGui import QAction
 from PySide6.QtWidgets import QAbstractButton, QAbstractItemView, QAbstractSpinBox, QComboBox, QLineEdit, QWidget
 
@@ -16,9 +15,9 @@ from widgets.export_dialog import OBJECT_NAMES, ExportDialog
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
+def checkpoint(head_only_run):
     """A resnet18 whose head trained one epoch on 16 px colour images, in a run folder of its own."""
-    return train_head_only_run(tmp_path_factory.mktemp("export-dialog"))
+    return head_only_run
 
 
 @pytest.fixture()
