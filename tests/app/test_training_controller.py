@@ -89,6 +89,7 @@ def test_an_error_in_the_worker_arrives_as_a_message_and_the_next_run_works(qtbo
     assert blocker.args[0]["status"] == "failed"
     assert "no_such_layer" in messages[0] and "Traceback" not in messages[0]
     assert blocker.args[0]["run_dir"] is None  # a run that never started leaves no empty folder
+    project_state.set("train.epochs", 1)
     with qtbot.waitSignal(controller.run_finished, timeout=120000) as blocker:
         controller.start(project_state.snapshot())
     assert blocker.args[0]["status"] == "completed"
