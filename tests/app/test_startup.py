@@ -121,9 +121,9 @@ def test_held_tasks_start_in_order_and_cancel_all_forgets_them(qtbot):
     assert cancel_all(1000)
     start_held_tasks()
     assert not dropped.is_running() and dropped not in running_tasks()
-    # Its thread never started (a thread that ran and ended is finished), and nothing holds it to start it later.
+    # start_held_tasks started nothing: the dropped task's thread never ran (one that ran is finished), and no
+    # list holds it to start it later. Tasks asked for now still run and deliver their results.
     assert not dropped.qthread.isFinished()
-    # A task started after it runs and delivers its result: had the dropped one run, its result was queued first.
     after = run_task("after", lambda: called.append("after") or 4, on_result=results.append)
     with qtbot.waitSignal(after.finished, timeout=60000):
         pass
