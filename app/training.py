@@ -53,7 +53,12 @@ class StepCounter:
         self.worker.global_step = state.global_step
 
     def on_batch_finished(self, trainer: Trainer, state: TrainState, loss: float) -> None:
-        self.worker.global_step = state.global_step  # an int: safe to read from the GUI thread
+        worker = self.worker
+        # The stop request is looked at before the step is published: a Stop pressed after the GUI read this
+        # step counts against a later one.
+        if worker.stop_seen_step is None and worker.stop_event.is_set():
+            worker.stop_seen_step = state.global_step  # the batch in progress when Stop was pressed
+        worker.global_step = state.global_step  # an int: safe to read from the GUI thread
 
     def on_epoch_finished(self, trainer: Trainer, state: TrainState, metrics: dict[str, Any]) -> None:
         pass
@@ -87,6 +92,9 @@ class TrainingWorker(QObject):
         self.resume_from, self.epochs, self.init_from = resume_from, epochs, init_from
         self.run_dir: Path | None = None
         self.global_step = 0  # the trainer's step right now, ahead of the throttled signals
+        # The first step that ended after Stop was pressed: the batch in progress then. None while Stop was not
+        # pressed, or when it came between batches (while the next batch loaded, or during validation).
+        self.stop_seen_step: int | None = None
 
     def _on_event(self, event: Event) -> None:
         """The session's output: each event becomes its signal (emitted on the worker thread, delivered on the
@@ -166,6 +174,9 @@ class TrainingController(QObject):
         self._stop = threading.Event()
         self.run_dir: str | None = None
         self.last_result: dict[str, Any] | None = None
+        # Of the last run stopped on the worker thread: the step during which Stop was pressed (see
+        # TrainingWorker.stop_seen_step); None for other runs and for a Stop that came between batches.
+        self.stop_seen_step: int | None = None
 
     def is_running(self) -> bool:
         return self._thread is not None or self._process_run is not None
@@ -244,7 +255,7 @@ class TrainingController(QObject):
         self._connect(worker)
         thread.started.connect(worker.run)
         self._thread, self._worker = thread, worker
-        self.run_dir = None
+        self.run_dir, self.stop_seen_step = None, None
         self.launched.emit(1)
         thread.start()
         self.running_changed.emit(True)
@@ -254,7 +265,7 @@ class TrainingController(QObject):
         self._connect(run)
         run.rank_logged.connect(self.rank_logged)
         self._process_run = run
-        self.run_dir = None
+        self.run_dir, self.stop_seen_step = None, None
         self.launched.emit(run.processes)
         run.start()
         self.running_changed.emit(True)
@@ -292,8 +303,15 @@ class TrainingController(QObject):
             self.run_dir = result["run_dir"]
         if result["status"] == "failed":
             self.logged.emit(f"Run failed: {result['error']}")
-        else:
-            self.logged.emit(f"Run {result['status']} after epoch {result['epoch']} of {result['epochs']}")
+            return
+        message = f"Run {result['status']} after epoch {result['epoch']} of {result['epochs']}"
+        worker = self._worker
+        if result["status"] == "stopped" and worker is not None and worker.stop_seen_step is not None:
+            # The worker wrote both before it emitted this result: no race with the training thread.
+            self.stop_seen_step = worker.stop_seen_step
+            message += f" (Stop was pressed during step {worker.stop_seen_step}; the last step trained: "
+            message += f"{worker.global_step})"
+        self.logged.emit(message)
 
     @Slot()
     def _on_done(self) -> None:

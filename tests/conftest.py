@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -107,6 +109,22 @@ def train_head_only_run(root: Path) -> Path:
     run_dir.mkdir()
     Trainer(cfg, [RunRecorder(run_dir)]).run()
     return run_dir / "checkpoints" / "final.pt"
+
+
+@pytest.fixture(scope="session")
+def _head_only_run_once(tmp_path_factory) -> Path:
+    return train_head_only_run(tmp_path_factory.mktemp("head-only-run"))
+
+
+@pytest.fixture(scope="module")
+def head_only_run(_head_only_run_once, tmp_path_factory) -> Path:
+    """final.pt of train_head_only_run, trained once per session. Each module gets its own hard-linked copy of the
+    folder (images, project, run): what one module writes there (an export, a report) no other module sees, and
+    best/last/final stay links to their epoch file."""
+    root = _head_only_run_once.parents[2]
+    copy = tmp_path_factory.mktemp("head-only-run-copy") / root.name
+    shutil.copytree(root, copy, copy_function=os.link)
+    return copy / "run" / "checkpoints" / "final.pt"
 
 
 def answer_file_dialog(choice):

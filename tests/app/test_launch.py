@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -30,13 +32,50 @@ def test_missing_libraries_are_read_from_ldd_and_named_in_one_apt_line():
     assert launch.apt_line(missing) == "sudo apt-get install libxcb-cursor0 libxcb-icccm4"
 
 
-def test_the_real_plugin_is_checked_with_ldd():
+RECORDED = Path(__file__).parent / "ldd"  # this machine's ldd output for the plugin and its XcbQpa library, with
+# the two libraries a fresh Ubuntu desktop lacks (libxcb-cursor0, libxcb-icccm4) shown as ldd shows a missing one
+
+
+def _recorded_ldd(folder: Path, outputs: dict[str, str]) -> Path:
+    """An `ldd` that prints the recorded output for the file it is given and notes which files it was asked about."""
+    folder.mkdir()
+    for name, text in outputs.items():
+        (folder / f"{name}.txt").write_text(text)
+    script = folder / "ldd"
+    script.write_text(
+        "#!/bin/sh\n"
+        f'echo "$1" >> "{folder}/asked"\n'
+        f'recorded="{folder}/$(basename "$1").txt"\n'
+        '[ -f "$recorded" ] || { echo "ldd: $1: nothing recorded" >&2; exit 1; }\n'
+        'cat "$recorded"\n'
+    )
+    script.chmod(0o755)
+    return folder
+
+
+def test_the_plugin_and_its_xcb_library_are_checked_with_ldd_and_the_missing_ones_named_once(tmp_path, monkeypatch):
     plugin = launch.xcb_plugin()
-    assert plugin is not None and plugin.name == "libqxcb.so"
-    result = subprocess.run(["ldd", str(plugin)], capture_output=True, text=True, check=False)
-    assert launch.missing_xcb_libraries() == launch.missing_from_ldd(result.stdout) or set(
-        launch.missing_from_ldd(result.stdout)
-    ) <= set(launch.missing_xcb_libraries())
+    assert plugin is not None and plugin.name == "libqxcb.so"  # the installed PySide6 has the xcb plugin
+    outputs = {p.stem: p.read_text() for p in RECORDED.glob("*.txt")}
+    assert sorted(outputs) == ["libQt6XcbQpa.so.6", "libqxcb.so"]
+    fake = _recorded_ldd(tmp_path / "missing", outputs)
+    monkeypatch.setenv("PATH", f"{fake}:{os.environ['PATH']}")
+    monkeypatch.setenv("DISPLAY", ":0")
+    monkeypatch.delenv("QT_QPA_PLATFORM", raising=False)
+
+    assert launch.missing_xcb_libraries() == ["libxcb-cursor.so.0", "libxcb-icccm.so.4"]  # in both outputs: once
+    assert [Path(line).name for line in (fake / "asked").read_text().split()] == ["libqxcb.so", "libQt6XcbQpa.so.6"]
+    problem = launch.display_problem()
+    assert problem is not None
+    assert "missing libxcb-cursor.so.0, libxcb-icccm.so.4" in problem
+    assert problem.endswith("sudo apt-get install libxcb-cursor0 libxcb-icccm4")
+
+    # The same machine once the packages are installed: ldd finds every library, and the window can open.
+    installed = r"\1 => /lib/x86_64-linux-gnu/\1 (0x00007f0000000000)"
+    found = {name: re.sub(r"(\S+) => not found", installed, text) for name, text in outputs.items()}
+    monkeypatch.setenv("PATH", f"{_recorded_ldd(tmp_path / 'found', found)}:{os.environ['PATH']}")
+    assert launch.missing_xcb_libraries() == []
+    assert launch.display_problem() is None
 
 
 def test_no_display_is_named(monkeypatch):

@@ -116,12 +116,19 @@ def test_held_tasks_start_in_order_and_cancel_all_forgets_them(qtbot):
     assert sorted(results) == [1, 2]
 
     hold_new_tasks()
-    dropped = run_task("dropped", lambda: 3, on_result=results.append)
+    called: list[str] = []
+    dropped = run_task("dropped", lambda: called.append("dropped") or 3, on_result=results.append)
     assert cancel_all(1000)
     start_held_tasks()
     assert not dropped.is_running() and dropped not in running_tasks()
-    qtbot.wait(50)
-    assert 3 not in results
+    # start_held_tasks started nothing: the dropped task's thread never ran (one that ran is finished), and no
+    # list holds it to start it later. Tasks asked for now still run and deliver their results.
+    assert not dropped.qthread.isFinished()
+    after = run_task("after", lambda: called.append("after") or 4, on_result=results.append)
+    with qtbot.waitSignal(after.finished, timeout=60000):
+        pass
+    assert called == ["after"] and sorted(results) == [1, 2, 4]
+    assert not dropped.qthread.isRunning() and not dropped.qthread.isFinished()
 
 
 def test_the_apps_start_up_takes_its_objects_out_of_the_collectors_scans(qtbot):

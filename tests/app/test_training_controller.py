@@ -58,16 +58,23 @@ def test_stop_ends_the_run_within_one_batch(qtbot, tmp_path, image_folder):
     state.open(path)
     controller = TrainingController()
     seen = _record(controller)
+    logs = []
+    controller.logged.connect(logs.append)
     controller.start(state.snapshot())
     qtbot.waitUntil(lambda: len(seen["batches"]) >= 2, timeout=60000)
-    at_stop = controller.current_step()
-    controller.stop()
-    controller.stop()  # twice is harmless
+    before = controller.current_step()
     with qtbot.waitSignal(controller.run_finished, timeout=60000):
-        pass
-    last = max(s for b in seen["batches"] for s in b["steps"])
-    assert last <= at_stop + 1
+        controller.stop()
+        controller.stop()  # twice is harmless
     assert seen["finished"][0]["status"] == "stopped"
+    assert logs.count("Stopping after this batch...") == 1
+    # Counted on the worker's side, however late the GUI thread got to press Stop: the first batch that ended
+    # after the request is the last one trained. (None: the request came between batches, and none followed.)
+    last = max(s for b in seen["batches"] for s in b["steps"])
+    during = controller.stop_seen_step
+    assert during is None or before < during == last, (before, during, last)
+    if during is not None:
+        assert f"(Stop was pressed during step {during}; the last step trained: {last})" in logs[-1]
     assert not controller.is_running()
 
 
@@ -82,6 +89,7 @@ def test_an_error_in_the_worker_arrives_as_a_message_and_the_next_run_works(qtbo
     assert blocker.args[0]["status"] == "failed"
     assert "no_such_layer" in messages[0] and "Traceback" not in messages[0]
     assert blocker.args[0]["run_dir"] is None  # a run that never started leaves no empty folder
+    project_state.set("train.epochs", 1)
     with qtbot.waitSignal(controller.run_finished, timeout=120000) as blocker:
         controller.start(project_state.snapshot())
     assert blocker.args[0]["status"] == "completed"

@@ -119,7 +119,7 @@ def test_stop_ends_torchrun_and_both_workers_and_the_last_checkpoint_loads(qtbot
     result = blocker.args[0]
     assert result["status"] == "stopped", result
     assert result["epoch"] >= 1
-    qtbot.waitUntil(lambda: all(_gone(pid) for pid in pids), timeout=10000)
+    qtbot.waitUntil(lambda: all(_gone(pid) for pid in pids), timeout=60000)
     last = Path(result["run_dir"]) / "checkpoints" / "last.pt"
     ckpt = load_checkpoint(last)
     assert ckpt["epoch"] == result["epoch"] == read_metrics(result["run_dir"])[-1]["epoch"]
@@ -215,4 +215,4 @@ def test_a_rank_killed_mid_run_fails_the_run_naming_it_and_nothing_is_left_runni
     # The cause first (rank 1 was killed), then what rank 0 saw of it.
     assert result["error"].startswith("rank 1: the process was killed by SIGKILL"), result["error"]
     assert "rank 0:" in result["error"]
-    qtbot.waitUntil(lambda: all(_gone(pid) for pid in pids), timeout=10000)
+    qtbot.waitUntil(lambda: all(_gone(pid) for pid in pids), timeout=60000)

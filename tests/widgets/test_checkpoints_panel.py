@@ -2,6 +2,7 @@
 
 import json
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -101,18 +102,33 @@ def test_a_file_without_metrics_and_a_best_whose_epoch_file_was_pruned_still_app
     assert cells(rows[3], *METRICS) == ["4", "—", "—", "—"]
 
 
+_opened: list[str] | None = None  # while a list, every path this process opens is appended to it
+_hooked = False
+
+
+def _note_open(event: str, args: tuple) -> None:
+    if event == "open" and _opened is not None:
+        _opened.append(os.fsdecode(args[0]) if isinstance(args[0], (str, bytes, os.PathLike)) else repr(args[0]))
+
+
 def test_checkpoints_are_never_read(tmp_path):
+    """Listing looks only at names and inodes: a run's checkpoints can be large, and one may be half-written.
+    (Unreadable files would prove nothing here: the tests run as root, who reads them anyway.)"""
+    global _opened, _hooked
+    if not _hooked:  # Python's "open" audit event: raised by open(), io.open() and os.open(); a hook stays for good
+        sys.addaudithook(_note_open)
+        _hooked = True
     run = make_run(tmp_path / "run", epochs=(1,), best=1)
-    for path in (run / "checkpoints").iterdir():
-        os.chmod(path, 0)  # unreadable: listing must only look at names and inodes
+    _opened = []
     try:
         entries = list_checkpoints(run)
     finally:
-        for path in (run / "checkpoints").iterdir():
-            os.chmod(path, 0o644)
+        opened, _opened = _opened, None
     assert [(e.path.name, e.epoch, sorted(e.roles)) for e in entries] == [
         ("epoch-001.pt", 1, ["best", "final", "last"])
     ]
+    assert str(run / "metrics.jsonl") in opened  # the hook sees the files the listing does read
+    assert not [p for p in opened if Path(p).parent == run / "checkpoints"], opened
 
 
 def test_selection_drives_the_buttons_and_the_signals_carry_the_path_and_epochs(qtbot, panel, tmp_path):

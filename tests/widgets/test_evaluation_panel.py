@@ -5,7 +5,7 @@ import shutil
 
 import numpy as np
 import pytest
-from conftest import COLOURS, train_head_only_run
+from conftest import COLOURS
 from PySide6.QtCore import Qt
 from PySide6.QtGui import QAction, QColor, QPalette
 from PySide6.QtWidgets import QAbstractButton, QAbstractItemView, QAbstractSpinBox, QComboBox, QLineEdit, QWidget
@@ -17,9 +17,9 @@ CLASSES = ["blue", "green", "red"]
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory):
+def trained(head_only_run):
     """A resnet18 whose head trained one epoch on 16 px colour images; 6 validation images."""
-    return train_head_only_run(tmp_path_factory.mktemp("evaluation-panel"))
+    return head_only_run
 
 
 @pytest.fixture()

@@ -1,12 +1,11 @@
 """The export dialog on a real trained checkpoint: verified exports, overwrite questions, bad destinations."""
 
 import json
-import os
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
-from conftest import train_head_only_run
 from PySide6.QtGui import QAction
 from PySide6.QtWidgets import QAbstractButton, QAbstractItemView, QAbstractSpinBox, QComboBox, QLineEdit, QWidget
 
@@ -16,9 +15,9 @@ from widgets.export_dialog import OBJECT_NAMES, ExportDialog
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
+def checkpoint(head_only_run):
     """A resnet18 whose head trained one epoch on 16 px colour images, in a run folder of its own."""
-    return train_head_only_run(tmp_path_factory.mktemp("export-dialog"))
+    return head_only_run
 
 
 @pytest.fixture()
@@ -176,18 +175,21 @@ def test_bad_destinations_are_refused_inline(qtbot, dialog, checkpoint, tmp_path
     assert not dialog.export()
     assert "Tolerance" in dialog.message.text() and dialog.advanced.isVisible()
 
-    locked = tmp_path / "locked"
-    locked.mkdir()
-    locked.chmod(0o500)
-    try:
-        if not os.access(locked, os.W_OK):  # root writes anywhere
-            dialog.tolerance_edit.setText("1e-3")
-            dialog.path_edit.setText(str(locked / "model.pth"))
-            fail(qtbot, dialog)
-            assert "is not writable" in dialog.message.text()
-            assert list(locked.iterdir()) == []
-    finally:
-        locked.chmod(0o700)
+    # Destinations that even root cannot write (the tests run as root, who writes into any read-only folder):
+    # a path through a regular file, and the kernel's /proc/sys, which refuses new entries to everyone.
+    dialog.tolerance_edit.setText("1e-3")
+    plain = tmp_path / "notes.txt"
+    plain.write_text("a file, not a folder")
+    dialog.path_edit.setText(str(plain / "model.pth"))
+    fail(qtbot, dialog)
+    assert f"folder {plain} is not a folder" in dialog.message.text()
+    assert plain.read_text() == "a file, not a folder"
+    proc_sys = Path("/proc/sys")
+    if proc_sys.is_dir():  # Linux
+        dialog.path_edit.setText(str(proc_sys / "model.pth"))
+        fail(qtbot, dialog)
+        assert "folder /proc/sys is not writable" in dialog.message.text()
+        assert not (proc_sys / "model.pth").exists()
 
     # After all that, an export still works.
     dialog.tolerance_edit.setText("1e-3")

@@ -110,7 +110,8 @@ def test_head_only_preset_and_ticks_on_top_of_it_round_trip(qtbot, panel, projec
         lambda: (
             panel.item_for("fc").checkState(MODULE) == UNCHECKED
             and panel.item_for("layer4").checkState(MODULE) == CHECKED
-        )
+        ),
+        timeout=60000,
     )
     for name, item in checkable(panel).items():
         if name == "":
@@ -141,7 +142,7 @@ def test_head_only_preset_and_ticks_on_top_of_it_round_trip(qtbot, panel, projec
     panel.train_all.click()
     assert project_state.get("model.freeze") == "none"
     assert project_state.get("model.freeze_prefixes") == project_state.get("model.unfreeze_prefixes") == []
-    qtbot.waitUntil(lambda: panel.summary[2] == 0)
+    qtbot.waitUntil(lambda: panel.summary[2] == 0, timeout=60000)
 
 
 def test_freeze_up_to_preset(qtbot, panel, project_state):
@@ -149,7 +150,7 @@ def test_freeze_up_to_preset(qtbot, panel, project_state):
     panel.freeze_up_to_button.click()
     assert project_state.get("model.freeze") == "up_to"
     assert project_state.get("model.freeze_up_to") == "layer2"
-    qtbot.waitUntil(lambda: panel.item_for("layer2").checkState(MODULE) == CHECKED)
+    qtbot.waitUntil(lambda: panel.item_for("layer2").checkState(MODULE) == CHECKED, timeout=60000)
     assert panel.item_for("layer3").checkState(MODULE) == UNCHECKED
     assert panel.item_for("conv1").checkState(MODULE) == CHECKED
     assert frozen_in_fresh_model(project_state) == panel.frozen_parameters()
@@ -161,17 +162,17 @@ def test_freeze_up_to_preset(qtbot, panel, project_state):
 
 def test_the_tree_follows_the_project(qtbot, panel, project_state):
     project_state.set("model.freeze", "head_only")
-    qtbot.waitUntil(lambda: panel.item_for("layer1").checkState(MODULE) == CHECKED)
+    qtbot.waitUntil(lambda: panel.item_for("layer1").checkState(MODULE) == CHECKED, timeout=60000)
     assert panel.item_for("fc").checkState(MODULE) == UNCHECKED
     assert panel.summary[1] == 512 * 2 + 2
 
     project_state.update({"model.freeze": "none", "model.freeze_prefixes": ["layer9"]})  # a hand-edited file
-    qtbot.waitUntil(lambda: panel.error.isVisible())
+    qtbot.waitUntil(lambda: panel.error.isVisible(), timeout=60000)
     assert "model.freeze_prefixes[0] = 'layer9'" in panel.error.text()
     assert panel.summary[2] == 0
     panel.item_for("layer3").setCheckState(MODULE, CHECKED)  # a tick rewrites the settings without it
     assert project_state.get("model.freeze_prefixes") == ["layer3"]
-    qtbot.waitUntil(lambda: not panel.error.isVisible())
+    qtbot.waitUntil(lambda: not panel.error.isVisible(), timeout=60000)
 
     project_state.set("optimizer.backbone_lr_mult", 0.0)
     assert panel.note.isVisible() and "backbone_lr_mult" in panel.note.text()
@@ -182,7 +183,7 @@ def test_the_tree_follows_the_project(qtbot, panel, project_state):
     assert panel.item_for("").text(MODULE) == "mobilenet_v3_small"
     assert "model.freeze_prefixes[0] = 'layer3'" in panel.error.text()  # resnet's name means nothing here
     panel.train_all.click()
-    qtbot.waitUntil(lambda: not panel.error.isVisible())
+    qtbot.waitUntil(lambda: not panel.error.isVisible(), timeout=60000)
 
 
 def test_every_object_name_is_documented(panel):
