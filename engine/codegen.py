@@ -11,6 +11,7 @@ are only speed-ups) or refused by name (CodegenError).
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -31,6 +32,8 @@ from engine.transforms import augmentations_on
 BundledWeights = Literal["package", "file"]
 BUNDLED_FILE = "efficientnet_lite0_imagenet.pt"
 SCRIPT, README, REQUIREMENTS = "train.py", "README.md", "requirements.txt"
+# The generated script's style: ruff's formatter with this project's line length.
+RUFF_STYLE = ("--line-length", "120")
 
 
 class CodegenError(ValueError):
@@ -129,6 +132,15 @@ def _model_shape(cfg: ProjectConfig) -> _ModelShape:
     )
 
 
+def _py(value: object) -> str:
+    """A value as Python source the way ruff's formatter writes it (double-quoted strings)."""
+    if isinstance(value, str):
+        return json.dumps(value, ensure_ascii=False)
+    if isinstance(value, list):
+        return "[" + ", ".join(_py(v) for v in value) + "]"
+    return repr(value)
+
+
 def _in_module(name: str, prefix: str) -> bool:
     return name == prefix or name.startswith(prefix + ".")
 
@@ -165,7 +177,7 @@ class _Script:
         self.functions: list[str] = []
 
     def const(self, name: str, value: object, comment: str = "") -> None:
-        self.constants.append(f"{name} = {value!r}" + (f"  # {comment}" if comment else ""))
+        self.constants.append(f"{name} = {_py(value)}" + (f"  # {comment}" if comment else ""))
 
     def fn(self, text: str, *imports: str) -> None:
         self.functions.append(text.strip("\n"))
@@ -508,12 +520,14 @@ def _transforms(cfg: ProjectConfig, pre: object, *, train: bool) -> list[str]:
     a, interp = cfg.data.augment, _interp(pre.interpolation)
     steps = ["v2.ToImage()"]
     if cfg.data.keep_aspect:
-        steps.append(f"v2.Resize(None, max_size={pre.resize_size}, interpolation={interp}, antialias=True)")
+        # The longer side to the size, nothing cropped: the pad collate evens out the shapes.
+        steps.append(f"v2.Resize(None, max_size=IMAGE_SIZE, interpolation={interp}, antialias=True)")
     elif train and a.random_resized_crop:
-        steps.append(f"v2.RandomResizedCrop({pre.crop_size}, interpolation={interp}, antialias=True)")
+        steps.append(f"v2.RandomResizedCrop(IMAGE_SIZE, interpolation={interp}, antialias=True)")
     else:
-        steps.append(f"v2.Resize({pre.resize_size}, interpolation={interp}, antialias=True)")
-        steps.append(f"v2.CenterCrop({pre.crop_size})")
+        resize = "RESIZE_SIZE" if pre.resize_size != pre.crop_size else "IMAGE_SIZE"
+        steps.append(f"v2.Resize({resize}, interpolation={interp}, antialias=True)")
+        steps.append("v2.CenterCrop(IMAGE_SIZE)")
     if train:
         if a.horizontal_flip:
             steps.append("v2.RandomHorizontalFlip()")
@@ -664,7 +678,7 @@ def _freeze_fn(cfg: ProjectConfig) -> str | None:
     # Freeze {m.freeze_up_to!r} and every module before it (named_modules() walks them in that order), including
     # the parameters of its parents that are used before it runs.
     for name, module in model.named_modules():
-        if name == {m.freeze_up_to!r}:
+        if name == {_py(m.freeze_up_to)}:
             module.requires_grad_(False)
             break
         for param in module.parameters(recurse=False):
@@ -672,12 +686,12 @@ def _freeze_fn(cfg: ProjectConfig) -> str | None:
     if m.freeze_prefixes:
         parts.append(f"""
     for name, param in model.named_parameters():
-        if any(name == p or name.startswith(p + ".") for p in {list(m.freeze_prefixes)!r}):
+        if any(name == p or name.startswith(p + ".") for p in {_py(list(m.freeze_prefixes))}):
             param.requires_grad = False""")
     if m.unfreeze_prefixes:
         parts.append(f"""
     for name, param in model.named_parameters():
-        if any(name == p or name.startswith(p + ".") for p in {list(m.unfreeze_prefixes)!r}):
+        if any(name == p or name.startswith(p + ".") for p in {_py(list(m.unfreeze_prefixes))}):
             param.requires_grad = True""")
     if cfg.optimizer.backbone_lr_mult == 0:
         parts.append("""
@@ -856,7 +870,7 @@ def _assemble(cfg: ProjectConfig, s: _Script, where: str) -> str:
         doc
         + "\n\n"
         + _import_block(s.imports)
-        + "\n\n"
+        + "\n\n# The project's settings.\n"
         + "\n".join(s.constants)
         + "\n\n\n"
         + "\n\n\n".join(s.functions)
@@ -968,12 +982,16 @@ def _main_fn(
     def add(text: str) -> None:
         L.append(text.strip("\n"))
 
+    def blank() -> None:  # one empty line around a nested function, as ruff's formatter puts it
+        if L and L[-1]:
+            L.append("")
+
     add(f"""
-    parser = argparse.ArgumentParser(description="Train the exported project {cfg.name!r}.")
+    parser = argparse.ArgumentParser(description={_py("Train the exported project " + cfg.name + ".")})
     parser.add_argument("--data", default=DATA_PATH, help="the training data (default: the project's)")
     parser.add_argument("--out", default="run", help="folder for checkpoints and metrics.jsonl (default: run)")
     parser.add_argument("--resume", metavar="CHECKPOINT", help="continue from a checkpoint this script wrote")
-    parser.add_argument("--device", default={t.device!r}, choices=["auto", "cpu", "cuda", "mps"])
+    parser.add_argument("--device", default={_py(t.device)}, choices=["auto", "cpu", "cuda", "mps"])
     args = parser.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -1100,7 +1118,9 @@ def _main_fn(
 
     def criterion(outputs, targets):
         # Negative log-likelihood of the log-softmax of the outputs (the head is a plain linear layer).
-        return nll(F.log_softmax(outputs, dim=1), targets)""")
+        return nll(F.log_softmax(outputs, dim=1), targets)
+""")
+        blank()
     else:
         s.imports.add("from torch.nn import functional as F")
         fn = {
@@ -1115,17 +1135,21 @@ def _main_fn(
         else:
             target = "targets.to(outputs.dtype).reshape(outputs.shape)"
             why = ""
+        blank()
         add(f"""
     def criterion(outputs, targets):
 {why}        return {fn.format(t=target)}""")
+        blank()
     if t.precision != "fp32":
         dtype = "torch.float16" if t.precision == "fp16" else "torch.bfloat16"
+        blank()
         add(f"""
     def autocast():
         # {t.precision} mixed precision (on the CPU and CUDA; other devices run fp32)
         if device.type not in ("cuda", "cpu"):
             return contextlib.nullcontext()
         return torch.autocast(device.type, dtype={dtype})""")
+        blank()
         s.imports.add("import contextlib")
         if t.precision == "fp16":
             add("""
@@ -1139,23 +1163,23 @@ def _main_fn(
         add("""
     backbone = [p for n, p in model.named_parameters() if p.requires_grad and not is_head(n)]""")
         groups.append('{"params": backbone, "lr": LR * BACKBONE_LR_MULT, "name": "backbone"}')
-    group_text = "[" + ", ".join(groups) + "]"
     if o.name == "sgd":
         momentum = 0.9 if o.momentum is None else o.momentum
-        opt = f"torch.optim.SGD({group_text}, lr=LR, momentum={momentum!r}, nesterov={o.nesterov!r}, weight_decay={o.weight_decay!r})"
+        cls, options = "SGD", [f"momentum={momentum!r}", f"nesterov={o.nesterov!r}"]
     elif o.name in ("adam", "adamw"):
-        cls = "Adam" if o.name == "adam" else "AdamW"
-        opt = (
-            f"torch.optim.{cls}({group_text}, lr=LR, betas=({o.betas[0]!r}, {o.betas[1]!r}), eps={o.eps!r}, "
-            f"weight_decay={o.weight_decay!r})"
-        )
+        cls, options = ("Adam" if o.name == "adam" else "AdamW"), [f"betas=({o.betas[0]!r}, {o.betas[1]!r})"]
+        options.append(f"eps={o.eps!r}")
     else:
-        opt = (
-            f"torch.optim.RMSprop({group_text}, lr=LR, alpha={o.alpha!r}, eps={o.eps!r}, "
-            f"momentum={o.momentum or 0.0!r}, weight_decay={o.weight_decay!r})"
-        )
+        cls, options = "RMSprop", [f"alpha={o.alpha!r}", f"eps={o.eps!r}", f"momentum={o.momentum or 0.0!r}"]
+    options.append(f"weight_decay={o.weight_decay!r}")
+    # Written one argument a line with trailing commas, as ruff's formatter leaves it.
+    group_lines = "".join(f"            {g},\n" for g in groups)
+    option_lines = "".join(f"        {x},\n" for x in ["lr=LR", *options])
     add(f"""
-    optimizer = {opt}""")
+    optimizer = torch.optim.{cls}(
+        [
+{group_lines}        ],
+{option_lines}    )""")
     # Loaders
     add("""
     # The loaders: the training loader's generator drives the sampler and the workers' seeds (the validation
@@ -1195,10 +1219,12 @@ def _main_fn(
             add(f"""
     weights = {list(sp.weights or [])!r}  # one per training sample""")
         num = f"{sp.num_samples}" if sp.num_samples else "len(train_set)"
-        add(f"""
-    sampler = WeightedRandomSampler(
-        weights, num_samples={num}, replacement={sp.replacement is not False!r}, generator=generator
-    )""")
+        add(
+            _call(
+                "    sampler = WeightedRandomSampler(",
+                f"weights, num_samples={num}, replacement={sp.replacement is not False!r}, generator=generator",
+            )
+        )
     if lo.drop_last:
         add("""
     drop_last = True""")
@@ -1223,10 +1249,15 @@ def _main_fn(
         persistent = "False"
     else:
         persistent = "workers > 0"
-    collate = ', "collate_fn": pad_collate' if lo.collate == "pad" else ""
-    seed_w = ', "worker_init_fn": seed_worker' if lo.num_workers != 0 else ""
+    options = ['"num_workers": workers', f'"pin_memory": {pin}', f'"persistent_workers": {persistent}']
+    if lo.collate == "pad":
+        options.append('"collate_fn": pad_collate')
+    if lo.num_workers != 0:
+        options.append('"worker_init_fn": seed_worker')
+    option_lines = "".join(f"        {x},\n" for x in options)
     add(f"""
-    loader_options = {{"num_workers": workers, "pin_memory": {pin}, "persistent_workers": {persistent}{collate}{seed_w}}}
+    loader_options = {{
+{option_lines}    }}
     train_loader = DataLoader(
         train_set, batch_sampler=BatchSampler(sampler, BATCH_SIZE, drop_last), generator=generator, **loader_options
     )
@@ -1330,17 +1361,19 @@ def _main_fn(
     elif sc.name == "plateau":
         sched_after = "\n        scheduler.step(val_loss if val_loss is not None else train_loss)"
     acc = classification or d.task == "multilabel"
-    acc_print = ' f"  train_acc {train_acc:.4f}"' if acc else ""
+    acc_print = "  train_acc {{train_acc:.4f}}" if acc else ""
     add(f"""
     # The loop: train, validate, checkpoint, stop early.
     checkpoints = out / "checkpoints"
     checkpoints.mkdir(exist_ok=True)
     for epoch in range(start_epoch + 1, EPOCHS + 1):
         started = time.perf_counter(){persistent_draw}
-        train_loss, train_acc, seen = train_one_epoch({call_args})
+{_call("        train_loss, train_acc, seen = train_one_epoch(", call_args)}
         train_seconds = time.perf_counter() - started
         lr = optimizer.param_groups[0]["lr"]
-        val_loss, val_acc = evaluate({eval_args}) if val_loader is not None else (None, None){sched_after}
+        val_loss, val_acc = None, None
+        if val_loader is not None:
+            val_loss, val_acc = evaluate({eval_args}){sched_after}
         metrics = {{
             "epoch": epoch,
             "train_loss": train_loss,
@@ -1407,7 +1440,7 @@ def _main_fn(
         # metrics.jsonl: one line per epoch with the workbench's keys, after the checkpoint it describes.
         with open(out / "metrics.jsonl", "a", encoding="utf-8") as fh:
             fh.write(json.dumps(metrics) + "\\n")
-        line = f"epoch {{epoch}}/{{EPOCHS}}  train_loss {{train_loss:.6f}}"{acc_print}
+        line = f"epoch {{epoch}}/{{EPOCHS}}  train_loss {{train_loss:.6f}}{acc_print}"
         if val_loss is not None:
             line += f"  val_loss {{val_loss:.6f}}"{vacc_print}
         print(line + f"  lr {{lr:.3g}}  {{metrics['epoch_seconds']:.1f}}s")""")
@@ -1421,7 +1454,10 @@ def _main_fn(
     if best_weights is not None and early["epoch"] != history[-1]["epoch"]:
         model.load_state_dict(best_weights)
         print(f"Restored the weights of epoch {early['epoch']}, the best by {EARLY_STOPPING_MONITOR}")
-        torch.save({"epoch": early["epoch"], "model_state_dict": model.state_dict(), "class_names": classes}, checkpoints / "final.pt")""")
+        torch.save(
+            {"epoch": early["epoch"], "model_state_dict": model.state_dict(), "class_names": classes},
+            checkpoints / "final.pt",
+        )""")
     # the helper that decides "improved"
     s.fn(
         '''
@@ -1449,6 +1485,14 @@ def improves(metrics, monitor, mode, best, min_delta=0.0):
     return "def main():\n" + body + "\n"
 
 
+def _call(head: str, args: str, limit: int = 120) -> str:
+    """A call on one line when it fits, else its arguments on the next line (as ruff's formatter splits it)."""
+    if len(head) + len(args) + 1 <= limit:
+        return f"{head}{args})"
+    indent = " " * (len(head) - len(head.lstrip()))
+    return f"{head}\n{indent}    {args}\n{indent})"
+
+
 def _mode(monitor: str, mode: str) -> str:
     if mode == "auto":
         return "higher" if monitor.endswith("accuracy") else "lower"
@@ -1456,10 +1500,11 @@ def _mode(monitor: str, mode: str) -> str:
 
 
 def format_python(text: str) -> str:
-    """The script formatted by ruff (when it is installed), at its default settings; else as written."""
+    """The script formatted by ruff (when it is installed) at RUFF_STYLE; else as written, which the templates
+    already are (a test checks that)."""
     try:
         done = subprocess.run(
-            [sys.executable, "-m", "ruff", "format", "--isolated", "--stdin-filename", SCRIPT, "-"],
+            [sys.executable, "-m", "ruff", "format", "--isolated", *RUFF_STYLE, "--stdin-filename", SCRIPT, "-"],
             input=text,
             capture_output=True,
             text=True,
@@ -1514,11 +1559,13 @@ def _readme(cfg: ProjectConfig, where: str, notes: list[str], bundled_file: bool
             f"\n`{BUNDLED_FILE}` holds the ImageNet weights the model starts from; keep it next to `train.py`.\n"
         )
     notes.extend(left_out)
+    libraries = "PyTorch, torchvision, NumPy" + (", Pillow" if _data_kind(cfg) == "folder" else "")
+    libraries += ", timm" if timm_model_name(cfg.model.backbone) else ""
     left = "\n".join(left_out) if left_out else "Nothing: every setting of the project is in the script."
     return f"""# {cfg.name}: training script
 
 Exported by Model Workbench (`main.py codegen`) from the project "{cfg.name}": {where}.
-`train.py` uses only PyTorch, torchvision, NumPy{", Pillow" if cfg.data.kind != "npz" else ""}{", timm" if timm_model_name(cfg.model.backbone) else ""}; it does not need Model Workbench.
+`train.py` uses only {libraries}; it does not need Model Workbench.
 {weights_line}
 ## Run it
 
@@ -1548,17 +1595,22 @@ def write_export(
     cfg: ProjectConfig, out_dir: str | os.PathLike, *, bundled_weights: BundledWeights = "package"
 ) -> list[Path]:
     """Generate and write train.py, README.md, requirements.txt (and the bundled weights file when asked) into
-    out_dir; refuses to replace a train.py that is already there. Returns the files written."""
+    out_dir; refuses to replace any file that is already there. Returns the files written."""
     exported = generate(cfg, bundled_weights=bundled_weights)
     return write_files(exported, out_dir)
 
 
 def write_files(exported: ExportedScript, out_dir: str | os.PathLike) -> list[Path]:
+    """Write generated files into out_dir (made if missing); refuses, before writing anything, when one exists."""
     out = Path(out_dir).expanduser()
     if out.exists() and not out.is_dir():
         raise CodegenError(f"--out {str(out)!r} is a file; give a folder for the script")
-    if (out / SCRIPT).exists():
-        raise CodegenError(f"{out / SCRIPT} already exists; choose an empty folder so nothing is overwritten")
+    names = list(exported.files) + ([BUNDLED_FILE] if exported.bundled_file else [])
+    there = [name for name in names if (out / name).exists()]
+    if there:
+        raise CodegenError(
+            f"{out / there[0]} already exists; choose another folder, so that no file of yours is overwritten"
+        )
     out.mkdir(parents=True, exist_ok=True)
     written = []
     for name, text in exported.files.items():

@@ -17,7 +17,7 @@ import torch
 from conftest import write_image_folder, write_project
 
 from engine.cli import main as cli_main
-from engine.codegen import BUNDLED_FILE, CodegenError, generate, write_export
+from engine.codegen import BUNDLED_FILE, RUFF_STYLE, CodegenError, generate, write_export
 from engine.config import load_project
 from engine.trainer import Trainer
 
@@ -237,18 +237,23 @@ def test_the_script_runs_standalone_and_imports_only_the_libraries(tmp_path):
         {"model": {"backbone": "resnet18", "freeze": "up_to", "freeze_up_to": "layer2"}, "loss": {"name": "nll"}},
         {"model": {"backbone": "timm/efficientnet_lite0", "weights": "BUNDLED"}, "data": {"val_fraction": 0.0}},
         {"early_stopping": {"enabled": True, "restore_best": True, "min_delta": 0.01}, "train": {"compile": True}},
+        {"model": {"freeze": "head_only"}, "train": {"precision": "fp16"}, "loss": {"name": "smooth_l1"}},
     ],
 )
 def test_generated_files_pass_ruff(tmp_path, sections):
-    """ruff check (the linter) and ruff format --check (the formatter) find nothing in the generated script."""
+    """ruff check (the linter) and ruff format --check (the formatter) find nothing in the generated script, and
+    the templates are formatted already: without ruff at generation time the script is the same."""
     write_image_folder(tmp_path / "images", per_class=2)
-    project = write_project(tmp_path / "project.json", "images", **sections)
-    write_export(load_project(project), tmp_path / "export")
-    for args in (["check", "--isolated"], ["format", "--isolated", "--check"]):
-        done = subprocess.run(
-            [sys.executable, "-m", "ruff", *args, str(tmp_path / "export")], capture_output=True, text=True
-        )
-        assert done.returncode == 0, done.stdout + done.stderr
+    cfg = load_project(write_project(tmp_path / "project.json", "images", **sections))
+    write_export(cfg, tmp_path / "export")
+    (tmp_path / "raw").mkdir()
+    (tmp_path / "raw" / "train.py").write_text(generate(cfg, format_code=False).script)
+    for args in (["check", "--isolated"], ["format", "--isolated", *RUFF_STYLE, "--check"]):
+        for folder in ("export", "raw"):
+            done = subprocess.run(
+                [sys.executable, "-m", "ruff", *args, str(tmp_path / folder)], capture_output=True, text=True
+            )
+            assert done.returncode == 0, done.stdout + done.stderr
 
 
 def test_bundled_weights_as_a_file_next_to_the_script(tmp_path, monkeypatch):
