@@ -20,14 +20,16 @@ from importlib import metadata
 from pathlib import Path
 from typing import Literal
 
+import timm
 import torch
+from timm.models import get_pretrained_cfg
 from torch import nn
 
 from engine.backbones import build_model, bundled_weights_file, load_by_order, load_state_dict_file, preprocess_for
-from engine.catalog import BUNDLED, timm_model_name, timm_tags
+from engine.catalog import BUNDLED, timm_model_name, timm_tags, weights_enum
 from engine.config import ConfigError, ProjectConfig
 from engine.freezing import apply_freeze
-from engine.transforms import augmentations_on
+from engine.transforms import Preprocess, augmentations_on
 
 BundledWeights = Literal["package", "file"]
 BUNDLED_FILE = "efficientnet_lite0_imagenet.pt"
@@ -512,11 +514,8 @@ def _interp(name: str) -> str:
     return f"InterpolationMode.{name.upper()}"
 
 
-def _transforms(cfg: ProjectConfig, pre: object, *, train: bool) -> list[str]:
+def _transforms(cfg: ProjectConfig, pre: Preprocess, *, train: bool) -> list[str]:
     """The v2 steps of one split, as engine.transforms builds them (without the decoded-image cache's split)."""
-    from engine.transforms import Preprocess
-
-    assert isinstance(pre, Preprocess)
     a, interp = cfg.data.augment, _interp(pre.interpolation)
     steps = ["v2.ToImage()"]
     if cfg.data.keep_aspect:
@@ -564,8 +563,6 @@ def _build_model_fn(cfg: ProjectConfig, shape: _ModelShape, bundled: BundledWeig
         s.imports.add("import timm")
         if m.weights is None:
             kwargs = ""
-            from timm.models import get_pretrained_cfg
-
             tcfg = get_pretrained_cfg(arch)
             if tcfg is not None and tcfg.fixed_input_size:
                 kwargs = ", img_size=IMAGE_SIZE"
@@ -603,8 +600,6 @@ def _build_model_fn(cfg: ProjectConfig, shape: _ModelShape, bundled: BundledWeig
         s.imports.add("import torchvision")
         kwargs = ""
         if m.weights is not None:
-            from engine.catalog import weights_enum
-
             name = weights_enum(m.backbone)[m.weights].name
             kwargs = f', weights="{name}"'
             where = f"torchvision's `{m.backbone}` with its `{name}` weights (downloaded on first use)"
@@ -844,7 +839,7 @@ def balanced_class_weights(targets, num_classes):
     s.fn(_SAVE)
     s.fn(_train_epoch_fn(cfg, classification, keep_bn_eval), "import math")
     s.fn(_evaluate_fn(cfg, classification))
-    s.fn(_main_fn(cfg, kind, shape, pre, augmented, s, notes))
+    s.fn(_main_fn(cfg, kind, shape, pre, s))
 
     script = _assemble(cfg, s, where)
     if format_code:
@@ -853,7 +848,7 @@ def balanced_class_weights(targets, num_classes):
     files = {
         SCRIPT: script,
         README: _readme(cfg, where, notes, bundled_file),
-        REQUIREMENTS: _requirements(s.imports, cfg),
+        REQUIREMENTS: _requirements(s.imports),
     }
     return ExportedScript(files, notes, bundled_file)
 
@@ -972,9 +967,7 @@ def evaluate(model, loader, criterion, device{args}):
 '''
 
 
-def _main_fn(
-    cfg: ProjectConfig, kind: str, shape: _ModelShape, pre: object, augmented: bool, s: _Script, notes: list[str]
-) -> str:
+def _main_fn(cfg: ProjectConfig, kind: str, shape: _ModelShape, pre: Preprocess, s: _Script) -> str:
     d, lo, sp, t, o, sc = cfg.data, cfg.loader, cfg.loader.sampler, cfg.train, cfg.optimizer, cfg.schedule
     classification = d.task == "classification"
     L: list[str] = []
@@ -1516,7 +1509,7 @@ def format_python(text: str) -> str:
     return done.stdout if done.returncode == 0 and done.stdout else text
 
 
-def _requirements(imports: set[str], cfg: ProjectConfig) -> str:
+def _requirements(imports: set[str]) -> str:
     packages = ["torch", "torchvision", "numpy"]
     if any("PIL" in i for i in imports):
         packages.append("Pillow")
@@ -1624,8 +1617,6 @@ def write_files(exported: ExportedScript, out_dir: str | os.PathLike) -> list[Pa
 
 def _write_bundled(path: Path) -> Path:
     """The bundled EfficientNet-Lite0 weights under timm's names, as a plain state dict the script loads."""
-    import timm
-
     source = bundled_weights_file()
     if source is None:
         raise CodegenError(

@@ -19,7 +19,7 @@ from conftest import write_image_folder, write_project
 from engine.cli import main as cli_main
 from engine.codegen import BUNDLED_FILE, RUFF_STYLE, CodegenError, generate, write_export
 from engine.config import load_project
-from engine.trainer import Trainer
+from engine.trainer import Callback, Trainer
 
 ALLOWED_TOP_LEVEL = {
     "argparse",
@@ -42,8 +42,16 @@ ALLOWED_TOP_LEVEL = {
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "default.json"
 
 
-def workbench_losses(cfg):
-    history = Trainer(cfg).run().history
+class LogRecorder(Callback):
+    def __init__(self):
+        self.messages = []
+
+    def on_log(self, trainer, message):
+        self.messages.append(message)
+
+
+def workbench_losses(cfg, log=None):
+    history = Trainer(cfg, [log] if log is not None else []).run().history
     return [(m["epoch"], m["train_loss"], m["val_loss"]) for m in history]
 
 
@@ -65,11 +73,11 @@ def assert_same_losses(workbench, script):
             assert sv == pytest.approx(wv, abs=1e-5), f"epoch {epoch} validation loss"
 
 
-def export_and_compare(tmp_path, monkeypatch, project: Path):
+def export_and_compare(tmp_path, monkeypatch, project: Path, log=None):
     cfg = load_project(project)
     written = write_export(cfg, tmp_path / "export")
     assert {p.name for p in written} >= {"train.py", "README.md", "requirements.txt"}
-    workbench = workbench_losses(load_project(project))
+    workbench = workbench_losses(load_project(project), log)
     rows, script = script_losses(tmp_path / "export" / "train.py", tmp_path / "out", monkeypatch)
     assert_same_losses(workbench, script)
     return cfg, rows, workbench
@@ -149,7 +157,10 @@ def test_head_only_with_a_step_schedule(tmp_path, monkeypatch):
         optimizer={"name": "sgd", "lr": 0.05},
         train={"epochs": 3, "device": "cpu", "seed": 3},
     )
-    _, rows, _ = export_and_compare(tmp_path, monkeypatch, project)
+    log = LogRecorder()
+    _, rows, _ = export_and_compare(tmp_path, monkeypatch, project, log)
+    # The workbench trained the head on cached features (a speed-up the script leaves out): the same losses.
+    assert any(m.startswith("Feature cache on") for m in log.messages), log.messages
     assert [r["lr"] for r in rows] == pytest.approx([0.05, 0.025, 0.0125])
     text = (tmp_path / "export" / "train.py").read_text()
     assert "param.requires_grad = is_head(name)" in text and "lr_scheduler.StepLR" in text
