@@ -37,6 +37,7 @@ from widgets.tasks import Task, hold_new_tasks, run_task, start_held_tasks
 
 if TYPE_CHECKING:
     from widgets.backbone_panel import BackbonePanel
+    from widgets.codegen_dialog import CodegenDialog
     from widgets.export_dialog import ExportDialog
 
 REPO = Path(__file__).resolve().parent.parent
@@ -67,6 +68,7 @@ OBJECT_NAMES = {
     "action.open_sample": "File > Open sample dataset (the bundled digits)",
     "action.open_run": "File > Open run folder... (its curves and checkpoints)",
     "action.export": "File > Export model... (Ctrl+E)",
+    "action.codegen": "File > Export as PyTorch script...: the project as a plain train.py",
     "action.quit": "File > Quit (Ctrl+Q)",
     "menu.recent_projects": "File > Recent projects",
     "action.train": "Run > Train (F5, Ctrl+R)",
@@ -141,6 +143,7 @@ class MainWindow(QMainWindow):
         self.current_run_dir: str | None = None
         self.last_error_box: QMessageBox | None = None
         self.export_dialog: ExportDialog | None = None
+        self.codegen_dialog: CodegenDialog | None = None
         self._closing = False
         self._num_outputs: int | None = None
 
@@ -312,6 +315,7 @@ class MainWindow(QMainWindow):
         )
         self.act_open_run = self._action("action.open_run", "Open &run folder...", self._on_open_run_triggered)
         self.act_export = self._action("action.export", "&Export model...", self.open_export_dialog, ["Ctrl+E"])
+        self.act_codegen = self._action("action.codegen", "Export as PyTorch &script...", self.open_codegen_dialog)
         self.act_quit = self._action("action.quit", "&Quit", self.close, [K.Quit, "Ctrl+Q"])
         self.act_train = self._action("action.train", "&Train", self.train, ["F5", "Ctrl+R"])
         self.act_train_from = self._action(
@@ -336,7 +340,7 @@ class MainWindow(QMainWindow):
         file_menu.addMenu(self.recent_menu)
         file_menu.addActions([self.act_save, self.act_save_as])
         file_menu.addSeparator()
-        file_menu.addActions([self.act_open_sample, self.act_open_run, self.act_export])
+        file_menu.addActions([self.act_open_sample, self.act_open_run, self.act_export, self.act_codegen])
         file_menu.addSeparator()
         file_menu.addAction(self.act_quit)
         run_menu = bar.addMenu("&Run")
@@ -701,6 +705,19 @@ class MainWindow(QMainWindow):
         self.export_dialog.setObjectName("export.dialog")
         self.export_dialog.open()
         return self.export_dialog
+
+    @Slot()
+    def open_codegen_dialog(self):
+        """The project as a plain PyTorch training script: a preview to copy, and files to save."""
+        from widgets.codegen_dialog import CodegenDialog
+
+        problems = self.state.problems(check_paths=True)
+        if problems:
+            self.show_error("Project problems", "\n".join(f"• {p}" for p in problems))
+            return None
+        self.codegen_dialog = CodegenDialog(self.state.config, self, project_file=self.state.file or None)
+        self.codegen_dialog.open()
+        return self.codegen_dialog
 
     @Slot()
     def check_project(self) -> list[Problem]:

@@ -19,6 +19,7 @@ MODULES = (
     "widgets.evaluation_panel",
     "widgets.try_it",
     "widgets.export_dialog",
+    "widgets.codegen_dialog",
 )
 
 

@@ -336,6 +336,16 @@ def cmd_export(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_codegen(args: argparse.Namespace) -> int:
+    from engine.codegen import write_export
+
+    cfg = _load(args.project)
+    written = write_export(cfg, args.out, bundled_weights="file" if args.weights_file else "package")
+    print(f"Wrote {', '.join(p.name for p in written)} to {Path(args.out).resolve()}")
+    print(f"Run it with: python {Path(args.out) / 'train.py'}")
+    return EXIT_OK
+
+
 def cmd_check(args: argparse.Namespace) -> int:
     from engine.trainer import build_run
 
@@ -474,6 +484,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="replace an existing file")
     p.add_argument("--tolerance", type=float, default=1e-3, help="largest allowed logit difference (default 1e-3)")
     p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("codegen", help="export the project as a plain PyTorch training script (train.py)")
+    p.add_argument("project")
+    p.add_argument("--out", required=True, help="folder to write train.py, README.md and requirements.txt into")
+    p.add_argument(
+        "--weights-file",
+        action="store_true",
+        help="BUNDLED weights: write them next to the script as a state-dict file instead of loading the package",
+    )
+    p.set_defaults(func=cmd_codegen)
 
     p = sub.add_parser("check", help="validate a project and summarise its dataset, without training")
     p.add_argument("project")

@@ -27,12 +27,22 @@ def user_errors() -> tuple[type[BaseException], ...]:
     """Errors caused by the user's input: a message is enough, a traceback would only confuse."""
     from engine.backbones import WeightsError
     from engine.checkpoints import CheckpointError
+    from engine.codegen import CodegenError
     from engine.data import DataError
     from engine.export import ExportError
     from engine.run_lock import FolderBusyError
     from engine.samplers import SamplerError
 
-    return ConfigError, DataError, WeightsError, SamplerError, CheckpointError, ExportError, FolderBusyError
+    return (
+        ConfigError,
+        DataError,
+        WeightsError,
+        SamplerError,
+        CheckpointError,
+        ExportError,
+        FolderBusyError,
+        CodegenError,
+    )
 
 
 def run_faults() -> tuple[type[BaseException], ...]:

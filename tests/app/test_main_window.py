@@ -312,3 +312,18 @@ def test_the_class_chart_of_100_classes_shows_its_names_without_scrolling_at_128
     _wait_tasks(qtbot)
     win.state._set_dirty(False)
     win.close()
+
+
+def test_file_menu_exports_the_project_as_a_script(window):
+    from PySide6.QtGui import QAction
+
+    from engine.codegen import generate
+
+    action = window.findChild(QAction, "action.codegen")
+    file_menu = window.menuBar().actions()[0].menu()
+    assert action in file_menu.actions()
+    action.trigger()
+    dialog = window.codegen_dialog
+    assert dialog is not None and dialog.isVisible()
+    assert dialog.preview.toPlainText() == generate(window.state.config).script
+    dialog.reject()
