@@ -140,7 +140,7 @@ def _check_after_kill(run: Path, previous_epoch: int) -> int:
 def test_sigkill_inside_checkpoint_writes_and_at_random_moments_then_resume_finishes_the_run(tmp_path):
     rng = random.Random(SEED)
     write_image_folder(tmp_path / "images", per_class=4, size=8)
-    # The smallest model that trains like a real one (timm's test_resnet: 0.4 MB checkpoints, epochs of a few
+    # The smallest model that trains like a real one (timm's test_resnet: 1.5 MB checkpoints, epochs of three
     # batches); where a kill lands in a write is set by the hook, not by how long the write lasts.
     project = write_project(
         tmp_path / "project.json",
