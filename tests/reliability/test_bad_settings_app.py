@@ -8,13 +8,12 @@ from the non-blocking box the window keeps in last_error_box.
 from __future__ import annotations
 
 import threading
-import time
 from pathlib import Path
 
 import pytest
 import torch
 from conftest import train_head_only_run, write_project
-from PySide6.QtCore import QCoreApplication, QSettings, Qt, QThread
+from PySide6.QtCore import QCoreApplication, QObject, QSettings, Qt, QThread, Signal, Slot
 from PySide6.QtWidgets import QLabel, QLineEdit, QMessageBox, QPushButton, QSpinBox
 from test_bad_settings_cli import read_only_folder
 
@@ -279,7 +278,10 @@ def test_stop_pressed_twice_stops_once_and_the_next_run_starts(qtbot, long_proje
         stop_button.click()
         win.act_stop.trigger()
         win.stop()
-    qtbot.wait(200)  # a second stop would have shown up by now
+    # run_finished comes after the training thread was joined: all it sent is posted by now. Deliver every posted
+    # event, so that a second stop or a second end of the run would be counted below.
+    QCoreApplication.sendPostedEvents()
+    QCoreApplication.processEvents()
     assert [r["status"] for r in finished] == ["stopped"]
     assert _log(win).count("Stopping after this batch...") == 1
     assert win.act_train.isEnabled() and not win.act_stop.isEnabled() and stop_button.text() == "Stop"
@@ -295,11 +297,33 @@ def test_stop_pressed_twice_stops_once_and_the_next_run_starts(qtbot, long_proje
 # -- closing while a checkpoint is written -------------------------------------------------------------------
 
 
-class _PausingFile:
-    """A file object that writes through, but pauses once after its first MiB: the moment to close the window."""
+class _Answerer(QObject):
+    """Lives on the GUI thread; ask() from another thread is answered only when the GUI thread runs its events."""
 
-    def __init__(self, fh, paused: threading.Event, resumed: threading.Event):
-        self._fh, self._paused, self._resumed = fh, paused, resumed
+    _asked = Signal()
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.answered = threading.Event()
+        self._asked.connect(self._answer)  # queued: asked from the training thread
+
+    def ask(self) -> None:
+        self._asked.emit()
+
+    @Slot()
+    def _answer(self) -> None:
+        self.answered.set()
+
+
+class _PausingFile:
+    """A file object that writes through, but after its first MiB stops until the window is closing.
+
+    It goes on once the close has asked the run to stop and the GUI thread, inside the close, has run its events
+    (the close waits for the run that way): a close that did not wait would return with the write still stopped.
+    """
+
+    def __init__(self, fh, paused: threading.Event, closing: threading.Event, answerer: _Answerer, seen: dict):
+        self._fh, self._paused, self._closing, self._answerer, self._seen = fh, paused, closing, answerer, seen
         self._written = 0
 
     def write(self, data) -> int:
@@ -307,8 +331,9 @@ class _PausingFile:
         self._written += len(data)
         if self._written >= 1 << 20 and not self._paused.is_set():
             self._paused.set()
-            time.sleep(2.0)
-            self._resumed.set()
+            self._seen["closing"] = self._closing.wait(120)  # generous: only a broken close lets it run out
+            self._answerer.ask()
+            self._seen["waited"] = self._answerer.answered.wait(120)
         return n
 
     def __getattr__(self, name):
@@ -316,21 +341,22 @@ class _PausingFile:
 
 
 def test_closing_while_a_checkpoint_is_written_waits_and_leaves_it_whole(qtbot, long_project, monkeypatch):
-    paused, resumed = threading.Event(), threading.Event()
+    paused, closing, answerer, seen = threading.Event(), threading.Event(), _Answerer(), {}
     real_save = torch.save
 
     def save_with_a_pause(obj, f, *args, **kwargs):
-        if paused.is_set():  # only the first checkpoint is slowed
+        if paused.is_set():  # only the first checkpoint is held up
             return real_save(obj, f, *args, **kwargs)
-        return real_save(obj, _PausingFile(f, paused, resumed), *args, **kwargs)
+        real_save(obj, _PausingFile(f, paused, closing, answerer, seen), *args, **kwargs)
+        seen["written"] = True
 
     monkeypatch.setattr(torch, "save", save_with_a_pause)
     win = _open_window(qtbot, long_project)
+    win.controller.logged.connect(lambda message: message == "Stopping after this batch..." and closing.set())
     assert win.train()
-    qtbot.waitUntil(paused.is_set, timeout=120000)  # epoch 1's checkpoint is half written
-    assert not resumed.is_set()
+    qtbot.waitUntil(paused.is_set, timeout=120000)  # epoch 1's checkpoint is half written, and stays so
     assert win.close()  # the user agrees to stop (the hook answers yes)
-    assert resumed.is_set()  # the close waited for the write to finish
+    assert seen == {"closing": True, "waited": True, "written": True}  # the close waited for the write to finish
     assert not win.controller.is_running()
     assert not [t for t in win.findChildren(QThread) if t.isRunning()]
     run_dir = Path(win.controller.run_dir)
