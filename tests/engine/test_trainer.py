@@ -1,11 +1,13 @@
 """The trainer end to end on small real data: events, stopping, reproducibility, frozen layers, every loss."""
 
+import math
 import threading
+from itertools import pairwise
 
 import numpy as np
 import pytest
 import torch
-from conftest import write_project
+from conftest import COLOURS, write_image_folder, write_project
 
 from engine.config import ConfigError, load_project
 from engine.failures import NonFiniteLossError
@@ -157,28 +159,133 @@ def test_everything_frozen_is_refused(tiny_project):
         build_run(cfg)
 
 
+def head_only_project(tmp_path, **sections):
+    """A project that trains only the head of timm's tiny test_resnet on frozen features of the colour images:
+    a convex problem on cached features, so its loss falls on any CPU and a run takes well under a second."""
+    if not (tmp_path / "images").exists():
+        write_image_folder(tmp_path / "images", per_class=8)
+    parts = {
+        "model": {"backbone": "timm/test_resnet", "freeze": "head_only"},
+        "loader": {"batch_size": 4},
+        "optimizer": {"name": "adam", "lr": 0.01},
+        "train": {"epochs": 4, "device": "cpu", "seed": 0},
+    }
+    for key, value in sections.items():
+        parts[key] = {**parts.get(key, {}), **value}
+    return load_project(write_project(tmp_path / "p.json", "images", **parts))
+
+
+def assert_learned(history):
+    """Training and validation loss lower after the run than after its first epoch, and validation above chance."""
+    first, last = history[0], history[-1]
+    assert last["train_loss"] < first["train_loss"], [m["train_loss"] for m in history]
+    assert last["val_loss"] < first["val_loss"], [m["val_loss"] for m in history]
+    assert last["val_accuracy"] > 1 / 3 + 0.2, [m["val_accuracy"] for m in history]  # three classes: chance is 1/3
+
+
 @pytest.mark.parametrize("loss", ["cross_entropy", "nll", "mse", "l1", "smooth_l1", "bce_with_logits"])
-def test_every_classification_loss_trains(tiny_project, loss):
-    cfg = load_project(tiny_project)
-    cfg.loss.name = loss
-    cfg.train.epochs = 1
+def test_every_classification_loss_learns(tmp_path, loss):
+    cfg = head_only_project(tmp_path, loss={"name": loss})
     state = Trainer(cfg).run()
-    assert np.isfinite(state.history[0]["train_loss"])
+    assert state.status == "completed" and len(state.history) == 4
+    assert_learned(state.history)
+
+
+def record_step_lrs(trainer):
+    """Build the run and note the head's learning rate whenever its optimizer steps: the rate every step used."""
+    trainer.parts = build_run(trainer.cfg)
+    rates = []
+    trainer.parts.optimizer.register_step_pre_hook(lambda opt, args, kwargs: rates.append(opt.param_groups[0]["lr"]))
+    return rates
+
+
+def onecycle_lr(step, total, max_lr, pct_start, div_factor=25.0, final_div_factor=1e4):
+    """One-cycle's rate at a step (Smith's schedule, cosine annealing, PyTorch's defaults): from max_lr / 25 up to
+    max_lr over the first pct_start of the steps, then down to max_lr / 25 / 1e4 at the last step."""
+    low = max_lr / div_factor
+    peak_step = pct_start * total - 1
+    if step <= peak_step:
+        start, end, pct = low, max_lr, step / peak_step
+    else:
+        start, end, pct = max_lr, low / final_div_factor, (step - peak_step) / (total - 1 - peak_step)
+    return end + (start - end) * (1 + math.cos(math.pi * pct)) / 2
+
+
+def plateau_lrs(monitored, lr, factor, patience, threshold=1e-4):
+    """Each epoch's rate under reduce-on-plateau ('min' mode, relative threshold) from the losses it watched."""
+    best, bad, rates = math.inf, 0, []
+    for value in monitored:
+        rates.append(lr)
+        if value < best * (1 - threshold):
+            best, bad = value, 0
+        else:
+            bad += 1
+        if bad > patience:
+            lr, bad = lr * factor, 0
+    return rates
+
+
+def write_mislabelled_copy(root):
+    """Validation images whose labels cannot be learned from the training set: each class's folder holds the
+    colour of another class, so the better the model fits the training colours, the higher this loss."""
+    write_image_folder(root, per_class=4, seed=5)
+    names = list(COLOURS)
+    for name in names:
+        (root / name).rename(root / f"_{name}")
+    for i, name in enumerate(names):
+        (root / f"_{name}").rename(root / names[(i + 1) % len(names)])
 
 
 @pytest.mark.parametrize("schedule", ["step", "cosine", "onecycle", "plateau"])
 @pytest.mark.parametrize("optimizer", ["sgd", "rmsprop", "adamw"])
-def test_optimizers_and_schedules_train(tiny_project, optimizer, schedule):
-    cfg = load_project(tiny_project)
-    cfg.optimizer.name = optimizer
-    cfg.optimizer.lr = 0.01
-    cfg.schedule.name = schedule
-    cfg.schedule.step_size = 1
-    state = Trainer(cfg).run()
-    assert state.status == "completed"
-    lrs = [m["lr"] for m in state.history]
-    if schedule in ("step", "cosine"):
-        assert lrs[1] < lrs[0]
+def test_optimizers_learn_and_schedules_set_the_rate_of_every_step(tmp_path, optimizer, schedule):
+    lr = {"sgd": 0.1, "rmsprop": 0.01, "adamw": 0.03}[optimizer]  # each learns the toy problem in 5 epochs
+    epochs = 5
+    change = {
+        "step": {"step_size": 2, "gamma": 0.5},
+        "cosine": {"eta_min": lr / 10},
+        "onecycle": {"max_lr": 2 * lr, "pct_start": 0.4},
+        "plateau": {"patience": 1, "factor": 0.5},
+    }[schedule]
+    data = {}
+    if schedule == "plateau":
+        # Validation the training cannot improve: its loss rises while the training loss falls, so the rate
+        # drops only if the schedule watches the validation loss, as it should.
+        write_mislabelled_copy(tmp_path / "val")
+        data = {"val_path": "val"}
+    cfg = head_only_project(
+        tmp_path,
+        data=data,
+        optimizer={"name": optimizer, "lr": lr},
+        schedule={"name": schedule, **change},
+        train={"epochs": epochs},
+    )
+    trainer = Trainer(cfg)
+    used = record_step_lrs(trainer)
+    history = trainer.run().history
+    per_epoch = trainer.state.batches_per_epoch
+    assert per_epoch == -(-len(trainer.built.data.train) // 4) and len(used) == epochs * per_epoch
+    if schedule == "onecycle":
+        total = epochs * per_epoch
+        assert used == pytest.approx([onecycle_lr(k, total, 2 * lr, 0.4) for k in range(total)], rel=1e-9)
+        # Warm-up from max_lr / 25 to max_lr at step 0.4 * 25 - 1 = 9, then the anneal to max_lr / 25 / 1e4.
+        assert all(a < b for a, b in pairwise(used[:10])) and all(a > b for a, b in pairwise(used[9:]))
+        assert used[0] == pytest.approx(2 * lr / 25) and used[9] == pytest.approx(2 * lr)
+        assert used[-1] == pytest.approx(2 * lr / 25 / 1e4)
+    else:
+        if schedule == "step":  # halved after every second epoch
+            rates = [lr * 0.5 ** ((e - 1) // 2) for e in range(1, epochs + 1)]
+        elif schedule == "cosine":  # half a cosine from lr down to eta_min over the run
+            rates = [lr / 10 + (lr - lr / 10) * (1 + math.cos(math.pi * (e - 1) / epochs)) / 2 for e in range(1, 6)]
+        else:
+            rates = plateau_lrs([m["val_loss"] for m in history], lr, factor=0.5, patience=1)
+            assert rates[-1] < lr  # the rate did drop (the validation loss rose after its first epoch)
+        assert used == pytest.approx([r for r in rates for _ in range(per_epoch)], rel=1e-9)
+        assert [m["lr"] for m in history] == pytest.approx(rates, rel=1e-9)  # what metrics.jsonl and the app show
+    if schedule == "plateau":
+        assert history[-1]["train_loss"] < history[0]["train_loss"], [m["train_loss"] for m in history]
+    else:
+        assert_learned(history)
 
 
 def test_balanced_class_weights_and_sampler_train_on_imbalanced_data(tmp_path):
@@ -222,8 +329,10 @@ def test_regression_and_multilabel_from_npz(tmp_path):
     assert 0.0 <= state.history[-1]["val_accuracy"] <= 1.0
 
 
-def test_padding_collate_with_keep_aspect_trains(tmp_path):
+def test_padding_collate_with_keep_aspect_learns(tmp_path):
     from PIL import Image
+
+    from engine.collate import pad_collate
 
     for cls, colour in (("wide", (200, 0, 0)), ("tall", (0, 0, 200))):
         (tmp_path / "d" / cls).mkdir(parents=True)
@@ -231,9 +340,26 @@ def test_padding_collate_with_keep_aspect_trains(tmp_path):
             size = (24, 12 + i) if cls == "wide" else (12 + i, 24)
             Image.new("RGB", size, colour).save(tmp_path / "d" / cls / f"{i}.png")
     cfg = load_project(
-        write_project(tmp_path / "p.json", "d", data={"keep_aspect": True}, loader={"collate": "pad", "batch_size": 4})
+        write_project(
+            tmp_path / "p.json",
+            "d",
+            data={"keep_aspect": True},
+            model={"backbone": "timm/test_resnet"},
+            loader={"collate": "pad", "batch_size": 4},
+            optimizer={"name": "adam", "lr": 0.01},
+            train={"epochs": 4, "device": "cpu", "seed": 0},
+        )
     )
-    assert Trainer(cfg).run().status == "completed"
+    trainer = Trainer(cfg)
+    trainer.parts = build_run(cfg)
+    train = trainer.parts.data.train
+    items = [train[i] for i in range(len(train))]
+    assert len({tuple(x.shape[1:]) for x, _ in items}) > 1  # the images keep their shapes: no stacking them as they are
+    assert trainer.parts.train_loader.collate_fn is pad_collate
+    history = trainer.run().history
+    assert history[-1]["train_loss"] < history[0]["train_loss"], [m["train_loss"] for m in history]
+    assert history[-1]["val_loss"] < history[0]["val_loss"], [m["val_loss"] for m in history]
+    assert history[-1]["val_accuracy"] == 1.0  # red against blue: two of each held out
 
 
 def test_backbone_lr_multiplier_zero_freezes_the_backbone_and_its_batchnorm(tiny_project):
