@@ -1,6 +1,7 @@
 """Checkpoints that survive crashes, exact resume, early stopping, the NaN guard and TensorBoard files."""
 
 import json
+import math
 import shutil
 import subprocess
 import sys
@@ -14,7 +15,7 @@ from engine.checkpoints import FORMAT_VERSION, CheckpointError, atomic_torch_sav
 from engine.config import from_dict, load_project
 from engine.failures import NonFiniteLossError
 from engine.runs import create_run_dir, read_metrics, run_callbacks
-from engine.trainer import Trainer
+from engine.trainer import Callback, Trainer
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -175,6 +176,92 @@ def test_early_stopping_stops_at_the_expected_epoch_and_restores_the_best(projec
     assert final["epoch"] == best["epoch"] == 2
     for key, value in trainer.parts.model.state_dict().items():
         assert torch.equal(value, best["model_state_dict"][key]), key
+
+
+def expected_stop(history, monitor, mode, patience, min_delta):
+    """(the epoch early stopping ends at, the best epoch) from a run's recorded metrics, by the rule's definition:
+    stop once `patience` epochs in a row did not beat the best so far by more than min_delta."""
+    best, best_epoch, bad = None, None, 0
+    for m in history:
+        value = m[monitor]
+        better = best is None or (value < best - min_delta if mode == "min" else value > best + min_delta)
+        best, best_epoch, bad = (value, m["epoch"], 0) if better else (best, best_epoch, bad + 1)
+        if bad >= patience:
+            return m["epoch"], best_epoch
+    return None, best_epoch
+
+
+class EpochWeights(Callback):
+    """A copy of the model's weights at the end of every epoch, as that epoch's checkpoint saves them."""
+
+    def __init__(self):
+        self.epochs = {}
+
+    def on_epoch_finished(self, trainer, state, metrics):
+        self.epochs[state.epoch] = {k: v.clone() for k, v in trainer.built.model.state_dict().items()}
+
+
+@pytest.mark.parametrize(
+    "monitor, mode, min_delta, epochs, checkpoint",
+    [
+        # A loss >= 0 can beat the best by more than 0.1 at most L1 / 0.1 times after epoch 1 (L1 < ln 3, asserted
+        # below); with patience 2 each such gain takes at most 2 epochs, so the run must stop by epoch 24.
+        ("val_loss", "min", 0.1, 24, {"keep_last": 0}),
+        # 6 validation images: 7 possible accuracies, so at most 6 gains after epoch 1: stopped by epoch 15.
+        ("val_accuracy", "max", 0.0, 16, {"keep_last": 0}),
+        # No per-epoch files: final.pt is written from the restored weights.
+        ("val_loss", "min", 0.1, 24, {"every_epoch": False}),
+    ],
+)
+def test_early_stopping_on_real_validation_restores_the_best_epochs_weights(
+    tmp_path, monitor, mode, min_delta, epochs, checkpoint
+):
+    from conftest import write_image_folder
+
+    write_image_folder(tmp_path / "images", per_class=8)
+    cfg = load_project(
+        write_project(
+            tmp_path / "p.json",
+            "images",
+            model={"backbone": "timm/test_resnet", "freeze": "head_only"},  # trains in a blink on cached features
+            loader={"batch_size": 4},
+            optimizer={"name": "adam", "lr": 0.03},
+            train={"epochs": epochs, "device": "cpu", "seed": 0},
+            checkpoint=checkpoint,
+            early_stopping={
+                "enabled": True,
+                "monitor": monitor,
+                "mode": mode,
+                "patience": 2,
+                "min_delta": min_delta,
+                "restore_best": True,
+            },
+            output={"dir": "runs", "tensorboard": False},
+        )
+    )
+    run_dir = create_run_dir(cfg, tmp_path / "run")
+    seen = EpochWeights()
+    trainer = Trainer(cfg, [*run_callbacks(cfg, run_dir), seen])
+    state = trainer.run()
+    history = state.history
+    assert history[0]["val_loss"] < math.log(3)  # epoch 1 learned something (a guess among 3 classes scores ln 3)
+    stop, best = expected_stop(history, monitor, mode, 2, min_delta)
+    assert stop is not None and stop < epochs
+    assert state.status == "completed" and state.stopped_early and state.epoch == stop == len(history)
+    assert state.restored_best_epoch == best < stop
+    best_weights = seen.epochs[best]
+    assert any(not torch.equal(best_weights[k], seen.epochs[stop][k]) for k in best_weights)  # a real restore
+    final = load_checkpoint(run_dir / "checkpoints" / "final.pt")
+    assert final["epoch"] == best and final["metrics"]["val_loss"] == history[best - 1]["val_loss"]
+    files = [final["model_state_dict"]]
+    if checkpoint.get("every_epoch", True):
+        files.append(load_checkpoint(run_dir / "checkpoints" / f"epoch-{best:03d}.pt")["model_state_dict"])
+    weights = trainer.parts.model.state_dict()
+    for saved in files:
+        assert saved.keys() == weights.keys() == best_weights.keys()
+    for key, value in weights.items():
+        assert torch.equal(value, best_weights[key]), key
+        assert all(torch.equal(saved[key], value) for saved in files), key
 
 
 def test_a_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(project, tmp_path, monkeypatch):
