@@ -414,3 +414,111 @@ def test_multilabel_accuracy_with_regression_losses_thresholds_at_half(tmp_path)
         threshold = TaskLoss(LossConfig(name=name), "multilabel", 2).threshold
         assert correct_predictions(out, tgt, "multilabel", threshold).item() == 2.0
     assert TaskLoss(LossConfig(name="bce_with_logits"), "multilabel", 2).threshold == 0.0
+
+
+# ---------------------------------------------------------------------------------------------
+# Samplers and dataset kinds, trained end to end through the Trainer and its real DataLoader
+
+
+def record_draws(monkeypatch):
+    """Note the positions every epoch's batches drew, per batch sampler (the real sampler still draws them)."""
+    from engine.samplers import _EpochBatchSampler
+
+    draws = {}
+    real = _EpochBatchSampler.__iter__
+
+    def noting(self):
+        epoch = []
+        draws.setdefault(id(self), []).append(epoch)
+        for batch in real(self):
+            epoch.extend(batch)
+            yield batch
+
+    monkeypatch.setattr(_EpochBatchSampler, "__iter__", noting)
+    return draws
+
+
+def small_project(tmp_path, data_path="images", **sections):
+    """The head of timm's tiny test_resnet trains on the frozen backbone's output (a problem that learns on any CPU),
+    with the feature cache off: every epoch's batches come through the sampler and the image DataLoader."""
+    parts = {
+        "model": {"backbone": "timm/test_resnet", "freeze": "head_only"},
+        "loader": {"batch_size": 4},
+        "optimizer": {"name": "adam", "lr": 0.01},
+        "train": {"epochs": 4, "device": "cpu", "seed": 0, "feature_cache": "off"},
+    }
+    for key, value in sections.items():
+        parts[key] = {**parts.get(key, {}), **value}
+    return load_project(write_project(tmp_path / "p.json", data_path, **parts))
+
+
+def test_subset_random_sampler_trains_on_the_listed_positions_only(tmp_path, monkeypatch):
+    write_image_folder(tmp_path / "images", per_class=8)
+    subset = [0, 2, 3, 5, 8, 9, 11, 13, 14, 17]  # of 18 training images
+    cfg = small_project(tmp_path, loader={"sampler": {"name": "subset_random", "indices": subset}})
+    draws = record_draws(monkeypatch)
+    trainer = Trainer(cfg)
+    history = trainer.run().history
+    assert len(trainer.built.data.train) == 18
+    epochs = draws[id(trainer.built.train_loader.batch_sampler)]
+    assert len(epochs) == 4 and all(sorted(drawn) == subset for drawn in epochs)  # each listed position, once
+    assert len({tuple(drawn) for drawn in epochs}) > 1  # in a new random order each epoch
+    assert trainer.state.batches_per_epoch == 3  # 10 samples in batches of 4
+    assert_learned(history)
+
+
+def test_distributed_sampler_with_explicit_replicas_trains_on_its_rank_s_shard(tmp_path, monkeypatch):
+    write_image_folder(tmp_path / "images", per_class=8)
+    spec = {"name": "distributed", "num_replicas": 2, "rank": 1, "shuffle": True, "seed": 7}
+    cfg = small_project(tmp_path, loader={"sampler": spec, "batch_size": 3}, train={"epochs": 5})
+    draws = record_draws(monkeypatch)
+    trainer = Trainer(cfg)
+    history = trainer.run().history
+    n = len(trainer.built.data.train)
+    assert n == 18
+    epochs = draws[id(trainer.built.train_loader.batch_sampler)]
+
+    def shard(epoch, rank):  # DistributedSampler: a permutation seeded by seed + epoch, every 2nd position from rank
+        order = torch.randperm(n, generator=torch.Generator().manual_seed(7 + epoch)).tolist()
+        return order[rank::2]
+
+    assert epochs == [shard(e, 1) for e in range(1, 6)]  # the trainer sets each epoch (1, 2, ...) on the sampler
+    for e in range(1, 6):
+        assert sorted(shard(e, 0) + epochs[e - 1]) == list(range(n))  # the two ranks share the data, no overlap
+    assert len({tuple(drawn) for drawn in epochs}) == 5 and trainer.state.batches_per_epoch == 3
+    assert_learned(history)
+
+
+def colour_arrays(per_class, size=12, seed=0):
+    """The colour classes as a uint8 array (N, size, size, 3) and their labels 0, 1, 2."""
+    rng = np.random.default_rng(seed)
+    images, labels = [], []
+    for label, colour in enumerate(COLOURS.values()):
+        for _ in range(per_class):
+            noise = rng.integers(-30, 30, size=(size, size, 3))
+            images.append(np.clip(np.array(colour)[None, None, :] + noise, 0, 255).astype(np.uint8))
+            labels.append(label)
+    return np.stack(images), np.array(labels)
+
+
+def test_npz_classification_learns(tmp_path):
+    X, y = colour_arrays(per_class=8)
+    np.savez(tmp_path / "colours.npz", X=X, y=y, class_names=np.array(list(COLOURS)))
+    trainer = Trainer(small_project(tmp_path, "colours.npz"))
+    history = trainer.run().history
+    data = trainer.built.data
+    assert data.source.kind == "npz" and data.class_names == list(COLOURS)
+    assert len(data.train) == 18 and len(data.val) == 6 and data.val_counts == [2, 2, 2]
+    assert_learned(history)
+
+
+def test_csv_dataset_learns(tmp_path):
+    write_image_folder(tmp_path / "pictures", per_class=8)
+    rows = ["path,label"] + [f"pictures/{name}/{i:03d}.png,{name}" for name in COLOURS for i in range(8)]
+    (tmp_path / "labels.csv").write_text("\n".join(rows) + "\n")
+    trainer = Trainer(small_project(tmp_path, "labels.csv"))
+    history = trainer.run().history
+    data = trainer.built.data
+    assert data.source.kind == "csv" and data.class_names == sorted(COLOURS)
+    assert len(data.train) == 18 and data.val_counts == [2, 2, 2]
+    assert_learned(history)
