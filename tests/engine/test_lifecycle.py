@@ -27,6 +27,7 @@ def project(tmp_path, image_folder):
         tmp_path / "p.json",
         "images",
         data={"augment": {"horizontal_flip": True, "rotation": 5.0}},
+        model={"backbone": "timm/test_resnet"},  # a whole ResNet (BatchNorm too) in a fraction of resnet18's time
         train={"epochs": 4, "device": "cpu", "seed": 3, "deterministic": True},
         schedule={"name": "cosine"},
         optimizer={"name": "sgd", "lr": 0.02},
