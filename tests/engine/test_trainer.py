@@ -43,6 +43,13 @@ def kinds(events):
     return [e[0] for e in events if e[0] != "log"]
 
 
+@pytest.fixture()
+def small_project_file(tmp_path, image_folder):
+    """The tiny project with timm's test_resnet: a whole ResNet, BatchNorm included, at a fraction of resnet18's cost,
+    for the behaviours that do not depend on the architecture."""
+    return write_project(tmp_path / "project.json", "images", model={"backbone": "timm/test_resnet"})
+
+
 def test_run_fires_events_in_order_and_learns(tiny_project):
     cfg = load_project(tiny_project)
     cfg.train.epochs = 4
@@ -66,8 +73,8 @@ def test_run_fires_events_in_order_and_learns(tiny_project):
     assert any("train" in e[1] and "red" in e[1] for e in rec.events if e[0] == "log")
 
 
-def test_stop_ends_the_run_within_one_batch(tiny_project):
-    cfg = load_project(tiny_project)
+def test_stop_ends_the_run_within_one_batch(small_project_file):
+    cfg = load_project(small_project_file)
     cfg.train.epochs = 5
     rec = Recorder(stop_at_batch=3)
     state = Trainer(cfg, [rec]).run()
@@ -76,8 +83,8 @@ def test_stop_ends_the_run_within_one_batch(tiny_project):
     assert state.history == [] and kinds(rec.events)[-1] == "finished"
 
 
-def test_stop_from_another_thread(tiny_project):
-    cfg = load_project(tiny_project)
+def test_stop_from_another_thread(small_project_file):
+    cfg = load_project(small_project_file)
     cfg.train.epochs = 50
     stop = threading.Event()
 
@@ -94,8 +101,8 @@ def _weights(trainer):
     return {k: v.clone() for k, v in trainer.parts.model.state_dict().items()}
 
 
-def test_a_seeded_cpu_run_is_reproducible(tiny_project):
-    cfg = load_project(tiny_project)
+def test_a_seeded_cpu_run_is_reproducible(small_project_file):
+    cfg = load_project(small_project_file)
     cfg.data.augment.horizontal_flip = True
     runs = []
     for _ in range(2):
@@ -108,8 +115,8 @@ def test_a_seeded_cpu_run_is_reproducible(tiny_project):
         assert torch.equal(runs[0][1][key], runs[1][1][key]), key
 
 
-def test_head_only_training_leaves_the_backbone_bitwise_unchanged(tiny_project):
-    cfg = load_project(tiny_project)
+def test_head_only_training_leaves_the_backbone_bitwise_unchanged(small_project_file):
+    cfg = load_project(small_project_file)
     cfg.model.freeze = "head_only"
     t = Trainer(cfg)
     t.parts = build_run(cfg)
@@ -132,8 +139,8 @@ def test_backbone_lr_multiplier_reaches_the_optimizer(tiny_project):
     assert lrs["head"] == pytest.approx(0.003) and lrs["backbone"] == pytest.approx(0.0003)
 
 
-def test_divergence_stops_at_the_first_non_finite_loss(tiny_project):
-    cfg = load_project(tiny_project)
+def test_divergence_stops_at_the_first_non_finite_loss(small_project_file):
+    cfg = load_project(small_project_file)
     cfg.optimizer.name = "sgd"
     cfg.optimizer.lr = 1e30
     cfg.train.epochs = 3
@@ -362,8 +369,8 @@ def test_padding_collate_with_keep_aspect_learns(tmp_path):
     assert history[-1]["val_accuracy"] == 1.0  # red against blue: two of each held out
 
 
-def test_backbone_lr_multiplier_zero_freezes_the_backbone_and_its_batchnorm(tiny_project):
-    cfg = load_project(tiny_project)
+def test_backbone_lr_multiplier_zero_freezes_the_backbone_and_its_batchnorm(small_project_file):
+    cfg = load_project(small_project_file)
     cfg.optimizer.backbone_lr_mult = 0.0
     t = Trainer(cfg)
     t.parts = build_run(cfg)
