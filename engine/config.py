@@ -1013,7 +1013,7 @@ class EarlyStoppingConfig(Section):
         label="Restore the best epoch's weights",
         name="es_restore_best",
         applies=ENABLED,
-        doc="end with the best epoch's weights (`final.pt` is then `best.pt`)",
+        doc="end with the weights of the best epoch by this monitor (`final.pt` then holds them)",
         help="End with the weights of the best epoch rather than those of the last one.",
     )
 

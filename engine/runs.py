@@ -185,9 +185,23 @@ class RunRecorder(Callback):
     def on_run_finished(self, trainer: Trainer, state: TrainState) -> None:
         if state.status != "completed":
             return
-        source = self.checkpoint_dir / ("best.pt" if state.restored_best_epoch else "last.pt")
+        final, restored = self.checkpoint_dir / "final.pt", state.restored_best_epoch
+        if restored is None:
+            source = self.checkpoint_dir / "last.pt"
+        elif restored == state.best_epoch:
+            source = self.checkpoint_dir / "best.pt"
+        else:
+            # Early stopping's best (by its own monitor and min_delta) is not best.pt's epoch: final.pt holds the
+            # weights the run ended with, that epoch's file, or written now when the file was not kept.
+            source = self.checkpoint_dir / f"epoch-{restored:03d}.pt"
+            if not source.exists():
+                metrics = state.history[restored - 1]
+                payload = checkpoint_payload(trainer, state, metrics)
+                payload.update(epoch=restored, history=payload["history"][:restored])
+                atomic_torch_save(payload, final)
+                return
         if source.exists():
-            link_atomic(source, self.checkpoint_dir / "final.pt")
+            link_atomic(source, final)
 
 
 class TensorBoardLogger(Callback):

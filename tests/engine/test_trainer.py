@@ -1,11 +1,13 @@
 """The trainer end to end on small real data: events, stopping, reproducibility, frozen layers, every loss."""
 
+import math
 import threading
+from itertools import pairwise
 
 import numpy as np
 import pytest
 import torch
-from conftest import write_project
+from conftest import COLOURS, write_image_folder, write_project
 
 from engine.config import ConfigError, load_project
 from engine.failures import NonFiniteLossError
@@ -41,6 +43,13 @@ def kinds(events):
     return [e[0] for e in events if e[0] != "log"]
 
 
+@pytest.fixture()
+def small_project_file(tmp_path, image_folder):
+    """The tiny project with timm's test_resnet: a whole ResNet, BatchNorm included, at a fraction of resnet18's cost,
+    for the behaviours that do not depend on the architecture."""
+    return write_project(tmp_path / "project.json", "images", model={"backbone": "timm/test_resnet"})
+
+
 def test_run_fires_events_in_order_and_learns(tiny_project):
     cfg = load_project(tiny_project)
     cfg.train.epochs = 4
@@ -64,8 +73,8 @@ def test_run_fires_events_in_order_and_learns(tiny_project):
     assert any("train" in e[1] and "red" in e[1] for e in rec.events if e[0] == "log")
 
 
-def test_stop_ends_the_run_within_one_batch(tiny_project):
-    cfg = load_project(tiny_project)
+def test_stop_ends_the_run_within_one_batch(small_project_file):
+    cfg = load_project(small_project_file)
     cfg.train.epochs = 5
     rec = Recorder(stop_at_batch=3)
     state = Trainer(cfg, [rec]).run()
@@ -74,8 +83,8 @@ def test_stop_ends_the_run_within_one_batch(tiny_project):
     assert state.history == [] and kinds(rec.events)[-1] == "finished"
 
 
-def test_stop_from_another_thread(tiny_project):
-    cfg = load_project(tiny_project)
+def test_stop_from_another_thread(small_project_file):
+    cfg = load_project(small_project_file)
     cfg.train.epochs = 50
     stop = threading.Event()
 
@@ -92,8 +101,8 @@ def _weights(trainer):
     return {k: v.clone() for k, v in trainer.parts.model.state_dict().items()}
 
 
-def test_a_seeded_cpu_run_is_reproducible(tiny_project):
-    cfg = load_project(tiny_project)
+def test_a_seeded_cpu_run_is_reproducible(small_project_file):
+    cfg = load_project(small_project_file)
     cfg.data.augment.horizontal_flip = True
     runs = []
     for _ in range(2):
@@ -106,8 +115,8 @@ def test_a_seeded_cpu_run_is_reproducible(tiny_project):
         assert torch.equal(runs[0][1][key], runs[1][1][key]), key
 
 
-def test_head_only_training_leaves_the_backbone_bitwise_unchanged(tiny_project):
-    cfg = load_project(tiny_project)
+def test_head_only_training_leaves_the_backbone_bitwise_unchanged(small_project_file):
+    cfg = load_project(small_project_file)
     cfg.model.freeze = "head_only"
     t = Trainer(cfg)
     t.parts = build_run(cfg)
@@ -130,8 +139,8 @@ def test_backbone_lr_multiplier_reaches_the_optimizer(tiny_project):
     assert lrs["head"] == pytest.approx(0.003) and lrs["backbone"] == pytest.approx(0.0003)
 
 
-def test_divergence_stops_at_the_first_non_finite_loss(tiny_project):
-    cfg = load_project(tiny_project)
+def test_divergence_stops_at_the_first_non_finite_loss(small_project_file):
+    cfg = load_project(small_project_file)
     cfg.optimizer.name = "sgd"
     cfg.optimizer.lr = 1e30
     cfg.train.epochs = 3
@@ -157,28 +166,133 @@ def test_everything_frozen_is_refused(tiny_project):
         build_run(cfg)
 
 
+def head_only_project(tmp_path, **sections):
+    """A project that trains only the head of timm's tiny test_resnet on frozen features of the colour images:
+    a convex problem on cached features, so its loss falls on any CPU and a run takes well under a second."""
+    if not (tmp_path / "images").exists():
+        write_image_folder(tmp_path / "images", per_class=8)
+    parts = {
+        "model": {"backbone": "timm/test_resnet", "freeze": "head_only"},
+        "loader": {"batch_size": 4},
+        "optimizer": {"name": "adam", "lr": 0.01},
+        "train": {"epochs": 4, "device": "cpu", "seed": 0},
+    }
+    for key, value in sections.items():
+        parts[key] = {**parts.get(key, {}), **value}
+    return load_project(write_project(tmp_path / "p.json", "images", **parts))
+
+
+def assert_learned(history):
+    """Training and validation loss lower after the run than after its first epoch, and validation above chance."""
+    first, last = history[0], history[-1]
+    assert last["train_loss"] < first["train_loss"], [m["train_loss"] for m in history]
+    assert last["val_loss"] < first["val_loss"], [m["val_loss"] for m in history]
+    assert last["val_accuracy"] > 1 / 3 + 0.2, [m["val_accuracy"] for m in history]  # three classes: chance is 1/3
+
+
 @pytest.mark.parametrize("loss", ["cross_entropy", "nll", "mse", "l1", "smooth_l1", "bce_with_logits"])
-def test_every_classification_loss_trains(tiny_project, loss):
-    cfg = load_project(tiny_project)
-    cfg.loss.name = loss
-    cfg.train.epochs = 1
+def test_every_classification_loss_learns(tmp_path, loss):
+    cfg = head_only_project(tmp_path, loss={"name": loss})
     state = Trainer(cfg).run()
-    assert np.isfinite(state.history[0]["train_loss"])
+    assert state.status == "completed" and len(state.history) == 4
+    assert_learned(state.history)
+
+
+def record_step_lrs(trainer):
+    """Build the run and note the head's learning rate whenever its optimizer steps: the rate every step used."""
+    trainer.parts = build_run(trainer.cfg)
+    rates = []
+    trainer.parts.optimizer.register_step_pre_hook(lambda opt, args, kwargs: rates.append(opt.param_groups[0]["lr"]))
+    return rates
+
+
+def onecycle_lr(step, total, max_lr, pct_start, div_factor=25.0, final_div_factor=1e4):
+    """One-cycle's rate at a step (Smith's schedule, cosine annealing, PyTorch's defaults): from max_lr / 25 up to
+    max_lr over the first pct_start of the steps, then down to max_lr / 25 / 1e4 at the last step."""
+    low = max_lr / div_factor
+    peak_step = pct_start * total - 1
+    if step <= peak_step:
+        start, end, pct = low, max_lr, step / peak_step
+    else:
+        start, end, pct = max_lr, low / final_div_factor, (step - peak_step) / (total - 1 - peak_step)
+    return end + (start - end) * (1 + math.cos(math.pi * pct)) / 2
+
+
+def plateau_lrs(monitored, lr, factor, patience, threshold=1e-4):
+    """Each epoch's rate under reduce-on-plateau ('min' mode, relative threshold) from the losses it watched."""
+    best, bad, rates = math.inf, 0, []
+    for value in monitored:
+        rates.append(lr)
+        if value < best * (1 - threshold):
+            best, bad = value, 0
+        else:
+            bad += 1
+        if bad > patience:
+            lr, bad = lr * factor, 0
+    return rates
+
+
+def write_mislabelled_copy(root):
+    """Validation images whose labels cannot be learned from the training set: each class's folder holds the
+    colour of another class, so the better the model fits the training colours, the higher this loss."""
+    write_image_folder(root, per_class=4, seed=5)
+    names = list(COLOURS)
+    for name in names:
+        (root / name).rename(root / f"_{name}")
+    for i, name in enumerate(names):
+        (root / f"_{name}").rename(root / names[(i + 1) % len(names)])
 
 
 @pytest.mark.parametrize("schedule", ["step", "cosine", "onecycle", "plateau"])
 @pytest.mark.parametrize("optimizer", ["sgd", "rmsprop", "adamw"])
-def test_optimizers_and_schedules_train(tiny_project, optimizer, schedule):
-    cfg = load_project(tiny_project)
-    cfg.optimizer.name = optimizer
-    cfg.optimizer.lr = 0.01
-    cfg.schedule.name = schedule
-    cfg.schedule.step_size = 1
-    state = Trainer(cfg).run()
-    assert state.status == "completed"
-    lrs = [m["lr"] for m in state.history]
-    if schedule in ("step", "cosine"):
-        assert lrs[1] < lrs[0]
+def test_optimizers_learn_and_schedules_set_the_rate_of_every_step(tmp_path, optimizer, schedule):
+    lr = {"sgd": 0.1, "rmsprop": 0.01, "adamw": 0.03}[optimizer]  # each learns the toy problem in 5 epochs
+    epochs = 5
+    change = {
+        "step": {"step_size": 2, "gamma": 0.5},
+        "cosine": {"eta_min": lr / 10},
+        "onecycle": {"max_lr": 2 * lr, "pct_start": 0.4},
+        "plateau": {"patience": 1, "factor": 0.5},
+    }[schedule]
+    data = {}
+    if schedule == "plateau":
+        # Validation the training cannot improve: its loss rises while the training loss falls, so the rate
+        # drops only if the schedule watches the validation loss, as it should.
+        write_mislabelled_copy(tmp_path / "val")
+        data = {"val_path": "val"}
+    cfg = head_only_project(
+        tmp_path,
+        data=data,
+        optimizer={"name": optimizer, "lr": lr},
+        schedule={"name": schedule, **change},
+        train={"epochs": epochs},
+    )
+    trainer = Trainer(cfg)
+    used = record_step_lrs(trainer)
+    history = trainer.run().history
+    per_epoch = trainer.state.batches_per_epoch
+    assert per_epoch == -(-len(trainer.built.data.train) // 4) and len(used) == epochs * per_epoch
+    if schedule == "onecycle":
+        total = epochs * per_epoch
+        assert used == pytest.approx([onecycle_lr(k, total, 2 * lr, 0.4) for k in range(total)], rel=1e-9)
+        # Warm-up from max_lr / 25 to max_lr at step 0.4 * 25 - 1 = 9, then the anneal to max_lr / 25 / 1e4.
+        assert all(a < b for a, b in pairwise(used[:10])) and all(a > b for a, b in pairwise(used[9:]))
+        assert used[0] == pytest.approx(2 * lr / 25) and used[9] == pytest.approx(2 * lr)
+        assert used[-1] == pytest.approx(2 * lr / 25 / 1e4)
+    else:
+        if schedule == "step":  # halved after every second epoch
+            rates = [lr * 0.5 ** ((e - 1) // 2) for e in range(1, epochs + 1)]
+        elif schedule == "cosine":  # half a cosine from lr down to eta_min over the run
+            rates = [lr / 10 + (lr - lr / 10) * (1 + math.cos(math.pi * (e - 1) / epochs)) / 2 for e in range(1, 6)]
+        else:
+            rates = plateau_lrs([m["val_loss"] for m in history], lr, factor=0.5, patience=1)
+            assert rates[-1] < lr  # the rate did drop (the validation loss rose after its first epoch)
+        assert used == pytest.approx([r for r in rates for _ in range(per_epoch)], rel=1e-9)
+        assert [m["lr"] for m in history] == pytest.approx(rates, rel=1e-9)  # what metrics.jsonl and the app show
+    if schedule == "plateau":
+        assert history[-1]["train_loss"] < history[0]["train_loss"], [m["train_loss"] for m in history]
+    else:
+        assert_learned(history)
 
 
 def test_balanced_class_weights_and_sampler_train_on_imbalanced_data(tmp_path):
@@ -222,8 +336,10 @@ def test_regression_and_multilabel_from_npz(tmp_path):
     assert 0.0 <= state.history[-1]["val_accuracy"] <= 1.0
 
 
-def test_padding_collate_with_keep_aspect_trains(tmp_path):
+def test_padding_collate_with_keep_aspect_learns(tmp_path):
     from PIL import Image
+
+    from engine.collate import pad_collate
 
     for cls, colour in (("wide", (200, 0, 0)), ("tall", (0, 0, 200))):
         (tmp_path / "d" / cls).mkdir(parents=True)
@@ -231,13 +347,30 @@ def test_padding_collate_with_keep_aspect_trains(tmp_path):
             size = (24, 12 + i) if cls == "wide" else (12 + i, 24)
             Image.new("RGB", size, colour).save(tmp_path / "d" / cls / f"{i}.png")
     cfg = load_project(
-        write_project(tmp_path / "p.json", "d", data={"keep_aspect": True}, loader={"collate": "pad", "batch_size": 4})
+        write_project(
+            tmp_path / "p.json",
+            "d",
+            data={"keep_aspect": True},
+            model={"backbone": "timm/test_resnet"},
+            loader={"collate": "pad", "batch_size": 4},
+            optimizer={"name": "adam", "lr": 0.01},
+            train={"epochs": 4, "device": "cpu", "seed": 0},
+        )
     )
-    assert Trainer(cfg).run().status == "completed"
+    trainer = Trainer(cfg)
+    trainer.parts = build_run(cfg)
+    train = trainer.parts.data.train
+    items = [train[i] for i in range(len(train))]
+    assert len({tuple(x.shape[1:]) for x, _ in items}) > 1  # the images keep their shapes: no stacking them as they are
+    assert trainer.parts.train_loader.collate_fn is pad_collate
+    history = trainer.run().history
+    assert history[-1]["train_loss"] < history[0]["train_loss"], [m["train_loss"] for m in history]
+    assert history[-1]["val_loss"] < history[0]["val_loss"], [m["val_loss"] for m in history]
+    assert history[-1]["val_accuracy"] == 1.0  # red against blue: two of each held out
 
 
-def test_backbone_lr_multiplier_zero_freezes_the_backbone_and_its_batchnorm(tiny_project):
-    cfg = load_project(tiny_project)
+def test_backbone_lr_multiplier_zero_freezes_the_backbone_and_its_batchnorm(small_project_file):
+    cfg = load_project(small_project_file)
     cfg.optimizer.backbone_lr_mult = 0.0
     t = Trainer(cfg)
     t.parts = build_run(cfg)
@@ -288,3 +421,111 @@ def test_multilabel_accuracy_with_regression_losses_thresholds_at_half(tmp_path)
         threshold = TaskLoss(LossConfig(name=name), "multilabel", 2).threshold
         assert correct_predictions(out, tgt, "multilabel", threshold).item() == 2.0
     assert TaskLoss(LossConfig(name="bce_with_logits"), "multilabel", 2).threshold == 0.0
+
+
+# ---------------------------------------------------------------------------------------------
+# Samplers and dataset kinds, trained end to end through the Trainer and its real DataLoader
+
+
+def record_draws(monkeypatch):
+    """Note the positions every epoch's batches drew, per batch sampler (the real sampler still draws them)."""
+    from engine.samplers import _EpochBatchSampler
+
+    draws = {}
+    real = _EpochBatchSampler.__iter__
+
+    def noting(self):
+        epoch = []
+        draws.setdefault(id(self), []).append(epoch)
+        for batch in real(self):
+            epoch.extend(batch)
+            yield batch
+
+    monkeypatch.setattr(_EpochBatchSampler, "__iter__", noting)
+    return draws
+
+
+def small_project(tmp_path, data_path="images", **sections):
+    """The head of timm's tiny test_resnet trains on the frozen backbone's output (a problem that learns on any CPU),
+    with the feature cache off: every epoch's batches come through the sampler and the image DataLoader."""
+    parts = {
+        "model": {"backbone": "timm/test_resnet", "freeze": "head_only"},
+        "loader": {"batch_size": 4},
+        "optimizer": {"name": "adam", "lr": 0.01},
+        "train": {"epochs": 4, "device": "cpu", "seed": 0, "feature_cache": "off"},
+    }
+    for key, value in sections.items():
+        parts[key] = {**parts.get(key, {}), **value}
+    return load_project(write_project(tmp_path / "p.json", data_path, **parts))
+
+
+def test_subset_random_sampler_trains_on_the_listed_positions_only(tmp_path, monkeypatch):
+    write_image_folder(tmp_path / "images", per_class=8)
+    subset = [0, 2, 3, 5, 8, 9, 11, 13, 14, 17]  # of 18 training images
+    cfg = small_project(tmp_path, loader={"sampler": {"name": "subset_random", "indices": subset}})
+    draws = record_draws(monkeypatch)
+    trainer = Trainer(cfg)
+    history = trainer.run().history
+    assert len(trainer.built.data.train) == 18
+    epochs = draws[id(trainer.built.train_loader.batch_sampler)]
+    assert len(epochs) == 4 and all(sorted(drawn) == subset for drawn in epochs)  # each listed position, once
+    assert len({tuple(drawn) for drawn in epochs}) > 1  # in a new random order each epoch
+    assert trainer.state.batches_per_epoch == 3  # 10 samples in batches of 4
+    assert_learned(history)
+
+
+def test_distributed_sampler_with_explicit_replicas_trains_on_its_rank_s_shard(tmp_path, monkeypatch):
+    write_image_folder(tmp_path / "images", per_class=8)
+    spec = {"name": "distributed", "num_replicas": 2, "rank": 1, "shuffle": True, "seed": 7}
+    cfg = small_project(tmp_path, loader={"sampler": spec, "batch_size": 3}, train={"epochs": 5})
+    draws = record_draws(monkeypatch)
+    trainer = Trainer(cfg)
+    history = trainer.run().history
+    n = len(trainer.built.data.train)
+    assert n == 18
+    epochs = draws[id(trainer.built.train_loader.batch_sampler)]
+
+    def shard(epoch, rank):  # DistributedSampler: a permutation seeded by seed + epoch, every 2nd position from rank
+        order = torch.randperm(n, generator=torch.Generator().manual_seed(7 + epoch)).tolist()
+        return order[rank::2]
+
+    assert epochs == [shard(e, 1) for e in range(1, 6)]  # the trainer sets each epoch (1, 2, ...) on the sampler
+    for e in range(1, 6):
+        assert sorted(shard(e, 0) + epochs[e - 1]) == list(range(n))  # the two ranks share the data, no overlap
+    assert len({tuple(drawn) for drawn in epochs}) == 5 and trainer.state.batches_per_epoch == 3
+    assert_learned(history)
+
+
+def colour_arrays(per_class, size=12, seed=0):
+    """The colour classes as a uint8 array (N, size, size, 3) and their labels 0, 1, 2."""
+    rng = np.random.default_rng(seed)
+    images, labels = [], []
+    for label, colour in enumerate(COLOURS.values()):
+        for _ in range(per_class):
+            noise = rng.integers(-30, 30, size=(size, size, 3))
+            images.append(np.clip(np.array(colour)[None, None, :] + noise, 0, 255).astype(np.uint8))
+            labels.append(label)
+    return np.stack(images), np.array(labels)
+
+
+def test_npz_classification_learns(tmp_path):
+    X, y = colour_arrays(per_class=8)
+    np.savez(tmp_path / "colours.npz", X=X, y=y, class_names=np.array(list(COLOURS)))
+    trainer = Trainer(small_project(tmp_path, "colours.npz"))
+    history = trainer.run().history
+    data = trainer.built.data
+    assert data.source.kind == "npz" and data.class_names == list(COLOURS)
+    assert len(data.train) == 18 and len(data.val) == 6 and data.val_counts == [2, 2, 2]
+    assert_learned(history)
+
+
+def test_csv_dataset_learns(tmp_path):
+    write_image_folder(tmp_path / "pictures", per_class=8)
+    rows = ["path,label"] + [f"pictures/{name}/{i:03d}.png,{name}" for name in COLOURS for i in range(8)]
+    (tmp_path / "labels.csv").write_text("\n".join(rows) + "\n")
+    trainer = Trainer(small_project(tmp_path, "labels.csv"))
+    history = trainer.run().history
+    data = trainer.built.data
+    assert data.source.kind == "csv" and data.class_names == sorted(COLOURS)
+    assert len(data.train) == 18 and data.val_counts == [2, 2, 2]
+    assert_learned(history)
