@@ -312,12 +312,15 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from engine.export import default_suffix, export_checkpoint
+    import json
+
+    from engine.export import default_suffix, export_checkpoint, format_report
 
     checkpoint = Path(args.checkpoint)
     # TorchScript's usual suffix is the checkpoint's own (.pt): name the format so the two never collide.
     tag = ".torchscript" if args.format == "torchscript" else ""
-    out = Path(args.out) if args.out else checkpoint.with_name(checkpoint.stem + tag + default_suffix(args.format))
+    suffix = default_suffix(args.format, args.quantize)  # refuses --quantize with a format it cannot apply to
+    out = Path(args.out) if args.out else checkpoint.with_name(checkpoint.stem + tag + suffix)
     if out.resolve() == checkpoint.resolve():
         raise ConfigError([f"--out {str(out)!r} is the checkpoint itself; choose another file name"])
     result = export_checkpoint(
@@ -326,13 +329,28 @@ def cmd_export(args: argparse.Namespace) -> int:
         out,
         force=args.force,
         tolerance=args.tolerance,
+        quantize=args.quantize,
         log=lambda m: print(m, file=sys.stderr),
     )
-    print(
-        f"Exported {result.format} to {result.path} (details in {result.sidecar.name}); checked on a "
-        f"{result.inputs}: max |difference| of logits vs PyTorch {result.max_abs_diff:.2e} "
-        f"(tolerance {result.tolerance:g})"
-    )
+    if result.quantize:
+        q = json.loads(result.sidecar.read_text(encoding="utf-8")).get("quantization", {})
+        how = f"{q.get('method', '?')} {result.quantize} quantization"
+        print(
+            f"Exported {result.format} ({how}) to {result.path} (details in {result.sidecar.name}); the float32 "
+            f"file matched PyTorch within {result.tolerance:g} before quantizing"
+            + (f"; dynamic because {q['why_not_static']}" if q.get("why_not_static") else "")
+        )
+    else:
+        print(
+            f"Exported {result.format} to {result.path} (details in {result.sidecar.name}); checked on a "
+            f"{result.inputs}: max |difference| of logits vs PyTorch {result.max_abs_diff:.2e} "
+            f"(tolerance {result.tolerance:g})"
+        )
+    print("Deployment report:")
+    for line in format_report(result.report):
+        print(f"  {line}")
+    if result.predict_script is not None:
+        print(f"Classify images with: python {result.predict_script} IMAGE_OR_FOLDER --model {result.path.name}")
     return EXIT_OK
 
 
@@ -483,6 +501,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="file to write (default: next to the checkpoint, with the format's suffix)")
     p.add_argument("--force", action="store_true", help="replace an existing file")
     p.add_argument("--tolerance", type=float, default=1e-3, help="largest allowed logit difference (default 1e-3)")
+    p.add_argument(
+        "--quantize",
+        choices=["int8"],
+        help="ONNX only: quantize to int8 with ONNX Runtime (static, calibrated on training images; dynamic where "
+        "static does not apply); the report compares its accuracy, size and speed with float32",
+    )
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("codegen", help="export the project as a plain PyTorch training script (train.py)")

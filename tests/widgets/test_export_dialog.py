@@ -216,3 +216,67 @@ def test_every_control_is_named_and_documented(dialog):
     for w in dialog.findChildren(QWidget):
         if isinstance(w, interactive) and not inside_a_control(w):
             assert w.objectName() in OBJECT_NAMES, f"unnamed {type(w).__name__}: {w.objectName()!r}"
+
+
+def test_int8_applies_to_onnx_only_and_names_the_file(dialog, checkpoint):
+    exports = checkpoint.parent.parent / "exports"
+    assert dialog.fmt() == "onnx" and dialog.quantize_check.isEnabled() and not dialog.quantize_check.isChecked()
+    dialog.quantize_check.setChecked(True)
+    assert dialog.quantize() == "int8" and dialog.output_path() == exports / "final.int8.onnx"
+    dialog.set_format("torchscript")  # TorchScript cannot be quantized: the option is off for it
+    assert not dialog.quantize_check.isEnabled() and dialog.quantize() is None
+    assert dialog.output_path() == exports / "final.torchscript.pt"
+    dialog.set_format("onnx")
+    assert dialog.quantize_check.isEnabled() and dialog.output_path() == exports / "final.int8.onnx"
+    dialog.quantize_check.setChecked(False)
+    assert dialog.quantize() is None and dialog.output_path() == exports / "final.onnx"
+
+
+def test_int8_export_shows_its_deployment_report(qtbot, dialog, tmp_path):
+    import onnx
+
+    lines = []
+    dialog.logged.connect(lines.append)
+    dialog.path_edit.setText(str(tmp_path / "final.onnx"))
+    dialog.quantize_check.setChecked(True)
+    assert dialog.output_path() == tmp_path / "final.int8.onnx"
+    info = export(qtbot, dialog)
+    result = dialog.last_result
+    assert info["quantize"] == "int8" and result.path == tmp_path / "final.int8.onnx"
+    assert {"QuantizeLinear", "DequantizeLinear"} <= {n.op_type for n in onnx.load(str(result.path)).graph.node}
+    assert (tmp_path / "predict.py").is_file()
+
+    # The report's progress reached the status line while the export ran off the GUI thread.
+    assert any(line.startswith("Report: ") and "validation images" in line for line in lines)
+    sidecar = json.loads(result.sidecar.read_text())
+    report = sidecar["report"]
+    assert info["report"] == report and sidecar["quantization"]["method"] == "static"
+    labels = dialog.result_labels
+    assert (
+        labels["status"].text().startswith("OK: the float32 file matched PyTorch") and "int8" in labels["status"].text()
+    )
+    assert labels["quantization"].text().startswith("int8, static, calibrated on 18 training images")
+    exported, pytorch = report["exported"]["metric"] * 100, report["pytorch"]["metric"] * 100
+    assert labels["accuracy"].text().startswith(f"{exported:.2f}% exported, {pytorch:.2f}% PyTorch")
+    assert "validation set of 6 images" in labels["accuracy"].text()
+    assert labels["size"].text() == (
+        f"{result.path.stat().st_size / 1e6:.2f} MB ({report['size_ratio']:.2f}x the float32 ONNX file, "
+        f"{report['baseline']['size_bytes'] / 1e6:.2f} MB)"
+    )
+    assert f"{report['exported']['latency_ms_batch1']:.2f} ms exported" in labels["latency"].text()
+    assert "float32 ONNX file" in labels["throughput"].text()
+    for key in ("quantization", "accuracy", "size", "latency", "throughput"):
+        assert not labels[key].isHidden()
+
+
+def test_a_float32_export_shows_its_report_without_quantization(qtbot, dialog, tmp_path):
+    dialog.set_format("state_dict")
+    dialog.path_edit.setText(str(tmp_path / "model.pth"))
+    export(qtbot, dialog)
+    report = dialog.last_result.report
+    labels = dialog.result_labels
+    assert labels["quantization"].isHidden()
+    assert "(+0.00 points; top-1 accuracy on the validation set of 6 images)" in labels["accuracy"].text()
+    assert labels["size"].text() == f"{(tmp_path / 'model.pth').stat().st_size / 1e6:.2f} MB"
+    assert labels["throughput"].text().startswith(f"{report['exported']['throughput_batch32']:.1f} images/s exported")
+    assert not (tmp_path / "predict.py").exists()  # predict.py runs ONNX files only
