@@ -91,8 +91,10 @@ def load_image(path: str | os.PathLike) -> Image.Image:
                 "a guard against decompression bombs)"
             )
         img.load()
-        upright = ImageOps.exif_transpose(img)
-    return to_rgb(upright)
+        # In place: the copy exif_transpose otherwise makes of an upright image (nearly every file) was a
+        # fifth of the decoding time of a small PNG. The pixels stay in memory after the file is closed.
+        ImageOps.exif_transpose(img, in_place=True)
+    return to_rgb(img)
 
 
 def to_rgb(img: Image.Image) -> Image.Image:

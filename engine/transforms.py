@@ -1,12 +1,22 @@
-"""Image preprocessing and train augmentation, built from the weights' own recipe or the project's settings."""
+"""Image preprocessing and train augmentation, built from the weights' own recipe or the project's settings.
+
+The deterministic steps (to a tensor, resize, centre crop, scaling to float and normalising) call
+torchvision's v2 kernels directly on plain tensors: the same kernels v2's transform classes call, so the same
+tensors, without the per-call work those classes do to find the images in an arbitrary sample (flattening it,
+checking types, wrapping and unwrapping tv_tensors). For a small image that work cost more than the resize
+itself. The random augmentations stay v2 transforms, which treat a plain tensor as the image.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
+import PIL.Image
 import torch
 from torchvision.transforms import InterpolationMode, v2
+from torchvision.transforms.v2 import functional as F
 
 from engine.config import AugmentConfig
 
@@ -25,7 +35,7 @@ class Preprocess:
 def build_transforms(pre: Preprocess, augment: AugmentConfig, *, train: bool, keep_aspect: bool) -> Callable:
     """The image pipeline for one split: PIL RGB images or float CHW tensors in [0, 1] in, normalised float32 out."""
     fixed, per_item = _steps(pre, augment, train=train, keep_aspect=keep_aspect, presize=False)
-    return v2.Compose(fixed + per_item)
+    return Pipeline(fixed + per_item)
 
 
 def split_transforms(
@@ -42,8 +52,8 @@ def split_transforms(
     rather than from the original.
     """
     fixed, per_item = _steps(pre, augment, train=train, keep_aspect=keep_aspect, presize=True)
-    # ToImage again: the cache hands out plain tensors, which torchvision's v2 transforms then treat as images.
-    return v2.Compose(fixed), v2.Compose([v2.ToImage()] + per_item)
+    # ToImage again: per_item takes what the cache hands out (plain tensors) as well as images.
+    return Pipeline(fixed), Pipeline([ToImage()] + per_item)
 
 
 def augmentations_on(augment: AugmentConfig) -> list[str]:
@@ -70,20 +80,20 @@ def _steps(
 ) -> tuple[list[Callable], list[Callable]]:
     """(deterministic steps, per-item steps) of one split's pipeline."""
     interpolation = InterpolationMode(pre.interpolation)
-    fixed: list[Callable] = [v2.ToImage()]  # PIL -> uint8 tensor; a plain tensor is taken as the image as is
+    fixed: list[Callable] = [ToImage()]  # PIL -> uint8 tensor; a plain tensor is taken as the image as is
     steps: list[Callable] = []
     if keep_aspect:
         # size=None with max_size scales the longer side to resize_size (up or down); the pad collate
         # then evens out the different shapes, so no crop of any kind.
-        fixed.append(v2.Resize(None, max_size=pre.resize_size, interpolation=interpolation, antialias=True))
+        fixed.append(Resize(None, max_size=pre.resize_size, interpolation=interpolation))
     elif train and augment.random_resized_crop:
         if presize:
             # Presizing: the cache keeps the image with its shorter side at resize_size, and the random
             # crops come from that presized image instead of the full-size original.
-            fixed.append(v2.Resize(pre.resize_size, interpolation=interpolation, antialias=True))
+            fixed.append(Resize(pre.resize_size, interpolation=interpolation))
         steps.append(v2.RandomResizedCrop(pre.crop_size, interpolation=interpolation, antialias=True))
     else:
-        fixed += [v2.Resize(pre.resize_size, interpolation=interpolation, antialias=True), v2.CenterCrop(pre.crop_size)]
+        fixed += [Resize(pre.resize_size, interpolation=interpolation), CenterCrop(pre.crop_size)]
     if train:
         if augment.horizontal_flip:
             steps.append(v2.RandomHorizontalFlip())
@@ -96,9 +106,96 @@ def _steps(
         if augment.color_jitter > 0:
             c = augment.color_jitter
             steps.append(v2.ColorJitter(brightness=c, contrast=c, saturation=c))
-    steps += [
-        v2.ToDtype(torch.float32, scale=True),  # uint8 -> [0, 1]; float input is already in [0, 1]
-        v2.Normalize(list(pre.mean), list(pre.std)),
-        v2.ToPureTensor(),  # plain tensors collate and pickle without torchvision's wrapper types
-    ]
+    steps.append(Normalize(pre.mean, pre.std))  # to float32 in [0, 1], then per-channel mean and std
     return fixed, steps
+
+
+# ---------------------------------------------------------------------------------------------
+# The deterministic steps: plain tensors in and out (images are CHW), each the v2 kernel its v2 class calls.
+
+
+class Pipeline:
+    """Steps applied one after the other, as v2.Compose does; the result is a plain tensor."""
+
+    def __init__(self, steps: Sequence[Callable]):
+        self.steps = list(steps)
+
+    def __call__(self, image: Any) -> torch.Tensor:
+        for step in self.steps:
+            image = step(image)
+        return image
+
+    def __repr__(self) -> str:
+        inner = "".join(f"\n    {step}" for step in self.steps)
+        return f"Pipeline({inner}\n)"
+
+
+class ToImage:
+    """A PIL image, a NumPy HWC array or a tensor as a plain CHW tensor of the same dtype (v2.ToImage, unwrapped).
+
+    A PIL image becomes uint8 with its rows in memory order (a CHW view of HWC data), as v2.ToImage gives it;
+    the resize kernel's result depends on nothing else.
+    """
+
+    def __call__(self, image: Any) -> torch.Tensor:
+        if isinstance(image, PIL.Image.Image):
+            return F.pil_to_tensor(image)  # what to_image wraps as a tv_tensors.Image
+        return F.to_image(image).as_subclass(torch.Tensor)
+
+    def __repr__(self) -> str:
+        return "ToImage()"
+
+
+class Resize:
+    """v2.Resize(size, max_size=max_size, interpolation=interpolation, antialias=True) on a plain tensor."""
+
+    def __init__(self, size: int | None, *, max_size: int | None = None, interpolation: InterpolationMode):
+        self.size = None if size is None else [size]  # one number: the shorter side, as v2.Resize stores it
+        self.max_size = max_size
+        self.interpolation = interpolation
+
+    def __call__(self, image: torch.Tensor) -> torch.Tensor:
+        return F.resize_image(image, self.size, self.interpolation, self.max_size, antialias=True)
+
+    def __repr__(self) -> str:
+        return f"Resize(size={self.size}, max_size={self.max_size}, interpolation={self.interpolation.value})"
+
+
+class CenterCrop:
+    """v2.CenterCrop(size) on a plain tensor."""
+
+    def __init__(self, size: int):
+        self.size = [size, size]
+
+    def __call__(self, image: torch.Tensor) -> torch.Tensor:
+        return F.center_crop_image(image, self.size)
+
+    def __repr__(self) -> str:
+        return f"CenterCrop(size={self.size})"
+
+
+class Normalize:
+    """v2.ToDtype(torch.float32, scale=True) then v2.Normalize(mean, std): the same operations in the same order.
+
+    Integer images are scaled to [0, 1] by their dtype's maximum; float images are taken to be in [0, 1] already
+    and are not changed in place (a float32 image may be one the decoded-image cache keeps).
+    """
+
+    def __init__(self, mean: Sequence[float], std: Sequence[float]):
+        if not all(std):
+            raise ValueError(f"std {list(std)} has a zero: normalising would divide by zero")
+        self.mean = list(mean)
+        self.std = list(std)
+        self._mean = torch.tensor(self.mean, dtype=torch.float32).view(-1, 1, 1)
+        self._std = torch.tensor(self.std, dtype=torch.float32).view(-1, 1, 1)
+
+    def __call__(self, image: torch.Tensor) -> torch.Tensor:
+        scaled = F.to_dtype_image(image, torch.float32, scale=True)
+        if scaled.ndim < 3:
+            raise ValueError(f"expected an image tensor of shape (..., C, H, W), got shape {tuple(scaled.shape)}")
+        # to_dtype_image returns a float32 image itself: subtract into a new tensor then, as v2.Normalize does.
+        centred = scaled.sub_(self._mean) if scaled is not image else scaled.sub(self._mean)
+        return centred.div_(self._std)
+
+    def __repr__(self) -> str:
+        return f"Normalize(mean={self.mean}, std={self.std})"

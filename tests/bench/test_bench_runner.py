@@ -143,7 +143,7 @@ def test_quick_gpu_run_writes_the_report_files_and_the_readme(tmp_path, monkeypa
     readme.write_text(f"Intro\n{bench.START}\n{bench.END}\nOutro\n", encoding="utf-8")
     out = tmp_path / "bench"
 
-    assert bench.main(["--quick", "--only", "gpu", "--out", str(out), "--readme", str(readme)]) == 0
+    assert bench.main(["--quick", "--only", "gpu", "--out", str(out), "--readme", str(readme), "--same-process"]) == 0
 
     results = json.loads((out / "results.json").read_text(encoding="utf-8"))
     assert results["quick"] is True and results["machine"]["cpu_count"] and results["date"]
@@ -161,3 +161,34 @@ def test_unknown_benchmark_name_is_refused(capsys):
     with pytest.raises(SystemExit):
         bench.main(["--only", "nonsense"])
     assert "nonsense" in capsys.readouterr().err
+
+
+def test_a_section_comes_back_whole_from_its_json():
+    for section in sections():
+        data = json.loads(json.dumps(section.to_dict()))
+        assert bench.section_from_dict(data) == section
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the GPU section would really run in its own process")
+def test_by_default_each_benchmark_runs_in_a_process_of_its_own(tmp_path, capfd):
+    readme = tmp_path / "README.md"
+    readme.write_text(f"{bench.START}\n{bench.END}\n", encoding="utf-8")
+    out = tmp_path / "bench"
+
+    assert bench.main(["--quick", "--only", "gpu", "--out", str(out), "--readme", str(readme)]) == 0
+
+    results = json.loads((out / "results.json").read_text(encoding="utf-8"))
+    assert results["same_process"] is False
+    assert results["sections"][0]["name"] == "gpu_paths"
+    assert results["sections"][0]["skipped"] == "no CUDA GPU on this machine"
+    assert "Each benchmark ran in a fresh process of its own." in (out / "results.md").read_text(encoding="utf-8")
+    assert "GPU paths" in capfd.readouterr().out  # the child printed it as it finished
+
+
+def test_a_benchmark_whose_process_fails_is_recorded_as_skipped():
+    printed = []
+    # The child refuses a name it does not know (exit code 2): a process that ends without its sections.
+    result = bench.run_isolated("no_such_benchmark", True, echo=printed.append)
+    assert [s.name for s in result] == ["no_such_benchmark"]
+    assert result[0].skipped.startswith("failed: its process exited with 2: ")
+    assert "invalid choice" in result[0].skipped and "no_such_benchmark" in printed[0]
