@@ -24,28 +24,18 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from bench.common import Figure, Section, alternate, median
+from bench.overhead import write_images
 
 MEAN = (0.485, 0.456, 0.406)
 STD = (0.229, 0.224, 0.225)
 
 
 def write_folder(root: Path, classes: int, per_class: int, width: int, height: int, seed: int = 0) -> Path:
-    """Small RGB PNGs of noisy colours (width x height), one folder per class."""
-    from PIL import Image
-
-    rng = np.random.default_rng(seed)
-    for c in range(classes):
-        folder = root / f"class{c}"
-        folder.mkdir(parents=True, exist_ok=True)
-        colour = rng.integers(0, 255, size=3)
-        for i in range(per_class):
-            pixels = np.clip(colour[None, None, :] + rng.integers(-40, 40, size=(height, width, 3)), 0, 255)
-            Image.fromarray(pixels.astype(np.uint8)).save(folder / f"{i:04d}.png")
-    return root
+    """Small RGB PNGs of noisy colours (width x height), one folder per class (the other benchmarks' images)."""
+    return write_images(root, classes, per_class, width, seed=seed, height=height)
 
 
 def write_project(

@@ -23,8 +23,9 @@ if TYPE_CHECKING:
     from engine.config import ProjectConfig
 
 
-def write_images(root: Path, classes: int, per_class: int, size: int, seed: int = 0) -> Path:
-    """Small PNGs of noisy colours, one folder per class: real files for a real input pipeline."""
+def write_images(root: Path, classes: int, per_class: int, size: int, seed: int = 0, height: int | None = None) -> Path:
+    """Small PNGs of noisy colours (size x size, or size wide and height high), one folder per class: real files
+    for a real input pipeline."""
     from PIL import Image
 
     rng = np.random.default_rng(seed)
@@ -33,7 +34,8 @@ def write_images(root: Path, classes: int, per_class: int, size: int, seed: int 
         folder.mkdir(parents=True, exist_ok=True)
         colour = rng.integers(0, 255, size=3)
         for i in range(per_class):
-            pixels = np.clip(colour[None, None, :] + rng.integers(-40, 40, size=(size, size, 3)), 0, 255)
+            shape = (size if height is None else height, size, 3)
+            pixels = np.clip(colour[None, None, :] + rng.integers(-40, 40, size=shape), 0, 255)
             Image.fromarray(pixels.astype(np.uint8)).save(folder / f"{i:04d}.png")
     return root
 

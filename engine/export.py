@@ -838,6 +838,16 @@ def _check_logits(
     return diff, allowed
 
 
+def _run_written(fmt: str, path: Path, ckpt: dict, x: torch.Tensor, what: str) -> tuple[Runner, torch.Tensor]:
+    """Load the written file with its own runtime and run it on x; a file that runtime cannot run is a failed
+    export."""
+    try:
+        runner = _LOADERS[fmt](path, ckpt)
+        return runner, runner(x)
+    except Exception as exc:  # noqa: BLE001 - any runtime failure: this file is not a usable export
+        raise ExportError(f"{what} was written but {_RUNTIMES[fmt]} could not run it: {_first_line(exc)}") from exc
+
+
 def export_checkpoint(
     checkpoint: str | os.PathLike,
     fmt: str,
@@ -909,11 +919,7 @@ def export_checkpoint(
         except Exception as exc:  # noqa: BLE001 - any exporter failure means this model does not go to this format
             raise ExportError(f"{fmt} export of {backbone} failed: {_first_line(exc)}") from exc
         what = f"{fmt} export of {backbone}"
-        try:
-            runner = _LOADERS[fmt](written, ckpt)
-            got = runner(x)
-        except Exception as exc:  # noqa: BLE001 - a file its own runtime cannot run is a failed export
-            raise ExportError(f"{what} was written but {_RUNTIMES[fmt]} could not run it: {_first_line(exc)}") from exc
+        runner, got = _run_written(fmt, written, ckpt, x, what)
         diff, allowed = _check_logits(got, reference, what, tolerance, inputs)
         log(f"Verified with {_RUNTIMES[fmt]}: max abs logit difference {diff:.3g} (allowed {allowed:.3g})")
 
@@ -927,11 +933,7 @@ def export_checkpoint(
                 raise ExportError(f"int8 quantization of {backbone} failed: {_first_line(exc)}") from exc
             baseline = ("float32 ONNX file", runner, _file_size(written))
             what = f"int8 {what}"
-            try:
-                runner = _LOADERS[fmt](staged, ckpt)
-                got = runner(x)
-            except Exception as exc:  # noqa: BLE001 - a file its own runtime cannot run is a failed export
-                raise ExportError(f"{what} was written but onnxruntime could not run it: {_first_line(exc)}") from exc
+            runner, got = _run_written(fmt, staged, ckpt, x, what)
             # Quantization changes the logits by design: the report measures how much; the check only bounds shape.
             diff = _check_logits(got, reference, what, None, inputs)[0]
             extra["quantization"].update(float32_max_abs_diff=float32_diff, float32_tolerance=tolerance)
