@@ -91,6 +91,13 @@ def _refusals(cfg: ProjectConfig) -> list[str]:
         )
     elif kind not in ("folder", "npz"):
         out.append(f"data.path = {cfg.data.path!r}: not an image folder or a .npz archive")
+    fixes = [f"data.exclude ({len(cfg.data.exclude)})"] if cfg.data.exclude else []
+    fixes += [f"data.relabel ({len(cfg.data.relabel)})"] if cfg.data.relabel else []
+    if fixes:
+        out.append(
+            f"{' and '.join(fixes)}: the exported script reads the dataset as it is on disk, without the "
+            "project's corrections; save a corrected copy of the dataset and point data.path at it to export"
+        )
     wf = cfg.model.weights_file
     if wf and not wf.lower().endswith((".pt", ".pth", ".bin", ".ckpt")):
         out.append(

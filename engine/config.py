@@ -221,6 +221,15 @@ class DataConfig(Section):
         note="Needs the 'pad' collate, which is chosen with it.",
     )
     augment: AugmentConfig = Field(default_factory=AugmentConfig)
+    exclude: list[str] = setting(
+        default_factory=list,
+        doc="images left out of training and validation, as paths relative to the dataset "
+        "(`.npz` rows as `#12`); the files are never touched",
+    )
+    relabel: dict[str, str] = setting(
+        default_factory=dict,
+        doc="corrected labels: image path relative to the dataset -> class name (classification)",
+    )
 
 
 class ModelConfig(Section):

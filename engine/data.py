@@ -53,6 +53,7 @@ class DataSource:
     array: np.ndarray | None  # npz: the kept images, (N,H,W,C) in the stored dtype
     skipped: list[SkippedFile] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
+    rows: list[int] | None = None  # npz: each kept sample's row in the archive (rows with bad labels are skipped)
 
     def __len__(self) -> int:
         return len(self.targets)
@@ -599,6 +600,7 @@ def _scan_npz(file: Path, task: str, given: list[str] | None, progress: Progress
         array=images if keep.all() else images[keep],
         skipped=skipped,
         warnings=warnings,
+        rows=np.flatnonzero(keep).tolist(),
     )
 
 
@@ -850,12 +852,109 @@ def split_indices(targets: Sequence, task: str, val_fraction: float, seed: int) 
     return [i for i in range(n) if i not in val_set], sorted(val)
 
 
-def subset_dataset(source: DataSource, positions: Sequence[int], transform: Callable) -> EngineDataset:
-    targets = [source.targets[i] for i in positions]
+def subset_dataset(
+    source: DataSource, positions: Sequence[int], transform: Callable, targets: Sequence | None = None
+) -> EngineDataset:
+    """The samples at positions of a source; targets replaces theirs (corrected labels), one per position."""
+    targets = [source.targets[i] for i in positions] if targets is None else list(targets)
     if source.array is not None:
         return ArrayDataset(source.array, targets, transform, source.task, rows=positions)
     assert source.files is not None  # a source holds an array or files
     return ImageFileDataset([source.files[i] for i in positions], targets, transform, source.task)
+
+
+# ---------------------------------------------------------------------------------------------
+# Sample keys and the project's corrections (data.exclude, data.relabel)
+
+
+def dataset_root(path: Path, kind: str) -> Path:
+    """The folder sample keys are relative to: an image folder itself, or the folder of a .csv or .npz file."""
+    return path if kind == "folder" else path.parent
+
+
+def path_key(path: str | os.PathLike, root: Path) -> str:
+    """An image's key: its path relative to the dataset root, POSIX style; `../` steps for a file outside it."""
+    p = Path(path)
+    try:
+        return p.relative_to(root).as_posix()
+    except ValueError:
+        return Path(os.path.relpath(p, root)).as_posix()
+
+
+def sample_keys(source: DataSource, root: Path | None = None, *, validation: bool = False) -> list[str]:
+    """The key of each sample of a source, in order.
+
+    Image files are keyed by their path relative to root (default: the source's own root); .npz rows as
+    `#<row>`, or `val#<row>` for a separate validation archive.
+    """
+    if source.files is not None:
+        base = root if root is not None else dataset_root(source.path, source.kind)
+        return [path_key(f, base) for f in source.files]
+    rows = source.rows if source.rows is not None else list(range(len(source)))
+    prefix = "val#" if validation else "#"
+    return [f"{prefix}{r}" for r in rows]
+
+
+class _Corrections:
+    """data.exclude and data.relabel, applied to the samples of a split; misses are reported once, by name."""
+
+    def __init__(self, exclude: Sequence[str], relabel: dict[str, str], class_names: list[str], task: str):
+        self.exclude = set(exclude)
+        self.relabel: dict[str, int] = {}
+        self.problems: list[str] = []
+        self.seen: set[str] = set()
+        self.excluded: list[str] = []
+        self.relabelled: dict[str, tuple[str, str]] = {}
+        self.class_names = class_names
+        if relabel and task != "classification":
+            self.problems.append(
+                f"data.relabel applies to classification only (data.task is '{task}'); "
+                f"its {len(relabel)} entr{'y is' if len(relabel) == 1 else 'ies are'} ignored"
+            )
+            return
+        index = {name: i for i, name in enumerate(class_names)}
+        for key, name in relabel.items():
+            if name in index:
+                self.relabel[key] = index[name]
+            else:
+                self.problems.append(
+                    f"data.relabel: {key} -> '{name}' skipped: the dataset has no class '{name}' "
+                    f"(classes: {', '.join(class_names)})"
+                )
+                self.seen.add(key)  # reported already; not "no such image" as well
+
+    def apply(self, source: DataSource, positions: Sequence[int], keys: list[str]) -> tuple[list[int], list, list[str]]:
+        """The kept positions, their targets (relabelled) and their keys."""
+        kept: list[int] = []
+        targets: list = []
+        kept_keys: list[str] = []
+        for i in positions:
+            key = keys[i]
+            target = source.targets[i]
+            if key in self.exclude:
+                self.seen.add(key)
+                self.excluded.append(key)
+                continue
+            new = self.relabel.get(key)
+            if new is not None:
+                self.seen.add(key)
+                if new != target:
+                    self.relabelled[key] = (self.class_names[target], self.class_names[new])
+                target = new
+            kept.append(i)
+            targets.append(target)
+            kept_keys.append(key)
+        return kept, targets, kept_keys
+
+    def misses(self, skipped: set[str]) -> list[str]:
+        """Problems, then each correction that names no usable sample (skipped: keys of files the scan skipped)."""
+        out = list(self.problems)
+        for what, keys in (("data.exclude", sorted(self.exclude)), ("data.relabel", sorted(self.relabel))):
+            for key in keys:
+                if key not in self.seen:
+                    why = "is skipped by the scan" if key in skipped else "names no image of the dataset"
+                    out.append(f"{what}: {key} {why} (the file may have been moved or deleted); this entry is skipped")
+        return out
 
 
 @dataclass
@@ -873,6 +972,10 @@ class PreparedData:
     warnings: list[str]
     source: DataSource
     val_source: DataSource | None
+    train_keys: list[str] = field(default_factory=list)  # each training sample's key (data.exclude, data.relabel)
+    val_keys: list[str] = field(default_factory=list)
+    excluded: list[str] = field(default_factory=list)  # the data.exclude keys that removed a sample
+    relabelled: dict[str, tuple[str, str]] = field(default_factory=dict)  # key -> (scanned class, given class)
 
     def summary(self, max_reasons: int = 5) -> str:
         """A few lines for a person: sizes, per-class counts, what was skipped and why."""
@@ -889,6 +992,10 @@ class PreparedData:
                 lines.append(f"  {name:<{width}}  {tr:>6} / {va}")
         if self.val is None:
             lines.append("No validation set.")
+        if self.excluded or self.relabelled:
+            lines.append(
+                f"Corrections from the project: {len(self.excluded)} excluded, {len(self.relabelled)} relabelled"
+            )
         if self.skipped:
             lines.append(f"Skipped {len(self.skipped)} sample(s):")
             lines += [f"  {s.path}: {s.reason}" for s in self.skipped[:max_reasons]]
@@ -901,7 +1008,11 @@ class PreparedData:
 
 
 def prepare_data(cfg: ProjectConfig, pre: Preprocess, *, progress: Progress = None) -> PreparedData:
-    """Scan the project's data, split or scan its validation source, and build the two datasets."""
+    """Scan the project's data, split or scan its validation source, apply its corrections, build the datasets.
+
+    The corrections (data.exclude, data.relabel) are applied after the split, which is computed on the scanned
+    data as without them: excluding or relabelling one image never moves another between training and validation.
+    """
     d = cfg.data
     path = cfg.resolve(d.path)
     if path is None:
@@ -911,6 +1022,9 @@ def prepare_data(cfg: ProjectConfig, pre: Preprocess, *, progress: Progress = No
     eval_tf = build_transforms(pre, d.augment, train=False, keep_aspect=d.keep_aspect)
     warnings = list(source.warnings)
     skipped = list(source.skipped)
+    root = dataset_root(source.path, source.kind)
+    keys = sample_keys(source, root)
+    fixes = _Corrections(d.exclude, d.relabel, source.class_names, d.task)
 
     val_source = None
     val: EngineDataset | None
@@ -918,25 +1032,39 @@ def prepare_data(cfg: ProjectConfig, pre: Preprocess, *, progress: Progress = No
         val_path = cfg.resolve(d.val_path)
         assert val_path is not None  # d.val_path is not empty
         val_source = scan_source(val_path, kind=d.kind, task=d.task, class_names=source.class_names, progress=progress)
-        train = subset_dataset(source, range(len(source)), train_tf)
-        train_targets = list(source.targets)
-        val = subset_dataset(val_source, range(len(val_source)), eval_tf)
-        val_targets = list(val_source.targets)
+        val_keys_all = sample_keys(val_source, root, validation=True)
+        train_pos, train_targets, train_keys = fixes.apply(source, range(len(source)), keys)
+        val_pos, val_targets, val_keys = fixes.apply(val_source, range(len(val_source)), val_keys_all)
+        train = subset_dataset(source, train_pos, train_tf, train_targets)
+        val = subset_dataset(val_source, val_pos, eval_tf, val_targets) if val_pos else None
         warnings += [f"validation: {w}" for w in val_source.warnings]
         skipped += val_source.skipped
+        known = set(keys) | set(val_keys_all)
     else:
         train_idx, val_idx = split_indices(source.targets, d.task, d.val_fraction, d.split_seed)
-        train = subset_dataset(source, train_idx, train_tf)
-        train_targets = [source.targets[i] for i in train_idx]
-        val = subset_dataset(source, val_idx, eval_tf) if val_idx else None
-        val_targets = [source.targets[i] for i in val_idx]
+        train_pos, train_targets, train_keys = fixes.apply(source, train_idx, keys)
+        val_pos, val_targets, val_keys = fixes.apply(source, val_idx, keys)
+        train = subset_dataset(source, train_pos, train_tf, train_targets)
+        val = subset_dataset(source, val_pos, eval_tf, val_targets) if val_pos else None
         if d.val_fraction > 0 and not val_idx:
             warnings.append(
                 f"data.val_fraction = {d.val_fraction:g} leaves no validation samples "
                 f"({len(source)} in all); training runs without validation"
             )
+        known = set(keys)
+    warnings += fixes.misses({path_key(s.path, root) for s in skipped} - known)
+    if not train_pos:
+        raise DataError(
+            f"{source.path}: data.exclude leaves no training samples ({len(fixes.excluded)} excluded); "
+            "remove some exclusions"
+        )
 
     k = len(source.class_names)
+    train_counts = _class_counts(train_targets, d.task, k)
+    if d.task == "classification" and (fixes.excluded or fixes.relabelled):
+        empty = [name for name, n in zip(source.class_names, train_counts, strict=True) if not n]
+        if empty:
+            warnings.append(f"after the corrections, no training samples remain for: {', '.join(empty)}")
     return PreparedData(
         task=d.task,
         class_names=list(source.class_names),
@@ -945,10 +1073,14 @@ def prepare_data(cfg: ProjectConfig, pre: Preprocess, *, progress: Progress = No
         val=val,
         train_targets=train_targets,
         val_targets=val_targets,
-        train_counts=_class_counts(train_targets, d.task, k),
+        train_counts=train_counts,
         val_counts=_class_counts(val_targets, d.task, k),
         skipped=skipped,
         warnings=warnings,
         source=source,
         val_source=val_source,
+        train_keys=train_keys,
+        val_keys=val_keys,
+        excluded=fixes.excluded,
+        relabelled=fixes.relabelled,
     )
