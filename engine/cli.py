@@ -267,7 +267,14 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         raise ConfigError([f"--top = {args.top}: must be 0 or more"])
     if args.json and not Path(args.json).resolve().parent.is_dir():
         raise ConfigError([f"--json {args.json!r}: folder {str(Path(args.json).resolve().parent)!r} does not exist"])
-    ev = evaluate_checkpoint(args.checkpoint, data=args.data, top_n=args.top, device=args.device)
+    ev = evaluate_checkpoint(
+        args.checkpoint,
+        data=args.data,
+        top_n=args.top,
+        device=args.device,
+        cam_dir=args.cam,
+        cam_method=args.cam_method,
+    )
     assert ev is not None  # None only after a stop request, and no stop_event is given
     print(f"Evaluated {ev.data}")
     if ev.loss is not None:
@@ -304,6 +311,13 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         for h in shown:
             conf = f"{h['confidence']:.2f}" if h.get("confidence") is not None else "-"
             print(f"  loss {h['loss']:.3f}  true {h['true']}  predicted {h['predicted']} ({conf})  {h['path']}")
+    if ev.cams:
+        print(
+            f"\nwrote {len(ev.cams)} class activation map(s) ({ev.cams[0]['method']}, layer {ev.cams[0]['layer']}) "
+            f"to {Path(ev.cams[0]['map']).parent}: NNN-<image>.png overlays and .npy maps"
+        )
+    if ev.cam_note:
+        print(f"\n{ev.cam_note}")
     if args.json:
         out = Path(args.json)
         out.write_text(json.dumps(ev.to_dict(), indent=2), encoding="utf-8")
@@ -493,6 +507,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", metavar="OUT", help="also write every figure to this JSON file")
     p.add_argument("--top", type=int, default=20, help="how many highest-loss samples to list (default 20)")
     p.add_argument("--device", default="auto", choices=DEVICES)
+    p.add_argument(
+        "--cam",
+        metavar="OUTDIR",
+        help="write a class activation map of each highest-loss sample (for its predicted class) to OUTDIR: "
+        "an overlay .png and the raw map .npy (float32, the image's height x width, in [0, 1])",
+    )
+    p.add_argument(
+        "--cam-method",
+        default="gradcam",
+        choices=["gradcam", "gradcam++", "layercam"],
+        help="the map's method (default gradcam; gradcam++ and layercam are sharper on small objects)",
+    )
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("export", help="export a checkpoint's model and verify the file against PyTorch")

@@ -23,6 +23,8 @@ from engine.data import (
     DataError,
     EngineDataset,
     ImageFileDataset,
+    array_to_tensor,
+    load_image,
     prepare_data,
     scan_source,
     subset_dataset,
@@ -30,7 +32,7 @@ from engine.data import (
 from engine.restore import restore_model
 from engine.samplers import plan_loader
 from engine.trainer import pick_device
-from engine.transforms import build_transforms
+from engine.transforms import Preprocess, build_transforms
 
 Progress = Callable[[int, int], None] | None
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -54,6 +56,14 @@ class Evaluation:
     mae: float | None = None  # regression only
     rmse: float | None = None  # regression only
     skipped: list[dict] = field(default_factory=list)  # {"path", "reason"}: samples the scan left out
+    # Single-label classification: every sample in dataset order, {"index", "path", "true", "predicted",
+    # "confidence", "loss", "top": [[class, probability], ...] (the five most likely)}: what the confusion
+    # matrix's cells are made of, so a front end can show the images behind any cell.
+    predictions: list[dict] = field(default_factory=list)
+    # Class activation maps written for the hardest samples (evaluate --cam): {"path", "class", "method",
+    # "layer", "overlay", "map"}; overlay is a PNG, map the raw .npy (float32, the image's height x width, [0, 1]).
+    cams: list[dict] = field(default_factory=list)
+    cam_note: str = ""  # why maps were asked for but not written (a model without a spatial layer, another task)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready: non-finite floats become null, since JSON has no NaN or Infinity."""
@@ -68,6 +78,26 @@ def _finite(value: Any) -> Any:
     if isinstance(value, list):
         return [_finite(v) for v in value]
     return value
+
+
+_HARDEST_KEYS = ("index", "path", "true", "predicted", "confidence", "loss")
+
+
+def cell_samples(predictions: Sequence[dict], true: str | None, predicted: str | None) -> list[dict]:
+    """The samples of one confusion-matrix cell (true class, predicted class), most telling first.
+
+    A mistake cell is ordered by loss, highest first (the surest mistakes); the diagonal (true == predicted)
+    by confidence, lowest first (the shakiest right answers). predicted=None gives every sample of a true
+    class, and true=None every sample predicted as a class, both by loss. Ties keep dataset order.
+    """
+    rows = [
+        r
+        for r in predictions
+        if (true is None or r["true"] == true) and (predicted is None or r["predicted"] == predicted)
+    ]
+    if true is not None and true == predicted:
+        return sorted(rows, key=lambda r: r["confidence"])
+    return sorted(rows, key=lambda r: -r["loss"])
 
 
 def per_sample_loss(task: str) -> LossFn:
@@ -171,17 +201,20 @@ def evaluate_model(
         top5 = None
         if k >= 5:
             top5 = float((out.topk(5, dim=1).indices == tgt[:, None]).any(dim=1).double().mean())
-        hardest = [
+        top_p, top_i = torch.softmax(out, dim=1).topk(min(5, k), dim=1)
+        predictions = [
             {
-                "index": int(i),
+                "index": i,
                 "path": sample_names[i],
                 "true": names[t[i]],
                 "predicted": names[p[i]],
                 "confidence": float(confidence[i]),
                 "loss": float(losses[i]),
+                "top": [[names[int(c)], float(v)] for c, v in zip(top_i[i], top_p[i], strict=True)],
             }
-            for i in order
+            for i in range(n)
         ]
+        hardest = [{key: predictions[i][key] for key in _HARDEST_KEYS} for i in order]
         return Evaluation(
             task=task,
             class_names=names,
@@ -193,6 +226,7 @@ def evaluate_model(
             macro_f1=macro_f1,
             confusion=confusion.tolist(),
             hardest=hardest,
+            predictions=predictions,
         )
 
     if task == "multilabel":
@@ -277,13 +311,16 @@ def evaluate_checkpoint(
     progress: Progress = None,
     stop_event: threading.Event | None = None,
     source: str | os.PathLike | None = None,
+    cam_dir: str | os.PathLike | None = None,
+    cam_method: str = "gradcam",
 ) -> Evaluation | None:
     """Evaluate a checkpoint on its own validation data (data=None) or on a folder / CSV / .npz.
 
     With data=None the validation split is rebuilt from the checkpoint's config exactly as training made
     it (same split seed and fraction, or its val_path). Samples of a given source whose label is not one
     of the checkpoint's classes are skipped and listed in Evaluation.skipped. source names the file of an
-    already loaded checkpoint in errors.
+    already loaded checkpoint in errors. cam_dir: also write a class activation map (cam_method) of each
+    hardest sample there, for the class the model predicted (see write_cams).
     """
     ckpt = checkpoint if isinstance(checkpoint, dict) else load_checkpoint(checkpoint)
     model, cfg, class_names, pre = restore_model(ckpt, source or (None if isinstance(checkpoint, dict) else checkpoint))
@@ -343,4 +380,80 @@ def evaluate_checkpoint(
     if result is not None:
         result.data = description
         result.skipped = [{"path": s.path, "reason": s.reason} for s in skipped]
+        if cam_dir is not None and result.task != "classification":
+            result.cam_note = f"no maps written: class activation maps are made for classification, not {task}"
+        elif cam_dir is not None:
+            from engine.cam import CamUnavailable
+
+            try:
+                result.cams = write_cams(
+                    model,
+                    dataset,
+                    result.hardest,
+                    Path(cam_dir),
+                    pre=pre,
+                    keep_aspect=cfg.data.keep_aspect,
+                    class_names=class_names,
+                    method=cam_method,
+                    stop_event=stop_event,
+                )
+            except CamUnavailable as exc:
+                result.cam_note = f"no maps written: {exc}"
     return result
+
+
+def original_pixels(dataset: EngineDataset, index: int) -> np.ndarray:
+    """A sample's image as stored (H x W x 3 uint8), before any resizing: what a map is laid over."""
+    if isinstance(dataset, ImageFileDataset):
+        return np.asarray(load_image(dataset.files[index]), dtype=np.uint8)
+    if isinstance(dataset, ArrayDataset):
+        row = dataset.array[index if dataset.rows is None else dataset.rows[index]]
+        chw = array_to_tensor(row).clamp(0, 1)
+        return np.rint(chw.permute(1, 2, 0).numpy() * 255).astype(np.uint8)
+    raise TypeError(f"no stored image for a {type(dataset).__name__}")
+
+
+def write_cams(
+    model: torch.nn.Module,
+    dataset: EngineDataset,
+    samples: Sequence[dict],
+    out_dir: Path,
+    *,
+    pre: Preprocess,
+    keep_aspect: bool,
+    class_names: Sequence[str],
+    method: str = "gradcam",
+    stop_event: threading.Event | None = None,
+) -> list[dict]:
+    """For each sample ({"index", "path", "predicted"}, as in Evaluation.hardest): the map of its predicted class
+    as NNN-<stem>.npy (float32, the image's height x width, in [0, 1]) and NNN-<stem>.png (the overlay), NNN its
+    rank. Returns the rows Evaluation.cams lists. Raises CamUnavailable when the model has no spatial layer.
+    """
+    from PIL import Image
+
+    from engine.cam import activation_maps, map_to_image, overlay
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for rank, sample in enumerate(samples, start=1):
+        if stop_event is not None and stop_event.is_set():
+            break
+        index = int(sample["index"])
+        x = dataset[index][0]
+        result = activation_maps(model, x, class_index=list(class_names).index(sample["predicted"]), method=method)
+        pixels = original_pixels(dataset, index)
+        cam = map_to_image(result.maps[0], pixels.shape[:2], pre, keep_aspect=keep_aspect)
+        stem = f"{rank:03d}-{Path(str(sample['path'])).stem.replace(' ', '_')}"
+        np.save(out_dir / f"{stem}.npy", cam.astype(np.float32))
+        Image.fromarray(overlay(pixels, cam)).save(out_dir / f"{stem}.png")
+        rows.append(
+            {
+                "path": sample["path"],
+                "class": sample["predicted"],
+                "method": method,
+                "layer": result.layer,
+                "overlay": str(out_dir / f"{stem}.png"),
+                "map": str(out_dir / f"{stem}.npy"),
+            }
+        )
+    return rows
