@@ -17,6 +17,7 @@ MODULES = (
     "widgets.log_tabs",
     "widgets.checkpoints_panel",
     "widgets.evaluation_panel",
+    "widgets.sample_browser",
     "widgets.try_it",
     "widgets.export_dialog",
     "widgets.codegen_dialog",

@@ -33,12 +33,14 @@ from PySide6.QtWidgets import (
     QStyle,
     QTableWidget,
     QTableWidgetItem,
+    QTabWidget,
     QToolTip,
     QVBoxLayout,
     QWidget,
 )
 
 from widgets.look import fit_pixels, message_colour
+from widgets.sample_browser import SampleBrowser
 from widgets.tasks import Task, run_task
 
 OBJECT_NAMES = {
@@ -58,6 +60,7 @@ OBJECT_NAMES = {
     "evaluation.normalise": "shows each confusion-matrix row as fractions of its true class",
     "evaluation.confusion": "the confusion matrix heat map (rows: true class, columns: predicted class)",
     "evaluation.hardest": "the highest-loss samples with their image, true and predicted class, and loss",
+    "evaluation.sample_tabs": "the highest-loss samples, or the samples of the chosen cell or class",
 }
 
 TOP_N = 30  # hardest samples fetched and shown
@@ -179,10 +182,17 @@ def _thumbnails_job(
 
 
 class ConfusionMatrixView(QWidget):
-    """A custom-painted confusion matrix: true classes down the side, predictions along the bottom, a colour bar."""
+    """A custom-painted confusion matrix: true classes down the side, predictions along the bottom, a colour bar.
+
+    Clicking a cell, or moving to it with the arrow keys and pressing Enter, emits cell_chosen(true, predicted).
+    """
+
+    cell_chosen = Signal(int, int)  # row (true class) and column (predicted class) indices
 
     def __init__(self, parent: QWidget | None = None):
         super().__init__(parent)
+        self.current: tuple[int, int] | None = None  # the keyboard's cell
+        self.setFocusPolicy(Qt.FocusPolicy.StrongFocus)
         self._counts = np.zeros((0, 0), dtype=np.int64)
         self._names: list[str] = []
         self._normalised = False
@@ -202,6 +212,7 @@ class ConfusionMatrixView(QWidget):
         self.update()
 
     def clear(self, text: str = "No evaluation yet.") -> None:
+        self.current = None
         self._counts = np.zeros((0, 0), dtype=np.int64)
         self._names = []
         self._empty_text = text
@@ -242,7 +253,7 @@ class ConfusionMatrixView(QWidget):
 
     def minimumSizeHint(self) -> QSize:
         fm = self.fontMetrics()
-        return QSize(fm.height() * 16, fm.height() * 12)
+        return QSize(fm.height() * 12, fm.height() * 12)
 
     def sizeHint(self) -> QSize:
         fm = self.fontMetrics()
@@ -353,8 +364,11 @@ class ConfusionMatrixView(QWidget):
                     painter.setPen(QColor(20, 20, 20) if colour.lightnessF() > 0.55 else QColor(245, 245, 245))
                     painter.drawText(rect, Qt.AlignmentFlag.AlignCenter, self.cell_text(r, c))
         painter.setFont(self.font())
-        painter.setPen(QPen(text_colour, 1))
         painter.setBrush(Qt.BrushStyle.NoBrush)
+        if self.current is not None and self.current[0] < k and self.current[1] < k:
+            painter.setPen(QPen(pal.color(QPalette.ColorRole.Highlight), 3 if self.hasFocus() else 2))
+            painter.drawRect(self._cell_rect(geo, *self.current).adjusted(1, 1, -1, -1))
+        painter.setPen(QPen(text_colour, 1))
         painter.drawRect(grid)
 
         labels = cell >= fm.height() * 0.8  # too many classes for their names: tooltips carry them
@@ -407,6 +421,28 @@ class ConfusionMatrixView(QWidget):
             painter.drawText(
                 label_rect, Qt.AlignmentFlag.AlignLeft | Qt.AlignmentFlag.AlignVCenter, self._scale_label(frac * top)
             )
+
+    def mousePressEvent(self, event) -> None:  # noqa: N802 - Qt's name
+        hit = self.cell_at(QPointF(event.position()))
+        if hit is not None and event.button() == Qt.MouseButton.LeftButton:
+            self.current = hit
+            self.update()
+            self.cell_chosen.emit(*hit)
+        super().mousePressEvent(event)
+
+    def keyPressEvent(self, event) -> None:  # noqa: N802 - Qt's name
+        k = len(self._names)
+        moves = {Qt.Key.Key_Left: (0, -1), Qt.Key.Key_Right: (0, 1), Qt.Key.Key_Up: (-1, 0), Qt.Key.Key_Down: (1, 0)}
+        if k and event.key() in moves:
+            r, c = self.current if self.current is not None else (0, 0)
+            dr, dc = moves[event.key()] if self.current is not None else (0, 0)
+            self.current = (min(max(r + dr, 0), k - 1), min(max(c + dc, 0), k - 1))
+            self.update()
+            return
+        if k and self.current is not None and event.key() in (Qt.Key.Key_Return, Qt.Key.Key_Enter, Qt.Key.Key_Space):
+            self.cell_chosen.emit(*self.current)
+            return
+        super().keyPressEvent(event)
 
     def event(self, event) -> bool:
         if event.type() == QEvent.Type.ToolTip:
@@ -464,6 +500,8 @@ class EvaluationPanel(QWidget):
         self._stamp: tuple | None = None  # the checkpoint file's (mtime, size) when it was chosen
         self._task: Task | None = None
         self._thumb_task: Task | None = None
+        self._arrays: dict | None = None  # where the evaluated samples' pixels are (an .npz's rows)
+        self._evaluated_checkpoint: str | None = None
 
         self.checkpoint_label = QLabel()
         self.checkpoint_label.setObjectName("evaluation.checkpoint")
@@ -533,14 +571,21 @@ class EvaluationPanel(QWidget):
         self.table.horizontalHeader().setSectionResizeMode(0, QHeaderView.ResizeMode.Stretch)
         for col in range(1, len(self.PER_CLASS_COLUMNS)):
             self.table.horizontalHeader().setSectionResizeMode(col, QHeaderView.ResizeMode.ResizeToContents)
+        self.table.setTextElideMode(Qt.TextElideMode.ElideRight)
+        self._fit_table()
         self.table.setSortingEnabled(True)
         self.table.sortByColumn(0, Qt.SortOrder.AscendingOrder)
 
         self.matrix = ConfusionMatrixView()
         self.matrix.setObjectName("evaluation.confusion")
-        self.normalise = QCheckBox("Normalise rows (share of each true class)")
+        self.normalise = QCheckBox("Normalise rows")
+        self.normalise.setToolTip("Show each row as the share of its true class")
         self.normalise.setObjectName("evaluation.normalise")
         self.normalise.toggled.connect(self._on_normalise_changed)
+
+        self.table.cellClicked.connect(self._on_table_clicked)
+        self.table.cellActivated.connect(self._on_table_clicked)
+        self.matrix.cell_chosen.connect(self.show_cell)
 
         self.samples = QListWidget()
         self.samples.setObjectName("evaluation.hardest")
@@ -572,8 +617,13 @@ class EvaluationPanel(QWidget):
         matrix_layout = QVBoxLayout(matrix_box)
         matrix_layout.addWidget(self.normalise)
         matrix_layout.addWidget(self.matrix, 1)
-        samples_box = QGroupBox(f"Highest-loss samples (up to {TOP_N})")
-        QVBoxLayout(samples_box).addWidget(self.samples)
+        self.browser = SampleBrowser()
+        self.samples.itemActivated.connect(self._on_hardest_activated)
+        self.sample_tabs = QTabWidget()
+        self.sample_tabs.setObjectName("evaluation.sample_tabs")
+        self.sample_tabs.addTab(self.samples, f"Highest-loss samples (up to {TOP_N})")
+        self.sample_tabs.addTab(self.browser, "Chosen cell or class")
+        samples_box = self.sample_tabs
 
         upper = QSplitter(Qt.Orientation.Horizontal)
         upper.addWidget(table_box)
@@ -726,6 +776,8 @@ class EvaluationPanel(QWidget):
             self.logged.emit("Evaluation stopped")
             return
         ev = value["evaluation"]
+        self._arrays = value["arrays"]
+        self._evaluated_checkpoint = self.checkpoint
         self._show_results(ev)
         self.status.setText("Done")
         self.logged.emit(f"Evaluated {ev['data']}: {self._headline(ev)}")
@@ -832,6 +884,8 @@ class EvaluationPanel(QWidget):
 
     def _show_results(self, ev: dict | None) -> None:
         self.result = ev
+        self.browser.clear()
+        self.sample_tabs.setCurrentIndex(0)
         self.thumbnails = []
         self.samples.clear()
         self.table.setSortingEnabled(False)
@@ -861,6 +915,7 @@ class EvaluationPanel(QWidget):
                 self.table.setItem(r, col, _NumberItem(float(value), f"{value:.3f}"))
             self.table.setItem(r, 4, _NumberItem(int(row["support"]), str(row["support"])))
         self.table.setSortingEnabled(True)  # re-sorts by the column the user chose
+        self._fit_table()
 
         if ev.get("confusion"):
             self.matrix.set_matrix(ev["confusion"], ev["class_names"])
@@ -912,6 +967,71 @@ class EvaluationPanel(QWidget):
             else:
                 item.setIcon(self.style().standardIcon(QStyle.StandardPixmap.SP_MessageBoxWarning))
                 item.setToolTip(f"{item.toolTip()}\nimage not shown: {image}")
+
+    def _fit_table(self) -> None:
+        """Keep every figure column whole: the table is never narrower than the numbers plus a short class name
+        (the splitter otherwise gives the heat map all the width at 1280 x 800 and only class names show)."""
+        header = self.table.horizontalHeader()
+        fm = self.table.fontMetrics()
+        numbers = sum(
+            max(header.sectionSizeHint(c), self.table.sizeHintForColumn(c), fm.horizontalAdvance("0.000") + 12)
+            for c in range(1, len(self.PER_CLASS_COLUMNS))
+        )
+        scroll = self.table.style().pixelMetric(QStyle.PixelMetric.PM_ScrollBarExtent)
+        name = fm.horizontalAdvance("M" * 5)
+        self.table.setMinimumWidth(numbers + name + 2 * self.table.frameWidth() + scroll + 4)
+
+    def show_cell(self, true: int, predicted: int) -> list[dict]:
+        """Show the validation samples of one confusion-matrix cell (true class index, predicted class index)."""
+        from engine.evaluate import cell_samples
+
+        ev = self.result or {}
+        names = ev.get("class_names", [])
+        if not ev.get("predictions") or not (0 <= true < len(names) and 0 <= predicted < len(names)):
+            return []
+        rows = cell_samples(ev["predictions"], names[true], names[predicted])
+        if true == predicted:
+            title = f"True {names[true]}, predicted correctly: {len(rows)} sample(s), least confident first"
+        else:
+            title = f"True {names[true]}, predicted {names[predicted]}: {len(rows)} sample(s), highest loss first"
+        self._browse(title, rows)
+        return rows
+
+    def show_class(self, name: str) -> list[dict]:
+        """Show every validation sample whose true class is name, highest loss (the mistakes) first."""
+        from engine.evaluate import cell_samples
+
+        ev = self.result or {}
+        if not ev.get("predictions"):
+            return []
+        rows = cell_samples(ev["predictions"], name, None)
+        wrong = sum(r["predicted"] != name for r in rows)
+        self._browse(f"True {name}: {len(rows)} sample(s), {wrong} wrong, highest loss first", rows)
+        return rows
+
+    def _browse(self, title: str, rows: list[dict]) -> None:
+        self.browser.show_samples(
+            title,
+            rows,
+            arrays=self._arrays,
+            checkpoint=self._evaluated_checkpoint,
+            class_names=(self.result or {}).get("class_names", []),
+        )
+        self.sample_tabs.setCurrentWidget(self.browser)
+
+    def _on_table_clicked(self, row: int, _column: int) -> None:
+        item = self.table.item(row, 0)
+        if item is not None:
+            self.show_class(item.text())
+
+    def _on_hardest_activated(self, item: QListWidgetItem) -> None:
+        ev = self.result or {}
+        if not ev.get("predictions"):
+            return
+        by_path = {r["path"]: r for r in ev["predictions"]}
+        rows = [by_path[h["path"]] for h in ev.get("hardest", []) if h["path"] in by_path]
+        self._browse(f"The {len(rows)} highest-loss samples", rows)
+        self.browser.open_row(self.samples.row(item))
 
     def thumbnails_done(self) -> bool:
         """True when every hardest sample has its thumbnail (or the reason it has none)."""

@@ -8,10 +8,19 @@ import pytest
 from conftest import COLOURS
 from PySide6.QtCore import Qt
 from PySide6.QtGui import QAction, QColor, QPalette
-from PySide6.QtWidgets import QAbstractButton, QAbstractItemView, QAbstractSpinBox, QComboBox, QLineEdit, QWidget
+from PySide6.QtWidgets import (
+    QAbstractButton,
+    QAbstractItemView,
+    QAbstractSpinBox,
+    QComboBox,
+    QLineEdit,
+    QTabWidget,
+    QWidget,
+)
 
 from engine.evaluate import evaluate_checkpoint
 from widgets.evaluation_panel import OBJECT_NAMES, TOP_N, EvaluationPanel, viridis
+from widgets.sample_browser import OBJECT_NAMES as SAMPLE_NAMES
 
 CLASSES = ["blue", "green", "red"]
 
@@ -201,14 +210,14 @@ def test_every_control_is_named_and_documented(panel):
     def inside_a_control(w):  # a combo's popup list, a table's header: parts of the named control
         parent = w.parentWidget()
         while parent is not None and parent is not panel:
-            if isinstance(parent, interactive):
+            if isinstance(parent, (*interactive, QTabWidget)):  # a tab bar's scroll buttons
                 return True
             parent = parent.parentWidget()
         return False
 
     for w in panel.findChildren(QWidget):
         if isinstance(w, interactive) and not inside_a_control(w):
-            assert w.objectName() in OBJECT_NAMES, f"unnamed {type(w).__name__}: {w.objectName()!r}"
+            assert w.objectName() in OBJECT_NAMES | SAMPLE_NAMES, f"unnamed {type(w).__name__}: {w.objectName()!r}"
 
 
 def test_stop_and_choosing_another_checkpoint(qtbot, panel, trained):

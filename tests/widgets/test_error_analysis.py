@@ -1,0 +1,115 @@
+"""From a confusion-matrix cell to its images and their activation maps, on a real trained checkpoint."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import COLOURS
+from PySide6.QtCore import QPoint, Qt
+from PySide6.QtGui import QPixmap
+
+from engine.predict import Predictor
+from widgets.evaluation_panel import EvaluationPanel
+
+
+@pytest.fixture(scope="module")
+def truth(head_only_run):
+    """Each validation image's true class (its folder) and the class the model predicts, found without the panel."""
+    from engine.checkpoints import load_checkpoint
+    from engine.data import prepare_data
+    from engine.restore import restore_model
+
+    _model, cfg, _names, pre = restore_model(load_checkpoint(head_only_run))
+    files = [str(f) for f in prepare_data(cfg, pre).val.files]
+    predictor = Predictor.from_checkpoint(head_only_run)
+    return {f: (Path(f).parent.name, predictor.predict(f)[0][0]) for f in files}
+
+
+@pytest.fixture()
+def panel(qtbot, head_only_run):
+    widget = EvaluationPanel()
+    qtbot.addWidget(widget)
+    widget.resize(1280, 800)
+    widget.show()
+    widget.set_checkpoint(head_only_run)
+    with qtbot.waitSignal(widget.evaluated, timeout=60000):
+        assert widget.evaluate()
+    qtbot.waitUntil(widget.thumbnails_done, timeout=30000)
+    yield widget
+    qtbot.waitUntil(lambda: not widget.browser.model.is_busy(), timeout=60000)
+    if widget.browser.dialog is not None:
+        widget.browser.dialog.close()
+        widget.browser.dialog.wait()
+    widget.wait()
+
+
+def shown(panel) -> list[str]:
+    return [r["path"] for r in panel.browser.model.rows()]
+
+
+def dominant_colour(pixmap: QPixmap) -> str:
+    image = pixmap.toImage().convertToFormat(pixmap.toImage().Format.Format_RGB888)
+    pixels = np.frombuffer(image.constBits(), np.uint8).reshape(image.height(), image.bytesPerLine())
+    pixels = pixels[:, : image.width() * 3].reshape(image.height(), image.width(), 3)
+    mean = pixels.reshape(-1, 3).mean(axis=0)
+    return min(COLOURS, key=lambda name: float(np.abs(mean - np.array(COLOURS[name])).sum()))
+
+
+def test_clicking_a_cell_shows_exactly_that_pairs_images(qtbot, panel, truth):
+    names = panel.matrix.class_names()
+    for r, true in enumerate(names):
+        for c, predicted in enumerate(names):
+            centre = panel.matrix.cell_rect(r, c).center()
+            qtbot.mouseClick(panel.matrix, Qt.MouseButton.LeftButton, pos=QPoint(int(centre.x()), int(centre.y())))
+            expected = {f for f, (t, p) in truth.items() if (t, p) == (true, predicted)}
+            assert set(shown(panel)) == expected and len(shown(panel)) == len(expected)
+            assert len(expected) == panel.matrix.counts()[r, c]
+            rows = panel.browser.model.rows()
+            if r == c:  # the right ones, least confident first
+                assert [x["confidence"] for x in rows] == sorted(x["confidence"] for x in rows)
+            else:  # the mistakes, surest first
+                assert [x["loss"] for x in rows] == sorted((x["loss"] for x in rows), reverse=True)
+    assert panel.sample_tabs.currentWidget() is panel.browser
+
+
+def test_thumbnails_load_lazily_and_show_the_right_images(qtbot, panel, truth):
+    true_class = panel.matrix.class_names()[0]
+    rows = panel.show_class(true_class)
+    assert {r["path"] for r in rows} == {f for f, (t, _) in truth.items() if t == true_class}
+    model = panel.browser.model
+    qtbot.waitUntil(lambda: all(model.is_loaded(i) for i in range(model.rowCount())), timeout=30000)
+    for i in range(model.rowCount()):
+        thumb = model.thumbnail_of(i)
+        assert isinstance(thumb, QPixmap) and dominant_colour(thumb) == true_class
+
+
+def test_the_keyboard_moves_over_the_matrix_and_opens_a_cell(qtbot, panel, truth):
+    panel.matrix.setFocus()
+    qtbot.keyClick(panel.matrix, Qt.Key.Key_Down)  # the first key puts the cursor on the top-left cell
+    qtbot.keyClick(panel.matrix, Qt.Key.Key_Down)
+    qtbot.keyClick(panel.matrix, Qt.Key.Key_Right)
+    qtbot.keyClick(panel.matrix, Qt.Key.Key_Return)
+    names = panel.matrix.class_names()
+    assert panel.matrix.current == (1, 1)
+    assert set(shown(panel)) == {f for f, tp in truth.items() if tp == (names[1], names[1])}
+
+
+def test_a_sample_opens_large_with_its_map_probabilities_and_path(qtbot, panel, truth):
+    rows = panel.show_class(panel.matrix.class_names()[2])
+    panel.browser.grid.setFocus()
+    qtbot.keyClick(panel.browser.grid, Qt.Key.Key_Return)  # the current (first) sample
+    dialog = panel.browser.dialog
+    assert dialog is not None and dialog.row == 0
+    qtbot.waitUntil(lambda: dialog.shown is not None or dialog.message.isVisible(), timeout=60000)
+    assert dialog.shown is not None, dialog.message.text()
+    first = rows[0]
+    assert dialog.path.text() == first["path"] and dialog.open_folder.isEnabled()
+    assert dialog.shown["cam_class"] == truth[first["path"]][1]  # the map explains the predicted class
+    assert dialog.shown["overlay"].shape == dialog.shown["pixels"].shape
+    for name, p in first["top"]:
+        assert f"{name}: {p * 100:.1f}%" in dialog.probabilities.text()
+    qtbot.keyClick(dialog, Qt.Key.Key_Right)
+    assert dialog.row == 1 and dialog.path.text() == rows[1]["path"]
+    qtbot.waitUntil(lambda: dialog.shown is not None, timeout=60000)
