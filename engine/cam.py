@@ -259,22 +259,23 @@ def activation_maps(
     with untouched(plain), torch.enable_grad():
         cam = cam_class(plain, [module], reshape_transform=chosen.reshape_transform())
         try:
-            with torch.no_grad():
-                logits = plain(x.detach()).float().reshape(n, -1)
             if class_index is None:
-                classes = [int(i) for i in logits.argmax(dim=1)]
-            elif isinstance(class_index, int):
-                classes = [int(class_index)] * n
+                targets = None  # the library takes each image's top output: no extra forward pass here
             else:
-                classes = [int(i) for i in class_index]
-            if len(classes) != n:
-                raise ValueError(f"{len(classes)} classes for {n} images")
-            out_of_range = [c for c in classes if not 0 <= c < logits.shape[1]]
-            if out_of_range:
-                raise ValueError(f"class index {out_of_range[0]} is out of range for {logits.shape[1]} outputs")
-            maps = cam(x, [ClassifierOutputTarget(c) for c in classes])
+                wanted = [int(class_index)] * n if isinstance(class_index, int) else [int(i) for i in class_index]
+                if len(wanted) != n:
+                    raise ValueError(f"{len(wanted)} classes for {n} images")
+                if min(wanted) < 0:
+                    raise ValueError(f"class index {min(wanted)} is negative")
+                targets = [ClassifierOutputTarget(c) for c in wanted]
+            try:
+                maps = cam(x, targets)
+            except IndexError:
+                raise ValueError(f"class index {class_index} is out of range for this model's outputs") from None
+            logits = cam.outputs.detach().float().reshape(n, -1)
         finally:
             cam.activations_and_grads.release()
+    classes = [int(i) for i in logits.argmax(dim=1)] if class_index is None else wanted
     maps = np.nan_to_num(np.asarray(maps, dtype=np.float32), nan=0.0)
     return CamResult(
         maps=np.clip(maps, 0.0, 1.0),
