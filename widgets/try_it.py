@@ -10,6 +10,8 @@ from typing import TYPE_CHECKING, Any
 from PySide6.QtCore import QSize, Qt, Signal
 from PySide6.QtGui import QDragEnterEvent, QDropEvent, QImage, QPalette, QPixmap, QResizeEvent
 from PySide6.QtWidgets import (
+    QCheckBox,
+    QComboBox,
     QFileDialog,
     QFrame,
     QGridLayout,
@@ -38,6 +40,9 @@ OBJECT_NAMES = {
     "tryit.predictions": "the top predictions as bars: class and probability (values for regression)",
     "tryit.message": "why there is no prediction (no model yet, an unreadable image, a bad checkpoint)",
     "tryit.progress": "busy indicator while the model loads and predicts",
+    "tryit.show_cam": "lays the class activation map over the image: where the model looked",
+    "tryit.cam_class": "which class the map explains (the predicted one by default)",
+    "tryit.cam_method": "the map's method: Grad-CAM, or the sharper Grad-CAM++ and LayerCAM",
 }
 
 TOP_K = 10
@@ -93,6 +98,21 @@ def predict_file(cache: PredictorCache, checkpoint: str, image_path: str) -> dic
         "info": dict(predictor.info),
         "predictions": predictions,
         "pixels": fit_pixels(image, DISPLAY_SIZE),
+    }
+
+
+def map_file(cache: PredictorCache, checkpoint: str, image_path: str, class_name: str | None, method: str) -> dict:
+    """The image with its class activation map laid over it, fitted for display (plain values back)."""
+    from PIL import Image
+
+    from engine.cam import overlay
+
+    made = cache.get(checkpoint).activation_map(image_path, class_name=class_name, method=method)
+    return {
+        "image": image_path,
+        "pixels": fit_pixels(Image.fromarray(overlay(made["pixels"], made["map"])), DISPLAY_SIZE),
+        "class": made["class"],
+        "layer": made["layer"],
     }
 
 
@@ -226,6 +246,28 @@ class TryItPanel(QWidget):
         left.addWidget(self.image_label, 1)
         left.addWidget(self.image_caption)
 
+        self.show_cam = QCheckBox("Show class activation map")
+        self.show_cam.setObjectName("tryit.show_cam")
+        self.show_cam.setToolTip("Colour where the model looked to score the class (Grad-CAM and variants)")
+        self.cam_class = QComboBox()
+        self.cam_class.setObjectName("tryit.cam_class")
+        self.cam_class.addItem("Predicted class", None)
+        self.cam_method = QComboBox()
+        self.cam_method.setObjectName("tryit.cam_method")
+        for key, label in (("gradcam", "Grad-CAM"), ("gradcam++", "Grad-CAM++"), ("layercam", "LayerCAM")):
+            self.cam_method.addItem(label, key)
+        self.show_cam.toggled.connect(self._on_cam_changed)
+        self.cam_class.currentIndexChanged.connect(self._on_cam_changed)
+        self.cam_method.currentIndexChanged.connect(self._on_cam_changed)
+        cam_row = QHBoxLayout()
+        cam_row.addWidget(self.show_cam)
+        cam_row.addWidget(self.cam_class)
+        cam_row.addWidget(self.cam_method)
+        cam_row.addStretch(1)
+        left.addLayout(cam_row)
+        self._plain_pixmap: QPixmap | None = None
+        self._cam_request = 0
+
         self.bars = _Bars()
         body = QHBoxLayout()
         body.addLayout(left, 1)
@@ -335,7 +377,18 @@ class TryItPanel(QWidget):
         pixels = result["pixels"]
         h, w = pixels.shape[:2]
         self._pixmap = QPixmap.fromImage(QImage(pixels.data, w, h, 3 * w, QImage.Format.Format_RGB888).copy())
+        self._plain_pixmap = self._pixmap
         self._update_pixmap()
+        if result["task"] == "classification":
+            names = sorted(name for name, _ in result["predictions"])
+            if [self.cam_class.itemData(i) for i in range(1, self.cam_class.count())] != names:
+                self.cam_class.blockSignals(True)
+                while self.cam_class.count() > 1:
+                    self.cam_class.removeItem(1)
+                for name in names:
+                    self.cam_class.addItem(name, name)
+                self.cam_class.blockSignals(False)
+        self._on_cam_changed()
         width, height = result["size"]
         self.image_caption.setText(f"{Path(result['image']).name} ({width} x {height})")
         self.image_caption.setToolTip(result["image"])
@@ -373,6 +426,51 @@ class TryItPanel(QWidget):
         self._show_message(message[0].upper() + message[1:], error=True)
         self.logged.emit(f"Try it: {message}")
 
+    # -- class activation maps -----------------------------------------------------------------
+    def _on_cam_changed(self, *_args: Any) -> None:
+        self._cam_request += 1
+        rid = self._cam_request
+        if not self.show_cam.isChecked() or self._image_path is None or self._checkpoint is None:
+            if self._plain_pixmap is not None:
+                self._pixmap = self._plain_pixmap
+                self._update_pixmap()
+            return
+        self._set_busy(True)
+        self._tasks = [t for t in self._tasks if t.is_running()]
+        self._tasks.append(
+            run_task(
+                "class activation map",
+                map_file,
+                self._cache,
+                self._checkpoint,
+                self._image_path,
+                self.cam_class.currentData(),
+                self.cam_method.currentData(),
+                on_result=lambda result: self._on_map_returned(rid, result),
+                on_error=lambda exc, tb: self._on_map_errored(rid, exc),
+            )
+        )
+
+    def _on_map_returned(self, rid: int, result: dict) -> None:
+        if rid != self._cam_request or result["image"] != self._image_path:
+            return
+        self._set_busy(False)
+        pixels = result["pixels"]
+        h, w = pixels.shape[:2]
+        self._pixmap = QPixmap.fromImage(QImage(pixels.data, w, h, 3 * w, QImage.Format.Format_RGB888).copy())
+        self._update_pixmap()
+        self.show_cam.setToolTip(f"Map of {result['class']} from layer {result['layer']}")
+
+    def _on_map_errored(self, rid: int, exc: BaseException) -> None:
+        if rid != self._cam_request:
+            return
+        self._set_busy(False)
+        self._show_message(f"No class activation map: {exc}", error=True)
+
+    def map_shown(self) -> bool:
+        """Whether the image shown now is the map overlay (not the plain image)."""
+        return self._pixmap is not None and self._pixmap is not self._plain_pixmap
+
     # -- showing -------------------------------------------------------------------------------
     def shown_predictions(self) -> list[tuple[str, float]]:
         """The (name, probability or value) pairs the bars show, most likely first."""
@@ -395,6 +493,7 @@ class TryItPanel(QWidget):
     def _clear_image(self) -> None:
         self._image_path = None
         self._pixmap = None
+        self._plain_pixmap = None
         self.image_label.clear()
         self.image_label.setText("Drop an image here, or use Open image...")
         self.image_caption.clear()

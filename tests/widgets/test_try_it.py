@@ -158,3 +158,27 @@ def test_a_new_checkpoint_predicts_the_shown_image_again(qtbot, panel, trained):
 def test_every_control_has_a_documented_object_name(panel):
     names = {w.objectName() for w in panel.findChildren(QWidget) if w.objectName().startswith("tryit.")}
     assert names == set(OBJECT_NAMES)
+
+
+def test_the_activation_map_is_laid_over_the_image_for_the_chosen_class(qtbot, panel, trained):
+    root, final = trained
+    panel.set_checkpoint(str(final))
+    image = root / "images" / "green" / "003.png"
+    predict_and_wait(qtbot, panel, image)
+    plain = panel.findChild(QLabel, "tryit.image").pixmap().toImage()
+    assert not panel.map_shown()
+    # Every class of the model can be explained, not only the predicted one.
+    assert [panel.cam_class.itemData(i) for i in range(panel.cam_class.count())] == [None, "blue", "green", "red"]
+
+    panel.show_cam.setChecked(True)
+    qtbot.waitUntil(panel.map_shown, timeout=60000)
+    assert panel.wait()
+    overlaid = panel.findChild(QLabel, "tryit.image").pixmap().toImage()
+    assert overlaid.size() == plain.size() and overlaid != plain
+    assert "layer" in panel.show_cam.toolTip() and "green" in panel.show_cam.toolTip()
+
+    panel.cam_class.setCurrentIndex(panel.cam_class.findData("red"))
+    qtbot.waitUntil(lambda: "red" in panel.show_cam.toolTip(), timeout=60000)
+    panel.show_cam.setChecked(False)
+    assert not panel.map_shown() and panel.findChild(QLabel, "tryit.image").pixmap().toImage() == plain
+    assert panel.wait()
