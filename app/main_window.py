@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 from PySide6.QtCore import QByteArray, QSettings, Qt, QTimer, Slot
 from PySide6.QtGui import QAction, QCloseEvent, QDragEnterEvent, QDropEvent, QKeySequence
 from PySide6.QtWidgets import (
+    QDialog,
     QDockWidget,
     QFileDialog,
     QHBoxLayout,
@@ -387,6 +388,15 @@ class MainWindow(QMainWindow):
         self.checkpoints.resume_requested.connect(self.resume_from)
         self.checkpoints.run_opened.connect(self._on_run_opened)
         self.evaluation.logged.connect(self.log)
+        # Relabel / exclude on any image the evaluation views show, kept in the project (Dataset > Corrections).
+        self.evaluation.browser.make_actions = self._sample_corrections
+        self.dataset.corrections.train_requested.connect(self.train)
+
+    def _sample_corrections(self, dialog: QDialog) -> QWidget:
+        from widgets.corrections_panel import SampleCorrections
+
+        names = getattr(dialog, "class_names", [])
+        return SampleCorrections(self.dataset.corrections, list(names))
 
     # -- projects ------------------------------------------------------------------------------
     def open_initial_project(self, path: str) -> None:

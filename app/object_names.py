@@ -18,6 +18,7 @@ MODULES = (
     "widgets.checkpoints_panel",
     "widgets.evaluation_panel",
     "widgets.sample_browser",
+    "widgets.corrections_panel",
     "widgets.try_it",
     "widgets.export_dialog",
     "widgets.codegen_dialog",

@@ -44,6 +44,7 @@ from PySide6.QtWidgets import (
 
 from engine.config import TASKS
 from engine.text import readable
+from widgets.corrections_panel import CorrectionsPanel
 from widgets.fields import bind_combo, bind_float_text, bind_spin, bind_text
 from widgets.look import ERROR_COLOUR, fit_pixels
 from widgets.state import ProjectState
@@ -586,6 +587,9 @@ class DatasetPanel(QWidget):
         self.tabs.addTab(classes_split, "Classes")
         self.tabs.addTab(self.samples_list, "Samples")
         self.tabs.addTab(self.skipped_table, "Skipped")
+        self.corrections = CorrectionsPanel(self.state)  # data.exclude / data.relabel, with undo
+        self.corrections.logged.connect(self.logged)
+        self.tabs.addTab(self.corrections, "Corrections")
 
         layout = QVBoxLayout(self)
         layout.addLayout(top)

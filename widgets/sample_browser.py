@@ -615,7 +615,7 @@ class SampleBrowser(QWidget):
         self.model.set_cam("gradcam" if on else None)
 
     def open_row(self, row: int) -> SampleDialog:
-        if self.dialog is not None:
+        if self.dialog is not None and shiboken6.isValid(self.dialog):
             self.dialog.close()
         self.dialog = SampleDialog(
             self.model.rows(),

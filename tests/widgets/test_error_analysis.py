@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import shiboken6
 from conftest import COLOURS
 from PySide6.QtCore import QPoint, Qt
 from PySide6.QtGui import QPixmap
@@ -39,7 +40,7 @@ def panel(qtbot, head_only_run):
     qtbot.waitUntil(widget.thumbnails_done, timeout=30000)
     yield widget
     qtbot.waitUntil(lambda: not widget.browser.model.is_busy(), timeout=60000)
-    if widget.browser.dialog is not None:
+    if widget.browser.dialog is not None and shiboken6.isValid(widget.browser.dialog):
         widget.browser.dialog.close()
         widget.browser.dialog.wait()
     widget.wait()
@@ -113,3 +114,40 @@ def test_a_sample_opens_large_with_its_map_probabilities_and_path(qtbot, panel, 
     qtbot.keyClick(dialog, Qt.Key.Key_Right)
     assert dialog.row == 1 and dialog.path.text() == rows[1]["path"]
     qtbot.waitUntil(lambda: dialog.shown is not None, timeout=60000)
+
+
+def test_relabel_and_exclude_from_the_large_view_survive_switching_views_and_reopening(qtbot, panel, tmp_path):
+    from conftest import write_project
+
+    from widgets.corrections_panel import CorrectionsPanel, SampleCorrections
+    from widgets.state import ProjectState
+
+    images = Path(panel.result["predictions"][0]["path"]).parents[1]
+    project = write_project(tmp_path / "project.json", str(images))
+    state = ProjectState()
+    state.open(project)
+    corrections = CorrectionsPanel(state)
+    qtbot.addWidget(corrections)
+    panel.browser.make_actions = lambda dialog: SampleCorrections(corrections, dialog.class_names)
+
+    rows = panel.show_class("red")
+    dialog = panel.browser.open_row(0)
+    dialog.action_bar.exclude_button.click()
+    dialog.go(1)
+    dialog.action_bar.relabel_class.setCurrentText("blue")
+    dialog.action_bar.relabel_button.click()
+    first, second = (Path(r["path"]).relative_to(images).as_posix() for r in rows[:2])
+    expected = [(first, "excluded", ""), (second, "relabelled as blue", "")]
+    assert corrections.entries() == expected
+    qtbot.waitUntil(lambda: dialog.shown is not None, timeout=60000)
+
+    dialog.close()  # other views: another class, the hardest list, back
+    panel.show_class("green")
+    panel.sample_tabs.setCurrentIndex(0)
+    panel.sample_tabs.setCurrentIndex(1)
+    assert corrections.entries() == expected
+
+    state.save()
+    reopened = ProjectState()
+    reopened.open(project)
+    assert CorrectionsPanel(reopened).entries() == expected
