@@ -61,6 +61,8 @@ OBJECT_NAMES = {
     "evaluation.confusion": "the confusion matrix heat map (rows: true class, columns: predicted class)",
     "evaluation.hardest": "the highest-loss samples with their image, true and predicted class, and loss",
     "evaluation.sample_tabs": "the highest-loss samples, or the samples of the chosen cell or class",
+    "evaluation.difference": "shows the confusion matrix minus the previous evaluation's (e.g. the run before "
+    "corrections): red cells grew, blue ones shrank",
 }
 
 TOP_N = 30  # hardest samples fetched and shown
@@ -76,6 +78,14 @@ def viridis(t: float) -> QColor:
     i = min(int(t), len(_VIRIDIS) - 2)
     f = t - i
     a, b = _VIRIDIS[i], _VIRIDIS[i + 1]
+    return QColor(*(round(a[c] + (b[c] - a[c]) * f) for c in range(3)))
+
+
+def diverging(t: float) -> QColor:
+    """Blue (t = 0) through near-white (0.5) to red (1): fewer / the same / more, in a difference matrix."""
+    t = min(max(t, 0.0), 1.0)
+    blue, white, red = (49, 99, 180), (245, 245, 245), (200, 50, 40)
+    a, b, f = (blue, white, t * 2) if t < 0.5 else (white, red, t * 2 - 1)
     return QColor(*(round(a[c] + (b[c] - a[c]) * f) for c in range(3)))
 
 
@@ -192,6 +202,7 @@ class ConfusionMatrixView(QWidget):
     def __init__(self, parent: QWidget | None = None):
         super().__init__(parent)
         self.current: tuple[int, int] | None = None  # the keyboard's cell
+        self._diff: np.ndarray | None = None
         self.setFocusPolicy(Qt.FocusPolicy.StrongFocus)
         self._counts = np.zeros((0, 0), dtype=np.int64)
         self._names: list[str] = []
@@ -213,6 +224,7 @@ class ConfusionMatrixView(QWidget):
 
     def clear(self, text: str = "No evaluation yet.") -> None:
         self.current = None
+        self._diff = None
         self._counts = np.zeros((0, 0), dtype=np.int64)
         self._names = []
         self._empty_text = text
@@ -231,22 +243,41 @@ class ConfusionMatrixView(QWidget):
     def is_normalised(self) -> bool:
         return self._normalised
 
+    def set_difference(self, diff: np.ndarray | None) -> None:
+        """Show these signed count changes (this evaluation minus an earlier one) instead; None: the counts."""
+        self._diff = None if diff is None else np.asarray(diff, dtype=np.int64)
+        self.update()
+
+    def difference(self) -> np.ndarray | None:
+        return None if self._diff is None else self._diff.copy()
+
+    def _colour(self, t: float) -> QColor:
+        return diverging(t) if self._diff is not None else viridis(t)
+
     def values(self) -> np.ndarray:
-        """What the colours show: counts, or each row divided by its true-class total."""
+        """What the colours show: counts, each row divided by its true-class total, or a difference."""
+        if self._diff is not None:
+            return self._diff.astype(np.float64)
         if not self._normalised:
             return self._counts.astype(np.float64)
         totals = self._counts.sum(axis=1, keepdims=True)
         return np.divide(self._counts, totals, out=np.zeros(self._counts.shape), where=totals > 0)
 
     def cell_text(self, row: int, col: int) -> str:
+        if self._diff is not None:
+            return f"{int(self._diff[row, col]):+d}" if self._diff[row, col] else "0"
         if self._normalised:
             return f"{self.values()[row, col] * 100:.0f}%"
         return str(int(self._counts[row, col]))
 
     def _scale_max(self) -> float:
+        if self._diff is not None:
+            return float(max(int(np.abs(self._diff).max(initial=0)), 1))
         return 1.0 if self._normalised else float(max(int(self._counts.max(initial=0)), 1))
 
     def _scale_label(self, value: float) -> str:
+        if self._diff is not None:
+            return f"{value:+.0f}" if value else "0"
         return f"{value * 100:.0f}%" if self._normalised else f"{value:.0f}"
 
     # --- geometry
@@ -270,7 +301,10 @@ class ConfusionMatrixView(QWidget):
         title_h = fm.height() + pad  # the rotated "True class" and the "Predicted class" titles
         bar_w = fm.height()
         bar_label_w = (
-            max(fm.horizontalAdvance(self._scale_label(v)) for v in (0.0, 0.5 * self._scale_max(), self._scale_max()))
+            max(
+                fm.horizontalAdvance(self._scale_label(v))
+                for v in (0.0, 0.5 * self._scale_max(), self._scale_max(), -self._scale_max())
+            )
             + pad
         )
         left = pad + title_h + label_w
@@ -350,6 +384,8 @@ class ConfusionMatrixView(QWidget):
         values = self.values()
         top = self._scale_max()
         widest = "100%" if self._normalised else str(int(self._counts.max(initial=0)))
+        if self._diff is not None:
+            widest = f"+{int(np.abs(self._diff).max(initial=0))}"
         cell_font = self._cell_font(widest, cell)
         write = k <= MAX_LABELLED_CLASSES and cell_font is not None
         if write:
@@ -357,7 +393,8 @@ class ConfusionMatrixView(QWidget):
         for r in range(k):
             for c in range(k):
                 rect = self._cell_rect(geo, r, c)
-                colour = viridis(values[r, c] / top)
+                t = (values[r, c] / top + 1) / 2 if self._diff is not None else values[r, c] / top
+                colour = self._colour(t)
                 painter.fillRect(rect, colour)
                 if write:
                     # Dark text on the light end of the map, light text on the dark end.
@@ -411,7 +448,7 @@ class ConfusionMatrixView(QWidget):
         gradient = QLinearGradient(bar.bottomLeft(), bar.topLeft())
         for i in range(len(_VIRIDIS)):
             t = i / (len(_VIRIDIS) - 1)
-            gradient.setColorAt(t, viridis(t))
+            gradient.setColorAt(t, self._colour(t))
         painter.fillRect(bar, gradient)
         painter.drawRect(bar)
         for frac in (0.0, 0.5, 1.0):
@@ -419,7 +456,9 @@ class ConfusionMatrixView(QWidget):
             painter.drawLine(QPointF(bar.right(), y), QPointF(bar.right() + pad / 2, y))
             label_rect = QRectF(bar.right() + pad, y - fm.height() / 2, self.width() - bar.right() - pad, fm.height())
             painter.drawText(
-                label_rect, Qt.AlignmentFlag.AlignLeft | Qt.AlignmentFlag.AlignVCenter, self._scale_label(frac * top)
+                label_rect,
+                Qt.AlignmentFlag.AlignLeft | Qt.AlignmentFlag.AlignVCenter,
+                self._scale_label((2 * frac - 1) * top if self._diff is not None else frac * top),
             )
 
     def mousePressEvent(self, event) -> None:  # noqa: N802 - Qt's name
@@ -582,6 +621,12 @@ class EvaluationPanel(QWidget):
         self.normalise.setToolTip("Show each row as the share of its true class")
         self.normalise.setObjectName("evaluation.normalise")
         self.normalise.toggled.connect(self._on_normalise_changed)
+        self.difference = QCheckBox("Difference from previous")
+        self.difference.setObjectName("evaluation.difference")
+        self.difference.setEnabled(False)
+        self.difference.toggled.connect(self._on_difference_changed)
+        self._latest: dict | None = None  # {"confusion", "class_names", "checkpoint", "data"} of the last evaluation
+        self.previous: dict | None = None  # the same for the one before it
 
         self.table.cellClicked.connect(self._on_table_clicked)
         self.table.cellActivated.connect(self._on_table_clicked)
@@ -615,7 +660,11 @@ class EvaluationPanel(QWidget):
         QVBoxLayout(table_box).addWidget(self.table)
         matrix_box = QGroupBox("Confusion matrix")
         matrix_layout = QVBoxLayout(matrix_box)
-        matrix_layout.addWidget(self.normalise)
+        matrix_options = QHBoxLayout()
+        matrix_options.addWidget(self.normalise)
+        matrix_options.addWidget(self.difference)
+        matrix_options.addStretch(1)
+        matrix_layout.addLayout(matrix_options)
         matrix_layout.addWidget(self.matrix, 1)
         self.browser = SampleBrowser()
         self.samples.itemActivated.connect(self._on_hardest_activated)
@@ -756,6 +805,19 @@ class EvaluationPanel(QWidget):
     def _on_normalise_changed(self, on: bool) -> None:
         self.matrix.set_normalised(on)
 
+    def _on_difference_changed(self, on: bool) -> None:
+        diff = self.confusion_difference() if on else None
+        self.matrix.set_difference(diff)
+        self.normalise.setEnabled(diff is None)
+
+    def confusion_difference(self) -> np.ndarray | None:
+        """This evaluation's confusion matrix minus the previous one's, when both have the same classes."""
+        ev = self.result or {}
+        prev = self.previous
+        if not ev.get("confusion") or prev is None or prev["class_names"] != ev.get("class_names"):
+            return None
+        return np.asarray(ev["confusion"], dtype=np.int64) - np.asarray(prev["confusion"], dtype=np.int64)
+
     def _on_evaluation_progressed(self, request: int, value: Any) -> None:
         if request != self._request:
             return
@@ -776,6 +838,16 @@ class EvaluationPanel(QWidget):
             self.logged.emit("Evaluation stopped")
             return
         ev = value["evaluation"]
+        if ev.get("confusion"):
+            self.previous, self._latest = (
+                self._latest,
+                {
+                    "confusion": ev["confusion"],
+                    "class_names": ev["class_names"],
+                    "checkpoint": self.checkpoint,
+                    "data": ev.get("data", ""),
+                },
+            )
         self._arrays = value["arrays"]
         self._evaluated_checkpoint = self.checkpoint
         self._show_results(ev)
@@ -884,6 +956,9 @@ class EvaluationPanel(QWidget):
 
     def _show_results(self, ev: dict | None) -> None:
         self.result = ev
+        self.difference.setEnabled(False)
+        self.matrix.set_difference(None)
+        self.normalise.setEnabled(True)
         self.browser.clear()
         self.sample_tabs.setCurrentIndex(0)
         self.thumbnails = []
@@ -919,6 +994,14 @@ class EvaluationPanel(QWidget):
 
         if ev.get("confusion"):
             self.matrix.set_matrix(ev["confusion"], ev["class_names"])
+            comparable = self.confusion_difference() is not None
+            self.difference.setEnabled(comparable)
+            if comparable and self.previous is not None:
+                self.difference.setToolTip(
+                    f"Minus the evaluation before: {self.previous['checkpoint']} on {self.previous['data']}"
+                )
+            if self.difference.isChecked():
+                self._on_difference_changed(comparable)
         else:
             task = ev.get("task", "")
             self.matrix.clear(f"No confusion matrix for a {task} model (only single-label classification has one).")

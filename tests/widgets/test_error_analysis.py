@@ -151,3 +151,22 @@ def test_relabel_and_exclude_from_the_large_view_survive_switching_views_and_reo
     reopened = ProjectState()
     reopened.open(project)
     assert CorrectionsPanel(reopened).entries() == expected
+
+
+def test_the_difference_view_compares_two_evaluations_cell_by_cell(qtbot, panel):
+    first = np.array(panel.result["confusion"])
+    assert not panel.difference.isEnabled()  # nothing to compare with yet
+    images = Path(panel.result["predictions"][0]["path"]).parents[1]
+    with qtbot.waitSignal(panel.evaluated, timeout=60000):
+        assert panel.evaluate(data=images)  # the whole dataset this time: every cell can change
+    qtbot.waitUntil(panel.thumbnails_done, timeout=30000)
+    second = np.array(panel.result["confusion"])
+    assert second.sum() > first.sum()
+    assert panel.difference.isEnabled()
+    panel.difference.setChecked(True)
+    assert np.array_equal(panel.matrix.difference(), second - first)
+    r, c = np.unravel_index(int(np.argmax(np.abs(second - first))), first.shape)
+    assert panel.matrix.cell_text(r, c) == f"{int((second - first)[r, c]):+d}"
+    assert not panel.normalise.isEnabled()
+    panel.difference.setChecked(False)
+    assert panel.matrix.difference() is None and panel.matrix.cell_text(r, c) == str(second[r, c])
