@@ -390,6 +390,7 @@ class MainWindow(QMainWindow):
         self.evaluation.logged.connect(self.log)
         # Relabel / exclude on any image the evaluation views show, kept in the project (Dataset > Corrections).
         self.evaluation.browser.make_actions = self._sample_corrections
+        self.evaluation.browser.corrections = self.dataset.corrections
         self.dataset.corrections.train_requested.connect(self.train)
 
     def _sample_corrections(self, dialog: QDialog) -> QWidget:

@@ -25,6 +25,7 @@ from PySide6.QtWidgets import (
     QHBoxLayout,
     QLabel,
     QListView,
+    QMenu,
     QPushButton,
     QSizePolicy,
     QStyle,
@@ -572,6 +573,10 @@ class SampleBrowser(QWidget):
         self.cam.toggled.connect(self._on_cam_toggled)
         self.grid = SampleGrid(self.model)
         self.grid.opened.connect(self.open_row)
+        self.grid.setContextMenuPolicy(Qt.ContextMenuPolicy.CustomContextMenu)
+        self.grid.customContextMenuRequested.connect(self._on_context_menu)
+        # Where Relabel as... / Exclude from training go (widgets.corrections_panel.CorrectionsPanel); None: not offered.
+        self.corrections: Any = None
         self.class_names: list[str] = []
         self.checkpoint: str | None = None
         self.arrays: dict | None = None
@@ -610,6 +615,24 @@ class SampleBrowser(QWidget):
             checkpoint=None,
             class_names=[],
         )
+
+    def context_menu(self, row: int) -> QMenu:
+        """Open large, and (with a project to keep them in) Relabel as... and Exclude from training."""
+        menu = QMenu(self)
+        menu.addAction("Open large", lambda: self.open_row(row))
+        sample = self.model.rows()[row]
+        if self.corrections is not None and Path(sample["path"]).is_file():
+            relabel = menu.addMenu("Relabel as...")
+            for name in self.class_names:
+                if name != sample["true"]:
+                    relabel.addAction(name, partial(self.corrections.relabel, sample["path"], name))
+            menu.addAction("Exclude from training", partial(self.corrections.exclude, sample["path"]))
+        return menu
+
+    def _on_context_menu(self, pos: Any) -> None:
+        index = self.grid.indexAt(pos)
+        if index.isValid():
+            self.context_menu(index.row()).exec(self.grid.viewport().mapToGlobal(pos))
 
     def _on_cam_toggled(self, on: bool) -> None:
         self.model.set_cam("gradcam" if on else None)

@@ -170,3 +170,27 @@ def test_the_difference_view_compares_two_evaluations_cell_by_cell(qtbot, panel)
     assert not panel.normalise.isEnabled()
     panel.difference.setChecked(False)
     assert panel.matrix.difference() is None and panel.matrix.cell_text(r, c) == str(second[r, c])
+
+
+def test_the_grids_context_menu_relabels_and_excludes(qtbot, panel, tmp_path):
+    from conftest import write_project
+
+    from widgets.corrections_panel import CorrectionsPanel
+    from widgets.state import ProjectState
+
+    images = Path(panel.result["predictions"][0]["path"]).parents[1]
+    state = ProjectState()
+    state.open(write_project(tmp_path / "project.json", str(images)))
+    corrections = CorrectionsPanel(state)
+    qtbot.addWidget(corrections)
+    rows = panel.show_class("blue")
+    assert [a.text() for a in panel.browser.context_menu(0).actions()] == ["Open large"]  # nowhere to keep them
+    panel.browser.corrections = corrections
+    menu = panel.browser.context_menu(0)
+    assert [a.text() for a in menu.actions()] == ["Open large", "Relabel as...", "Exclude from training"]
+    relabel = menu.actions()[1].menu()
+    assert [a.text() for a in relabel.actions()] == ["green", "red"]  # not the class it has
+    relabel.actions()[1].trigger()
+    menu.actions()[2].trigger()
+    key = Path(rows[0]["path"]).relative_to(images).as_posix()
+    assert state.get("data.relabel") == {key: "red"} and state.get("data.exclude") == [key]
