@@ -660,11 +660,8 @@ class EvaluationPanel(QWidget):
         QVBoxLayout(table_box).addWidget(self.table)
         matrix_box = QGroupBox("Confusion matrix")
         matrix_layout = QVBoxLayout(matrix_box)
-        matrix_options = QHBoxLayout()
-        matrix_options.addWidget(self.normalise)
-        matrix_options.addWidget(self.difference)
-        matrix_options.addStretch(1)
-        matrix_layout.addLayout(matrix_options)
+        matrix_layout.addWidget(self.normalise)  # one above the other: side by side they widen the tab at 1280 px
+        matrix_layout.addWidget(self.difference)
         matrix_layout.addWidget(self.matrix, 1)
         self.browser = SampleBrowser()
         self.samples.itemActivated.connect(self._on_hardest_activated)
