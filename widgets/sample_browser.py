@@ -80,7 +80,7 @@ class _Pixels:
         from engine.data import array_to_tensor, load_image, scan_source
 
         if not (path.startswith("row ") and not Path(path).exists()):
-            return np.asarray(load_image(path), dtype=np.uint8)
+            return np.array(load_image(path), dtype=np.uint8)  # writable: torch warns on a read-only array
         if self._rows is None and not self._error:
             try:
                 a = self.arrays
