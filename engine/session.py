@@ -132,6 +132,7 @@ class RunSession:
         self.run_dir: Path | None = None
         self.trainer: Trainer | None = None
         self.dist: Any = None
+        self._made_out = False  # a resumed run's --out folder this session created (removed again if left empty)
 
     @property
     def is_main(self) -> bool:
@@ -142,6 +143,7 @@ class RunSession:
 
         if self.resume is not None:
             assert self.checkpoint is not None, "a resumed session needs its checkpoint's path"
+            self._made_out = self.out is not None and not Path(self.out).expanduser().exists()
             return resume_run_dir(self.checkpoint, self.out, log=self.log)
         return create_run_dir(self.cfg, self.out, log=self.log)
 
@@ -195,7 +197,11 @@ class RunSession:
                 EventEmitter(folder, self.outputs, world_size=self.dist.world_size if self.dist is not None else 1)
             )
             self.trainer = Trainer(
-                self.cfg, [*callbacks, *self.callbacks], stop_event=self.stop_event, resume=self.resume
+                self.cfg,
+                [*callbacks, *self.callbacks],
+                stop_event=self.stop_event,
+                resume=self.resume,
+                resume_source=self.checkpoint,
             )
             state = self.trainer.run()
             result = RunFinished(
@@ -209,7 +215,13 @@ class RunSession:
         except BaseException as exc:
             release_run_dir(self.run_dir)
             run_dir = self.run_dir
-            if self.is_main and fresh and run_dir is not None and run_dir.is_dir() and not any(run_dir.iterdir()):
+            if (
+                self.is_main
+                and (fresh or self._made_out)
+                and run_dir is not None
+                and run_dir.is_dir()
+                and not any(run_dir.iterdir())
+            ):
                 run_dir.rmdir()  # failed before anything was written: leave no empty run folder behind
                 run_dir = None
             done = 0

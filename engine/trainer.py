@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 import threading
 import time
 from collections.abc import Callable, Iterable
@@ -236,14 +237,17 @@ class Trainer:
         callbacks: Iterable[Callback] = (),
         stop_event: threading.Event | None = None,
         resume: dict[str, Any] | None = None,
+        resume_source: str | os.PathLike | None = None,
     ):
-        """resume: a checkpoint (as loaded by engine.checkpoints.load_checkpoint) to continue exactly."""
+        """resume: a checkpoint (as loaded by engine.checkpoints.load_checkpoint) to continue exactly; resume_source:
+        its file, named in the messages when it cannot be resumed."""
         self.cfg = cfg
         self.callbacks = list(callbacks)
         self.stop_event = stop_event or threading.Event()
         self.state = TrainState(epochs=cfg.train.epochs)
         self.parts: RunParts | None = None
         self.resume = resume
+        self.resume_source = resume_source
         self.best = MetricTracker(cfg.checkpoint.monitor, cfg.checkpoint.mode)
         es = cfg.early_stopping
         self.early = MetricTracker(es.monitor, es.mode, es.min_delta) if es.enabled else None
@@ -409,12 +413,13 @@ class Trainer:
     def _restore(self, ckpt: dict[str, Any]) -> None:
         """Put model, optimizer, schedule, RNGs and history back as they were when ckpt was written."""
         p, state = self.built, self.state
+        cannot = f"cannot resume from {self.resume_source}" if self.resume_source is not None else "cannot resume"
         saved_classes = list(ckpt.get("class_names", []))
         if saved_classes != list(p.data.class_names):
             gone = [c for c in saved_classes if c not in p.data.class_names]
             new = [c for c in p.data.class_names if c not in saved_classes]
             raise CheckpointError(
-                "cannot resume: the dataset's classes changed since the checkpoint"
+                f"{cannot}: the dataset's classes changed since the checkpoint"
                 + (f"; missing now: {', '.join(gone)}" if gone else "")
                 + (f"; new: {', '.join(new)}" if new else "")
                 + ("" if gone or new else "; same names in another order")
@@ -422,14 +427,13 @@ class Trainer:
             )
         if ckpt.get("backbone") not in (None, self.cfg.model.backbone):
             raise CheckpointError(
-                f"cannot resume: the checkpoint is a {ckpt['backbone']}, the project builds a {self.cfg.model.backbone}"
+                f"{cannot}: the checkpoint is a {ckpt['backbone']}, the project builds a {self.cfg.model.backbone}"
             )
         try:
             p.model.load_state_dict(ckpt["model_state_dict"])
         except RuntimeError as exc:
             raise CheckpointError(
-                "cannot resume: the model's architecture differs from the checkpoint's: "
-                + " ".join(str(exc).split())[:400]
+                f"{cannot}: the model's architecture differs from the checkpoint's: " + " ".join(str(exc).split())[:400]
             ) from None
         p.optimizer.load_state_dict(ckpt["optimizer_state_dict"])
         try:

@@ -164,10 +164,11 @@ def test_a_head_that_does_not_fit_its_class_names_is_no_obstacle_to_init_from_bu
     resumed = cli_here(capfd, *commands["resume"])
     assert_one_line_error(
         resumed,
-        "cannot resume: the dataset's classes changed since the checkpoint; missing now: cat, dog; new: "
-        "blue, green, red. Start a new run from its weights instead (train --init-from)",
+        f"cannot resume from {ws / 'bad' / name}: the dataset's classes changed since the checkpoint; "
+        "missing now: cat, dog; new: blue, green, red. Start a new run from its weights instead (train --init-from)",
     )
     assert snapshot(ws) == before
+    assert not (ws / "resumed").exists()  # the --out folder the failed resume made is not left behind, empty
 
     started = cli_here(capfd, *commands["train --init-from"])
     assert started.returncode == 0, started.stderr
