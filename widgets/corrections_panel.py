@@ -106,6 +106,21 @@ class CorrectionsPanel(QWidget):
         self.logged.emit(f"Relabelled {key} as {class_name} (data.relabel)")
         return key
 
+    def why_not_correctable(self, path: str) -> str:
+        """Why an image cannot be corrected in this project ("" when it can): not a file, or not of its dataset
+        (an evaluation on another folder shows images the project never reads)."""
+        from engine.corrections import sample_key_for
+
+        if not Path(path).is_file():
+            return "Not an image file: it cannot be corrected here."
+        try:
+            key = sample_key_for(self.state.config, path)
+        except ValueError as exc:
+            return f"No dataset to correct: {exc}"
+        if key.startswith("../") and not self.state.get("data.val_path"):
+            return "Not an image of the project's dataset (evaluated on other data): it cannot be corrected here."
+        return ""
+
     def remove(self, keys: list[str]) -> None:
         from engine.corrections import without_excluded, without_relabel
 
@@ -267,10 +282,10 @@ class SampleCorrections(QWidget):
         if row.get("true") in [self.relabel_class.itemText(i) for i in range(self.relabel_class.count())]:
             # Offer the model's answer: on a mistake the likeliest correction.
             self.relabel_class.setCurrentText(row.get("predicted", row["true"]))
-        usable = Path(row["path"]).is_file()
-        self.relabel_button.setEnabled(usable)
-        self.exclude_button.setEnabled(usable)
-        self.status.setText("" if usable else "Not an image file of the dataset: it cannot be corrected here.")
+        why = self.panel.why_not_correctable(row["path"])
+        self.relabel_button.setEnabled(not why)
+        self.exclude_button.setEnabled(not why)
+        self.status.setText(why)
 
     def _on_relabel_clicked(self) -> None:
         if self.sample is not None:

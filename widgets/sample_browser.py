@@ -621,7 +621,7 @@ class SampleBrowser(QWidget):
         menu = QMenu(self)
         menu.addAction("Open large", lambda: self.open_row(row))
         sample = self.model.rows()[row]
-        if self.corrections is not None and Path(sample["path"]).is_file():
+        if self.corrections is not None and not self.corrections.why_not_correctable(sample["path"]):
             relabel = menu.addMenu("Relabel as...")
             for name in self.class_names:
                 if name != sample["true"]:

@@ -130,3 +130,12 @@ def test_a_corrected_copy_is_written_elsewhere_and_the_originals_stay(panel, tin
     with pytest.raises(ValueError, match="inside the dataset"):
         panel.save_copy(str(images / "corrected"))
     assert digest(images) == original  # nothing moved, changed or added in the dataset
+
+
+def test_an_image_outside_the_dataset_is_not_offered_for_correction(panel, tiny_project, tmp_path):
+    from conftest import write_image_folder
+
+    other = write_image_folder(tmp_path / "elsewhere", per_class=1)
+    assert panel.why_not_correctable(str(tiny_project.parent / "images" / "red" / "001.png")) == ""
+    assert "not an image of the project's dataset" in panel.why_not_correctable(str(other / "red" / "000.png")).lower()
+    assert "not an image file" in panel.why_not_correctable(str(tmp_path / "gone.png")).lower()
