@@ -427,6 +427,45 @@ def cmd_layers(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_runs(args: argparse.Namespace) -> int:
+    import json
+
+    from engine.run_table import DEFAULT_COLUMNS, as_json, column, format_table, list_runs
+
+    keys = list(args.columns.split(",")) if args.columns else list(DEFAULT_COLUMNS)
+    keys += [k for k in args.field or [] if k not in keys]
+    for key in keys:
+        column(key)  # refuses an unknown column by name before anything is read
+    records = list_runs(args.folders or ["runs"])
+    if args.status:
+        records = [r for r in records if r.status == args.status]
+    if args.json:
+        print(json.dumps(as_json(records, keys), indent=2))
+    elif not records:
+        print(f"No runs in {', '.join(args.folders or ['runs'])}", file=sys.stderr)
+    else:
+        print(format_table(records, keys))
+    return EXIT_OK
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    import json
+
+    from engine.run_table import format_diff, project_diff, read_run
+
+    if len(args.runs) < 2:
+        raise ConfigError(["compare needs two or more run folders"])
+    missing = [r for r in args.runs if not Path(r).is_dir()]
+    if missing:
+        raise ConfigError([f"run folder {m!r} does not exist" for m in missing])
+    records = [read_run(r) for r in args.runs]
+    if args.json:
+        print(json.dumps({path: values for path, values in project_diff(records)}, indent=2))
+    else:
+        print(format_diff(records))
+    return EXIT_OK
+
+
 _finished_sent: list[bool] = []  # _train wrote the run_finished event (so main's error path does not again)
 
 
@@ -532,6 +571,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--depth", type=int, help="show modules down to this depth only")
     p.add_argument("--classes", type=int, help="number of outputs (default: from the project's dataset)")
     p.set_defaults(func=cmd_layers)
+
+    p = sub.add_parser("runs", help="list the runs in run folders: status, settings and results, one per line")
+    p.add_argument("folders", nargs="*", metavar="DIR", help="folders holding run folders (default: runs)")
+    p.add_argument("--json", action="store_true", help="print the rows as JSON instead of a table")
+    p.add_argument(
+        "--field",
+        action="append",
+        metavar="FIELD",
+        help="add a project field as a column, by its dotted name such as optimizer.weight_decay (repeatable)",
+    )
+    p.add_argument("--columns", help="the columns, comma-separated, instead of the default ones")
+    p.add_argument("--status", choices=["running", "completed", "stopped", "failed"], help="only runs in this state")
+    p.set_defaults(func=cmd_runs)
+
+    p = sub.add_parser("compare", help="the project fields that differ between two or more runs, side by side")
+    p.add_argument("runs", nargs="+", metavar="RUN_DIR")
+    p.add_argument("--json", action="store_true", help="print {field: [value per run]} as JSON")
+    p.set_defaults(func=cmd_compare)
     return parser
 
 
