@@ -219,7 +219,7 @@ def run_status(folder: Path, info: dict[str, Any], owner: dict[str, Any] | None)
     recorded = info.get("status")
     if recorded in ("stopped", "failed"):
         return recorded, info.get("error")
-    if recorded == "running":
+    if info:  # run.json is written from the start: still saying running (or nothing yet) with nobody holding it
         return "failed", "the process ended without finishing the run (killed, or the machine went down)"
     # Written before run.json existed: a folder without final.pt was stopped (or killed) before its end.
     return "stopped", None
