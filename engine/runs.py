@@ -6,6 +6,7 @@ import json
 import math
 import os
 import re
+import secrets
 import shutil
 import time
 from collections.abc import Callable
@@ -292,6 +293,63 @@ class TensorBoardLogger(Callback):
         self.writer = None
 
 
+class WandbLogger(Callback):
+    """Weights & Biases logging (output.wandb): the project as the run's config, each epoch's metrics, the outcome.
+
+    offline writes into RUN/wandb (`wandb sync` uploads it later); online needs `wandb login`. The W&B run's id is
+    kept in run.json, so a resumed run continues the same W&B run. group: runs shown together (a sweep's study).
+    """
+
+    def __init__(self, run_dir: Path, group: str | None = None):
+        self.run_dir = Path(run_dir)
+        self.group = group
+        self.run: Any = None
+
+    def on_run_started(self, trainer: Trainer, state: TrainState) -> None:
+        wandb = import_wandb(trainer.cfg.output.wandb.mode)
+        settings = trainer.cfg.output.wandb
+        run_id = read_run_info(self.run_dir).get("wandb_id") or secrets.token_hex(4)  # W&B ids: [a-z0-9]
+        self.run = wandb.init(
+            project=settings.project or _slug(trainer.cfg.name),
+            entity=settings.entity,
+            mode=settings.mode,
+            dir=str(self.run_dir),
+            name=self.run_dir.name,
+            id=run_id,
+            resume="allow",
+            group=self.group,
+            config=project_as_run(trainer.cfg).to_dict(),
+        )
+        update_run_info(self.run_dir, wandb_id=run_id)
+
+    def on_epoch_finished(self, trainer: Trainer, state: TrainState, metrics: dict[str, Any]) -> None:
+        values = {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+        self.run.log({k: v for k, v in values.items() if math.isfinite(v)}, step=state.epoch)
+
+    def on_run_finished(self, trainer: Trainer, state: TrainState) -> None:
+        if self.run is None:
+            return
+        self.run.summary["status"] = state.status
+        if state.best_epoch is not None:
+            self.run.summary["best_epoch"] = state.best_epoch
+        self.run.finish(exit_code=1 if state.status == "failed" else 0)
+        self.run = None
+
+
+def import_wandb(mode: str) -> Any:
+    """The wandb package, or a ConfigError saying how to install it."""
+    try:
+        import wandb
+    except ImportError:
+        raise ConfigError(
+            [
+                f"output.wandb.mode = {mode!r} needs the wandb package: pip install wandb "
+                "(or pip install -e '.[wandb]'), or set output.wandb.mode to 'off'"
+            ]
+        ) from None
+    return wandb
+
+
 def hyperparameters(cfg: ProjectConfig) -> dict[str, Any]:
     """The settings worth comparing across runs, flattened for TensorBoard's HParams view."""
     return {
@@ -318,6 +376,9 @@ def run_callbacks(cfg: ProjectConfig, run_dir: Path, labels: dict[str, Any] | No
     callbacks: list[Callback] = [RunRecorder(run_dir, labels)]
     if cfg.output.tensorboard:
         callbacks.append(TensorBoardLogger(run_dir))
+    if cfg.output.wandb.mode != "off":
+        sweep = (labels or {}).get("sweep")
+        callbacks.append(WandbLogger(run_dir, group=sweep.get("study") if isinstance(sweep, dict) else None))
     return callbacks
 
 
