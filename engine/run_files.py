@@ -17,13 +17,24 @@ RUN_INFO_FILE = "run.json"
 def read_metrics(run_dir: str | os.PathLike) -> list[dict[str, Any]]:
     """The epochs recorded in a run folder's metrics.jsonl; a line cut short by a crash is ignored."""
     path = Path(run_dir) / METRICS_FILE
+    try:
+        lines = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    except FileNotFoundError:
+        return []
+    try:  # one parse for the whole file (the runs table reads hundreds of these); line by line if one is cut
+        rows = json.loads("[" + ",".join(lines) + "]")
+        if all(isinstance(row, dict) for row in rows):
+            return rows
+    except json.JSONDecodeError:
+        pass
     rows = []
-    if path.exists():
-        for line in path.read_text(encoding="utf-8").splitlines():
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError:
-                continue
+    for line in lines:
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(row, dict):
+            rows.append(row)
     return rows
 
 

@@ -8,6 +8,7 @@ Runs view shows the same rows.
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import re
@@ -80,8 +81,11 @@ DEFAULT_COLUMNS: tuple[str, ...] = (
 _RESULTS = {c.key: c for c in RESULT_COLUMNS}
 
 
+@functools.cache
 def project_fields() -> dict[str, Any]:
-    """Every declared project field: dotted path -> its default (a run written before a field existed had it)."""
+    """Every declared project field: dotted path -> its default (a run written before a field existed had it).
+
+    Read once: the declarations do not change while the program runs, and the table asks for every cell."""
     return {path: info.get_default(call_default_factory=True) for path, info in fields(ProjectConfig)}
 
 
@@ -164,41 +168,37 @@ class RunRecord:
         epochs = _get(self.project, "train.epochs", None)
         return epochs if isinstance(epochs, int) else None
 
-    def result(self, key: str) -> Any:
+    @functools.cached_property
+    def results(self) -> dict[str, Any]:
+        """Every result column's value, computed once from the metrics."""
         rows = self.metrics
         acc = _finite(r.get("val_accuracy") for r in rows)
         loss = _finite(r.get("val_loss") for r in rows)
         last = rows[-1] if rows else {}
-        if key == "name":
-            return self.name
-        if key == "started":
-            return self.started
-        if key == "status":
-            return self.status
-        if key == "epochs":
-            done = int(last.get("epoch", len(rows))) if rows else 0
-            return f"{done}/{self.planned_epochs}" if self.planned_epochs else str(done)
-        if key == "best_val_accuracy":
-            return max(acc) if acc else None
-        if key == "final_val_accuracy":
-            return _finite([last.get("val_accuracy")])[0] if _finite([last.get("val_accuracy")]) else None
-        if key == "best_val_loss":
-            return min(loss) if loss else None
-        if key == "final_val_loss":
-            return _finite([last.get("val_loss")])[0] if _finite([last.get("val_loss")]) else None
-        if key == "wall_seconds":
-            seconds = _finite(r.get("epoch_seconds") for r in rows)
-            return sum(seconds) if seconds else None
-        if key == "samples_per_second":
-            speeds = _finite(r.get("samples_per_second") for r in rows)
-            return sum(speeds) / len(speeds) if speeds else None
-        if key == "trial":
-            sweep = self.info.get("sweep")
-            if not isinstance(sweep, dict):
-                return None
+        seconds = _finite(r.get("epoch_seconds") for r in rows)
+        speeds = _finite(r.get("samples_per_second") for r in rows)
+        done = int(last.get("epoch", len(rows))) if rows else 0
+        sweep = self.info.get("sweep")
+        trial = None
+        if isinstance(sweep, dict):
             state = f" {sweep['state']}" if sweep.get("state") else ""
-            return f"{sweep.get('study', '?')} #{sweep.get('trial', '?')}{state}"
-        raise KeyError(key)
+            trial = f"{sweep.get('study', '?')} #{sweep.get('trial', '?')}{state}"
+        return {
+            "name": self.name,
+            "started": self.started,
+            "status": self.status,
+            "epochs": f"{done}/{self.planned_epochs}" if self.planned_epochs else str(done),
+            "best_val_accuracy": max(acc) if acc else None,
+            "final_val_accuracy": next(iter(_finite([last.get("val_accuracy")])), None),
+            "best_val_loss": min(loss) if loss else None,
+            "final_val_loss": next(iter(_finite([last.get("val_loss")])), None),
+            "wall_seconds": sum(seconds) if seconds else None,
+            "samples_per_second": sum(speeds) / len(speeds) if speeds else None,
+            "trial": trial,
+        }
+
+    def result(self, key: str) -> Any:
+        return self.results[key]
 
     def value(self, key: str) -> Any:
         """A result by name, or a project field by its dotted path (its declared default when the run predates it)."""

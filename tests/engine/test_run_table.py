@@ -170,3 +170,15 @@ def test_run_json_keeps_the_first_start_and_labels(three_runs):
     folder, _ = three_runs
     info = read_run_info(folder / "completed")
     assert info["status"] == "completed" and info["started"] <= info["ended"] and info["resumed"] is None
+
+
+def test_metrics_with_a_line_cut_short_keep_every_whole_line(tmp_path):
+    from engine.run_files import read_metrics
+
+    rows = [{"epoch": e, "val_loss": 1.0 / e} for e in (1, 2, 3)]
+    lines = [json.dumps(r) for r in rows]
+    (tmp_path / "metrics.jsonl").write_text(lines[0] + "\n" + lines[1][:9] + "\n" + lines[2] + "\n\n" + lines[1][:5])
+
+    assert read_metrics(tmp_path) == [rows[0], rows[2]]
+    (tmp_path / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+    assert read_metrics(tmp_path) == rows

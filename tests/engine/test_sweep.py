@@ -7,20 +7,17 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import re
 import shutil
-import signal
 import socket
 import subprocess
-import sys
 import tempfile
-import threading
 from pathlib import Path
 
 import pytest
 from conftest import ROOT, cli, write_image_folder, write_project
 
+from bench.sweep import kill_and_continue, sweep_command
 from engine.checkpoints import load_checkpoint
 from engine.config import ConfigError, load_project
 from engine.run_files import read_metrics, read_run_info
@@ -57,88 +54,12 @@ def _project(root: Path, name: str, epochs: int = 2) -> tuple[Path, Path]:
 
 
 def _sweep(project: Path, space: Path, trials: int, *extra: str) -> list[str]:
-    return [
-        sys.executable,
-        str(ROOT / "main.py"),
-        "sweep",
-        str(project),
-        "--space",
-        str(space),
-        "--trials",
-        str(trials),
-        "--sampler",
-        "random",
-        *extra,
-    ]
+    return sweep_command(project, space, trials, *extra)
 
 
 def _study(root: Path, name: str):
     storage = f"sqlite:///{root / f'runs-{name}' / 'sweeps.db'}"
     return optuna.load_study(study_name=f"{name}-sweep", storage=storage)
-
-
-class _Lines:
-    """A process's stderr read line by line on a thread, so the test can wait for a line and then act."""
-
-    def __init__(self, proc: subprocess.Popen):
-        self.lines: list[str] = []
-        self._new = threading.Condition()
-        self._thread = threading.Thread(target=self._read, args=(proc,), daemon=True)
-        self._thread.start()
-
-    def _read(self, proc: subprocess.Popen) -> None:
-        for line in proc.stderr:
-            with self._new:
-                self.lines.append(line)
-                self._new.notify_all()
-        with self._new:
-            self.lines.append(None)  # the end
-            self._new.notify_all()
-
-    def wait_for(self, pattern: str, count: int = 1) -> bool:
-        """Wait until `count` lines match (True) or the process ends first (False)."""
-        with self._new:
-            while True:
-                matched = [line for line in self.lines if line is not None and re.search(pattern, line)]
-                if len(matched) >= count:
-                    return True
-                if self.lines and self.lines[-1] is None:
-                    return False
-                self._new.wait(120)
-
-    def text(self) -> str:
-        self._thread.join(120)
-        return "".join(line for line in self.lines if line is not None)
-
-
-def kill_and_continue(root: Path, name: str, moments: int, trials: int, seed: int) -> dict:
-    """A sweep SIGKILLed at `moments` moments (the first inside a trial's first epoch, the others seeded after a
-    trial began), started again after each, then run to its end; returns what the checks below need."""
-    project, space = _project(root, name)
-    rng = random.Random(seed)
-    finished: set[int] = set()
-    killed_mid_trial = 0
-    outputs = []
-    for moment in range(moments):
-        proc = subprocess.Popen(_sweep(project, space, trials), stderr=subprocess.PIPE, text=True, cwd=ROOT)
-        lines = _Lines(proc)
-        if moment == 0:
-            reached = lines.wait_for(r"trial \d+ epoch 1 ")  # inside a trial, after its first epoch
-        else:
-            reached = lines.wait_for(r"^trial \d+: ", count=rng.choice([1, 2]))
-            if reached:
-                threading.Event().wait(rng.uniform(0.0, 1.5))  # the seeded moment after that trial began
-        if proc.poll() is None:
-            os.kill(proc.pid, signal.SIGKILL)
-        proc.wait()
-        text = lines.text()
-        outputs.append(text)
-        finished |= {int(n) for n in re.findall(r"^trial (\d+) (?:finished|pruned)", text, re.M)}
-        started = set(re.findall(r"^trial (\d+): ", text, re.M))
-        ended = set(re.findall(r"^trial (\d+) (?:finished|pruned|failed)", text, re.M))
-        killed_mid_trial += bool(started - ended) and proc.returncode == -signal.SIGKILL
-    last = subprocess.run(_sweep(project, space, trials), capture_output=True, text=True, cwd=ROOT, timeout=600)
-    return {"last": last, "finished": finished, "killed_mid_trial": killed_mid_trial, "outputs": outputs}
 
 
 def check_continued_study(root: Path, name: str, trials: int, run: dict) -> None:
@@ -180,7 +101,8 @@ def check_continued_study(root: Path, name: str, trials: int, run: dict) -> None
 
 def test_a_sweep_killed_at_seeded_moments_continues_to_exactly_n_trials(sweep_root):
     # Three moments here (each costs a process start); bench/sweep_kill.py runs five.
-    run = kill_and_continue(sweep_root, "killed", moments=3, trials=3, seed=18)
+    project, space = _project(sweep_root, "killed")
+    run = kill_and_continue(project, space, moments=3, trials=3, seed=18)
     check_continued_study(sweep_root, "killed", 3, run)
 
 
