@@ -457,7 +457,8 @@ def _sweep_workers(args: argparse.Namespace, spec: Any) -> int:
     base = [sys.executable, str(main_py), "sweep", args.project, "--space", args.space, "--trials", str(args.trials)]
     base += ["--storage", spec.storage_url, "--study", spec.study_name, "--sampler", args.sampler]
     base += ["--pruner", args.pruner, "--objective", args.objective, "--workers", "1"]
-    children = [subprocess.Popen([*base, "--worker-index", str(i)], env=env) for i in range(args.workers)]
+    # Workers 1..K: each prints as [worker N] and seeds its sampler apart; this process runs no trial itself.
+    children = [subprocess.Popen([*base, "--worker-index", str(i)], env=env) for i in range(1, args.workers + 1)]
     main_thread = threading.current_thread() is threading.main_thread()
 
     def on_sigterm(signum: int, frame: FrameType | None) -> None:
