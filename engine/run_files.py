@@ -73,12 +73,16 @@ def update_run_info(run_dir: str | os.PathLike, **values: Any) -> dict[str, Any]
         old = info.get(key)
         info[key] = {**old, **value} if isinstance(old, dict) and isinstance(value, dict) else value
     tmp = folder / f".{RUN_INFO_FILE}.{os.getpid()}.tmp"
-    with open(tmp, "w", encoding="utf-8") as fh:
-        json.dump(info, fh, indent=2)
-        fh.write("\n")
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, folder / RUN_INFO_FILE)
+    try:
+        with open(tmp, "w", encoding="utf-8") as fh:
+            json.dump(info, fh, indent=2)
+            fh.write("\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, folder / RUN_INFO_FILE)
+    except OSError:
+        tmp.unlink(missing_ok=True)  # a full disk leaves no half-written temporary behind
+        raise
     return info
 
 
