@@ -24,10 +24,7 @@ from typing import Any
 
 from bench.common import DIGITS, REPO, Figure, Section
 
-SPACE = {
-    "optimizer.lr": {"type": "float", "low": 1e-4, "high": 1e-2, "log": True},
-    "model.freeze_up_to": {"type": "categorical", "choices": ["blocks.1", "blocks.3", "blocks.5"]},
-}
+SPACE_FILE = REPO / "examples" / "spaces" / "default.json"  # learning rate and freeze depth for examples/default.json
 
 
 def _subset(root: Path, per_class: int) -> Path:
@@ -54,11 +51,11 @@ def _digits_project(root: Path, data: Path, epochs: int) -> Path:
 def _timed_sweep(project: Path, trials: int, pruner: str, study: str) -> dict[str, Any]:
     from engine import feature_cache
     from engine.config import load_project
-    from engine.sweep import Sweep, SweepSpec, parse_space, summary
+    from engine.sweep import Sweep, SweepSpec, load_space, summary
 
     feature_cache.clear()
     spec = SweepSpec(
-        load_project(project), parse_space(SPACE), trials=trials, study=study, sampler="random", pruner=pruner
+        load_project(project), load_space(SPACE_FILE), trials=trials, study=study, sampler="random", pruner=pruner
     )
     started = time.perf_counter()
     outcomes = Sweep(spec, log=lambda m: None).run()

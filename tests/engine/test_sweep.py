@@ -22,7 +22,7 @@ from engine.checkpoints import load_checkpoint
 from engine.config import ConfigError, load_project
 from engine.run_files import read_metrics, read_run_info
 from engine.run_table import list_runs, read_run
-from engine.sweep import MAX_RETRIES, check_space, parse_space
+from engine.sweep import MAX_RETRIES, check_space, load_space, parse_space
 
 optuna = pytest.importorskip("optuna")
 from optuna.storages import RetryHeartbeatStaleTrialCallback  # noqa: E402 - after the skip above
@@ -196,6 +196,12 @@ def test_a_choice_the_project_refuses_is_named(sweep_root):
     params = parse_space({"model.freeze_up_to": {"type": "categorical", "choices": ["layer3"]}})
     with pytest.raises(ConfigError, match=r'model.freeze_up_to = "layer3": the project refuses it'):
         check_space(load_project(project), params)
+
+
+def test_the_example_space_fits_the_example_project():
+    params = load_space(ROOT / "examples" / "spaces" / "default.json")
+    check_space(load_project(ROOT / "examples" / "default.json"), params)
+    assert [p.path for p in params] == ["optimizer.lr", "model.freeze_up_to"]
 
 
 def _postgres_binaries() -> tuple[str, str] | None:
