@@ -54,6 +54,9 @@ RUNNERS: dict[str, Callable[[bool], Any]] = {
     "app_overhead": _app("app_overhead"),  # and the UI heartbeat
     "memory": _app("memory"),
     "plot_cost": _app("plot_cost"),
+    "sweep_pruning": lambda quick: importlib.import_module("bench.sweep").pruning(quick),
+    "sweep_kill": lambda quick: importlib.import_module("bench.sweep").kill(quick),
+    "runs_table": lambda quick: importlib.import_module("bench.sweep").runs_table(quick),
 }
 
 

@@ -441,6 +441,166 @@ def cmd_layers(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _sweep_spec(args: argparse.Namespace) -> Any:
+    from engine.sweep import SweepSpec, load_space
+
+    cfg = _load(args.project)
+    spec = SweepSpec(
+        cfg=cfg,
+        params=load_space(args.space),
+        trials=args.trials,
+        storage=args.storage,
+        study=args.study,
+        sampler=args.sampler,
+        pruner=args.pruner,
+        objective=args.objective,
+        worker_index=args.worker_index,
+    )
+    spec.check()
+    return spec
+
+
+def _sweep_workers(args: argparse.Namespace, spec: Any) -> int:
+    """--workers K: K worker processes on one study (this one waits); their lines carry [worker N]."""
+    import os
+    import subprocess
+
+    main_py = Path(__file__).resolve().parent.parent / "main.py"
+    env = dict(os.environ)
+    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // args.workers)))
+    base = [sys.executable, str(main_py), "sweep", args.project, "--space", args.space, "--trials", str(args.trials)]
+    base += ["--storage", spec.storage_url, "--study", spec.study_name, "--sampler", args.sampler]
+    base += ["--pruner", args.pruner, "--objective", args.objective, "--workers", "1"]
+    # Workers 1..K: each prints as [worker N] and seeds its sampler apart; this process runs no trial itself.
+    children = [subprocess.Popen([*base, "--worker-index", str(i)], env=env) for i in range(1, args.workers + 1)]
+    main_thread = threading.current_thread() is threading.main_thread()
+
+    def on_sigterm(signum: int, frame: FrameType | None) -> None:
+        for child in children:
+            child.terminate()  # each stops after its batch, as on Ctrl-C (which the terminal sends them itself)
+
+    previous = signal.signal(signal.SIGTERM, on_sigterm) if main_thread else None
+    interrupted = False
+    try:
+        codes = []
+        for child in children:
+            while True:
+                try:
+                    codes.append(child.wait())
+                    break
+                except KeyboardInterrupt:
+                    interrupted = True  # the children got the Ctrl-C too; wait for them to stop
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+    from engine.sweep import load_study, summary
+
+    _print_sweep_summary(summary(load_study(spec)), spec)
+    if interrupted or any(c == EXIT_INTERRUPTED for c in codes):
+        return EXIT_INTERRUPTED
+    return EXIT_OK if all(c == 0 for c in codes) else EXIT_FAILED
+
+
+def _print_sweep_summary(result: dict[str, Any], spec: Any) -> None:
+    counts = {k: v for k, v in result["trials"].items() if v}
+    print(
+        f"Study {result['study']!r}: " + ", ".join(f"{v} {k}" for k, v in counts.items()) if counts else "no trials",
+        file=sys.stderr,
+    )
+    best = result["best"]
+    if best is not None:
+        params = "  ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in best["params"].items())
+        print(f"Best: trial {best['number']}, {spec.objective} {best['value']:.4f}: {params}")
+        if best["run_dir"]:
+            print(f"Its run folder: {best['run_dir']}")
+
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from engine.sweep import Sweep, summary
+
+    if args.workers < 1:
+        raise ConfigError([f"--workers = {args.workers}: must be at least 1"])
+    spec = _sweep_spec(args)
+    prefix = f"[worker {args.worker_index}] " if args.worker_index else ""
+
+    def log(message: str) -> None:
+        print(prefix + message, file=sys.stderr, flush=True)
+
+    if args.workers > 1:
+        Sweep(spec, log=log).open()  # created (and its space checked against a stored one) once, before the workers
+        return _sweep_workers(args, spec)
+
+    def outputs(number: int) -> list[Output]:
+        def show(event: Event) -> None:
+            if isinstance(event, EpochFinished):
+                log(f"  trial {number} {format_metrics(event.metrics)}")
+
+        return [show]
+
+    sweep = Sweep(spec, log=log, outputs=outputs)
+    sweep.open()
+    log(
+        f"Sweep {spec.study_name!r} in {spec.storage_url}: {args.trials} trial(s), {args.sampler} sampler, "
+        f"{args.pruner} pruner, {spec.objective} ({spec.direction})"
+    )
+
+    def on_signal(signum: int, frame: Any) -> None:
+        if sweep.stop_event.is_set() and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        log("Stopping after this batch; the running trial runs again when the sweep continues (Ctrl-C again to abort)")
+        sweep.stop()
+
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)} if main_thread else {}
+    try:
+        sweep.run()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    if not args.worker_index:
+        _print_sweep_summary(summary(sweep.study), spec)
+    return EXIT_INTERRUPTED if sweep.stop_event.is_set() else EXIT_OK
+
+
+def cmd_runs(args: argparse.Namespace) -> int:
+    import json
+
+    from engine.run_table import DEFAULT_COLUMNS, as_json, column, format_table, list_runs
+
+    keys = list(args.columns.split(",")) if args.columns else list(DEFAULT_COLUMNS)
+    keys += [k for k in args.field or [] if k not in keys]
+    for key in keys:
+        column(key)  # refuses an unknown column by name before anything is read
+    records = list_runs(args.folders or ["runs"])
+    if args.status:
+        records = [r for r in records if r.status == args.status]
+    if args.json:
+        print(json.dumps(as_json(records, keys), indent=2))
+    elif not records:
+        print(f"No runs in {', '.join(args.folders or ['runs'])}", file=sys.stderr)
+    else:
+        print(format_table(records, keys))
+    return EXIT_OK
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    import json
+
+    from engine.run_table import format_diff, project_diff, read_run
+
+    if len(args.runs) < 2:
+        raise ConfigError(["compare needs two or more run folders"])
+    missing = [r for r in args.runs if not Path(r).is_dir()]
+    if missing:
+        raise ConfigError([f"run folder {m!r} does not exist" for m in missing])
+    records = [read_run(r) for r in args.runs]
+    if args.json:
+        print(json.dumps({path: values for path, values in project_diff(records)}, indent=2))
+    else:
+        print(format_diff(records))
+    return EXIT_OK
+
+
 _finished_sent: list[bool] = []  # _train wrote the run_finished event (so main's error path does not again)
 
 
@@ -558,6 +718,44 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--depth", type=int, help="show modules down to this depth only")
     p.add_argument("--classes", type=int, help="number of outputs (default: from the project's dataset)")
     p.set_defaults(func=cmd_layers)
+
+    p = sub.add_parser(
+        "sweep",
+        help="search project fields with Optuna: each trial a run folder; run again to continue the same study",
+    )
+    p.add_argument("project", help="project file (.json)")
+    p.add_argument("--space", required=True, metavar="SPACE.json", help="field -> Optuna distribution (README)")
+    p.add_argument("--trials", type=int, required=True, metavar="N", help="finished (complete or pruned) trials")
+    p.add_argument(
+        "--storage",
+        metavar="URL",
+        help="Optuna storage URL (default: sqlite:///OUTPUT_DIR/sweeps.db); postgresql://... for several machines",
+    )
+    p.add_argument("--study", metavar="NAME", help="study name (default: PROJECT_NAME-sweep)")
+    p.add_argument("--workers", type=int, default=1, metavar="K", help="worker processes on this machine")
+    p.add_argument("--sampler", choices=["tpe", "random", "grid"], default="tpe")
+    p.add_argument("--pruner", choices=["median", "hyperband", "none"], default="median")
+    p.add_argument("--objective", choices=["val_accuracy", "val_loss"], default="val_accuracy")
+    p.add_argument("--worker-index", type=int, default=0, help=argparse.SUPPRESS)
+    p.set_defaults(func=cmd_sweep)
+
+    p = sub.add_parser("runs", help="list the runs in run folders: status, settings and results, one per line")
+    p.add_argument("folders", nargs="*", metavar="DIR", help="folders holding run folders (default: runs)")
+    p.add_argument("--json", action="store_true", help="print the rows as JSON instead of a table")
+    p.add_argument(
+        "--field",
+        action="append",
+        metavar="FIELD",
+        help="add a project field as a column, by its dotted name such as optimizer.weight_decay (repeatable)",
+    )
+    p.add_argument("--columns", help="the columns, comma-separated, instead of the default ones")
+    p.add_argument("--status", choices=["running", "completed", "stopped", "failed"], help="only runs in this state")
+    p.set_defaults(func=cmd_runs)
+
+    p = sub.add_parser("compare", help="the project fields that differ between two or more runs, side by side")
+    p.add_argument("runs", nargs="+", metavar="RUN_DIR")
+    p.add_argument("--json", action="store_true", help="print {field: [value per run]} as JSON")
+    p.set_defaults(func=cmd_compare)
     return parser
 
 

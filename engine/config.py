@@ -1027,6 +1027,21 @@ class EarlyStoppingConfig(Section):
     )
 
 
+WandbMode = Literal["off", "offline", "online"]
+WANDB_MODES: tuple[str, ...] = get_args(WandbMode)
+
+
+class WandbConfig(Section):
+    mode: WandbMode = setting(
+        "off",
+        doc="log each run to Weights & Biases: `offline` writes into the run folder (upload later with "
+        "`wandb sync RUN/wandb/offline-run-*`), `online` uploads as it trains (after `wandb login`); needs the "
+        "`wandb` extra",
+    )
+    project: str | None = setting(None, doc="the W&B project (default: the project's name)")
+    entity: str | None = setting(None, doc="the W&B team or user (default: your default entity)")
+
+
 class OutputConfig(Section):
     dir: str = setting("runs", doc="run folders are created inside, relative to the project file")
     run_name: str | None = setting(None, doc="default: the project's name and a timestamp")
@@ -1037,6 +1052,7 @@ class OutputConfig(Section):
         doc="write TensorBoard event files in the run folder",
         help="Write TensorBoard event files (losses, accuracy, learning rate) into the run folder.",
     )
+    wandb: WandbConfig = Field(default_factory=WandbConfig)
 
 
 class ProjectConfig(Section):

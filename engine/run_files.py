@@ -9,18 +9,32 @@ from typing import Any
 
 METRICS_FILE = "metrics.jsonl"
 PROJECT_FILE = "project.json"
+# When the run started and how it last ended ("running" while it trains: a folder left saying so was killed), and
+# what started it (a sweep's study and trial). Written by engine.runs.RunRecorder.
+RUN_INFO_FILE = "run.json"
 
 
 def read_metrics(run_dir: str | os.PathLike) -> list[dict[str, Any]]:
     """The epochs recorded in a run folder's metrics.jsonl; a line cut short by a crash is ignored."""
     path = Path(run_dir) / METRICS_FILE
+    try:
+        lines = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    except FileNotFoundError:
+        return []
+    try:  # one parse for the whole file (the runs table reads hundreds of these); line by line if one is cut
+        rows = json.loads("[" + ",".join(lines) + "]")
+        if all(isinstance(row, dict) for row in rows):
+            return rows
+    except json.JSONDecodeError:
+        pass
     rows = []
-    if path.exists():
-        for line in path.read_text(encoding="utf-8").splitlines():
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError:
-                continue
+    for line in lines:
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(row, dict):
+            rows.append(row)
     return rows
 
 
@@ -40,6 +54,36 @@ def read_run_project(run_dir: str | os.PathLike) -> dict[str, Any]:
     except (OSError, ValueError):
         return {}
     return data if isinstance(data, dict) else {}
+
+
+def read_run_info(run_dir: str | os.PathLike) -> dict[str, Any]:
+    """The run's run.json ({} when missing or unreadable, as in folders written before it existed)."""
+    try:
+        data = json.loads((Path(run_dir) / RUN_INFO_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def update_run_info(run_dir: str | os.PathLike, **values: Any) -> dict[str, Any]:
+    """Merge values into run.json (a dict value is merged one level deep), written atomically; returns the whole."""
+    folder = Path(run_dir)
+    info = read_run_info(folder)
+    for key, value in values.items():
+        old = info.get(key)
+        info[key] = {**old, **value} if isinstance(old, dict) and isinstance(value, dict) else value
+    tmp = folder / f".{RUN_INFO_FILE}.{os.getpid()}.tmp"
+    try:
+        with open(tmp, "w", encoding="utf-8") as fh:
+            json.dump(info, fh, indent=2)
+            fh.write("\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, folder / RUN_INFO_FILE)
+    except OSError:
+        tmp.unlink(missing_ok=True)  # a full disk leaves no half-written temporary behind
+        raise
+    return info
 
 
 def planned_epochs(run_dir: str | os.PathLike) -> int | None:

@@ -188,7 +188,12 @@ def holder(folder: str | os.PathLike) -> dict[str, Any] | None:
     A look, not a claim: a shared lock taken and dropped at once (it fails while the owner holds its exclusive
     one), so a lock file left by a killed run reads as free.
     """
-    lock_file = Path(folder) / LOCK_FILE
+    return lock_holder(Path(folder) / LOCK_FILE)
+
+
+def lock_holder(lock_file: str | os.PathLike) -> dict[str, Any] | None:
+    """Who holds the claim a lock file guards (see holder): its owner's record, or None when nobody lives."""
+    lock_file = Path(lock_file)
     if fcntl is None:
         return read_owner(lock_file) or None  # without flock, the file's presence is the claim
     try:

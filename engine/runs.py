@@ -6,6 +6,7 @@ import json
 import math
 import os
 import re
+import secrets
 import shutil
 import time
 from collections.abc import Callable
@@ -15,7 +16,13 @@ from typing import TYPE_CHECKING, Any
 from engine.checkpoints import FORMAT_VERSION, CheckpointWriteError, atomic_torch_save, remove_stale_temporaries
 from engine.config import ConfigError, ProjectConfig, save_project
 from engine.freezing import freeze_spec
-from engine.run_files import METRICS_FILE, PROJECT_FILE, read_metrics  # noqa: F401 - part of this module's API
+from engine.run_files import (  # noqa: F401 - METRICS_FILE, read_metrics: part of this module's API
+    METRICS_FILE,
+    PROJECT_FILE,
+    read_metrics,
+    read_run_info,
+    update_run_info,
+)
 from engine.run_lock import claim_run_dir, release_run_dir
 from engine.trainer import Callback, Trainer, TrainState
 
@@ -147,12 +154,27 @@ class RunRecorder(Callback):
     metrics.jsonl once its checkpoint is saved: the metrics never claim an epoch that cannot be resumed.
     """
 
-    def __init__(self, run_dir: Path):
+    def __init__(self, run_dir: Path, labels: dict[str, Any] | None = None):
+        """labels: what started the run, kept in run.json (a sweep's {"sweep": {"study": ..., "trial": ...}})."""
         self.run_dir = Path(run_dir)
         self.checkpoint_dir = self.run_dir / "checkpoints"
+        self.labels = dict(labels or {})
+
+    def _write_info(self, **values: Any) -> None:
+        try:
+            update_run_info(self.run_dir, **values)
+        except OSError as exc:
+            raise CheckpointWriteError(self.run_dir / "run.json", exc, what="the run's record") from exc
 
     def on_run_started(self, trainer: Trainer, state: TrainState) -> None:
         save_project(project_as_run(trainer.cfg), self.run_dir / PROJECT_FILE)
+        now = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+        # A resumed run keeps the time its folder's run first started; "running" until on_run_finished says how
+        # it ended, so a folder still saying "running" with nobody holding its lock was killed.
+        started = read_run_info(self.run_dir).get("started") or now
+        self._write_info(started=started, resumed=now if state.start_epoch else None, status="running", error=None)
+        if self.labels:
+            self._write_info(**self.labels)
         self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
         remove_stale_temporaries(self.checkpoint_dir)  # a killed run's half-written files
         (self.run_dir / f".{METRICS_FILE}.tmp").unlink(missing_ok=True)
@@ -183,8 +205,19 @@ class RunRecorder(Callback):
             old.unlink(missing_ok=True)
 
     def on_run_finished(self, trainer: Trainer, state: TrainState) -> None:
-        if state.status != "completed":
+        if state.status == "completed":
+            self._link_final(trainer, state)
+        if not (self.run_dir / PROJECT_FILE).exists():  # a run that failed before it began has no record to finish
             return
+        error = state.error
+        text = (str(error).strip().splitlines() or [type(error).__name__])[0] if error is not None else None
+        try:
+            self._write_info(status=state.status, ended=time.strftime("%Y-%m-%dT%H:%M:%S%z"), error=text)
+        except CheckpointWriteError:
+            if state.status != "failed":
+                raise  # a failing run's own error (a full disk, most likely) is the one to report
+
+    def _link_final(self, trainer: Trainer, state: TrainState) -> None:
         final, restored = self.checkpoint_dir / "final.pt", state.restored_best_epoch
         if restored is None:
             source = self.checkpoint_dir / "last.pt"
@@ -260,6 +293,63 @@ class TensorBoardLogger(Callback):
         self.writer = None
 
 
+class WandbLogger(Callback):
+    """Weights & Biases logging (output.wandb): the project as the run's config, each epoch's metrics, the outcome.
+
+    offline writes into RUN/wandb (`wandb sync` uploads it later); online needs `wandb login`. The W&B run's id is
+    kept in run.json, so a resumed run continues the same W&B run. group: runs shown together (a sweep's study).
+    """
+
+    def __init__(self, run_dir: Path, group: str | None = None):
+        self.run_dir = Path(run_dir)
+        self.group = group
+        self.run: Any = None
+
+    def on_run_started(self, trainer: Trainer, state: TrainState) -> None:
+        wandb = import_wandb(trainer.cfg.output.wandb.mode)
+        settings = trainer.cfg.output.wandb
+        run_id = read_run_info(self.run_dir).get("wandb_id") or secrets.token_hex(4)  # W&B ids: [a-z0-9]
+        self.run = wandb.init(
+            project=settings.project or _slug(trainer.cfg.name),
+            entity=settings.entity,
+            mode=settings.mode,
+            dir=str(self.run_dir),
+            name=self.run_dir.name,
+            id=run_id,
+            resume="allow",
+            group=self.group,
+            config=project_as_run(trainer.cfg).to_dict(),
+        )
+        update_run_info(self.run_dir, wandb_id=run_id)
+
+    def on_epoch_finished(self, trainer: Trainer, state: TrainState, metrics: dict[str, Any]) -> None:
+        values = {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+        self.run.log({k: v for k, v in values.items() if math.isfinite(v)}, step=state.epoch)
+
+    def on_run_finished(self, trainer: Trainer, state: TrainState) -> None:
+        if self.run is None:
+            return
+        self.run.summary["status"] = state.status
+        if state.best_epoch is not None:
+            self.run.summary["best_epoch"] = state.best_epoch
+        self.run.finish(exit_code=1 if state.status == "failed" else 0)
+        self.run = None
+
+
+def import_wandb(mode: str) -> Any:
+    """The wandb package, or a ConfigError saying how to install it."""
+    try:
+        import wandb
+    except ImportError:
+        raise ConfigError(
+            [
+                f"output.wandb.mode = {mode!r} needs the wandb package: pip install wandb "
+                "(or pip install -e '.[wandb]'), or set output.wandb.mode to 'off'"
+            ]
+        ) from None
+    return wandb
+
+
 def hyperparameters(cfg: ProjectConfig) -> dict[str, Any]:
     """The settings worth comparing across runs, flattened for TensorBoard's HParams view."""
     return {
@@ -281,11 +371,14 @@ def hyperparameters(cfg: ProjectConfig) -> dict[str, Any]:
     }
 
 
-def run_callbacks(cfg: ProjectConfig, run_dir: Path) -> list[Callback]:
-    """The callbacks that write a run folder, as the CLI and the app both use them."""
-    callbacks: list[Callback] = [RunRecorder(run_dir)]
+def run_callbacks(cfg: ProjectConfig, run_dir: Path, labels: dict[str, Any] | None = None) -> list[Callback]:
+    """The callbacks that write a run folder, as the CLI and the app both use them (labels: see RunRecorder)."""
+    callbacks: list[Callback] = [RunRecorder(run_dir, labels)]
     if cfg.output.tensorboard:
         callbacks.append(TensorBoardLogger(run_dir))
+    if cfg.output.wandb.mode != "off":
+        sweep = (labels or {}).get("sweep")
+        callbacks.append(WandbLogger(run_dir, group=sweep.get("study") if isinstance(sweep, dict) else None))
     return callbacks
 
 

@@ -105,7 +105,7 @@ class RunSession:
 
     resume / checkpoint: a loaded checkpoint and its path, to continue exactly (the project is the checkpoint's,
     as engine.runs.resume_config made it). out: the run folder (default: a new one under output.dir, or the
-    checkpoint's own folder when resuming). outputs receive the run's events, in every process of a torchrun run
+    checkpoint's own folder when resuming). labels: what started the run, kept in the folder's run.json. outputs receive the run's events, in every process of a torchrun run
     (a front end may set them after prepare(), once is_main is known); callbacks are further trainer callbacks.
     """
 
@@ -120,8 +120,10 @@ class RunSession:
         callbacks: Sequence[Any] = (),
         stop_event: threading.Event | None = None,
         log: Callable[[str], None] | None = None,
+        labels: dict[str, Any] | None = None,
     ):
         self.cfg = cfg
+        self.labels = labels
         self.resume = resume
         self.checkpoint = Path(checkpoint) if checkpoint is not None else None
         self.out = out
@@ -192,7 +194,7 @@ class RunSession:
                 for output in self.outputs:
                     output(LogMessage(f"Run folder: {self.run_dir}"))
 
-            callbacks: list[Any] = run_callbacks(self.cfg, folder) if self.is_main else []
+            callbacks: list[Any] = run_callbacks(self.cfg, folder, self.labels) if self.is_main else []
             callbacks.append(
                 EventEmitter(folder, self.outputs, world_size=self.dist.world_size if self.dist is not None else 1)
             )
