@@ -48,6 +48,7 @@ RUNNERS: dict[str, Callable[[bool], Any]] = {
     "input_pipeline": _engine("input_pipeline"),
     "hand_script": _engine("hand_script"),
     "gpu": _engine("gpu"),
+    "audit": _engine("audit"),
     "startup": _app("startup"),
     "app_overhead": _app("app_overhead"),  # and the UI heartbeat
     "memory": _app("memory"),

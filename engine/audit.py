@@ -478,7 +478,6 @@ def _neighbour_candidates(
     unit: np.ndarray, k: int, dims: int, seed: int, stop: threading.Event | None
 ) -> tuple[np.ndarray, np.ndarray]:
     from sklearn.decomposition import PCA
-    from sklearn.neighbors import NearestNeighbors
 
     n, d = unit.shape
     k = min(k, n - 1)
@@ -493,24 +492,82 @@ def _neighbour_candidates(
         projected[s : s + 8192] = pca.transform(unit[s : s + 8192].astype(np.float32))
     if stop is not None and stop.is_set():
         raise AuditStopped
-    index = NearestNeighbors(n_neighbors=k + 1).fit(projected)
+    candidates = _projected_neighbours(projected, k, seed, stop)
     found = np.empty((n, k), dtype=np.int64)
     dist = np.empty((n, k), dtype=np.float32)
-    for s in range(0, n, 4096):
+    step = 512  # rows per chunk: their candidates' full rows take 512 x k x d floats (26 MB at 1,280-d)
+    for s in range(0, n, step):
         if stop is not None and stop.is_set():
             raise AuditStopped
-        _, idx = index.kneighbors(projected[s : s + 4096])
-        rows = np.arange(s, min(s + 4096, n))
-        # drop the row itself (first, or anywhere among ties with an exact copy)
-        mask = idx != rows[:, None]
-        keep = np.array([r[m][:k] for r, m in zip(idx, mask, strict=True)])
+        rows = np.arange(s, min(s + step, n))
+        keep = candidates[rows]
         a = unit[rows].astype(np.float32)
         b = unit[keep].astype(np.float32)
-        exact = np.sqrt(np.maximum(((a[:, None, :] - b) ** 2).sum(axis=2), 0.0))
+        # unit rows: |a - b|^2 = |a|^2 + |b|^2 - 2 a.b, with the norms as stored (float16 rounding)
+        dot = np.einsum("id,ikd->ik", a, b)
+        sq = (a * a).sum(axis=1)[:, None] + (b * b).sum(axis=2) - 2.0 * dot
+        exact = np.sqrt(np.maximum(sq, 0.0))
         order = np.argsort(exact, axis=1)
         found[rows] = np.take_along_axis(keep, order, axis=1)
         dist[rows] = np.take_along_axis(exact, order, axis=1)
     return found, dist
+
+
+EXACT_UP_TO = 20000  # rows up to which the projected index is searched exhaustively
+
+
+def _projected_neighbours(projected: np.ndarray, k: int, seed: int, stop: threading.Event | None) -> np.ndarray:
+    """The k nearest other rows of every row in the projected space: exhaustive up to EXACT_UP_TO rows; beyond,
+    an inverted-file index (k-means cells, each row searched in its 4 nearest cells), as faiss's IVF does."""
+    from sklearn.neighbors import NearestNeighbors
+
+    n = len(projected)
+    if n <= EXACT_UP_TO:
+        cells, probes = 1, 1
+        assign = np.zeros((n, 1), dtype=np.int64)
+    else:
+        from sklearn.cluster import MiniBatchKMeans
+
+        cells, probes = int(math.sqrt(n)), 4
+        rng = np.random.default_rng(seed)
+        sample = projected[rng.choice(n, min(n, 50 * cells), replace=False)]
+        centres = MiniBatchKMeans(n_clusters=cells, n_init=1, random_state=seed, batch_size=4096).fit(sample)
+        centres_ = centres.cluster_centers_.astype(np.float32)
+        assign = np.empty((n, probes), dtype=np.int64)
+        for s in range(0, n, 8192):
+            part = projected[s : s + 8192]
+            d = (part * part).sum(1)[:, None] - 2.0 * part @ centres_.T + (centres_ * centres_).sum(1)[None, :]
+            near = np.argpartition(d, probes - 1, axis=1)[:, :probes]
+            order = np.argsort(np.take_along_axis(d, near, axis=1), axis=1)
+            assign[s : s + 8192] = np.take_along_axis(near, order, axis=1)
+    home = assign[:, 0]
+    width = probes * (k + 1)
+    cand_idx = np.full((n, width), -1, dtype=np.int64)
+    cand_d = np.full((n, width), np.inf, dtype=np.float32)
+    for c in range(cells):
+        if stop is not None and stop.is_set():
+            raise AuditStopped
+        members = np.flatnonzero(home == c)
+        if not len(members):
+            continue
+        m = min(k + 1, len(members))
+        index = NearestNeighbors(n_neighbors=m, algorithm="brute").fit(projected[members])
+        for p in range(probes):
+            queries = np.flatnonzero(assign[:, p] == c)
+            for s in range(0, len(queries), 4096):
+                q = queries[s : s + 4096]
+                d, idx = index.kneighbors(projected[q])
+                cand_idx[q, p * (k + 1) : p * (k + 1) + m] = members[idx]
+                cand_d[q, p * (k + 1) : p * (k + 1) + m] = d
+    cand_d[cand_idx == np.arange(n)[:, None]] = np.inf  # a row is not its own neighbour
+    cand_d[cand_idx < 0] = np.inf
+    best = np.argsort(cand_d, axis=1, kind="stable")[:, :k]
+    out = np.take_along_axis(cand_idx, best, axis=1)
+    missing = ~np.isfinite(np.take_along_axis(cand_d, best, axis=1))
+    if missing.any():  # fewer than k others in a row's cells: another row fills in (its true distance is measured)
+        other = np.repeat(((np.arange(n) + 1) % n)[:, None], k, axis=1)
+        out[missing] = other[missing]
+    return out
 
 
 def near_pairs(found: np.ndarray, dist: np.ndarray, factor: float) -> tuple[list[tuple[int, int, float]], float]:
@@ -623,9 +680,13 @@ def run_audit(
     stop: threading.Event | None = None,
     cache: Path | None = None,
     use_cached_report: bool = True,
-) -> AuditReport:
+    cached_only: bool = False,
+) -> AuditReport | None:
     """Audit the project's dataset (both sides of its split, as scanned: corrections are shown per finding by
-    finding_status, not applied here). Raises AuditStopped when stop is set, DataError for an unusable dataset."""
+    finding_status, not applied here). Raises AuditStopped when stop is set, DataError for an unusable dataset.
+
+    cached_only: return the cached report of the dataset as it is now, or None (nothing is computed).
+    """
     opts = options or AuditOptions()
     folder = cache if cache is not None else cache_dir()
     seconds: dict[str, float] = {}
@@ -652,6 +713,8 @@ def run_audit(
             return report
         except (ValueError, TypeError, KeyError):
             pass  # a damaged or older report: audit again
+    if cached_only:
+        return None
     check()
 
     t = time.perf_counter()
@@ -975,6 +1038,25 @@ def finding_status(finding: Finding, cfg: ProjectConfig, kept: set[str]) -> str:
         fixed = cfg.loader.sampler.name == "weighted_random" or cfg.loss.class_weights is not None
         return "fixed" if fixed else "open"
     return "excluded" if finding.keys and all(k in exclude for k in finding.keys) else "open"
+
+
+def image_for_key(cfg: ProjectConfig, key: str) -> np.ndarray:
+    """The pixels (HxWx3) of the dataset image a sample key names: a file under the dataset root, or an archive row."""
+    from engine.corrections import root_of
+
+    root = root_of(cfg)
+    if key.startswith(("#", "val#")):
+        validation = key.startswith("val#")
+        archive = cfg.resolve(cfg.data.val_path if validation else cfg.data.path)
+        assert archive is not None  # a key of an archive row comes from a configured archive
+        with np.load(archive, allow_pickle=False) as data:
+            row = data["X"][int(key.split("#", 1)[1])]
+        chw = array_to_image(row if row.ndim == 3 else row[..., None])
+        pixels = chw.permute(1, 2, 0).numpy()
+        if pixels.dtype != np.uint8:
+            pixels = np.clip(np.rint(pixels * 255), 0, 255).astype(np.uint8)
+        return np.ascontiguousarray(pixels)
+    return np.asarray(load_image(root / key))
 
 
 def leakage_fix(report: AuditReport) -> list[str]:

@@ -44,6 +44,7 @@ from PySide6.QtWidgets import (
 
 from engine.config import TASKS
 from engine.text import readable
+from widgets.audit_panel import AuditPanel
 from widgets.fields import bind_combo, bind_float_text, bind_spin, bind_text
 from widgets.look import ERROR_COLOUR, fit_pixels
 from widgets.state import ProjectState
@@ -67,7 +68,7 @@ OBJECT_NAMES = {
     "dataset.val_choose": "chooses a separate validation folder or file",
     "dataset.recent": "recently opened datasets, newest first; activate one to open it again",
     "dataset.rescan": "scans the dataset again (after files changed on disk)",
-    "dataset.tabs": "switches between the class chart, the sample images and the skipped files",
+    "dataset.tabs": "switches between the class chart, the sample images, the skipped files and the audit",
     "dataset.classes": "table of classes with their sample counts, in all and per split",
     "dataset.chart": "bar chart of samples per class, training and validation stacked",
     "dataset.samples": "a few sample images of each class with their labels",
@@ -586,6 +587,8 @@ class DatasetPanel(QWidget):
         self.tabs.addTab(classes_split, "Classes")
         self.tabs.addTab(self.samples_list, "Samples")
         self.tabs.addTab(self.skipped_table, "Skipped")
+        self.audit_panel = AuditPanel(self.state)  # widgets/audit_panel.py
+        self.tabs.addTab(self.audit_panel, "Audit")
 
         layout = QVBoxLayout(self)
         layout.addLayout(top)
@@ -851,6 +854,7 @@ class DatasetPanel(QWidget):
         for warning in result["warnings"]:
             self.logged.emit(f"Warning: {warning}")
         self._emit_scanned()
+        self.audit_panel.look_up_cached()  # a report kept for the dataset as it is now shows without recomputing
 
     def _on_scan_errored(self, rid: int, path: str, exc: BaseException, tb: str) -> None:
         from engine.data import DataError
