@@ -459,7 +459,12 @@ def normalise(x: np.ndarray, chunk: int = 8192) -> np.ndarray:
 
 
 def neighbour_candidates(
-    unit: np.ndarray, k: int, dims: int, seed: int = 0, stop: threading.Event | None = None
+    unit: np.ndarray,
+    k: int,
+    dims: int,
+    seed: int = 0,
+    stop: threading.Event | None = None,
+    exact_up_to: int | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """The k nearest candidates of every row (indices, their exact distances), from an index in PCA space.
 
@@ -471,11 +476,11 @@ def neighbour_candidates(
     # One BLAS/OpenMP thread: on a busy 2-CPU machine idle threads spinning for work made this 15x slower
     # (10 s against 0.65 s for 1,797 rows, measured here); the work is chunked small anyway.
     with threadpool_limits(limits=1):
-        return _neighbour_candidates(unit, k, dims, seed, stop)
+        return _neighbour_candidates(unit, k, dims, seed, stop, EXACT_UP_TO if exact_up_to is None else exact_up_to)
 
 
 def _neighbour_candidates(
-    unit: np.ndarray, k: int, dims: int, seed: int, stop: threading.Event | None
+    unit: np.ndarray, k: int, dims: int, seed: int, stop: threading.Event | None, exact_up_to: int
 ) -> tuple[np.ndarray, np.ndarray]:
     from sklearn.decomposition import PCA
 
@@ -492,7 +497,7 @@ def _neighbour_candidates(
         projected[s : s + 8192] = pca.transform(unit[s : s + 8192].astype(np.float32))
     if stop is not None and stop.is_set():
         raise AuditStopped
-    candidates = _projected_neighbours(projected, k, seed, stop)
+    candidates = _projected_neighbours(projected, k, seed, stop, exact_up_to)
     found = np.empty((n, k), dtype=np.int64)
     dist = np.empty((n, k), dtype=np.float32)
     step = 512  # rows per chunk: their candidates' full rows take 512 x k x d floats (26 MB at 1,280-d)
@@ -516,13 +521,15 @@ def _neighbour_candidates(
 EXACT_UP_TO = 20000  # rows up to which the projected index is searched exhaustively
 
 
-def _projected_neighbours(projected: np.ndarray, k: int, seed: int, stop: threading.Event | None) -> np.ndarray:
+def _projected_neighbours(
+    projected: np.ndarray, k: int, seed: int, stop: threading.Event | None, exact_up_to: int
+) -> np.ndarray:
     """The k nearest other rows of every row in the projected space: exhaustive up to EXACT_UP_TO rows; beyond,
     an inverted-file index (k-means cells, each row searched in its 4 nearest cells), as faiss's IVF does."""
     from sklearn.neighbors import NearestNeighbors
 
     n = len(projected)
-    if n <= EXACT_UP_TO:
+    if n <= exact_up_to:
         cells, probes = 1, 1
         assign = np.zeros((n, 1), dtype=np.int64)
     else:

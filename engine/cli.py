@@ -397,6 +397,7 @@ def cmd_audit(args: argparse.Namespace) -> int:
 
     try:
         report = run_audit(cfg, progress=progress, stop=stop, use_cached_report=not args.again)
+        assert report is not None  # None only with cached_only
     except AuditStopped:
         print("audit stopped; nothing was written", file=sys.stderr)
         return EXIT_INTERRUPTED

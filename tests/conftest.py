@@ -82,7 +82,9 @@ def _qt_isolation(request, tmp_path):
     QCoreApplication.setApplicationName("ModelWorkbenchTests")
     QSettings.setDefaultFormat(QSettings.Format.IniFormat)
     QSettings.setPath(QSettings.Format.IniFormat, QSettings.Scope.UserScope, str(tmp_path / "settings"))
+    os.environ["MODEL_WORKBENCH_AUDIT_CACHE"] = str(tmp_path / "audit-cache")  # never the user's own cache
     yield
+    os.environ.pop("MODEL_WORKBENCH_AUDIT_CACHE", None)
     from widgets.tasks import cancel_all, running_tasks
 
     left = [t.name for t in running_tasks()]

@@ -93,6 +93,7 @@ class AuditPanel(QWidget):
         self.report: Any = None
         self.task: Task | None = None
         self._thumb_task: Task | None = None
+        self._thumb_request = 0
         self._kept: set[str] = set()
         self._build()
         state.changed.connect(self._on_state_changed)
@@ -204,7 +205,8 @@ class AuditPanel(QWidget):
 
     def look_up_cached(self) -> None:
         """Show the dataset's cached report without computing anything (after the dataset was scanned)."""
-        self.start(cached_only=True)
+        if self.report is None:
+            self.start(cached_only=True)
 
     def stop(self) -> None:
         if self.task is not None:
@@ -333,19 +335,25 @@ class AuditPanel(QWidget):
             f"{KIND_NAMES[finding.kind]}, score {finding.score:.4g}, {self._status(finding)}: "
             + ", ".join(f"{k} {v}" for k, v in detail.items())
         )
+        self._thumb_request += 1
         if finding.keys:
             self._thumb_task = run_task(
                 "audit thumbnails",
                 _thumbnails,
                 self.state.snapshot(),
                 list(finding.keys),
-                on_result=functools.partial(self._show_thumbnails, finding),
+                on_result=functools.partial(self._show_thumbnails, self._thumb_request, finding),
             )
 
-    def _show_thumbnails(self, finding: Any, thumbs: list[tuple[str, Any]]) -> None:
-        if finding is not self.selected():
-            return
+    def _show_thumbnails(self, request: int, finding: Any, thumbs: list[tuple[str, Any]]) -> None:
+        if request != self._thumb_request or finding is not self.selected():
+            return  # the user has selected another finding since
+        self.images_list.clear()
         sides = {m["key"]: m["split"] for m in finding.detail.get("members", [])}
+        sides.update({k: "train" for k in finding.detail.get("train_keys", [])})
+        sides.update({k: "val" for k in finding.detail.get("val_keys", [])})
+        if "split" in finding.detail and finding.keys:
+            sides[finding.keys[0]] = finding.detail["split"]
         for key, pixels in thumbs:
             label = key + (f"\n({sides[key]})" if key in sides else "")
             if isinstance(pixels, str):

@@ -589,6 +589,7 @@ class DatasetPanel(QWidget):
         self.tabs.addTab(self.skipped_table, "Skipped")
         self.audit_panel = AuditPanel(self.state)  # widgets/audit_panel.py
         self.tabs.addTab(self.audit_panel, "Audit")
+        self.tabs.currentChanged.connect(self._on_tab_changed)
 
         layout = QVBoxLayout(self)
         layout.addLayout(top)
@@ -804,9 +805,14 @@ class DatasetPanel(QWidget):
             )
         )
 
+    def _on_tab_changed(self, _index: int = 0) -> None:
+        # A report kept for the dataset as it is now shows without recomputing, once the Audit tab is looked at.
+        if self.tabs.currentWidget() is self.audit_panel and self._last is not None:
+            self.audit_panel.look_up_cached()
+
     def is_busy(self) -> bool:
-        """True while a scan or split of this panel runs."""
-        return any(t.is_running() for t in self._tasks) or self._timer.isActive()
+        """True while a scan or split of this panel (or its audit) runs."""
+        return any(t.is_running() for t in self._tasks) or self._timer.isActive() or self.audit_panel.is_busy()
 
     def wait(self, ms: int = 30000) -> bool:
         """Block until this panel's background work is done, pending scans included (tests, closing the window)."""
@@ -814,6 +820,8 @@ class DatasetPanel(QWidget):
         while time.monotonic() < deadline:
             QApplication.processEvents()  # fires a pending scan, delivers finished results
             running = [t for t in self._tasks if t.is_running()]
+            if self.audit_panel.task is not None and self.audit_panel.task.is_running():
+                running.append(self.audit_panel.task)
             if not running and not self._timer.isActive():
                 return True
             for task in running:
@@ -854,7 +862,7 @@ class DatasetPanel(QWidget):
         for warning in result["warnings"]:
             self.logged.emit(f"Warning: {warning}")
         self._emit_scanned()
-        self.audit_panel.look_up_cached()  # a report kept for the dataset as it is now shows without recomputing
+        self._on_tab_changed()
 
     def _on_scan_errored(self, rid: int, path: str, exc: BaseException, tb: str) -> None:
         from engine.data import DataError

@@ -13,7 +13,15 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from engine.audit import AuditStopped, finding_status, leakage_fix, run_audit
+from engine.audit import (
+    AuditStopped,
+    finding_status,
+    leakage_fix,
+    near_pairs,
+    neighbour_candidates,
+    normalise,
+    run_audit,
+)
 from engine.config import load_project
 from tests.conftest import ROOT, write_image_folder, write_project
 
@@ -247,3 +255,16 @@ def test_cli_writes_the_json_report(truth, capsys, monkeypatch):
     assert {"keys", "score", "given", "suggested", "status"} <= set(first)
     assert (truth["root"] / "train" / first["keys"][0]).is_file()
     assert "leakage" in result.stdout
+
+
+def test_inverted_file_index_finds_what_the_exhaustive_search_finds():
+    rng = np.random.default_rng(3)
+    centres = rng.normal(size=(20, 128))
+    x = centres[rng.integers(0, 20, 3000)] + rng.normal(size=(3000, 128))
+    x[-50:] = x[:50] + 0.05 * rng.normal(size=(50, 128))  # 50 near copies
+    unit = normalise(x)
+    exhaustive, _ = neighbour_candidates(unit, 5, 32)
+    ivf_found, ivf_dist = neighbour_candidates(unit, 5, 32, exact_up_to=500)  # 54 k-means cells, 4 probed
+    assert np.mean(ivf_found[:, 0] == exhaustive[:, 0]) >= 0.95
+    pairs, _ = near_pairs(ivf_found, ivf_dist, 0.4)
+    assert {(a, b) for a, b, _ in pairs} == {(i, 2950 + i) for i in range(50)}
