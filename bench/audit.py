@@ -142,23 +142,27 @@ def _truth_figures(report: Any, truth: dict[str, Any]) -> dict[str, float]:
     }
 
 
-def _stop_latency(project: Path, cache: Path) -> float:
-    """Seconds from the stop flag being set (inside the worker's progress callback) to the audit returning."""
+def _stop_latency(project: Path, cache: Path) -> tuple[float, float]:
+    """(seconds from the stop flag being set to the audit returning, the longest time between two of the worker's
+    stop checks while embedding): the first is what a Stop at a check costs, the second bounds any Stop."""
     from engine.audit import AuditStopped, run_audit
     from engine.config import load_project
 
     stop = threading.Event()
-    stamp: list[float] = []
+    stamps: list[float] = []
 
     def progress(stage: str, done: int, total: int) -> None:
-        if stage == "embed" and done > 0 and not stop.is_set():
-            stamp.append(time.perf_counter())
+        if stage != "embed" or stop.is_set():
+            return
+        stamps.append(time.perf_counter())
+        if done >= min(total, 640):  # stop after ten batches of 64
             stop.set()
 
     try:
         run_audit(load_project(project), progress=progress, stop=stop, cache=cache, use_cached_report=False)
     except AuditStopped:
-        return time.perf_counter() - stamp[0]
+        returned = time.perf_counter() - stamps[-1]
+        return returned, max(b - a for a, b in zip(stamps, stamps[1:], strict=False))
     raise RuntimeError("the audit finished although it was stopped")
 
 
@@ -173,7 +177,7 @@ def run(quick: bool = False) -> Section:
         truth = _inject(work, 30 if quick else None)
         cfg = load_project(truth["project"])
         images = sum(1 for p in work.rglob("*") if p.suffix in (".png", ".jpg"))
-        latency = _stop_latency(truth["project"], work / "cache-stop")
+        latency, gap = _stop_latency(truth["project"], work / "cache-stop")
         started = time.perf_counter()
         report = run_audit(cfg, cache=work / "cache")
         cold = time.perf_counter() - started
@@ -212,7 +216,14 @@ def run(quick: bool = False) -> Section:
             Figure("audit_cold_seconds", f"whole audit of {images:,} digits, cold", cold, "s", "<= 60"),
             Figure("audit_cached_seconds", "whole audit, embeddings cached", cached, "s", "<= 10"),
             Figure("audit_reopen_seconds", "reopening (report cached: scan and fingerprint only)", reopened, "s"),
-            Figure("audit_stop_ms", "Stop: flag set to audit returned", 1000 * latency, "ms", "<= 1000"),
+            Figure(
+                "audit_stop_ms",
+                "Stop: longest time between two stop checks while embedding",
+                1000 * gap,
+                "ms",
+                "<= 1000",
+                f"flag set at a check to audit returned: {1000 * latency:.1f} ms",
+            ),
             Figure("audit_exact_recall", "injected exact duplicates found", 100 * f["exact_recall"], "%", ">= 90"),
             Figure("audit_near_recall", "injected near duplicates found", 100 * f["near_recall"], "%", ">= 80"),
             Figure(
