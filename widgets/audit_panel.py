@@ -92,7 +92,7 @@ class AuditPanel(QWidget):
         self.state = state
         self.report: Any = None
         self.task: Task | None = None
-        self._thumb_task: Task | None = None
+        self._thumb_tasks: list[Task] = []
         self._thumb_request = 0
         self._kept: set[str] = set()
         self._build()
@@ -217,8 +217,9 @@ class AuditPanel(QWidget):
 
     def wait(self, ms: int = 60000) -> bool:
         ok = self.task.wait(ms) if self.task is not None else True
-        if self._thumb_task is not None:
-            ok = self._thumb_task.wait(ms) and ok
+        for task in self._thumb_tasks:
+            ok = task.wait(ms) and ok
+        self._thumb_tasks = [t for t in self._thumb_tasks if t.is_running()]
         return ok
 
     def _on_progressed(self, value: Any) -> None:
@@ -337,12 +338,15 @@ class AuditPanel(QWidget):
         )
         self._thumb_request += 1
         if finding.keys:
-            self._thumb_task = run_task(
-                "audit thumbnails",
-                _thumbnails,
-                self.state.snapshot(),
-                list(finding.keys),
-                on_result=functools.partial(self._show_thumbnails, self._thumb_request, finding),
+            self._thumb_tasks = [t for t in self._thumb_tasks if t.is_running()]
+            self._thumb_tasks.append(
+                run_task(
+                    "audit thumbnails",
+                    _thumbnails,
+                    self.state.snapshot(),
+                    list(finding.keys),
+                    on_result=functools.partial(self._show_thumbnails, self._thumb_request, finding),
+                )
             )
 
     def _show_thumbnails(self, request: int, finding: Any, thumbs: list[tuple[str, Any]]) -> None:

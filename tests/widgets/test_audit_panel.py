@@ -52,6 +52,7 @@ def test_audit_tab_fixes_leakage_keeps_a_finding_and_reopens_from_the_cache(qtbo
     assert again.wait(60000) and again.report is not None and again.report.from_cache
     again.kind_combo.setCurrentIndex(again.kind_combo.findData("exact_duplicate"))
     assert again.selected().id == exact.id and again.findings_list.item(0).text().startswith("[kept]")
+    assert again.wait(30000) and panel.wait(30000)
 
 
 def test_stop_from_the_tab_leaves_nothing_cached(qtbot, tmp_path, monkeypatch):
