@@ -47,6 +47,7 @@ RUNNERS: dict[str, Callable[[bool], Any]] = {
     "feature_cache": _engine("feature_cache"),
     "input_pipeline": _engine("input_pipeline"),
     "hand_script": _engine("hand_script"),
+    "dataset_scan": _engine("dataset_scan"),
     "gpu": _engine("gpu"),
     "audit": _engine("audit"),
     "startup": _app("startup"),

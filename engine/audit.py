@@ -17,7 +17,7 @@ audit only decodes what changed) drive the rest:
 Images smaller than the backbone's input are first brought to the dataset's median size (an antialiased
 downscale of the larger ones): a copy saved at another resolution then reaches the model as nearly the same
 pixels, instead of through a different interpolation path. Nothing on disk changes but the audit's own cache
-(AUDIT_CACHE, default ~/.cache/model-workbench/audit): findings are acted on through the project's corrections
+(engine.scan_cache.cache_root()/audit): findings are acted on through the project's corrections
 (engine.corrections), never on the user's files.
 """
 
@@ -50,7 +50,6 @@ from engine.data import (
 )
 
 AUDIT_VERSION = 1  # bump when what is cached means something else
-CACHE_ENV = "MODEL_WORKBENCH_AUDIT_CACHE"
 FALLBACK_BACKBONE, FALLBACK_WEIGHTS = "timm/efficientnet_lite0", "BUNDLED"
 MIN_INPUT = 64  # px: the smallest input the backbone is run at
 PIXELS_PER_BATCH = 64 * 64 * 64  # a batch of 64 images at 64 px, or 5 at 224 px: each takes well under a second
@@ -311,12 +310,10 @@ def _model_input(pixels: np.ndarray, emb: _Embedder) -> Any:
 
 
 def cache_dir() -> Path:
-    """Where audits keep embeddings, reports and Keep decisions: $MODEL_WORKBENCH_AUDIT_CACHE, else the user cache."""
-    given = os.environ.get(CACHE_ENV)
-    if given:
-        return Path(given)
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "model-workbench" / "audit"
+    """Where audits keep embeddings, reports and Keep decisions: the workbench's cache folder, audit/."""
+    from engine.scan_cache import cache_root
+
+    return cache_root() / "audit"
 
 
 def _atomic_write(path: Path, write: Callable[[Path], None]) -> None:

@@ -864,7 +864,7 @@ def _assemble(cfg: ProjectConfig, s: _Script, where: str) -> str:
     doc = (
         f'"""Training script exported from the Model Workbench project "{cfg.name}".\n\n'
         f"Model: {where.replace('`', '')}.\n"
-        f"Data: {cfg.data.path}\n\n"
+        f"Data: {cfg.resolve(cfg.data.path)} (DATA_PATH below; --data reads another)\n\n"
         "Run `python train.py --help` for the options; README.md says more.\n"
         '"""'
     )

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
 import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -20,6 +22,10 @@ from PIL import Image
 # Passive waiting changes no result, only how idle threads wait; set before the first test imports torch, and
 # inherited by the main.py and torchrun processes that tests start.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# The scan cache (and any other workbench cache) of the tests' own, never the user's ~/.cache; the processes
+# tests start inherit it.
+os.environ["MWB_CACHE_DIR"] = tempfile.mkdtemp(prefix="mwb-test-cache-")
+atexit.register(shutil.rmtree, os.environ["MWB_CACHE_DIR"], True)
 
 COLOURS = {"red": (220, 40, 40), "green": (40, 200, 60), "blue": (40, 60, 220)}
 
@@ -82,9 +88,7 @@ def _qt_isolation(request, tmp_path):
     QCoreApplication.setApplicationName("ModelWorkbenchTests")
     QSettings.setDefaultFormat(QSettings.Format.IniFormat)
     QSettings.setPath(QSettings.Format.IniFormat, QSettings.Scope.UserScope, str(tmp_path / "settings"))
-    os.environ["MODEL_WORKBENCH_AUDIT_CACHE"] = str(tmp_path / "audit-cache")  # never the user's own cache
     yield
-    os.environ.pop("MODEL_WORKBENCH_AUDIT_CACHE", None)
     from widgets.tasks import cancel_all, running_tasks
 
     left = [t.name for t in running_tasks()]

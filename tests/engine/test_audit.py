@@ -106,7 +106,7 @@ def truth(tmp_path_factory):
         model={"backbone": "resnet18", "weights": None},
     )
     before = _snapshot(root)
-    cache = root / "cache"
+    cache = root / "mwb" / "audit"  # what the CLI uses with MWB_CACHE_DIR = root / "mwb"
     report = run_audit(load_project(project), cache=cache)
     return {
         "root": root,
@@ -224,7 +224,7 @@ def test_stop_ends_the_audit_at_the_next_batch(tmp_path):
         run_audit(cfg, progress=progress, stop=stop, cache=tmp_path / "cache")
     embeds = [d for s, d in seen if s == "embed"]
     assert embeds == [0, embeds[1]] and embeds[1] < 120  # no batch ran after the stop
-    assert not (tmp_path / "cache").exists() or not any((tmp_path / "cache").iterdir())
+    assert not (tmp_path / "cache" / "audit").exists() or not any((tmp_path / "cache" / "audit").iterdir())
 
 
 def test_unreadable_image_listed_and_single_class_skips_label_checks(tmp_path):
@@ -244,7 +244,7 @@ def test_unreadable_image_listed_and_single_class_skips_label_checks(tmp_path):
 def test_cli_writes_the_json_report(truth, capsys, monkeypatch):
     from tests.conftest import cli
 
-    monkeypatch.setenv("MODEL_WORKBENCH_AUDIT_CACHE", str(truth["cache"]))
+    monkeypatch.setenv("MWB_CACHE_DIR", str(truth["root"] / "mwb"))
     out = truth["root"] / "audit.json"
     result = cli(capsys, "audit", str(truth["project"]), "--json", str(out))
     assert result.returncode == 0, result.stderr

@@ -18,7 +18,7 @@ def test_audit_tab_fixes_leakage_keeps_a_finding_and_reopens_from_the_cache(qtbo
     from widgets.audit_panel import AuditPanel
     from widgets.state import ProjectState
 
-    monkeypatch.setenv("MODEL_WORKBENCH_AUDIT_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("MWB_CACHE_DIR", str(tmp_path / "cache"))
     state = ProjectState()
     state.open(_project(tmp_path))
     panel = AuditPanel(state)
@@ -59,7 +59,7 @@ def test_stop_from_the_tab_leaves_nothing_cached(qtbot, tmp_path, monkeypatch):
     from widgets.audit_panel import AuditPanel
     from widgets.state import ProjectState
 
-    monkeypatch.setenv("MODEL_WORKBENCH_AUDIT_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("MWB_CACHE_DIR", str(tmp_path / "cache"))
     state = ProjectState()
     state.open(_project(tmp_path))
     panel = AuditPanel(state)
@@ -68,4 +68,4 @@ def test_stop_from_the_tab_leaves_nothing_cached(qtbot, tmp_path, monkeypatch):
     panel.stop()  # before the first batch: the worker checks the flag before every step
     assert panel.wait(60000)
     assert panel.report is None and "stopped" in panel.status_label.text()
-    assert not (tmp_path / "cache").exists() or not any((tmp_path / "cache").iterdir())
+    assert not (tmp_path / "cache" / "audit").exists() or not any((tmp_path / "cache" / "audit").iterdir())

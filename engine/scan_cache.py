@@ -1,0 +1,117 @@
+"""The scan cache: what verifying each image file of a dataset found, kept between starts.
+
+Verifying decodes every image once, which takes seconds per ten thousand files; the second start on an unchanged
+dataset reads the results back instead. One JSON file per dataset path under the cache folder holds, for each
+file, its size, modification time, inode and change time as they were when it was decoded, with what decoding
+found (its problem, or its width and height). A file is trusted only while all four are unchanged; any other file
+is decoded again. The file is replaced atomically (a killed write leaves the previous one), and one written by
+another version of the format is ignored.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+VERSION = 1
+ENV = "MWB_CACHE_DIR"
+
+
+def cache_root() -> Path:
+    """The workbench's cache folder: $MWB_CACHE_DIR, else $XDG_CACHE_HOME/model-workbench, else ~/.cache/..."""
+    given = os.environ.get(ENV)
+    if given:
+        return Path(given).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "model-workbench"
+
+
+Stamp = tuple[int, int, int, int]  # size, mtime_ns, inode, ctime_ns
+
+
+def stamp(st: os.stat_result) -> Stamp:
+    return (st.st_size, st.st_mtime_ns, st.st_ino, st.st_ctime_ns)
+
+
+class ScanCache:
+    """The remembered verification results of one dataset (a folder or a CSV file).
+
+    On disk the files are columns (names relative to the dataset's folder, then one list per stamp field, the
+    problems by position), which JSON reads several times faster than one nested record per file.
+    """
+
+    def __init__(self, dataset: Path):
+        self.dataset = Path(dataset)
+        self.base = os.fsdecode(self.dataset if self.dataset.is_dir() else self.dataset.parent)
+        digest = hashlib.blake2b(str(self.dataset.absolute()).encode("utf-8", "surrogateescape"), digest_size=16)
+        self.file = cache_root() / "scan" / f"{digest.hexdigest()}.json"
+        self.old: dict[str, tuple[Stamp, str | None, tuple[int, int] | None]] = self._read()
+        self.new: dict[str, tuple[Stamp, str | None, tuple[int, int] | None]] = {}
+        self.hits = 0
+
+    def _read(self) -> dict[str, tuple[Stamp, str | None, tuple[int, int] | None]]:
+        try:
+            with open(self.file, encoding="utf-8") as fh:
+                data = json.load(fh)
+        except (OSError, ValueError):  # none yet, unreadable or half a file: scan afresh
+            return {}
+        if not isinstance(data, dict) or data.get("version") != VERSION or data.get("dataset") != str(self.dataset):
+            return {}
+        try:
+            names = data["names"]
+            columns = [data[k] for k in ("size", "mtime_ns", "inode", "ctime_ns", "width", "height")]
+            problems = {int(k): str(v) for k, v in data["problems"].items()}
+            if not all(isinstance(c, list) and len(c) == len(names) for c in columns):
+                return {}
+            out = {}
+            for i, (name, size, mtime, ino, ctime, w, h) in enumerate(zip(names, *columns, strict=True)):
+                out[name] = ((size, mtime, ino, ctime), problems.get(i), (w, h) if w else None)
+            return out
+        except (KeyError, TypeError, ValueError, AttributeError):  # another layout: not trusted
+            return {}
+
+    def _key(self, path: Path) -> str:
+        text = os.fsdecode(path)
+        base = self.base
+        if text.startswith(base) and text[len(base) : len(base) + 1] == os.sep:
+            return text[len(base) + 1 :]
+        return os.path.relpath(text, base)
+
+    def lookup(self, path: Path, st: Stamp) -> tuple[bool, str | None, tuple[int, int] | None]:
+        """(found, problem, (width, height)) for a file whose stamp is st; found is False when it must be decoded."""
+        key = self._key(path)
+        entry = self.old.get(key)
+        if entry is None or entry[0] != st:
+            return False, None, None
+        self.new[key] = entry
+        self.hits += 1
+        return True, entry[1], entry[2]
+
+    def record(self, path: Path, st: Stamp, problem: str | None, size: tuple[int, int] | None) -> None:
+        self.new[self._key(path)] = (st, problem, size)
+
+    def save(self) -> None:
+        """Write what this scan found (files no longer there drop out); a cache that cannot be written is skipped."""
+        if self.new == self.old:
+            return
+        entries = list(self.new.items())
+        payload: dict[str, Any] = {"version": VERSION, "dataset": str(self.dataset), "names": [k for k, _ in entries]}
+        for j, field in enumerate(("size", "mtime_ns", "inode", "ctime_ns")):
+            payload[field] = [e[0][j] for _, e in entries]
+        payload["width"] = [e[2][0] if e[2] else 0 for _, e in entries]
+        payload["height"] = [e[2][1] if e[2] else 0 for _, e in entries]
+        payload["problems"] = {str(i): e[1] for i, (_, e) in enumerate(entries) if e[1] is not None}
+        tmp = self.file.with_name(f".{self.file.name}.{os.getpid()}.tmp")
+        try:
+            self.file.parent.mkdir(parents=True, exist_ok=True)
+            with open(tmp, "w", encoding="utf-8") as fh:  # ensure_ascii: undecodable names survive as escapes
+                json.dump(payload, fh, separators=(",", ":"))
+            os.replace(tmp, self.file)
+        except OSError:  # a read-only or full cache folder costs only the next start's speed
+            try:
+                tmp.unlink()
+            except OSError:
+                pass

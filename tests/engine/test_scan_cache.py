@@ -1,0 +1,138 @@
+"""The scan cache: a second scan of an unchanged dataset decodes nothing; a changed, added or removed file alone is
+scanned again; a cache of another format version, or half written, is not trusted."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+from conftest import write_image_folder
+
+import engine.data
+from engine.data import scan_source
+from engine.scan_cache import VERSION, ScanCache
+
+PLANTED = "planted in the cache by the test"
+
+
+@pytest.fixture()
+def decodes(monkeypatch):
+    """Every file the scan decodes, in order (the real decoder runs; this only records its argument)."""
+    seen: list[str] = []
+    real = engine.data.load_image
+
+    def recording(path):
+        seen.append(os.path.basename(os.path.dirname(path)) + "/" + os.path.basename(path))
+        return real(path)
+
+    monkeypatch.setattr(engine.data, "load_image", recording)
+    return seen
+
+
+def _plant(folder, name: str) -> None:
+    """Rewrite the cached result of one file as a problem no decoder would report: a scan that reports it read
+    the cache for that file instead of decoding it."""
+    cache = ScanCache(folder)
+    data = json.loads(cache.file.read_text())
+    data["problems"][str(data["names"].index(name))] = PLANTED
+    cache.file.write_text(json.dumps(data))
+
+
+def _reasons(source) -> dict[str, str]:
+    return {os.path.relpath(s.path, source.path): s.reason for s in source.skipped}
+
+
+def test_a_second_scan_decodes_nothing_and_reads_what_the_first_found(tmp_path, decodes):
+    folder = write_image_folder(tmp_path / "images", per_class=4)
+    (folder / "red" / "broken.png").write_bytes(b"not an image")
+    first = scan_source(folder)
+    assert len(decodes) == 13 and _reasons(first) == {"red/broken.png": _reasons(first)["red/broken.png"]}
+    decodes.clear()
+    second = scan_source(folder)
+    assert decodes == []
+    assert second.files == first.files and second.targets == first.targets and _reasons(second) == _reasons(first)
+
+    _plant(folder, "green/001.png")
+    assert _reasons(scan_source(folder))["green/001.png"] == PLANTED  # the result came from the cache
+    assert decodes == []
+
+
+def test_touched_added_and_removed_files_alone_are_scanned_again(tmp_path, decodes):
+    folder = write_image_folder(tmp_path / "images", per_class=4)
+    scan_source(folder)
+    _plant(folder, "red/000.png")
+    _plant(folder, "blue/003.png")
+    decodes.clear()
+
+    os.utime(folder / "red" / "000.png", ns=(1, 1))  # touched: size the same, time changed
+    write_image_folder(tmp_path / "extra", per_class=1, seed=5)
+    os.replace(tmp_path / "extra" / "green" / "000.png", folder / "green" / "new.png")  # added
+    (folder / "blue" / "002.png").unlink()  # removed
+
+    source = scan_source(folder)
+    assert sorted(decodes) == ["green/new.png", "red/000.png"]
+    reasons = _reasons(source)
+    assert "red/000.png" not in reasons  # decoded again: fine
+    assert reasons["blue/003.png"] == PLANTED  # unchanged: still from the cache
+    names = {os.path.relpath(f, folder) for f in source.files}
+    assert (
+        "green/new.png" in names and "blue/002.png" not in names and len(names) == 11
+    )  # 12 + 1 - 1, less the planted blue/003
+    kept = json.loads(ScanCache(folder).file.read_text())["names"]
+    assert "blue/002.png" not in kept and sorted(kept) == sorted(names | {"blue/003.png"})  # + the planted one
+
+
+def test_a_file_rewritten_in_place_with_the_same_size_is_scanned_again(tmp_path, decodes):
+    folder = write_image_folder(tmp_path / "images", per_class=3)
+    scan_source(folder)
+    target = folder / "blue" / "001.png"
+    st = target.stat()
+    target.write_bytes(b"x" * st.st_size)  # now broken, same size; put its modification time back as well
+    os.utime(target, ns=(st.st_atime_ns, st.st_mtime_ns))
+    decodes.clear()
+    source = scan_source(folder)
+    assert decodes == ["blue/001.png"]  # its change time differs, so it is not trusted
+    assert "cannot identify image file" in _reasons(source)["blue/001.png"]
+
+
+@pytest.mark.parametrize("damage", ["newer version", "half written", "another dataset"])
+def test_a_cache_of_another_version_or_half_written_is_ignored_and_replaced(tmp_path, decodes, damage):
+    folder = write_image_folder(tmp_path / "images", per_class=2)
+    scan_source(folder)
+    _plant(folder, "red/000.png")
+    file = ScanCache(folder).file
+    data = json.loads(file.read_text())
+    if damage == "newer version":
+        data["version"] = VERSION + 1
+        file.write_text(json.dumps(data))
+    elif damage == "another dataset":
+        data["dataset"] = str(tmp_path / "elsewhere")
+        file.write_text(json.dumps(data))
+    else:
+        file.write_text(json.dumps(data)[: len(json.dumps(data)) // 2])
+    decodes.clear()
+    source = scan_source(folder)
+    assert len(decodes) == 6 and "red/000.png" not in _reasons(source)
+    assert json.loads(file.read_text())["version"] == VERSION  # rewritten whole by this scan
+
+
+def test_a_cache_folder_that_cannot_be_written_only_costs_speed(tmp_path, monkeypatch, decodes):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("the cache folder would have to be made inside a regular file")
+    monkeypatch.setenv("MWB_CACHE_DIR", str(blocker / "cache"))
+    folder = write_image_folder(tmp_path / "images", per_class=2)
+    assert len(scan_source(folder)) == 6 and len(scan_source(folder)) == 6
+    assert len(decodes) == 12  # nothing could be remembered, so both scans decoded, and neither failed
+
+
+def test_a_csv_dataset_is_cached_under_its_own_file(tmp_path, decodes):
+    folder = write_image_folder(tmp_path / "images", per_class=2)
+    rows = ["path,label"] + [f"{p.relative_to(tmp_path)},{p.parent.name}" for p in sorted(folder.rglob("*.png"))]
+    (tmp_path / "a.csv").write_text("\n".join(rows))
+    (tmp_path / "b.csv").write_text("\n".join(rows[:4]))
+    scan_source(tmp_path / "a.csv")
+    scan_source(tmp_path / "b.csv")
+    decodes.clear()
+    assert len(scan_source(tmp_path / "a.csv")) == 6 and len(scan_source(tmp_path / "b.csv")) == 3
+    assert decodes == []
