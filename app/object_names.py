@@ -9,6 +9,7 @@ from pathlib import Path
 MODULES = (
     "app.main_window",
     "widgets.dataset_panel",
+    "widgets.audit_panel",
     "widgets.backbone_panel",
     "widgets.layers_panel",
     "widgets.training_panel",

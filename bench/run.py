@@ -50,6 +50,7 @@ RUNNERS: dict[str, Callable[[bool], Any]] = {
     "dataset_scan": _engine("dataset_scan"),
     "gpu": _engine("gpu"),
     "error_analysis": _engine("error_analysis"),  # Qt only for its grid, offscreen
+    "audit": _engine("audit"),
     "startup": _app("startup"),
     "app_overhead": _app("app_overhead"),  # and the UI heartbeat
     "memory": _app("memory"),

@@ -390,6 +390,65 @@ def cmd_check(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_audit(args: argparse.Namespace) -> int:
+    import json
+
+    from engine.audit import AuditStopped, finding_status, kept_findings, report_json, run_audit
+
+    cfg = _load(args.project)
+    stop = threading.Event()
+    previous = None
+    if threading.current_thread() is threading.main_thread():
+        previous = signal.signal(signal.SIGINT, lambda signum, frame: stop.set())  # Ctrl-C: stop at the next batch
+    stages = {"scan": "Checking images", "embed": "Embedding", "index": "Searching duplicates", "labels": "Label probe"}
+    shown: dict[str, int] = {}
+
+    def progress(stage: str, done: int, total: int) -> None:
+        step = max(total // 10, 1)
+        if done == total or done - shown.get(stage, -step) >= step:
+            shown[stage] = done
+            print(f"{stages.get(stage, stage)}: {done:,} of {total:,}", file=sys.stderr, flush=True)
+
+    try:
+        report = run_audit(cfg, progress=progress, stop=stop, use_cached_report=not args.again)
+        assert report is not None  # None only with cached_only
+    except AuditStopped:
+        print("audit stopped; nothing was written", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGINT, previous)
+    kept = kept_findings(cfg)
+    print(
+        f"Audit of {report.dataset}: {report.samples:,} images ({report.train:,} training, {report.val:,} "
+        f"validation); embeddings from {report.embedder}" + (" (report from the cache)" if report.from_cache else "")
+    )
+    data = report_json(report, cfg)
+    for kind, count in data["counts"].items():
+        if count:
+            still = sum(1 for f in report.of_kind(kind) if finding_status(f, cfg, kept) == "open")
+            print(f"  {kind:16s} {count:6,d}  ({still:,} open)")
+    leak = report.leakage
+    print(
+        f"Train/validation leakage: {leak['val_with_twin']:,} of {leak['val_total']:,} validation images have a "
+        "twin in training"
+    )
+    if report.balance:
+        counts = ", ".join(
+            f"{n} {c:,}" for n, c in zip(report.class_names, report.balance["train_counts"], strict=True)
+        )
+        print(f"Class balance (training): {counts}; imbalance ratio {report.balance['imbalance_ratio']:.2f}")
+    for note in report.notes:
+        print(f"Note: {note}")
+    top = sorted((f for f in report.findings if f.kind == "label_issue"), key=lambda f: -f.score)[: args.show]
+    for f in top:
+        print(f"  label? {f.keys[0]}: given {f.detail['given']}, suggested {f.detail['suggested']} ({f.score:.3f})")
+    if args.json:
+        Path(args.json).write_text(json.dumps(data, indent=1) + "\n", encoding="utf-8")
+        print(f"Wrote {Path(args.json).resolve()}")
+    return EXIT_OK
+
+
 def cmd_backbones(args: argparse.Namespace) -> int:
     from engine.backbones import weights_status
     from engine.catalog import list_backbones, weight_names
@@ -708,6 +767,15 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("check", help="validate a project and summarise its dataset, without training")
     p.add_argument("project")
     p.set_defaults(func=cmd_check)
+
+    p = sub.add_parser(
+        "audit", help="find duplicates, train/validation leakage, likely label errors, outliers and imbalance"
+    )
+    p.add_argument("project", help="project file (.json)")
+    p.add_argument("--json", metavar="OUT", help="write every finding (kind, image paths, score, status) to OUT")
+    p.add_argument("--again", action="store_true", help="recompute the report even when it is cached")
+    p.add_argument("--show", type=int, default=10, help="likely label errors to print (default 10)")
+    p.set_defaults(func=cmd_audit)
 
     p = sub.add_parser("backbones", help="list the backbone catalog and whether each weight is cached")
     p.add_argument("filter", nargs="?", help="show only names containing this text")

@@ -186,11 +186,13 @@ def scan_source(
     task: str = "classification",
     class_names: Sequence[str] | None = None,
     progress: Progress = None,
+    single_class_ok: bool = False,
 ) -> DataSource:
     """Find, label and verify every sample of a dataset; unusable files are skipped with a reason.
 
     class_names: the training vocabulary when scanning a separate validation source; labels outside it
-    are skipped.
+    are skipped. single_class_ok: accept a classification dataset with one class (the audit looks at such a
+    dataset; training refuses it).
     """
     if task not in TASKS:
         raise DataError(f"unknown task {task!r}; allowed: {', '.join(TASKS)}")
@@ -207,7 +209,7 @@ def scan_source(
             source = _scan_csv(p, task, given, progress, cache)
         else:
             source = _scan_npz(p, task, given, progress)
-    _check_enough(source, vocabulary_given=given is not None)
+    _check_enough(source, vocabulary_given=given is not None or single_class_ok)
     return source
 
 

@@ -45,6 +45,7 @@ from PySide6.QtWidgets import (
 from engine.config import TASKS
 from engine.text import readable
 from widgets.corrections_panel import CorrectionsPanel
+from widgets.audit_panel import AuditPanel
 from widgets.fields import bind_combo, bind_float_text, bind_spin, bind_text
 from widgets.look import ERROR_COLOUR, fit_pixels
 from widgets.state import ProjectState
@@ -68,7 +69,7 @@ OBJECT_NAMES = {
     "dataset.val_choose": "chooses a separate validation folder or file",
     "dataset.recent": "recently opened datasets, newest first; activate one to open it again",
     "dataset.rescan": "scans the dataset again (after files changed on disk)",
-    "dataset.tabs": "switches between the class chart, the sample images and the skipped files",
+    "dataset.tabs": "switches between the class chart, the sample images, the skipped files and the audit",
     "dataset.classes": "table of classes with their sample counts, in all and per split",
     "dataset.chart": "bar chart of samples per class, training and validation stacked",
     "dataset.samples": "a few sample images of each class with their labels",
@@ -590,6 +591,9 @@ class DatasetPanel(QWidget):
         self.corrections = CorrectionsPanel(self.state)  # data.exclude / data.relabel, with undo
         self.corrections.logged.connect(self.logged)
         self.tabs.addTab(self.corrections, "Corrections")
+        self.audit_panel = AuditPanel(self.state)  # widgets/audit_panel.py
+        self.tabs.addTab(self.audit_panel, "Audit")
+        self.tabs.currentChanged.connect(self._on_tab_changed)
 
         layout = QVBoxLayout(self)
         layout.addLayout(top)
@@ -805,9 +809,14 @@ class DatasetPanel(QWidget):
             )
         )
 
+    def _on_tab_changed(self, _index: int = 0) -> None:
+        # A report kept for the dataset as it is now shows without recomputing, once the Audit tab is looked at.
+        if self.tabs.currentWidget() is self.audit_panel and self._last is not None:
+            self.audit_panel.look_up_cached()
+
     def is_busy(self) -> bool:
-        """True while a scan or split of this panel runs."""
-        return any(t.is_running() for t in self._tasks) or self._timer.isActive()
+        """True while a scan or split of this panel (or its audit) runs."""
+        return any(t.is_running() for t in self._tasks) or self._timer.isActive() or self.audit_panel.is_busy()
 
     def wait(self, ms: int = 30000) -> bool:
         """Block until this panel's background work is done, pending scans included (tests, closing the window)."""
@@ -815,6 +824,8 @@ class DatasetPanel(QWidget):
         while time.monotonic() < deadline:
             QApplication.processEvents()  # fires a pending scan, delivers finished results
             running = [t for t in self._tasks if t.is_running()]
+            if self.audit_panel.task is not None and self.audit_panel.task.is_running():
+                running.append(self.audit_panel.task)
             if not running and not self._timer.isActive():
                 return True
             for task in running:
@@ -855,6 +866,7 @@ class DatasetPanel(QWidget):
         for warning in result["warnings"]:
             self.logged.emit(f"Warning: {warning}")
         self._emit_scanned()
+        self._on_tab_changed()
 
     def _on_scan_errored(self, rid: int, path: str, exc: BaseException, tb: str) -> None:
         from engine.data import DataError

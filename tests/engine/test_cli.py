@@ -131,5 +131,5 @@ def test_help_lists_the_commands(module):
     # app (tests/app/test_launch.py covers its headless fallback).
     result = run_cli("--help", module=module)
     assert result.returncode == 0, result.stderr
-    for command in ("train", "resume", "evaluate", "export", "check", "backbones", "layers"):
+    for command in ("train", "resume", "evaluate", "export", "check", "backbones", "layers", "audit"):
         assert command in result.stdout
