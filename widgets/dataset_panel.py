@@ -44,8 +44,8 @@ from PySide6.QtWidgets import (
 
 from engine.config import TASKS
 from engine.text import readable
-from widgets.corrections_panel import CorrectionsPanel
 from widgets.audit_panel import AuditPanel
+from widgets.corrections_panel import CorrectionsPanel
 from widgets.fields import bind_combo, bind_float_text, bind_spin, bind_text
 from widgets.look import ERROR_COLOUR, fit_pixels
 from widgets.state import ProjectState
