@@ -7,8 +7,12 @@ audit only decodes what changed) drive the rest:
 - near duplicates: a nearest-neighbour index over the embeddings projected to a few dozen PCA dimensions finds
   candidates (a projection only shortens distances, so a true twin is still among the nearest), and the full
   embeddings confirm each pair; a pair is a near duplicate when its distance is under a fraction of the median
-  nearest-neighbour distance of the dataset (the scale of "different images" in this embedding space). No
-  all-pairs matrix is ever built;
+  nearest-neighbour distance of the dataset (the scale of "different images" in this embedding space), or when
+  it is closer than that median and its pixels agree: both images brought to the same small greyscale size
+  (the smaller one's, by area averaging) match up to a linear brightness/contrast change with a residual under
+  a few percent of the image's own contrast. A resized or recompressed copy passes that pixel check; a different
+  photograph or handwritten digit that the backbone happens to embed as closely does not. No all-pairs matrix
+  is ever built;
 - leakage: exact or near twins on both sides of the split;
 - label errors: out-of-fold probabilities of a K-fold logistic-regression probe on the embeddings, ranked with
   cleanlab's confident learning (cleanlab.filter.find_label_issues);
@@ -49,7 +53,7 @@ from engine.data import (
     split_indices,
 )
 
-AUDIT_VERSION = 1  # bump when what is cached means something else
+AUDIT_VERSION = 2  # bump when what is cached means something else
 FALLBACK_BACKBONE, FALLBACK_WEIGHTS = "timm/efficientnet_lite0", "BUNDLED"
 MIN_INPUT = 64  # px: the smallest input the backbone is run at
 PIXELS_PER_BATCH = 64 * 64 * 64  # a batch of 64 images at 64 px, or 5 at 224 px: each takes well under a second
@@ -77,6 +81,8 @@ class AuditOptions:
     neighbours: int = 10  # candidates per image from the index
     project_dims: int = 32  # PCA dimensions the index searches in
     near_factor: float = 0.4  # near duplicate: distance <= near_factor x the median nearest-neighbour distance
+    pixel_factor: float = 1.0  # or distance <= pixel_factor x that median and the pixels agree (pixel_residual)
+    pixel_residual: float = 0.05  # pixels agree: residual of a linear fit <= this share of the image's contrast
     outlier_z: float = 4.0  # outlier: robust z-score of the within-class kNN distance above this
     outlier_k: int = 5
     imbalance_ratio: float = 2.0  # largest / smallest class (training) from which the balance is a finding
@@ -340,6 +346,7 @@ def _root_digest(root: Path) -> str:
 
 # Per image: width, height, mean luminance, luminance std, 99th percentile of luminance (0..1)
 _STATS = 5
+THUMB = 16  # px: the greyscale thumbnail the pixel check compares (an image's shorter side, if smaller)
 
 
 def _per_image(
@@ -349,8 +356,8 @@ def _per_image(
     folder: Path,
     progress: Progress | None,
     stop: threading.Event | None,
-) -> tuple[np.ndarray, list[str], np.ndarray, dict[int, str], bool]:
-    """Embeddings, pixel hashes and stats of every sample: from the cache where its row is still valid."""
+) -> tuple[np.ndarray, list[str], np.ndarray, np.ndarray, dict[int, str], bool]:
+    """Embeddings, pixel hashes, stats and thumbnails of every sample: from the cache where its row is still valid."""
     n = len(ids)
     file = folder / f"embeddings-{emb.key}-{_root_digest(samples.root)}.npz"
     cached: dict[str, int] = {}
@@ -358,6 +365,8 @@ def _per_image(
     if file.is_file():
         try:
             old = dict(np.load(file, allow_pickle=False))
+            if "thumbs" not in old:
+                raise KeyError("thumbs")
             cached = {str(k): j for j, k in enumerate(old["ids"].tolist())}
         except Exception:  # noqa: BLE001 - a damaged cache file is recomputed
             old, cached = None, {}
@@ -365,12 +374,14 @@ def _per_image(
     dims = int(old["emb"].shape[1]) if old is not None and len(old["emb"]) else 0
     hashes = [""] * n
     stats = np.zeros((n, _STATS), dtype=np.float32)
+    thumbs = np.zeros((n, THUMB, THUMB), dtype=np.uint8)
     rows: dict[int, np.ndarray] = {}
     for i in range(n):
         j = cached.get(ids[i])
         if j is not None:
             hashes[i] = str(old["hashes"][j])
             stats[i] = old["stats"][j]
+            thumbs[i] = old["thumbs"][j]
             rows[i] = old["emb"][j]
     unreadable: dict[int, str] = {}
     if todo:
@@ -396,6 +407,7 @@ def _per_image(
                         repr((pixels.shape, str(pixels.dtype))).encode() + pixels.tobytes(), digest_size=16
                     ).hexdigest()
                     stats[i] = _image_stats(pixels)
+                    thumbs[i] = thumbnail(pixels)
                     inputs.append(_model_input(pixels, emb))
                     good.append(i)
                 if inputs:
@@ -426,10 +438,13 @@ def _per_image(
                     else embeddings[good_rows],
                     hashes=np.array([hashes[i] for i in good_rows] + [str(old["hashes"][j]) for j in keep_old]),
                     stats=np.concatenate([stats[good_rows], old["stats"][keep_old]]) if keep_old else stats[good_rows],
+                    thumbs=np.concatenate([thumbs[good_rows], old["thumbs"][keep_old]])
+                    if keep_old
+                    else thumbs[good_rows],
                 )
 
         _atomic_write(file, write)
-    return embeddings, hashes, stats, unreadable, not todo
+    return embeddings, hashes, stats, thumbs, unreadable, not todo
 
 
 def _image_stats(pixels: np.ndarray) -> np.ndarray:
@@ -439,6 +454,51 @@ def _image_stats(pixels: np.ndarray) -> np.ndarray:
     lum = values @ np.array([0.299, 0.587, 0.114], dtype=np.float32)
     h, w = pixels.shape[:2]
     return np.array([w, h, lum.mean(), lum.std(), np.percentile(lum, 99)], dtype=np.float32)
+
+
+def _luminance(pixels: np.ndarray) -> np.ndarray:
+    values = pixels.astype(np.float32)
+    if pixels.dtype == np.uint8:
+        values /= 255.0
+    out: np.ndarray = np.clip(values @ np.array([0.299, 0.587, 0.114], dtype=np.float32), 0.0, 1.0)
+    return out
+
+
+def _area(grey: np.ndarray, side: int) -> np.ndarray:
+    """A greyscale image (0..1) brought to side x side px by area averaging (PIL's box filter)."""
+    from PIL import Image
+
+    if grey.shape == (side, side):
+        return grey.astype(np.float32)
+    return np.asarray(Image.fromarray(grey.astype(np.float32), mode="F").resize((side, side), Image.Resampling.BOX))
+
+
+def thumbnail(pixels: np.ndarray) -> np.ndarray:
+    """THUMB x THUMB uint8: the greyscale image area-averaged to s x s px, s = min(THUMB, its shorter side),
+    in the top-left corner (s follows from the image's size, kept in its stats)."""
+    h, w = pixels.shape[:2]
+    side = max(1, min(THUMB, h, w))
+    out = np.zeros((THUMB, THUMB), dtype=np.uint8)
+    out[:side, :side] = np.round(_area(_luminance(pixels), side) * 255.0)
+    return out
+
+
+def pixel_residual(thumb_a: np.ndarray, side_a: int, thumb_b: np.ndarray, side_b: int) -> float:
+    """How far two images' pixels are from the same picture: both thumbnails brought to the smaller one's size
+    (area averaging again: a copy enlarged by a whole factor comes back to its source's pixels), then the residual
+    of the best linear fit of one on the other (brightness and contrast may change), as a share of the image's
+    own contrast: sqrt(1 - r^2) for a positive correlation r, 1 otherwise. A recompressed or resampled copy stays
+    at a few percent; a different image of the same thing (another writer's 1) is well above."""
+    side = max(1, min(side_a, side_b))
+    a = _area(thumb_a[:side_a, :side_a].astype(np.float32) / 255.0, side).ravel()
+    b = _area(thumb_b[:side_b, :side_b].astype(np.float32) / 255.0, side).ravel()
+    a, b = a - a.mean(), b - b.mean()
+    na, nb = float(np.sqrt(a @ a)), float(np.sqrt(b @ b))
+    flat = 1e-3 * math.sqrt(a.size)  # an RMS contrast under 0.1% of full scale: a uniform image
+    if na < flat or nb < flat:
+        return 0.0 if na < flat and nb < flat else 1.0
+    r = float(a @ b) / (na * nb)
+    return math.sqrt(max(0.0, 1.0 - r * r)) if r > 0 else 1.0
 
 
 # ---------------------------------------------------------------------------------------------
@@ -722,7 +782,7 @@ def run_audit(
     check()
 
     t = time.perf_counter()
-    embeddings, hashes, stats, unreadable, reused = _per_image(samples, emb, ids, folder, progress, stop)
+    embeddings, hashes, stats, thumbs, unreadable, reused = _per_image(samples, emb, ids, folder, progress, stop)
     seconds["embed"] = time.perf_counter() - t
     check()
     notes: list[str] = []
@@ -763,19 +823,36 @@ def run_audit(
     if progress is not None:
         progress("index", 0, 1)
     found, dist = neighbour_candidates(unit, opts.neighbours, opts.project_dims, stop=stop)
-    pairs, threshold = near_pairs(found, dist, opts.near_factor)
-    near = [(int(good[a]), int(good[b]), d) for a, b, d in pairs if hashes[good[a]] != hashes[good[b]]]
-    distance = {(a, b): d for a, b, d in near}
-    for g in _groups(n, [(a, b) for a, b, _ in near]):
-        edges = [d for (a, b), d in distance.items() if a in g and b in g]
-        similarity = 1.0 - max(edges) ** 2 / 2.0  # cosine similarity of the loosest link
+    wide = max(opts.near_factor, opts.pixel_factor)
+    pairs, wide_threshold = near_pairs(found, dist, wide)
+    threshold = wide_threshold * opts.near_factor / wide if wide > 0 else 0.0
+    sides = np.minimum(np.minimum(stats[:, 0], stats[:, 1]), THUMB).astype(np.int64)
+    near: list[tuple[int, int, float, float]] = []  # (a, b, embedding distance, pixel residual)
+    for a, b, d in pairs:
+        i, j = int(good[a]), int(good[b])
+        if hashes[i] == hashes[j]:
+            continue  # an exact copy, reported as such
+        residual = pixel_residual(thumbs[i], int(sides[i]), thumbs[j], int(sides[j]))
+        if d <= threshold or residual <= opts.pixel_residual:
+            near.append((i, j, d, residual))
+    edge = {(a, b): (d, r) for a, b, d, r in near}
+    for g in _groups(n, [(a, b) for a, b, _, _ in near]):
+        inside = set(g)
+        edges = [v for (a, b), v in edge.items() if a in inside and b in inside]
+        loosest = max(d for d, _ in edges)
+        similarity = 1.0 - loosest**2 / 2.0  # cosine similarity of the loosest link
         labels = {label_of(i) for i in g}
         findings.append(
             Finding(
                 "near_duplicate",
                 names(g),
                 round(similarity, 6),
-                {"members": members(g), "conflicting_labels": len(labels) > 1, "distance": round(max(edges), 6)},
+                {
+                    "members": members(g),
+                    "conflicting_labels": len(labels) > 1,
+                    "distance": round(loosest, 6),
+                    "pixel_residual": round(max(r for _, r in edges), 6),
+                },
             )
         )
         twin_groups.append(("near", g, similarity))
@@ -982,7 +1059,11 @@ def run_audit(
         findings=findings,
         balance=balance,
         leakage=leakage,
-        notes=notes + [f"near-duplicate threshold: embedding distance <= {threshold:.4f}"],
+        notes=notes
+        + [
+            f"near-duplicate threshold: embedding distance <= {threshold:.4f}, or <= {wide_threshold:.4f} with "
+            f"pixels that agree (linear-fit residual <= {opts.pixel_residual:g} of the image's contrast)"
+        ],
         seconds={k: round(v, 3) for k, v in seconds.items()},
     )
     check()

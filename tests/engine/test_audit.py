@@ -7,6 +7,7 @@ import json
 import os
 import shutil
 import threading
+from itertools import combinations
 from pathlib import Path
 
 import numpy as np
@@ -14,13 +15,17 @@ import pytest
 from PIL import Image
 
 from engine.audit import (
+    THUMB,
+    AuditOptions,
     AuditStopped,
     finding_status,
     leakage_fix,
     near_pairs,
     neighbour_candidates,
     normalise,
+    pixel_residual,
     run_audit,
+    thumbnail,
 )
 from engine.config import load_project
 from tests.conftest import ROOT, write_image_folder, write_project
@@ -152,6 +157,23 @@ def test_exact_and_near_duplicates_told_apart(truth):
     assert not exact_found & truth["near"]  # a recompressed copy has other pixels
     hows = {f.detail["how"] for f in report.of_kind("leakage") if set(f.keys) & {k for p in truth["near"] for k in p}}
     assert hows == {"near"}
+    limit = AuditOptions().pixel_residual
+    copies = [f for f in report.of_kind("near_duplicate") if any("near_" in k for k in f.keys)]
+    assert copies and all(f.detail["pixel_residual"] <= limit for f in copies)  # the pixels agree
+
+
+def test_pixel_check_tells_a_resized_copy_from_another_writers_digit():
+    """Many natural 8x8 1s are as close in the embedding as a copy is to its source: the pixel check must pass
+    every resized + recompressed copy and no pair of two different handwritten 1s (all 182 of them)."""
+    files = sorted((DIGITS / "1").glob("*.png"))
+    thumbs = [thumbnail(np.asarray(Image.open(f).convert("RGB"))) for f in files]
+    limit = AuditOptions().pixel_residual
+    natural = [pixel_residual(thumbs[i], 8, thumbs[j], 8) for i, j in combinations(range(len(files)), 2)]
+    assert len(natural) == 182 * 181 // 2 and min(natural) > limit
+    rng = np.random.default_rng(5)
+    for f, source in zip(files[:20], thumbs[:20], strict=True):
+        copy = np.asarray(_near_copy(f, rng).convert("RGB"))  # 16 to 32 px
+        assert pixel_residual(thumbnail(copy), min(THUMB, *copy.shape[:2]), source, 8) <= limit
 
 
 def test_leakage_only_across_the_split(truth):
