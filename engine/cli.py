@@ -12,7 +12,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Any, TextIO
 
-from engine.config import DEVICES, ConfigError, ProjectConfig
+from engine.config import DEVICES, ConfigError, ProjectConfig, with_total_epochs
 from engine.events import BatchProgress, EpochFinished, Event, JsonLines, LogMessage, Output, RunFinished, RunStarted
 from engine.session import RunSession, apply_init_from, error_kind, failed_before_start
 
@@ -98,7 +98,7 @@ def _load(project: str, overrides: argparse.Namespace | None = None) -> ProjectC
     if epochs is not None or processes is not None:
         data = cfg.to_dict()
         if epochs is not None:
-            data["train"]["epochs"] = epochs
+            data = with_total_epochs(data, epochs)
         if processes is not None:
             data["distributed"]["processes"] = processes
         try:
@@ -450,7 +450,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("train", help="train a project headless and write a run folder")
     p.add_argument("project", help="project file (.json)")
-    p.add_argument("--epochs", type=int, help="total epochs (overrides train.epochs)")
+    p.add_argument(
+        "--epochs", type=int, help="total epochs (overrides train.epochs; in a run in phases, its last phase's)"
+    )
     p.add_argument("--out", help="run folder to write (default: OUTPUT_DIR/NAME-TIMESTAMP)")
     p.add_argument(
         "--init-from",

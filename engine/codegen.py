@@ -29,6 +29,7 @@ from engine.backbones import build_model, bundled_weights_file, load_by_order, l
 from engine.catalog import BUNDLED, timm_model_name, timm_tags, weights_enum
 from engine.config import ConfigError, ProjectConfig
 from engine.freezing import apply_freeze
+from engine.phases import plan_phases
 from engine.transforms import Preprocess, augmentations_on
 
 BundledWeights = Literal["package", "file"]
@@ -74,6 +75,12 @@ def _refusals(cfg: ProjectConfig) -> list[str]:
         out.append(
             f"distributed.processes = {cfg.distributed.processes}: the exported script trains in one process "
             "(no torchrun); set it to 1 to export"
+        )
+    if len(cfg.train.phases) > 1:
+        out.append(
+            f"train.phases: the project trains in {len(cfg.train.phases)} phases (changing the frozen layers, the "
+            "optimizer and the images between them); the exported script trains one phase, so export each phase "
+            "as a project of its own (its freeze, learning rate, schedule and epochs) or remove the phases"
         )
     if cfg.loader.sampler.name == "distributed":
         out.append(
@@ -734,6 +741,8 @@ def generate(
     problems = _refusals(cfg)
     if problems:
         raise CodegenError("cannot export this project as a script: " + "; ".join(problems))
+    if cfg.train.phases:  # one phase: the project that phase trains (its freeze, rate, schedule and epochs)
+        cfg = plan_phases(cfg)[0].cfg
     try:
         shape = _model_shape(cfg)
     except ConfigError as exc:

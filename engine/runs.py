@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from engine.checkpoints import FORMAT_VERSION, CheckpointWriteError, atomic_torch_save, remove_stale_temporaries
-from engine.config import ConfigError, ProjectConfig, save_project
+from engine.config import ConfigError, ProjectConfig, run_epochs, save_project, with_total_epochs
 from engine.freezing import freeze_spec
 from engine.run_files import METRICS_FILE, PROJECT_FILE, read_metrics  # noqa: F401 - part of this module's API
 from engine.run_lock import claim_run_dir, release_run_dir
@@ -275,7 +275,8 @@ def hyperparameters(cfg: ProjectConfig) -> dict[str, Any]:
         "weight_decay": cfg.optimizer.weight_decay,
         "backbone_lr_mult": cfg.optimizer.backbone_lr_mult,
         "schedule": cfg.schedule.name,
-        "epochs": cfg.train.epochs,
+        "epochs": run_epochs(cfg),
+        "phases": len(cfg.train.phases),
         "seed": cfg.train.seed,
         "precision": cfg.train.precision,
     }
@@ -311,7 +312,7 @@ def resume_config(
         )
     data = dict(ckpt["config"])
     if epochs is not None:
-        data["train"] = {**data.get("train", {}), "epochs": epochs}
+        data = with_total_epochs(data, epochs)
     if processes is not None:
         data["distributed"] = {**data.get("distributed", {}), "processes": processes}
     try:
@@ -324,10 +325,10 @@ def resume_config(
             ],
             exc.source,
         ) from None
-    if cfg.train.epochs <= ckpt["epoch"]:
+    if run_epochs(cfg) <= ckpt["epoch"]:
         raise ConfigError(
             [
-                f"{epochs_field} = {cfg.train.epochs}: the checkpoint has already trained {ckpt['epoch']} "
+                f"{epochs_field} = {run_epochs(cfg)}: the checkpoint has already trained {ckpt['epoch']} "
                 f"epoch(s); give the run's new total, such as {ckpt['epoch'] + 5}"
             ]
         )

@@ -54,13 +54,26 @@ def test_an_interrupted_save_leaves_the_previous_checkpoint_whole(tmp_path, monk
     assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]  # no temporary file left either
 
 
-def test_resume_continues_exactly_like_a_straight_run(project, tmp_path):
+# Two phases: the head alone on cached features without augmentation, then layer4 too on augmented images with a
+# cosine of its own; resumed after epoch 3, inside phase 2.
+TWO_PHASES = [
+    {"epochs": 2, "freeze": "head_only", "augment": False, "lr": 0.05},
+    {"epochs": 2, "freeze": "up_to", "freeze_up_to": "layer3", "lr_factor": 0.4, "schedule": "cosine"},
+]
+
+
+@pytest.mark.parametrize(("phases", "stop_after"), [([], 2), (TWO_PHASES, 3)], ids=["one-phase", "two-phases"])
+def test_resume_continues_exactly_like_a_straight_run(project, tmp_path, phases, stop_after):
+    data = json.loads(project.read_text())
+    data["train"]["phases"] = phases
+    project.write_text(json.dumps(data))
     cfg = load_project(project)
     cfg.checkpoint.keep_last = 0
     straight = train(cfg, create_run_dir(cfg, tmp_path / "straight"))
 
-    # As if the run had been killed after epoch 2: continue from that checkpoint in another folder.
-    ckpt = load_checkpoint(tmp_path / "straight" / "checkpoints" / "epoch-002.pt")
+    # As if the run had been killed after epoch stop_after: continue from that checkpoint in another folder.
+    ckpt = load_checkpoint(tmp_path / "straight" / "checkpoints" / f"epoch-{stop_after:03d}.pt")
+    assert ckpt["phase"]["index"] == (1 if phases else 0)  # the checkpoint records the phase it was in
     (tmp_path / "split").mkdir()
     resumed = train(from_dict(ckpt["config"]), tmp_path / "split", resume=ckpt)
 
