@@ -161,7 +161,21 @@ def build_run(
     if channels_last:  # NHWC: faster convolutions on tensor cores; state_dict() values keep their shapes
         model.to(memory_format=torch.channels_last)
     loss_fn.to(device)
-    groups = param_groups(model, built.head_name, cfg.optimizer.lr, cfg.optimizer.backbone_lr_mult)
+    o = cfg.optimizer
+    groups = param_groups(
+        model,
+        built.head_name,
+        o.lr,
+        o.backbone_lr_mult,
+        layer_lr_decay=o.layer_lr_decay,
+        lr_mult=o.lr_mult,
+        backbone=cfg.model.backbone,
+    )
+    if len(groups) > 2 or o.layer_lr_decay != 1:
+        log(
+            "Learning rates by group: "
+            + ", ".join(f"{g['name']} {g['lr']:.3g} ({len(g['params'])} tensors)" for g in groups)
+        )
     optimizer = build_optimizer(cfg.optimizer, groups)
     cache = apply_decoded_cache(data, cfg, pre, log=log, progress=progress)
     augmented = has_random_steps(cfg.data.augment, train=True)
@@ -431,6 +445,15 @@ class Trainer:
                 "cannot resume: the model's architecture differs from the checkpoint's: "
                 + " ".join(str(exc).split())[:400]
             ) from None
+        saved_groups = [g.get("name") for g in ckpt["optimizer_state_dict"].get("param_groups", [])]
+        built_groups = [g.get("name") for g in p.optimizer.param_groups]
+        if saved_groups != built_groups:
+            raise CheckpointError(
+                "cannot resume: the checkpoint's optimizer has the parameter groups "
+                f"{', '.join(map(str, saved_groups))}, the project builds {', '.join(map(str, built_groups))} "
+                "(optimizer.layer_lr_decay, optimizer.lr_mult or what is frozen changed); start a new run from its "
+                "weights instead (train --init-from)"
+            )
         p.optimizer.load_state_dict(ckpt["optimizer_state_dict"])
         try:
             p.schedule.load_state_dict(ckpt.get("scheduler_state_dict") or {}, epochs=state.epochs)
