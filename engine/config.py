@@ -646,6 +646,24 @@ class OptimizerConfig(Section):
         help="The pretrained backbone learns at the learning rate times this (such as 0.1); the new head uses the "
         "learning rate itself.",
     )
+    layer_lr_decay: Finite = setting(
+        1.0,
+        gt=0,
+        le=1,
+        group="optimizer",
+        label="Layer-wise lr decay",
+        widget="text",
+        doc="each block of the model (ResNet stages, EfficientNet blocks, ViT blocks, ConvNeXt stages) trains at this "
+        "times the rate of the block above it, counted down from the head; `1` turns it off",
+        help="Layer-wise learning-rate decay: the block next to the head learns at this times the head's rate, the "
+        "one below it at this squared, and so on down to the stem (such as 0.7); 1 turns it off.",
+    )
+    lr_mult: dict[str, Positive] = setting(
+        default_factory=dict,
+        doc='per-module multipliers of the learning rate, such as `{"layer4": 0.3}` (the longest matching module '
+        "name wins); on top of the above, and set from the Layers panel's Learning rate column",
+        help="Multiply the learning rate of the modules under each name by its number (edited in the Layers panel).",
+    )
 
 
 def _schedule(*names: str) -> Applies:
@@ -788,6 +806,9 @@ class PhaseConfig(Section):
     augment: bool | None = setting(
         None, doc="`false` trains this phase on unaugmented images; `null` or `true`: as `data.augment` says"
     )
+    layer_lr_decay: Finite | None = setting(
+        None, gt=0, le=1, doc="this phase's layer-wise learning-rate decay; `null`: `optimizer.layer_lr_decay`"
+    )
 
 
 class TrainConfig(Section):
@@ -891,7 +912,8 @@ class TrainConfig(Section):
     phases: list[PhaseConfig] = setting(
         default_factory=list,
         doc="train in phases (gradual unfreezing): each with its `epochs` and any of `freeze`, `freeze_up_to`, "
-        "`freeze_prefixes`, `unfreeze_prefixes`, `lr` or `lr_factor`, `schedule`, `augment`, `name`; a phase "
+        "`freeze_prefixes`, `unfreeze_prefixes`, `lr` or `lr_factor`, `schedule`, `augment`, `layer_lr_decay`, "
+        "`name`; a phase "
         "changes the frozen layers, rebuilds the optimizer and restarts the schedule; `[]`: one phase as above",
     )
 
@@ -1143,6 +1165,8 @@ def _locate(loc: tuple) -> tuple[str, Any, list[Any]]:
             tp, metadata = info.annotation, list(info.metadata)
         elif isinstance(part, int) and getattr(base, "__origin__", None) is list:
             path, tp, metadata = f"{path}[{part}]", base.__args__[0], []
+        elif isinstance(part, str) and getattr(base, "__origin__", None) is dict:
+            path, tp, metadata = f"{path}[{part!r}]", base.__args__[1], []
         else:
             break  # a union member's tag: the problem is the field's
     return path, tp, metadata + unwrap(tp)[1]

@@ -1,7 +1,7 @@
 """A run in phases (train.phases): each phase as the plain single-phase project it trains, and where phases begin.
 
 A phase is trained exactly as a project whose model.freeze..., optimizer.lr, schedule.name, data.augment and
-train.epochs are the phase's: plan_phases() builds those projects once, so the trainer, the feature cache and
+optimizer.layer_lr_decay and train.epochs are the phase's: plan_phases() builds those projects once, so the trainer, the feature cache and
 the log read ordinary settings and no code below asks "which phase am I in?" beyond the trainer's phase change.
 A run without phases is one phase whose project is the project itself (not a copy), so it trains as before.
 """
@@ -62,6 +62,8 @@ def plan_phases(cfg: ProjectConfig) -> list[Phase]:
         if spec.unfreeze_prefixes is not None:
             m.unfreeze_prefixes = list(spec.unfreeze_prefixes)
         phase_cfg.optimizer.lr = lr
+        if spec.layer_lr_decay is not None:
+            phase_cfg.optimizer.layer_lr_decay = spec.layer_lr_decay
         if spec.schedule is not None:
             phase_cfg.schedule.name = spec.schedule
         if spec.augment is False:

@@ -154,7 +154,7 @@ def build_run(
     if channels_last:  # NHWC: faster convolutions on tensor cores; state_dict() values keep their shapes
         model.to(memory_format=torch.channels_last)
     loss_fn.to(device)
-    optimizer = phase_optimizer(model, first, built.head_name)
+    optimizer = phase_optimizer(model, first, built.head_name, log)
     cache = apply_decoded_cache(data, cfg, pre, log=log, progress=progress)
     train_transforms = {True: data.train.transform, False: data.train.transform}
     if cfg.train.phases and has_random_steps(cfg.data.augment, train=True):
@@ -246,10 +246,26 @@ def phase_freeze(model: torch.nn.Module, phase: Phase, head_name: str) -> Freeze
     return freeze
 
 
-def phase_optimizer(model: torch.nn.Module, phase: Phase, head_name: str) -> torch.optim.Optimizer:
-    """A new optimizer over the parameters that train in the phase, at its learning rates."""
+def phase_optimizer(
+    model: torch.nn.Module, phase: Phase, head_name: str, log: Callable[[str], None]
+) -> torch.optim.Optimizer:
+    """A new optimizer over the parameters that train in the phase, at its learning rates (layer-wise ones too)."""
     cfg = phase.cfg
-    groups = param_groups(model, head_name, cfg.optimizer.lr, cfg.optimizer.backbone_lr_mult)
+    o = cfg.optimizer
+    groups = param_groups(
+        model,
+        head_name,
+        o.lr,
+        o.backbone_lr_mult,
+        layer_lr_decay=o.layer_lr_decay,
+        lr_mult=o.lr_mult,
+        backbone=cfg.model.backbone,
+    )
+    if len(groups) > 2 or o.layer_lr_decay != 1:
+        log(
+            "Learning rates by group: "
+            + ", ".join(f"{g['name']} {g['lr']:.3g} ({len(g['params'])} tensors)" for g in groups)
+        )
     return build_optimizer(cfg.optimizer, groups)
 
 
@@ -395,7 +411,7 @@ class Trainer:
         state.epochs = planned_epochs(self.phases, state.phase_starts)
         phase_freeze(p.model, phase, p.head_name)
         p.frozen_bn = [] if self.cfg.model.train_frozen_batchnorm else frozen_batchnorm_modules(p.model)
-        p.optimizer = phase_optimizer(p.model, phase, p.head_name)
+        p.optimizer = phase_optimizer(p.model, phase, p.head_name, self.log)
         p.schedule = phase_schedule(phase, p.optimizer, len(p.train_loader))
         if p.data.train.transform is not p.train_transforms[phase.augmented]:
             p.data.train.transform = p.train_transforms[phase.augmented]
@@ -541,6 +557,15 @@ class Trainer:
             self._configure_phase(saved["index"])
         state.phase_starts = [int(v) for v in saved["starts"]]  # with a phase that early stopping has begun
         state.epochs = planned_epochs(self.phases, state.phase_starts)
+        saved_groups = [g.get("name") for g in ckpt["optimizer_state_dict"].get("param_groups", [])]
+        built_groups = [g.get("name") for g in p.optimizer.param_groups]
+        if saved_groups != built_groups:
+            raise CheckpointError(
+                "cannot resume: the checkpoint's optimizer has the parameter groups "
+                f"{', '.join(map(str, saved_groups))}, the project builds {', '.join(map(str, built_groups))} "
+                "(optimizer.layer_lr_decay, optimizer.lr_mult or what is frozen changed); start a new run from its "
+                "weights instead (train --init-from)"
+            )
         p.optimizer.load_state_dict(ckpt["optimizer_state_dict"])
         try:
             p.schedule.load_state_dict(

@@ -62,13 +62,19 @@ TWO_PHASES = [
 ]
 
 
-@pytest.mark.parametrize(("phases", "stop_after"), [([], 2), (TWO_PHASES, 3)], ids=["one-phase", "two-phases"])
-def test_resume_continues_exactly_like_a_straight_run(project, tmp_path, phases, stop_after):
+@pytest.mark.parametrize(
+    ("optimizer", "phases", "stop_after"),
+    [({}, [], 2), ({"layer_lr_decay": 0.5, "lr_mult": {"layer4.0.conv1": 2.0}}, [], 2), ({}, TWO_PHASES, 3)],
+    ids=["plain", "layer-wise", "two-phases"],
+)
+def test_resume_continues_exactly_like_a_straight_run(project, tmp_path, optimizer, phases, stop_after):
     data = json.loads(project.read_text())
     data["train"]["phases"] = phases
     project.write_text(json.dumps(data))
     cfg = load_project(project)
     cfg.checkpoint.keep_last = 0
+    for key, value in optimizer.items():
+        setattr(cfg.optimizer, key, value)
     straight = train(cfg, create_run_dir(cfg, tmp_path / "straight"))
 
     # As if the run had been killed after epoch stop_after: continue from that checkpoint in another folder.
@@ -87,6 +93,16 @@ def test_resume_continues_exactly_like_a_straight_run(project, tmp_path, phases,
     for key in wa:
         assert torch.allclose(wa[key].float(), wb[key].float(), atol=1e-6, rtol=0), key
     assert [m["epoch"] for m in read_metrics(tmp_path / "split")] == [1, 2, 3, 4]
+    # The checkpoint kept the groups, and the cosine schedule scaled every group alike.
+    saved = [(g["name"], g["initial_lr"]) for g in ckpt["optimizer_state_dict"]["param_groups"]]
+    built = straight.parts.optimizer.param_groups
+    assert saved == [(g["name"], g["initial_lr"]) for g in built]
+    if optimizer:
+        assert len(built) == 7  # head, stem, layer1..layer4 and layer4.0.conv1 at twice its stage's rate
+        middle = ckpt["optimizer_state_dict"]["param_groups"]  # half-way down the cosine
+        assert 0 < middle[0]["lr"] < middle[0]["initial_lr"]
+        for group in middle:
+            assert group["lr"] / middle[0]["lr"] == pytest.approx(group["initial_lr"] / middle[0]["initial_lr"])
 
 
 def test_checkpoint_policy_keeps_the_newest_epochs_and_the_best(project, tmp_path):
