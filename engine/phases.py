@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from engine.config import AugmentConfig, ProjectConfig
+from engine.config import AugmentConfig, PhaseConfig, ProjectConfig
 from engine.transforms import augmentations_on
 
 
@@ -89,3 +89,50 @@ def planned_epochs(phases: Sequence[Phase], starts: Sequence[int]) -> int:
     """The run's length: the last begun phase's start and the epochs of it and of every phase after it."""
     k = len(starts) - 1
     return starts[k] + sum(p.epochs for p in phases[k:])
+
+
+# The Fine-tune preset's shape: many cheap head epochs on cached features, then the top blocks for a short while.
+HEAD_EPOCHS = 8
+TUNE_EPOCHS = 1
+TOP_BLOCKS = 2  # blocks of the model's own structure unfrozen in phase 2
+TUNE_LR_FACTOR = 0.2  # phase 2's head rate against phase 1's: the head is trained already
+LAYER_DECAY = 0.7
+
+
+def model_blocks(cfg: ProjectConfig) -> list[str]:
+    """The backbone's blocks, bottom to top (engine.freezing.block_units), from its structure on the meta device:
+    no weights are read and no memory is taken, so it is quick enough for a button."""
+    import torch
+
+    from engine.backbones import build_model
+    from engine.freezing import block_units
+
+    with torch.device("meta"):
+        built = build_model(cfg.model.model_copy(update={"weights": None, "weights_file": None}), 2)
+    return block_units(built.model, built.head_name)
+
+
+def fine_tune_preset(cfg: ProjectConfig) -> dict[str, object]:
+    """The Fine-tune recipe for a project, as field values: phase 1 trains the head alone on cached features
+    (no augmentation, HEAD_EPOCHS cheap epochs, at optimizer.lr: the learning-rate finder's suggestion); phase 2
+    unfreezes the top TOP_BLOCKS blocks on augmented images with layer-wise rates and a one-cycle schedule.
+
+    Raises ValueError when the backbone has too few blocks to unfreeze only the top ones.
+    """
+    blocks = model_blocks(cfg)
+    if len(blocks) <= TOP_BLOCKS:
+        raise ValueError(
+            f"{cfg.model.backbone} has {len(blocks)} block(s) the preset can find, too few to unfreeze only the top "
+            f"{TOP_BLOCKS}; set the phases by hand"
+        )
+    tune: dict[str, object] = {
+        "name": "fine-tune",
+        "epochs": TUNE_EPOCHS,
+        "freeze": "up_to",
+        "freeze_up_to": blocks[-TOP_BLOCKS - 1],
+        "lr_factor": TUNE_LR_FACTOR,
+        "schedule": "onecycle",
+        "layer_lr_decay": LAYER_DECAY,
+    }
+    head = {"name": "head", "epochs": HEAD_EPOCHS, "freeze": "head_only", "augment": False, "schedule": "none"}
+    return {"train.phases": [PhaseConfig.model_validate(head), PhaseConfig.model_validate(tune)]}

@@ -29,6 +29,8 @@ from PySide6.QtWidgets import (
 from engine.config import ProjectConfig
 from engine.machine import auto_device, devices_here
 from engine.settings import Setting, bounds, choices, fields, meta, unwrap
+from widgets.augment_preview import OBJECT_NAMES as PREVIEW_NAMES
+from widgets.augment_preview import AugmentPreviewWidget
 from widgets.fields import (
     ComboBox,
     DoubleSpinBox,
@@ -51,6 +53,8 @@ from widgets.fields import (
     parse_positions,
 )
 from widgets.look import ERROR_STYLE
+from widgets.phase_editor import OBJECT_NAMES as PHASE_NAMES
+from widgets.phase_editor import PhaseEditor
 from widgets.state import ProjectState
 
 W = TypeVar("W", bound=QWidget)
@@ -95,6 +99,8 @@ CHOOSERS = {_rule.path for _, info in fields(ProjectConfig) if (_rule := meta(in
 }
 OBJECT_NAMES = {"training.scroll": "the scroll area holding the training settings"}
 OBJECT_NAMES.update({f"training.group.{name}": f"group: {text}" for name, _, text, _ in GROUPS})
+OBJECT_NAMES.update(PHASE_NAMES)
+OBJECT_NAMES.update(PREVIEW_NAMES)
 for _path, _s, _info in (row for rows in ROWS.values() for row in rows):
     _name = object_name(_path, _s)
     OBJECT_NAMES[_name] = f"{_s.label} ({_path}): {_s.doc or _s.help}"
@@ -195,6 +201,16 @@ class TrainingPanel(QWidget):
         for col in self._cols:
             columns.addLayout(col, 1)
         boxes = [self._build_group(name, title) for name, title, _, _ in GROUPS]
+        forms = {name: box.layout() for (name, *_), box in zip(GROUPS, boxes, strict=True)}
+        # The input group ends with the augmentation preview; the training group with the run's phases.
+        self.augment_preview = AugmentPreviewWidget(state)
+        self.phases = PhaseEditor(state, preset=self._fine_tune_preset)
+        phases_caption = QLabel("Phases:")
+        phases_caption.setToolTip(self.phases.table.toolTip())
+        for name, row in (("input", (self.augment_preview,)), ("training", (phases_caption, self.phases))):
+            form = forms[name]
+            assert isinstance(form, QFormLayout)  # _build_group lays each group out as a form
+            form.addRow(*row)
         self._left, self._right = boxes[:LEFT_GROUPS], boxes[LEFT_GROUPS:]
         self._device, self._processes = (
             self._widget_as("train.device", QComboBox),
@@ -239,6 +255,12 @@ class TrainingPanel(QWidget):
         self._scroll.ensureWidgetVisible(widget)
         widget.setFocus(Qt.FocusReason.OtherFocusReason)
         return True
+
+    def _fine_tune_preset(self) -> dict[str, Any]:
+        """The Fine-tune recipe for the project as it stands (engine.phases.fine_tune_preset)."""
+        from engine.phases import fine_tune_preset  # reads the backbone's structure: PyTorch is loaded by now
+
+        return fine_tune_preset(self.state.config)
 
     # -- building ------------------------------------------------------------------------------
     def _build_group(self, name: str, title: str) -> QGroupBox:
