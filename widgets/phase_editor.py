@@ -6,7 +6,7 @@ from collections.abc import Callable
 from typing import Any
 
 from pydantic import ValidationError
-from PySide6.QtCore import QSignalBlocker
+from PySide6.QtCore import QSignalBlocker, Qt
 from PySide6.QtWidgets import (
     QAbstractItemView,
     QHBoxLayout,
@@ -113,6 +113,7 @@ class PhaseEditor(QWidget):
             if item is not None:
                 item.setToolTip(tip)
         self.table.verticalHeader().setVisible(False)
+        self.table.setVerticalScrollBarPolicy(Qt.ScrollBarPolicy.ScrollBarAlwaysOff)  # as tall as its rows
         self.table.horizontalHeader().setSectionResizeMode(QHeaderView.ResizeMode.ResizeToContents)
         self.table.setSelectionBehavior(QAbstractItemView.SelectionBehavior.SelectRows)
         self.table.setSelectionMode(QAbstractItemView.SelectionMode.SingleSelection)
@@ -194,10 +195,13 @@ class PhaseEditor(QWidget):
         return combo
 
     def _fit_height(self) -> None:
-        """As tall as its rows (a short list), so the panel's own scroll bar is the only one."""
-        header = self.table.horizontalHeader().height()
+        """As tall as its rows (a short list) and a horizontal scroll bar, so no rows hide behind a vertical one."""
+        self.table.resizeRowsToContents()
+        header = self.table.horizontalHeader().sizeHint().height()
         rows = sum(self.table.rowHeight(r) for r in range(self.table.rowCount()))
-        self.table.setFixedHeight(header + max(rows, self.table.verticalHeader().defaultSectionSize()) + 4)
+        bar = self.table.horizontalScrollBar().sizeHint().height()
+        frame = 2 * self.table.frameWidth()
+        self.table.setFixedHeight(header + max(rows, self.table.verticalHeader().defaultSectionSize()) + bar + frame)
 
     # -- writing the table into the project ------------------------------------------------------
     def phases(self) -> list[PhaseConfig]:

@@ -205,12 +205,13 @@ class TrainingPanel(QWidget):
         # The input group ends with the augmentation preview; the training group with the run's phases.
         self.augment_preview = AugmentPreviewWidget(state)
         self.phases = PhaseEditor(state, preset=self._fine_tune_preset)
-        phases_caption = QLabel("Phases:")
+        phases_caption = QLabel("Phases (gradual unfreezing; none: one phase as above):")
         phases_caption.setToolTip(self.phases.table.toolTip())
-        for name, row in (("input", (self.augment_preview,)), ("training", (phases_caption, self.phases))):
+        for name, rows in (("input", [self.augment_preview]), ("training", [phases_caption, self.phases])):
             form = forms[name]
             assert isinstance(form, QFormLayout)  # _build_group lays each group out as a form
-            form.addRow(*row)
+            for row in rows:
+                form.addRow(row)  # the whole width: the table has eight columns
         self._left, self._right = boxes[:LEFT_GROUPS], boxes[LEFT_GROUPS:]
         self._device, self._processes = (
             self._widget_as("train.device", QComboBox),
