@@ -114,7 +114,10 @@ def suggest(lrs: Sequence[float], smoothed: Sequence[float]) -> tuple[int | None
             f"a tenth of the rate at the bottom of the valley ({lrs[end]:.2g}), below its steepest fall "
             f"({lrs[steepest]:.2g})"
         )
-    return steepest, f"the steepest fall of the loss in its valley ({lrs[start]:.2g} to {lrs[end]:.2g})"
+    still = (
+        "; the loss was still falling where the ramp ended: end it higher to see where it turns" if end == n - 1 else ""
+    )
+    return steepest, f"the steepest fall of the loss in its valley ({lrs[start]:.2g} to {lrs[end]:.2g}){still}"
 
 
 def ramp(

@@ -118,7 +118,9 @@ def find_lr(
             if cfg.train.deterministic:
                 torch.use_deterministic_algorithms(False)
     finite = [x if math.isfinite(x) else math.inf for x in losses]
-    usable = len(finite) - (1 if status == "diverged" and finite and not math.isfinite(losses[-1]) else 0)
+    # The batch whose loss diverged is plotted but not smoothed: averaged backwards, a blown-up loss would lift the
+    # bottom of the valley it follows.
+    usable = len(finite) - (1 if status == "diverged" and finite else 0)
     smoothed = smooth(finite[:usable]) if usable else []
     index, reason = suggest(lrs[:usable], smoothed) if status != "stopped" or usable >= MIN_POINTS else (None, "")
     if status == "stopped" and index is None:
