@@ -39,7 +39,10 @@ class LrFinderResult:
     log: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        """Plain values for JSON: a loss that was not a number is null (JSON has no NaN)."""
+        out = asdict(self)
+        out["losses"] = [x if math.isfinite(x) else None for x in self.losses]
+        return out
 
 
 def lr_ramp(start_lr: float, end_lr: float, steps: int) -> list[float]:

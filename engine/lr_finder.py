@@ -107,6 +107,10 @@ def find_lr(
     with preserved_random_state(parts.device if parts is not None else None):
         if parts is None:
             parts = build_run(cfg, log=say)
+        deterministic = (
+            torch.are_deterministic_algorithms_enabled(),
+            torch.is_deterministic_algorithms_warn_only_enabled(),
+        )
         if cfg.train.deterministic:
             torch.use_deterministic_algorithms(True, warn_only=True)
         try:
@@ -115,13 +119,11 @@ def find_lr(
                     cfg, parts, start_lr, end_lr, num_batches, diverge, stop_event, progress, say
                 )
         finally:
-            if cfg.train.deterministic:
-                torch.use_deterministic_algorithms(False)
-    finite = [x if math.isfinite(x) else math.inf for x in losses]
-    # The batch whose loss diverged is plotted but not smoothed: averaged backwards, a blown-up loss would lift the
-    # bottom of the valley it follows.
-    usable = len(finite) - (1 if status == "diverged" and finite else 0)
-    smoothed = smooth(finite[:usable]) if usable else []
+            torch.use_deterministic_algorithms(deterministic[0], warn_only=deterministic[1])
+    # The batch whose loss diverged (the only one that may not be finite) is plotted but not smoothed: averaged
+    # backwards, a blown-up loss would lift the bottom of the valley it follows.
+    usable = len(losses) - (1 if status == "diverged" and losses else 0)
+    smoothed = smooth(losses[:usable]) if usable else []
     index, reason = suggest(lrs[:usable], smoothed) if status != "stopped" or usable >= MIN_POINTS else (None, "")
     if status == "stopped" and index is None:
         reason = "stopped before the curve said enough"

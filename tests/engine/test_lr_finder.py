@@ -14,7 +14,7 @@ from conftest import cli, write_image_folder, write_project
 
 from engine import feature_cache
 from engine.config import load_project
-from engine.lr_curve import lr_ramp, ramp, smooth, suggest
+from engine.lr_curve import LrFinderResult, lr_ramp, ramp, smooth, suggest
 from engine.lr_finder import find_lr
 from engine.trainer import Trainer, build_run
 
@@ -55,6 +55,13 @@ def test_a_loss_that_never_falls_gives_no_suggestion_and_says_why():
     lrs = lr_ramp(1e-6, 1.0, 40)
     index, reason = suggest(lrs, smooth([1.0 + 0.01 * i for i in range(40)]))
     assert index is None and "did not fall" in reason
+
+
+def test_a_loss_that_is_not_a_number_ends_the_ramp_and_is_written_as_null():
+    lrs, losses, status = ramp(lambda lr: 1.0 if lr < 1e-2 else math.nan, lr_ramp(1e-4, 1.0, 21))
+    assert status == "diverged" and lrs[-2] < 1e-2 <= lrs[-1] and len(lrs) == 11 and math.isnan(losses[-1])
+    result = LrFinderResult(lrs, losses, [], None, None, "", status, 1e-4, 1.0, False, 0.0)
+    assert json.loads(json.dumps(result.to_dict()))["losses"] == [1.0] * 10 + [None]
 
 
 def _weights(model):
