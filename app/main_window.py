@@ -374,6 +374,7 @@ class MainWindow(QMainWindow):
         c.run_finished.connect(self._on_run_finished)
         c.running_changed.connect(self.run_view.on_running_changed)
         c.running_changed.connect(self.checkpoints.on_running_changed)
+        c.running_changed.connect(self.training.on_running_changed)
         c.running_changed.connect(self._update_actions)
         c.errored.connect(self._on_training_errored)
 

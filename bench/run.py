@@ -46,6 +46,7 @@ RUNNERS: dict[str, Callable[[bool], Any]] = {
     "overhead": _engine("overhead"),
     "feature_cache": _engine("feature_cache"),
     "phases": _engine("phases"),
+    "lr_finder": _engine("lr_finder"),
     "input_pipeline": _engine("input_pipeline"),
     "hand_script": _engine("hand_script"),
     "gpu": _engine("gpu"),

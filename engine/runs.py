@@ -274,6 +274,7 @@ def hyperparameters(cfg: ProjectConfig) -> dict[str, Any]:
         "lr": cfg.optimizer.lr,
         "weight_decay": cfg.optimizer.weight_decay,
         "backbone_lr_mult": cfg.optimizer.backbone_lr_mult,
+        "layer_lr_decay": cfg.optimizer.layer_lr_decay,
         "schedule": cfg.schedule.name,
         "epochs": run_epochs(cfg),
         "phases": len(cfg.train.phases),

@@ -91,3 +91,15 @@ def test_an_lr_mult_name_that_matches_no_module_is_refused_by_name():
     model, head = _meta_model("resnet18")
     with pytest.raises(ConfigError, match=r"optimizer\.lr_mult\['layer5'\].*did you mean layer4"):
         lr_plan(model, head, lr_mult={"layer5": 0.3}, backbone="resnet18")
+
+
+def test_resume_refuses_a_checkpoint_whose_groups_differ_and_names_them(cli_trained_run):
+    from engine.checkpoints import CheckpointError, load_checkpoint
+    from engine.config import from_dict
+    from engine.trainer import Trainer
+
+    ckpt = load_checkpoint(cli_trained_run.run / "checkpoints" / "last.pt")  # trained with the plain two groups
+    data = ckpt["config"]
+    data["optimizer"]["layer_lr_decay"] = 0.5
+    with pytest.raises(CheckpointError, match=r"parameter groups head, backbone, the project builds head, stem"):
+        Trainer(from_dict(data, base_dir=cli_trained_run.project.parent), resume=ckpt).run()
