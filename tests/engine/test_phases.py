@@ -140,3 +140,22 @@ def test_codegen_refuses_a_run_in_phases_by_name(tmp_path, image_folder):
     cfg = phased_project(tmp_path, image_folder)
     with pytest.raises(CodegenError, match="train.phases"):
         generate(cfg, format_code=False)
+
+
+def test_the_default_project_is_the_fine_tune_preset_of_itself():
+    """examples/default.json (what `make run` trains) is the recipe: the preset for its backbone gives its phases,
+    the top two of EfficientNet-Lite0's seven blocks unfrozen in phase 2."""
+    from pathlib import Path
+
+    from engine.phases import fine_tune_preset
+
+    cfg = load_project(Path(__file__).resolve().parents[2] / "examples" / "default.json")
+    assert fine_tune_preset(cfg) == {"train.phases": cfg.train.phases}
+    head, tune = plan_phases(cfg)
+    assert (head.cfg.model.freeze, head.augmented, tune.cfg.model.freeze_up_to, tune.augmented) == (
+        "head_only",
+        False,
+        "blocks.4",
+        True,
+    )
+    assert tune.lr == pytest.approx(cfg.optimizer.lr * 0.2) and tune.cfg.schedule.name == "onecycle"
