@@ -18,8 +18,7 @@ from conftest import write_image_folder, write_project
 
 from engine.cli import main as cli_main
 from engine.codegen import BUNDLED_FILE, RUFF_STYLE, CodegenError, generate, write_export
-from engine.config import from_dict, load_project, save_project
-from engine.phases import plan_phases
+from engine.config import load_project
 from engine.trainer import Callback, Trainer
 
 ALLOWED_TOP_LEVEL = {
@@ -117,21 +116,16 @@ def test_default_settings_train_the_same_losses_and_write_the_workbench_keys(tmp
 
 
 def test_the_example_project_trains_the_same(tmp_path, monkeypatch):
-    """examples/default.json trains in two phases, which the script refuses by name; its second phase (bundled
-    EfficientNet-Lite0 weights frozen up to blocks.4, rotation and colour jitter, label smoothing, layer-wise rates
-    and a one-cycle schedule), exported as a project of its own, trains the same."""
+    """examples/default.json: bundled EfficientNet-Lite0 weights, frozen up to blocks.2, rotation and colour
+    jitter, label smoothing, a backbone learning-rate multiplier and a cosine schedule."""
     example = json.loads(EXAMPLE.read_text())
     write_image_folder(tmp_path / "images", per_class=2)
     example["data"]["path"] = "images"
     example["loader"]["batch_size"] = 4
-    example["train"].update(device="cpu")
+    example["train"].update(epochs=2, device="cpu")
     example["output"]["dir"] = "runs"
-    with pytest.raises(CodegenError, match="train.phases: the project trains in 2 phases"):
-        generate(from_dict(example, base_dir=tmp_path), format_code=False)
-    second = plan_phases(from_dict(example, base_dir=tmp_path))[1].cfg
-    second.train.epochs = 2
     project = tmp_path / "project.json"
-    save_project(second, project)
+    project.write_text(json.dumps(example))
     export_and_compare(tmp_path, monkeypatch, project)
 
 

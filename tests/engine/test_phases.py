@@ -142,14 +142,14 @@ def test_codegen_refuses_a_run_in_phases_by_name(tmp_path, image_folder):
         generate(cfg, format_code=False)
 
 
-def test_the_default_project_is_the_fine_tune_preset_of_itself():
-    """examples/default.json (what `make run` trains) is the recipe: the preset for its backbone gives its phases,
-    the top two of EfficientNet-Lite0's seven blocks unfrozen in phase 2."""
+def test_the_fine_tune_example_is_the_preset_of_itself():
+    """examples/fine_tune.json is the recipe: the preset for its backbone gives its phases, the top two of
+    EfficientNet-Lite0's seven blocks unfrozen in phase 2."""
     from pathlib import Path
 
     from engine.phases import fine_tune_preset
 
-    cfg = load_project(Path(__file__).resolve().parents[2] / "examples" / "default.json")
+    cfg = load_project(Path(__file__).resolve().parents[2] / "examples" / "fine_tune.json")
     assert fine_tune_preset(cfg) == {"train.phases": cfg.train.phases}
     head, tune = plan_phases(cfg)
     assert (head.cfg.model.freeze, head.augmented, tune.cfg.model.freeze_up_to, tune.augmented) == (
