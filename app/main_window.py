@@ -29,7 +29,7 @@ from PySide6.QtWidgets import (
 )
 
 from app.training import TrainingController
-from engine.config import ConfigError, Problem, ProjectConfig
+from engine.config import ConfigError, Problem, ProjectConfig, run_epochs
 from engine.run_files import is_run_dir, last_written, project_runs
 from engine.text import readable
 from widgets.folders import start_folder
@@ -375,6 +375,7 @@ class MainWindow(QMainWindow):
         c.run_finished.connect(self._on_run_finished)
         c.running_changed.connect(self.run_view.on_running_changed)
         c.running_changed.connect(self.checkpoints.on_running_changed)
+        c.running_changed.connect(self.training.on_running_changed)
         c.running_changed.connect(self._update_actions)
         c.errored.connect(self._on_training_errored)
 
@@ -617,7 +618,7 @@ class MainWindow(QMainWindow):
 
         rows = read_metrics(self.current_run_dir)
         done = max((int(r.get("epoch", 0)) for r in rows), default=0)
-        wanted = self.state.config.train.epochs
+        wanted = run_epochs(self.state.config)  # a run in phases: the phases' epochs together
         return self.resume_from(str(last), wanted if wanted > done else None)
 
     @Slot(str, int)

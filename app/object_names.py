@@ -13,6 +13,7 @@ MODULES = (
     "widgets.backbone_panel",
     "widgets.layers_panel",
     "widgets.training_panel",
+    "widgets.lr_finder_dialog",
     "widgets.run_view",
     "widgets.live_plots",
     "widgets.log_tabs",

@@ -45,6 +45,8 @@ def _app(name: str) -> Callable[[bool], Any]:
 RUNNERS: dict[str, Callable[[bool], Any]] = {
     "overhead": _engine("overhead"),
     "feature_cache": _engine("feature_cache"),
+    "phases": _engine("phases"),
+    "lr_finder": _engine("lr_finder"),
     "input_pipeline": _engine("input_pipeline"),
     "hand_script": _engine("hand_script"),
     "dataset_scan": _engine("dataset_scan"),

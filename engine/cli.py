@@ -12,7 +12,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Any, TextIO
 
-from engine.config import DEVICES, ConfigError, ProjectConfig
+from engine.config import DEVICES, ConfigError, ProjectConfig, with_total_epochs
 from engine.events import BatchProgress, EpochFinished, Event, JsonLines, LogMessage, Output, RunFinished, RunStarted
 from engine.session import RunSession, apply_init_from, error_kind, failed_before_start
 
@@ -98,7 +98,7 @@ def _load(project: str, overrides: argparse.Namespace | None = None) -> ProjectC
     if epochs is not None or processes is not None:
         data = cfg.to_dict()
         if epochs is not None:
-            data["train"]["epochs"] = epochs
+            data = with_total_epochs(data, epochs)
         if processes is not None:
             data["distributed"]["processes"] = processes
         try:
@@ -376,6 +376,63 @@ def cmd_codegen(args: argparse.Namespace) -> int:
     print(f"Wrote {', '.join(p.name for p in written)} to {Path(args.out).resolve()}")
     print(f"Run it with: python {Path(args.out) / 'train.py'}")
     return EXIT_OK
+
+
+def cmd_lr_find(args: argparse.Namespace) -> int:
+    import json
+
+    from engine.lr_curve import write_plot
+    from engine.lr_finder import find_lr
+
+    for flag, value in (("--json", args.json), ("--plot", args.plot)):
+        if value and not Path(value).resolve().parent.is_dir():
+            raise ConfigError([f"{flag} {value!r}: folder {str(Path(value).resolve().parent)!r} does not exist"])
+    cfg = _load(args.project)
+    if cfg.distributed.processes > 1:
+        print(
+            "The learning-rate finder runs in this one process (distributed.processes is for training)", file=sys.stderr
+        )
+    stop = threading.Event()
+    bar = ConsoleOutput()._tqdm(total=args.batches, desc="lr-find", leave=False, file=sys.stderr, dynamic_ncols=True)
+
+    def progress(info: dict[str, Any]) -> None:
+        bar.total = info["batches"]
+        bar.update(info["batch"] - bar.n)
+        bar.set_postfix(lr=f"{info['lr']:.2g}", loss=f"{info['loss']:.4f}", refresh=False)
+
+    def on_sigint(signum: int, frame: Any) -> None:
+        if stop.is_set():
+            raise KeyboardInterrupt
+        stop.set()
+
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGINT, on_sigint) if main_thread else None
+    try:
+        result = find_lr(
+            cfg,
+            start_lr=args.start_lr,
+            end_lr=args.end_lr,
+            num_batches=args.batches,
+            diverge=args.diverge,
+            stop_event=stop,
+            progress=progress,
+            log=lambda message: bar.write(message, file=sys.stderr),
+        )
+    finally:
+        bar.close()
+        if previous is not None:
+            signal.signal(signal.SIGINT, previous)
+    if result.suggestion is not None:
+        print(f"suggested lr {result.suggestion:.3g} ({result.reason})")
+    else:
+        print(f"no suggestion: {result.reason}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(result.to_dict(), indent=2), encoding="utf-8")
+        print(f"wrote {args.json}")
+    if args.plot:
+        write_plot(result, args.plot)
+        print(f"wrote {args.plot}")
+    return EXIT_INTERRUPTED if result.status == "stopped" else EXIT_OK
 
 
 def cmd_check(args: argparse.Namespace) -> int:
@@ -683,7 +740,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("train", help="train a project headless and write a run folder")
     p.add_argument("project", help="project file (.json)")
-    p.add_argument("--epochs", type=int, help="total epochs (overrides train.epochs)")
+    p.add_argument(
+        "--epochs", type=int, help="total epochs (overrides train.epochs; in a run in phases, its last phase's)"
+    )
     p.add_argument("--out", help="run folder to write (default: OUTPUT_DIR/NAME-TIMESTAMP)")
     p.add_argument(
         "--init-from",
@@ -763,6 +822,33 @@ def build_parser() -> argparse.ArgumentParser:
         help="BUNDLED weights: write them next to the script as a state-dict file instead of loading the package",
     )
     p.set_defaults(func=cmd_codegen)
+
+    from engine.lr_curve import DEFAULT_BATCHES, DEFAULT_DIVERGE, DEFAULT_END_LR, DEFAULT_START_LR
+
+    p = sub.add_parser(
+        "lr-find",
+        help="learning-rate range test: the loss over an exponential ramp of learning rates, and a suggestion",
+    )
+    p.add_argument("project")
+    p.add_argument("--json", metavar="OUT", help="write the curve, the suggestion and how it ended to this file")
+    p.add_argument("--plot", metavar="OUT.png", help="draw the loss against the learning rate into this PNG")
+    p.add_argument(
+        "--start-lr", type=float, default=DEFAULT_START_LR, help=f"first rate (default {DEFAULT_START_LR:g})"
+    )
+    p.add_argument("--end-lr", type=float, default=DEFAULT_END_LR, help=f"last rate (default {DEFAULT_END_LR:g})")
+    p.add_argument(
+        "--batches",
+        type=int,
+        default=DEFAULT_BATCHES,
+        help=f"steps of the ramp, at most one epoch (default {DEFAULT_BATCHES})",
+    )
+    p.add_argument(
+        "--diverge",
+        type=float,
+        default=DEFAULT_DIVERGE,
+        help=f"stop once the smoothed loss exceeds this many times its lowest (default {DEFAULT_DIVERGE:g})",
+    )
+    p.set_defaults(func=cmd_lr_find)
 
     p = sub.add_parser("check", help="validate a project and summarise its dataset, without training")
     p.add_argument("project")

@@ -28,7 +28,8 @@ from torch import nn
 from engine.backbones import build_model, bundled_weights_file, load_by_order, load_state_dict_file, preprocess_for
 from engine.catalog import BUNDLED, timm_model_name, timm_tags, weights_enum
 from engine.config import ConfigError, ProjectConfig
-from engine.freezing import apply_freeze
+from engine.freezing import apply_freeze, lr_plan
+from engine.phases import plan_phases
 from engine.transforms import Preprocess, augmentations_on
 
 BundledWeights = Literal["package", "file"]
@@ -66,6 +67,9 @@ class _ModelShape:
     has_conv: bool
     backbone_trainable: bool  # some parameter outside the head stays trainable
     aux_logits: bool  # inception's aux classifier is dropped after loading
+    # optimizer.layer_lr_decay / lr_mult: the engine's groups as (name, factor of LR, the modules and parameters
+    # each holds), in the optimizer's order; None for the plain head and backbone groups.
+    lr_groups: list[tuple[str, float, list[str]]] | None = None
 
 
 def _refusals(cfg: ProjectConfig) -> list[str]:
@@ -74,6 +78,12 @@ def _refusals(cfg: ProjectConfig) -> list[str]:
         out.append(
             f"distributed.processes = {cfg.distributed.processes}: the exported script trains in one process "
             "(no torchrun); set it to 1 to export"
+        )
+    if len(cfg.train.phases) > 1:
+        out.append(
+            f"train.phases: the project trains in {len(cfg.train.phases)} phases (changing the frozen layers, the "
+            "optimizer and the images between them); the exported script trains one phase, so export each phase "
+            "as a project of its own (its freeze, learning rate, schedule and epochs) or remove the phases"
         )
     if cfg.loader.sampler.name == "distributed":
         out.append(
@@ -138,7 +148,47 @@ def _model_shape(cfg: ProjectConfig) -> _ModelShape:
             p.requires_grad for n, p in model.named_parameters() if not _in_module(n, built.head_name)
         ),
         aux_logits=cfg.model.weights is not None and cfg.model.backbone == "inception_v3",
+        lr_groups=_lr_groups(cfg, model, built.head_name),
     )
+
+
+def _lr_groups_source(groups: list[tuple[str, float, list[str]]]) -> str:
+    """LR_GROUPS as ruff's formatter writes it: one group a line, its names one a line where the group is too long."""
+    lines = ["LR_GROUPS = ["]
+    for name, factor, names in groups:
+        one = f"    ({_py(name)}, {factor!r}, {_py(names)}),"
+        if len(one) <= 120:
+            lines.append(one)
+        else:
+            listed = "".join(f"            {_py(n)},\n" for n in names)
+            lines.append(f"    (\n        {_py(name)},\n        {factor!r},\n        [\n{listed}        ],\n    ),")
+    return "\n".join([*lines, "]"])
+
+
+def _lr_groups(cfg: ProjectConfig, model: nn.Module, head: str) -> list[tuple[str, float, list[str]]] | None:
+    """The engine's layer-wise groups (engine.freezing.lr_plan) written as the fewest module names that cover each
+    group's trainable parameters exactly; None when the project uses the plain head and backbone groups."""
+    o = cfg.optimizer
+    if o.layer_lr_decay == 1 and not o.lr_mult:
+        return None
+    plan = lr_plan(model, head, o.backbone_lr_mult, o.layer_lr_decay, o.lr_mult, backbone=cfg.model.backbone)
+    owner = {name: g.name for g in plan for name in g.params}
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    out = []
+    for group in plan:
+        mine = [n for n in group.params if n in trainable]
+        if not mine or group.factor <= 0:
+            continue
+        covered: list[str] = []
+        for name, _ in model.named_modules():
+            if not name or any(_in_module(name, c) for c in covered):
+                continue
+            under = [n for n in owner if _in_module(n, name)]
+            if under and all(owner[n] == group.name for n in under) and any(n in trainable for n in under):
+                covered.append(name)
+        covered += [n for n in mine if not any(_in_module(n, c) for c in covered)]  # a parameter of its own
+        out.append((group.name, group.factor, covered))
+    return out
 
 
 def _py(value: object) -> str:
@@ -147,6 +197,8 @@ def _py(value: object) -> str:
         return json.dumps(value, ensure_ascii=False)
     if isinstance(value, list):
         return "[" + ", ".join(_py(v) for v in value) + "]"
+    if isinstance(value, tuple):
+        return "(" + ", ".join(_py(v) for v in value) + ("," if len(value) == 1 else "") + ")"
     return repr(value)
 
 
@@ -741,6 +793,8 @@ def generate(
     problems = _refusals(cfg)
     if problems:
         raise CodegenError("cannot export this project as a script: " + "; ".join(problems))
+    if cfg.train.phases:  # one phase: the project that phase trains (its freeze, rate, schedule and epochs)
+        cfg = plan_phases(cfg)[0].cfg
     try:
         shape = _model_shape(cfg)
     except ConfigError as exc:
@@ -776,7 +830,13 @@ def generate(
     s.const("STD", list(pre.std))
     o = cfg.optimizer
     s.const("LR", o.lr, "the new head's learning rate")
-    if shape.backbone_trainable and o.backbone_lr_mult > 0:
+    if shape.lr_groups is not None:
+        s.constants.append(
+            "# Layer-wise learning rates: each group's name, its rate as a factor of LR, and the modules (or single\n"
+            "# parameters) it holds; the first group that holds a parameter takes it.\n"
+            + _lr_groups_source(shape.lr_groups)
+        )
+    elif shape.backbone_trainable and o.backbone_lr_mult > 0:
         s.const("BACKBONE_LR_MULT", o.backbone_lr_mult, "the backbone learns at LR times this")
     if t.grad_clip_norm:
         s.const("GRAD_CLIP_NORM", t.grad_clip_norm)
@@ -824,6 +884,17 @@ def is_head(name):
     return name == HEAD or name.startswith(HEAD + ".")
 """
     )
+    if shape.lr_groups is not None:
+        s.fn(
+            '''
+def lr_group(name):
+    """The position in LR_GROUPS of the group that holds a parameter."""
+    for index, (_, _, names) in enumerate(LR_GROUPS):
+        if any(name == m or name.startswith(m + ".") for m in names):
+            return index
+    raise KeyError(name)
+'''
+        )
     model_fn, where = _build_model_fn(cfg, shape, bundled_weights, s)
     if cfg.model.weights_file:
         s.fn(_LOAD_MATCHING)
@@ -1156,10 +1227,18 @@ def _main_fn(cfg: ProjectConfig, kind: str, shape: _ModelShape, pre: Preprocess,
     scaler = torch.amp.GradScaler("cuda", enabled=device.type == "cuda")  # fp16 gradients underflow unscaled""")
     # Optimizer
     groups = ['{"params": head, "lr": LR, "name": "head"}']
-    add("""
+    if shape.lr_groups is not None:
+        add("""
+    # Parameter groups: one per block of the model, each at LR times its factor (LR_GROUPS).
+    groups = [{"params": [], "lr": LR * factor, "name": name} for name, factor, _ in LR_GROUPS]
+    for n, p in model.named_parameters():
+        if p.requires_grad:
+            groups[lr_group(n)]["params"].append(p)""")
+    else:
+        add("""
     # Parameter groups: the new head at LR, the pretrained backbone at its own rate.
     head = [p for n, p in model.named_parameters() if p.requires_grad and is_head(n)]""")
-    if shape.backbone_trainable and o.backbone_lr_mult > 0:
+    if shape.lr_groups is None and shape.backbone_trainable and o.backbone_lr_mult > 0:
         add("""
     backbone = [p for n, p in model.named_parameters() if p.requires_grad and not is_head(n)]""")
         groups.append('{"params": backbone, "lr": LR * BACKBONE_LR_MULT, "name": "backbone"}')
@@ -1175,7 +1254,13 @@ def _main_fn(cfg: ProjectConfig, kind: str, shape: _ModelShape, pre: Preprocess,
     # Written one argument a line with trailing commas, as ruff's formatter leaves it.
     group_lines = "".join(f"            {g},\n" for g in groups)
     option_lines = "".join(f"        {x},\n" for x in ["lr=LR", *options])
-    add(f"""
+    if shape.lr_groups is not None:
+        add(f"""
+    optimizer = torch.optim.{cls}(
+        groups,
+{option_lines}    )""")
+    else:
+        add(f"""
     optimizer = torch.optim.{cls}(
         [
 {group_lines}        ],

@@ -655,6 +655,24 @@ class OptimizerConfig(Section):
         help="The pretrained backbone learns at the learning rate times this (such as 0.1); the new head uses the "
         "learning rate itself.",
     )
+    layer_lr_decay: Finite = setting(
+        1.0,
+        gt=0,
+        le=1,
+        group="optimizer",
+        label="Layer-wise lr decay",
+        widget="text",
+        doc="each block of the model (ResNet stages, EfficientNet blocks, ViT blocks, ConvNeXt stages) trains at this "
+        "times the rate of the block above it, counted down from the head; `1` turns it off",
+        help="Layer-wise learning-rate decay: the block next to the head learns at this times the head's rate, the "
+        "one below it at this squared, and so on down to the stem (such as 0.7); 1 turns it off.",
+    )
+    lr_mult: dict[str, Positive] = setting(
+        default_factory=dict,
+        doc='per-module multipliers of the learning rate, such as `{"layer4": 0.3}` (the longest matching module '
+        "name wins); on top of the above, and set from the Layers panel's Learning rate column",
+        help="Multiply the learning rate of the modules under each name by its number (edited in the Layers panel).",
+    )
 
 
 def _schedule(*names: str) -> Applies:
@@ -767,6 +785,41 @@ class ScheduleConfig(Section):
     )
 
 
+class PhaseConfig(Section):
+    """One phase of a run in phases (train.phases): its epochs and what changes when it begins.
+
+    A field left null keeps the project's own setting (model.freeze..., optimizer.lr, schedule.name,
+    data.augment), so a phase says only what it changes.
+    """
+
+    name: str = setting("", doc="a label for the log and the plots, such as `head` or `fine-tune`")
+    epochs: int = setting(1, ge=1, doc="epochs of this phase")
+    freeze: FreezePreset | None = setting(None, doc="the freezing preset of this phase; `null`: `model.freeze`")
+    freeze_up_to: str | None = setting(
+        None, doc='with `freeze: "up_to"`: this module and every one before it are frozen'
+    )
+    freeze_prefixes: list[str] | None = setting(None, doc="module names frozen on top; `null`: `model.freeze_prefixes`")
+    unfreeze_prefixes: list[str] | None = setting(
+        None, doc="module names kept trainable; `null`: `model.unfreeze_prefixes`"
+    )
+    lr: Finite | None = setting(None, gt=0, doc="the head's learning rate in this phase; `null`: see `lr_factor`")
+    lr_factor: Finite | None = setting(
+        None,
+        gt=0,
+        doc="this phase's learning rate is the previous phase's times this; with `lr` and this both `null`, "
+        "`optimizer.lr`",
+    )
+    schedule: ScheduleName | None = setting(
+        None, doc="the schedule over this phase's epochs (its settings from `schedule`); `null`: `schedule.name`"
+    )
+    augment: bool | None = setting(
+        None, doc="`false` trains this phase on unaugmented images; `null` or `true`: as `data.augment` says"
+    )
+    layer_lr_decay: Finite | None = setting(
+        None, gt=0, le=1, doc="this phase's layer-wise learning-rate decay; `null`: `optimizer.layer_lr_decay`"
+    )
+
+
 class TrainConfig(Section):
     epochs: int = setting(
         10,
@@ -774,8 +827,11 @@ class TrainConfig(Section):
         group="training",
         label="Epochs",
         high=1_000_000,
-        doc="number of epochs",
+        doc="number of epochs (a run in phases takes the sum of its phases' epochs instead)",
         help="How many passes over the training set the run makes.",
+        applies=Applies(
+            "train.phases", ([],), hide=False, why="the run is planned in phases: its length is their epochs' sum"
+        ),
     )
     device: DeviceName = setting(
         "auto",
@@ -860,6 +916,14 @@ class TrainConfig(Section):
         doc="`torch.compile` the part that trains; if compiling fails the run logs why and trains eagerly",
         help="Compile the training forward pass: the first batch takes longer (seconds on a GPU, minutes on the "
         "CPU), later ones are faster. If compiling fails, the run says why and trains uncompiled.",
+    )
+
+    phases: list[PhaseConfig] = setting(
+        default_factory=list,
+        doc="train in phases (gradual unfreezing): each with its `epochs` and any of `freeze`, `freeze_up_to`, "
+        "`freeze_prefixes`, `unfreeze_prefixes`, `lr` or `lr_factor`, `schedule`, `augment`, `layer_lr_decay`, "
+        "`name`; a phase "
+        "changes the frozen layers, rebuilds the optimizer and restarts the schedule; `[]`: one phase as above",
     )
 
 
@@ -1016,6 +1080,17 @@ class EarlyStoppingConfig(Section):
         doc="the smallest change that counts",
         help="The smallest change of the metric that counts as an improvement; 0 counts any.",
     )
+    per_phase: bool = setting(
+        False,
+        group="early_stopping",
+        label="Per phase (a stop starts the next phase)",
+        name="es_per_phase",
+        applies=ENABLED,
+        doc="with `train.phases`: patience counts within each phase and a stop ends that phase, the next one "
+        "begins; `false`: across the run, a stop ends the run",
+        help="In a run in phases, count the patience within each phase, and let a stop end only that phase (the "
+        "next one starts at once) instead of the whole run.",
+    )
     restore_best: bool = setting(
         False,
         group="early_stopping",
@@ -1115,6 +1190,8 @@ def _locate(loc: tuple) -> tuple[str, Any, list[Any]]:
             tp, metadata = info.annotation, list(info.metadata)
         elif isinstance(part, int) and getattr(base, "__origin__", None) is list:
             path, tp, metadata = f"{path}[{part}]", base.__args__[0], []
+        elif isinstance(part, str) and getattr(base, "__origin__", None) is dict:
+            path, tp, metadata = f"{path}[{part!r}]", base.__args__[1], []
         else:
             break  # a union member's tag: the problem is the field's
     return path, tp, metadata + unwrap(tp)[1]
@@ -1157,8 +1234,33 @@ def _unchecked(cls: type[BaseModel], data: dict) -> Any:
     values = {}
     for name, value in data.items():
         base = unwrap(cls.model_fields[name].annotation)[0]
-        values[name] = _unchecked(base, value) if is_model(base) else value
+        item = (getattr(base, "__args__", None) or (None,))[0] if getattr(base, "__origin__", None) is list else None
+        if is_model(base):
+            values[name] = _unchecked(base, value)
+        elif isinstance(item, type) and issubclass(item, BaseModel) and isinstance(value, list):
+            values[name] = [_unchecked(item, v) for v in value]  # train.phases: a list of sections
+        else:
+            values[name] = value
     return cls.model_construct(**values)
+
+
+def run_epochs(cfg: ProjectConfig) -> int:
+    """The epochs a run is planned for: the sum of its phases' epochs, or train.epochs without phases."""
+    return sum(p.epochs for p in cfg.train.phases) if cfg.train.phases else cfg.train.epochs
+
+
+def with_total_epochs(data: dict[str, Any], epochs: int) -> dict[str, Any]:
+    """A project dict whose run lasts `epochs` in all: train.epochs, or in a run in phases its last phase
+    lengthened (or shortened) by the difference, as `--epochs` means it."""
+    train = dict(data.get("train", {}))
+    phases = [dict(p) for p in train.get("phases") or []]
+    if phases and all(isinstance(p.get("epochs", 1), int) for p in phases):
+        planned = sum(p.get("epochs", 1) for p in phases)
+        phases[-1]["epochs"] = phases[-1].get("epochs", 1) + epochs - planned
+        train["phases"] = phases
+    else:
+        train["epochs"] = epochs
+    return {**data, "train": train}
 
 
 def from_dict(
@@ -1429,6 +1531,8 @@ def _rules(cfg: ProjectConfig, *, check_paths: bool, check_catalog: bool) -> lis
     if o.nesterov and o.name == "sgd" and o.momentum == 0:
         add("optimizer.nesterov", "optimizer.nesterov = true needs optimizer.momentum > 0")
 
+    _phase_rules(add, cfg)
+
     c, e = cfg.checkpoint, cfg.early_stopping
     for where, monitor in (("checkpoint.monitor", c.monitor), ("early_stopping.monitor", e.monitor)):
         if isinstance(monitor, str) and monitor.endswith("accuracy") and d.task == "regression":
@@ -1440,3 +1544,40 @@ def _rules(cfg: ProjectConfig, *, check_paths: bool, check_catalog: bool) -> lis
     if run_name is not None and (not run_name or any(ch in run_name for ch in "/\\:")):
         add("output.run_name", f"output.run_name = {run_name!r}: must be a non-empty name without / \\ or :")
     return p
+
+
+def _phase_rules(add: Callable[[str, str], None], cfg: ProjectConfig) -> None:
+    """train.phases: each phase's freeze spec, learning rate and augmentation make sense with the project's."""
+    for i, ph in enumerate(cfg.train.phases):
+        where = f"train.phases[{i}]"
+        if ph.lr is not None and ph.lr_factor is not None:
+            add(
+                f"{where}.lr_factor",
+                f"{where} gives both lr = {ph.lr:g} and lr_factor = {ph.lr_factor:g}: give one of them",
+            )
+        preset = ph.freeze if ph.freeze is not None else cfg.model.freeze
+        up_to = ph.freeze_up_to if ph.freeze is not None else (ph.freeze_up_to or cfg.model.freeze_up_to)
+        if ph.freeze_up_to is not None and preset != "up_to":
+            add(
+                f"{where}.freeze_up_to",
+                f"{where}.freeze_up_to = {ph.freeze_up_to!r} is only used with freeze = 'up_to', not {preset!r}; "
+                "set both or remove freeze_up_to",
+            )
+        elif preset == "up_to" and not up_to:
+            add(
+                f"{where}.freeze_up_to",
+                f"{where}.freeze_up_to is empty: freeze = 'up_to' needs a module name such as 'layer3'",
+            )
+        if ph.augment is True and not any(
+            (
+                cfg.data.augment.horizontal_flip,
+                cfg.data.augment.rotation,
+                cfg.data.augment.random_resized_crop,
+                cfg.data.augment.color_jitter,
+            )
+        ):
+            add(
+                f"{where}.augment",
+                f"{where}.augment = true, but data.augment turns no augmentation on; turn one on (such as "
+                "data.augment.horizontal_flip) or set augment to null",
+            )

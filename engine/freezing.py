@@ -192,24 +192,136 @@ def set_frozen_batchnorm_eval(model: nn.Module, names: list[str]) -> None:
         model.get_submodule(name).eval()
 
 
-def param_groups(model: nn.Module, head_name: str, lr: float, backbone_lr_mult: float) -> list[dict]:
-    """Optimizer groups of trainable parameters: the new head at lr, the backbone at lr * backbone_lr_mult.
+def block_units(model: nn.Module, head_name: str) -> list[str]:
+    """The model's own blocks, bottom to top, found from the module tree alone (no table per family).
 
-    With backbone_lr_mult == 0 the backbone group is left out altogether rather than given lr 0, so the
+    A run is a sequence of consecutive sibling modules of one class (children without parameters are skipped, the
+    head and its containers left out). The blocks are the shallowest run of at least three that holds at least a
+    quarter of the parameters (the larger one on a tie): ResNet's layer1..layer4, torchvision EfficientNet's and
+    ConvNeXt's features.N, timm EfficientNet's blocks.N and ConvNeXt's stages.N, ViT's encoder blocks. A model
+    without one takes its largest run of two; none at all gives no blocks.
+    """
+    total = sum(p.numel() for p in model.parameters())
+    runs: list[tuple[int, int, list[str]]] = []  # (depth, parameters, names)
+
+    def close(run: list[tuple[str, nn.Module]]) -> None:
+        if len(run) >= 2:
+            size = sum(p.numel() for p in {id(p): p for _, m in run for p in m.parameters()}.values())
+            runs.append((run[0][0].count("."), size, [n for n, _ in run]))
+
+    for name, module in model.named_modules():
+        run: list[tuple[str, nn.Module]] = []
+        for child_name, child in module.named_children():
+            full = f"{name}.{child_name}" if name else child_name
+            if next(child.parameters(), None) is None:
+                continue  # an activation or pooling between blocks does not break their run
+            if _matches(head_name, full):
+                close(run)
+                run = []
+            elif run and type(child) is type(run[-1][1]):
+                run.append((full, child))
+            else:
+                close(run)
+                run = [(full, child)]
+        close(run)
+    blocks = [r for r in runs if len(r[2]) >= 3 and 4 * r[1] >= total]
+    if blocks:
+        return min(blocks, key=lambda r: (r[0], -r[1]))[2]
+    return max(runs, key=lambda r: (r[1], -r[0]))[2] if runs else []
+
+
+@dataclass(frozen=True)
+class LrGroup:
+    """One optimizer parameter group: its name, its rate as a factor of optimizer.lr, and its parameters' names."""
+
+    name: str
+    factor: float
+    params: tuple[str, ...]
+
+
+def _lr_mult_prefix(name: str, lr_mult: dict[str, float]) -> str | None:
+    """The most specific optimizer.lr_mult key that covers a parameter (the longest matching prefix)."""
+    found = [k for k in lr_mult if _matches(name, k)]
+    return max(found, key=len) if found else None
+
+
+def lr_plan(
+    model: nn.Module,
+    head_name: str,
+    backbone_lr_mult: float = 1.0,
+    layer_lr_decay: float = 1.0,
+    lr_mult: dict[str, float] | None = None,
+    *,
+    backbone: str = "",
+) -> list[LrGroup]:
+    """Every parameter's learning rate as a factor of optimizer.lr, in the groups the optimizer gets; head first.
+
+    The head trains at 1; the backbone at backbone_lr_mult, and with layer_lr_decay < 1 each block of the model's
+    own structure (block_units) down from the head at layer_lr_decay times the one above it: the modules after
+    the last block (a final norm or 1x1 convolution) at the head's level, the top block one step down, the stem
+    (everything before the first block) one step below the bottom block. optimizer.lr_mult multiplies the
+    parameters under each prefix (the longest matching prefix wins) and splits them into a group of their own.
+    Frozen parameters are included (the caller leaves them out); with both at their defaults the groups are the
+    plain "head" and "backbone". Raises ConfigError naming an lr_mult key that matches nothing.
+    """
+    lr_mult = dict(lr_mult or {})
+    params = [n for n, _ in model.named_parameters()]
+    names = {n for n, _ in model.named_modules()} | set(params)
+    for key in lr_mult:
+        if not key or not any(_matches(n, key) for n in names):
+            raise _unknown(
+                f"optimizer.lr_mult[{key!r}]", key, model, backbone or type(model).__name__, "matches no module"
+            )
+    units = block_units(model, head_name) if layer_lr_decay != 1 else []
+    first = next((i for i, n in enumerate(params) if any(_matches(n, u) for u in units)), len(params))
+
+    def level(index: int, name: str) -> tuple[str, float]:
+        """The parameter's block (a group name) and its factor before lr_mult."""
+        if _matches(name, head_name):
+            return "head", 1.0
+        if not units:
+            return "backbone", backbone_lr_mult
+        for k, unit in enumerate(units):
+            if _matches(name, unit):
+                return unit, backbone_lr_mult * layer_lr_decay ** (len(units) - k)
+        if index < first:
+            return "stem", backbone_lr_mult * layer_lr_decay ** (len(units) + 1)
+        return "top", backbone_lr_mult  # after the first block and in none: the head's level
+
+    grouped: dict[str, tuple[float, list[str]]] = {}
+    for index, name in enumerate(params):
+        group, factor = level(index, name)
+        prefix = _lr_mult_prefix(name, lr_mult)
+        if prefix is not None:
+            group, factor = f"{group}:{prefix}", factor * lr_mult[prefix]
+        grouped.setdefault(group, (factor, []))[1].append(name)
+    order = sorted(grouped, key=lambda g: g.split(":")[0] != "head")  # stable: the head's groups first
+    return [LrGroup(g, grouped[g][0], tuple(grouped[g][1])) for g in order]
+
+
+def param_groups(
+    model: nn.Module,
+    head_name: str,
+    lr: float,
+    backbone_lr_mult: float,
+    *,
+    layer_lr_decay: float = 1.0,
+    lr_mult: dict[str, float] | None = None,
+    backbone: str = "",
+) -> list[dict]:
+    """Optimizer groups of trainable parameters, each at lr times its factor from lr_plan (head first).
+
+    With backbone_lr_mult == 0 the backbone groups are left out altogether rather than given lr 0, so the
     backbone is effectively frozen: a scheduler that sets every group's lr (OneCycleLR's max_lr) cannot
     revive it, and it costs no optimizer state. Its requires_grad stays as it was; freeze it as well to
     save the backward pass.
     """
-    head: list[nn.Parameter] = []
-    backbone: list[nn.Parameter] = []
-    for n, p in model.named_parameters():
-        if p.requires_grad:
-            (head if _matches(n, head_name) else backbone).append(p)
+    by_name = dict(model.named_parameters())
     groups = []
-    if head:
-        groups.append({"params": head, "lr": lr, "name": "head"})
-    if backbone and backbone_lr_mult > 0:
-        groups.append({"params": backbone, "lr": lr * backbone_lr_mult, "name": "backbone"})
+    for group in lr_plan(model, head_name, backbone_lr_mult, layer_lr_decay, lr_mult, backbone=backbone):
+        trainable = [by_name[n] for n in group.params if by_name[n].requires_grad]
+        if trainable and group.factor > 0:
+            groups.append({"params": trainable, "lr": lr * group.factor, "name": group.name})
     return groups
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from engine.checkpoints import FORMAT_VERSION, CheckpointWriteError, atomic_torch_save, remove_stale_temporaries
-from engine.config import ConfigError, ProjectConfig, save_project
+from engine.config import ConfigError, ProjectConfig, run_epochs, save_project, with_total_epochs
 from engine.freezing import freeze_spec
 from engine.run_files import (  # noqa: F401 - METRICS_FILE, read_metrics: part of this module's API
     METRICS_FILE,
@@ -364,8 +364,10 @@ def hyperparameters(cfg: ProjectConfig) -> dict[str, Any]:
         "lr": cfg.optimizer.lr,
         "weight_decay": cfg.optimizer.weight_decay,
         "backbone_lr_mult": cfg.optimizer.backbone_lr_mult,
+        "layer_lr_decay": cfg.optimizer.layer_lr_decay,
         "schedule": cfg.schedule.name,
-        "epochs": cfg.train.epochs,
+        "epochs": run_epochs(cfg),
+        "phases": len(cfg.train.phases),
         "seed": cfg.train.seed,
         "precision": cfg.train.precision,
     }
@@ -404,7 +406,7 @@ def resume_config(
         )
     data = dict(ckpt["config"])
     if epochs is not None:
-        data["train"] = {**data.get("train", {}), "epochs": epochs}
+        data = with_total_epochs(data, epochs)
     if processes is not None:
         data["distributed"] = {**data.get("distributed", {}), "processes": processes}
     try:
@@ -417,10 +419,10 @@ def resume_config(
             ],
             exc.source,
         ) from None
-    if cfg.train.epochs <= ckpt["epoch"]:
+    if run_epochs(cfg) <= ckpt["epoch"]:
         raise ConfigError(
             [
-                f"{epochs_field} = {cfg.train.epochs}: the checkpoint has already trained {ckpt['epoch']} "
+                f"{epochs_field} = {run_epochs(cfg)}: the checkpoint has already trained {ckpt['epoch']} "
                 f"epoch(s); give the run's new total, such as {ckpt['epoch'] + 5}"
             ]
         )

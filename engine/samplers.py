@@ -418,3 +418,28 @@ def _seed_worker(worker_id: int) -> None:
         torch.manual_seed(seed)
     np.random.seed(seed)
     random.seed(seed)
+
+
+def restart_workers(loader: DataLoader) -> DataLoader:
+    """The same loader (dataset, batch sampler, generator, settings) with new worker processes, so a dataset whose
+    transform changed between epochs (a phase of train.phases) is what the workers load; without persistent
+    workers each epoch starts new ones anyway and the loader itself is returned.
+
+    The new loader draws its workers' seed at its first epoch as a new loader does, so the batch sampler stops
+    making that draw itself, as in a run resumed at this point.
+    """
+    if not (loader.persistent_workers and loader.num_workers > 0):
+        return loader
+    batches = loader.batch_sampler
+    if isinstance(batches, _EpochBatchSampler):
+        batches._epochs = 0
+    return DataLoader(
+        loader.dataset,
+        batch_sampler=batches,
+        num_workers=loader.num_workers,
+        collate_fn=loader.collate_fn,
+        pin_memory=loader.pin_memory,
+        persistent_workers=True,
+        worker_init_fn=loader.worker_init_fn,
+        generator=loader.generator,
+    )

@@ -15,7 +15,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from engine.config import ConfigError, ProjectConfig
+from engine.config import ConfigError, ProjectConfig, run_epochs
 from engine.events import EventEmitter, LogMessage, Output, RunFinished
 from engine.run_lock import release_run_dir
 
@@ -235,7 +235,7 @@ class RunSession:
                 status="failed",
                 run_dir=str(run_dir) if run_dir else None,
                 epoch=done,
-                epochs=self.cfg.train.epochs,
+                epochs=run_epochs(self.cfg),
                 error=error_text(exc),
                 error_type=type(exc).__name__,
                 kind=kind,

@@ -206,6 +206,8 @@ def type_name(tp: Any) -> str:
         text = " or ".join(type_name(a) for a in typing.get_args(base))
     elif origin is list:
         text = f"a list of {type_name(typing.get_args(base)[0])}"
+    elif origin is dict:
+        text = f"an object of names and {type_name(typing.get_args(base)[1]).removeprefix('a ')}s"
     elif origin is Literal:
         text = "one of " + ", ".join(str(v) for v in typing.get_args(base))
     elif is_model(base):

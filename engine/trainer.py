@@ -40,10 +40,11 @@ from engine.losses import TaskLoss
 from engine.machine import auto_device, devices_here
 from engine.monitor import MetricTracker
 from engine.optim import Schedule, build_optimizer
+from engine.phases import Phase, phase_at, plan_phases, planned_epochs
 from engine.rng_state import seed_everything
-from engine.samplers import build_loader, describe_plans, plan_loader
+from engine.samplers import build_loader, describe_plans, plan_loader, restart_workers
 from engine.strategy import OneProcess, Processes
-from engine.transforms import has_random_steps
+from engine.transforms import has_random_steps, unaugmented_train_transform
 
 
 def pick_device(name: str) -> torch.device:
@@ -75,6 +76,8 @@ class TrainState:
     best_epoch: int | None = None  # by checkpoint.monitor
     stopped_early: bool = False  # early stopping ended the run (status is still "completed")
     restored_best_epoch: int | None = None  # early stopping put back this epoch's weights at the end
+    phase: int = 0  # the phase in progress (0-based; a run without train.phases has one)
+    phase_starts: list[int] = field(default_factory=lambda: [0])  # epochs finished before each begun phase
 
 
 class Callback:
@@ -105,6 +108,8 @@ class RunParts:
     device: torch.device
     channels_last: bool = False  # the model's weights and the 4-D inputs are in channels-last memory format
     dist: DistContext | None = None  # the process group of a multi-process (torchrun) run
+    # The training set's pipeline with the project's augmentation (True) and without (False): phases switch.
+    train_transforms: dict[bool, Any] = field(default_factory=dict)
 
 
 def use_channels_last(setting: bool | None, model: torch.nn.Module, device: torch.device) -> bool:
@@ -131,24 +136,12 @@ def build_run(
     if built.report is not None and (built.report.missing or built.report.unexpected or built.report.mismatched):
         log(built.report.summary())
     model = built.model
-    freeze = apply_freeze(model, cfg.model, built.head_name, freeze_backbone=cfg.optimizer.backbone_lr_mult == 0)
+    first = plan_phases(cfg)[0]
+    freeze = phase_freeze(model, first, built.head_name)
     try:
         loss_fn = TaskLoss(cfg.loss, data.task, data.num_outputs, data.train_counts)
     except ValueError as exc:  # the class count is only known once the data is scanned
         raise ConfigError([str(exc)]) from None
-    if freeze.trainable == 0:
-        raise ConfigError(
-            [
-                "model: every parameter is frozen"
-                + (
-                    " (optimizer.backbone_lr_mult = 0 freezes the backbone)"
-                    if cfg.optimizer.backbone_lr_mult == 0
-                    else ""
-                )
-                + ", so there is nothing to train; keep at least the head trainable "
-                "(model.freeze = 'head_only')"
-            ]
-        )
     if cfg.distributed.sync_batchnorm:
         if dist is None:
             log("distributed.sync_batchnorm is on, but this run has one process: nothing to synchronise")
@@ -162,9 +155,14 @@ def build_run(
     if channels_last:  # NHWC: faster convolutions on tensor cores; state_dict() values keep their shapes
         model.to(memory_format=torch.channels_last)
     loss_fn.to(device)
-    groups = param_groups(model, built.head_name, cfg.optimizer.lr, cfg.optimizer.backbone_lr_mult)
-    optimizer = build_optimizer(cfg.optimizer, groups)
+    optimizer = phase_optimizer(model, first, built.head_name, log)
     cache = apply_decoded_cache(data, cfg, pre, log=log, progress=progress)
+    train_transforms = {True: data.train.transform, False: data.train.transform}
+    if cfg.train.phases and has_random_steps(cfg.data.augment, train=True):
+        train_transforms[False] = unaugmented_train_transform(
+            pre, cfg.data.augment, keep_aspect=cfg.data.keep_aspect, decoded=cache.used
+        )
+        data.train.transform = train_transforms[first.augmented]
     augmented = has_random_steps(cfg.data.augment, train=True)
     plans = [
         plan_loader(
@@ -202,9 +200,7 @@ def build_run(
             plan=plans[1],
         )
     log(describe_plans(plans[0], plans[1] if val_loader is not None else None))
-    schedule = Schedule(
-        cfg.schedule, optimizer, epochs=cfg.train.epochs, steps_per_epoch=len(train_loader), base_lr=cfg.optimizer.lr
-    )
+    schedule = phase_schedule(first, optimizer, len(train_loader))
     return RunParts(
         data,
         model,
@@ -220,6 +216,65 @@ def build_run(
         device,
         channels_last,
         dist,
+        train_transforms,
+    )
+
+
+def phase_freeze(model: torch.nn.Module, phase: Phase, head_name: str) -> FreezeSummary:
+    """requires_grad as the phase's project says; refuses a phase (or project) that leaves nothing to train."""
+    cfg = phase.cfg
+    where = f"{phase.title()} (train.phases[{phase.index}]): " if phase.count > 1 else ""
+    try:
+        freeze = apply_freeze(model, cfg.model, head_name, freeze_backbone=cfg.optimizer.backbone_lr_mult == 0)
+    except ConfigError as exc:
+        if not where:
+            raise
+        raise ConfigError([where + str(p) for p in exc.problems]) from None
+    if freeze.trainable == 0:
+        raise ConfigError(
+            [
+                where
+                + "model: every parameter is frozen"
+                + (
+                    " (optimizer.backbone_lr_mult = 0 freezes the backbone)"
+                    if cfg.optimizer.backbone_lr_mult == 0
+                    else ""
+                )
+                + ", so there is nothing to train; keep at least the head trainable "
+                "(model.freeze = 'head_only')"
+            ]
+        )
+    return freeze
+
+
+def phase_optimizer(
+    model: torch.nn.Module, phase: Phase, head_name: str, log: Callable[[str], None]
+) -> torch.optim.Optimizer:
+    """A new optimizer over the parameters that train in the phase, at its learning rates (layer-wise ones too)."""
+    cfg = phase.cfg
+    o = cfg.optimizer
+    groups = param_groups(
+        model,
+        head_name,
+        o.lr,
+        o.backbone_lr_mult,
+        layer_lr_decay=o.layer_lr_decay,
+        lr_mult=o.lr_mult,
+        backbone=cfg.model.backbone,
+    )
+    if len(groups) > 2 or o.layer_lr_decay != 1:
+        log(
+            "Learning rates by group: "
+            + ", ".join(f"{g['name']} {g['lr']:.3g} ({len(g['params'])} tensors)" for g in groups)
+        )
+    return build_optimizer(cfg.optimizer, groups)
+
+
+def phase_schedule(phase: Phase, optimizer: torch.optim.Optimizer, steps_per_epoch: int) -> Schedule:
+    """The phase's schedule over the phase's own epochs, from its learning rate."""
+    cfg = phase.cfg
+    return Schedule(
+        cfg.schedule, optimizer, epochs=cfg.train.epochs, steps_per_epoch=steps_per_epoch, base_lr=cfg.optimizer.lr
     )
 
 
@@ -244,7 +299,8 @@ class Trainer:
         self.cfg = cfg
         self.callbacks = list(callbacks)
         self.stop_event = stop_event or threading.Event()
-        self.state = TrainState(epochs=cfg.train.epochs)
+        self.phases = plan_phases(cfg)
+        self.state = TrainState(epochs=planned_epochs(self.phases, [0]))
         self.parts: RunParts | None = None
         self.resume = resume
         self.resume_source = resume_source
@@ -284,6 +340,9 @@ class Trainer:
             self._set_up()
             self._fire("on_run_started", state)
             while state.epoch < state.epochs and not self.strategy.stop_requested() and not state.stopped_early:
+                phase = phase_at(self.phases, state.phase_starts, state.epoch)
+                if phase != state.phase:
+                    self._change_phase(phase)
                 state.epoch += 1
                 metrics = self._run_epoch()
                 if metrics is None:
@@ -332,11 +391,54 @@ class Trainer:
             seed_everything(self.cfg.train.seed + 7919 * dist.rank + state.epoch)
         if self.cfg.train.deterministic:
             torch.use_deterministic_algorithms(True, warn_only=True)
-        self.forward = Forward(self.cfg, p.device, p.channels_last, self.log, self.strategy.passes_through)
+        if len(self.phases) > 1:
+            self.log(self._describe_phase())
+        self._start_phase()
+
+    def _describe_phase(self) -> str:
+        phase, state, p = self.phases[self.state.phase], self.state, self.built
+        first = state.phase_starts[phase.index] + 1
+        trainable = sum(t.numel() for t in p.model.parameters() if t.requires_grad)
+        return (
+            f"{phase.title().capitalize()}: epochs {first}-{first + phase.epochs - 1}, learning rate "
+            f"{phase.lr:.3g}, schedule {phase.cfg.schedule.name}, augmentation {'on' if phase.augmented else 'off'}, "
+            f"{trainable:,} trainable parameters"
+        )
+
+    def _configure_phase(self, index: int) -> None:
+        """Freeze, optimizer, schedule and training images as phase `index` says (its first epoch is next)."""
+        p, state = self.built, self.state
+        phase = self.phases[index]
+        while len(state.phase_starts) <= index:
+            state.phase_starts.append(state.epoch)
+        state.phase = index
+        state.epochs = planned_epochs(self.phases, state.phase_starts)
+        phase_freeze(p.model, phase, p.head_name)
+        p.frozen_bn = [] if self.cfg.model.train_frozen_batchnorm else frozen_batchnorm_modules(p.model)
+        p.optimizer = phase_optimizer(p.model, phase, p.head_name, self.log)
+        p.schedule = phase_schedule(phase, p.optimizer, len(p.train_loader))
+        if p.data.train.transform is not p.train_transforms[phase.augmented]:
+            p.data.train.transform = p.train_transforms[phase.augmented]
+            p.train_loader = restart_workers(p.train_loader)
+        if self.early is not None and self.cfg.early_stopping.per_phase:
+            es = self.cfg.early_stopping
+            self.early = MetricTracker(es.monitor, es.mode, es.min_delta)
+
+    def _change_phase(self, index: int) -> None:
+        """Between two epochs: the next phase begins (its freeze, optimizer, schedule, images and cache)."""
+        self._configure_phase(index)
+        self.log(self._describe_phase())
+        self._start_phase()
+
+    def _start_phase(self) -> None:
+        """The forward, the feature cache and (under torchrun) DDP for the module that trains in this phase."""
+        p, dist = self.built, self.built.dist
+        cfg = self.phases[self.state.phase].cfg
+        self.forward = Forward(cfg, p.device, p.channels_last, self.log, self.strategy.passes_through)
         # Under torchrun a local stop request must not cut one process's feature pass short: the processes agree
         # on stopping at the training batches.
         outcome = setup_feature_cache(
-            self.cfg,
+            cfg,
             p,
             autocast=self.forward.autocast,
             stop_event=self.stop_event if dist is None else None,
@@ -389,6 +491,17 @@ class Trainer:
         if self.early.update(metrics) and self.cfg.early_stopping.restore_best:
             self._best_weights = {k: v.detach().clone() for k, v in self.built.model.state_dict().items()}
         if self.early.epochs_without_improvement >= self.cfg.early_stopping.patience and state.epoch < state.epochs:
+            nxt = state.phase + 1
+            if self.cfg.early_stopping.per_phase and nxt < len(self.phases):
+                # The next phase is begun now (not at the next epoch), so this epoch's checkpoint resumes into it.
+                state.phase_starts.append(state.epoch)
+                state.epochs = planned_epochs(self.phases, state.phase_starts)
+                self.log(
+                    f"Early stopping ends {self.phases[state.phase].title()} after epoch {state.epoch}: "
+                    f"{self.early.monitor} has not improved for {self.early.epochs_without_improvement} epochs; "
+                    f"{self.phases[nxt].title()} follows"
+                )
+                return
             state.stopped_early = True
             self.log(
                 f"Early stopping after epoch {state.epoch}: {self.early.monitor} has not improved for "
@@ -408,6 +521,7 @@ class Trainer:
                 "early_stopping": self.early.state_dict() if self.early else None,
             },
             "best_weights": self._best_weights,
+            "phase": {"index": self.state.phase, "starts": list(self.state.phase_starts)},
         }
 
     def _restore(self, ckpt: dict[str, Any]) -> None:
@@ -435,9 +549,33 @@ class Trainer:
             raise CheckpointError(
                 f"{cannot}: the model's architecture differs from the checkpoint's: " + " ".join(str(exc).split())[:400]
             ) from None
+        state.epoch = int(ckpt["epoch"])
+        saved = ckpt.get("phase") or {"index": 0, "starts": [0]}
+        if saved["index"] >= len(self.phases):
+            raise CheckpointError(
+                f"cannot resume: the checkpoint was in phase {saved['index'] + 1}, the project has "
+                f"{len(self.phases)} phase(s) (train.phases)"
+            )
+        state.phase_starts = [int(v) for v in saved["starts"]][: saved["index"] + 1]
+        if saved["index"] > 0:
+            self._configure_phase(saved["index"])
+        state.phase_starts = [int(v) for v in saved["starts"]]  # with a phase that early stopping has begun
+        state.epochs = planned_epochs(self.phases, state.phase_starts)
+        saved_groups = [g.get("name") for g in ckpt["optimizer_state_dict"].get("param_groups", [])]
+        built_groups = [g.get("name") for g in p.optimizer.param_groups]
+        if saved_groups != built_groups:
+            raise CheckpointError(
+                "cannot resume: the checkpoint's optimizer has the parameter groups "
+                f"{', '.join(map(str, saved_groups))}, the project builds {', '.join(map(str, built_groups))} "
+                "(optimizer.layer_lr_decay, optimizer.lr_mult or what is frozen changed); start a new run from its "
+                "weights instead (train --init-from)"
+            )
         p.optimizer.load_state_dict(ckpt["optimizer_state_dict"])
         try:
-            p.schedule.load_state_dict(ckpt.get("scheduler_state_dict") or {}, epochs=state.epochs)
+            p.schedule.load_state_dict(
+                ckpt.get("scheduler_state_dict") or {},
+                epochs=self.phases[state.phase].epochs if len(self.phases) > 1 else state.epochs,
+            )
         except ValueError as exc:
             raise ConfigError([str(exc)]) from None
         if self._grad_scaler is not None and ckpt.get("scaler_state_dict"):
@@ -522,6 +660,7 @@ class Trainer:
         lr = p.optimizer.param_groups[0]["lr"]
         metrics: dict[str, Any] = {
             "epoch": state.epoch,
+            **({"phase": state.phase + 1} if len(self.phases) > 1 else {}),
             "train_loss": total_loss / seen,
             "train_accuracy": correct_count / seen if p.data.task != "regression" else None,
         }

@@ -56,6 +56,24 @@ def split_transforms(
     return Pipeline(fixed), Pipeline([ToImage()] + per_item)
 
 
+def unaugmented_train_transform(
+    pre: Preprocess, augment: AugmentConfig, *, keep_aspect: bool, decoded: bool
+) -> Callable:
+    """The training pipeline with every augmentation off, for a phase that trains on plain images (train.phases).
+
+    decoded: the dataset hands out what split_transforms' fixed part made of the project's own augment, so only
+    the steps after it run. With random_resized_crop that part only presized the image (shorter side at
+    resize_size), and the centre crop follows here: exactly what build_transforms without augmentation does.
+    """
+    plain = AugmentConfig()
+    if not decoded:
+        return build_transforms(pre, plain, train=True, keep_aspect=keep_aspect)
+    steps: list[Callable] = [ToImage()]
+    if augment.random_resized_crop and not keep_aspect:
+        steps.append(CenterCrop(pre.crop_size))
+    return Pipeline([*steps, Normalize(pre.mean, pre.std)])
+
+
 def augmentations_on(augment: AugmentConfig) -> list[str]:
     """The names of the training augmentations that are on (each one draws random numbers per image)."""
     return [

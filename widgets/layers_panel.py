@@ -24,7 +24,7 @@ import copy
 import dataclasses
 from typing import TYPE_CHECKING, Any
 
-from PySide6.QtCore import QEvent, QPoint, Qt, QTimer
+from PySide6.QtCore import QEvent, QModelIndex, QPersistentModelIndex, QPoint, Qt, QTimer
 from PySide6.QtGui import QBrush, QFont, QPalette
 from PySide6.QtWidgets import (
     QAbstractItemView,
@@ -36,6 +36,8 @@ from PySide6.QtWidgets import (
     QMenu,
     QPushButton,
     QSpinBox,
+    QStyledItemDelegate,
+    QStyleOptionViewItem,
     QTreeWidget,
     QTreeWidgetItem,
     QVBoxLayout,
@@ -70,9 +72,11 @@ OBJECT_NAMES = {
     "layers.error": "why the freezing settings or the model cannot be applied",
     "layers.note": "settings elsewhere that change what trains (optimizer.backbone_lr_mult = 0)",
 }
+# The Learning rate column: each module's effective rate from optimizer.lr, backbone_lr_mult, layer_lr_decay and
+# lr_mult; double-click a rate (or press F2) and type the rate that module should train at: its lr_mult is set.
 
-COLUMNS = ("Module", "Type", "Output shape", "Parameters", "Trainable")
-MODULE, TYPE, SHAPE, PARAMS, TRAINABLE = range(len(COLUMNS))
+COLUMNS = ("Module", "Type", "Output shape", "Parameters", "Trainable", "Learning rate")
+MODULE, TYPE, SHAPE, PARAMS, TRAINABLE, LR = range(len(COLUMNS))
 NAME_ROLE = Qt.ItemDataRole.UserRole
 # A dry forward that fails on the meta device is retried on the CPU only for models up to this size.
 CPU_RETRY_MAX_PARAMS = 150_000_000
@@ -250,6 +254,33 @@ def _shape_text(shape) -> str:
 _RIGHT = int(Qt.AlignmentFlag.AlignRight | Qt.AlignmentFlag.AlignVCenter)
 
 
+class _RateEditing(QStyledItemDelegate):
+    """Only a module's Learning rate cell opens an editor (double-click or F2); the other columns are read-only."""
+
+    # Qt takes a null editor as "not editable"; PySide's stub types the return as QWidget only.
+    def createEditor(  # type: ignore[override]  # noqa: N802 - Qt's name
+        self, parent: QWidget, option: QStyleOptionViewItem, index: QModelIndex | QPersistentModelIndex
+    ) -> QWidget | None:
+        if index.column() != LR or not index.data(NAME_ROLE) or not index.data(Qt.ItemDataRole.DisplayRole):
+            return None
+        return super().createEditor(parent, option, index)
+
+
+def _rate_text(rates: list[float | None], held: list[int], own: float | None) -> tuple[str, str]:
+    """A module's Learning rate cell and its tooltip: one rate, the range of its parts' rates, or frozen."""
+    if not held:
+        return "", ""
+    training = [r for r in rates if r is not None]
+    mult = f"; optimizer.lr_mult sets ×{own:g} here" if own is not None else ""
+    if not training:
+        return "frozen", "Every parameter here is frozen" + mult
+    low, high = min(training), max(training)
+    part = "" if len(training) == len(rates) else f" ({len(rates) - len(training)} frozen tensors)"
+    if high <= low * (1 + 1e-9):
+        return f"{high:.3g}", f"Trains at {high:.3g}{part}{mult}"
+    return f"{low:.3g}–{high:.3g}", f"Its parts train at rates from {low:.3g} to {high:.3g}{part}{mult}"
+
+
 class ModuleItem(QTreeWidgetItem):
     """One module's row. It answers data() from Python attributes, so a redraw of thousands of rows is a few
     attribute writes and one repaint rather than a dozen Qt calls per row; a tick arrives in setData()."""
@@ -259,6 +290,8 @@ class ModuleItem(QTreeWidgetItem):
         self.panel, self.name, self.texts, self.checkable = panel, name, texts, checkable
         self.check = Qt.CheckState.Unchecked
         self.looks_frozen = False
+        self.rate_tip = ""
+        self.setFlags(self.flags() | Qt.ItemFlag.ItemIsEditable)  # only the Learning rate column opens an editor
 
     def data(self, column: int, role: int):
         if role in (Qt.ItemDataRole.DisplayRole, Qt.ItemDataRole.EditRole):
@@ -271,6 +304,8 @@ class ModuleItem(QTreeWidgetItem):
             return self.panel.frozen_font
         if role == Qt.ItemDataRole.TextAlignmentRole and column >= PARAMS:
             return _RIGHT
+        if role == Qt.ItemDataRole.ToolTipRole and column == LR:
+            return self.rate_tip
         if role == Qt.ItemDataRole.ToolTipRole and column == MODULE:
             return self.name or "the whole model"
         if role == NAME_ROLE:
@@ -278,6 +313,10 @@ class ModuleItem(QTreeWidgetItem):
         return None
 
     def setData(self, column: int, role: int, value) -> None:
+        if role == Qt.ItemDataRole.EditRole and column == LR:
+            if str(value) != self.texts[LR]:
+                self.panel.set_rate(self.name, str(value))
+            return
         if role == Qt.ItemDataRole.CheckStateRole and column == MODULE:
             if self.checkable:  # a click on the box, or setCheckState(): the user's tick
                 self.panel.set_frozen(self.name, Qt.CheckState(value) != Qt.CheckState.Unchecked)
@@ -341,8 +380,17 @@ class LayersPanel(QWidget):
         self.tree.setHeaderLabels(list(COLUMNS))
         self.tree.headerItem().setToolTip(MODULE, "Ticked: the module's parameters are frozen")
         self.tree.headerItem().setToolTip(SHAPE, "Output of one dry forward pass of a single image")
-        for col in (PARAMS, TRAINABLE):
+        self.tree.headerItem().setToolTip(
+            LR,
+            "The rate each module trains at (optimizer.lr, backbone_lr_mult, layer_lr_decay, lr_mult); "
+            "double-click one to type the rate that module should have",
+        )
+        for col in (PARAMS, TRAINABLE, LR):
             self.tree.headerItem().setTextAlignment(col, Qt.AlignmentFlag.AlignRight | Qt.AlignmentFlag.AlignVCenter)
+        self.tree.setItemDelegate(_RateEditing(self.tree))
+        self.tree.setEditTriggers(
+            QAbstractItemView.EditTrigger.DoubleClicked | QAbstractItemView.EditTrigger.EditKeyPressed
+        )
         self._update_frozen_look()
         self.tree.setUniformRowHeights(True)
         self.tree.setAlternatingRowColors(True)
@@ -351,7 +399,7 @@ class LayersPanel(QWidget):
         header = self.tree.header()
         header.setStretchLastSection(False)
         header.setSectionResizeMode(MODULE, QHeaderView.ResizeMode.Stretch)
-        for col in (TYPE, SHAPE, PARAMS, TRAINABLE):
+        for col in (TYPE, SHAPE, PARAMS, TRAINABLE, LR):
             header.setSectionResizeMode(col, QHeaderView.ResizeMode.ResizeToContents)
 
         self.totals = QLabel()
@@ -432,6 +480,59 @@ class LayersPanel(QWidget):
         fields = freeze_fields(self.model, self.head_name, self.state.config.model, wanted, self.index)
         reason = self.state.try_set("model.freeze", fields.pop("model.freeze"), also=fields)
         self.refresh()  # the box Qt just toggled shows the project's state again, whatever happened
+        if reason:
+            self._show_error(reason)
+
+    def rates(self) -> list[float | None]:
+        """Each parameter's learning rate (None where it is frozen), by position, from the project's settings."""
+        from engine.freezing import lr_plan
+
+        assert self.model is not None and self.index is not None  # only with a built model
+        o = self.state.config.optimizer
+        try:
+            plan = lr_plan(self.model, self.head_name, o.backbone_lr_mult, o.layer_lr_decay, o.lr_mult)
+        except ConfigError:  # an lr_mult name this model does not have: shown by the run's check, ignored here
+            plan = lr_plan(self.model, self.head_name, o.backbone_lr_mult, o.layer_lr_decay)
+        factor = {name: g.factor for g in plan for name in g.params}
+        return [
+            o.lr * factor[name] if p.requires_grad and factor[name] > 0 else None
+            for name, p in zip(self.index.names, self.index.params, strict=True)
+        ]
+
+    def set_rate(self, module: str, text: str) -> None:
+        """Make `module` train at the rate typed (its optimizer.lr_mult entry); empty text removes the entry."""
+        from engine.freezing import lr_plan
+        from widgets.fields import parse_float
+
+        if self.model is None or self.index is None or not module:
+            return
+        o = self.state.config.optimizer
+        mult = dict(o.lr_mult)
+        if not text.strip():
+            mult.pop(module, None)
+        else:
+            try:
+                wanted = parse_float(text)
+            except ValueError:
+                self.refresh()  # the cell shows the project's rate again
+                self._show_error(f"{text!r} is not a learning rate; type a number such as 3e-4")
+                return
+            held = {self.index.names[i] for i in self.index.of.get(module, [])}
+            others = {k: v for k, v in mult.items() if k != module}
+            plan = lr_plan(self.model, self.head_name, o.backbone_lr_mult, o.layer_lr_decay, others)
+            # Relative to the module's highest rate without its own entry: that part gets the rate typed.
+            base = max((o.lr * g.factor for g in plan if held & set(g.params)), default=0.0)
+            if not (wanted > 0 and base > 0):
+                self.refresh()
+                self._show_error(
+                    f"{module}: a learning rate must be above 0 (to stop a module training, tick it frozen)"
+                    if base > 0
+                    else f"{module} does not train at any rate (optimizer.backbone_lr_mult is 0)"
+                )
+                return
+            mult[module] = float(f"{wanted / base:.6g}")
+        reason = self.state.try_set("optimizer.lr_mult", mult)
+        self.refresh()
         if reason:
             self._show_error(reason)
 
@@ -529,6 +630,7 @@ class LayersPanel(QWidget):
                 _shape_text(row["output_shape"]),
                 f"{row['params']:,}",
                 f"{row['params']:,}",
+                "",
             ]
             parent = self.tree if not name else self.items.get(name.rpartition(".")[0], self.items[""])
             self.items[name] = ModuleItem(parent, self, name, texts, bool(self.index.of.get(name)))
@@ -594,8 +696,11 @@ class LayersPanel(QWidget):
         frozen = index.frozen()
         total = sum(index.numel)
         frozen_count = sum(index.numel[i] for i in frozen)
+        rates = self.rates()
+        lr_mult = self.state.config.optimizer.lr_mult
         for name, item in self.items.items():  # pre-order: a parent is drawn before its children
             held = index.of.get(name, [])
+            item.texts[LR], item.rate_tip = _rate_text([rates[i] for i in held], held, lr_mult.get(name))
             n_frozen = sum(1 for i in held if i in frozen)
             item.texts[TRAINABLE] = f"{sum(index.numel[i] for i in held if i not in frozen):,}"
             if held:
@@ -647,7 +752,7 @@ class LayersPanel(QWidget):
             self._rebuild_if_needed()
         if path == "optimizer.backbone_lr_mult":
             self._update_note()
-        if (path == "" or path.startswith("model.")) and not self._refresh_pending:
+        if (path == "" or path.startswith(("model.", "optimizer."))) and not self._refresh_pending:
             # update() emits once per field; one redraw after all of them.
             self._refresh_pending = True
             QTimer.singleShot(0, self._on_refresh_due)

@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 import pyqtgraph as pg
 from pyqtgraph.exporters import ImageExporter
-from PySide6.QtCore import QEvent, QSize
+from PySide6.QtCore import QEvent, QSize, Qt
 from PySide6.QtGui import QColor, QImage, QPalette
 from PySide6.QtWidgets import QVBoxLayout, QWidget
 
@@ -220,6 +220,11 @@ class LivePlots(QWidget):
         self._ema: float | None = None
         self._lr_range_fixed = False
         self._following = {name: True for name in self.plots}
+        # Phase boundaries of a run in phases (train.phases): a dashed line where each later phase begins.
+        self._phase: Any = None  # the phase of the last epoch shown
+        self._epoch_steps: dict[int, float] = {}  # the last step of each epoch shown while it ran
+        self._boundaries: list[tuple[float, float | None, Any]] = []  # (epoch x, step x or None, phase)
+        self._phase_lines: list[tuple[pg.PlotItem, pg.InfiniteLine]] = []
         for name, plot in self.plots.items():
             # Zooming in (or pressing "A" to follow again) switches between every point and the envelope.
             plot.getViewBox().sigStateChanged.connect(lambda _box, name=name: self._follow_changed(name))
@@ -258,7 +263,14 @@ class LivePlots(QWidget):
 
     def add_epoch(self, metrics: dict[str, Any]) -> None:
         """Append one epoch's train/validation loss and accuracy (missing or non-finite values are skipped)."""
+        batches = self._series["batch_loss"]
+        if _finite(metrics.get("epoch")) and batches.n:
+            self._epoch_steps[int(metrics["epoch"])] = float(batches.x[batches.n - 1])
         self._add_epochs([metrics])
+
+    def phase_boundaries(self) -> list[tuple[float, float | None, Any]]:
+        """Where later phases begin: (epoch axis x, step axis x or None when unknown, the phase) for each."""
+        return list(self._boundaries)
 
     def load_history(self, rows: Iterable[dict[str, Any]], batches_per_epoch: int | None = None) -> None:
         """Replace what is shown with a run's epoch curves (metrics.jsonl rows); with batches_per_epoch, its lr too.
@@ -267,6 +279,8 @@ class LivePlots(QWidget):
         """
         self.clear()
         rows = [r for r in rows if _finite(r.get("epoch"))]
+        if batches_per_epoch:
+            self._epoch_steps = {int(r["epoch"]): float(r["epoch"] * batches_per_epoch) for r in rows}
         self._add_epochs(rows)
         if batches_per_epoch:
             lr_rows = [r for r in rows if _finite(r.get("lr"))]
@@ -282,6 +296,9 @@ class LivePlots(QWidget):
             item.setData([], [])
         self._ema = None
         self._lr_range_fixed = False
+        for plot, line in self._phase_lines:
+            plot.removeItem(line)
+        self._phase_lines, self._boundaries, self._epoch_steps, self._phase = [], [], {}, None
         for plot in self.plots.values():
             plot.enableAutoRange()
         self.plots["accuracy"].setYRange(0, 100)  # fixed again even after the user zoomed
@@ -306,11 +323,36 @@ class LivePlots(QWidget):
         return x.copy(), y.copy()
 
     def _add_epochs(self, rows: list[dict[str, Any]]) -> None:
+        for r in rows:
+            phase = r.get("phase")
+            if phase is None or not _finite(r.get("epoch")):
+                continue
+            if self._phase is not None and phase != self._phase:
+                self._mark_phase(int(r["epoch"]), phase)
+            self._phase = phase
         for name, scale in (("train_loss", 1.0), ("val_loss", 1.0), ("train_accuracy", 100.0), ("val_accuracy", 100.0)):
             pts = [(r["epoch"], r[name] * scale) for r in rows if _finite(r.get(name)) and _finite(r.get("epoch"))]
             if pts:
                 arr = np.asarray(pts, dtype=np.float64)
                 self._append(name, arr[:, 0], arr[:, 1])
+
+    def _mark_phase(self, epoch: int, phase: Any) -> None:
+        """A dashed line where `phase` begins: before `epoch` on the epoch plots, after the previous epoch's last
+        step on the step plots (when that step is known)."""
+        step = self._epoch_steps.get(epoch - 1)
+        self._boundaries.append((epoch - 0.5, step, phase))
+        colour = self.palette().color(QPalette.ColorRole.WindowText)
+        colour.setAlpha(140)
+        pen = pg.mkPen(colour, width=1, style=Qt.PenStyle.DashLine)
+        for name, plot in self.plots.items():
+            x = epoch - 0.5 if self.PLOTS[name][1] == "epoch" else step
+            if x is None:
+                continue
+            line = pg.InfiniteLine(
+                pos=x, angle=90, pen=pen, label=f"phase {phase}", labelOpts={"position": 0.95, "color": colour}
+            )
+            plot.addItem(line, ignoreBounds=True)
+            self._phase_lines.append((plot, line))
 
     def _append(self, name: str, x: np.ndarray, y: np.ndarray) -> None:
         if len(x) == 0:

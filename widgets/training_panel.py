@@ -20,6 +20,7 @@ from PySide6.QtWidgets import (
     QLabel,
     QLayoutItem,
     QLineEdit,
+    QPushButton,
     QScrollArea,
     QSpinBox,
     QVBoxLayout,
@@ -29,6 +30,8 @@ from PySide6.QtWidgets import (
 from engine.config import ProjectConfig
 from engine.machine import auto_device, devices_here
 from engine.settings import Setting, bounds, choices, fields, meta, unwrap
+from widgets.augment_preview import OBJECT_NAMES as PREVIEW_NAMES
+from widgets.augment_preview import AugmentPreviewWidget
 from widgets.fields import (
     ComboBox,
     DoubleSpinBox,
@@ -51,6 +54,9 @@ from widgets.fields import (
     parse_positions,
 )
 from widgets.look import ERROR_STYLE
+from widgets.lr_finder_dialog import LrFinderDialog
+from widgets.phase_editor import OBJECT_NAMES as PHASE_NAMES
+from widgets.phase_editor import PhaseEditor
 from widgets.state import ProjectState
 
 W = TypeVar("W", bound=QWidget)
@@ -93,8 +99,13 @@ def object_name(path: str, s: Setting) -> str:
 CHOOSERS = {_rule.path for _, info in fields(ProjectConfig) if (_rule := meta(info).applies)} & {
     path for rows in ROWS.values() for path, _, _ in rows
 }
-OBJECT_NAMES = {"training.scroll": "the scroll area holding the training settings"}
+OBJECT_NAMES = {
+    "training.scroll": "the scroll area holding the training settings",
+    "training.find_lr": "opens the learning-rate finder (its suggestion can become the learning rate)",
+}
 OBJECT_NAMES.update({f"training.group.{name}": f"group: {text}" for name, _, text, _ in GROUPS})
+OBJECT_NAMES.update(PHASE_NAMES)
+OBJECT_NAMES.update(PREVIEW_NAMES)
 for _path, _s, _info in (row for rows in ROWS.values() for row in rows):
     _name = object_name(_path, _s)
     OBJECT_NAMES[_name] = f"{_s.label} ({_path}): {_s.doc or _s.help}"
@@ -195,6 +206,28 @@ class TrainingPanel(QWidget):
         for col in self._cols:
             columns.addLayout(col, 1)
         boxes = [self._build_group(name, title) for name, title, _, _ in GROUPS]
+        forms = {name: box.layout() for (name, *_), box in zip(GROUPS, boxes, strict=True)}
+        # The input group ends with the augmentation preview; the training group with the run's phases.
+        self.augment_preview = AugmentPreviewWidget(state)
+        self.phases = PhaseEditor(state, preset=self._fine_tune_preset)
+        phases_caption = QLabel("Phases (gradual unfreezing; none: one phase as above):")
+        phases_caption.setToolTip(self.phases.table.toolTip())
+        for name, rows in (("input", [self.augment_preview]), ("training", [phases_caption, self.phases])):
+            form = forms[name]
+            assert isinstance(form, QFormLayout)  # _build_group lays each group out as a form
+            for row in rows:
+                form.addRow(row)  # the whole width: the table has eight columns
+        self.find_lr_button = QPushButton("Find learning rate...")
+        self.find_lr_button.setObjectName("training.find_lr")
+        self.find_lr_button.setToolTip(
+            "Train on a ramp of learning rates for at most one epoch and suggest one from where the loss falls; "
+            "the project and its weights stay as they are."
+        )
+        self.find_lr_button.clicked.connect(self.open_lr_finder)
+        self.lr_finder: LrFinderDialog | None = None
+        optimizer_form = boxes[[name for name, *_ in GROUPS].index("optimizer")].layout()
+        assert isinstance(optimizer_form, QFormLayout)
+        optimizer_form.insertRow(2, "", self.find_lr_button)  # under the learning rate
         self._left, self._right = boxes[:LEFT_GROUPS], boxes[LEFT_GROUPS:]
         self._device, self._processes = (
             self._widget_as("train.device", QComboBox),
@@ -239,6 +272,24 @@ class TrainingPanel(QWidget):
         self._scroll.ensureWidgetVisible(widget)
         widget.setFocus(Qt.FocusReason.OtherFocusReason)
         return True
+
+    def _fine_tune_preset(self) -> dict[str, Any]:
+        """The Fine-tune recipe for the project as it stands (engine.phases.fine_tune_preset)."""
+        from engine.phases import fine_tune_preset  # reads the backbone's structure: PyTorch is loaded by now
+
+        return fine_tune_preset(self.state.config)
+
+    def open_lr_finder(self) -> LrFinderDialog:
+        """The learning-rate finder's dialog for this project (one at a time), shown."""
+        if self.lr_finder is None:
+            self.lr_finder = LrFinderDialog(self.state, self)
+        self.lr_finder.show()
+        self.lr_finder.raise_()
+        return self.lr_finder
+
+    def on_running_changed(self, running: bool) -> None:
+        """A run is training: the finder would compete with it for the machine, so it waits."""
+        self.find_lr_button.setEnabled(not running)
 
     # -- building ------------------------------------------------------------------------------
     def _build_group(self, name: str, title: str) -> QGroupBox:

@@ -167,6 +167,27 @@ def test_head_only_with_a_step_schedule(tmp_path, monkeypatch):
     assert "param.requires_grad = is_head(name)" in text and "lr_scheduler.StepLR" in text
 
 
+def test_layer_wise_learning_rates_with_a_one_cycle_schedule(tmp_path, monkeypatch):
+    write_image_folder(tmp_path / "images", per_class=4)
+    project = write_project(
+        tmp_path / "project.json",
+        "images",
+        model={"backbone": "timm/test_resnet", "freeze_prefixes": ["conv1"]},
+        optimizer={"name": "adamw", "lr": 0.003, "layer_lr_decay": 0.6, "lr_mult": {"layer3.0.conv2": 0.5}},
+        schedule={"name": "onecycle"},
+    )
+    export_and_compare(tmp_path, monkeypatch, project)
+    text = (tmp_path / "export" / "train.py").read_text()
+    assigned = next(
+        n for n in ast.parse(text).body if isinstance(n, ast.Assign) and ast.unparse(n.targets[0]) == "LR_GROUPS"
+    )
+    groups = {name: (factor, names) for name, factor, names in ast.literal_eval(assigned.value)}
+    assert groups["layer4"] == (pytest.approx(0.6), ["layer4"])
+    assert groups["layer3:layer3.0.conv2"] == (pytest.approx(0.6**2 * 0.5), ["layer3.0.conv2"])
+    assert groups["stem"][1] == ["bn1"]  # conv1 is frozen: in no group
+    assert list(groups)[0] == "head" and len(groups) == 7
+
+
 def test_npz_dataset(tmp_path, monkeypatch):
     rng = np.random.default_rng(0)
     x = rng.integers(0, 255, size=(12, 12, 12, 3), dtype=np.uint8)
@@ -250,6 +271,7 @@ def test_the_script_runs_standalone_and_imports_only_the_libraries(tmp_path):
         {"model": {"backbone": "timm/efficientnet_lite0", "weights": "BUNDLED"}, "data": {"val_fraction": 0.0}},
         {"early_stopping": {"enabled": True, "restore_best": True, "min_delta": 0.01}, "train": {"compile": True}},
         {"model": {"freeze": "head_only"}, "train": {"precision": "fp16"}, "loss": {"name": "smooth_l1"}},
+        {"model": {"backbone": "vit_b_16"}, "data": {"image_size": 32}, "optimizer": {"layer_lr_decay": 0.75}},
     ],
 )
 def test_generated_files_pass_ruff(tmp_path, sections):

@@ -346,3 +346,34 @@ def test_each_process_plans_its_workers_with_its_share_of_the_cpus(monkeypatch):
     for name, value in (("WORLD_SIZE", "2"), ("RANK", "1"), ("LOCAL_WORLD_SIZE", "2")):
         monkeypatch.setenv(name, value)
     assert usable_cpus() == max(1, alone // 2)
+
+
+def test_a_run_in_phases_trains_the_same_in_two_processes_as_in_one(tmp_path, data):
+    """Phase 1 the head on cached features, phase 2 layer4's convolutions too (BatchNorm frozen, which is
+    per-process otherwise): 2 x 6 images per step against 1 x 12, the same losses phase by phase."""
+    bn = ["layer4.0.bn1", "layer4.0.bn2", "layer4.0.downsample.1", "layer4.1.bn1", "layer4.1.bn2"]
+    phases = [
+        {"epochs": 1, "freeze": "head_only", "lr": 0.01},
+        {"epochs": 1, "freeze": "up_to", "freeze_up_to": "layer3", "freeze_prefixes": bn, "lr_factor": 0.3},
+    ]
+    runs = {}
+    for name, batch, processes in (("two", 6, 2), ("one", 12, 1)):
+        project = write_project(
+            tmp_path / f"{name}.json",
+            "images",
+            model={"backbone": "resnet18"},
+            train={"device": "cpu", "seed": 0, "phases": phases},
+            loader={"batch_size": batch, "sampler": {"name": "sequential"}},
+            distributed={"processes": processes},
+            output={"dir": f"runs-{name}", "tensorboard": False},
+        )
+        res = _run([sys.executable, str(ROOT / "main.py"), "train", str(project)], tmp_path)
+        assert res.returncode == 0, res.stderr[-3000:]
+        runs[name] = _metrics(next((tmp_path / f"runs-{name}").iterdir()))
+        if processes == 2:
+            assert "All 2 processes end with the same weights and buffers" in res.stderr
+            assert "Phase 2/2: epochs 2-2" in res.stderr
+    assert [m["phase"] for m in runs["two"]] == [m["phase"] for m in runs["one"]] == [1, 2]
+    for a, b in zip(runs["two"], runs["one"], strict=True):
+        for key in ("train_loss", "val_loss", "val_accuracy", "lr"):
+            assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-6), (key, a, b)

@@ -54,13 +54,32 @@ def test_an_interrupted_save_leaves_the_previous_checkpoint_whole(tmp_path, monk
     assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]  # no temporary file left either
 
 
-def test_resume_continues_exactly_like_a_straight_run(project, tmp_path):
+# Two phases: the head alone on cached features without augmentation, then layer4 too on augmented images with a
+# cosine of its own; resumed after epoch 3, inside phase 2.
+TWO_PHASES = [
+    {"epochs": 2, "freeze": "head_only", "augment": False, "lr": 0.05},
+    {"epochs": 2, "freeze": "up_to", "freeze_up_to": "layer3", "lr_factor": 0.4, "schedule": "cosine"},
+]
+
+
+@pytest.mark.parametrize(
+    ("optimizer", "phases", "stop_after"),
+    [({}, [], 2), ({"layer_lr_decay": 0.5, "lr_mult": {"layer4.0.conv1": 2.0}}, [], 2), ({}, TWO_PHASES, 3)],
+    ids=["plain", "layer-wise", "two-phases"],
+)
+def test_resume_continues_exactly_like_a_straight_run(project, tmp_path, optimizer, phases, stop_after):
+    data = json.loads(project.read_text())
+    data["train"]["phases"] = phases
+    project.write_text(json.dumps(data))
     cfg = load_project(project)
     cfg.checkpoint.keep_last = 0
+    for key, value in optimizer.items():
+        setattr(cfg.optimizer, key, value)
     straight = train(cfg, create_run_dir(cfg, tmp_path / "straight"))
 
-    # As if the run had been killed after epoch 2: continue from that checkpoint in another folder.
-    ckpt = load_checkpoint(tmp_path / "straight" / "checkpoints" / "epoch-002.pt")
+    # As if the run had been killed after epoch stop_after: continue from that checkpoint in another folder.
+    ckpt = load_checkpoint(tmp_path / "straight" / "checkpoints" / f"epoch-{stop_after:03d}.pt")
+    assert ckpt["phase"]["index"] == (1 if phases else 0)  # the checkpoint records the phase it was in
     (tmp_path / "split").mkdir()
     resumed = train(from_dict(ckpt["config"]), tmp_path / "split", resume=ckpt)
 
@@ -74,6 +93,16 @@ def test_resume_continues_exactly_like_a_straight_run(project, tmp_path):
     for key in wa:
         assert torch.allclose(wa[key].float(), wb[key].float(), atol=1e-6, rtol=0), key
     assert [m["epoch"] for m in read_metrics(tmp_path / "split")] == [1, 2, 3, 4]
+    # The checkpoint kept the groups, and the cosine schedule scaled every group alike.
+    saved = [(g["name"], g["initial_lr"]) for g in ckpt["optimizer_state_dict"]["param_groups"]]
+    built = straight.parts.optimizer.param_groups
+    assert saved == [(g["name"], g["initial_lr"]) for g in built]
+    if optimizer:
+        assert len(built) == 7  # head, stem, layer1..layer4 and layer4.0.conv1 at twice its stage's rate
+        middle = ckpt["optimizer_state_dict"]["param_groups"]  # half-way down the cosine
+        assert 0 < middle[0]["lr"] < middle[0]["initial_lr"]
+        for group in middle:
+            assert group["lr"] / middle[0]["lr"] == pytest.approx(group["initial_lr"] / middle[0]["initial_lr"])
 
 
 def test_checkpoint_policy_keeps_the_newest_epochs_and_the_best(project, tmp_path):

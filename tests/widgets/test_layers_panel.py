@@ -219,3 +219,40 @@ def test_any_sequence_of_ticks_round_trips_through_the_project(qtbot, panel, pro
         fresh = {n for n, p in built.model.named_parameters() if not p.requires_grad}
         assert fresh == panel.frozen_parameters(), (step, name, cfg)
         assert not project_state.problems(check_paths=False)
+
+
+def test_the_learning_rate_column_follows_the_settings_and_an_edit_sets_the_multiplier(qtbot, panel):
+    from PySide6.QtCore import QPoint
+    from PySide6.QtWidgets import QApplication, QLineEdit
+
+    from widgets.layers_panel import LR
+
+    state = panel.state  # resnet18, optimizer.lr 0.003
+    rate = lambda name: panel.item_for(name).text(LR)  # noqa: E731
+    assert rate("layer1") == rate("fc") == "0.003" and rate("avgpool") == ""
+    state.update({"optimizer.layer_lr_decay": 0.5, "optimizer.backbone_lr_mult": 0.2})
+    qtbot.waitUntil(lambda: rate("layer4") == f"{0.003 * 0.2 * 0.5:.3g}")
+    assert rate("fc") == "0.003" and rate("layer1") == f"{0.003 * 0.2 * 0.5**4:.3g}"
+    assert rate("conv1") == f"{0.003 * 0.2 * 0.5**5:.3g}"  # the stem, one step below the bottom stage
+    assert rate("") == f"{0.003 * 0.2 * 0.5**5:.3g}–0.003"  # the whole model: the range of its parts
+
+    # Double-click layer3's rate and type the rate it should train at: its multiplier is written.
+    item = panel.item_for("layer3")
+    panel.tree.scrollToItem(item)
+    rect = panel.tree.visualItemRect(item)
+    cell = QPoint(panel.tree.header().sectionViewportPosition(LR) + 5, rect.center().y())
+    qtbot.mouseClick(panel.tree.viewport(), Qt.MouseButton.LeftButton, pos=cell)
+    qtbot.mouseDClick(panel.tree.viewport(), Qt.MouseButton.LeftButton, pos=cell)
+    editor = QApplication.focusWidget()
+    assert isinstance(editor, QLineEdit)
+    editor.selectAll()
+    qtbot.keyClicks(editor, "1e-4")
+    qtbot.keyClick(editor, Qt.Key.Key_Return)
+    qtbot.waitUntil(lambda: state.get("optimizer.lr_mult") != {})  # the view commits the edit once it closes
+    base = 0.003 * 0.2 * 0.5**2
+    assert state.get("optimizer.lr_mult") == {"layer3": pytest.approx(1e-4 / base, rel=1e-5)} and state.dirty
+    assert rate("layer3") == "0.0001" and rate("layer3.0.conv1") == "0.0001" and rate("layer2") != "0.0001"
+    panel.set_rate("layer3", "")  # an empty rate removes the entry
+    assert state.get("optimizer.lr_mult") == {}
+    panel.set_rate("layer3", "fast")
+    assert panel.error.isVisible() and "'fast' is not a learning rate" in panel.error.text()

@@ -204,3 +204,26 @@ def test_zooming_in_draws_every_point_and_following_again_draws_the_envelope(plo
     assert len(curve.getData()[0]) < 500  # and pyqtgraph clips them to the view when it draws
     box.enableAutoRange()
     assert len(curve.xData) <= DISPLAY_POINTS + 64
+
+
+def test_phase_boundaries_are_drawn_where_each_later_phase_begins(plots):
+    step = 0
+    for epoch, phase in enumerate([1, 1, 1, 2, 2, 3], start=1):
+        steps = list(range(step + 1, step + 11))  # ten batches an epoch
+        plots.add_batches(steps, [1.0] * 10, 0.01)
+        step = steps[-1]
+        plots.add_epoch({"epoch": epoch, "phase": phase, "train_loss": 1.0 / epoch, "val_loss": 1.2 / epoch})
+    # Between the last epoch of a phase and the first of the next; on the step axes after that epoch's last batch.
+    assert [(x, s, p) for x, s, p in plots.phase_boundaries()] == [(3.5, 30.0, 2), (5.5, 50.0, 3)]
+    for name, plot in plots.plots.items():
+        lines = [item for item in plot.items if type(item).__name__ == "InfiniteLine"]
+        expected = [3.5, 5.5] if name in ("loss", "accuracy") else [30.0, 50.0]
+        assert sorted(line.value() for line in lines) == expected, name
+
+    # A finished run's history (a run folder opened later) shows the same boundaries; a run without phases none.
+    rows = [{"epoch": e, "phase": p, "train_loss": 1.0} for e, p in enumerate([1, 1, 1, 2, 2, 3], start=1)]
+    plots.load_history(rows, batches_per_epoch=10)
+    assert plots.phase_boundaries() == [(3.5, 30.0, 2), (5.5, 50.0, 3)]
+    plots.load_history([{"epoch": e, "train_loss": 1.0} for e in (1, 2, 3)])
+    assert plots.phase_boundaries() == []
+    assert not any(type(i).__name__ == "InfiniteLine" for plot in plots.plots.values() for i in plot.items)
