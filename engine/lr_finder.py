@@ -17,15 +17,14 @@ from __future__ import annotations
 
 import contextlib
 import math
-import random
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
-import numpy as np
 import torch
 
+from engine import rng_state
 from engine.config import ConfigError, ProjectConfig
 from engine.feature_cache import setup as setup_feature_cache
 from engine.forward import Forward
@@ -49,18 +48,14 @@ from engine.trainer import RunParts, build_run
 
 
 @contextlib.contextmanager
-def preserved_random_state(device: torch.device | None = None) -> Iterator[None]:
-    """torch's (CPU and CUDA), numpy's and Python's generators put back as they were."""
-    np_state, py_state = np.random.get_state(), random.getstate()
-    cuda = [device.index or 0] if device is not None and device.type == "cuda" else []
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        cuda = list(range(torch.cuda.device_count()))
+def preserved_random_state() -> Iterator[None]:
+    """torch's (CPU and CUDA), numpy's and Python's generators put back as they were (engine.rng_state's parts)."""
+    spare = torch.Generator()  # rng_state keeps a loader generator too; the finder never touches the run's
+    saved = rng_state.capture(spare)
     try:
-        with torch.random.fork_rng(devices=cuda):
-            yield
+        yield
     finally:
-        np.random.set_state(np_state)
-        random.setstate(py_state)
+        rng_state.restore(saved, spare)
 
 
 @contextlib.contextmanager
@@ -104,7 +99,7 @@ def find_lr(
         lines.append(message)
         log(message)
 
-    with preserved_random_state(parts.device if parts is not None else None):
+    with preserved_random_state():
         if parts is None:
             parts = build_run(cfg, log=say)
         deterministic = (
