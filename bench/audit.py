@@ -178,6 +178,8 @@ def run(quick: bool = False) -> Section:
         cfg = load_project(truth["project"])
         images = sum(1 for p in work.rglob("*") if p.suffix in (".png", ".jpg"))
         latency, gap = _stop_latency(truth["project"], work / "cache-stop")
+        # Cold means the scan too: a scan cache of its own, empty (the stopped audit above filled the other).
+        os.environ["MWB_CACHE_DIR"] = str(work / "workbench-cache")
         started = time.perf_counter()
         report = run_audit(cfg, cache=work / "cache")
         cold = time.perf_counter() - started
