@@ -154,11 +154,15 @@ class AuditPanel(QWidget):
         for w in (self.run_button, self.stop_button, self.progress_bar):
             top.addWidget(w)
         top.addWidget(self.status_label, 1)
+        # The filter and the three fixes on two rows: on one they set the Setup panel's width at 1280x800.
         fixes = QHBoxLayout()
         fixes.addWidget(self.kind_combo)
+        fixes.addWidget(self.fix_leakage_button)
         fixes.addStretch(1)
-        for w in (self.fix_leakage_button, self.sampler_button, self.loss_button):
-            fixes.addWidget(w)
+        balance = QHBoxLayout()
+        for w in (self.sampler_button, self.loss_button):
+            balance.addWidget(w)
+        balance.addStretch(1)
         actions = QHBoxLayout()
         actions.addWidget(self.exclude_button)
         actions.addWidget(self.relabel_button)
@@ -177,6 +181,7 @@ class AuditPanel(QWidget):
         layout = QVBoxLayout(self)
         layout.addLayout(top)
         layout.addLayout(fixes)
+        layout.addLayout(balance)
         layout.addWidget(split, 1)
         self._update_actions()
 

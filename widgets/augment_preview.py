@@ -77,6 +77,7 @@ class AugmentPreviewWidget(QWidget):
             tile.setFixedSize(TILE, TILE)
             tile.setAlignment(Qt.AlignmentFlag.AlignCenter)
             tile.setStyleSheet("background: #202020;")
+            tile.hide()  # no empty frames before the first draw
             grid.addWidget(tile, i // COLUMNS, i % COLUMNS)
         self.draw_button = QPushButton("Show images")
         self.draw_button.setObjectName("training.augment_preview_draw")
@@ -153,6 +154,7 @@ class AugmentPreviewWidget(QWidget):
     def _on_drawn(self, result: PreviewImages) -> None:
         self.shown = result
         for i, tile in enumerate(self.tiles):
+            tile.show()
             if i < len(result.images):
                 tile.setPixmap(to_pixmap(result.images[i]))
                 tile.setToolTip(f"{result.labels[i]} (training image {result.indices[i]})")

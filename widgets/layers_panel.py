@@ -399,8 +399,12 @@ class LayersPanel(QWidget):
         header = self.tree.header()
         header.setStretchLastSection(False)
         header.setSectionResizeMode(MODULE, QHeaderView.ResizeMode.Stretch)
-        for col in (TYPE, SHAPE, PARAMS, TRAINABLE, LR):
+        for col in (SHAPE, PARAMS, TRAINABLE, LR):
             header.setSectionResizeMode(col, QHeaderView.ResizeMode.ResizeToContents)
+        # The type's name is elided to a set width (the user can widen it): sized to its contents, with the
+        # Learning rate column beside it, it left the module names a few letters at 1280x800.
+        header.setSectionResizeMode(TYPE, QHeaderView.ResizeMode.Interactive)
+        header.resizeSection(TYPE, self.fontMetrics().horizontalAdvance("BatchNormAct2d") + 12)
 
         self.totals = QLabel()
         self.totals.setObjectName("layers.totals")
