@@ -92,6 +92,10 @@ def find_lr(
     problems = bounds_problems(start_lr, end_lr, num_batches)
     if problems:
         raise ConfigError(problems)
+    if cfg.train.phases and parts is None:
+        from engine.phases import plan_phases
+
+        cfg = plan_phases(cfg)[0].cfg  # a run in phases: the range test is for its first phase, as it trains
     started = time.perf_counter()
     lines: list[str] = []
 

@@ -137,3 +137,28 @@ def test_cli_lr_find_writes_the_curve_and_the_plot(tmp_path, capsys):
     assert ("suggested lr" in done.stdout) == (data["suggestion"] is not None)
     bad = cli(capsys, "lr-find", str(project), "--start-lr", "1", "--end-lr", "0.1")
     assert bad.returncode == 2 and "end_lr = 0.1: must be above start_lr" in bad.stderr
+
+
+def test_on_a_run_in_phases_the_finder_studies_the_first_phase(tmp_path):
+    """The project augments and trains everything; its first phase trains the head alone without augmentation,
+    so the finder ramps that phase's parameters on cached features."""
+    write_image_folder(tmp_path / "images", per_class=8)
+    project = write_project(
+        tmp_path / "p.json",
+        "images",
+        model={"backbone": "timm/test_resnet"},
+        data={"path": "images", "image_size": 16, "mean": [0.5], "std": [0.5], "augment": {"horizontal_flip": True}},
+        loader={"batch_size": 2},
+        train={
+            "device": "cpu",
+            "seed": 0,
+            "phases": [{"epochs": 1, "freeze": "head_only", "augment": False}, {"epochs": 1, "lr_factor": 0.1}],
+        },
+    )
+    feature_cache.clear()
+    result = find_lr(load_project(project), num_batches=8)
+    assert result.feature_cache is True
+    whole = load_project(project)
+    whole.train.phases = []
+    feature_cache.clear()
+    assert find_lr(whole, num_batches=8).feature_cache is False  # the project itself augments: no cache
