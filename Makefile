@@ -34,8 +34,11 @@ lint: $(STAMP)
 	$(PY) -m ruff format --check .
 	$(PY) -m mypy
 
+# Two test processes by default (TEST_WORKERS=0 runs them in this one); --dist loadfile keeps each test file in
+# one process, so its module fixtures are built once.
+TEST_WORKERS ?= 2
 test: lint
-	QT_QPA_PLATFORM=offscreen $(PY) -m pytest -q
+	QT_QPA_PLATFORM=offscreen $(PY) -m pytest -q $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadfile)
 
 # Every benchmark (minutes): docs/bench/results.json and results.md, and the table between the README's
 # bench markers. `$(PY) -m bench --quick` is a smoke run; `--only NAME ...` picks benchmarks.
