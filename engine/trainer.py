@@ -553,7 +553,7 @@ class Trainer:
         saved = ckpt.get("phase") or {"index": 0, "starts": [0]}
         if saved["index"] >= len(self.phases):
             raise CheckpointError(
-                f"cannot resume: the checkpoint was in phase {saved['index'] + 1}, the project has "
+                f"{cannot}: the checkpoint was in phase {saved['index'] + 1}, the project has "
                 f"{len(self.phases)} phase(s) (train.phases)"
             )
         state.phase_starts = [int(v) for v in saved["starts"]][: saved["index"] + 1]
@@ -565,7 +565,7 @@ class Trainer:
         built_groups = [g.get("name") for g in p.optimizer.param_groups]
         if saved_groups != built_groups:
             raise CheckpointError(
-                "cannot resume: the checkpoint's optimizer has the parameter groups "
+                f"{cannot}: the checkpoint's optimizer has the parameter groups "
                 f"{', '.join(map(str, saved_groups))}, the project builds {', '.join(map(str, built_groups))} "
                 "(optimizer.layer_lr_decay, optimizer.lr_mult or what is frozen changed); start a new run from its "
                 "weights instead (train --init-from)"
