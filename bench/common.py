@@ -128,3 +128,15 @@ def rss_mib() -> float:
         return pages * os.sysconf("SC_PAGE_SIZE") / (1024 * 1024)
     except (OSError, ValueError):
         return peak_rss_mib()
+
+
+def digits_subset(root: Path, per_class: int) -> Path:
+    """The first per_class digits of each class, copied under root (a quick run's data)."""
+    import shutil
+
+    out = root / "digits"
+    for folder in sorted(p for p in DIGITS.iterdir() if p.is_dir()):
+        (out / folder.name).mkdir(parents=True)
+        for f in sorted(folder.iterdir())[:per_class]:
+            shutil.copy(f, out / folder.name / f.name)
+    return out

@@ -15,7 +15,7 @@ import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from bench.common import DIGITS, Figure, Section, alternate, machine, median
+from bench.common import DIGITS, Figure, Section, alternate, digits_subset, machine, median
 
 if TYPE_CHECKING:
     from engine.config import ProjectConfig
@@ -86,23 +86,13 @@ def _compare(data: Path, size: int, freeze: dict[str, Any], epochs: int, repeats
     }
 
 
-def _subset(root: Path, per_class: int) -> Path:
-    """The first per_class digits of each class, copied (the quick run's data)."""
-    out = root / "digits"
-    for folder in sorted(p for p in DIGITS.iterdir() if p.is_dir()):
-        (out / folder.name).mkdir(parents=True)
-        for f in sorted(folder.iterdir())[:per_class]:
-            shutil.copy(f, out / folder.name / f.name)
-    return out
-
-
 def run(quick: bool = False) -> Section:
     import torch
 
     work = Path(tempfile.mkdtemp(prefix="bench-feature-cache-"))
     try:
         if quick:
-            data, head_size, prefix_size, epochs, repeats = _subset(work, 20), 32, 32, 2, 1
+            data, head_size, prefix_size, epochs, repeats = digits_subset(work, 20), 32, 32, 2, 1
         else:
             data = work / "digits"
             shutil.copytree(DIGITS, data)

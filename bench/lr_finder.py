@@ -15,7 +15,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from bench.common import DIGITS, REPO, Figure, Section, alternate, machine, median
+from bench.common import DIGITS, REPO, Figure, Section, alternate, digits_subset, machine, median
 
 
 def _project(data: Path, mode: str, quick: bool) -> Any:
@@ -46,22 +46,13 @@ def _find(cfg: Any, results: list[dict[str, Any]], batches: int) -> None:
     results.append({"seconds": result.seconds, "suggestion": result.suggestion, "batches": len(result.lrs)})
 
 
-def _subset(root: Path, per_class: int) -> Path:
-    out = root / "digits"
-    for folder in sorted(p for p in DIGITS.iterdir() if p.is_dir()):
-        (out / folder.name).mkdir(parents=True)
-        for f in sorted(folder.iterdir())[:per_class]:
-            shutil.copy(f, out / folder.name / f.name)
-    return out
-
-
 def run(quick: bool = False) -> Section:
     import torch
 
     work = Path(tempfile.mkdtemp(prefix="bench-lr-finder-"))
     try:
         if quick:
-            data, repeats, batches = _subset(work, 3), 1, 5
+            data, repeats, batches = digits_subset(work, 3), 1, 5
         else:
             data = work / "digits"
             shutil.copytree(DIGITS, data)

@@ -22,18 +22,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench.common import DIGITS, REPO, Figure, Section
+from bench.common import DIGITS, REPO, Figure, Section, digits_subset
 
 SPACE_FILE = REPO / "examples" / "spaces" / "default.json"  # learning rate and freeze depth for examples/default.json
-
-
-def _subset(root: Path, per_class: int) -> Path:
-    out = root / "digits"
-    for folder in sorted(p for p in DIGITS.iterdir() if p.is_dir()):
-        (out / folder.name).mkdir(parents=True)
-        for f in sorted(folder.iterdir())[:per_class]:
-            shutil.copy(f, out / folder.name / f.name)
-    return out
 
 
 def _digits_project(root: Path, data: Path, epochs: int) -> Path:
@@ -81,7 +72,7 @@ def pruning(quick: bool = False) -> Section:
     work = Path(tempfile.mkdtemp(prefix="bench-sweep-"))
     try:
         if quick:
-            data, epochs, trials = _subset(work, 20), 3, 6
+            data, epochs, trials = digits_subset(work, 20), 3, 6
         else:
             data, epochs, trials = DIGITS, 3, 12
         project = _digits_project(work, data, epochs)
