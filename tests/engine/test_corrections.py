@@ -160,14 +160,20 @@ def torch_equal(a, b) -> bool:
     return bool((a == b).all())
 
 
-def test_csv_keys_are_relative_to_the_csv_folder(tmp_path):
-    img = tmp_path / "imgs"
-    img.mkdir()
+def _csv(folder, name: str, labels: list) -> None:
+    """Small images in folder/imgs and a CSV beside them giving each its label."""
+    img = folder / "imgs"
+    img.mkdir(exist_ok=True)
     rows = ["path,label"]
-    for i in range(12):
+    for i, label in enumerate(labels):
         Image.new("RGB", (8, 8), (i * 20, 0, 0)).save(img / f"{i}.png")
-        rows.append(f"imgs/{i}.png,{'cat' if i % 2 else 'dog'}")
-    (tmp_path / "labels.csv").write_text("\n".join(rows) + "\n")
+        rows.append(f"imgs/{i}.png,{label}")
+    (folder / name).write_text("\n".join(rows) + "\n")
+
+
+def test_csv_keys_are_relative_to_the_csv_folder(tmp_path):
+    _csv(tmp_path, "labels.csv", ["cat" if i % 2 else "dog" for i in range(12)])
+    img = tmp_path / "imgs"
     project = write_project(tmp_path / "p.json", "labels.csv", data={"path": "labels.csv", "val_fraction": 0.0})
     cfg = load_project(project)
     assert corrections.sample_key_for(cfg, img / "3.png") == "imgs/3.png"
@@ -177,13 +183,7 @@ def test_csv_keys_are_relative_to_the_csv_folder(tmp_path):
 
 
 def test_relabel_on_a_regression_task_is_ignored_with_a_message(tmp_path):
-    img = tmp_path / "imgs"
-    img.mkdir()
-    rows = ["path,label"]
-    for i in range(6):
-        Image.new("RGB", (8, 8), (i * 20, 0, 0)).save(img / f"{i}.png")
-        rows.append(f"imgs/{i}.png,{i / 2}")
-    (tmp_path / "v.csv").write_text("\n".join(rows) + "\n")
+    _csv(tmp_path, "v.csv", [i / 2 for i in range(6)])
     project = write_project(
         tmp_path / "p.json",
         "v.csv",
