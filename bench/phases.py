@@ -15,8 +15,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from bench.common import DIGITS, Figure, Section, alternate, machine, median
-from bench.feature_cache import _subset
+from bench.common import DIGITS, Figure, Section, alternate, digits_subset, machine, median
 
 if TYPE_CHECKING:
     from engine.config import ProjectConfig
@@ -73,7 +72,7 @@ def run(quick: bool = False) -> Section:
     work = Path(tempfile.mkdtemp(prefix="bench-phases-"))
     try:
         if quick:
-            data, size, epochs, repeats = _subset(work, 20), 32, (2, 1), 1
+            data, size, epochs, repeats = digits_subset(work, 20), 32, (2, 1), 1
         else:
             data = work / "digits"
             shutil.copytree(DIGITS, data)
