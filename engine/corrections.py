@@ -12,7 +12,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from engine.config import ProjectConfig
-from engine.data import DataError, dataset_root, path_key
+from engine.dataset_paths import DataError, dataset_root, path_key  # not engine.data: no PyTorch for the app
 
 
 def _with_data(cfg: ProjectConfig, exclude: list[str], relabel: dict[str, str]) -> ProjectConfig:

@@ -20,6 +20,7 @@ from torch.utils.data import Dataset
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
 from engine.config import TASKS, ProjectConfig
+from engine.dataset_paths import DataError, dataset_root, path_key
 from engine.scan_cache import ScanCache, Stamp, stamp
 from engine.text import readable
 from engine.transforms import Preprocess, build_transforms
@@ -28,13 +29,6 @@ Progress = Callable[[int, int], None] | None
 
 _KIND_BY_SUFFIX = {".csv": "csv", ".npz": "npz"}
 _NOT_TRAINING_CLASS = "label '{}' is not one of the training classes"
-
-
-class DataError(ValueError):
-    """A dataset problem; the message names the file or folder and what is wrong."""
-
-    def __init__(self, message: str):
-        super().__init__(readable(message))  # a non-UTF-8 file name stays visible wherever the message goes
 
 
 @dataclass
@@ -917,20 +911,6 @@ def subset_dataset(
 
 # ---------------------------------------------------------------------------------------------
 # Sample keys and the project's corrections (data.exclude, data.relabel)
-
-
-def dataset_root(path: Path, kind: str) -> Path:
-    """The folder sample keys are relative to: an image folder itself, or the folder of a .csv or .npz file."""
-    return path if kind == "folder" else path.parent
-
-
-def path_key(path: str | os.PathLike, root: Path) -> str:
-    """An image's key: its path relative to the dataset root, POSIX style; `../` steps for a file outside it."""
-    p = Path(path)
-    try:
-        return p.relative_to(root).as_posix()
-    except ValueError:
-        return Path(os.path.relpath(p, root)).as_posix()
 
 
 def sample_keys(source: DataSource, root: Path | None = None, *, validation: bool = False) -> list[str]:
