@@ -305,6 +305,13 @@ def app_overhead(quick: bool = False) -> list[Section]:
     return [overhead, heartbeat]
 
 
+def _python_threads() -> int:
+    """Threads Python started and still runs. Left out: threading's stand-ins for threads it did not start (a
+    worker QThread that started a thread pool gets one, and it stays listed after the QThread ended, until a new
+    thread reuses its id), which would count a run that scanned with a pool and not one that read the scan cache."""
+    return sum(1 for t in threading.enumerate() if not isinstance(t, threading._DummyThread))
+
+
 def memory(quick: bool = False) -> Section:
     """Peak RSS of the default project's training (headless process), and RSS across 20 runs in one app session."""
     from engine.config import load_project, save_project
@@ -340,7 +347,7 @@ def memory(quick: bool = False) -> Section:
         _isolated_settings(tmp / "settings")
         runs = 6 if quick else 20
         window = _window(_bench_project(tmp, per_class=12, size=32, epochs=1))
-        threads_before = threading.active_count()
+        threads_before = _python_threads()
         rss = []
         for _ in range(runs):
             _app_run(window)
@@ -349,7 +356,7 @@ def memory(quick: bool = False) -> Section:
             _wait(lambda: not running_tasks())
             gc.collect()
             rss.append(rss_mib())
-        threads_after = threading.active_count()
+        threads_after = _python_threads()
         window.state._set_dirty(False)
         dispose(window)
     settle = min(4, runs // 2)  # the first runs fill caches (allocator arenas, imported code): not growth
