@@ -138,6 +138,7 @@ class MainWindow(QMainWindow):
         from widgets.try_it import TryItPanel
 
         self.setObjectName("main.window")
+        self._busy: set[str] = set()  # work other than a run that holds the machine (see set_busy)
         self.state = state or ProjectState(parent=self)
         self.controller = controller or TrainingController(self)
         self.current_checkpoint: str | None = None
@@ -376,6 +377,7 @@ class MainWindow(QMainWindow):
         c.running_changed.connect(self.run_view.on_running_changed)
         c.running_changed.connect(self.checkpoints.on_running_changed)
         c.running_changed.connect(self.training.on_running_changed)
+        self.training.finder_running_changed.connect(lambda busy: self.set_busy("the learning-rate finder", busy))
         c.running_changed.connect(self._update_actions)
         c.errored.connect(self._on_training_errored)
 
@@ -564,10 +566,22 @@ class MainWindow(QMainWindow):
             action.triggered.connect(lambda _checked=False, p=path: self.open_project(p))
 
     # -- training ------------------------------------------------------------------------------
+    def set_busy(self, what: str, busy: bool) -> None:
+        """Work other than a run holds the machine (`what` names it, e.g. "the learning-rate finder"): training
+        waits for it, so two jobs never compete for the same cores."""
+        if busy:
+            self._busy.add(what)
+        else:
+            self._busy.discard(what)
+        self._update_actions()
+
     def _ready_to_train(self) -> bool:
         """A project that can start: valid, and saved somewhere so its run folder has a home."""
         if self.controller.is_running():
             self.log("A run is already going.")
+            return False
+        if self._busy:
+            self.show_error("Training must wait", f"Stop {' and '.join(sorted(self._busy))} first, or let it finish.")
             return False
         problems = self.state.problems(check_paths=True)
         if problems:
@@ -625,6 +639,9 @@ class MainWindow(QMainWindow):
     def resume_from(self, checkpoint: str, epochs: int | None = None) -> bool:
         if self.controller.is_running():
             self.log("A run is already going.")
+            return False
+        if self._busy:
+            self.show_error("Resuming must wait", f"Stop {' and '.join(sorted(self._busy))} first, or let it finish.")
             return False
         self.run_view_reset()
         return self.controller.resume(checkpoint, epochs)
@@ -776,14 +793,16 @@ class MainWindow(QMainWindow):
     @Slot()
     def _update_actions(self, *_args) -> None:
         running = self.controller.is_running()
+        busy = running or bool(self._busy)
         has_model = bool(self.current_checkpoint)
-        for action in (self.act_train, self.act_new, self.act_open):
+        for action in (self.act_new, self.act_open):
             action.setEnabled(not running)
-        self.act_train_from.setEnabled(not running and has_model)
+        self.act_train.setEnabled(not busy)
+        self.act_train_from.setEnabled(not busy and has_model)
         self.act_stop.setEnabled(running)
         can_resume = bool(self.current_run_dir and (Path(self.current_run_dir) / "checkpoints" / "last.pt").is_file())
-        self.act_resume.setEnabled(not running and can_resume)
-        self.run_view.set_can_resume(not running and can_resume)
+        self.act_resume.setEnabled(not busy and can_resume)
+        self.run_view.set_can_resume(not busy and can_resume)
         self.act_evaluate.setEnabled(has_model)
         self.act_export.setEnabled(has_model)
 

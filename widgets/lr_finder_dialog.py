@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 import pyqtgraph as pg
-from PySide6.QtCore import Qt
+from PySide6.QtCore import Qt, Signal
 from PySide6.QtWidgets import (
     QDialog,
     QFormLayout,
@@ -62,6 +62,8 @@ def _find(
 
 class LrFinderDialog(QDialog):
     """Runs the finder on a snapshot of the project; *Use this learning rate* writes the suggestion to the project."""
+
+    running_changed = Signal(bool)  # the finder started (True) or ended (False): the window holds Train meanwhile
 
     def __init__(self, state: ProjectState, parent: QWidget | None = None):
         super().__init__(parent)
@@ -186,6 +188,7 @@ class LrFinderDialog(QDialog):
             parent=self,
         )
         self.task.finished.connect(self._on_finished)
+        self.running_changed.emit(True)
         return True
 
     def stop(self) -> None:
@@ -228,6 +231,7 @@ class LrFinderDialog(QDialog):
         self._say(f"The finder failed: {error_text(exc)}", error=True)
 
     def _on_finished(self) -> None:
+        self.running_changed.emit(False)
         self.run_button.setText("Run")
         for widget in (self.start_lr, self.end_lr, self.batches):
             widget.setEnabled(True)

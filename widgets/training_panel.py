@@ -7,7 +7,7 @@ import typing
 from collections.abc import Callable
 from typing import Any, TypeVar
 
-from PySide6.QtCore import QSignalBlocker, Qt
+from PySide6.QtCore import QSignalBlocker, Qt, Signal
 from PySide6.QtGui import QPalette
 from PySide6.QtWidgets import (
     QAbstractSpinBox,
@@ -184,6 +184,8 @@ class TrainingPanel(QWidget):
     or disabled with the reason and the value in effect.
     """
 
+    finder_running_changed = Signal(bool)  # the learning-rate finder started or ended
+
     TWO_COLUMN_MARGIN = 48  # spacing, margins and a vertical scroll bar between two columns of groups
 
     def __init__(self, state: ProjectState, parent: QWidget | None = None):
@@ -283,6 +285,7 @@ class TrainingPanel(QWidget):
         """The learning-rate finder's dialog for this project (one at a time), shown."""
         if self.lr_finder is None:
             self.lr_finder = LrFinderDialog(self.state, self)
+            self.lr_finder.running_changed.connect(self.finder_running_changed)
         self.lr_finder.show()
         self.lr_finder.raise_()
         return self.lr_finder

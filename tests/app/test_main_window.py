@@ -327,3 +327,17 @@ def test_file_menu_exports_the_project_as_a_script(window):
     assert dialog is not None and dialog.isVisible()
     assert dialog.preview.toPlainText() == generate(window.state.config).script
     dialog.reject()
+
+
+def test_train_and_resume_wait_while_the_learning_rate_finder_runs(qtbot, window):
+    dialog = window.training.open_lr_finder()
+    dialog.batches.setValue(5)
+    assert window.act_train.isEnabled()
+    assert dialog.start()
+    # start() announced the finder before returning: no event has been processed, so the finder cannot be done yet.
+    assert not window.act_train.isEnabled() and not window.act_resume.isEnabled()
+    assert not window.train() and not window.controller.is_running()
+    assert "Stop the learning-rate finder first" in window.log_view.toPlainText()
+    qtbot.waitUntil(lambda: not dialog.is_running(), timeout=120000)
+    qtbot.waitUntil(window.act_train.isEnabled, timeout=10000)
+    dialog.close()
