@@ -40,6 +40,7 @@ if TYPE_CHECKING:
     from widgets.backbone_panel import BackbonePanel
     from widgets.codegen_dialog import CodegenDialog
     from widgets.export_dialog import ExportDialog
+    from widgets.sweep_dialog import SweepDialog
 
 REPO = Path(__file__).resolve().parent.parent
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
@@ -78,6 +79,7 @@ OBJECT_NAMES = {
     "action.resume": "Run > Resume the current run from its last checkpoint",
     "action.evaluate": "Run > Evaluate the current model (Ctrl+Shift+E)",
     "action.check": "Run > Check project: list every problem before training",
+    "action.sweep": "Run > Sweep...: search project fields with an Optuna study, trials as run folders",
     "action.reset_layout": "View > Reset layout",
     "action.about": "Help > About",
 }
@@ -145,6 +147,8 @@ class MainWindow(QMainWindow):
         self.last_error_box: QMessageBox | None = None
         self.export_dialog: ExportDialog | None = None
         self.codegen_dialog: CodegenDialog | None = None
+        self.sweep_dialog: SweepDialog | None = None
+        self._sweeping = False
         self._closing = False
         self._num_outputs: int | None = None
 
@@ -328,6 +332,7 @@ class MainWindow(QMainWindow):
             "action.evaluate", "E&valuate current model", self.evaluate_current, ["Ctrl+Shift+E"]
         )
         self.act_check = self._action("action.check", "&Check project", self.check_project, ["Ctrl+Shift+K"])
+        self.act_sweep = self._action("action.sweep", "S&weep...", self.open_sweep_dialog)
         self.act_reset_layout = self._action("action.reset_layout", "Reset &layout", self.reset_layout)
         self.act_about = self._action("action.about", "&About Model Workbench", self._on_about_triggered)
 
@@ -348,6 +353,8 @@ class MainWindow(QMainWindow):
         run_menu.addActions([self.act_train, self.act_train_from, self.act_stop, self.act_resume])
         run_menu.addSeparator()
         run_menu.addActions([self.act_evaluate, self.act_check])
+        run_menu.addSeparator()
+        run_menu.addAction(self.act_sweep)
         view_menu = bar.addMenu("&View")
         for dock in (self.setup_dock, self.checkpoints_dock, self.log_dock):
             view_menu.addAction(dock.toggleViewAction())
@@ -569,6 +576,9 @@ class MainWindow(QMainWindow):
         if self.controller.is_running():
             self.log("A run is already going.")
             return False
+        if self._sweeping:
+            self.show_error("A sweep is running", "Stop the sweep (Run > Sweep...) or wait for it to end to train.")
+            return False
         problems = self.state.problems(check_paths=True)
         if problems:
             self.show_error("The project cannot train yet", "\n".join(f"• {p}" for p in problems))
@@ -625,6 +635,9 @@ class MainWindow(QMainWindow):
     def resume_from(self, checkpoint: str, epochs: int | None = None) -> bool:
         if self.controller.is_running():
             self.log("A run is already going.")
+            return False
+        if self._sweeping:
+            self.show_error("A sweep is running", "Stop the sweep (Run > Sweep...) or wait for it to end to resume.")
             return False
         self.run_view_reset()
         return self.controller.resume(checkpoint, epochs)
@@ -732,6 +745,33 @@ class MainWindow(QMainWindow):
         return self.codegen_dialog
 
     @Slot()
+    def open_sweep_dialog(self) -> SweepDialog:
+        """The Sweep dialog for this project (one at a time, kept while its sweep runs), shown beside the window."""
+        from widgets.sweep_dialog import SweepDialog
+
+        if self.sweep_dialog is None:
+            self.sweep_dialog = SweepDialog(
+                self.state, self, blocks=self.layers.up_to_modules(), busy=self._sweep_refusal
+            )
+            self.sweep_dialog.logged.connect(self.log)
+            self.sweep_dialog.running_changed.connect(self._on_sweep_running)
+        self.sweep_dialog.show()
+        self.sweep_dialog.raise_()
+        return self.sweep_dialog
+
+    def _sweep_refusal(self) -> str | None:
+        if self.controller.is_running():
+            return "A training run is active in the window: stop it or let it finish before starting a sweep."
+        return None
+
+    @Slot(bool)
+    def _on_sweep_running(self, running: bool) -> None:
+        """A sweep trains: Train, Resume, New and Open wait until it ends (one run at a time on this machine)."""
+        self._sweeping = running
+        self.run_view.train_button.setEnabled(not running and not self.controller.is_running())
+        self._update_actions()
+
+    @Slot()
     def check_project(self) -> list[Problem]:
         problems = self.state.problems(check_paths=True)
         if problems:
@@ -775,12 +815,13 @@ class MainWindow(QMainWindow):
 
     @Slot()
     def _update_actions(self, *_args) -> None:
-        running = self.controller.is_running()
+        training = self.controller.is_running()
+        running = training or self._sweeping  # a sweep trains too: one run at a time on this machine
         has_model = bool(self.current_checkpoint)
         for action in (self.act_train, self.act_new, self.act_open):
             action.setEnabled(not running)
         self.act_train_from.setEnabled(not running and has_model)
-        self.act_stop.setEnabled(running)
+        self.act_stop.setEnabled(training)
         can_resume = bool(self.current_run_dir and (Path(self.current_run_dir) / "checkpoints" / "last.pt").is_file())
         self.act_resume.setEnabled(not running and can_resume)
         self.run_view.set_can_resume(not running and can_resume)
