@@ -169,8 +169,11 @@ def default_range(kind: str, current: Any, limits: dict[str, float], info: Any) 
 
 
 def _text(value: Any) -> str:
+    """A value as the table and labels show it: 4 significant digits, a name as it is, JSON for the rest."""
     if isinstance(value, float):
         return f"{value:.4g}"
+    if isinstance(value, str):
+        return value
     return json.dumps(value)
 
 
@@ -245,9 +248,7 @@ class ParamEditor(QGroupBox):
 
     def add_choice(self, value: Any, label: str = "", *, checked: bool) -> None:
         assert self.choices is not None
-        item = QListWidgetItem(
-            f"{_text(value) if not isinstance(value, str) else value}" + (f" — {label}" if label else "")
-        )
+        item = QListWidgetItem(_text(value) + (f" — {label}" if label else ""))
         item.setFlags(item.flags() | Qt.ItemFlag.ItemIsUserCheckable)
         item.setCheckState(Qt.CheckState.Checked if checked else Qt.CheckState.Unchecked)
         item.setData(Qt.ItemDataRole.UserRole, len(self._values))
@@ -846,8 +847,10 @@ class SweepDialog(QDialog):
         self.plot.clear()
         self.plots, self.scatters = {}, {}
         per_row = 2 if len(params) > 1 else 1
+        key = " ".join(f"<span style='color:{colour}'>●</span> {state}" for state, colour in STATE_COLOURS.items())
+        self.plot.addLabel(f"<span style='color:#333'>{key}; a pruned trial at its best epoch</span>", 0, 0, 1, per_row)
         for i, param in enumerate(params):
-            plot = self.plot.addPlot(row=i // per_row, col=i % per_row)
+            plot = self.plot.addPlot(row=1 + i // per_row, col=i % per_row)
             plot.setLabel("bottom", param.path)
             plot.setLabel("left", self.spec.objective)
             plot.showGrid(x=True, y=True, alpha=0.3)
@@ -855,9 +858,18 @@ class SweepDialog(QDialog):
                 plot.setLogMode(x=True, y=False)
             if param.kind == "categorical":
                 plot.getAxis("bottom").setTicks([[(j, _text(c)) for j, c in enumerate(param.choices)]])
+                plot.setXRange(-0.5, len(param.choices) - 0.5, padding=0)
+            elif param.log:  # the whole range searched, in decades (log mode plots log10 of the values)
+                assert param.low is not None and param.high is not None
+                plot.getAxis("bottom").enableAutoSIPrefix(False)  # 0.001, not 1 with "(x0.001)" beside the label
+                plot.getAxis("bottom").setTicks([_log_ticks(param.low, param.high)])  # pyqtgraph's crowd under a decade
+                plot.setXRange(math.log10(param.low), math.log10(param.high), padding=0.05)
+            else:
+                assert param.low is not None and param.high is not None
+                plot.setXRange(param.low, param.high, padding=0.05)
             self.plots[param.path] = plot
-            self.scatters[param.path] = pg.ScatterPlotItem(size=9)
-            plot.addItem(self.scatters[param.path])
+            # A PlotDataItem of symbols, not a bare ScatterPlotItem: only the former follows the plot's log x mode.
+            self.scatters[param.path] = plot.plot(pen=None, symbol="o", symbolSize=9, symbolPen=None)
 
     def _add_outcome(self, outcome: TrialOutcome) -> None:
         assert self.spec is not None
@@ -870,13 +882,14 @@ class SweepDialog(QDialog):
             outcome.state,
             f"{outcome.value:.4f}" if outcome.value is not None else "",
             str(outcome.epochs),
-            outcome.run_dir or (outcome.error or ""),
+            Path(outcome.run_dir).name if outcome.run_dir else (outcome.error or ""),
         ]
         for column, text in enumerate(cells):
             item = QTableWidgetItem(text)
-            if column == len(cells) - 1 and outcome.error:
-                item.setToolTip(outcome.error)
+            if column == len(cells) - 1:
+                item.setToolTip(outcome.run_dir or outcome.error or "")  # the folder's full path, or what failed
             self.table.setItem(row, column, item)
+        self.table.resizeColumnsToContents()
         self.table.scrollToBottom()
         self._draw()
 
@@ -890,11 +903,11 @@ class SweepDialog(QDialog):
                 xs.append(param.choices.index(value) if param.kind == "categorical" else float(value))
             brushes = [pg.mkBrush(STATE_COLOURS.get(o.state, "#444")) for o in scored]
             self.scatters[param.path].setData(
-                x=np.asarray(xs, dtype=float), y=np.asarray([o.value for o in scored], dtype=float), brush=brushes
+                np.asarray(xs, dtype=float), np.asarray([o.value for o in scored], dtype=float), symbolBrush=brushes
             )
 
     def plotted(self, path: str) -> tuple[list[float], list[float]]:
-        """The points of a parameter's plot as data (x as given, not its log), for reading back."""
+        """The points of a parameter's plot as drawn: x is log10 of the value on a log axis, a choice's index."""
         x, y = self.scatters[path].getData()
         return list(map(float, x)), list(map(float, y))
 
@@ -924,6 +937,17 @@ class SweepDialog(QDialog):
             assert self.task is not None
             self.task.wait(10 * 60 * 1000)  # the trial ends within a batch
         super().closeEvent(event)
+
+
+def _log_ticks(low: float, high: float) -> list[tuple[float, str]]:
+    """Ticks of a log axis from low to high at 1 and 3 times each power of ten (positions are log10)."""
+    ticks = []
+    for power in range(math.floor(math.log10(low)), math.ceil(math.log10(high)) + 1):
+        for mantissa in (1, 3):
+            value = mantissa * 10.0**power
+            if low * 0.999 <= value <= high * 1.001:
+                ticks.append((math.log10(value), f"{value:g}"))
+    return ticks
 
 
 def _plain(number: int, event: Event) -> dict[str, Any]:

@@ -6,7 +6,9 @@ values into the project, and Stop ends the sweep with no batch after it (measure
 from __future__ import annotations
 
 import json
+import math
 import threading
+from pathlib import Path
 
 import pytest
 from conftest import write_image_folder, write_project
@@ -196,15 +198,19 @@ def test_a_real_sweep_fills_the_table_and_plots_with_the_studys_values_and_use_b
             "complete",
             f"{t.value:.4f}",
             "2",
-            t.user_attrs["run_dir"],
+            Path(t.user_attrs["run_dir"]).name,
         ]
         for t in trials
     ]
-    assert all((tmp_path / "runs").joinpath(t.user_attrs["run_dir"]).is_dir() for t in trials)
+    folders = [dialog.table.item(r, len(header) - 1).toolTip() for r in range(dialog.table.rowCount())]
+    assert folders == [t.user_attrs["run_dir"] for t in trials]
+    assert all(Path(folder).parent == tmp_path / "runs" for folder in folders)
+    assert all(Path(folder).is_dir() for folder in folders)
 
-    # Each parameter's plot holds every trial at (its value, its objective); the learning rate's x axis is log.
+    # Each parameter's plot holds every trial at (its value, its objective); the learning rate's x axis is log, where
+    # the plot holds log10 of the values.
     assert dialog.plotted("optimizer.lr") == (
-        pytest.approx([t.params["optimizer.lr"] for t in trials]),
+        pytest.approx([math.log10(t.params["optimizer.lr"]) for t in trials]),
         pytest.approx([t.value for t in trials]),
     )
     assert dialog.plotted("loader.batch_size")[0] == [float(t.params["loader.batch_size"]) for t in trials]
