@@ -40,6 +40,7 @@ if TYPE_CHECKING:
     from widgets.backbone_panel import BackbonePanel
     from widgets.codegen_dialog import CodegenDialog
     from widgets.export_dialog import ExportDialog
+    from widgets.sweep_dialog import SweepDialog
 
 REPO = Path(__file__).resolve().parent.parent
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
@@ -78,6 +79,7 @@ OBJECT_NAMES = {
     "action.resume": "Run > Resume the current run from its last checkpoint",
     "action.evaluate": "Run > Evaluate the current model (Ctrl+Shift+E)",
     "action.check": "Run > Check project: list every problem before training",
+    "action.sweep": "Run > Sweep...: search project fields with an Optuna study, trials as run folders",
     "action.reset_layout": "View > Reset layout",
     "action.about": "Help > About",
 }
@@ -146,6 +148,7 @@ class MainWindow(QMainWindow):
         self.last_error_box: QMessageBox | None = None
         self.export_dialog: ExportDialog | None = None
         self.codegen_dialog: CodegenDialog | None = None
+        self.sweep_dialog: SweepDialog | None = None
         self._closing = False
         self._num_outputs: int | None = None
 
@@ -329,6 +332,7 @@ class MainWindow(QMainWindow):
             "action.evaluate", "E&valuate current model", self.evaluate_current, ["Ctrl+Shift+E"]
         )
         self.act_check = self._action("action.check", "&Check project", self.check_project, ["Ctrl+Shift+K"])
+        self.act_sweep = self._action("action.sweep", "S&weep...", self.open_sweep_dialog)
         self.act_reset_layout = self._action("action.reset_layout", "Reset &layout", self.reset_layout)
         self.act_about = self._action("action.about", "&About Model Workbench", self._on_about_triggered)
 
@@ -349,6 +353,8 @@ class MainWindow(QMainWindow):
         run_menu.addActions([self.act_train, self.act_train_from, self.act_stop, self.act_resume])
         run_menu.addSeparator()
         run_menu.addActions([self.act_evaluate, self.act_check])
+        run_menu.addSeparator()
+        run_menu.addAction(self.act_sweep)
         view_menu = bar.addMenu("&View")
         for dock in (self.setup_dock, self.checkpoints_dock, self.log_dock):
             view_menu.addAction(dock.toggleViewAction())
@@ -573,7 +579,14 @@ class MainWindow(QMainWindow):
             self._busy.add(what)
         else:
             self._busy.discard(what)
+        training = self.controller.is_running()
+        self.run_view.train_button.setEnabled(not self._busy and not training)
+        self.training.on_running_changed(training or "the sweep" in self._busy)  # the finder waits for a sweep
         self._update_actions()
+
+    def _refuse_busy(self, action: str) -> None:
+        what = " and ".join(sorted(self._busy))
+        self.show_error(f"{what[:1].upper()}{what[1:]} is running", f"Stop {what} or wait for it to end to {action}.")
 
     def _ready_to_train(self) -> bool:
         """A project that can start: valid, and saved somewhere so its run folder has a home."""
@@ -581,7 +594,7 @@ class MainWindow(QMainWindow):
             self.log("A run is already going.")
             return False
         if self._busy:
-            self.show_error("Training must wait", f"Stop {' and '.join(sorted(self._busy))} first, or let it finish.")
+            self._refuse_busy("train")
             return False
         problems = self.state.problems(check_paths=True)
         if problems:
@@ -641,7 +654,7 @@ class MainWindow(QMainWindow):
             self.log("A run is already going.")
             return False
         if self._busy:
-            self.show_error("Resuming must wait", f"Stop {' and '.join(sorted(self._busy))} first, or let it finish.")
+            self._refuse_busy("resume")
             return False
         self.run_view_reset()
         return self.controller.resume(checkpoint, epochs)
@@ -749,6 +762,34 @@ class MainWindow(QMainWindow):
         return self.codegen_dialog
 
     @Slot()
+    def open_sweep_dialog(self) -> SweepDialog:
+        """The Sweep dialog for this project (one at a time, kept while its sweep runs), shown beside the window."""
+        from widgets.sweep_dialog import SweepDialog
+
+        if self.sweep_dialog is None:
+            self.sweep_dialog = SweepDialog(
+                self.state, self, blocks=self.layers.up_to_modules(), busy=self._sweep_refusal
+            )
+            self.sweep_dialog.logged.connect(self.log)
+            self.sweep_dialog.running_changed.connect(self._on_sweep_running)
+        self.sweep_dialog.show()
+        self.sweep_dialog.raise_()
+        return self.sweep_dialog
+
+    def _sweep_refusal(self) -> str | None:
+        if self.controller.is_running():
+            return "A training run is active in the window: stop it or let it finish before starting a sweep."
+        others = sorted(self._busy - {"the sweep"})
+        if others:
+            return f"{' and '.join(others)} is running: stop it or let it finish before starting a sweep."
+        return None
+
+    @Slot(bool)
+    def _on_sweep_running(self, running: bool) -> None:
+        """A sweep trains: Train, Resume, New and Open wait until it ends (one run at a time on this machine)."""
+        self.set_busy("the sweep", running)
+
+    @Slot()
     def check_project(self) -> list[Problem]:
         problems = self.state.problems(check_paths=True)
         if problems:
@@ -792,14 +833,15 @@ class MainWindow(QMainWindow):
 
     @Slot()
     def _update_actions(self, *_args) -> None:
-        running = self.controller.is_running()
-        busy = running or bool(self._busy)
+        training = self.controller.is_running()
+        busy = training or bool(self._busy)  # a sweep trains too, and the finder: one job at a time on this machine
+        sweeping = "the sweep" in self._busy
         has_model = bool(self.current_checkpoint)
         for action in (self.act_new, self.act_open):
-            action.setEnabled(not running)
+            action.setEnabled(not training and not sweeping)
         self.act_train.setEnabled(not busy)
         self.act_train_from.setEnabled(not busy and has_model)
-        self.act_stop.setEnabled(running)
+        self.act_stop.setEnabled(training)
         can_resume = bool(self.current_run_dir and (Path(self.current_run_dir) / "checkpoints" / "last.pt").is_file())
         self.act_resume.setEnabled(not busy and can_resume)
         self.run_view.set_can_resume(not busy and can_resume)

@@ -24,6 +24,7 @@ MODULES = (
     "widgets.try_it",
     "widgets.export_dialog",
     "widgets.codegen_dialog",
+    "widgets.sweep_dialog",
 )
 
 

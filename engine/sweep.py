@@ -362,14 +362,23 @@ def _begin_immediate(engine: Any) -> None:
     engine.dispose()  # connections opened before the listeners existed
 
 
+def grid_problems(params: Sequence[Param]) -> list[str]:
+    """What keeps these params from making a grid (a float range without a step), by field."""
+    return [
+        f"{p.path}: a grid needs choices or a step for a float range"
+        for p in params
+        if p.kind == "float" and p.step is None
+    ]
+
+
 def make_sampler(name: str, params: Sequence[Param], seed: int, trials: int) -> Any:
     optuna = _optuna()
     if name == "random":
         return optuna.samplers.RandomSampler(seed=seed)
     if name == "grid":
-        loose = [p.path for p in params if p.kind == "float" and p.step is None]
-        if loose:
-            raise ConfigError([f"{p}: a grid needs choices or a step for a float range" for p in loose])
+        problems = grid_problems(params)
+        if problems:
+            raise ConfigError(problems)
         return optuna.samplers.GridSampler({p.path: p.grid() for p in params}, seed=seed)
     if name == "tpe":
         return optuna.samplers.TPESampler(seed=seed, n_startup_trials=max(2, min(10, trials // 3)))

@@ -450,6 +450,10 @@ class LayersPanel(QWidget):
         self._on_state_changed("")
 
     # -- public API ----------------------------------------------------------------------------
+    def up_to_modules(self) -> list[str]:
+        """The modules *Freeze up to* offers (top-level and second-level), once the model is built; else []."""
+        return [str(self.up_to.itemData(i)) for i in range(self.up_to.count())]
+
     def set_num_outputs(self, n: int) -> None:
         """The number of model outputs (classes) from the dataset scan; the head, and so the tree, depend on it."""
         n = max(int(n), 1)

@@ -337,7 +337,7 @@ def test_train_and_resume_wait_while_the_learning_rate_finder_runs(qtbot, window
     # start() announced the finder before returning: no event has been processed, so the finder cannot be done yet.
     assert not window.act_train.isEnabled() and not window.act_resume.isEnabled()
     assert not window.train() and not window.controller.is_running()
-    assert "Stop the learning-rate finder first" in window.log_view.toPlainText()
+    assert "Stop the learning-rate finder or wait for it to end to train" in window.log_view.toPlainText()
     qtbot.waitUntil(lambda: not dialog.is_running(), timeout=120000)
     qtbot.waitUntil(window.act_train.isEnabled, timeout=10000)
     dialog.close()

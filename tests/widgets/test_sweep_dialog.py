@@ -1,0 +1,285 @@
+"""The Sweep dialog with real sweeps: the space it builds from the field declarations is the SPACE.json the CLI takes
+(saved and loaded back), bad ranges are refused by name before any trial, a real 3-trial study runs on a worker thread
+with its trials arriving in the table and the plots with the values Optuna stored, *Use best* puts the best trial's
+values into the project, and Stop ends the sweep with no batch after it (measured on the sweep's worker thread)."""
+
+from __future__ import annotations
+
+import json
+import math
+import threading
+from pathlib import Path
+
+import pytest
+from conftest import write_image_folder, write_project
+from PySide6.QtCore import Qt, QThread
+from PySide6.QtWidgets import (
+    QAbstractButton,
+    QAbstractItemView,
+    QAbstractSpinBox,
+    QApplication,
+    QComboBox,
+    QLineEdit,
+    QWidget,
+)
+
+from engine.sweep import parse_space
+from widgets.layers_panel import LayersPanel
+from widgets.state import ProjectState
+from widgets.sweep_dialog import SweepDialog
+
+optuna = pytest.importorskip("optuna")
+from optuna.trial import TrialState  # noqa: E402 - after the skip above
+
+pytestmark = pytest.mark.filterwarnings("ignore::optuna.exceptions.ExperimentalWarning")
+
+
+def _state(tmp_path, per_class=6, **sections) -> ProjectState:
+    write_image_folder(tmp_path / "images", per_class=per_class)
+    sections = {"model": {"freeze": "head_only"}, **sections}
+    state = ProjectState()
+    state.open(write_project(tmp_path / "project.json", "images", **sections))
+    return state
+
+
+def _tick(dialog: SweepDialog, path: str):
+    dialog._items[path].setCheckState(0, Qt.CheckState.Checked)  # as a click on the field's box does
+    return dialog.editor(path)
+
+
+def _study(tmp_path):
+    return optuna.load_study(study_name="tiny-sweep", storage=f"sqlite:///{tmp_path / 'runs' / 'sweeps.db'}")
+
+
+def test_the_space_built_from_the_declarations_is_the_cli_space_file_and_bad_ranges_are_refused_by_name(
+    qtbot, tmp_path
+):
+    state = _state(tmp_path)
+    dialog = SweepDialog(state)
+    qtbot.addWidget(dialog)
+    assert dialog.space() == {} and not dialog.start()
+    assert "no field is ticked" in dialog.message.text()
+
+    # Numbers start around the current value inside the declared limits; a choice field offers its declared values.
+    lr = _tick(dialog, "optimizer.lr")  # 0.003, declared > 0: a tenth to ten times, log
+    assert (lr.low.text(), lr.high.text(), lr.log.isChecked()) == ("0.0003", "0.03", True)
+    batch = _tick(dialog, "loader.batch_size")  # 8, declared >= 1: half to twice, step 1
+    assert (batch.low.value(), batch.high.value(), batch.step.value()) == (4, 16, 1)
+    smoothing = _tick(dialog, "loss.label_smoothing")  # 0, declared >= 0 and < 1
+    assert (smoothing.low.text(), smoothing.high.text(), smoothing.log.isChecked()) == ("0", "0.5", False)
+    optimizer = _tick(dialog, "optimizer.name")
+    assert optimizer.checked_choices() == ["sgd", "adam", "adamw", "rmsprop"]
+
+    batch.step.setValue(4)
+    smoothing.step.setText("0.1")
+    for i in (0, 3):  # untick sgd and rmsprop
+        optimizer.choices.item(i).setCheckState(Qt.CheckState.Unchecked)
+    expected = {
+        "optimizer.name": {"type": "categorical", "choices": ["adam", "adamw"]},
+        "loader.batch_size": {"type": "int", "low": 4, "high": 16, "step": 4},
+        "loss.label_smoothing": {"type": "float", "low": 0.0, "high": 0.5, "step": 0.1},
+        "optimizer.lr": {"type": "float", "low": 0.0003, "high": 0.03, "log": True},
+    }
+    assert dialog.space() == expected
+    checked = dialog.checked_space()
+    assert checked is not None and {p.path: p for p in checked} == {p.path: p for p in parse_space(expected)}
+
+    # Every control, the editors' included, has a documented objectName.
+    from app.object_names import all_names
+
+    kinds = (QAbstractButton, QLineEdit, QComboBox, QAbstractSpinBox, QAbstractItemView)
+
+    def part_of_a_control(widget: QWidget) -> bool:  # a spin box's line edit, a table's header, a combo's popup
+        ancestor = widget.parent()
+        while ancestor is not None and ancestor is not dialog:
+            if isinstance(ancestor, kinds) or ancestor.objectName().startswith("qt_"):
+                return True
+            ancestor = ancestor.parent()
+        return False
+
+    controls = [w for w in dialog.findChildren(QWidget) if isinstance(w, kinds) and not part_of_a_control(w)]
+    names = {w.objectName() for w in controls if not w.objectName().startswith("qt_")}
+    assert "" not in names and names <= set(all_names()), names - set(all_names())
+
+    # Saved as the CLI's space file, and a fresh dialog loaded from it shows the same space.
+    space_file = tmp_path / "space.json"
+    assert dialog.save_space(space_file)
+    assert json.loads(space_file.read_text()) == expected
+    fresh = SweepDialog(state)
+    qtbot.addWidget(fresh)
+    assert fresh.load_space_file(space_file)
+    assert fresh.space() == expected and set(fresh.editors) == set(expected)
+
+    # Refused by name before anything runs: outside the field's limits, an empty choice list, not a number.
+    smoothing.high.setText("1.5")
+    assert not dialog.start() and dialog.task is None
+    assert "loss.label_smoothing: high = 1.5 outside the field's limits (>= 0 and < 1)" in dialog.message.text()
+    assert not dialog.save_space(tmp_path / "bad.json") and not (tmp_path / "bad.json").exists()
+    smoothing.high.setText("0.5")
+    for i in (1, 2):
+        optimizer.choices.item(i).setCheckState(Qt.CheckState.Unchecked)
+    assert not dialog.start()
+    assert "optimizer.name: choices must be a non-empty list of values" in dialog.message.text()
+    _tick(dialog, "optimizer.name").choices.item(1).setCheckState(Qt.CheckState.Checked)
+    lr.low.setText("a lot")
+    assert not dialog.start() and "optimizer.lr: low = 'a lot' is not a number" in dialog.message.text()
+    lr.low.setText("0.0003")
+    dialog.sampler.setCurrentText("grid")  # a grid needs a step for a float range: lr has none
+    assert not dialog.start() and "optimizer.lr: a grid needs choices or a step" in dialog.message.text()
+    assert not (tmp_path / "runs").exists()  # no study, no trial
+
+    # A space file naming an unknown field is refused by name and leaves the dialog as it was.
+    wrong = tmp_path / "wrong.json"
+    wrong.write_text(json.dumps({"optimizer.learning_rate": {"type": "float", "low": 1e-4, "high": 1e-2}}))
+    assert not fresh.load_space_file(wrong)
+    assert "optimizer.learning_rate: not a project field (did you mean" in fresh.message.text()
+    assert "optimizer.lr?" in fresh.message.text()
+    assert fresh.space() == expected
+
+
+def test_freeze_up_to_offers_the_layers_panel_blocks_and_is_refused_while_the_project_does_not_freeze_up_to(
+    qtbot, tmp_path
+):
+    state = _state(tmp_path)
+    layers = LayersPanel(state)
+    qtbot.addWidget(layers)
+    layers.set_num_outputs(3)
+    qtbot.waitUntil(lambda: bool(layers.up_to_modules()), timeout=60000)
+    dialog = SweepDialog(state)  # no list given: the dialog lists the blocks itself, off the GUI thread
+    qtbot.addWidget(dialog)
+    editor = _tick(dialog, "model.freeze_up_to")
+    qtbot.waitUntil(lambda: editor.choices.count() > 0, timeout=60000)
+    offered = [editor.choices.item(i).text() for i in range(editor.choices.count())]
+    assert offered == layers.up_to_modules() and "layer3" in offered
+    assert editor.checked_choices() == []  # the project has no freeze_up_to: nothing ticked to start with
+    for i in (offered.index("layer2"), offered.index("layer3")):
+        editor.choices.item(i).setCheckState(Qt.CheckState.Checked)
+    assert dialog.space() == {"model.freeze_up_to": {"type": "categorical", "choices": ["layer2", "layer3"]}}
+    assert not dialog.start()  # model.freeze is head_only: the project itself refuses a freeze_up_to
+    assert 'model.freeze_up_to = "layer2": the project refuses it' in dialog.message.text()
+    state.set("model.freeze", "up_to")
+    state.set("model.freeze_up_to", "layer1")
+    assert dialog.checked_space() is not None
+
+
+def test_a_real_sweep_fills_the_table_and_plots_with_the_studys_values_and_use_best_sets_the_project(qtbot, tmp_path):
+    state = _state(tmp_path)
+    dialog = SweepDialog(state)
+    qtbot.addWidget(dialog)
+    lr = _tick(dialog, "optimizer.lr")
+    lr.low.setText("1e-4")
+    lr.high.setText("0.1")
+    batch = _tick(dialog, "loader.batch_size")
+    batch.low.setValue(4)
+    batch.high.setValue(8)
+    batch.step.setValue(4)
+    dialog.trials_count.setValue(3)
+    dialog.sampler.setCurrentText("random")
+    dialog.pruner.setCurrentText("none")
+    live = []
+    dialog.table.model().rowsInserted.connect(lambda *_: live.append(dialog.is_running()))
+    qtbot.mouseClick(dialog.run_button, Qt.MouseButton.LeftButton)
+    assert dialog.is_running() and dialog.run_button.text() == "Stop"
+    qtbot.waitUntil(lambda: not dialog.is_running(), timeout=180000)
+    assert dialog.sweep_result is not None, dialog.message.text()
+    assert live[:1] == [True]  # the first trial reached the table while the sweep was still running
+
+    study = _study(tmp_path)
+    trials = sorted(study.trials, key=lambda t: t.number)
+    assert [t.state for t in trials] == [TrialState.COMPLETE] * 3
+    header = [dialog.table.horizontalHeaderItem(c).text() for c in range(dialog.table.columnCount())]
+    assert header == ["Trial", "loader.batch_size", "optimizer.lr", "State", "val_accuracy", "Epochs", "Run folder"]
+    rows = [[dialog.table.item(r, c).text() for c in range(len(header))] for r in range(dialog.table.rowCount())]
+    assert rows == [
+        [
+            str(t.number),
+            str(t.params["loader.batch_size"]),
+            f"{t.params['optimizer.lr']:.4g}",
+            "complete",
+            f"{t.value:.4f}",
+            "2",
+            Path(t.user_attrs["run_dir"]).name,
+        ]
+        for t in trials
+    ]
+    folders = [dialog.table.item(r, len(header) - 1).toolTip() for r in range(dialog.table.rowCount())]
+    assert folders == [t.user_attrs["run_dir"] for t in trials]
+    assert all(Path(folder).parent == tmp_path / "runs" for folder in folders)
+    assert all(Path(folder).is_dir() for folder in folders)
+
+    # Each parameter's plot holds every trial at (its value, its objective); the learning rate's x axis is log, where
+    # the plot holds log10 of the values.
+    assert dialog.plotted("optimizer.lr") == (
+        pytest.approx([math.log10(t.params["optimizer.lr"]) for t in trials]),
+        pytest.approx([t.value for t in trials]),
+    )
+    assert dialog.plotted("loader.batch_size")[0] == [float(t.params["loader.batch_size"]) for t in trials]
+    assert dialog.plots["optimizer.lr"].getAxis("bottom").logMode
+    assert not dialog.plots["loader.batch_size"].getAxis("bottom").logMode
+
+    # Use best: the project takes the best trial's values and is marked changed.
+    assert not state.dirty and state.get("optimizer.lr") == 0.003
+    qtbot.mouseClick(dialog.use_button, Qt.MouseButton.LeftButton)
+    assert state.get("optimizer.lr") == study.best_trial.params["optimizer.lr"]
+    assert state.get("loader.batch_size") == study.best_trial.params["loader.batch_size"]
+    assert state.dirty and f"trial {study.best_trial.number}" in dialog.message.text()
+
+
+def test_stop_ends_the_sweep_with_no_batch_after_it_and_the_window_trains_one_thing_at_a_time(qtbot, tmp_path):
+    from app.main_window import MainWindow
+
+    state = _state(tmp_path, per_class=12, loader={"batch_size": 2})  # 27 training images: 14 batches an epoch
+    window = MainWindow(state)
+    qtbot.addWidget(window)
+    window.state.catalog_checks = True
+    dialog = window.open_sweep_dialog()
+    assert window.sweep_dialog is dialog and dialog.isVisible()
+    _tick(dialog, "optimizer.lr")
+    dialog.trials_count.setValue(3)
+
+    # A training run in the window: the sweep is refused, with the reason.
+    with qtbot.waitSignal(window.controller.run_finished, timeout=120000):
+        assert window.train()
+        assert not dialog.start() and dialog.task is None
+        assert "A training run is active in the window" in dialog.message.text()
+        window.stop()
+
+    # On the sweep's worker thread: the first batch of trial 0 waits there until Stop has been clicked.
+    seen: dict = {"at": None, "steps": [], "gui": QThread.currentThread()}
+    paused, release = threading.Event(), threading.Event()
+
+    def on_worker_thread(event: dict) -> None:
+        if event["kind"] != "batch" or event["trial"] != 0:
+            return
+        seen["steps"] += event["steps"]
+        if seen["at"] is None:
+            seen["at"], seen["thread"] = event["global_step"], QThread.currentThread()
+            paused.set()
+            release.wait(120)
+
+    dialog.relay.news.connect(on_worker_thread, Qt.ConnectionType.DirectConnection)
+    qtbot.mouseClick(dialog.run_button, Qt.MouseButton.LeftButton)
+    assert dialog.is_running()
+    assert not window.act_train.isEnabled() and not window.run_view.train_button.isEnabled()
+    assert not window.train() and "The sweep is running" in window.last_error_box.windowTitle()
+    window.last_error_box.close()
+    try:
+        qtbot.waitUntil(paused.is_set, timeout=120000)
+        qtbot.mouseClick(dialog.run_button, Qt.MouseButton.LeftButton)  # Stop, while the trainer waits after batch
+        assert dialog.message.text() == "Stopping after this batch…"
+    finally:
+        release.set()
+    qtbot.waitUntil(lambda: not dialog.is_running(), timeout=120000)
+    QApplication.processEvents()
+
+    assert seen["thread"] is not seen["gui"]  # the sweep ran off the GUI thread
+    assert seen["at"] < 14 and max(seen["steps"]) == seen["at"]  # no batch ran after Stop
+    study = _study(tmp_path)
+    first = next(t for t in study.trials if t.number == 0)
+    assert first.state == TrialState.FAIL and first.user_attrs["failure"] == "stopped"
+    assert not [t for t in study.trials if t.state in (TrialState.RUNNING, TrialState.COMPLETE, TrialState.PRUNED)]
+    assert dialog.table.rowCount() == 1 and dialog.table.item(0, 2).text() == "stopped"
+    runs = [p for p in (tmp_path / "runs").iterdir() if p.is_dir() and p.name.startswith("tiny-sweep-trial")]
+    assert [p.name.startswith("tiny-sweep-trial-000") for p in runs] == [True]  # trial 1 never began
+    assert window.act_train.isEnabled() and window.run_view.train_button.isEnabled()
+    window.state._set_dirty(False)
