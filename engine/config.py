@@ -434,10 +434,12 @@ class LoaderConfig(Section):
         "auto",
         group="sampler",
         label="Image cache",
-        doc="keep decoded, resized images in memory: `auto` (when they fit), `on` (also said when they do not), `off`",
-        help="Decode and resize every image once and keep it in memory, so each epoch runs only the random "
+        doc="keep decoded, resized images in memory (or on disk, see `loader.decoded_cache_disk`): `auto` (when "
+        "they fit), `on` (also said when they do not), `off`",
+        help="Decode and resize every image once and keep it in memory (or in a file on disk when it does not fit "
+        "there), so each epoch runs only the random "
         "augmentation; with random resized crops, the crops come from the image presized to its shorter side.",
-        choices={"auto": "auto (when it fits in memory)", "on": "on", "off": "off"},
+        choices={"auto": "auto (when it fits in memory or on disk)", "on": "on", "off": "off"},
     )
     decoded_cache_max_mb: int | None = setting(
         None,
