@@ -7,8 +7,9 @@ then writes OUT.json: the outcome, and each cache file's inode and modification 
 mapping. With MWB_TEST_DECODED_PAUSE set it stops at one known point of writing a cache file, so that a test's
 SIGKILL (or its go-ahead) lands exactly there, not wherever a polling loop happens to catch it:
 
-  bytes:K   K images have been written into the temporary file (flushed and fsynced, so the file is that long);
-  rename    the temporary file is whole and fsynced, and not yet renamed to its final name.
+  bytes:K   K images have been written into the first temporary file (the training split's; flushed and fsynced,
+            so the file is that long);
+  rename    the first temporary file is whole and fsynced, and not yet renamed to its final name.
 
 There it writes MWB_TEST_DECODED_MARKER (JSON: the stage and the temporary file) and waits: for ever (until it is
 killed), or, with MWB_TEST_DECODED_GO set, until that file exists, then carries on. The engine's code is untouched:
@@ -62,9 +63,13 @@ def install(spec: str) -> None:
         decoded_cache._append = append
     elif stage == "rename":
         real_publish = decoded_cache._publish
+        published = 0
 
         def publish(temporary, final):
-            pause("rename", str(temporary))
+            nonlocal published
+            published += 1
+            if published == 1:
+                pause("rename", str(temporary))
             real_publish(temporary, final)
 
         decoded_cache._publish = publish
