@@ -439,7 +439,7 @@ class LoaderConfig(Section):
         help="Decode and resize every image once and keep it in memory (or in a file on disk when it does not fit "
         "there), so each epoch runs only the random "
         "augmentation; with random resized crops, the crops come from the image presized to its shorter side.",
-        choices={"auto": "auto (when it fits in memory or on disk)", "on": "on", "off": "off"},
+        choices={"auto": "auto (when it fits)", "on": "on", "off": "off"},
     )
     decoded_cache_max_mb: int | None = setting(
         None,
@@ -466,7 +466,7 @@ class LoaderConfig(Section):
         "training process on this machine and their loader workers read one copy, and a later run on the same "
         "data and image size starts without decoding. Auto does so when the images do not fit the memory limit, "
         "when several torchrun processes share this machine, or when an earlier run left the file.",
-        choices={"auto": "auto (too big for memory, torchrun, or there already)", "on": "on", "off": "off"},
+        choices={"auto": "auto (when needed)", "on": "on", "off": "off"},
     )
     drop_last: bool = setting(
         False,
