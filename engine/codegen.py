@@ -1629,7 +1629,7 @@ def _readme(cfg: ProjectConfig, where: str, notes: list[str], bundled_file: bool
         )
         left_out.append(
             "- **The decoded-image cache** (`loader.decoded_cache`): the workbench keeps decoded, resized images in "
-            "memory; the script decodes each image every epoch." + rrc
+            "memory (or a memory-mapped file in its cache folder); the script decodes each image every epoch." + rrc
         )
     if cfg.output.tensorboard:
         left_out.append("- **TensorBoard logs**: `metrics.jsonl` holds the same figures.")

@@ -42,6 +42,8 @@ CollateName = Literal["default", "pad"]
 COLLATES: tuple[str, ...] = get_args(CollateName)
 DecodedCacheMode = Literal["auto", "on", "off"]
 DECODED_CACHE_MODES: tuple[str, ...] = get_args(DecodedCacheMode)
+DecodedCacheDisk = Literal["auto", "on", "off"]
+DECODED_CACHE_DISK_MODES: tuple[str, ...] = get_args(DecodedCacheDisk)
 LossName = Literal["cross_entropy", "mse", "bce_with_logits", "nll", "l1", "smooth_l1"]
 LOSSES: tuple[str, ...] = get_args(LossName)
 OptimizerName = Literal["sgd", "adam", "adamw", "rmsprop"]
@@ -432,10 +434,12 @@ class LoaderConfig(Section):
         "auto",
         group="sampler",
         label="Image cache",
-        doc="keep decoded, resized images in memory: `auto` (when they fit), `on` (also said when they do not), `off`",
-        help="Decode and resize every image once and keep it in memory, so each epoch runs only the random "
+        doc="keep decoded, resized images in memory (or on disk, see `loader.decoded_cache_disk`): `auto` (when "
+        "they fit), `on` (also said when they do not), `off`",
+        help="Decode and resize every image once and keep it in memory (or in a file on disk when it does not fit "
+        "there), so each epoch runs only the random "
         "augmentation; with random resized crops, the crops come from the image presized to its shorter side.",
-        choices={"auto": "auto (when it fits in memory)", "on": "on", "off": "off"},
+        choices={"auto": "auto (when it fits)", "on": "on", "off": "off"},
     )
     decoded_cache_max_mb: int | None = setting(
         None,
@@ -447,8 +451,22 @@ class LoaderConfig(Section):
         suffix=" MiB",
         special="auto (a quarter of free memory)",
         doc="the image cache's memory bound in MiB; `null`: a quarter of the memory available",
-        help="The most memory the image cache may take; when the images would need more, they are decoded every "
-        "epoch instead (said in the run's log).",
+        help="The most memory the image cache may take; when the images would need more, they go to a "
+        "memory-mapped file in the cache folder instead (Image cache on disk), or are decoded every epoch when "
+        "that is off or the disk is full too (said in the run's log).",
+    )
+    decoded_cache_disk: DecodedCacheDisk = setting(
+        "auto",
+        group="sampler",
+        label="Image cache on disk",
+        doc="keep the image cache in a memory-mapped file in the cache folder ($MWB_CACHE_DIR or "
+        "~/.cache/model-workbench), one copy per machine: `auto` (when the images pass the memory bound, under "
+        "torchrun, or when the file exists already), `on`, `off`",
+        help="Write the decoded images once to a file in the workbench's cache folder and map it, so every "
+        "training process on this machine and their loader workers read one copy, and a later run on the same "
+        "data and image size starts without decoding. Auto does so when the images do not fit the memory limit, "
+        "when several torchrun processes share this machine, or when an earlier run left the file.",
+        choices={"auto": "auto (when needed)", "on": "on", "off": "off"},
     )
     drop_last: bool = setting(
         False,

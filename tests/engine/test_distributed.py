@@ -174,6 +174,9 @@ def test_two_processes_match_one_with_the_same_global_batch(tmp_path, data):
     assert "starting the run in 2 processes through torchrun" in res.stderr
     assert "All 2 processes end with the same weights and buffers" in res.stderr
     assert "Feature cache: computing the features" in res.stderr  # DDP wraps the part after the cache's cut
+    # The decoded images: one file per split on this machine, mapped by both processes (written once each).
+    assert "memory-mapped from" in res.stderr and "2 processes on this machine share one copy" in res.stderr
+    assert res.stderr.count("written by this process") == 2 and "mapped as found, not rewritten" in res.stderr
     runs = list((tmp_path / "runs-two").iterdir())
     assert len(runs) == 1, runs  # one folder, made by rank 0
     run_two = runs[0]

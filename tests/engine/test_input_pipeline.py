@@ -128,6 +128,7 @@ def test_the_memory_bound_falls_back_with_a_note(tmp_path):
     odd_sizes_folder(tmp_path / "images")
     cfg = project(tmp_path, "images")
     cfg.loader.decoded_cache_max_mb = 1
+    cfg.loader.decoded_cache_disk = "off"  # memory only (the file on disk: test_decoded_cache_disk.py)
     big = Preprocess(resize_size=256, crop_size=224, mean=PRE.mean, std=PRE.std)  # 147 KiB an image, 15 images
     for setting in ("auto", "on"):
         cfg.loader.decoded_cache = setting
@@ -137,7 +138,7 @@ def test_the_memory_bound_falls_back_with_a_note(tmp_path):
         assert not outcome.used and isinstance(data.train, ImageFileDataset)
         assert outcome.estimate == 15 * 3 * 224 * 224 and outcome.bound == 2**20
         assert len(logged) == 1 and "2 MiB" in logged[0] and "bound of 1 MiB" in logged[0]
-        assert "loader.decoded_cache_max_mb = 1" in logged[0]
+        assert "loader.decoded_cache_max_mb = 1" in logged[0] and "decoded_cache_disk = 'off'" in logged[0]
         assert ("although loader.decoded_cache = 'on'" in logged[0]) == (setting == "on")
     cfg.loader.decoded_cache = "off"
     data = prepare_data(cfg, PRE)
@@ -154,6 +155,7 @@ def test_wide_presized_images_that_overrun_the_bound_fall_back(tmp_path):
             Image.fromarray(rng.integers(0, 256, (40, 160, 3), dtype=np.uint8)).save(folder / f"{i}.png")
     cfg = project(tmp_path, "wide", augment={"random_resized_crop": True})
     cfg.loader.decoded_cache_max_mb = 1
+    cfg.loader.decoded_cache_disk = "off"
     pre = Preprocess(resize_size=64, crop_size=56, mean=PRE.mean, std=PRE.std)
     data = prepare_data(cfg, pre)
     logged = []
