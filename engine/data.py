@@ -191,6 +191,12 @@ def scan_source(
     if task not in TASKS:
         raise DataError(f"unknown task {task!r}; allowed: {', '.join(TASKS)}")
     p = Path(os.path.expanduser(str(path)))
+    if kind == "webdataset":
+        raise DataError(
+            f"{p}: data.kind = 'webdataset' streams tar shards in order; this needs every image of the dataset at "
+            "once (random access), which shards do not give. Point it at the image folder or CSV the shards were "
+            "written from"
+        )
     if not p.exists():
         raise DataError(f"{p}: no such file or folder")
     kind = _detect_kind(p, kind)
@@ -1046,6 +1052,10 @@ def prepare_data(cfg: ProjectConfig, pre: Preprocess, *, progress: Progress = No
     data as without them: excluding or relabelling one image never moves another between training and validation.
     """
     d = cfg.data
+    if d.kind == "webdataset":  # streamed tar shards: engine/webdataset_data.py
+        from engine.webdataset_data import prepare_webdataset
+
+        return prepare_webdataset(cfg, pre, progress=progress)
     path = cfg.resolve(d.path)
     if path is None:
         raise DataError("data.path is empty: give the dataset's path (an image folder, a .csv or a .npz)")

@@ -13,6 +13,7 @@ from torch.utils.data import (
     BatchSampler,
     DataLoader,
     DistributedSampler,
+    IterableDataset,
     RandomSampler,
     Sampler,
     SequentialSampler,
@@ -331,6 +332,12 @@ def build_loader(
     plan: workers and persistence (see plan_loader); without one, an auto worker count is taken as for an
     uncached dataset.
     """
+    if isinstance(dataset, IterableDataset):  # streamed shards (data.kind = "webdataset")
+        from engine.webdataset_data import ShardStream, stream_loader
+
+        assert isinstance(dataset, ShardStream)  # the one iterable dataset the engine builds
+        workers = (plan or plan_loader(cfg, cached=False, augmented=train)).workers
+        return stream_loader(dataset, cfg, collate_fn=collate_fn, seed=seed, pin_memory=pin_memory, workers=workers)
     n = len(dataset)
     generator = torch.Generator()
     generator.manual_seed(seed)

@@ -170,6 +170,9 @@ def build_run(
         )
         for aug in (augmented, False)
     ]
+    if cfg.data.kind == "webdataset":
+        for plan in plans:  # a stream's workers start each epoch, carrying its epoch (engine/webdataset_data.py)
+            plan.persistent = False
     collate = get_collate(cfg.loader.collate)
     train_loader = build_loader(
         data.train,
@@ -181,7 +184,7 @@ def build_run(
         pin_memory=plans[0].pin_memory,
         plan=plans[0],
     )
-    drawn = len(train_loader.batch_sampler.sampler)  # type: ignore[union-attr]  # build_loader sets a batch sampler
+    drawn = samples_drawn(train_loader)
     if cfg.loader.batch_size > drawn:
         log(
             f"loader.batch_size = {cfg.loader.batch_size} is larger than the {drawn} training samples drawn per "
@@ -218,6 +221,18 @@ def build_run(
         dist,
         train_transforms,
     )
+
+
+def is_stream(loader: torch.utils.data.DataLoader) -> bool:
+    """A loader over streamed shards (data.kind = "webdataset"): no sampler; the dataset draws its own order."""
+    return isinstance(loader.dataset, torch.utils.data.IterableDataset)
+
+
+def samples_drawn(loader: torch.utils.data.DataLoader) -> int:
+    """Training samples one epoch draws in this process."""
+    if is_stream(loader):
+        return len(loader.dataset)  # type: ignore[arg-type]  # torch's Dataset type has no len; a ShardStream has
+    return len(loader.batch_sampler.sampler)  # type: ignore[union-attr]  # build_loader sets a batch sampler
 
 
 def phase_freeze(model: torch.nn.Module, phase: Phase, head_name: str) -> FreezeSummary:
@@ -609,7 +624,9 @@ class Trainer:
         loss_sum = torch.zeros((), device=p.device, dtype=torch.float64)  # summed on the device: no sync per batch
         correct = torch.zeros((), device=p.device)
         seen = 0
-        sampler = p.train_loader.batch_sampler.sampler  # type: ignore[union-attr]  # build_loader sets a batch sampler
+        # the sampler's draw, or for streamed shards the stream's shard order and shuffle, follows the epoch
+        loader_in = p.train_loader
+        sampler: Any = loader_in.dataset if is_stream(loader_in) else loader_in.batch_sampler.sampler  # type: ignore[union-attr]  # build_loader sets a batch sampler
         if hasattr(sampler, "set_epoch"):
             sampler.set_epoch(state.epoch)
         state.batch = 0
