@@ -300,22 +300,46 @@ class ShardStream(IterableDataset):
         self.buffer = buffer
         self.seed = seed
         self.epoch = 0
-        self.batch_size = 1  # set by stream_loader; the workers' quotas are whole batches
-        self.workers = 0  # set by stream_loader
+        self.batch_size = 1  # set by stream_loader, with the worker count and drop_last: they fix the quotas
+        self.workers = 0
+        self.drop_last = False
         self.targets: list[Any] = []  # not known before reading; counts are in shards.class_counts
 
     def set_epoch(self, epoch: int) -> None:
         """Each epoch draws its own shard order and shuffle (the loader's workers are started per epoch)."""
         self.epoch = epoch
 
-    def per_process(self) -> int:
-        """Samples this process yields per epoch: training, the total spread evenly (rounded up); evaluation,
-        exactly the samples of its own shards or stride."""
+    def quotas(self) -> list[int]:
+        """Samples each loader worker of this process yields per epoch.
+
+        One process: exactly the samples of each worker's shards (or stride), so an epoch reads every sample once.
+        Several (training): the total spread evenly over the processes (rounded up, as DistributedSampler pads)
+        in whole batches per worker, the partial batch to one worker, so every process runs ceil(share / batch)
+        batches whatever its shards hold this epoch. Evaluation: each slot's own samples (no collective waits on
+        an evaluation batch; the sums are reduced once).
+        """
         world, rank = _world()
-        total = self.shards.samples
-        if self.train:
-            return -(-total // world)
-        return sum(self._eval_samples(rank * max(self.workers, 1) + w) for w in range(max(self.workers, 1)))
+        workers = max(self.workers, 1)
+        if not self.train or world == 1:
+            return [self._slot_samples(rank * workers + w) for w in range(workers)]
+        share = -(-self.shards.samples // world)
+        full, rest = divmod(share, self.batch_size)
+        out = []
+        for worker in range(workers):
+            quota = (full // workers + (1 if worker < full % workers else 0)) * self.batch_size
+            if rest and worker == full % workers:
+                quota += rest
+            out.append(quota)
+        return out
+
+    def per_process(self) -> int:
+        """Samples this process yields per epoch."""
+        return sum(self.quotas())
+
+    def batches(self) -> int:
+        """Batches this process yields per epoch (the same on every process when training)."""
+        b = self.batch_size
+        return sum(q // b if self.drop_last else -(-q // b) for q in self.quotas())
 
     def __len__(self) -> int:
         return self.per_process()
@@ -340,50 +364,43 @@ class ShardStream(IterableDataset):
     def _split_by_shard(self, slots: int) -> bool:
         return len(self.shards.urls) >= slots
 
-    def _eval_samples(self, slot: int) -> int:
+    def _slot_samples(self, slot: int) -> int:
+        """Samples a slot reads when the shards are not reshuffled between processes (fixed assignment)."""
         world, _ = _world()
-        slots = world * max(self.workers, 1)
+        workers = max(self.workers, 1)
+        slots = world * workers
         counts = self.shards.counts
         if self._split_by_shard(slots):
-            workers = max(self.workers, 1)
             rank, worker = divmod(slot, workers)
-            mine = list(range(len(counts)))[rank::world][worker::workers]
-            return sum(counts[i] for i in mine)
-        total = sum(counts)
-        return len(range(slot, total, slots))
+            return sum(counts[rank::world][worker::workers])
+        return len(range(slot, sum(counts), slots))
 
-    def worker_quota(self, worker: int, workers: int) -> int:
-        """Training samples one loader worker yields per epoch: the process's share in whole batches, spread
-        over its workers, the last partial batch to one worker, so the batch count is ceil(share / batch)."""
-        share = self.per_process()
-        full, rest = divmod(share, self.batch_size)
-        quota = (full // workers + (1 if worker < full % workers else 0)) * self.batch_size
-        if rest and worker == full % workers:
-            quota += rest
-        return quota
-
-    def _my_urls(self, slots: int) -> tuple[list[str], int | None]:
+    def _my_urls(self, slots: int, slot: int) -> tuple[list[str], int | None]:
         """(this worker's shards in this epoch's order, the stride slot when samples are split instead)."""
         import webdataset as wds
 
+        world, _ = _world()
         order = list(self.shards.urls)
-        if self.train and self.shuffle:
+        reshuffle = self.train and self.shuffle
+        if reshuffle and world > 1:  # every process draws the same order, so their shards stay disjoint
             random.Random(self._seed_for(-1)).shuffle(order)
-        if self._split_by_shard(slots):
-            # split_by_node reads RANK and WORLD_SIZE (torchrun's); split_by_worker the DataLoader's worker info
-            return list(wds.split_by_worker(wds.split_by_node(iter(order)))), None
-        return order, self._slots()[1]
+        if not self._split_by_shard(slots):
+            return order, slot
+        # split_by_node reads RANK and WORLD_SIZE (torchrun's); split_by_worker the DataLoader's worker info
+        mine = list(wds.split_by_worker(wds.split_by_node(iter(order))))
+        if reshuffle and world == 1:  # one process: each worker keeps its shards (exact counts), in a new order
+            random.Random(self._seed_for(-2 - slot)).shuffle(mine)
+        return mine, None
 
     def _seed_for(self, slot: int) -> int:
         return (self.seed * 1_000_003 + self.epoch * 7919 + slot + 1) % 2**63
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         slots, slot = self._slots()
-        urls, stride = self._my_urls(slots)
+        urls, stride = self._my_urls(slots, slot)
         if self.train:
             info = get_worker_info()
-            workers, worker = (info.num_workers, info.id) if info is not None else (1, 0)
-            quota = self.worker_quota(worker, workers)
+            quota = self.quotas()[info.id if info is not None else 0]
             samples = self._cycled(urls, stride, slots, quota)
             if self.shuffle:
                 samples = _shuffled(samples, self.buffer, random.Random(self._seed_for(slot)))
@@ -461,6 +478,15 @@ def check_loader_settings(cfg: LoaderConfig) -> None:
         )
 
 
+class StreamLoader(DataLoader):
+    """A DataLoader over a stream whose length is the batches the workers yield (each ends its own partial batch),
+    not len(dataset) / batch_size as torch counts an iterable dataset."""
+
+    def __len__(self) -> int:
+        assert isinstance(self.dataset, ShardStream)  # what stream_loader builds it on
+        return self.dataset.batches()
+
+
 def stream_loader(
     dataset: ShardStream,
     cfg: LoaderConfig,
@@ -478,17 +504,17 @@ def stream_loader(
 
     dataset.batch_size = cfg.batch_size
     dataset.workers = workers
-    drop_last = cfg.drop_last
-    share = dataset.per_process()
-    if dataset.train and not drop_last and cfg.batch_size > 1 and share > cfg.batch_size:
-        # as build_loader: a last batch of one sample breaks BatchNorm in training mode
-        drop_last = share % cfg.batch_size == 1
+    dataset.drop_last = False
+    if dataset.train:
+        # as build_loader: a last batch of one sample breaks BatchNorm in training mode, so such batches are dropped
+        ones = cfg.batch_size > 1 and any(q % cfg.batch_size == 1 and q > 1 for q in dataset.quotas())
+        dataset.drop_last = cfg.drop_last or ones
     generator = torch.Generator()
     generator.manual_seed(seed)
-    return DataLoader(
+    return StreamLoader(
         dataset,
         batch_size=cfg.batch_size,
-        drop_last=drop_last and dataset.train,
+        drop_last=dataset.drop_last,
         num_workers=workers,
         collate_fn=collate_fn,
         pin_memory=pin_memory,
