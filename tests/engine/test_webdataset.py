@@ -9,7 +9,6 @@ import hashlib
 import json
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -19,6 +18,7 @@ from conftest import cli, write_image_folder, write_project
 from engine.backbones import preprocess_for
 from engine.config import ConfigError, load_project
 from engine.data import DataError, load_image, prepare_data, scan_source
+from engine.distributed import torchrun_command
 from engine.samplers import build_loader
 from engine.trainer import Trainer
 from engine.webdataset_data import META_NAME, read_back, write_shards
@@ -84,12 +84,17 @@ def test_the_shard_command_replaces_its_own_set_and_refuses_other_folders(tmp_pa
     out = tmp_path / "shards"
     res = cli(capsys, "shard", str(images), "--out", str(out), "--shard-size", "2")
     assert res.returncode == 0, res.stderr
-    assert f"train-{{000000..000005}}.tar" in res.stdout and "12 samples in 6 shard(s)" in res.stdout
+    assert "train-{000000..000005}.tar" in res.stdout and "12 samples in 6 shard(s)" in res.stdout
     # a second run over the set it wrote replaces it: no stale shard of the first is left
     res = cli(capsys, "shard", str(images), "--out", str(out), "--shard-size", "5")
     assert res.returncode == 0, res.stderr
     assert "Replaced the previous shard set" in res.stdout
-    assert sorted(p.name for p in out.iterdir()) == [META_NAME, "train-000000.tar", "train-000001.tar", "train-000002.tar"]
+    assert sorted(p.name for p in out.iterdir()) == [
+        META_NAME,
+        "train-000000.tar",
+        "train-000001.tar",
+        "train-000002.tar",
+    ]
     # a folder holding anything else is refused, and left as it was
     other = tmp_path / "other"
     other.mkdir()
@@ -126,7 +131,7 @@ def test_training_on_shards_gives_the_folders_losses(tmp_path):
     common = dict(
         loader={"batch_size": 6, "num_workers": 0, "decoded_cache": "off", "sampler": {"name": "sequential"}},
         train={"epochs": 2, "device": "cpu", "seed": 0, "feature_cache": "off"},
-        model={"backbone": "resnet18"},
+        model={"backbone": "timm/test_resnet"},
     )
     folder = write_project(tmp_path / "folder.json", "images", data={"val_fraction": 0.0}, **common)
     shards = write_project(
@@ -163,7 +168,9 @@ def test_two_workers_read_every_sample_once_per_epoch_in_a_seeded_shuffle(shard_
     assert len(truth) == 28
 
     def epoch(n: int) -> list[tuple[str, int]]:
-        loader = build_loader(data.train, cfg.loader, train=True, targets=None, collate_fn=None, seed=0, pin_memory=False)
+        loader = build_loader(
+            data.train, cfg.loader, train=True, targets=None, collate_fn=None, seed=0, pin_memory=False
+        )
         data.train.set_epoch(n)
         seen, batches = [], 0
         for x, y in loader:
@@ -190,18 +197,15 @@ def test_two_torchrun_processes_read_disjoint_shards_and_finish(shard_set, tmp_p
         result.patterns()["train"],
         data={"kind": "webdataset", "val_path": result.patterns()["val"], "val_fraction": 0.0},
         loader={"batch_size": 4, "num_workers": 1},
-        model={"backbone": "resnet18", "freeze": "head_only"},
+        model={"backbone": "timm/test_resnet"},
         train={"epochs": 2, "device": "cpu", "seed": 0},
-        distributed={"processes": 2},
     )
     log = tmp_path / "log"
     log.mkdir()
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR")}
-    env.update(
-        PYTHONPATH=str(HOOK), MWB_TEST_WDS_LOG=str(log), MWB_TEST_REPO=str(ROOT), OMP_NUM_THREADS="1"
-    )
+    env.update(PYTHONPATH=str(HOOK), MWB_TEST_WDS_LOG=str(log), MWB_TEST_REPO=str(ROOT), OMP_NUM_THREADS="1")
     res = subprocess.run(
-        [sys.executable, str(ROOT / "main.py"), "train", str(project), "--out", str(tmp_path / "run")],
+        torchrun_command(2, ["train", str(project), "--out", str(tmp_path / "run")]),
         cwd=tmp_path,
         capture_output=True,
         text=True,
@@ -221,9 +225,10 @@ def test_two_torchrun_processes_read_disjoint_shards_and_finish(shard_set, tmp_p
         shards = [{u for u, _ in t} for t in train]
         assert shards[0] and shards[1] and not shards[0] & shards[1]  # disjoint shards
         assert len(train[0]) == len(train[1]) == 14  # 28 samples: each process its 14, whatever its shards hold
-    val = [per[(1, r, "val")] for r in (0, 1)]
+    val = [per[(0, r, "val")] for r in (0, 1)]  # the validation stream has no epoch: both epochs' passes
     assert not {u for u, _ in val[0]} & {u for u, _ in val[1]}
-    assert len(val[0]) + len(val[1]) == result.samples["val"]  # validation reads each sample once over both
+    both = collections.Counter(val[0] + val[1])
+    assert len(both) == result.samples["val"] and set(both.values()) == {2}  # each sample once per epoch
     metrics = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [m["epoch"] for m in metrics] == [1, 2]
 
