@@ -1427,21 +1427,19 @@ def _shards_exist(
     add: Callable[[str, str], None], cfg: ProjectConfig, where: str, value: str | None, *, required: bool
 ) -> None:
     """data.kind = "webdataset": the pattern expands, and each local shard it names exists (URLs are opened later)."""
-    from braceexpand import braceexpand  # small and pure Python: loading a project stays free of PyTorch
+    from engine.shard_patterns import expand_pattern, is_remote  # free of PyTorch, as loading a project stays
 
     if not value or not value.strip():
         if required:
             add(where, f"{where} is empty: give the shards, such as shards/train-{{000000..000009}}.tar")
         return
     try:
-        urls = [u for part in value.replace("::", " ").split() for u in braceexpand(part)]
-    except Exception as exc:  # noqa: BLE001 - braceexpand's errors say what is wrong with the pattern
+        urls = expand_pattern(value)
+    except ValueError as exc:
         add(where, f"{where} = {value!r}: not a valid shard pattern ({exc})")
         return
     for url in urls:
-        if "://" in url or url.startswith("pipe:"):
-            continue
-        resolved = cfg.resolve(url)
+        resolved = None if is_remote(url) else cfg.resolve(url)
         if resolved is not None and not resolved.is_file():
             add(where, f"{where} = {value!r}: shard {resolved} does not exist")
             return

@@ -39,6 +39,8 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from engine.config import LoaderConfig, ProjectConfig
 from engine.data import PreparedData, Progress
 from engine.dataset_paths import DataError, dataset_root, path_key
+from engine.shard_patterns import expand_pattern, is_remote
+from engine.shard_patterns import resolve_pattern as _resolve_pattern
 from engine.transforms import Preprocess
 
 META_NAME = "shards.json"
@@ -49,34 +51,9 @@ _NOT_IMAGE = ("cls", "json", "path.txt")
 _SHARD_NAME = re.compile(r"^(train|val)-\d{6}\.tar$")
 
 
-def is_remote(pattern: str) -> bool:
-    """A URL or a pipe: command that webdataset opens (not a local path resolved against the project)."""
-    return "://" in pattern or pattern.startswith("pipe:")
-
-
-def expand_pattern(pattern: str) -> list[str]:
-    """The shards a data.path names: a brace pattern (`shards/train-{000000..000009}.tar`), several joined by `::`,
-    or a space-separated list; each a local path or a URL."""
-    from braceexpand import braceexpand
-
-    urls: list[str] = []
-    for part in pattern.split("::"):
-        for word in part.split():
-            urls += list(braceexpand(word))
-    return urls
-
-
 def resolve_pattern(cfg: ProjectConfig, pattern: str) -> str:
     """Local paths made absolute against the project file's folder; URLs as they are."""
-    parts = []
-    for word in pattern.replace("::", " ").split():
-        if is_remote(word):
-            parts.append(word)
-        else:
-            resolved = cfg.resolve(word)
-            assert resolved is not None  # a word is never empty
-            parts.append(str(resolved))
-    return " ".join(parts)
+    return _resolve_pattern(cfg.resolve, pattern)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -157,7 +134,7 @@ def open_shards(
         raise DataError(f"{what} is empty: give the shards, such as shards/train-{{000000..000009}}.tar")
     try:
         urls = expand_pattern(pattern)
-    except Exception as exc:  # noqa: BLE001 - braceexpand's errors name the pattern's problem
+    except ValueError as exc:
         raise DataError(f"{what} = {pattern!r}: not a valid shard pattern ({exc})") from None
     if not urls:
         raise DataError(f"{what} = {pattern!r} names no shards")
