@@ -439,6 +439,16 @@ def _shuffled(samples: Iterator[dict[str, Any]], size: int, rng: random.Random) 
     yield from buf
 
 
+def refuse_stream(cfg: ProjectConfig, what: str) -> None:
+    """For what reads samples by position: a clear refusal when the project streams shards."""
+    if cfg.data.kind == "webdataset":
+        raise DataError(
+            f"{what} reads samples by position, which streamed shards (data.kind = 'webdataset', "
+            f"{cfg.data.path}) do not give: they are read in order. Use a project whose data.path is the image "
+            "folder or CSV the shards were written from"
+        )
+
+
 def check_loader_settings(cfg: LoaderConfig) -> None:
     """Samplers that need positions (and settings that draw other than once each) cannot work on a stream."""
     s = cfg.sampler

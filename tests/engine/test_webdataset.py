@@ -282,3 +282,27 @@ def test_bad_patterns_and_settings_are_refused_by_name(shard_set, tmp_path, caps
     (foreign / "train-000001.tar").write_bytes(b"not a tar file")
     with pytest.raises(DataError, match="train-000001.tar"):
         prepare_data(load_project(project), preprocess_for(load_project(project).model, load_project(project).data))
+
+
+def test_what_reads_by_position_refuses_streamed_shards_by_name(shard_set, tmp_path):
+    from engine.augment_preview import AugmentPreview
+    from engine.lr_finder import find_lr
+
+    root, images, result = shard_set
+    project = write_project(
+        tmp_path / "p.json",
+        result.patterns()["train"],
+        data={"kind": "webdataset", "val_path": result.patterns()["val"], "val_fraction": 0.0},
+    )
+    cfg = load_project(project)
+    with pytest.raises(DataError, match=r"The augmentation preview reads samples by position.*read in order"):
+        AugmentPreview(cfg)
+    with pytest.raises(DataError, match=r"The learning-rate finder reads samples by position"):
+        find_lr(cfg)
+    data = prepare_data(cfg, preprocess_for(cfg.model, cfg.data))
+    with pytest.raises(DataError, match=r"sample 3 by position needs random access"):
+        data.train[3]  # what else indexes the training set (quantization calibration) is told why
+    from engine.codegen import CodegenError, write_export
+
+    with pytest.raises(CodegenError, match=r"data.kind = .webdataset.*the exported script reads image folders"):
+        write_export(cfg, tmp_path / "export")
