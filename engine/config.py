@@ -1483,9 +1483,9 @@ def _rules(cfg: ProjectConfig, *, check_paths: bool, check_catalog: bool) -> lis
         exists = _shards_exist if d.kind == "webdataset" else _path_exists
         exists(add, cfg, "data.path", d.path, required=True)
         exists(add, cfg, "data.val_path", d.val_path, required=False)
+        _path_exists(add, cfg, "model.weights_file", cfg.model.weights_file, required=False)
     if d.kind == "webdataset":
         _webdataset_rules(add, cfg)
-        _path_exists(add, cfg, "model.weights_file", cfg.model.weights_file, required=False)
     if d.kind == "folder" and d.task != "classification":
         add(
             "data.task",
