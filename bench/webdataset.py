@@ -32,7 +32,7 @@ def run(quick: bool = False) -> Section:
     from engine.config import from_dict
     from engine.data import prepare_data
     from engine.samplers import build_loader, usable_cpus
-    from engine.webdataset_data import write_shards
+    from engine.webdataset_data import prepare_webdataset, stream_loader, write_shards
 
     count = 200 if quick else 6000
     shard_size = 50 if quick else 500
@@ -56,12 +56,22 @@ def run(quick: bool = False) -> Section:
             {**common, "data": {"path": result.patterns()["train"], "kind": "webdataset", **data_settings}},
             check_catalog=False,
         )
-        loaders = {}
-        for name, cfg in (("folder", folder_cfg), ("shards", shard_cfg)):
-            data = prepare_data(cfg, preprocess_for(cfg.model, cfg.data))
-            loaders[name] = build_loader(
-                data.train, cfg.loader, train=True, targets=None, collate_fn=None, seed=0, pin_memory=False
-            )
+        folder_data = prepare_data(folder_cfg, preprocess_for(folder_cfg.model, folder_cfg.data))
+        shard_data = prepare_webdataset(shard_cfg, preprocess_for(shard_cfg.model, shard_cfg.data))
+        loaders = {
+            "folder": build_loader(
+                folder_data.train,
+                folder_cfg.loader,
+                train=True,
+                targets=None,
+                collate_fn=None,
+                seed=0,
+                pin_memory=False,
+            ),
+            "shards": stream_loader(
+                shard_data.train, shard_cfg.loader, collate_fn=None, seed=0, pin_memory=False, workers=workers
+            ),
+        }
         repeats = 2 if quick else 5
         rates: dict[str, list[float]] = {"folder": [], "shards": []}
         seen: dict[str, int] = {}

@@ -1052,10 +1052,6 @@ def prepare_data(cfg: ProjectConfig, pre: Preprocess, *, progress: Progress = No
     data as without them: excluding or relabelling one image never moves another between training and validation.
     """
     d = cfg.data
-    if d.kind == "webdataset":  # streamed tar shards: engine/webdataset_data.py
-        from engine.webdataset_data import prepare_webdataset
-
-        return prepare_webdataset(cfg, pre, progress=progress)
     path = cfg.resolve(d.path)
     if path is None:
         raise DataError("data.path is empty: give the dataset's path (an image folder, a .csv or a .npz)")

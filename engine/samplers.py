@@ -13,7 +13,6 @@ from torch.utils.data import (
     BatchSampler,
     DataLoader,
     DistributedSampler,
-    IterableDataset,
     RandomSampler,
     Sampler,
     SequentialSampler,
@@ -332,12 +331,6 @@ def build_loader(
     plan: workers and persistence (see plan_loader); without one, an auto worker count is taken as for an
     uncached dataset.
     """
-    if isinstance(dataset, IterableDataset):  # streamed shards (data.kind = "webdataset")
-        from engine.webdataset_data import ShardStream, stream_loader
-
-        assert isinstance(dataset, ShardStream)  # the one iterable dataset the engine builds
-        workers = (plan or plan_loader(cfg, cached=False, augmented=train)).workers
-        return stream_loader(dataset, cfg, collate_fn=collate_fn, seed=seed, pin_memory=pin_memory, workers=workers)
     n = len(dataset)
     generator = torch.Generator()
     generator.manual_seed(seed)
@@ -376,7 +369,7 @@ def build_loader(
         collate_fn=collate_fn,
         pin_memory=pin_memory,
         persistent_workers=plan.persistent,
-        worker_init_fn=_seed_worker if workers > 0 else None,
+        worker_init_fn=seed_worker if workers > 0 else None,
         generator=generator,
     )
 
@@ -409,7 +402,8 @@ def _sampler_len(sampler: Sampler) -> int:
     return len(sampler)  # type: ignore[arg-type]  # every sampler built above has a length; Sampler's type has none
 
 
-def _seed_worker(worker_id: int) -> None:
+def seed_worker(worker_id: int) -> None:
+    """A DataLoader worker's start: its own numpy and random seeds (and per process under torchrun); Ctrl-C ignored."""
     # PyTorch seeds each worker's torch RNG; numpy and random need the same for reproducible augmentation.
     import random
     import signal

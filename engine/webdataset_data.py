@@ -261,7 +261,7 @@ class ShardStream(IterableDataset):
     def __init__(
         self,
         shards: ShardSet,
-        transform: Callable | None,
+        transform: Callable,
         task: str,
         *,
         train: bool,
@@ -410,7 +410,7 @@ class ShardStream(IterableDataset):
                 )
 
     def _decode(self, sample: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
-        from engine.data import _pil_to_float, load_image, target_tensor
+        from engine.data import load_image, target_tensor
 
         name, data = _image_bytes(sample)
         try:
@@ -418,7 +418,7 @@ class ShardStream(IterableDataset):
             image = load_image(cast(Any, io.BytesIO(data)))
         except Exception as exc:  # noqa: BLE001 - any decoder failure: name the sample
             raise DataError(f"{sample.get('__url__')}: cannot decode {sample.get('__key__')}.{name}: {exc}") from exc
-        x = self.transform(image) if self.transform is not None else _pil_to_float(image)
+        x = self.transform(image)
         target = _target(sample, self.task, len(self.shards.class_names))
         return x, target_tensor(target, self.task)
 
@@ -487,7 +487,7 @@ def stream_loader(
 
     Workers are started each epoch (never persistent) so each epoch's copy of the stream carries its epoch.
     """
-    from engine.samplers import _seed_worker
+    from engine.samplers import seed_worker
 
     dataset.batch_size = cfg.batch_size
     dataset.workers = workers
@@ -506,7 +506,7 @@ def stream_loader(
         collate_fn=collate_fn,
         pin_memory=pin_memory,
         persistent_workers=False,
-        worker_init_fn=_seed_worker if workers > 0 else None,
+        worker_init_fn=seed_worker if workers > 0 else None,
         generator=generator,
     )
 

@@ -19,9 +19,8 @@ from engine.backbones import preprocess_for
 from engine.config import ConfigError, load_project
 from engine.data import DataError, load_image, prepare_data, scan_source
 from engine.distributed import torchrun_command
-from engine.samplers import build_loader
 from engine.trainer import Trainer
-from engine.webdataset_data import META_NAME, read_back, write_shards
+from engine.webdataset_data import META_NAME, prepare_webdataset, read_back, stream_loader, write_shards
 
 ROOT = Path(__file__).resolve().parents[2]
 HOOK = Path(__file__).resolve().parent / "wds_hook"
@@ -159,7 +158,7 @@ def test_two_workers_read_every_sample_once_per_epoch_in_a_seeded_shuffle(shard_
     )
     cfg = load_project(project)
     pre = preprocess_for(cfg.model, cfg.data)
-    data = prepare_data(cfg, pre)
+    data = prepare_webdataset(cfg, pre)
     # ground truth: each training image decoded from its file through the same transform
     truth = {}
     for s in _shard_samples(root / "shards", "train"):
@@ -168,9 +167,7 @@ def test_two_workers_read_every_sample_once_per_epoch_in_a_seeded_shuffle(shard_
     assert len(truth) == 28
 
     def epoch(n: int) -> list[tuple[str, int]]:
-        loader = build_loader(
-            data.train, cfg.loader, train=True, targets=None, collate_fn=None, seed=0, pin_memory=False
-        )
+        loader = stream_loader(data.train, cfg.loader, collate_fn=None, seed=0, pin_memory=False, workers=2)
         data.train.set_epoch(n)
         seen, batches = [], 0
         for x, y in loader:
@@ -281,7 +278,8 @@ def test_bad_patterns_and_settings_are_refused_by_name(shard_set, tmp_path, caps
     # a shard that is not a tar file names itself
     (foreign / "train-000001.tar").write_bytes(b"not a tar file")
     with pytest.raises(DataError, match="train-000001.tar"):
-        prepare_data(load_project(project), preprocess_for(load_project(project).model, load_project(project).data))
+        cfg = load_project(project)
+        prepare_webdataset(cfg, preprocess_for(cfg.model, cfg.data))
 
 
 def test_what_reads_by_position_refuses_streamed_shards_by_name(shard_set, tmp_path):
@@ -299,9 +297,12 @@ def test_what_reads_by_position_refuses_streamed_shards_by_name(shard_set, tmp_p
         AugmentPreview(cfg)
     with pytest.raises(DataError, match=r"The learning-rate finder reads samples by position"):
         find_lr(cfg)
-    data = prepare_data(cfg, preprocess_for(cfg.model, cfg.data))
+    pre = preprocess_for(cfg.model, cfg.data)
+    with pytest.raises(DataError, match=r"streams tar shards in order; this needs every image"):
+        prepare_data(cfg, pre)  # what reads the dataset as files (quantization calibration, the audit's scan)
+    data = prepare_webdataset(cfg, pre)
     with pytest.raises(DataError, match=r"sample 3 by position needs random access"):
-        data.train[3]  # what else indexes the training set (quantization calibration) is told why
+        data.train[3]
     from engine.codegen import CodegenError, write_export
 
     with pytest.raises(CodegenError, match=r"data.kind = .webdataset.*the exported script reads image folders"):
