@@ -205,13 +205,88 @@ def _count_shard(url: str, task: str, num_classes: int) -> tuple[int, np.ndarray
 
 
 def _samples(urls: Iterable[str]) -> Iterator[dict[str, Any]]:
-    """The samples of the shards in order (webdataset's tar reader grouping members by key)."""
-    from webdataset.tariterators import tarfile_samples
+    """The samples of the shards in order: webdataset opens each shard (url_opener: local paths, URLs, pipe:) and
+    groups members into samples by key (group_by_keys); the members come from _tar_members."""
+    from webdataset.tariterators import group_by_keys, url_opener
 
     def handler(exc: Exception) -> bool:
-        raise DataError(f"cannot read shard: {exc}") from exc
+        raise DataError(f"cannot read shard: {' '.join(str(a) for a in exc.args if isinstance(a, str))}") from exc
 
-    yield from tarfile_samples(({"url": u} for u in urls), handler=handler)
+    opened = url_opener(({"url": u} for u in urls), handler=handler)
+    yield from group_by_keys(_tar_members(opened), handler=handler)
+
+
+_BLOCK = 512
+_META = re.compile(r"__[^/]*__($|/)")
+
+
+def _tar_members(opened: Iterable[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+    """Each regular file of each opened shard as {"fname", "data", "__url__"}, then {} at the end of the shard (what
+    webdataset's tar_file_expander yields).
+
+    A lean reader of the tar headers: Python's tarfile, which webdataset's expander uses, spent about 0.4 ms
+    decoding every header field of every member, a third of a small image's loading time (3 members a sample). The
+    checksum of every header is verified; GNU long names and pax `path` records are honoured; other entries
+    (folders, links, global pax headers) are skipped, as webdataset skips non-regular members.
+    """
+    for source in opened:
+        url, stream = source["url"], source["stream"]
+        try:
+            yield from _members_of(url, stream)
+        finally:
+            stream.close()
+        yield {}
+
+
+def _members_of(url: str, stream: Any) -> Iterator[dict[str, Any]]:
+    offset = 0
+    long_name: str | None = None
+    while True:
+        header = stream.read(_BLOCK)
+        if len(header) < _BLOCK:
+            if header.strip(b"\0"):
+                raise DataError(f"{url}: truncated tar header at byte {offset}")
+            return
+        if header == b"\0" * _BLOCK:
+            return  # the end-of-archive marker
+        stored = header[148:156].split(b"\0", 1)[0].strip()
+        try:
+            size = int(header[124:136].split(b"\0", 1)[0].strip() or b"0", 8)
+            checksum = int(stored, 8)
+        except ValueError:
+            raise DataError(f"{url}: not a tar file (no valid header at byte {offset})") from None
+        if checksum != sum(header[:148]) + 256 + sum(header[156:]):
+            raise DataError(f"{url}: not a tar file (header checksum wrong at byte {offset})")
+        data = stream.read(size)
+        if len(data) < size:
+            raise DataError(f"{url}: truncated at byte {offset + _BLOCK + len(data)} (member of {size} bytes)")
+        pad = -size % _BLOCK
+        if pad:
+            stream.read(pad)
+        offset += _BLOCK + size + pad
+        kind = header[156:157]
+        if kind == b"L":  # GNU long name: the next member's name
+            long_name = data.rstrip(b"\0").decode("utf-8", "surrogateescape")
+            continue
+        if kind == b"x":  # pax extended header: its path, if any, names the next member
+            for record in data.decode("utf-8", "surrogateescape").split("\n"):
+                _, _, field = record.partition(" ")
+                if field.startswith("path="):
+                    long_name = field[5:]
+            continue
+        if kind not in (b"0", b"\0", b"7"):
+            long_name = None
+            continue  # folders, links, global headers: not samples' members
+        if long_name is not None:
+            name, long_name = long_name, None
+        else:
+            name = header[:100].split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
+            prefix = header[345:500].split(b"\0", 1)[0]
+            if header[257:262] == b"ustar" and prefix:
+                name = prefix.decode("utf-8", "surrogateescape") + "/" + name
+        if ("/" not in name and name.startswith("__") and name.endswith("__")) or _META.match(name):
+            continue  # webdataset's metadata members
+        yield {"fname": name, "data": data, "__url__": url}
 
 
 def _target(sample: dict[str, Any], task: str, num_classes: int) -> Any:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import collections
 import hashlib
+import io
 import json
 import os
 import subprocess
@@ -307,3 +308,34 @@ def test_what_reads_by_position_refuses_streamed_shards_by_name(shard_set, tmp_p
 
     with pytest.raises(CodegenError, match=r"data.kind = .webdataset.*the exported script reads image folders"):
         write_export(cfg, tmp_path / "export")
+
+
+@pytest.mark.parametrize("fmt", ["USTAR_FORMAT", "GNU_FORMAT", "PAX_FORMAT"])
+def test_the_lean_tar_reader_gives_what_webdatasets_tarfile_reader_gives(tmp_path, fmt):
+    """Long names (GNU long-name members, pax path records, ustar prefixes), a folder entry and metadata members."""
+    import tarfile
+
+    from webdataset.tariterators import tarfile_samples
+
+    shard = tmp_path / "s.tar"
+    deep = "d" * 60 + "/" + "e" * 60  # a path over 100 characters: ustar splits it, GNU and pax carry it whole
+    members = [
+        (f"{deep}/k{i}.{ext}", bytes([i]) * (700 * i + ext_n))
+        for i in range(3)
+        for ext_n, ext in enumerate(("png", "cls"))
+    ]
+    with tarfile.open(shard, "w", format=getattr(tarfile, fmt)) as tar:
+        folder = tarfile.TarInfo("somedir")
+        folder.type = tarfile.DIRTYPE
+        tar.addfile(folder)
+        meta = tarfile.TarInfo("__meta__")
+        meta.size = 1
+        tar.addfile(meta, io.BytesIO(b"x"))
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    theirs = list(tarfile_samples([{"url": str(shard)}]))
+    ours = read_back(shard)
+    assert len(ours) == 3 and ours == theirs
+    assert ours[2]["png"] == bytes([2]) * 1400 and ours[2]["__key__"] == f"{deep}/k2"
