@@ -694,32 +694,6 @@ def prepare_webdataset(cfg: ProjectConfig, pre: Preprocess, *, progress: Progres
     )
 
 
-def shard_report(cfg: ProjectConfig) -> list[str]:
-    """What `main.py check` says of a webdataset project: shards found, samples, classes (nothing decoded)."""
-    d = cfg.data
-    lines = []
-    train = open_shards(resolve_pattern(cfg, d.path), task=d.task, classes=d.classes)
-    lines.append(f"Training shards: {train.describe()}")
-    if d.task != "regression":
-        width = max((len(n) for n in train.class_names), default=0)
-        lines.append(f"Classes ({len(train.class_names)}):")
-        lines += [f"  {n:<{width}}  {c:>6}" for n, c in zip(train.class_names, train.class_counts, strict=True)]
-    if d.val_path:
-        val = open_shards(
-            resolve_pattern(cfg, d.val_path),
-            task=d.task,
-            classes=d.classes,
-            what="data.val_path",
-            class_names=train.class_names,
-        )
-        lines.append(f"Validation shards: {val.describe()}")
-    elif d.val_fraction > 0:
-        lines.append(f"data.val_fraction = {d.val_fraction:g} cannot split a stream: give data.val_path or set it to 0")
-    else:
-        lines.append("No validation shards (data.val_fraction = 0): training runs without validation")
-    return lines
-
-
 # ---------------------------------------------------------------------------------------------
 # Writing shards (main.py shard)
 
@@ -873,19 +847,3 @@ def read_back(shard: str | os.PathLike) -> list[dict[str, Any]]:
     """Every sample of one shard as webdataset reads it (tests, and anyone checking a shard by hand)."""
     return list(_samples([str(shard)]))
 
-
-__all__ = [
-    "META_NAME",
-    "ShardSet",
-    "ShardStream",
-    "ShardWriteResult",
-    "check_loader_settings",
-    "expand_pattern",
-    "open_shards",
-    "prepare_webdataset",
-    "previous_shard_set",
-    "read_back",
-    "shard_report",
-    "stream_loader",
-    "write_shards",
-]
