@@ -846,4 +846,3 @@ def _extension(path: Path) -> str:
 def read_back(shard: str | os.PathLike) -> list[dict[str, Any]]:
     """Every sample of one shard as webdataset reads it (tests, and anyone checking a shard by hand)."""
     return list(_samples([str(shard)]))
-
