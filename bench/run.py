@@ -54,6 +54,7 @@ RUNNERS: dict[str, Callable[[bool], Any]] = {
     "gpu": _engine("gpu"),
     "error_analysis": _engine("error_analysis"),  # Qt only for its grid, offscreen
     "audit": _engine("audit"),
+    "webdataset": _engine("webdataset"),  # shards against the same images as a folder
     "startup": _app("startup"),
     "app_overhead": _app("app_overhead"),  # and the UI heartbeat
     "memory": _app("memory"),

@@ -52,6 +52,10 @@ class AugmentPreview:
     """A project's training set, scanned once, and draws of it through the training pipeline."""
 
     def __init__(self, cfg: ProjectConfig):
+        if cfg.data.kind == "webdataset":
+            from engine.webdataset_data import refuse_stream
+
+            refuse_stream(cfg, "The augmentation preview")
         self.cfg = cfg
         self.pre = preprocess_for(cfg.model, cfg.data)
         self.data = prepare_data(cfg, self.pre)

@@ -447,6 +447,34 @@ def cmd_check(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_shard(args: argparse.Namespace) -> int:
+    from engine.webdataset_data import write_shards
+
+    result = write_shards(
+        args.data,
+        args.out,
+        shard_size=args.shard_size,
+        kind=args.kind,
+        task=args.task,
+        val_fraction=args.val_fraction,
+        split_seed=args.split_seed,
+        progress=lambda message: print(message, file=sys.stderr, flush=True),
+    )
+    if result.replaced:
+        print(f"Replaced the previous shard set in {result.out} ({result.replaced} shard file(s) removed)")
+    for split, names in result.shards.items():
+        if names:
+            print(f"{split}: {result.samples[split]} samples in {len(names)} shard(s)")
+    if result.skipped:
+        print(f"{result.skipped} unusable image(s) left out (main.py check on the source lists them)")
+    patterns = result.patterns()
+    print(f'Use them with data.kind "webdataset", data.path "{patterns["train"]}"', end="")
+    if "val" in patterns:
+        print(f', data.val_path "{patterns["val"]}"', end="")
+    print(f" ({result.out / 'shards.json'} gives the classes and counts)")
+    return EXIT_OK
+
+
 def cmd_audit(args: argparse.Namespace) -> int:
     import json
 
@@ -853,6 +881,27 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("check", help="validate a project and summarise its dataset, without training")
     p.add_argument("project")
     p.set_defaults(func=cmd_check)
+
+    p = sub.add_parser(
+        "shard", help="write an image folder or CSV as tar shards for data.kind 'webdataset' (the source is only read)"
+    )
+    p.add_argument("data", help="image folder (one sub-folder per class) or .csv")
+    p.add_argument(
+        "--out",
+        required=True,
+        help="folder for the shards and shards.json: empty or new, or a previous shard set (which is replaced)",
+    )
+    p.add_argument("--shard-size", type=int, default=1000, help="samples per shard (default 1000)")
+    p.add_argument("--kind", choices=["auto", "folder", "csv"], default="auto", help="what DATA is (default: auto)")
+    p.add_argument("--task", choices=["classification", "multilabel", "regression"], default="classification")
+    p.add_argument(
+        "--val-fraction",
+        type=float,
+        default=0.0,
+        help="share of each class written to val-*.tar shards (stratified, as data.val_fraction); default 0",
+    )
+    p.add_argument("--split-seed", type=int, default=0, help="seed of that split (default 0)")
+    p.set_defaults(func=cmd_shard)
 
     p = sub.add_parser(
         "audit", help="find duplicates, train/validation leakage, likely label errors, outliers and imbalance"

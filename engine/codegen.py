@@ -99,6 +99,11 @@ def _refusals(cfg: ProjectConfig) -> list[str]:
             f"data.kind = 'csv' (data.path = {cfg.data.path!r}): the exported script reads image folders and .npz "
             "archives; convert the CSV's images into a folder per class or a .npz to export"
         )
+    elif kind == "webdataset":
+        out.append(
+            f"data.kind = 'webdataset' (data.path = {cfg.data.path!r}): the exported script reads image folders and "
+            ".npz archives; point data.path at the image folder the shards were written from to export"
+        )
     elif kind not in ("folder", "npz"):
         out.append(f"data.path = {cfg.data.path!r}: not an image folder or a .npz archive")
     fixes = [f"data.exclude ({len(cfg.data.exclude)})"] if cfg.data.exclude else []

@@ -34,7 +34,7 @@ SCHEMA_VERSION = 1
 
 Task = Literal["classification", "multilabel", "regression"]
 TASKS: tuple[str, ...] = get_args(Task)
-DataKind = Literal["auto", "folder", "csv", "npz"]
+DataKind = Literal["auto", "folder", "csv", "npz", "webdataset"]
 DATA_KINDS: tuple[str, ...] = get_args(DataKind)
 SamplerName = Literal["sequential", "random", "subset_random", "weighted_random", "distributed"]
 SAMPLERS: tuple[str, ...] = get_args(SamplerName)
@@ -169,14 +169,35 @@ class AugmentConfig(Section):
 
 
 class DataConfig(Section):
-    path: str = setting("", doc="image folder, `.csv` or `.npz` (required)")
-    kind: DataKind = setting("auto", doc="`auto`: a folder is an image folder, .csv a CSV, .npz a NumPy archive")
+    path: str = setting(
+        "",
+        doc="image folder, `.csv` or `.npz` (required); for `webdataset`, the tar shards: a brace pattern such as "
+        "`shards/train-{000000..000009}.tar`, a space- or `::`-separated list, local paths or URLs",
+    )
+    kind: DataKind = setting(
+        "auto",
+        doc="`auto`: a folder is an image folder, .csv a CSV, .npz a NumPy archive; `webdataset`: tar shards "
+        "streamed in order (`main.py shard` writes them), for datasets that do not fit on local disk",
+    )
     task: Task = setting("classification", doc="what the labels are")
-    val_path: str | None = setting(None, doc="a separate validation source of the same kind; otherwise a split")
+    val_path: str | None = setting(
+        None, doc="a separate validation source of the same kind (shards: their own pattern); otherwise a split"
+    )
     val_fraction: Finite = setting(
         0.2, ge=0, lt=1, doc="share of each class held out for validation (stratified), 0 for none"
     )
     split_seed: int = setting(0, doc="seed of the split")
+    classes: list[str] = setting(
+        default_factory=list,
+        doc="`webdataset`: the class names in the order of the shards' `.cls` indices, when no `shards.json` "
+        "(written by `main.py shard`) lies beside the shards; empty: from `shards.json`",
+    )
+    shuffle_buffer: int = setting(
+        1000,
+        ge=1,
+        doc="`webdataset`: samples held in the shuffle buffer (shard order is shuffled too, from train.seed and "
+        "the epoch); 1 reads each shard in order",
+    )
     image_size: int = setting(
         224,
         ge=8,
@@ -1420,6 +1441,51 @@ def _path_exists(
         add(where, f"{where} = {value!r}: no such file or folder ({resolved})")
 
 
+def _shards_exist(
+    add: Callable[[str, str], None], cfg: ProjectConfig, where: str, value: str | None, *, required: bool
+) -> None:
+    """data.kind = "webdataset": the pattern expands, and each local shard it names exists (URLs are opened later)."""
+    from engine.shard_patterns import expand_pattern, is_remote  # free of PyTorch, as loading a project stays
+
+    if not value or not value.strip():
+        if required:
+            add(where, f"{where} is empty: give the shards, such as shards/train-{{000000..000009}}.tar")
+        return
+    try:
+        urls = expand_pattern(value)
+    except ValueError as exc:
+        add(where, f"{where} = {value!r}: not a valid shard pattern ({exc})")
+        return
+    for url in urls:
+        resolved = None if is_remote(url) else cfg.resolve(url)
+        if resolved is not None and not resolved.is_file():
+            add(where, f"{where} = {value!r}: shard {resolved} does not exist")
+            return
+
+
+def _webdataset_rules(add: Callable[[str, str], None], cfg: ProjectConfig) -> None:
+    """What streamed shards cannot do, refused by name before anything is read."""
+    d, s = cfg.data, cfg.loader.sampler
+    if d.val_fraction > 0 and not d.val_path:
+        add(
+            "data.val_fraction",
+            f"data.val_fraction = {d.val_fraction:g} cannot split a stream of shards (data.kind = 'webdataset'): "
+            "give the validation shards in data.val_path, or set data.val_fraction to 0 to train without validation",
+        )
+    if d.exclude or d.relabel:
+        add(
+            "data.exclude" if d.exclude else "data.relabel",
+            "data.exclude and data.relabel name images by path, which streamed shards (data.kind = 'webdataset') "
+            "do not look up; write the shards again from the corrected dataset (main.py shard)",
+        )
+    if s.name not in ("random", "sequential"):
+        add(
+            "loader.sampler.name",
+            f"loader.sampler.name = '{s.name}' draws samples by position, which streamed shards "
+            "(data.kind = 'webdataset') do not give; use 'random' (a shuffle buffer) or 'sequential'",
+        )
+
+
 def _rules(cfg: ProjectConfig, *, check_paths: bool, check_catalog: bool) -> list[Problem]:
     """The rules no single declaration can state: lengths, files, the catalog and combinations of fields."""
     p: list[Problem] = _unused(cfg)
@@ -1432,9 +1498,12 @@ def _rules(cfg: ProjectConfig, *, check_paths: bool, check_catalog: bool) -> lis
         if len(values) not in (1, 3):
             add(name, f"{name} = {values!r}: give 1 or 3 values (one per RGB channel)")
     if check_paths:
-        _path_exists(add, cfg, "data.path", d.path, required=True)
-        _path_exists(add, cfg, "data.val_path", d.val_path, required=False)
+        exists = _shards_exist if d.kind == "webdataset" else _path_exists
+        exists(add, cfg, "data.path", d.path, required=True)
+        exists(add, cfg, "data.val_path", d.val_path, required=False)
         _path_exists(add, cfg, "model.weights_file", cfg.model.weights_file, required=False)
+    if d.kind == "webdataset":
+        _webdataset_rules(add, cfg)
     if d.kind == "folder" and d.task != "classification":
         add(
             "data.task",

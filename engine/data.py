@@ -191,6 +191,12 @@ def scan_source(
     if task not in TASKS:
         raise DataError(f"unknown task {task!r}; allowed: {', '.join(TASKS)}")
     p = Path(os.path.expanduser(str(path)))
+    if kind == "webdataset":
+        raise DataError(
+            f"{p}: data.kind = 'webdataset' streams tar shards in order; this needs every image of the dataset at "
+            "once (random access), which shards do not give. Point it at the image folder or CSV the shards were "
+            "written from"
+        )
     if not p.exists():
         raise DataError(f"{p}: no such file or folder")
     kind = _detect_kind(p, kind)

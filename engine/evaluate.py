@@ -328,6 +328,10 @@ def evaluate_checkpoint(
     eval_tf = build_transforms(pre, cfg.data.augment, train=False, keep_aspect=cfg.data.keep_aspect)
 
     if data is None:
+        if cfg.data.kind == "webdataset":
+            from engine.webdataset_data import refuse_stream
+
+            refuse_stream(cfg, "Evaluating the run's validation set (sample by sample, with its names)")
         prepared = prepare_data(cfg, pre)
         if prepared.class_names != class_names:
             raise DataError(

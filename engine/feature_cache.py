@@ -75,6 +75,8 @@ def eligibility_problem(cfg: ProjectConfig) -> str | None:
     """Why the project's settings rule the cache out, or None; the model itself is checked by find_boundary."""
     if cfg.train.feature_cache == "off":
         return "train.feature_cache = 'off'"
+    if cfg.data.kind == "webdataset":
+        return "the data is streamed from shards (data.kind = 'webdataset'), read in order once per epoch"
     on = augmentations_on(cfg.data.augment)
     if on:
         return (

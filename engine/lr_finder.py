@@ -92,6 +92,10 @@ def find_lr(
     problems = bounds_problems(start_lr, end_lr, num_batches)
     if problems:
         raise ConfigError(problems)
+    if cfg.data.kind == "webdataset":
+        from engine.webdataset_data import refuse_stream
+
+        refuse_stream(cfg, "The learning-rate finder")
     if cfg.train.phases and parts is None:
         from engine.phases import plan_phases
 

@@ -369,7 +369,7 @@ def build_loader(
         collate_fn=collate_fn,
         pin_memory=pin_memory,
         persistent_workers=plan.persistent,
-        worker_init_fn=_seed_worker if workers > 0 else None,
+        worker_init_fn=seed_worker if workers > 0 else None,
         generator=generator,
     )
 
@@ -402,7 +402,8 @@ def _sampler_len(sampler: Sampler) -> int:
     return len(sampler)  # type: ignore[arg-type]  # every sampler built above has a length; Sampler's type has none
 
 
-def _seed_worker(worker_id: int) -> None:
+def seed_worker(worker_id: int) -> None:
+    """A DataLoader worker's start: its own numpy and random seeds (and per process under torchrun); Ctrl-C ignored."""
     # PyTorch seeds each worker's torch RNG; numpy and random need the same for reproducible augmentation.
     import random
     import signal

@@ -17,7 +17,7 @@ from engine import rng_state
 from engine.backbones import build_model, preprocess_for
 from engine.checkpoints import CheckpointError
 from engine.collate import get_collate
-from engine.config import ConfigError, ProjectConfig
+from engine.config import ConfigError, LoaderConfig, ProjectConfig
 from engine.data import PreparedData, Progress, prepare_data
 from engine.decoded_cache import apply_decoded_cache
 from engine.distributed import DistContext, init_from_env
@@ -42,9 +42,10 @@ from engine.monitor import MetricTracker
 from engine.optim import Schedule, build_optimizer
 from engine.phases import Phase, phase_at, plan_phases, planned_epochs
 from engine.rng_state import seed_everything
-from engine.samplers import build_loader, describe_plans, plan_loader, restart_workers
+from engine.samplers import LoaderPlan, build_loader, describe_plans, plan_loader, restart_workers
 from engine.strategy import OneProcess, Processes
 from engine.transforms import has_random_steps, unaugmented_train_transform
+from engine.webdataset_data import ShardStream, prepare_webdataset, stream_loader
 
 
 def pick_device(name: str) -> torch.device:
@@ -129,7 +130,11 @@ def build_run(
         log(dist.describe())
     seed_everything(cfg.train.seed)
     pre = preprocess_for(cfg.model, cfg.data)
-    data = prepare_data(cfg, pre, progress=progress)
+    data: PreparedData
+    if cfg.data.kind == "webdataset":  # streamed tar shards
+        data = prepare_webdataset(cfg, pre, progress=progress)
+    else:
+        data = prepare_data(cfg, pre, progress=progress)
     log(data.summary())
     built = build_model(cfg.model, data.num_outputs, resolve=cfg.resolve, image_size=pre.crop_size)
     log(f"Backbone {cfg.model.backbone}: {built.weights_desc}")
@@ -170,8 +175,11 @@ def build_run(
         )
         for aug in (augmented, False)
     ]
+    if cfg.data.kind == "webdataset":
+        for plan in plans:  # a stream's workers start each epoch, carrying its epoch (engine/webdataset_data.py)
+            plan.persistent = False
     collate = get_collate(cfg.loader.collate)
-    train_loader = build_loader(
+    train_loader = loader_for(
         data.train,
         cfg.loader,
         train=True,
@@ -181,7 +189,7 @@ def build_run(
         pin_memory=plans[0].pin_memory,
         plan=plans[0],
     )
-    drawn = len(train_loader.batch_sampler.sampler)  # type: ignore[union-attr]  # build_loader sets a batch sampler
+    drawn = samples_drawn(train_loader)
     if cfg.loader.batch_size > drawn:
         log(
             f"loader.batch_size = {cfg.loader.batch_size} is larger than the {drawn} training samples drawn per "
@@ -189,7 +197,7 @@ def build_run(
         )
     val_loader = None
     if data.val is not None and len(data.val) > 0:
-        val_loader = build_loader(
+        val_loader = loader_for(
             data.val,
             cfg.loader,
             train=False,
@@ -218,6 +226,46 @@ def build_run(
         dist,
         train_transforms,
     )
+
+
+def loader_for(
+    dataset: Any,
+    cfg: LoaderConfig,
+    *,
+    train: bool,
+    targets: list | None,
+    collate_fn: Callable[[list[Any]], Any] | None,
+    seed: int,
+    pin_memory: bool,
+    plan: LoaderPlan,
+) -> torch.utils.data.DataLoader:
+    """build_loader's loader, or for streamed shards (data.kind = "webdataset") one without a sampler."""
+    if isinstance(dataset, ShardStream):
+        return stream_loader(
+            dataset, cfg, collate_fn=collate_fn, seed=seed, pin_memory=pin_memory, workers=plan.workers
+        )
+    return build_loader(
+        dataset,
+        cfg,
+        train=train,
+        targets=targets,
+        collate_fn=collate_fn,
+        seed=seed,
+        pin_memory=pin_memory,
+        plan=plan,
+    )
+
+
+def is_stream(loader: torch.utils.data.DataLoader) -> bool:
+    """A loader over streamed shards (data.kind = "webdataset"): no sampler; the dataset draws its own order."""
+    return isinstance(loader.dataset, torch.utils.data.IterableDataset)
+
+
+def samples_drawn(loader: torch.utils.data.DataLoader) -> int:
+    """Training samples one epoch draws in this process."""
+    if is_stream(loader):
+        return len(loader.dataset)  # type: ignore[arg-type]  # torch's Dataset type has no len; a ShardStream has
+    return len(loader.batch_sampler.sampler)  # type: ignore[union-attr]  # build_loader sets a batch sampler
 
 
 def phase_freeze(model: torch.nn.Module, phase: Phase, head_name: str) -> FreezeSummary:
@@ -609,7 +657,9 @@ class Trainer:
         loss_sum = torch.zeros((), device=p.device, dtype=torch.float64)  # summed on the device: no sync per batch
         correct = torch.zeros((), device=p.device)
         seen = 0
-        sampler = p.train_loader.batch_sampler.sampler  # type: ignore[union-attr]  # build_loader sets a batch sampler
+        # the sampler's draw, or for streamed shards the stream's shard order and shuffle, follows the epoch
+        loader_in = p.train_loader
+        sampler: Any = loader_in.dataset if is_stream(loader_in) else loader_in.batch_sampler.sampler  # type: ignore[union-attr]  # build_loader sets a batch sampler
         if hasattr(sampler, "set_epoch"):
             sampler.set_epoch(state.epoch)
         state.batch = 0

@@ -7,7 +7,7 @@ import math
 import os
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -61,7 +61,7 @@ OBJECT_NAMES = {
     "dataset.open_file": "opens a .csv or .npz file as the dataset",
     "dataset.open_sample": "opens the bundled digits sample dataset",
     "dataset.path": "the dataset's path (data.path); relative paths are relative to the project file",
-    "dataset.kind": "how to read the dataset (data.kind): detect from the path, image folder, CSV or .npz",
+    "dataset.kind": "how to read the dataset (data.kind): detect from the path, image folder, CSV, .npz or tar shards",
     "dataset.task": "what the labels mean (data.task): classification, multilabel or regression",
     "dataset.val_fraction": "share of the data held out for validation (data.val_fraction, 0 to below 1)",
     "dataset.split_seed": "seed of the random train/validation split (data.split_seed)",
@@ -87,7 +87,7 @@ THUMB_SIZE = 64  # pixels; tiny images (8x8 digits) are enlarged to this with ne
 THUMBS_PER_CLASS = 6
 MAX_THUMBS = 60
 MAX_SKIPPED_ROWS = 2000
-SCAN_FIELDS = ("data.path", "data.kind", "data.task", "data.val_path")
+SCAN_FIELDS = ("data.path", "data.kind", "data.task", "data.val_path", "data.classes")
 SPLIT_FIELDS = ("data.val_fraction", "data.split_seed")
 TRAIN_COLOUR = "#4c72b0"  # data colours, readable on light and dark backgrounds
 VAL_COLOUR = "#dd8452"
@@ -178,11 +178,17 @@ def scan_dataset(
     split_seed: int = 0,
     progress: Callable[[Any], None] | None = None,
     cancel: threading.Event | None = None,
+    classes: Sequence[str] = (),
 ) -> dict[str, Any]:
-    """Scan a dataset (and its validation source), split it, and decode a few thumbnails; raises DataError."""
+    """Scan a dataset (and its validation source), split it, and decode a few thumbnails; raises DataError.
+
+    Tar shards (kind "webdataset") are not scanned: their shards.json (or one pass counting them) gives the shard
+    and sample counts and the classes; classes is data.classes for shards without one."""
     from engine.data import DataError, scan_source
 
     report = progress or (lambda value: None)
+    if kind == "webdataset":
+        return describe_shards(path, task=task, val_path=val_path, val_fraction=val_fraction, classes=classes)
 
     def check() -> None:
         if cancel is not None and cancel.is_set():
@@ -244,6 +250,47 @@ def scan_dataset(
         "thumbs": thumbs,
         "source": light,
         "val_source": light_val,
+    }
+
+
+def describe_shards(
+    path: str, *, task: str, val_path: str | None, val_fraction: float, classes: Sequence[str]
+) -> dict[str, Any]:
+    """What the panel shows of streamed shards, shaped as scan_dataset's result (no thumbnails, no re-split)."""
+    from engine.webdataset_data import open_shards
+
+    train = open_shards(path, task=task, classes=classes)
+    val = None
+    if val_path:
+        val = open_shards(val_path, task=task, classes=classes, what="data.val_path", class_names=train.class_names)
+    warnings = []
+    if val is None and val_fraction > 0:
+        warnings.append(
+            f"data.val_fraction = {val_fraction:g} cannot split a stream of shards: give the validation shards, "
+            "or set the validation fraction to 0"
+        )
+    no_counts = [0] * len(train.class_counts)
+    return {
+        "path": path,
+        "kind": "webdataset",
+        "task": task,
+        "class_names": list(train.class_names),
+        "counts": [a + b for a, b in zip(train.class_counts, val.class_counts if val else no_counts, strict=True)],
+        "size": train.samples + (val.samples if val else 0),
+        "val_path": val_path,
+        "split": {
+            "train": train.samples,
+            "val": val.samples if val else 0,
+            "train_counts": list(train.class_counts),
+            "val_counts": list(val.class_counts) if val else no_counts,
+            "separate": True,
+        },
+        "shards": {"train": train.describe(), "val": val.describe() if val else None},
+        "skipped": [],
+        "warnings": warnings,
+        "thumbs": [],
+        "source": None,
+        "val_source": None,
     }
 
 
@@ -404,6 +451,7 @@ class DatasetPanel(QWidget):
             ("Image folder", "folder"),
             ("CSV file", "csv"),
             (".npz archive", "npz"),
+            ("Tar shards (WebDataset, streamed)", "webdataset"),
         ):
             self.kind_combo.addItem(label, value)
         self.task_combo = QComboBox()
@@ -750,6 +798,11 @@ class DatasetPanel(QWidget):
 
     def _current_key(self) -> tuple:
         cfg = self.state.config
+        if cfg.data.kind == "webdataset":  # patterns of local paths or URLs
+            from engine.shard_patterns import resolve_pattern
+
+            shards = [resolve_pattern(cfg.resolve, p) if p else None for p in (cfg.data.path, cfg.data.val_path)]
+            return (shards[0], cfg.data.kind, cfg.data.task, shards[1])
         path, val = cfg.resolve(cfg.data.path), cfg.resolve(cfg.data.val_path)
         return (str(path) if path else None, cfg.data.kind, cfg.data.task, str(val) if val else None)
 
@@ -783,6 +836,7 @@ class DatasetPanel(QWidget):
                 val_path=val_path,
                 val_fraction=cfg.data.val_fraction,
                 split_seed=cfg.data.split_seed,
+                classes=list(cfg.data.classes),
                 progress=True,
                 on_result=lambda result: self._on_scan_returned(rid, key, result),
                 on_error=lambda exc, tb: self._on_scan_errored(rid, path, exc, tb),
@@ -793,8 +847,8 @@ class DatasetPanel(QWidget):
     def _start_split(self) -> None:
         last = self._last
         assert last is not None  # asked for only after a successful scan
-        if last["val_source"] is not None:
-            return  # a separate validation source: the fraction and seed are not used
+        if last["val_source"] is not None or last["source"] is None:
+            return  # a separate validation source, or streamed shards: the fraction and seed are not used
         rid = self._new_request()
         cfg = self.state.config
         self._tasks.append(
@@ -967,7 +1021,12 @@ class DatasetPanel(QWidget):
 
     def _show_split(self, r: dict) -> None:
         split, names, task = r["split"], r["class_names"], r["task"]
-        if split["separate"]:
+        if r.get("shards"):
+            shards = r["shards"]
+            text = f"Shards: training {shards['train']}; " + (
+                f"validation {shards['val']}" if shards["val"] else "no validation shards"
+            )
+        elif split["separate"]:
             text = (
                 f"Split: {split['train']:,} training (all of {Path(r['path']).name}) and {split['val']:,} "
                 f"validation from {r['val_path']}"
