@@ -27,13 +27,11 @@ from torch.utils.data import Dataset
 from engine.config import ProjectConfig
 from engine.data import (
     ArrayDataset,
-    DataError,
     EngineDataset,
     ImageFileDataset,
     PreparedData,
     Progress,
     array_to_image,
-    load_image,
     target_tensor,
 )
 from engine.machine import available_memory_bytes
@@ -70,6 +68,7 @@ class DecodedImageDataset(EngineDataset):
         self.task = task
         self.names = list(names)  # the image path or "row i" of each item, as the source dataset names them
         self.source = source  # the dataset decoded (what the feature cache's fingerprint describes)
+        self.failures: list = []  # image files that no longer decoded while filling (engine/sample_failures.py)
 
     def __len__(self) -> int:
         return len(self.targets)
@@ -126,20 +125,18 @@ class CacheTooLarge(Exception):
     """The images decoded so far already overrun the bound (wide images presized by their shorter side)."""
 
 
-def _raw_getter(dataset: Dataset) -> tuple[Callable[[int], object], list[str]]:
-    """A function giving item i as the pipeline takes it (PIL image or array tensor), and a name per item."""
+def _raw_getter(dataset: Dataset, failures: list | None = None) -> tuple[Callable[[int], object], list[str]]:
+    """A function giving item i as the pipeline takes it (PIL image or array tensor), and a name per item.
+
+    An image file that no longer decodes is replaced by the dataset's stand-in for it (as training would serve
+    it); what was met goes into failures (engine/sample_failures.py)."""
     if isinstance(dataset, ImageFileDataset):
 
         def read(i: int) -> object:
-            path = dataset.files[i]
-            try:
-                return load_image(path)
-            except Exception as exc:  # noqa: BLE001 - it decoded at scan time, so the file changed on disk
-                reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-                raise DataError(
-                    f"cannot read image {path} while filling the decoded-image cache (it changed "
-                    f"since the dataset was scanned): {reason}"
-                ) from exc
+            _, image, met = dataset.read(i, stand_in=True)
+            if met and failures is not None:
+                failures.extend(met)  # list.extend is atomic: the filling threads share the list
+            return image
 
         return read, [str(f) for f in dataset.files]
     if isinstance(dataset, ArrayDataset):
@@ -163,7 +160,8 @@ def decode_dataset(
     fixed_size: every output has the same shape (a centre crop), so the results go straight into one
     preallocated tensor. Raises CacheTooLarge when variable-size results pass `bound` bytes.
     """
-    read, names = _raw_getter(dataset)
+    failures: list = []
+    read, names = _raw_getter(dataset, failures)
     n = len(dataset)
     threads = threads or max(
         1, min(len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1), 16)
@@ -189,9 +187,11 @@ def decode_dataset(
             for done, _ in enumerate(pool.map(put, range(1, n)), start=2):
                 if progress is not None and (done % step == 0 or done == n):
                     progress(done, n)
-        return DecodedImageDataset(
+        done_ds = DecodedImageDataset(
             images, None, None, None, dataset.targets, per_item, dataset.task, names, source=dataset
         )
+        done_ds.failures = failures
+        return done_ds
 
     parts: list[torch.Tensor] = [first]
     total = first.numel() * first.element_size()
@@ -212,9 +212,11 @@ def decode_dataset(
     for i, p in enumerate(parts):
         flat[offsets[i] : offsets[i + 1]] = p.reshape(-1)
     parts.clear()
-    return DecodedImageDataset(
+    done_ds = DecodedImageDataset(
         None, flat, offsets, shapes, dataset.targets, per_item, dataset.task, names, source=dataset
     )
+    done_ds.failures = failures
+    return done_ds
 
 
 # ---------------------------------------------------------------------------------------------

@@ -212,7 +212,12 @@ class RunRecorder(Callback):
         error = state.error
         text = (str(error).strip().splitlines() or [type(error).__name__])[0] if error is not None else None
         try:
-            self._write_info(status=state.status, ended=time.strftime("%Y-%m-%dT%H:%M:%S%z"), error=text)
+            self._write_info(
+                status=state.status,
+                ended=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                error=text,
+                unreadable=list(state.unreadable),  # image files skipped while training: {"path", "reason", "split"}
+            )
         except CheckpointWriteError:
             if state.status != "failed":
                 raise  # a failing run's own error (a full disk, most likely) is the one to report
