@@ -416,7 +416,7 @@ def evaluate_checkpoint(
 
             origin = getattr(dataset, "origin", "")
             if origin:  # the next scan lists them as skipped
-                record_failures(Path(origin), [(u["path"], u["reason"]) for u in result.unreadable])
+                record_failures(Path(origin), [(u["path"], u["reason"]) for u in result.unreadable], when="evaluation")
         if cam_dir is not None and result.task != "classification":
             result.cam_note = f"no maps written: class activation maps are made for classification, not {task}"
         elif cam_dir is not None:
