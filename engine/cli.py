@@ -59,10 +59,6 @@ class ConsoleOutput:
             self._write(format_metrics(event.metrics))
         elif isinstance(event, RunFinished):
             self._close_bar()
-            if event.unreadable:
-                from engine.sample_failures import describe
-
-                self._write(describe(event.unreadable) + "; the scan cache marks them, so the next scan skips them")
 
     def _close_bar(self) -> None:
         if self.bar is not None:

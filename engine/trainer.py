@@ -42,7 +42,7 @@ from engine.monitor import MetricTracker
 from engine.optim import Schedule, build_optimizer
 from engine.phases import Phase, phase_at, plan_phases, planned_epochs
 from engine.rng_state import seed_everything
-from engine.sample_failures import FailureLog, ReportingCollate, batch_failures
+from engine.sample_failures import FailureLog, ReportingCollate, batch_failures, describe
 from engine.samplers import build_loader, describe_plans, plan_loader, restart_workers
 from engine.strategy import OneProcess, Processes
 from engine.transforms import has_random_steps, unaugmented_train_transform
@@ -356,6 +356,8 @@ class Trainer:
                 self._after_epoch(metrics)
                 self._fire("on_epoch_finished", state, metrics)
             self._keep_failures(gather=False)  # a stopped run's last, unfinished epoch too
+            if state.unreadable and (self.built.dist is None or self.built.dist.is_main):
+                self.log(describe(state.unreadable) + "; the scan cache marks them, so the next scan skips them")
             finished = state.epoch >= state.epochs or state.stopped_early
             state.status = "stopped" if self.strategy.stop_requested() and not finished else "completed"
             if state.status == "completed":

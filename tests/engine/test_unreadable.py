@@ -173,3 +173,19 @@ def test_too_many_unreadable_files_stop_the_run_with_a_clear_message(tmp_path):
     assert len(trainer.state.unreadable) >= 2
     skipped = {s.path for s in scan_source(tmp_path / "images").skipped if s.reason.startswith(TRUNCATED)}
     assert skipped == {u["path"] for u in trainer.state.unreadable}
+
+
+def test_a_resumed_runs_record_keeps_the_files_found_before_the_resume(tmp_path):
+    from engine.run_files import update_run_info
+    from engine.runs import RunRecorder
+    from engine.trainer import TrainState
+
+    (tmp_path / "project.json").write_text("{}")
+    before = {"path": "/data/red/1.png", "reason": "image file is truncated", "split": "train"}
+    update_run_info(tmp_path, unreadable=[before])
+    now = {"path": "/data/blue/7.png", "reason": "cannot identify image file", "split": "val"}
+    state = TrainState(epochs=2, epoch=1, status="stopped", unreadable=[now])
+
+    RunRecorder(tmp_path).on_run_finished(None, state)
+
+    assert read_run_info(tmp_path)["unreadable"] == [before, now]
