@@ -21,7 +21,7 @@ from conftest import write_image_folder, write_project
 from engine.checkpoints import load_checkpoint
 from engine.config import SamplerConfig
 from engine.distributed import torchrun_command
-from engine.events import BatchProgress, EpochFinished, RunFinished, RunStarted, decode
+from engine.events import BatchProgress, EpochFinished, LogMessage, RunFinished, RunStarted, decode
 from engine.samplers import SamplerError, ShardedSampler, build_sampler
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -231,7 +231,8 @@ def test_a_one_process_checkpoint_resumes_in_two_processes_and_the_loss_falls(tm
     assert [u["path"] for u in finished[0].unreadable] == [str(victim)]
     info = json.loads((tmp_path / "run" / "run.json").read_text())
     assert [u["path"] for u in info["unreadable"]] == [str(victim)]
-    assert "1 unreadable image(s) skipped: 005.png" in res.stderr
+    logged = [e.message for e in map(decode, res.stdout.splitlines()) if isinstance(e, LogMessage)]
+    assert sum("1 unreadable image(s) skipped: 005.png" in m for m in logged) == 1  # rank 0's summary line
     skipped = {s.path: s.reason for s in scan_source(data).skipped}
     assert skipped[str(victim)].startswith("unreadable when training read it")
     assert max(m["train_loss"] for m in history[1:]) < history[0]["train_loss"], history

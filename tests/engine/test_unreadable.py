@@ -145,6 +145,7 @@ def test_a_file_corrupted_after_the_scan_is_skipped_reported_and_the_next_scan_l
     # The run's log, its last event and run.json name the file and why.
     line = [m for m in hook.logs if "Unreadable image skipped" in m]
     assert len(line) == 1 and str(victim) in line[0] and "truncated" in line[0]
+    assert "1 unreadable image(s) skipped: 003.png" in hook.logs[-1]  # the run's last line sums them up
     finished = [e for e in events if isinstance(e, RunFinished)]
     assert [u["path"] for u in finished[0].unreadable] == [str(victim)]
     assert "truncated" in finished[0].unreadable[0]["reason"]
