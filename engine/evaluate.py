@@ -181,12 +181,12 @@ def evaluate_model(
             if progress is not None:
                 progress(done, total)
     n = sum(len(t) for t in targets_all)
-    if left_out:
-        gone = {f.index for f in left_out}
-        sample_names = [name for i, name in enumerate(sample_names) if i not in gone]
+    gone = {f.index for f in left_out}
+    positions = [i for i in range(len(sample_names)) if i not in gone]  # the dataset position of each result
+    sample_names = [sample_names[i] for i in positions]
     if len(sample_names) != n:
         raise ValueError(f"{len(sample_names)} sample names for {n} evaluated samples")
-    result = _metrics(task, names, sample_names, outputs_all, targets_all, losses_all, top_n)
+    result = _metrics(task, names, sample_names, positions, outputs_all, targets_all, losses_all, top_n)
     result.unreadable = [f.as_dict() for f in left_out]
     return result
 
@@ -195,12 +195,14 @@ def _metrics(
     task: str,
     names: list[str],
     sample_names: Sequence[str],
+    positions: Sequence[int],
     outputs_all: list[torch.Tensor],
     targets_all: list[torch.Tensor],
     losses_all: list[torch.Tensor],
     top_n: int,
 ) -> Evaluation:
-    """Every metric from the outputs, targets and per-sample losses of the evaluated samples, in order."""
+    """Every metric from the outputs, targets and per-sample losses of the evaluated samples, in order; "index"
+    is a sample's position in the dataset (positions), which samples left out shift from its result's."""
     n = sum(len(t) for t in targets_all)
     k = len(names)
     if n == 0:
@@ -233,7 +235,7 @@ def _metrics(
         top_p, top_i = torch.softmax(out, dim=1).topk(min(5, k), dim=1)
         predictions = [
             {
-                "index": i,
+                "index": positions[i],
                 "path": sample_names[i],
                 "true": names[t[i]],
                 "predicted": names[p[i]],
@@ -268,7 +270,7 @@ def _metrics(
         confidence = np.where(pred, probs, 1.0 - probs).mean(axis=1)
         hardest = [
             {
-                "index": int(i),
+                "index": positions[int(i)],
                 "path": sample_names[i],
                 "true": [names[j] for j in np.flatnonzero(true[i])],
                 "predicted": [names[j] for j in np.flatnonzero(pred[i])],
@@ -295,7 +297,7 @@ def _metrics(
     err = values - truth
     hardest = [
         {
-            "index": int(i),
+            "index": positions[int(i)],
             "path": sample_names[i],
             "true": truth[i].tolist(),
             "predicted": values[i].tolist(),

@@ -95,6 +95,8 @@ def test_evaluation_leaves_the_file_out_and_the_other_samples_score_as_before(sc
     assert [(p["path"], p["predicted"], p["loss"]) for p in after.predictions] == [
         (p["path"], p["predicted"], p["loss"]) for p in kept
     ]
+    assert all(str(src.files[p["index"]]) == p["path"] for p in after.predictions)  # dataset positions still
+    assert all(str(src.files[h["index"]]) == h["path"] for h in after.hardest)
 
 
 def test_a_row_of_unreadable_files_is_a_clear_error_not_a_hang(scanned):
