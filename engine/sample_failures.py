@@ -141,6 +141,7 @@ class FailureLog:
         self.sizes = dict(sizes or {})  # split -> its samples, for the share that stops the run
         self.seen: dict[str, SampleFailure] = {}
         self.split_of: dict[str, str] = {}
+        self.counts: dict[str, int] = {}  # unreadable files per split
         self.unrecorded: list[SampleFailure] = []
 
     def add(self, failures: Iterable[SampleFailure], split: str = "train", *, quiet: bool = False) -> None:
@@ -150,6 +151,7 @@ class FailureLog:
                 continue
             self.seen[failure.path] = failure
             self.split_of[failure.path] = split
+            self.counts[split] = self.counts.get(split, 0) + 1
             self.unrecorded.append(failure)
             if not quiet:
                 instead = f"; {failure.replaced_by} is used in its place" if failure.replaced_by else "; left out"
@@ -158,11 +160,12 @@ class FailureLog:
 
     def check(self) -> None:
         for split, size in self.sizes.items():
-            failed = [f for f in self.seen.values() if self.split_of[f.path] == split]
-            if len(failed) >= MIN_FAILED and len(failed) > MAX_FAILED_SHARE * size:
+            count = self.counts.get(split, 0)
+            if count >= MIN_FAILED and count > MAX_FAILED_SHARE * size:
+                failed = [f for f in self.seen.values() if self.split_of[f.path] == split]
                 names = "; ".join(f"{f.path}: {f.reason}" for f in failed[:3])
                 raise TooManyFailures(
-                    f"{len(failed)} of the {size} {split} images could not be read while training (more than "
+                    f"{count} of the {size} {split} images could not be read while training (more than "
                     f"{MAX_FAILED_SHARE:.0%}): the files changed since the dataset was scanned. Stopped rather "
                     f"than train on what is left; scan the dataset again. First: {names}"
                 )
