@@ -207,6 +207,20 @@ def _identity(source: DataSource, i: int) -> str:
     )
 
 
+def _record_unreadable(samples: _Samples, unreadable: dict[int, str]) -> None:
+    """Image files the scan passed but the audit could not decode go into their dataset's scan cache, so the next
+    scan (and training) lists them as skipped."""
+    from engine.scan_cache import record_failures
+
+    by_dataset: dict[Path, list[tuple[str, str]]] = {}
+    for i, reason in unreadable.items():
+        source, position = samples.sources[i]
+        if source.files is not None and source.kind in ("folder", "csv"):
+            by_dataset.setdefault(Path(source.path), []).append((str(source.files[position]), reason))
+    for dataset, entries in by_dataset.items():
+        record_failures(dataset, entries, when="the audit")
+
+
 def _pixels(source: DataSource, i: int) -> np.ndarray:
     """The decoded image as HxWx3 uint8 (files) or HxWx3 in the array's dtype (archives)."""
     if source.files is not None:
@@ -794,6 +808,7 @@ def run_audit(
         findings.append(Finding("unreadable", [key], 1.0, {"reason": reason}))
     for i, reason in unreadable.items():
         findings.append(Finding("unreadable", [samples.keys[i]], 1.0, {"reason": reason}))
+    _record_unreadable(samples, unreadable)
     good = np.array([i for i in range(n) if i not in unreadable], dtype=np.int64)
 
     def names(idx: Sequence[int]) -> list[str]:

@@ -5,11 +5,12 @@ from __future__ import annotations
 import contextlib
 import csv
 import gc
+import itertools
 import math
 import os
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +22,7 @@ from torchvision.datasets.folder import IMG_EXTENSIONS
 
 from engine.config import TASKS, ProjectConfig
 from engine.dataset_paths import DataError, dataset_root, path_key
+from engine.sample_failures import MAX_TRIES, Dropped, Reported, SampleFailure, reason_of
 from engine.scan_cache import ScanCache, Stamp, stamp
 from engine.text import readable
 from engine.transforms import Preprocess, build_transforms
@@ -786,27 +788,78 @@ class EngineDataset(Dataset):
 
 
 class ImageFileDataset(EngineDataset):
-    """Image files and their targets; each item is (transformed float CHW tensor, target tensor)."""
+    """Image files and their targets; each item is (transformed float CHW tensor, target tensor).
 
-    def __init__(self, files: Sequence[str | os.PathLike], targets: Sequence, transform: Callable | None, task: str):
+    A file that cannot be read (it changed since the scan) does not raise: with on_error "replace" (training)
+    the next readable file of the same target stands in for it, with "drop" (evaluation) the item is a
+    Dropped marker; either way the item carries the failure (engine/sample_failures.py). origin: the scanned
+    folder or CSV the files came from, whose scan cache records the failure.
+    """
+
+    def __init__(
+        self,
+        files: Sequence[str | os.PathLike],
+        targets: Sequence,
+        transform: Callable | None,
+        task: str,
+        *,
+        origin: str | os.PathLike | None = None,
+        on_error: str = "replace",
+    ):
         if len(files) != len(targets):
             raise ValueError(f"{len(files)} files but {len(targets)} targets")
+        if on_error not in ("replace", "drop"):
+            raise ValueError(f"on_error must be 'replace' or 'drop', not {on_error!r}")
         self.files = [Path(f) for f in files]
         self.targets = list(targets)
         self.transform = transform
         self.task = task
+        self.origin = os.fspath(origin) if origin is not None else ""
+        self.on_error = on_error
 
     def __len__(self) -> int:
         return len(self.files)
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
-        path = self.files[index]
-        try:
-            image = load_image(path)
-        except Exception as exc:  # noqa: BLE001 - it decoded at scan time, so the file changed on disk
-            raise DataError(f"cannot read image {path} (it changed since the dataset was scanned): {exc}") from exc
+    def _stand_ins(self, index: int) -> Iterator[int]:
+        """The positions tried in place of an unreadable one: the same target first, each in order after it."""
+        n, target = len(self.files), self.targets[index]
+        after = [(index + k) % n for k in range(1, n)]
+        yield from (j for j in after if self.targets[j] == target)
+        yield from (j for j in after if self.targets[j] != target)
+
+    def read(self, index: int, *, stand_in: bool | None = None) -> tuple[int | None, Image.Image | None, list]:
+        """(position served, its decoded image, failures met): the image at index, or when it cannot be read a
+        stand-in's (stand_in, default: on_error is "replace"), or (None, None, failures) when it is left out."""
+        if stand_in is None:
+            stand_in = self.on_error == "replace"
+        failures: list[SampleFailure] = []
+        candidates = iter([index]) if not stand_in else itertools.chain([index], self._stand_ins(index))
+        for tries, j in enumerate(candidates):
+            if tries >= MAX_TRIES:
+                break
+            try:
+                image = load_image(self.files[j])
+            except Exception as exc:  # noqa: BLE001 - it decoded at scan time, so the file changed on disk
+                failures.append(SampleFailure(str(self.files[j]), reason_of(exc), self.origin, j))
+                continue
+            if failures and failures[0].index == index:
+                failures[0] = replace(failures[0], replaced_by=str(self.files[j]))
+            return j, image, failures
+        if not stand_in:
+            return None, None, failures
+        names = "; ".join(f"{f.path}: {f.reason}" for f in failures[:3])
+        raise DataError(
+            f"{len(failures)} image files in a row could not be read (they changed since the dataset was "
+            f"scanned), none to stand in for {self.files[index]}; scan the dataset again. First: {names}"
+        )
+
+    def __getitem__(self, index: int) -> Any:
+        j, image, failures = self.read(index)
+        if j is None or image is None:
+            return Dropped(failures)
         x = self.transform(image) if self.transform is not None else _pil_to_float(image)
-        return x, target_tensor(self.targets[index], self.task)
+        item = (x, target_tensor(self.targets[j], self.task))
+        return Reported(item, failures) if failures else item
 
 
 def _pil_to_float(image: Image.Image) -> torch.Tensor:
@@ -912,7 +965,7 @@ def subset_dataset(
     if source.array is not None:
         return ArrayDataset(source.array, targets, transform, source.task, rows=positions)
     assert source.files is not None  # a source holds an array or files
-    return ImageFileDataset([source.files[i] for i in positions], targets, transform, source.task)
+    return ImageFileDataset([source.files[i] for i in positions], targets, transform, source.task, origin=source.path)
 
 
 # ---------------------------------------------------------------------------------------------

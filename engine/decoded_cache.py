@@ -39,13 +39,11 @@ from torch.utils.data import Dataset
 from engine.config import ProjectConfig
 from engine.data import (
     ArrayDataset,
-    DataError,
     EngineDataset,
     ImageFileDataset,
     PreparedData,
     Progress,
     array_to_image,
-    load_image,
     target_tensor,
 )
 from engine.machine import available_memory_bytes
@@ -97,6 +95,7 @@ class DecodedImageDataset(EngineDataset):
         self.__dict__.update(state)
         if self.backing is not None:
             self.images, self.flat, self.offsets, self.shapes = _map_images(self.backing, _read_footer(self.backing))
+        self.failures: list = []  # image files that no longer decoded while filling (engine/sample_failures.py)
 
     def __len__(self) -> int:
         return len(self.targets)
@@ -153,9 +152,12 @@ class CacheTooLarge(Exception):
     """The images decoded so far already overrun the bound (wide images presized by their shorter side)."""
 
 
-def _decoder(dataset: Dataset, fixed: Callable) -> tuple[Callable[[int], torch.Tensor], list[str]]:
-    """A function giving item i decoded and through the fixed steps (what the cache keeps), and a name per item."""
-    read, names = _raw_getter(dataset)
+def _decoder(
+    dataset: Dataset, fixed: Callable, failures: list | None = None
+) -> tuple[Callable[[int], torch.Tensor], list[str]]:
+    """A function giving item i decoded and through the fixed steps (what the cache keeps), and a name per item;
+    image files that no longer decode go into failures (see _raw_getter)."""
+    read, names = _raw_getter(dataset, failures)
 
     def one(i: int) -> torch.Tensor:
         return fixed(read(i)).as_subclass(torch.Tensor)
@@ -170,20 +172,18 @@ def _threads(threads: int | None) -> int:
     return max(1, min(cores, 16))
 
 
-def _raw_getter(dataset: Dataset) -> tuple[Callable[[int], object], list[str]]:
-    """A function giving item i as the pipeline takes it (PIL image or array tensor), and a name per item."""
+def _raw_getter(dataset: Dataset, failures: list | None = None) -> tuple[Callable[[int], object], list[str]]:
+    """A function giving item i as the pipeline takes it (PIL image or array tensor), and a name per item.
+
+    An image file that no longer decodes is replaced by the dataset's stand-in for it (as training would serve
+    it); what was met goes into failures (engine/sample_failures.py)."""
     if isinstance(dataset, ImageFileDataset):
 
         def read(i: int) -> object:
-            path = dataset.files[i]
-            try:
-                return load_image(path)
-            except Exception as exc:  # noqa: BLE001 - it decoded at scan time, so the file changed on disk
-                reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-                raise DataError(
-                    f"cannot read image {path} while filling the decoded-image cache (it changed "
-                    f"since the dataset was scanned): {reason}"
-                ) from exc
+            _, image, met = dataset.read(i, stand_in=True)
+            if met and failures is not None:
+                failures.extend(met)  # list.extend is atomic: the filling threads share the list
+            return image
 
         return read, [str(f) for f in dataset.files]
     if isinstance(dataset, ArrayDataset):
@@ -207,7 +207,8 @@ def decode_dataset(
     fixed_size: every output has the same shape (a centre crop), so the results go straight into one
     preallocated tensor. Raises CacheTooLarge when variable-size results pass `bound` bytes.
     """
-    one, names = _decoder(dataset, fixed)
+    failures: list = []
+    one, names = _decoder(dataset, fixed, failures)
     n = len(dataset)
     threads = _threads(threads)
     step = max(1, n // 100)
@@ -228,9 +229,11 @@ def decode_dataset(
             for done, _ in enumerate(pool.map(put, range(1, n)), start=2):
                 if progress is not None and (done % step == 0 or done == n):
                     progress(done, n)
-        return DecodedImageDataset(
+        done_ds = DecodedImageDataset(
             images, None, None, None, dataset.targets, per_item, dataset.task, names, source=dataset
         )
+        done_ds.failures = failures
+        return done_ds
 
     parts: list[torch.Tensor] = [first]
     total = first.numel() * first.element_size()
@@ -251,9 +254,11 @@ def decode_dataset(
     for i, p in enumerate(parts):
         flat[offsets[i] : offsets[i + 1]] = p.reshape(-1)
     parts.clear()
-    return DecodedImageDataset(
+    done_ds = DecodedImageDataset(
         None, flat, offsets, shapes, dataset.targets, per_item, dataset.task, names, source=dataset
     )
+    done_ds.failures = failures
+    return done_ds
 
 
 # ---------------------------------------------------------------------------------------------
@@ -306,7 +311,7 @@ def _library_versions() -> dict[str, str]:
 def cache_name(dataset: EngineDataset, fixed: Callable, *, dataset_path: str | os.PathLike, split: str) -> str:
     """The cache file's name (without .bin) for a split: IDENT-STAMPS, see "On disk" above.
 
-    Raises DataError naming a source file that can no longer be read.
+    A source file that can no longer be read is stamped as such (it is served by its stand-in, see _raw_getter).
     """
     ident = _digest(
         {
@@ -324,14 +329,10 @@ def cache_name(dataset: EngineDataset, fixed: Callable, *, dataset_path: str | o
         for path in dataset.files:
             try:
                 st = os.stat(path)
-            except OSError as exc:
-                raise DataError(
-                    f"cannot read image {path} for the decoded-image cache (it changed since the dataset was "
-                    f"scanned): {exc.strerror or exc}"
-                ) from None
-            stamps.update(
-                f"{os.fsdecode(path)}\0{st.st_size}\0{st.st_mtime_ns}\0{st.st_ino}\n".encode("utf-8", "surrogateescape")
-            )
+                stamp = f"{st.st_size}\0{st.st_mtime_ns}\0{st.st_ino}"
+            except OSError:  # gone since the scan: writing serves its stand-in and reports it (sample_failures)
+                stamp = "unreadable"
+            stamps.update(f"{os.fsdecode(path)}\0{stamp}\n".encode("utf-8", "surrogateescape"))
     elif isinstance(dataset, ArrayDataset):
         array = np.ascontiguousarray(dataset.array)
         stamps.update(f"{array.dtype.str}{array.shape}{dataset.rows}".encode())
@@ -579,7 +580,8 @@ def disk_cached_dataset(
     folder = disk_folder()
     name = cache_name(dataset, fixed, dataset_path=dataset_path, split=split)
     final = folder / f"{name}.bin"
-    one, names = _decoder(dataset, fixed)
+    failures: list = []  # files met unreadable while writing (each served its stand-in, as training would)
+    one, names = _decoder(dataset, fixed, failures)
     found = _open_cache_file(final, dataset, per_item, names)
     if found is not None:
         return DiskOutcome(found, final, False, time.perf_counter() - started)
@@ -627,6 +629,7 @@ def disk_cached_dataset(
     written = _open_cache_file(final, dataset, per_item, names)
     if written is None:
         raise DiskCacheError(f"{final} was written but does not read back as complete")
+    written.failures = failures
     return DiskOutcome(written, final, True, time.perf_counter() - started, notes)
 
 

@@ -30,6 +30,7 @@ from engine.data import (
     subset_dataset,
 )
 from engine.restore import restore_model
+from engine.sample_failures import ReportingCollate, SampleFailure, batch_failures
 from engine.samplers import plan_loader
 from engine.trainer import pick_device
 from engine.transforms import Preprocess, build_transforms
@@ -56,6 +57,8 @@ class Evaluation:
     mae: float | None = None  # regression only
     rmse: float | None = None  # regression only
     skipped: list[dict] = field(default_factory=list)  # {"path", "reason"}: samples the scan left out
+    # {"path", "reason"}: image files that no longer decoded when evaluated (changed since the scan), left out
+    unreadable: list[dict] = field(default_factory=list)
     # Single-label classification: every sample in dataset order, {"index", "path", "true", "predicted",
     # "confidence", "loss", "top": [[class, probability], ...] (the five most likely)}: what the confusion
     # matrix's cells are made of, so a front end can show the images behind any cell.
@@ -146,22 +149,28 @@ def evaluate_model(
     """Run a model over a loader once and compute every metric; None if stop_event is set midway.
 
     The loader must serve the samples in order (no shuffling): sample_names[i] names the i-th sample it
-    yields. Batches may be (inputs, targets) or the pad collate's (inputs, targets, sizes).
+    yields. Batches may be (inputs, targets) or the pad collate's (inputs, targets, sizes); a ReportingCollate's
+    batch may leave out samples whose image no longer decodes: they go into Evaluation.unreadable.
     loss_fn(outputs, targets) must return one loss per sample; the default suits the task.
     """
     device = torch.device(device)
     loss_fn = loss_fn or per_sample_loss(task)
     names = list(class_names)
-    k = len(names)
     model.to(device).eval()
     outputs_all: list[torch.Tensor] = []
     targets_all: list[torch.Tensor] = []
     losses_all: list[torch.Tensor] = []
     total = len(loader)
+    left_out: list[SampleFailure] = []  # image files that no longer decode (engine/sample_failures.py)
     with torch.inference_mode():
         for done, batch in enumerate(loader, start=1):
             if stop_event is not None and stop_event.is_set():
                 return None
+            left_out += [f for f in batch_failures(batch) if f.replaced_by is None]
+            if not len(batch):  # every sample of the batch was left out
+                if progress is not None:
+                    progress(done, total)
+                continue
             inputs = batch[0].to(device, non_blocking=True)
             targets = batch[1].to(device, non_blocking=True)
             outputs = model(inputs).float()
@@ -172,8 +181,30 @@ def evaluate_model(
             if progress is not None:
                 progress(done, total)
     n = sum(len(t) for t in targets_all)
+    gone = {f.index for f in left_out}
+    positions = [i for i in range(len(sample_names)) if i not in gone]  # the dataset position of each result
+    sample_names = [sample_names[i] for i in positions]
     if len(sample_names) != n:
         raise ValueError(f"{len(sample_names)} sample names for {n} evaluated samples")
+    result = _metrics(task, names, sample_names, positions, outputs_all, targets_all, losses_all, top_n)
+    result.unreadable = [f.as_dict() for f in left_out]
+    return result
+
+
+def _metrics(
+    task: str,
+    names: list[str],
+    sample_names: Sequence[str],
+    positions: Sequence[int],
+    outputs_all: list[torch.Tensor],
+    targets_all: list[torch.Tensor],
+    losses_all: list[torch.Tensor],
+    top_n: int,
+) -> Evaluation:
+    """Every metric from the outputs, targets and per-sample losses of the evaluated samples, in order; "index"
+    is a sample's position in the dataset (positions), which samples left out shift from its result's."""
+    n = sum(len(t) for t in targets_all)
+    k = len(names)
     if n == 0:
         return Evaluation(
             task=task,
@@ -204,7 +235,7 @@ def evaluate_model(
         top_p, top_i = torch.softmax(out, dim=1).topk(min(5, k), dim=1)
         predictions = [
             {
-                "index": i,
+                "index": positions[i],
                 "path": sample_names[i],
                 "true": names[t[i]],
                 "predicted": names[p[i]],
@@ -239,7 +270,7 @@ def evaluate_model(
         confidence = np.where(pred, probs, 1.0 - probs).mean(axis=1)
         hardest = [
             {
-                "index": int(i),
+                "index": positions[int(i)],
                 "path": sample_names[i],
                 "true": [names[j] for j in np.flatnonzero(true[i])],
                 "predicted": [names[j] for j in np.flatnonzero(pred[i])],
@@ -266,7 +297,7 @@ def evaluate_model(
     err = values - truth
     hardest = [
         {
-            "index": int(i),
+            "index": positions[int(i)],
             "path": sample_names[i],
             "true": truth[i].tolist(),
             "predicted": values[i].tolist(),
@@ -358,6 +389,8 @@ def evaluate_checkpoint(
         where = str(scanned.path)
     description = f"{where} ({len(dataset)} samples" + (f", {len(skipped)} skipped)" if skipped else ")")
 
+    if isinstance(dataset, ImageFileDataset):
+        dataset.on_error = "drop"  # an image that no longer decodes is left out and reported, not stood in for
     dev = pick_device(device)
     # A plain sequential loader rather than the training one: every sample exactly once, in order (also
     # under torchrun), so sample_names line up with the outputs.
@@ -367,7 +400,7 @@ def evaluate_checkpoint(
         batch_size=batch_size,
         sampler=SequentialSampler(dataset),
         num_workers=plan.workers,
-        collate_fn=get_collate(cfg.loader.collate),
+        collate_fn=ReportingCollate(get_collate(cfg.loader.collate)),
         pin_memory=plan.pin_memory,
     )
     result = evaluate_model(
@@ -384,6 +417,12 @@ def evaluate_checkpoint(
     if result is not None:
         result.data = description
         result.skipped = [{"path": s.path, "reason": s.reason} for s in skipped]
+        if result.unreadable:
+            from engine.scan_cache import record_failures
+
+            origin = getattr(dataset, "origin", "")
+            if origin:  # the next scan lists them as skipped
+                record_failures(Path(origin), [(u["path"], u["reason"]) for u in result.unreadable], when="evaluation")
         if cam_dir is not None and result.task != "classification":
             result.cam_note = f"no maps written: class activation maps are made for classification, not {task}"
         elif cam_dir is not None:

@@ -93,6 +93,8 @@ class RunFinished:
     error_type: str | None = None
     kind: str | None = None
     traceback: str | None = field(default=None, compare=False)
+    # Image files that could not be read while training (changed since the scan): {"path", "reason", "split"}
+    unreadable: list[dict[str, str]] = field(default_factory=list)
 
 
 Event = LogMessage | RunStarted | BatchProgress | EpochFinished | RunFinished

@@ -35,6 +35,7 @@ from torch.utils.data import BatchSampler
 from engine.config import ProjectConfig
 from engine.freezing import set_frozen_batchnorm_eval
 from engine.machine import available_memory_bytes
+from engine.sample_failures import batch_failures
 from engine.transforms import augmentations_on
 
 if TYPE_CHECKING:
@@ -588,15 +589,18 @@ def setup(
     autocast: Callable[[], Any] = contextlib.nullcontext,
     stop_event: threading.Event | None = None,
     log: Callable[[str], None] = lambda m: None,
+    on_failures: Callable[[list, str], None] = lambda failures, split: None,
 ) -> Setup:
-    """Decide, verify and compute; never changes the model, the global RNGs or the loaders' generators."""
+    """Decide, verify and compute; never changes the model, the global RNGs or the loaders' generators.
+
+    on_failures receives the unreadable image files met (engine/sample_failures.py) and their split."""
     started = time.perf_counter()
     reason = eligibility_problem(cfg)
     if reason is not None:
         return Setup(None, f"Feature cache off: {reason}")
     devices = [parts.device.index or 0] if parts.device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices):
-        return _setup(cfg, parts, autocast, stop_event, log, started)
+        return _setup(cfg, parts, autocast, stop_event, log, started, on_failures)
 
 
 def _setup(
@@ -606,6 +610,7 @@ def _setup(
     stop_event: threading.Event | None,
     log: Callable[[str], None],
     started: float,
+    on_failures: Callable[[list, str], None],
 ) -> Setup:
     model, device = parts.model, parts.device
     if all(p.requires_grad for p in model.parameters()):
@@ -619,6 +624,7 @@ def _setup(
         return Setup(None, "Feature cache off: the training set is empty")
     try:
         probe = collate([train_ds[i] for i in range(n_probe)])
+        on_failures(batch_failures(probe), "train")
         inputs = probe[0].to(device)
     except Exception as exc:  # noqa: BLE001 - the normal loader reports a data problem better
         return Setup(None, f"Feature cache off: a probe batch could not be built ({_first_line(exc)})")
@@ -688,6 +694,7 @@ def _setup(
             len(ds),
             sample,
             training=split == "train",
+            on_failures=_for_split(on_failures, split),
         )
         if entry is None:
             return Setup(None, "Feature cache off: stopped while computing features")
@@ -714,6 +721,10 @@ def _setup(
     return Setup(cache, cache.describe())
 
 
+def _for_split(report: Callable[[list, str], None], split: str) -> Callable[[list], None]:
+    return lambda found: report(found, split)
+
+
 def _compute(
     model: nn.Module,
     frozen_bn: Sequence[str],
@@ -728,6 +739,7 @@ def _compute(
     sample: torch.Tensor,
     *,
     training: bool,
+    on_failures: Callable[[list], None] = lambda failures: None,
 ) -> _Entry | None:
     """Boundary outputs of every sample in dataset order, in one preallocated CPU tensor, and the targets.
 
@@ -757,6 +769,7 @@ def _compute(
         for batch in ordered:
             if stop_event is not None and stop_event.is_set():
                 return None
+            on_failures(batch_failures(batch))
             out = capture(model, boundary, batch[0].to(device, non_blocking=True))
             features[at : at + out.shape[0]].copy_(out)
             at += out.shape[0]

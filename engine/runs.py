@@ -212,7 +212,16 @@ class RunRecorder(Callback):
         error = state.error
         text = (str(error).strip().splitlines() or [type(error).__name__])[0] if error is not None else None
         try:
-            self._write_info(status=state.status, ended=time.strftime("%Y-%m-%dT%H:%M:%S%z"), error=text)
+            # Image files skipped while training ({"path", "reason", "split"}), with those of the run before a resume
+            earlier = read_run_info(self.run_dir).get("unreadable") or []
+            known = {u.get("path") for u in state.unreadable}
+            unreadable = [u for u in earlier if isinstance(u, dict) and u.get("path") not in known]
+            self._write_info(
+                status=state.status,
+                ended=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                error=text,
+                unreadable=unreadable + list(state.unreadable),
+            )
         except CheckpointWriteError:
             if state.status != "failed":
                 raise  # a failing run's own error (a full disk, most likely) is the one to report

@@ -115,3 +115,18 @@ class ScanCache:
                 tmp.unlink()
             except OSError:
                 pass
+
+
+def record_failures(dataset: Path, failures: list[tuple[str, str]], *, when: str = "training") -> None:
+    """Mark files of a dataset as unreadable (path, reason), found after its scan (when: "training", "evaluation",
+    "the audit"): the next scan lists them as skipped with the reason, until a file's size or times change and it
+    is looked at again."""
+    cache = ScanCache(dataset)
+    cache.new = dict(cache.old)
+    for path, reason in failures:
+        try:
+            st = stamp(os.stat(path))
+        except OSError:  # gone: the next scan does not find it at all
+            continue
+        cache.record(Path(path), st, f"unreadable when {when} read it: {reason}", None)
+    cache.save()

@@ -213,6 +213,7 @@ class RunSession:
                 epochs=state.epochs,
                 best_epoch=state.best_epoch,
                 stopped_early=state.stopped_early,
+                unreadable=list(state.unreadable),
             )
         except BaseException as exc:
             release_run_dir(self.run_dir)
@@ -240,6 +241,7 @@ class RunSession:
                 error_type=type(exc).__name__,
                 kind=kind,
                 traceback=traceback.format_exc() if kind == "bug" else None,
+                unreadable=list(self.trainer.state.unreadable) if self.trainer is not None else [],
             )
             self._finish(result)
             if not isinstance(exc, Exception):

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -52,6 +52,10 @@ class OneProcess:
 
     def eval_sums(self, total: float, seen: int, correct: float, device: torch.device) -> tuple[float, int, float]:
         return total, seen, correct
+
+    def gather(self, value: Any) -> list[Any]:
+        """Every process's value (picklable), in rank order."""
+        return [value]
 
     def passes_through(self, exc: BaseException) -> bool:
         """An error that is not this process's to explain (another process failed under it)."""
@@ -132,6 +136,13 @@ class Processes(OneProcess):
         sums = all_reduce_sum(torch.tensor([total, float(seen), correct], dtype=torch.float64, device=device))
         total, seen_all, correct_all = sums.tolist()
         return total, int(round(seen_all)), correct_all
+
+    def gather(self, value: Any) -> list[Any]:
+        import torch.distributed as tdist
+
+        out: list[Any] = [None] * self.dist.world_size
+        tdist.all_gather_object(out, value)
+        return out
 
     def passes_through(self, exc: BaseException) -> bool:
         return is_peer_failure(exc)

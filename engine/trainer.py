@@ -42,6 +42,7 @@ from engine.monitor import MetricTracker
 from engine.optim import Schedule, build_optimizer
 from engine.phases import Phase, phase_at, plan_phases, planned_epochs
 from engine.rng_state import seed_everything
+from engine.sample_failures import FailureLog, ReportingCollate, batch_failures, describe
 from engine.samplers import LoaderPlan, build_loader, describe_plans, plan_loader, restart_workers
 from engine.strategy import OneProcess, Processes
 from engine.transforms import has_random_steps, unaugmented_train_transform
@@ -79,6 +80,8 @@ class TrainState:
     restored_best_epoch: int | None = None  # early stopping put back this epoch's weights at the end
     phase: int = 0  # the phase in progress (0-based; a run without train.phases has one)
     phase_starts: list[int] = field(default_factory=lambda: [0])  # epochs finished before each begun phase
+    # Image files that could not be read while training (changed since the scan): {"path", "reason", "split"}
+    unreadable: list[dict[str, str]] = field(default_factory=list)
 
 
 class Callback:
@@ -178,7 +181,7 @@ def build_run(
     if cfg.data.kind == "webdataset":
         for plan in plans:  # a stream's workers start each epoch, carrying its epoch (engine/webdataset_data.py)
             plan.persistent = False
-    collate = get_collate(cfg.loader.collate)
+    collate = ReportingCollate(get_collate(cfg.loader.collate))  # unreadable files ride on the batches
     train_loader = loader_for(
         data.train,
         cfg.loader,
@@ -362,6 +365,7 @@ class Trainer:
         self.forward: Forward | None = None
         self._grad_scaler: torch.amp.GradScaler | None = None
         self._first_step = 0
+        self.failures = FailureLog(self.log)  # unreadable image files met, in this process (and, gathered, all)
 
     @property
     def built(self) -> RunParts:
@@ -399,12 +403,17 @@ class Trainer:
                 state.history.append(metrics)
                 self._after_epoch(metrics)
                 self._fire("on_epoch_finished", state, metrics)
+            self._keep_failures(gather=False)  # a stopped run's last, unfinished epoch too
+            if state.unreadable and (self.built.dist is None or self.built.dist.is_main):
+                self.log(describe(state.unreadable) + "; the scan cache marks them, so the next scan skips them")
             finished = state.epoch >= state.epochs or state.stopped_early
             state.status = "stopped" if self.strategy.stop_requested() and not finished else "completed"
             if state.status == "completed":
                 self._restore_best()
             self.strategy.finish(self.built.model, self.log)
         except BaseException as exc:
+            with contextlib.suppress(Exception):  # the run's own failure is the one to report
+                self._keep_failures(gather=False)
             state.status = "failed"
             failure = self._explain(exc)
             state.error = failure
@@ -423,6 +432,9 @@ class Trainer:
         if self.parts is None:
             self.parts = build_run(self.cfg, log=self.log)
         p, state = self.parts, self.state
+        self.failures.sizes = {"train": len(p.data.train), **({"val": len(p.data.val)} if p.data.val else {})}
+        for split, ds in (("train", p.data.train), ("val", p.data.val)):
+            self.failures.add(getattr(ds, "failures", None) or [], split)  # met filling the decoded-image cache
         state.device = str(p.device)
         state.batches_per_epoch = len(p.train_loader)
         if self.cfg.train.precision == "fp16" and p.device.type == "cuda":
@@ -491,6 +503,7 @@ class Trainer:
             autocast=self.forward.autocast,
             stop_event=self.stop_event if dist is None else None,
             log=self.log,
+            on_failures=self.failures.add,
         )
         self.feature_cache = outcome.cache
         self.log(outcome.message)
@@ -501,6 +514,21 @@ class Trainer:
                 self.log("Feature cache off: another process of this run could not use it, and all must train alike")
             self.strategy.wrap(self._training_module(), p.device)
         self.forward.prepare(self.strategy.trains(self._training_module()))
+
+    def _keep_failures(self, *, gather: bool) -> None:
+        """The unreadable files every process met (gathered at an epoch's end, where all processes meet) into
+        the run's summary, and rank 0 records them in the scan cache for the next scan."""
+        log = self.failures
+        if gather:
+            # Every process's files, quietly: each process logged its own as it met them.
+            mine = [(f, log.split_of[f.path]) for f in log.failures()]
+            for found in self.strategy.gather(mine):
+                for failure, split in found:
+                    log.add([failure], split, quiet=True)
+        self.state.unreadable = log.summary()
+        dist = self.parts.dist if self.parts is not None else None
+        if dist is None or dist.is_main:
+            log.record()
 
     def _training_module(self) -> torch.nn.Module:
         """What trains each batch: the model, or with the feature cache the part after the cut."""
@@ -667,6 +695,7 @@ class Trainer:
             if strategy.stop_requested():
                 return None
             state.batch += 1
+            self.failures.add(batch_failures(batch), "train")
             inputs = forward.to_device(batch[0])
             targets = batch[1].to(p.device, non_blocking=True)
             p.optimizer.zero_grad(set_to_none=True)
@@ -718,6 +747,7 @@ class Trainer:
         if val is None and strategy.stop_requested():
             return None
         metrics["val_loss"], metrics["val_accuracy"] = val if val is not None else (None, None)
+        self._keep_failures(gather=True)
         monitored = metrics["val_loss"] if metrics["val_loss"] is not None else metrics["train_loss"]
         p.schedule.after_epoch(monitored)
         metrics.update(
@@ -750,6 +780,7 @@ class Trainer:
             for batch in loader:
                 if self.strategy.eval_interrupted():
                     return None
+                self.failures.add(batch_failures(batch), "val")
                 inputs = forward.to_device(batch[0])
                 targets = batch[1].to(p.device, non_blocking=True)
                 with forward.autocast():

@@ -13,9 +13,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyqtgraph as pg
-from PIL import Image
 from PySide6.QtCore import QEvent, QSettings, QSize, Qt, QTimer, Signal
-from PySide6.QtGui import QFontMetrics, QIcon, QImage, QPalette, QPixmap
+from PySide6.QtGui import QFontMetrics, QPalette
 from PySide6.QtWidgets import (
     QAbstractItemView,
     QApplication,
@@ -35,6 +34,7 @@ from PySide6.QtWidgets import (
     QSizePolicy,
     QSpinBox,
     QSplitter,
+    QTableView,
     QTableWidget,
     QTableWidgetItem,
     QTabWidget,
@@ -47,7 +47,8 @@ from engine.text import readable
 from widgets.audit_panel import AuditPanel
 from widgets.corrections_panel import CorrectionsPanel
 from widgets.fields import bind_combo, bind_float_text, bind_spin, bind_text
-from widgets.look import ERROR_COLOUR, fit_pixels
+from widgets.look import ERROR_COLOUR
+from widgets.sample_views import SamplesModel, SkippedModel, sample_order
 from widgets.state import ProjectState
 from widgets.tasks import Task, run_task
 
@@ -72,7 +73,7 @@ OBJECT_NAMES = {
     "dataset.tabs": "switches between the class chart, the sample images, the skipped files and the audit",
     "dataset.classes": "table of classes with their sample counts, in all and per split",
     "dataset.chart": "bar chart of samples per class, training and validation stacked",
-    "dataset.samples": "a few sample images of each class with their labels",
+    "dataset.samples": "every sample image with its label, grouped by class (thumbnails load as they scroll into view)",
     "dataset.skipped": "files the scan could not use, with the reason",
     "dataset.progress": "busy indicator while the dataset is scanned",
     "dataset.status": "what the panel is doing, or a summary of the dataset",
@@ -84,9 +85,6 @@ OBJECT_NAMES = {
 RECENT_KEY = "recent_datasets"
 MAX_RECENT = 10
 THUMB_SIZE = 64  # pixels; tiny images (8x8 digits) are enlarged to this with nearest-neighbour
-THUMBS_PER_CLASS = 6
-MAX_THUMBS = 60
-MAX_SKIPPED_ROWS = 2000
 SCAN_FIELDS = ("data.path", "data.kind", "data.task", "data.val_path", "data.classes")
 SPLIT_FIELDS = ("data.val_fraction", "data.split_seed")
 TRAIN_COLOUR = "#4c72b0"  # data colours, readable on light and dark backgrounds
@@ -130,44 +128,6 @@ def split_summary(
     }
 
 
-def _label_text(target: Any, task: str, names: list[str]) -> str:
-    if task == "classification":
-        return names[int(target)]
-    if task == "multilabel":
-        on = [name for name, v in zip(names, target, strict=True) if v > 0.5]
-        return ", ".join(on) if on else "(no label)"
-    return ", ".join(f"{name}={v:.3g}" for name, v in zip(names, target, strict=True))
-
-
-def _pick_samples(source: DataSource) -> list[int]:
-    """A few samples per class, grouped by class; spread over the dataset when there are no classes."""
-    n = len(source)
-    if source.task != "classification":
-        return sorted(set(np.linspace(0, n - 1, min(n, MAX_THUMBS)).round().astype(int).tolist())) if n else []
-    k = len(source.class_names)
-    per_class = max(1, min(THUMBS_PER_CLASS, MAX_THUMBS // max(k, 1)))
-    wanted = min(MAX_THUMBS, sum(min(per_class, c) for c in source.class_counts()))
-    taken = [0] * k
-    picked: list[int] = []
-    for i, target in enumerate(source.targets):
-        if taken[target] < per_class:
-            taken[target] += 1
-            picked.append(i)
-            if len(picked) >= wanted:
-                break
-    return sorted(picked, key=lambda i: (source.targets[i], i))[:MAX_THUMBS]
-
-
-def _sample_image(source: DataSource, i: int) -> Image.Image:
-    from engine.data import array_to_tensor, load_image
-
-    if source.array is not None:
-        pixels = array_to_tensor(source.array[i]).permute(1, 2, 0).numpy()
-        return Image.fromarray(np.clip(np.rint(pixels * 255), 0, 255).astype(np.uint8))
-    assert source.files is not None  # a source has either an array or files
-    return load_image(source.files[i])
-
-
 def scan_dataset(
     path: str,
     *,
@@ -180,7 +140,7 @@ def scan_dataset(
     cancel: threading.Event | None = None,
     classes: Sequence[str] = (),
 ) -> dict[str, Any]:
-    """Scan a dataset (and its validation source), split it, and decode a few thumbnails; raises DataError.
+    """Scan a dataset (and its validation source), split it, and order its samples by class; raises DataError.
 
     Tar shards (kind "webdataset") are not scanned: their shards.json (or one pass counting them) gives the shard
     and sample counts and the classes; classes is data.classes for shards without one."""
@@ -210,18 +170,9 @@ def scan_dataset(
             raise DataError(f"validation source: {exc}") from None
         check()
 
-    thumbs = []
-    picked = _pick_samples(source)
-    for done, i in enumerate(picked, start=1):
-        check()
-        where = readable(str(source.files[i]) if source.files is not None else f"{source.path}, row {i}")
-        try:
-            pixels = fit_pixels(_sample_image(source, i), THUMB_SIZE)
-        except Exception:  # noqa: BLE001 - a file changed since the scan: leave its thumbnail out
-            continue
-        label = _label_text(source.targets[i], source.task, source.class_names)
-        thumbs.append({"label": label, "where": where, "pixels": pixels})
-        report(("thumbs", done, len(picked)))
+    # The Samples tab lists every sample grouped by class; its thumbnails are decoded later, for rows on screen.
+    order = sample_order(source)
+    check()
 
     # Shown as text: Qt drops the undecodable bytes of a non-UTF-8 file name, naming another file or none.
     skipped = [(readable(s.path), readable(s.reason)) for s in source.skipped]
@@ -230,7 +181,6 @@ def scan_dataset(
         skipped += [(readable(s.path), readable(f"validation: {s.reason}")) for s in val_source.skipped]
         warnings += [readable(f"validation: {w}") for w in val_source.warnings]
     # Kept for re-splitting when only val_fraction or split_seed change; without files and pixels it stays small.
-    light = dataclasses.replace(source, files=None, array=None, skipped=[], warnings=[])
     light_val = (
         dataclasses.replace(val_source, files=None, array=None, skipped=[], warnings=[])
         if val_source is not None
@@ -247,8 +197,8 @@ def scan_dataset(
         "split": split_summary(source, val_fraction, split_seed, val_source),
         "skipped": skipped,
         "warnings": warnings,
-        "thumbs": thumbs,
-        "source": light,
+        "order": order,
+        "source": source,  # its files (or array) feed the Samples tab's thumbnails
         "val_source": light_val,
     }
 
@@ -609,24 +559,32 @@ class DatasetPanel(QWidget):
         classes_split.setStretchFactor(0, 3)
         classes_split.setStretchFactor(1, 2)
 
-        self.samples_list = QListWidget()
+        self.samples_list = QListView()  # every sample, over a model: thumbnails only for rows on screen
         self.samples_list.setObjectName("dataset.samples")
+        self.samples_model = SamplesModel(THUMB_SIZE, self._sample_on_screen, self)
+        self.samples_list.setModel(self.samples_model)
         self.samples_list.setViewMode(QListView.ViewMode.IconMode)
         self.samples_list.setIconSize(QSize(THUMB_SIZE, THUMB_SIZE))
         metrics = QFontMetrics(self.samples_list.font())
         self.samples_list.setGridSize(QSize(THUMB_SIZE + 40, THUMB_SIZE + metrics.height() + 14))
         self.samples_list.setResizeMode(QListView.ResizeMode.Adjust)
         self.samples_list.setMovement(QListView.Movement.Static)
-        self.samples_list.setUniformItemSizes(True)
+        self.samples_list.setUniformItemSizes(True)  # no row is measured to lay out the others
         self.samples_list.setWordWrap(False)
         self.samples_list.setTextElideMode(Qt.TextElideMode.ElideRight)
+        self.samples_list.setEditTriggers(QAbstractItemView.EditTrigger.NoEditTriggers)
 
-        self.skipped_table = QTableWidget(0, 2)
+        self.skipped_table = QTableView()
         self.skipped_table.setObjectName("dataset.skipped")
-        self.skipped_table.setHorizontalHeaderLabels(["File", "Reason"])
+        self.skipped_model = SkippedModel(self)
+        self.skipped_table.setModel(self.skipped_model)
         self.skipped_table.verticalHeader().hide()
+        self.skipped_table.verticalHeader().setSectionResizeMode(QHeaderView.ResizeMode.Fixed)  # none measured
+        self.skipped_table.verticalHeader().setDefaultSectionSize(metrics.height() + 8)
         self.skipped_table.setEditTriggers(QAbstractItemView.EditTrigger.NoEditTriggers)
+        self.skipped_table.setSelectionBehavior(QAbstractItemView.SelectionBehavior.SelectRows)
         self.skipped_table.setWordWrap(False)
+        self.skipped_table.setTextElideMode(Qt.TextElideMode.ElideMiddle)
         self.skipped_table.horizontalHeader().setSectionResizeMode(0, QHeaderView.ResizeMode.Interactive)
         self.skipped_table.horizontalHeader().setStretchLastSection(True)
         self.skipped_table.setColumnWidth(0, 380)
@@ -873,14 +831,18 @@ class DatasetPanel(QWidget):
         return any(t.is_running() for t in self._tasks) or self._timer.isActive() or self.audit_panel.is_busy()
 
     def wait(self, ms: int = 30000) -> bool:
-        """Block until this panel's background work is done, pending scans included (tests, closing the window)."""
+        """Block until this panel's background work is done, pending scans and thumbnails included (tests, closing
+        the window)."""
         deadline = time.monotonic() + ms / 1000
         while time.monotonic() < deadline:
             QApplication.processEvents()  # fires a pending scan, delivers finished results
             running = [t for t in self._tasks if t.is_running()]
             if self.audit_panel.task is not None and self.audit_panel.task.is_running():
                 running.append(self.audit_panel.task)
-            if not running and not self._timer.isActive():
+            thumbs = self.samples_model.task
+            if thumbs is not None and thumbs.is_running():
+                running.append(thumbs)
+            if not running and not self._timer.isActive() and not self.samples_model.is_busy():
                 return True
             for task in running:
                 task.wait(max(1, int((deadline - time.monotonic()) * 1000)))
@@ -996,8 +958,8 @@ class DatasetPanel(QWidget):
         self.train_bars.setOpts(x=[], height=[])
         self.val_bars.setOpts(x=[], y0=[], height=[])
         self.class_table.setRowCount(0)
-        self.samples_list.clear()
-        self.skipped_table.setRowCount(0)
+        self.samples_model.show(None)
+        self.skipped_model.show([])
         self.tabs.setTabText(2, "Skipped")
         self.warnings_label.clear()
         self.warnings_label.hide()
@@ -1013,7 +975,7 @@ class DatasetPanel(QWidget):
             f"{Path(r['path']).name}: {r['size']:,} samples, {len(names)} {what} ({r['kind']}, {task}){extra}"
         )
         self._show_split(r)
-        self._show_thumbnails(r["thumbs"])
+        self.samples_model.show(r["source"], r["order"])
         self._show_skipped(r["skipped"])
         if r["warnings"]:
             self.warnings_label.setText("\n".join(f"Warning: {w}" for w in r["warnings"]))
@@ -1084,27 +1046,15 @@ class DatasetPanel(QWidget):
         plot.setXRange(-0.6, len(names) - 0.4, padding=0)
         plot.setYRange(0, top * 1.08 or 1, padding=0)
 
-    def _show_thumbnails(self, thumbs: list[dict]) -> None:
-        self.samples_list.clear()
-        for thumb in thumbs:
-            pixels = thumb["pixels"]
-            h, w = pixels.shape[:2]
-            image = QImage(pixels.data, w, h, 3 * w, QImage.Format.Format_RGB888).copy()
-            item = QListWidgetItem(QIcon(QPixmap.fromImage(image)), thumb["label"])
-            item.setToolTip(f"{thumb['label']}\n{thumb['where']}")
-            self.samples_list.addItem(item)
+    def _sample_on_screen(self, row: int) -> bool:
+        """Whether a sample's cell is in the Samples view's visible area now (its thumbnail is wanted)."""
+        view = self.samples_list
+        if not view.isVisible():
+            return False
+        return view.visualRect(self.samples_model.index(row)).intersects(view.viewport().rect())
 
     def _show_skipped(self, skipped: list[tuple[str, str]]) -> None:
-        shown = skipped[:MAX_SKIPPED_ROWS]  # a table of every file of a broken 100k-image folder helps nobody
-        rows = list(shown)
-        if len(skipped) > len(shown):
-            rows.append((f"... and {len(skipped) - len(shown):,} more", "not listed here"))
-        self.skipped_table.setRowCount(len(rows))
-        for row, (path, reason) in enumerate(rows):
-            for col, text in enumerate((path, reason)):
-                item = QTableWidgetItem(text)
-                item.setToolTip(text)
-                self.skipped_table.setItem(row, col, item)
+        self.skipped_model.show(skipped)  # every one: the view asks only for the rows on screen
         self.tabs.setTabText(2, f"Skipped ({len(skipped):,})" if skipped else "Skipped")
 
     def _on_chart_hovered(self, pos) -> None:

@@ -263,6 +263,28 @@ def test_unreadable_image_listed_and_single_class_skips_label_checks(tmp_path):
     assert any("label checks skipped" in n and "one class" in n for n in report.notes)
 
 
+def test_a_file_that_stops_decoding_after_the_audits_scan_is_listed_and_marked_in_the_scan_cache(tmp_path):
+    from engine.data import scan_source
+
+    folder = tmp_path / "images"
+    write_image_folder(folder, per_class=8, size=12)
+    for name in ("green", "blue"):  # one class: the audit leaves out its label checks, which train models
+        shutil.rmtree(folder / name)
+    cfg = load_project(write_project(tmp_path / "p.json", "images", model={"weights": None}), check_paths=False)
+    victim = folder / "red" / "002.png"
+
+    def progress(stage, done, total):
+        if stage == "embed" and done == 0:  # scanned, not yet decoded: cut short after its header
+            data = victim.read_bytes()
+            victim.write_bytes(data[: len(data) // 2])
+
+    report = run_audit(cfg, progress=progress, cache=tmp_path / "cache")
+
+    assert [f.keys for f in report.of_kind("unreadable")] == [["red/002.png"]]
+    reasons = {s.path: s.reason for s in scan_source(folder, single_class_ok=True).skipped}
+    assert reasons[str(victim)].startswith("unreadable when the audit read it")
+
+
 def test_cli_writes_the_json_report(truth, capsys, monkeypatch):
     from tests.conftest import cli
 

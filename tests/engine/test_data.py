@@ -192,11 +192,13 @@ def test_validation_folder_with_unknown_class_skips_it(tmp_path):
     assert all(s.reason == "label 'fox' is not one of the training classes" for s in src.skipped)
 
 
-def test_image_that_changes_on_disk_after_the_scan_raises_data_error(tmp_path):
+def test_image_that_changes_on_disk_after_the_scan_with_none_to_stand_in_raises_data_error(tmp_path):
+    # engine/sample_failures.py: another file stands in while one is readable (tests/engine/test_unreadable.py)
     root = make_folder(tmp_path / "data", {"cat": 1, "dog": 1})
     src = scan_source(root)
     ds = ImageFileDataset(src.files, src.targets, None, src.task)
-    Path(src.files[0]).write_text("overwritten")
+    for f in src.files:
+        Path(f).write_text("overwritten")
 
     with pytest.raises(DataError, match=str(src.files[0].name)):
         ds[0]

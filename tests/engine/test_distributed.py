@@ -21,7 +21,7 @@ from conftest import write_image_folder, write_project
 from engine.checkpoints import load_checkpoint
 from engine.config import SamplerConfig
 from engine.distributed import torchrun_command
-from engine.events import BatchProgress, EpochFinished, RunFinished, RunStarted, decode
+from engine.events import BatchProgress, EpochFinished, LogMessage, RunFinished, RunStarted, decode
 from engine.samplers import SamplerError, ShardedSampler, build_sampler
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -205,11 +205,15 @@ def test_two_processes_match_one_with_the_same_global_batch(tmp_path, data):
 
 
 def test_a_one_process_checkpoint_resumes_in_two_processes_and_the_loss_falls(tmp_path, data):
-    """The whole model trains (BatchNorm per process); events on stdout from rank 0 only; ranks agree."""
+    """The whole model trains (BatchNorm per process); events on stdout from rank 0 only; ranks agree. An image
+    cut short after the scan (before the first batch) is met by one of the processes and reported once by rank 0:
+    in the last event, run.json and the scan cache (engine/sample_failures.py)."""
+    from engine.data import scan_source
+
     project = write_project(
         tmp_path / "p.json",
         "images",
-        loader={"batch_size": 6},
+        loader={"batch_size": 6, "decoded_cache": "off"},  # read from the files each epoch, as big data is
         optimizer={"name": "adam", "lr": 0.0005},
         train={"epochs": 1, "device": "cpu", "seed": 1},
     )
@@ -221,10 +225,19 @@ def test_a_one_process_checkpoint_resumes_in_two_processes_and_the_loss_falls(tm
     cmd = torchrun_command(
         2, ["resume", str(tmp_path / "run" / "checkpoints" / "last.pt"), "--epochs", "4", "--events"]
     )
-    res = _run(cmd, tmp_path, PYTHONPATH=str(HOOK), MWB_TEST_DUMP_DIR=str(dumps))
+    victim = data / "blue" / "005.png"
+    res = _run(cmd, tmp_path, PYTHONPATH=str(HOOK), MWB_TEST_DUMP_DIR=str(dumps), MWB_TEST_CORRUPT=str(victim))
     assert res.returncode == 0, res.stderr[-3000:]
     history = _metrics(tmp_path / "run")
     assert [m["epoch"] for m in history] == [1, 2, 3, 4]
+    finished = [e for e in map(decode, res.stdout.splitlines()) if isinstance(e, RunFinished)]
+    assert [u["path"] for u in finished[0].unreadable] == [str(victim)]
+    info = json.loads((tmp_path / "run" / "run.json").read_text())
+    assert [u["path"] for u in info["unreadable"]] == [str(victim)]
+    logged = [e.message for e in map(decode, res.stdout.splitlines()) if isinstance(e, LogMessage)]
+    assert sum("1 unreadable image(s) skipped: 005.png" in m for m in logged) == 1  # rank 0's summary line
+    skipped = {s.path: s.reason for s in scan_source(data).skipped}
+    assert skipped[str(victim)].startswith("unreadable when training read it")
     assert max(m["train_loss"] for m in history[1:]) < history[0]["train_loss"], history
     events = [e for e in map(decode, res.stdout.splitlines()) if e is not None]
     kinds = collections.Counter(type(e).__name__ for e in events)

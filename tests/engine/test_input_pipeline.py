@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -9,7 +11,7 @@ from conftest import write_image_folder, write_project
 from PIL import Image
 
 from engine.config import load_project
-from engine.data import ArrayDataset, DataError, ImageFileDataset, prepare_data
+from engine.data import ArrayDataset, ImageFileDataset, prepare_data
 from engine.decoded_cache import CacheTooLarge, DecodedImageDataset, apply_decoded_cache, decode_dataset
 from engine.samplers import auto_workers, build_loader, describe_plans, plan_loader
 from engine.trainer import Callback, Trainer
@@ -167,15 +169,18 @@ def test_wide_presized_images_that_overrun_the_bound_fall_back(tmp_path):
         decode_dataset(data.train, fixed, per_item, fixed_size=False, bound=100_000)
 
 
-def test_a_file_that_no_longer_decodes_is_named_when_the_cache_fills(tmp_path):
+def test_a_file_that_no_longer_decodes_is_named_and_stood_in_for_when_the_cache_fills(tmp_path):
     odd_sizes_folder(tmp_path / "images")
     cfg = project(tmp_path, "images")
     data = prepare_data(cfg, PRE)
     broken = data.train.files[3]
     broken.write_bytes(b"not a png any more")
-    with pytest.raises(DataError) as err:
-        apply_decoded_cache(data, cfg, PRE)
-    assert str(broken) in str(err.value) and "decoded-image cache" in str(err.value)
+    assert apply_decoded_cache(data, cfg, PRE).used
+    failures = data.train.failures  # engine/sample_failures.py: the trainer logs and records them
+    assert [(f.path, f.index) for f in failures] == [(str(broken), 3)] and "cannot identify" in failures[0].reason
+    stand_in = data.train.source.files.index(Path(failures[0].replaced_by))
+    assert data.train.targets[stand_in] == data.train.targets[3]
+    assert torch.equal(data.train.image(3), data.train.image(stand_in))
 
 
 def test_auto_worker_rules():

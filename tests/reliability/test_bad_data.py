@@ -358,23 +358,24 @@ def _open(qtbot, panel, path, signal):
 
 
 def _rows(table):
-    return [[table.item(r, c).text() for c in range(table.columnCount())] for r in range(table.rowCount())]
+    model = table.model()
+    return [[model.index(r, c).data() for c in range(model.columnCount())] for r in range(model.rowCount())]
 
 
 def test_panel_lists_each_corrupt_file_readably_and_keeps_the_odd_good_ones(qtbot, panel, tmp_path):
-    from PySide6.QtWidgets import QListWidget, QTableWidget
+    from PySide6.QtWidgets import QListView, QTableView
 
     placed = write_mixed_folder(tmp_path / "mixed")
     info = _open(qtbot, panel, tmp_path / "mixed", "scanned")
 
     assert info["skipped"] == 5 and info["counts"] == [10, 9, 9]
-    rows = {path: reason for path, reason in _rows(panel.findChild(QTableWidget, "dataset.skipped"))}
+    rows = {path: reason for path, reason in _rows(panel.findChild(QTableView, "dataset.skipped"))}
     for case, reason in CORRUPT.items():
         shown = placed[case].replace(os.fsdecode(BAD_NAME), SHOWN_BAD)
         assert reason in rows[shown], (case, rows)
     assert not any(path.endswith("/bad.png") for path in rows)  # the undecodable byte was not silently dropped
     assert "purple" in panel.warnings_label.text() and panel.warnings_label.isVisible()
-    assert panel.findChild(QListWidget, "dataset.samples").count() > 0
+    assert panel.findChild(QListView, "dataset.samples").model().rowCount() == 28  # every usable sample
 
 
 @pytest.mark.parametrize("case", FATAL)

@@ -6,8 +6,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 from conftest import write_image_folder
-from PySide6.QtCore import Qt
-from PySide6.QtWidgets import QLabel, QLineEdit, QListWidget, QPushButton, QTableWidget, QWidget
+from PySide6.QtCore import Qt, QTimer
+from PySide6.QtWidgets import QLabel, QLineEdit, QListView, QListWidget, QPushButton, QTableView, QTableWidget, QWidget
 
 from engine.data import scan_source, split_indices
 from widgets.dataset_panel import OBJECT_NAMES, DatasetPanel
@@ -49,11 +49,24 @@ def bar_chart_data(panel):
     return panel.class_axis.names, ([] if totals is None else totals.tolist())
 
 
-def table_rows(table: QTableWidget):
-    return [
-        [table.item(r, c).text() if table.item(r, c) else "" for c in range(table.columnCount())]
-        for r in range(table.rowCount())
-    ]
+def table_rows(table: QTableWidget | QTableView):
+    model = table.model()
+    return [[model.index(r, c).data() or "" for c in range(model.columnCount())] for r in range(model.rowCount())]
+
+
+def sample_labels(panel) -> list[str]:
+    model = panel.findChild(QListView, "dataset.samples").model()
+    return [model.index(r, 0).data() for r in range(model.rowCount())]
+
+
+def thumbnail(qtbot, panel, row: int):
+    """The Samples tab shown, scrolled to a row, and that row's decoded thumbnail once the background task made it."""
+    view = panel.findChild(QListView, "dataset.samples")
+    panel.tabs.setCurrentWidget(view)
+    model = view.model()
+    view.scrollTo(model.index(row, 0))
+    qtbot.waitUntil(lambda: row in model.thumbs, timeout=30000)
+    return model.thumbs[row]
 
 
 def test_the_tiny_image_folder_shows_its_classes_samples_and_split(qtbot, panel, image_folder):
@@ -66,10 +79,10 @@ def test_the_tiny_image_folder_shows_its_classes_samples_and_split(qtbot, panel,
     rows = table_rows(panel.findChild(QTableWidget, "dataset.classes"))
     assert [(r[0], r[1]) for r in rows] == [("blue", "12"), ("green", "12"), ("red", "12")]
 
-    samples = panel.findChild(QListWidget, "dataset.samples")
-    labels = [samples.item(i).text() for i in range(samples.count())]
-    assert labels == ["blue"] * 6 + ["green"] * 6 + ["red"] * 6
-    assert not samples.item(0).icon().isNull()
+    assert sample_labels(panel) == ["blue"] * 12 + ["green"] * 12 + ["red"] * 12  # every sample, by class
+    image = thumbnail(qtbot, panel, 30).toImage()  # a red one: noisy (220, 40, 40)
+    r, g, b = (image.pixelColor(image.width() // 2, image.height() // 2).getRgb()[i] for i in range(3))
+    assert r > 150 and g < 110 and b < 110
 
     # The project's split (val_fraction 0.25, seed 0), as training will make it.
     source = scan_source(image_folder)
@@ -106,7 +119,7 @@ def test_a_corrupt_png_is_listed_as_skipped_with_its_reason(qtbot, panel, tmp_pa
     bad.write_text("this is not a picture")
     info = open_and_wait(qtbot, panel, folder)
     assert info["skipped"] == 1 and info["counts"] == [4, 4, 4]
-    rows = table_rows(panel.findChild(QTableWidget, "dataset.skipped"))
+    rows = table_rows(panel.findChild(QTableView, "dataset.skipped"))
     assert len(rows) == 1 and rows[0][0] == str(bad) and "cannot identify image" in rows[0][1]
     assert panel.tabs.tabText(2) == "Skipped (1)"
 
@@ -125,7 +138,7 @@ def test_a_bad_path_shows_an_error_and_the_panel_stays_usable(qtbot, panel, imag
     assert error.isVisible() and str(bad) in error.text() and error.text() == message
     assert "Traceback" not in message
     assert bar_chart_data(panel) == ([], [])  # the previous dataset is no longer shown
-    assert panel.findChild(QListWidget, "dataset.samples").count() == 0
+    assert sample_labels(panel) == []
     assert panel.findChild(QTableWidget, "dataset.classes").rowCount() == 0
 
     info = open_and_wait(qtbot, panel, image_folder)  # still usable
@@ -138,17 +151,17 @@ def test_npz_rows_become_thumbnails_and_the_sample_dataset_opens(qtbot, panel, t
     np.savez(tmp_path / "data.npz", X=x, y=np.array([0] * 10 + [1] * 10), class_names=np.array(["dark", "light"]))
     info = open_and_wait(qtbot, panel, tmp_path / "data.npz")
     assert info["class_names"] == ["dark", "light"] and info["counts"] == [10, 10]
-    samples = panel.findChild(QListWidget, "dataset.samples")
-    assert [samples.item(i).text() for i in range(samples.count())] == ["dark"] * 6 + ["light"] * 6
-    pixmap = samples.item(0).icon().pixmap(64, 64)
-    assert not pixmap.isNull()
+    assert sample_labels(panel) == ["dark"] * 10 + ["light"] * 10
+    for row, value in ((0, 0), (19, 255)):
+        image = thumbnail(qtbot, panel, row).toImage()
+        assert image.width() == 64 and image.pixelColor(32, 32).getRgb()[:3] == (value, value, value)
 
     with qtbot.waitSignal(panel.scanned, timeout=60000) as blocker:
         panel.findChild(QPushButton, "dataset.open_sample").click()
     panel.wait()
     digits = blocker.args[0]
     assert digits["num_classes"] == 10 and sum(digits["counts"]) == 1797
-    assert samples.count() == 60  # six of each of the ten digits
+    assert len(sample_labels(panel)) == 1797
     assert Path(panel.state.config.resolve(panel.state.config.data.path)).name == "digits"
 
 
@@ -215,7 +228,65 @@ def test_a_multilabel_csv_counts_positives_per_label(qtbot, panel, image_folder,
     assert info["class_names"] == ["bright", "cold", "warm"] and info["counts"] == [6, 6, 6]
     assert info["train"] + info["val"] == 12 and info["skipped"] == 1
     assert bar_chart_data(panel) == (["bright", "cold", "warm"], [6, 6, 6])
-    samples = panel.findChild(QListWidget, "dataset.samples")
-    assert {samples.item(i).text() for i in range(samples.count())} == {"bright, warm", "cold"}
-    skipped = table_rows(panel.findChild(QTableWidget, "dataset.skipped"))
+    assert set(sample_labels(panel)) == {"bright, warm", "cold"}
+    skipped = table_rows(panel.findChild(QTableView, "dataset.skipped"))
     assert skipped[0][0] == str(tmp_path / "gone.png") and "no such file" in skipped[0][1]
+
+
+def test_two_hundred_thousand_samples_scan_off_the_gui_thread_into_virtual_views(qtbot, panel, tmp_path):
+    """An .npz of 200,000 8x8 images (ten classes, each a flat grey level) and a CSV with thousands of missing files:
+    the event loop turns while the scan runs, every sample is one row of a model (no item objects), thumbnails are
+    decoded only for the rows on screen, and the skipped list holds every entry."""
+    from widgets.sample_views import SamplesModel, SkippedModel
+    from widgets.tasks import running_tasks
+
+    n, k = 200_000, 10
+    y = np.arange(n) % k
+    x = np.repeat((y * 25).astype(np.uint8)[:, None, None], 8, axis=1).repeat(8, axis=2)
+    np.savez(tmp_path / "big.npz", X=x, y=y)
+    seen: list[str] = []
+    timer = QTimer()
+    timer.setInterval(5)
+    timer.timeout.connect(lambda: seen.append("scan" if "dataset scan" in [t.name for t in running_tasks()] else "-"))
+    panel.scanned.connect(lambda info: seen.append("done"))
+    timer.start()
+    info = open_and_wait(qtbot, panel, tmp_path / "big.npz")
+    timer.stop()
+    assert info["counts"] == [n // k] * k
+    # The GUI thread ran its timer while the scan task ran, before the scan's result arrived.
+    assert seen.count("scan") >= 2 and seen.index("scan") < seen.index("done"), seen[:20]
+
+    view = panel.findChild(QListView, "dataset.samples")
+    model = view.model()
+    assert isinstance(model, SamplesModel) and model.rowCount() == n
+    assert model.index(0, 0).data() == "0" and model.index(n - 1, 0).data() == "9"  # grouped by class
+    assert model.thumbs == {}  # nothing decoded while the tab is hidden
+    panel.tabs.setCurrentWidget(view)
+
+    def on_screen() -> set[int]:
+        first = view.indexAt(view.viewport().rect().topLeft()).row()
+        return {r for r in range(first, min(n, first + 500)) if panel._sample_on_screen(r)}
+
+    visible = on_screen()
+    assert 0 < len(visible) < 200
+    qtbot.waitUntil(lambda: visible <= set(model.thumbs), timeout=30000)
+    assert set(model.thumbs) == visible and model.decoded == len(visible)
+    view.scrollToBottom()
+    qtbot.waitUntil(lambda: n - 1 in model.thumbs, timeout=30000)
+    panel.wait()
+    assert model.decoded < 3 * len(visible)  # what was looked at, not 200,000
+    for row in (0, n - 1):
+        level = int(y[model.position(row)]) * 25
+        assert model.thumbs[row].toImage().pixelColor(32, 32).getRgb()[:3] == (level, level, level)
+
+    few = write_image_folder(tmp_path / "few", per_class=2)
+    rows = ["path,label"] + [f"{p},{p.parent.name}" for p in sorted(few.rglob("*.png"))]
+    rows += [f"{tmp_path / 'gone' / f'{i}.png'},red" for i in range(5000)]
+    (tmp_path / "list.csv").write_text("\n".join(rows) + "\n")
+    info = open_and_wait(qtbot, panel, tmp_path / "list.csv")
+    assert info["skipped"] == 5000
+    table = panel.findChild(QTableView, "dataset.skipped")
+    assert isinstance(table.model(), SkippedModel) and table.model().rowCount() == 5000
+    assert table.model().index(4999, 0).data() == str(tmp_path / "gone" / "4999.png")
+    assert "no such file" in table.model().index(4999, 1).data()
+    assert panel.tabs.tabText(2) == "Skipped (5,000)"
