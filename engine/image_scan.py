@@ -242,28 +242,44 @@ def _inspect_chunk(start: int, paths: list[str]) -> tuple[int, list[Result]]:
 
 
 class ProgressLine:
-    """Scan progress as lines with the rate and the time left, at most about one a second (and the last one).
+    """Progress as lines with the rate and the time left, for work that takes a while: nothing in the first
+    second (a small dataset prints nothing), then about one line a second, and the last one.
 
-    Call it with (done, total); it calls write(text) when a line is due. Used by `main.py check` and training,
-    whose consoles and logs would otherwise show nothing for the minutes a first scan of a big folder takes.
+    Call it with (done, total); it calls write(text) when a line is due. Counts that go back or a new total
+    start a new stage (the validation source, or the decoded cache after the scan). Used by `main.py check` and
+    by training, whose consoles and logs would otherwise show nothing for the minutes a first scan of a big
+    folder takes.
     """
 
-    def __init__(self, write: Callable[[str], None], what: str = "Checking images", every: float = 1.0):
+    def __init__(
+        self,
+        write: Callable[[str], None],
+        what: str = "Checking images",
+        every: float = 1.0,
+        clock: Callable[[], float] = time.monotonic,
+    ):
         self.write = write
         self.what = what
         self.every = every
-        self._started: float | None = None
+        self.clock = clock
+        self._stage: tuple[int, int] | None = None  # (total, last done) of the stage in progress
+        self._started = 0.0
         self._base = 0
-        self._shown = -1.0
+        self._shown: float | None = None
 
     def __call__(self, done: int, total: int) -> None:
-        now = time.monotonic()
-        if self._started is None:  # the first report counts files the scan cache already knew: not in the rate
-            self._started, self._base = now, done
-        if done < total and now - self._shown < self.every:
+        now = self.clock()
+        if self._stage is None or self._stage[0] != total or done < self._stage[1]:
+            # A new stage; its first count is work done before (files the scan cache knew): not in the rate.
+            self._started, self._base, self._shown = now, done, None
+        self._stage = (total, done)
+        if done >= total:
+            if self._shown is not None:  # the work took long enough to show lines: say that it ended
+                self.write(self.line(done, total, now - self._started))
             return
-        self._shown = now
-        self.write(self.line(done, total, now - self._started))
+        if now - self._started >= self.every and (self._shown is None or now - self._shown >= self.every):
+            self._shown = now
+            self.write(self.line(done, total, now - self._started))
 
     def line(self, done: int, total: int, elapsed: float) -> str:
         share = f"{done:,} of {total:,} ({100 * done // max(total, 1)}%)"

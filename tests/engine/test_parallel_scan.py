@@ -148,14 +148,27 @@ def test_progress_counts_rise_from_the_cached_files_to_the_total(tmp_path, paral
     assert reports[0] == (110, 120) and reports[-1] == (120, 120)
 
 
-def test_progress_lines_give_the_rate_and_the_time_left():
+def test_progress_lines_give_the_rate_and_the_time_left_once_a_second_after_the_first():
     lines: list[str] = []
-    line = image_scan.ProgressLine(lines.append, "Checking images")
-    line(1_000, 201_000)  # files the cache knew: the rate starts from here
-    assert lines == ["Checking images: 1,000 of 201,000 (0%)"]
-    assert line.line(51_000, 201_000, 10.0) == "Checking images: 51,000 of 201,000 (25%), 5,000/s, about 30 s left"
+    now = [0.0]
+    line = image_scan.ProgressLine(lines.append, "Checking images", clock=lambda: now[0])
+    for t, done in [(0.0, 1_000), (0.5, 3_000), (1.0, 6_000), (1.5, 8_000), (2.0, 11_000)]:
+        now[0] = t
+        line(done, 201_000)  # 1,000 known from the cache: the rate counts from there
+    assert lines == [
+        "Checking images: 6,000 of 201,000 (2%), 5,000/s, about 39 s left",
+        "Checking images: 11,000 of 201,000 (5%), 5,000/s, about 38 s left",
+    ]
+    now[0] = 42.0
+    line(201_000, 201_000)
+    assert lines[-1] == "Checking images: 201,000 of 201,000 (100%), done in 42 s"
     assert line.line(1_001_000, 2_001_000, 100.0).endswith("10,000/s, about 1 min 40 s left")
-    assert line.line(201_000, 201_000, 42.0) == "Checking images: 201,000 of 201,000 (100%), done in 42 s"
+
+    lines.clear()  # a stage that ends within the first second (a small dataset) prints nothing
+    for t, done in [(50.0, 0), (50.4, 30), (50.8, 60)]:
+        now[0] = t
+        line(done, 60)
+    assert lines == []
 
 
 def test_the_worker_module_imports_neither_pytorch_nor_qt():
@@ -166,3 +179,32 @@ def test_the_worker_module_imports_neither_pytorch_nor_qt():
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     out = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_stop_during_the_scan_ends_a_training_run_as_stopped_before_anything_is_built(tmp_path, parallel):
+    import threading
+
+    from conftest import write_project
+
+    from engine.config import load_project
+    from engine.trainer import Callback, Trainer
+
+    folder = write_image_folder(tmp_path / "images", per_class=20, size=8)
+    cfg = load_project(write_project(tmp_path / "p.json", str(folder)))
+    events: list = []
+
+    class Recorder(Callback):
+        def on_log(self, trainer, message):
+            events.append(message)
+
+        def on_batch_finished(self, trainer, state, loss):
+            events.append("batch")
+
+    stop = threading.Event()
+    stop.set()  # Stop pressed while the run was starting
+    trainer = Trainer(cfg, [Recorder()], stop_event=stop)
+    state = trainer.run()
+    assert state.status == "stopped" and state.epoch == 0 and "batch" not in events
+    assert trainer.parts is None  # the scan ended there: no model, loaders or caches were built
+    assert events[-1] == "Stopped while preparing the data, before the first batch"
+    assert multiprocessing.active_children() == []
