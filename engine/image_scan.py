@@ -266,20 +266,27 @@ class ProgressLine:
         self._started = 0.0
         self._base = 0
         self._shown: float | None = None
+        self._now = 0.0
 
     def __call__(self, done: int, total: int) -> None:
-        now = self.clock()
+        text = self.update(done, total)
+        now = self._now
+        if done >= total:
+            if self._shown is not None:  # the work took long enough to show lines: say that it ended
+                self.write(text)
+            return
+        if now - self._started >= self.every and (self._shown is None or now - self._shown >= self.every):
+            self._shown = now
+            self.write(text)
+
+    def update(self, done: int, total: int) -> str:
+        """Take in a count and return its line (the app shows each one; __call__ writes some)."""
+        now = self._now = self.clock()
         if self._stage is None or self._stage[0] != total or done < self._stage[1]:
             # A new stage; its first count is work done before (files the scan cache knew): not in the rate.
             self._started, self._base, self._shown = now, done, None
         self._stage = (total, done)
-        if done >= total:
-            if self._shown is not None:  # the work took long enough to show lines: say that it ended
-                self.write(self.line(done, total, now - self._started))
-            return
-        if now - self._started >= self.every and (self._shown is None or now - self._shown >= self.every):
-            self._shown = now
-            self.write(self.line(done, total, now - self._started))
+        return self.line(done, total, now - self._started)
 
     def line(self, done: int, total: int, elapsed: float) -> str:
         share = f"{done:,} of {total:,} ({100 * done // max(total, 1)}%)"
