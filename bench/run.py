@@ -50,6 +50,7 @@ RUNNERS: dict[str, Callable[[bool], Any]] = {
     "input_pipeline": _engine("input_pipeline"),
     "hand_script": _engine("hand_script"),
     "dataset_scan": _engine("dataset_scan"),
+    "large_dataset": _engine("large_dataset"),
     "gpu": _engine("gpu"),
     "error_analysis": _engine("error_analysis"),  # Qt only for its grid, offscreen
     "audit": _engine("audit"),
