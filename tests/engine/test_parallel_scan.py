@@ -208,3 +208,20 @@ def test_stop_during_the_scan_ends_a_training_run_as_stopped_before_anything_is_
     assert trainer.parts is None  # the scan ended there: no model, loaders or caches were built
     assert events[-1] == "Stopped while preparing the data, before the first batch"
     assert multiprocessing.active_children() == []
+
+
+def test_stop_ends_the_audit_during_its_scan(tmp_path):
+    import threading
+
+    from conftest import write_project
+
+    from engine.audit import AuditStopped, run_audit
+    from engine.config import load_project
+
+    folder = write_image_folder(tmp_path / "images", per_class=4, size=8)
+    cfg = load_project(write_project(tmp_path / "p.json", str(folder)))
+    stop = threading.Event()
+    stop.set()
+    with pytest.raises(AuditStopped):
+        run_audit(cfg, stop=stop, cache=tmp_path / "audit")
+    assert ScanCache(folder).old == {}  # the scan ended before checking a file
