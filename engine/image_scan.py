@@ -226,7 +226,7 @@ def inspect_many(
 
 
 def _in_process(paths: Sequence[str | os.PathLike], begin: int, end: int) -> Iterator[tuple[int, list[Result]]]:
-    step = max(1, min(256, (end - begin) // 100))
+    step = min(256, max(1, -(-(end - begin) // 100)))  # at most 100 progress reports, each at most 256 files
     for start in range(begin, end, step):
         yield start, [inspect(p) for p in paths[start : min(start + step, end)]]
 

@@ -225,3 +225,11 @@ def test_stop_ends_the_audit_during_its_scan(tmp_path):
     with pytest.raises(AuditStopped):
         run_audit(cfg, stop=stop, cache=tmp_path / "audit")
     assert ScanCache(folder).old == {}  # the scan ended before checking a file
+
+
+def test_an_in_process_scan_reports_at_most_a_hundred_and_one_counts(tmp_path):
+    folder = write_image_folder(tmp_path / "images", per_class=50, size=8)  # 150 files, under the crossover
+    assert image_scan.worker_count(150) == 0
+    reports: list[int] = []
+    scan_source(folder, progress=lambda done, total: reports.append(done))
+    assert reports[0] == 0 and reports[-1] == 150 and reports == sorted(reports) and len(reports) <= 101
