@@ -34,10 +34,13 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 Result = tuple[str | None, tuple[int, int] | None]  # (why the file cannot be used, or None; upright width, height)
 
 # Below the crossover the scan stays in the calling process: starting the worker processes would cost more than
-# the work they share. Measured on the 2-CPU development machine: starting a pool (forkserver, workers importing
-# Pillow) about 0.5 s, checking one small PNG in-process about 70 us of CPU. With n CPUs the pool wins from
-# start / (per_file * (1 - 1/n)) files: about 14,000 on 2 CPUs, 7,600 on 16. PARALLEL_FROM, when set, replaces
-# that estimate (the tests set it to 1 to scan a few dozen files in real worker processes).
+# the work they share. With n CPUs the pool wins from start / (per_file * (1 - 1/n)) files. The costs below are
+# CPU-bound estimates from the 2-CPU development machine (shared, load about 12, so wall times were noisy):
+# checking one small PNG in-process took 70 us of CPU (about 200 us wall), starting a pool (forkserver, workers
+# importing Pillow) 0.8 s wall, of which about 0.5 s is taken as the cost on an idle machine. That puts the
+# crossover near 14,000 files on 2 CPUs and 7,600 on 16. (On the loaded machine 20,000 files took 4.0-4.5 s
+# in-process and 3.3-7.3 s in 2 workers: no clear winner at 2 CPUs.) PARALLEL_FROM, when set, replaces the
+# estimate (the tests set it to 1 to scan a few dozen files in real worker processes).
 PARALLEL_FROM: int | None = None
 _POOL_START_S = 0.5
 _CHECK_S = 70e-6
