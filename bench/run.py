@@ -51,6 +51,7 @@ RUNNERS: dict[str, Callable[[bool], Any]] = {
     "hand_script": _engine("hand_script"),
     "dataset_scan": _engine("dataset_scan"),
     "decoded_cache": _engine("decoded_cache"),  # torchrun processes sharing the cache file
+    "large_dataset": _engine("large_dataset"),
     "gpu": _engine("gpu"),
     "error_analysis": _engine("error_analysis"),  # Qt only for its grid, offscreen
     "audit": _engine("audit"),

@@ -150,13 +150,14 @@ class _Samples:
     root: Path
 
 
-def _gather(cfg: ProjectConfig, progress: Progress | None) -> _Samples:
+def _gather(cfg: ProjectConfig, progress: Progress | None, check: Callable[[], None]) -> _Samples:
     d = cfg.data
     path = cfg.resolve(d.path)
     if path is None:
         raise DataError("data.path is empty: give the dataset's path (an image folder, a .csv or a .npz)")
 
     def scanning(done: int, total: int) -> None:
+        check()  # Stop ends the scan too (its worker processes; the scan cache keeps what was checked)
         if progress is not None:
             progress("scan", done, total)
 
@@ -775,7 +776,7 @@ def run_audit(
         if stop is not None and stop.is_set():
             raise AuditStopped
 
-    samples = _gather(cfg, progress)
+    samples = _gather(cfg, progress, check)
     check()
     n = len(samples.keys)
     ids = [_identity(*s) for s in samples.sources]

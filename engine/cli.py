@@ -436,12 +436,15 @@ def cmd_lr_find(args: argparse.Namespace) -> int:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
+    from engine.image_scan import ProgressLine
     from engine.trainer import build_run
 
     cfg = _load(args.project)
     messages: list[str] = []
-    # Everything train builds before its first batch: data, weights, freezing, loss, sampler, device.
-    parts = build_run(cfg, log=messages.append)
+    # Everything train builds before its first batch: data, weights, freezing, loss, sampler, device. A first
+    # scan of a big folder shows its progress; Ctrl-C ends it, keeping in the scan cache what was checked.
+    progress = ProgressLine(lambda line: print(line, file=sys.stderr, flush=True), "Preparing the data")
+    parts = build_run(cfg, log=messages.append, progress=progress)
     print(f"Project {cfg.name!r} is valid: {len(parts.train_loader)} batches per epoch on {parts.device}.")
     print("\n".join(messages))
     return EXIT_OK

@@ -9,19 +9,21 @@ import itertools
 import math
 import os
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image
 from torch.utils.data import Dataset
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
+from engine import image_scan
 from engine.config import TASKS, ProjectConfig
 from engine.dataset_paths import DataError, dataset_root, path_key
+from engine.image_scan import load_image as load_image  # re-exported: the engine reads images through engine.data
+from engine.image_scan import to_rgb as to_rgb
 from engine.sample_failures import MAX_TRIES, Dropped, Reported, SampleFailure, reason_of
 from engine.scan_cache import ScanCache, Stamp, stamp
 from engine.text import readable
@@ -73,72 +75,19 @@ def _class_counts(targets: Sequence, task: str, num_classes: int) -> list[int]:
 
 
 # ---------------------------------------------------------------------------------------------
-# Reading one image
-
-
-_SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
-
-
-def load_image(path: str | os.PathLike) -> Image.Image:
-    """An image file fully decoded as PIL RGB, turned upright by its EXIF orientation."""
-    with Image.open(path) as img:
-        # Pillow only warns between one and two times its pixel limit; refusing here makes the scan and
-        # training agree, without the process-wide warning filters (not thread-safe) or a changed limit.
-        limit = Image.MAX_IMAGE_PIXELS
-        if limit and img.width * img.height > limit:
-            raise Image.DecompressionBombError(
-                f"image too large ({img.width}x{img.height} pixels; Pillow's limit is {limit}, "
-                "a guard against decompression bombs)"
-            )
-        img.load()
-        # In place: the copy exif_transpose otherwise makes of an upright image (nearly every file) was a
-        # fifth of the decoding time of a small PNG. The pixels stay in memory after the file is closed.
-        ImageOps.exif_transpose(img, in_place=True)
-    return to_rgb(img)
-
-
-def to_rgb(img: Image.Image) -> Image.Image:
-    mode = img.mode
-    if mode == "RGB":
-        return img
-    if mode in _SIXTEEN_BIT_MODES:
-        # Pillow's own conversion clips 16-bit values at 255 (a white image); scale the 16-bit range instead.
-        values = np.asarray(img).astype(np.float32) / 257.0
-        return Image.fromarray(np.clip(np.rint(values), 0, 255).astype(np.uint8)).convert("RGB")
-    if mode == "F":
-        values = np.nan_to_num(np.asarray(img, dtype=np.float32))
-        lo, hi = float(values.min()), float(values.max())
-        if lo < 0.0 or hi > 1.0:  # no fixed range to assume, so stretch what is there
-            values = (values - lo) / (hi - lo) if hi > lo else np.zeros_like(values)
-        return Image.fromarray(np.rint(values * 255).astype(np.uint8)).convert("RGB")
-    if mode in ("P", "PA"):
-        # Going through RGBA applies palette transparency properly (Pillow warns on a direct P -> RGB).
-        img = img.convert("RGBA") if mode == "PA" or "transparency" in img.info else img.convert("RGB")
-    return img.convert("RGB")  # RGBA/LA drop alpha; L, 1, CMYK, YCbCr convert directly
-
-
-def _inspect(path: Path) -> tuple[str | None, tuple[int, int] | None]:
-    """(why the image cannot be used, or None; its upright width and height when it decodes)."""
-    try:
-        if path.stat().st_size == 0:
-            return "empty file (0 bytes)", None
-        size = load_image(path).size
-    except UnidentifiedImageError:
-        return "cannot identify image file (not an image, or a format Pillow cannot read)", None
-    except Exception as exc:  # noqa: BLE001 - any decoder failure means the file is unusable
-        text = str(exc).strip()
-        return (text if text else type(exc).__name__), None
-    return None, size
+# Checking image files (reading them: engine/image_scan.py)
 
 
 def _verify(paths: Sequence[Path], progress: Progress, cache: ScanCache | None = None) -> list[str | None]:
-    """The problem (or None) of each file, decoded in threads since Pillow's decoders release the GIL.
+    """The problem (or None) of each file, from its header and end (engine/image_scan.py says what that finds),
+    in worker processes for a big dataset.
 
-    With a scan cache, a file whose size, times and inode are those it had when last decoded is not decoded
-    again: its remembered result is used, and the cache is written back with this scan's findings.
+    With a scan cache, a file whose size, times and inode are those it had when last checked is not read again:
+    its remembered result is used, and the cache is written back with this scan's findings. progress gets
+    (done, total) after each chunk of files; an exception it raises (a stop) ends the scan there, worker processes
+    included, and the cache keeps every file checked until then, so the next scan goes on from there.
     """
     total = len(paths)
-    step = max(1, total // 100)
     problems: list[str | None] = [None] * total
     stamps: dict[int, Stamp] = {}
     todo: list[int] = []
@@ -147,7 +96,7 @@ def _verify(paths: Sequence[Path], progress: Progress, cache: ScanCache | None =
             try:
                 st = stamp(os.stat(path))
             except OSError:
-                todo.append(i)  # decoding says what is wrong with it
+                todo.append(i)  # checking it says what is wrong with it
                 continue
             found, problem, _ = cache.lookup(path, st)
             if found:
@@ -156,18 +105,22 @@ def _verify(paths: Sequence[Path], progress: Progress, cache: ScanCache | None =
             stamps[i] = st
         todo.append(i)
     done = total - len(todo)
-    if progress is not None and done:
-        progress(done, total)
-    with ThreadPoolExecutor() as pool:
-        for i, (problem, size) in zip(todo, pool.map(_inspect, [paths[i] for i in todo]), strict=True):
-            problems[i] = problem
-            if cache is not None and i in stamps:
-                cache.record(paths[i], stamps[i], problem, size)
-            done += 1
-            if progress is not None and (done % step == 0 or done == total):
-                progress(done, total)
-    if cache is not None:
-        cache.save()
+    try:
+        if progress is not None:
+            progress(done, total)
+        with contextlib.closing(image_scan.inspect_many([paths[i] for i in todo])) as chunks:
+            for start, results in chunks:
+                for j, (problem, size) in enumerate(results, start=start):
+                    i = todo[j]
+                    problems[i] = problem
+                    if cache is not None and i in stamps:
+                        cache.record(paths[i], stamps[i], problem, size)
+                done += len(results)
+                if progress is not None:
+                    progress(done, total)
+    finally:
+        if cache is not None:
+            cache.save()
     return problems
 
 
@@ -839,7 +792,7 @@ class ImageFileDataset(EngineDataset):
                 break
             try:
                 image = load_image(self.files[j])
-            except Exception as exc:  # noqa: BLE001 - it decoded at scan time, so the file changed on disk
+            except Exception as exc:  # noqa: BLE001 - the scan reads headers and ends only: inner damage shows here
                 failures.append(SampleFailure(str(self.files[j]), reason_of(exc), self.origin, j))
                 continue
             if failures and failures[0].index == index:

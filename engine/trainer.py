@@ -36,6 +36,7 @@ from engine.freezing import (
     param_groups,
     set_frozen_batchnorm_eval,
 )
+from engine.image_scan import ProgressLine
 from engine.losses import TaskLoss
 from engine.machine import auto_device, devices_here
 from engine.monitor import MetricTracker
@@ -329,6 +330,10 @@ def phase_schedule(phase: Phase, optimizer: torch.optim.Optimizer, steps_per_epo
     )
 
 
+class _StoppedWhilePreparing(Exception):
+    """Stop was asked for while the run was being built (a first scan of a big dataset takes minutes)."""
+
+
 class Trainer:
     """Runs a project's epochs; stop() ends the run within one batch.
 
@@ -411,6 +416,9 @@ class Trainer:
             if state.status == "completed":
                 self._restore_best()
             self.strategy.finish(self.built.model, self.log)
+        except _StoppedWhilePreparing:
+            state.status = "stopped"  # the scan cache keeps what was checked: the next start goes on from there
+            self.log("Stopped while preparing the data, before the first batch")
         except BaseException as exc:
             with contextlib.suppress(Exception):  # the run's own failure is the one to report
                 self._keep_failures(gather=False)
@@ -430,7 +438,7 @@ class Trainer:
     def _set_up(self) -> None:
         """Build the run, restore a checkpoint, choose the strategy, the feature cache and the forward."""
         if self.parts is None:
-            self.parts = build_run(self.cfg, log=self.log)
+            self.parts = build_run(self.cfg, log=self.log, progress=self._preparing())
         p, state = self.parts, self.state
         self.failures.sizes = {"train": len(p.data.train), **({"val": len(p.data.val)} if p.data.val else {})}
         for split, ds in (("train", p.data.train), ("val", p.data.val)):
@@ -454,6 +462,17 @@ class Trainer:
         if len(self.phases) > 1:
             self.log(self._describe_phase())
         self._start_phase()
+
+    def _preparing(self) -> Callable[[int, int], None]:
+        """Progress of the data scan (and the decoded cache) in the log, with the time left; Stop ends it."""
+        line = ProgressLine(self.log, "Preparing the data")
+
+        def report(done: int, total: int) -> None:
+            if self.stop_event.is_set():
+                raise _StoppedWhilePreparing
+            line(done, total)
+
+        return report
 
     def _describe_phase(self) -> str:
         phase, state, p = self.phases[self.state.phase], self.state, self.built

@@ -54,6 +54,7 @@ from widgets.tasks import Task, run_task
 
 if TYPE_CHECKING:
     from engine.data import DataSource
+    from engine.image_scan import ProgressLine
 
 # engine.data imports PyTorch: it is imported where a scan runs (a worker thread), not at the window's start-up.
 
@@ -76,6 +77,7 @@ OBJECT_NAMES = {
     "dataset.samples": "every sample image with its label, grouped by class (thumbnails load as they scroll into view)",
     "dataset.skipped": "files the scan could not use, with the reason",
     "dataset.progress": "busy indicator while the dataset is scanned",
+    "dataset.stop_scan": "stops a scan in progress (what was checked is kept for the next scan)",
     "dataset.status": "what the panel is doing, or a summary of the dataset",
     "dataset.split": "how many samples go to training and to validation",
     "dataset.error": "why the dataset cannot be used (bad path, empty folder, a single class...)",
@@ -97,7 +99,7 @@ SAMPLE_DATASET = Path(__file__).resolve().parents[1] / "resources" / "sample_dat
 
 
 class _Cancelled(Exception):
-    """A newer request superseded this scan."""
+    """Stop was pressed, or a newer request superseded this scan."""
 
 
 def split_summary(
@@ -155,7 +157,11 @@ def scan_dataset(
             raise _Cancelled()
 
     def stage(name: str) -> Callable[[int, int], None]:
-        return lambda done, total: report((name, done, total))
+        def progress(done: int, total: int) -> None:
+            check()  # Stop (or a newer request): the scan ends its worker processes and keeps what it checked
+            report((name, done, total))
+
+        return progress
 
     report(("start", 0, 0))
     source = scan_source(path, kind=kind, task=task, progress=stage("verify"))
@@ -325,6 +331,7 @@ class DatasetPanel(QWidget):
         self.state = state
         self._request = 0
         self._tasks: list[Task] = []
+        self._eta: ProgressLine | None = None  # the scan's rate and time left, for the status line
         self._pending: str | None = None  # "scan" or "split" waiting for the coalescing timer
         self._last: dict[str, Any] | None = None  # the last successful scan
         self._scan_key: tuple | None = None
@@ -494,8 +501,16 @@ class DatasetPanel(QWidget):
         self.status_label = QLabel()
         self.status_label.setObjectName("dataset.status")
         self.status_label.setWordWrap(True)
+        self.stop_button = QPushButton("Stop")
+        self.stop_button.setObjectName("dataset.stop_scan")
+        self.stop_button.setToolTip(
+            "Stop scanning; what was checked is remembered, so the next scan of this dataset goes on from there"
+        )
+        self.stop_button.clicked.connect(self.stop_scan)
+        self.stop_button.hide()
         status_row = QHBoxLayout()
         status_row.addWidget(self.progress_bar)
+        status_row.addWidget(self.stop_button)
         status_row.addWidget(self.status_label, 1)
         self.split_label = QLabel()
         self.split_label.setObjectName("dataset.split")
@@ -784,6 +799,10 @@ class DatasetPanel(QWidget):
             return
         cfg = self.state.config
         self._set_busy(True, f"Scanning {path}...")
+        self.stop_button.show()
+        from engine.image_scan import ProgressLine
+
+        self._eta = ProgressLine(self.status_label.setText)
         self._tasks.append(
             run_task(
                 "dataset scan",
@@ -800,6 +819,14 @@ class DatasetPanel(QWidget):
                 on_error=lambda exc, tb: self._on_scan_errored(rid, path, exc, tb),
                 on_progress=lambda value: self._on_scan_progressed(rid, value),
             )
+        )
+
+    def stop_scan(self) -> None:
+        """Stop the scan in progress: its worker processes end; the scan cache keeps the files already checked."""
+        self._new_request()  # cancels the running scan; its late reports and result are ignored
+        self._set_busy(False)
+        self.status_label.setText(
+            "Scan stopped. The images checked so far are remembered: opening the dataset again goes on from there."
         )
 
     def _start_split(self) -> None:
@@ -859,9 +886,11 @@ class DatasetPanel(QWidget):
         }.get(stage)
         if what is None or total <= 0:
             return
+        if self._eta is not None:
+            self._eta.what = what
+            self.status_label.setText(self._eta.update(done, total))  # with the rate and the time left
         self.progress_bar.setRange(0, total)
-        self.progress_bar.setValue(done)
-        self.status_label.setText(f"{what}: {done:,} of {total:,}")
+        self.progress_bar.setValue(done)  # last: a slot of its signal may stop the scan
 
     def _on_scan_returned(self, rid: int, key: tuple, result: dict) -> None:
         if rid != self._request:
@@ -942,6 +971,8 @@ class DatasetPanel(QWidget):
     def _set_busy(self, busy: bool, text: str = "") -> None:
         self.progress_bar.setRange(0, 0)  # an indefinite busy bar until the scan reports its size
         self.progress_bar.setVisible(busy)
+        if not busy:
+            self.stop_button.hide()
         if busy:
             self.status_label.setText(text)
 

@@ -1,4 +1,4 @@
-"""The scan cache: a second scan of an unchanged dataset decodes nothing; a changed, added or removed file alone is
+"""The scan cache: a second scan of an unchanged dataset reads no image; a changed, added or removed file alone is
 scanned again; a cache of another format version, or half written, is not trusted."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ import os
 import pytest
 from conftest import write_image_folder
 
-import engine.data
+import engine.image_scan
 from engine.data import scan_source
 from engine.scan_cache import VERSION, ScanCache
 
@@ -18,15 +18,16 @@ PLANTED = "planted in the cache by the test"
 
 @pytest.fixture()
 def decodes(monkeypatch):
-    """Every file the scan decodes, in order (the real decoder runs; this only records its argument)."""
+    """Every image file the scan reads, in order (the real check runs; this only records its argument). Small
+    datasets are checked in the test's own process, where the recording sees them."""
     seen: list[str] = []
-    real = engine.data.load_image
+    real = engine.image_scan.inspect
 
     def recording(path):
         seen.append(os.path.basename(os.path.dirname(path)) + "/" + os.path.basename(path))
         return real(path)
 
-    monkeypatch.setattr(engine.data, "load_image", recording)
+    monkeypatch.setattr(engine.image_scan, "inspect", recording)
     return seen
 
 
