@@ -5,6 +5,10 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+from engine.openmp_env import prefer_passive_waiting
+
+prefer_passive_waiting()  # before anything imports PyTorch; the processes it starts (torchrun) inherit it
+
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)

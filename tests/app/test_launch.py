@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from app import launch
 
 REPO = Path(__file__).resolve().parents[2]
@@ -101,3 +103,14 @@ def test_without_a_display_main_says_so_and_runs_the_project_headless(tmp_path):
     assert "headless" in result.stderr
     assert "missing.json" in result.stderr and "does not exist" in result.stderr
     assert result.returncode == 2
+
+
+@pytest.mark.parametrize(("given", "expected"), [(None, "PASSIVE"), ("ACTIVE", "ACTIVE")])
+def test_main_sets_passive_openmp_waiting_before_torch_unless_the_user_chose(given, expected):
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    if given:
+        env["OMP_WAIT_POLICY"] = given
+    code = "import os, sys, main; print(os.environ.get('OMP_WAIT_POLICY'), 'torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == [expected, "False"]  # set while PyTorch is still unimported, so libgomp reads it
