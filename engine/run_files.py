@@ -14,14 +14,25 @@ PROJECT_FILE = "project.json"
 RUN_INFO_FILE = "run.json"
 
 
-def read_metrics(run_dir: str | os.PathLike) -> list[dict[str, Any]]:
-    """The epochs recorded in a run folder's metrics.jsonl; a line cut short by a crash is ignored."""
+def read_metrics(run_dir: str | os.PathLike, chunk: int = 0) -> list[dict[str, Any]]:
+    """The epochs recorded in a run folder's metrics.jsonl; a line cut short by a crash is ignored.
+
+    chunk: parse this many lines at a time (0: the whole file at once). One parse holds the GIL for its whole
+    length, so a reader on a worker thread gives the GUI thread its turns between chunks of a long file."""
     path = Path(run_dir) / METRICS_FILE
     try:
         lines = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
     except FileNotFoundError:
         return []
-    try:  # one parse for the whole file (the runs table reads hundreds of these); line by line if one is cut
+    size = chunk if chunk > 0 else max(1, len(lines))
+    rows: list[dict[str, Any]] = []
+    for start in range(0, len(lines), size):
+        rows.extend(_parse_lines(lines[start : start + size]))
+    return rows
+
+
+def _parse_lines(lines: list[str]) -> list[dict[str, Any]]:
+    try:  # one parse for many lines (the runs table reads hundreds of files); line by line if one is cut
         rows = json.loads("[" + ",".join(lines) + "]")
         if all(isinstance(row, dict) for row in rows):
             return rows
