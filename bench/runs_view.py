@@ -57,8 +57,8 @@ def run(quick: bool = False) -> list[Section]:
 
     from widgets.runs_view import RunsView
 
-    count, epochs = (40, 20) if quick else (200, 30)
-    long_runs, points = (4, 5_000) if quick else (20, 100_000)
+    count, epochs = (20, 10) if quick else (200, 30)
+    long_runs, points = (3, 2_000) if quick else (20, 100_000)
     _app()
     work = Path(tempfile.mkdtemp(prefix="bench-runs-view-"))
     try:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import html
 import math
 import os
 import time
@@ -13,7 +14,7 @@ import pyqtgraph as pg
 from pyqtgraph.exporters import ImageExporter
 from PySide6.QtCore import QEvent, QSize, Qt
 from PySide6.QtGui import QColor, QImage, QPalette
-from PySide6.QtWidgets import QVBoxLayout, QWidget
+from PySide6.QtWidgets import QLabel, QVBoxLayout, QWidget
 
 OBJECT_NAMES: dict[str, str] = {
     "plots.layout": "the four training plots (batch loss, epoch loss, accuracy, learning rate); drag to pan, "
@@ -510,7 +511,7 @@ def epoch_curves(rows: list[dict[str, Any]]) -> dict[str, Series]:
 
 
 class RunsPlots(PlotGrid):
-    """Several runs' epoch curves overlaid: one colour per run, named in the accuracy plot's legend; long curves
+    """Several runs' epoch curves overlaid: one colour per run, named in a legend above the plots; long curves
     drawn from the same bounded envelope as LivePlots while a plot follows its data, every point when zoomed in."""
 
     # curve name -> (plot name, scale)
@@ -530,10 +531,18 @@ class RunsPlots(PlotGrid):
     def __init__(self, parent: QWidget | None = None):
         super().__init__(parent)
         self.layout_widget.setObjectName("runs.plots")
-        self.layout_widget.setMinimumSize(400, 260)
+        self.layout_widget.setMinimumSize(400, 220)
+        for plot in self.plots.values():
+            if plot.legend is not None:
+                plot.legend.hide()  # twenty names inside a plot would cover its curves: the legend is a label
+        self.legend = QLabel()
+        self.legend.setObjectName("runs.legend")
+        self.legend.setWordWrap(True)
+        self.legend.setTextFormat(Qt.TextFormat.RichText)
+        box = self.layout()
+        assert isinstance(box, QVBoxLayout)  # PlotGrid's
+        box.insertWidget(0, self.legend)
         for name, plot in self.plots.items():
-            if name != "accuracy" and plot.legend is not None:
-                plot.legend.hide()  # one legend names the runs; four would cover the curves
             plot.getViewBox().sigStateChanged.connect(lambda _box, name=name: self._follow_changed(name))
         self._runs: dict[str, dict[str, tuple[pg.PlotDataItem, Series]]] = {}  # run key -> curve -> item, data
         self._labels: dict[str, str] = {}
@@ -591,7 +600,7 @@ class RunsPlots(PlotGrid):
         pen = self._pen(index)
         curves = {}
         for name, (plot_name, _scale) in self.CURVES.items():
-            item = pg.PlotDataItem(name=label if plot_name == "accuracy" else None, pen=pen)
+            item = pg.PlotDataItem(name=label, pen=pen)
             self.plots[plot_name].addItem(item)
             item.setDownsampling(auto=True, method="peak")  # after addItem, as LivePlots does
             item.setClipToView(True)
@@ -604,8 +613,19 @@ class RunsPlots(PlotGrid):
             self.plots[self.CURVES[name][0]].removeItem(item)
         self._labels.pop(key, None)
 
+    def legend_entries(self) -> list[tuple[str, str]]:
+        """The legend as shown: (run label, its colour as #rrggbb), in the order of the runs."""
+        return [(self._labels[key], self.colour(key).name()) for key in self._runs]
+
     def _restyle(self, order: list[str]) -> None:
         """Colours follow the order of the runs, so a run keeps its colour while the ones before it stay."""
+        self.legend.setText(
+            "&nbsp;&nbsp; ".join(
+                f'<span style="color:{colour}">&#9632;</span>&nbsp;{html.escape(label)}'
+                for label, colour in ((self._labels[k], self._pen(i).color().name()) for i, k in enumerate(order))
+            )
+        )
+        self.legend.setVisible(bool(order))
         for index, key in enumerate(order):
             for item, series in self._runs[key].values():
                 pen = self._pen(index, series.n)

@@ -15,6 +15,7 @@ from PySide6.QtCore import (
     QAbstractTableModel,
     QFile,
     QFileSystemWatcher,
+    QItemSelectionModel,
     QModelIndex,
     QPersistentModelIndex,
     QSettings,
@@ -79,7 +80,8 @@ OBJECT_NAMES = {
     "each folder where there is no trash); refuses a run that is training",
     "runs.delete_confirm": "asks before deleting a run folder for good, naming it (no trash on this system)",
     "runs.details": "the selected runs' curves overlaid, and their projects compared",
-    "runs.plots": "the selected runs' epoch curves, one colour per run (legend by run name)",
+    "runs.plots": "the selected runs' epoch curves, one colour per run",
+    "runs.legend": "which colour is which run in the plots below it",
     "runs.compare": "the project fields that differ between the selected runs, one column per run",
     "runs.compare_label": "what the comparison shows, or why there is none",
     "runs.message": "the result of the last action (a run deleted, or why a folder could not be read)",
@@ -220,17 +222,17 @@ class RunsModel(QAbstractTableModel):
                 del self.records[row]
                 self.endRemoveRows()
         self._reindex()
-        new = []
+        new: list[RunRecord] = []
         for record in records:
             text = str(record.path)
-            row = self._rows.get(text)
+            at = self._rows.get(text)
             if text not in keep:
                 continue
-            if row is None:
+            if at is None:
                 new.append(record)
             else:
-                self.records[row] = record
-                self.dataChanged.emit(self.index(row, 0), self.index(row, len(self.keys) - 1))
+                self.records[at] = record
+                self.dataChanged.emit(self.index(at, 0), self.index(at, len(self.keys) - 1))
         if new:
             first = len(self.records)
             self.beginInsertRows(QModelIndex(), first, first + len(new) - 1)
@@ -411,8 +413,9 @@ class RunsView(QWidget):
         self.splitter = QSplitter(Qt.Orientation.Vertical)
         self.splitter.addWidget(table_box)
         self.splitter.addWidget(self.details)
-        self.splitter.setStretchFactor(0, 1)
-        self.splitter.setStretchFactor(1, 1)
+        self.splitter.setStretchFactor(0, 3)  # the table gets the larger share; the plots stay legible
+        self.splitter.setStretchFactor(1, 2)
+        self.splitter.setChildrenCollapsible(False)
         layout = QVBoxLayout(self)
         layout.addWidget(self.splitter)
 
@@ -639,6 +642,7 @@ class RunsView(QWidget):
             texts = [column(key).title] + [format_value(key, r.value(key)) for r in records]
             width = max(max(metrics.horizontalAdvance(t) for t in texts), wide.horizontalAdvance(texts[0]))
             self.table.setColumnWidth(col, min(width + 24, 320))
+
     @staticmethod
     def _known_column(key: str) -> bool:
         try:
@@ -711,9 +715,7 @@ class RunsView(QWidget):
         selection.blockSignals(True)
         try:
             self.table.clearSelection()
-            flags = (
-                selection.SelectionFlag.Select | selection.SelectionFlag.Rows  # type: ignore[attr-defined]
-            )
+            flags = QItemSelectionModel.SelectionFlag.Select | QItemSelectionModel.SelectionFlag.Rows
             for path in paths:
                 row = self.model.row_of(path)
                 if row is not None:
