@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -14,21 +15,25 @@ PROJECT_FILE = "project.json"
 RUN_INFO_FILE = "run.json"
 
 
-def read_metrics(run_dir: str | os.PathLike, chunk: int = 0) -> list[dict[str, Any]]:
-    """The epochs recorded in a run folder's metrics.jsonl; a line cut short by a crash is ignored.
+def read_metrics(run_dir: str | os.PathLike) -> list[dict[str, Any]]:
+    """The epochs recorded in a run folder's metrics.jsonl; a line cut short by a crash is ignored."""
+    return [row for rows in metrics_chunks(run_dir) for row in rows]
 
-    chunk: parse this many lines at a time (0: the whole file at once). One parse holds the GIL for its whole
-    length, so a reader on a worker thread gives the GUI thread its turns between chunks of a long file."""
+
+def metrics_chunks(run_dir: str | os.PathLike, lines: int = 0) -> Iterator[list[dict[str, Any]]]:
+    """read_metrics a piece at a time: the rows of `lines` lines at once (0: the whole file in one piece).
+
+    One parse holds the GIL for its whole length, and rows kept alive by the hundred thousand make Python's
+    garbage collector scan them all, also with the GIL held: a reader on a worker thread that turns each piece
+    into what it needs and drops the rows leaves the GUI thread its turns."""
     path = Path(run_dir) / METRICS_FILE
     try:
-        lines = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        text = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
     except FileNotFoundError:
-        return []
-    size = chunk if chunk > 0 else max(1, len(lines))
-    rows: list[dict[str, Any]] = []
-    for start in range(0, len(lines), size):
-        rows.extend(_parse_lines(lines[start : start + size]))
-    return rows
+        return
+    size = lines if lines > 0 else max(1, len(text))
+    for start in range(0, len(text), size):
+        yield _parse_lines(text[start : start + size])
 
 
 def _parse_lines(lines: list[str]) -> list[dict[str, Any]]:

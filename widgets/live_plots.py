@@ -493,18 +493,25 @@ def _values(rows: list[dict[str, Any]], key: str) -> np.ndarray:
     )
 
 
-def epoch_curves(rows: list[dict[str, Any]]) -> dict[str, Series]:
-    """A run's metrics.jsonl rows as RunsPlots' curves (curve name -> Series of epochs and values, accuracy in
-    percent), their envelopes already summarised.
+def epoch_curves(chunks: Iterable[list[dict[str, Any]]]) -> dict[str, Series]:
+    """A run's metrics.jsonl rows, given in pieces (engine.run_files.metrics_chunks; [rows] for a list), as
+    RunsPlots' curves: curve name -> Series of epochs and values (accuracy in percent), their envelopes already
+    summarised. Each piece becomes arrays at once, so its rows can go.
 
     Plain numpy work (no Qt): the Runs view calls it off the GUI thread, which then only hands points over."""
-    epochs = _values(rows, "epoch")
+    parts: dict[str, list[tuple[np.ndarray, np.ndarray]]] = {name: [] for name in RunsPlots.CURVES}
+    for rows in chunks:
+        epochs = _values(rows, "epoch")
+        for name, (_plot, scale) in RunsPlots.CURVES.items():
+            values = _values(rows, name) * scale
+            keep = np.isfinite(epochs) & np.isfinite(values)
+            parts[name].append((epochs[keep], values[keep]))
     out = {}
-    for name, (_plot, scale) in RunsPlots.CURVES.items():
-        values = _values(rows, name) * scale
-        keep = np.isfinite(epochs) & np.isfinite(values)
-        series = Series(max(256, int(keep.sum())))
-        series.extend(epochs[keep], values[keep])
+    for name, pieces in parts.items():
+        n = sum(len(x) for x, _y in pieces)
+        series = Series(max(256, n))
+        for x, y in pieces:
+            series.extend(x, y)
         series.display()
         out[name] = series
     return out

@@ -46,7 +46,7 @@ from PySide6.QtWidgets import (
 )
 
 from engine.config import ConfigError
-from engine.run_files import METRICS_FILE, read_metrics
+from engine.run_files import METRICS_FILE, metrics_chunks
 from engine.run_lock import holder
 from engine.run_table import (
     DEFAULT_COLUMNS,
@@ -94,7 +94,7 @@ SORT_ROLE = Qt.ItemDataRole.UserRole + 1
 REREAD_DELAY_MS = 200  # changes closer together than this are read in one go
 LOCK_CHECK_MS = 2000  # running runs' locks: a killed process changes no file, only its lock frees
 MAX_OVERLAY = 20
-# Lines of a long metrics.jsonl parsed at a time: a parse holds the GIL, and the GUI thread waits for it.
+# Lines of a long metrics.jsonl parsed at a time (see metrics_chunks): the GUI thread waits while one is parsed.
 METRICS_CHUNK = 2000
 OVERLAY_STEP = 2  # runs handed to the plots per turn of the event loop
 
@@ -151,7 +151,7 @@ def read_curves(paths: Sequence[str], progress: Any, cancel: Any) -> None:
     for path in paths:
         if cancel.is_set():
             return
-        progress((path, epoch_curves(read_metrics(path, chunk=METRICS_CHUNK))))
+        progress((path, epoch_curves(metrics_chunks(path, METRICS_CHUNK))))
 
 
 class RunsModel(QAbstractTableModel):
@@ -372,7 +372,11 @@ class RunsView(QWidget):
         self.message_label.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse)
         self.message_label.hide()
 
-        self.plots = RunsPlots()
+        # The plots are built when the view is first shown (see plots): four pyqtgraph plots take a few hundred
+        # milliseconds to make, which the window's start-up should not pay for a tab it may never open.
+        self._plots: RunsPlots | None = None
+        self._plots_holder = QWidget()
+        QVBoxLayout(self._plots_holder).setContentsMargins(0, 0, 0, 0)
         self.compare_label = QLabel()
         self.compare_label.setObjectName("runs.compare_label")
         self.compare_label.setWordWrap(True)
@@ -389,7 +393,7 @@ class RunsView(QWidget):
         self.details = QTabWidget()
         self.details.setObjectName("runs.details")
         self.details.setDocumentMode(True)
-        self.details.addTab(self.plots, "Curves")
+        self.details.addTab(self._plots_holder, "Curves")
         self.details.addTab(compare_box, "Compare projects")
 
         top = QHBoxLayout()
@@ -483,10 +487,21 @@ class RunsView(QWidget):
         if key:  # an unsaved project keeps its added folders for this session only
             QSettings().setValue(key, list(self.added))
 
+    @property
+    def plots(self) -> RunsPlots:
+        """The overlay plots, made on first use."""
+        if self._plots is None:
+            self._plots = RunsPlots()
+            layout = self._plots_holder.layout()
+            assert layout is not None  # made with the holder
+            layout.addWidget(self._plots)
+        return self._plots
+
     def showEvent(self, event: Any) -> None:  # noqa: N802 - Qt override
         super().showEvent(event)
         if not self._active:
             self._active = True
+            self.plots  # noqa: B018 - built now, on the first show
             self._folders_changed()
 
     def _folders_changed(self) -> None:
@@ -785,6 +800,8 @@ class RunsView(QWidget):
     def _show_curves(self) -> None:
         self._overlay_pending = False
         paths = self.selected_paths()[:MAX_OVERLAY]
+        if self._plots is None and not paths:
+            return  # nothing to draw: the plots need not exist yet
         runs = [(p, Path(p).name, self._curves[p][1]) for p in paths if p in self._curves]
         # A few runs per turn of the event loop: handing 20 runs' curves to the plots at once would hold the
         # GUI thread for longer than a frame.

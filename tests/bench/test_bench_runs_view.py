@@ -13,6 +13,7 @@ def test_quick_run_reports_every_figure():
     opening, overlay = sections
     assert [f.key for f in opening.figures] == [
         "runs_view_open_s",
+        "runs_view_open_vs_engine_read",
         "runs_view_open_heartbeat_p99_ms",
         "runs_view_open_heartbeat_max_ms",
     ]

@@ -4,12 +4,11 @@ columns, live updates from the file system, overlaid curves, the project compari
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
-from PySide6.QtCore import Qt, QTimer
+from PySide6.QtCore import QCoreApplication, QEvent, Qt, QTimer
 from PySide6.QtGui import QAction
 from PySide6.QtWidgets import QApplication, QMessageBox
 
@@ -62,14 +61,22 @@ def runs_root(tmp_path) -> Path:
 
 @pytest.fixture()
 def view(qtbot, runs_root):
-    view = RunsView()
-    qtbot.addWidget(view)
+    view = RunsView()  # deleted by dispose() below, not by qtbot
     view.resize(1280, 800)
     view.set_project("", runs_root)
     view.show()
     qtbot.waitUntil(lambda: view.model.rowCount() == len(RUNS) and not view.is_reading(), timeout=WAIT_MS)
     yield view
     view.shutdown()
+    dispose(view)
+
+
+def dispose(widget) -> None:
+    """Delete a widget now, on the GUI thread: left to the garbage collector, its wrapper may be collected on a
+    worker thread, and PySide then deletes it from inside whatever the GUI thread runs next (a later test's)."""
+    widget.close()
+    widget.deleteLater()
+    QCoreApplication.sendPostedEvents(None, QEvent.Type.DeferredDelete)
 
 
 def column_texts(view: RunsView, key: str) -> dict[str, str]:
@@ -253,6 +260,7 @@ def test_without_a_trash_a_run_is_deleted_only_after_a_confirmation_naming_it(vi
 
 def test_open_as_current_project_loads_that_runs_project(qtbot, tmp_path):
     from app.main_window import MainWindow
+    from widgets.tasks import running_tasks
 
     write_image_folder(tmp_path / "images", per_class=2)
     project = write_project(tmp_path / "project.json", "images", optimizer={"lr": 0.0123}, train={"epochs": 2})
@@ -264,21 +272,32 @@ def test_open_as_current_project_loads_that_runs_project(qtbot, tmp_path):
     (run / "project.json").write_text(json.dumps(data))
     (run / "metrics.jsonl").write_text(json.dumps({"epoch": 1, "val_accuracy": 0.5}) + "\n")
 
-    window = MainWindow()
-    qtbot.addWidget(window)
-    assert window.state.config.optimizer.lr != pytest.approx(0.0123)
-    view = window.runs_view
-    window.tabs.setCurrentWidget(view)
-    window.show()
-    view.add_folder(tmp_path / "runs")
-    qtbot.waitUntil(lambda: view.model.rowCount() == 1 and not view.is_reading(), timeout=WAIT_MS)
-    view.select_paths([str(run)])
-    view.open_button.click()
-    assert window.state.config.optimizer.lr == pytest.approx(0.0123)
-    assert window.state.config.train.epochs == 2
-    assert window.state.file == "" and window.state.dirty  # Save asks where: the run's record stays as it was
-    assert window.current_run_dir == str(run.resolve())
-    assert json.loads((run / "project.json").read_text()) == data
-    window.state._set_dirty(False)  # noqa: SLF001 - closing must not ask about the unsaved project
-    view.shutdown()
-    shutil.rmtree(tmp_path / "runs")
+    window = MainWindow()  # deleted by dispose() at the end, not by qtbot
+    try:
+        assert window.state.config.optimizer.lr != pytest.approx(0.0123)
+        view = window.runs_view
+        window.tabs.setCurrentWidget(view)
+        window.show()
+        view.add_folder(tmp_path / "runs")
+        qtbot.waitUntil(lambda: view.model.rowCount() == 1 and not view.is_reading(), timeout=WAIT_MS)
+        view.select_paths([str(run)])
+        view.open_button.click()
+        assert window.state.config.optimizer.lr == pytest.approx(0.0123)
+        assert window.state.config.train.epochs == 2
+        assert window.state.file == "" and window.state.dirty  # Save asks where: the run's record stays as it was
+        assert window.current_run_dir == str(run.resolve())
+        assert json.loads((run / "project.json").read_text()) == data
+    finally:
+        window.state._set_dirty(False)  # noqa: SLF001 - closing must not ask about the unsaved project
+        qtbot.waitUntil(lambda: not running_tasks(), timeout=120000)
+        dispose(window)
+
+
+def test_resume_is_offered_for_a_stopped_run_and_asks_for_its_last_checkpoint(qtbot, view, runs_root):
+    view.select_paths([str(runs_root / "alpha")])  # completed: nothing to continue
+    assert not view.resume_button.isEnabled()
+    view.select_paths([str(runs_root / "beta")])  # stopped after 2 of 4 epochs, last.pt kept
+    assert view.resume_button.isEnabled()
+    with qtbot.waitSignal(view.resume_requested, timeout=WAIT_MS) as signal:
+        view.resume_button.click()
+    assert signal.args == [str(runs_root / "beta" / "checkpoints" / "last.pt")]
