@@ -479,6 +479,9 @@ RUN_COLOURS = (
 )
 # Markers show each epoch of a short run; a long curve is a line.
 MARKER_POINTS = 100
+# An overlay's curves follow their data from an envelope of at most this many points each (about two per pixel
+# of a plot's width): twenty runs make eighty curves, and each point is paid for whenever the plots redraw.
+OVERLAY_POINTS = 1024
 
 
 def _values(rows: list[dict[str, Any]], key: str) -> np.ndarray:
@@ -512,7 +515,7 @@ def epoch_curves(chunks: Iterable[list[dict[str, Any]]]) -> dict[str, Series]:
         series = Series(max(256, n))
         for x, y in pieces:
             series.extend(x, y)
-        series.display()
+        series.display(OVERLAY_POINTS)  # the envelope RunsPlots draws, summarised here rather than on the GUI thread
         out[name] = series
     return out
 
@@ -635,20 +638,23 @@ class RunsPlots(PlotGrid):
         self.legend.setVisible(bool(order))
         for index, key in enumerate(order):
             for item, series in self._runs[key].values():
+                # Only what changed: each of these makes pyqtgraph process the curve's points again.
                 pen = self._pen(index, series.n)
                 if item.opts["pen"] != pen:
                     item.setPen(pen)
                 few = 0 < series.n <= MARKER_POINTS
-                item.setSymbol("o" if few else None)
-                if few:
+                if few and (item.opts["symbol"] != "o" or item.opts["symbolPen"] != pen):
+                    item.setSymbol("o")
                     item.setSymbolSize(5)
                     item.setSymbolPen(pen)
                     item.setSymbolBrush(pen.color())
+                elif not few and item.opts["symbol"] is not None:
+                    item.setSymbol(None)
 
     def _draw(self, key: str, name: str) -> None:
         item, series = self._runs[key][name]
         following = self._follows(self.plots[self.CURVES[name][0]])
-        item.setData(*(series.display() if following else series.used()))
+        item.setData(*(series.display(OVERLAY_POINTS) if following else series.used()))
 
     def _follow_changed(self, plot_name: str) -> None:
         following = self._follows(self.plots[plot_name])

@@ -302,7 +302,12 @@ class RunsView(QWidget):
         # pays nothing for it at start-up.
         self._active = False
         self._sized = False  # the columns were fitted to the first rows read
-        self._overlay_pending = False  # _show_curves is queued: the plots get a few runs per turn of the loop
+        # _show_curves queued for the next turn of the event loop (the plots get a few runs per turn); a timer of
+        # the view's own, so a queued call dies with the view.
+        self._overlay_timer = QTimer(self)
+        self._overlay_timer.setSingleShot(True)
+        self._overlay_timer.setInterval(0)
+        self._overlay_timer.timeout.connect(self._show_curves)
 
         saved = QSettings().value(SETTINGS_COLUMNS)
         keys = [str(k) for k in saved] if isinstance(saved, list) else list(DEFAULT_COLUMNS)
@@ -793,12 +798,11 @@ class RunsView(QWidget):
     def _on_curves(self, item: tuple[str, dict[str, Any]], stamps: dict[str, float]) -> None:
         path, data = item
         self._curves[path] = (stamps[path], data)
-        if not self._overlay_pending:
-            self._overlay_pending = True  # several runs read meanwhile are shown in one go
-            QTimer.singleShot(0, self._show_curves)
+        if not self._overlay_timer.isActive():
+            self._overlay_timer.start()  # several runs read meanwhile are shown in one go
 
     def _show_curves(self) -> None:
-        self._overlay_pending = False
+        self._overlay_timer.stop()
         paths = self.selected_paths()[:MAX_OVERLAY]
         if self._plots is None and not paths:
             return  # nothing to draw: the plots need not exist yet
@@ -813,9 +817,8 @@ class RunsView(QWidget):
                 if added == OVERLAY_STEP:
                     break
         self.plots.set_runs([run for i, run in enumerate(runs) if i < end or run[0] in shown])
-        if end < len(runs) and not self._overlay_pending:
-            self._overlay_pending = True
-            QTimer.singleShot(0, self._show_curves)
+        if end < len(runs):
+            self._overlay_timer.start()
         for path in list(self._curves):
             if path not in paths:
                 del self._curves[path]  # only the shown runs' curves are kept in memory
@@ -953,6 +956,7 @@ class RunsView(QWidget):
         """Stop watching and wait for the reads in flight (closing the window)."""
         self._reread_timer.stop()
         self._lock_timer.stop()
+        self._overlay_timer.stop()
         for path_list in (self.watcher.directories(), self.watcher.files()):
             if path_list:
                 self.watcher.removePaths(path_list)
