@@ -29,8 +29,8 @@ from PySide6.QtWidgets import (
 )
 
 from app.training import TrainingController
-from engine.config import ConfigError, Problem, ProjectConfig, run_epochs
-from engine.run_files import is_run_dir, last_written, project_runs
+from engine.config import ConfigError, Problem, ProjectConfig, load_project, run_epochs
+from engine.run_files import PROJECT_FILE, is_run_dir, last_written, project_runs
 from engine.text import readable
 from widgets.folders import start_folder
 from widgets.state import ProjectState
@@ -48,7 +48,7 @@ MAX_RECENT = 10
 
 OBJECT_NAMES = {
     "main.window": "the main window",
-    "main.tabs": "the central tabs: Run, Evaluation, Try it",
+    "main.tabs": "the central tabs: Run, Evaluation, Try it, Runs",
     "main.setup_tabs": "the setup tabs: Dataset, Backbone, Layers, Training",
     "main.setup_dock": "dock holding the setup tabs",
     "main.scroll.dataset": "scroll area around the dataset panel",
@@ -136,6 +136,7 @@ class MainWindow(QMainWindow):
         from widgets.layers_panel import LayersPanel
         from widgets.log_tabs import LogTabs
         from widgets.run_view import RunView
+        from widgets.runs_view import RunsView
         from widgets.training_panel import TrainingPanel
         from widgets.try_it import TryItPanel
 
@@ -161,6 +162,7 @@ class MainWindow(QMainWindow):
         self.checkpoints = CheckpointsPanel()
         self.evaluation = EvaluationPanel()
         self.try_it = TryItPanel()
+        self.runs_view = RunsView()
 
         self.setup_tabs = QTabWidget()
         self.setup_tabs.setObjectName("main.setup_tabs")
@@ -185,6 +187,7 @@ class MainWindow(QMainWindow):
         self.tabs.addTab(self.run_view, "Run")
         self.tabs.addTab(self._scrolled(self.evaluation, "evaluation"), "Evaluation")
         self.tabs.addTab(self._scrolled(self.try_it, "try_it"), "Try it")
+        self.tabs.addTab(self.runs_view, "Runs")
         self.setCentralWidget(self.tabs)
 
         self.log_view = QPlainTextEdit()
@@ -367,6 +370,7 @@ class MainWindow(QMainWindow):
         s, c = self.state, self.controller
         s.dirty_changed.connect(self._update_title)
         s.file_changed.connect(self._update_title)
+        s.file_changed.connect(self._update_dialog_folders)
         s.changed.connect(self._on_state_changed)
         s.refused.connect(self._on_field_refused)
 
@@ -401,6 +405,9 @@ class MainWindow(QMainWindow):
         self.evaluation.browser.make_actions = self._sample_corrections
         self.evaluation.browser.corrections = self.dataset.corrections
         self.dataset.corrections.train_requested.connect(self.train)
+        self.runs_view.open_project_requested.connect(self.open_run_project)
+        self.runs_view.resume_requested.connect(self._on_runs_resume_requested)
+        self.runs_view.logged.connect(self.log)
 
     def _sample_corrections(self, dialog: QDialog) -> QWidget:
         from widgets.corrections_panel import SampleCorrections
@@ -439,6 +446,30 @@ class MainWindow(QMainWindow):
         self.log(f"Opened project {self.state.file}")
         self._show_project_run()
         return True
+
+    def open_run_project(self, run_dir: str) -> bool:
+        """Make a run's project (its project.json, as run: paths absolute) the window's project, unsaved, and show
+        the run. Save asks where to keep it, so the run folder's own record is never overwritten."""
+        if self.controller.is_running():
+            self.show_error("Cannot open a run's project now", "A run is training; stop it or wait for its end.")
+            return False
+        file = Path(run_dir) / PROJECT_FILE
+        if not self._may_discard_changes():
+            return False
+        try:
+            cfg = load_project(file, check_paths=False, check_catalog=self.state.catalog_checks)
+        except ConfigError as exc:
+            self.show_error("Cannot open the run's project", f"{file}:\n{exc}")
+            return False
+        self._remember_shown_run()
+        self.state.replace(cfg, None, dirty=True)
+        self.log(f"Opened the project of run {run_dir}: unsaved, Save asks where to keep it")
+        self.checkpoints.open_run_dir(run_dir)
+        return True
+
+    @Slot(str)
+    def _on_runs_resume_requested(self, checkpoint: str) -> None:
+        self.resume_from(checkpoint, None)  # to the epochs its run was started with
 
     def _show_project_run(self) -> None:
         """Show the project's work as it was left: the run shown when it was last saved or closed, unless the
@@ -807,10 +838,12 @@ class MainWindow(QMainWindow):
         if path in ("", "data.path", "output.dir"):
             self._update_dialog_folders()
 
-    def _update_dialog_folders(self) -> None:
+    def _update_dialog_folders(self, *_args: object) -> None:
         """Dialogs start where this project's files are: its runs, and its dataset for Try it's images."""
         cfg = self.state.config
-        self.checkpoints.set_runs_dir(cfg.resolve(cfg.output.dir) if self.state.file else None)
+        output = cfg.resolve(cfg.output.dir) if self.state.file or Path(cfg.output.dir).is_absolute() else None
+        self.checkpoints.set_runs_dir(output)
+        self.runs_view.set_project(self.state.file, output)
         data = cfg.resolve(cfg.data.path)
         self.try_it.set_dataset_dir(data if data is None or data.is_dir() else data.parent)
 
@@ -955,6 +988,7 @@ class MainWindow(QMainWindow):
         self._closing = True
         from widgets.tasks import cancel_all
 
+        self.runs_view.shutdown()
         cancel_all(60000)
         self._save_layout()
         self._remember_shown_run()

@@ -22,6 +22,7 @@ MODULES = (
     "widgets.sample_browser",
     "widgets.corrections_panel",
     "widgets.try_it",
+    "widgets.runs_view",
     "widgets.export_dialog",
     "widgets.codegen_dialog",
     "widgets.sweep_dialog",

@@ -63,6 +63,7 @@ RUNNERS: dict[str, Callable[[bool], Any]] = {
     "sweep_pruning": lambda quick: importlib.import_module("bench.sweep").pruning(quick),
     "sweep_kill": lambda quick: importlib.import_module("bench.sweep").kill(quick),
     "runs_table": lambda quick: importlib.import_module("bench.sweep").runs_table(quick),
+    "runs_view": _engine("runs_view"),  # the app's Runs view (offscreen Qt): 200 folders, 20 long runs overlaid
 }
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -16,12 +17,27 @@ RUN_INFO_FILE = "run.json"
 
 def read_metrics(run_dir: str | os.PathLike) -> list[dict[str, Any]]:
     """The epochs recorded in a run folder's metrics.jsonl; a line cut short by a crash is ignored."""
+    return [row for rows in metrics_chunks(run_dir) for row in rows]
+
+
+def metrics_chunks(run_dir: str | os.PathLike, lines: int = 0) -> Iterator[list[dict[str, Any]]]:
+    """read_metrics a piece at a time: the rows of `lines` lines at once (0: the whole file in one piece).
+
+    One parse holds the GIL for its whole length, and rows kept alive by the hundred thousand make Python's
+    garbage collector scan them all, also with the GIL held: a reader on a worker thread that turns each piece
+    into what it needs and drops the rows leaves the GUI thread its turns."""
     path = Path(run_dir) / METRICS_FILE
     try:
-        lines = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        text = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
     except FileNotFoundError:
-        return []
-    try:  # one parse for the whole file (the runs table reads hundreds of these); line by line if one is cut
+        return
+    size = lines if lines > 0 else max(1, len(text))
+    for start in range(0, len(text), size):
+        yield _parse_lines(text[start : start + size])
+
+
+def _parse_lines(lines: list[str]) -> list[dict[str, Any]]:
+    try:  # one parse for many lines (the runs table reads hundreds of files); line by line if one is cut
         rows = json.loads("[" + ",".join(lines) + "]")
         if all(isinstance(row, dict) for row in rows):
             return rows

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import html
 import math
 import os
 import time
@@ -13,7 +14,7 @@ import pyqtgraph as pg
 from pyqtgraph.exporters import ImageExporter
 from PySide6.QtCore import QEvent, QSize, Qt
 from PySide6.QtGui import QColor, QImage, QPalette
-from PySide6.QtWidgets import QVBoxLayout, QWidget
+from PySide6.QtWidgets import QLabel, QVBoxLayout, QWidget
 
 OBJECT_NAMES: dict[str, str] = {
     "plots.layout": "the four training plots (batch loss, epoch loss, accuracy, learning rate); drag to pan, "
@@ -38,7 +39,7 @@ COLOURS = {
 }
 
 
-class _Series:
+class Series:
     """x/y values in numpy arrays that grow by doubling, so appending is amortised O(1) per point."""
 
     def __init__(self, capacity: int = 256):
@@ -151,7 +152,81 @@ class _TimedLayout(pg.GraphicsLayoutWidget):
         self.paint_seconds = took if self.paint_seconds == 0.0 else 0.7 * self.paint_seconds + 0.3 * took
 
 
-class LivePlots(QWidget):
+class PlotGrid(QWidget):
+    """Plots in one GraphicsLayoutWidget (PLOTS: name -> title, x label, y label, row, column), downsampled, clipped
+    to the view and coloured from the palette. LivePlots shows one run as it trains; RunsPlots overlays runs."""
+
+    PLOTS: dict[str, tuple[str, str, str, int, int]] = {}
+
+    def __init__(self, parent: QWidget | None = None):
+        super().__init__(parent)
+        self.layout_widget = _TimedLayout()
+        self.layout_widget.setObjectName("plots.layout")
+        self.layout_widget.setMinimumSize(440, 300)  # four plots stay legible; fits 1280x800 with the docks
+        box = QVBoxLayout(self)
+        box.setContentsMargins(0, 0, 0, 0)
+        box.addWidget(self.layout_widget)
+
+        self.plots: dict[str, pg.PlotItem] = {}
+        for name, (_title, xlabel, _ylabel, row, col) in self.PLOTS.items():
+            axes = {"bottom": _IntegerAxis("bottom")} if xlabel == "epoch" else None
+            plot = self.layout_widget.addPlot(row=row, col=col, axisItems=axes)
+            plot.showGrid(x=True, y=True, alpha=0.2)
+            # Drawn points stay near the plot's pixel width however long the run: an update costs the same.
+            plot.setDownsampling(auto=True, mode="peak")
+            plot.setClipToView(True)
+            plot.addLegend(offset=(-10, 10))  # top right, where falling curves leave room
+            self.plots[name] = plot
+
+    @property
+    def paint_seconds(self) -> float:
+        """How long one paint of the plots takes lately (0 before the first)."""
+        return self.layout_widget.paint_seconds
+
+    @property
+    def paint_total(self) -> float:
+        """Seconds spent painting the plots so far."""
+        return self.layout_widget.paint_total
+
+    @staticmethod
+    def _follows(plot: pg.PlotItem) -> bool:
+        """The plot follows its data (auto-range on x): draw the bounded envelope; zoomed in, every point."""
+        return bool(plot.getViewBox().autoRangeEnabled()[0])
+
+    # -- look ------------------------------------------------------------------------------------
+    def changeEvent(self, event: QEvent) -> None:  # noqa: N802 - Qt override
+        if event.type() in (QEvent.Type.PaletteChange, QEvent.Type.StyleChange):
+            self._apply_palette()
+        super().changeEvent(event)
+
+    def _apply_palette(self) -> None:
+        """Background and text from the palette, so the plots sit in light and dark themes alike."""
+        pal = self.palette()
+        background = pal.color(QPalette.ColorRole.Base)
+        text = pal.color(QPalette.ColorRole.Text)
+        grid = QColor(text)
+        self.layout_widget.setBackground(background)
+        for name, plot in self.plots.items():
+            title, xlabel, ylabel, _, _ = self.PLOTS[name]
+            plot.setTitle(title, color=text.name())
+            for axis_name, label in (("bottom", xlabel), ("left", ylabel)):
+                axis = plot.getAxis(axis_name)
+                axis.setPen(pg.mkPen(grid))
+                axis.setTextPen(pg.mkPen(text))
+                axis.setLabel(label, color=text.name())
+                axis.enableAutoSIPrefix(False)  # "loss (x0.001)" misleads; plain numbers read directly
+            legend = plot.legend
+            if legend is not None:
+                legend.setLabelTextColor(text)
+                for _, label in legend.items:
+                    label.setText(label.text)  # the new colour shows only when the label is drawn again
+                fill = QColor(background)
+                fill.setAlpha(200)
+                legend.setBrush(pg.mkBrush(fill))
+                legend.setPen(pg.mkPen(QColor(text.red(), text.green(), text.blue(), 60)))
+
+
+class LivePlots(PlotGrid):
     """Four plots in one GraphicsLayoutWidget; one PlotDataItem per curve, updated with setData on used slices."""
 
     # curve name -> (plot name, legend label, colour key, pen width, alpha)
@@ -175,28 +250,11 @@ class LivePlots(QWidget):
     def __init__(self, parent: QWidget | None = None, smoothing: float = SMOOTHING):
         super().__init__(parent)
         self.smoothing = smoothing
-        self.layout_widget = _TimedLayout()
-        self.layout_widget.setObjectName("plots.layout")
-        self.layout_widget.setMinimumSize(440, 300)  # four plots stay legible; fits 1280x800 with the docks
-        box = QVBoxLayout(self)
-        box.setContentsMargins(0, 0, 0, 0)
-        box.addWidget(self.layout_widget)
-
-        self.plots: dict[str, pg.PlotItem] = {}
-        for name, (_title, xlabel, _ylabel, row, col) in self.PLOTS.items():
-            axes = {"bottom": _IntegerAxis("bottom")} if xlabel == "epoch" else None
-            plot = self.layout_widget.addPlot(row=row, col=col, axisItems=axes)
-            plot.showGrid(x=True, y=True, alpha=0.2)
-            # Drawn points stay near the plot's pixel width however long the run: an update costs the same.
-            plot.setDownsampling(auto=True, mode="peak")
-            plot.setClipToView(True)
-            plot.addLegend(offset=(-10, 10))  # top right, where falling curves leave room
-            self.plots[name] = plot
         self.plots["accuracy"].setYRange(0, 100)
         self.plots["accuracy"].enableAutoRange(y=False)  # a fixed 0-100 % scale reads at a glance
 
         self.curves: dict[str, pg.PlotDataItem] = {}
-        self._series: dict[str, _Series] = {}
+        self._series: dict[str, Series] = {}
         for name, (plot_name, label, colour, width, alpha) in self.CURVES.items():
             color = QColor(COLOURS[colour])
             color.setAlpha(alpha)  # the raw batch loss is faint so the smoothed line reads on top of it
@@ -216,7 +274,7 @@ class LivePlots(QWidget):
             item.setDownsampling(auto=True, method="peak")
             item.setClipToView(True)
             self.curves[name] = item
-            self._series[name] = _Series()
+            self._series[name] = Series()
         self._ema: float | None = None
         self._lr_range_fixed = False
         self._following = {name: True for name in self.plots}
@@ -292,7 +350,7 @@ class LivePlots(QWidget):
     def clear(self) -> None:
         """Empty every curve (a new run starts)."""
         for name, item in self.curves.items():
-            self._series[name] = _Series()
+            self._series[name] = Series()
             item.setData([], [])
         self._ema = None
         self._lr_range_fixed = False
@@ -302,16 +360,6 @@ class LivePlots(QWidget):
         for plot in self.plots.values():
             plot.enableAutoRange()
         self.plots["accuracy"].setYRange(0, 100)  # fixed again even after the user zoomed
-
-    @property
-    def paint_seconds(self) -> float:
-        """How long one paint of the plots takes lately (0 before the first)."""
-        return self.layout_widget.paint_seconds
-
-    @property
-    def paint_total(self) -> float:
-        """Seconds spent painting the plots so far."""
-        return self.layout_widget.paint_total
 
     def point_count(self, curve: str = "batch_loss") -> int:
         """How many points a curve holds (see CURVES for the names)."""
@@ -367,19 +415,19 @@ class LivePlots(QWidget):
         """Hand the curve its points: the bounded envelope while its plot follows the run, all when zoomed in."""
         series = self._series[name]
         plot_name = self.CURVES[name][0]
-        following = bool(self.plots[plot_name].getViewBox().autoRangeEnabled()[0])
+        following = self._follows(self.plots[plot_name])
         self._following[plot_name] = following
         self.curves[name].setData(*(series.display() if following else series.used()))
 
     def _follow_changed(self, plot_name: str) -> None:
-        following = bool(self.plots[plot_name].getViewBox().autoRangeEnabled()[0])
+        following = self._follows(self.plots[plot_name])
         if following != self._following.get(plot_name, True):
             self._following[plot_name] = following
             for name, (curve_plot, *_rest) in self.CURVES.items():
                 if curve_plot == plot_name and self._series[name].n:
                     self._draw(name)
 
-    def _fit_flat_lr(self, series: _Series) -> None:
+    def _fit_flat_lr(self, series: Series) -> None:
         """A constant learning rate gets a 0..2x axis: auto-range would centre it in +-0.5 and show it as 0."""
         plot = self.plots["lr"]
         if series.hi > series.lo:
@@ -415,34 +463,205 @@ class LivePlots(QWidget):
             raise OSError(f"could not write a PNG image to {path}")
         return image.size()
 
-    # -- look ------------------------------------------------------------------------------------
-    def changeEvent(self, event: QEvent) -> None:  # noqa: N802 - Qt override
-        if event.type() in (QEvent.Type.PaletteChange, QEvent.Type.StyleChange):
-            self._apply_palette()
-        super().changeEvent(event)
 
-    def _apply_palette(self) -> None:
-        """Background and text from the palette, so the plots sit in light and dark themes alike."""
-        pal = self.palette()
-        background = pal.color(QPalette.ColorRole.Base)
-        text = pal.color(QPalette.ColorRole.Text)
-        grid = QColor(text)
-        self.layout_widget.setBackground(background)
+# One colour per run in an overlay: Tableau's ten, then the same ten darker (twenty runs stay apart).
+RUN_COLOURS = (
+    "#1f77b4",
+    "#ff7f0e",
+    "#2ca02c",
+    "#d62728",
+    "#9467bd",
+    "#8c564b",
+    "#e377c2",
+    "#7f7f7f",
+    "#bcbd22",
+    "#17becf",
+)
+# Markers show each epoch of a short run; a long curve is a line.
+MARKER_POINTS = 100
+# An overlay's curves follow their data from an envelope of at most this many points each (about two per pixel
+# of a plot's width): twenty runs make eighty curves, and each point is paid for whenever the plots redraw.
+OVERLAY_POINTS = 1024
+
+
+def _values(rows: list[dict[str, Any]], key: str) -> np.ndarray:
+    """One field of every row as floats, NaN where it is missing or not a number."""
+    return np.fromiter(
+        (
+            v if isinstance(v, (int, float)) and not isinstance(v, bool) else math.nan
+            for v in (r.get(key) for r in rows)
+        ),
+        dtype=np.float64,
+        count=len(rows),
+    )
+
+
+def epoch_curves(chunks: Iterable[list[dict[str, Any]]]) -> dict[str, Series]:
+    """A run's metrics.jsonl rows, given in pieces (engine.run_files.metrics_chunks; [rows] for a list), as
+    RunsPlots' curves: curve name -> Series of epochs and values (accuracy in percent), their envelopes already
+    summarised. Each piece becomes arrays at once, so its rows can go.
+
+    Plain numpy work (no Qt): the Runs view calls it off the GUI thread, which then only hands points over."""
+    parts: dict[str, list[tuple[np.ndarray, np.ndarray]]] = {name: [] for name in RunsPlots.CURVES}
+    for rows in chunks:
+        epochs = _values(rows, "epoch")
+        for name, (_plot, scale) in RunsPlots.CURVES.items():
+            values = _values(rows, name) * scale
+            keep = np.isfinite(epochs) & np.isfinite(values)
+            parts[name].append((epochs[keep], values[keep]))
+    out = {}
+    for name, pieces in parts.items():
+        n = sum(len(x) for x, _y in pieces)
+        series = Series(max(256, n))
+        for x, y in pieces:
+            series.extend(x, y)
+        series.display(OVERLAY_POINTS)  # the envelope RunsPlots draws, summarised here rather than on the GUI thread
+        out[name] = series
+    return out
+
+
+class RunsPlots(PlotGrid):
+    """Several runs' epoch curves overlaid: one colour per run, named in a legend above the plots; long curves
+    drawn from the same bounded envelope as LivePlots while a plot follows its data, every point when zoomed in."""
+
+    # curve name -> (plot name, scale)
+    CURVES = {
+        "val_accuracy": ("accuracy", 100.0),
+        "val_loss": ("val_loss", 1.0),
+        "train_loss": ("train_loss", 1.0),
+        "lr": ("lr", 1.0),
+    }
+    PLOTS = {
+        "accuracy": ("Validation accuracy", "epoch", "accuracy (%)", 0, 0),
+        "val_loss": ("Validation loss", "epoch", "loss", 0, 1),
+        "train_loss": ("Training loss", "epoch", "loss", 1, 0),
+        "lr": ("Learning rate", "epoch", "learning rate", 1, 1),
+    }
+
+    def __init__(self, parent: QWidget | None = None):
+        super().__init__(parent)
+        self.layout_widget.setObjectName("runs.plots")
+        self.layout_widget.setMinimumSize(400, 220)
+        for plot in self.plots.values():
+            if plot.legend is not None:
+                plot.legend.hide()  # twenty names inside a plot would cover its curves: the legend is a label
+        self.legend = QLabel()
+        self.legend.setObjectName("runs.legend")
+        self.legend.setWordWrap(True)
+        self.legend.setTextFormat(Qt.TextFormat.RichText)
+        box = self.layout()
+        assert isinstance(box, QVBoxLayout)  # PlotGrid's
+        box.insertWidget(0, self.legend)
         for name, plot in self.plots.items():
-            title, xlabel, ylabel, _, _ = self.PLOTS[name]
-            plot.setTitle(title, color=text.name())
-            for axis_name, label in (("bottom", xlabel), ("left", ylabel)):
-                axis = plot.getAxis(axis_name)
-                axis.setPen(pg.mkPen(grid))
-                axis.setTextPen(pg.mkPen(text))
-                axis.setLabel(label, color=text.name())
-                axis.enableAutoSIPrefix(False)  # "loss (x0.001)" misleads; plain numbers read directly
-            legend = plot.legend
-            if legend is not None:
-                legend.setLabelTextColor(text)
-                for _, label in legend.items:
-                    label.setText(label.text)  # the new colour shows only when the label is drawn again
-                fill = QColor(background)
-                fill.setAlpha(200)
-                legend.setBrush(pg.mkBrush(fill))
-                legend.setPen(pg.mkPen(QColor(text.red(), text.green(), text.blue(), 60)))
+            plot.getViewBox().sigStateChanged.connect(lambda _box, name=name: self._follow_changed(name))
+        self._runs: dict[str, dict[str, tuple[pg.PlotDataItem, Series]]] = {}  # run key -> curve -> item, data
+        self._labels: dict[str, str] = {}
+        self._following = {name: True for name in self.plots}
+        self._apply_palette()
+
+    def run_keys(self) -> list[str]:
+        """The runs shown, in the order they were given."""
+        return list(self._runs)
+
+    def label(self, key: str) -> str:
+        return self._labels[key]
+
+    def curve_data(self, key: str, curve: str) -> tuple[np.ndarray, np.ndarray]:
+        """A copy of one run's curve (x, y) as held (every point)."""
+        x, y = self._runs[key][curve][1].used()
+        return x.copy(), y.copy()
+
+    def drawn(self, key: str, curve: str) -> pg.PlotDataItem:
+        return self._runs[key][curve][0]
+
+    def colour(self, key: str) -> QColor:
+        return self._runs[key]["val_accuracy"][0].opts["pen"].color()
+
+    def set_runs(self, runs: Sequence[tuple[str, str, dict[str, Series]]]) -> None:
+        """Show these runs, each (key, legend label, epoch_curves()); runs already shown keep their items, and a
+        curve given as the same Series as before is not handed over again."""
+        wanted = [key for key, _label, _curves in runs]
+        for key in [k for k in self._runs if k not in wanted]:
+            self._remove(key)
+        for index, (key, label, curves) in enumerate(runs):
+            if key not in self._runs or self._labels.get(key) != label:
+                self._remove(key)
+                self._add(key, label, index)
+            self._labels[key] = label
+            for name, series in curves.items():
+                item, shown = self._runs[key][name]
+                if series is not shown:
+                    self._runs[key][name] = (item, series)
+                    self._draw(key, name)
+        self._restyle(wanted)
+
+    def clear(self) -> None:
+        for key in list(self._runs):
+            self._remove(key)
+
+    def _pen(self, index: int, points: int = 0) -> Any:
+        colour = QColor(RUN_COLOURS[index % len(RUN_COLOURS)])
+        if (index // len(RUN_COLOURS)) % 2:
+            colour = colour.darker(170)  # the second ten: darker (a dash pattern costs much more to paint)
+        # A wide line is several times slower to rasterise than a cosmetic one: long curves are drawn thin.
+        return pg.mkPen(colour, width=2 if points <= MARKER_POINTS else 1)
+
+    def _add(self, key: str, label: str, index: int) -> None:
+        pen = self._pen(index)
+        curves = {}
+        for name, (plot_name, _scale) in self.CURVES.items():
+            item = pg.PlotDataItem(name=label, pen=pen)
+            self.plots[plot_name].addItem(item)
+            item.setDownsampling(auto=True, method="peak")  # after addItem, as LivePlots does
+            item.setClipToView(True)
+            item.setSkipFiniteCheck(True)  # epoch_curves keeps only finite points
+            curves[name] = (item, Series())
+        self._runs[key] = curves
+
+    def _remove(self, key: str) -> None:
+        for name, (item, _series) in self._runs.pop(key, {}).items():
+            self.plots[self.CURVES[name][0]].removeItem(item)
+        self._labels.pop(key, None)
+
+    def legend_entries(self) -> list[tuple[str, str]]:
+        """The legend as shown: (run label, its colour as #rrggbb), in the order of the runs."""
+        return [(self._labels[key], self.colour(key).name()) for key in self._runs]
+
+    def _restyle(self, order: list[str]) -> None:
+        """Colours follow the order of the runs, so a run keeps its colour while the ones before it stay."""
+        self.legend.setText(
+            "&nbsp;&nbsp; ".join(
+                f'<span style="color:{colour}">&#9632;</span>&nbsp;{html.escape(label)}'
+                for label, colour in ((self._labels[k], self._pen(i).color().name()) for i, k in enumerate(order))
+            )
+        )
+        self.legend.setVisible(bool(order))
+        for index, key in enumerate(order):
+            for item, series in self._runs[key].values():
+                # Only what changed: each of these makes pyqtgraph process the curve's points again.
+                pen = self._pen(index, series.n)
+                if item.opts["pen"] != pen:
+                    item.setPen(pen)
+                few = 0 < series.n <= MARKER_POINTS
+                if few and (item.opts["symbol"] != "o" or item.opts["symbolPen"] != pen):
+                    item.setSymbol("o")
+                    item.setSymbolSize(5)
+                    item.setSymbolPen(pen)
+                    item.setSymbolBrush(pen.color())
+                elif not few and item.opts["symbol"] is not None:
+                    item.setSymbol(None)
+
+    def _draw(self, key: str, name: str) -> None:
+        item, series = self._runs[key][name]
+        following = self._follows(self.plots[self.CURVES[name][0]])
+        item.setData(*(series.display(OVERLAY_POINTS) if following else series.used()))
+
+    def _follow_changed(self, plot_name: str) -> None:
+        following = self._follows(self.plots[plot_name])
+        if following == self._following[plot_name]:
+            return  # panning or zooming within the same mode: the items already hold what to draw
+        self._following[plot_name] = following
+        for key, curves in self._runs.items():
+            for name in curves:
+                if self.CURVES[name][0] == plot_name:
+                    self._draw(key, name)

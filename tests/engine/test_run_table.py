@@ -182,3 +182,17 @@ def test_metrics_with_a_line_cut_short_keep_every_whole_line(tmp_path):
     assert read_metrics(tmp_path) == [rows[0], rows[2]]
     (tmp_path / "metrics.jsonl").write_text("\n".join(lines) + "\n")
     assert read_metrics(tmp_path) == rows
+
+
+def test_metrics_read_in_pieces_are_the_same_rows(tmp_path):
+    from engine.run_files import metrics_chunks, read_metrics
+
+    rows = [{"epoch": e, "val_loss": 1.0 / e} for e in range(1, 8)]
+    lines = [json.dumps(r) for r in rows]
+    lines[4] = lines[4][:7]  # a line cut short in the second piece
+    (tmp_path / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+
+    pieces = list(metrics_chunks(tmp_path, 3))
+    assert [len(p) for p in pieces] == [3, 2, 1]
+    assert [r for p in pieces for r in p] == read_metrics(tmp_path) == rows[:4] + rows[5:]
+    assert list(metrics_chunks(tmp_path / "missing", 3)) == []

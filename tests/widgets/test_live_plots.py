@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PySide6.QtGui import QColor, QImage, QPalette
 
-from widgets.live_plots import DISPLAY_POINTS, EXPORT_SIZE, LivePlots, _Series
+from widgets.live_plots import DISPLAY_POINTS, EXPORT_SIZE, LivePlots, Series
 
 
 @pytest.fixture()
@@ -153,7 +153,7 @@ def test_a_constant_learning_rate_is_drawn_on_a_readable_scale(plots):
 
 def test_the_envelope_keeps_each_buckets_extremes_in_order_and_stays_bounded():
     rng = np.random.default_rng(0)
-    series = _Series()
+    series = Series()
     x_all, y_all = np.arange(1, 50_001, dtype=np.float64), rng.normal(size=50_000)
     y_all[1234] = 40.0  # a spike and a dip must survive downsampling
     y_all[33_333] = -40.0
@@ -170,7 +170,7 @@ def test_the_envelope_keeps_each_buckets_extremes_in_order_and_stays_bounded():
     # Every drawn point is a real point of the curve.
     assert np.array_equal(y, y_all[x.astype(int) - 1], equal_nan=True)
     # A short curve is drawn as it is.
-    short = _Series()
+    short = Series()
     short.extend(x_all[:500], y_all[:500])
     assert np.array_equal(short.display(limit=1000)[1], y_all[:500], equal_nan=True)
 
@@ -178,7 +178,7 @@ def test_the_envelope_keeps_each_buckets_extremes_in_order_and_stays_bounded():
 def test_the_envelope_work_per_update_does_not_grow_with_the_run():
     """Each point is summarised a bounded number of times (once, plus once per doubling of the bucket): the
     work per update stays flat as the run grows, where rebuilding the envelope each time would be O(n)."""
-    series = _Series()
+    series = Series()
     rng = np.random.default_rng(1)
     chunk, limit = 50, 1000
     work = []

@@ -1,0 +1,303 @@
+"""The Runs view on real run folders: the table against what the folders hold, sorting, filtering, project-field
+columns, live updates from the file system, overlaid curves, the project comparison, deleting and opening."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PySide6.QtCore import QCoreApplication, QEvent, Qt, QTimer
+from PySide6.QtGui import QAction
+from PySide6.QtWidgets import QApplication, QMessageBox
+
+from engine.run_files import update_run_info
+from engine.run_lock import claim_run_dir, release_run_dir
+from tests.conftest import write_image_folder, write_project
+from widgets.runs_view import RunsView
+
+WAIT_MS = 20000  # generous: the machine is shared; the waits end as soon as the condition holds
+
+RUNS = {
+    # name: (backbone, lr, batch size, planned epochs, val accuracies, val losses, status)
+    "alpha": ("resnet18", 1e-3, 16, 3, [0.50, 0.75, 0.70], [1.20, 0.80, 0.85], "completed"),
+    "beta": ("mobilenet_v3_small", 2e-4, 128, 4, [0.40, 0.45], [1.50, 1.40], "stopped"),
+    "gamma": ("resnet18", 5e-2, 8, 2, [0.30, 0.90], [2.00, 0.30], "completed"),
+}
+
+
+def write_run(root: Path, name: str, backbone: str, lr: float, batch: int, epochs: int, accs, losses, status: str):
+    folder = root / name
+    (folder / "checkpoints").mkdir(parents=True)
+    project = {
+        "name": "proj",
+        "model": {"backbone": backbone},
+        "optimizer": {"lr": lr},
+        "loader": {"batch_size": batch},
+        "train": {"epochs": epochs},
+    }
+    (folder / "project.json").write_text(json.dumps(project), encoding="utf-8")
+    rows = [
+        {"epoch": i + 1, "train_loss": loss + 0.1, "val_loss": loss, "val_accuracy": acc, "lr": lr}
+        | {"epoch_seconds": 10.0, "samples_per_second": 100.0 * (i + 1)}
+        for i, (acc, loss) in enumerate(zip(accs, losses, strict=True))
+    ]
+    (folder / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    update_run_info(folder, started="2026-03-01T10:00:00+0000", status=status)
+    (folder / "checkpoints" / "last.pt").write_bytes(b"")
+    if status == "completed":
+        (folder / "checkpoints" / "final.pt").write_bytes(b"")
+    return folder
+
+
+@pytest.fixture()
+def runs_root(tmp_path) -> Path:
+    root = tmp_path / "runs"
+    for name, spec in RUNS.items():
+        write_run(root, name, *spec)
+    return root
+
+
+@pytest.fixture()
+def view(qtbot, runs_root):
+    view = RunsView()  # deleted by dispose() below, not by qtbot
+    view.resize(1280, 800)
+    view.set_project("", runs_root)
+    view.show()
+    qtbot.waitUntil(lambda: view.model.rowCount() == len(RUNS) and not view.is_reading(), timeout=WAIT_MS)
+    yield view
+    view.shutdown()
+    dispose(view)
+
+
+def dispose(widget) -> None:
+    """Delete a widget now, on the GUI thread: left to the garbage collector, its wrapper may be collected on a
+    worker thread, and PySide then deletes it from inside whatever the GUI thread runs next (a later test's)."""
+    widget.close()
+    widget.deleteLater()
+    QCoreApplication.sendPostedEvents(None, QEvent.Type.DeferredDelete)
+
+
+def column_texts(view: RunsView, key: str) -> dict[str, str]:
+    """run name -> the cell's text, as shown (through the sorting/filtering proxy)."""
+    col = view.columns().index(key)
+    name_col = view.columns().index("name")
+    proxy = view.proxy
+    return {proxy.index(row, name_col).data(): proxy.index(row, col).data() for row in range(proxy.rowCount())}
+
+
+def shown_names(view: RunsView) -> list[str]:
+    name_col = view.columns().index("name")
+    return [view.proxy.index(row, name_col).data() for row in range(view.proxy.rowCount())]
+
+
+def test_the_table_shows_what_each_run_folder_holds(view):
+    assert set(shown_names(view)) == set(RUNS)
+    for key, expected in (
+        ("model.backbone", {n: s[0] for n, s in RUNS.items()}),
+        ("loader.batch_size", {n: str(s[2]) for n, s in RUNS.items()}),
+        ("status", {n: s[6] for n, s in RUNS.items()}),
+        ("epochs", {n: f"{len(s[4])}/{s[3]}" for n, s in RUNS.items()}),
+        ("best_val_accuracy", {n: f"{max(s[4]):.3f}" for n, s in RUNS.items()}),
+        ("final_val_accuracy", {n: f"{s[4][-1]:.3f}" for n, s in RUNS.items()}),
+        ("best_val_loss", {n: f"{min(s[5]):.4f}" for n, s in RUNS.items()}),
+        ("final_val_loss", {n: f"{s[5][-1]:.4f}" for n, s in RUNS.items()}),
+        (
+            "samples_per_second",
+            {n: f"{np.mean([100.0 * (i + 1) for i in range(len(s[4]))]):.0f}" for n, s in RUNS.items()},
+        ),
+    ):
+        assert column_texts(view, key) == expected, key
+
+
+def test_numbers_sort_as_numbers_and_the_filter_keeps_matching_rows(view):
+    col = view.columns().index("loader.batch_size")
+    view.table.sortByColumn(col, Qt.SortOrder.AscendingOrder)
+    assert shown_names(view) == ["gamma", "alpha", "beta"]  # 8, 16, 128 (as text: 128, 16, 8)
+    view.table.sortByColumn(view.columns().index("best_val_loss"), Qt.SortOrder.DescendingOrder)
+    assert shown_names(view) == ["beta", "alpha", "gamma"]  # 1.40, 0.80, 0.30
+
+    view.filter_edit.setText("mobilenet")
+    assert shown_names(view) == ["beta"]
+    view.filter_edit.setText("resnet18 completed")  # every word must occur in the row
+    assert sorted(shown_names(view)) == ["alpha", "gamma"]
+    view.filter_edit.setText("")
+    assert len(shown_names(view)) == 3
+
+
+def test_any_project_field_can_be_added_as_a_column_from_the_menu(qtbot, view, runs_root):
+    from engine.run_table import project_fields
+
+    project = json.loads((runs_root / "alpha" / "project.json").read_text())
+    project["optimizer"]["weight_decay"] = 0.125
+    (runs_root / "alpha" / "project.json").write_text(json.dumps(project))
+    view.refresh()
+    qtbot.waitUntil(lambda: not view.is_reading(), timeout=WAIT_MS)
+    assert "optimizer.weight_decay" not in view.columns()
+
+    view.columns_menu.aboutToShow.emit()  # as opening the Columns menu fills it
+    action = view.columns_menu.findChild(QAction, "runs.column.optimizer.weight_decay")
+    assert action is not None and not action.isChecked()
+    action.trigger()
+    assert view.columns()[-1] == "optimizer.weight_decay"
+    default = project_fields()["optimizer.weight_decay"]
+    texts = column_texts(view, "optimizer.weight_decay")
+    assert texts["alpha"] == "0.125"
+    assert texts["beta"] == texts["gamma"] == f"{default:.4g}"  # a run without the field ran with the default
+
+
+def test_a_new_run_folder_and_a_new_epoch_of_a_running_run_show_up(qtbot, view, runs_root):
+    write_run(runs_root, "delta", "resnet18", 1e-3, 32, 3, [0.2], [1.9], "completed")
+    qtbot.waitUntil(lambda: "delta" in shown_names(view), timeout=WAIT_MS)
+
+    folder = runs_root / "live"
+    folder.mkdir()
+    claim_run_dir(folder)  # this process trains it, as far as anyone can tell: its lock is held
+    try:
+        (folder / "project.json").write_text(json.dumps({"name": "proj", "train": {"epochs": 3}}))
+        update_run_info(folder, started="2026-03-02T10:00:00+0000", status="running")
+        with open(folder / "metrics.jsonl", "w") as fh:
+            fh.write(json.dumps({"epoch": 1, "val_accuracy": 0.25, "val_loss": 1.5}) + "\n")
+        qtbot.waitUntil(lambda: column_texts(view, "epochs").get("live") == "1/3", timeout=WAIT_MS)
+        assert column_texts(view, "status")["live"] == "running"
+
+        with open(folder / "metrics.jsonl", "a") as fh:  # the next epoch ends
+            fh.write(json.dumps({"epoch": 2, "val_accuracy": 0.625, "val_loss": 0.9}) + "\n")
+        qtbot.waitUntil(lambda: column_texts(view, "epochs").get("live") == "2/3", timeout=WAIT_MS)
+        assert column_texts(view, "best_val_accuracy")["live"] == "0.625"
+    finally:
+        release_run_dir(folder)
+    update_run_info(folder, status="stopped")  # the run ends: its record says so and its lock is free
+    qtbot.waitUntil(lambda: column_texts(view, "status").get("live") == "stopped", timeout=WAIT_MS)
+
+
+def test_selected_runs_overlay_one_curve_each_with_their_data(qtbot, view, runs_root):
+    paths = [str(runs_root / "alpha"), str(runs_root / "gamma")]
+    view.select_paths(paths)
+    qtbot.waitUntil(lambda: view.plots.run_keys() == paths, timeout=WAIT_MS)
+    for path, name in zip(paths, ("alpha", "gamma"), strict=True):
+        x, y = view.plots.curve_data(path, "val_accuracy")
+        assert x.tolist() == [float(i + 1) for i in range(len(RUNS[name][4]))]
+        np.testing.assert_allclose(y, np.array(RUNS[name][4]) * 100)
+        _x, loss = view.plots.curve_data(path, "val_loss")
+        np.testing.assert_allclose(loss, RUNS[name][5])
+        assert view.plots.label(path) == name
+        drawn_x, drawn_y = view.plots.drawn(path, "val_accuracy").getData()
+        np.testing.assert_allclose(drawn_y, np.array(RUNS[name][4]) * 100)
+    assert view.plots.colour(paths[0]) != view.plots.colour(paths[1])
+    assert view.plots.legend_entries() == [
+        ("alpha", view.plots.colour(paths[0]).name()),
+        ("gamma", view.plots.colour(paths[1]).name()),
+    ]
+    assert "alpha" in view.plots.legend.text() and "gamma" in view.plots.legend.text()
+
+    view.select_paths(paths[:1])
+    qtbot.waitUntil(lambda: view.plots.run_keys() == paths[:1], timeout=WAIT_MS)
+
+
+def test_compare_shows_exactly_the_fields_that_differ(view, runs_root):
+    view.select_paths([str(runs_root / "alpha"), str(runs_root / "gamma")])
+    assert view.comparison() == {
+        "optimizer.lr": ["0.001", "0.05"],
+        "loader.batch_size": ["16", "8"],
+        "train.epochs": ["3", "2"],
+    }
+    view.select_paths([str(runs_root / "alpha"), str(runs_root / "beta"), str(runs_root / "gamma")])
+    assert set(view.comparison()) == {"model.backbone", "optimizer.lr", "loader.batch_size", "train.epochs"}
+    assert view.comparison()["model.backbone"] == ["resnet18", "mobilenet_v3_small", "resnet18"]
+    view.select_paths([str(runs_root / "alpha")])
+    assert view.comparison() == {}
+    assert "two or more" in view.compare_label.text()
+
+
+def test_delete_refuses_a_running_run_and_moves_another_to_the_trash(qtbot, view, runs_root, tmp_path, monkeypatch):
+    trash = tmp_path / "xdg" / "Trash"
+    (trash / "files").mkdir(parents=True)
+    (trash / "info").mkdir()
+    monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "xdg"))
+    claim_run_dir(runs_root / "alpha")
+    try:
+        assert not view.delete_run(runs_root / "alpha")
+        assert "being trained" in view.message() and str(runs_root / "alpha") in view.message()
+        assert (runs_root / "alpha" / "metrics.jsonl").is_file()
+    finally:
+        release_run_dir(runs_root / "alpha")
+
+    view.select_paths([str(runs_root / "beta")])
+    view.delete_button.click()
+    assert not (runs_root / "beta").exists()
+    assert (trash / "files" / "beta" / "metrics.jsonl").is_file()  # whole, where the user can restore it
+    assert "trash" in view.message()
+    qtbot.waitUntil(lambda: sorted(shown_names(view)) == ["alpha", "gamma"], timeout=WAIT_MS)
+
+
+def answer_delete_confirmation(button: QMessageBox.StandardButton, seen: list[str]) -> None:
+    def answer():
+        box = QApplication.activeModalWidget()
+        if not isinstance(box, QMessageBox) or box.objectName() != "runs.delete_confirm":
+            QTimer.singleShot(10, answer)
+            return
+        seen.append(box.text())
+        box.button(button).click()
+
+    QTimer.singleShot(0, answer)
+
+
+def test_without_a_trash_a_run_is_deleted_only_after_a_confirmation_naming_it(view, runs_root):
+    view.use_trash = False
+    seen: list[str] = []
+    answer_delete_confirmation(QMessageBox.StandardButton.Cancel, seen)
+    assert not view.delete_run(runs_root / "gamma")
+    assert str(runs_root / "gamma") in seen[0]
+    assert (runs_root / "gamma" / "metrics.jsonl").is_file()
+
+    answer_delete_confirmation(QMessageBox.StandardButton.Yes, seen)
+    assert view.delete_run(runs_root / "gamma")
+    assert not (runs_root / "gamma").exists()
+    assert "gamma" not in shown_names(view)
+
+
+def test_open_as_current_project_loads_that_runs_project(qtbot, tmp_path):
+    from app.main_window import MainWindow
+    from widgets.tasks import running_tasks
+
+    write_image_folder(tmp_path / "images", per_class=2)
+    project = write_project(tmp_path / "project.json", "images", optimizer={"lr": 0.0123}, train={"epochs": 2})
+    run = tmp_path / "runs" / "project-20260301-100000"
+    (run / "checkpoints").mkdir(parents=True)
+    data = json.loads(project.read_text())
+    data["data"]["path"] = str(tmp_path / "images")  # as a run folder keeps it: paths made absolute
+    data["output"] = {"dir": str(tmp_path / "runs")}
+    (run / "project.json").write_text(json.dumps(data))
+    (run / "metrics.jsonl").write_text(json.dumps({"epoch": 1, "val_accuracy": 0.5}) + "\n")
+
+    window = MainWindow()  # deleted by dispose() at the end, not by qtbot
+    try:
+        assert window.state.config.optimizer.lr != pytest.approx(0.0123)
+        view = window.runs_view
+        window.tabs.setCurrentWidget(view)
+        window.show()
+        view.add_folder(tmp_path / "runs")
+        qtbot.waitUntil(lambda: view.model.rowCount() == 1 and not view.is_reading(), timeout=WAIT_MS)
+        view.select_paths([str(run)])
+        view.open_button.click()
+        assert window.state.config.optimizer.lr == pytest.approx(0.0123)
+        assert window.state.config.train.epochs == 2
+        assert window.state.file == "" and window.state.dirty  # Save asks where: the run's record stays as it was
+        assert window.current_run_dir == str(run.resolve())
+        assert json.loads((run / "project.json").read_text()) == data
+    finally:
+        window.state._set_dirty(False)  # noqa: SLF001 - closing must not ask about the unsaved project
+        qtbot.waitUntil(lambda: not running_tasks(), timeout=120000)
+        dispose(window)
+
+
+def test_resume_is_offered_for_a_stopped_run_and_asks_for_its_last_checkpoint(qtbot, view, runs_root):
+    view.select_paths([str(runs_root / "alpha")])  # completed: nothing to continue
+    assert not view.resume_button.isEnabled()
+    view.select_paths([str(runs_root / "beta")])  # stopped after 2 of 4 epochs, last.pt kept
+    assert view.resume_button.isEnabled()
+    with qtbot.waitSignal(view.resume_requested, timeout=WAIT_MS) as signal:
+        view.resume_button.click()
+    assert signal.args == [str(runs_root / "beta" / "checkpoints" / "last.pt")]
