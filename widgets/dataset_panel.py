@@ -244,7 +244,7 @@ def describe_shards(
         "shards": {"train": train.describe(), "val": val.describe() if val else None},
         "skipped": [],
         "warnings": warnings,
-        "thumbs": [],
+        "order": None,  # shards are streamed: no samples to list
         "source": None,
         "val_source": None,
     }
@@ -408,7 +408,7 @@ class DatasetPanel(QWidget):
             ("Image folder", "folder"),
             ("CSV file", "csv"),
             (".npz archive", "npz"),
-            ("Tar shards (WebDataset, streamed)", "webdataset"),
+            ("Tar shards (WebDataset)", "webdataset"),
         ):
             self.kind_combo.addItem(label, value)
         self.task_combo = QComboBox()
