@@ -7,6 +7,7 @@ import csv
 import gc
 import itertools
 import math
+import operator
 import os
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
@@ -213,6 +214,9 @@ def _is_hidden(name: str) -> bool:
     return name.startswith(".")
 
 
+_entry_name = operator.attrgetter("name")
+
+
 class _FolderWalk:
     """Walks the class folders of an image folder so that no image is counted twice, however symlinks point.
 
@@ -258,7 +262,7 @@ class _FolderWalk:
     def _visit(self, path: str, real: str, ancestors: tuple[str, ...], found: list[str], files: set[str]) -> int:
         self.walked[real] = path
         try:
-            entries = sorted(os.scandir(path), key=lambda e: e.name)
+            entries = sorted(os.scandir(path), key=_entry_name)
         except OSError as exc:
             self.warnings.append(f"{path}: cannot be read ({exc.strerror or exc}); skipped")
             return 0
@@ -266,7 +270,7 @@ class _FolderWalk:
         folders = []
         head = real if real.endswith(os.sep) else real + os.sep  # os.path.join(real, name), without its call per file
         for entry in entries:
-            if _is_hidden(entry.name):
+            if entry.name.startswith("."):  # _is_hidden, without a call per file
                 continue
             try:
                 is_dir = entry.is_dir()  # through a symlink too

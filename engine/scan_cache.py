@@ -64,13 +64,15 @@ class ScanCache:
         try:
             names = data["names"]
             columns = [data[k] for k in ("size", "mtime_ns", "inode", "ctime_ns", "width", "height")]
-            problems = {int(k): str(v) for k, v in data["problems"].items()}
             if not all(isinstance(c, list) and len(c) == len(names) for c in columns):
                 return {}
-            out = {}
-            for i, (name, size, mtime, ino, ctime, w, h) in enumerate(zip(names, *columns, strict=True)):
-                out[name] = ((size, mtime, ino, ctime), problems.get(i), (w, h) if w else None)
-            return out
+            problems: list[str | None] = [None] * len(names)
+            for k, v in data["problems"].items():
+                problems[int(k)] = str(v)
+            return {
+                name: ((size, mtime, ino, ctime), problem, (w, h) if w else None)
+                for name, size, mtime, ino, ctime, w, h, problem in zip(names, *columns, problems, strict=True)
+            }
         except (KeyError, TypeError, ValueError, AttributeError):  # another layout: not trusted
             return {}
 
