@@ -13,7 +13,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
-import timm
 import torch
 import torchvision
 from torch import Tensor, nn
@@ -425,6 +424,7 @@ def _hub_reachable(url: str) -> None:
 
 def _timm_pretrained(arch: str, weights: str, backbone: str) -> tuple[nn.Module, str]:
     """timm's model with its hub weights (cache first, else a download after a quick reachability check)."""
+    import timm  # imported where a timm backbone is built: a torchvision one's start does without its seconds
     from huggingface_hub import constants
 
     cfg = _timm_cfg(backbone, weights)
@@ -485,6 +485,8 @@ def _build_timm(model_cfg: ModelConfig, num_outputs: int, image_size: int | None
     name = model_cfg.backbone
     arch = timm_model_name(name)
     assert arch is not None, name  # build_model sends only "timm/<model>" backbones here
+    import timm  # imported where a timm backbone is built: a torchvision one's start does without its seconds
+
     weights = model_cfg.weights
     if weights is None:
         from timm.models import get_pretrained_cfg

@@ -9,7 +9,6 @@ import difflib
 import functools
 from typing import Any
 
-import timm
 import torchvision
 
 # A backbone the user will recognise, shown when the name they typed is unknown.
@@ -23,12 +22,18 @@ BUNDLED_BACKBONE = "timm/efficientnet_lite0"
 
 
 @functools.lru_cache(maxsize=1)
-def _catalog() -> tuple[str, ...]:
+def _torchvision_names() -> frozenset[str]:
     # module= keeps to image classification (no detection, segmentation, video, quantized models).
-    torchvision_names = torchvision.models.list_models(module=torchvision.models)
+    return frozenset(torchvision.models.list_models(module=torchvision.models))
+
+
+@functools.lru_cache(maxsize=1)
+def _catalog() -> tuple[str, ...]:
+    import timm  # here, not at the top: importing timm's hundreds of model modules costs a start seconds
+
     # timm's "*_enc" models are the image encoders of vision-language models: no classifier to replace.
     timm_names = [TIMM_PREFIX + n for n in timm.list_models() if not n.endswith("_enc")]
-    return tuple(sorted(torchvision_names + timm_names))
+    return tuple(sorted([*_torchvision_names(), *timm_names]))
 
 
 @functools.lru_cache(maxsize=1)
@@ -39,6 +44,13 @@ def _catalog_set() -> frozenset[str]:
 def list_backbones() -> list[str]:
     """Names of the torchvision classification models and of timm's models as "timm/<model>", sorted."""
     return list(_catalog())
+
+
+def is_known(backbone: str) -> bool:
+    """Whether a backbone is in the catalog; a torchvision name is looked up without importing timm."""
+    if timm_model_name(backbone) is None:  # only timm's names carry the prefix
+        return backbone in _torchvision_names()
+    return backbone in _catalog_set()
 
 
 def timm_model_name(backbone: str) -> str | None:
@@ -88,8 +100,8 @@ def _close(word: str, options: list[str]) -> list[str]:
 
 def backbone_problems(backbone: str, weights: str | None) -> list[str]:
     """Config validation for model.backbone and model.weights; an empty list when both are known."""
-    names = _catalog()
-    if backbone not in _catalog_set():
+    if not is_known(backbone):
+        names = _catalog()
         arch = timm_model_name(backbone)
         if arch is not None:
             model, _, tag = arch.partition(".")

@@ -1513,10 +1513,10 @@ def _rules(cfg: ProjectConfig, *, check_paths: bool, check_catalog: bool) -> lis
 
     m = cfg.model
     if check_catalog:
-        from engine.catalog import backbone_problems, list_backbones, vit_patch_size  # imports torchvision and timm
+        from engine.catalog import backbone_problems, is_known, vit_patch_size  # imports torchvision (timm if named)
 
         p.extend(Problem.of(text) for text in backbone_problems(m.backbone, m.weights))
-        patch = vit_patch_size(m.backbone) if m.backbone in list_backbones() else None
+        patch = vit_patch_size(m.backbone) if is_known(m.backbone) else None
         if patch and m.weights is None and isinstance(d.image_size, int) and d.image_size % patch:
             add(
                 "data.image_size",

@@ -7,6 +7,7 @@ import csv
 import gc
 import itertools
 import math
+import operator
 import os
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
@@ -21,11 +22,11 @@ from torchvision.datasets.folder import IMG_EXTENSIONS
 
 from engine import image_scan
 from engine.config import TASKS, ProjectConfig
-from engine.dataset_paths import DataError, dataset_root, path_key
+from engine.dataset_paths import DataError, PathList, dataset_root, path_key, path_keys
 from engine.image_scan import load_image as load_image  # re-exported: the engine reads images through engine.data
 from engine.image_scan import to_rgb as to_rgb
 from engine.sample_failures import MAX_TRIES, Dropped, Reported, SampleFailure, reason_of
-from engine.scan_cache import ScanCache, Stamp, stamp
+from engine.scan_cache import ScanCache
 from engine.text import readable
 from engine.transforms import Preprocess, build_transforms
 
@@ -50,7 +51,7 @@ class DataSource:
     task: str
     class_names: list[str]  # label vocabulary; for regression the output names
     targets: list  # per kept sample: int (classification), multi-hot list[float], or list[float] (regression)
-    files: list[Path] | None  # folder/csv: one image per kept sample
+    files: Sequence[Path] | None  # folder/csv: one image per kept sample (a folder's: a PathList)
     array: np.ndarray | None  # npz: the kept images, (N,H,W,C) in the stored dtype
     skipped: list[SkippedFile] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
@@ -78,7 +79,7 @@ def _class_counts(targets: Sequence, task: str, num_classes: int) -> list[int]:
 # Checking image files (reading them: engine/image_scan.py)
 
 
-def _verify(paths: Sequence[Path], progress: Progress, cache: ScanCache | None = None) -> list[str | None]:
+def _verify(paths: Sequence[str | os.PathLike], progress: Progress, cache: ScanCache | None = None) -> list[str | None]:
     """The problem (or None) of each file, from its header and end (engine/image_scan.py says what that finds),
     in worker processes for a big dataset.
 
@@ -88,33 +89,22 @@ def _verify(paths: Sequence[Path], progress: Progress, cache: ScanCache | None =
     included, and the cache keeps every file checked until then, so the next scan goes on from there.
     """
     total = len(paths)
-    problems: list[str | None] = [None] * total
-    stamps: dict[int, Stamp] = {}
-    todo: list[int] = []
-    for i, path in enumerate(paths):
-        if cache is not None:
-            try:
-                st = stamp(os.stat(path))
-            except OSError:
-                todo.append(i)  # checking it says what is wrong with it
-                continue
-            found, problem, _ = cache.lookup(path, st)
-            if found:
-                problems[i] = problem
-                continue
-            stamps[i] = st
-        todo.append(i)
+    texts = [os.fspath(p) for p in paths]
+    if cache is not None:
+        problems, todo, stamps = cache.check(texts)
+    else:
+        problems, todo, stamps = [None] * total, list(range(total)), {}
     done = total - len(todo)
     try:
         if progress is not None:
             progress(done, total)
-        with contextlib.closing(image_scan.inspect_many([paths[i] for i in todo])) as chunks:
+        with contextlib.closing(image_scan.inspect_many([texts[i] for i in todo])) as chunks:
             for start, results in chunks:
                 for j, (problem, size) in enumerate(results, start=start):
                     i = todo[j]
                     problems[i] = problem
                     if cache is not None and i in stamps:
-                        cache.record(paths[i], stamps[i], problem, size)
+                        cache.record(texts[i], stamps[i], problem, size)
                 done += len(results)
                 if progress is not None:
                     progress(done, total)
@@ -224,6 +214,9 @@ def _is_hidden(name: str) -> bool:
     return name.startswith(".")
 
 
+_entry_name = operator.attrgetter("name")
+
+
 class _FolderWalk:
     """Walks the class folders of an image folder so that no image is counted twice, however symlinks point.
 
@@ -234,6 +227,7 @@ class _FolderWalk:
 
     def __init__(self, root: Path, class_folders: list[str], warnings: list[str]):
         self.root = root
+        self.root_text = str(root)
         self.root_real = os.path.realpath(root)
         self.warnings = warnings
         self.walked: dict[str, str] = {}  # real folder -> the path it was first scanned through
@@ -251,11 +245,12 @@ class _FolderWalk:
     def classes(self) -> list[str]:
         return list(self.class_reals.values())
 
-    def images(self, name: str) -> list[Path]:
-        """Image files anywhere under a class folder (as ImageFolder finds them), hidden entries left out."""
-        folder = self.root / name
+    def images(self, name: str) -> list[str]:
+        """Image files anywhere under a class folder (as ImageFolder finds them), hidden entries left out; as
+        text, each str(Path) of the file under the root: a Path per file cost a 200,000-image scan seconds."""
+        folder = name if self.root_text == "." else os.path.join(self.root_text, name)  # as Path writes root / name
         real = os.path.realpath(folder)
-        found: list[Path] = []
+        found: list[str] = []
         files: set[str] = set()
         doubles = self._visit(folder, real, (self.root_real, real), found, files)
         if doubles:
@@ -264,17 +259,18 @@ class _FolderWalk:
             )
         return found
 
-    def _visit(self, path: Path, real: str, ancestors: tuple[str, ...], found: list[Path], files: set[str]) -> int:
-        self.walked[real] = str(path)
+    def _visit(self, path: str, real: str, ancestors: tuple[str, ...], found: list[str], files: set[str]) -> int:
+        self.walked[real] = path
         try:
-            entries = sorted(os.scandir(path), key=lambda e: e.name)
+            entries = sorted(os.scandir(path), key=_entry_name)
         except OSError as exc:
             self.warnings.append(f"{path}: cannot be read ({exc.strerror or exc}); skipped")
             return 0
         doubles = 0
         folders = []
+        head = real if real.endswith(os.sep) else real + os.sep  # os.path.join(real, name), without its call per file
         for entry in entries:
-            if _is_hidden(entry.name):
+            if entry.name.startswith("."):  # _is_hidden, without a call per file
                 continue
             try:
                 is_dir = entry.is_dir()  # through a symlink too
@@ -283,23 +279,23 @@ class _FolderWalk:
             if is_dir:
                 folders.append(entry)
             elif entry.name.lower().endswith(IMG_EXTENSIONS):
-                target = os.path.realpath(entry.path) if entry.is_symlink() else os.path.join(real, entry.name)
+                target = os.path.realpath(entry.path) if entry.is_symlink() else head + entry.name
                 if target in files:
                     doubles += 1
                     continue
                 files.add(target)
-                found.append(path / entry.name)  # a child of a Path parses one name, not the whole path
+                found.append(entry.path)
         for entry in folders:
             if not entry.is_symlink():
                 sub = os.path.join(real, entry.name)
-                doubles += self._visit(Path(entry.path), sub, (*ancestors, sub), found, files)
+                doubles += self._visit(entry.path, sub, (*ancestors, sub), found, files)
                 continue
             sub = os.path.realpath(entry.path)
             why = self._skip_link(sub, ancestors)
             if why:
                 self.warnings.append(f"{entry.path}: {why}; skipped")
             else:
-                doubles += self._visit(Path(entry.path), sub, (*ancestors, sub), found, files)
+                doubles += self._visit(entry.path, sub, (*ancestors, sub), found, files)
         return doubles
 
     def _skip_link(self, target: str, ancestors: tuple[str, ...]) -> str | None:
@@ -324,24 +320,24 @@ def _scan_folder(
         )
     skipped: list[SkippedFile] = []
     warnings: list[str] = []
-    candidates: list[tuple[Path, str]] = []
+    candidates: list[tuple[str, str]] = []
     walk = _FolderWalk(root, sorted(d.name for d in root.iterdir() if d.is_dir() and not _is_hidden(d.name)), warnings)
     folders = walk.classes()
     for name in folders:
         images = walk.images(name)
         if given is not None and name not in given:
-            skipped += [SkippedFile(str(f), _NOT_TRAINING_CLASS.format(name)) for f in images]
+            skipped += [SkippedFile(f, _NOT_TRAINING_CLASS.format(name)) for f in images]
         else:
             candidates += [(f, name) for f in images]
 
     problems = _verify([f for f, _ in candidates], progress, cache)
-    kept: list[tuple[Path, str]] = []
+    kept: list[tuple[str, str]] = []
     bad_per_class: dict[str, int] = {}
     for (f, name), problem in zip(candidates, problems, strict=True):
         if problem is None:
             kept.append((f, name))
         else:
-            skipped.append(SkippedFile(str(f), problem))
+            skipped.append(SkippedFile(f, problem))
             bad_per_class[name] = bad_per_class.get(name, 0) + 1
 
     used = {name for _, name in kept}
@@ -358,7 +354,7 @@ def _scan_folder(
         task=task,
         class_names=list(vocabulary),
         targets=[index[name] for _, name in kept],
-        files=[f for f, _ in kept],
+        files=PathList([f for f, _ in kept]),
         array=None,
         skipped=skipped,
         warnings=warnings,
@@ -763,7 +759,7 @@ class ImageFileDataset(EngineDataset):
             raise ValueError(f"{len(files)} files but {len(targets)} targets")
         if on_error not in ("replace", "drop"):
             raise ValueError(f"on_error must be 'replace' or 'drop', not {on_error!r}")
-        self.files = [Path(f) for f in files]
+        self.files: PathList = PathList(files)  # as text: a Path each cost seconds per 200,000 files
         self.targets = list(targets)
         self.transform = transform
         self.task = task
@@ -918,7 +914,8 @@ def subset_dataset(
     if source.array is not None:
         return ArrayDataset(source.array, targets, transform, source.task, rows=positions)
     assert source.files is not None  # a source holds an array or files
-    return ImageFileDataset([source.files[i] for i in positions], targets, transform, source.task, origin=source.path)
+    files = source.files.take(positions) if isinstance(source.files, PathList) else [source.files[i] for i in positions]
+    return ImageFileDataset(files, targets, transform, source.task, origin=source.path)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -933,7 +930,7 @@ def sample_keys(source: DataSource, root: Path | None = None, *, validation: boo
     """
     if source.files is not None:
         base = root if root is not None else dataset_root(source.path, source.kind)
-        return [path_key(f, base) for f in source.files]
+        return path_keys(source.files.texts if isinstance(source.files, PathList) else source.files, base)
     rows = source.rows if source.rows is not None else list(range(len(source)))
     prefix = "val#" if validation else "#"
     return [f"{prefix}{r}" for r in rows]

@@ -185,7 +185,7 @@ def _raw_getter(dataset: Dataset, failures: list | None = None) -> tuple[Callabl
                 failures.extend(met)  # list.extend is atomic: the filling threads share the list
             return image
 
-        return read, [str(f) for f in dataset.files]
+        return read, list(dataset.files.texts)
     if isinstance(dataset, ArrayDataset):
         rows = dataset.rows if dataset.rows is not None else range(len(dataset))
         return (lambda i: array_to_image(dataset.array[rows[i]])), [f"row {r}" for r in rows]
@@ -326,7 +326,7 @@ def cache_name(dataset: EngineDataset, fixed: Callable, *, dataset_path: str | o
     )
     stamps = hashlib.blake2b(digest_size=10)
     if isinstance(dataset, ImageFileDataset):
-        for path in dataset.files:
+        for path in dataset.files.texts:
             try:
                 st = os.stat(path)
                 stamp = f"{st.st_size}\0{st.st_mtime_ns}\0{st.st_ino}"

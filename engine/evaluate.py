@@ -325,7 +325,7 @@ def _metrics(
 def sample_names(dataset: EngineDataset) -> list[str]:
     """A name per sample a person can find again: the image path, or 'row i' of an .npz's kept images."""
     if isinstance(dataset, ImageFileDataset):
-        return [str(f) for f in dataset.files]
+        return list(dataset.files.texts)
     if isinstance(dataset, ArrayDataset):
         rows = dataset.rows if dataset.rows is not None else range(len(dataset))
         return [f"row {r}" for r in rows]

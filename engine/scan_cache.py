@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -63,24 +64,26 @@ class ScanCache:
         try:
             names = data["names"]
             columns = [data[k] for k in ("size", "mtime_ns", "inode", "ctime_ns", "width", "height")]
-            problems = {int(k): str(v) for k, v in data["problems"].items()}
             if not all(isinstance(c, list) and len(c) == len(names) for c in columns):
                 return {}
-            out = {}
-            for i, (name, size, mtime, ino, ctime, w, h) in enumerate(zip(names, *columns, strict=True)):
-                out[name] = ((size, mtime, ino, ctime), problems.get(i), (w, h) if w else None)
-            return out
+            problems: list[str | None] = [None] * len(names)
+            for k, v in data["problems"].items():
+                problems[int(k)] = str(v)
+            return {
+                name: ((size, mtime, ino, ctime), problem, (w, h) if w else None)
+                for name, size, mtime, ino, ctime, w, h, problem in zip(names, *columns, problems, strict=True)
+            }
         except (KeyError, TypeError, ValueError, AttributeError):  # another layout: not trusted
             return {}
 
-    def _key(self, path: Path) -> str:
+    def _key(self, path: str | os.PathLike) -> str:
         text = os.fsdecode(path)
         base = self.base
         if text.startswith(base) and text[len(base) : len(base) + 1] == os.sep:
             return text[len(base) + 1 :]
         return os.path.relpath(text, base)
 
-    def lookup(self, path: Path, st: Stamp) -> tuple[bool, str | None, tuple[int, int] | None]:
+    def lookup(self, path: str | os.PathLike, st: Stamp) -> tuple[bool, str | None, tuple[int, int] | None]:
         """(found, problem, (width, height)) for a file whose stamp is st; found is False when it must be decoded."""
         key = self._key(path)
         entry = self.old.get(key)
@@ -90,7 +93,43 @@ class ScanCache:
         self.hits += 1
         return True, entry[1], entry[2]
 
-    def record(self, path: Path, st: Stamp, problem: str | None, size: tuple[int, int] | None) -> None:
+    def check(self, paths: Sequence[str]) -> tuple[list[str | None], list[int], dict[int, Stamp]]:
+        """Stat each file and look it up: (problems, positions to decode, their stamps by position).
+
+        problems holds the remembered result of each file found unchanged (None elsewhere); a file that cannot be
+        stat-ed is to decode without a stamp (decoding says what is wrong with it, and it is not remembered).
+        One loop with no object per file beyond its stat and stamp: lookup() per file cost a 200,000-image start
+        a second more.
+        """
+        problems: list[str | None] = [None] * len(paths)
+        todo: list[int] = []
+        stamps: dict[int, Stamp] = {}
+        old, new, base = self.old, self.new, self.base
+        cut = len(base) + 1
+        prefix = base + os.sep
+        key_of = self._key
+        stat = os.stat
+        hits = 0
+        for i, path in enumerate(paths):
+            try:
+                st = stat(path)
+            except OSError:
+                todo.append(i)
+                continue
+            s = (st.st_size, st.st_mtime_ns, st.st_ino, st.st_ctime_ns)
+            key = path[cut:] if path.startswith(prefix) else key_of(path)
+            entry = old.get(key)
+            if entry is not None and entry[0] == s:
+                new[key] = entry
+                problems[i] = entry[1]
+                hits += 1
+            else:
+                stamps[i] = s
+                todo.append(i)
+        self.hits += hits
+        return problems, todo, stamps
+
+    def record(self, path: str | os.PathLike, st: Stamp, problem: str | None, size: tuple[int, int] | None) -> None:
         self.new[self._key(path)] = (st, problem, size)
 
     def save(self) -> None:

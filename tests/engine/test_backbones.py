@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -20,8 +22,10 @@ from engine.backbones import (
     replace_head,
     weights_status,
 )
-from engine.catalog import backbone_problems, list_backbones, weight_names
+from engine.catalog import backbone_problems, is_known, list_backbones, weight_names
 from engine.config import DataConfig, ModelConfig
+
+REPO = Path(__file__).resolve().parents[2]
 
 
 class NotATensor:
@@ -65,6 +69,23 @@ def test_unknown_weights_are_reported_with_the_allowed_names():
     assert "DEFAULT, IMAGENET1K_V1" in problem
     assert backbone_problems("resnet18", "DEFAULT") == []
     assert backbone_problems("resnet18", None) == []
+
+
+def test_known_names_are_the_catalog_and_a_torchvision_one_is_checked_without_timm():
+    names = set(list_backbones())
+    assert all(is_known(n) for n in names)
+    for name in ("resnet1", "timm/resnet1", "timm/", "", "fasterrcnn_resnet50_fpn", "timm/resnet50.a1_in1k"):
+        assert not is_known(name) and name not in names
+    # A fresh interpreter, as `main.py train` starts: a torchvision project is validated and its model built
+    # without importing timm (its hundreds of model modules cost a start seconds); then a timm one imports it.
+    code = (
+        "import sys; from engine.config import from_dict; from engine.backbones import build_model\n"
+        "for name in ('resnet18', 'timm/resnet18'):\n"
+        "    cfg = from_dict({'model': {'backbone': name}}, check_paths=False)\n"
+        "    build_model(cfg.model, 3); print('timm' in sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["False", "True"]
 
 
 def test_config_validation_uses_the_catalog():
