@@ -227,3 +227,80 @@ def test_phase_boundaries_are_drawn_where_each_later_phase_begins(plots):
     plots.load_history([{"epoch": e, "train_loss": 1.0} for e in (1, 2, 3)])
     assert plots.phase_boundaries() == []
     assert not any(type(i).__name__ == "InfiniteLine" for plot in plots.plots.values() for i in plot.items)
+
+
+def _overlay_runs(count: int, epochs: int):
+    """count runs' epoch_curves of `epochs` epochs each, with different spans and scales."""
+    from widgets.live_plots import epoch_curves
+
+    runs = []
+    for i in range(count):
+        e = np.arange(1, epochs + 1 + 100 * i, dtype=np.float64)
+        loss = (1.0 + i) * np.exp(-e / epochs) + 0.1 * np.sin(e)
+        rows = [
+            {
+                "epoch": int(x),
+                "val_loss": v,
+                "train_loss": v + 0.2 * i,
+                "val_accuracy": 0.1 + 0.05 * i,
+                "lr": 1e-3 * (i + 1),
+            }
+            for x, v in zip(e.tolist(), loss.tolist(), strict=True)
+        ]
+        runs.append((f"run-{i}", f"run {i}", epoch_curves([rows])))
+    return runs
+
+
+def test_the_overlay_is_ranged_to_every_curve_before_it_is_painted(qtbot):
+    from widgets.live_plots import OVERLAY_POINTS, RunsPlots
+
+    plots = RunsPlots()
+    qtbot.addWidget(plots)
+    plots.resize(900, 600)
+    plots.show()
+    qtbot.waitExposed(plots)
+    runs = _overlay_runs(3, 3 * OVERLAY_POINTS)
+    for end in (1, 3):  # one run, then two more: the range grows to the new curves
+        plots.set_runs(runs[:end])
+        # No event processed since: the range is already the one that fits every curve, not left to the paint.
+        for plot_name, plot in plots.plots.items():
+            names = [name for name, (p, _scale) in RunsPlots.CURVES.items() if p == plot_name]
+            series = [curves[name] for _key, _label, curves in runs[:end] for name in names]
+            xs = np.concatenate([c.used()[0] for c in series])
+            ys = np.concatenate([c.used()[1] for c in series])
+            (x0, x1), (y0, y1) = plot.getViewBox().viewRange()
+            assert x0 <= xs.min() and xs.max() <= x1, plot_name
+            assert y0 <= ys.min() and ys.max() <= y1, plot_name
+            # pyqtgraph pads the data's span by at most 10 % on each side (a flat curve gets its own span)
+            assert x1 - x0 <= 1.2 * (xs.max() - xs.min()) + 1e-9, plot_name
+            if ys.max() > ys.min():
+                assert y1 - y0 <= 1.2 * (ys.max() - ys.min()) + 1e-9, plot_name
+
+
+def view_processing(item):
+    """What pyqtgraph redoes for an item at each change of the view's range: clip, downsample, limit the range."""
+    return item.opts["clipToView"], item.opts["autoDownsample"], item.opts["dynamicRangeLimit"]
+
+
+def test_an_overlay_curve_is_clipped_and_downsampled_by_the_view_only_when_zoomed_in(qtbot):
+    from widgets.live_plots import OVERLAY_POINTS, RunsPlots
+
+    plots = RunsPlots()
+    qtbot.addWidget(plots)
+    runs = _overlay_runs(2, 3 * OVERLAY_POINTS)
+    plots.set_runs(runs)
+    item = plots.drawn("run-1", "val_loss")
+    held = plots.curve_data("run-1", "val_loss")[0]
+    # Following the data: the bounded envelope, shown whole, so a change of range reprocesses nothing.
+    assert len(item.xData) <= OVERLAY_POINTS + 2 < len(held)
+    assert view_processing(item) == (False, False, None)
+    box = plots.plots["val_loss"].getViewBox()
+    box.setXRange(100, 200)  # a mouse zoom: auto-range off
+    assert len(item.xData) == len(held)  # every point, clipped and downsampled to the view when drawn
+    assert view_processing(item) == (True, True, 1e6)
+    assert 0 < len(item.getData()[0]) < len(held) / 10
+    other = plots.drawn("run-1", "val_accuracy")  # another plot, still following
+    assert other.opts["clipToView"] is False and len(other.xData) <= OVERLAY_POINTS + 2
+    box.enableAutoRange()
+    assert len(item.xData) <= OVERLAY_POINTS + 2
+    assert view_processing(item) == (False, False, None)

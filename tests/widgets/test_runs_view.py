@@ -4,6 +4,7 @@ columns, live updates from the file system, overlaid curves, the project compari
 from __future__ import annotations
 
 import json
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -301,3 +302,18 @@ def test_resume_is_offered_for_a_stopped_run_and_asks_for_its_last_checkpoint(qt
     with qtbot.waitSignal(view.resume_requested, timeout=WAIT_MS) as signal:
         view.resume_button.click()
     assert signal.args == [str(runs_root / "beta" / "checkpoints" / "last.pt")]
+
+
+def test_long_metrics_are_read_in_a_worker_process_into_the_same_curves(qtbot, view, runs_root, monkeypatch):
+    import widgets.runs_view as runs_view
+
+    monkeypatch.setattr(runs_view, "PROCESS_BYTES", 1)  # every metrics file counts as long here
+    got: list[tuple[str, dict]] = []
+    paths = [str(runs_root / "alpha"), str(runs_root / "gamma")]
+    runs_view.read_curves(paths, got.append, threading.Event())
+    assert [path for path, _curves in got] == paths
+    for (path, curves), name in zip(got, ("alpha", "gamma"), strict=True):
+        x, y = curves["val_accuracy"].used()
+        assert x.tolist() == [float(i + 1) for i in range(len(RUNS[name][4]))], path
+        np.testing.assert_allclose(y, np.array(RUNS[name][4]) * 100)
+        np.testing.assert_allclose(curves["val_loss"].used()[1], RUNS[name][5])
