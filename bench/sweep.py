@@ -24,14 +24,12 @@ from typing import Any
 
 from bench.common import DIGITS, REPO, Figure, Section, digits_subset
 
-SPACE_FILE = (
-    REPO / "examples" / "spaces" / "default.json"
-)  # learning rate and freeze depth for examples/single_phase.json
+SPACE_FILE = REPO / "examples" / "spaces" / "default.json"  # learning rate and freeze depth for examples/default.json
 
 
 def _digits_project(root: Path, data: Path, epochs: int) -> Path:
-    """examples/single_phase.json on this data, on the CPU, for `epochs` epochs, its runs under root."""
-    project = json.loads((REPO / "examples" / "single_phase.json").read_text())
+    """examples/default.json on this data, on the CPU, for `epochs` epochs, its runs under root."""
+    project = json.loads((REPO / "examples" / "default.json").read_text())
     project["data"]["path"] = str(data)
     project["train"].update(epochs=epochs, device="cpu")
     project["output"] = {"dir": str(root / "runs"), "tensorboard": False}
@@ -119,7 +117,7 @@ def pruning(quick: bool = False) -> Section:
                 ),
             ),
         ],
-        setup=f"examples/single_phase.json (timm/efficientnet_lite0, BUNDLED weights) on {n} digits, {epochs} epochs, "
+        setup=f"examples/default.json (timm/efficientnet_lite0, BUNDLED weights) on {n} digits, {epochs} epochs, "
         f"CPU; {trials} trials, random sampler (same seed for both sweeps), lr log-uniform 1e-4..1e-2 and "
         "freeze_up_to among blocks.1, blocks.3, blocks.5; objective: best val_accuracy",
         notes=["The pruned sweep's best is compared with one run of the default project on the same data and epochs."],

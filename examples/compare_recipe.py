@@ -1,7 +1,7 @@
 """Measures the Fine-tune recipe (examples/fine_tune.json) against single-phase training and wrong learning rates.
 
 Each variant is trained in this process, one after the other, from the same project; times are given as ratios to
-the first row (examples/single_phase.json's training: two epochs with blocks 0-2 frozen), measured in the same process, so a shared
+the first row (examples/default.json's training: two epochs with blocks 0-2 frozen), measured in the same process, so a shared
 machine's load cancels out as far as it can. The learning rate of the recipe's first phase comes from the
 learning-rate finder run here on that phase's project.
 
@@ -28,7 +28,7 @@ from engine.trainer import Trainer  # noqa: E402
 
 
 def earlier_default(cfg: ProjectConfig, lr: float) -> ProjectConfig:
-    """examples/single_phase.json's training: 2 epochs, blocks 0-2 frozen, augmented, cosine, backbone at half the rate."""
+    """examples/default.json's training: 2 epochs, blocks 0-2 frozen, augmented, cosine, backbone at half the rate."""
     one = cfg.copy()
     one.train.phases = []
     one.train.epochs = 2
@@ -62,9 +62,9 @@ def main() -> int:
     lr = found.suggestion or cfg.optimizer.lr
     print(f"learning-rate finder on phase 1: {found.suggestion} ({found.reason}); using {lr:.3g}", file=sys.stderr)
     variants = [
-        ("one phase, examples/single_phase.json (2 epochs, blocks 0-2 frozen), lr 0.002", earlier_default(cfg, 0.002)),
+        ("one phase, examples/default.json (2 epochs, blocks 0-2 frozen), lr 0.002", earlier_default(cfg, 0.002)),
         (f"Fine-tune recipe, finder's lr {lr:.3g}", recipe(cfg, lr)),
-        (f"one phase as examples/single_phase.json, finder's lr {lr:.3g}", earlier_default(cfg, lr)),
+        (f"one phase as examples/default.json, finder's lr {lr:.3g}", earlier_default(cfg, lr)),
         (f"Fine-tune recipe, lr 10x too high ({10 * lr:.3g})", recipe(cfg, 10 * lr)),
         (f"Fine-tune recipe, lr 10x too low ({lr / 10:.3g})", recipe(cfg, lr / 10)),
     ]

@@ -28,7 +28,7 @@ VARIANTS = [  # (label, weights, freeze preset)
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--epochs", type=int, help="epochs per variant (default: the project's)")
-    parser.add_argument("--project", default=str(ROOT / "examples" / "single_phase.json"))
+    parser.add_argument("--project", default=str(ROOT / "examples" / "default.json"))
     args = parser.parse_args()
     rows = []
     for label, weights, freeze in VARIANTS:

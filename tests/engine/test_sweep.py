@@ -200,7 +200,7 @@ def test_a_choice_the_project_refuses_is_named(sweep_root):
 
 def test_the_example_space_fits_the_example_project():
     params = load_space(ROOT / "examples" / "spaces" / "default.json")
-    check_space(load_project(ROOT / "examples" / "single_phase.json"), params)
+    check_space(load_project(ROOT / "examples" / "default.json"), params)
     assert [p.path for p in params] == ["optimizer.lr", "model.freeze_up_to"]
 
 
