@@ -39,7 +39,12 @@ main.main()
 def _app():
     from PySide6.QtWidgets import QApplication
 
-    return QApplication.instance() or QApplication(sys.argv[:1])
+    from widgets.gc_thread import GuiThreadCollector
+
+    app = QApplication.instance() or QApplication(sys.argv[:1])
+    if not any(isinstance(child, GuiThreadCollector) for child in app.children()):
+        GuiThreadCollector(app)  # as app/launch.py runs the app: gc on the GUI thread only
+    return app
 
 
 def dispose(widget) -> None:
