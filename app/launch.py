@@ -107,9 +107,6 @@ def run_app(project: str | None) -> int:
     QApplication.setOrganizationName("ModelWorkbench")
     QApplication.setApplicationName("Model Workbench")
     app = QApplication.instance() or QApplication(sys.argv[:1])
-    from widgets.gc_thread import GuiThreadCollector
-
-    GuiThreadCollector(app)  # a child of the app, so it lives as long: gc only on the GUI thread
     window = MainWindow(background_catalog=True, settle=True)
     window.open_initial_project(project or window.last_project() or str(default_project()))
     window.show()

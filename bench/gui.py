@@ -39,12 +39,7 @@ main.main()
 def _app():
     from PySide6.QtWidgets import QApplication
 
-    from widgets.gc_thread import GuiThreadCollector
-
-    app = QApplication.instance() or QApplication(sys.argv[:1])
-    if not any(isinstance(child, GuiThreadCollector) for child in app.children()):
-        GuiThreadCollector(app)  # as app/launch.py runs the app: gc on the GUI thread only
-    return app
+    return QApplication.instance() or QApplication(sys.argv[:1])
 
 
 def dispose(widget) -> None:

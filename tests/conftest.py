@@ -88,13 +88,7 @@ def _qt_isolation(request, tmp_path):
     QCoreApplication.setApplicationName("ModelWorkbenchTests")
     QSettings.setDefaultFormat(QSettings.Format.IniFormat)
     QSettings.setPath(QSettings.Format.IniFormat, QSettings.Scope.UserScope, str(tmp_path / "settings"))
-    from widgets.gc_thread import GuiThreadCollector
-
-    request.getfixturevalue("qapp")
-    collector = GuiThreadCollector()  # as the app runs: a worker thread's gc must not delete Qt objects
     yield
-    collector.stop()
-    collector.deleteLater()
     from widgets.tasks import cancel_all, running_tasks
 
     left = [t.name for t in running_tasks()]
