@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import gc
 from pathlib import Path
 
 import pytest
 from conftest import write_project
-from PySide6.QtCore import QPointF, QThread
+from PySide6.QtCore import QCoreApplication, QEvent, QPointF, QThread
 from PySide6.QtWidgets import (
     QAbstractButton,
     QAbstractItemView,
@@ -46,6 +47,15 @@ def window(qtbot, tiny_project):
         win.controller.wait(60000)
     win.state._set_dirty(False)
     win.close()
+    # Delete the window here, on the GUI thread: left to the cyclic collector, a worker thread of a later test
+    # could collect it and deadlock with the GUI thread (Qt's lock against the GIL; seen in test_export_...).
+    from widgets.tasks import running_tasks
+
+    qtbot.waitUntil(lambda: not running_tasks(), timeout=120000)  # no result may arrive at a deleted window
+    win.deleteLater()
+    QCoreApplication.sendPostedEvents(None, QEvent.Type.DeferredDelete)
+    del win
+    gc.collect()
 
 
 def _train(qtbot, window, *, start=None, timeout=180000) -> dict:
