@@ -998,6 +998,20 @@ class _Corrections:
         return out
 
 
+def class_count_lines(
+    task: str, class_names: Sequence[str], train_counts: Sequence[int], val_counts: Sequence[int]
+) -> list[str]:
+    """The outputs, or each class's (label's) training / validation count, as a run's data summary lists them."""
+    if task == "regression":
+        return [f"Outputs: {', '.join(class_names)}"]
+    title = "Classes" if task == "classification" else "Labels (positives)"
+    lines = [f"{title} ({len(class_names)}), train / validation:"]
+    width = max((len(name) for name in class_names), default=0)
+    for name, tr, va in zip(class_names, train_counts, val_counts, strict=True):
+        lines.append(f"  {name:<{width}}  {tr:>6} / {va}")
+    return lines
+
+
 @dataclass
 class PreparedData:
     task: str
@@ -1023,14 +1037,7 @@ class PreparedData:
         n_val = len(self.val_targets)
         where = str(self.source.path) + (f" (validation: {self.val_source.path})" if self.val_source else "")
         lines = [f"{self.task}: {len(self.train_targets)} training and {n_val} validation samples from {where}"]
-        if self.task == "regression":
-            lines.append(f"Outputs: {', '.join(self.class_names)}")
-        else:
-            title = "Classes" if self.task == "classification" else "Labels (positives)"
-            lines.append(f"{title} ({len(self.class_names)}), train / validation:")
-            width = max((len(name) for name in self.class_names), default=0)
-            for name, tr, va in zip(self.class_names, self.train_counts, self.val_counts, strict=True):
-                lines.append(f"  {name:<{width}}  {tr:>6} / {va}")
+        lines += class_count_lines(self.task, self.class_names, self.train_counts, self.val_counts)
         if self.val is None:
             lines.append("No validation set.")
         if self.excluded or self.relabelled:

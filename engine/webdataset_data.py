@@ -37,7 +37,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from engine.config import LoaderConfig, ProjectConfig
-from engine.data import PreparedData, Progress
+from engine.data import PreparedData, Progress, class_count_lines
 from engine.dataset_paths import DataError, dataset_root, path_key
 from engine.shard_patterns import expand_pattern, is_remote
 from engine.shard_patterns import resolve_pattern as _resolve_pattern
@@ -604,14 +604,7 @@ class StreamedData(PreparedData):
             lines.append(f"Validation shards {self.val_shards.pattern}: {self.val_shards.describe()}")
         else:
             lines.append("No validation set.")
-        if self.task == "regression":
-            lines.append(f"Outputs: {', '.join(self.class_names)}")
-        else:
-            title = "Classes" if self.task == "classification" else "Labels (positives)"
-            lines.append(f"{title} ({len(self.class_names)}), train / validation:")
-            width = max((len(name) for name in self.class_names), default=0)
-            for name, tr, va in zip(self.class_names, self.train_counts, self.val_counts, strict=True):
-                lines.append(f"  {name:<{width}}  {tr:>6} / {va}")
+        lines += class_count_lines(self.task, self.class_names, self.train_counts, self.val_counts)
         if self.warnings:
             lines.append("Warnings:")
             lines += [f"  {w}" for w in self.warnings]
