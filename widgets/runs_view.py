@@ -129,7 +129,11 @@ def read_folders(roots: Sequence[str], known: frozenset[str], reread: frozenset[
     (reread None: every one). A root that cannot be read is reported, not raised, so the others still show."""
     paths: list[str] = []
     problems: list[str] = []
+    notes: list[str] = []
     for root in roots:
+        if not os.path.lexists(root):  # the project's output folder before its first run: nothing wrong
+            notes.append(f"No runs yet: {root} does not exist; the first run makes it.")
+            continue
         try:
             found = find_runs(root)
         except ConfigError as exc:
@@ -148,7 +152,7 @@ def read_folders(roots: Sequence[str], known: frozenset[str], reread: frozenset[
             # thousands of metrics rows are not held for every row.
             record.metrics = []
             records.append(record)
-    return {"paths": paths, "records": records, "problems": problems}
+    return {"paths": paths, "records": records, "problems": problems, "notes": notes}
 
 
 def curves_of(path: str) -> dict[str, Any]:
@@ -347,6 +351,7 @@ class RunsView(QWidget):
         self._pending: set[str] = set()  # run folders to read again
         self._curves: dict[str, tuple[float, dict[str, Any]]] = {}  # run folder -> (metrics mtime, curves)
         self._error = ""
+        self._awaited: dict[str, str] = {}  # an existing parent watched -> the listed folder not made yet
         # Nothing is read or watched until the view is first shown: a window that never opens the Runs tab
         # pays nothing for it at start-up.
         self._active = False
@@ -568,9 +573,16 @@ class RunsView(QWidget):
         files = self.watcher.files()
         if files:
             self.watcher.removePaths(files)
+        self._awaited = {}
         for root in self.folders():
             if Path(root).is_dir():
                 self.watcher.addPath(root)
+            else:  # watch the nearest folder that exists, to see the first run make this one
+                parent = Path(root).parent
+                while not parent.is_dir() and parent != parent.parent:
+                    parent = parent.parent
+                self._awaited[str(parent)] = root
+                self.watcher.addPath(str(parent))
         self._full = True
         self._start_read()
 
@@ -608,6 +620,9 @@ class RunsView(QWidget):
 
     @Slot(str)
     def _on_directory_changed(self, path: str) -> None:
+        if path in self._awaited:  # the parent of a listed folder that did not exist: watch again, one level
+            self._folders_changed()  # nearer if only a parent of it was made, or the folder itself
+            return
         if path in self.folders():
             self._schedule()  # a run folder appeared or went: list again, read the new ones
         else:
@@ -647,7 +662,9 @@ class RunsView(QWidget):
         self._select(selected)
         if result["problems"]:
             self._set_message("\n".join(result["problems"]), error=True)
-        elif self._error.startswith("runs folder"):
+        elif result["notes"]:
+            self._set_message("\n".join(result["notes"]))
+        elif self._error.startswith("runs folder") or self.message_label.text().startswith("No runs yet"):
             self._set_message("")
         self._watch_running()
         changed = {str(r.path) for r in result["records"]}
@@ -669,7 +686,7 @@ class RunsView(QWidget):
 
     def _watch_running(self) -> None:
         """Watch the running runs' folders and metrics files; drop the watches of runs that ended."""
-        want_dirs = set(self.folders())
+        want_dirs = set(self.folders()) | set(self._awaited)
         want_files = set()
         running = False
         for record in self.model.records:

@@ -112,6 +112,7 @@ NOT_SEARCHED = {
     "loader.persistent_workers",
     "loader.pin_memory",
     "loader.decoded_cache",
+    "loader.decoded_cache_disk",
     "loader.decoded_cache_max_mb",
     "loader.sampler.num_replicas",
     "loader.sampler.rank",

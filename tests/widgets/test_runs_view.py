@@ -317,3 +317,20 @@ def test_long_metrics_are_read_in_a_worker_process_into_the_same_curves(qtbot, v
         assert x.tolist() == [float(i + 1) for i in range(len(RUNS[name][4]))], path
         np.testing.assert_allclose(y, np.array(RUNS[name][4]) * 100)
         np.testing.assert_allclose(curves["val_loss"].used()[1], RUNS[name][5])
+
+
+def test_before_the_first_run_the_missing_runs_folder_is_no_error_and_its_first_run_shows_up(qtbot, tmp_path):
+    root = tmp_path / "project" / "runs"  # neither it nor its parent exists yet
+    view = RunsView()
+    try:
+        view.set_project("", root)
+        view.show()
+        qtbot.waitUntil(lambda: not view.is_reading() and view.message_label.text() != "", timeout=WAIT_MS)
+        assert view.message_label.text().startswith("No runs yet:") and not view._error
+        assert view.model.rowCount() == 0
+        write_run(root, "first", "resnet18", 1e-3, 32, 2, [0.5], [1.0], "completed")  # the first run makes it
+        qtbot.waitUntil(lambda: shown_names(view) == ["first"], timeout=WAIT_MS)
+        assert view.message_label.text() == ""
+    finally:
+        view.shutdown()
+        dispose(view)
