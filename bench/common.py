@@ -47,6 +47,7 @@ class Section:
     setup: str = ""
     notes: list[str] = field(default_factory=list)
     skipped: str | None = None  # why nothing was measured (e.g. no GPU here)
+    measured: str = ""  # when (UTC, ISO 8601): sections kept by `--update` keep the date of their own run
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -1,12 +1,15 @@
 """`make bench`: run the engine's and the app's benchmarks, write docs/bench/results.{json,md}, update the README.
 
-    python -m bench [--quick] [--out DIR] [--readme PATH] [--only NAME ...] [--same-process]
+    python -m bench [--quick] [--out DIR] [--readme PATH] [--only NAME ...] [--update] [--same-process]
 
 Each benchmark runs in a Python process of its own (this module again, with --child), so that none measures
 in a process that an earlier one left with its threads, caches, allocator state and gigabytes of memory:
 the app-overhead ratio read 0.75-0.82 after the engine's sections and 0.96-1.02 alone. --same-process runs
 them all in this process instead. A benchmark that raises (or whose process dies) is recorded as skipped,
 with the first line of its error, and the others still run.
+--update re-measures the --only benchmarks and keeps every other section of the existing results.json, each
+with the date it was measured (only when that file was measured on the same machine): one section re-run on a
+quiet machine does not cost a full run, and the report says which sections came from which run.
 The README's table goes between the markers <!-- bench:start --> and <!-- bench:end -->; without them the README
 is left as it is.
 """
@@ -166,7 +169,24 @@ def machine_line(info: dict[str, Any]) -> str:
 
 def _when(results: dict[str, Any]) -> str:
     mode = " (quick run)" if results.get("quick") else ""
-    return f"{str(results.get('date', ''))[:10]}{mode}"
+    when = f"{str(results.get('date', ''))[:10]}{mode}"
+    for update in results.get("updates", []):
+        stamp = str(update.get("date", ""))[:16].replace("T", " ")
+        when += f"; re-measured with `--update` on {stamp} UTC: {', '.join(update.get('sections', []))}"
+    return when
+
+
+def same_machine(a: dict[str, Any], b: dict[str, Any]) -> bool:
+    """Whether two results came from the same kind of machine (figures compare only within one)."""
+    keys = ("cpu", "processor", "cpu_count", "torch_threads", "gpu", "python", "torch")
+    return all(a.get(k) == b.get(k) for k in keys)
+
+
+def merge_sections(kept: Sequence[Section], fresh: Sequence[Section]) -> list[Section]:
+    """kept with each section that fresh measured again replaced in its place; fresh sections new to kept last."""
+    by_name = {s.name: s for s in fresh}
+    merged = [by_name.pop(s.name, s) for s in kept]
+    return merged + [s for s in fresh if s.name in by_name]
 
 
 def results_markdown(results: dict[str, Any], sections: Sequence[Section]) -> str:
@@ -187,6 +207,8 @@ def results_markdown(results: dict[str, Any], sections: Sequence[Section]) -> st
     ]
     for section in sections:
         out += [f"## {section.title}", "", section_table(section), ""]
+        if results.get("updates") and section.measured:
+            out += [f"Measured {section.measured[:16].replace('T', ' ')} UTC.", ""]
         if section.setup:
             out += [f"Setup: {section.setup}", ""]
         if section.notes:
@@ -282,10 +304,29 @@ def run_sections(names: Sequence[str], quick: bool, *, echo: Callable[[str], Non
         except Exception as exc:
             produced = [Section(name=name, title=f"{name} (failed)", skipped=f"failed: {_first_line(exc)}")]
         seconds = time.perf_counter() - started
+        stamp = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
         for section in produced:
+            section.measured = section.measured or stamp
             echo(section_text(section, seconds))
         sections.extend(produced)
     return sections
+
+
+def _previous_results(path: Path, info: dict[str, Any], quick: bool) -> dict[str, Any] | str:
+    """The results file that --update adds to, or why it cannot be added to."""
+    try:
+        previous = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return f"{path} does not exist"
+    except (OSError, ValueError) as exc:
+        return f"{path} cannot be read ({_first_line(exc)})"
+    if not isinstance(previous, dict) or not isinstance(previous.get("sections"), list):
+        return f"{path} holds no benchmark sections"
+    if not same_machine(previous.get("machine", {}), info):
+        return f"{path} was measured on another machine ({machine_line(previous.get('machine', {}))})"
+    if bool(previous.get("quick")) != quick:
+        return f"{path} is a {'quick' if previous.get('quick') else 'full'} run and this one is not"
+    return previous
 
 
 def section_from_dict(data: dict[str, Any]) -> Section:
@@ -335,6 +376,12 @@ def _parser() -> argparse.ArgumentParser:
         help=f"run only these benchmarks: {', '.join(RUNNERS)}",
     )
     parser.add_argument(
+        "--update",
+        action="store_true",
+        help="with --only: keep the other sections of the existing results.json (same machine only), "
+        "each with the date it was measured",
+    )
+    parser.add_argument(
         "--same-process",
         action="store_true",
         help="run every benchmark in this process rather than each in a fresh one",
@@ -347,6 +394,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")  # before the app's benchmarks import Qt
     names = list(dict.fromkeys(args.only)) if args.only else list(RUNNERS)
+    if args.update and not args.only:
+        _parser().error("--update needs --only NAME ...: the benchmarks to measure again")
 
     def echo(text: str) -> None:
         print(text, flush=True)
@@ -365,14 +414,27 @@ def main(argv: Sequence[str] | None = None) -> int:
         sections = run_sections(names, args.quick, echo=echo)
     else:
         sections = [s for name in names for s in run_isolated(name, args.quick, echo=echo)]
-    results = {
+    now = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    results: dict[str, Any] = {
         "machine": info,
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "date": now,
         "quick": args.quick,
         "same_process": args.same_process,
-        "sections": [s.to_dict() for s in sections],
     }
     out: Path = args.out
+    if args.update:
+        previous = _previous_results(out / "results.json", info, args.quick)
+        if isinstance(previous, str):
+            print(f"Not updating: {previous}; writing the new sections alone", flush=True)
+        else:
+            fresh = [s.name for s in sections]
+            kept = [section_from_dict(d) for d in previous.get("sections", [])]
+            for section in kept:  # a file written before sections carried dates: its run's date
+                section.measured = section.measured or str(previous.get("date", ""))
+            sections = merge_sections(kept, sections)
+            updates = [*previous.get("updates", []), {"date": now, "sections": fresh}]
+            results.update(date=previous.get("date", now), same_process=previous.get("same_process"), updates=updates)
+    results["sections"] = [s.to_dict() for s in sections]
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(
         json.dumps(_json_safe(results), indent=2, ensure_ascii=False) + "\n", encoding="utf-8"

@@ -192,3 +192,55 @@ def test_a_benchmark_whose_process_fails_is_recorded_as_skipped():
     assert [s.name for s in result] == ["no_such_benchmark"]
     assert result[0].skipped.startswith("failed: its process exited with 2: ")
     assert "invalid choice" in result[0].skipped and "no_such_benchmark" in printed[0]
+
+
+def _write_full_run(out, info, *, quick=False):
+    out.mkdir(parents=True, exist_ok=True)
+    old = {"machine": info, "date": "2026-01-02T03:04:05+00:00", "quick": quick, "same_process": False}
+    old["sections"] = [bench._json_safe(s.to_dict()) for s in sections()]  # no 'measured': an older file
+    (out / "results.json").write_text(json.dumps(old), encoding="utf-8")
+
+
+def test_update_measures_one_benchmark_again_and_keeps_the_others_with_their_dates(tmp_path, monkeypatch):
+    again = Section("latency", "Latency", [Figure("ui_ms", "Timer lateness", 12.0, "ms", "<= 50")])
+    monkeypatch.setitem(bench.RUNNERS, "latency_bench", lambda quick: again)
+    out, readme = tmp_path / "bench", tmp_path / "README.md"
+    readme.write_text(f"{bench.START}\n{bench.END}\n", encoding="utf-8")
+    _write_full_run(out, bench.machine())
+
+    argv = ["--only", "latency_bench", "--update", "--same-process", "--out", str(out), "--readme", str(readme)]
+    assert bench.main(argv) == 0
+
+    results = json.loads((out / "results.json").read_text(encoding="utf-8"))
+    # The re-measured section replaced the old one in its place; the others are the full run's, dated by it.
+    assert [s["name"] for s in results["sections"]] == ["engine_overhead", "latency", "gpu_paths"]
+    latency = results["sections"][1]
+    assert [f["value"] for f in latency["figures"]] == [12.0]
+    assert latency["measured"] > "2026-01-02T03:04:05+00:00"
+    assert results["sections"][0]["measured"] == "2026-01-02T03:04:05+00:00"
+    assert results["sections"][0]["figures"][0]["value"] == 1.0512
+    assert results["date"] == "2026-01-02T03:04:05+00:00"
+    assert [u["sections"] for u in results["updates"]] == [["latency"]]
+    text = readme.read_text(encoding="utf-8")
+    assert "2026-01-02; re-measured with `--update` on " in text and "UTC: latency" in text
+    assert "| Engine overhead | Trainer ÷ hand loop | 1.05x |" in text and "| 12 ms |" in text
+    assert "Measured 2026-01-02 03:04 UTC." in (out / "results.md").read_text(encoding="utf-8")
+
+
+def test_update_does_not_mix_figures_from_another_machine(tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(bench.RUNNERS, "latency_bench", lambda quick: Section("latency", "Latency"))
+    out, readme = tmp_path / "bench", tmp_path / "README.md"
+    _write_full_run(out, INFO)  # an H200 machine's figures
+
+    argv = ["--only", "latency_bench", "--update", "--same-process", "--out", str(out), "--readme", str(readme)]
+    assert bench.main(argv) == 0
+
+    assert "Not updating: " in capsys.readouterr().out
+    results = json.loads((out / "results.json").read_text(encoding="utf-8"))
+    assert [s["name"] for s in results["sections"]] == ["latency"] and "updates" not in results
+
+
+def test_update_without_only_is_refused(capsys):
+    with pytest.raises(SystemExit):
+        bench.main(["--update"])
+    assert "--update needs --only" in capsys.readouterr().err
