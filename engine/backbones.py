@@ -154,6 +154,10 @@ def preprocess_for(model_cfg: ModelConfig, data_cfg: DataConfig) -> Preprocess:
             t = _weight(model_cfg.backbone, model_cfg.weights).transforms()
             resize, crop, mean, std = int(t.resize_size[0]), int(t.crop_size[0]), t.mean, t.std
             interpolation = t.interpolation.value
+        if data_cfg.input_size is not None and data_cfg.input_size != crop:
+            # A size of the user's instead of the weights': the resize keeps the weights' resize-to-crop ratio.
+            resize = max(data_cfg.input_size, round(data_cfg.input_size * resize / crop))
+            crop = data_cfg.input_size
         # Keeping aspect means no crop: the longer side goes to the size the weights were trained at.
         return Preprocess(
             resize_size=crop if data_cfg.keep_aspect else resize,

@@ -143,6 +143,22 @@ def backbone_problems(backbone: str, weights: str | None) -> list[str]:
     return []
 
 
+def fixed_input_size(backbone: str) -> bool:
+    """Whether the backbone takes only the input size it was built for (ViT-like: position embeddings)."""
+    if vit_patch_size(backbone):
+        return True
+    arch = timm_model_name(backbone)
+    if arch is None:
+        return False
+    from timm.models import get_pretrained_cfg
+
+    try:
+        cfg = get_pretrained_cfg(arch)
+    except Exception:  # noqa: BLE001 - an unknown name is reported by backbone_problems, not here
+        return False
+    return bool(cfg is not None and cfg.fixed_input_size)
+
+
 def vit_patch_size(backbone: str) -> int | None:
     """The patch size of a torchvision ViT (vit_b_16 -> 16), None for other families."""
     if backbone.startswith("vit_"):

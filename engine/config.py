@@ -233,6 +233,31 @@ class DataConfig(Section):
         applies=BY_WEIGHTS,
         effect="std",
     )
+    input_size: int | None = setting(
+        None,
+        ge=32,
+        le=1024,
+        group="input",
+        label="Size with weights",
+        doc="with pretrained weights: train, evaluate and export at this many pixels a side instead of the size "
+        "the weights were trained at (null: theirs)",
+        help="Pretrained weights come with the size they were trained at (224 px for most). A convolutional "
+        "network takes any size: half the side is about a quarter of the compute, and small source images "
+        "(scans, icons, 8x8 digits) lose little; photographs of scenes lose more the further below the "
+        "weights' size. The resize keeps the weights' resize-to-crop ratio. "
+        "Not for ViT-like models, whose position embeddings are sized for the weights' input.",
+        special="the weights' own",
+        step=16,
+        low=17,  # the spin box's lowest value (16) stands for None, so its steps land on 32, 48, 64, ...
+        suffix=" px",
+        applies=Applies(
+            "model.weights",
+            (None,),
+            negate=True,
+            hide=False,
+            why="without weights, Image size sets the size",
+        ),
+    )
     keep_aspect: bool = setting(
         False,
         group="input",
@@ -1513,7 +1538,12 @@ def _rules(cfg: ProjectConfig, *, check_paths: bool, check_catalog: bool) -> lis
 
     m = cfg.model
     if check_catalog:
-        from engine.catalog import backbone_problems, is_known, vit_patch_size  # imports torchvision (timm if named)
+        from engine.catalog import (  # imports torchvision (timm if named)
+            backbone_problems,
+            fixed_input_size,
+            is_known,
+            vit_patch_size,
+        )
 
         p.extend(Problem.of(text) for text in backbone_problems(m.backbone, m.weights))
         patch = vit_patch_size(m.backbone) if is_known(m.backbone) else None
@@ -1523,6 +1553,12 @@ def _rules(cfg: ProjectConfig, *, check_paths: bool, check_catalog: bool) -> lis
                 f"data.image_size = {d.image_size}: {m.backbone} cuts images into {patch}x{patch} "
                 f"patches, so the size must be a multiple of {patch} (such as "
                 f"{max(patch, d.image_size // patch * patch)})",
+            )
+        if m.weights is not None and d.input_size is not None and fixed_input_size(m.backbone):
+            add(
+                "data.input_size",
+                f"data.input_size = {d.input_size}: {m.backbone} with pretrained weights takes only the size its "
+                "weights were trained at (its position embeddings are sized for it); remove data.input_size",
             )
     if d.keep_aspect and d.augment.random_resized_crop:
         add(

@@ -44,11 +44,13 @@ class Applies:
 
     enforce: a value other than the default is refused where the setting does not apply (the engine would
     ignore it, or PyTorch refuses it). hide: the form hides the row; otherwise it is disabled and says why.
+    negate: the setting applies while the other one has none of `values`.
     """
 
     path: str
     values: tuple = ()
     above: float | None = None
+    negate: bool = False
     enforce: bool = False
     hide: bool = True
     why: str = ""  # shown under a disabled row; added to a refused value's message
@@ -60,12 +62,13 @@ class Applies:
         """Whether the setting applies while the one it depends on has this value."""
         if self.above is not None:
             return isinstance(value, (int, float)) and value > self.above
-        return value in self.values
+        return (value in self.values) != self.negate
 
     def describe(self) -> str:
         if self.above is not None:
             return f"{self.path} > {self.above:g}"
-        return f"{self.path} = {' or '.join(_json(v, quote=repr) for v in self.values)}"
+        listed = f"{' or '.join(_json(v, quote=repr) for v in self.values)}"
+        return f"{self.path} {'is not' if self.negate else '='} {listed}"
 
 
 @dataclass(frozen=True)

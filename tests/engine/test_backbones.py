@@ -107,6 +107,18 @@ def test_preprocess_follows_the_weights_recipe():
     assert kept.resize_size == kept.crop_size == 224
 
 
+def test_a_size_of_the_users_replaces_the_weights_size_and_keeps_their_resize_ratio():
+    weights = ModelConfig(backbone="efficientnet_b0", weights="DEFAULT")  # resize 256, crop 224
+    pre = preprocess_for(weights, DataConfig(input_size=112))
+    assert (pre.resize_size, pre.crop_size, pre.interpolation) == (128, 112, "bicubic")
+    assert pre.mean == pytest.approx((0.485, 0.456, 0.406))  # the weights' normalisation stays
+    kept = preprocess_for(weights, DataConfig(input_size=112, keep_aspect=True))
+    assert kept.resize_size == kept.crop_size == 112
+    # Without weights the project's image_size decides; input_size is not used.
+    plain = preprocess_for(ModelConfig(backbone="resnet18"), DataConfig(image_size=64, input_size=112))
+    assert (plain.resize_size, plain.crop_size) == (64, 64)
+
+
 def test_preprocess_without_weights_uses_the_project_settings():
     pre = preprocess_for(ModelConfig(backbone="resnet18"), DataConfig(image_size=64, mean=[0.5], std=[0.25]))
     assert (pre.resize_size, pre.crop_size, pre.interpolation) == (64, 64, "bilinear")

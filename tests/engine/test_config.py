@@ -95,6 +95,12 @@ BAD_VALUES = [
     ({"model": {"backbone": "resnet1"}}, "model.backbone", "resnet1"),
     ({"model": {"weights": "IMAGENET9K"}}, "model.weights", "IMAGENET9K"),
     ({"model": {"backbone": "vit_b_16"}, "data": {"image_size": 40}}, "data.image_size", "multiple of 16"),
+    (
+        {"model": {"backbone": "vit_b_16", "weights": "DEFAULT"}, "data": {"input_size": 112}},
+        "data.input_size",
+        "position embeddings",
+    ),
+    ({"data": {"input_size": 16}}, "data.input_size", "16"),
     ({"model": {"weights_file": "w.pt"}}, "model.weights_file", "w.pt"),
     ({"model": {"freeze": "most"}}, "model.freeze", "most"),
     ({"model": {"freeze": "up_to"}}, "model.freeze_up_to", "up_to"),

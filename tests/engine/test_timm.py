@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import dataclasses
+import json
 import shutil
 import time
 from pathlib import Path
@@ -136,10 +136,12 @@ def imagenet_model():
         ("flower.jpg", {"daisy", "bee", "sea anemone", "hip", "pot"}),
     ],
 )
-def test_bundled_weights_recognise_real_photographs(imagenet_model, photo, plausible):
+@pytest.mark.parametrize("size", [None, 192], ids=["the weights' 224 px", "data.input_size 192 px"])
+def test_bundled_weights_recognise_real_photographs(imagenet_model, photo, plausible, size):
     from sklearn.datasets import load_sample_image
 
-    pre = preprocess_for(ModelConfig(backbone=BUNDLED_BACKBONE, weights=BUNDLED), DataConfig())
+    pre = preprocess_for(ModelConfig(backbone=BUNDLED_BACKBONE, weights=BUNDLED), DataConfig(input_size=size))
+    assert pre.crop_size == (size or 224)
     transform = v2.Compose(
         [
             v2.ToImage(),
@@ -165,13 +167,16 @@ def _digits_subset(root: Path, per_class: int, classes: int = 10) -> Path:
     return root
 
 
-def _fine_tune(data: Path, weights: str | None, size: int, monkeypatch) -> float:
+def _fine_tune(data: Path, weights: str | None, size: int) -> float:
     from engine.trainer import Trainer
 
     cfg = from_dict(
         {
             "name": f"digits-{weights}",
-            "data": {"path": str(data), "val_fraction": 0.3, "image_size": size, "mean": [0.5], "std": [0.5]},
+            # image_size sizes the random-init run; input_size the pretrained one (smaller than the weights'
+            # 224 px to keep the test quick), which keeps the weights' own normalisation and resampling.
+            "data": {"path": str(data), "val_fraction": 0.3, "image_size": size, "mean": [0.5], "std": [0.5]}
+            | ({"input_size": size} if weights else {}),
             # The same recipe for both: the last two blocks and the head train, the early blocks stay frozen.
             "model": {"backbone": BUNDLED_BACKBONE, "weights": weights, "freeze": "up_to", "freeze_up_to": "blocks.4"},
             "loader": {"batch_size": 32},
@@ -181,25 +186,17 @@ def _fine_tune(data: Path, weights: str | None, size: int, monkeypatch) -> float
         },
         check_paths=False,
     )
-    import engine.trainer
-
-    # The weights' own normalisation and resampling, at a smaller size than their 224 to keep the test quick.
-    real = engine.trainer.preprocess_for
-    monkeypatch.setattr(
-        engine.trainer, "preprocess_for", lambda m, d: dataclasses.replace(real(m, d), resize_size=size, crop_size=size)
-    )
     trainer = Trainer(cfg)
     trainer.run()
-    monkeypatch.undo()
     return trainer.state.history[-1]["val_accuracy"]
 
 
-def test_bundled_weights_fine_tune_better_than_random_init(tmp_path, monkeypatch):
+def test_bundled_weights_fine_tune_better_than_random_init(tmp_path):
     data = _digits_subset(tmp_path / "digits", per_class=30)
     start = time.monotonic()
-    pretrained = _fine_tune(data, BUNDLED, 96, monkeypatch)
+    pretrained = _fine_tune(data, BUNDLED, 96)
     middle = time.monotonic()
-    random_init = _fine_tune(data, None, 96, monkeypatch)
+    random_init = _fine_tune(data, None, 96)
     print(
         f"val accuracy: pretrained {pretrained:.3f} ({middle - start:.1f} s), "
         f"random init {random_init:.3f} ({time.monotonic() - middle:.1f} s)"
@@ -287,6 +284,38 @@ def test_timm_heads_freeze_and_train_like_torchvision_ones(backbone, head):
     tree = layer_tree(built.model, (3, 64, 64))
     assert tree[0].output_shape == (1, 4)
     assert {i.name: i for i in tree}[head].trainable == 4 * built.model.get_submodule(head).in_features + 4
+
+
+def test_a_run_at_a_size_of_the_users_restores_and_exports_at_that_size(tmp_path):
+    from engine.checkpoints import load_checkpoint
+    from engine.export import export_checkpoint
+    from engine.restore import restore_model
+    from engine.runs import create_run_dir, run_callbacks
+    from engine.trainer import Trainer, build_run
+
+    data = _digits_subset(tmp_path / "digits", per_class=6, classes=3)
+    cfg = from_dict(
+        {
+            "name": "bundled-at-48",
+            "data": {"path": str(data), "val_fraction": 0.25, "input_size": 48},
+            "model": {"backbone": BUNDLED_BACKBONE, "weights": BUNDLED, "freeze": "up_to", "freeze_up_to": "blocks.4"},
+            "loader": {"batch_size": 8},
+            "train": {"epochs": 1, "device": "cpu", "seed": 0},
+            "output": {"dir": str(tmp_path / "runs"), "tensorboard": False},
+        },
+        check_paths=False,
+    )
+    parts = build_run(cfg)
+    images, _ = next(iter(parts.train_loader))
+    assert tuple(images.shape[1:]) == (3, 48, 48)  # what the model trains on
+    run = create_run_dir(cfg, tmp_path / "run")
+    Trainer(cfg, run_callbacks(cfg, run)).run()
+    checkpoint = run / "checkpoints" / "final.pt"
+    _, _, _, pre = restore_model(load_checkpoint(checkpoint))
+    assert (pre.crop_size, pre.mean) == (48, (0.5, 0.5, 0.5))  # the user's size, the weights' normalisation
+    export_checkpoint(checkpoint, "torchscript", tmp_path / "model.ts")  # checked against PyTorch at that size
+    info = json.loads((tmp_path / "model.ts.json").read_text(encoding="utf-8"))
+    assert (info["input_size"], info["mean"]) == ([3, 48, 48], [0.5, 0.5, 0.5])  # what a deployment feeds it
 
 
 def test_a_timm_checkpoint_is_restored_and_exported(tmp_path):

@@ -777,3 +777,17 @@ def test_settings_the_weights_replace_show_the_value_in_effect_and_are_not_edita
     project_state.set("model.weights", None)
     assert size.isEnabled() and not panel._remarks["data.image_size"].isVisibleTo(panel)
     assert size.value() == 16 and mean.text() == "0.5"  # the project's values again, editable
+
+
+def test_a_size_of_the_users_with_weights_is_offered_only_with_weights(qtbot, panel, project_state):
+    import engine.backbones  # noqa: F401 - the panel reads the weights' preprocessing once the catalog is loaded
+
+    size, own = control(panel, "image_size"), control(panel, "input_size")
+    assert not own.isEnabled() and "Image size sets the size" in panel._remarks["data.input_size"].text()
+    project_state.update({"model.backbone": "timm/efficientnet_lite0", "model.weights": "BUNDLED"})
+    assert own.isEnabled() and own.text() == "the weights' own" and size.value() == 224
+    own.setValue(own.minimum() + 7 * own.singleStep())  # seven steps up from "the weights' own"
+    assert project_state.get("data.input_size") == 128
+    assert size.value() == 128  # the size in effect, shown where the weights' size was
+    own.setValue(own.minimum())
+    assert project_state.get("data.input_size") is None and size.value() == 224
