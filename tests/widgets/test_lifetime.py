@@ -7,8 +7,11 @@ import gc
 import threading
 
 import shiboken6
-from PySide6.QtCore import QCoreApplication, QEvent, QObject
+from PySide6.QtCore import QCoreApplication, QEvent, QObject, QTimer
+from PySide6.QtWidgets import QFileDialog, QMessageBox, QWidget
 
+from widgets.folders import chosen_path, folder_dialog
+from widgets.lifetime import delete_on_close, forget_when_destroyed
 from widgets.tasks import run_task
 
 
@@ -54,3 +57,57 @@ def test_a_finished_tasks_thread_and_worker_are_deleted_on_the_gui_thread_not_by
     del task, worker, qthread
     collect_on_a_worker_thread(qtbot)
     assert sorted(destroyed) == [("QThread", True), ("_Worker", True)]
+
+
+def test_a_closed_widget_is_deleted_and_its_owner_forgets_it_but_not_its_successor(qtbot):
+    class Owner:
+        box: QMessageBox | None = None
+
+    owner = Owner()
+    parent = QWidget()
+    qtbot.addWidget(parent)
+    destroyed: list[tuple[str, bool]] = []
+    first = QMessageBox(QMessageBox.Icon.Warning, "First", "first", QMessageBox.StandardButton.Ok, parent)
+    delete_on_close(first)
+    forget_when_destroyed(owner, "box", first)
+    record_destruction(first, destroyed)
+    first.open()
+    first.button(QMessageBox.StandardButton.Ok).click()  # the user closes it
+    assert owner.box is first and shiboken6.isValid(first)  # deleteLater: gone at the next turn of the loop
+    second = QMessageBox(QMessageBox.Icon.Warning, "Second", "second", QMessageBox.StandardButton.Ok, parent)
+    delete_on_close(second)
+    forget_when_destroyed(owner, "box", second)
+    second.open()
+    deferred_deletes()
+    assert not shiboken6.isValid(first) and destroyed == [("QMessageBox", True)]
+    assert owner.box is second  # the first one's end does not drop the one that replaced it
+    second.close()  # as closing its window does (Escape, the title bar's button)
+    deferred_deletes()
+    assert not shiboken6.isValid(second) and owner.box is None
+
+
+def test_a_file_dialog_is_deleted_once_its_answer_is_read(qtbot, tmp_path):
+    parent = QWidget()
+    qtbot.addWidget(parent)
+    dialogs: list[QFileDialog] = []
+
+    def answer(accept: bool) -> None:
+        shown = [d for d in parent.findChildren(QFileDialog) if d.isVisible()]
+        if not shown:
+            QTimer.singleShot(10, lambda: answer(accept))
+            return
+        dialog = shown[0]
+        dialogs.append(dialog)
+        if accept:
+            dialog.selectFile(str(tmp_path))
+            dialog.accept()
+        else:
+            dialog.reject()
+
+    QTimer.singleShot(0, lambda: answer(False))
+    assert chosen_path(folder_dialog(parent, "Pick", str(tmp_path))) is None
+    QTimer.singleShot(0, lambda: answer(True))
+    assert chosen_path(folder_dialog(parent, "Pick", str(tmp_path.parent))) == str(tmp_path)
+    deferred_deletes()
+    assert len(dialogs) == 2 and not any(shiboken6.isValid(d) for d in dialogs)
+    assert parent.findChildren(QFileDialog) == []
