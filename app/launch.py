@@ -100,6 +100,7 @@ def display_problem() -> str | None:
 
 def run_app(project: str | None) -> int:
     """Open the main window on a project (a path, or the last/default project) and run the event loop."""
+    from PySide6.QtCore import QCoreApplication, QEvent
     from PySide6.QtWidgets import QApplication
 
     from app.main_window import MainWindow, default_project
@@ -110,4 +111,9 @@ def run_app(project: str | None) -> int:
     window = MainWindow(background_catalog=True, settle=True)
     window.open_initial_project(project or window.last_project() or str(default_project()))
     window.show()
-    return app.exec()
+    code = app.exec()
+    # Closed, the window is deleted here, on the GUI thread; left to the interpreter's last garbage collections,
+    # it could be deleted from another thread (widgets/lifetime.py says why that must not happen).
+    window.deleteLater()
+    QCoreApplication.sendPostedEvents(None, QEvent.Type.DeferredDelete)
+    return code

@@ -33,6 +33,7 @@ from engine.config import ConfigError, Problem, ProjectConfig, load_project, run
 from engine.run_files import PROJECT_FILE, is_run_dir, last_written, project_runs
 from engine.text import readable
 from widgets.folders import start_folder
+from widgets.lifetime import delete_on_close, forget_when_destroyed
 from widgets.state import ProjectState
 from widgets.tasks import Task, hold_new_tasks, run_task, start_held_tasks
 
@@ -774,10 +775,12 @@ class MainWindow(QMainWindow):
             self.show_error("No model to export", "Train a model or choose a checkpoint first.")
             return None
         run_dir = Path(self.current_run_dir) if self.current_run_dir else Path(self.current_checkpoint).parent
-        self.export_dialog = ExportDialog(self.current_checkpoint, self, default_dir=str(run_dir / "exports"))
-        self.export_dialog.setObjectName("export.dialog")
-        self.export_dialog.open()
-        return self.export_dialog
+        dialog = ExportDialog(self.current_checkpoint, self, default_dir=str(run_dir / "exports"))
+        dialog.setObjectName("export.dialog")
+        delete_on_close(dialog)  # a new one for each export: deleted on the GUI thread when closed
+        forget_when_destroyed(self, "export_dialog", dialog)
+        dialog.open()
+        return dialog
 
     @Slot()
     def open_codegen_dialog(self):
@@ -788,9 +791,11 @@ class MainWindow(QMainWindow):
         if problems:
             self.show_error("Project problems", "\n".join(f"• {p}" for p in problems))
             return None
-        self.codegen_dialog = CodegenDialog(self.state.config, self, project_file=self.state.file or None)
-        self.codegen_dialog.open()
-        return self.codegen_dialog
+        dialog = CodegenDialog(self.state.config, self, project_file=self.state.file or None)
+        delete_on_close(dialog)
+        forget_when_destroyed(self, "codegen_dialog", dialog)
+        dialog.open()
+        return dialog
 
     @Slot()
     def open_sweep_dialog(self) -> SweepDialog:
@@ -893,8 +898,9 @@ class MainWindow(QMainWindow):
         box.setObjectName("main.error_box")
         box.setTextFormat(Qt.TextFormat.PlainText)
         box.setWindowModality(Qt.WindowModality.WindowModal)
+        delete_on_close(box)  # OK closes it: deleted then, on the GUI thread, not kept until the window goes
+        forget_when_destroyed(self, "last_error_box", box)
         box.open()
-        self.last_error_box = box
         return box
 
     @Slot()

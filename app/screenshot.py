@@ -15,7 +15,7 @@ REPO = Path(__file__).resolve().parent.parent
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     target = Path(argv[0] if argv else "docs/main_window.png").resolve()
-    from PySide6.QtCore import QSettings
+    from PySide6.QtCore import QCoreApplication, QEvent, QSettings
     from PySide6.QtWidgets import QApplication
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -57,6 +57,9 @@ def main(argv: list[str] | None = None) -> int:
         window.controller.wait(120000)
         window.state._set_dirty(False)
         window.close()
+        # Deleted here on the GUI thread, not by a later garbage collection on another (widgets/lifetime.py).
+        window.deleteLater()
+        QCoreApplication.sendPostedEvents(None, QEvent.Type.DeferredDelete)
     print(f"wrote {target}")
     return 0
 

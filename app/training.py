@@ -112,6 +112,16 @@ class TrainingWorker(QObject):
 
     @Slot()
     def run(self) -> None:
+        try:
+            self._run()
+        finally:
+            # Back to the GUI thread before this thread ends: the controller deletes this object there (see
+            # widgets/tasks.py for why no Qt object may be left to a worker thread's garbage collection).
+            app = QApplication.instance()
+            if app is not None:
+                self.moveToThread(app.thread())
+
+    def _run(self) -> None:
         from engine.checkpoints import load_checkpoint
         from engine.runs import resume_config
         from engine.session import RunSession, apply_init_from, failed_before_start
@@ -315,10 +325,15 @@ class TrainingController(QObject):
 
     @Slot()
     def _on_done(self) -> None:
-        thread, result = self._thread, self.last_result or {}
+        thread, worker, result = self._thread, self._worker, self.last_result or {}
         if thread is not None:
             thread.quit()
             thread.wait()
+            # Deleted here, on the GUI thread (the worker moved itself back before its thread ended), not by
+            # whichever thread's garbage collection finds them in a reference cycle later.
+            thread.deleteLater()
+        if worker is not None:
+            worker.deleteLater()
         if self._process_run is not None:
             self._process_run.deleteLater()
         self._thread, self._worker, self._process_run = None, None, None

@@ -56,8 +56,12 @@ def open_file_dialog(parent: QWidget, title: str, start: str, name_filter: str) 
 
 
 def chosen_path(dialog: QFileDialog) -> str | None:
-    """Show the dialog (modal) and return what the user chose, or None when cancelled."""
-    if dialog.exec() != QFileDialog.DialogCode.Accepted:
-        return None
-    files = dialog.selectedFiles()
-    return files[0] if files else None
+    """Show the dialog (modal) and return what the user chose, or None when cancelled. The dialog is deleted
+    afterwards, on the GUI thread (widgets/lifetime.py says why): make a new one for each question."""
+    try:
+        if dialog.exec() != QFileDialog.DialogCode.Accepted:
+            return None
+        files = dialog.selectedFiles()
+        return files[0] if files else None
+    finally:
+        dialog.deleteLater()

@@ -998,7 +998,9 @@ class RunsView(QWidget):
         box.setObjectName("runs.delete_confirm")
         box.setDefaultButton(QMessageBox.StandardButton.Cancel)
         box.setTextFormat(Qt.TextFormat.PlainText)
-        return box.exec() == QMessageBox.StandardButton.Yes
+        answer = box.exec()
+        box.deleteLater()  # the answer is read: deleted on the GUI thread (widgets/lifetime.py), not left to gc
+        return answer == QMessageBox.StandardButton.Yes
 
     def _gone(self, folder: Path, message: str) -> None:
         self._set_message(message)

@@ -33,6 +33,7 @@ from PySide6.QtWidgets import (
     QWidget,
 )
 
+from widgets.lifetime import delete_on_close, forget_when_destroyed
 from widgets.look import ERROR_COLOUR, fit_pixels
 from widgets.tasks import Task, run_task
 from widgets.try_it import PredictorCache
@@ -632,7 +633,9 @@ class SampleBrowser(QWidget):
     def _on_context_menu(self, pos: Any) -> None:
         index = self.grid.indexAt(pos)
         if index.isValid():
-            self.context_menu(index.row()).exec(self.grid.viewport().mapToGlobal(pos))
+            menu = self.context_menu(index.row())
+            menu.exec(self.grid.viewport().mapToGlobal(pos))
+            menu.deleteLater()  # one menu per right-click: deleted once used, on the GUI thread
 
     def _on_cam_toggled(self, on: bool) -> None:
         self.model.set_cam("gradcam" if on else None)
@@ -640,7 +643,7 @@ class SampleBrowser(QWidget):
     def open_row(self, row: int) -> SampleDialog:
         if self.dialog is not None and shiboken6.isValid(self.dialog):
             self.dialog.close()
-        self.dialog = SampleDialog(
+        dialog = SampleDialog(
             self.model.rows(),
             row,
             checkpoint=self.checkpoint,
@@ -649,5 +652,8 @@ class SampleBrowser(QWidget):
             make_actions=self.make_actions,
             parent=self,
         )
-        self.dialog.show()
-        return self.dialog
+        # One per sample opened: deleted when closed, on the GUI thread (widgets/lifetime.py says why).
+        delete_on_close(dialog)
+        forget_when_destroyed(self, "dialog", dialog)
+        dialog.show()
+        return dialog

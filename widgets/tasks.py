@@ -1,4 +1,10 @@
-"""Run a plain function off the GUI thread (a worker object on a QThread) and get its result back as signals."""
+"""Run a plain function off the GUI thread (a worker object on a QThread) and get its result back as signals.
+
+A finished task's QThread and worker are deleted on the GUI thread (deleteLater, from the task's done slot), never
+left to Python's cyclic garbage collector: that runs in whichever thread allocates when a threshold is passed, and a
+Qt object deleted from a worker thread there can deadlock with the GUI thread (the object's destructor takes a Qt
+lock and waits for the GIL, which the GUI thread holds while it waits for the same lock).
+"""
 
 from __future__ import annotations
 
@@ -8,12 +14,16 @@ import traceback
 from collections.abc import Callable
 from typing import Any
 
-from PySide6.QtCore import QObject, QThread, Signal, Slot
+from PySide6.QtCore import QCoreApplication, QObject, QThread, Signal, Slot
 from PySide6.QtWidgets import QApplication
 
 
+def _nothing() -> None:
+    return None
+
+
 class _Worker(QObject):
-    """Lives on the task's thread; only forwards plain values."""
+    """Lives on the task's thread while it runs (then moves back to the GUI thread); only forwards plain values."""
 
     progressed = Signal(object)
     returned = Signal(object)
@@ -24,6 +34,10 @@ class _Worker(QObject):
         super().__init__()
         self._fn, self._args, self._kwargs = fn, args, kwargs
 
+    def release(self) -> None:
+        """Drop the function and its arguments (on the GUI thread, once run() has returned)."""
+        self._fn, self._args, self._kwargs = _nothing, (), {}
+
     @Slot()
     def run(self) -> None:
         try:
@@ -32,6 +46,11 @@ class _Worker(QObject):
             self.errored.emit(exc, traceback.format_exc())
         finally:
             self.done.emit()
+            # Back to the GUI thread before this thread ends, so the task can delete this object there (a thread
+            # may only push its own objects; once it has ended nobody could move or safely delete this one).
+            app = QCoreApplication.instance()
+            if app is not None:
+                self.moveToThread(app.thread())
 
 
 class Task(QObject):
@@ -57,20 +76,21 @@ class Task(QObject):
         self.result: Any = None
         self.error: BaseException | None = None
         self.held = False  # queued by hold_new_tasks(), not started yet
+        self.ended = False  # the function returned and the thread and worker are handed to deleteLater
 
     def is_running(self) -> bool:
-        return self.held or self.qthread.isRunning()
+        return self.held or (not self.ended and self.qthread.isRunning())
 
     def wait(self, ms: int = 30000) -> bool:
         """Block until the function returned (for tests and for closing the window)."""
         if self.held:
             start_held_tasks()  # whoever waits needs the result now
         deadline = time.monotonic() + ms / 1000
-        while self.qthread.isRunning() and time.monotonic() < deadline:
+        while not self.ended and self.qthread.isRunning() and time.monotonic() < deadline:
             self.qthread.wait(20)
             QApplication.processEvents()
         QApplication.processEvents()
-        return not self.qthread.isRunning()
+        return not self.is_running()
 
     # Slots of an object on the GUI thread: queued connections deliver the worker's signals here.
     @Slot(object)
@@ -91,6 +111,14 @@ class Task(QObject):
     def _on_done(self) -> None:
         self.qthread.quit()
         self.qthread.wait()
+        self.ended = True
+        worker, self.worker = self.worker, None
+        if worker is not None:
+            # The function, its arguments and the progress callable (which refers back to the worker: a reference
+            # cycle) go now, on this thread; the objects themselves at the GUI thread's next turn of its loop.
+            worker.release()
+            worker.deleteLater()
+        self.qthread.deleteLater()
         _running.discard(self)
         self.finished.emit()
 

@@ -114,3 +114,43 @@ def test_main_sets_passive_openmp_waiting_before_torch_unless_the_user_chose(giv
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.split() == [expected, "False"]  # set while PyTorch is still unimported, so libgomp reads it
+
+
+def test_the_app_deletes_its_closed_window_on_the_gui_thread_before_it_returns(qtbot, tiny_project):
+    """run_app itself, in this process: the window is closed as the user closes it, and run_app deletes it on the
+    GUI thread before returning, instead of leaving it to a later garbage collection on any thread."""
+    import gc
+    import threading
+
+    from PySide6.QtCore import QTimer
+    from PySide6.QtWidgets import QApplication
+
+    from app.main_window import MainWindow
+    from widgets.tasks import running_tasks
+
+    app = QApplication.instance()
+    seen: dict = {"destroyed": [], "closed": False}
+
+    def close_when_ready() -> None:
+        shown = [w for w in QApplication.topLevelWidgets() if isinstance(w, MainWindow) and w.isVisible()]
+        if not shown or shown[0].backbone is None or running_tasks():
+            QTimer.singleShot(20, close_when_ready)
+            return
+        window = shown[0]
+        window.destroyed.connect(
+            lambda *_: seen["destroyed"].append(threading.current_thread() is threading.main_thread())
+        )
+        seen["closed"] = window.close()
+
+    QTimer.singleShot(0, close_when_ready)
+    safety = QTimer()  # a failure ends the event loop instead of hanging the test
+    safety.setSingleShot(True)
+    safety.timeout.connect(app.quit)
+    safety.start(120000)
+    try:
+        assert launch.run_app(str(tiny_project)) == 0
+    finally:
+        safety.stop()
+        gc.unfreeze()  # run_app settles the heap (gc.freeze) as the app does
+    assert seen["closed"], "the window was not closed within 120 s"
+    assert seen["destroyed"] == [True]

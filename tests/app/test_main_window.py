@@ -6,6 +6,7 @@ import gc
 from pathlib import Path
 
 import pytest
+import shiboken6
 from conftest import write_project
 from PySide6.QtCore import QCoreApplication, QEvent, QPointF, QThread
 from PySide6.QtWidgets import (
@@ -188,6 +189,16 @@ def test_export_from_the_dialog(qtbot, window, tmp_path, head_only_run):
     _wait_tasks(qtbot)
     assert out.is_file() and dialog.last_result is not None
     dialog.close()
+    # Closed, it is deleted on the GUI thread (nothing is left for a worker thread's gc to delete), and the window
+    # forgets it; Export opens a new one.
+    QCoreApplication.sendPostedEvents(None, QEvent.Type.DeferredDelete)
+    assert not shiboken6.isValid(dialog) and window.export_dialog is None
+    again = window.open_export_dialog()
+    assert again is not None and again.isVisible() and window.export_dialog is again
+    assert again.checkpoint == str(head_only_run)
+    again.reject()
+    QCoreApplication.sendPostedEvents(None, QEvent.Type.DeferredDelete)
+    assert not shiboken6.isValid(again) and window.export_dialog is None
 
 
 def test_closing_during_a_run_stops_it_and_leaves_no_thread(qtbot, tmp_path, image_folder, monkeypatch):
@@ -337,6 +348,35 @@ def test_file_menu_exports_the_project_as_a_script(window):
     assert dialog is not None and dialog.isVisible()
     assert dialog.preview.toPlainText() == generate(window.state.config).script
     dialog.reject()
+    QCoreApplication.sendPostedEvents(None, QEvent.Type.DeferredDelete)
+    assert not shiboken6.isValid(dialog) and window.codegen_dialog is None
+    action.trigger()  # opens a new one
+    again = window.codegen_dialog
+    assert again is not None and again.isVisible()
+    assert again.preview.toPlainText() == generate(window.state.config).script
+    again.reject()
+    QCoreApplication.sendPostedEvents(None, QEvent.Type.DeferredDelete)
+    assert not shiboken6.isValid(again) and window.codegen_dialog is None
+
+
+def test_a_closed_error_box_is_deleted_on_the_gui_thread_and_the_next_error_still_shows(qtbot, window):
+    import threading
+
+    window.state.set("loader.batch_size", 0)
+    assert window.check_project()
+    box = window.last_error_box
+    assert box is not None and "batch_size" in box.text()
+    on_gui_thread: list[bool] = []
+    box.destroyed.connect(lambda *_: on_gui_thread.append(threading.current_thread() is threading.main_thread()))
+    box.button(QMessageBox.StandardButton.Ok).click()
+    QCoreApplication.sendPostedEvents(None, QEvent.Type.DeferredDelete)
+    assert on_gui_thread == [True] and not shiboken6.isValid(box) and window.last_error_box is None
+    window.show_error("Second", "another problem")
+    assert window.last_error_box is not None and window.last_error_box.text() == "another problem"
+    window.state.set("loader.batch_size", 8)
+    window.last_error_box.button(QMessageBox.StandardButton.Ok).click()
+    QCoreApplication.sendPostedEvents(None, QEvent.Type.DeferredDelete)
+    assert window.last_error_box is None and window.check_project() == [] and window.last_error_box is None
 
 
 def test_train_and_resume_wait_while_the_learning_rate_finder_runs(qtbot, window):

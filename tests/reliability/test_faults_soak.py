@@ -12,6 +12,7 @@ import weakref
 import pytest
 import torch
 from conftest import write_project
+from PySide6.QtCore import QCoreApplication, QEvent
 
 from app.training import release_freed_memory
 
@@ -25,7 +26,10 @@ def _rss_bytes() -> int:
 
 
 def _settled() -> tuple[int, int, int]:
-    """(resident bytes, Python threads, OS threads) once the garbage is collected and the heap trimmed."""
+    """(resident bytes, Python threads, OS threads) once the objects handed to deleteLater are deleted (a finished
+    run's QThread and worker go at the GUI thread's next turn of its loop), the garbage is collected and the heap
+    trimmed."""
+    QCoreApplication.sendPostedEvents(None, QEvent.Type.DeferredDelete)
     gc.collect()
     release_freed_memory()
     return _rss_bytes(), threading.active_count(), len(os.listdir("/proc/self/task"))

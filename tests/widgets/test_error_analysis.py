@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import shiboken6
 from conftest import COLOURS
-from PySide6.QtCore import QPoint, Qt
+from PySide6.QtCore import QCoreApplication, QEvent, QPoint, Qt
 from PySide6.QtGui import QPixmap
 
 from engine.predict import Predictor
@@ -114,6 +114,13 @@ def test_a_sample_opens_large_with_its_map_probabilities_and_path(qtbot, panel, 
     qtbot.keyClick(dialog, Qt.Key.Key_Right)
     assert dialog.row == 1 and dialog.path.text() == rows[1]["path"]
     qtbot.waitUntil(lambda: dialog.shown is not None, timeout=60000)
+    # Closed, it is deleted on the GUI thread and the browser forgets it; the next sample opens a new one.
+    qtbot.keyClick(dialog, Qt.Key.Key_Escape)
+    QCoreApplication.sendPostedEvents(None, QEvent.Type.DeferredDelete)
+    assert not shiboken6.isValid(dialog) and panel.browser.dialog is None
+    again = panel.browser.open_row(1)
+    assert panel.browser.dialog is again and again.isVisible() and again.path.text() == rows[1]["path"]
+    qtbot.waitUntil(lambda: again.shown is not None or again.message.isVisible(), timeout=60000)
 
 
 def test_relabel_and_exclude_from_the_large_view_survive_switching_views_and_reopening(qtbot, panel, tmp_path):

@@ -257,6 +257,9 @@ def test_without_a_trash_a_run_is_deleted_only_after_a_confirmation_naming_it(vi
     assert view.delete_run(runs_root / "gamma")
     assert not (runs_root / "gamma").exists()
     assert "gamma" not in shown_names(view)
+    # Each confirmation, once answered, is deleted on the GUI thread (not kept, nor left to a worker thread's gc).
+    QCoreApplication.sendPostedEvents(None, QEvent.Type.DeferredDelete)
+    assert view.findChildren(QMessageBox, "runs.delete_confirm") == []
 
 
 def test_open_as_current_project_loads_that_runs_project(qtbot, tmp_path):
