@@ -855,6 +855,23 @@ class SweepDialog(QDialog):
             self.run_button.setEnabled(False)
             self._say("Stopping after this batch…")
 
+    def stop_and_wait(self, ms: int = 10 * 60 * 1000) -> bool:
+        """Stop the sweep (as Stop does) and wait until it has ended; whether it did within ms."""
+        if not self.is_running():
+            return True
+        self.stop()
+        assert self.task is not None
+        return self.task.wait(ms)
+
+    def progress_text(self) -> str:
+        """Where the running sweep is, in words: its study, its trials finished of those asked, the running trial."""
+        if self.spec is None or not self.is_running():
+            return "no sweep is running"
+        done = len(self.outcomes)
+        text = f"study {self.spec.study_name} ({self.spec.trials} trials asked), {done} finished in this sweep"
+        now = self.progress.text()
+        return f"{text}; {now[0].lower()}{now[1:]}" if now else text
+
     def _on_run_clicked(self) -> None:
         if self.is_running():
             self.stop()
@@ -1018,10 +1035,7 @@ class SweepDialog(QDialog):
         self.message.setStyleSheet(ERROR_STYLE if error else "")
 
     def closeEvent(self, event) -> None:  # noqa: N802 - Qt's name
-        if self.is_running():
-            self.stop()
-            assert self.task is not None
-            self.task.wait(10 * 60 * 1000)  # the trial ends within a batch
+        self.stop_and_wait()  # the trial ends within a batch
         super().closeEvent(event)
 
 

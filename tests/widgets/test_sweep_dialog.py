@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 from conftest import write_image_folder, write_project
-from PySide6.QtCore import Qt, QThread
+from PySide6.QtCore import Qt, QThread, QTimer
 from PySide6.QtWidgets import (
     QAbstractButton,
     QAbstractItemView,
@@ -20,6 +20,7 @@ from PySide6.QtWidgets import (
     QApplication,
     QComboBox,
     QLineEdit,
+    QMessageBox,
     QWidget,
 )
 
@@ -365,3 +366,72 @@ def test_stop_ends_the_sweep_with_no_batch_after_it_and_the_window_trains_one_th
     assert [p.name.startswith("tiny-sweep-trial-000") for p in runs] == [True]  # trial 1 never began
     assert window.act_train.isEnabled() and window.run_view.train_button.isEnabled()
     window.state._set_dirty(False)
+
+
+def answer_stop_question(button: QMessageBox.StandardButton, seen: list[tuple[str, str]]) -> None:
+    """Answer the window's Stop-and-close question once it shows (it blocks in its own event loop)."""
+
+    def answer() -> None:
+        box = QApplication.activeModalWidget()
+        if not isinstance(box, QMessageBox) or box.objectName() != "main.stop_confirm":
+            QTimer.singleShot(10, answer)
+            return
+        seen.append((box.windowTitle(), box.text()))
+        box.button(button).click()
+
+    QTimer.singleShot(0, answer)
+
+
+def test_closing_the_window_during_a_sweep_asks_and_no_keeps_it_running_and_yes_stops_it(qtbot, tmp_path):
+    from app.main_window import MainWindow
+
+    state = _state(tmp_path, per_class=12, loader={"batch_size": 2})  # 14 batches an epoch, 2 epochs a trial
+    window = MainWindow(state)
+    qtbot.addWidget(window)
+    window.show()
+    window.state.catalog_checks = True
+    dialog = window.open_sweep_dialog()
+    _tick(dialog, "optimizer.lr")
+    dialog.trials_count.setValue(3)
+
+    # On the sweep's worker thread, trial 0's first batch waits until the sweep is told to stop.
+    held: dict = {"at": None, "steps": []}
+    paused = threading.Event()
+
+    def on_worker_thread(event: dict) -> None:
+        if event["kind"] != "batch":
+            return
+        held["steps"] += event["steps"]
+        if held["at"] is None:
+            held["at"] = event["global_step"]
+            paused.set()
+            dialog.sweep.stop_event.wait(120)
+
+    dialog.relay.news.connect(on_worker_thread, Qt.ConnectionType.DirectConnection)
+    assert dialog.start()
+    try:
+        qtbot.waitUntil(paused.is_set, timeout=120000)
+        qtbot.waitUntil(lambda: dialog.progress.text().startswith("Trial 0: epoch 1 of 2, batch"))
+        window.state._set_dirty(False)
+        seen: list[tuple[str, str]] = []
+        answer_stop_question(QMessageBox.StandardButton.No, seen)
+        assert not window.close()
+        # The question named the sweep and where it is; No keeps the window and the sweep.
+        title, text = seen[0]
+        assert title == "A sweep is running"
+        assert "study tiny-sweep (3 trials asked), 0 finished in this sweep; trial 0: epoch 1 of 2, batch" in text
+        assert window.isVisible() and dialog.is_running() and not dialog.sweep.stop_event.is_set()
+
+        answer_stop_question(QMessageBox.StandardButton.Yes, seen)
+        assert window.close()
+    finally:
+        dialog.stop_and_wait()  # a failed assertion above must leave neither the worker waiting nor the sweep going
+    assert len(seen) == 2 and not dialog.is_running() and not window.isVisible()
+    # Stopped the way Stop stops it: no batch after the question was answered, the trial kept as stopped.
+    assert max(held["steps"]) == held["at"]
+    study = _study(tmp_path)
+    first = next(t for t in study.trials if t.number == 0)
+    assert first.state == TrialState.FAIL and first.user_attrs["failure"] == "stopped"
+    assert not [t for t in study.trials if t.state in (TrialState.RUNNING, TrialState.COMPLETE, TrialState.PRUNED)]
+    runs = [p.name for p in (tmp_path / "runs").iterdir() if p.name.startswith("tiny-sweep-trial")]
+    assert len(runs) == 1 and runs[0].startswith("tiny-sweep-trial-000")  # trial 1 never began
