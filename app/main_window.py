@@ -82,6 +82,8 @@ OBJECT_NAMES = {
     "action.check": "Run > Check project: list every problem before training",
     "action.sweep": "Run > Sweep...: search project fields with an Optuna study, trials as run folders",
     "action.reset_layout": "View > Reset layout",
+    "main.stop_confirm": "asks before closing the window while a training run or a sweep is going: stop it and "
+    "close, or keep it running",
     "action.about": "Help > About",
 }
 
@@ -987,6 +989,14 @@ class MainWindow(QMainWindow):
             self.log("Stopping the run before closing...")
             self.controller.stop()
             self.controller.wait(10 * 60 * 1000)  # the trainer ends within a batch; a checkpoint write completes
+        sweep = self.sweep_dialog
+        if sweep is not None and sweep.is_running():
+            if not self._ask_stop_sweep():
+                event.ignore()
+                return
+            self._closing = True
+            self.log("Stopping the sweep before closing...")
+            sweep.stop_and_wait()  # the sweep's own Stop: the running trial ends within a batch, marked stopped
         if not self._may_discard_changes():
             self._closing = False
             event.ignore()
@@ -1001,12 +1011,33 @@ class MainWindow(QMainWindow):
         event.accept()
 
     def _ask_stop_training(self) -> bool:
-        answer = QMessageBox.question(
-            self,
+        return self._ask_stop(
             "Training is running",
             "A run is in progress. Stop it and close? The checkpoints written so far are kept, and the run can be "
             "resumed later.",
-            QMessageBox.StandardButton.Yes | QMessageBox.StandardButton.No,
-            QMessageBox.StandardButton.No,
         )
-        return answer == QMessageBox.StandardButton.Yes
+
+    def _ask_stop_sweep(self) -> bool:
+        assert self.sweep_dialog is not None  # asked only while its sweep runs
+        return self._ask_stop(
+            "A sweep is running",
+            f"The sweep is in progress: {self.sweep_dialog.progress_text()}.\n\nStop it and close? The finished "
+            "trials stay in the study with their run folders; running the sweep again continues the study.",
+        )
+
+    def _ask_stop(self, title: str, text: str) -> bool:
+        """Stop what is training and close? No (the default) keeps the window and the work going."""
+        box = QMessageBox(
+            QMessageBox.Icon.Question,
+            title,
+            text,
+            QMessageBox.StandardButton.Yes | QMessageBox.StandardButton.No,
+            self,
+        )
+        box.setObjectName("main.stop_confirm")
+        box.setDefaultButton(QMessageBox.StandardButton.No)
+        box.setTextFormat(Qt.TextFormat.PlainText)
+        try:
+            return box.exec() == QMessageBox.StandardButton.Yes
+        finally:
+            box.deleteLater()

@@ -197,6 +197,7 @@ class DataConfig(Section):
         ge=1,
         doc="`webdataset`: samples held in the shuffle buffer (shard order is shuffled too, from train.seed and "
         "the epoch); 1 reads each shard in order",
+        applies=Applies("data.kind", ("webdataset",), why="only streamed shards are read through a shuffle buffer"),
     )
     image_size: int = setting(
         224,

@@ -13,7 +13,7 @@ import numpy as np
 import pyqtgraph as pg
 from pyqtgraph.exporters import ImageExporter
 from PySide6.QtCore import QEvent, QSize, Qt
-from PySide6.QtGui import QColor, QImage, QPalette
+from PySide6.QtGui import QColor, QFont, QFontMetrics, QImage, QPalette
 from PySide6.QtWidgets import QLabel, QVBoxLayout, QWidget
 
 OBJECT_NAMES: dict[str, str] = {
@@ -136,6 +136,49 @@ class _IntegerAxis(pg.AxisItem):
         return levels
 
 
+class _SpacedAxis(pg.AxisItem):
+    """A value axis whose labelled ticks never crowd: at least GAP_LINES text lines apart however short the plot
+    (pyqtgraph keeps two intervals at any length, so a 40-pixel axis wrote 0.2, 0.4, 0.6 and 0.8 over each other)."""
+
+    GAP_LINES = 1.6
+
+    def min_gap(self) -> float:
+        """The fewest pixels between two labelled ticks."""
+        return self.GAP_LINES * QFontMetrics(self.style.get("tickFont") or QFont()).height()
+
+    def tickSpacing(self, minVal, maxVal, size):  # noqa: N802, N803 - pyqtgraph override
+        levels = super().tickSpacing(minVal, maxVal, size)
+        dif = abs(maxVal - minVal)
+        if not levels or dif == 0 or size <= 0 or self.orientation not in ("left", "right"):
+            return levels
+        gap = self.min_gap()
+        roomy = [(spacing, offset) for spacing, offset in levels if spacing * size / dif >= gap]
+        if roomy:
+            return roomy
+        # Half a line in from either end: pyqtgraph hides a label that would stick out of the axis.
+        inset = dif * gap / self.GAP_LINES / 2 / size
+        return [(_roomy_step(min(minVal, maxVal) + inset, max(minVal, maxVal) - inset, dif * gap / size), 0.0)]
+
+
+def _roomy_step(low: float, high: float, wanted: float) -> float:
+    """A tick step (1, 2 or 5 times a power of ten) for an axis from low to high: the smallest of at least
+    `wanted` that puts a tick in the range; else a smaller one that puts exactly one there (one label cannot
+    crowd), so a short axis still has a number on it."""
+    power = 10.0 ** math.floor(math.log10(wanted))
+    steps = sorted((m * power * f for m in (1, 2, 5) for f in (0.1, 1.0, 10.0)), reverse=True)
+    roomy = [step for step in steps if step >= wanted]
+    for step in reversed(roomy):
+        if math.floor(high / step) >= math.ceil(low / step):
+            return step
+    for step in steps[len(roomy) :]:
+        ticks = math.floor(high / step) - math.ceil(low / step) + 1
+        if ticks == 1:
+            return step
+        if ticks > 1:
+            break
+    return roomy[-1]
+
+
 class _TimedLayout(pg.GraphicsLayoutWidget):
     """The plots' view, which remembers how long painting it takes (the run view paces its updates by it)."""
 
@@ -157,6 +200,10 @@ class PlotGrid(QWidget):
     to the view and coloured from the palette. LivePlots shows one run as it trains; RunsPlots overlays runs."""
 
     PLOTS: dict[str, tuple[str, str, str, int, int]] = {}
+    # The axes' names under and beside each plot; without them (a grid that must fit a short pane) the titles
+    # name what is plotted, in TITLE_SIZE.
+    AXIS_LABELS = True
+    TITLE_SIZE: str | None = None
 
     def __init__(self, parent: QWidget | None = None):
         super().__init__(parent)
@@ -169,7 +216,9 @@ class PlotGrid(QWidget):
 
         self.plots: dict[str, pg.PlotItem] = {}
         for name, (_title, xlabel, _ylabel, row, col) in self.PLOTS.items():
-            axes = {"bottom": _IntegerAxis("bottom")} if xlabel == "epoch" else None
+            axes: dict[str, pg.AxisItem] = {"left": _SpacedAxis("left")}
+            if xlabel == "epoch":
+                axes["bottom"] = _IntegerAxis("bottom")
             plot = self.layout_widget.addPlot(row=row, col=col, axisItems=axes)
             plot.showGrid(x=True, y=True, alpha=0.2)
             # Drawn points stay near the plot's pixel width however long the run: an update costs the same.
@@ -208,12 +257,20 @@ class PlotGrid(QWidget):
         self.layout_widget.setBackground(background)
         for name, plot in self.plots.items():
             title, xlabel, ylabel, _, _ = self.PLOTS[name]
-            plot.setTitle(title, color=text.name())
+            if self.TITLE_SIZE:
+                plot.setTitle(title, color=text.name(), size=self.TITLE_SIZE)
+                # pyqtgraph keeps 30 pixels for any title: a small one needs its line only
+                height = QFontMetrics(self.font()).height() + 4
+                plot.titleLabel.setMaximumHeight(height)
+                plot.layout.setRowFixedHeight(0, height)
+            else:
+                plot.setTitle(title, color=text.name())
             for axis_name, label in (("bottom", xlabel), ("left", ylabel)):
                 axis = plot.getAxis(axis_name)
                 axis.setPen(pg.mkPen(grid))
                 axis.setTextPen(pg.mkPen(text))
-                axis.setLabel(label, color=text.name())
+                if self.AXIS_LABELS:
+                    axis.setLabel(label, color=text.name())
                 axis.enableAutoSIPrefix(False)  # "loss (x0.001)" misleads; plain numbers read directly
             legend = plot.legend
             if legend is not None:
@@ -520,6 +577,11 @@ def epoch_curves(chunks: Iterable[list[dict[str, Any]]]) -> dict[str, Series]:
     return out
 
 
+# A run's name in the legend at most (cut in the middle, where dated run names share the least): a few runs fit
+# on one line, and the plots keep the height.
+LEGEND_LABEL_WIDTH = 180
+
+
 class RunsPlots(PlotGrid):
     """Several runs' epoch curves overlaid: one colour per run, named in a legend above the plots; long curves
     drawn from the same bounded envelope as LivePlots while a plot follows its data, every point when zoomed in."""
@@ -532,16 +594,20 @@ class RunsPlots(PlotGrid):
         "lr": ("lr", 1.0),
     }
     PLOTS = {
-        "accuracy": ("Validation accuracy", "epoch", "accuracy (%)", 0, 0),
-        "val_loss": ("Validation loss", "epoch", "loss", 0, 1),
-        "train_loss": ("Training loss", "epoch", "loss", 1, 0),
-        "lr": ("Learning rate", "epoch", "learning rate", 1, 1),
+        "accuracy": ("Validation accuracy (%) by epoch", "epoch", "accuracy (%)", 0, 0),
+        "val_loss": ("Validation loss by epoch", "epoch", "loss", 0, 1),
+        "train_loss": ("Training loss by epoch", "epoch", "loss", 1, 0),
+        "lr": ("Learning rate by epoch", "epoch", "learning rate", 1, 1),
     }
+    # The Runs tab shares the window's height with the run table and the docks (some 250 pixels for the four
+    # plots at 1280 x 800): the titles say what each plot shows, so the plots keep their height for the curves.
+    AXIS_LABELS = False
+    TITLE_SIZE = "9pt"
 
     def __init__(self, parent: QWidget | None = None):
         super().__init__(parent)
         self.layout_widget.setObjectName("runs.plots")
-        self.layout_widget.setMinimumSize(400, 220)
+        self.layout_widget.setMinimumSize(400, 180)
         for plot in self.plots.values():
             if plot.legend is not None:
                 plot.legend.hide()  # twenty names inside a plot would cover its curves: the legend is a label
@@ -634,12 +700,15 @@ class RunsPlots(PlotGrid):
 
     def _restyle(self, order: list[str]) -> None:
         """Colours follow the order of the runs, so a run keeps its colour while the ones before it stay."""
+        metrics = QFontMetrics(self.legend.font())
         self.legend.setText(
             "&nbsp;&nbsp; ".join(
-                f'<span style="color:{colour}">&#9632;</span>&nbsp;{html.escape(label)}'
+                f'<span style="color:{colour}">&#9632;</span>&nbsp;'
+                + html.escape(metrics.elidedText(label, Qt.TextElideMode.ElideMiddle, LEGEND_LABEL_WIDTH))
                 for label, colour in ((self._labels[k], self._pen(i).color().name()) for i, k in enumerate(order))
             )
         )
+        self.legend.setToolTip("\n".join(self._labels[k] for k in order))  # the names in full
         self.legend.setVisible(bool(order))
         for index, key in enumerate(order):
             for item, series in self._runs[key].values():

@@ -83,7 +83,9 @@ OBJECT_NAMES = {
     "runs.delete": "moves the selected run folders to the trash (or deletes them after a confirmation naming "
     "each folder where there is no trash); refuses a run that is training",
     "runs.delete_confirm": "asks before deleting a run folder for good, naming it (no trash on this system)",
-    "runs.details": "the selected runs' curves overlaid, and their projects compared",
+    "runs.details": "the selected runs' curves overlaid, and their projects compared (hidden while no run is "
+    "selected, so the table has the tab's height)",
+    "runs.hint": "shown while no run is selected: how to compare runs' curves and projects",
     "runs.plots": "the selected runs' epoch curves, one colour per run",
     "runs.legend": "which colour is which run in the plots below it",
     "runs.compare": "the project fields that differ between the selected runs, one column per run",
@@ -102,6 +104,8 @@ MAX_OVERLAY = 20
 # (500 lines: 2-3 ms of GIL here; 2,000 held it for 8-12 ms at a time).
 METRICS_CHUNK = 500
 PROCESS_BYTES = 4 * 1024 * 1024  # a metrics file this long (some 16,000 epochs) is parsed in a worker process
+TABLE_SHARE = 0.6  # of the tab's height, for the table while the selected runs' details show under it
+NAME_WIDTH = 240  # the run name column at most (elided in the middle): the other columns stay in view
 OVERLAY_STEP = 2  # runs handed to the plots per turn of the event loop
 
 
@@ -362,6 +366,12 @@ class RunsView(QWidget):
         self._overlay_timer.setSingleShot(True)
         self._overlay_timer.setInterval(0)
         self._overlay_timer.timeout.connect(self._show_curves)
+        # Once the details appear under the table (the first run selected), the selected row is scrolled back
+        # into the shorter table, after the layout has settled.
+        self._scroll_timer = QTimer(self)
+        self._scroll_timer.setSingleShot(True)
+        self._scroll_timer.setInterval(0)
+        self._scroll_timer.timeout.connect(self._scroll_to_selection)
 
         saved = QSettings().value(SETTINGS_COLUMNS)
         keys = [str(k) for k in saved] if isinstance(saved, list) else list(DEFAULT_COLUMNS)
@@ -412,6 +422,11 @@ class RunsView(QWidget):
         self.table.setSelectionMode(QAbstractItemView.SelectionMode.ExtendedSelection)
         self.table.setEditTriggers(QAbstractItemView.EditTrigger.NoEditTriggers)
         self.table.setAlternatingRowColors(True)
+        # Run names share their start (the project's name) and differ at the end (the date and time): a cut
+        # name keeps both ends.
+        self.table.setTextElideMode(Qt.TextElideMode.ElideMiddle)
+        self.table.setWordWrap(False)  # one line a row: wrapped at the name's hyphens, each line was cut instead
+        self.table.setHorizontalScrollMode(QAbstractItemView.ScrollMode.ScrollPerPixel)
         self.table.verticalHeader().setVisible(False)
         self.table.verticalHeader().setDefaultSectionSize(self.fontMetrics().height() + 6)
         header = self.table.horizontalHeader()
@@ -430,6 +445,11 @@ class RunsView(QWidget):
         self.message_label.setWordWrap(True)
         self.message_label.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse)
         self.message_label.hide()
+        self.hint = QLabel("Select runs to compare their curves and projects.")
+        self.hint.setToolTip("Click a run; Ctrl+click or Shift+click selects several.")
+        self.hint.setObjectName("runs.hint")
+        self.hint.setWordWrap(True)
+        self.hint.setEnabled(False)  # greyed: a note, not a message
 
         # The plots are built when the view is first shown (see plots): four pyqtgraph plots take a few hundred
         # milliseconds to make, which the window's start-up should not pay for a tab it may never open.
@@ -464,7 +484,8 @@ class RunsView(QWidget):
         actions.addWidget(self.open_button)
         actions.addWidget(self.resume_button)
         actions.addWidget(self.delete_button)
-        actions.addStretch(1)
+        actions.addWidget(self.hint, 1)
+        actions.addStretch(0)  # the buttons keep their width while the hint is hidden
         table_box = QWidget()
         table_layout = QVBoxLayout(table_box)
         table_layout.setContentsMargins(0, 0, 0, 0)
@@ -476,9 +497,13 @@ class RunsView(QWidget):
         self.splitter = QSplitter(Qt.Orientation.Vertical)
         self.splitter.addWidget(table_box)
         self.splitter.addWidget(self.details)
-        self.splitter.setStretchFactor(0, 3)  # the table gets the larger share; the plots stay legible
+        # The table gets the larger share; the details are hidden while no run is selected (see
+        # _on_selection_changed), and then the table has the whole height.
+        self.splitter.setStretchFactor(0, 3)
         self.splitter.setStretchFactor(1, 2)
         self.splitter.setChildrenCollapsible(False)
+        self.splitter.splitterMoved.connect(self._on_splitter_moved)
+        self._details_height: int | None = None  # as the user dragged it (this session)
         layout = QVBoxLayout(self)
         layout.addWidget(self.splitter)
 
@@ -727,7 +752,7 @@ class RunsView(QWidget):
         for col, key in enumerate(self.model.keys):
             texts = [column(key).title] + [format_value(key, r.value(key)) for r in records]
             width = max(max(metrics.horizontalAdvance(t) for t in texts), wide.horizontalAdvance(texts[0]))
-            self.table.setColumnWidth(col, min(width + 24, 320))
+            self.table.setColumnWidth(col, min(width + 24, NAME_WIDTH if key == "name" else 320))
 
     @staticmethod
     def _known_column(key: str) -> bool:
@@ -822,8 +847,42 @@ class RunsView(QWidget):
             one is not None and one.status in ("stopped", "failed") and (one.path / "checkpoints" / "last.pt").is_file()
         )
         self.delete_button.setEnabled(bool(records))
+        self.hint.setVisible(not records)
+        if bool(records) != self.details.isVisibleTo(self):
+            self._show_details(bool(records))
         self._show_comparison(records)
         self._load_curves()
+
+    def _show_details(self, shown: bool) -> None:
+        """The curves and the comparison under the table while runs are selected; otherwise the table has the tab's
+        height. They come back at the height the user last gave them, else at TABLE_SHARE of it for the table
+        (less where the plots need more to stay legible)."""
+        if not shown:
+            self.details.hide()
+            return
+        self.details.show()
+        total = sum(self.splitter.sizes())
+        if self._details_height is None:
+            details = max(round(total * (1 - TABLE_SHARE)), self.details.minimumSizeHint().height())
+        else:
+            details = self._details_height
+        self.splitter.setSizes([max(0, total - details), details])
+        self._scroll_timer.start()
+
+    @Slot(int, int)
+    def _on_splitter_moved(self, _pos: int, _index: int) -> None:
+        self._details_height = self.splitter.sizes()[1]
+
+    @Slot()
+    def _scroll_to_selection(self) -> None:
+        rows = self.table.selectionModel().selectedRows()
+        if rows:
+            self.table.scrollTo(min(rows, key=lambda i: i.row()))
+
+    def visible_rows(self) -> int:
+        """How many whole rows the table shows at its current height."""
+        height = self.table.viewport().height()
+        return max(0, height // max(1, self.table.verticalHeader().defaultSectionSize()))
 
     def _load_curves(self) -> None:
         paths = self.selected_paths()[:MAX_OVERLAY]
@@ -1025,6 +1084,7 @@ class RunsView(QWidget):
         self._reread_timer.stop()
         self._lock_timer.stop()
         self._overlay_timer.stop()
+        self._scroll_timer.stop()
         for path_list in (self.watcher.directories(), self.watcher.files()):
             if path_list:
                 self.watcher.removePaths(path_list)

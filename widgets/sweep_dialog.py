@@ -48,7 +48,7 @@ from PySide6.QtWidgets import (
 from engine.config import ConfigError, ProjectConfig
 from engine.events import BatchProgress, EpochFinished, Event, RunStarted
 from engine.session import error_text
-from engine.settings import bounds, choices, fields, meta, unwrap
+from engine.settings import Applies, bounds, choices, fields, meta, unwrap
 from engine.sweep import (
     OBJECTIVES,
     PRUNERS,
@@ -70,7 +70,8 @@ from widgets.tasks import Task, run_task
 OBJECT_NAMES = {
     "sweep.dialog": "the Sweep dialog itself (Run > Sweep...)",
     "sweep.filter": "narrows the list of fields by name",
-    "sweep.fields": "the project fields a sweep can search, by section; tick a field to search it",
+    "sweep.fields": "the project fields a sweep can search, by section; tick a field to search it. A field the "
+    "project does not use is hidden, or greyed with the reason (as the Setup panels show it)",
     "sweep.params": "the ticked fields' ranges and choices (one box per field, named sweep.param.FIELD)",
     "sweep.param.low": "a numeric field's lowest value to try",
     "sweep.param.high": "a numeric field's highest value to try",
@@ -132,6 +133,12 @@ def searchable_fields() -> list[tuple[str, str, Any]]:
         elif base in (int, float) and base is not bool:
             out.append((path, "int" if base is int else "float", info))
     return out
+
+
+def unused_reason(rule: Applies) -> str:
+    """Why a field is not offered: its `applies` rule, as the Setup panels word a disabled row."""
+    why = f"{rule.why[0].upper()}{rule.why[1:]}; u" if rule.why else "U"
+    return f"{why}sed only with {rule.describe()}."
 
 
 def _round(value: float) -> float:
@@ -388,6 +395,8 @@ class SweepDialog(QDialog):
         self.relay = SweepRelay(self)
         self.relay.news.connect(self._on_event)
         self._fields = {path: (kind, info) for path, kind, info in searchable_fields()}
+        self._unused: dict[str, Applies] = {}  # fields this project does not use now -> the rule that says so
+        self._updating = False
         self._shown = False  # the project's fields were shown once (later changes may need the blocks again)
 
         # -- the space
@@ -402,7 +411,7 @@ class SweepDialog(QDialog):
         self.field_tree.setSelectionMode(QAbstractItemView.SelectionMode.NoSelection)
         self._items: dict[str, QTreeWidgetItem] = {}
         sections: dict[str, QTreeWidgetItem] = {}
-        for path, (_kind, info) in self._fields.items():
+        for path in self._fields:
             section = path.split(".")[0] if "." in path else "project"
             parent_item = sections.get(section)
             if parent_item is None:
@@ -410,11 +419,11 @@ class SweepDialog(QDialog):
                 parent_item.setFlags(Qt.ItemFlag.ItemIsEnabled)
                 sections[section] = parent_item
             item = QTreeWidgetItem(parent_item, [path.split(".", 1)[-1], _text(self.state.get(path))])
-            item.setToolTip(0, f"{path}: {meta(info).help or meta(info).doc}")
             item.setFlags(Qt.ItemFlag.ItemIsEnabled | Qt.ItemFlag.ItemIsUserCheckable)
             item.setCheckState(0, Qt.CheckState.Unchecked)
             item.setData(0, Qt.ItemDataRole.UserRole, path)
             self._items[path] = item
+        self._sections = list(sections.values())
         self.field_tree.expandAll()
         self.field_tree.header().setSectionResizeMode(0, QHeaderView.ResizeMode.ResizeToContents)
         self.field_tree.itemChanged.connect(self._on_field_ticked)
@@ -558,11 +567,66 @@ class SweepDialog(QDialog):
         for field_path, item in self._items.items():
             if path in ("", field_path):
                 item.setText(1, _text(self.state.get(field_path)))
+        self._update_applicable()
+
+    def unused_rule(self, path: str) -> Applies | None:
+        """The `applies` rule by which the project does not use this field now (the rule the Setup panels show and
+        hide rows by), else None. A field whose rule depends on a searched field is used in some trials: offered."""
+        rule = meta(self._fields[path][1]).applies
+        if rule is None or rule.path in self.editors or rule.holds(self.state.config):
+            return None
+        return rule
+
+    def offered(self) -> list[str]:
+        """The fields that can be ticked now (those the project uses)."""
+        return [path for path in self._fields if path not in self._unused]
+
+    def _update_applicable(self) -> None:
+        """Hide or grey the fields the project does not use, as their `applies` rules say; a ticked one is unticked."""
+        if self._updating:
+            return  # unticking a field below calls this again
+        self._updating = True
+        try:
+            dropped: dict[str, Applies] = {}
+            while True:  # an unticked field may leave others unused (their rule's field is no longer searched)
+                unused = {path: rule for path in self._fields if (rule := self.unused_rule(path)) is not None}
+                now = [path for path in unused if path in self.editors]
+                if not now:
+                    break
+                for path in now:
+                    self.set_searched(path, False)
+                    dropped[path] = unused[path]
+        finally:
+            self._updating = False
+        if dropped:
+            self._say(
+                "No longer searched, as the project does not use them now: "
+                + "; ".join(f"{path} ({unused_reason(rule)})" for path, rule in dropped.items())
+            )
+        self._unused = unused
+        self.field_tree.blockSignals(True)
+        for path, item in self._items.items():
+            info = self._fields[path][1]
+            rule = unused.get(path)
+            if rule is None:
+                item.setFlags(Qt.ItemFlag.ItemIsEnabled | Qt.ItemFlag.ItemIsUserCheckable)
+                item.setToolTip(0, f"{path}: {meta(info).help or meta(info).doc}")
+            else:
+                item.setFlags(Qt.ItemFlag.NoItemFlags)  # greyed, and cannot be ticked
+                item.setToolTip(0, f"{path}: not used by this project. {unused_reason(rule)}")
+        self.field_tree.blockSignals(False)
+        self._on_filter(self.filter.text())
 
     def _on_filter(self, text: str) -> None:
+        """Fields matching the filter, less those the project does not use whose rule hides them (a section with
+        none left is hidden too)."""
         needle = text.strip().lower()
         for path, item in self._items.items():
-            item.setHidden(bool(needle) and needle not in path.lower())
+            rule = self._unused.get(path)
+            item.setHidden((bool(needle) and needle not in path.lower()) or (rule is not None and rule.hide))
+        for section in self._sections:
+            fields_shown = [item for item in self._items.values() if item.parent() is section]
+            section.setHidden(all(item.isHidden() for item in fields_shown))
 
     def _on_field_ticked(self, item: QTreeWidgetItem, column: int) -> None:
         path = item.data(0, Qt.ItemDataRole.UserRole)
@@ -571,8 +635,11 @@ class SweepDialog(QDialog):
         self.set_searched(path, item.checkState(0) == Qt.CheckState.Checked)
 
     def set_searched(self, path: str, on: bool) -> ParamEditor | None:
-        """Search this field (an editor with its default range or choices) or stop searching it."""
+        """Search this field (an editor with its default range or choices) or stop searching it. A field the project
+        does not use (see unused_rule) is not searched: None."""
         item = self._items[path]
+        if on and path in self._unused:
+            return None
         item.treeWidget().blockSignals(True)
         item.setCheckState(0, Qt.CheckState.Checked if on else Qt.CheckState.Unchecked)
         item.treeWidget().blockSignals(False)
@@ -580,6 +647,7 @@ class SweepDialog(QDialog):
             editor = self.editors.pop(path, None)
             if editor is not None:
                 editor.deleteLater()
+                self._update_applicable()  # fields that depend on this one may be unused again
             self.params_hint.setVisible(not self.editors)
             return None
         if path in self.editors:
@@ -593,6 +661,8 @@ class SweepDialog(QDialog):
         self.params_hint.setVisible(False)
         if path == FREEZE_UP_TO and not self.blocks:
             self._list_blocks()
+        if any((rule := meta(info).applies) is not None and rule.path == path for _kind, info in self._fields.values()):
+            self._update_applicable()  # the fields that depend on this one are used in some trials now
         return editor
 
     def editor(self, path: str) -> ParamEditor:
@@ -681,6 +751,17 @@ class SweepDialog(QDialog):
         if outside:
             self._say(f"{path}: {', '.join(outside)}: not offered for a sweep here", error=True)
             return False
+        searched = {p.path for p in params}
+        unused = [
+            f"{p.path} is not used by this project ({unused_reason(rule)})"
+            for p in params
+            if (rule := meta(self._fields[p.path][1]).applies) is not None
+            and rule.path not in searched
+            and not rule.holds(self.state.config)
+        ]
+        if unused:
+            self._say(f"{path}: " + "; ".join(unused), error=True)
+            return False
         mismatched = [
             f"{p.path}: a {p.kind} range for a {self._fields[p.path][0]} field"
             for p in params
@@ -691,10 +772,14 @@ class SweepDialog(QDialog):
             return False
         for existing in list(self.editors):
             self.set_searched(existing, False)
-        for param in params:
-            editor = self.set_searched(param.path, True)
-            assert editor is not None
-            editor.fill(param)
+        pending = list(params)
+        while pending:  # a field that depends on another of the file's is offered once that one is ticked
+            ticked = [(param, self.set_searched(param.path, True)) for param in pending]
+            for param, editor in ticked:
+                if editor is not None:
+                    editor.fill(param)
+            pending = [param for param, editor in ticked if editor is None]
+            assert len(pending) < len(ticked), "every field was checked to be used above"
         self._say(f"Loaded {len(params)} fields from {path}.")
         return True
 
@@ -769,6 +854,23 @@ class SweepDialog(QDialog):
             self.sweep.stop()
             self.run_button.setEnabled(False)
             self._say("Stopping after this batch…")
+
+    def stop_and_wait(self, ms: int = 10 * 60 * 1000) -> bool:
+        """Stop the sweep (as Stop does) and wait until it has ended; whether it did within ms."""
+        if not self.is_running():
+            return True
+        self.stop()
+        assert self.task is not None
+        return self.task.wait(ms)
+
+    def progress_text(self) -> str:
+        """Where the running sweep is, in words: its study, its trials finished of those asked, the running trial."""
+        if self.spec is None or not self.is_running():
+            return "no sweep is running"
+        done = len(self.outcomes)
+        text = f"study {self.spec.study_name} ({self.spec.trials} trials asked), {done} finished in this sweep"
+        now = self.progress.text()
+        return f"{text}; {now[0].lower()}{now[1:]}" if now else text
 
     def _on_run_clicked(self) -> None:
         if self.is_running():
@@ -933,10 +1035,7 @@ class SweepDialog(QDialog):
         self.message.setStyleSheet(ERROR_STYLE if error else "")
 
     def closeEvent(self, event) -> None:  # noqa: N802 - Qt's name
-        if self.is_running():
-            self.stop()
-            assert self.task is not None
-            self.task.wait(10 * 60 * 1000)  # the trial ends within a batch
+        self.stop_and_wait()  # the trial ends within a batch
         super().closeEvent(event)
 
 

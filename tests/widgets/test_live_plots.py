@@ -5,6 +5,7 @@ import math
 import numpy as np
 import pytest
 from PySide6.QtGui import QColor, QImage, QPalette
+from PySide6.QtWidgets import QApplication
 
 from widgets.live_plots import DISPLAY_POINTS, EXPORT_SIZE, LivePlots, Series
 
@@ -304,3 +305,37 @@ def test_an_overlay_curve_is_clipped_and_downsampled_by_the_view_only_when_zoome
     box.enableAutoRange()
     assert len(item.xData) <= OVERLAY_POINTS + 2
     assert view_processing(item) == (False, False, None)
+
+
+def value_axis_ticks(plot) -> tuple[list[float], float]:
+    """The y positions in pixels of every tick the plot's value axis draws now, and one text line's height."""
+    from PySide6.QtGui import QFont, QFontMetrics
+
+    axis = plot.getAxis("left")
+    low, high = plot.viewRange()[1]
+    size = axis.height()
+    values = sorted({v for _spacing, level in axis.tickValues(low, high, size) for v in level if low <= v <= high})
+    line = QFontMetrics(axis.style.get("tickFont") or QFont()).height()
+    return [(v - low) / (high - low) * size for v in values], line
+
+
+@pytest.mark.parametrize("height", [200, 600])
+def test_value_axes_never_crowd_their_numbers_and_name_at_least_one(qtbot, height):
+    from widgets.live_plots import RunsPlots
+
+    for widget in (LivePlots(), RunsPlots()):
+        qtbot.addWidget(widget)
+        widget.resize(440, height)
+        widget.show()
+        qtbot.waitExposed(widget)
+        if isinstance(widget, LivePlots):
+            widget.add_batches([1, 2, 3], [1.9, 0.4, 0.3], [0.0004, 0.0008, 0.0011])
+        # RunsPlots is left empty: no run selected, the axes run 0 to 1 (where 0.2 ... 0.8 used to overlap).
+        QApplication.processEvents()
+        for name, plot in widget.plots.items():
+            ticks, line = value_axis_ticks(plot)
+            gaps = np.diff(ticks)
+            assert (gaps >= line).all(), (type(widget).__name__, name, height, ticks, line)
+            # At least one number, half a line or more inside the axis (pyqtgraph hides a label that sticks out).
+            inside = [t for t in ticks if line / 2 <= t <= plot.getAxis("left").height() - line / 2]
+            assert inside, (type(widget).__name__, name, height, ticks)

@@ -337,3 +337,75 @@ def test_before_the_first_run_the_missing_runs_folder_is_no_error_and_its_first_
     finally:
         view.shutdown()
         dispose(view)
+
+
+def test_at_1280x800_the_table_has_the_tab_until_runs_are_selected_then_shares_it_with_legible_plots(qtbot, tmp_path):
+    from PySide6.QtCore import QPoint
+    from PySide6.QtTest import QTest
+
+    from app.main_window import MainWindow
+    from tests.widgets.test_live_plots import value_axis_ticks
+    from widgets.tasks import running_tasks
+
+    write_image_folder(tmp_path / "images", per_class=2)
+    project = write_project(tmp_path / "project.json", "images")
+    for i in range(15):  # dated names as the app makes them: they share their start
+        accs = [0.3 + 0.05 * i + 0.1 * e for e in range(3)]
+        write_run(
+            tmp_path / "runs",
+            f"tiny-202603{i + 1:02d}-101500",
+            "resnet18",
+            1e-3,
+            8,
+            3,
+            accs,
+            [1.5, 1.0, 0.7],
+            "completed",
+        )
+    window = MainWindow()  # deleted by dispose() at the end, not by qtbot
+    try:
+        window.resize(1280, 800)
+        assert window.open_project(str(project))
+        view = window.runs_view
+        window.tabs.setCurrentWidget(view)
+        window.show()
+        qtbot.waitExposed(window)
+        qtbot.waitUntil(lambda: view.model.rowCount() == 15 and not view.is_reading(), timeout=WAIT_MS)
+        QApplication.processEvents()
+
+        # Nothing selected: no empty plots, a hint instead, and the table has the tab's height: every run shows.
+        assert not view.details.isVisible() and view.hint.isVisible()
+        assert view.visible_rows() >= 15, view.visible_rows()
+        # A run name is cut in the middle, where dated names differ, not at the end.
+        assert view.table.textElideMode() == Qt.TextElideMode.ElideMiddle
+        assert view.table.columnWidth(view.columns().index("name")) <= 240
+
+        # Three selected: their curves and the comparison under the table, which keeps the larger share.
+        paths = [str(r.path) for r in view.model.records[:3]]
+        view.select_paths(paths)
+        qtbot.waitUntil(lambda: view.plots.run_keys() == paths, timeout=WAIT_MS)
+        QApplication.processEvents()
+        assert view.details.isVisible() and not view.hint.isVisible()
+        table_box, details = view.splitter.sizes()
+        assert table_box > details and view.visible_rows() >= 6, (view.splitter.sizes(), view.visible_rows())
+        for name, plot in view.plots.plots.items():
+            ticks, line = value_axis_ticks(plot)
+            assert len(ticks) >= 1 and (np.diff(ticks) >= line).all(), (name, ticks)
+            assert plot.getViewBox().height() >= 2 * line, name  # room for the curves, not just the labels
+
+        # The user drags the split; the details keep that height when they are hidden and shown again.
+        handle = view.splitter.handle(1)
+        centre = handle.rect().center()
+        QTest.mousePress(handle, Qt.MouseButton.LeftButton, pos=centre)
+        QTest.mouseMove(handle, QPoint(centre.x(), centre.y() - 60))
+        QTest.mouseRelease(handle, Qt.MouseButton.LeftButton, pos=QPoint(centre.x(), centre.y() - 60))
+        dragged = view.splitter.sizes()
+        assert dragged[1] > details
+        view.select_paths([])
+        assert not view.details.isVisible() and view.hint.isVisible()
+        view.select_paths(paths[:1])
+        assert view.details.isVisible() and view.splitter.sizes() == dragged
+    finally:
+        window.state._set_dirty(False)  # noqa: SLF001 - closing must not ask about the unsaved project
+        qtbot.waitUntil(lambda: not running_tasks(), timeout=120000)
+        dispose(window)

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 from conftest import write_image_folder, write_project
-from PySide6.QtCore import Qt, QThread
+from PySide6.QtCore import Qt, QThread, QTimer
 from PySide6.QtWidgets import (
     QAbstractButton,
     QAbstractItemView,
@@ -20,6 +20,7 @@ from PySide6.QtWidgets import (
     QApplication,
     QComboBox,
     QLineEdit,
+    QMessageBox,
     QWidget,
 )
 
@@ -137,29 +138,111 @@ def test_the_space_built_from_the_declarations_is_the_cli_space_file_and_bad_ran
     assert fresh.space() == expected
 
 
-def test_freeze_up_to_offers_the_layers_panel_blocks_and_is_refused_while_the_project_does_not_freeze_up_to(
-    qtbot, tmp_path
-):
-    state = _state(tmp_path)
+def test_freeze_up_to_is_offered_while_the_project_freezes_up_to_a_block_with_the_layers_panel_blocks(qtbot, tmp_path):
+    state = _state(tmp_path)  # model.freeze head_only: model.freeze_up_to is not used
     layers = LayersPanel(state)
     qtbot.addWidget(layers)
     layers.set_num_outputs(3)
     qtbot.waitUntil(lambda: bool(layers.up_to_modules()), timeout=60000)
     dialog = SweepDialog(state)  # no list given: the dialog lists the blocks itself, off the GUI thread
     qtbot.addWidget(dialog)
-    editor = _tick(dialog, "model.freeze_up_to")
-    qtbot.waitUntil(lambda: editor.choices.count() > 0, timeout=60000)
-    offered = [editor.choices.item(i).text() for i in range(editor.choices.count())]
-    assert offered == layers.up_to_modules() and "layer3" in offered
-    assert editor.checked_choices() == []  # the project has no freeze_up_to: nothing ticked to start with
-    for i in (offered.index("layer2"), offered.index("layer3")):
-        editor.choices.item(i).setCheckState(Qt.CheckState.Checked)
-    assert dialog.space() == {"model.freeze_up_to": {"type": "categorical", "choices": ["layer2", "layer3"]}}
-    assert not dialog.start()  # model.freeze is head_only: the project itself refuses a freeze_up_to
-    assert 'model.freeze_up_to = "layer2": the project refuses it' in dialog.message.text()
+    item = dialog._items["model.freeze_up_to"]
+    assert item.isHidden() and "model.freeze_up_to" not in dialog.offered()  # its rule hides it, as in the panels
+    assert dialog.set_searched("model.freeze_up_to", True) is None and dialog.space() == {}
+    _tick(dialog, "model.freeze")  # searched: up_to is among the values tried, so freeze_up_to is used in some trials
+    assert not item.isHidden() and "model.freeze_up_to" in dialog.offered()
+    dialog.set_searched("model.freeze", False)
+    assert item.isHidden()
+
     state.set("model.freeze", "up_to")
     state.set("model.freeze_up_to", "layer1")
+    assert not item.isHidden()
+    editor = _tick(dialog, "model.freeze_up_to")
+    qtbot.waitUntil(lambda: editor.choices.count() > 1, timeout=60000)  # the project's block, then all of them
+    offered = [editor.choices.item(i).text() for i in range(editor.choices.count())]
+    assert offered == layers.up_to_modules() and "layer3" in offered
+    assert editor.checked_choices() == ["layer1"]  # the project's own block, ticked to start with
+    editor.choices.item(offered.index("layer1")).setCheckState(Qt.CheckState.Unchecked)
+    for name in ("layer2", "layer3"):
+        editor.choices.item(offered.index(name)).setCheckState(Qt.CheckState.Checked)
+    assert dialog.space() == {"model.freeze_up_to": {"type": "categorical", "choices": ["layer2", "layer3"]}}
     assert dialog.checked_space() is not None
+
+    # The project stops freezing up to a block: the field is no longer searched, and the dialog says why.
+    assert state.try_set("model.freeze", "head_only", also={"model.freeze_up_to": None}) is None
+    assert dialog.space() == {} and item.isHidden()
+    assert "model.freeze_up_to (Set both or remove freeze_up_to; used only with model.freeze = 'up_to'.)" in (
+        dialog.message.text()
+    )
+
+
+def test_only_the_fields_the_project_uses_are_offered_greyed_or_hidden_as_their_applies_rules_say(qtbot, tmp_path):
+    state = _state(tmp_path, model={"freeze": "head_only", "weights": "DEFAULT"})  # folder data, adam
+    dialog = SweepDialog(state)
+    qtbot.addWidget(dialog)
+    items = dialog._items
+
+    def enabled(path: str) -> bool:
+        return bool(items[path].flags() & Qt.ItemFlag.ItemIsUserCheckable) and not items[path].isDisabled()
+
+    # The weights bring their own preprocessing: the image size is greyed with the reason, as the Backbone/Training
+    # panels grey it; it cannot be ticked.
+    assert not items["data.image_size"].isHidden() and not enabled("data.image_size")
+    assert "Set by the chosen weights' own preprocessing" in items["data.image_size"].toolTip(0)
+    assert "model.weights = null" in items["data.image_size"].toolTip(0)
+    assert dialog.set_searched("data.image_size", True) is None and "data.image_size" not in dialog.editors
+    # Image folder data: no shuffle buffer (streamed shards only) - hidden, as a rule with hide is in the panels.
+    assert items["data.shuffle_buffer"].isHidden()
+    # adam: its eps is offered; sgd's momentum and rmsprop's alpha are not.
+    assert enabled("optimizer.eps")
+    assert items["optimizer.momentum"].isHidden() and items["optimizer.alpha"].isHidden()
+    # Early stopping is off: its fields are greyed (its rules do not hide).
+    assert not items["early_stopping.patience"].isHidden() and not enabled("early_stopping.patience")
+    assert set(dialog.offered()) == {p for p in items if enabled(p) and not items[p].isHidden()}
+    # The filter keeps the hidden ones hidden.
+    dialog.filter.setText("optimizer")
+    assert items["optimizer.momentum"].isHidden() and not items["optimizer.lr"].isHidden()
+    dialog.filter.setText("")
+
+    # A space file naming a field the project does not use is refused by name, and the dialog stays as it was.
+    _tick(dialog, "optimizer.lr")
+    space = tmp_path / "space.json"
+    space.write_text(json.dumps({"data.image_size": {"type": "int", "low": 32, "high": 64}}))
+    assert not dialog.load_space_file(space)
+    assert "data.image_size is not used by this project" in dialog.message.text()
+    assert set(dialog.editors) == {"optimizer.lr"}
+
+    # The project changes: the fields follow it.
+    state.set("model.weights", None)
+    assert enabled("data.image_size") and dialog.set_searched("data.image_size", True) is not None
+    state.set("optimizer.name", "sgd")
+    assert enabled("optimizer.momentum") and not items["optimizer.momentum"].isHidden()
+    assert items["optimizer.eps"].isHidden()
+    # Searching the optimizer itself: each optimizer's own settings are used in some trials, so all are offered.
+    _tick(dialog, "optimizer.name")
+    assert enabled("optimizer.eps") and enabled("optimizer.alpha") and enabled("optimizer.momentum")
+    # A space file with a field that depends on another of its fields loads, in any order.
+    space.write_text(
+        json.dumps(
+            {
+                "optimizer.alpha": {"type": "float", "low": 0.9, "high": 0.99},
+                "optimizer.name": {"type": "categorical", "choices": ["sgd", "rmsprop"]},
+            }
+        )
+    )
+    fresh = SweepDialog(state)
+    qtbot.addWidget(fresh)
+    assert fresh.load_space_file(space), fresh.message.text()
+    assert list(fresh.space()) == ["optimizer.name", "optimizer.alpha"]
+
+
+def test_streamed_shards_offer_the_shuffle_buffer(qtbot, tmp_path):
+    state = ProjectState()
+    shards = "shards/train-{000000..000001}.tar"
+    state.open(write_project(tmp_path / "project.json", shards, data={"kind": "webdataset", "val_fraction": 0.0}))
+    dialog = SweepDialog(state)
+    qtbot.addWidget(dialog)
+    assert "data.shuffle_buffer" in dialog.offered() and not dialog._items["data.shuffle_buffer"].isHidden()
 
 
 def test_a_real_sweep_fills_the_table_and_plots_with_the_studys_values_and_use_best_sets_the_project(qtbot, tmp_path):
@@ -283,3 +366,72 @@ def test_stop_ends_the_sweep_with_no_batch_after_it_and_the_window_trains_one_th
     assert [p.name.startswith("tiny-sweep-trial-000") for p in runs] == [True]  # trial 1 never began
     assert window.act_train.isEnabled() and window.run_view.train_button.isEnabled()
     window.state._set_dirty(False)
+
+
+def answer_stop_question(button: QMessageBox.StandardButton, seen: list[tuple[str, str]]) -> None:
+    """Answer the window's Stop-and-close question once it shows (it blocks in its own event loop)."""
+
+    def answer() -> None:
+        box = QApplication.activeModalWidget()
+        if not isinstance(box, QMessageBox) or box.objectName() != "main.stop_confirm":
+            QTimer.singleShot(10, answer)
+            return
+        seen.append((box.windowTitle(), box.text()))
+        box.button(button).click()
+
+    QTimer.singleShot(0, answer)
+
+
+def test_closing_the_window_during_a_sweep_asks_and_no_keeps_it_running_and_yes_stops_it(qtbot, tmp_path):
+    from app.main_window import MainWindow
+
+    state = _state(tmp_path, per_class=12, loader={"batch_size": 2})  # 14 batches an epoch, 2 epochs a trial
+    window = MainWindow(state)
+    qtbot.addWidget(window)
+    window.show()
+    window.state.catalog_checks = True
+    dialog = window.open_sweep_dialog()
+    _tick(dialog, "optimizer.lr")
+    dialog.trials_count.setValue(3)
+
+    # On the sweep's worker thread, trial 0's first batch waits until the sweep is told to stop.
+    held: dict = {"at": None, "steps": []}
+    paused = threading.Event()
+
+    def on_worker_thread(event: dict) -> None:
+        if event["kind"] != "batch":
+            return
+        held["steps"] += event["steps"]
+        if held["at"] is None:
+            held["at"] = event["global_step"]
+            paused.set()
+            dialog.sweep.stop_event.wait(120)
+
+    dialog.relay.news.connect(on_worker_thread, Qt.ConnectionType.DirectConnection)
+    assert dialog.start()
+    try:
+        qtbot.waitUntil(paused.is_set, timeout=120000)
+        qtbot.waitUntil(lambda: dialog.progress.text().startswith("Trial 0: epoch 1 of 2, batch"))
+        window.state._set_dirty(False)
+        seen: list[tuple[str, str]] = []
+        answer_stop_question(QMessageBox.StandardButton.No, seen)
+        assert not window.close()
+        # The question named the sweep and where it is; No keeps the window and the sweep.
+        title, text = seen[0]
+        assert title == "A sweep is running"
+        assert "study tiny-sweep (3 trials asked), 0 finished in this sweep; trial 0: epoch 1 of 2, batch" in text
+        assert window.isVisible() and dialog.is_running() and not dialog.sweep.stop_event.is_set()
+
+        answer_stop_question(QMessageBox.StandardButton.Yes, seen)
+        assert window.close()
+    finally:
+        dialog.stop_and_wait()  # a failed assertion above must leave neither the worker waiting nor the sweep going
+    assert len(seen) == 2 and not dialog.is_running() and not window.isVisible()
+    # Stopped the way Stop stops it: no batch after the question was answered, the trial kept as stopped.
+    assert max(held["steps"]) == held["at"]
+    study = _study(tmp_path)
+    first = next(t for t in study.trials if t.number == 0)
+    assert first.state == TrialState.FAIL and first.user_attrs["failure"] == "stopped"
+    assert not [t for t in study.trials if t.state in (TrialState.RUNNING, TrialState.COMPLETE, TrialState.PRUNED)]
+    runs = [p.name for p in (tmp_path / "runs").iterdir() if p.name.startswith("tiny-sweep-trial")]
+    assert len(runs) == 1 and runs[0].startswith("tiny-sweep-trial-000")  # trial 1 never began
