@@ -137,12 +137,15 @@ class ScanCache:
         stat; any difference, or a file that cannot be stat-ed, leaves the comparison to _check_each.
         """
         cols = self._columns
-        if cols is None or len(paths) != len(cols.names) or self.new:
+        if cols is None or not paths or len(paths) != len(cols.names) or self.new:
             return self._check_each(paths)
-        cut = len(self.base) + 1
         prefix = self.base + os.sep
-        key_of = self._key
-        if [p[cut:] if p.startswith(prefix) else key_of(p) for p in paths] != cols.names:
+        if os.path.commonprefix([min(paths), max(paths)]).startswith(prefix):  # every path is under the base
+            cut = len(prefix)
+            keys = [p[cut:] for p in paths]
+        else:
+            keys = [self._key(p) for p in paths]
+        if keys != cols.names:
             return self._check_each(paths)
         stat = os.stat
         step = 8192  # bounds the stat results held at once
