@@ -73,6 +73,7 @@ class ScanCache:
         self._old: dict[str, Entry] | None = None
         self.new: dict[str, Entry] = {}
         self._unchanged = False  # check() found every remembered file, unchanged, in order: new is old then
+        self._order: list[str] = []  # the names check() was given, in order
         self.hits = 0
 
     @property
@@ -134,26 +135,26 @@ class ScanCache:
         stat-ed is to decode without a stamp (decoding says what is wrong with it, and it is not remembered).
         When the files are those remembered, in the same order (a second start on an unchanged dataset), their
         stamps are compared a column at a time against the file's columns, with no object per file beyond its
-        stat; any difference, or a file that cannot be stat-ed, leaves the comparison to _check_each.
+        stat; any difference, or a file that cannot be stat-ed, leaves the comparison to _check_each. save()
+        writes the files in the order given here, so that the next start's files are those remembered in order.
         """
-        cols = self._columns
-        if cols is None or not paths or len(paths) != len(cols.names) or self.new:
-            return self._check_each(paths)
         prefix = self.base + os.sep
-        if os.path.commonprefix([min(paths), max(paths)]).startswith(prefix):  # every path is under the base
+        if paths and os.path.commonprefix([min(paths), max(paths)]).startswith(prefix):  # all under the base
             cut = len(prefix)
             keys = [p[cut:] for p in paths]
         else:
             keys = [self._key(p) for p in paths]
-        if keys != cols.names:
-            return self._check_each(paths)
+        self._order = keys
+        cols = self._columns
+        if cols is None or not paths or keys != cols.names or self.new:
+            return self._check_each(paths, keys)
         stat = os.stat
         step = 8192  # bounds the stat results held at once
         for a in range(0, len(paths), step):
             try:
                 stats = [stat(p) for p in paths[a : a + step]]
             except OSError:
-                return self._check_each(paths)
+                return self._check_each(paths, keys)
             b = a + len(stats)
             if (
                 [st.st_mtime_ns for st in stats] != cols.mtime_ns[a:b]
@@ -161,30 +162,28 @@ class ScanCache:
                 or [st.st_ctime_ns for st in stats] != cols.ctime_ns[a:b]
                 or [st.st_ino for st in stats] != cols.inode[a:b]
             ):
-                return self._check_each(paths)
+                return self._check_each(paths, keys)
         self._unchanged = True
         self.hits += len(paths)
         return list(cols.problems), [], {}
 
-    def _check_each(self, paths: Sequence[str]) -> tuple[list[str | None], list[int], dict[int, Stamp]]:
+    def _check_each(
+        self, paths: Sequence[str], keys: list[str]
+    ) -> tuple[list[str | None], list[int], dict[int, Stamp]]:
         """check() a file at a time, looking each up by name: the files differ from those remembered."""
         problems: list[str | None] = [None] * len(paths)
         todo: list[int] = []
         stamps: dict[int, Stamp] = {}
-        old, new, base = self.old, self.new, self.base
-        cut = len(base) + 1
-        prefix = base + os.sep
-        key_of = self._key
+        old, new = self.old, self.new
         stat = os.stat
         hits = 0
-        for i, path in enumerate(paths):
+        for i, (path, key) in enumerate(zip(paths, keys, strict=True)):
             try:
                 st = stat(path)
             except OSError:
                 todo.append(i)
                 continue
             s = (st.st_size, st.st_mtime_ns, st.st_ino, st.st_ctime_ns)
-            key = path[cut:] if path.startswith(prefix) else key_of(path)
             entry = old.get(key)
             if entry is not None and entry[0] == s:
                 new[key] = entry
@@ -207,9 +206,16 @@ class ScanCache:
 
     def save(self) -> None:
         """Write what this scan found (files no longer there drop out); a cache that cannot be written is skipped."""
-        if self._unchanged or self.new == self.old:
+        if self._unchanged:
             return
-        entries = list(self.new.items())
+        new = self.new
+        # In check()'s order (the parallel checks record files as their chunks finish), then any others
+        order = dict.fromkeys(k for k in self._order if k in new) if self._order else {}
+        order.update(dict.fromkeys(new))
+        names = list(order)
+        if new == self.old and (not new or (self._columns is not None and names == self._columns.names)):
+            return
+        entries = [(k, new[k]) for k in names]
         payload: dict[str, Any] = {"version": VERSION, "dataset": str(self.dataset), "names": [k for k, _ in entries]}
         for j, field in enumerate(("size", "mtime_ns", "inode", "ctime_ns")):
             payload[field] = [e[0][j] for _, e in entries]

@@ -115,6 +115,20 @@ def test_a_file_whose_remembered_stamp_differs_in_one_field_alone_is_scanned_aga
     assert _reasons(source) == {"red/002.png": PLANTED}
 
 
+def test_the_cache_lists_the_files_in_the_scans_order_after_some_were_checked_again(tmp_path, decodes):
+    """A file checked again (or by a worker whose chunk finished early) is recorded after the remembered ones; the
+    cache is still written in the scan's order, so the next start finds the files it lists, in order (and compares
+    their stamps a column at a time)."""
+    folder = write_image_folder(tmp_path / "images", per_class=3)
+    scan_source(folder)
+    os.utime(folder / "green" / "001.png", ns=(1, 1))
+    decodes.clear()
+    source = scan_source(folder)
+    assert decodes == ["green/001.png"]
+    names = json.loads(ScanCache(folder).file.read_text())["names"]
+    assert names == [os.path.relpath(f, folder) for f in source.files] and len(names) == 9
+
+
 def test_two_files_that_swapped_names_keep_each_its_own_result(tmp_path, decodes):
     """The same names in the same order, each now another file: the results follow the files' contents."""
     folder = write_image_folder(tmp_path / "images", per_class=3)
@@ -145,6 +159,9 @@ def test_a_cache_listing_the_same_files_in_another_order_is_still_used(tmp_path,
     assert decodes == []
     assert [s.reason for s in source.skipped] == [f"line 2: {PLANTED}"]  # red/001.png is now the first row
     assert [str(f.relative_to(tmp_path)) for f in source.files] == [r.split(",")[0] for r in reversed(rows)][1:]
+    # and the cache is written again in the new order (a cache of an earlier version, written in the order the
+    # checks finished, is put in order the same way), so that the next start compares the stamps in columns
+    assert json.loads(ScanCache(table).file.read_text())["names"] == [r.split(",")[0] for r in reversed(rows)]
 
 
 @pytest.mark.parametrize("damage", ["newer version", "half written", "another dataset", "a name not text"])
