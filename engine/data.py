@@ -266,9 +266,21 @@ class _FolderWalk:
         except OSError as exc:
             self.warnings.append(f"{path}: cannot be read ({exc.strerror or exc}); skipped")
             return 0
+        head = real if real.endswith(os.sep) else real + os.sep  # os.path.join(real, name), without its call per file
+        try:
+            plain = all([entry.is_file(follow_symlinks=False) for entry in entries])
+        except OSError:  # an entry whose type needed a stat that failed: the loop below says what to do with it
+            plain = False
+        if plain:
+            # Only regular files (as a class folder of images mostly is): the same, a list at a time
+            images = [e for e in entries if e.name[0] != "." and e.name.lower().endswith(IMG_EXTENSIONS)]
+            targets = [head + e.name for e in images]
+            if files.isdisjoint(targets):  # a folder seen before in this class goes the way below
+                files.update(targets)
+                found += [e.path for e in images]
+                return 0
         doubles = 0
         folders = []
-        head = real if real.endswith(os.sep) else real + os.sep  # os.path.join(real, name), without its call per file
         for entry in entries:
             if entry.name.startswith("."):  # _is_hidden, without a call per file
                 continue

@@ -267,6 +267,22 @@ def test_symlink_to_a_folder_elsewhere_is_followed_once(tmp_path):
     assert any("reached through two paths" in w for w in src.warnings)
 
 
+def test_a_folder_reached_again_inside_a_linked_folder_counts_its_images_once(tmp_path):
+    """cat/a-inner links to more/inner, cat/b-outer to more itself, whose own sub-folder inner is walked again:
+    its images count once, under the first path, and the doubles are reported."""
+    root = make_folder(tmp_path / "data", {"cat": 2, "dog": 2})
+    more = make_folder(tmp_path / "more", {"inner": 3})
+    save_image(more / "top.png")
+    (root / "cat" / "a-inner").symlink_to(more / "inner", target_is_directory=True)
+    (root / "cat" / "b-outer").symlink_to(more, target_is_directory=True)
+
+    src = scan_source(root)
+
+    cat = [f.relative_to(root).as_posix() for f, t in zip(src.files, src.targets, strict=True) if t == 0]
+    assert cat == ["cat/000.png", "cat/001.png", *(f"cat/a-inner/{i:03d}.png" for i in range(3)), "cat/b-outer/top.png"]
+    assert "class folder 'cat': 3 image(s) reached through two paths (symlinks) counted once" in src.warnings
+
+
 def test_symlink_into_another_class_folder_is_not_counted_under_both(tmp_path):
     root = make_folder(tmp_path / "data", {"a": 2, "b": 3})
     (root / "a" / "to-b").symlink_to(root / "b", target_is_directory=True)
