@@ -266,9 +266,21 @@ class _FolderWalk:
         except OSError as exc:
             self.warnings.append(f"{path}: cannot be read ({exc.strerror or exc}); skipped")
             return 0
+        head = real if real.endswith(os.sep) else real + os.sep  # os.path.join(real, name), without its call per file
+        try:
+            plain = all([entry.is_file(follow_symlinks=False) for entry in entries])
+        except OSError:  # an entry whose type needed a stat that failed: the loop below says what to do with it
+            plain = False
+        if plain:
+            # Only regular files (as a class folder of images mostly is): the same, a list at a time
+            images = [e for e in entries if e.name[0] != "." and e.name.lower().endswith(IMG_EXTENSIONS)]
+            targets = [head + e.name for e in images]
+            if files.isdisjoint(targets):  # a folder seen before in this class goes the way below
+                files.update(targets)
+                found += [e.path for e in images]
+                return 0
         doubles = 0
         folders = []
-        head = real if real.endswith(os.sep) else real + os.sep  # os.path.join(real, name), without its call per file
         for entry in entries:
             if entry.name.startswith("."):  # _is_hidden, without a call per file
                 continue
@@ -320,7 +332,8 @@ def _scan_folder(
         )
     skipped: list[SkippedFile] = []
     warnings: list[str] = []
-    candidates: list[tuple[str, str]] = []
+    paths: list[str] = []  # the images to check, class after class
+    blocks: list[tuple[str, int, int]] = []  # (class, start, stop) in paths
     walk = _FolderWalk(root, sorted(d.name for d in root.iterdir() if d.is_dir() and not _is_hidden(d.name)), warnings)
     folders = walk.classes()
     for name in folders:
@@ -328,19 +341,31 @@ def _scan_folder(
         if given is not None and name not in given:
             skipped += [SkippedFile(f, _NOT_TRAINING_CLASS.format(name)) for f in images]
         else:
-            candidates += [(f, name) for f in images]
+            blocks.append((name, len(paths), len(paths) + len(images)))
+            paths += images
 
-    problems = _verify([f for f, _ in candidates], progress, cache)
-    kept: list[tuple[str, str]] = []
+    # A class at a time, with no tuple per file: a class whose images are all usable is taken whole.
+    problems = _verify(paths, progress, cache)
+    kept = PathList()
+    kept_counts: list[tuple[str, int]] = []
     bad_per_class: dict[str, int] = {}
-    for (f, name), problem in zip(candidates, problems, strict=True):
-        if problem is None:
-            kept.append((f, name))
-        else:
-            skipped.append(SkippedFile(f, problem))
-            bad_per_class[name] = bad_per_class.get(name, 0) + 1
+    for name, start, stop in blocks:
+        found = problems[start:stop]
+        if found.count(None) == len(found):
+            kept.texts += paths[start:stop]
+            kept_counts.append((name, stop - start))
+            continue
+        good = 0
+        for f, problem in zip(paths[start:stop], found, strict=True):
+            if problem is None:
+                kept.texts.append(f)
+                good += 1
+            else:
+                skipped.append(SkippedFile(f, problem))
+                bad_per_class[name] = bad_per_class.get(name, 0) + 1
+        kept_counts.append((name, good))
 
-    used = {name for _, name in kept}
+    used = {name for name, count in kept_counts if count}
     for name in folders:
         if name not in used and (given is None or name in given):
             bad = bad_per_class.get(name, 0)
@@ -348,13 +373,17 @@ def _scan_folder(
             warnings.append(f"class folder '{name}' has {what}; left out")
     vocabulary = given if given is not None else sorted(used)
     index = {name: i for i, name in enumerate(vocabulary)}
+    targets: list[int] = []
+    for name, count in kept_counts:
+        if count:
+            targets += [index[name]] * count
     return DataSource(
         kind="folder",
         path=root,
         task=task,
         class_names=list(vocabulary),
-        targets=[index[name] for _, name in kept],
-        files=PathList([f for f, _ in kept]),
+        targets=targets,
+        files=kept,
         array=None,
         skipped=skipped,
         warnings=warnings,

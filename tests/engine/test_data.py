@@ -192,6 +192,35 @@ def test_validation_folder_with_unknown_class_skips_it(tmp_path):
     assert all(s.reason == "label 'fox' is not one of the training classes" for s in src.skipped)
 
 
+def test_folder_scan_labels_each_kept_file_by_its_folder_with_broken_ones_skipped_in_order(tmp_path):
+    """Classes all usable, partly broken, all broken and empty, scanned twice (the second from the scan cache):
+    each kept file's target is its own folder's class, and the skipped files and warnings are the same."""
+    root = make_folder(tmp_path / "data", {"ant": 3, "bee": 4, "cow": 2, "elk": 2})
+    (root / "bee" / "001.png").write_bytes(b"not an image")
+    (root / "bee" / "003.png").write_bytes(b"")
+    for f in (root / "cow").iterdir():
+        f.write_bytes(b"broken")
+    (root / "dog").mkdir()
+    for _ in range(2):
+        src = scan_source(root)
+        assert src.class_names == ["ant", "bee", "elk"]
+        assert [(f.parent.name, f.name) for f in src.files] == [
+            ("ant", "000.png"), ("ant", "001.png"), ("ant", "002.png"), ("bee", "000.png"), ("bee", "002.png"),
+            ("elk", "000.png"), ("elk", "001.png"),
+        ]  # fmt: skip
+        assert [src.class_names[t] for t in src.targets] == [f.parent.name for f in src.files]
+        assert [Path(s.path).relative_to(root).as_posix() for s in src.skipped] == [
+            "bee/001.png",
+            "bee/003.png",
+            "cow/000.png",
+            "cow/001.png",
+        ]
+        assert src.warnings == [
+            "class folder 'cow' has no usable images (2 skipped); left out",
+            "class folder 'dog' has no images; left out",
+        ]
+
+
 def test_image_that_changes_on_disk_after_the_scan_with_none_to_stand_in_raises_data_error(tmp_path):
     # engine/sample_failures.py: another file stands in while one is readable (tests/engine/test_unreadable.py)
     root = make_folder(tmp_path / "data", {"cat": 1, "dog": 1})
@@ -236,6 +265,22 @@ def test_symlink_to_a_folder_elsewhere_is_followed_once(tmp_path):
     assert sum(1 for f in cat if f.parent.name in ("more", "same-again")) == 4
     assert any("same-again" in w and "already scanned" in w for w in src.warnings)
     assert any("reached through two paths" in w for w in src.warnings)
+
+
+def test_a_folder_reached_again_inside_a_linked_folder_counts_its_images_once(tmp_path):
+    """cat/a-inner links to more/inner, cat/b-outer to more itself, whose own sub-folder inner is walked again:
+    its images count once, under the first path, and the doubles are reported."""
+    root = make_folder(tmp_path / "data", {"cat": 2, "dog": 2})
+    more = make_folder(tmp_path / "more", {"inner": 3})
+    save_image(more / "top.png")
+    (root / "cat" / "a-inner").symlink_to(more / "inner", target_is_directory=True)
+    (root / "cat" / "b-outer").symlink_to(more, target_is_directory=True)
+
+    src = scan_source(root)
+
+    cat = [f.relative_to(root).as_posix() for f, t in zip(src.files, src.targets, strict=True) if t == 0]
+    assert cat == ["cat/000.png", "cat/001.png", *(f"cat/a-inner/{i:03d}.png" for i in range(3)), "cat/b-outer/top.png"]
+    assert "class folder 'cat': 3 image(s) reached through two paths (symlinks) counted once" in src.warnings
 
 
 def test_symlink_into_another_class_folder_is_not_counted_under_both(tmp_path):

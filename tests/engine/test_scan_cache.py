@@ -97,7 +97,74 @@ def test_a_file_rewritten_in_place_with_the_same_size_is_scanned_again(tmp_path,
     assert "cannot identify image file" in _reasons(source)["blue/001.png"]
 
 
-@pytest.mark.parametrize("damage", ["newer version", "half written", "another dataset"])
+@pytest.mark.parametrize("field", ["size", "mtime_ns", "inode", "ctime_ns"])
+def test_a_file_whose_remembered_stamp_differs_in_one_field_alone_is_scanned_again(tmp_path, decodes, field):
+    """Each stamp field is compared on its own: the remembered value of one file is made to differ by one (as a
+    file rewritten with the same size and a mtime_ns one nanosecond on would), the other fields and files left
+    as they are; that file alone is decoded, the others' results still come from the cache."""
+    folder = write_image_folder(tmp_path / "images", per_class=3)
+    scan_source(folder)
+    _plant(folder, "red/002.png")
+    file = ScanCache(folder).file
+    data = json.loads(file.read_text())
+    data[field][data["names"].index("green/001.png")] += 1
+    file.write_text(json.dumps(data))
+    decodes.clear()
+    source = scan_source(folder)
+    assert decodes == ["green/001.png"]
+    assert _reasons(source) == {"red/002.png": PLANTED}
+
+
+def test_the_cache_lists_the_files_in_the_scans_order_after_some_were_checked_again(tmp_path, decodes):
+    """A file checked again (or by a worker whose chunk finished early) is recorded after the remembered ones; the
+    cache is still written in the scan's order, so the next start finds the files it lists, in order (and compares
+    their stamps a column at a time)."""
+    folder = write_image_folder(tmp_path / "images", per_class=3)
+    scan_source(folder)
+    os.utime(folder / "green" / "001.png", ns=(1, 1))
+    decodes.clear()
+    source = scan_source(folder)
+    assert decodes == ["green/001.png"]
+    names = json.loads(ScanCache(folder).file.read_text())["names"]
+    assert names == [os.path.relpath(f, folder) for f in source.files] and len(names) == 9
+
+
+def test_two_files_that_swapped_names_keep_each_its_own_result(tmp_path, decodes):
+    """The same names in the same order, each now another file: the results follow the files' contents."""
+    folder = write_image_folder(tmp_path / "images", per_class=3)
+    broken, good = folder / "blue" / "000.png", folder / "blue" / "001.png"
+    broken.write_bytes(b"not an image")
+    first = scan_source(folder)
+    assert set(_reasons(first)) == {"blue/000.png"}
+    os.replace(broken, folder / "blue" / "swap")
+    os.replace(good, broken)
+    os.replace(folder / "blue" / "swap", good)
+    decodes.clear()
+    second = scan_source(folder)
+    assert sorted(decodes) == ["blue/000.png", "blue/001.png"]
+    assert set(_reasons(second)) == {"blue/001.png"} and len(second) == len(first)
+
+
+def test_a_cache_listing_the_same_files_in_another_order_is_still_used(tmp_path, decodes):
+    """A CSV whose rows were reordered: every file is remembered, at another position; none is decoded."""
+    folder = write_image_folder(tmp_path / "images", per_class=2)
+    rows = [f"{p.relative_to(tmp_path)},{p.parent.name}" for p in sorted(folder.rglob("*.png"))]
+    table = tmp_path / "a.csv"
+    table.write_text("\n".join(["path,label", *rows]))
+    scan_source(table)
+    _plant(table, "images/red/001.png")
+    table.write_text("\n".join(["path,label", *reversed(rows)]))
+    decodes.clear()
+    source = scan_source(table)
+    assert decodes == []
+    assert [s.reason for s in source.skipped] == [f"line 2: {PLANTED}"]  # red/001.png is now the first row
+    assert [str(f.relative_to(tmp_path)) for f in source.files] == [r.split(",")[0] for r in reversed(rows)][1:]
+    # and the cache is written again in the new order (a cache of an earlier version, written in the order the
+    # checks finished, is put in order the same way), so that the next start compares the stamps in columns
+    assert json.loads(ScanCache(table).file.read_text())["names"] == [r.split(",")[0] for r in reversed(rows)]
+
+
+@pytest.mark.parametrize("damage", ["newer version", "half written", "another dataset", "a name not text"])
 def test_a_cache_of_another_version_or_half_written_is_ignored_and_replaced(tmp_path, decodes, damage):
     folder = write_image_folder(tmp_path / "images", per_class=2)
     scan_source(folder)
@@ -109,6 +176,9 @@ def test_a_cache_of_another_version_or_half_written_is_ignored_and_replaced(tmp_
         file.write_text(json.dumps(data))
     elif damage == "another dataset":
         data["dataset"] = str(tmp_path / "elsewhere")
+        file.write_text(json.dumps(data))
+    elif damage == "a name not text":
+        data["names"][1] = 7
         file.write_text(json.dumps(data))
     else:
         file.write_text(json.dumps(data)[: len(json.dumps(data)) // 2])
