@@ -11,7 +11,10 @@ checkpoint's loader state stays valid.
 The suffix model shares every parameter and submodule with the real model (only the modules on the path to the
 cut are shallow copies), so the optimizer, checkpoints and evaluation keep working on the real, full model.
 Computed features are kept in a small process-level cache keyed by everything they depend on, so training the same
-project again (pressing Train twice in the app) skips the computation.
+project again (pressing Train twice in the app) skips the computation. In a run in phases, the next phase's cut is
+planned when a phase sets up its cache: when that cut comes no later in the forward pass and everything before it is
+frozen alike in both phases, the one pass over the data captures both cuts' outputs, and the next phase finds its
+features in the process-level cache under the key its own setup computes.
 """
 
 from __future__ import annotations
@@ -60,9 +63,10 @@ class CacheStats:
 
     computed: int = 0  # splits whose features were computed (train and validation count one each)
     reused: int = 0  # splits whose features came from the process-level cache
+    ahead: int = 0  # splits whose features for the next phase were computed in this phase's pass
 
     def reset(self) -> None:
-        self.computed = self.reused = 0
+        self.computed = self.reused = self.ahead = 0
 
 
 stats = CacheStats()
@@ -264,6 +268,26 @@ def capture(model: nn.Module, boundary: str, inputs: torch.Tensor) -> Any:
     if not got:
         raise RuntimeError(f"the forward pass never reached {boundary}")
     return got[0]
+
+
+def capture_with(model: nn.Module, boundary: str, also: str, inputs: torch.Tensor) -> tuple[Any, Any | None]:
+    """The outputs of boundary and of also for inputs in one forward, which stops at boundary (it never runs past
+    it); also's output is None when the forward had not reached it by then. also's output is a copy taken as it
+    comes, so an in-place operation after it cannot change it."""
+    early: list[Any] = []
+
+    def hook(_module: nn.Module, _inputs: Any, output: Any) -> None:
+        early.append(output.clone() if isinstance(output, torch.Tensor) else output)
+
+    if also == boundary:
+        out = capture(model, boundary, inputs)
+        return out, out
+    handle = model.get_submodule(also).register_forward_hook(hook)
+    try:
+        out = capture(model, boundary, inputs)
+    finally:
+        handle.remove()
+    return out, early[0] if early else None
 
 
 @contextlib.contextmanager
@@ -470,6 +494,9 @@ def module_digest(model: nn.Module, names: Sequence[str]) -> str:
 class _Entry:
     features: torch.Tensor
     targets: Any
+    # The phase whose pass computed these ahead of the phase they are for; cleared when that phase takes them, so
+    # a later run that finds them says it reuses them.
+    computed_in: str = ""
 
     @property
     def nbytes(self) -> int:
@@ -565,9 +592,15 @@ class FeatureCache:
     nbytes: int
     reused: bool
     seconds: float  # spent finding the cut and computing (or fetching) the features
+    computed_in: str = ""  # reused: the previous phase of this run computed them in its pass ("phase 1/2 (head)")
 
     def describe(self) -> str:
-        where = "reused from an earlier run" if self.reused else f"computed in {self.seconds:.1f} s"
+        if not self.reused:
+            where = f"computed in {self.seconds:.1f} s"
+        elif self.computed_in:
+            where = f"computed in {self.computed_in}'s pass"
+        else:
+            where = "reused from an earlier run"
         return (
             f"Feature cache on: the frozen part up to {self.boundary.output} runs once per sample "
             f"({self.nbytes / 2**20:.1f} MiB, {where}); epochs train the rest"
@@ -582,6 +615,31 @@ class Setup:
     message: str
 
 
+@dataclass
+class NextPhase:
+    """The phase after the one being set up (a run in phases), so that one pass over the data computes its features
+    too where they come out exactly as its own setup would compute them."""
+
+    cfg: ProjectConfig  # the project that phase trains
+    title: str  # how the log names it: "phase 2/2 (fine-tune)"
+    current: str  # how the log names the phase being set up
+    train_transform: Any  # the training images' pipeline in that phase
+    # Puts the model in that phase's freeze for a with block, yielding that phase's frozen BatchNorm layers, and
+    # afterwards puts every requires_grad flag and module mode back as it was.
+    frozen: Callable[[], contextlib.AbstractContextManager[list[str]]]
+
+
+@dataclass
+class _Ahead:
+    """The next phase's cut, its output for one sample, and the keys its own setup will look up, for the splits
+    this phase's pass computes."""
+
+    phase: NextPhase
+    boundary: Boundary
+    sample: torch.Tensor
+    keys: dict[str, str]
+
+
 def setup(
     cfg: ProjectConfig,
     parts: RunParts,
@@ -590,17 +648,49 @@ def setup(
     stop_event: threading.Event | None = None,
     log: Callable[[str], None] = lambda m: None,
     on_failures: Callable[[list, str], None] = lambda failures, split: None,
+    ahead: NextPhase | None = None,
 ) -> Setup:
     """Decide, verify and compute; never changes the model, the global RNGs or the loaders' generators.
 
-    on_failures receives the unreadable image files met (engine/sample_failures.py) and their split."""
+    on_failures receives the unreadable image files met (engine/sample_failures.py) and their split. ahead: the next
+    phase of a run in phases; when its features can be computed exactly in the same pass, they are, and go into the
+    process-level cache for its setup to find (else the log says why not)."""
     started = time.perf_counter()
     reason = eligibility_problem(cfg)
     if reason is not None:
         return Setup(None, f"Feature cache off: {reason}")
     devices = [parts.device.index or 0] if parts.device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices):
-        return _setup(cfg, parts, autocast, stop_event, log, started, on_failures)
+        return _setup(cfg, parts, autocast, stop_event, log, started, on_failures, ahead)
+
+
+def _key_base(
+    cfg: ProjectConfig, model: nn.Module, boundary: Boundary, sample: torch.Tensor, device: torch.device
+) -> str:
+    """What the features after a cut depend on, besides the data: the model's frozen start, what is frozen, the
+    precision and the device (the model in the freeze the features are computed for)."""
+    key_parts = [
+        cfg.model.backbone,
+        type(model).__name__,
+        boundary.output,
+        ",".join(boundary.replaced),
+        module_digest(model, boundary.replaced),
+        ",".join(n for n, p in model.named_parameters() if not p.requires_grad),
+        cfg.train.precision,
+        device.type,
+        repr(tuple(sample.shape[1:])),
+        str(sample.dtype),
+    ]
+    return hashlib.blake2b("\0".join(key_parts).encode(), digest_size=20).hexdigest()
+
+
+def _split_keys(base: str, splits: dict[str, Any]) -> dict[str, str | None]:
+    """Each split's key in the process-level cache; None for a data set without a fingerprint (never cached)."""
+    keys: dict[str, str | None] = {}
+    for split, ds in splits.items():
+        fp = dataset_fingerprint(ds)
+        keys[split] = None if fp is None else f"{base}:{split}:{fp}"
+    return keys
 
 
 def _setup(
@@ -611,6 +701,7 @@ def _setup(
     log: Callable[[str], None],
     started: float,
     on_failures: Callable[[list, str], None],
+    ahead: NextPhase | None = None,
 ) -> Setup:
     model, device = parts.model, parts.device
     if all(p.requires_grad for p in model.parameters()):
@@ -639,36 +730,18 @@ def _setup(
     with torch.no_grad(), autocast():
         sample = capture(model, boundary.output, inputs[:1])
     per_sample = sample[0].numel() * sample.element_size()
-    n_val = len(val_ds) if val_ds is not None else 0
-    need = per_sample * (len(train_ds) + n_val)
+    splits: dict[str, Any] = {"train": train_ds, **({"val": val_ds} if val_ds is not None else {})}
+    need = per_sample * sum(len(ds) for ds in splits.values())
     bound = max_bytes(cfg)
 
-    key_parts = [
-        cfg.model.backbone,
-        type(model).__name__,
-        boundary.output,
-        ",".join(boundary.replaced),
-        module_digest(model, boundary.replaced),
-        ",".join(n for n, p in model.named_parameters() if not p.requires_grad),
-        cfg.train.precision,
-        device.type,
-        repr(tuple(sample.shape[1:])),
-        str(sample.dtype),
-    ]
-    base = hashlib.blake2b("\0".join(key_parts).encode(), digest_size=20).hexdigest()
-
+    keys = _split_keys(_key_base(cfg, model, boundary, sample, device), splits)
     entries: dict[str, _Entry] = {}
-    keys: dict[str, str | None] = {}
-    for split, ds in (("train", train_ds), ("val", val_ds)):
-        if ds is None:
-            continue
-        fp = dataset_fingerprint(ds)
-        keys[split] = None if fp is None else f"{base}:{split}:{fp}"
-        entry = process_cache.get(keys[split])
+    for split, key in keys.items():
+        entry = process_cache.get(key)
         if entry is not None:
             entries[split] = entry
     missing = [s for s in keys if s not in entries]
-    missing_bytes = sum(per_sample * (len(train_ds) if s == "train" else n_val) for s in missing)
+    missing_bytes = sum(per_sample * len(splits[s]) for s in missing)
     if missing_bytes > bound:
         return Setup(
             None,
@@ -677,11 +750,23 @@ def _setup(
             "(train.feature_cache_max_mb; empty means half the available memory); training "
             "recomputes them every epoch",
         )
+    plan: _Ahead | None = None
+    if ahead is not None and missing:
+        try:
+            plan, why = _plan_ahead(parts, ahead, inputs, autocast, boundary, keys, missing, splits, need, bound)
+        except Exception as exc:  # noqa: BLE001 - the next phase sets up its own cache as without a plan
+            plan, why = None, f"planning its cut failed ({_first_line(exc)})"
+        if why:
+            log(f"Feature cache: {ahead.title}'s features are not computed in this pass: {why}")
+    early: dict[str, _Entry] = {}
     for split in missing:
-        ds = train_ds if split == "train" else val_ds
-        assert ds is not None  # "val" is missing only when there is a validation set
-        log(f"Feature cache: computing the features after {boundary.output} for {len(ds)} {split} samples")
-        entry = _compute(
+        ds = splits[split]
+        also = plan if plan is not None and split in plan.keys else None
+        log(
+            f"Feature cache: computing the features after {boundary.output} for {len(ds)} {split} samples"
+            + (f", and those after {also.boundary.output} for {also.phase.title}" if also is not None else "")
+        )
+        done = _compute(
             model,
             parts.frozen_bn,
             boundary.output,
@@ -695,13 +780,31 @@ def _setup(
             sample,
             training=split == "train",
             on_failures=_for_split(on_failures, split),
+            ahead=None if also is None else (also.boundary.output, also.sample),
         )
-        if entry is None:
+        if done is None:
             return Setup(None, "Feature cache off: stopped while computing features")
+        entry, ahead_entry, lost = done
         entries[split] = entry
         stats.computed += 1
         process_cache.put(keys[split], entry, bound)
-    stats.reused += len(keys) - len(missing)
+        if also is not None and ahead_entry is not None:
+            ahead_entry.computed_in = also.phase.current
+            early[split] = ahead_entry
+            stats.ahead += 1
+            process_cache.put(also.keys[split], ahead_entry, bound)
+        elif also is not None:
+            log(f"Feature cache: {also.phase.title}'s {split} features are not computed in this pass: {lost}")
+    if plan is not None and early:
+        log(
+            f"Feature cache: {plan.phase.title}'s features after {plan.boundary.output} were computed in the same "
+            f"pass ({sum(e.nbytes for e in early.values()) / 2**20:.1f} MiB, {' and '.join(early)})"
+        )
+    taken = [entries[s] for s in keys if s not in missing]
+    stats.reused += len(taken)
+    computed_in = next((e.computed_in for e in taken if e.computed_in), "")
+    for e in taken:
+        e.computed_in = ""  # taken by the phase they were for: a later run reuses them
 
     train = FeatureBatches(loader, entries["train"].features, entries["train"].targets)
     val = (
@@ -717,8 +820,104 @@ def _setup(
         nbytes=sum(e.nbytes for e in entries.values()),
         reused=not missing,
         seconds=time.perf_counter() - started,
+        computed_in=computed_in,
     )
     return Setup(cache, cache.describe())
+
+
+def _plan_ahead(
+    parts: RunParts,
+    nxt: NextPhase,
+    inputs: torch.Tensor,
+    autocast: Callable[[], Any],
+    boundary: Boundary,
+    keys: dict[str, str | None],
+    missing: Sequence[str],
+    splits: dict[str, Any],
+    need: int,
+    bound: int,
+) -> tuple[_Ahead | None, str]:
+    """The next phase's cut and keys when this phase's pass computes its features exactly as its own setup would,
+    else None and why not ("" when there is nothing left to compute for it). The model's weights, requires_grad
+    flags and module modes end as they were; the caller keeps the global random state.
+
+    Exactly: the next cut is found and keyed by the code its setup runs, under its freeze; everything before it is
+    frozen in this phase too, with every BatchNorm layer there in the same mode; this phase's forward reaches it no
+    later than this phase's own cut; and on the probe batch this phase's forward gives there what the next phase's
+    does. Weights that change before the next phase begins change its key, and its setup computes anew."""
+    why = eligibility_problem(nxt.cfg)
+    if why is not None:
+        return None, why
+    model, device = parts.model, parts.device
+    if nxt.train_transform is not parts.data.train.transform:
+        return None, "its training images go through another pipeline than this phase's"
+    trains_now = {id(p) for p in model.parameters() if p.requires_grad}
+    frozen_bn_now = set(parts.frozen_bn)
+    modes = [(m, m.training) for m in model.modules()]
+    try:
+        with nxt.frozen() as next_bn:
+            if all(p.requires_grad for p in model.parameters()):
+                return None, "nothing is frozen in it"
+            found, why = find_boundary(model, next_bn, inputs, autocast)
+            if found is None:
+                return None, f"it has no cut ({why})"
+            why_not = _unlike_before(model, found, trains_now, frozen_bn_now, set(next_bn))
+            if why_not is not None:
+                return None, why_not
+            _training_mode(model, next_bn)
+            with torch.no_grad(), autocast():
+                expected = capture(model, found.output, inputs)
+            base = _key_base(nxt.cfg, model, found, expected[:1], device)
+        _training_mode(model, parts.frozen_bn)
+        with torch.no_grad(), autocast():
+            _, got = capture_with(model, boundary.output, found.output, inputs)
+    finally:
+        for m, training in modes:
+            m.training = training
+    if got is None:
+        return None, f"its cut ({found.output}) comes after this phase's ({boundary.output}) in the forward pass"
+    if not _same(got, expected):
+        return None, f"this phase's forward gives other features after {found.output} than that phase's"
+    next_keys = _split_keys(base, splits)
+    todo: dict[str, str] = {}
+    for split in missing:
+        key = next_keys[split]
+        if key is None:
+            return None, f"the {split} set has no fingerprint to find them by"
+        if key != keys[split] and process_cache.get(key) is None:  # the same key: it reuses this phase's
+            todo[split] = key
+    if not todo:
+        return None, ""
+    extra = expected[0].numel() * expected.element_size() * sum(len(splits[s]) for s in todo)
+    if need + extra > bound:
+        return None, (
+            f"with this phase's {need / 2**20:.1f} MiB they would take {(need + extra) / 2**20:.1f} MiB, over the "
+            f"bound of {bound / 2**20:.1f} MiB (train.feature_cache_max_mb; empty means half the available memory)"
+        )
+    return _Ahead(nxt, found, expected[:1], todo), ""
+
+
+def _unlike_before(
+    model: nn.Module, boundary: Boundary, trains_now: set[int], frozen_bn_now: set[str], frozen_bn_next: set[str]
+) -> str | None:
+    """Why this phase's forward may give other features at the next phase's cut than that phase's own would: a
+    parameter before the cut that trains in this phase, or a BatchNorm layer there in another mode; None if neither.
+    The model is in the next phase's freeze."""
+    modules = dict(model.named_modules())
+    for name in boundary.replaced:  # every call before the cut is in one of them
+        for pname, p in modules[name].named_parameters(prefix=name):
+            if id(p) in trains_now:
+                return f"{pname}, before its cut ({boundary.output}), trains in this phase"
+        for sub, m in modules[name].named_modules(prefix=name):
+            if isinstance(m, _BatchNorm) and (sub in frozen_bn_now) != (sub in frozen_bn_next):
+                return f"the BatchNorm layer {sub}, before its cut ({boundary.output}), is frozen in one phase only"
+    # Their containers stay in the suffix, and may use a parameter of their own before the cut (ViT's position
+    # embedding): one frozen there must be frozen here too.
+    for name in sorted({a for r in boundary.replaced for a in ["", *_ancestry(r)[:-1]]}):
+        for pname, p in modules[name].named_parameters(prefix=name, recurse=False):
+            if id(p) in trains_now and not p.requires_grad:
+                return f"{pname}, frozen in it, trains in this phase"
+    return None
 
 
 def _for_split(report: Callable[[list, str], None], split: str) -> Callable[[list], None]:
@@ -740,10 +939,14 @@ def _compute(
     *,
     training: bool,
     on_failures: Callable[[list], None] = lambda failures: None,
-) -> _Entry | None:
-    """Boundary outputs of every sample in dataset order, in one preallocated CPU tensor, and the targets.
+    ahead: tuple[str, torch.Tensor] | None = None,
+) -> tuple[_Entry, _Entry | None, str] | None:
+    """Boundary outputs of every sample in dataset order, in one preallocated CPU tensor, and the targets; None when
+    stopped.
 
-    training: in the mode training runs the model (frozen BatchNorm in eval), else in evaluation mode.
+    training: in the mode training runs the model (frozen BatchNorm in eval), else in evaluation mode. ahead: another
+    module reached no later than boundary and its output for one sample: its outputs are captured in the same
+    forwards, as a second entry (None, and why, when a batch reaches boundary first).
     """
     generator = torch.Generator()
     generator.manual_seed(0)  # a private generator: the global RNG and the run's loader stay untouched
@@ -759,6 +962,8 @@ def _compute(
         pin_memory=device.type == "cuda",
     )
     features = torch.empty((n, *sample.shape[1:]), dtype=sample.dtype)
+    early = None if ahead is None else torch.empty((n, *ahead[1].shape[1:]), dtype=ahead[1].dtype)
+    lost = ""
     targets: list[Any] = []
     if training:
         _training_mode(model, frozen_bn)
@@ -770,10 +975,24 @@ def _compute(
             if stop_event is not None and stop_event.is_set():
                 return None
             on_failures(batch_failures(batch))
-            out = capture(model, boundary, batch[0].to(device, non_blocking=True))
+            inputs = batch[0].to(device, non_blocking=True)
+            if ahead is None or early is None:
+                out = capture(model, boundary, inputs)
+            else:
+                out, got = capture_with(model, boundary, ahead[0], inputs)
+                if not isinstance(got, torch.Tensor) or got.shape[1:] != early.shape[1:]:
+                    lost = (
+                        f"a batch reached {boundary} before {ahead[0]}"
+                        if got is None
+                        else f"{ahead[0]}'s output changed shape"
+                    )
+                    early = None
+                else:
+                    early[at : at + got.shape[0]].copy_(got)
             features[at : at + out.shape[0]].copy_(out)
             at += out.shape[0]
             targets.append(batch[1])
     if at != n:
         raise RuntimeError(f"computed {at} features for {n} samples")
-    return _Entry(features=features, targets=torch.cat(targets) if targets else torch.empty(0))
+    target = torch.cat(targets) if targets else torch.empty(0)
+    return _Entry(features=features, targets=target), None if early is None else _Entry(early, target), lost

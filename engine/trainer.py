@@ -7,7 +7,7 @@ import math
 import os
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -26,7 +26,7 @@ from engine.failures import (
     non_finite_loss,
     out_of_memory,
 )
-from engine.feature_cache import FeatureCache
+from engine.feature_cache import FeatureCache, NextPhase
 from engine.feature_cache import setup as setup_feature_cache
 from engine.forward import Forward
 from engine.freezing import (
@@ -523,6 +523,7 @@ class Trainer:
             stop_event=self.stop_event if dist is None else None,
             log=self.log,
             on_failures=self.failures.add,
+            ahead=self._next_phase(),
         )
         self.feature_cache = outcome.cache
         self.log(outcome.message)
@@ -533,6 +534,38 @@ class Trainer:
                 self.log("Feature cache off: another process of this run could not use it, and all must train alike")
             self.strategy.wrap(self._training_module(), p.device)
         self.forward.prepare(self.strategy.trains(self._training_module()))
+
+    def _next_phase(self) -> NextPhase | None:
+        """The phase after this one, for the feature cache to compute its features in this phase's pass; None in
+        the last phase. Each process of a torchrun run decides alike from its own copy of the same model and data:
+        either way the next phase's features are the same, and its setup's agreement below still holds."""
+        index = self.state.phase + 1
+        if index >= len(self.phases):
+            return None
+        p, phase = self.built, self.phases[index]
+        return NextPhase(
+            cfg=phase.cfg,
+            title=phase.title(),
+            current=self.phases[self.state.phase].title(),
+            train_transform=p.train_transforms.get(phase.augmented, p.data.train.transform),
+            frozen=lambda: self._frozen_as(phase),
+        )
+
+    @contextlib.contextmanager
+    def _frozen_as(self, phase: Phase) -> Iterator[list[str]]:
+        """The model frozen as `phase` freezes it (as _configure_phase does) for the with block, which gets that
+        phase's frozen BatchNorm layers; afterwards every requires_grad flag and module mode is as it was."""
+        model = self.built.model
+        flags = [(t, t.requires_grad) for t in model.parameters()]
+        modes = [(m, m.training) for m in model.modules()]
+        try:
+            phase_freeze(model, phase, self.built.head_name)
+            yield [] if self.cfg.model.train_frozen_batchnorm else frozen_batchnorm_modules(model)
+        finally:
+            for t, flag in flags:
+                t.requires_grad_(flag)
+            for m, training in modes:
+                m.training = training
 
     def _keep_failures(self, *, gather: bool) -> None:
         """The unreadable files every process met (gathered at an epoch's end, where all processes meet) into
