@@ -9,7 +9,7 @@ from app.training import TrainingController
 from engine.config import load_project
 from engine.runs import read_metrics
 from widgets.checkpoints_panel import CheckpointsPanel
-from widgets.run_view import OBJECT_NAMES, RunView, format_duration
+from widgets.run_view import GUI_SHARE, OBJECT_NAMES, RunView, format_duration
 
 
 @pytest.fixture()
@@ -113,8 +113,8 @@ def test_a_burst_of_batches_is_shown_in_few_paced_updates_with_every_point(qtbot
     assert view.plots.point_count("lr") == 500  # each payload's learning rate, at its step
     assert view.plots.paint_seconds > 0  # the plots were painted and timed
     # The interval follows the measured cost: a costly update is spaced out, within the bounds.
-    view._update_cost = 0.02
-    assert view.update_interval() == pytest.approx(0.02 / 0.025)
+    view._update_cost = 0.005
+    assert view.update_interval() == pytest.approx(0.005 / GUI_SHARE)
     view._update_cost = 1.0
     assert view.update_interval() == 1.0
     view._update_cost = 0.0
