@@ -186,12 +186,14 @@ class _TimedLayout(pg.GraphicsLayoutWidget):
         super().__init__()
         self.paint_seconds = 0.0  # moving average of one paint of the whole view
         self.paint_total = 0.0  # seconds spent painting it since it was made
+        self.paint_count = 0  # paints since it was made
 
     def paintEvent(self, event) -> None:  # noqa: N802 - Qt override
         started = time.perf_counter()
         super().paintEvent(event)
         took = time.perf_counter() - started
         self.paint_total += took
+        self.paint_count += 1
         self.paint_seconds = took if self.paint_seconds == 0.0 else 0.7 * self.paint_seconds + 0.3 * took
 
 
@@ -226,6 +228,13 @@ class PlotGrid(QWidget):
             plot.setClipToView(True)
             plot.addLegend(offset=(-10, 10))  # top right, where falling curves leave room
             self.plots[name] = plot
+
+    def settle_ranges(self) -> None:
+        """Each plot's range that fits its new data, and the view's transform for it, set now. Left to the paint
+        (pyqtgraph re-ranges as it prepares one), the new transform asks for a second paint of every plot as soon
+        as the first ends: two full paints for each update (measured: 25 paints of a 10 s run, 17 with this)."""
+        for plot in self.plots.values():
+            plot.getViewBox().prepareForPaint()
 
     @property
     def paint_seconds(self) -> float:
@@ -366,15 +375,14 @@ class LivePlots(PlotGrid):
             smoothed[i] = ema if ema is not None else np.nan
         self._ema = ema
         self._append("batch_loss_smoothed", x, smoothed)
-        if lrs is None:
-            return
         if isinstance(lrs, (int, float)):
             if _finite(lrs):
                 self._append("lr", x[-1:], np.array([float(lrs)]))
-        else:
+        elif lrs is not None:
             lr = np.asarray([v if _finite(v) else np.nan for v in lrs], dtype=np.float64)
             keep = np.isfinite(lr)
             self._append("lr", x[keep], lr[keep])
+        self.settle_ranges()
 
     def add_epoch(self, metrics: dict[str, Any]) -> None:
         """Append one epoch's train/validation loss and accuracy (missing or non-finite values are skipped)."""
@@ -382,6 +390,7 @@ class LivePlots(PlotGrid):
         if _finite(metrics.get("epoch")) and batches.n:
             self._epoch_steps[int(metrics["epoch"])] = float(batches.x[batches.n - 1])
         self._add_epochs([metrics])
+        self.settle_ranges()
 
     def phase_boundaries(self) -> list[tuple[float, float | None, Any]]:
         """Where later phases begin: (epoch axis x, step axis x or None when unknown, the phase) for each."""
@@ -660,11 +669,7 @@ class RunsPlots(PlotGrid):
                     self._runs[key][name] = (item, series)
                     self._draw(key, name)
         self._restyle(wanted)
-        for plot in self.plots.values():
-            # The range that fits the new curves, and the view's transform for it, set now. Left to the paint
-            # (pyqtgraph re-ranges as it prepares one), the new transform asked for a second paint of all the
-            # plots as soon as the first ended: two full paints for each run added.
-            plot.getViewBox().prepareForPaint()
+        self.settle_ranges()
 
     def clear(self) -> None:
         for key in list(self._runs):

@@ -339,3 +339,30 @@ def test_value_axes_never_crowd_their_numbers_and_name_at_least_one(qtbot, heigh
             # At least one number, half a line or more inside the axis (pyqtgraph hides a label that sticks out).
             inside = [t for t in ticks if line / 2 <= t <= plot.getAxis("left").height() - line / 2]
             assert inside, (type(widget).__name__, name, height, ticks)
+
+
+def test_an_update_of_the_live_plots_is_painted_once(qtbot):
+    plots = LivePlots()
+    qtbot.addWidget(plots)
+    plots.resize(900, 600)
+    plots.show()
+    qtbot.waitExposed(plots)
+    view = plots.layout_widget
+
+    def deliver_posted_events():
+        # Every posted update of the view delivered: a paint whose new range asked for another shows up here.
+        for _ in range(5):
+            QApplication.sendPostedEvents()
+            QApplication.processEvents()
+
+    qtbot.waitUntil(lambda: view.paint_count > 0)  # the first paint, on showing
+    deliver_posted_events()
+    steps = np.arange(1, 33)
+    for chunk in range(4):  # each chunk widens the step axis and moves the loss range
+        before = view.paint_count
+        plots.add_batches(steps + 32 * chunk, 3.0 / (steps + 32 * chunk), lrs=1e-3 * (chunk + 1))
+        plots.add_epoch({"epoch": chunk + 1, "train_loss": 1.0 / (chunk + 1), "val_accuracy": 0.5 + 0.1 * chunk})
+        qtbot.waitUntil(lambda before=before: view.paint_count > before)
+        deliver_posted_events()
+        if chunk:  # the first data also sizes the axes' labels, which repaints the layout on its own
+            assert view.paint_count == before + 1, chunk  # two paints each without settle_ranges()
