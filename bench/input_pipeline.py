@@ -30,7 +30,7 @@ from engine.decoded_cache import apply_decoded_cache
 from engine.samplers import LoaderPlan, auto_workers, build_loader, plan_loader, usable_cpus
 from engine.transforms import build_transforms, has_random_steps, split_transforms
 
-PROJECT = REPO / "examples" / "default.json"
+PROJECT = REPO / "examples" / "single_phase.json"
 
 
 def _project(augment: bool) -> ProjectConfig:
@@ -259,7 +259,7 @@ def run(quick: bool = False) -> Section:
         title="Input pipeline: decoded-image cache and auto workers",
         figures=figures,
         setup=(
-            f"bundled digits ({len(uncached.train)} training images), examples/default.json's preprocessing "
+            f"bundled digits ({len(uncached.train)} training images), examples/single_phase.json's preprocessing "
             f"({pre.resize_size}/{pre.crop_size} px, {pre.interpolation}), "
             f"batch size {plain_cfg.loader.batch_size}, "
             f"torch threads {torch.get_num_threads()}, {cpus} usable CPUs; "

@@ -1,6 +1,6 @@
 """The learning-rate finder's cost (issue 15): seconds with and without the feature cache, on the default project.
 
-examples/default.json (EfficientNet-Lite0 with its bundled ImageNet weights, frozen up to blocks.2, on the bundled
+examples/single_phase.json (EfficientNet-Lite0 with its bundled ImageNet weights, frozen up to blocks.2, on the bundled
 digits) without its augmentation, so that the feature cache applies: the finder runs with train.feature_cache =
 "auto" and "off", alternated (A B, B A, ...), each time from a cleared process cache, so the cached figure includes
 finding the cut and computing the features. Both draw the same batches, so their suggestions should agree.
@@ -21,7 +21,7 @@ from bench.common import DIGITS, REPO, Figure, Section, alternate, digits_subset
 def _project(data: Path, mode: str, quick: bool) -> Any:
     from engine.config import from_dict
 
-    project = json.loads((REPO / "examples" / "default.json").read_text(encoding="utf-8"))
+    project = json.loads((REPO / "examples" / "single_phase.json").read_text(encoding="utf-8"))
     project["data"]["path"] = str(data)
     project["data"]["augment"] = {}  # the cache needs the same images every epoch
     project["train"].update(device="cpu", feature_cache=mode)
@@ -104,7 +104,7 @@ def run(quick: bool = False) -> Section:
         title="Learning-rate finder",
         figures=figures,
         setup=(
-            f"examples/default.json without augmentation (timm/efficientnet_lite0, bundled weights, frozen up to "
+            f"examples/single_phase.json without augmentation (timm/efficientnet_lite0, bundled weights, frozen up to "
             f"blocks.2) on the digits image folder ({n} images, 20% validation), batch "
             f"{configs['cached'].loader.batch_size}, a ramp of at most {batches} batches (one epoch), CPU, "
             f"{torch.get_num_threads()} torch threads; cached and recomputed alternated, {repeats} repetition(s), "

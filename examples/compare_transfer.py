@@ -1,4 +1,4 @@
-"""Measures what pretrained weights and freezing buy on the default project: accuracy and time, as a Markdown table.
+"""Measures what pretrained weights and freezing buy on examples/single_phase.json: accuracy and time.
 
 Usage: python examples/compare_transfer.py [--epochs N]   (about ten minutes on two CPU cores)
 """
@@ -28,7 +28,7 @@ VARIANTS = [  # (label, weights, freeze preset)
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--epochs", type=int, help="epochs per variant (default: the project's)")
-    parser.add_argument("--project", default=str(ROOT / "examples" / "default.json"))
+    parser.add_argument("--project", default=str(ROOT / "examples" / "single_phase.json"))
     args = parser.parse_args()
     rows = []
     for label, weights, freeze in VARIANTS:

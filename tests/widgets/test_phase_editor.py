@@ -84,6 +84,27 @@ def test_phases_edited_in_the_panel_round_trip_through_the_project_file(qtbot, p
     assert again.phases.phases() == other.config.train.phases
 
 
+def test_the_fine_tune_preset_button_writes_the_recipe_for_the_projects_own_blocks(qtbot, panel, project_state):
+    """The preset is found from the backbone's structure: head alone, then the top two blocks at a tenth of the
+    rate with a cosine schedule, both unaugmented; the project is marked changed and the table shows it."""
+    from engine.freezing import block_units
+    from engine.phases import fine_tune_preset
+
+    assert project_state.config.train.phases == [] and not project_state.dirty
+    qtbot.mouseClick(panel.phases.preset_button, Qt.MouseButton.LeftButton)
+    phases = project_state.config.train.phases
+    assert phases == fine_tune_preset(project_state.config)["train.phases"] and project_state.dirty
+    built = build_run(project_state.config)
+    blocks = block_units(built.model, built.head_name)
+    assert [(p.name, p.freeze, p.freeze_up_to, p.augment) for p in phases] == [
+        ("head", "head_only", None, False),
+        ("fine-tune", "up_to", blocks[-3], False),
+    ]
+    table = panel.phases.table
+    assert [table.item(r, COLUMN["lr"]).text() for r in range(2)] == ["", "×0.1"]
+    assert table.cellWidget(1, COLUMN["schedule"]).currentData() == "cosine"
+
+
 def test_a_phase_the_project_refuses_is_explained_and_not_kept(qtbot, panel, project_state):
     editor, table = panel.phases, panel.phases.table
     qtbot.mouseClick(editor.add_button, Qt.MouseButton.LeftButton)
