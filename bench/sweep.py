@@ -24,7 +24,9 @@ from typing import Any
 
 from bench.common import DIGITS, REPO, Figure, Section, digits_subset
 
-SPACE_FILE = REPO / "examples" / "spaces" / "default.json"  # learning rate and freeze depth for examples/default.json
+SPACE_FILE = (
+    REPO / "examples" / "spaces" / "single_phase.json"
+)  # learning rate and freeze depth for examples/single_phase.json
 
 
 # The sweep's trials and the default project it is compared with all run at this size instead of the weights'
@@ -34,8 +36,8 @@ SWEEP_SIZE = 64
 
 
 def _digits_project(root: Path, data: Path, epochs: int) -> Path:
-    """examples/default.json on this data at SWEEP_SIZE px, on the CPU, for `epochs` epochs, its runs under root."""
-    project = json.loads((REPO / "examples" / "default.json").read_text())
+    """examples/single_phase.json on this data at SWEEP_SIZE px, on the CPU, for `epochs` epochs, its runs under root."""
+    project = json.loads((REPO / "examples" / "single_phase.json").read_text())
     project["data"]["path"] = str(data)
     project["data"]["input_size"] = SWEEP_SIZE
     project["train"].update(epochs=epochs, device="cpu")
@@ -81,7 +83,7 @@ def pruning(quick: bool = False) -> Section:
         if quick:
             data, epochs, trials = digits_subset(work, 20), 3, 6
         else:
-            data, epochs, trials = DIGITS, 3, 12
+            data, epochs, trials = DIGITS, 4, 12
         project = _digits_project(work, data, epochs)
         pruned = _timed_sweep(project, trials, "median", "pruned")
         full = _timed_sweep(project, trials, "none", "unpruned")
@@ -89,7 +91,9 @@ def pruning(quick: bool = False) -> Section:
         n = sum(1 for _ in data.rglob("*.png"))
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    count_pruned = sum(1 for o in pruned["outcomes"] if o.state == "pruned")
+    stopped_early = [o for o in pruned["outcomes"] if o.state == "pruned"]
+    count_pruned = len(stopped_early)
+    trial_seconds = sum(o.seconds for o in full["outcomes"])
     saving = 100.0 * (1.0 - pruned["seconds"] / full["seconds"])
     best = pruned["summary"]["best"]
     best_points = 100.0 * (best["value"] - default) if best else None
@@ -105,7 +109,10 @@ def pruning(quick: bool = False) -> Section:
                 saving,
                 "%",
                 ">= 30",
-                detail=f"{count_pruned} of {trials} trials pruned",
+                detail=f"{count_pruned} of {trials} trials pruned, after "
+                + ", ".join(str(o.epochs) for o in sorted(stopped_early, key=lambda o: o.number))
+                + f" of {epochs} epochs; unpruned, the trials' own time was {trial_seconds:.0f} s of the sweep's "
+                f"{full['seconds']:.0f} s",
             ),
             Figure(
                 "sweep_best_vs_default",
@@ -124,7 +131,7 @@ def pruning(quick: bool = False) -> Section:
                 ),
             ),
         ],
-        setup=f"examples/default.json (timm/efficientnet_lite0, BUNDLED weights) at data.input_size {SWEEP_SIZE} px "
+        setup=f"examples/single_phase.json (timm/efficientnet_lite0, BUNDLED weights) at data.input_size {SWEEP_SIZE} px "
         f"on {n} digits, {epochs} epochs, CPU; {trials} trials, random sampler (same seed for both sweeps), lr log-uniform 1e-4..1e-2 and "
         "freeze_up_to among blocks.1, blocks.3, blocks.5; objective: best val_accuracy",
         notes=[
