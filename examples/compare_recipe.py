@@ -1,11 +1,17 @@
-"""Measures the Fine-tune recipe (examples/fine_tune.json) against single-phase training and wrong learning rates.
+"""Measures the Fine-tune recipe (examples/default.json) against single-phase training and wrong learning rates.
 
-Each variant is trained in this process, one after the other, from the same project; times are given as ratios to
-the first row (examples/default.json's training: two epochs with blocks 0-2 frozen), measured in the same process, so a shared
-machine's load cancels out as far as it can. The learning rate of the recipe's first phase comes from the
-learning-rate finder run here on that phase's project.
+Every row trains in this process, one after the other, on the same data, split and seed. Times are ratios to the
+first row, the single-phase project the recipe replaced as the default (examples/single_phase.json), measured in the
+same process so that a shared machine's load cancels out as far as it can; each row's own seconds are given too.
+Rows:
+  1. examples/single_phase.json as it is (2 epochs, blocks 0-2 frozen, augmented, lr 0.002): the time baseline
+  2. examples/default.json as it is (the recipe: 8 head epochs on cached features, 3 epochs of the top two blocks)
+  3. the recipe at the learning-rate finder's suggestion for its first phase
+  4. the single-phase project at the finder's suggestion for that project
+  5. and 6. the recipe at 10x and at a tenth of row 3's learning rate
+The finders' own time is printed, not counted in the rows. Every row computes its own cached features.
 
-Usage: python examples/compare_recipe.py [--seed N] [--only ROW ...]   (tens of minutes on two CPU cores)
+Usage: python examples/compare_recipe.py [--seed N] [--only ROW ...]   (about 25 minutes on two CPU cores)
 """
 
 from __future__ import annotations
@@ -27,21 +33,25 @@ from engine.phases import plan_phases  # noqa: E402
 from engine.trainer import Trainer  # noqa: E402
 
 
-def earlier_default(cfg: ProjectConfig, lr: float) -> ProjectConfig:
-    """examples/default.json's training: 2 epochs, blocks 0-2 frozen, augmented, cosine, backbone at half the rate."""
-    one = cfg.copy()
-    one.train.phases = []
-    one.train.epochs = 2
-    one.model.freeze, one.model.freeze_up_to = "up_to", "blocks.2"
-    one.optimizer.lr, one.optimizer.backbone_lr_mult = lr, 0.5
-    one.schedule.name = "cosine"
-    return one
-
-
-def recipe(cfg: ProjectConfig, lr: float) -> ProjectConfig:
+def with_lr(cfg: ProjectConfig, lr: float) -> ProjectConfig:
     out = cfg.copy()
     out.optimizer.lr = lr
     return out
+
+
+def finder_lr(cfg: ProjectConfig, what: str) -> float:
+    """The finder's suggestion for `cfg` (its first phase when it has phases), or its own rate when there is none."""
+    feature_cache.clear()
+    started = time.perf_counter()
+    found = find_lr(plan_phases(cfg)[0].cfg)
+    lr = found.suggestion or cfg.optimizer.lr
+    print(
+        f"learning-rate finder on {what}: {found.suggestion} ({found.reason}) in {time.perf_counter() - started:.0f} s;"
+        f" using {lr:.3g}",
+        file=sys.stderr,
+        flush=True,
+    )
+    return lr
 
 
 def cpu_seconds() -> float:
@@ -51,26 +61,29 @@ def cpu_seconds() -> float:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--project", default=str(ROOT / "examples" / "fine_tune.json"))
-    parser.add_argument("--seed", type=int, help="train.seed and data.split_seed (default: the project's)")
+    parser.add_argument("--recipe", default=str(ROOT / "examples" / "default.json"))
+    parser.add_argument("--single", default=str(ROOT / "examples" / "single_phase.json"))
+    parser.add_argument("--seed", type=int, help="train.seed and data.split_seed of both (default: the projects')")
     parser.add_argument("--only", nargs="+", help="rows to train, by number from 1 (the first is the time baseline)")
     args = parser.parse_args()
-    cfg = load_project(args.project)
+    recipe, single = load_project(args.recipe), load_project(args.single)
     if args.seed is not None:
-        cfg.train.seed = cfg.data.split_seed = args.seed
-    found = find_lr(plan_phases(cfg)[0].cfg)
-    lr = found.suggestion or cfg.optimizer.lr
-    print(f"learning-rate finder on phase 1: {found.suggestion} ({found.reason}); using {lr:.3g}", file=sys.stderr)
+        for cfg in (recipe, single):
+            cfg.train.seed = cfg.data.split_seed = args.seed
+    wanted = {int(n) for n in args.only} if args.only else set(range(1, 7))
+    recipe_lr = finder_lr(recipe, "the recipe's head phase") if wanted & {3, 5, 6} else recipe.optimizer.lr
+    single_lr = finder_lr(single, "the single-phase project") if 4 in wanted else single.optimizer.lr
     variants = [
-        ("one phase, examples/default.json (2 epochs, blocks 0-2 frozen), lr 0.002", earlier_default(cfg, 0.002)),
-        (f"Fine-tune recipe, finder's lr {lr:.3g}", recipe(cfg, lr)),
-        (f"one phase as examples/default.json, finder's lr {lr:.3g}", earlier_default(cfg, lr)),
-        (f"Fine-tune recipe, lr 10x too high ({10 * lr:.3g})", recipe(cfg, 10 * lr)),
-        (f"Fine-tune recipe, lr 10x too low ({lr / 10:.3g})", recipe(cfg, lr / 10)),
+        (f"one phase: examples/single_phase.json, lr {single.optimizer.lr:.3g}", single),
+        (f"Fine-tune recipe: examples/default.json, lr {recipe.optimizer.lr:.3g}", recipe),
+        (f"Fine-tune recipe, its finder's lr {recipe_lr:.3g}", with_lr(recipe, recipe_lr)),
+        (f"one phase, its finder's lr {single_lr:.3g}", with_lr(single, single_lr)),
+        (f"Fine-tune recipe, lr 10x too high ({10 * recipe_lr:.3g})", with_lr(recipe, 10 * recipe_lr)),
+        (f"Fine-tune recipe, lr 10x too low ({recipe_lr / 10:.3g})", with_lr(recipe, recipe_lr / 10)),
     ]
     rows = []
     for number, (label, variant) in enumerate(variants, start=1):
-        if args.only and str(number) not in args.only:
+        if number not in wanted:
             continue
         feature_cache.clear()  # every run computes its own features: their cost is part of its time
         started, cpu = time.perf_counter(), cpu_seconds()
@@ -78,19 +91,20 @@ def main() -> int:
         seconds, cpu = time.perf_counter() - started, cpu_seconds() - cpu
         final = state.history[-1]["val_accuracy"] if state.history else float("nan")
         best = max((m["val_accuracy"] for m in state.history), default=float("nan"))
-        rows.append((label, final, best, seconds, cpu, state.epoch))
+        rows.append((number, label, final, best, seconds, cpu, state.epoch))
         print(f"{label}: final val accuracy {final:.3f}, {seconds:.0f} s, {cpu:.0f} CPU s", file=sys.stderr, flush=True)
     base = rows[0]
     print(
-        f"{cfg.name}: {cfg.model.backbone}, seed {cfg.train.seed}, split seed {cfg.data.split_seed}, "
-        f"{platform.machine()} CPU, torch threads {__import__('torch').get_num_threads()}:\n"
+        f"{recipe.model.backbone} on {recipe.data.path}, seed {recipe.train.seed}, split seed "
+        f"{recipe.data.split_seed}, {platform.machine()} CPU, torch threads {__import__('torch').get_num_threads()}:\n"
     )
-    print(
-        f"| variant | epochs | final val accuracy | best val accuracy | time (x row {1 if args.only is None else 'first'}) |"
-    )
-    print("|---|---|---|---|---|")
-    for label, final, best, seconds, cpu, epochs in rows:
-        print(f"| {label} | {epochs} | {final:.3f} | {best:.3f} | {seconds / base[3]:.2f} (CPU {cpu / base[4]:.2f}) |")
+    print(f"| # | variant | epochs | final val accuracy | best val accuracy | seconds | time (x row {base[0]}) |")
+    print("|---|---|---|---|---|---|---|")
+    for number, label, final, best, seconds, cpu, epochs in rows:
+        print(
+            f"| {number} | {label} | {epochs} | {final:.3f} | {best:.3f} | {seconds:.0f} | "
+            f"{seconds / base[4]:.2f} (CPU {cpu / base[5]:.2f}) |"
+        )
     return 0
 
 
