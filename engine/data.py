@@ -26,7 +26,7 @@ from engine.dataset_paths import DataError, PathList, dataset_root, path_key, pa
 from engine.image_scan import load_image as load_image  # re-exported: the engine reads images through engine.data
 from engine.image_scan import to_rgb as to_rgb
 from engine.sample_failures import MAX_TRIES, Dropped, Reported, SampleFailure, reason_of
-from engine.scan_cache import ScanCache
+from engine.scan_cache import Runs, ScanCache
 from engine.text import readable
 from engine.transforms import Preprocess, build_transforms
 
@@ -79,19 +79,21 @@ def _class_counts(targets: Sequence, task: str, num_classes: int) -> list[int]:
 # Checking image files (reading them: engine/image_scan.py)
 
 
-def _verify(paths: Sequence[str | os.PathLike], progress: Progress, cache: ScanCache | None = None) -> list[str | None]:
+def _verify(
+    texts: Sequence[str], progress: Progress, cache: ScanCache | None = None, runs: Runs | None = None
+) -> list[str | None]:
     """The problem (or None) of each file, from its header and end (engine/image_scan.py says what that finds),
-    in worker processes for a big dataset.
+    in worker processes for a big dataset. runs: the folder of each file, where a folder walk knows it (see
+    ScanCache.check).
 
     With a scan cache, a file whose size, times and inode are those it had when last checked is not read again:
     its remembered result is used, and the cache is written back with this scan's findings. progress gets
     (done, total) after each chunk of files; an exception it raises (a stop) ends the scan there, worker processes
     included, and the cache keeps every file checked until then, so the next scan goes on from there.
     """
-    total = len(paths)
-    texts = [os.fspath(p) for p in paths]
+    total = len(texts)
     if cache is not None:
-        problems, todo, stamps = cache.check(texts)
+        problems, todo, stamps = cache.check(texts, runs)
     else:
         problems, todo, stamps = [None] * total, list(range(total)), {}
     done = total - len(todo)
@@ -217,6 +219,40 @@ def _is_hidden(name: str) -> bool:
 _entry_name = operator.attrgetter("name")
 
 
+class _Seen:
+    """The real paths of the image files found so far in one class, to count a file reached twice once.
+
+    A folder of regular files alone is kept as its real path and names, and its files' paths are made only when a
+    symlink is met in the class (a class of plain folders, the usual kind, never needs them): two such folders
+    never share a file, as each real folder is walked once and a regular file's real path is its folder's and
+    its name.
+    """
+
+    __slots__ = ("_files", "_folders")
+
+    def __init__(self) -> None:
+        self._files: set[str] = set()
+        self._folders: list[tuple[str, list[str]]] = []  # (real folder + os.sep, names) not yet in _files
+
+    def add_folder(self, head: str, names: list[str]) -> bool:
+        """Take a plain folder's files unless one of them was found before (then False, and nothing is taken)."""
+        if self._files:
+            targets = [head + name for name in names]
+            if not self._files.isdisjoint(targets):
+                return False
+            self._files.update(targets)
+        else:
+            self._folders.append((head, names))
+        return True
+
+    def files(self) -> set[str]:
+        """Every real path found so far, to look a file up in and add to."""
+        for head, names in self._folders:
+            self._files.update([head + name for name in names])
+        self._folders.clear()
+        return self._files
+
+
 class _FolderWalk:
     """Walks the class folders of an image folder so that no image is counted twice, however symlinks point.
 
@@ -245,21 +281,30 @@ class _FolderWalk:
     def classes(self) -> list[str]:
         return list(self.class_reals.values())
 
-    def images(self, name: str) -> list[str]:
+    def images(self, name: str, runs: list[tuple[str, list[str]]]) -> list[str]:
         """Image files anywhere under a class folder (as ImageFolder finds them), hidden entries left out; as
-        text, each str(Path) of the file under the root: a Path per file cost a 200,000-image scan seconds."""
+        text, each str(Path) of the file under the root: a Path per file cost a 200,000-image scan seconds.
+        runs gets (folder, names) of each folder whose images were found, in the order found."""
         folder = name if self.root_text == "." else os.path.join(self.root_text, name)  # as Path writes root / name
         real = os.path.realpath(folder)
         found: list[str] = []
-        files: set[str] = set()
-        doubles = self._visit(folder, real, (self.root_real, real), found, files)
+        seen = _Seen()
+        doubles = self._visit(folder, real, (self.root_real, real), found, seen, runs)
         if doubles:
             self.warnings.append(
                 f"class folder '{name}': {doubles} image(s) reached through two paths (symlinks) counted once"
             )
         return found
 
-    def _visit(self, path: str, real: str, ancestors: tuple[str, ...], found: list[str], files: set[str]) -> int:
+    def _visit(
+        self,
+        path: str,
+        real: str,
+        ancestors: tuple[str, ...],
+        found: list[str],
+        seen: _Seen,
+        runs: list[tuple[str, list[str]]],
+    ) -> int:
         self.walked[real] = path
         try:
             entries = sorted(os.scandir(path), key=_entry_name)
@@ -274,11 +319,13 @@ class _FolderWalk:
         if plain:
             # Only regular files (as a class folder of images mostly is): the same, a list at a time
             images = [e for e in entries if e.name[0] != "." and e.name.lower().endswith(IMG_EXTENSIONS)]
-            targets = [head + e.name for e in images]
-            if files.isdisjoint(targets):  # a folder seen before in this class goes the way below
-                files.update(targets)
+            names = [e.name for e in images]
+            if seen.add_folder(head, names):  # else one of them was found before in this class: the way below
                 found += [e.path for e in images]
+                runs.append((path, names))
                 return 0
+        files = seen.files()
+        names = []
         doubles = 0
         folders = []
         for entry in entries:
@@ -297,17 +344,20 @@ class _FolderWalk:
                     continue
                 files.add(target)
                 found.append(entry.path)
+                names.append(entry.name)
+        if names:
+            runs.append((path, names))
         for entry in folders:
             if not entry.is_symlink():
                 sub = os.path.join(real, entry.name)
-                doubles += self._visit(entry.path, sub, (*ancestors, sub), found, files)
+                doubles += self._visit(entry.path, sub, (*ancestors, sub), found, seen, runs)
                 continue
             sub = os.path.realpath(entry.path)
             why = self._skip_link(sub, ancestors)
             if why:
                 self.warnings.append(f"{entry.path}: {why}; skipped")
             else:
-                doubles += self._visit(entry.path, sub, (*ancestors, sub), found, files)
+                doubles += self._visit(entry.path, sub, (*ancestors, sub), found, seen, runs)
         return doubles
 
     def _skip_link(self, target: str, ancestors: tuple[str, ...]) -> str | None:
@@ -333,19 +383,22 @@ def _scan_folder(
     skipped: list[SkippedFile] = []
     warnings: list[str] = []
     paths: list[str] = []  # the images to check, class after class
+    runs: list[tuple[str, list[str]]] = []  # their folders, each with its images' names: paths, in pieces
     blocks: list[tuple[str, int, int]] = []  # (class, start, stop) in paths
     walk = _FolderWalk(root, sorted(d.name for d in root.iterdir() if d.is_dir() and not _is_hidden(d.name)), warnings)
     folders = walk.classes()
     for name in folders:
-        images = walk.images(name)
+        where: list[tuple[str, list[str]]] = []
+        images = walk.images(name, where)
         if given is not None and name not in given:
             skipped += [SkippedFile(f, _NOT_TRAINING_CLASS.format(name)) for f in images]
         else:
             blocks.append((name, len(paths), len(paths) + len(images)))
             paths += images
+            runs += where
 
     # A class at a time, with no tuple per file: a class whose images are all usable is taken whole.
-    problems = _verify(paths, progress, cache)
+    problems = _verify(paths, progress, cache, runs)
     kept = PathList()
     kept_counts: list[tuple[str, int]] = []
     bad_per_class: dict[str, int] = {}
@@ -453,7 +506,7 @@ def _scan_csv(
         else:
             candidates.append((image, label, line))
 
-    problems = _verify([image for image, _, _ in candidates], progress, cache)
+    problems = _verify([os.fspath(image) for image, _, _ in candidates], progress, cache)
     kept = []
     for (image, label, line), problem in zip(candidates, problems, strict=True):
         if problem is None:
