@@ -271,12 +271,48 @@ def project_with(cfg: ProjectConfig, values: dict[str, Any], run_name: str | Non
     return from_dict(data, base_dir=cfg.base_dir, check_paths=False)
 
 
-def check_space(cfg: ProjectConfig, params: Sequence[Param]) -> None:
-    """Refuse, by field and value, the space's values the project itself would refuse (a choice that another
-    setting rules out, a range end beyond a rule that joins several fields). Each end and choice is tried with
-    the project's other values."""
+def unused_params(cfg: ProjectConfig, params: Sequence[Param]) -> list[str]:
+    """The space's fields this project would not use, each with why: its `applies` rule does not hold (unless the
+    field that rule names is searched too), or every phase of train.phases sets the field itself. Trials would
+    differ only in name there, so a sweep over them is refused."""
+    from engine.phases import plan_phases
+    from engine.settings import fields, get_path, meta
+
+    infos = dict(fields(ProjectConfig))
+    searched = {p.path for p in params}
     problems: list[str] = []
     for param in params:
+        info = infos.get(param.path)
+        rule = meta(info).applies if info is not None else None
+        if rule is not None and rule.path not in searched and not rule.holds(cfg):
+            problems.append(f"{param.path}: this project does not use it (used only with {rule.describe()})")
+            continue
+        tried = list(param.choices) if param.kind == "categorical" else [param.low, param.high]
+        if not cfg.train.phases or len({json.dumps(v) for v in tried}) < 2:
+            continue
+        try:
+            seen = [
+                [get_path(ph.cfg, param.path) for ph in plan_phases(project_with(cfg, {param.path: v}))] for v in tried
+            ]
+        except ConfigError:
+            continue  # a value the project refuses: check_space names it
+        if all(values == seen[0] for values in seen[1:]):
+            problems.append(
+                f"{param.path}: every phase of train.phases sets it, so the trials would not differ by it "
+                "(sweep a project without phases, or change the phases)"
+            )
+    return problems
+
+
+def check_space(cfg: ProjectConfig, params: Sequence[Param]) -> None:
+    """Refuse, by field and value, the space's values the project itself would refuse (a choice that another
+    setting rules out, a range end beyond a rule that joins several fields), and the fields it would not use
+    (unused_params). Each end and choice is tried with the project's other values."""
+    problems: list[str] = unused_params(cfg, params)
+    unused = {problem.split(":")[0] for problem in problems}
+    for param in params:
+        if param.path in unused:
+            continue
         tried = param.choices if param.kind == "categorical" else (param.low, param.high)
         for value in tried:
             if param.kind == "int" and value is not None:

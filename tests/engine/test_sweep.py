@@ -22,7 +22,7 @@ from engine.checkpoints import load_checkpoint
 from engine.config import ConfigError, load_project
 from engine.run_files import read_metrics, read_run_info
 from engine.run_table import list_runs, read_run
-from engine.sweep import MAX_RETRIES, check_space, load_space, parse_space
+from engine.sweep import MAX_RETRIES, check_space, load_space, parse_space, unused_params
 
 optuna = pytest.importorskip("optuna")
 from optuna.storages import RetryHeartbeatStaleTrialCallback  # noqa: E402 - after the skip above
@@ -193,15 +193,54 @@ def test_the_sweep_command_refuses_a_bad_space_before_any_trial(sweep_root, caps
 
 def test_a_choice_the_project_refuses_is_named(sweep_root):
     project, _ = _project(sweep_root, "rules")
-    params = parse_space({"model.freeze_up_to": {"type": "categorical", "choices": ["layer3"]}})
-    with pytest.raises(ConfigError, match=r'model.freeze_up_to = "layer3": the project refuses it'):
-        check_space(load_project(project), params)
+    params = parse_space({"model.freeze": {"type": "categorical", "choices": ["head_only", "up_to"]}})
+    with pytest.raises(ConfigError, match=r'model.freeze = "up_to": the project refuses it: .*freeze_up_to'):
+        check_space(load_project(project), params)  # up_to without a block to freeze up to
 
 
 def test_the_example_space_fits_the_example_project():
     params = load_space(ROOT / "examples" / "spaces" / "single_phase.json")
     check_space(load_project(ROOT / "examples" / "single_phase.json"), params)
     assert [p.path for p in params] == ["optimizer.lr", "model.freeze_up_to"]
+
+
+def test_a_field_the_project_does_not_use_is_refused_by_name():
+    """A sweep over a field the project ignores would train the same thing in every trial: refused before any
+    trial, saying which rule or which phases make it unused."""
+    single = load_project(ROOT / "examples" / "single_phase.json")
+    head_only = single.copy()
+    head_only.model.freeze, head_only.model.freeze_up_to = "head_only", None
+    freeze_depth = parse_space({"model.freeze_up_to": {"type": "categorical", "choices": ["blocks.1", "blocks.3"]}})
+    with pytest.raises(
+        ConfigError, match=r"model.freeze_up_to: this project does not use it \(used only with model.freeze = 'up_to'\)"
+    ):
+        check_space(head_only, freeze_depth)
+    # Searched together with the field its rule names, it is used in some trials.
+    both = parse_space(
+        {
+            "model.freeze": {"type": "categorical", "choices": ["head_only", "up_to"]},
+            "model.freeze_up_to": {"type": "categorical", "choices": ["blocks.1", "blocks.3"]},
+        }
+    )
+    assert unused_params(head_only, both) == []
+
+    # The default project trains in phases: its freeze and epochs are the phases' (their rules say so), and both
+    # phases set their own schedule; its learning rate still counts (phase 1 trains at it, phase 2 at a tenth).
+    phased = load_project(ROOT / "examples" / "default.json")
+    space = parse_space(
+        {
+            "optimizer.lr": {"type": "float", "low": 1e-3, "high": 1e-1, "log": True},
+            "model.freeze_up_to": {"type": "categorical", "choices": ["blocks.1", "blocks.3"]},
+            "train.epochs": {"type": "int", "low": 1, "high": 4},
+            "schedule.name": {"type": "categorical", "choices": ["none", "cosine"]},
+        }
+    )
+    problems = unused_params(phased, space)
+    assert [p.split(":")[0] for p in problems] == ["model.freeze_up_to", "train.epochs", "schedule.name"]
+    assert "used only with train.phases = []" in problems[1] and "every phase of train.phases sets it" in problems[2]
+    with pytest.raises(ConfigError, match="schedule.name: every phase"):
+        check_space(phased, space)
+    assert unused_params(phased, space[:1]) == []
 
 
 def _postgres_binaries() -> tuple[str, str] | None:
