@@ -48,6 +48,7 @@ class Section:
     notes: list[str] = field(default_factory=list)
     skipped: str | None = None  # why nothing was measured (e.g. no GPU here)
     measured: str = ""  # when (UTC, ISO 8601): sections kept by `--update` keep the date of their own run
+    machine: str = ""  # bench.run.machine_line of where it ran, when `--update` added it from another machine
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

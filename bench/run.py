@@ -8,8 +8,10 @@ the app-overhead ratio read 0.75-0.82 after the engine's sections and 0.96-1.02 
 them all in this process instead. A benchmark that raises (or whose process dies) is recorded as skipped,
 with the first line of its error, and the others still run.
 --update re-measures the --only benchmarks and keeps every other section of the existing results.json, each
-with the date it was measured (only when that file was measured on the same machine): one section re-run on a
-quiet machine does not cost a full run, and the report says which sections came from which run.
+with the date it was measured: one section re-run on a quiet machine does not cost a full run, and the report
+says which sections came from which run. Sections measured on another machine than the file's are marked in the
+README's table and report, with that machine named (each ratio compares runs on one machine; absolute figures
+of two machines do not compare). A quick run and a full one are never mixed.
 The README's table goes between the markers <!-- bench:start --> and <!-- bench:end -->; without them the README
 is left as it is.
 """
@@ -172,8 +174,19 @@ def _when(results: dict[str, Any]) -> str:
     when = f"{str(results.get('date', ''))[:10]}{mode}"
     for update in results.get("updates", []):
         stamp = str(update.get("date", ""))[:16].replace("T", " ")
-        when += f"; re-measured with `--update` on {stamp} UTC: {', '.join(update.get('sections', []))}"
+        where = f" on {update['machine']}" if update.get("machine") else ""
+        when += f"; re-measured with `--update` on {stamp} UTC{where}: {', '.join(update.get('sections', []))}"
     return when
+
+
+def other_machines(sections: Sequence[Section]) -> list[str]:
+    """The machines other than the file's own that some sections were measured on, in the order they appear."""
+    return list(dict.fromkeys(s.machine for s in sections if s.machine))
+
+
+def _mark(section: Section, machines: Sequence[str]) -> str:
+    """The footnote mark of a section measured on another machine: (a), (b), ... as listed under the table."""
+    return f" ({chr(ord('a') + machines.index(section.machine))})" if section.machine else ""
 
 
 def same_machine(a: dict[str, Any], b: dict[str, Any]) -> bool:
@@ -208,7 +221,8 @@ def results_markdown(results: dict[str, Any], sections: Sequence[Section]) -> st
     for section in sections:
         out += [f"## {section.title}", "", section_table(section), ""]
         if results.get("updates") and section.measured:
-            out += [f"Measured {section.measured[:16].replace('T', ' ')} UTC.", ""]
+            where = f" on {section.machine}, not the machine above" if section.machine else ""
+            out += [f"Measured {section.measured[:16].replace('T', ' ')} UTC{where}.", ""]
         if section.setup:
             out += [f"Setup: {section.setup}", ""]
         if section.notes:
@@ -218,16 +232,18 @@ def results_markdown(results: dict[str, Any], sections: Sequence[Section]) -> st
 
 def readme_block(results: dict[str, Any], sections: Sequence[Section], link: str) -> str:
     """The README's compact table of every figure, with the machine, the date and a link to the full report."""
+    machines = other_machines(sections)
     lines = [_row(["Section", "Figure", "Value", "Target", "OK"]), "|---|---|---:|---|:-:|"]
     for section in sections:
+        title = section.title + _mark(section, machines)
         if section.skipped:
-            lines.append(_row([section.title, f"skipped: {section.skipped}", "–", "–", "–"]))
+            lines.append(_row([title, f"skipped: {section.skipped}", "–", "–", "–"]))
             continue
         for f in section.figures:
             lines.append(
                 _row(
                     [
-                        section.title,
+                        title,
                         f.title,
                         format_value(f.value, f.unit),
                         format_target(f.target, f.unit),
@@ -239,6 +255,8 @@ def readme_block(results: dict[str, Any], sections: Sequence[Section], link: str
         "",
         f"Measured on {machine_line(results['machine'])}, {_when(results)}; setup and notes in [{link}]({link}).",
     ]
+    for i, other in enumerate(machines):
+        lines += ["", f"({chr(ord('a') + i)}) Measured on another machine: {other}."]
     return "\n".join(lines)
 
 
@@ -322,8 +340,6 @@ def _previous_results(path: Path, info: dict[str, Any], quick: bool) -> dict[str
         return f"{path} cannot be read ({_first_line(exc)})"
     if not isinstance(previous, dict) or not isinstance(previous.get("sections"), list):
         return f"{path} holds no benchmark sections"
-    if not same_machine(previous.get("machine", {}), info):
-        return f"{path} was measured on another machine ({machine_line(previous.get('machine', {}))})"
     if bool(previous.get("quick")) != quick:
         return f"{path} is a {'quick' if previous.get('quick') else 'full'} run and this one is not"
     return previous
@@ -378,8 +394,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--update",
         action="store_true",
-        help="with --only: keep the other sections of the existing results.json (same machine only), "
-        "each with the date it was measured",
+        help="with --only: keep the other sections of the existing results.json, each with the date it was "
+        "measured (and its machine, where that is not the file's)",
     )
     parser.add_argument(
         "--same-process",
@@ -431,9 +447,26 @@ def main(argv: Sequence[str] | None = None) -> int:
             kept = [section_from_dict(d) for d in previous.get("sections", [])]
             for section in kept:  # a file written before sections carried dates: its run's date
                 section.measured = section.measured or str(previous.get("date", ""))
+            update: dict[str, Any] = {"date": now, "sections": fresh}
+            if not same_machine(previous.get("machine", {}), info):
+                # Each ratio compares two runs on one machine, so a section still reads alone; the table marks the
+                # sections from another machine and names it, and no figure is compared across the two.
+                print(
+                    f"Updating figures measured on {machine_line(previous.get('machine', {}))}: the new sections "
+                    "are marked as measured on this machine",
+                    flush=True,
+                )
+                update["machine"] = machine_line(info)
+                for section in sections:
+                    section.machine = machine_line(info)
             sections = merge_sections(kept, sections)
-            updates = [*previous.get("updates", []), {"date": now, "sections": fresh}]
-            results.update(date=previous.get("date", now), same_process=previous.get("same_process"), updates=updates)
+            updates = [*previous.get("updates", []), update]
+            results.update(
+                machine=previous.get("machine", info),
+                date=previous.get("date", now),
+                same_process=previous.get("same_process"),
+                updates=updates,
+            )
     results["sections"] = [s.to_dict() for s in sections]
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(

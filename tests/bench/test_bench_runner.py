@@ -227,10 +227,35 @@ def test_update_measures_one_benchmark_again_and_keeps_the_others_with_their_dat
     assert "Measured 2026-01-02 03:04 UTC." in (out / "results.md").read_text(encoding="utf-8")
 
 
-def test_update_does_not_mix_figures_from_another_machine(tmp_path, monkeypatch, capsys):
+def test_update_from_another_machine_marks_its_sections_with_that_machine(tmp_path, monkeypatch, capsys):
+    again = Section("latency", "Latency", [Figure("ui_ms", "Timer lateness", 12.0, "ms", "<= 50")])
+    monkeypatch.setitem(bench.RUNNERS, "latency_bench", lambda quick: again)
+    out, readme = tmp_path / "bench", tmp_path / "README.md"
+    readme.write_text(f"{bench.START}\n{bench.END}\n", encoding="utf-8")
+    _write_full_run(out, INFO)  # an H200 machine's figures
+
+    argv = ["--only", "latency_bench", "--update", "--same-process", "--out", str(out), "--readme", str(readme)]
+    assert bench.main(argv) == 0
+
+    assert "Updating figures measured on " in capsys.readouterr().out
+    results = json.loads((out / "results.json").read_text(encoding="utf-8"))
+    here = bench.machine_line(bench.machine())
+    assert results["machine"] == INFO and here != bench.machine_line(INFO)
+    assert [s["name"] for s in results["sections"]] == ["engine_overhead", "latency", "gpu_paths"]
+    assert [s["machine"] for s in results["sections"]] == ["", here, ""]
+    assert results["updates"][0]["machine"] == here
+    text = readme.read_text(encoding="utf-8")
+    assert "| Latency (a) | Timer lateness | 12 ms |" in text and "| Engine overhead | Trainer ÷ hand loop |" in text
+    assert f"(a) Measured on another machine: {here}." in text
+    assert f"Measured on {bench.machine_line(INFO)}, 2026-01-02; re-measured with `--update` on " in text
+    assert f" UTC on {here}: latency" in text
+    assert f"UTC on {here}, not the machine above." in (out / "results.md").read_text(encoding="utf-8")
+
+
+def test_update_does_not_mix_a_quick_run_with_a_full_one(tmp_path, monkeypatch, capsys):
     monkeypatch.setitem(bench.RUNNERS, "latency_bench", lambda quick: Section("latency", "Latency"))
     out, readme = tmp_path / "bench", tmp_path / "README.md"
-    _write_full_run(out, INFO)  # an H200 machine's figures
+    _write_full_run(out, bench.machine(), quick=True)
 
     argv = ["--only", "latency_bench", "--update", "--same-process", "--out", str(out), "--readme", str(readme)]
     assert bench.main(argv) == 0
