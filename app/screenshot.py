@@ -18,13 +18,15 @@ def main(argv: list[str] | None = None) -> int:
     from PySide6.QtCore import QCoreApplication, QEvent, QSettings
     from PySide6.QtWidgets import QApplication
 
+    from app.launch import application
+
     with tempfile.TemporaryDirectory() as tmp:
         # A private copy of the default project, so its runs and the window's settings stay out of the repo.
         QApplication.setOrganizationName("ModelWorkbenchScreenshot")
         QApplication.setApplicationName("ModelWorkbenchScreenshot")
         QSettings.setDefaultFormat(QSettings.Format.IniFormat)
         QSettings.setPath(QSettings.Format.IniFormat, QSettings.Scope.UserScope, tmp)
-        app = QApplication.instance() or QApplication(sys.argv[:1])
+        app = application()
         from app.main_window import MainWindow
         from engine.config import load_project
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -37,11 +36,11 @@ def _first_screen_seconds(folder: Path, count: int) -> tuple[float, int]:
     """Seconds from showing a cell of `count` images until every thumbnail on the first screen is drawn."""
     from PIL import Image
     from PySide6.QtCore import QCoreApplication
-    from PySide6.QtWidgets import QApplication
 
+    from app.launch import application
     from widgets.sample_browser import SampleBrowser
 
-    app = QApplication.instance() or QApplication(sys.argv[:1])
+    app = application()  # as the app makes it
     rng = np.random.default_rng(0)
     rows = []
     for i in range(count):

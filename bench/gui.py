@@ -37,9 +37,9 @@ main.main()
 
 
 def _app():
-    from PySide6.QtWidgets import QApplication
+    from app.launch import application
 
-    return QApplication.instance() or QApplication(sys.argv[:1])
+    return application()  # as the app makes it
 
 
 def dispose(widget) -> None:

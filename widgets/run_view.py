@@ -7,7 +7,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from PySide6.QtCore import Qt, QTimer, Signal, Slot
+from PySide6.QtCore import QEvent, Qt, QTimer, Signal, Slot
 from PySide6.QtWidgets import (
     QFileDialog,
     QGridLayout,
@@ -34,6 +34,7 @@ from widgets.look import ERROR_COLOUR
 GUI_SHARE = 0.01
 MIN_UPDATE_INTERVAL = 0.1  # seconds: the display never lags a fast machine's run by more than this ...
 MAX_UPDATE_INTERVAL = 1.0  # ... nor a slow machine's by more than this
+STATUS_LINES = 2  # lines of text the status line keeps room for, so the plots under it keep their size
 
 OBJECT_NAMES = {
     "run.train": "starts a new training run of the project",
@@ -133,6 +134,7 @@ class RunView(QWidget):
         self.run_eta = self._label("run.run_eta")
         self.epoch_eta = self._label("run.epoch_eta")
         self.status_label = self._label("run.status", wrap=True)
+        self._reserve_status_lines()
         self.message_label = self._label("run.message", wrap=True)
         self.message_label.hide()
         self.plots = LivePlots()
@@ -185,6 +187,20 @@ class RunView(QWidget):
         label.setWordWrap(wrap)
         label.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse)
         return label
+
+    def _reserve_status_lines(self) -> None:
+        """The status line keeps room for STATUS_LINES lines of text. Its texts take one line or two (the run starting,
+        then each epoch's metrics): left to size itself, it grew and shrank at every run's start and first epoch,
+        and the plots under it, resized, were laid out and repainted whole each time (two full repaints a run, and
+        the plots jumping by a line)."""
+        margins = self.status_label.contentsMargins()
+        lines = STATUS_LINES * self.status_label.fontMetrics().lineSpacing()
+        self.status_label.setMinimumHeight(lines + margins.top() + margins.bottom())
+
+    def changeEvent(self, event: QEvent) -> None:  # noqa: N802 - Qt override
+        if event.type() in (QEvent.Type.FontChange, QEvent.Type.StyleChange):
+            self._reserve_status_lines()
+        super().changeEvent(event)
 
     # -- state the main window sets ----------------------------------------------------------------
     def set_can_resume(self, can: bool) -> None:

@@ -154,3 +154,51 @@ def test_the_app_deletes_its_closed_window_on_the_gui_thread_before_it_returns(q
         gc.unfreeze()  # run_app settles the heap (gc.freeze) as the app does
     assert seen["closed"], "the window was not closed within 120 s"
     assert seen["destroyed"] == [True]
+
+
+# Paints a progress bar and a plot-sized image with tall vertical lines (each 500 scanlines: Qt hands a fill of 96
+# or more to its GUI thread pool), then prints how many of the pool's threads ("Thread (pooled)") the process has.
+_POOL_PROBE = r"""
+import os, sys
+sys.path.insert(0, os.getcwd())
+from PySide6.QtGui import QImage, QPainter, QPen, QColor
+from PySide6.QtWidgets import QApplication, QProgressBar
+if sys.argv[1] == "app":
+    from app.launch import application
+    app = application()
+else:
+    app = QApplication(sys.argv[:1])
+bar = QProgressBar()
+bar.resize(600, 500)
+bar.setValue(40)
+bar.grab()
+image = QImage(600, 600, QImage.Format.Format_ARGB32_Premultiplied)
+painter = QPainter(image)
+painter.setPen(QPen(QColor("black"), 1))
+for x in range(0, 600, 20):
+    painter.drawLine(x, 0, x, 500)
+painter.end()
+names = []
+for tid in os.listdir("/proc/self/task"):
+    with open(f"/proc/self/task/{tid}/comm") as fh:
+        names.append(fh.read().strip())
+print(sum(name == "Thread (pooled)" for name in names))
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads thread names from /proc")
+def test_the_apps_painting_wakes_no_qt_gui_thread_pool():
+    """The app's QApplication paints in the GUI thread: no pool thread is started by fills that Qt would otherwise
+    hand to its GUI thread pool (they took cores from training, see prefer_serial_painting). The same painting
+    with a plain QApplication starts pool threads, so the probe sees them where they exist."""
+    env = {k: v for k, v in os.environ.items() if k != "QT_NO_GUI_THREADPOOL"}
+    env["QT_QPA_PLATFORM"] = "offscreen"
+    counts = {}
+    for how in ("app", "plain"):
+        out = subprocess.run(
+            [sys.executable, "-c", _POOL_PROBE, how], cwd=REPO, env=env, capture_output=True, text=True, timeout=120
+        )
+        assert out.returncode == 0, out.stderr
+        counts[how] = int(out.stdout.split()[-1])
+    assert counts["plain"] > 0, "Qt started no GUI pool thread even for a plain QApplication: the probe sees nothing"
+    assert counts["app"] == 0

@@ -2,8 +2,9 @@
 
 import pytest
 from conftest import write_project
+from PySide6.QtCore import QRect, Qt
 from PySide6.QtGui import QImage
-from PySide6.QtWidgets import QLabel, QProgressBar, QPushButton
+from PySide6.QtWidgets import QApplication, QLabel, QProgressBar, QPushButton
 
 from app.training import TrainingController
 from engine.config import load_project
@@ -145,6 +146,32 @@ def test_an_epoch_end_shows_the_batches_still_waiting(view):
     view.on_run_started(started(epochs=1, batches=3))  # ... is dropped when a new run starts
     view.flush_batches()
     assert view.plots.point_count("batch_loss") == 0
+
+
+def _lines(label: QLabel) -> int:
+    """How many lines the label's text takes, wrapped at its width."""
+    box = QRect(0, 0, label.contentsRect().width(), 10_000)
+    wrapped = label.fontMetrics().boundingRect(box, Qt.TextFlag.TextWordWrap, label.text())
+    return round(wrapped.height() / label.fontMetrics().lineSpacing())
+
+
+def test_the_plots_keep_their_size_when_the_status_line_wraps(qtbot, view):
+    """A run's status goes from one line (starting) to two (an epoch's metrics) and back at the next run; the
+    plots under it must not be resized (laid out and repainted whole) each time."""
+    view.resize(560, 700)
+    view.show()
+    qtbot.waitExposed(view)
+    view.on_run_started(started(epochs=2))
+    QApplication.processEvents()
+    assert _lines(view.status_label) == 1
+    height = view.plots.height()
+    view.on_epoch_finished(epoch_done(1, elapsed=3.5, epochs=2))
+    QApplication.processEvents()
+    assert _lines(view.status_label) == 2
+    assert view.plots.height() == height
+    view.on_run_started(started(epochs=2))
+    QApplication.processEvents()
+    assert view.plots.height() == height
 
 
 def test_a_finished_run_fills_the_bars_and_says_how_it_went(view):
