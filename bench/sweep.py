@@ -133,7 +133,7 @@ def pruning(quick: bool = False) -> Section:
         ],
         setup=f"examples/single_phase.json (timm/efficientnet_lite0, BUNDLED weights) at data.input_size {SWEEP_SIZE} px "
         f"on {n} digits, {epochs} epochs, CPU; {trials} trials, random sampler (same seed for both sweeps), lr log-uniform 1e-4..1e-2 and "
-        "freeze_up_to among blocks.1, blocks.3, blocks.5; objective: best val_accuracy",
+        "freeze_up_to among blocks.1 to blocks.5 (the default project freezes up to blocks.2); objective: best val_accuracy",
         notes=[
             "The pruned sweep's best is compared with one run of the default project on the same data, size and epochs."
         ],
