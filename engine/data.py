@@ -223,19 +223,22 @@ class _Seen:
     """The real paths of the image files found so far in one class, to count a file reached twice once.
 
     A folder of regular files alone is kept as its real path and names, and its files' paths are made only when a
-    symlink is met in the class (a class of plain folders, the usual kind, never needs them): two such folders
-    never share a file, as each real folder is walked once and a regular file's real path is its folder's and
-    its name.
+    symlink is met in the class (a class of plain folders, the usual kind, never needs them): two different such
+    folders never share a file, as a regular file's real path is its folder's and its name, and one reached again
+    (through a symlink to it, or as the real folder after a symlink led there) is refused by its real path.
     """
 
-    __slots__ = ("_files", "_folders")
+    __slots__ = ("_files", "_folders", "_heads")
 
     def __init__(self) -> None:
         self._files: set[str] = set()
         self._folders: list[tuple[str, list[str]]] = []  # (real folder + os.sep, names) not yet in _files
+        self._heads: set[str] = set()  # the plain folders taken: one reached again (a symlink to it) is not taken
 
     def add_folder(self, head: str, names: list[str]) -> bool:
         """Take a plain folder's files unless one of them was found before (then False, and nothing is taken)."""
+        if head in self._heads:
+            return False
         if self._files:
             targets = [head + name for name in names]
             if not self._files.isdisjoint(targets):
@@ -243,6 +246,7 @@ class _Seen:
             self._files.update(targets)
         else:
             self._folders.append((head, names))
+        self._heads.add(head)
         return True
 
     def files(self) -> set[str]:

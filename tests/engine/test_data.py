@@ -283,6 +283,22 @@ def test_a_folder_reached_again_inside_a_linked_folder_counts_its_images_once(tm
     assert "class folder 'cat': 3 image(s) reached through two paths (symlinks) counted once" in src.warnings
 
 
+def test_a_plain_folder_reached_by_a_symlink_and_then_as_itself_counts_once(tmp_path):
+    """cat holds nothing but a link to more, whose link a-inner leads to its own sub-folder inner before inner is
+    walked as itself: no regular file was taken in the class before either visit, and inner still counts once."""
+    root = make_folder(tmp_path / "data", {"dog": 2})
+    (root / "cat").mkdir()
+    more = make_folder(tmp_path / "more", {"inner": 3})
+    (more / "a-inner").symlink_to(more / "inner", target_is_directory=True)
+    (root / "cat" / "more").symlink_to(more, target_is_directory=True)
+
+    src = scan_source(root)
+
+    cat = [f.relative_to(root).as_posix() for f, t in zip(src.files, src.targets, strict=True) if t == 0]
+    assert cat == [f"cat/more/a-inner/{i:03d}.png" for i in range(3)]
+    assert "class folder 'cat': 3 image(s) reached through two paths (symlinks) counted once" in src.warnings
+
+
 def test_symlink_into_another_class_folder_is_not_counted_under_both(tmp_path):
     root = make_folder(tmp_path / "data", {"a": 2, "b": 3})
     (root / "a" / "to-b").symlink_to(root / "b", target_is_directory=True)
