@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from engine.config import AugmentConfig, PhaseConfig, ProjectConfig
+from engine.settings import Applies
 from engine.transforms import augmentations_on
 
 
@@ -72,6 +73,15 @@ def plan_phases(cfg: ProjectConfig) -> list[Phase]:
         phase_cfg.train.phases = []
         out.append(Phase(i, n, spec.name, spec.epochs, phase_cfg))
     return out
+
+
+def rule_holds(cfg: ProjectConfig, rule: Applies) -> bool:
+    """Whether a setting's `applies` rule holds for the project or, when it trains in phases, in any phase: a
+    phase's own schedule or freeze brings the settings that go with it into use (schedule.eta_min under a phase's
+    cosine schedule while the project's own is none)."""
+    if rule.holds(cfg):
+        return True
+    return bool(cfg.train.phases) and any(rule.holds(phase.cfg) for phase in plan_phases(cfg))
 
 
 def phase_at(phases: Sequence[Phase], starts: Sequence[int], done: int) -> int:

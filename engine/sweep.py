@@ -272,9 +272,9 @@ def project_with(cfg: ProjectConfig, values: dict[str, Any], run_name: str | Non
 
 
 def unused_params(cfg: ProjectConfig, params: Sequence[Param]) -> list[str]:
-    """The space's fields this project would not use, each with why: its `applies` rule does not hold (unless the
-    field that rule names is searched too), or every phase of train.phases sets the field itself. Trials would
-    differ only in name there, so a sweep over them is refused."""
+    """The space's fields this project would not use, each with why: its `applies` rule holds neither for the
+    project nor in any of its phases (unless the field that rule names is searched too), or every phase of
+    train.phases that uses it sets it itself. Trials would differ only in name there, so such a sweep is refused."""
     from engine.phases import plan_phases
     from engine.settings import fields, get_path, meta
 
@@ -284,22 +284,32 @@ def unused_params(cfg: ProjectConfig, params: Sequence[Param]) -> list[str]:
     for param in params:
         info = infos.get(param.path)
         rule = meta(info).applies if info is not None else None
-        if rule is not None and rule.path not in searched and not rule.holds(cfg):
-            problems.append(f"{param.path}: this project does not use it (used only with {rule.describe()})")
-            continue
+        if rule is not None and rule.path not in searched:
+            using = [rule.holds(cfg)] if not cfg.train.phases else [rule.holds(ph.cfg) for ph in plan_phases(cfg)]
+            if not any(using):
+                where = ", in no phase of train.phases" if cfg.train.phases else ""
+                problems.append(f"{param.path}: this project does not use it (used only with {rule.describe()}{where})")
+                continue
+        else:
+            using = [True] * max(1, len(cfg.train.phases))
         tried = list(param.choices) if param.kind == "categorical" else [param.low, param.high]
         if not cfg.train.phases or len({json.dumps(v) for v in tried}) < 2:
             continue
         try:
             seen = [
-                [get_path(ph.cfg, param.path) for ph in plan_phases(project_with(cfg, {param.path: v}))] for v in tried
+                [
+                    get_path(ph.cfg, param.path)
+                    for ph, used in zip(plan_phases(project_with(cfg, {param.path: v})), using, strict=True)
+                    if used
+                ]
+                for v in tried
             ]
         except ConfigError:
             continue  # a value the project refuses: check_space names it
         if all(values == seen[0] for values in seen[1:]):
             problems.append(
-                f"{param.path}: every phase of train.phases sets it, so the trials would not differ by it "
-                "(sweep a project without phases, or change the phases)"
+                f"{param.path}: every phase of train.phases that uses it sets it, so the trials would not differ by "
+                "it (sweep a project without phases, or change the phases)"
             )
     return problems
 

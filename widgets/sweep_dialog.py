@@ -47,6 +47,7 @@ from PySide6.QtWidgets import (
 
 from engine.config import ConfigError, ProjectConfig
 from engine.events import BatchProgress, EpochFinished, Event, RunStarted
+from engine.phases import rule_holds
 from engine.session import error_text
 from engine.settings import Applies, bounds, choices, fields, meta, unwrap
 from engine.sweep import (
@@ -573,7 +574,7 @@ class SweepDialog(QDialog):
         """The `applies` rule by which the project does not use this field now (the rule the Setup panels show and
         hide rows by), else None. A field whose rule depends on a searched field is used in some trials: offered."""
         rule = meta(self._fields[path][1]).applies
-        if rule is None or rule.path in self.editors or rule.holds(self.state.config):
+        if rule is None or rule.path in self.editors or rule_holds(self.state.config, rule):
             return None
         return rule
 
@@ -757,7 +758,7 @@ class SweepDialog(QDialog):
             for p in params
             if (rule := meta(self._fields[p.path][1]).applies) is not None
             and rule.path not in searched
-            and not rule.holds(self.state.config)
+            and not rule_holds(self.state.config, rule)
         ]
         if unused:
             self._say(f"{path}: " + "; ".join(unused), error=True)

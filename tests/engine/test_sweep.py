@@ -224,23 +224,28 @@ def test_a_field_the_project_does_not_use_is_refused_by_name():
     )
     assert unused_params(head_only, both) == []
 
-    # The default project trains in phases: its freeze and epochs are the phases' (their rules say so), and both
-    # phases set their own schedule; its learning rate still counts (phase 1 trains at it, phase 2 at a tenth).
+    # The default project trains in phases, each with its own epochs and schedule; the learning rate still counts
+    # (phase 1 trains at it, phase 2 at a tenth), and so does the cosine schedule's floor, which phase 2's schedule
+    # brings into use while the project's own schedule is none.
     phased = load_project(ROOT / "examples" / "default.json")
     space = parse_space(
         {
             "optimizer.lr": {"type": "float", "low": 1e-3, "high": 1e-1, "log": True},
-            "model.freeze_up_to": {"type": "categorical", "choices": ["blocks.1", "blocks.3"]},
             "train.epochs": {"type": "int", "low": 1, "high": 4},
             "schedule.name": {"type": "categorical", "choices": ["none", "cosine"]},
+            "schedule.eta_min": {"type": "float", "low": 0.0, "high": 1e-4},
         }
     )
+    assert phased.schedule.name == "none" and [p.schedule for p in phased.train.phases] == ["none", "cosine"]
     problems = unused_params(phased, space)
-    assert [p.split(":")[0] for p in problems] == ["model.freeze_up_to", "train.epochs", "schedule.name"]
-    assert "used only with train.phases = []" in problems[1] and "every phase of train.phases sets it" in problems[2]
+    assert [p.split(":")[0] for p in problems] == ["train.epochs", "schedule.name"]
+    assert all("every phase of train.phases that uses it sets it" in p for p in problems)
     with pytest.raises(ConfigError, match="schedule.name: every phase"):
         check_space(phased, space)
-    assert unused_params(phased, space[:1]) == []
+    assert unused_params(phased, [space[0], space[3]]) == []
+    # Its own freeze is head-only (the phases set theirs): a freeze depth is refused with that rule.
+    with pytest.raises(ConfigError, match=r"model.freeze_up_to = \"blocks.1\": the project refuses it"):
+        check_space(phased, freeze_depth)
 
 
 def _postgres_binaries() -> tuple[str, str] | None:

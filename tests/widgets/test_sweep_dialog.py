@@ -245,6 +245,21 @@ def test_streamed_shards_offer_the_shuffle_buffer(qtbot, tmp_path):
     assert "data.shuffle_buffer" in dialog.offered() and not dialog._items["data.shuffle_buffer"].isHidden()
 
 
+def test_a_project_in_phases_offers_what_a_phase_brings_into_use(qtbot, tmp_path):
+    """The project's own schedule is none, but its second phase trains with a cosine schedule, whose floor
+    (schedule.eta_min) is then used: offered. The step schedule's step_size is used by no phase: not offered."""
+    phases = [
+        {"name": "head", "epochs": 1, "freeze": "head_only", "schedule": "none"},
+        {"name": "tune", "epochs": 1, "freeze": "none", "schedule": "cosine"},
+    ]
+    state = _state(tmp_path, schedule={"name": "none"}, train={"device": "cpu", "phases": phases})
+    dialog = SweepDialog(state)
+    qtbot.addWidget(dialog)
+    offered = dialog.offered()
+    assert "schedule.eta_min" in offered and not dialog._items["schedule.eta_min"].isHidden()
+    assert "schedule.step_size" not in offered
+
+
 def test_a_real_sweep_fills_the_table_and_plots_with_the_studys_values_and_use_best_sets_the_project(qtbot, tmp_path):
     state = _state(tmp_path)
     dialog = SweepDialog(state)
