@@ -341,7 +341,9 @@ def memory(quick: bool = False) -> Section:
                 raise RuntimeError(f"the default project's run failed: {proc.stderr.read().decode()[-2000:]}")
             peak = usage.ru_maxrss / (1024 * 1024 if sys.platform == "darwin" else 1024)
             figures.append(
-                Figure("default_peak_rss_mib", "Peak RSS, default project, one epoch (headless)", peak, "MiB")
+                Figure(
+                    "default_peak_rss_mib", "Peak RSS, default project as make run trains it (headless)", peak, "MiB"
+                )
             )
         else:
             notes.append("quick run: the default project's peak RSS is left out")

@@ -184,9 +184,14 @@ def other_machines(sections: Sequence[Section]) -> list[str]:
     return list(dict.fromkeys(s.machine for s in sections if s.machine))
 
 
+def _letter(index: int) -> str:
+    """a, b, ... z, then 27, 28, ...: the footnote of the index-th other machine."""
+    return chr(ord("a") + index) if index < 26 else str(index + 1)
+
+
 def _mark(section: Section, machines: Sequence[str]) -> str:
     """The footnote mark of a section measured on another machine: (a), (b), ... as listed under the table."""
-    return f" ({chr(ord('a') + machines.index(section.machine))})" if section.machine else ""
+    return f" ({_letter(machines.index(section.machine))})" if section.machine else ""
 
 
 def same_machine(a: dict[str, Any], b: dict[str, Any]) -> bool:
@@ -256,7 +261,7 @@ def readme_block(results: dict[str, Any], sections: Sequence[Section], link: str
         f"Measured on {machine_line(results['machine'])}, {_when(results)}; setup and notes in [{link}]({link}).",
     ]
     for i, other in enumerate(machines):
-        lines += ["", f"({chr(ord('a') + i)}) Measured on another machine: {other}."]
+        lines += ["", f"({_letter(i)}) Measured on another machine: {other}."]
     return "\n".join(lines)
 
 
@@ -340,6 +345,8 @@ def _previous_results(path: Path, info: dict[str, Any], quick: bool) -> dict[str
         return f"{path} cannot be read ({_first_line(exc)})"
     if not isinstance(previous, dict) or not isinstance(previous.get("sections"), list):
         return f"{path} holds no benchmark sections"
+    if not isinstance(previous.get("machine"), dict):
+        return f"{path} does not say which machine measured it"
     if bool(previous.get("quick")) != quick:
         return f"{path} is a {'quick' if previous.get('quick') else 'full'} run and this one is not"
     return previous

@@ -1,5 +1,5 @@
 """Sweeps (issue 18): a 12-trial sweep over learning rate and freeze depth on the bundled digits with the median
-pruner and without it (wall time, trials pruned, the best trial against the default project), and a sweep SIGKILLed
+pruner and without it (wall time, trials pruned, the best trial against examples/single_phase.json), and a sweep SIGKILLed
 at five seeded moments and continued (tests/engine/test_sweep.py runs three).
 
 The two sweeps use the random sampler with the same seed, so they draw the same parameters in the same order and
@@ -109,8 +109,12 @@ def pruning(quick: bool = False) -> Section:
                 saving,
                 "%",
                 ">= 30",
-                detail=f"{count_pruned} of {trials} trials pruned, after "
-                + ", ".join(str(o.epochs) for o in sorted(stopped_early, key=lambda o: o.number))
+                detail=f"{count_pruned} of {trials} trials pruned"
+                + (
+                    ", after " + ", ".join(str(o.epochs) for o in sorted(stopped_early, key=lambda o: o.number))
+                    if stopped_early
+                    else ""
+                )
                 + f" of {epochs} epochs; unpruned, the trials' own time was {trial_seconds:.0f} s of the sweep's "
                 f"{full['seconds']:.0f} s",
             ),

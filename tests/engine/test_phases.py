@@ -143,8 +143,9 @@ def test_codegen_refuses_a_run_in_phases_by_name(tmp_path, image_folder):
 
 
 def test_the_default_project_is_the_preset_of_its_single_phase_self():
-    """examples/default.json (what `make run` trains) is the Fine-tune preset applied to examples/single_phase.json,
-    the project it replaced, with channels-last on: the top two of EfficientNet-Lite0's seven blocks unfrozen in
+    """examples/default.json (what `make run` trains) has the Fine-tune preset's phases for
+    examples/single_phase.json, the project it replaced (its other differences: lr, schedule and freeze the
+    recipe's own, channels-last on): the top two of EfficientNet-Lite0's seven blocks unfrozen in
     phase 2, both phases unaugmented so that phase 2 trains on features kept from phase 1's pass."""
     from pathlib import Path
 

@@ -163,11 +163,11 @@ def test_the_plots_keep_their_size_when_the_status_line_wraps(qtbot, view):
     qtbot.waitExposed(view)
     view.on_run_started(started(epochs=2))
     QApplication.processEvents()
-    assert _lines(view.status_label) == 1
+    before = _lines(view.status_label)
     height = view.plots.height()
     view.on_epoch_finished(epoch_done(1, elapsed=3.5, epochs=2))
     QApplication.processEvents()
-    assert _lines(view.status_label) == 2
+    assert _lines(view.status_label) > before  # the text wraps onto more lines (how many depends on the font)
     assert view.plots.height() == height
     view.on_run_started(started(epochs=2))
     QApplication.processEvents()
