@@ -33,7 +33,7 @@ from engine.config import ConfigError, Problem, ProjectConfig, load_project, run
 from engine.run_files import PROJECT_FILE, is_run_dir, last_written, project_runs
 from engine.text import readable
 from widgets.folders import start_folder
-from widgets.lifetime import delete_on_close, forget_when_destroyed
+from widgets.lifetime import collect_on_gui_thread, delete_on_close, forget_when_destroyed
 from widgets.state import ProjectState
 from widgets.tasks import Task, hold_new_tasks, run_task, start_held_tasks
 
@@ -129,6 +129,9 @@ class MainWindow(QMainWindow):
         settle: once the catalog is there, take start-up's objects out of the garbage collector's scans
         (settle_heap). The app does; a process that builds many windows (the tests) should not."""
         super().__init__()
+        # Cyclic garbage is collected on this thread only while the window lives (widgets/lifetime.py): a
+        # collection on a worker thread that deletes widgets deadlocks with the GUI thread.
+        self._gc_timer = collect_on_gui_thread(self)
         if background_catalog:
             # Background work starts from the event loop, once the window is on screen (_start_loading_catalog):
             # a worker thread importing PyTorch competes for the GIL with the GUI thread building the window.

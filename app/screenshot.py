@@ -36,17 +36,21 @@ def main(argv: list[str] | None = None) -> int:
         window = MainWindow()
         window.open_project(str(project))
         window.state.set("data.path", str(cfg.resolve(cfg.data.path)))
-        window.state.set("train.epochs", 2)
+        if cfg.train.phases:  # into the last phase, so the plots show the phase boundary and both phases
+            epochs_shown = sum(p.epochs for p in cfg.train.phases[:-1]) + 0.6
+        else:
+            window.state.set("train.epochs", 2)
+            epochs_shown = 1.6
         window.save_project()
         window.resize(1280, 800)
         window.show()
         started: list[Any] = []
         window.controller.run_started.connect(started.append)
         window.train()
-        # Wait for the first epoch and over half of the second, so every plot has something to show.
+        # Wait until every plot has something to show: over half an epoch of the last phase, or of the second epoch.
         deadline = time.monotonic() + 15 * 60
         while time.monotonic() < deadline and (
-            not started or (window.controller.current_step() or 0) < 1.6 * started[0]["batches_per_epoch"]
+            not started or (window.controller.current_step() or 0) < epochs_shown * started[0]["batches_per_epoch"]
         ):
             app.processEvents()
             time.sleep(0.02)

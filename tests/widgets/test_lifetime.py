@@ -11,7 +11,7 @@ from PySide6.QtCore import QCoreApplication, QEvent, QObject, QTimer
 from PySide6.QtWidgets import QFileDialog, QMessageBox, QWidget
 
 from widgets.folders import chosen_path, folder_dialog
-from widgets.lifetime import delete_on_close, forget_when_destroyed
+from widgets.lifetime import collect_on_gui_thread, delete_on_close, forget_when_destroyed
 from widgets.tasks import run_task
 
 
@@ -111,3 +111,38 @@ def test_a_file_dialog_is_deleted_once_its_answer_is_read(qtbot, tmp_path):
     deferred_deletes()
     assert len(dialogs) == 2 and not any(shiboken6.isValid(d) for d in dialogs)
     assert parent.findChildren(QFileDialog) == []
+
+
+class _Cycle:
+    """An object in a reference cycle holding a Qt object that Python owns: only the cyclic collector frees it."""
+
+    def __init__(self) -> None:
+        self.me = self
+        self.obj = QObject()
+
+
+def test_while_the_owner_lives_cyclic_garbage_is_collected_on_the_gui_thread_only(qtbot):
+    assert gc.isenabled()
+    owner = QObject()
+    collect_on_gui_thread(owner, interval_ms=10)
+    assert not gc.isenabled()
+    destroyed: list[tuple[str, bool]] = []
+    cycle = _Cycle()
+    record_destruction(cycle.obj, destroyed)
+    del cycle
+    kept: list[list[int]] = []
+
+    def allocate() -> None:  # far past the threshold at which the interpreter would collect, on this thread
+        kept.extend([] for _ in range(gc.get_threshold()[0] * 5))
+
+    worker = threading.Thread(target=allocate)
+    worker.start()
+    worker.join(30)
+    assert destroyed == []  # the worker thread collected nothing
+    qtbot.waitUntil(lambda: bool(destroyed), timeout=10000)  # the GUI thread's timer does
+    assert destroyed == [("QObject", True)]
+
+    owner.deleteLater()
+    deferred_deletes()
+    assert gc.isenabled()  # as before, once the owner is gone
+    kept.clear()
