@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import atexit
+import gc
 import json
 import os
 import shutil
@@ -72,6 +73,25 @@ def image_folder(tmp_path) -> Path:
 @pytest.fixture()
 def tiny_project(tmp_path, image_folder) -> Path:
     return write_project(tmp_path / "project.json", "images")
+
+
+def pytest_configure(config):
+    """Cyclic garbage is collected between tests, never at whatever allocation passes a threshold: a collection
+    that deletes a Qt object deadlocks when it falls on a worker thread (a Qt lock held, waiting for the GIL) or
+    inside a Qt call on the GUI thread that holds the lock the destructor needs (both seen hanging the suite).
+    The app itself collects on its GUI thread's timer (widgets/lifetime.collect_on_gui_thread)."""
+    gc.disable()
+
+
+@pytest.fixture(autouse=True)
+def _collect_between_tests():
+    """After each test, each generation that Python's thresholds say is due, as the interpreter would collect."""
+    yield
+    counts, thresholds = gc.get_count(), gc.get_threshold()
+    for generation in range(3):
+        if counts[generation] <= thresholds[generation]:
+            break
+        gc.collect(generation)
 
 
 @pytest.fixture(autouse=True)

@@ -122,7 +122,8 @@ class _Cycle:
 
 
 def test_while_the_owner_lives_cyclic_garbage_is_collected_on_the_gui_thread_only(qtbot):
-    assert gc.isenabled()
+    before = gc.isenabled()  # the suite collects between tests (tests/conftest.py): on here, as in a plain process
+    gc.enable()
     owner = QObject()
     collect_on_gui_thread(owner, interval_ms=10)
     assert not gc.isenabled()
@@ -146,3 +147,5 @@ def test_while_the_owner_lives_cyclic_garbage_is_collected_on_the_gui_thread_onl
     deferred_deletes()
     assert gc.isenabled()  # as before, once the owner is gone
     kept.clear()
+    if not before:
+        gc.disable()
