@@ -87,11 +87,9 @@ def pytest_configure(config):
 def _collect_between_tests():
     """After each test, each generation that Python's thresholds say is due, as the interpreter would collect."""
     yield
-    counts, thresholds = gc.get_count(), gc.get_threshold()
-    for generation in range(3):
-        if counts[generation] <= thresholds[generation]:
-            break
-        gc.collect(generation)
+    from widgets.lifetime import collect_due
+
+    collect_due()
 
 
 @pytest.fixture(autouse=True)

@@ -25,6 +25,17 @@ _owners = 0  # objects that currently keep the automatic collector off (collect_
 _was_enabled = True
 
 
+def collect_due() -> None:
+    """Collect each generation that Python's thresholds say is due, as the interpreter would at an allocation: gen 1
+    only after gen 0 was due, gen 2 likewise. For a place where collecting is safe (the GUI thread's event loop,
+    between tests), with automatic collection off."""
+    counts, thresholds = gc.get_count(), gc.get_threshold()
+    for generation in range(3):
+        if counts[generation] <= thresholds[generation]:
+            break
+        gc.collect(generation)
+
+
 def collect_on_gui_thread(owner: QObject, interval_ms: int = 500) -> QTimer:
     """Until owner is destroyed, Python's cyclic garbage collection runs only on this (the GUI) thread: automatic
     collection is turned off and a timer, a child of owner, collects each generation when Python's thresholds say
@@ -36,14 +47,6 @@ def collect_on_gui_thread(owner: QObject, interval_ms: int = 500) -> QTimer:
         _was_enabled = gc.isenabled()
     _owners += 1
     gc.disable()
-    thresholds = gc.get_threshold()
-
-    def collect() -> None:
-        counts = gc.get_count()
-        for generation in range(3):  # gen 1 only after gen 0 was due, as the interpreter does; gen 2 likewise
-            if counts[generation] <= thresholds[generation]:
-                break
-            gc.collect(generation)
 
     def release() -> None:
         global _owners
@@ -53,7 +56,7 @@ def collect_on_gui_thread(owner: QObject, interval_ms: int = 500) -> QTimer:
 
     timer = QTimer(owner)
     timer.setInterval(interval_ms)
-    timer.timeout.connect(collect)
+    timer.timeout.connect(collect_due)
     timer.destroyed.connect(release)  # with owner, on the GUI thread
     timer.start()
     return timer
