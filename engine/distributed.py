@@ -7,6 +7,8 @@ batch is processes x batch_size, as in DistributedDataParallel everywhere. Only 
 
 from __future__ import annotations
 
+import gc
+import importlib
 import os
 import sys
 from collections.abc import Sequence
@@ -156,6 +158,13 @@ def init_from_env(cfg: ProjectConfig) -> DistContext | None:
             ]
         )
     if not dist.is_initialized():
+        # DistributedDataParallel imports torch._dynamo on first use, and that import keeps references to every
+        # process group that exists then, for good: destroy_process_group at the end of the run could not free
+        # the group, whose Gloo threads would live on into interpreter shutdown, where one still dropping the
+        # last collective's tensors takes the GIL and aborts the process ("terminate called without an active
+        # exception", a rank lost after its run had finished). Imported before the group exists, it holds none.
+        importlib.import_module("torch._dynamo")
+
         kwargs: dict[str, Any] = {"backend": backend, "timeout": timedelta(seconds=cfg.distributed.timeout_s)}
         if cuda and backend == "nccl":
             kwargs["device_id"] = device
@@ -170,6 +179,9 @@ def shutdown() -> None:
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():
+        # The group's threads end only when nothing holds the group: an earlier phase's DDP wrapper may still be
+        # waiting in a reference cycle (Trainer.release dropped the last one).
+        gc.collect()
         try:
             dist.destroy_process_group()
         except Exception:  # noqa: BLE001 - a failed peer may have left the group unusable; exiting is enough

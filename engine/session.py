@@ -254,6 +254,8 @@ class RunSession:
         from engine.distributed import shutdown
 
         release_run_dir(self.run_dir)  # after every callback wrote its last line into the folder
+        if self.trainer is not None:
+            self.trainer.release()
         shutdown()
         for output in self.outputs:
             output(result)

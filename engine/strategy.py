@@ -68,6 +68,10 @@ class OneProcess:
     def finish(self, model: torch.nn.Module, log: Callable[[str], None]) -> None:
         """At the end of a run."""
 
+    def release(self) -> None:
+        """After the run, before the process group ends: drop what holds on to it (DDP's wrapper)."""
+        self.ddp = None
+
 
 class Processes(OneProcess):
     """The processes of a torchrun run training as one: every decision is taken together."""

@@ -503,6 +503,12 @@ class Trainer:
             es = self.cfg.early_stopping
             self.early = MetricTracker(es.monitor, es.mode, es.min_delta)
 
+    def release(self) -> None:
+        """After the run: let go of the wrappers that hold the process group (DDP, a compiled forward of it), so
+        that ending the group ends its threads."""
+        self.strategy.release()
+        self.forward = None
+
     def _change_phase(self, index: int) -> None:
         """Between two epochs: the next phase begins (its freeze, optimizer, schedule, images and cache)."""
         self._configure_phase(index)

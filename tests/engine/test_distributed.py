@@ -393,3 +393,50 @@ def test_a_run_in_phases_trains_the_same_in_two_processes_as_in_one(tmp_path, da
     for a, b in zip(runs["two"], runs["one"], strict=True):
         for key in ("train_loss", "val_loss", "val_accuracy", "lr"):
             assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-6), (key, a, b)
+
+
+_THREADS_AFTER_THE_RUN = """
+import os, sys
+sys.path.insert(0, os.environ["MWB_TEST_REPO"])
+from engine.config import load_project
+from engine.session import RunSession
+from engine.trainer import Callback
+
+def native_threads():
+    return sorted(open(f"/proc/self/task/{t}/comm").read().strip() for t in os.listdir("/proc/self/task"))
+
+class Watch(Callback):
+    def on_epoch_finished(self, trainer, state, metrics):
+        print("during:", native_threads(), flush=True)
+
+finished = RunSession(load_project(sys.argv[1]), callbacks=[Watch()]).run()
+print("after:", finished.status, native_threads(), flush=True)
+"""
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="reads the process's threads from /proc")
+def test_the_end_of_a_run_ends_the_process_groups_threads(tmp_path, data):
+    """The Gloo threads must be gone when a run has ended, not left to interpreter shutdown: one of them still
+    dropping the last collective's tensors there takes the GIL and aborts the process after a finished run
+    (it did in CI: rank 1 of a two-process run in phases, SIGABRT after 'Done'). Two phases, so two DDP
+    wrappers, the first one left to the garbage collector; DDP's first use imports torch._dynamo, which keeps
+    every process group existing then alive for good, so the group must be made after that import."""
+    phases = [{"epochs": 1, "freeze": "head_only"}, {"epochs": 1, "freeze": "up_to", "freeze_up_to": "layer3"}]
+    project = write_project(
+        tmp_path / "p.json",
+        "images",
+        train={"device": "cpu", "seed": 0, "phases": phases},
+        loader={"batch_size": 6, "sampler": {"name": "sequential"}},
+        output={"dir": "runs", "tensorboard": False},
+    )
+    script = tmp_path / "threads.py"
+    script.write_text(_THREADS_AFTER_THE_RUN)
+    res = _run(torchrun_command(2, [], tee=True)[:-1] + [str(script), str(project)], tmp_path)
+    assert res.returncode == 0, res.stderr[-3000:]
+    lines = res.stdout.splitlines()
+    during = [line for line in lines if "during:" in line]
+    after = [line for line in lines if "after:" in line]
+    assert len(during) == 4 and len(after) == 2, res.stdout  # two epochs in each of the two processes
+    assert all("gloo" in line for line in during)  # the check below sees Gloo's threads where they exist
+    assert all("completed" in line for line in after), after
+    assert not [line for line in after if "gloo" in line]
