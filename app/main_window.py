@@ -381,6 +381,7 @@ class MainWindow(QMainWindow):
         s.refused.connect(self._on_field_refused)
 
         c.logged.connect(self.log)
+        c.logged.connect(self.run_view.on_logged)
         c.launched.connect(self.log_tabs.on_launched)
         c.rank_logged.connect(self.log_tabs.on_rank_logged)
         c.run_started.connect(self.run_view.on_run_started)

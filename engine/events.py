@@ -27,6 +27,11 @@ EVENT_PREFIX = "@mwb-event "
 UPDATE_INTERVAL = 0.1  # seconds between batch events; every loss is still sent, in groups
 
 
+# What the progress lines of the feature cache's pass over the frozen part begin with, in a run's log (and the
+# finder's): the app shows them in the run's status line.
+FEATURE_PASS_PROGRESS = "Computing cached features"
+
+
 @dataclass(frozen=True)
 class LogMessage:
     message: str

@@ -649,19 +649,21 @@ def setup(
     log: Callable[[str], None] = lambda m: None,
     on_failures: Callable[[list, str], None] = lambda failures, split: None,
     ahead: NextPhase | None = None,
+    progress: Callable[[int, int], None] = lambda done, total: None,
 ) -> Setup:
     """Decide, verify and compute; never changes the model, the global RNGs or the loaders' generators.
 
     on_failures receives the unreadable image files met (engine/sample_failures.py) and their split. ahead: the next
     phase of a run in phases; when its features can be computed exactly in the same pass, they are, and go into the
-    process-level cache for its setup to find (else the log says why not)."""
+    process-level cache for its setup to find (else the log says why not). progress gets (samples done, samples
+    to do) after each batch of the pass (one count over every split it computes)."""
     started = time.perf_counter()
     reason = eligibility_problem(cfg)
     if reason is not None:
         return Setup(None, f"Feature cache off: {reason}")
     devices = [parts.device.index or 0] if parts.device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices):
-        return _setup(cfg, parts, autocast, stop_event, log, started, on_failures, ahead)
+        return _setup(cfg, parts, autocast, stop_event, log, started, on_failures, ahead, progress)
 
 
 def _key_base(
@@ -702,6 +704,7 @@ def _setup(
     started: float,
     on_failures: Callable[[list, str], None],
     ahead: NextPhase | None = None,
+    progress: Callable[[int, int], None] = lambda done, total: None,
 ) -> Setup:
     model, device = parts.model, parts.device
     if all(p.requires_grad for p in model.parameters()):
@@ -759,6 +762,8 @@ def _setup(
         if why:
             log(f"Feature cache: {ahead.title}'s features are not computed in this pass: {why}")
     early: dict[str, _Entry] = {}
+    to_do = sum(len(splits[s]) for s in missing)
+    before = 0  # samples of the earlier splits in this pass
     for split in missing:
         ds = splits[split]
         also = plan if plan is not None and split in plan.keys else None
@@ -781,7 +786,9 @@ def _setup(
             training=split == "train",
             on_failures=_for_split(on_failures, split),
             ahead=None if also is None else (also.boundary.output, also.sample),
+            progress=_counted_from(progress, before, to_do),
         )
+        before += len(ds)
         if done is None:
             return Setup(None, "Feature cache off: stopped while computing features")
         entry, ahead_entry, lost = done
@@ -924,6 +931,11 @@ def _for_split(report: Callable[[list, str], None], split: str) -> Callable[[lis
     return lambda found: report(found, split)
 
 
+def _counted_from(report: Callable[[int, int], None], base: int, total: int) -> Callable[[int], None]:
+    """One split's count of samples done, as a count over the whole pass (the splits before it are done)."""
+    return lambda done: report(base + done, total)
+
+
 def _compute(
     model: nn.Module,
     frozen_bn: Sequence[str],
@@ -940,13 +952,15 @@ def _compute(
     training: bool,
     on_failures: Callable[[list], None] = lambda failures: None,
     ahead: tuple[str, torch.Tensor] | None = None,
+    progress: Callable[[int], None] = lambda done: None,
 ) -> tuple[_Entry, _Entry | None, str] | None:
     """Boundary outputs of every sample in dataset order, in one preallocated CPU tensor, and the targets; None when
     stopped.
 
     training: in the mode training runs the model (frozen BatchNorm in eval), else in evaluation mode. ahead: another
     module reached no later than boundary and its output for one sample: its outputs are captured in the same
-    forwards, as a second entry (None, and why, when a batch reaches boundary first).
+    forwards, as a second entry (None, and why, when a batch reaches boundary first). progress: samples done, after
+    each batch.
     """
     generator = torch.Generator()
     generator.manual_seed(0)  # a private generator: the global RNG and the run's loader stay untouched
@@ -992,6 +1006,7 @@ def _compute(
             features[at : at + out.shape[0]].copy_(out)
             at += out.shape[0]
             targets.append(batch[1])
+            progress(at)
     if at != n:
         raise RuntimeError(f"computed {at} features for {n} samples")
     target = torch.cat(targets) if targets else torch.empty(0)

@@ -26,9 +26,11 @@ import torch
 
 from engine import rng_state
 from engine.config import ConfigError, ProjectConfig
+from engine.events import FEATURE_PASS_PROGRESS
 from engine.feature_cache import setup as setup_feature_cache
 from engine.forward import Forward
 from engine.freezing import param_groups, set_frozen_batchnorm_eval
+from engine.image_scan import ProgressLine
 from engine.lr_curve import (
     DEFAULT_BATCHES,
     DEFAULT_DIVERGE,
@@ -169,7 +171,14 @@ def _run_ramp(
 ) -> tuple[list[float], list[float], str, bool]:
     device = parts.device
     forward = Forward(cfg, device, parts.channels_last, say, lambda exc: False)  # eager: compiling is not worth it
-    outcome = setup_feature_cache(cfg, parts, autocast=forward.autocast, stop_event=stop_event, log=say)
+    outcome = setup_feature_cache(
+        cfg,
+        parts,
+        autocast=forward.autocast,
+        stop_event=stop_event,
+        log=say,
+        progress=ProgressLine(say, FEATURE_PASS_PROGRESS),
+    )
     cache = outcome.cache
     say(outcome.message)
     # The finder's own shuffle of the training set (the run's loader generator is not drawn from), the same batches

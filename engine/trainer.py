@@ -21,6 +21,7 @@ from engine.config import ConfigError, LoaderConfig, ProjectConfig
 from engine.data import PreparedData, Progress, prepare_data
 from engine.decoded_cache import apply_decoded_cache
 from engine.distributed import DistContext, init_from_env
+from engine.events import FEATURE_PASS_PROGRESS
 from engine.failures import (
     is_out_of_memory,
     non_finite_loss,
@@ -530,6 +531,7 @@ class Trainer:
             log=self.log,
             on_failures=self.failures.add,
             ahead=self._next_phase(),
+            progress=ProgressLine(self.log, FEATURE_PASS_PROGRESS),
         )
         self.feature_cache = outcome.cache
         self.log(outcome.message)

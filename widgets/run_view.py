@@ -20,6 +20,7 @@ from PySide6.QtWidgets import (
     QWidget,
 )
 
+from engine.events import FEATURE_PASS_PROGRESS
 from engine.run_files import is_completed, planned_epochs
 from engine.run_lock import holder
 from widgets.live_plots import LivePlots
@@ -101,6 +102,8 @@ class RunView(QWidget):
         self._running = False
         self._can_resume = False
         self._stopping = False
+        self._preparing = False  # running, and the run has not started its first batch yet
+        self._progress_shown = False  # the status line shows a progress line of the log, not the run's state
         self._device = ""
         self._epochs = 0
         self._start_epoch = 0
@@ -268,6 +271,7 @@ class RunView(QWidget):
         self._pending.clear()  # a previous run's last points never land on the new run's plots
         self._last_update = 0.0
         self.run_dir = info.get("run_dir")
+        self._preparing = self._progress_shown = False
         self._device = str(info.get("device") or "")
         self._epochs = int(info.get("epochs") or 0)
         self._start_epoch = int(info.get("start_epoch") or 0)
@@ -358,7 +362,16 @@ class RunView(QWidget):
         if planned > 0:
             done = (epoch - 1 - self._start_epoch + batch / per_epoch) / planned
             run_left = time_left(elapsed, done)
+            if epoch_left is not None:
+                # At least this epoch's rest and the epochs after it at this epoch's pace: the run's average
+                # pace is far too quick once a run in phases leaves its cached head epochs for the fine-tuning.
+                at_this_pace = epoch_left + max(0, epochs - epoch) * (epoch_left + elapsed - self._epoch_started_at)
+                run_left = max(run_left or 0.0, at_this_pace)
             self.run_eta.setText("" if run_left is None else f"about {format_duration(run_left)} left in the run")
+        if self._progress_shown and not self._stopping:
+            self._progress_shown = False  # a later phase's feature pass has ended: its batches train
+            if self._last_metrics is not None:
+                self.status_label.setText(self._status_text(self._last_metrics))
         loss = _number(info.get("loss"))
         if self._last_metrics is None and loss is not None and not self._stopping:
             # Before the first epoch ends there are no epoch metrics; the batch loss says it is moving.
@@ -417,10 +430,33 @@ class RunView(QWidget):
                 text += f" Last epoch: {summary}."
         self.status_label.setText(text)
 
+    @Slot(str)
+    def on_logged(self, text: str) -> None:
+        """The run's log, as it comes. While the run prepares (the data scanned, the model built, features cached:
+        a minute, on a big dataset) the status line shows what it is doing; during the run, the progress lines of
+        a later phase's feature pass (between two epochs, with the bars standing still)."""
+        if not self._running or self._stopping:
+            return
+        line = text.strip().splitlines()[0] if text.strip() else ""
+        if not line:
+            return
+        if self._preparing:
+            self.status_label.setText(f"Preparing the run: {line}")
+        elif line.startswith(FEATURE_PASS_PROGRESS):
+            self._progress_shown = True
+            self.status_label.setText(line)
+
     @Slot(bool)
     def on_running_changed(self, running: bool) -> None:
+        if running and not self._running:  # a run begins: until its first batch it prepares
+            self._preparing = True
+            self._progress_shown = False
+            self.reset_progress()
+            self.epoch_bar.setFormat("preparing")
+            self.status_label.setText("Preparing the run: reading the data and building the model...")
         self._running = bool(running)
         if not running:
+            self._preparing = self._progress_shown = False
             self._stopping = False
         self.train_button.setEnabled(not running)
         self.resume_button.setEnabled(not running and self._can_resume)

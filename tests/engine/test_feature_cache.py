@@ -340,3 +340,29 @@ def test_the_suffix_shares_parameters_and_leaves_the_model_whole(tmp_path):
     assert suffix.layer2 is model.layer2 and suffix.fc is model.fc
     assert isinstance(suffix.layer1, nn.Identity) and isinstance(model.layer1, nn.Sequential)
     assert suffix is not model and set(model.state_dict()) > set(suffix.state_dict())
+
+
+def test_the_feature_pass_reports_its_progress_in_the_log(tmp_path, monkeypatch):
+    """The pass over the frozen part can take a minute on a real dataset: the log says how far it is (at most
+    about once a second) and that it ended. Counted over both splits, batch by batch, up to every sample."""
+    from engine.image_scan import ProgressLine
+    from engine.trainer import build_run
+
+    cfg = project(tmp_path, train={"epochs": 1})
+    parts = build_run(cfg)
+    counts = []
+    outcome = feature_cache.setup(cfg, parts, progress=lambda done, total: counts.append((done, total)))
+    assert outcome.cache is not None
+    total = len(parts.data.train) + len(parts.data.val)
+    assert {t for _, t in counts} == {total}
+    done = [d for d, _ in counts]
+    assert done == sorted(done) and done[-1] == total and len(done) > 2  # more than one batch per split
+    assert len(parts.data.train) in done  # the training split ends, then validation goes on from there
+
+    # Through a run, with the progress lines' interval at zero (these tiny passes take well under a second).
+    feature_cache.clear()
+    monkeypatch.setattr("engine.trainer.ProgressLine", lambda write, what: ProgressLine(write, what, every=0.0))
+    _, logs = train(cfg)
+    lines = [line for line in logs.lines if line.startswith("Computing cached features: ")]
+    assert len(lines) == len(done)
+    assert lines[-1].startswith(f"Computing cached features: {total:,} of {total:,} (100%), done in")

@@ -275,11 +275,16 @@ def test_a_real_one_epoch_run_fills_the_view_and_its_checkpoints_are_listed(qtbo
         write_project(
             tmp_path / "project.json",
             "images",
+            model={"freeze": "head_only"},
             train={"epochs": 1, "device": "cpu", "seed": 0},
             output={"dir": "runs", "tensorboard": False},
         )
     )
     controller = TrainingController()
+    controller.logged.connect(view.on_logged)
+    status = view.findChild(QLabel, "run.status")
+    shown: list[tuple[str, str]] = []  # (log line, the status line after it)
+    controller.logged.connect(lambda line: shown.append((line, status.text())))
     controller.run_started.connect(view.on_run_started)
     controller.batch_finished.connect(view.on_batch_finished)
     controller.epoch_finished.connect(view.on_epoch_finished)
@@ -308,6 +313,11 @@ def test_a_real_one_epoch_run_fills_the_view_and_its_checkpoints_are_listed(qtbo
     assert batch_bar.value() == batch_bar.maximum() == steps
     assert view.findChild(QPushButton, "run.train").isEnabled()
     assert "Finished 1 of 1" in view.findChild(QLabel, "run.status").text()
+    # Before its first batch the run prepared (the feature pass here), and the status line said what it was doing.
+    cache = next(i for i, (line, _) in enumerate(shown) if line.startswith("Feature cache: computing"))
+    assert shown[cache][1] == "Preparing the run: " + shown[cache][0]
+    # Once it trains, its other log lines stay in the log.
+    assert shown[-1][0].startswith("Run completed after epoch 1") and "epoch 1: train loss" in shown[-1][1]
 
     table = panel.table
     headers = [table.horizontalHeaderItem(c).text() for c in range(table.columnCount())]
@@ -328,3 +338,50 @@ def test_a_multi_process_run_says_how_many_processes_train(view):
         "Training 10 epoch(s) on cpu in 2 processes, 4 batches per epoch."
         == view.findChild(QLabel, "run.status").text()
     )
+
+
+def test_while_a_run_prepares_the_status_line_says_what_it_is_doing(view):
+    status = view.findChild(QLabel, "run.status")
+    epoch_bar = view.findChild(QProgressBar, "run.epoch_progress")
+    view.on_running_changed(True)
+    assert status.text() == "Preparing the run: reading the data and building the model..."
+    assert epoch_bar.text() == "preparing"
+    view.on_logged("Feature cache: computing the features after blocks.4 for 1438 train samples")
+    assert (
+        status.text()
+        == "Preparing the run: Feature cache: computing the features after blocks.4 for 1438 train samples"
+    )
+    view.on_logged("Computing cached features: 640 of 1,797 (35%), 30/s, about 45 s left")
+    assert status.text() == "Preparing the run: Computing cached features: 640 of 1,797 (35%), 30/s, about 45 s left"
+
+    view.on_run_started(started(epochs=11, batches=4))
+    assert status.text().startswith("Training 11 epoch(s)")
+    view.on_logged("Precision fp32, channels_last on, torch.compile off")  # the run's other lines stay in the log
+    assert status.text().startswith("Training 11 epoch(s)")
+    view.on_epoch_finished(epoch_done(8, elapsed=16.0, epochs=11))
+    after_epoch = status.text()
+    # Between two phases a feature pass runs with the bars standing still: its progress shows, then the run's state.
+    view.on_logged("Computing cached features: 100 of 1,797 (5%), 20/s, about 85 s left")
+    assert status.text() == "Computing cached features: 100 of 1,797 (5%), 20/s, about 85 s left"
+    view.on_batch_finished(batch(9, 1, elapsed=110.0, epochs=11))
+    view.flush_batches()
+    assert status.text() == after_epoch
+
+    view.on_running_changed(False)
+    view.on_logged("Computing cached features: 5 of 10 (50%)")  # the finder's, say, after the run: not the run's
+    assert status.text() == after_epoch
+
+
+def test_the_time_left_in_a_run_in_phases_is_never_less_than_its_epochs_at_this_pace(view):
+    """Eight cached head epochs of 2 s, then fine-tuning epochs of 30 s: the run's average pace says 10 s are left
+    in epoch 10 of 11, while this epoch alone has 28 s to go and one more like it follows."""
+    view.on_run_started(started(epochs=11, batches=45))
+    for epoch in range(1, 9):
+        view.on_epoch_finished(epoch_done(epoch, elapsed=2.0 * epoch, epochs=11))
+    view.on_epoch_finished(epoch_done(9, elapsed=46.0, epochs=11))
+    view.on_batch_finished(batch(10, 4, elapsed=48.7, epochs=11, batches=45))
+    view.flush_batches()
+    epoch_left = 2.7 * 41 / 4
+    assert view.findChild(QLabel, "run.epoch_eta").text() == f"about {format_duration(epoch_left)} left in this epoch"
+    expected = epoch_left + (epoch_left + 2.7)
+    assert view.findChild(QLabel, "run.run_eta").text() == f"about {format_duration(expected)} left in the run"
