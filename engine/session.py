@@ -243,6 +243,9 @@ class RunSession:
                 traceback=traceback.format_exc() if kind == "bug" else None,
                 unreadable=list(self.trainer.state.unreadable) if self.trainer is not None else [],
             )
+            # The traceback's finished frames hold the batch loop's locals (DDP's wrapper among them): cleared, so
+            # that _finish can end the process group's threads on this path too.
+            traceback.clear_frames(exc.__traceback__)
             self._finish(result)
             if not isinstance(exc, Exception):
                 raise

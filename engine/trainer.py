@@ -505,8 +505,8 @@ class Trainer:
             self.early = MetricTracker(es.monitor, es.mode, es.min_delta)
 
     def release(self) -> None:
-        """After the run: let go of the wrappers that hold the process group (DDP, a compiled forward of it), so
-        that ending the group ends its threads."""
+        """After the run: let go of what holds the process group (DDP's wrapper; the forward, which may have
+        compiled it), so that ending the group ends its threads."""
         self.strategy.release()
         self.forward = None
 

@@ -102,13 +102,14 @@ class RunView(QWidget):
         self._running = False
         self._can_resume = False
         self._stopping = False
-        self._preparing = False  # running, and the run has not started its first batch yet
+        self._preparing = False  # running, and the run has not started yet (no run_started)
         self._progress_shown = False  # the status line shows a progress line of the log, not the run's state
         self._device = ""
         self._epochs = 0
         self._start_epoch = 0
         self._batches_per_epoch = 0
         self._epoch_started_at = 0.0  # run-elapsed seconds when the current epoch began
+        self._epoch_first: tuple[int, int, float] | None = None  # (epoch, batch, elapsed) of its first batch shown
         self._last_metrics: dict[str, Any] | None = None
         self.run_dir: str | None = None
         self._pending: list[dict] = []  # batch payloads waiting for the next paced update
@@ -356,16 +357,25 @@ class RunView(QWidget):
         self._set_epoch_format(epoch)
 
         elapsed = float(info.get("elapsed") or 0.0)
-        epoch_left = time_left(elapsed - self._epoch_started_at, batch / per_epoch)
+        if self._epoch_first is None or self._epoch_first[0] != epoch:
+            self._epoch_first = (epoch, batch, elapsed)
+        # The pace of this epoch's batches since the first one shown: what came before it (the next phase's feature
+        # pass, the loader's workers starting) is not batches, and at the epoch's start it would dominate.
+        _, first_batch, first_elapsed = self._epoch_first
+        pace = (elapsed - first_elapsed) / (batch - first_batch) if batch > first_batch else None
+        if pace is not None:
+            epoch_left: float | None = pace * (per_epoch - batch)
+        else:
+            epoch_left = time_left(elapsed - self._epoch_started_at, batch / per_epoch)
         self.epoch_eta.setText("" if epoch_left is None else f"about {format_duration(epoch_left)} left in this epoch")
         planned = epochs - self._start_epoch
         if planned > 0:
             done = (epoch - 1 - self._start_epoch + batch / per_epoch) / planned
             run_left = time_left(elapsed, done)
-            if epoch_left is not None:
-                # At least this epoch's rest and the epochs after it at this epoch's pace: the run's average
-                # pace is far too quick once a run in phases leaves its cached head epochs for the fine-tuning.
-                at_this_pace = epoch_left + max(0, epochs - epoch) * (epoch_left + elapsed - self._epoch_started_at)
+            if pace is not None and epoch_left is not None:
+                # At least this epoch's rest and the epochs after it at its pace: the run's average pace is far too
+                # quick once a run in phases leaves its cached head epochs for the fine-tuning.
+                at_this_pace = epoch_left + max(0, epochs - epoch) * pace * per_epoch
                 run_left = max(run_left or 0.0, at_this_pace)
             self.run_eta.setText("" if run_left is None else f"about {format_duration(run_left)} left in the run")
         if self._progress_shown and not self._stopping:
@@ -448,12 +458,14 @@ class RunView(QWidget):
 
     @Slot(bool)
     def on_running_changed(self, running: bool) -> None:
-        if running and not self._running:  # a run begins: until its first batch it prepares
+        if running and not self._running:  # a run begins: until it has started (run_started) it prepares
             self._preparing = True
             self._progress_shown = False
             self.reset_progress()
             self.epoch_bar.setFormat("preparing")
             self.status_label.setText("Preparing the run: reading the data and building the model...")
+        if not running and self._preparing:  # ended (failed, stopped) before it started: no "preparing" left over
+            self.reset_progress()
         self._running = bool(running)
         if not running:
             self._preparing = self._progress_shown = False

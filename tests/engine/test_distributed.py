@@ -406,6 +406,11 @@ def native_threads():
     return sorted(open(f"/proc/self/task/{t}/comm").read().strip() for t in os.listdir("/proc/self/task"))
 
 class Watch(Callback):
+    def on_batch_finished(self, trainer, state, loss):
+        if sys.argv[2] == "fail":  # in every process, inside the batch loop: its frames hold DDP's wrapper
+            print("during:", native_threads(), flush=True)
+            raise RuntimeError("a failure in the batch loop")
+
     def on_epoch_finished(self, trainer, state, metrics):
         print("during:", native_threads(), flush=True)
 
@@ -415,12 +420,14 @@ print("after:", finished.status, native_threads(), flush=True)
 
 
 @pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="reads the process's threads from /proc")
-def test_the_end_of_a_run_ends_the_process_groups_threads(tmp_path, data):
+@pytest.mark.parametrize("ending", ["completed", "failed"])
+def test_the_end_of_a_run_ends_the_process_groups_threads(tmp_path, data, ending):
     """The Gloo threads must be gone when a run has ended, not left to interpreter shutdown: one of them still
     dropping the last collective's tensors there takes the GIL and aborts the process after a finished run
     (it did in CI: rank 1 of a two-process run in phases, SIGABRT after 'Done'). Two phases, so two DDP
     wrappers, the first one left to the garbage collector; DDP's first use imports torch._dynamo, which keeps
-    every process group existing then alive for good, so the group must be made after that import."""
+    every process group existing then alive for good, so the group must be made after that import. A run that
+    fails in its batch loop ends them too (the traceback's frames held the wrapper)."""
     phases = [{"epochs": 1, "freeze": "head_only"}, {"epochs": 1, "freeze": "up_to", "freeze_up_to": "layer3"}]
     project = write_project(
         tmp_path / "p.json",
@@ -431,12 +438,14 @@ def test_the_end_of_a_run_ends_the_process_groups_threads(tmp_path, data):
     )
     script = tmp_path / "threads.py"
     script.write_text(_THREADS_AFTER_THE_RUN)
-    res = _run(torchrun_command(2, [], tee=True)[:-1] + [str(script), str(project)], tmp_path)
+    fail = "fail" if ending == "failed" else "run"
+    res = _run(torchrun_command(2, [], tee=True)[:-1] + [str(script), str(project), fail], tmp_path)
     assert res.returncode == 0, res.stderr[-3000:]
     lines = res.stdout.splitlines()
     during = [line for line in lines if "during:" in line]
     after = [line for line in lines if "after:" in line]
-    assert len(during) == 4 and len(after) == 2, res.stdout  # two epochs in each of the two processes
+    # two epochs in each of the two processes, or the first batch
+    assert len(during) == (4 if ending == "completed" else 2) and len(after) == 2, res.stdout
     assert all("gloo" in line for line in during)  # the check below sees Gloo's threads where they exist
-    assert all("completed" in line for line in after), after
+    assert all(f"after: {ending}" in line for line in after), after
     assert not [line for line in after if "gloo" in line]

@@ -372,16 +372,29 @@ def test_while_a_run_prepares_the_status_line_says_what_it_is_doing(view):
     assert status.text() == after_epoch
 
 
-def test_the_time_left_in_a_run_in_phases_is_never_less_than_its_epochs_at_this_pace(view):
-    """Eight cached head epochs of 2 s, then fine-tuning epochs of 30 s: the run's average pace says 10 s are left
-    in epoch 10 of 11, while this epoch alone has 28 s to go and one more like it follows."""
+def test_the_time_left_in_a_run_in_phases_counts_the_epochs_to_come_at_this_epochs_pace(view):
+    """Eight cached head epochs of 2 s, a 30 s feature pass for phase 2, then epochs of 45 batches at 0.675 s.
+    The run's average pace would say 17 s are left at batch 5 of epoch 10 of 11; this epoch's 40 batches and one
+    more epoch say 57 s. The pass before the epoch's first batch is not counted as batches."""
     view.on_run_started(started(epochs=11, batches=45))
     for epoch in range(1, 9):
         view.on_epoch_finished(epoch_done(epoch, elapsed=2.0 * epoch, epochs=11))
     view.on_epoch_finished(epoch_done(9, elapsed=46.0, epochs=11))
-    view.on_batch_finished(batch(10, 4, elapsed=48.7, epochs=11, batches=45))
+    view.on_batch_finished(batch(10, 1, elapsed=76.675, epochs=11, batches=45))  # after the 30 s pass
     view.flush_batches()
-    epoch_left = 2.7 * 41 / 4
-    assert view.findChild(QLabel, "run.epoch_eta").text() == f"about {format_duration(epoch_left)} left in this epoch"
-    expected = epoch_left + (epoch_left + 2.7)
-    assert view.findChild(QLabel, "run.run_eta").text() == f"about {format_duration(expected)} left in the run"
+    run_eta = view.findChild(QLabel, "run.run_eta")
+    first = run_eta.text()  # one batch shown: the pace is not known yet, the averages say what they can
+    view.on_batch_finished(batch(10, 5, elapsed=79.375, epochs=11, batches=45))
+    view.flush_batches()
+    pace = 0.675
+    assert view.findChild(QLabel, "run.epoch_eta").text() == f"about {format_duration(pace * 40)} left in this epoch"
+    assert run_eta.text() == f"about {format_duration(pace * 40 + pace * 45)} left in the run" != first
+
+
+def test_a_run_that_ends_before_it_started_leaves_no_preparing_behind(view):
+    view.on_running_changed(True)
+    assert view.findChild(QProgressBar, "run.epoch_progress").text() == "preparing"
+    view.on_run_finished({"status": "failed", "epoch": 0, "epochs": 11, "error": "no such folder: /data"})
+    view.on_running_changed(False)
+    assert view.findChild(QProgressBar, "run.epoch_progress").text() == "no run"
+    assert view.findChild(QLabel, "run.status").text() == "The run failed: no such folder: /data"

@@ -17,7 +17,7 @@ from widgets.try_it import OBJECT_NAMES, TryItPanel
 def trained(tmp_path_factory):
     """resnet18's head trained on 16 px colour squares until it tells red from green and blue on every image.
 
-    Head only: the frozen backbone's features do not depend on the thread count. The whole network trained two
+    Head only: the frozen backbone's features barely depend on the thread count (last bits). The whole network trained two
     epochs did (BatchNorm's running statistics after six steps): validation accuracy 1.0 on one thread and 0.67
     on two, so the test's red image came out green in one full run."""
     root = tmp_path_factory.mktemp("try_it")
