@@ -31,7 +31,9 @@ from widgets.look import ERROR_COLOUR
 # more than that (a training thread put aside for the GUI waits, and its team with it, at the next barrier).
 # At 2.5% the app's runs took 0.83-0.91x the headless run's time on 2 CPUs (GUI thread CPU 0.6 s of a 10 s run);
 # at 1% 0.99x (0.45 s), with the plots still redrawn about once a second.
-# The interval follows the measured cost of an update (mostly repainting the plots), within these bounds.
+# The interval follows the measured cost of an update (mostly repainting the plots), within these bounds; where an
+# update costs more than MAX_UPDATE_INTERVAL x GUI_SHARE (10 ms), the bound wins and the share is larger (2 to 3%
+# of a core was measured on 2 CPUs, plots four wide, epoch updates and the progress bars' repaints included).
 GUI_SHARE = 0.01
 MIN_UPDATE_INTERVAL = 0.1  # seconds: the display never lags a fast machine's run by more than this ...
 MAX_UPDATE_INTERVAL = 1.0  # ... nor a slow machine's by more than this
