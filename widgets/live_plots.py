@@ -422,6 +422,10 @@ class LivePlots(PlotGrid):
         self._lr_range_fixed = False
         for plot, line in self._phase_lines:
             plot.removeItem(line)
+        for plot in self.plots.values():
+            if plot.getAxis("top").isVisible():
+                plot.getAxis("top").setTicks(None)
+                plot.hideAxis("top")
         self._phase_lines, self._boundaries, self._epoch_steps, self._phase = [], [], {}, None
         for plot in self.plots.values():
             plot.enableAutoRange()
@@ -452,21 +456,27 @@ class LivePlots(PlotGrid):
 
     def _mark_phase(self, epoch: int, phase: Any) -> None:
         """A dashed line where `phase` begins: before `epoch` on the epoch plots, after the previous epoch's last
-        step on the step plots (when that step is known)."""
+        step on the step plots (when that step is known). Its name is a tick of an axis over the plot: inside,
+        it lay under the legend (top right, where a late boundary is) or on the curves."""
         step = self._epoch_steps.get(epoch - 1)
         self._boundaries.append((epoch - 0.5, step, phase))
         colour = self.palette().color(QPalette.ColorRole.WindowText)
         colour.setAlpha(140)
         pen = pg.mkPen(colour, width=1, style=Qt.PenStyle.DashLine)
         for name, plot in self.plots.items():
-            x = epoch - 0.5 if self.PLOTS[name][1] == "epoch" else step
+            epochs = self.PLOTS[name][1] == "epoch"
+            x = epoch - 0.5 if epochs else step
             if x is None:
                 continue
-            line = pg.InfiniteLine(
-                pos=x, angle=90, pen=pen, label=f"phase {phase}", labelOpts={"position": 0.95, "color": colour}
-            )
+            line = pg.InfiniteLine(pos=x, angle=90, pen=pen)
             plot.addItem(line, ignoreBounds=True)
             self._phase_lines.append((plot, line))
+            ticks = [(b[0] if epochs else b[1], f"phase {b[2]}") for b in self._boundaries]
+            top = plot.getAxis("top")
+            top.setTicks([[(float(at), text) for at, text in ticks if at is not None], []])
+            top.setPen(pg.mkPen(colour))
+            top.setTextPen(pg.mkPen(colour))
+            plot.showAxis("top")
 
     def _append(self, name: str, x: np.ndarray, y: np.ndarray) -> None:
         if len(x) == 0:

@@ -220,6 +220,9 @@ def test_phase_boundaries_are_drawn_where_each_later_phase_begins(plots):
         lines = [item for item in plot.items if type(item).__name__ == "InfiniteLine"]
         expected = [3.5, 5.5] if name in ("loss", "accuracy") else [30.0, 50.0]
         assert sorted(line.value() for line in lines) == expected, name
+        # Named over the plot, clear of the legend and the curves inside it.
+        top = plot.getAxis("top")
+        assert top.isVisible() and top._tickLevels[0] == [(expected[0], "phase 2"), (expected[1], "phase 3")], name
 
     # A finished run's history (a run folder opened later) shows the same boundaries; a run without phases none.
     rows = [{"epoch": e, "phase": p, "train_loss": 1.0} for e, p in enumerate([1, 1, 1, 2, 2, 3], start=1)]
@@ -228,6 +231,7 @@ def test_phase_boundaries_are_drawn_where_each_later_phase_begins(plots):
     plots.load_history([{"epoch": e, "train_loss": 1.0} for e in (1, 2, 3)])
     assert plots.phase_boundaries() == []
     assert not any(type(i).__name__ == "InfiniteLine" for plot in plots.plots.values() for i in plot.items)
+    assert not any(plot.getAxis("top").isVisible() for plot in plots.plots.values())
 
 
 def _overlay_runs(count: int, epochs: int):
