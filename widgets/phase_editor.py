@@ -101,6 +101,7 @@ class PhaseEditor(QWidget):
         super().__init__(parent)
         self.state = state
         self._preset = preset
+        self._loading = False  # the table is being filled from the project: its widgets' signals are not edits
         self.table = QTableWidget(0, len(COLUMNS))
         self.table.setObjectName("training.phases")
         self.table.setToolTip(
@@ -161,7 +162,16 @@ class PhaseEditor(QWidget):
             self._load()
 
     def _load(self) -> None:
+        self._loading = True
+        try:
+            self._fill()
+        finally:
+            self._loading = False
+
+    def _fill(self) -> None:
         phases = list(self.state.config.train.phases)
+        # The table's own signals are blocked; its combo boxes, made or set row by row, still signal: _commit
+        # ignores them while loading (else a half-filled table was written back, and the project opened changed).
         blocker = QSignalBlocker(self.table)
         self.table.setRowCount(len(phases))
         for row, phase in enumerate(phases):
@@ -239,6 +249,8 @@ class PhaseEditor(QWidget):
         return out
 
     def _commit(self, *_args: Any) -> None:
+        if self._loading:
+            return
         try:
             phases = self.phases()
         except ValueError as exc:

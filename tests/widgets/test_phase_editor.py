@@ -161,3 +161,31 @@ def test_the_augmentation_preview_shows_the_training_pipelines_pixels(qtbot, tmp
     assert preview.shown.indices == first.indices and not np.array_equal(preview.shown.images, first.images)
     qtbot.mouseClick(preview.draw_button, Qt.MouseButton.LeftButton)
     qtbot.waitUntil(lambda: preview.seed == 1 and preview.shown.indices != first.indices, timeout=60_000)
+
+
+def test_opening_a_project_in_phases_leaves_it_unchanged(qtbot, tmp_path):
+    """Filling the table made and set its combo boxes, whose signals wrote the half-filled table back into the
+    project: the window's title said it had changed before any edit."""
+    from tests.conftest import write_image_folder
+
+    write_image_folder(tmp_path / "images", per_class=2)
+    path = write_project(
+        tmp_path / "p.json",
+        "images",
+        train={"phases": [{"epochs": 2, "freeze": "head_only", "augment": False}, {"epochs": 1, "lr_factor": 0.1}]},
+    )
+    state = ProjectState()
+    changed: list[str] = []
+    state.changed.connect(changed.append)
+    state.open(path)
+    widget = TrainingPanel(state)
+    qtbot.addWidget(widget)
+    assert not state.dirty and changed == [""]
+    assert widget.phases.table.rowCount() == 2
+
+    other = write_project(tmp_path / "q.json", "images", train={"phases": [{"epochs": 3, "schedule": "cosine"}]})
+    state.open(other)  # the table (and its combo boxes) exist now, and are refilled
+    assert not state.dirty and changed == ["", ""]
+    assert state.config.train.phases == load_project(other).train.phases
+    choose(widget.phases.table, 0, "schedule", "onecycle")  # an edit is still one
+    assert state.dirty and state.config.train.phases[0].schedule == "onecycle"
