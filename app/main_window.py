@@ -30,7 +30,7 @@ from PySide6.QtWidgets import (
 
 from app.training import TrainingController
 from engine.config import ConfigError, Problem, ProjectConfig, load_project, run_epochs
-from engine.run_files import PROJECT_FILE, is_run_dir, last_written, project_runs
+from engine.run_files import PROJECT_FILE, is_completed, is_run_dir, last_written, project_runs
 from engine.text import readable
 from widgets.folders import start_folder
 from widgets.lifetime import collect_on_gui_thread, delete_on_close, forget_when_destroyed
@@ -684,6 +684,16 @@ class MainWindow(QMainWindow):
         rows = read_metrics(self.current_run_dir)
         done = max((int(r.get("epoch", 0)) for r in rows), default=0)
         wanted = run_epochs(self.state.config)  # a run in phases: the phases' epochs together
+        if wanted <= done and is_completed(self.current_run_dir):
+            # Said here, before anything starts: the run would refuse, and its refusal read as a failed run.
+            where = "the last phase's epochs" if self.state.config.train.phases else "Epochs"
+            self.show_error(
+                "The run has finished",
+                f"{Path(self.current_run_dir).name} trained all its {done} epoch(s). To train it further, raise "
+                f"{where} in the Training panel above {done} and press Resume, or choose a checkpoint in the "
+                "Checkpoints panel and use Resume from here with a new total.",
+            )
+            return False
         return self.resume_from(str(last), wanted if wanted > done else None)
 
     @Slot(str, int)

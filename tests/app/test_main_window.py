@@ -168,6 +168,12 @@ def test_resume_from_a_checkpoint_continues_the_same_run(qtbot, window):
     first = _train(qtbot, window)
     run_dir = first["run_dir"]
     _wait_tasks(qtbot)
+    # Finished: Resume says how to go on instead of starting a run that refuses (it read as a failed run).
+    assert window.act_resume.isEnabled() and not window.resume_current_run()
+    box = window.last_error_box
+    assert box.windowTitle() == "The run has finished" and "raise Epochs in the Training panel above 1" in box.text()
+    assert not window.controller.is_running() and [r["epoch"] for r in read_metrics(run_dir)] == [1]
+    box.close()
     window.state.set("train.epochs", 2)
     assert window.act_resume.isEnabled()
     second = _train(qtbot, window, start=window.resume_current_run)
