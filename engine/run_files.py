@@ -120,9 +120,22 @@ def update_run_info(run_dir: str | os.PathLike, **values: Any) -> dict[str, Any]
 
 def planned_epochs(run_dir: str | os.PathLike) -> int | None:
     """The run's total epochs as its project.json (rewritten on each resume) says."""
-    train = read_run_project(run_dir).get("train")
-    epochs = train.get("epochs") if isinstance(train, dict) else None
-    return epochs if isinstance(epochs, int) and epochs > 0 else None
+    return project_epochs(read_run_project(run_dir))
+
+
+def project_epochs(project: dict[str, Any]) -> int | None:
+    """The epochs a project's run is planned for, read from its dict as saved (engine.config.run_epochs on a
+    loaded one): its phases' epochs together (a phase's default is 1), or train.epochs; None where unreadable."""
+    train = project.get("train")
+    if not isinstance(train, dict):
+        return None
+    phases = train.get("phases")
+    if isinstance(phases, list) and phases:
+        counts = [p.get("epochs", 1) if isinstance(p, dict) else None for p in phases]
+        ok = all(isinstance(c, int) and not isinstance(c, bool) and c > 0 for c in counts)
+        return sum(c for c in counts if isinstance(c, int)) if ok else None
+    epochs = train.get("epochs")
+    return epochs if isinstance(epochs, int) and not isinstance(epochs, bool) and epochs > 0 else None
 
 
 def is_completed(run_dir: str | os.PathLike) -> bool:

@@ -84,7 +84,7 @@ def test_each_run_has_its_status_and_the_results_it_reported(three_runs):
         assert r.value("best_val_loss") == pytest.approx(min(losses))
         assert r.value("wall_seconds") == pytest.approx(sum(m["epoch_seconds"] for m in epochs))
         assert r.value("samples_per_second") == pytest.approx(
-            sum(m["samples_per_second"] for m in epochs) / len(epochs)
+            sum(m["samples_per_second"] * m["epoch_seconds"] for m in epochs) / sum(m["epoch_seconds"] for m in epochs)
         )
         assert r.value("model.backbone") == "resnet18" and r.value("model.freeze") == "head_only"
         assert r.started is not None
@@ -196,3 +196,22 @@ def test_metrics_read_in_pieces_are_the_same_rows(tmp_path):
     assert [len(p) for p in pieces] == [3, 2, 1]
     assert [r for p in pieces for r in p] == read_metrics(tmp_path) == rows[:4] + rows[5:]
     assert list(metrics_chunks(tmp_path / "missing", 3)) == []
+
+
+def test_a_run_in_phases_counts_its_phases_epochs_and_its_rate_over_its_time(tmp_path):
+    """The default project's shape: 8 cached head epochs at 20,000 samples/s, then 3 fine-tuning epochs at 75/s.
+    The table said 11/10 epochs (train.epochs' default) and 11,860 samples/s (the mean of the epochs' rates)."""
+    folder = tmp_path / "phased-20261207-053016"
+    folder.mkdir()
+    train = {"phases": [{"epochs": 8, "freeze": "head_only"}, {"epochs": 3, "lr_factor": 0.1}]}
+    (folder / "project.json").write_text(json.dumps({"name": "phased", "train": train}))
+    rows = [{"epoch": e, "phase": 1, "samples_per_second": 20000.0, "epoch_seconds": 0.072} for e in range(1, 9)]
+    rows += [{"epoch": e, "phase": 2, "samples_per_second": 75.0, "epoch_seconds": 19.2} for e in (9, 10, 11)]
+    (folder / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    record = read_run(folder)
+    assert record.value("epochs") == "11/11"
+    samples = 8 * 20000.0 * 0.072 + 3 * 75.0 * 19.2
+    assert record.value("samples_per_second") == pytest.approx(samples / (8 * 0.072 + 3 * 19.2))  # about 102/s
+    train["phases"][1]["epochs"] = "three"  # unreadable: no plan is shown rather than a wrong one
+    (folder / "project.json").write_text(json.dumps({"name": "phased", "train": train}))
+    assert read_run(folder).value("epochs") == "11"
