@@ -710,14 +710,15 @@ class RunsView(QWidget):
             self._schedule()
 
     def _watch_running(self) -> None:
-        """Watch the running runs' folders and metrics files; drop the watches of runs that ended."""
+        """Watch every listed run's folder (a run resumed, here or by another process, rewrites its run.json and
+        makes its lock file there) and the running runs' metrics files; drop the watches of runs gone or ended."""
         want_dirs = set(self.folders()) | set(self._awaited)
         want_files = set()
         running = False
         for record in self.model.records:
+            want_dirs.add(str(record.path))
             if record.status == "running":
                 running = True
-                want_dirs.add(str(record.path))
                 metrics = record.path / METRICS_FILE
                 if metrics.is_file():
                     want_files.add(str(metrics))

@@ -172,6 +172,19 @@ def test_a_new_run_folder_and_a_new_epoch_of_a_running_run_show_up(qtbot, view, 
     update_run_info(folder, status="stopped")  # the run ends: its record says so and its lock is free
     qtbot.waitUntil(lambda: column_texts(view, "status").get("live") == "stopped", timeout=WAIT_MS)
 
+    # Resumed later (by this app or another process): it runs again and its next epoch shows up. Its folder was
+    # watched only while it ran, and the table kept the stopped run's figures.
+    claim_run_dir(folder)
+    try:
+        update_run_info(folder, status="running")
+        qtbot.waitUntil(lambda: column_texts(view, "status").get("live") == "running", timeout=WAIT_MS)
+        with open(folder / "metrics.jsonl", "a") as fh:
+            fh.write(json.dumps({"epoch": 3, "val_accuracy": 0.875, "val_loss": 0.4}) + "\n")
+        qtbot.waitUntil(lambda: column_texts(view, "epochs").get("live") == "3/3", timeout=WAIT_MS)
+        assert column_texts(view, "best_val_accuracy")["live"] == "0.875"
+    finally:
+        release_run_dir(folder)
+
 
 def test_selected_runs_overlay_one_curve_each_with_their_data(qtbot, view, runs_root):
     paths = [str(runs_root / "alpha"), str(runs_root / "gamma")]
