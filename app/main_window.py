@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from PySide6.QtCore import QByteArray, QSettings, Qt, QTimer, Slot
-from PySide6.QtGui import QAction, QCloseEvent, QDragEnterEvent, QDropEvent, QKeySequence
+from PySide6.QtGui import QAction, QCloseEvent, QDragEnterEvent, QDropEvent, QKeySequence, QTextCursor
 from PySide6.QtWidgets import (
     QDialog,
     QDockWidget,
@@ -30,6 +30,7 @@ from PySide6.QtWidgets import (
 
 from app.training import TrainingController
 from engine.config import ConfigError, Problem, ProjectConfig, load_project, run_epochs
+from engine.events import PROGRESS_LINES
 from engine.run_files import PROJECT_FILE, is_completed, is_run_dir, last_written, project_runs
 from engine.text import readable
 from widgets.folders import start_folder
@@ -196,6 +197,7 @@ class MainWindow(QMainWindow):
         self.tabs.addTab(self.runs_view, "Runs")
         self.setCentralWidget(self.tabs)
 
+        self._open_progress: str | None = None  # the kind of progress line the Log tab ends with, still going
         self.log_view = QPlainTextEdit()
         self.log_view.setObjectName("log.view")
         self.log_view.setReadOnly(True)
@@ -903,8 +905,17 @@ class MainWindow(QMainWindow):
         self.act_export.setEnabled(has_model)
 
     def log(self, message: str) -> None:
+        """Lines into the Log tab. A progress line (the data's scan, the feature pass: about one a second) takes
+        the place of the one before it of the same work, so a long pass leaves its last line, not a screenful."""
         for line in readable(str(message)).splitlines() or [""]:
+            kind = next((p for p in PROGRESS_LINES if line.startswith(p + ": ")), None)
+            if kind is not None and kind == self._open_progress:
+                cursor = QTextCursor(self.log_view.document().lastBlock())
+                cursor.select(QTextCursor.SelectionType.BlockUnderCursor)
+                cursor.removeSelectedText()  # the line and the line break before it
             self.log_view.appendPlainText(line)
+            # A finished stage ('..., done in 12 s') stays: the next stage (validation after training) starts below.
+            self._open_progress = kind if kind is not None and ", done in " not in line else None
 
     def show_error(self, title: str, message: str) -> QMessageBox:
         """A window-modal message that does not block the event loop (a running trainer keeps reporting)."""

@@ -13,7 +13,17 @@ from types import FrameType
 from typing import Any, TextIO
 
 from engine.config import DEVICES, ConfigError, ProjectConfig, with_total_epochs
-from engine.events import BatchProgress, EpochFinished, Event, JsonLines, LogMessage, Output, RunFinished, RunStarted
+from engine.events import (
+    DATA_PROGRESS,
+    BatchProgress,
+    EpochFinished,
+    Event,
+    JsonLines,
+    LogMessage,
+    Output,
+    RunFinished,
+    RunStarted,
+)
 from engine.session import RunSession, apply_init_from, error_kind, failed_before_start
 
 EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 0, 1, 2, 130
@@ -443,7 +453,7 @@ def cmd_check(args: argparse.Namespace) -> int:
     messages: list[str] = []
     # Everything train builds before its first batch: data, weights, freezing, loss, sampler, device. A first
     # scan of a big folder shows its progress; Ctrl-C ends it, keeping in the scan cache what was checked.
-    progress = ProgressLine(lambda line: print(line, file=sys.stderr, flush=True), "Preparing the data")
+    progress = ProgressLine(lambda line: print(line, file=sys.stderr, flush=True), DATA_PROGRESS)
     parts = build_run(cfg, log=messages.append, progress=progress)
     print(f"Project {cfg.name!r} is valid: {len(parts.train_loader)} batches per epoch on {parts.device}.")
     print("\n".join(messages))

@@ -30,6 +30,9 @@ UPDATE_INTERVAL = 0.1  # seconds between batch events; every loss is still sent,
 # What the progress lines of the feature cache's pass over the frozen part begin with, in a run's log (and the
 # finder's): the app shows them in the run's status line.
 FEATURE_PASS_PROGRESS = "Computing cached features"
+# ... and those of the data's scan (and its decoded-image cache) before a run.
+DATA_PROGRESS = "Preparing the data"
+PROGRESS_LINES = (FEATURE_PASS_PROGRESS, DATA_PROGRESS)
 
 
 @dataclass(frozen=True)

@@ -656,7 +656,7 @@ def setup(
     on_failures receives the unreadable image files met (engine/sample_failures.py) and their split. ahead: the next
     phase of a run in phases; when its features can be computed exactly in the same pass, they are, and go into the
     process-level cache for its setup to find (else the log says why not). progress gets (samples done, samples
-    to do) after each batch of the pass (one count over every split it computes)."""
+    of the split) after each batch of the pass, split after split, each named in the log line before it."""
     started = time.perf_counter()
     reason = eligibility_problem(cfg)
     if reason is not None:
@@ -762,8 +762,6 @@ def _setup(
         if why:
             log(f"Feature cache: {ahead.title}'s features are not computed in this pass: {why}")
     early: dict[str, _Entry] = {}
-    to_do = sum(len(splits[s]) for s in missing)
-    before = 0  # samples of the earlier splits in this pass
     for split in missing:
         ds = splits[split]
         also = plan if plan is not None and split in plan.keys else None
@@ -786,9 +784,8 @@ def _setup(
             training=split == "train",
             on_failures=_for_split(on_failures, split),
             ahead=None if also is None else (also.boundary.output, also.sample),
-            progress=_counted_from(progress, before, to_do),
+            progress=_counted_for(progress, len(ds)),
         )
-        before += len(ds)
         if done is None:
             return Setup(None, "Feature cache off: stopped while computing features")
         entry, ahead_entry, lost = done
@@ -931,9 +928,9 @@ def _for_split(report: Callable[[list, str], None], split: str) -> Callable[[lis
     return lambda found: report(found, split)
 
 
-def _counted_from(report: Callable[[int, int], None], base: int, total: int) -> Callable[[int], None]:
-    """One split's count of samples done, as a count over the whole pass (the splits before it are done)."""
-    return lambda done: report(base + done, total)
+def _counted_for(report: Callable[[int, int], None], total: int) -> Callable[[int], None]:
+    """One split's count of samples done, out of its own (the log line before its pass names the split)."""
+    return lambda done: report(done, total)
 
 
 def _compute(

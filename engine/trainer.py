@@ -21,7 +21,7 @@ from engine.config import ConfigError, LoaderConfig, ProjectConfig
 from engine.data import PreparedData, Progress, prepare_data
 from engine.decoded_cache import apply_decoded_cache
 from engine.distributed import DistContext, init_from_env
-from engine.events import FEATURE_PASS_PROGRESS
+from engine.events import DATA_PROGRESS, FEATURE_PASS_PROGRESS
 from engine.failures import (
     is_out_of_memory,
     non_finite_loss,
@@ -466,7 +466,7 @@ class Trainer:
 
     def _preparing(self) -> Callable[[int, int], None]:
         """Progress of the data scan (and the decoded cache) in the log, with the time left; Stop ends it."""
-        line = ProgressLine(self.log, "Preparing the data")
+        line = ProgressLine(self.log, DATA_PROGRESS)
 
         def report(done: int, total: int) -> None:
             if self.stop_event.is_set():

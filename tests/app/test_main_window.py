@@ -397,3 +397,30 @@ def test_train_and_resume_wait_while_the_learning_rate_finder_runs(qtbot, window
     qtbot.waitUntil(lambda: not dialog.is_running(), timeout=120000)
     qtbot.waitUntil(window.act_train.isEnabled, timeout=10000)
     dialog.close()
+
+
+def test_progress_lines_replace_each_other_in_the_log_and_each_stage_keeps_its_last(window):
+    """About one progress line a second: a minute's feature pass wrote 56 near-identical lines into the Log tab."""
+    lines = [
+        "Preparing the data: 100 of 1,797 (5%)",
+        "Preparing the data: 900 of 1,797 (50%), 800/s, about 1.1 s left",
+        "Feature cache: computing the features after blocks.4 for 1438 train samples",
+        "Computing cached features: 320 of 1,438 (22%), 30/s, about 37 s left",
+        "Computing cached features: 960 of 1,438 (66%), 30/s, about 16 s left",
+        "Computing cached features: 1,438 of 1,438 (100%), done in 48 s",
+        "Computing cached features: 100 of 359 (27%), 30/s, about 9 s left",
+        "Computing cached features: 359 of 359 (100%), done in 12 s",
+        "Precision fp32, channels_last on, torch.compile off",
+        "Computing cached features: 5 of 10 (50%)",
+    ]
+    window.log_view.clear()
+    for line in lines:
+        window.log(line)
+    assert window.log_view.toPlainText().splitlines() == [
+        "Preparing the data: 900 of 1,797 (50%), 800/s, about 1.1 s left",
+        "Feature cache: computing the features after blocks.4 for 1438 train samples",
+        "Computing cached features: 1,438 of 1,438 (100%), done in 48 s",
+        "Computing cached features: 359 of 359 (100%), done in 12 s",
+        "Precision fp32, channels_last on, torch.compile off",
+        "Computing cached features: 5 of 10 (50%)",
+    ]
