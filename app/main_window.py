@@ -30,7 +30,7 @@ from PySide6.QtWidgets import (
 
 from app.training import TrainingController
 from engine.config import ConfigError, Problem, ProjectConfig, load_project, run_epochs
-from engine.events import PROGRESS_LINES
+from engine.events import progress_kind
 from engine.run_files import PROJECT_FILE, is_completed, is_run_dir, last_written, project_runs
 from engine.text import readable
 from widgets.folders import start_folder
@@ -908,7 +908,7 @@ class MainWindow(QMainWindow):
         """Lines into the Log tab. A progress line (the data's scan, the feature pass: about one a second) takes
         the place of the one before it of the same work, so a long pass leaves its last line, not a screenful."""
         for line in readable(str(message)).splitlines() or [""]:
-            kind = next((p for p in PROGRESS_LINES if line.startswith(p + ": ")), None)
+            kind = progress_kind(line)
             if kind is not None and kind == self._open_progress:
                 cursor = QTextCursor(self.log_view.document().lastBlock())
                 cursor.select(QTextCursor.SelectionType.BlockUnderCursor)

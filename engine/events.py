@@ -35,6 +35,11 @@ DATA_PROGRESS = "Preparing the data"
 PROGRESS_LINES = (FEATURE_PASS_PROGRESS, DATA_PROGRESS)
 
 
+def progress_kind(line: str) -> str | None:
+    """Which of PROGRESS_LINES a log line is ('Computing cached features: 352 of 1,438 ...'), or None."""
+    return next((p for p in PROGRESS_LINES if line.startswith(p + ": ")), None)
+
+
 @dataclass(frozen=True)
 class LogMessage:
     message: str

@@ -20,7 +20,7 @@ from PySide6.QtWidgets import (
     QWidget,
 )
 
-from engine.events import FEATURE_PASS_PROGRESS
+from engine.events import FEATURE_PASS_PROGRESS, progress_kind
 from engine.run_files import is_completed, planned_epochs
 from engine.run_lock import holder
 from widgets.live_plots import LivePlots
@@ -275,6 +275,7 @@ class RunView(QWidget):
         self._last_update = 0.0
         self.run_dir = info.get("run_dir")
         self._preparing = self._progress_shown = False
+        self._epoch_first = None  # a previous run's first batch is no reference for this one's pace
         self._device = str(info.get("device") or "")
         self._epochs = int(info.get("epochs") or 0)
         self._start_epoch = int(info.get("start_epoch") or 0)
@@ -454,7 +455,7 @@ class RunView(QWidget):
             return
         if self._preparing:
             self.status_label.setText(f"Preparing the run: {line}")
-        elif line.startswith(FEATURE_PASS_PROGRESS):
+        elif progress_kind(line) == FEATURE_PASS_PROGRESS:
             self._progress_shown = True
             self.status_label.setText(line)
 

@@ -398,3 +398,15 @@ def test_a_run_that_ends_before_it_started_leaves_no_preparing_behind(view):
     view.on_running_changed(False)
     assert view.findChild(QProgressBar, "run.epoch_progress").text() == "no run"
     assert view.findChild(QLabel, "run.status").text() == "The run failed: no such folder: /data"
+
+
+def test_a_new_run_measures_its_pace_from_its_own_batches(view):
+    """A run stopped in its first epoch, then a new one: the old run's first batch (at 10 s) is no reference for
+    the new run's batch 2 at 2 s (a negative pace showed 'about 0 s left')."""
+    view.on_run_started(started())
+    view.on_batch_finished(batch(1, 1, elapsed=10.0))
+    view.flush_batches()
+    view.on_run_started(started())
+    view.on_batch_finished(batch(1, 2, elapsed=2.0))
+    view.flush_batches()
+    assert view.findChild(QLabel, "run.epoch_eta").text() == "about 2 s left in this epoch"
